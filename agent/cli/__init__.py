@@ -1,0 +1,1 @@
+"""Command-line entry points: cabinet-agent (daemon) and cabinetctl (technician tool)."""

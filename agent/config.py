@@ -1,0 +1,112 @@
+"""The agent's one TOML config file, validated once at the edge by pydantic.
+
+Raw dicts never travel past this module: everything downstream gets typed sections.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from drivers.config import READER_ID_PATTERN, StrictModel
+from drivers.registry import READER_TYPES, ReaderConfig
+
+EX_CONFIG = 78  # sysexits.h EX_CONFIG
+
+
+class CabinetSection(StrictModel):
+    site_id: str = Field(pattern=READER_ID_PATTERN, description="site (hangar, lab) identifier")
+    cabinet_id: str = Field(pattern=READER_ID_PATTERN, description="cabinet identifier")
+
+
+class LoggingSection(StrictModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class AgentConfig(StrictModel):
+    cabinet: CabinetSection
+    logging: LoggingSection = LoggingSection()
+    readers: list[ReaderConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _reader_ids_unique(self) -> AgentConfig:
+        ids = [r.id for r in self.readers]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"reader ids must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+class ConfigError(Exception):
+    """The config file is unusable; ``problems`` holds one human line per problem."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: {len(problems)} problem(s) in config")
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    """One line per problem: field path, the rule broken, the offending value."""
+    lines = []
+    for e in err.errors(include_url=False):
+        # Discriminated unions put the tag name in the location ("readers.0.llrp.host");
+        # drop it so the path is the one the user wrote.
+        raw_loc = e["loc"]
+        loc = tuple(
+            p
+            for i, p in enumerate(raw_loc)
+            if not (i > 0 and isinstance(raw_loc[i - 1], int) and p in READER_TYPES)
+        )
+        path = _loc(loc)
+        rule = e["type"]
+        msg = e["msg"]
+        if rule == "missing":
+            lines.append(f"{path}: required field is missing")
+        elif rule == "extra_forbidden":
+            lines.append(f"{path}: unknown key (typo?) [value {_describe(e.get('input'))}]")
+        else:
+            lines.append(f"{path}: {msg} [rule {rule}; value {_describe(e.get('input'))}]")
+    return lines
+
+
+def parse_config(data: dict[str, object], path: Path = Path("<memory>")) -> AgentConfig:
+    """Validate an already-parsed TOML document."""
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(path, format_validation_error(err)) from None
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate the config file; raise ConfigError with every problem found."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(path, [f"(file): cannot read {path}: {err.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(path, ["(file): not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(path, [f"(file): TOML syntax error: {err}"]) from None
+    return parse_config(data, path)

@@ -1,0 +1,1 @@
+"""Device I/O: reader, badge and door drivers that emit small frozen value types."""

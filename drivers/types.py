@@ -1,0 +1,161 @@
+"""The value types drivers hand to the agent, and the protocols that connect them.
+
+Nothing above ``drivers/`` ever sees vendor dictionaries or wire bytes: only these.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class TagRead:
+    """One tag seen by one antenna of one reader, aggregated over a report."""
+
+    reader_id: str
+    epc: str  # lower-case hex, no separators
+    antenna: int  # 1-based antenna port
+    peak_rssi_dbm: float | None
+    first_seen: datetime  # UTC; the reader's clock when it reports one, else ours
+    seen_count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class GpiEdge:
+    """A general-purpose input changed level (door sensors are wired to these)."""
+
+    reader_id: str
+    port: int
+    high: bool
+    at: datetime
+
+
+class DoorState(enum.StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class DoorEdge:
+    """The cabinet door changed state (after polarity has been applied)."""
+
+    door_id: str
+    state: DoorState
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BadgeRead:
+    """A badge presented at a badge reader.
+
+    ``pseudonym`` is the only identity a BadgeRead carries: drivers call the
+    pseudonymizer before building one, so the raw card number never leaves the driver
+    frame that decoded it.
+    """
+
+    reader_id: str
+    pseudonym: str
+    at: datetime
+
+
+class ReaderState(enum.StrEnum):
+    CONNECTING = "connecting"
+    ONLINE = "online"  # configured and ready; not necessarily inventorying
+    INVENTORYING = "inventorying"
+    OFFLINE = "offline"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderHealth:
+    """A reader's health changed. ``detail`` is a short human reason, never personal data."""
+
+    reader_id: str
+    state: ReaderState
+    at: datetime
+    detail: str = ""
+    antennas_connected: frozenset[int] | None = None  # None: the reader does not say
+    session: int = 0  # increments on every new connection; lets scans notice a reconnect
+
+    @property
+    def healthy(self) -> bool:
+        return self.state in (ReaderState.ONLINE, ReaderState.INVENTORYING)
+
+
+@runtime_checkable
+class ReaderSink(Protocol):
+    """Where a reader driver delivers what it observed. Awaiting gives back-pressure."""
+
+    async def tag_reads(self, reads: Sequence[TagRead]) -> None: ...
+
+    async def reader_health(self, health: ReaderHealth) -> None: ...
+
+    async def gpi_edge(self, edge: GpiEdge) -> None: ...
+
+
+@runtime_checkable
+class ReaderDriver(Protocol):
+    """The lifecycle contract every reader driver (LLRP, Mercury serial, …) fulfils."""
+
+    @property
+    def reader_id(self) -> str: ...
+
+    @property
+    def health(self) -> ReaderHealth: ...
+
+    async def run(self) -> None:
+        """Connect, keep connected (reconnecting with backoff) until cancelled."""
+
+    async def start_inventory(self) -> None:
+        """Begin (or keep) reading tags; takes effect once the reader is online."""
+
+    async def stop_inventory(self) -> None:
+        """Stop reading tags; the connection stays up."""
+
+    async def set_gpo(self, port: int, high: bool) -> None:
+        """Drive a general-purpose output (the lock). Raises if the reader is not online."""
+
+
+class Clock(Protocol):
+    """Injected time source: wall clock (UTC) for timestamps, monotonic for durations."""
+
+    def now(self) -> datetime: ...
+
+    def monotonic(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SystemClock:
+    """The real clock."""
+
+    _unused: None = field(default=None, repr=False)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class QueueSink:
+    """A ReaderSink that puts everything on one bounded asyncio queue (back-pressure on full)."""
+
+    def __init__(self, maxsize: int = 1024) -> None:
+        import asyncio
+
+        self.queue: asyncio.Queue[TagRead | ReaderHealth | GpiEdge] = asyncio.Queue(maxsize)
+
+    async def tag_reads(self, reads: Sequence[TagRead]) -> None:
+        for read in reads:
+            await self.queue.put(read)
+
+    async def reader_health(self, health: ReaderHealth) -> None:
+        await self.queue.put(health)
+
+    async def gpi_edge(self, edge: GpiEdge) -> None:
+        await self.queue.put(edge)

@@ -1,0 +1,1 @@
+"""Reader, badge and cabinet simulators: real protocols on real sockets and pseudo-terminals."""

@@ -1,0 +1,97 @@
+"""Config validation: every problem named by field path, rule and value; unknown keys refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import EX_CONFIG, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config" / "agent.example.toml"
+
+
+def test_example_config_is_valid() -> None:
+    cfg = load_config(EXAMPLE)
+    assert cfg.readers[0].type == "llrp"
+    assert cfg.cabinet.cabinet_id
+
+
+BAD = """
+[cabinet]
+site_id = "Hangar 3"
+
+[logging]
+levle = "DEBUG"
+
+[[readers]]
+type = "llrp"
+id = "dock-1"
+port = 70000
+antennas = [1, 1]
+"""
+
+
+def test_every_problem_is_reported_once_with_its_path(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(BAD)
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    problems = exc.value.problems
+    joined = "\n".join(problems)
+    assert any(line.startswith("cabinet.site_id:") and "'Hangar 3'" in line for line in problems)
+    assert any(line.startswith("cabinet.cabinet_id: required") for line in problems)
+    assert any(line.startswith("logging.levle: unknown key") for line in problems), joined
+    assert any(line.startswith("readers[0].host: required") for line in problems), joined
+    assert any(line.startswith("readers[0].port:") and "70000" in line for line in problems)
+
+
+def test_unknown_reader_type_is_named(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text('[cabinet]\nsite_id="s"\ncabinet_id="c"\n[[readers]]\ntype="nfc"\nid="x"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert exc.value.problems[0].startswith("readers[0]:")
+    assert "'nfc'" in exc.value.problems[0]
+
+
+def test_toml_syntax_error_is_one_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text("[cabinet\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert len(exc.value.problems) == 1
+    assert "TOML syntax error" in exc.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [sys.executable, "-m", "agent.cli.ctl", "config", "check"],
+        [sys.executable, "-m", "agent.cli.daemon", "run", "--config"],
+    ],
+)
+def test_cli_exits_78_and_starts_nothing(tmp_path: Path, argv: list[str]) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(BAD)
+    proc = subprocess.run([*argv, str(p)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == EX_CONFIG, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert any("readers[0].port" in ln for ln in lines), proc.stderr
+    assert any("logging.levle" in ln for ln in lines), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_check_accepts_example() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli.ctl", "config", "check", str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout.lower()
