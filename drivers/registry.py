@@ -32,4 +32,5 @@ ReaderConfig = Annotated[
 def make_reader(cfg: Any, sink: ReaderSink, clock: Clock) -> ReaderDriver:
     """Build the driver for one configured reader."""
     _, factory = READER_TYPES[cfg.type]
-    return factory(cfg, sink, clock)
+    driver: ReaderDriver = factory(cfg, sink, clock)
+    return driver
