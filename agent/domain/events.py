@@ -1,0 +1,326 @@
+"""Domain events: what the cabinet tells the backend. Versioned pydantic models, one JSON schema.
+
+Every event carries ``schema_version``, a UUIDv7 ``event_id`` (consumers drop duplicates by it),
+``seq`` (per-cabinet, monotonic; 0 until the state store assigns it at commit), ``time`` (UTC),
+``site_id``, ``cabinet_id`` and a ``type`` discriminator. People appear only as pseudonyms
+(``p1.<kid>.<b32>``) or ``"unknown"``: a raw badge id cannot pass validation.
+
+Regenerate the published schema with ``python -m agent.domain.events > docs/events.schema.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, date, datetime
+from typing import Annotated, Any, Literal, TypeAlias
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+SCHEMA_VERSION = 1
+
+# A pseudonym from agent/privacy: "p1.<key id>.<base32 of a truncated HMAC>". A raw card number
+# (decimal or hex digits) can never match: it has no "p1." prefix.
+PSEUDONYM_PATTERN = r"^p1\.[A-Za-z0-9_-]{1,32}\.[A-Za-z2-7]{16,64}=*$"
+UNKNOWN_ACTOR = "unknown"
+ACTOR_PATTERN = r"^(?:unknown|p1\.[A-Za-z0-9_-]{1,32}\.[A-Za-z2-7]{16,64}=*)$"
+EPC_PATTERN = r"^[0-9a-f]{1,128}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+Actor = Annotated[str, Field(pattern=ACTOR_PATTERN, description="badge pseudonym or 'unknown'")]
+Pseudonym = Annotated[str, Field(pattern=PSEUDONYM_PATTERN, description="badge pseudonym")]
+Epc = Annotated[str, Field(pattern=EPC_PATTERN, description="tag EPC, lower-case hex")]
+Drawer = Annotated[str, Field(pattern=NAME_PATTERN, description="drawer (antenna group) name")]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+AssetId = Annotated[str, Field(min_length=1, max_length=128)]
+Detail = Annotated[str, Field(max_length=200, description="short human reason, no personal data")]
+Actors = Annotated[list[Actor], Field(min_length=1, description="every holder of the session")]
+
+DenyReason = Literal["unknown badge", "role", "allow-list expired", "no allow-list", "locked out"]
+ScanPurpose = Literal["session", "background"]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    event_id: UUID = Field(description="UUIDv7; consumers drop duplicates by it")
+    seq: int = Field(0, ge=0, description="per-cabinet sequence; assigned at commit (0 before)")
+    time: datetime = Field(description="UTC time the agent observed the event")
+    site_id: Name
+    cabinet_id: Name
+
+    @field_validator("event_id")
+    @classmethod
+    def _uuid7(cls, value: UUID) -> UUID:
+        if value.version != 7:
+            raise ValueError("event_id must be a UUIDv7")
+        return value
+
+    @field_validator("time")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("time must be timezone-aware")
+        return value.astimezone(UTC)
+
+
+class ItemCheckedOut(_Event):
+    """An item left the cabinet during a door session (missing in every complete pass)."""
+
+    type: Literal["item.checked_out"] = "item.checked_out"
+    session_id: UUID
+    actors: Actors
+    epc: Epc
+    asset_id: AssetId | None = None
+    drawer: Drawer | None = Field(None, description="where the item was before the session")
+
+
+class ItemReturned(_Event):
+    """An item appeared in the cabinet during a door session."""
+
+    type: Literal["item.returned"] = "item.returned"
+    session_id: UUID
+    actors: Actors
+    epc: Epc
+    asset_id: AssetId | None = None
+    drawer: Drawer = Field(description="where the item was found")
+
+
+class SessionOpened(_Event):
+    """The door opened: a door session (cycle) starts."""
+
+    type: Literal["session.opened"] = "session.opened"
+    session_id: UUID
+    actors: Actors
+    trigger: Literal["badge", "forced", "resumed"]
+    door_id: Name
+
+
+class SessionClosed(_Event):
+    """A door session ended; the scan quality says whether its inventory can be trusted."""
+
+    type: Literal["session.closed"] = "session.closed"
+    session_id: UUID
+    actors: Actors
+    quality: Literal["complete", "incomplete"]
+    duration_s: float = Field(ge=0, description="door opened → session closed")
+    scan_duration_ms: int = Field(ge=0, description="all scan passes, including rescans")
+    reads: int = Field(ge=0, description="tag reads counted in the accepted passes")
+    tags: int = Field(ge=0, description="tags present")
+    passes: int = Field(ge=0, description="scan passes run, including rescans")
+    checked_out: int = Field(ge=0)
+    returned: int = Field(ge=0)
+
+
+class AccessDenied(_Event):
+    """A badge was refused."""
+
+    type: Literal["access.denied"] = "access.denied"
+    actor: Actor
+    badge_reader: Name
+    reason: DenyReason
+
+
+class AccessLockout(_Event):
+    """A badge reader was locked out after repeated denials, or the lock-out ended."""
+
+    type: Literal["access.lockout"] = "access.lockout"
+    badge_reader: Name
+    state: Literal["locked", "cleared", "expired"]
+    denials: int = Field(ge=0, description="denials that triggered the lock-out")
+    until: datetime | None = Field(None, description="end of the lock-out (state 'locked')")
+    actor: Actor | None = Field(None, description="the supervisor who cleared it")
+
+
+class DoorForced(_Event):
+    """The door opened without a valid badge."""
+
+    type: Literal["door.forced"] = "door.forced"
+    session_id: UUID
+    door_id: Name
+
+
+class DoorLeftOpen(_Event):
+    """The door has been open too long; repeated every period while it stays open."""
+
+    type: Literal["door.left_open"] = "door.left_open"
+    session_id: UUID
+    door_id: Name
+    actors: Actors
+    open_s: float = Field(ge=0)
+    alert: int = Field(ge=1, description="1 for the first alert of this opening, then 2, 3, …")
+
+
+class ItemUnknown(_Event):
+    """A tag not in the asset registry appeared."""
+
+    type: Literal["item.unknown"] = "item.unknown"
+    epc: Epc
+    drawer: Drawer
+    session_id: UUID | None = None
+
+
+class ItemMisplaced(_Event):
+    """An item was put back in a drawer other than its home drawer."""
+
+    type: Literal["item.misplaced"] = "item.misplaced"
+    epc: Epc
+    asset_id: AssetId
+    drawer: Drawer
+    home_drawer: Drawer
+    session_id: UUID | None = None
+
+
+class ItemMissing(_Event):
+    """An item vanished without a door session (confirmed by a background inventory)."""
+
+    type: Literal["item.missing"] = "item.missing"
+    epc: Epc
+    asset_id: AssetId | None = None
+    drawer: Drawer | None = Field(None, description="where it was last seen")
+
+
+class ItemCalibrationOverdue(_Event):
+    """An item whose calibration is overdue was checked out."""
+
+    type: Literal["item.calibration_overdue"] = "item.calibration_overdue"
+    session_id: UUID
+    actors: Actors
+    epc: Epc
+    asset_id: AssetId
+    calibration_due: date
+
+
+class InventoryIncomplete(_Event):
+    """A scan could not be trusted (a reader or antenna was unhealthy): no check-outs from it."""
+
+    type: Literal["inventory.incomplete"] = "inventory.incomplete"
+    purpose: ScanPurpose
+    session_id: UUID | None = None
+    attempt: int = Field(ge=1, description="1 for the first failed pass of this cycle")
+    will_retry: bool
+    reasons: list[Detail] = Field(max_length=64)
+
+
+class InventorySnapshot(_Event):
+    """The cabinet's full contents after a complete background inventory."""
+
+    type: Literal["inventory.snapshot"] = "inventory.snapshot"
+    tags: int = Field(ge=0)
+    by_drawer: dict[Drawer, int]
+    items: dict[Epc, Drawer] = Field(description="EPC → drawer")
+
+
+class ReaderOffline(_Event):
+    """A reader went offline."""
+
+    type: Literal["reader.offline"] = "reader.offline"
+    reader_id: Name
+    detail: Detail = ""
+    connection: int = Field(ge=0, description="the reader's connection counter")
+
+
+class ReaderOnline(_Event):
+    """A reader that was offline is back."""
+
+    type: Literal["reader.online"] = "reader.online"
+    reader_id: Name
+    detail: Detail = ""
+    connection: int = Field(ge=0)
+    antennas_connected: list[int] | None = None
+
+
+Event: TypeAlias = Annotated[
+    ItemCheckedOut
+    | ItemReturned
+    | SessionOpened
+    | SessionClosed
+    | AccessDenied
+    | AccessLockout
+    | DoorForced
+    | DoorLeftOpen
+    | ItemUnknown
+    | ItemMisplaced
+    | ItemMissing
+    | ItemCalibrationOverdue
+    | InventoryIncomplete
+    | InventorySnapshot
+    | ReaderOffline
+    | ReaderOnline,
+    Field(discriminator="type"),
+]
+
+event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+EVENT_TYPES: tuple[str, ...] = (
+    "item.checked_out",
+    "item.returned",
+    "session.opened",
+    "session.closed",
+    "access.denied",
+    "access.lockout",
+    "door.forced",
+    "door.left_open",
+    "item.unknown",
+    "item.misplaced",
+    "item.missing",
+    "item.calibration_overdue",
+    "inventory.incomplete",
+    "inventory.snapshot",
+    "reader.offline",
+    "reader.online",
+)
+
+PRIORITY_CRITICAL = 0
+PRIORITY_NORMAL = 1
+PRIORITY_ROUTINE = 2
+_CRITICAL = frozenset({"item.checked_out", "item.returned", "door.forced", "access.lockout"})
+_ROUTINE = frozenset({"inventory.snapshot"})
+
+
+def priority(event: Event) -> int:
+    """0 critical (never dropped first), 1 normal, 2 routine (first to go under an overflow policy)."""
+    if event.type in _CRITICAL:
+        return PRIORITY_CRITICAL
+    if event.type in _ROUTINE:
+        return PRIORITY_ROUTINE
+    return PRIORITY_NORMAL
+
+
+def with_seq(event: Event, seq: int) -> Event:
+    """The same event with its committed sequence number."""
+    if seq < 1:
+        raise ValueError("committed sequence numbers start at 1")
+    return event.model_copy(update={"seq": seq})
+
+
+def to_json(event: Event) -> bytes:
+    """Compact JSON bytes of one event."""
+    return event_adapter.dump_json(event)
+
+
+def from_json(data: bytes | str) -> Event:
+    """Parse and validate one event (raises pydantic.ValidationError on bad input)."""
+    return event_adapter.validate_json(data)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of every event, as the agent emits them."""
+    schema = event_adapter.json_schema(mode="serialization")
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://cabinet-agent.invalid/schemas/events-v1.json",
+        "title": f"cabinet-agent event (schema_version {SCHEMA_VERSION})",
+        **schema,
+    }
+
+
+def json_schema_text() -> str:
+    """The schema as the committed docs/events.schema.json holds it."""
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(json_schema_text())
