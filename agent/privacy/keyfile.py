@@ -1,0 +1,132 @@
+"""Key files: small TOML files (kind, kid, base64 raw key); secret ones must be mode 0600.
+
+Format specified in ``docs/privacy.md`` ("Key files").
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import stat
+import tomllib
+from pathlib import Path
+from typing import Final
+
+from drivers.errors import PermanentError
+
+__all__ = [
+    "KID_PATTERN",
+    "KeyFileError",
+    "read_key_file",
+    "read_private_file",
+    "write_key_file",
+]
+
+MAX_KEY_FILE_BYTES: Final = 4096
+KID_PATTERN: Final = r"[a-z0-9][a-z0-9_-]{0,15}"
+_KID_RE: Final = re.compile(KID_PATTERN)
+_KIND_RE: Final = re.compile(r"[a-z0-9-]{1,32}")
+
+
+class KeyFileError(PermanentError):
+    """A key file is missing, malformed or too open; the message says how to fix it."""
+
+
+def read_key_file(path: Path, kind: str, *, secret: bool, length: int = 32) -> tuple[str, bytes]:
+    """Return ``(kid, raw key)`` from a key file of ``kind``; secret files must be 0600."""
+    text = read_private_file(path) if secret else _read_public_file(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        # The decoder quotes the offending line, which may be key material: never repeat it.
+        raise KeyFileError(f"{path}: not a valid TOML key file") from None
+    if data.get("kind") != kind:
+        raise KeyFileError(f"{path}: expected kind = {kind!r}, found {data.get('kind')!r}")
+    kid = data.get("kid")
+    if not isinstance(kid, str) or _KID_RE.fullmatch(kid) is None:
+        raise KeyFileError(f"{path}: kid must match {KID_PATTERN}")
+    value = data.get("key")
+    if not isinstance(value, str):
+        raise KeyFileError(f"{path}: key must be a base64 string")
+    try:
+        key = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyFileError(f"{path}: key is not valid base64") from None
+    if len(key) != length:
+        raise KeyFileError(f"{path}: key must be {length} bytes, found {len(key)}")
+    return kid, key
+
+
+def write_key_file(path: Path, kind: str, kid: str, key: bytes, *, secret: bool) -> None:
+    """Write a key file atomically; secret files get mode 0600, public ones 0644."""
+    if _KIND_RE.fullmatch(kind) is None:
+        raise ValueError(f"bad key file kind {kind!r}")
+    if not isinstance(kid, str) or _KID_RE.fullmatch(kid) is None:
+        raise ValueError(f"kid must match {KID_PATTERN}, got {kid!r}")
+    note = "Secret: keep mode 0600." if secret else "Public key: safe to distribute."
+    text = (
+        f"# cabinet-agent {kind}. {note}\n"
+        f'kind = "{kind}"\n'
+        f'kid = "{kid}"\n'
+        f'key = "{base64.b64encode(key).decode("ascii")}"\n'
+    )
+    _write_atomic(path, text.encode("utf-8"), 0o600 if secret else 0o644)
+
+
+def read_private_file(path: Path) -> str:
+    """Read a secret file, refusing it if group or others may read or write it."""
+    return _read(path, check_private=True)
+
+
+def _read_public_file(path: Path) -> str:
+    return _read(path, check_private=False)
+
+
+def _read(path: Path, *, check_private: bool) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: key file not found") from None
+    except OSError as err:
+        raise KeyFileError(f"{path}: cannot open key file: {err.strerror}") from None
+    try:
+        # fstat of the open descriptor: the mode checked is that of the bytes read.
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{path}: key file is not a regular file")
+        mode = stat.S_IMODE(st.st_mode)
+        if check_private and mode & 0o077:
+            raise KeyFileError(
+                f"{path}: key file mode is {mode:04o}, readable or writable by group/others; "
+                f"fix it with: chmod 600 {path}"
+            )
+        raw = os.read(fd, MAX_KEY_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{path}: key file larger than {MAX_KEY_FILE_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{path}: key file is not UTF-8 text") from None
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            # O_CREAT applies the umask and keeps the mode of a leftover file: set it explicitly.
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

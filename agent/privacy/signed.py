@@ -1,0 +1,451 @@
+"""Ed25519-signed documents from the backend: the allow-list and the asset registry.
+
+Wire format, canonical JSON and the acceptance rules are specified in ``docs/privacy.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agent.privacy.pseudonym import is_pseudonym
+
+__all__ = [
+    "ALLOW_LIST",
+    "ASSET_REGISTRY",
+    "KINDS",
+    "DocumentError",
+    "DocumentVerifier",
+    "SignedDocument",
+    "allow_list_doc",
+    "asset_registry_doc",
+    "canonical_json",
+    "format_time",
+    "sign_document",
+]
+
+ALLOW_LIST: Final = "allow-list"
+ASSET_REGISTRY: Final = "asset-registry"
+KINDS: Final = frozenset({ALLOW_LIST, ASSET_REGISTRY})
+ANY_CABINET: Final = "*"
+MAX_DOCUMENT_BYTES: Final = 4 * 1024 * 1024
+MAX_DEPTH: Final = 16
+# Integers beyond this lose precision in JavaScript and other double-based JSON stacks.
+MAX_SAFE_INT: Final = (1 << 53) - 1
+DEFAULT_CLOCK_SKEW: Final = timedelta(minutes=5)
+
+_DOC_FIELDS: Final = frozenset(
+    {"kind", "site_id", "cabinet_id", "version", "issued_at", "expires_at", "body"}
+)
+_TIME_RE: Final = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?Z")
+_KID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_ROLE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,31}")
+_EPC_RE: Final = re.compile(r"(?:[0-9a-f]{2}){1,62}")
+
+
+class DocumentError(ValueError):
+    """A signed document is refused; ``reason`` is a stable machine-readable word."""
+
+    BAD_SIGNATURE: Final = "bad-signature"
+    UNKNOWN_KID: Final = "unknown-kid"
+    WRONG_KIND: Final = "wrong-kind"
+    WRONG_SITE: Final = "wrong-site"
+    WRONG_CABINET: Final = "wrong-cabinet"
+    EXPIRED: Final = "expired"
+    NOT_YET_VALID: Final = "not-yet-valid"
+    ROLLBACK: Final = "rollback"
+    CONFLICT: Final = "conflict"  # same version as the current one, different content
+    MALFORMED: Final = "malformed"
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass(frozen=True)
+class SignedDocument:
+    """A verified document. ``body`` is read-only (nested dicts/lists become proxies/tuples)."""
+
+    kind: str
+    site_id: str
+    cabinet_id: str
+    version: int
+    issued_at: datetime
+    expires_at: datetime
+    body: Mapping[str, Any]
+    kid: str
+    digest: str = ""  # SHA-256 hex of the canonical doc bytes: the identity of this version
+
+
+class DocumentVerifier:
+    """Verifies signed documents for one cabinet against the backend's signing keys."""
+
+    def __init__(
+        self,
+        public_keys: Mapping[str, Ed25519PublicKey],
+        site_id: str,
+        cabinet_id: str,
+        *,
+        max_clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
+    ) -> None:
+        if not public_keys:
+            raise ValueError("a verifier needs at least one public key")
+        for kid, key in public_keys.items():
+            if not isinstance(key, Ed25519PublicKey):
+                raise ValueError(f"signing key {kid!r} is not an Ed25519 public key")
+        if max_clock_skew < timedelta(0):
+            raise ValueError("max_clock_skew must not be negative")
+        self._keys = dict(public_keys)
+        self._site_id = site_id
+        self._cabinet_id = cabinet_id
+        self._skew = max_clock_skew
+
+    def verify(
+        self,
+        raw: bytes,
+        kind: str,
+        now: datetime,
+        min_version: int = 0,
+        *,
+        current: bytes | None = None,
+    ) -> SignedDocument:
+        """Check signature, addressing, validity window and version; return the document.
+
+        ``min_version`` is the lowest acceptable version. Pass the currently installed
+        document as ``current`` to also refuse a lower version than its own and to accept
+        an equal version only when the content is identical (idempotent re-delivery).
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown document kind {kind!r}")
+        if now.tzinfo is None:
+            raise ValueError("now must be timezone-aware")
+        doc, kid, sig = _parse_wire(raw)
+        key = self._keys.get(kid)
+        if key is None:
+            raise DocumentError(DocumentError.UNKNOWN_KID, f"signing key id {kid!r} is not trusted")
+        canonical = canonical_json(doc)
+        try:
+            key.verify(sig, canonical)
+        except InvalidSignature:
+            raise DocumentError(
+                DocumentError.BAD_SIGNATURE, f"signature does not verify with key {kid!r}"
+            ) from None
+        signed = _fields(doc, kid, canonical)
+        if signed.kind != kind:
+            raise DocumentError(
+                DocumentError.WRONG_KIND, f"expected a {kind!r} document, got {signed.kind!r}"
+            )
+        if signed.site_id != self._site_id:
+            raise DocumentError(
+                DocumentError.WRONG_SITE,
+                f"document is for site {signed.site_id!r}, this is {self._site_id!r}",
+            )
+        if signed.cabinet_id not in (ANY_CABINET, self._cabinet_id):
+            raise DocumentError(
+                DocumentError.WRONG_CABINET,
+                f"document is for cabinet {signed.cabinet_id!r}, this is {self._cabinet_id!r}",
+            )
+        self._check_version(signed, canonical, min_version, current)
+        if now + self._skew < signed.issued_at:
+            raise DocumentError(
+                DocumentError.NOT_YET_VALID,
+                f"{kind} v{signed.version} issued at {format_time(signed.issued_at)}, "
+                f"now is {format_time(now)}",
+            )
+        if now >= signed.expires_at:
+            raise DocumentError(
+                DocumentError.EXPIRED,
+                f"{kind} v{signed.version} expired at {format_time(signed.expires_at)}",
+            )
+        return signed
+
+    @staticmethod
+    def _check_version(
+        signed: SignedDocument, canonical: bytes, min_version: int, current: bytes | None
+    ) -> None:
+        if signed.version < min_version:
+            raise DocumentError(
+                DocumentError.ROLLBACK,
+                f"{signed.kind} v{signed.version} is older than the minimum v{min_version}",
+            )
+        if current is None:
+            return
+        try:
+            cur_doc, _, _ = _parse_wire(current)
+            cur_canonical = canonical_json(cur_doc)
+            cur_version = cur_doc["version"]
+        except (DocumentError, KeyError, TypeError) as err:
+            raise DocumentError(
+                DocumentError.MALFORMED, f"the current document is unreadable ({err})"
+            ) from None
+        if not isinstance(cur_version, int):
+            raise DocumentError(DocumentError.MALFORMED, "the current document has no version")
+        if signed.version < cur_version:
+            raise DocumentError(
+                DocumentError.ROLLBACK,
+                f"{signed.kind} v{signed.version} is older than the current v{cur_version}",
+            )
+        if signed.version == cur_version and canonical != cur_canonical:
+            raise DocumentError(
+                DocumentError.CONFLICT,
+                f"{signed.kind} v{signed.version} differs from the installed document "
+                "of the same version",
+            )
+
+
+def sign_document(private_key: Ed25519PrivateKey, kid: str, doc: Mapping[str, Any]) -> bytes:
+    """The wire form ``{"doc": ..., "kid": ..., "sig": ...}`` (canonical JSON, UTF-8)."""
+    if not isinstance(kid, str) or _KID_RE.fullmatch(kid) is None:
+        raise ValueError(f"kid must match {_KID_RE.pattern}, got {kid!r}")
+    canonical = canonical_json(doc)
+    # Refuse to sign what the verifier would refuse: fail at the backend, not in the field.
+    _fields(json.loads(canonical), kid, canonical)
+    sig = base64.b64encode(private_key.sign(canonical)).decode("ascii")
+    return canonical_json({"doc": doc, "kid": kid, "sig": sig})
+
+
+def allow_list_doc(
+    site_id: str,
+    cabinet_id: str,
+    version: int,
+    expires_at: datetime,
+    entries: Mapping[str, Sequence[str]],
+    issued_at: datetime | None = None,
+) -> dict[str, Any]:
+    """An unsigned allow-list document: pseudonym -> sorted roles."""
+    body: dict[str, list[str]] = {}
+    for pseudonym, roles in entries.items():
+        if not is_pseudonym(pseudonym):
+            raise ValueError("allow-list keys must be badge pseudonyms (p1.<kid>.<base32>)")
+        if isinstance(roles, str):
+            raise ValueError(f"roles of {pseudonym} must be a list of strings, not one string")
+        bad = [r for r in roles if not isinstance(r, str) or _ROLE_RE.fullmatch(r) is None]
+        if bad:
+            raise ValueError(f"roles of {pseudonym} must match {_ROLE_RE.pattern}: {bad!r}")
+        body[pseudonym] = sorted(set(roles))
+    return _doc(ALLOW_LIST, site_id, cabinet_id, version, expires_at, issued_at, {"entries": body})
+
+
+def asset_registry_doc(
+    site_id: str,
+    cabinet_id: str,
+    version: int,
+    expires_at: datetime,
+    assets: Sequence[Mapping[str, Any]],
+    issued_at: datetime | None = None,
+) -> dict[str, Any]:
+    """An unsigned asset-registry document; every asset has a unique lower-case hex ``epc``."""
+    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
+    for i, asset in enumerate(assets):
+        if not isinstance(asset, Mapping):
+            raise ValueError(f"asset [{i}] must be a mapping")
+        epc = asset.get("epc")
+        if not isinstance(epc, str) or _EPC_RE.fullmatch(epc) is None:
+            raise ValueError(f"asset [{i}] needs an 'epc' of lower-case hex, got {epc!r}")
+        if epc in seen:
+            raise ValueError(f"asset [{i}]: epc {epc} appears twice")
+        seen.add(epc)
+        out.append(dict(asset))
+    return _doc(
+        ASSET_REGISTRY, site_id, cabinet_id, version, expires_at, issued_at, {"assets": out}
+    )
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no whitespace, UTF-8; only the JSON subset every language agrees on."""
+    _check_json(value, 0)
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 UTC with a ``Z``; fractional seconds only when there are some."""
+    if value.tzinfo is None:
+        raise ValueError("datetime must be timezone-aware")
+    utc = value.astimezone(UTC)
+    text = utc.strftime("%Y-%m-%dT%H:%M:%S")
+    if utc.microsecond:
+        text += f".{utc.microsecond:06d}".rstrip("0")
+    return text + "Z"
+
+
+def parse_time(text: str) -> datetime:
+    """Parse the RFC 3339 UTC form ``format_time`` writes (``Z`` suffix required)."""
+    m = _TIME_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"not an RFC 3339 UTC time (YYYY-MM-DDTHH:MM:SS[.ffffff]Z): {text!r}")
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    micro = int((m.group(7) or "0").ljust(6, "0"))
+    return datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
+
+
+def _doc(
+    kind: str,
+    site_id: str,
+    cabinet_id: str,
+    version: int,
+    expires_at: datetime,
+    issued_at: datetime | None,
+    body: dict[str, Any],
+) -> dict[str, Any]:
+    issued = issued_at if issued_at is not None else datetime.now(UTC).replace(microsecond=0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError("version must be a non-negative int")
+    if expires_at <= issued:
+        raise ValueError("expires_at must be after issued_at")
+    return {
+        "kind": kind,
+        "site_id": site_id,
+        "cabinet_id": cabinet_id,
+        "version": version,
+        "issued_at": format_time(issued),
+        "expires_at": format_time(expires_at),
+        "body": body,
+    }
+
+
+def _parse_wire(raw: bytes) -> tuple[dict[str, Any], str, bytes]:
+    """Split the wire object into (doc, kid, signature bytes); nothing is trusted yet."""
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise DocumentError(DocumentError.MALFORMED, "document must be bytes")
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise DocumentError(
+            DocumentError.MALFORMED, f"document of {len(raw)} bytes exceeds {MAX_DOCUMENT_BYTES}"
+        )
+    try:
+        wire = json.loads(
+            bytes(raw).decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_float=_no_float,
+            parse_constant=_no_float,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise DocumentError(DocumentError.MALFORMED, f"not valid JSON: {err}") from None
+    if not isinstance(wire, dict) or set(wire) != {"doc", "kid", "sig"}:
+        raise DocumentError(
+            DocumentError.MALFORMED, 'expected an object with exactly "doc", "kid" and "sig"'
+        )
+    doc, kid, sig = wire["doc"], wire["kid"], wire["sig"]
+    if not isinstance(doc, dict):
+        raise DocumentError(DocumentError.MALFORMED, '"doc" must be an object')
+    if not isinstance(kid, str) or _KID_RE.fullmatch(kid) is None:
+        raise DocumentError(DocumentError.MALFORMED, '"kid" is not a valid key id')
+    try:
+        sig_bytes = base64.b64decode(sig, validate=True) if isinstance(sig, str) else b""
+    except (binascii.Error, ValueError):
+        sig_bytes = b""
+    if len(sig_bytes) != 64:
+        raise DocumentError(DocumentError.MALFORMED, '"sig" must be 64 bytes in base64')
+    try:
+        _check_json(doc, 0)
+    except ValueError as err:
+        raise DocumentError(DocumentError.MALFORMED, str(err)) from None
+    return doc, kid, sig_bytes
+
+
+def _fields(doc: Mapping[str, Any], kid: str, canonical: bytes) -> SignedDocument:
+    """Type-check the (already authenticated) fields of ``doc``."""
+    keys = set(doc)
+    if keys != _DOC_FIELDS:
+        missing = sorted(_DOC_FIELDS - keys)
+        extra = sorted(keys - _DOC_FIELDS)
+        raise DocumentError(
+            DocumentError.MALFORMED, f"doc fields wrong: missing {missing}, unknown {extra}"
+        )
+    for name in ("kind", "site_id", "cabinet_id", "issued_at", "expires_at"):
+        if not isinstance(doc[name], str):
+            raise DocumentError(DocumentError.MALFORMED, f"{name} must be a string")
+    version = doc["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise DocumentError(DocumentError.MALFORMED, "version must be a non-negative integer")
+    if not isinstance(doc["body"], dict):
+        raise DocumentError(DocumentError.MALFORMED, "body must be an object")
+    try:
+        issued_at = parse_time(doc["issued_at"])
+        expires_at = parse_time(doc["expires_at"])
+    except ValueError as err:
+        raise DocumentError(DocumentError.MALFORMED, str(err)) from None
+    if expires_at <= issued_at:
+        raise DocumentError(DocumentError.MALFORMED, "expires_at is not after issued_at")
+    body = _freeze(doc["body"])
+    assert isinstance(body, Mapping)
+    return SignedDocument(
+        kind=doc["kind"],
+        site_id=doc["site_id"],
+        cabinet_id=doc["cabinet_id"],
+        version=version,
+        issued_at=issued_at,
+        expires_at=expires_at,
+        body=body,
+        kid=kid,
+        digest=hashlib.sha256(canonical).hexdigest(),
+    )
+
+
+def _check_json(value: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels")
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        if not _utf8_ok(value):
+            raise ValueError("string with a lone surrogate cannot be encoded as UTF-8")
+        return
+    if isinstance(value, int):
+        if abs(value) > MAX_SAFE_INT:
+            raise ValueError(f"integer {value} is outside ±(2**53-1)")
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str) or not k.isascii():  # ASCII: one sort order everywhere
+                raise ValueError(f"object keys must be ASCII strings, got {k!r}")
+            _check_json(v, depth + 1)
+        return
+    if isinstance(value, list | tuple):
+        for v in value:
+            _check_json(v, depth + 1)
+        return
+    raise ValueError(f"{type(value).__name__} is not allowed in a signed document")
+
+
+def _utf8_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_float(text: str) -> Any:
+    raise ValueError(f"non-integer number {text} is not allowed")
