@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from agent.domain.config import CabinetDomainConfig
 from agent.mqtt.config import MqttConfig
 from drivers.config import READER_ID_PATTERN, StrictModel
 from drivers.registry import READER_TYPES, ReaderConfig
@@ -33,6 +34,7 @@ class AgentConfig(StrictModel):
     logging: LoggingSection = LoggingSection()
     readers: list[ReaderConfig] = Field(min_length=1)
     mqtt: MqttConfig | None = None
+    domain: CabinetDomainConfig = CabinetDomainConfig()
 
     @model_validator(mode="after")
     def _reader_ids_unique(self) -> AgentConfig:

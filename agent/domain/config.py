@@ -1,0 +1,83 @@
+"""The ``[domain]`` config section: drawers, scan rules, door and access timers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from pydantic import Field, model_validator
+
+from drivers.config import READER_ID_PATTERN, StrictModel
+
+ALIAS_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,31}:[1-9][0-9]?$"
+DRAWER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_ALIAS_RE = re.compile(ALIAS_PATTERN)
+_DRAWER_RE = re.compile(DRAWER_PATTERN)
+
+Antenna = tuple[str, int]  # (reader_id, antenna port)
+
+
+class CabinetDomainConfig(StrictModel):
+    drawers: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='drawer name → antennas "reader:port"; empty: one drawer per reader antenna',
+    )
+    door_id: str = Field("door", pattern=READER_ID_PATTERN, description="the door's name in events")
+    min_reads: int = Field(2, ge=1, le=1000, description="reads above the floor to count a tag")
+    rssi_floor_dbm: float = Field(-80.0, ge=-150, le=20, description="default antenna RSSI floor")
+    rssi_floor_overrides: dict[str, float] = Field(
+        default_factory=dict, description='per antenna "reader:port" → floor (dBm)'
+    )
+    stable_ms: int = Field(2000, ge=100, le=600_000, description="settle: no new EPC for this")
+    scan_min_ms: int = Field(3000, ge=0, le=600_000, description="shortest scan pass")
+    scan_max_ms: int = Field(30_000, ge=100, le=3_600_000, description="hard limit of a pass")
+    confirm_pass: bool = Field(True, description="confirm missing items with a second pass")
+    max_rescans: int = Field(2, ge=0, le=20, description="rescans after incomplete passes")
+    max_tags: int = Field(50_000, ge=1, le=1_000_000, description="tag limit per scan pass")
+    unlock_pulse_s: float = Field(5.0, gt=0, le=300, description="lock release pulse")
+    relock_after_s: float = Field(10.0, gt=0, le=3600, description="relock if door not opened")
+    left_open_s: float = Field(120.0, gt=0, le=86_400, description="door.left_open period")
+    lockout_denials: int = Field(5, ge=1, le=1000, description="N denials ...")
+    lockout_window_s: float = Field(300.0, gt=0, le=86_400, description="... within this window")
+    lockout_duration_s: float = Field(600.0, gt=0, le=86_400, description="lock-out length")
+    background_period_s: float = Field(
+        3600.0, ge=0, le=7 * 86_400, description="idle inventory period; 0 disables it"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CabinetDomainConfig:
+        if self.scan_max_ms < self.scan_min_ms:
+            raise ValueError("scan_max_ms must be >= scan_min_ms")
+        seen: dict[str, str] = {}
+        for drawer, aliases in self.drawers.items():
+            if not _DRAWER_RE.match(drawer):
+                raise ValueError(f"drawer name {drawer!r} must match {DRAWER_PATTERN}")
+            if not aliases:
+                raise ValueError(f"drawer {drawer!r} has no antennas")
+            for alias in aliases:
+                if not _ALIAS_RE.match(alias):
+                    raise ValueError(f'antenna {alias!r} of drawer {drawer!r} is not "reader:port"')
+                if alias in seen:
+                    raise ValueError(f"antenna {alias} is in drawers {seen[alias]!r} and {drawer!r}")
+                seen[alias] = drawer
+        for alias in self.rssi_floor_overrides:
+            if not _ALIAS_RE.match(alias):
+                raise ValueError(f'rssi_floor_overrides key {alias!r} is not "reader:port"')
+        return self
+
+    def antenna_map(self, readers: Mapping[str, Sequence[int]] | None = None) -> dict[Antenna, str]:
+        """(reader, port) → drawer. Without drawers, each antenna of ``readers`` is its own drawer."""
+        if self.drawers:
+            out: dict[Antenna, str] = {}
+            for drawer, aliases in self.drawers.items():
+                for alias in aliases:
+                    reader, port = alias.rsplit(":", 1)
+                    out[(reader, int(port))] = drawer
+            return out
+        if not readers:
+            raise ValueError("no drawers configured and no readers to derive them from")
+        return {(r, a): f"{r}.{a}" for r, ports in readers.items() for a in ports}
+
+    def rssi_floor(self, reader: str, antenna: int) -> float:
+        """The RSSI floor of one antenna."""
+        return self.rssi_floor_overrides.get(f"{reader}:{antenna}", self.rssi_floor_dbm)
