@@ -1,0 +1,68 @@
+"""cabinet-agent: the daemon (``run``) and the bundled demo (``demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from agent import __version__
+from agent.cli.common import DEFAULT_CONFIG, load_or_exit
+
+logger = logging.getLogger("agent")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    # sllurp logs every state change at INFO; only its warnings matter to an operator.
+    logging.getLogger("sllurp").setLevel(logging.WARNING)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_or_exit(args.config)
+    _setup_logging(args.log_level or cfg.logging.level)
+    from agent.daemon import Daemon, run_until_signalled
+
+    async def _main() -> None:
+        await run_until_signalled(Daemon(cfg))
+
+    asyncio.run(_main())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(seconds=args.seconds, tags=args.tags, antennas=args.antennas)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cabinet-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cabinet-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent (the systemd service runs this)")
+    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file")
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.set_defaults(func=_cmd_run)
+    demo = sub.add_parser("demo", help="run the agent against the bundled simulator")
+    demo.add_argument("--seconds", type=float, default=0, help="stop after N s (0: Ctrl-C)")
+    demo.add_argument("--tags", type=int, default=60)
+    demo.add_argument("--antennas", type=int, default=4)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

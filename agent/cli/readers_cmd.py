@@ -1,0 +1,265 @@
+"""``cabinetctl readers ping|scan``: talk to the configured readers directly."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.cli.common import DEFAULT_CONFIG, load_or_exit
+from agent.config import AgentConfig
+from drivers.registry import make_reader
+from drivers.types import GpiEdge, ReaderDriver, ReaderHealth, ReaderState, SystemClock, TagRead
+
+EX_OK = 0
+EX_UNAVAILABLE = 69  # sysexits.h: a service (here: a reader) is unavailable
+
+
+@dataclass
+class TagRow:
+    epc: str
+    reader_id: str
+    antenna: int
+    peak_rssi_dbm: float | None
+    reads: int = 0
+    antennas: set[int] = field(default_factory=set)
+
+
+class _CollectingSink:
+    """ReaderSink for the CLI: aggregates reads per EPC and remembers every health change."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, TagRow] = {}
+        self.health: dict[str, list[ReaderHealth]] = {}
+        self.changed = asyncio.Event()
+
+    async def tag_reads(self, reads: Sequence[TagRead]) -> None:
+        for r in reads:
+            row = self.rows.get(r.epc)
+            if row is None:
+                row = self.rows[r.epc] = TagRow(r.epc, r.reader_id, r.antenna, r.peak_rssi_dbm)
+            row.reads += r.seen_count
+            row.antennas.add(r.antenna)
+            if r.peak_rssi_dbm is not None and (
+                row.peak_rssi_dbm is None or r.peak_rssi_dbm > row.peak_rssi_dbm
+            ):
+                row.peak_rssi_dbm = r.peak_rssi_dbm
+                row.antenna = r.antenna
+                row.reader_id = r.reader_id
+        self.changed.set()
+
+    async def reader_health(self, health: ReaderHealth) -> None:
+        self.health.setdefault(health.reader_id, []).append(health)
+        self.changed.set()
+
+    async def gpi_edge(self, edge: GpiEdge) -> None:
+        self.changed.set()
+
+
+def _selected(cfg: AgentConfig, only: list[str] | None) -> list[Any]:
+    readers = [r for r in cfg.readers if not only or r.id in only]
+    if only:
+        unknown = sorted(set(only) - {r.id for r in cfg.readers})
+        if unknown:
+            raise SystemExit(f"unknown reader id(s): {', '.join(unknown)}")
+    return readers
+
+
+async def _ping(cfg: AgentConfig, only: list[str] | None, timeout_s: float) -> list[dict[str, Any]]:
+    sink = _CollectingSink()
+    clock = SystemClock()
+    drivers = [make_reader(rc, sink, clock) for rc in _selected(cfg, only)]
+    started = time.monotonic()
+    results: dict[str, dict[str, Any]] = {}
+
+    def _verdict(d: ReaderDriver) -> dict[str, Any] | None:
+        for h in sink.health.get(d.reader_id, []):
+            if h.healthy:
+                return {
+                    "reader": d.reader_id,
+                    "ok": True,
+                    "detail": "configured and ready",
+                    "seconds": round(time.monotonic() - started, 3),
+                    "antennas_connected": sorted(h.antennas_connected)
+                    if h.antennas_connected is not None
+                    else None,
+                }
+            if h.state == ReaderState.OFFLINE and h.session >= 1:
+                return {"reader": d.reader_id, "ok": False, "detail": h.detail}
+        return None
+
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(d.run(), name=f"ping:{d.reader_id}") for d in drivers]
+        deadline = time.monotonic() + timeout_s
+        while len(results) < len(drivers) and time.monotonic() < deadline:
+            for d in drivers:
+                if d.reader_id not in results and (v := _verdict(d)) is not None:
+                    results[d.reader_id] = v
+            sink.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sink.changed.wait(), 0.2)
+        for t in tasks:
+            t.cancel()
+    for d in drivers:
+        results.setdefault(
+            d.reader_id,
+            {"reader": d.reader_id, "ok": False, "detail": f"no answer within {timeout_s:g}s"},
+        )
+    return [results[d.reader_id] for d in drivers]
+
+
+async def _scan(
+    cfg: AgentConfig, only: list[str] | None, seconds: float, live: bool
+) -> tuple[_CollectingSink, list[ReaderHealth]]:
+    sink = _CollectingSink()
+    clock = SystemClock()
+    drivers = [make_reader(rc, sink, clock) for rc in _selected(cfg, only)]
+    view = _LiveView(sink, seconds) if live else None
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(d.run(), name=f"scan:{d.reader_id}") for d in drivers]
+        for d in drivers:
+            await d.start_inventory()
+        end = time.monotonic() + seconds
+        try:
+            if view:
+                view.start()
+            while (left := end - time.monotonic()) > 0:
+                sink.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sink.changed.wait(), min(left, 0.25))
+                if view:
+                    view.update()
+        finally:
+            if view:
+                view.stop()
+            for t in tasks:
+                t.cancel()
+    return sink, [d.health for d in drivers]
+
+
+class _LiveView:
+    """A rich live table with a progress bar; only used on a terminal."""
+
+    def __init__(self, sink: _CollectingSink, seconds: float) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.sink = sink
+        self.seconds = seconds
+        self.t0 = time.monotonic()
+        self.console = Console(stderr=False)
+        self.live = Live(console=self.console, refresh_per_second=4, transient=False)
+
+    def _render(self) -> Any:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        table = Table(title="cabinetctl readers scan", expand=False)
+        for col in ("EPC", "reader", "antenna", "peak RSSI (dBm)", "reads"):
+            table.add_column(col, justify="right" if col != "EPC" else "left")
+        rows = sorted(self.sink.rows.values(), key=lambda r: (r.reader_id, r.antenna, r.epc))
+        for r in rows[-40:]:
+            rssi = f"{r.peak_rssi_dbm:.1f}" if r.peak_rssi_dbm is not None else "-"
+            table.add_row(r.epc, r.reader_id, str(r.antenna), rssi, str(r.reads))
+        elapsed = min(self.seconds, time.monotonic() - self.t0)
+        bar = ProgressBar(total=self.seconds, completed=elapsed, width=40)
+        summary = f"{len(self.sink.rows)} tags, {sum(r.reads for r in rows)} reads, {elapsed:.1f}/{self.seconds:g}s"
+        return Group(table, bar, summary)
+
+    def start(self) -> None:
+        self.live.start()
+        self.live.update(self._render())
+
+    def update(self) -> None:
+        self.live.update(self._render())
+
+    def stop(self) -> None:
+        self.live.update(self._render())
+        self.live.stop()
+
+
+def _cmd_ping(args: argparse.Namespace) -> int:
+    cfg = load_or_exit(args.config)
+    results = asyncio.run(_ping(cfg, args.reader, args.timeout))
+    if args.json:
+        print(json.dumps({"readers": results}, indent=None))
+    else:
+        for r in results:
+            if r["ok"]:
+                ants = r.get("antennas_connected")
+                extra = f", antennas connected {ants}" if ants is not None else ""
+                print(f"{r['reader']}: OK ({r['seconds']:.2f}s{extra})")
+            else:
+                print(f"{r['reader']}: FAILED — {r['detail']}")
+    return EX_OK if all(r["ok"] for r in results) else EX_UNAVAILABLE
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    cfg = load_or_exit(args.config)
+    live = not args.json and sys.stdout.isatty()
+    sink, health = asyncio.run(_scan(cfg, args.reader, args.seconds, live))
+    rows = sorted(sink.rows.values(), key=lambda r: (r.reader_id, r.antenna, r.epc))
+    ever_ok = {rid for rid, hs in sink.health.items() if any(h.healthy for h in hs)}
+    failures = {
+        h.reader_id: next(
+            (x.detail for x in reversed(sink.health.get(h.reader_id, [])) if x.detail), ""
+        )
+        for h in health
+        if h.reader_id not in ever_ok
+    }
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "seconds": args.seconds,
+                    "tags": [
+                        {
+                            "epc": r.epc,
+                            "reader": r.reader_id,
+                            "antenna": r.antenna,
+                            "peak_rssi_dbm": r.peak_rssi_dbm,
+                            "reads": r.reads,
+                        }
+                        for r in rows
+                    ],
+                    "readers_failed": failures,
+                }
+            )
+        )
+    elif not live:
+        print(f"{'EPC':<26} {'reader':<12} {'ant':>3} {'RSSI':>6} {'reads':>6}")
+        for r in rows:
+            rssi = f"{r.peak_rssi_dbm:.1f}" if r.peak_rssi_dbm is not None else "-"
+            print(f"{r.epc:<26} {r.reader_id:<12} {r.antenna:>3} {rssi:>6} {r.reads:>6}")
+        print(f"{len(rows)} tags")
+    for rid, detail in failures.items():
+        print(f"reader {rid}: no reads — {detail or 'never came online'}", file=sys.stderr)
+    return EX_UNAVAILABLE if failures else EX_OK
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``readers ping`` and ``readers scan`` to cabinetctl."""
+    readers = sub.add_parser("readers", help="talk to the configured RFID readers")
+    rsub = readers.add_subparsers(dest="readers_command", required=True)
+
+    ping = rsub.add_parser("ping", help="connect to each reader and report whether it is ready")
+    ping.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    ping.add_argument("--reader", action="append", help="only this reader id (repeatable)")
+    ping.add_argument("--timeout", type=float, default=20.0, help="seconds per attempt")
+    ping.add_argument("--json", action="store_true")
+    ping.set_defaults(func=_cmd_ping)
+
+    scan = rsub.add_parser("scan", help="inventory for N seconds and list the tags seen")
+    scan.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    scan.add_argument("--reader", action="append", help="only this reader id (repeatable)")
+    scan.add_argument("--seconds", type=float, default=5.0)
+    scan.add_argument("--json", action="store_true")
+    scan.set_defaults(func=_cmd_scan)

@@ -1,0 +1,1 @@
+"""LLRP readers (Impinj, Zebra): sans-IO framing, sllurp codec, asyncio transport."""
