@@ -8,6 +8,7 @@ from typing import Annotated, Any, Union
 from pydantic import Field
 
 from drivers.llrp.config import LlrpReaderConfig
+from drivers.mercury.config import MercuryReaderConfig
 from drivers.types import Clock, ReaderDriver, ReaderSink
 
 
@@ -17,14 +18,21 @@ def _make_llrp(cfg: Any, sink: ReaderSink, clock: Clock) -> ReaderDriver:
     return LlrpReader(cfg, sink, clock=clock)
 
 
+def _make_mercury(cfg: Any, sink: ReaderSink, clock: Clock) -> ReaderDriver:
+    from drivers.mercury.reader import MercuryReader
+
+    return MercuryReader(cfg, sink, clock=clock)
+
+
 # type name → (config section model, factory). Imports of the drivers stay lazy so the
 # config checker does not pull in every transport.
 READER_TYPES: dict[str, tuple[type[Any], Callable[[Any, ReaderSink, Clock], ReaderDriver]]] = {
     "llrp": (LlrpReaderConfig, _make_llrp),
+    "mercury": (MercuryReaderConfig, _make_mercury),
 }
 
 ReaderConfig = Annotated[
-    Union[LlrpReaderConfig],  # noqa: UP007  (grows with READER_TYPES)
+    Union[LlrpReaderConfig, MercuryReaderConfig],  # noqa: UP007  (grows with READER_TYPES)
     Field(discriminator="type"),
 ]
 

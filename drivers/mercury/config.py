@@ -1,0 +1,81 @@
+"""Configuration section of a Mercury serial reader (ThingMagic/JADAK M6e, M6e Nano, Micro)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from drivers.config import ReaderConfigBase
+from drivers.errors import PermanentError
+from drivers.mercury.codec import REGIONS
+from drivers.serialio import SerialTarget
+
+RegionName = Literal[
+    "NA",
+    "EU",
+    "KR",
+    "IN",
+    "JP",
+    "PRC",
+    "EU2",
+    "EU3",
+    "KR2",
+    "PRC2",
+    "AU",
+    "NZ",
+    "NA2",
+    "NA3",
+    "OPEN",
+]
+BAUD_RATES = (9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
+
+
+class MercuryReaderConfig(ReaderConfigBase):
+    type: Literal["mercury"] = "mercury"
+    url: str = Field(
+        min_length=1,
+        description="/dev/ttyUSB0?baud=115200, or any pyserial URL such as socket://host:port",
+    )
+    region: RegionName = Field("NA2", description="regulatory region the module hops in")
+    read_power_dbm: float | None = Field(
+        None, ge=0, le=31.5, description="read TX power; None keeps the module setting"
+    )
+    detect_antennas: bool = Field(
+        False, description="ask the module which ports see an antenna (M6e; not the Nano)"
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, le=120, description="opening the device")
+    command_timeout_s: float = Field(2.0, gt=0, le=60, description="answer to one command")
+    boot_timeout_s: float = Field(5.0, gt=0, le=60, description="bootloader → application")
+    keepalive_s: float = Field(
+        1.0, ge=0.1, le=60, description="idle: poll the module this often to notice it is gone"
+    )
+    watchdog_s: float = Field(
+        3.0, ge=0.3, le=600, description="no valid frame for this long ends the session"
+    )
+    cycle_timeout_ms: int = Field(
+        1000, ge=50, le=65535, description="search cycle length inside continuous reading"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_parses(cls, value: str) -> str:
+        try:
+            target = SerialTarget.parse(value)
+        except PermanentError as err:
+            raise ValueError(str(err)) from None
+        if target.url.startswith("/") and target.baudrate not in BAUD_RATES:
+            raise ValueError(f"baud must be one of {', '.join(map(str, BAUD_RATES))}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MercuryReaderConfig:
+        if self.watchdog_s <= self.keepalive_s:
+            raise ValueError("watchdog_s must exceed keepalive_s")
+        if any(a > 15 for a in self.antennas):
+            raise ValueError("Mercury antenna ports are 1..15")
+        return self
+
+    @property
+    def region_code(self) -> int:
+        return REGIONS[self.region]
