@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import re
 from pathlib import Path
 from typing import Final
@@ -16,6 +17,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.privacy.keyfile import KID_PATTERN, KeyFileError, read_key_file, write_key_file
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BADGE_PURPOSE",
@@ -98,9 +101,13 @@ class Pseudonymizer:
 
     def badge(self, raw_id: str) -> str:
         """The pseudonym of a badge; ValueError (without the raw id) if it is not a badge id."""
-        digest = hmac.new(
-            self._key, _HMAC_PREFIX + canonical_badge_id(raw_id), hashlib.sha256
-        ).digest()
+        try:
+            canonical = canonical_badge_id(raw_id)
+        except ValueError as err:
+            # The reason never quotes the input; it helps a technician spot a misread format.
+            logger.debug("badge id refused: %s", err)
+            raise
+        digest = hmac.new(self._key, _HMAC_PREFIX + canonical, hashlib.sha256).digest()
         return self._prefix + base64.b32encode(digest[:16]).decode("ascii").rstrip("=").lower()
 
     def __repr__(self) -> str:

@@ -268,7 +268,7 @@ def canonical_json(value: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8; only the JSON subset every language agrees on."""
     _check_json(value, 0)
     return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        _thaw(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
 
 
@@ -428,6 +428,15 @@ def _utf8_ok(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _thaw(value: Any) -> Any:
+    """Plain dicts and lists again, so a frozen body re-serializes to the same bytes."""
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_thaw(v) for v in value]
+    return value
 
 
 def _freeze(value: Any) -> Any:
