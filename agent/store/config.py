@@ -1,0 +1,83 @@
+"""The ``[store]`` config section: where the state database lives and how it is bounded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from drivers.config import StrictModel
+
+MiB = 1024 * 1024
+
+
+class OverflowPolicy(StrictModel):
+    """Which outbox rows may be dropped when a bound is hit (always alerted, never silent)."""
+
+    droppable_priorities: list[int] = Field(
+        default=[2, 1],
+        description="priorities that may be dropped (0 critical, 1 normal, 2 routine); "
+        "the lowest priority (highest number) and oldest rows go first",
+    )
+
+    @model_validator(mode="after")
+    def _valid(self) -> OverflowPolicy:
+        if any(p < 0 or p > 9 for p in self.droppable_priorities):
+            raise ValueError("priorities are 0..9")
+        if len(set(self.droppable_priorities)) != len(self.droppable_priorities):
+            raise ValueError("droppable_priorities must not repeat")
+        return self
+
+
+class StoreConfig(StrictModel):
+    path: Path = Field(
+        Path("/var/lib/cabinet-agent/state.db"), description="SQLite database file (WAL mode)"
+    )
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL",
+        description="FULL survives power loss; NORMAL may lose the last commits on power loss",
+    )
+    max_bytes: int = Field(
+        64 * MiB,
+        ge=64 * 1024,
+        description="outbox payload bytes before the overflow policy drops rows",
+    )
+    max_db_bytes: int = Field(
+        256 * MiB, ge=MiB, description="hard cap on the database file (PRAGMA max_page_count)"
+    )
+    min_free_disk_bytes: int = Field(
+        16 * MiB, ge=0, description="disk space the database never eats into"
+    )
+    max_age_days: float = Field(
+        30.0,
+        gt=0,
+        description="undelivered rows older than this are dropped if their priority allows",
+    )
+    overflow: OverflowPolicy = OverflowPolicy()
+    dead_letter_after: int = Field(
+        10, ge=1, le=1_000_000, description="failed deliveries before a row is dead-lettered"
+    )
+    audit_retention_days: float = Field(365.0, gt=0, description="audit log retention")
+    group_commit_max_rows: int = Field(
+        100, ge=1, le=100_000, description="outbox rows per group-commit transaction (1 disables)"
+    )
+    group_commit_window_ms: float = Field(
+        10.0, ge=0, le=1000, description="how long a batch may wait for more writers under load"
+    )
+    max_pending_bytes: int = Field(
+        16 * MiB, ge=64 * 1024, description="bytes of writes held in memory while the disk is full"
+    )
+    max_pending_writes: int = Field(
+        10_000, ge=10, description="writes held in memory while the disk is full"
+    )
+    retry_initial_s: float = Field(0.2, gt=0, le=60, description="first retry after a failed write")
+    retry_max_s: float = Field(10.0, gt=0, le=3600, description="longest retry delay")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> StoreConfig:
+        if self.max_db_bytes < self.max_bytes:
+            raise ValueError("max_db_bytes must be >= max_bytes")
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError("retry_max_s must be >= retry_initial_s")
+        return self

@@ -1,0 +1,532 @@
+"""Synchronous database operations; only the store's worker thread ever calls these."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import struct
+import uuid
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from agent.store import audit, schema
+from agent.store.config import StoreConfig
+from agent.store.types import (
+    AlertKind,
+    AuditReport,
+    BaselineEntry,
+    OutboxRow,
+    SeqConflictError,
+    StoreAlert,
+    StoreError,
+)
+
+logger = logging.getLogger(__name__)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+# Before this the wall clock is not trustworthy (boards without RTC boot in 1970):
+# never prune anything by age on such a clock.
+SANE_CLOCK_US = 1_577_836_800_000_000  # 2020-01-01T00:00:00Z
+_HEAD_KEY = "store.audit_head"
+RESERVED_KV_PREFIX = "store."
+_DROPPED_KEY = "dropped.p"
+
+
+def to_us(dt: datetime) -> int:
+    """Microseconds since the Unix epoch (exact integer arithmetic)."""
+    return (dt - _EPOCH) // _US
+
+
+def from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+@dataclass(frozen=True, slots=True)
+class HousekeepingResult:
+    outbox_age_dropped: int
+    audit_pruned: int
+    max_page_count: int
+
+
+def connect(path: Path, cfg: StoreConfig) -> sqlite3.Connection:
+    """Open the database with the store's pragmas (autocommit: transactions are explicit)."""
+    if not path.exists():
+        # Only the agent's user may read its state, whatever the umask says; SQLite gives
+        # the -wal and -shm files the database file's permissions.
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=5.0, check_same_thread=True)
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"cannot enable WAL on {path} (journal_mode={mode})")
+        conn.execute(f"PRAGMA synchronous={cfg.synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        # Bound the WAL file after checkpoints so it cannot eat the disk on its own.
+        conn.execute("PRAGMA journal_size_limit=16777216")
+        conn.execute("PRAGMA secure_delete=FAST")  # deleted rows do not linger in free pages
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def quick_check(conn: sqlite3.Connection) -> list[str]:
+    """Problems reported by PRAGMA quick_check (empty when the file is sound)."""
+    rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(20)").fetchall()]
+    return [] if rows == ["ok"] else rows
+
+
+class Database:
+    """The state database behind one connection. Not thread-safe: one thread owns it."""
+
+    def __init__(self, conn: sqlite3.Connection, cfg: StoreConfig) -> None:
+        self.conn = conn
+        self.cfg = cfg
+        self.alerts: list[StoreAlert] = []  # raised by the current job; sent after COMMIT
+        self.over_cap = False
+        self.max_page_count = 0
+
+    # -- sizing -----------------------------------------------------------------------------
+
+    def apply_page_limit(self) -> int:
+        """Cap the file below free disk space and max_db_bytes (SQLITE_FULL instead of ENOSPC)."""
+        path = Path(self.cfg.path)
+        page_size = int(self.conn.execute("PRAGMA page_size").fetchone()[0])
+        pages_now = int(self.conn.execute("PRAGMA page_count").fetchone()[0])
+        try:
+            st = os.statvfs(path.parent)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = self.cfg.max_db_bytes
+        used = pages_now * page_size
+        limit = min(self.cfg.max_db_bytes, used + max(0, free - self.cfg.min_free_disk_bytes))
+        pages = max(limit // page_size, pages_now)
+        self.max_page_count = int(
+            self.conn.execute(f"PRAGMA max_page_count={int(pages)}").fetchone()[0]
+        )
+        return self.max_page_count
+
+    # -- meta -------------------------------------------------------------------------------
+
+    def _meta(self, key: str, default: int = 0) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else int(row[0])
+
+    def _meta_add(self, key: str, delta: int) -> None:
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+            (key, delta),
+        )
+
+    def next_seq(self) -> int:
+        return self._meta("next_seq", 1)
+
+    def set_next_seq(self, value: int) -> None:
+        self.conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (value,))
+
+    def outbox_bytes(self) -> int:
+        row = self.conn.execute("SELECT coalesce(sum(size), 0) FROM outbox").fetchone()
+        return int(row[0])
+
+    def dropped_counts(self) -> dict[int, int]:
+        rows = self.conn.execute(
+            "SELECT key, value FROM meta WHERE key LIKE 'dropped.p%'"
+        ).fetchall()
+        return {int(k[len(_DROPPED_KEY) :]): int(v) for k, v in rows}
+
+    # -- outbox writes ------------------------------------------------------------------------
+
+    def insert_rows(self, rows: Sequence[OutboxRow]) -> None:
+        """Append rows that must continue the sequence exactly (checked against the database)."""
+        if not rows:
+            return
+        expected = self.next_seq()
+        if rows[0].seq != expected:
+            raise SeqConflictError(expected, rows[0].seq)
+        self.conn.executemany(
+            "INSERT INTO outbox (seq, event_id, priority, kind, created_us, size, envelope) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.seq,
+                    r.event_id.bytes,
+                    r.priority,
+                    r.kind,
+                    to_us(r.created_at),
+                    len(r.envelope),
+                    r.envelope,
+                )
+                for r in rows
+            ],
+        )
+        self.set_next_seq(rows[-1].seq + 1)
+        self.enforce_bytes()
+
+    def enforce_bytes(self) -> None:
+        """Drop the lowest-priority, oldest droppable rows until the outbox fits max_bytes."""
+        total = self.outbox_bytes()
+        cap = self.cfg.max_bytes
+        if total <= cap:
+            self.over_cap = False
+            return
+        droppable = self.cfg.overflow.droppable_priorities
+        victims: list[tuple[int, int, int]] = []
+        if droppable:
+            marks = ",".join("?" * len(droppable))
+            cur = self.conn.execute(
+                f"SELECT seq, priority, size FROM outbox WHERE priority IN ({marks}) "  # noqa: S608 -- placeholders only
+                "ORDER BY priority DESC, seq ASC",
+                droppable,
+            )
+            excess = total - cap
+            for seq, prio, size in cur:
+                victims.append((int(seq), int(prio), int(size)))
+                excess -= int(size)
+                if excess <= 0:
+                    break
+            cur.close()
+        if victims:
+            self._drop(victims, AlertKind.OVERFLOW_DROPPED, f"outbox above {cap} bytes")
+            total -= sum(v[2] for v in victims)
+        if total > cap:
+            if not self.over_cap:
+                self.alerts.append(
+                    StoreAlert(
+                        AlertKind.OVER_CAP,
+                        f"outbox holds {total} bytes > max_bytes {cap}; "
+                        "only undroppable rows are left, keeping them",
+                    )
+                )
+            self.over_cap = True
+        else:
+            self.over_cap = False
+
+    def _drop(self, victims: Sequence[tuple[int, int, int]], kind: AlertKind, why: str) -> None:
+        self.conn.executemany("DELETE FROM outbox WHERE seq = ?", [(v[0],) for v in victims])
+        counts: dict[int, int] = {}
+        for _, prio, _ in victims:
+            counts[prio] = counts.get(prio, 0) + 1
+        for prio, n in counts.items():
+            self._meta_add(f"{_DROPPED_KEY}{prio}", n)
+        nbytes = sum(v[2] for v in victims)
+        self.alerts.append(
+            StoreAlert(
+                kind,
+                f"{why}: dropped {len(victims)} undelivered rows ({nbytes} bytes) by policy",
+                dropped=counts,
+                dropped_bytes=nbytes,
+                seqs=tuple(sorted(v[0] for v in victims)),
+            )
+        )
+
+    def prune_age(self, now_us: int) -> int:
+        """Drop droppable rows older than max_age_days; returns how many."""
+        droppable = self.cfg.overflow.droppable_priorities
+        if now_us < SANE_CLOCK_US or not droppable:
+            return 0
+        cutoff = now_us - int(self.cfg.max_age_days * 86_400 * 1_000_000)
+        marks = ",".join("?" * len(droppable))
+        victims = [
+            (int(s), int(p), int(z))
+            for s, p, z in self.conn.execute(
+                f"SELECT seq, priority, size FROM outbox WHERE created_us < ? "  # noqa: S608 -- placeholders only
+                f"AND priority IN ({marks})",
+                (cutoff, *droppable),
+            ).fetchall()
+        ]
+        if victims:
+            self._drop(
+                victims, AlertKind.AGE_DROPPED, f"rows older than {self.cfg.max_age_days:g} days"
+            )
+        return len(victims)
+
+    def ack(self, seqs: Sequence[int]) -> int:
+        deleted = 0
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            cur = self.conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)  # noqa: S608 -- placeholders only
+            deleted += cur.rowcount
+        if deleted:
+            self.over_cap = False
+        return deleted
+
+    def mark_failed(self, seq: int, reason: str) -> bool:
+        row = self.conn.execute(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ? "
+            "RETURNING attempts, dead, priority, kind",
+            (reason[:200], seq),
+        ).fetchone()
+        if row is None:
+            return False
+        attempts, dead, priority, kind = int(row[0]), int(row[1]), int(row[2]), str(row[3])
+        if dead or attempts < self.cfg.dead_letter_after:
+            return False
+        self.conn.execute("UPDATE outbox SET dead = 1 WHERE seq = ?", (seq,))
+        self.alerts.append(
+            StoreAlert(
+                AlertKind.DEAD_LETTERED,
+                f"seq {seq} ({kind}, priority {priority}) dead-lettered after {attempts} "
+                f"failed deliveries: {reason[:200]}",
+                seqs=(seq,),
+            )
+        )
+        return True
+
+    def revive_dead(self, seqs: Sequence[int] | None) -> int:
+        if seqs is None:
+            return self.conn.execute(
+                "UPDATE outbox SET dead = 0, attempts = 0 WHERE dead = 1"
+            ).rowcount
+        return sum(
+            self.conn.execute(
+                "UPDATE outbox SET dead = 0, attempts = 0 WHERE dead = 1 AND seq = ?", (s,)
+            ).rowcount
+            for s in seqs
+        )
+
+    # -- outbox reads -----------------------------------------------------------------------
+
+    def peek(
+        self, limit: int, exclude: Collection[int], after_seq: int | None, live_first: bool
+    ) -> list[OutboxRow]:
+        order = "DESC" if live_first else "ASC"
+        where = "dead = 0"
+        params: list[int] = []
+        if after_seq is not None:
+            where += " AND seq > ?" if not live_first else " AND seq < ?"
+            params.append(after_seq)
+        params.append(limit + len(exclude))
+        out: list[OutboxRow] = []
+        cur = self.conn.execute(
+            "SELECT seq, event_id, priority, kind, created_us, envelope, attempts "  # noqa: S608 -- fixed fragments only
+            f"FROM outbox WHERE {where} ORDER BY seq {order} LIMIT ?",
+            params,
+        )
+        for seq, eid, prio, kind, created, env, attempts in cur:
+            if seq in exclude:
+                continue
+            out.append(
+                OutboxRow(
+                    seq=int(seq),
+                    event_id=uuid.UUID(bytes=bytes(eid)),
+                    priority=int(prio),
+                    kind=str(kind),
+                    created_at=from_us(int(created)),
+                    envelope=bytes(env),
+                    attempts=int(attempts),
+                )
+            )
+            if len(out) >= limit:
+                break
+        cur.close()
+        return out
+
+    def outbox_summary(self) -> tuple[int, int, int | None, int]:
+        """(deliverable rows, total bytes, oldest deliverable created_us, dead rows)."""
+        depth, oldest = self.conn.execute(
+            "SELECT count(*), min(created_us) FROM outbox WHERE dead = 0"
+        ).fetchone()
+        dead = self.conn.execute("SELECT count(*) FROM outbox WHERE dead = 1").fetchone()[0]
+        return int(depth), self.outbox_bytes(), None if oldest is None else int(oldest), int(dead)
+
+    # -- baseline and session -----------------------------------------------------------------
+
+    def replace_baseline(self, baseline: Mapping[str, BaselineEntry]) -> None:
+        self.conn.execute("DELETE FROM baseline")
+        self.conn.executemany(
+            "INSERT INTO baseline (epc, location, last_seen_us) VALUES (?, ?, ?)",
+            [(epc, e.location, to_us(e.last_seen)) for epc, e in baseline.items()],
+        )
+
+    def load_baseline(self) -> dict[str, BaselineEntry]:
+        return {
+            str(epc): BaselineEntry(str(loc), from_us(int(seen)))
+            for epc, loc, seen in self.conn.execute(
+                "SELECT epc, location, last_seen_us FROM baseline"
+            )
+        }
+
+    def save_session(self, blob: bytes | None, now_us: int) -> None:
+        if blob is None:
+            self.conn.execute("DELETE FROM session")
+        else:
+            self.conn.execute(
+                "INSERT INTO session (id, blob, updated_us) VALUES (1, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET blob = excluded.blob, updated_us = excluded.updated_us",
+                (blob, now_us),
+            )
+
+    def load_session(self) -> bytes | None:
+        row = self.conn.execute("SELECT blob FROM session WHERE id = 1").fetchone()
+        return None if row is None else bytes(row[0])
+
+    # -- kv ---------------------------------------------------------------------------------
+
+    def kv_get(self, key: str) -> bytes | None:
+        row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def kv_put(self, key: str, value: bytes | None, now_us: int) -> None:
+        if value is None:
+            self.conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+            return
+        self.conn.execute(
+            "INSERT INTO kv (key, value, updated_us) VALUES (?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_us = excluded.updated_us",
+            (key, value, now_us),
+        )
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def audit_head(self) -> tuple[int, bytes]:
+        raw = self.kv_get(_HEAD_KEY)
+        if raw is not None and len(raw) == 40:
+            (seq,) = struct.unpack(">Q", raw[:8])
+            return int(seq), raw[8:]
+        return self._anchor()
+
+    def _anchor(self) -> tuple[int, bytes]:
+        row = self.conn.execute("SELECT seq, hash FROM audit_anchor WHERE id = 1").fetchone()
+        return (0, audit.GENESIS) if row is None else (int(row[0]), bytes(row[1]))
+
+    def audit_append(self, actor: str, action: str, details_json: str, now_us: int) -> int:
+        # The head (not the last row) is the chain's tip, so a truncated tail stays visible
+        # as a gap even after new records are appended.
+        head_seq, head_hash = self.audit_head()
+        seq = head_seq + 1
+        digest = audit.record_hash(seq, now_us, actor, action, details_json, head_hash)
+        self.conn.execute(
+            "INSERT INTO audit (seq, at_us, actor, action, details, prev_hash, hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (seq, now_us, actor, action, details_json, head_hash, digest),
+        )
+        self.kv_put(_HEAD_KEY, struct.pack(">Q", seq) + digest, now_us)
+        return seq
+
+    def audit_rows(self) -> Iterator[tuple[int, int, str, str, str, bytes, bytes]]:
+        cur = self.conn.execute(
+            "SELECT seq, at_us, actor, action, details, prev_hash, hash FROM audit ORDER BY seq"
+        )
+        for seq, at_us, actor, action, details, prev, digest in cur:
+            yield (
+                int(seq),
+                int(at_us),
+                str(actor),
+                str(action),
+                str(details),
+                bytes(prev),
+                bytes(digest),
+            )
+
+    def audit_verify(self) -> AuditReport:
+        anchor_seq, anchor_hash = self._anchor()
+        raw = self.kv_get(_HEAD_KEY)
+        head = None
+        if raw is not None and len(raw) == 40:
+            head = (int(struct.unpack(">Q", raw[:8])[0]), raw[8:])
+        checked, first, last, problems = audit.verify_chain(
+            self.audit_rows(), anchor_seq=anchor_seq, anchor_hash=anchor_hash, head=head
+        )
+        if head is None and checked:
+            problems.append("audit head record is missing")
+        return AuditReport(
+            ok=not problems,
+            checked=checked,
+            first_seq=first,
+            last_seq=last,
+            anchor_seq=anchor_seq,
+            problems=tuple(problems),
+        )
+
+    def audit_records(self, limit: int) -> list[tuple[int, int, str, str, str, bytes, bytes]]:
+        rows = self.conn.execute(
+            "SELECT seq, at_us, actor, action, details, prev_hash, hash FROM audit "
+            "ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            (int(a), int(b), str(c), str(d), str(e), bytes(f), bytes(g))
+            for a, b, c, d, e, f, g in reversed(rows)
+        ]
+
+    def prune_audit(self, now_us: int) -> int:
+        """Delete the prefix older than retention, keeping its last hash as the anchor."""
+        if now_us < SANE_CLOCK_US:
+            return 0
+        cutoff = now_us - int(self.cfg.audit_retention_days * 86_400 * 1_000_000)
+        # Only a contiguous prefix: a record with a skewed clock must not punch a hole.
+        row = self.conn.execute("SELECT min(seq) FROM audit WHERE at_us >= ?", (cutoff,)).fetchone()
+        if row[0] is None:
+            top = self.conn.execute("SELECT max(seq) FROM audit").fetchone()[0]
+            if top is None:
+                return 0
+            last = int(top)
+        else:
+            last = int(row[0]) - 1
+        anchor_seq, _ = self._anchor()
+        if last <= anchor_seq:
+            return 0
+        hit = self.conn.execute("SELECT hash FROM audit WHERE seq = ?", (last,)).fetchone()
+        if hit is None:
+            return 0
+        self.conn.execute(
+            "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+            (last, bytes(hit[0])),
+        )
+        return int(self.conn.execute("DELETE FROM audit WHERE seq <= ?", (last,)).rowcount)
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def housekeeping(self, now_us: int) -> HousekeepingResult:
+        aged = self.prune_age(now_us)
+        pruned = self.prune_audit(now_us)
+        pages = self.apply_page_limit()
+        return HousekeepingResult(aged, pruned, pages)
+
+
+def open_database(path: Path, cfg: StoreConfig) -> Database:
+    """Connect, check integrity and migrate; corruption surfaces as sqlite3.DatabaseError."""
+    conn = connect(path, cfg)
+    try:
+        problems = quick_check(conn)
+        if problems:
+            raise CorruptDatabaseError("; ".join(problems[:5]))
+        schema.migrate(conn)
+        db = Database(conn, cfg)
+        db.apply_page_limit()
+    except BaseException:
+        conn.close()
+        raise
+    return db
+
+
+class CorruptDatabaseError(StoreError):
+    """PRAGMA quick_check found damage."""
+
+
+def salvage_next_seq(path: Path) -> int | None:
+    """Best effort: the committed sequence counter of a quarantined file, if still readable."""
+    try:
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=1.0)
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+        top = conn.execute("SELECT max(seq) FROM outbox").fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    candidates: list[Any] = [row[0] if row else None, (top[0] + 1) if top and top[0] else None]
+    values = [int(v) for v in candidates if isinstance(v, int) and 1 <= v < 2**62]
+    return max(values) if values else None

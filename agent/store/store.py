@@ -1,0 +1,460 @@
+"""The state store's asyncio face: every call becomes a job for the database thread.
+
+Sequence numbers: the caller seals events with the seqs ``next_seq()`` hands out and submits
+them in that order; the store checks that every submission continues the sequence exactly
+(on the loop at submit time, and again inside the transaction against the committed counter),
+so a crash can neither lose nor duplicate a seq. Writes are never withdrawn once accepted:
+cancelling the awaiting task does not cancel the write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Final, TypeVar
+
+from agent.store import audit
+from agent.store import db as dbmod
+from agent.store.config import StoreConfig
+from agent.store.db import HousekeepingResult
+from agent.store.types import (
+    AuditRecord,
+    AuditReport,
+    BaselineEntry,
+    CommitResult,
+    OutboxRow,
+    OutboxStats,
+    SeqConflictError,
+    StoreAlert,
+    StoreBackloggedError,
+    StoreClosedError,
+    StoreError,
+)
+from agent.store.worker import Job, OpenResult, Worker
+from drivers.types import Clock, SystemClock
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+OPEN_TIMEOUT_S = 120.0  # quick_check of a large file on slow flash takes a while
+CLOSE_TIMEOUT_S = 30.0
+MAX_KV_BYTES = 8 * 1024 * 1024
+MAX_ENVELOPE_BYTES = 1024 * 1024
+
+
+class Keep(enum.Enum):
+    KEEP = "keep"
+
+
+KEEP: Final = Keep.KEEP
+"""Pass as ``session`` to commit_cycle to leave the persisted door session as it is."""
+
+_ALERT_LEVELS = {
+    "store.disk_full_cleared": logging.WARNING,
+    "store.dead_lettered": logging.WARNING,
+}
+
+
+class Store:
+    """Outbox, baseline, sequence counter, door session, kv state and audit chain in one file."""
+
+    def __init__(
+        self,
+        cfg: StoreConfig,
+        worker: Worker,
+        opened: OpenResult,
+        on_alert: Callable[[StoreAlert], None] | None,
+    ) -> None:
+        self.cfg = cfg
+        self._worker = worker
+        self._on_alert = on_alert
+        self._next_seq = opened.next_seq
+        self._seq_dirty = False
+        self._closed = False
+        self._pending_writes = 0
+        self._pending_bytes = 0
+        self.open_alerts: tuple[StoreAlert, ...] = tuple(opened.alerts)
+        self.recent_alerts: deque[StoreAlert] = deque(maxlen=100)
+
+    @classmethod
+    async def open(
+        cls,
+        cfg: StoreConfig,
+        *,
+        on_alert: Callable[[StoreAlert], None] | None = None,
+        clock: Clock | None = None,
+    ) -> Store:
+        """Open (creating, migrating or quarantining as needed) and start the database thread."""
+        loop = asyncio.get_running_loop()
+        holder: list[Store] = []
+        early: list[StoreAlert] = []
+
+        def sink(alert: StoreAlert) -> None:
+            if holder:
+                holder[0]._dispatch_alert(alert)
+            else:
+                early.append(alert)
+
+        worker = Worker(cfg, loop, clock or SystemClock(), sink)
+        worker.start()
+        try:
+            opened = await asyncio.wait_for(asyncio.shield(worker.opened), OPEN_TIMEOUT_S)
+        except BaseException:
+            worker.stop()
+            await asyncio.wait({worker.finished}, timeout=CLOSE_TIMEOUT_S)
+            raise
+        store = cls(cfg, worker, opened, on_alert)
+        holder.append(store)
+        for alert in [*opened.alerts, *early]:
+            store._dispatch_alert(alert)
+        return store
+
+    async def close(self) -> None:
+        """Flush every accepted write (bounded wait) and stop the database thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._worker.stop()
+        done, _ = await asyncio.wait({self._worker.finished}, timeout=CLOSE_TIMEOUT_S)
+        if not done:
+            logger.error("store thread did not stop within %.0f s", CLOSE_TIMEOUT_S)
+            return
+        self._worker.join(timeout=5.0)
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- sequence ---------------------------------------------------------------------------------
+
+    async def next_seq(self) -> int:
+        """The seq the next submitted row must carry."""
+        if self._seq_dirty:
+            # A seq-bearing write failed: ask the database, behind every queued write.
+            value = await self._submit(lambda d: d.next_seq(), write=False, ordered=True)
+            self._next_seq = int(value)
+            self._seq_dirty = False
+        return self._next_seq
+
+    def next_seq_nowait(self) -> int:
+        """Like next_seq() without a round trip; raises if a failed write needs a resync."""
+        if self._seq_dirty:
+            raise SeqConflictError(self._next_seq, self._next_seq)
+        return self._next_seq
+
+    # -- outbox -------------------------------------------------------------------------------------
+
+    async def append_events(self, rows: Sequence[OutboxRow]) -> CommitResult:
+        """Durably append sealed events (outside a door cycle); group-committed with others."""
+        return await self.submit_events(rows)
+
+    def submit_events(self, rows: Sequence[OutboxRow]) -> asyncio.Future[CommitResult]:
+        """Accept rows now (seq checked and consumed); the future resolves once durable."""
+        rows = tuple(rows)
+        self._check_rows(rows)
+
+        def job(d: dbmod.Database) -> CommitResult:
+            d.insert_rows(rows)
+            return CommitResult(tuple(d.alerts))
+
+        return self._submit_seq(job, rows)
+
+    async def commit_cycle(
+        self,
+        rows: Sequence[OutboxRow],
+        baseline: Mapping[str, BaselineEntry] | None,
+        session: bytes | Keep | None = None,
+    ) -> CommitResult:
+        """One transaction: the cycle's events, the new baseline (None: unchanged), the seq
+        counter and the door session (None: no open session; KEEP: unchanged)."""
+        return await self.submit_cycle(rows, baseline, session)
+
+    def submit_cycle(
+        self,
+        rows: Sequence[OutboxRow],
+        baseline: Mapping[str, BaselineEntry] | None,
+        session: bytes | Keep | None = None,
+    ) -> asyncio.Future[CommitResult]:
+        """commit_cycle without awaiting: accepted now, the future resolves once durable."""
+        rows = tuple(rows)
+        self._check_rows(rows)
+        snapshot = None if baseline is None else dict(baseline)
+        if snapshot is not None:
+            for epc, entry in snapshot.items():
+                if not isinstance(epc, str) or not isinstance(entry, BaselineEntry):
+                    raise TypeError("baseline maps EPC strings to BaselineEntry")
+        if session is not None and not isinstance(session, bytes | Keep):
+            raise TypeError("session must be bytes, None or KEEP")
+
+        def job(d: dbmod.Database) -> CommitResult:
+            now_us = dbmod.to_us(self._worker_clock_now())
+            d.insert_rows(rows)
+            if snapshot is not None:
+                d.replace_baseline(snapshot)
+            if not isinstance(session, Keep):
+                d.save_session(session, now_us)
+            return CommitResult(tuple(d.alerts))
+
+        extra = sum(len(k) + len(v.location) + 16 for k, v in (snapshot or {}).items())
+        extra += len(session) if isinstance(session, bytes) else 0
+        return self._submit_seq(job, rows, extra_bytes=extra)
+
+    async def peek(
+        self,
+        limit: int,
+        *,
+        exclude: Collection[int] = (),
+        after_seq: int | None = None,
+        live_first: bool = False,
+    ) -> list[OutboxRow]:
+        """Deliverable rows in seq order (newest first with live_first), skipping ``exclude``."""
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        excl = frozenset(exclude)
+        rows: list[OutboxRow] = await self._submit(
+            lambda d: d.peek(limit, excl, after_seq, live_first), write=False, ordered=False
+        )
+        return rows
+
+    async def ack(self, seqs: Sequence[int]) -> int:
+        """Delete delivered rows; returns how many were still there."""
+        chosen = sorted({int(s) for s in seqs})
+        if not chosen:
+            return 0
+        return int(await self._submit(lambda d: d.ack(chosen), write=True, ordered=False))
+
+    async def mark_failed(self, seq: int, reason: str) -> bool:
+        """Count a failed delivery; True if the row was dead-lettered by this call."""
+        return bool(
+            await self._submit(lambda d: d.mark_failed(seq, reason), write=True, ordered=False)
+        )
+
+    async def revive_dead(self, seqs: Sequence[int] | None = None) -> int:
+        """Make dead-lettered rows deliverable again (all when seqs is None)."""
+        chosen = None if seqs is None else sorted(set(seqs))
+        return int(await self._submit(lambda d: d.revive_dead(chosen), write=True, ordered=False))
+
+    async def stats(self) -> OutboxStats:
+        summary, dropped, next_seq = await self._submit(
+            lambda d: (d.outbox_summary(), d.dropped_counts(), d.next_seq()),
+            write=False,
+            ordered=False,
+        )
+        depth, nbytes, oldest_us, dead = summary
+        now = self._worker_clock_now()
+        oldest = None if oldest_us is None else dbmod.from_us(oldest_us)
+        return OutboxStats(
+            depth=depth,
+            bytes=nbytes,
+            oldest_created_at=oldest,
+            oldest_age_s=None if oldest is None else max(0.0, (now - oldest).total_seconds()),
+            dead=dead,
+            next_seq=int(next_seq),
+            dropped=dropped,
+            pending_writes=self._pending_writes,
+            pending_bytes=self._pending_bytes,
+            disk_full=self._worker.disk_full,
+            transactions=self._worker.transactions,
+        )
+
+    # -- baseline, session, kv -------------------------------------------------------------------
+
+    async def load_baseline(self) -> dict[str, BaselineEntry]:
+        return dict(await self._submit(lambda d: d.load_baseline(), write=False, ordered=True))
+
+    async def load_session(self) -> bytes | None:
+        result = await self._submit(lambda d: d.load_session(), write=False, ordered=True)
+        return None if result is None else bytes(result)
+
+    async def save_session(self, session: bytes | None) -> None:
+        """Persist the open door session on its own (None: no session open)."""
+        if session is not None and not isinstance(session, bytes):
+            raise TypeError("session must be bytes or None")
+
+        def job(d: dbmod.Database) -> None:
+            d.save_session(session, dbmod.to_us(self._worker_clock_now()))
+
+        await self._submit(job, write=True, ordered=True, nbytes=len(session or b""))
+
+    async def kv_get(self, key: str) -> bytes | None:
+        _check_key(key)
+        result = await self._submit(lambda d: d.kv_get(key), write=False, ordered=True)
+        return None if result is None else bytes(result)
+
+    async def kv_put(self, key: str, value: bytes | None) -> None:
+        """Store a small named blob (None deletes it)."""
+        _check_key(key)
+        if value is not None:
+            if not isinstance(value, bytes):
+                raise TypeError("kv values are bytes")
+            if len(value) > MAX_KV_BYTES:
+                raise ValueError(f"kv value too large: {len(value)} > {MAX_KV_BYTES} bytes")
+
+        def job(d: dbmod.Database) -> None:
+            d.kv_put(key, value, dbmod.to_us(self._worker_clock_now()))
+
+        await self._submit(job, write=True, ordered=True, nbytes=len(value or b""))
+
+    # -- audit --------------------------------------------------------------------------------------
+
+    async def audit_append(self, actor: str, action: str, details: Mapping[str, Any]) -> int:
+        """Append a hash-chained record; returns its seq. Details must be JSON values."""
+        if not actor or len(actor) > 128 or not action or len(action) > 128:
+            raise ValueError("actor and action are 1..128 characters")
+        try:
+            text = audit.canonical_details(details)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"audit details must be plain JSON values: {err}") from None
+
+        def job(d: dbmod.Database) -> int:
+            return d.audit_append(actor, action, text, dbmod.to_us(self._worker_clock_now()))
+
+        return int(await self._submit(job, write=True, ordered=True, nbytes=len(text)))
+
+    async def audit_verify(self) -> AuditReport:
+        """Walk the whole chain: edits, deletions, reordering and a truncated tail show up."""
+        result = await self._submit(lambda d: d.audit_verify(), write=False, ordered=True)
+        assert isinstance(result, AuditReport)
+        return result
+
+    async def audit_tail(self, limit: int = 50) -> list[AuditRecord]:
+        """The newest records, oldest first."""
+        import json
+
+        rows = await self._submit(lambda d: d.audit_records(limit), write=False, ordered=True)
+        return [
+            AuditRecord(seq, dbmod.from_us(at), actor, action, json.loads(det), prev, digest)
+            for seq, at, actor, action, det, prev, digest in rows
+        ]
+
+    async def audit_head(self) -> tuple[int, bytes]:
+        """(seq, hash) of the chain's tip: publish it to make truncation detectable off-box."""
+        seq, digest = await self._submit(lambda d: d.audit_head(), write=False, ordered=True)
+        return int(seq), bytes(digest)
+
+    # -- maintenance ------------------------------------------------------------------------------
+
+    async def housekeeping(self) -> HousekeepingResult:
+        """Age-prune the outbox, prune the audit log, re-fit the page cap (also runs periodically)."""
+
+        def job(d: dbmod.Database) -> HousekeepingResult:
+            return d.housekeeping(dbmod.to_us(self._worker_clock_now()))
+
+        result = await self._submit(job, write=True, ordered=True)
+        assert isinstance(result, HousekeepingResult)
+        return result
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _worker_clock_now(self) -> datetime:
+        return self._worker.clock.now()
+
+    def _check_rows(self, rows: tuple[OutboxRow, ...]) -> None:
+        if self._closed:
+            raise StoreClosedError("the store is closed")
+        if not rows:
+            return
+        expected = self._next_seq
+        if self._seq_dirty:
+            raise SeqConflictError(expected, rows[0].seq)
+        for i, row in enumerate(rows):
+            if not isinstance(row, OutboxRow):
+                raise TypeError("rows must be OutboxRow")
+            if row.seq != expected + i:
+                raise SeqConflictError(expected + i, row.seq)
+            if len(row.envelope) > MAX_ENVELOPE_BYTES:
+                raise ValueError(f"envelope of seq {row.seq} exceeds {MAX_ENVELOPE_BYTES} bytes")
+        if len({r.event_id for r in rows}) != len(rows):
+            raise ValueError("event ids repeat within the rows")
+
+    def _submit_seq(
+        self,
+        fn: Callable[[dbmod.Database], CommitResult],
+        rows: tuple[OutboxRow, ...],
+        extra_bytes: int = 0,
+    ) -> asyncio.Future[CommitResult]:
+        nbytes = sum(len(r.envelope) + 64 for r in rows) + extra_bytes
+        fut = self._submit(
+            fn,
+            write=True,
+            ordered=True,
+            weight=max(1, len(rows)),
+            nbytes=nbytes,
+            seq_bearing=bool(rows),
+        )
+        if rows:
+            self._next_seq = rows[-1].seq + 1
+        return fut
+
+    def _submit(
+        self,
+        fn: Callable[[dbmod.Database], T],
+        *,
+        write: bool,
+        ordered: bool,
+        weight: int = 1,
+        nbytes: int = 0,
+        seq_bearing: bool = False,
+    ) -> asyncio.Future[Any]:
+        if self._closed:
+            raise StoreClosedError("the store is closed")
+        if write and (
+            self._pending_writes + 1 > self.cfg.max_pending_writes
+            or self._pending_bytes + nbytes > self.cfg.max_pending_bytes
+        ):
+            raise StoreBackloggedError(
+                f"{self._pending_writes} writes ({self._pending_bytes} bytes) are waiting for "
+                "the database; not accepting more until they are durable"
+            )
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def on_done(exc: BaseException | None) -> None:
+            if write:
+                self._pending_writes -= 1
+                self._pending_bytes -= nbytes
+            if exc is not None and seq_bearing:
+                # The counter moved on at submit; the database did not. Resync before reuse.
+                self._seq_dirty = True
+
+        job = Job(
+            fn=fn,
+            future=fut,
+            write=write,
+            ordered=ordered,
+            weight=weight,
+            nbytes=nbytes,
+            on_done=on_done,
+        )
+        self._worker.submit(job)
+        if write:
+            self._pending_writes += 1
+            self._pending_bytes += nbytes
+        return fut
+
+    def _dispatch_alert(self, alert: StoreAlert) -> None:
+        self.recent_alerts.append(alert)
+        level = _ALERT_LEVELS.get(alert.kind.value, logging.ERROR)
+        logger.log(level, "store alert %s: %s", alert.kind.value, alert.detail)
+        if self._on_alert is not None:
+            try:
+                self._on_alert(alert)
+            except Exception:  # a faulty alert consumer must not break the store
+                logger.exception("store alert callback failed")
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not 1 <= len(key) <= 128:
+        raise ValueError("kv keys are 1..128 characters")
+    if key.startswith(dbmod.RESERVED_KV_PREFIX):
+        raise ValueError(f"kv keys starting with {dbmod.RESERVED_KV_PREFIX!r} are reserved")
+
+
+__all__ = ["KEEP", "Keep", "Store", "StoreError"]
