@@ -13,7 +13,10 @@ from pydantic import Field, ValidationError, model_validator
 
 from agent.domain.config import CabinetDomainConfig
 from agent.mqtt.config import MqttConfig
+from agent.store.config import StoreConfig
+from drivers.badge.config import BadgeReaderConfig
 from drivers.config import READER_ID_PATTERN, StrictModel
+from drivers.door import DoorConfig
 from drivers.registry import READER_TYPES, ReaderConfig
 
 EX_CONFIG = 78  # sysexits.h EX_CONFIG
@@ -35,6 +38,9 @@ class AgentConfig(StrictModel):
     readers: list[ReaderConfig] = Field(min_length=1)
     mqtt: MqttConfig | None = None
     domain: CabinetDomainConfig = CabinetDomainConfig()
+    store: StoreConfig = StoreConfig()
+    badge_readers: list[BadgeReaderConfig] = Field(default_factory=list)
+    door: DoorConfig | None = None
 
     @model_validator(mode="after")
     def _reader_ids_unique(self) -> AgentConfig:
@@ -42,6 +48,19 @@ class AgentConfig(StrictModel):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"reader ids must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _badge_and_door_wiring(self) -> AgentConfig:
+        reader_ids = {r.id for r in self.readers}
+        badge_ids = [b.id for b in self.badge_readers]
+        clash = sorted({i for i in badge_ids if badge_ids.count(i) > 1 or i in reader_ids})
+        if clash:
+            raise ValueError(
+                f"badge reader ids must be unique among all readers: {', '.join(clash)}"
+            )
+        if self.door is not None and self.door.reader not in reader_ids:
+            raise ValueError(f"door.reader {self.door.reader!r} is not a configured reader id")
         return self
 
 

@@ -9,6 +9,7 @@ import sys
 # Each module exposes register(subparsers) and sets `func` (args -> int) on its parser.
 SIMULATOR_MODULES = [
     "simulators.llrp.cli",
+    "simulators.badge_cli",
 ]
 
 

@@ -1,0 +1,171 @@
+"""Badge reader driver: a serial URL, a sans-IO codec, and the pseudonymizer at the seam.
+
+The raw card number lives only between the codec's ``RawBadge`` and the
+``pseudonymize()`` call; what leaves this module is a :class:`BadgeRead` with a pseudonym.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
+
+from drivers.backoff import Backoff
+from drivers.badge.codec import CodecStats, RawBadge, make_codec
+from drivers.badge.config import BadgeReaderConfig
+from drivers.errors import TransientError
+from drivers.serialio import SerialConnection
+from drivers.types import BadgeRead, Clock, ReaderHealth, ReaderState, SystemClock
+
+logger = logging.getLogger(__name__)
+
+Pseudonymize = Callable[[str], str]
+
+
+@runtime_checkable
+class BadgeSink(Protocol):
+    """Where a badge reader delivers what it observed. Awaiting gives back-pressure."""
+
+    async def badge_read(self, read: BadgeRead) -> None: ...
+
+    async def badge_reader_health(self, health: ReaderHealth) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BadgeReaderStats:
+    """Counters since the driver was built (codec counters plus the driver's own)."""
+
+    frames: int
+    dropped_bytes: int
+    bad_checksums: int
+    rejected_lines: int
+    overlong_lines: int
+    reads: int  # BadgeReads delivered to the sink
+    repeats_suppressed: int  # frames of a card still held within repeat_interval_s
+    pseudonymizer_failures: int
+    connects: int
+
+
+class BadgeReader:
+    """One badge reader on a serial URL; ``run()`` keeps it connected until cancelled."""
+
+    def __init__(
+        self,
+        cfg: BadgeReaderConfig,
+        sink: BadgeSink,
+        pseudonymize: Pseudonymize,
+        *,
+        clock: Clock | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self._sink = sink
+        self._pseudonymize = pseudonymize
+        self._clock: Clock = clock or SystemClock()
+        self._backoff = backoff or Backoff(initial_s=cfg.backoff.initial_s, max_s=cfg.backoff.max_s)
+        self._codec = make_codec(cfg.protocol, cfg.pattern, cfg.max_line)
+        self._health = ReaderHealth(cfg.id, ReaderState.STOPPED, self._clock.now())
+        self._session = 0
+        self._reads = 0
+        self._suppressed = 0
+        self._pseudonymizer_failures = 0
+        # Only the last delivered pseudonym is remembered: a reader sees one card at a time.
+        self._last_pseudonym: str | None = None
+        self._last_at = 0.0
+
+    @property
+    def reader_id(self) -> str:
+        return self._cfg.id
+
+    @property
+    def health(self) -> ReaderHealth:
+        return self._health
+
+    @property
+    def stats(self) -> BadgeReaderStats:
+        c: CodecStats = self._codec.stats
+        return BadgeReaderStats(
+            frames=c.frames,
+            dropped_bytes=c.dropped_bytes,
+            bad_checksums=c.bad_checksums,
+            rejected_lines=c.rejected_lines,
+            overlong_lines=c.overlong_lines,
+            reads=self._reads,
+            repeats_suppressed=self._suppressed,
+            pseudonymizer_failures=self._pseudonymizer_failures,
+            connects=self._session,
+        )
+
+    async def run(self) -> None:
+        """Connect, read badges, reconnect with jittered backoff; until cancelled."""
+        target = self._cfg.target()
+        try:
+            while True:
+                if self._health.state == ReaderState.STOPPED:
+                    await self._set_health(ReaderState.CONNECTING, "")
+                try:
+                    conn = await SerialConnection.open(target, self._cfg.open_timeout_s)
+                except TransientError as err:
+                    await self._set_health(ReaderState.OFFLINE, str(err))
+                    await self._pause()
+                    continue
+                self._session += 1
+                self._codec.reset()
+                self._backoff.reset()
+                logger.info("badge reader %s: connected to %s", self.reader_id, target.url)
+                try:
+                    await self._set_health(ReaderState.ONLINE, "")
+                    await self._pump(conn)
+                except TransientError as err:
+                    await self._set_health(ReaderState.OFFLINE, str(err))
+                finally:
+                    await conn.close()
+                await self._pause()
+        except asyncio.CancelledError:
+            # No sink call here: a full queue must not block shutdown.
+            self._health = replace(
+                self._health, state=ReaderState.STOPPED, at=self._clock.now(), detail="stopped"
+            )
+            raise
+
+    async def _pump(self, conn: SerialConnection) -> None:
+        while True:
+            data = await conn.read()
+            for raw in self._codec.feed(data):
+                await self._deliver(raw)
+
+    async def _deliver(self, raw: RawBadge) -> None:
+        try:
+            pseudonym = self._pseudonymize(raw.reveal())
+        except Exception as err:  # noqa: BLE001  the message may quote the raw id: type only
+            self._pseudonymizer_failures += 1
+            logger.error(
+                "badge reader %s: pseudonymizer failed (%s); read dropped",
+                self.reader_id,
+                type(err).__name__,
+            )
+            return
+        now = self._clock.monotonic()
+        if pseudonym == self._last_pseudonym and now - self._last_at < self._cfg.repeat_interval_s:
+            self._suppressed += 1
+            return
+        self._last_pseudonym = pseudonym
+        self._last_at = now
+        self._reads += 1
+        logger.debug("badge reader %s: badge read", self.reader_id)
+        await self._sink.badge_read(BadgeRead(self.reader_id, pseudonym, self._clock.now()))
+
+    async def _pause(self) -> None:
+        await asyncio.sleep(self._backoff.next_delay())
+
+    async def _set_health(self, state: ReaderState, detail: str) -> None:
+        if state == self._health.state and detail == self._health.detail:
+            return
+        if state == ReaderState.OFFLINE:
+            logger.warning("badge reader %s offline: %s", self.reader_id, detail)
+        self._health = ReaderHealth(
+            self.reader_id, state, self._clock.now(), detail=detail, session=self._session
+        )
+        await self._sink.badge_reader_health(self._health)
