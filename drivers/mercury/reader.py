@@ -1,0 +1,369 @@
+"""Mercury serial reader driver: the codec plus a thin asyncio transport over serialio.
+
+One session = one open device: stop any stream left running, boot the application if
+the module sits in its bootloader, set region / protocol / antennas / power, then stream
+tags while asked to. Any error, a lost device or a silent link ends the session; the
+driver then waits a jittered backoff and opens the device again, until cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import replace
+
+from drivers.backoff import Backoff
+from drivers.errors import PermanentError, TransientError
+from drivers.mercury import codec
+from drivers.mercury.codec import (
+    Command,
+    DecoderStats,
+    MalformedMessage,
+    Opcode,
+    Response,
+    ResponseDecoder,
+    Status,
+    StreamStatus,
+    VersionInfo,
+)
+from drivers.mercury.config import MercuryReaderConfig
+from drivers.serialio import SerialConnection, SerialTarget
+from drivers.types import Clock, ReaderHealth, ReaderSink, ReaderState, SystemClock, TagRead
+
+logger = logging.getLogger(__name__)
+
+GPIO_PINS = range(1, 5)  # M6e and M6e Nano: four user GPIO lines
+_DETAIL_MAX = 120
+
+
+class MercuryReader:
+    """A ThingMagic/JADAK Mercury module (M6e, M6e Nano, M6e Micro) on a serial URL."""
+
+    def __init__(
+        self,
+        cfg: MercuryReaderConfig,
+        sink: ReaderSink,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self._sink = sink
+        self._clock: Clock = clock or SystemClock()
+        self._target = SerialTarget.parse(cfg.url)
+        self._backoff = Backoff(
+            initial_s=cfg.backoff.initial_s, max_s=cfg.backoff.max_s, rng=rng or random.Random()
+        )
+        self._session = 0
+        self._health = ReaderHealth(
+            cfg.id, ReaderState.STOPPED, self._clock.now(), detail="not started"
+        )
+        self._want_inventory = False
+        self._inventorying = False
+        self._online = False
+        self._wake = asyncio.Event()
+        self._conn: SerialConnection | None = None
+        self._decoder = ResponseDecoder()
+        self._stats_before = DecoderStats()
+        self._pending: dict[int, asyncio.Future[Response]] = {}
+        self._cmd_lock = asyncio.Lock()
+        self._last_rx = 0.0
+        self._delivering = False
+        self._gpio_outputs: set[int] = set()
+        self._antennas_connected: frozenset[int] | None = None
+        self.version: VersionInfo | None = None
+        self.tag_records = 0
+        self.malformed_records = 0
+        self.epc_crc_mismatches = 0
+        self.unexpected_frames = 0
+
+    # --- ReaderDriver -------------------------------------------------------------------
+
+    @property
+    def reader_id(self) -> str:
+        return self._cfg.id
+
+    @property
+    def health(self) -> ReaderHealth:
+        return self._health
+
+    @property
+    def link_stats(self) -> DecoderStats:
+        """Frames, dropped bytes and bad CRCs over every session so far."""
+        now, before = self._decoder.stats, self._stats_before
+        return DecoderStats(
+            frames=before.frames + now.frames,
+            dropped_bytes=before.dropped_bytes + now.dropped_bytes,
+            bad_crc=before.bad_crc + now.bad_crc,
+            oversize=before.oversize + now.oversize,
+        )
+
+    async def run(self) -> None:
+        """Connect and keep connected, reconnecting with backoff, until cancelled."""
+        try:
+            while True:
+                self._session += 1
+                await self._publish(ReaderState.CONNECTING, f"opening {self._target.url}")
+                try:
+                    await self._run_session()
+                except PermanentError as err:
+                    delay = self._backoff.longest()
+                    logger.error("%s: %s; retrying in %.1fs", self.reader_id, err, delay)
+                    reason = str(err)
+                except TransientError as err:
+                    delay = self._backoff.next_delay()
+                    logger.warning("%s: %s; retrying in %.1fs", self.reader_id, err, delay)
+                    reason = str(err)
+                await self._publish(ReaderState.OFFLINE, reason)
+                await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            self._health = replace(
+                self._health, state=ReaderState.STOPPED, at=self._clock.now(), detail="stopped"
+            )
+            # Best effort: a sink nobody drains must not hang shutdown.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._sink.reader_health(self._health)
+            raise
+
+    async def start_inventory(self) -> None:
+        """Begin (or keep) continuous reading; applied as soon as the module is online."""
+        self._want_inventory = True
+        self._wake.set()
+
+    async def stop_inventory(self) -> None:
+        """Stop continuous reading; the connection stays up."""
+        self._want_inventory = False
+        self._wake.set()
+
+    async def set_gpo(self, port: int, high: bool) -> None:
+        """Drive a user GPIO line (0x96: direction once per session, then level)."""
+        if port not in GPIO_PINS:
+            raise PermanentError(f"Mercury modules have GPIO 1..4, not {port}")
+        if not self._online:
+            raise TransientError(f"{self.reader_id} is not online")
+        if port not in self._gpio_outputs:
+            # option 1 = set direction: pin, output, initial level
+            await self._command(
+                Command(Opcode.SET_USER_GPIO_OUTPUTS, bytes((1, port, 1, 1 if high else 0)))
+            )
+            self._gpio_outputs.add(port)
+        await self._command(codec.set_gpo(port, high))
+
+    # --- session ------------------------------------------------------------------------
+
+    async def _run_session(self) -> None:
+        conn = await SerialConnection.open(self._target, timeout_s=self._cfg.connect_timeout_s)
+        self._decoder = ResponseDecoder()
+        self._last_rx = self._clock.monotonic()
+        self._gpio_outputs.clear()
+        rx = asyncio.create_task(self._rx_loop(conn), name=f"mercury-rx:{self.reader_id}")
+        ctl = asyncio.create_task(self._control(conn), name=f"mercury-ctl:{self.reader_id}")
+        try:
+            done, _ = await asyncio.wait({rx, ctl}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (rx, ctl):
+                if task in done:
+                    task.result()
+            raise TransientError("session ended")  # both loops run forever; unreachable
+        finally:
+            was_reading = self._inventorying
+            self._online = False
+            self._inventorying = False
+            self._conn = None
+            for task in (rx, ctl):
+                task.cancel()
+            await asyncio.gather(rx, ctl, return_exceptions=True)
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(TransientError("connection closed"))
+            self._pending.clear()
+            if was_reading:
+                # Leave the module quiet for whoever opens it next (best effort).
+                with contextlib.suppress(TransientError, TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await conn.write(codec.encode(codec.stop_continuous_read()))
+            self._stats_before = self.link_stats
+            self._decoder = ResponseDecoder()
+            await conn.close()
+
+    async def _control(self, conn: SerialConnection) -> None:
+        self._conn = conn
+        await self._configure()
+        self._online = True
+        self._backoff.reset()
+        info = self.version
+        detail = f"{info.model} fw {info.firmware}" if info else "online"
+        await self._publish(ReaderState.ONLINE, detail)
+        cfg = self._cfg
+        tick = min(cfg.keepalive_s, cfg.watchdog_s / 4)
+        while True:
+            self._wake.clear()
+            if self._want_inventory and not self._inventorying:
+                await self._command(
+                    codec.start_continuous_read(cycle_timeout_ms=cfg.cycle_timeout_ms)
+                )
+                self._inventorying = True
+                self._last_rx = self._clock.monotonic()
+                await self._publish(ReaderState.INVENTORYING, "continuous read")
+                continue
+            if not self._want_inventory and self._inventorying:
+                # The module finishes its search cycle first: allow for it.
+                await self._command(
+                    codec.stop_continuous_read(),
+                    timeout_s=cfg.command_timeout_s + cfg.cycle_timeout_ms / 1000,
+                )
+                self._inventorying = False
+                await self._publish(ReaderState.ONLINE, "idle")
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(tick):
+                    await self._wake.wait()
+            if self._delivering:
+                continue  # the sink is holding us up, not the module
+            quiet = self._clock.monotonic() - self._last_rx
+            if self._inventorying:
+                if quiet > cfg.watchdog_s:
+                    raise TransientError(f"no data for {quiet:.1f}s while reading")
+            elif quiet >= cfg.keepalive_s:
+                await self._command(codec.version())
+
+    async def _configure(self) -> None:
+        cfg = self._cfg
+        # A module left streaming by an earlier session would bury the answers: stop it.
+        # In the bootloader this is an invalid opcode; a silent module fails just below.
+        with contextlib.suppress(TransientError, PermanentError):
+            await self._command(
+                codec.stop_continuous_read(),
+                timeout_s=cfg.command_timeout_s + cfg.cycle_timeout_ms / 1000,
+                allow=(Status.INVALID_OPCODE,),
+            )
+        info = codec.parse_version((await self._command(codec.version())).data)
+        program = await self._command(codec.get_current_program())
+        if codec.parse_current_program(program.data):
+            logger.info("%s: module in bootloader, starting the application", self.reader_id)
+            await self._command(codec.boot_firmware(), timeout_s=cfg.boot_timeout_s)
+            info = codec.parse_version((await self._command(codec.version())).data)
+        self.version = info
+        if not info.supports_gen2:
+            raise PermanentError(f"{info.model} does not list EPC Gen2 among its protocols")
+        await self._command(codec.set_region(cfg.region_code))
+        region = codec.parse_region((await self._command(codec.get_region())).data)
+        if region != cfg.region_code:
+            raise PermanentError(f"module kept region 0x{region:02X} instead of {cfg.region}")
+        await self._command(codec.set_tag_protocol())
+        await self._command(codec.set_antenna_search_list(cfg.antennas))
+        if cfg.read_power_dbm is not None:
+            await self._command(codec.set_read_power(cfg.read_power_dbm))
+        self._antennas_connected = None
+        if cfg.detect_antennas:
+            answer = await self._command(codec.antenna_detect())
+            detected = codec.parse_antenna_detect(answer.data)
+            self._antennas_connected = frozenset(p for p, ok in detected.items() if ok)
+        logger.info(
+            "%s: %s fw %s, region %s, antennas %s",
+            self.reader_id,
+            info.model,
+            info.firmware,
+            cfg.region,
+            cfg.antennas,
+        )
+
+    async def _command(
+        self, cmd: Command, *, timeout_s: float | None = None, allow: tuple[int, ...] = ()
+    ) -> Response:
+        """Send one command and wait for the answer with the same opcode."""
+        conn = self._conn
+        if conn is None:
+            raise TransientError(f"{self.reader_id} is not connected")
+        wait = timeout_s if timeout_s is not None else self._cfg.command_timeout_s
+        async with self._cmd_lock:
+            fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+            self._pending[cmd.opcode] = fut
+            try:
+                await conn.write(codec.encode(cmd))
+                try:
+                    async with asyncio.timeout(wait):
+                        resp = await fut
+                except TimeoutError:
+                    raise TransientError(
+                        f"no answer to opcode 0x{cmd.opcode:02X} within {wait:g}s"
+                    ) from None
+            finally:
+                if self._pending.get(cmd.opcode) is fut:
+                    del self._pending[cmd.opcode]
+        return codec.check(resp, allow=allow)
+
+    async def _rx_loop(self, conn: SerialConnection) -> None:
+        decoder = self._decoder
+        while True:
+            chunk = await conn.read()
+            frames = decoder.feed(chunk)
+            if not frames:
+                continue
+            self._last_rx = self._clock.monotonic()
+            reads: list[TagRead] = []
+            for frame in frames:
+                if frame.opcode == Opcode.READ_TAG_ID_MULTIPLE:
+                    self._on_stream(frame, reads)
+                    continue
+                fut = self._pending.pop(frame.opcode, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(frame)
+                else:
+                    self.unexpected_frames += 1
+                    logger.debug("%s: unsolicited opcode 0x%02X", self.reader_id, frame.opcode)
+            if reads:
+                self._delivering = True
+                try:
+                    await self._sink.tag_reads(reads)
+                finally:
+                    self._delivering = False
+                    self._last_rx = self._clock.monotonic()
+
+    def _on_stream(self, frame: Response, reads: list[TagRead]) -> None:
+        try:
+            event = codec.parse_stream(frame)
+        except MalformedMessage as err:
+            self.malformed_records += 1
+            if self.malformed_records == 1:
+                logger.warning("%s: skipping tag record: %s", self.reader_id, err)
+            return
+        if isinstance(event, StreamStatus):
+            if event.status not in (Status.OK, Status.NO_TAGS_FOUND):
+                logger.warning(
+                    "%s: module reports 0x%04X (%s)",
+                    self.reader_id,
+                    event.status,
+                    codec.status_text(event.status),
+                )
+            return
+        self.tag_records += 1
+        if not event.epc_crc_ok:
+            self.epc_crc_mismatches += 1
+        antenna = event.antenna or self._cfg.antennas[0]
+        reads.append(
+            TagRead(
+                reader_id=self.reader_id,
+                epc=event.epc.hex(),
+                antenna=antenna,
+                peak_rssi_dbm=float(event.rssi_dbm) if event.rssi_dbm is not None else None,
+                first_seen=self._clock.now(),
+                seen_count=max(1, event.read_count),
+            )
+        )
+
+    async def _publish(self, state: ReaderState, detail: str) -> None:
+        healthy = state in (ReaderState.ONLINE, ReaderState.INVENTORYING)
+        if len(detail) > _DETAIL_MAX:
+            detail = detail[: _DETAIL_MAX - 1] + "…"
+        self._health = ReaderHealth(
+            reader_id=self.reader_id,
+            state=state,
+            at=self._clock.now(),
+            detail=detail,
+            antennas_connected=self._antennas_connected if healthy else None,
+            session=self._session,
+        )
+        await self._sink.reader_health(self._health)
