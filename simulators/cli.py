@@ -10,6 +10,7 @@ import sys
 SIMULATOR_MODULES = [
     "simulators.llrp.cli",
     "simulators.badge_cli",
+    "simulators.mercury.cli",
 ]
 
 
