@@ -1,0 +1,365 @@
+"""State store basics on real SQLite files: sequence, outbox, baseline, session, kv, loop health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from agent.privacy.envelope import EnvelopeHeader, Sealer
+from agent.privacy.pseudonym import Pseudonymizer
+from agent.store import (
+    KEEP,
+    AlertKind,
+    BaselineEntry,
+    OutboxRow,
+    SeqConflictError,
+    Store,
+    StoreAlert,
+    StoreClosedError,
+    StoreConfig,
+)
+from agent.store.worker import Worker
+from tests.pii import assert_no_raw_ids, find_raw_ids
+from tests.store_helpers import T0, FakeClock, db_files, next_rows, rows_from
+
+
+def cfg(tmp_path: Path, **kw: object) -> StoreConfig:
+    return StoreConfig(path=tmp_path / "state.db", **kw)  # type: ignore[arg-type]
+
+
+async def test_fresh_store_starts_at_seq_1_with_wal_and_schema(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    try:
+        assert await store.next_seq() == 1
+        stats = await store.stats()
+        assert (stats.depth, stats.bytes, stats.dead, stats.next_seq) == (0, 0, 0, 1)
+    finally:
+        await store.close()
+    conn = sqlite3.connect(tmp_path / "state.db")
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 1
+    finally:
+        conn.close()
+    assert (tmp_path / "state.db").stat().st_mode & 0o077 == 0
+
+
+async def test_commit_cycle_is_visible_after_reopen(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    rows = next_rows(store, 3)
+    baseline = {
+        "e200001": BaselineEntry("drawer-1", T0),
+        "e200002": BaselineEntry("drawer-2", T0 + timedelta(seconds=1)),
+    }
+    await store.commit_cycle(rows, baseline, b'{"holders":["p1.s1.abc"]}')
+    await store.close()
+
+    store = await Store.open(cfg(tmp_path))
+    try:
+        assert await store.next_seq() == 4
+        assert await store.load_baseline() == baseline
+        assert await store.load_session() == b'{"holders":["p1.s1.abc"]}'
+        got = await store.peek(10)
+        assert got == rows
+        # baseline None keeps it, session None clears it, KEEP keeps it.
+        await store.commit_cycle(next_rows(store, 1), None, KEEP)
+        assert await store.load_session() == b'{"holders":["p1.s1.abc"]}'
+        await store.commit_cycle([], None, None)
+        assert await store.load_session() is None
+        assert await store.load_baseline() == baseline
+        await store.commit_cycle([], {}, None)
+        assert await store.load_baseline() == {}
+        await store.save_session(b"door-open")
+        assert await store.load_session() == b"door-open"
+    finally:
+        await store.close()
+
+
+async def test_rows_must_continue_the_sequence(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    try:
+        await store.append_events(next_rows(store, 2))
+        with pytest.raises(SeqConflictError) as info:
+            await store.append_events(rows_from(2, 1))
+        assert (info.value.expected, info.value.got) == (3, 2)
+        with pytest.raises(SeqConflictError):
+            await store.commit_cycle(rows_from(3, 1) + rows_from(5, 1), None)  # hole
+        row = rows_from(3, 1)[0]
+        with pytest.raises(ValueError, match="repeat"):
+            await store.append_events([row, OutboxRow(4, row.event_id, 0, "x", T0, b"e")])
+        # Nothing above consumed a seq.
+        assert await store.next_seq() == 3
+        await store.append_events(next_rows(store, 1))
+        assert [r.seq for r in await store.peek(10)] == [1, 2, 3]
+    finally:
+        await store.close()
+
+
+async def test_a_failed_write_resyncs_the_sequence(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    try:
+        first = next_rows(store, 1)
+        await store.append_events(first)
+        # Same event id as a committed row: the database refuses it inside the transaction.
+        dup = OutboxRow(2, first[0].event_id, 0, "item.returned", T0, b"sealed")
+        with pytest.raises(Exception, match="UNIQUE"):
+            await store.append_events([dup])
+        with pytest.raises(SeqConflictError):
+            store.next_seq_nowait()
+        assert await store.next_seq() == 2  # resynced from the database
+        await store.append_events(next_rows(store, 1))
+        assert [r.seq for r in await store.peek(10)] == [1, 2]
+    finally:
+        await store.close()
+
+
+async def test_peek_ack_semantics(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    try:
+        await store.append_events(next_rows(store, 10))
+        assert [r.seq for r in await store.peek(3)] == [1, 2, 3]
+        assert [r.seq for r in await store.peek(3, exclude={1, 2, 3})] == [4, 5, 6]
+        assert [r.seq for r in await store.peek(3, after_seq=7)] == [8, 9, 10]
+        assert [r.seq for r in await store.peek(2, live_first=True)] == [10, 9]
+        assert await store.ack([2, 4, 4, 99]) == 2  # only rows that exist are counted
+        assert [r.seq for r in await store.peek(4)] == [1, 3, 5, 6]
+        assert await store.ack([]) == 0
+        stats = await store.stats()
+        assert stats.depth == 8
+        assert stats.bytes == 8 * 64
+        with pytest.raises(ValueError):
+            await store.peek(0)
+    finally:
+        await store.close()
+
+
+async def test_dead_lettering_after_n_failures(tmp_path: Path) -> None:
+    alerts: list[StoreAlert] = []
+    store = await Store.open(cfg(tmp_path, dead_letter_after=3), on_alert=alerts.append)
+    try:
+        await store.append_events(next_rows(store, 2))
+        assert await store.mark_failed(1, "broker refused: payload too large") is False
+        assert await store.mark_failed(1, "again") is False
+        assert (await store.peek(1))[0].attempts == 2
+        assert await store.mark_failed(1, "third time") is True
+        assert await store.mark_failed(1, "already dead") is False
+        assert await store.mark_failed(77, "no such row") is False
+        assert [r.seq for r in await store.peek(10)] == [2]  # kept, but not delivered
+        stats = await store.stats()
+        assert (stats.depth, stats.dead) == (1, 1)
+        dead = [a for a in alerts if a.kind is AlertKind.DEAD_LETTERED]
+        assert len(dead) == 1
+        assert dead[0].seqs == (1,)
+        assert await store.revive_dead() == 1
+        assert [r.seq for r in await store.peek(10)] == [1, 2]
+    finally:
+        await store.close()
+
+
+async def test_kv_roundtrip_and_reserved_keys(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    try:
+        assert await store.kv_get("allow-list") is None
+        await store.kv_put("allow-list", b'{"version":7}')
+        await store.kv_put("allow-list.version", b"7")
+        assert await store.kv_get("allow-list") == b'{"version":7}'
+        await store.kv_put("allow-list", None)
+        assert await store.kv_get("allow-list") is None
+        with pytest.raises(ValueError, match="reserved"):
+            await store.kv_put("store.audit_head", b"x")
+        with pytest.raises(ValueError):
+            await store.kv_get("")
+    finally:
+        await store.close()
+    store = await Store.open(cfg(tmp_path))
+    try:
+        assert await store.kv_get("allow-list.version") == b"7"
+    finally:
+        await store.close()
+
+
+async def test_group_commit_batches_concurrent_appends(tmp_path: Path) -> None:
+    n = 300
+    store = await Store.open(cfg(tmp_path))
+    try:
+        # Single writer per call, but all submitted before any commit finishes.
+        futs = []
+        for _ in range(n):
+            futs.append(store.submit_events(next_rows(store, 1)))
+        await asyncio.wait_for(asyncio.gather(*futs), 60)
+        batched = (await store.stats()).transactions
+        assert [r.seq for r in await store.peek(n)] == list(range(1, n + 1))
+    finally:
+        await store.close()
+    assert 1 <= batched <= n // 3 + 1, batched
+
+    # The same load with group commit disabled costs one transaction per row.
+    single = await Store.open(cfg(tmp_path / "single", group_commit_max_rows=1))
+    try:
+        futs = [single.submit_events(next_rows(single, 1)) for _ in range(n)]
+        await asyncio.wait_for(asyncio.gather(*futs), 120)
+        assert (await single.stats()).transactions == n
+    finally:
+        await single.close()
+
+
+async def test_concurrent_tasks_appending_group_commit(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    try:
+
+        async def writer() -> None:
+            for _ in range(10):
+                # next_seq_nowait + submit happen without an await in between: one writer
+                # at a time from the loop's point of view.
+                await store.append_events(next_rows(store, 1, priority=1))
+
+        async with asyncio.TaskGroup() as tg:
+            for i in range(20):
+                tg.create_task(writer(), name=f"writer-{i}")
+        stats = await store.stats()
+        assert stats.depth == 200
+        assert stats.transactions < 200
+        seqs = [r.seq for r in await store.peek(500)]
+        assert seqs == list(range(1, 201))
+    finally:
+        await store.close()
+
+
+async def test_loop_keeps_running_during_a_big_commit(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    try:
+        rows = next_rows(store, 5000, size=512)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(ticker(), name="ticker")
+            await asyncio.sleep(0)
+            before = ticks
+            await asyncio.wait_for(store.commit_cycle(rows, {"e1": BaselineEntry("d", T0)}), 120)
+            during = ticks - before
+            stop.set()
+        assert (await store.stats()).depth == 5000
+    finally:
+        await store.close()
+    # A commit on the loop would leave no room for the ticker at all.
+    assert during >= 10, during
+
+
+async def test_cancelled_waiter_does_not_cancel_the_write(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    try:
+        task = asyncio.create_task(store.append_events(next_rows(store, 1)), name="append")
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await store.next_seq() == 2
+        rows = await store.peek(5)  # queued behind the write: it is committed by now
+        assert [r.seq for r in rows] == [1]
+    finally:
+        await store.close()
+
+
+async def test_closed_store_refuses_work(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    await store.close()
+    await store.close()  # idempotent
+    with pytest.raises(StoreClosedError):
+        await store.append_events(rows_from(1, 1))
+    with pytest.raises(StoreClosedError):
+        await store.kv_get("x")
+
+
+async def test_close_flushes_accepted_writes(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    futs = [store.submit_events(next_rows(store, 1)) for _ in range(50)]
+    await store.close()
+    assert all(f.done() and f.exception() is None for f in futs)
+    store = await Store.open(cfg(tmp_path))
+    try:
+        assert await store.next_seq() == 51
+    finally:
+        await store.close()
+
+
+async def test_worker_thread_is_the_only_sqlite_user(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    try:
+        worker = store._worker
+        assert isinstance(worker, Worker)
+        assert worker.is_alive()
+        assert worker.name.startswith("store-db:")
+    finally:
+        await store.close()
+    assert not worker.is_alive()
+
+
+async def test_no_raw_badge_ids_on_disk(tmp_path: Path) -> None:
+    raw_ids = ["0012AB34CD", "4000123456", "7A0B1C2D3E"]
+    pseudo = Pseudonymizer("hangar-3", "s1", bytes(range(32)))
+    backend = X25519PrivateKey.generate()
+    sealer = Sealer(backend.public_key(), "k1")
+    clock = FakeClock()
+    store = await Store.open(cfg(tmp_path), clock=clock)
+    try:
+        for raw in raw_ids:
+            holder = pseudo.badge(raw)
+            first = store.next_seq_nowait()
+            rows = []
+            for i in range(3):
+                event_id = uuid.uuid4()
+                header = EnvelopeHeader("k1", "crib-07", first + i, event_id)
+                body = json.dumps({"by": holder, "epc": f"e2000{i}", "at": T0.isoformat()})
+                rows.append(
+                    OutboxRow(
+                        first + i,
+                        event_id,
+                        0,
+                        "item.checked_out",
+                        datetime.now(UTC),
+                        sealer.seal(header, body.encode()),
+                    )
+                )
+            session = json.dumps({"holders": [holder], "opened": T0.isoformat()}).encode()
+            await store.commit_cycle(rows, {"e20001": BaselineEntry("d1", T0)}, session)
+            await store.audit_append(holder, "door.unlock", {"door": "main"})
+            await store.audit_append("cli:uid=1000", "allowlist.show", {"entries": 3})
+        files = db_files(tmp_path)
+        assert any(p.name == "state.db-wal" for p in files)
+        assert_no_raw_ids(files, raw_ids)
+    finally:
+        await store.close()
+    assert_no_raw_ids(db_files(tmp_path), raw_ids)
+
+
+async def test_pii_helper_finds_what_it_must(tmp_path: Path) -> None:
+    """The scanner itself works: a raw id written in clear, as UTF-16 or as binary is found."""
+    store = await Store.open(cfg(tmp_path))
+    try:
+        await store.kv_put("careless-1", b"badge=0012ab34cd")
+        await store.kv_put("careless-2", "7A0B1C2D3E".encode("utf-16-le"))
+        await store.kv_put("careless-3", bytes.fromhex("DEADBEEF01"))
+    finally:
+        await store.close()
+    files = db_files(tmp_path)
+    hits = find_raw_ids(files, ["0012AB34CD", "7A0B1C2D3E", "DEADBEEF01", "99999999999"])
+    assert any("raw id #0 as utf-8 lower" in h for h in hits)
+    assert any("raw id #1 as utf-16-le" in h for h in hits)
+    assert any("raw id #2 as binary of hex id" in h for h in hits)
+    assert not any("raw id #3" in h for h in hits)
+    with pytest.raises(AssertionError, match="raw badge ids found"):
+        assert_no_raw_ids(files, ["0012AB34CD"])
