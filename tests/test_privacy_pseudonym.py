@@ -8,6 +8,7 @@ import hmac
 import logging
 import os
 import re
+import struct
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,50 @@ def test_key_file_symlink_is_refused(tmp_path: Path) -> None:
     link.symlink_to(real)
     with pytest.raises(KeyFileError, match="cannot open"):
         load_site_key(link)
+
+
+def _set_acl(path: Path, *entries: tuple[int, int, int]) -> None:
+    """Write a POSIX access ACL xattr (what setfacl does), mask = union of named entries."""
+    nobody = 0xFFFFFFFF
+    named = [e for e in entries if e[0] in (0x02, 0x08)]
+    mask = 0
+    for _, perm, _ in named:
+        mask |= perm
+    full = [(0x01, 0o4, nobody), *entries, (0x10, mask, nobody), (0x20, 0, nobody)]
+    full.sort(key=lambda e: (e[0], e[2]))
+    data = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in full)
+    os.setxattr(path, "system.posix_acl_access", data)
+
+
+def test_systemd_credential_acl_for_this_user_is_accepted(tmp_path: Path) -> None:
+    """LoadCredential= writes 0400 + user:<service>:r; the mode then reads 0440."""
+    path = tmp_path / "site.key"
+    write_site_key(path, "s1", KEY)
+    os.chmod(path, 0o400)
+    _set_acl(path, (0x02, 0o4, os.geteuid()), (0x04, 0, 0xFFFFFFFF))
+    assert path.stat().st_mode & 0o777 == 0o440
+    assert load_site_key(path) == ("s1", KEY)
+
+
+@pytest.mark.parametrize(
+    ("entry", "who"),
+    [
+        ((0x02, 0o4, 4242), "user 4242"),
+        ((0x08, 0o4, 4343), "group 4343"),
+        ((0x04, 0o4, 0xFFFFFFFF), "the owning group"),
+    ],
+)
+def test_acl_granting_anyone_else_is_refused(
+    tmp_path: Path, entry: tuple[int, int, int], who: str
+) -> None:
+    path = tmp_path / "site.key"
+    write_site_key(path, "s1", KEY)
+    os.chmod(path, 0o400)
+    # Always grant this user too, so the mask is r and only the entry under test leaks.
+    base = [(0x02, 0o4, os.geteuid())]
+    if entry[0] != 0x04:
+        base.append((0x04, 0, 0xFFFFFFFF))
+    _set_acl(path, entry, *base)
+    with pytest.raises(KeyFileError, match=who) as info:
+        load_site_key(path)
+    assert f"setfacl -b {path} && chmod 600 {path}" in str(info.value)

@@ -10,6 +10,7 @@ import binascii
 import os
 import re
 import stat
+import struct
 import tomllib
 from pathlib import Path
 from typing import Final
@@ -28,6 +29,14 @@ MAX_KEY_FILE_BYTES: Final = 4096
 KID_PATTERN: Final = r"[a-z0-9][a-z0-9_-]{0,15}"
 _KID_RE: Final = re.compile(KID_PATTERN)
 _KIND_RE: Final = re.compile(r"[a-z0-9-]{1,32}")
+# Linux POSIX ACL xattr layout (linux/posix_acl_xattr.h): u32 version, then (u16 tag, u16 perm,
+# u32 id) entries, little-endian.
+_ACL_VERSION: Final = 2
+_ACL_USER: Final = 0x02
+_ACL_GROUP_OBJ: Final = 0x04
+_ACL_GROUP: Final = 0x08
+_ACL_MASK: Final = 0x10
+_ACL_OTHER: Final = 0x20
 
 
 class KeyFileError(PermanentError):
@@ -96,12 +105,8 @@ def _read(path: Path, *, check_private: bool) -> str:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{path}: key file is not a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        if check_private and mode & 0o077:
-            raise KeyFileError(
-                f"{path}: key file mode is {mode:04o}, readable or writable by group/others; "
-                f"fix it with: chmod 600 {path}"
-            )
+        if check_private:
+            _check_private(fd, path, stat.S_IMODE(st.st_mode))
         raw = os.read(fd, MAX_KEY_FILE_BYTES + 1)
     finally:
         os.close(fd)
@@ -111,6 +116,52 @@ def _read(path: Path, *, check_private: bool) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise KeyFileError(f"{path}: key file is not UTF-8 text") from None
+
+
+def _check_private(fd: int, path: Path, mode: int) -> None:
+    """Refuse a secret file that anyone but its owner (or this process's user) may use."""
+    if not mode & 0o077:
+        return
+    acl = _access_acl(fd)
+    if acl is None:
+        raise KeyFileError(
+            f"{path}: key file mode is {mode:04o}, readable or writable by group/others; "
+            f"fix it with: chmod 600 {path}"
+        )
+    # With an access ACL the group bits are the ACL mask. systemd's LoadCredential= writes
+    # credentials root-owned 0400 plus "user:<service user>:r": that grants only us, so accept it.
+    leaks = _acl_leaks(acl, os.geteuid())
+    if leaks:
+        raise KeyFileError(
+            f"{path}: key file ACL grants access to {', '.join(leaks)}; "
+            f"fix it with: setfacl -b {path} && chmod 600 {path}"
+        )
+
+
+def _access_acl(fd: int) -> list[tuple[int, int, int]] | None:
+    """The file's POSIX access ACL entries (tag, perm, id), or None if it has none."""
+    try:
+        raw = os.getxattr(fd, "system.posix_acl_access")
+    except OSError:
+        return None  # no ACL, or a filesystem without ACL support
+    if len(raw) < 4 or (len(raw) - 4) % 8 or int.from_bytes(raw[:4], "little") != _ACL_VERSION:
+        return [(_ACL_OTHER, 0o7, 0)]  # unparseable: treat as open to others, refuse
+    return [struct.unpack_from("<HHI", raw, off) for off in range(4, len(raw), 8)]
+
+
+def _acl_leaks(entries: list[tuple[int, int, int]], me: int) -> list[str]:
+    mask = next((perm for tag, perm, _ in entries if tag == _ACL_MASK), 0o7)
+    leaks = []
+    for tag, perm, ident in entries:
+        if tag == _ACL_OTHER and perm:
+            leaks.append("others")
+        elif tag == _ACL_GROUP_OBJ and perm & mask:
+            leaks.append("the owning group")
+        elif tag == _ACL_GROUP and perm & mask:
+            leaks.append(f"group {ident}")
+        elif tag == _ACL_USER and perm & mask and ident != me:
+            leaks.append(f"user {ident}")
+    return leaks
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
