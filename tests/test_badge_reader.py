@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import traceback
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -23,6 +25,7 @@ from drivers.types import BadgeRead, ReaderHealth, ReaderState
 from simulators.badge import BadgeSimulator
 
 TIMEOUT_S = 15.0
+ROOT = Path(__file__).resolve().parent.parent
 PSEUDONYMIZER = Pseudonymizer("site-test", "k1", bytes(range(32)))
 
 TRANSPORTS = ["pty", "tcp"]
@@ -312,3 +315,55 @@ def test_agent_config_badge_and_door_sections() -> None:
     with pytest.raises(ConfigError) as exc:
         parse_config(_agent_config(badge_readers=[{"id": "b", "url": "x", "prtocol": 1}]))
     assert any(p.startswith("badge_readers[0].prtocol: unknown key") for p in exc.value.problems)
+
+
+# --- cabinet-sim badge ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", [["--tcp", "0"], ["--pty"]])
+async def test_simulator_cli_presents_cards_from_stdin(where: list[str]) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "simulators.badge_cli",
+        "--protocol",
+        "em4100",
+        *where,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    sink = RecordingSink()
+    task: asyncio.Task[None] | None = None
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            banner = (await proc.stdout.readline()).decode()
+        url = banner.rsplit(" at ", 1)[1].strip()
+        cfg = BadgeReaderConfig(id="badge-cli", url=url, repeat_interval_s=0)
+        reader = BadgeReader(cfg, sink, PSEUDONYMIZER.badge, backoff=Backoff(0.05, 0.2, 0.02))
+        task = asyncio.create_task(reader.run(), name="badge-reader-cli")
+        await sink.wait_online(session=1)
+        # The simulator may not have accepted the TCP client yet: resend until a read lands.
+        async with asyncio.timeout(TIMEOUT_S):
+            while not sink.reads:
+                proc.stdin.write(b"0102030405\n")
+                await proc.stdin.drain()
+                assert b"presented" in await proc.stdout.readline()
+        proc.stdin.write(b"!unplug 0.2\n")
+        await proc.stdin.drain()
+        await sink.wait(lambda: any(h.state == ReaderState.OFFLINE for h in sink.health))
+        await sink.wait_online(session=2)
+        proc.stdin.close()
+        async with asyncio.timeout(TIMEOUT_S):
+            assert await proc.wait() == 0
+    finally:
+        if task is not None:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert {r.pseudonym for r in sink.reads} == {PSEUDONYMIZER.badge("0102030405")}
