@@ -405,9 +405,12 @@ class Store:
     ) -> asyncio.Future[Any]:
         if self._closed:
             raise StoreClosedError("the store is closed")
+        # Acks and failure marks are tiny and free space, so they are never refused for a
+        # backlog (the publisher's in-flight window bounds them); data writes are.
+        limit = self.cfg.max_pending_writes * (1 if ordered else 10)
         if write and (
-            self._pending_writes + 1 > self.cfg.max_pending_writes
-            or self._pending_bytes + nbytes > self.cfg.max_pending_bytes
+            self._pending_writes + 1 > limit
+            or (ordered and self._pending_bytes + nbytes > self.cfg.max_pending_bytes)
         ):
             raise StoreBackloggedError(
                 f"{self._pending_writes} writes ({self._pending_bytes} bytes) are waiting for "
