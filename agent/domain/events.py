@@ -41,7 +41,9 @@ DenyReason = Literal["unknown badge", "role", "allow-list expired", "no allow-li
 ScanPurpose = Literal["session", "background"]
 
 
-class _Event(BaseModel):
+class EventBase(BaseModel):
+    """Fields every event carries."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = 1
@@ -66,7 +68,7 @@ class _Event(BaseModel):
         return value.astimezone(UTC)
 
 
-class ItemCheckedOut(_Event):
+class ItemCheckedOut(EventBase):
     """An item left the cabinet during a door session (missing in every complete pass)."""
 
     type: Literal["item.checked_out"] = "item.checked_out"
@@ -77,7 +79,7 @@ class ItemCheckedOut(_Event):
     drawer: Drawer | None = Field(None, description="where the item was before the session")
 
 
-class ItemReturned(_Event):
+class ItemReturned(EventBase):
     """An item appeared in the cabinet during a door session."""
 
     type: Literal["item.returned"] = "item.returned"
@@ -88,7 +90,7 @@ class ItemReturned(_Event):
     drawer: Drawer = Field(description="where the item was found")
 
 
-class SessionOpened(_Event):
+class SessionOpened(EventBase):
     """The door opened: a door session (cycle) starts."""
 
     type: Literal["session.opened"] = "session.opened"
@@ -98,7 +100,7 @@ class SessionOpened(_Event):
     door_id: Name
 
 
-class SessionClosed(_Event):
+class SessionClosed(EventBase):
     """A door session ended; the scan quality says whether its inventory can be trusted."""
 
     type: Literal["session.closed"] = "session.closed"
@@ -114,7 +116,7 @@ class SessionClosed(_Event):
     returned: int = Field(ge=0)
 
 
-class AccessDenied(_Event):
+class AccessDenied(EventBase):
     """A badge was refused."""
 
     type: Literal["access.denied"] = "access.denied"
@@ -123,7 +125,7 @@ class AccessDenied(_Event):
     reason: DenyReason
 
 
-class AccessLockout(_Event):
+class AccessLockout(EventBase):
     """A badge reader was locked out after repeated denials, or the lock-out ended."""
 
     type: Literal["access.lockout"] = "access.lockout"
@@ -134,7 +136,7 @@ class AccessLockout(_Event):
     actor: Actor | None = Field(None, description="the supervisor who cleared it")
 
 
-class DoorForced(_Event):
+class DoorForced(EventBase):
     """The door opened without a valid badge."""
 
     type: Literal["door.forced"] = "door.forced"
@@ -142,7 +144,7 @@ class DoorForced(_Event):
     door_id: Name
 
 
-class DoorLeftOpen(_Event):
+class DoorLeftOpen(EventBase):
     """The door has been open too long; repeated every period while it stays open."""
 
     type: Literal["door.left_open"] = "door.left_open"
@@ -153,7 +155,7 @@ class DoorLeftOpen(_Event):
     alert: int = Field(ge=1, description="1 for the first alert of this opening, then 2, 3, …")
 
 
-class ItemUnknown(_Event):
+class ItemUnknown(EventBase):
     """A tag not in the asset registry appeared."""
 
     type: Literal["item.unknown"] = "item.unknown"
@@ -162,7 +164,7 @@ class ItemUnknown(_Event):
     session_id: UUID | None = None
 
 
-class ItemMisplaced(_Event):
+class ItemMisplaced(EventBase):
     """An item was put back in a drawer other than its home drawer."""
 
     type: Literal["item.misplaced"] = "item.misplaced"
@@ -173,7 +175,7 @@ class ItemMisplaced(_Event):
     session_id: UUID | None = None
 
 
-class ItemMissing(_Event):
+class ItemMissing(EventBase):
     """An item vanished without a door session (confirmed by a background inventory)."""
 
     type: Literal["item.missing"] = "item.missing"
@@ -182,7 +184,7 @@ class ItemMissing(_Event):
     drawer: Drawer | None = Field(None, description="where it was last seen")
 
 
-class ItemCalibrationOverdue(_Event):
+class ItemCalibrationOverdue(EventBase):
     """An item whose calibration is overdue was checked out."""
 
     type: Literal["item.calibration_overdue"] = "item.calibration_overdue"
@@ -193,7 +195,7 @@ class ItemCalibrationOverdue(_Event):
     calibration_due: date
 
 
-class InventoryIncomplete(_Event):
+class InventoryIncomplete(EventBase):
     """A scan could not be trusted (a reader or antenna was unhealthy): no check-outs from it."""
 
     type: Literal["inventory.incomplete"] = "inventory.incomplete"
@@ -204,7 +206,7 @@ class InventoryIncomplete(_Event):
     reasons: list[Detail] = Field(max_length=64)
 
 
-class InventorySnapshot(_Event):
+class InventorySnapshot(EventBase):
     """The cabinet's full contents after a complete background inventory."""
 
     type: Literal["inventory.snapshot"] = "inventory.snapshot"
@@ -213,7 +215,7 @@ class InventorySnapshot(_Event):
     items: dict[Epc, Drawer] = Field(description="EPC → drawer")
 
 
-class ReaderOffline(_Event):
+class ReaderOffline(EventBase):
     """A reader went offline."""
 
     type: Literal["reader.offline"] = "reader.offline"
@@ -222,7 +224,7 @@ class ReaderOffline(_Event):
     connection: int = Field(ge=0, description="the reader's connection counter")
 
 
-class ReaderOnline(_Event):
+class ReaderOnline(EventBase):
     """A reader that was offline is back."""
 
     type: Literal["reader.online"] = "reader.online"

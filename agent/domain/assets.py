@@ -1,0 +1,92 @@
+"""Asset registry (optional): EPC → asset id, name, home drawer, calibration due date."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+_EPC_RE = re.compile(r"[0-9a-f]{1,128}")
+_DRAWER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_ASSETS = 200_000
+
+
+class AssetRegistryError(ValueError):
+    """The asset-registry body is malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    epc: str
+    asset_id: str
+    name: str = ""
+    home_drawer: str | None = None
+    calibration_due: date | None = None
+
+    def calibration_overdue(self, today: date) -> bool:
+        """Overdue once the due date has passed (the due day itself is still fine)."""
+        return self.calibration_due is not None and today > self.calibration_due
+
+    def misplaced_in(self, drawer: str) -> bool:
+        """True if the asset has a home drawer and ``drawer`` is not it."""
+        return self.home_drawer is not None and drawer != self.home_drawer
+
+
+class AssetRegistry:
+    """Lookup by EPC. Built from the body of a verified asset-registry document."""
+
+    def __init__(self, assets: Iterable[Asset] = ()) -> None:
+        self._by_epc: dict[str, Asset] = {}
+        for asset in assets:
+            if asset.epc in self._by_epc:
+                raise AssetRegistryError(f"epc {asset.epc} appears twice")
+            self._by_epc[asset.epc] = asset
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> AssetRegistry:
+        """Interpret ``{"assets": [{epc, asset_id, name?, home_drawer?, calibration_due?}]}``."""
+        raw = body.get("assets") if isinstance(body, Mapping) else None
+        if isinstance(raw, str | bytes) or not isinstance(raw, Sequence):
+            raise AssetRegistryError("asset registry body needs an 'assets' list")
+        if len(raw) > MAX_ASSETS:
+            raise AssetRegistryError(f"asset registry has more than {MAX_ASSETS} assets")
+        return cls(_asset(i, item) for i, item in enumerate(raw))
+
+    def get(self, epc: str) -> Asset | None:
+        """The asset carrying ``epc``, if registered."""
+        return self._by_epc.get(epc)
+
+    def __contains__(self, epc: object) -> bool:
+        return epc in self._by_epc
+
+    def __len__(self) -> int:
+        return len(self._by_epc)
+
+
+def _asset(i: int, item: object) -> Asset:
+    if not isinstance(item, Mapping):
+        raise AssetRegistryError(f"asset [{i}] must be an object")
+    epc = item.get("epc")
+    if not isinstance(epc, str) or not _EPC_RE.fullmatch(epc):
+        raise AssetRegistryError(f"asset [{i}] needs an 'epc' of lower-case hex")
+    asset_id = item.get("asset_id")
+    if not isinstance(asset_id, str) or not 1 <= len(asset_id) <= 128:
+        raise AssetRegistryError(f"asset [{i}] needs an 'asset_id' of 1-128 characters")
+    name = item.get("name", "")
+    if not isinstance(name, str):
+        raise AssetRegistryError(f"asset [{i}] 'name' must be a string")
+    home = item.get("home_drawer")
+    if home is not None and (not isinstance(home, str) or not _DRAWER_RE.fullmatch(home)):
+        raise AssetRegistryError(f"asset [{i}] 'home_drawer' is not a drawer name")
+    due_raw = item.get("calibration_due")
+    due: date | None = None
+    if due_raw is not None:
+        if not isinstance(due_raw, str):
+            raise AssetRegistryError(f"asset [{i}] 'calibration_due' must be YYYY-MM-DD")
+        try:
+            due = date.fromisoformat(due_raw)
+        except ValueError:
+            raise AssetRegistryError(f"asset [{i}] 'calibration_due' must be YYYY-MM-DD") from None
+    return Asset(epc, asset_id, name, home, due)

@@ -1,0 +1,820 @@
+"""The cabinet engine: a deterministic state machine from driver values and time to events and commands.
+
+Pure: no I/O, no clock reads. Every input carries ``now`` (:class:`~agent.domain.now.Now`); the
+caller commits ``EngineOutput.events`` together with ``EngineOutput.baseline`` (when set) and
+``EngineOutput.session_state`` (when set) in one transaction, then executes the commands.
+
+Door cycle::
+
+    idle ──valid badge──► unlocked ──door opens──► open ──door closes──► scanning (settle pass)
+      ▲                      │ not opened in T: Relock                        │ missing items?
+      │                      ▼                                                ▼
+      └──────────────── idle ◄── diff, events, StopScan ◄──────────── confirming (second pass)
+
+A door opened while not unlocked is forced (actor ``"unknown"``). A pass ends when no new EPC
+has shown up for ``stable_ms`` (between ``scan_min_ms`` and ``scan_max_ms``). An incomplete pass
+(a reader or antenna unhealthy, a reconnect) never yields check-outs: ``inventory.incomplete``
+and a rescan, at most ``max_rescans`` times, then ``session.closed`` (incomplete) with the
+baseline unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeAlias, cast
+from uuid import UUID
+
+from agent.domain import events as ev
+from agent.domain.access import AccessControl, AllowList, LockoutChange
+from agent.domain.assets import AssetRegistry
+from agent.domain.config import Antenna, CabinetDomainConfig
+from agent.domain.ids import Uuid7Generator
+from agent.domain.inventory import Baseline, ScanAccumulator, ScanResult, diff
+from agent.domain.now import Now
+from drivers.types import BadgeRead, DoorEdge, DoorState, ReaderHealth, ReaderState, TagRead
+
+STATE_VERSION = 1
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Unlock:
+    """Release the lock for ``pulse_s`` seconds."""
+
+    pulse_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Relock:
+    """Engage the lock now (idempotent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartScan:
+    """Start (or keep) inventorying on every reader (idempotent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StopScan:
+    """Stop inventorying."""
+
+
+Command: TypeAlias = Unlock | Relock | StartScan | StopScan
+
+
+@dataclass
+class EngineOutput:
+    """What one input produced. Commit events + baseline + session_state atomically."""
+
+    events: list[ev.Event] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)
+    baseline: Baseline | None = None  # set when a cycle completed: the new trusted contents
+    session_state: bytes | None = None  # set when the resumable state changed
+
+
+class Phase(enum.StrEnum):
+    IDLE = "idle"
+    UNLOCKED = "unlocked"
+    OPEN = "open"
+    SCANNING = "scanning"  # settle pass after the door closed
+    CONFIRMING = "confirming"  # second pass to confirm missing items
+    BACKGROUND = "background"  # periodic idle inventory
+    BACKGROUND_CONFIRM = "background_confirm"
+
+
+_SESSION_SCANS = (Phase.SCANNING, Phase.CONFIRMING)
+_BACKGROUND_SCANS = (Phase.BACKGROUND, Phase.BACKGROUND_CONFIRM)
+_OFFLINE_STATES = (ReaderState.OFFLINE, ReaderState.STOPPED)
+
+
+@dataclass
+class _Session:
+    session_id: UUID
+    actors: list[str]
+    opened_wall: datetime
+    elapsed_base: float  # seconds elapsed before ``since_mono`` (survives a restart)
+    since_mono: float
+    door_opened_mono: float = 0.0
+    left_open_alerts: int = 0
+    passes: int = 0
+    scan_ms: int = 0
+    attempts: int = 0  # failed (incomplete) passes in this closing
+
+    def elapsed(self, now: Now) -> float:
+        return self.elapsed_base + max(0.0, now.mono - self.since_mono)
+
+    def add_actor(self, actor: str) -> bool:
+        if actor in self.actors:
+            return False
+        self.actors.append(actor)
+        return True
+
+
+class EngineStateError(ValueError):
+    """Serialized engine state is unreadable (wrong version, malformed)."""
+
+
+class CabinetEngine:
+    """One cabinet's door, lock, access and inventory logic."""
+
+    def __init__(
+        self,
+        config: CabinetDomainConfig,
+        *,
+        site_id: str,
+        cabinet_id: str,
+        now: Now,
+        readers: Mapping[str, Sequence[int]] | None = None,
+        baseline: Baseline | None = None,
+        allow_list: AllowList | None = None,
+        assets: AssetRegistry | None = None,
+        ids: Uuid7Generator | None = None,
+    ) -> None:
+        self.config = config
+        self.site_id = site_id
+        self.cabinet_id = cabinet_id
+        self.antennas: dict[Antenna, str] = config.antenna_map(readers)
+        self.baseline = baseline if baseline is not None else Baseline()
+        self.access = AccessControl(config, allow_list)
+        self.assets = assets
+        self._ids = ids if ids is not None else Uuid7Generator()
+        self.health: dict[str, ReaderHealth] = {}
+        self.phase = Phase.IDLE
+        self.door_open = False
+        self._offline: set[str] = set()
+        self._session: _Session | None = None
+        self._pending: list[str] = []  # holders badged in, door not yet opened
+        self._unlock_deadline = 0.0
+        self._scan: ScanAccumulator | None = None
+        self._first_pass: ScanResult | None = None
+        self._bg_attempts = 0
+        self._bg_next = now.mono + config.background_period_s
+        self._last = now
+        self._dirty = True
+        self._started = False
+
+    # ---- inputs ----------------------------------------------------------------------------
+
+    def start(self, now: Now) -> EngineOutput:
+        """First call after construction or ``from_bytes``: resumes an interrupted scan."""
+        out = self._begin(now)
+        if self._started:
+            return self._end(out)
+        self._started = True
+        if self.phase in _SESSION_SCANS:
+            # The passes of an interrupted scan are lost with the process: rescan from scratch.
+            out.commands.append(Relock())
+            self._start_pass(Phase.SCANNING, now, out, first=True)
+        elif self.phase in _BACKGROUND_SCANS:
+            self._start_pass(Phase.BACKGROUND, now, out, first=True)
+        elif self.phase is Phase.IDLE:
+            out.commands.append(Relock())
+        return self._end(out)
+
+    def tick(self, now: Now) -> EngineOutput:
+        """Time passed: timers, scan settle, background inventory."""
+        return self._end(self._begin(now))
+
+    def on_tags(self, reads: Sequence[TagRead], now: Now) -> EngineOutput:
+        """Tag reads from any reader; counted only while a scan pass runs."""
+        out = self._begin(now)
+        if self._scan is not None:
+            self._scan.add(reads, now.mono)
+        return self._end(out)
+
+    def on_health(self, health: ReaderHealth, now: Now) -> EngineOutput:
+        """A reader's health changed."""
+        out = self._begin(now)
+        rid = health.reader_id
+        self.health[rid] = health
+        if health.state in _OFFLINE_STATES and rid not in self._offline:
+            self._offline.add(rid)
+            self._dirty = True
+            out.events.append(
+                self._event(
+                    ev.ReaderOffline,
+                    now,
+                    reader_id=rid,
+                    detail=health.detail[:200],
+                    connection=max(0, health.session),
+                )
+            )
+        elif health.healthy and rid in self._offline:
+            self._offline.discard(rid)
+            self._dirty = True
+            ants = health.antennas_connected
+            out.events.append(
+                self._event(
+                    ev.ReaderOnline,
+                    now,
+                    reader_id=rid,
+                    detail=health.detail[:200],
+                    connection=max(0, health.session),
+                    antennas_connected=sorted(ants) if ants is not None else None,
+                )
+            )
+        if self._scan is not None:
+            self._scan.health(health)
+        return self._end(out)
+
+    def on_badge(self, badge: BadgeRead, now: Now) -> EngineOutput:
+        """A (pseudonymized) badge was presented."""
+        out = self._begin(now)
+        outcome = self.access.badge(badge.reader_id, badge.pseudonym, now)
+        if not outcome.granted:
+            assert outcome.reason is not None
+            out.events.append(
+                self._event(
+                    ev.AccessDenied,
+                    now,
+                    actor=badge.pseudonym,
+                    badge_reader=badge.reader_id,
+                    reason=outcome.reason,
+                )
+            )
+            if outcome.lockout is not None:
+                self._lockout_event(outcome.lockout, now, out)
+            return self._end(out)
+        if outcome.lockout is not None:
+            self._lockout_event(outcome.lockout, now, out)
+        actor = badge.pseudonym
+        phase = self.phase
+        if phase in (Phase.IDLE, *_BACKGROUND_SCANS):
+            if phase is not Phase.IDLE:
+                self._abort_background(out)
+            self._pending = [actor]
+            self._unlock(now, out, enter=True)
+        elif phase is Phase.UNLOCKED:
+            if actor not in self._pending:
+                self._pending.append(actor)
+            self._unlock(now, out, enter=True)
+        else:
+            session = self._session
+            assert session is not None
+            if session.add_actor(actor):
+                self._dirty = True
+            if phase in _SESSION_SCANS:
+                # A holder badging during the scan wants the door again.
+                self._unlock(now, out, enter=False)
+        return self._end(out)
+
+    def on_door(self, edge: DoorEdge, now: Now) -> EngineOutput:
+        """The door opened or closed."""
+        out = self._begin(now)
+        if edge.state is DoorState.OPEN:
+            self._door_opened(now, out)
+        else:
+            self._door_closed(now, out)
+        return self._end(out)
+
+    def set_allow_list(self, allow_list: AllowList | None) -> None:
+        """Install a newly verified allow-list."""
+        self.access.allow_list = allow_list
+
+    def set_assets(self, assets: AssetRegistry | None) -> None:
+        """Install a newly verified asset registry."""
+        self.assets = assets
+
+    # ---- resume ------------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """The state needed to resume after a crash (pseudonyms only; timers as remaining time)."""
+        at = self._last.mono
+        s = self._session
+        state: dict[str, Any] = {
+            "v": STATE_VERSION,
+            "saved_at": self._last.wall.isoformat(),
+            "phase": self.phase.value,
+            "door_open": self.door_open,
+            "pending": list(self._pending),
+            "unlock_remaining_s": max(0.0, self._unlock_deadline - at),
+            "bg_remaining_s": max(0.0, self._bg_next - at),
+            "offline": sorted(self._offline),
+            "access": self.access.snapshot(at),
+            "baseline": self.baseline.to_dict(),
+            "session": None
+            if s is None
+            else {
+                "id": str(s.session_id),
+                "actors": list(s.actors),
+                "opened": s.opened_wall.isoformat(),
+                "elapsed_s": s.elapsed(self._last),
+                "door_open_s": max(0.0, at - s.door_opened_mono),
+                "left_open_alerts": s.left_open_alerts,
+                "passes": s.passes,
+                "scan_ms": s.scan_ms,
+                "attempts": s.attempts,
+            },
+        }
+        return json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(
+        cls,
+        data: bytes,
+        config: CabinetDomainConfig,
+        *,
+        site_id: str,
+        cabinet_id: str,
+        now: Now,
+        readers: Mapping[str, Sequence[int]] | None = None,
+        allow_list: AllowList | None = None,
+        assets: AssetRegistry | None = None,
+        ids: Uuid7Generator | None = None,
+    ) -> CabinetEngine:
+        """Rebuild an engine from ``to_bytes``; call ``start(now)`` next. Raises EngineStateError."""
+        try:
+            state = json.loads(data)
+            if not isinstance(state, dict) or state.get("v") != STATE_VERSION:
+                raise EngineStateError(f"engine state is not version {STATE_VERSION}")
+            engine = cls(
+                config,
+                site_id=site_id,
+                cabinet_id=cabinet_id,
+                now=now,
+                readers=readers,
+                baseline=Baseline.from_dict(state["baseline"]),
+                allow_list=allow_list,
+                assets=assets,
+                ids=ids,
+            )
+            # Timers were saved as "remaining at saved_at": re-base them on the instant the
+            # state was saved, so time spent since (staleness, downtime) counts against them.
+            down = _downtime(datetime.fromisoformat(state["saved_at"]), now.wall)
+            base = Now(now.wall, now.mono - down)
+            engine.phase = Phase(state["phase"])
+            engine.door_open = bool(state["door_open"])
+            engine._pending = [_actor(a) for a in state["pending"]]
+            engine._unlock_deadline = base.mono + float(state["unlock_remaining_s"])
+            engine._bg_next = base.mono + float(state["bg_remaining_s"])
+            engine._offline = {str(r) for r in state["offline"]}
+            engine.access.restore(state["access"], base)
+            s = state["session"]
+            if s is not None:
+                engine._session = _Session(
+                    session_id=UUID(s["id"]),
+                    actors=[_actor(a) for a in s["actors"]],
+                    opened_wall=datetime.fromisoformat(s["opened"]),
+                    elapsed_base=float(s["elapsed_s"]),
+                    since_mono=base.mono,
+                    door_opened_mono=base.mono - float(s["door_open_s"]),
+                    left_open_alerts=int(s["left_open_alerts"]),
+                    passes=int(s["passes"]),
+                    scan_ms=int(s["scan_ms"]),
+                    attempts=int(s["attempts"]),
+                )
+        except EngineStateError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise EngineStateError(f"engine state is malformed ({type(err).__name__})") from None
+        needs_session = engine.phase in (Phase.OPEN, *_SESSION_SCANS)
+        if needs_session != (engine._session is not None):
+            raise EngineStateError("engine state is inconsistent (session vs phase)")
+        return engine
+
+    # ---- door -------------------------------------------------------------------------------
+
+    def _door_opened(self, now: Now, out: EngineOutput) -> None:
+        if self.door_open:
+            return
+        self.door_open = True
+        self._dirty = True
+        phase = self.phase
+        if phase in _SESSION_SCANS:
+            # Reopened before the scan finished: the same session goes on.
+            session = self._session
+            assert session is not None
+            self._stop_pass(out)
+            session.door_opened_mono = now.mono
+            session.left_open_alerts = 0
+            self.phase = Phase.OPEN
+            return
+        if phase in _BACKGROUND_SCANS:
+            self._abort_background(out)
+            phase = Phase.IDLE
+        if phase is Phase.UNLOCKED:
+            actors, trigger = list(self._pending), "badge"
+        else:
+            actors, trigger = [ev.UNKNOWN_ACTOR], "forced"
+        self._pending = []
+        session_id = self._ids(now.wall)
+        self._session = _Session(
+            session_id=session_id,
+            actors=actors,
+            opened_wall=now.wall,
+            elapsed_base=0.0,
+            since_mono=now.mono,
+            door_opened_mono=now.mono,
+        )
+        self.phase = Phase.OPEN
+        if trigger == "forced":
+            out.events.append(
+                self._event(ev.DoorForced, now, session_id=session_id, door_id=self.config.door_id)
+            )
+        out.events.append(
+            self._event(
+                ev.SessionOpened,
+                now,
+                session_id=session_id,
+                actors=list(actors),
+                trigger=trigger,
+                door_id=self.config.door_id,
+            )
+        )
+
+    def _door_closed(self, now: Now, out: EngineOutput) -> None:
+        if not self.door_open:
+            return
+        self.door_open = False
+        self._dirty = True
+        if self.phase is not Phase.OPEN:
+            return
+        session = self._session
+        assert session is not None
+        session.attempts = 0
+        out.commands.append(Relock())
+        self._start_pass(Phase.SCANNING, now, out, first=True)
+
+    def _unlock(self, now: Now, out: EngineOutput, *, enter: bool) -> None:
+        out.commands.append(Unlock(self.config.unlock_pulse_s))
+        self._unlock_deadline = now.mono + self.config.relock_after_s
+        if enter:
+            self.phase = Phase.UNLOCKED
+        self._dirty = True
+
+    # ---- time -------------------------------------------------------------------------------
+
+    def _begin(self, now: Now) -> EngineOutput:
+        """Run every timer due by ``now`` before handling the input that carries it."""
+        if now.mono < self._last.mono:
+            # A monotonic clock never goes back; treat it as "no time passed".
+            now = Now(now.wall, self._last.mono)
+        self._last = now
+        out = EngineOutput()
+        for change in self.access.tick(now):
+            self._lockout_event(change, now, out)
+        phase = self.phase
+        if phase is Phase.UNLOCKED and now.mono >= self._unlock_deadline:
+            self._pending = []
+            self.phase = Phase.IDLE
+            self._bg_next = max(self._bg_next, now.mono)
+            self._dirty = True
+            out.commands.append(Relock())
+        elif phase is Phase.OPEN:
+            self._left_open(now, out)
+        elif self._scan is not None:
+            self._maybe_end_pass(now, out)
+        if (
+            self.phase is Phase.IDLE
+            and not self.door_open
+            and self.config.background_period_s > 0
+            and now.mono >= self._bg_next
+        ):
+            self._bg_attempts = 0
+            self._start_pass(Phase.BACKGROUND, now, out, first=True)
+        return out
+
+    def _end(self, out: EngineOutput) -> EngineOutput:
+        if self._dirty or self.access.changed:
+            out.session_state = self.to_bytes()
+            self._dirty = False
+            self.access.changed = False
+        return out
+
+    def _left_open(self, now: Now, out: EngineOutput) -> None:
+        session = self._session
+        assert session is not None
+        period = self.config.left_open_s
+        open_s = now.mono - session.door_opened_mono
+        due = int(open_s // period)
+        if due > session.left_open_alerts:
+            # One alert per input even after a long silence; the count says how many periods.
+            session.left_open_alerts = due
+            self._dirty = True
+            out.events.append(
+                self._event(
+                    ev.DoorLeftOpen,
+                    now,
+                    session_id=session.session_id,
+                    door_id=self.config.door_id,
+                    actors=list(session.actors),
+                    open_s=round(open_s, 3),
+                    alert=due,
+                )
+            )
+
+    # ---- scanning ----------------------------------------------------------------------------
+
+    def _start_pass(self, phase: Phase, now: Now, out: EngineOutput, *, first: bool) -> None:
+        if first:
+            self._first_pass = None
+            out.commands.append(StartScan())
+        self.phase = phase
+        self._scan = ScanAccumulator(self.config, self.antennas, self.health, now.mono)
+        self._dirty = True
+
+    def _stop_pass(self, out: EngineOutput) -> None:
+        self._scan = None
+        self._first_pass = None
+        out.commands.append(StopScan())
+
+    def _abort_background(self, out: EngineOutput) -> None:
+        self._stop_pass(out)
+        self.phase = Phase.IDLE
+        self._bg_next = self._last.mono + self.config.background_period_s
+        self._dirty = True
+
+    def _maybe_end_pass(self, now: Now, out: EngineOutput) -> None:
+        scan = self._scan
+        assert scan is not None
+        cfg = self.config
+        elapsed_ms = (now.mono - scan.started) * 1000
+        quiet_ms = (now.mono - scan.last_new) * 1000
+        if elapsed_ms < cfg.scan_max_ms and (
+            elapsed_ms < cfg.scan_min_ms or quiet_ms < cfg.stable_ms
+        ):
+            return
+        result = scan.result(now.mono)
+        self._scan = None
+        if self.phase in _SESSION_SCANS:
+            self._session_pass_done(result, now, out)
+        else:
+            self._background_pass_done(result, now, out)
+
+    def _session_pass_done(self, result: ScanResult, now: Now, out: EngineOutput) -> None:
+        session = self._session
+        assert session is not None
+        session.passes += 1
+        session.scan_ms += result.duration_ms
+        if not result.complete:
+            session.attempts += 1
+            retry = session.attempts <= self.config.max_rescans
+            out.events.append(
+                self._event(
+                    ev.InventoryIncomplete,
+                    now,
+                    purpose="session",
+                    session_id=session.session_id,
+                    attempt=session.attempts,
+                    will_retry=retry,
+                    reasons=list(result.problems),
+                )
+            )
+            if retry:
+                # Keep a complete first pass: only the pass that failed is redone.
+                self._start_pass(self.phase, now, out, first=False)
+                out.commands.append(StartScan())
+            else:
+                self._close_session(now, out, None, reads=result.reads, tags=len(result.present))
+            return
+        if self.phase is Phase.SCANNING:
+            missing = diff(self.baseline, result.present).missing
+            if missing and self.config.confirm_pass:
+                self._first_pass = result
+                self._start_pass(Phase.CONFIRMING, now, out, first=False)
+                return
+            self._close_session(now, out, result)
+            return
+        first = self._first_pass
+        assert first is not None
+        self._close_session(now, out, first.merge(result))
+
+    def _close_session(
+        self,
+        now: Now,
+        out: EngineOutput,
+        result: ScanResult | None,
+        *,
+        reads: int = 0,
+        tags: int = 0,
+    ) -> None:
+        session = self._session
+        assert session is not None
+        actors = list(session.actors)
+        sid = session.session_id
+        checked_out = returned = 0
+        if result is not None:
+            d = diff(self.baseline, result.present)
+            today = now.wall.date()
+            for epc, drawer in d.missing.items():
+                asset = self.assets.get(epc) if self.assets is not None else None
+                checked_out += 1
+                out.events.append(
+                    self._event(
+                        ev.ItemCheckedOut,
+                        now,
+                        session_id=sid,
+                        actors=actors,
+                        epc=epc,
+                        asset_id=asset.asset_id if asset else None,
+                        drawer=drawer,
+                    )
+                )
+                if asset is not None and asset.calibration_overdue(today):
+                    out.events.append(
+                        self._event(
+                            ev.ItemCalibrationOverdue,
+                            now,
+                            session_id=sid,
+                            actors=actors,
+                            epc=epc,
+                            asset_id=asset.asset_id,
+                            calibration_due=asset.calibration_due,
+                        )
+                    )
+            for epc, drawer in d.new.items():
+                asset = self.assets.get(epc) if self.assets is not None else None
+                returned += 1
+                out.events.append(
+                    self._event(
+                        ev.ItemReturned,
+                        now,
+                        session_id=sid,
+                        actors=actors,
+                        epc=epc,
+                        asset_id=asset.asset_id if asset else None,
+                        drawer=drawer,
+                    )
+                )
+            self._placement_events(d.new, d.moved, sid, now, out)
+            reads, tags = result.reads, len(result.present)
+            self.baseline = Baseline(result.present)
+            out.baseline = self.baseline
+        out.events.append(
+            self._event(
+                ev.SessionClosed,
+                now,
+                session_id=sid,
+                actors=actors,
+                quality="complete" if result is not None else "incomplete",
+                duration_s=round(session.elapsed(now), 3),
+                scan_duration_ms=session.scan_ms,
+                reads=reads,
+                tags=tags,
+                passes=session.passes,
+                checked_out=checked_out,
+                returned=returned,
+            )
+        )
+        out.commands.append(StopScan())
+        self._session = None
+        self._scan = None
+        self._first_pass = None
+        self.phase = Phase.IDLE
+        self._bg_next = now.mono + self.config.background_period_s
+        self._dirty = True
+
+    def _background_pass_done(self, result: ScanResult, now: Now, out: EngineOutput) -> None:
+        if not result.complete:
+            self._bg_attempts += 1
+            retry = self._bg_attempts <= self.config.max_rescans
+            out.events.append(
+                self._event(
+                    ev.InventoryIncomplete,
+                    now,
+                    purpose="background",
+                    attempt=self._bg_attempts,
+                    will_retry=retry,
+                    reasons=list(result.problems),
+                )
+            )
+            if retry:
+                self._start_pass(self.phase, now, out, first=False)
+                out.commands.append(StartScan())
+            else:
+                self._finish_background(now, out)
+            return
+        if self.phase is Phase.BACKGROUND:
+            if diff(self.baseline, result.present).missing and self.config.confirm_pass:
+                self._first_pass = result
+                self._start_pass(Phase.BACKGROUND_CONFIRM, now, out, first=False)
+                return
+            merged = result
+        else:
+            first = self._first_pass
+            assert first is not None
+            merged = first.merge(result)
+        d = diff(self.baseline, merged.present)
+        for epc, drawer in d.missing.items():
+            asset = self.assets.get(epc) if self.assets is not None else None
+            out.events.append(
+                self._event(
+                    ev.ItemMissing,
+                    now,
+                    epc=epc,
+                    asset_id=asset.asset_id if asset else None,
+                    drawer=drawer,
+                )
+            )
+        self._placement_events(d.new, d.moved, None, now, out)
+        self.baseline = Baseline(merged.present)
+        out.baseline = self.baseline
+        out.events.append(
+            self._event(
+                ev.InventorySnapshot,
+                now,
+                tags=len(self.baseline),
+                by_drawer=self.baseline.by_drawer(),
+                items=self.baseline.to_dict(),
+            )
+        )
+        self._finish_background(now, out)
+
+    def _finish_background(self, now: Now, out: EngineOutput) -> None:
+        out.commands.append(StopScan())
+        self._first_pass = None
+        self._scan = None
+        self.phase = Phase.IDLE
+        self._bg_attempts = 0
+        self._bg_next = now.mono + self.config.background_period_s
+        self._dirty = True
+
+    def _placement_events(
+        self,
+        new: Mapping[str, str],
+        moved: Mapping[str, tuple[str, str]],
+        session_id: UUID | None,
+        now: Now,
+        out: EngineOutput,
+    ) -> None:
+        """item.unknown / item.misplaced for tags that arrived somewhere (not for those that stayed)."""
+        registry = self.assets
+        if registry is None:
+            return
+        arrived: Iterable[tuple[str, str]] = [
+            *new.items(),
+            *((e, d[1]) for e, d in moved.items()),
+        ]
+        for epc, drawer in sorted(arrived):
+            asset = registry.get(epc)
+            if asset is None:
+                if epc in new:
+                    out.events.append(
+                        self._event(
+                            ev.ItemUnknown, now, epc=epc, drawer=drawer, session_id=session_id
+                        )
+                    )
+            elif asset.misplaced_in(drawer):
+                assert asset.home_drawer is not None
+                out.events.append(
+                    self._event(
+                        ev.ItemMisplaced,
+                        now,
+                        epc=epc,
+                        asset_id=asset.asset_id,
+                        drawer=drawer,
+                        home_drawer=asset.home_drawer,
+                        session_id=session_id,
+                    )
+                )
+
+    # ---- events -----------------------------------------------------------------------------
+
+    def _lockout_event(self, change: LockoutChange, now: Now, out: EngineOutput) -> None:
+        self._dirty = True
+        out.events.append(
+            self._event(
+                ev.AccessLockout,
+                now,
+                badge_reader=change.badge_reader,
+                state=change.state,
+                denials=change.denials,
+                until=change.until,
+                actor=change.actor,
+            )
+        )
+
+    def _event(self, cls: type[ev.EventBase], now: Now, **fields: Any) -> ev.Event:
+        event = cls(
+            event_id=self._ids(now.wall),
+            time=now.wall,
+            site_id=self.site_id,
+            cabinet_id=self.cabinet_id,
+            **fields,
+        )
+        return cast(ev.Event, event)
+
+
+_ACTOR_RE = re.compile(ev.ACTOR_PATTERN)
+MAX_CREDIBLE_DOWNTIME_S = 30 * 86_400
+
+
+def _downtime(saved_at: datetime, now: datetime) -> float:
+    """Wall time since the state was saved; 0 if the wall clock is not credible (no RTC, NTP step)."""
+    if saved_at.tzinfo is None:
+        raise ValueError("saved_at must be timezone-aware")
+    delta = (now - saved_at).total_seconds()
+    return delta if 0 <= delta <= MAX_CREDIBLE_DOWNTIME_S else 0.0
+
+
+def _actor(value: object) -> str:
+    if not isinstance(value, str) or not _ACTOR_RE.fullmatch(value):
+        raise EngineStateError("engine state holds an actor that is not a pseudonym")
+    return value

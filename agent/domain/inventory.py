@@ -1,0 +1,278 @@
+"""Inventory: which tags are present where after a scan, whether the scan can be trusted, the diff."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
+
+from agent.domain.config import Antenna, CabinetDomainConfig
+from drivers.types import ReaderHealth, TagRead
+
+_EPC_RE = re.compile(r"[0-9a-f]{1,128}")
+_DRAWER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_PROBLEMS = 32
+
+
+class Baseline(Mapping[str, str]):
+    """The trusted contents of the cabinet: EPC → drawer. Immutable."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
+        self._items: dict[str, str] = dict(items)
+
+    @classmethod
+    def from_dict(cls, data: object) -> Baseline:
+        """Validate untrusted data (a stored JSON object) into a Baseline."""
+        if not isinstance(data, Mapping):
+            raise ValueError("baseline must be an object of EPC → drawer")
+        for epc, drawer in data.items():
+            if not isinstance(epc, str) or not _EPC_RE.fullmatch(epc):
+                raise ValueError(f"baseline EPC {epc!r} is not lower-case hex")
+            if not isinstance(drawer, str) or not _DRAWER_RE.fullmatch(drawer):
+                raise ValueError(f"baseline drawer {drawer!r} of {epc} is not a drawer name")
+        return cls(data)
+
+    def to_dict(self) -> dict[str, str]:
+        """A plain (sorted) dict, for JSON."""
+        return dict(sorted(self._items.items()))
+
+    def digest(self) -> str:
+        """SHA-256 over the sorted contents: two cabinets agree iff their digests do."""
+        h = hashlib.sha256()
+        for epc, drawer in sorted(self._items.items()):
+            h.update(f"{epc}={drawer}\n".encode())
+        return h.hexdigest()
+
+    def by_drawer(self) -> dict[str, int]:
+        """Tag count per drawer."""
+        out: dict[str, int] = {}
+        for drawer in self._items.values():
+            out[drawer] = out.get(drawer, 0) + 1
+        return dict(sorted(out.items()))
+
+    def __getitem__(self, epc: str) -> str:
+        return self._items[epc]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Baseline):
+            return self._items == other._items
+        return super().__eq__(other)
+
+    def __repr__(self) -> str:
+        return f"Baseline({len(self._items)} tags)"
+
+
+class Diff(NamedTuple):
+    """What changed between a baseline and a scan."""
+
+    missing: dict[str, str]  # EPC → drawer it was in
+    new: dict[str, str]  # EPC → drawer it is in
+    moved: dict[str, tuple[str, str]]  # EPC → (old drawer, new drawer)
+
+
+def diff(baseline: Mapping[str, str], scan: Mapping[str, str]) -> Diff:
+    """Missing (in baseline, not in scan), new (in scan only) and moved (drawer changed) tags."""
+    missing = {e: d for e, d in baseline.items() if e not in scan}
+    new: dict[str, str] = {}
+    moved: dict[str, tuple[str, str]] = {}
+    for epc, drawer in scan.items():
+        old = baseline.get(epc)
+        if old is None:
+            new[epc] = drawer
+        elif old != drawer:
+            moved[epc] = (old, drawer)
+    return Diff(
+        dict(sorted(missing.items())), dict(sorted(new.items())), dict(sorted(moved.items()))
+    )
+
+
+class _TagStats:
+    __slots__ = ("by_drawer", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.by_drawer: dict[str, list[float]] = {}  # drawer → [reads, rssi sum]
+
+
+def _strongest(by_drawer: Mapping[str, list[float]]) -> str:
+    # Strongest mean RSSI; ties go to the drawer with more reads, then the name (deterministic).
+    return max(by_drawer.items(), key=lambda kv: (kv[1][1] / kv[1][0], kv[1][0], kv[0]))[0]
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """The outcome of one or more scan passes."""
+
+    present: Mapping[str, str]  # EPC → drawer
+    complete: bool
+    problems: tuple[str, ...]
+    reads: int
+    duration_ms: int
+    passes: int = 1
+    stats: Mapping[str, Mapping[str, tuple[float, float]]] = field(default_factory=dict, repr=False)
+
+    def merge(self, other: ScanResult) -> ScanResult:
+        """Union of two passes: a tag present in either is present; location by combined RSSI."""
+        stats: dict[str, dict[str, list[float]]] = {}
+        for src in (self.stats, other.stats):
+            for epc, by_drawer in src.items():
+                acc = stats.setdefault(epc, {})
+                for drawer, (n, total) in by_drawer.items():
+                    cell = acc.setdefault(drawer, [0.0, 0.0])
+                    cell[0] += n
+                    cell[1] += total
+        present = {epc: _strongest(by_drawer) for epc, by_drawer in sorted(stats.items())}
+        return ScanResult(
+            present=MappingProxyType(present),
+            complete=self.complete and other.complete,
+            problems=self.problems + tuple(p for p in other.problems if p not in self.problems),
+            reads=self.reads + other.reads,
+            duration_ms=self.duration_ms + other.duration_ms,
+            passes=self.passes + other.passes,
+            stats=MappingProxyType(
+                {e: {d: (c[0], c[1]) for d, c in bd.items()} for e, bd in stats.items()}
+            ),
+        )
+
+
+class ScanAccumulator:
+    """Collects the TagReads and reader health of one scan pass.
+
+    A tag is present after ``min_reads`` reads at or above its antenna's RSSI floor (a read
+    without RSSI counts, at the floor). The pass is complete only if every configured reader was
+    healthy, on the same connection and with every configured antenna connected, all along.
+    """
+
+    def __init__(
+        self,
+        config: CabinetDomainConfig,
+        antennas: Mapping[Antenna, str],
+        health: Mapping[str, ReaderHealth | None],
+        started: float,
+    ) -> None:
+        self._min_reads = config.min_reads
+        self._max_tags = config.max_tags
+        self._antennas = {a: (drawer, config.rssi_floor(*a)) for a, drawer in antennas.items()}
+        self._ports: dict[str, set[int]] = {}
+        for reader, port in antennas:
+            self._ports.setdefault(reader, set()).add(port)
+        self.started = started
+        self.last_new = started
+        self.reads = 0  # qualifying reads counted
+        self.ignored = 0  # reads from unconfigured antennas, below the floor, or malformed
+        self._tags: dict[str, _TagStats] = {}
+        self._present = 0
+        self._problems: list[str] = []
+        self._sessions: dict[str, int] = {}
+        for reader in sorted(self._ports):
+            h = health.get(reader)
+            if h is None:
+                self._problem(f"{reader} not connected")
+                continue
+            self._sessions[reader] = h.session
+            self._check(h)
+
+    @property
+    def complete(self) -> bool:
+        return not self._problems
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        return tuple(self._problems)
+
+    @property
+    def tags_present(self) -> int:
+        return self._present
+
+    def add(self, reads: Iterable[TagRead], now: float) -> None:
+        """Count a batch of reads observed at monotonic time ``now``."""
+        antennas = self._antennas
+        tags = self._tags
+        min_reads = self._min_reads
+        for read in reads:
+            ant = antennas.get((read.reader_id, read.antenna))
+            if ant is None:
+                self.ignored += 1
+                continue
+            drawer, floor = ant
+            rssi = read.peak_rssi_dbm
+            if rssi is None:
+                rssi = floor
+            elif rssi < floor:
+                self.ignored += 1
+                continue
+            n = read.seen_count if read.seen_count > 0 else 1
+            stats = tags.get(read.epc)
+            if stats is None:
+                if not _EPC_RE.fullmatch(read.epc):
+                    self.ignored += 1
+                    continue
+                if len(tags) >= self._max_tags:
+                    self.ignored += 1
+                    self._problem("tag limit reached")
+                    continue
+                stats = tags[read.epc] = _TagStats()
+                self.last_new = now
+            before = stats.count
+            stats.count = before + n
+            if before < min_reads <= stats.count:
+                self._present += 1
+                self.last_new = now
+            cell = stats.by_drawer.get(drawer)
+            if cell is None:
+                stats.by_drawer[drawer] = [n, rssi * n]
+            else:
+                cell[0] += n
+                cell[1] += rssi * n
+            self.reads += n
+
+    def health(self, h: ReaderHealth) -> None:
+        """Note a reader health change that happened during the pass."""
+        if h.reader_id not in self._ports:
+            return
+        start = self._sessions.get(h.reader_id)
+        if start is None:
+            self._sessions[h.reader_id] = h.session
+        elif h.session != start:
+            self._problem(f"{h.reader_id} reconnected")
+        self._check(h)
+
+    def result(self, now: float) -> ScanResult:
+        """The pass outcome: present tags with their drawers."""
+        min_reads = self._min_reads
+        present: dict[str, str] = {}
+        stats: dict[str, dict[str, tuple[float, float]]] = {}
+        for epc, s in self._tags.items():
+            if s.count >= min_reads:
+                present[epc] = _strongest(s.by_drawer)
+                stats[epc] = {d: (c[0], c[1]) for d, c in s.by_drawer.items()}
+        return ScanResult(
+            present=MappingProxyType(dict(sorted(present.items()))),
+            complete=self.complete,
+            problems=self.problems,
+            reads=self.reads,
+            duration_ms=max(0, round((now - self.started) * 1000)),
+            stats=MappingProxyType(stats),
+        )
+
+    def _check(self, h: ReaderHealth) -> None:
+        if not h.healthy:
+            self._problem(f"{h.reader_id} {h.state.value}")
+        if h.antennas_connected is not None:
+            for port in sorted(self._ports[h.reader_id] - h.antennas_connected):
+                self._problem(f"{h.reader_id} antenna {port} disconnected")
+
+    def _problem(self, text: str) -> None:
+        if text not in self._problems and len(self._problems) < MAX_PROBLEMS:
+            self._problems.append(text)
