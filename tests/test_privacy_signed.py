@@ -307,3 +307,27 @@ def test_format_time() -> None:
     assert (
         format_time(datetime(2026, 1, 2, 3, 4, 5, 500000, tzinfo=UTC)) == "2026-01-02T03:04:05.5Z"
     )
+
+
+def test_non_canonical_base64_signature_refused() -> None:
+    wire = json.loads(signed(allow_list()))
+    sig = wire["sig"]
+    assert sig.endswith("==")
+    # The last data character carries 4 unused bits: flip one and the bytes decode the same.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    twin = sig[:-3] + alphabet[alphabet.index(sig[-3]) ^ 1] + "=="
+    assert base64.b64decode(twin) == base64.b64decode(sig)
+    wire["sig"] = twin
+    assert reason(json.dumps(wire).encode()) == DocumentError.MALFORMED
+
+
+VALID_WIRE = signed(allow_list())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, len(VALID_WIRE) - 1), st.integers(1, 255))
+def test_any_single_byte_change_is_refused(index: int, flip: int) -> None:
+    tampered = bytearray(VALID_WIRE)
+    tampered[index] ^= flip
+    with pytest.raises(DocumentError):
+        verifier().verify(bytes(tampered), ALLOW_LIST, NOW)

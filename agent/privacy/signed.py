@@ -348,7 +348,8 @@ def _parse_wire(raw: bytes) -> tuple[dict[str, Any], str, bytes]:
         sig_bytes = base64.b64decode(sig, validate=True) if isinstance(sig, str) else b""
     except (binascii.Error, ValueError):
         sig_bytes = b""
-    if len(sig_bytes) != 64:
+    # Only the canonical encoding: otherwise unused trailing bits give one signature many spellings.
+    if len(sig_bytes) != 64 or base64.b64encode(sig_bytes).decode("ascii") != sig:
         raise DocumentError(DocumentError.MALFORMED, '"sig" must be 64 bytes in base64')
     try:
         _check_json(doc, 0)
