@@ -162,3 +162,10 @@ def test_header_is_bound_through_info_not_aad() -> None:
     sk_r = bytes.fromhex(v["recipient_private_key"])
     with pytest.raises(InvalidTag):
         rfc9180_open(sk_r, enc, info[:-1] + bytes([info[-1] ^ 1]), ct, aead_id=2)
+
+
+def test_spec_example_is_vector_0() -> None:
+    """The annotated header example in docs/envelope.md is the real header of vector 0."""
+    spec = (ROOT / "docs" / "envelope.md").read_text(encoding="utf-8")
+    line = next(ln for ln in spec.splitlines() if ln.startswith("43414531 "))
+    assert line.replace(" ", "") == load_vectors()["vectors"][0]["header_hex"]  # type: ignore[index]
