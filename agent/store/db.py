@@ -35,6 +35,7 @@ SANE_CLOCK_US = 1_577_836_800_000_000  # 2020-01-01T00:00:00Z
 _HEAD_KEY = "store.audit_head"
 RESERVED_KV_PREFIX = "store."
 _DROPPED_KEY = "dropped.p"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def to_us(dt: datetime) -> int:
@@ -494,8 +495,20 @@ class Database:
         return HousekeepingResult(aged, pruned, pages)
 
 
+def check_header(path: Path) -> None:
+    """Refuse a file that is not SQLite before SQLite opens it (and maybe deletes its -wal)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(100)
+    except FileNotFoundError:
+        return
+    if head and (len(head) < 100 or not head.startswith(_SQLITE_MAGIC)):
+        raise CorruptDatabaseError("file is not an SQLite database (bad header)")
+
+
 def open_database(path: Path, cfg: StoreConfig) -> Database:
     """Connect, check integrity and migrate; corruption surfaces as sqlite3.DatabaseError."""
+    check_header(path)
     conn = connect(path, cfg)
     try:
         problems = quick_check(conn)
@@ -520,13 +533,19 @@ def salvage_next_seq(path: Path) -> int | None:
         conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=1.0)
     except sqlite3.Error:
         return None
+    found: list[int] = []
     try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
-        top = conn.execute("SELECT max(seq) FROM outbox").fetchone()
-    except sqlite3.Error:
-        return None
+        for sql in (
+            "SELECT value FROM meta WHERE key = 'next_seq'",
+            "SELECT max(seq) + 1 FROM outbox",
+        ):
+            try:
+                row = conn.execute(sql).fetchone()
+            except sqlite3.Error:
+                continue
+            value: Any = row[0] if row else None
+            if isinstance(value, int) and 1 <= value < 2**62:
+                found.append(value)
     finally:
         conn.close()
-    candidates: list[Any] = [row[0] if row else None, (top[0] + 1) if top and top[0] else None]
-    values = [int(v) for v in candidates if isinstance(v, int) and 1 <= v < 2**62]
-    return max(values) if values else None
+    return max(found) if found else None
