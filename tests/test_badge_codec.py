@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.privacy.pseudonym import Pseudonymizer
 from drivers.badge.codec import (
     EM4100_FRAME_LEN,
     AsciiLineCodec,
@@ -174,6 +175,28 @@ def test_lines_any_bytes_never_crash_and_buffer_stays_bounded(
     for chunk in chunks:
         codec.feed(chunk)
         assert codec.buffered <= max_line
+
+
+def test_decimal_line_reader_agrees_with_em4100_reader() -> None:
+    """The same card on a decimal keyboard-style reader and an RDM6300 gets one pseudonym."""
+    card = "0102030405"
+    decimal = str(int(card, 16)).zfill(10)
+    codec = AsciiLineCodec(r"^(?P<id>[0-9]{10})$", id_base=10)
+    (from_line,) = codec.feed(decimal.encode() + b"\r\n")
+    (from_em,) = Em4100Codec().feed(Em4100Codec.encode(card))
+    pseudonymizer = Pseudonymizer("site-test", "k1", bytes(range(32)))
+    assert pseudonymizer.badge(from_line.reveal()) == pseudonymizer.badge(from_em.reveal())
+
+
+def test_line_ids_must_be_numbers_in_the_configured_base() -> None:
+    hex_codec = AsciiLineCodec(r"^(?P<id>\S+)$")
+    assert [b.reveal() for b in hex_codec.feed(b"xyz123\nab12\n")] == ["AB12"]
+    assert hex_codec.stats.rejected_lines == 1
+    dec_codec = AsciiLineCodec(r"^(?P<id>\S+)$", id_base=10)
+    assert [b.reveal() for b in dec_codec.feed(b"ab12\n255\n")] == ["FF"]
+    assert dec_codec.stats.rejected_lines == 1
+    with pytest.raises(ValueError, match="id_base"):
+        AsciiLineCodec(id_base=8)
 
 
 def test_pattern_without_id_group_refused() -> None:

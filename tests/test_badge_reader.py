@@ -23,6 +23,7 @@ from drivers.badge.config import BadgeReaderConfig
 from drivers.badge.reader import BadgeReader, BadgeSink
 from drivers.types import BadgeRead, ReaderHealth, ReaderState
 from simulators.badge import BadgeSimulator
+from tests.pii import assert_no_raw_ids
 
 TIMEOUT_S = 15.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,7 +220,9 @@ def _hostile_pseudonymizer(raw_id: str) -> str:
     return PSEUDONYMIZER.badge(raw_id)
 
 
-async def test_raw_badge_id_appears_nowhere(caplog: pytest.LogCaptureFixture) -> None:
+async def test_raw_badge_id_appears_nowhere(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
     caplog.set_level(logging.DEBUG)
     good, bad = "5EC2E7C0DE", "BADC0FFEE1"
     async with rig(
@@ -241,10 +244,14 @@ async def test_raw_badge_id_appears_nowhere(caplog: pytest.LogCaptureFixture) ->
         logged.append(repr(rec.args))
         if rec.exc_info:
             logged.append("".join(traceback.format_exception(*rec.exc_info)))
-    assert any("pseudonymizer failed (ValueError)" in line for line in logged)
     haystack = "\n".join(emitted + logged)
     for raw in (good, bad):
         assert raw not in haystack.upper()
+    # and in every encoding a careless write could use
+    dump = tmp_path / "everything-observable.txt"
+    dump.write_text(haystack, encoding="utf-8")
+    assert_no_raw_ids([dump], [good, bad])
+    assert any("pseudonymizer failed (ValueError)" in line for line in logged)
 
 
 async def test_unreachable_device_reports_offline_with_reason() -> None:
@@ -273,6 +280,10 @@ def test_config_rejects_bad_values() -> None:
         BadgeReaderConfig(id="b1", url="/dev/ttyUSB0", protocol="ascii-lines", pattern="[0-9]+")
     with pytest.raises(ValidationError, match="ascii-lines"):
         BadgeReaderConfig(id="b1", url="/dev/ttyUSB0", pattern="(?P<id>[0-9]+)")
+    with pytest.raises(ValidationError, match="ascii-lines"):
+        BadgeReaderConfig(id="b1", url="/dev/ttyUSB0", id_base=10)
+    with pytest.raises(ValidationError, match="id_base"):
+        BadgeReaderConfig(id="b1", url="/dev/ttyUSB0", protocol="ascii-lines", id_base=8)
     with pytest.raises(ValidationError, match="baud"):
         BadgeReaderConfig(id="b1", url="/dev/ttyUSB0?baud=fast")
     with pytest.raises(ValidationError, match="not a device path or URL"):

@@ -22,6 +22,7 @@ DEFAULT_MAX_LINE = 64
 MAX_LINE_LIMIT = 1024
 
 _HEX = frozenset(b"0123456789ABCDEFabcdef")
+_HEX_TEXT = frozenset("0123456789ABCDEFabcdef")
 
 
 class RawBadge:
@@ -189,9 +190,17 @@ class AsciiLineCodec:
     discarded up to its end, so the buffer never exceeds ``max_line`` bytes.
     """
 
-    def __init__(self, pattern: str = DEFAULT_LINE_PATTERN, max_line: int = DEFAULT_MAX_LINE):
+    def __init__(
+        self,
+        pattern: str = DEFAULT_LINE_PATTERN,
+        max_line: int = DEFAULT_MAX_LINE,
+        id_base: int = 16,
+    ) -> None:
         if not 1 <= max_line <= MAX_LINE_LIMIT:
             raise ValueError(f"max_line must be 1..{MAX_LINE_LIMIT}")
+        if id_base not in (10, 16):
+            raise ValueError("id_base must be 10 or 16")
+        self._id_base = id_base
         self._pattern = compile_line_pattern(pattern)
         self._max_line = max_line
         self._buf = bytearray()
@@ -249,6 +258,8 @@ class AsciiLineCodec:
             text = None
         match = self._pattern.search(text) if text else None
         raw_id = match.group("id") if match else None
+        if raw_id:
+            raw_id = self._canonical(raw_id.strip())
         if not raw_id:
             # A blank line between CR and LF is framing, not a rejected line.
             if text is not None and not text:
@@ -258,7 +269,17 @@ class AsciiLineCodec:
             self._stats.dropped_bytes += len(line)
             return None
         self._stats.frames += 1
-        return RawBadge(raw_id.strip().upper())
+        return RawBadge(raw_id)
+
+    def _canonical(self, text: str) -> str | None:
+        """Upper-case hex, whatever base the reader prints in; None if not a number."""
+        if self._id_base == 16:
+            return text.upper() if text and all(c in _HEX_TEXT for c in text) else None
+        # Keyboard-style readers print the card number in decimal; the pseudonymizer and
+        # the EM4100 readers speak hex, so the same card must come out the same.
+        if not text.isascii() or not text.isdigit() or len(text) > 40:
+            return None
+        return format(int(text), "X")
 
     @staticmethod
     def encode(card: str, line_end: bytes = b"\r\n") -> bytes:
@@ -277,11 +298,14 @@ def _find_line_end(data: bytes, pos: int) -> int:
 
 
 def make_codec(
-    protocol: str, pattern: str = DEFAULT_LINE_PATTERN, max_line: int = DEFAULT_MAX_LINE
+    protocol: str,
+    pattern: str = DEFAULT_LINE_PATTERN,
+    max_line: int = DEFAULT_MAX_LINE,
+    id_base: int = 16,
 ) -> Em4100Codec | AsciiLineCodec:
     """The codec for a configured protocol name."""
     if protocol == "em4100":
         return Em4100Codec()
     if protocol == "ascii-lines":
-        return AsciiLineCodec(pattern, max_line)
+        return AsciiLineCodec(pattern, max_line, id_base)
     raise ValueError(f"unknown badge protocol {protocol!r}")

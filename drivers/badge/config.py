@@ -22,6 +22,9 @@ class BadgeReaderConfig(StrictModel):
         DEFAULT_LINE_PATTERN, description="ascii-lines: regex with a named group 'id'"
     )
     max_line: int = Field(64, ge=8, le=MAX_LINE_LIMIT, description="ascii-lines: longest line")
+    id_base: Literal[10, 16] = Field(
+        16, description="ascii-lines: the reader prints card numbers in hex (16) or decimal (10)"
+    )
     baud: int = Field(9600, gt=0, le=4_000_000, description="unless the URL says ?baud=")
     repeat_interval_s: float = Field(
         2.0, ge=0, le=600, description="a card held to the reader yields one read per interval"
@@ -46,8 +49,10 @@ class BadgeReaderConfig(StrictModel):
 
     @model_validator(mode="after")
     def _pattern_only_for_lines(self) -> BadgeReaderConfig:
-        if self.protocol == "em4100" and self.pattern != DEFAULT_LINE_PATTERN:
-            raise ValueError("pattern applies to protocol 'ascii-lines' only")
+        if self.protocol == "em4100" and (
+            self.pattern != DEFAULT_LINE_PATTERN or self.id_base != 16
+        ):
+            raise ValueError("pattern and id_base apply to protocol 'ascii-lines' only")
         return self
 
     def target(self) -> SerialTarget:

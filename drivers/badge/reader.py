@@ -65,7 +65,7 @@ class BadgeReader:
         self._pseudonymize = pseudonymize
         self._clock: Clock = clock or SystemClock()
         self._backoff = backoff or Backoff(initial_s=cfg.backoff.initial_s, max_s=cfg.backoff.max_s)
-        self._codec = make_codec(cfg.protocol, cfg.pattern, cfg.max_line)
+        self._codec = make_codec(cfg.protocol, cfg.pattern, cfg.max_line, cfg.id_base)
         self._health = ReaderHealth(cfg.id, ReaderState.STOPPED, self._clock.now())
         self._session = 0
         self._reads = 0
