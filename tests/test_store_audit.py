@@ -1,0 +1,203 @@
+"""The audit log is a hash chain: edits, deletions, reordering and truncation are detected."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from agent.store import Store, StoreConfig
+from agent.store.db import to_us
+from tests.store_helpers import T0, FakeClock
+
+
+async def _log(path: Path, n: int, clock: FakeClock | None = None) -> None:
+    clock = clock or FakeClock()
+    store = await Store.open(StoreConfig(path=path), clock=clock)
+    try:
+        for i in range(n):
+            actor = "system" if i % 3 == 0 else f"cli:uid={1000 + i}"
+            await store.audit_append(actor, "allowlist.update", {"version": i, "entries": [i, "x"]})
+            clock.advance(timedelta(minutes=1))
+    finally:
+        await store.close()
+
+
+async def _verify(path: Path) -> tuple[bool, tuple[str, ...], int]:
+    store = await Store.open(StoreConfig(path=path), clock=FakeClock())
+    try:
+        report = await store.audit_verify()
+    finally:
+        await store.close()
+    return report.ok, report.problems, report.checked
+
+
+def _tamper(path: Path, *sql: str) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        for statement in sql:
+            conn.execute(statement)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def test_intact_chain_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    await _log(path, 10)
+    ok, problems, checked = await _verify(path)
+    assert ok, problems
+    assert checked == 10
+
+
+async def test_hash_follows_the_documented_canonical_form(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    await _log(path, 2)
+    conn = sqlite3.connect(path)
+    rows = conn.execute(
+        "SELECT seq, at_us, actor, action, details, prev_hash, hash FROM audit ORDER BY seq"
+    ).fetchall()
+    conn.close()
+    prev = bytes(32)
+    for seq, at_us, actor, action, details, prev_hash, digest in rows:
+        assert prev_hash == prev
+        assert json.loads(details) == {"version": seq - 1, "entries": [seq - 1, "x"]}
+        body = json.dumps(
+            [seq, at_us, actor, action, details, prev_hash.hex()],
+            separators=(",", ":"),
+            ensure_ascii=False,
+        ).encode()
+        assert digest == hashlib.sha256(b"cabinet-agent/audit/v1\0" + body).digest()
+        prev = digest
+    assert rows[0][1] == to_us(T0)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "expect"),
+    [
+        (
+            lambda: [
+                'UPDATE audit SET details = \'{"entries":[4,"x"],"version":40}\' WHERE seq = 5'
+            ],
+            "record 5: content does not match its hash (edited)",
+        ),
+        (lambda: ["UPDATE audit SET actor = 'system' WHERE seq = 2"], "record 2: content"),
+        (lambda: ["DELETE FROM audit WHERE seq = 5"], "record 6: expected seq 5"),
+        (
+            # Swap records 3 and 4 wholesale (seq numbers travel with them).
+            lambda: [
+                "UPDATE audit SET seq = -3 WHERE seq = 3",
+                "UPDATE audit SET seq = 3 WHERE seq = 4",
+                "UPDATE audit SET seq = 4 WHERE seq = -3",
+            ],
+            "record 3",
+        ),
+        (
+            # Swap the contents but keep the seq column in order.
+            lambda: [
+                "CREATE TEMP TABLE t AS SELECT * FROM audit WHERE seq IN (3, 4)",
+                "UPDATE audit SET (at_us, actor, action, details, prev_hash, hash) = "
+                "(SELECT at_us, actor, action, details, prev_hash, hash FROM t WHERE t.seq = 7 - audit.seq) "
+                "WHERE seq IN (3, 4)",
+            ],
+            "record 3: prev_hash does not match",
+        ),
+        (
+            lambda: ["DELETE FROM audit WHERE seq >= 9"],
+            "tail truncated: head is 10, last record is 8",
+        ),
+        (lambda: ["DELETE FROM audit"], "log is empty but the head says 10 records"),
+        (lambda: ["DELETE FROM audit WHERE seq = 1"], "record 2: expected seq 1"),
+    ],
+)
+async def test_tampering_is_detected(
+    tmp_path: Path, tamper: Callable[[], list[str]], expect: str
+) -> None:
+    path = tmp_path / "s.db"
+    await _log(path, 10)
+    _tamper(path, *tamper())
+    ok, problems, _ = await _verify(path)
+    assert not ok
+    assert any(expect in p for p in problems), problems
+
+
+async def test_truncation_stays_visible_after_new_appends(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    await _log(path, 5)
+    _tamper(path, "DELETE FROM audit WHERE seq = 5")
+    await _log(path, 2)  # the chain continues from the head, not from the last row
+    ok, problems, _ = await _verify(path)
+    assert not ok
+    assert any("record 6: expected seq 5" in p for p in problems), problems
+
+
+async def test_retention_prunes_a_prefix_and_keeps_the_chain_verifiable(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    clock = FakeClock()
+    store = await Store.open(StoreConfig(path=path, audit_retention_days=365), clock=clock)
+    try:
+        for i in range(6):
+            await store.audit_append("system", "old", {"i": i})
+        clock.advance(timedelta(days=200))
+        for i in range(3):
+            await store.audit_append("system", "newer", {"i": i})
+        clock.advance(timedelta(days=200))  # the first six are now 400 days old
+        result = await store.housekeeping()
+        assert result.audit_pruned == 6
+        report = await store.audit_verify()
+        assert report.ok, report.problems
+        assert (report.anchor_seq, report.first_seq, report.last_seq) == (6, 7, 9)
+        assert await store.audit_append("system", "after-prune", {}) == 10
+        assert (await store.audit_verify()).ok
+        tail = await store.audit_tail(2)
+        assert [(r.seq, r.action) for r in tail] == [(9, "newer"), (10, "after-prune")]
+        # Pruning again finds nothing new to prune.
+        assert (await store.housekeeping()).audit_pruned == 0
+    finally:
+        await store.close()
+    # Deleting the first kept record is still caught (it no longer matches the anchor).
+    _tamper(path, "DELETE FROM audit WHERE seq = 7")
+    ok, problems, _ = await _verify(path)
+    assert not ok
+    assert any("record 8: expected seq 7" in p for p in problems), problems
+
+
+async def test_skewed_clock_does_not_punch_holes(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    clock = FakeClock()
+    store = await Store.open(StoreConfig(path=path, audit_retention_days=30), clock=clock)
+    try:
+        await store.audit_append("system", "a", {})
+        clock.advance(timedelta(days=100))
+        await store.audit_append("system", "b", {})  # recent
+        clock.advance(timedelta(days=-99))  # the clock stepped back
+        await store.audit_append("system", "c", {})  # looks old
+        clock.advance(timedelta(days=99 + 10))
+        # Only the contiguous old prefix goes: record 1. Record 3 stays behind record 2.
+        assert (await store.housekeeping()).audit_pruned == 1
+        report = await store.audit_verify()
+        assert report.ok
+        assert (report.first_seq, report.last_seq) == (2, 3)
+    finally:
+        await store.close()
+
+
+async def test_details_must_be_plain_json(tmp_path: Path) -> None:
+    store = await Store.open(StoreConfig(path=tmp_path / "s.db"), clock=FakeClock())
+    try:
+        with pytest.raises(ValueError, match="JSON"):
+            await store.audit_append("system", "x", {"bad": object()})
+        with pytest.raises(ValueError, match="JSON"):
+            await store.audit_append("system", "x", {"nan": float("nan")})
+        with pytest.raises(ValueError):
+            await store.audit_append("", "x", {})
+        assert (await store.audit_verify()).checked == 0
+        seq, digest = await store.audit_head()
+        assert (seq, digest) == (0, bytes(32))
+    finally:
+        await store.close()
