@@ -1,0 +1,200 @@
+"""Structured logging to stdout, one event per line: journald (or a terminal) picks it up.
+
+``text`` is for people, ``json`` for log shippers (one object per line: time, level, logger, msg,
+then any ``extra=`` fields). Under systemd (JOURNAL_STREAM names our stdout) each line starts with
+a ``<N>`` syslog priority, which journald strips and turns into the entry's priority, so
+``journalctl -p warning`` works; the timestamp is left to journald then.
+
+No regex redaction of "things that look like badge ids": raw ids are kept out of logs by
+construction (drivers pseudonymize at decode time; ``RawBadge`` prints as ``<redacted>``). A
+hex-run mask cannot be precise here: EPCs, event ids and key fingerprints are long hex runs we need
+in logs, while an EM4100 number is just 10 hex digits and ASCII readers may send decimal ids. It
+would garble diagnostics and still promise a guarantee it cannot keep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import traceback
+from datetime import UTC, datetime
+from typing import Any, Literal, TextIO
+
+LogFormat = Literal["text", "json"]
+
+# Third-party loggers that are chatty below WARNING (sllurp narrates every LLRP state change at
+# INFO). Capped whatever the configured level, so DEBUG means *our* debug output.
+NOISY_LOGGERS: dict[str, int] = {
+    "sllurp": logging.WARNING,
+    "paho": logging.WARNING,
+    "asyncio": logging.WARNING,
+}
+
+_SYSLOG_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+# Every attribute a plain LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "task",
+}
+
+
+def setup_logging(
+    level: str | int = "INFO",
+    fmt: LogFormat = "text",
+    *,
+    stream: TextIO | None = None,
+    journal: bool | None = None,
+) -> logging.Handler:
+    """Send all logs to ``stream`` (stdout) in ``fmt``; safe to call again on reload.
+
+    ``journal=None`` detects journald from JOURNAL_STREAM. Returns the installed handler.
+    """
+    out = stream if stream is not None else sys.stdout
+    if journal is None:
+        journal = stream_is_journal(out)
+    handler = logging.StreamHandler(out)
+    handler.set_name(_HANDLER_NAME)
+    formatter: logging.Formatter = (
+        JsonFormatter(journal=journal) if fmt == "json" else TextFormatter(journal=journal)
+    )
+    handler.setFormatter(formatter)
+    handler.addFilter(_TaskNameFilter())
+    root = logging.getLogger()
+    # Replace only the handler a previous call installed; leave anyone else's alone.
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name, cap in NOISY_LOGGERS.items():
+        noisy = logging.getLogger(name)
+        noisy.setLevel(max(cap, root.level))
+    return handler
+
+
+def stream_is_journal(stream: TextIO) -> bool:
+    """True if ``stream`` is the journald stream systemd connected (JOURNAL_STREAM=dev:inode)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-29T21:24:18.123Z INFO    agent.x: message key=value`` on one line."""
+
+    def __init__(self, *, journal: bool = False) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = []
+        if not self.journal:
+            parts.append(_iso_time(record.created))
+        parts.append(f"{record.levelname:<7} {record.name}: {record.getMessage()}")
+        for key, value in extra_fields(record).items():
+            parts.append(f"{key}={_text_value(value)}")
+        line = " ".join(parts)
+        details = _exception_text(record)
+        if details:
+            line = f"{line} | {details}"
+        # One event per line: journald would otherwise split a traceback into many entries.
+        line = line.replace("\r", "").replace("\n", "\\n")
+        return _prefix(record, line) if self.journal else line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, msg, task, extra fields, exc."""
+
+    def __init__(self, *, journal: bool = False) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": _iso_time(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        task = getattr(record, "task", None)
+        if task:
+            data["task"] = task
+        for key, value in extra_fields(record).items():
+            data.setdefault(key, value)
+        details = _exception_text(record)
+        if details:
+            data["exc"] = details
+        line = json.dumps(data, default=str, ensure_ascii=False, separators=(",", ":"))
+        return _prefix(record, line) if self.journal else line
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The ``extra=`` fields of a record, in the order they were given."""
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
+
+
+# -- private -----------------------------------------------------------------------------------
+
+_HANDLER_NAME = "cabinet-agent-stdout"
+
+
+class _TaskNameFilter(logging.Filter):
+    """Adds the running asyncio task's name (every task is named, so this says who logged)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop in this thread
+            task = None
+        record.task = task.get_name() if task is not None else None
+        return True
+
+
+def _iso_time(created: float) -> str:
+    stamp = datetime.fromtimestamp(created, UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def _text_value(value: object) -> str:
+    text = str(value)
+    if not text or any(c.isspace() or c in '"=' for c in text):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _exception_text(record: logging.LogRecord) -> str:
+    parts = []
+    if record.exc_info and record.exc_info[0] is not None:
+        parts.append("".join(traceback.format_exception(*record.exc_info)).rstrip())
+    elif record.exc_text:
+        parts.append(record.exc_text.rstrip())
+    if record.stack_info:
+        parts.append(record.stack_info.rstrip())
+    return "\n".join(parts)
+
+
+def _prefix(record: logging.LogRecord, line: str) -> str:
+    priority = _SYSLOG_PRIORITY.get(record.levelno)
+    if priority is None:
+        # Custom levels: the nearest standard one at or below.
+        below = [lvl for lvl in _SYSLOG_PRIORITY if lvl <= record.levelno]
+        priority = _SYSLOG_PRIORITY[max(below)] if below else 7
+    return f"<{priority}>{line}"
