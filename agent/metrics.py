@@ -1,0 +1,228 @@
+"""Prometheus metrics on loopback: what a fleet dashboard needs to see from one cabinet.
+
+prometheus-client provides the exposition format and the HTTP server (one thread plus one short
+thread per scrape); everything lives in our own registry, not the library's global one, so tests
+and reloads never collide. Label values are reader ids, antenna ports, event types and drop
+reasons: bounded sets from config and code, never tag EPCs or badge pseudonyms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+    start_http_server,
+)
+from pydantic import Field
+
+from agent import __version__
+from drivers.config import StrictModel
+from drivers.errors import TransientError
+from drivers.types import ReaderState
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9780
+_STOP_TIMEOUT_S = 10.0
+
+# MQTT publish round trips: LAN ~ms, cellular backhaul ~s; beyond a minute is an outage.
+PUBLISH_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+class MetricsConfig(StrictModel):
+    enabled: bool = True
+    host: Literal["127.0.0.1", "::1"] = Field(
+        "127.0.0.1", description="loopback only: scrape through a local agent or a tunnel"
+    )
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="0 picks a free port (tests)")
+
+
+class MetricsServerError(TransientError):
+    """The metrics endpoint could not be started (port taken...); the agent runs on without it."""
+
+
+class Metrics:
+    """The agent's metrics, with one small method per thing that happens."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.info = Info("cabinet_agent", "cabinet-agent build", registry=r)
+        self.info.info({"version": __version__})
+        self.tag_reads_total = Counter(
+            "cabinet_tag_reads",
+            "Tag reads received (seen counts summed)",
+            ["reader", "antenna"],
+            registry=r,
+        )
+        self.reader_state_enum = Enum(
+            "cabinet_reader_state",
+            "Current reader state (1 for the active state)",
+            ["reader"],
+            states=[s.value for s in ReaderState],
+            registry=r,
+        )
+        self.reader_reconnects_total = Counter(
+            "cabinet_reader_reconnects", "Reader sessions re-established", ["reader"], registry=r
+        )
+        self.door_cycles_total = Counter(
+            "cabinet_door_cycles", "Door cycles closed by a settle scan", ["outcome"], registry=r
+        )
+        self.events_total = Counter(
+            "cabinet_events", "Domain events produced, by type", ["type"], registry=r
+        )
+        self.outbox_depth = Gauge(
+            "cabinet_outbox_depth", "Sealed events awaiting delivery", registry=r
+        )
+        self.outbox_bytes = Gauge(
+            "cabinet_outbox_bytes", "Bytes of sealed events awaiting delivery", registry=r
+        )
+        self.outbox_oldest_age = Gauge(
+            "cabinet_outbox_oldest_age_seconds",
+            "Age of the oldest undelivered event (0 when empty)",
+            registry=r,
+        )
+        self.publish_latency = Histogram(
+            "cabinet_publish_latency_seconds",
+            "Time from publish to PUBACK",
+            buckets=PUBLISH_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.mqtt_reconnects_total = Counter(
+            "cabinet_mqtt_reconnects", "MQTT connections re-established", registry=r
+        )
+        self.events_dropped_total = Counter(
+            "cabinet_events_dropped",
+            "Events dropped before delivery by an explicit overflow/retention policy",
+            ["reason"],
+            registry=r,
+        )
+
+    def tag_reads(self, reader: str, antenna: int, count: int = 1) -> None:
+        """``count`` reads of any tag on one antenna."""
+        self.tag_reads_total.labels(reader, str(antenna)).inc(count)
+
+    def reader_state(self, reader: str, state: ReaderState) -> None:
+        """A reader changed state."""
+        self.reader_state_enum.labels(reader).state(state.value)
+
+    def reader_reconnect(self, reader: str) -> None:
+        """A reader session came back after a failure."""
+        self.reader_reconnects_total.labels(reader).inc()
+
+    def door_cycle(self, outcome: str = "complete") -> None:
+        """A door cycle ended (``complete``, ``incomplete``, ...)."""
+        self.door_cycles_total.labels(outcome).inc()
+
+    def event(self, event_type: str, count: int = 1) -> None:
+        """Domain events of one type were committed."""
+        self.events_total.labels(event_type).inc(count)
+
+    def outbox(self, depth: int, size_bytes: int, oldest_age_s: float) -> None:
+        """The outbox's current size and backlog age."""
+        self.outbox_depth.set(depth)
+        self.outbox_bytes.set(size_bytes)
+        self.outbox_oldest_age.set(oldest_age_s)
+
+    def published(self, latency_s: float) -> None:
+        """One event was acknowledged by the broker after ``latency_s``."""
+        self.publish_latency.observe(latency_s)
+
+    def mqtt_reconnect(self) -> None:
+        """The MQTT session came back."""
+        self.mqtt_reconnects_total.inc()
+
+    def dropped(self, reason: str, count: int = 1) -> None:
+        """Events dropped by policy (never silently: also alerted)."""
+        self.events_dropped_total.labels(reason).inc(count)
+
+    def render(self) -> bytes:
+        """The exposition text (what a scrape returns)."""
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """The HTTP endpoint on loopback, started and stopped from asyncio."""
+
+    def __init__(self, cfg: MetricsConfig, registry: CollectorRegistry) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.started = asyncio.Event()  # serve() made its start attempt (bound, off or failed)
+
+    @property
+    def port(self) -> int | None:
+        """The bound port (useful with ``port = 0``), or None when not serving."""
+        return None if self._httpd is None else int(self._httpd.server_address[1])
+
+    async def start(self) -> None:
+        """Bind and serve; a no-op when disabled. Raises MetricsServerError if the port is taken."""
+        if not self.cfg.enabled or self._httpd is not None:
+            return
+        try:
+            httpd, thread = start_http_server(self.cfg.port, self.cfg.host, self.registry)
+        except OSError as err:
+            raise MetricsServerError(
+                f"metrics endpoint {self.cfg.host}:{self.cfg.port} unavailable: {err.strerror or err}"
+            ) from err
+        thread.name = "metrics-http"
+        self._httpd, self._thread = httpd, thread
+        logger.info("metrics on http://%s:%d/metrics", self.cfg.host, self.port)
+
+    async def stop(self) -> None:
+        """Stop serving, close the socket and join the server thread."""
+        httpd, thread = self._httpd, self._thread
+        self._httpd = self._thread = None
+        if httpd is None or thread is None:
+            return
+        # shutdown() blocks until serve_forever notices (up to its 0.5 s poll): off the loop,
+        # on a private executor that is gone when we return (the default one would linger).
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1, thread_name_prefix="metrics-stop") as pool:
+            await asyncio.wait_for(loop.run_in_executor(pool, httpd.shutdown), _STOP_TIMEOUT_S)
+            httpd.server_close()
+            await asyncio.wait_for(
+                loop.run_in_executor(pool, thread.join, _STOP_TIMEOUT_S), _STOP_TIMEOUT_S + 1
+            )
+        if thread.is_alive():
+            logger.warning("metrics server thread did not stop")
+
+    async def serve(self, stop_event: asyncio.Event) -> None:
+        """Run until ``stop_event`` (for the daemon's TaskGroup); a failed bind is logged, not
+        fatal: the cabinet's job does not depend on being scraped."""
+        try:
+            await self.start()
+        except MetricsServerError as err:
+            logger.error("%s; running without metrics", err)
+        self.started.set()
+        try:
+            await stop_event.wait()
+        finally:
+            await self.stop()
