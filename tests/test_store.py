@@ -25,6 +25,7 @@ from agent.store import (
     StoreClosedError,
     StoreConfig,
 )
+from agent.store.schema import LATEST, MIGRATIONS
 from agent.store.worker import Worker
 from tests.pii import assert_no_raw_ids, find_raw_ids
 from tests.store_helpers import T0, FakeClock, db_files, next_rows, rows_from
@@ -45,7 +46,7 @@ async def test_fresh_store_starts_at_seq_1_with_wal_and_schema(tmp_path: Path) -
     conn = sqlite3.connect(tmp_path / "state.db")
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 1
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == LATEST
     finally:
         conn.close()
     assert (tmp_path / "state.db").stat().st_mode & 0o077 == 0
@@ -363,3 +364,37 @@ async def test_pii_helper_finds_what_it_must(tmp_path: Path) -> None:
     assert not any("raw id #3" in h for h in hits)
     with pytest.raises(AssertionError, match="raw badge ids found"):
         assert_no_raw_ids(files, ["0012AB34CD"])
+
+
+async def test_migrates_an_older_schema_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL) STRICT"
+    )
+    for sql in MIGRATIONS[0][1]:
+        conn.execute(sql)
+    conn.execute("INSERT INTO schema_version VALUES (1, 0)")
+    conn.execute(
+        "INSERT INTO outbox (seq, event_id, priority, kind, created_us, size, envelope) "
+        "VALUES (1, ?, 0, 'item.returned', 0, 5, x'0102030405')",
+        (uuid.uuid4().bytes,),
+    )
+    conn.execute("UPDATE meta SET value = 2 WHERE key = 'next_seq'")
+    conn.close()
+    store = await Store.open(cfg(tmp_path), clock=FakeClock())
+    try:
+        assert await store.next_seq() == 2
+        assert (await store.stats()).bytes == 5  # the running total starts from the old rows
+        await store.append_events(next_rows(store, 3, size=10))
+        await store.ack([1, 3])
+        assert (await store.stats()).bytes == 20
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        versions = [v for (v,) in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
+        assert versions == list(range(1, LATEST + 1))
+        assert conn.execute("SELECT sum(size) FROM outbox").fetchone()[0] == 20
+    finally:
+        conn.close()

@@ -134,8 +134,7 @@ class Database:
         self.conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (value,))
 
     def outbox_bytes(self) -> int:
-        row = self.conn.execute("SELECT coalesce(sum(size), 0) FROM outbox").fetchone()
-        return int(row[0])
+        return self._meta("outbox_bytes")
 
     def dropped_counts(self) -> dict[int, int]:
         rows = self.conn.execute(

@@ -64,6 +64,23 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "INSERT INTO meta (key, value) VALUES ('next_seq', 1)",
         ),
     ),
+    (
+        2,
+        (
+            # A running total instead of sum(size) on every write (which grew with the backlog).
+            """INSERT INTO meta (key, value)
+               SELECT 'outbox_bytes', coalesce(sum(size), 0) FROM outbox""",
+            """CREATE TRIGGER outbox_bytes_insert AFTER INSERT ON outbox BEGIN
+                   UPDATE meta SET value = value + NEW.size WHERE key = 'outbox_bytes';
+               END""",
+            """CREATE TRIGGER outbox_bytes_delete AFTER DELETE ON outbox BEGIN
+                   UPDATE meta SET value = value - OLD.size WHERE key = 'outbox_bytes';
+               END""",
+            """CREATE TRIGGER outbox_bytes_update AFTER UPDATE OF size ON outbox BEGIN
+                   UPDATE meta SET value = value - OLD.size + NEW.size WHERE key = 'outbox_bytes';
+               END""",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]
