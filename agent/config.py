@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from agent.domain.config import CabinetDomainConfig
 from agent.mqtt.config import MqttConfig
+from agent.privacy.config import PrivacyConfig
 from agent.store.config import StoreConfig
 from drivers.badge.config import BadgeReaderConfig
 from drivers.config import READER_ID_PATTERN, StrictModel
@@ -39,6 +40,7 @@ class AgentConfig(StrictModel):
     mqtt: MqttConfig | None = None
     domain: CabinetDomainConfig = CabinetDomainConfig()
     store: StoreConfig = StoreConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     badge_readers: list[BadgeReaderConfig] = Field(default_factory=list)
     door: DoorConfig | None = None
 
