@@ -141,6 +141,10 @@ class CabinetEngine:
         self.site_id = site_id
         self.cabinet_id = cabinet_id
         self.antennas: dict[Antenna, str] = config.antenna_map(readers)
+        ports: dict[str, set[int]] = {}
+        for reader, port in self.antennas:
+            ports.setdefault(reader, set()).add(port)
+        self._ports = {r: frozenset(p) for r, p in sorted(ports.items())}
         self.baseline = baseline if baseline is not None else Baseline()
         self.access = AccessControl(config, allow_list)
         self.assets = assets
@@ -153,9 +157,12 @@ class CabinetEngine:
         self._pending: list[str] = []  # holders badged in, door not yet opened
         self._unlock_deadline = 0.0
         self._scan: ScanAccumulator | None = None
+        self._waiting = False  # the pass waits for every reader to be healthy before it counts
         self._first_pass: ScanResult | None = None
         self._bg_attempts = 0
         self._bg_next = now.mono + config.background_period_s
+        # An incomplete session left the baseline unverified: inventory as soon as readers allow.
+        self._verify = False
         self._last = now
         self._dirty = True
         self._started = False
@@ -220,8 +227,14 @@ class CabinetEngine:
                     antennas_connected=sorted(ants) if ants is not None else None,
                 )
             )
+        if self._verify and self.phase is Phase.IDLE and self._readers_ready():
+            self._bg_next = min(self._bg_next, now.mono)
         if self._scan is not None:
             self._scan.health(health)
+            if self._waiting and self._readers_ready():
+                # Start counting only now: a pass begun with a reader down could never be complete.
+                self._waiting = False
+                self._scan = ScanAccumulator(self.config, self.antennas, self.health, now.mono)
         return self._end(out)
 
     def on_badge(self, badge: BadgeRead, now: Now) -> EngineOutput:
@@ -297,6 +310,7 @@ class CabinetEngine:
             "unlock_remaining_s": max(0.0, self._unlock_deadline - at),
             "bg_remaining_s": max(0.0, self._bg_next - at),
             "offline": sorted(self._offline),
+            "verify": self._verify,
             "access": self.access.snapshot(at),
             "baseline": self.baseline.to_dict(),
             "session": None
@@ -355,6 +369,7 @@ class CabinetEngine:
             engine._unlock_deadline = base.mono + float(state["unlock_remaining_s"])
             engine._bg_next = base.mono + float(state["bg_remaining_s"])
             engine._offline = {str(r) for r in state["offline"]}
+            engine._verify = bool(state["verify"])
             engine.access.restore(state["access"], base)
             s = state["session"]
             if s is not None:
@@ -464,7 +479,6 @@ class CabinetEngine:
         if phase is Phase.UNLOCKED and now.mono >= self._unlock_deadline:
             self._pending = []
             self.phase = Phase.IDLE
-            self._bg_next = max(self._bg_next, now.mono)
             self._dirty = True
             out.commands.append(Relock())
         elif phase is Phase.OPEN:
@@ -474,7 +488,7 @@ class CabinetEngine:
         if (
             self.phase is Phase.IDLE
             and not self.door_open
-            and self.config.background_period_s > 0
+            and (self._verify or self.config.background_period_s > 0)
             and now.mono >= self._bg_next
         ):
             self._bg_attempts = 0
@@ -518,7 +532,17 @@ class CabinetEngine:
             out.commands.append(StartScan())
         self.phase = phase
         self._scan = ScanAccumulator(self.config, self.antennas, self.health, now.mono)
+        self._waiting = not self._readers_ready()
         self._dirty = True
+
+    def _readers_ready(self) -> bool:
+        for reader, ports in self._ports.items():
+            h = self.health.get(reader)
+            if h is None or not h.healthy:
+                return False
+            if h.antennas_connected is not None and not ports <= h.antennas_connected:
+                return False
+        return True
 
     def _stop_pass(self, out: EngineOutput) -> None:
         self._scan = None
@@ -538,9 +562,10 @@ class CabinetEngine:
         elapsed_ms = (now.mono - scan.started) * 1000
         quiet_ms = (now.mono - scan.last_new) * 1000
         if elapsed_ms < cfg.scan_max_ms and (
-            elapsed_ms < cfg.scan_min_ms or quiet_ms < cfg.stable_ms
+            self._waiting or elapsed_ms < cfg.scan_min_ms or quiet_ms < cfg.stable_ms
         ):
             return
+        self._waiting = False
         result = scan.result(now.mono)
         self._scan = None
         if self.phase in _SESSION_SCANS:
@@ -668,7 +693,12 @@ class CabinetEngine:
         self._scan = None
         self._first_pass = None
         self.phase = Phase.IDLE
-        self._bg_next = now.mono + self.config.background_period_s
+        self._verify = result is None
+        period = self.config.background_period_s
+        if self._verify:
+            # Re-check at once if the readers are fine, else when they are back (on_health).
+            period = 0.0 if self._readers_ready() else (period or 3600.0)
+        self._bg_next = now.mono + period
         self._dirty = True
 
     def _background_pass_done(self, result: ScanResult, now: Now, out: EngineOutput) -> None:
@@ -689,7 +719,7 @@ class CabinetEngine:
                 self._start_pass(self.phase, now, out, first=False)
                 out.commands.append(StartScan())
             else:
-                self._finish_background(now, out)
+                self._finish_background(now, out, complete=False)
             return
         if self.phase is Phase.BACKGROUND:
             if diff(self.baseline, result.present).missing and self.config.confirm_pass:
@@ -725,15 +755,21 @@ class CabinetEngine:
                 items=self.baseline.to_dict(),
             )
         )
-        self._finish_background(now, out)
+        self._finish_background(now, out, complete=True)
 
-    def _finish_background(self, now: Now, out: EngineOutput) -> None:
+    def _finish_background(self, now: Now, out: EngineOutput, *, complete: bool) -> None:
         out.commands.append(StopScan())
         self._first_pass = None
         self._scan = None
         self.phase = Phase.IDLE
         self._bg_attempts = 0
-        self._bg_next = now.mono + self.config.background_period_s
+        period = self.config.background_period_s
+        if complete:
+            self._verify = False
+        elif self._verify and period == 0:
+            # Still unverified: try again in an hour, or sooner when a reader comes back.
+            period = 3600.0
+        self._bg_next = now.mono + period
         self._dirty = True
 
     def _placement_events(

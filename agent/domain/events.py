@@ -96,7 +96,7 @@ class SessionOpened(EventBase):
     type: Literal["session.opened"] = "session.opened"
     session_id: UUID
     actors: Actors
-    trigger: Literal["badge", "forced", "resumed"]
+    trigger: Literal["badge", "forced"]
     door_id: Name
 
 
