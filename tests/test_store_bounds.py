@@ -35,24 +35,20 @@ class Alerts:
 
     def __init__(self) -> None:
         self.seen: list[StoreAlert] = []
-        self._cond = asyncio.Condition()
+        self._changed = asyncio.Event()
 
     def __call__(self, alert: StoreAlert) -> None:
         self.seen.append(alert)
-        asyncio.get_running_loop().create_task(self._notify(), name="alert-notify")
-
-    async def _notify(self) -> None:
-        async with self._cond:
-            self._cond.notify_all()
+        self._changed.set()
 
     def of(self, kind: AlertKind) -> list[StoreAlert]:
         return [a for a in self.seen if a.kind is kind]
 
     async def wait_for(self, kind: AlertKind) -> StoreAlert:
-        async with asyncio.timeout(30), self._cond:
-            await self._cond.wait_for(lambda: bool(self.of(kind)))
-        # Let pending notify tasks finish so none outlives the test.
-        await asyncio.sleep(0)
+        async with asyncio.timeout(30):
+            while not self.of(kind):
+                self._changed.clear()
+                await self._changed.wait()
         return self.of(kind)[0]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -107,6 +108,7 @@ class Store:
         except BaseException:
             worker.stop()
             await asyncio.wait({worker.finished}, timeout=CLOSE_TIMEOUT_S)
+            worker.join(timeout=1.0)
             raise
         store = cls(cfg, worker, opened, on_alert)
         holder.append(store)
@@ -326,8 +328,6 @@ class Store:
 
     async def audit_tail(self, limit: int = 50) -> list[AuditRecord]:
         """The newest records, oldest first."""
-        import json
-
         rows = await self._submit(lambda d: d.audit_records(limit), write=False, ordered=True)
         return [
             AuditRecord(seq, dbmod.from_us(at), actor, action, json.loads(det), prev, digest)

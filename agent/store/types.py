@@ -28,6 +28,10 @@ class OutboxRow:
     attempts: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.event_id, uuid.UUID):
+            raise TypeError("event_id must be a uuid.UUID")
+        if not isinstance(self.envelope, bytes):
+            raise TypeError("envelope must be bytes")
         if self.seq < 1:
             raise ValueError(f"seq must be >= 1, got {self.seq}")
         if not 0 <= self.priority <= 9:
