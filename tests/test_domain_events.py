@@ -28,8 +28,8 @@ def _common(gen: Uuid7Generator) -> dict[str, Any]:
 def _one_of_each(gen: Uuid7Generator) -> list[ev.Event]:
     c = _common
     return [
-        ev.ItemCheckedOut(**c(gen), session_id=SID, actors=[ALICE], epc="e2001", drawer="top"),
-        ev.ItemReturned(**c(gen), session_id=SID, actors=[ALICE], epc="e2001", drawer="top"),
+        ev.ItemCheckedOut(**c(gen), session_id=SID, actors=[ALICE], epc="e20001", drawer="top"),
+        ev.ItemReturned(**c(gen), session_id=SID, actors=[ALICE], epc="e20001", drawer="top"),
         ev.SessionOpened(**c(gen), session_id=SID, actors=[ALICE], trigger="badge", door_id="door"),
         ev.SessionClosed(
             **c(gen),

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from agent.domain.config import CabinetDomainConfig
 from agent.domain.events import PSEUDONYM_PATTERN, DenyReason
@@ -27,6 +27,19 @@ class Role(enum.StrEnum):
 _ROLE_VALUES = frozenset(r.value for r in Role)
 OPEN_ROLES = frozenset({Role.USER, Role.SUPERVISOR})
 CLEAR_LOCKOUT_ROLES = frozenset({Role.SUPERVISOR})
+
+
+class VerifiedDocument(Protocol):
+    """What the domain needs of a verified signed document (privacy's SignedDocument fits)."""
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def expires_at(self) -> datetime: ...
+
+    @property
+    def body(self) -> Mapping[str, Any]: ...
 
 
 class AllowListError(ValueError):
@@ -76,6 +89,11 @@ class AllowList:
                     unknown.add(role[:32])
             entries[pseudonym] = frozenset(known)
         return cls(version, expires_at, entries, frozenset(unknown))
+
+    @classmethod
+    def from_document(cls, doc: VerifiedDocument) -> AllowList:
+        """From a verified signed document (``agent.privacy.signed.SignedDocument``)."""
+        return cls.from_body(doc.version, doc.expires_at, doc.body)
 
     def expired(self, at: datetime) -> bool:
         """True once ``at`` reaches the expiry."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-_EPC_RE = re.compile(r"[0-9a-f]{1,128}")
+_EPC_RE = re.compile(r"(?:[0-9a-f]{2}){1,64}")
 _DRAWER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_ASSETS = 200_000
 

@@ -25,7 +25,7 @@ SCHEMA_VERSION = 1
 PSEUDONYM_PATTERN = r"^p1\.[A-Za-z0-9_-]{1,32}\.[A-Za-z2-7]{16,64}=*$"
 UNKNOWN_ACTOR = "unknown"
 ACTOR_PATTERN = r"^(?:unknown|p1\.[A-Za-z0-9_-]{1,32}\.[A-Za-z2-7]{16,64}=*)$"
-EPC_PATTERN = r"^[0-9a-f]{1,128}$"
+EPC_PATTERN = r"^(?:[0-9a-f]{2}){1,64}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 Actor = Annotated[str, Field(pattern=ACTOR_PATTERN, description="badge pseudonym or 'unknown'")]

@@ -12,7 +12,7 @@ from typing import NamedTuple
 from agent.domain.config import Antenna, CabinetDomainConfig
 from drivers.types import ReaderHealth, TagRead
 
-_EPC_RE = re.compile(r"[0-9a-f]{1,128}")
+_EPC_RE = re.compile(r"(?:[0-9a-f]{2}){1,64}")
 _DRAWER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_PROBLEMS = 32
 
