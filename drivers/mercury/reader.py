@@ -110,12 +110,14 @@ class MercuryReader:
                     await self._run_session()
                 except PermanentError as err:
                     delay = self._backoff.longest()
-                    logger.error("%s: %s; retrying in %.1fs", self.reader_id, err, delay)
                     reason = str(err)
+                    # Log the text, not the exception: a retained record would pin the
+                    # traceback's frames (and the dead port they reference).
+                    logger.error("%s: %s; retrying in %.1fs", self.reader_id, reason, delay)
                 except TransientError as err:
                     delay = self._backoff.next_delay()
-                    logger.warning("%s: %s; retrying in %.1fs", self.reader_id, err, delay)
                     reason = str(err)
+                    logger.warning("%s: %s; retrying in %.1fs", self.reader_id, reason, delay)
                 await self._publish(ReaderState.OFFLINE, reason)
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:
