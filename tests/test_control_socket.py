@@ -289,6 +289,44 @@ async def test_idle_connection_is_closed(sockdir: Path) -> None:
             await conn.close()
 
 
+async def test_half_closed_client_still_gets_its_answer(server: ControlServer) -> None:
+    conn = await RawConn.open(server.path)
+    try:
+        await conn.send(b'{"id": 1, "cmd": "status"}\n')
+        conn.writer.write_eof()  # like `socat` or `nc -N`: send, shut down writing, read
+        assert (await conn.reply())["result"]["state"] == "running"
+        assert await conn.eof()
+    finally:
+        await conn.close()
+
+
+async def test_client_that_stops_reading_is_dropped(
+    sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ended = asyncio.Event()
+    sent = 0
+
+    async def firehose(ctx: RequestContext) -> None:
+        nonlocal sent
+        try:
+            for _ in range(10_000):  # far more than any socket buffer holds
+                await ctx.emit("x" * 60_000)
+                sent += 1
+        finally:
+            ended.set()
+
+    async with ControlServer(_cfg(sockdir, write_timeout_s=0.2)) as srv:
+        srv.register("firehose", firehose, timeout_s=None)
+        conn = await RawConn.open(srv.path)
+        try:
+            await conn.send(b'{"id": 1, "cmd": "firehose"}\n')
+            await asyncio.wait_for(ended.wait(), WAIT_S)  # never reading a byte
+        finally:
+            await conn.close()
+    assert 0 < sent < 10_000
+    assert "control: dropping" in caplog.text
+
+
 async def test_client_hangup_cancels_its_stream(sockdir: Path) -> None:
     started = asyncio.Event()
     cancelled = asyncio.Event()

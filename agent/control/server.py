@@ -367,6 +367,7 @@ class _Connection:
         self.writer = writer
         self.write_lock = asyncio.Lock()
         self.inflight: dict[RequestId, asyncio.Task[None]] = {}
+        self.timeouts: dict[RequestId, float | None] = {}
         self.bucket = _TokenBucket(self.cfg.rate_per_s, self.cfg.rate_burst)
         self.peer = PeerCred(pid=0, uid=-1, gid=-1)
         self.broken = False
@@ -401,11 +402,13 @@ class _Connection:
             return
         logger.debug("control: connection from %s", self.peer.describe())
         try:
-            await self._read_loop()
+            if await self._read_loop():
+                await self._finish_bounded()
         finally:
             await self._cancel_inflight()
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self) -> bool:
+        """Serve request lines; True on a clean EOF from the client."""
         while not self.broken:
             try:
                 line = await asyncio.wait_for(
@@ -415,7 +418,7 @@ class _Connection:
                 if self.inflight:
                     continue  # a stream is running; silence from the client is expected
                 logger.info("control: closing idle connection from %s", self.peer.describe())
-                return
+                return False
             except ValueError:
                 # StreamReader's limit: the line can't be trusted to resynchronize; hang up.
                 logger.warning(
@@ -430,14 +433,24 @@ class _Connection:
                         f"request line longer than {self.cfg.max_line_bytes} bytes; closing",
                     )
                 )
-                return
+                return False
             except (ConnectionError, OSError):
-                return
+                return False
             if not line:
-                return  # EOF: the client hung up; in-flight requests are cancelled
+                return True
             if not line.strip():
                 continue
             await self._dispatch(line)
+        return False
+
+    async def _finish_bounded(self) -> None:
+        # EOF may be a half-close (`socat`, `nc -N`: send, shut down writing, read the answer):
+        # requests with a timeout may still finish; open-ended streams are cancelled after this.
+        bounded = {rid: t for rid, t in self.timeouts.items() if t is not None}
+        tasks = [self.inflight[rid] for rid in bounded if rid in self.inflight]
+        if tasks:
+            limit = max(bounded.values()) + self.cfg.write_timeout_s
+            await asyncio.wait(tasks, timeout=limit)
 
     async def _dispatch(self, line: bytes) -> None:
         if not self.bucket.take():
@@ -489,11 +502,13 @@ class _Connection:
             self._run_request(request, command), name=f"control:{request.cmd}#{request.id}"
         )
         self.inflight[request.id] = task
+        self.timeouts[request.id] = command.timeout_s
         task.add_done_callback(functools.partial(self._request_done, request.id))
 
     def _request_done(self, request_id: RequestId, task: asyncio.Task[None]) -> None:
         if self.inflight.get(request_id) is task:
             del self.inflight[request_id]
+            self.timeouts.pop(request_id, None)
         if not task.cancelled() and task.exception() is not None:
             logger.error("control: request task failed", exc_info=task.exception())
 
@@ -566,13 +581,20 @@ class _Connection:
                 await asyncio.wait_for(
                     self.writer.drain(), timeout=timeout_s or self.cfg.write_timeout_s
                 )
-            except (ConnectionError, OSError, TimeoutError) as err:
+            except TimeoutError as err:
                 # A client that stops reading must not pin memory: drop it.
                 self.broken = True
                 self.writer.transport.abort()
-                logger.info(
-                    "control: dropping %s: %s", self.peer.describe(), err or "write timeout"
+                logger.warning(
+                    "control: dropping %s: not reading replies for %.1f s",
+                    self.peer.describe(),
+                    timeout_s or self.cfg.write_timeout_s,
                 )
+                raise _ConnectionGone from err
+            except (ConnectionError, OSError) as err:
+                self.broken = True
+                self.writer.transport.abort()
+                logger.info("control: %s hung up: %s", self.peer.describe(), err)
                 raise _ConnectionGone from err
 
     async def _send_quietly(self, message: dict[str, Any], timeout_s: float | None = None) -> None:
