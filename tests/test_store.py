@@ -52,6 +52,23 @@ async def test_fresh_store_starts_at_seq_1_with_wal_and_schema(tmp_path: Path) -
     assert (tmp_path / "state.db").stat().st_mode & 0o077 == 0
 
 
+@pytest.mark.parametrize(("synchronous", "level"), [("FULL", 2), ("NORMAL", 1)])
+async def test_connection_pragmas(tmp_path: Path, synchronous: str, level: int) -> None:
+    store = await Store.open(cfg(tmp_path, synchronous=synchronous))
+    try:
+        diag = await store.diagnostics()
+    finally:
+        await store.close()
+    assert diag["journal_mode"] == "wal"
+    assert diag["synchronous"] == level
+    assert diag["foreign_keys"] == 1
+    assert diag["schema_version"] == LATEST
+    assert isinstance(diag["max_page_count"], int)
+    assert isinstance(diag["page_size"], int)
+    assert diag["max_page_count"] * diag["page_size"] <= StoreConfig().max_db_bytes
+    assert diag["file_bytes"] > 0
+
+
 async def test_commit_cycle_is_visible_after_reopen(tmp_path: Path) -> None:
     store = await Store.open(cfg(tmp_path))
     rows = next_rows(store, 3)

@@ -22,6 +22,7 @@ from agent.store import (
     Store,
     StoreAlert,
     StoreBackloggedError,
+    StoreClosedError,
     StoreConfig,
 )
 from tests.store_helpers import T0, FakeClock, next_rows
@@ -235,6 +236,33 @@ async def test_full_database_holds_writes_alerts_and_resumes(tmp_path: Path) -> 
         expected = [r.seq for r in submitted if r.seq not in set(delivered)]
         assert left == expected
         assert await store.next_seq() == submitted[-1].seq + 1
+    finally:
+        await store.close()
+
+
+async def test_close_fails_writes_still_held_by_a_full_disk(tmp_path: Path) -> None:
+    alerts = Alerts()
+    store = await Store.open(
+        cfg(
+            tmp_path / "s.db",
+            max_bytes=64 * KiB,
+            max_db_bytes=MiB,
+            overflow=OverflowPolicy(droppable_priorities=[]),
+            retry_initial_s=0.05,
+            retry_max_s=0.2,
+        ),
+        on_alert=alerts,
+    )
+    try:
+        submitted, held = await _fill_until_blocked(store, alerts, 8 * KiB)
+    finally:
+        await store.close()
+    # Never silent: the waiter learns its write did not become durable.
+    with pytest.raises(StoreClosedError):
+        held.result()
+    store = await Store.open(cfg(tmp_path / "s.db"))
+    try:
+        assert await store.next_seq() == submitted[-4].seq  # the held rows never landed
     finally:
         await store.close()
 

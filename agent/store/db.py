@@ -485,6 +485,29 @@ class Database:
         )
         return int(self.conn.execute("DELETE FROM audit WHERE seq <= ?", (last,)).rowcount)
 
+    # -- diagnostics ------------------------------------------------------------------------
+
+    def diagnostics(self) -> dict[str, int | str]:
+        out: dict[str, int | str] = {}
+        for pragma in (
+            "journal_mode",
+            "synchronous",
+            "foreign_keys",
+            "page_size",
+            "page_count",
+            "freelist_count",
+            "max_page_count",
+        ):
+            value = self.conn.execute(f"PRAGMA {pragma}").fetchone()[0]
+            out[pragma] = value if isinstance(value, int) else str(value)
+        out["schema_version"] = schema.current_version(self.conn)
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                out[f"file_bytes{suffix}"] = os.stat(str(self.cfg.path) + suffix).st_size
+            except OSError:
+                out[f"file_bytes{suffix}"] = 0
+        return out
+
     # -- housekeeping -------------------------------------------------------------------------
 
     def housekeeping(self, now_us: int) -> HousekeepingResult:

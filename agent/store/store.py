@@ -339,6 +339,13 @@ class Store:
         seq, digest = await self._submit(lambda d: d.audit_head(), write=False, ordered=True)
         return int(seq), bytes(digest)
 
+    async def diagnostics(self) -> dict[str, int | str]:
+        """Pragmas, schema version and file sizes, for cabinetctl and support bundles."""
+        result: dict[str, int | str] = await self._submit(
+            lambda d: d.diagnostics(), write=False, ordered=False
+        )
+        return result
+
     # -- maintenance ------------------------------------------------------------------------------
 
     async def housekeeping(self) -> HousekeepingResult:
