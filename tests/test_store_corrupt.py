@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.store import AlertKind, SchemaTooNewError, Store, StoreAlert, StoreConfig
+from agent.store import (
+    AlertKind,
+    SchemaTooNewError,
+    Store,
+    StoreAlert,
+    StoreConfig,
+    StoreFailedError,
+)
 from tests.store_helpers import FakeClock, next_rows
 
 PAGE = 4096
@@ -124,3 +131,37 @@ async def test_newer_schema_is_refused_not_quarantined(tmp_path: Path) -> None:
         assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 50
     finally:
         conn.close()
+
+
+async def test_corruption_while_running_stops_the_store_loudly(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = await Store.open(StoreConfig(path=path), clock=FakeClock())
+    try:
+        for _ in range(14):
+            await store.append_events(next_rows(store, 100, size=3000))
+    finally:
+        await store.close()
+    seen: list[StoreAlert] = []
+    store = await Store.open(StoreConfig(path=path), on_alert=seen.append, clock=FakeClock())
+    try:
+        # Damage pages the connection no longer caches (the file is larger than the cache).
+        _scribble(path, range(10, 300))
+        with pytest.raises(StoreFailedError, match="malformed"):
+            await store.peek(2000)
+        assert [a.kind for a in seen] == [AlertKind.FAILED]
+        with pytest.raises(StoreFailedError):
+            await store.append_events(next_rows(store, 1))
+    finally:
+        await store.close()
+    # The restart that follows quarantines the file and starts afresh.
+    store, _ = await _open_expecting_quarantine(path)
+    await store.close()
+
+
+def _scribble(path: Path, pages: range) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for page in pages:
+            os.pwrite(fd, os.urandom(PAGE), page * PAGE)
+    finally:
+        os.close(fd)
