@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import struct
 import uuid
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -260,13 +261,14 @@ class Database:
         return deleted
 
     def mark_failed(self, seq: int, reason: str) -> bool:
-        row = self.conn.execute(
+        rows = self.conn.execute(
             "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ? "
             "RETURNING attempts, dead, priority, kind",
             (reason[:200], seq),
-        ).fetchone()
-        if row is None:
+        ).fetchall()  # fetch all: a half-read RETURNING statement stays open
+        if not rows:
             return False
+        row = rows[0]
         attempts, dead, priority, kind = int(row[0]), int(row[1]), int(row[2]), str(row[3])
         if dead or attempts < self.cfg.dead_letter_after:
             return False
@@ -412,20 +414,23 @@ class Database:
         self.kv_put(_HEAD_KEY, struct.pack(">Q", seq) + digest, now_us)
         return seq
 
-    def audit_rows(self) -> Iterator[tuple[int, int, str, str, str, bytes, bytes]]:
+    def audit_rows(self) -> Generator[tuple[int, int, str, str, str, bytes, bytes]]:
         cur = self.conn.execute(
             "SELECT seq, at_us, actor, action, details, prev_hash, hash FROM audit ORDER BY seq"
         )
-        for seq, at_us, actor, action, details, prev, digest in cur:
-            yield (
-                int(seq),
-                int(at_us),
-                str(actor),
-                str(action),
-                str(details),
-                bytes(prev),
-                bytes(digest),
-            )
+        try:
+            for seq, at_us, actor, action, details, prev, digest in cur:
+                yield (
+                    int(seq),
+                    int(at_us),
+                    str(actor),
+                    str(action),
+                    str(details),
+                    bytes(prev),
+                    bytes(digest),
+                )
+        finally:
+            cur.close()
 
     def audit_verify(self) -> AuditReport:
         anchor_seq, anchor_hash = self._anchor()
@@ -433,9 +438,10 @@ class Database:
         head = None
         if raw is not None and len(raw) == 40:
             head = (int(struct.unpack(">Q", raw[:8])[0]), raw[8:])
-        checked, first, last, problems = audit.verify_chain(
-            self.audit_rows(), anchor_seq=anchor_seq, anchor_hash=anchor_hash, head=head
-        )
+        with contextlib.closing(self.audit_rows()) as rows:
+            checked, first, last, problems = audit.verify_chain(
+                rows, anchor_seq=anchor_seq, anchor_hash=anchor_hash, head=head
+            )
         if head is None and checked:
             problems.append("audit head record is missing")
         return AuditReport(

@@ -138,6 +138,9 @@ class Worker(threading.Thread):
         try:
             self._open()
         except BaseException as err:  # noqa: BLE001 -- every open failure goes to the awaiting loop
+            if self.db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.conn.close()
             self._settle_future(self.opened, err, None)
             self._settle_future(self.finished, None, None)
             return
