@@ -197,13 +197,25 @@ def crc16(data: bytes | bytearray | memoryview) -> int:
     return crc
 
 
+def _make_gen2_table() -> tuple[int, ...]:
+    table = []
+    for top in range(256):
+        crc = top << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+        table.append(crc)
+    return tuple(table)
+
+
+_GEN2_TABLE = _make_gen2_table()
+
+
 def gen2_crc16(data: bytes | bytearray | memoryview) -> int:
     """The EPC Gen2 CRC-16 a tag backscatters over PC + EPC (CRC-16/GENIBUS)."""
     crc = 0xFFFF
+    table = _GEN2_TABLE
     for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+        crc = ((crc << 8) & 0xFFFF) ^ table[(crc >> 8) ^ byte]
     return crc ^ 0xFFFF
 
 
