@@ -112,9 +112,8 @@ def test_presence_needs_min_reads_above_the_floor() -> None:
     assert acc.ignored == 5 + 5 + 6 + 3
     assert res.complete
     assert res.duration_ms == 3000
-    acc.add([_read("aa")], now=4.0)
-    assert dict(acc.result(now=4.0).present)["aa"] == "top"
-    assert acc.last_new == 4.0  # "aa" just became present: new evidence
+    with pytest.raises(RuntimeError, match="ended"):
+        acc.add([_read("aa")], now=4.0)
 
 
 def test_location_is_the_drawer_with_the_strongest_mean_rssi() -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from agent.domain.config import Antenna, CabinetDomainConfig
 from drivers.types import ReaderHealth, TagRead
@@ -58,6 +58,12 @@ class Baseline(Mapping[str, str]):
     def __getitem__(self, epc: str) -> str:
         return self._items[epc]
 
+    def get(self, epc: str, default: Any = None) -> Any:  # dict speed, not Mapping's try/except
+        return self._items.get(epc, default)
+
+    def __contains__(self, epc: object) -> bool:
+        return epc in self._items
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 
@@ -105,7 +111,9 @@ class _TagStats:
         self.by_drawer: dict[str, list[float]] = {}  # drawer → [reads, rssi sum]
 
 
-def _strongest(by_drawer: Mapping[str, list[float]]) -> str:
+def _strongest(by_drawer: Mapping[str, Sequence[float]]) -> str:
+    if len(by_drawer) == 1:
+        return next(iter(by_drawer))
     # Strongest mean RSSI; ties go to the drawer with more reads, then the name (deterministic).
     return max(by_drawer.items(), key=lambda kv: (kv[1][1] / kv[1][0], kv[1][0], kv[0]))[0]
 
@@ -120,29 +128,34 @@ class ScanResult:
     reads: int
     duration_ms: int
     passes: int = 1
-    stats: Mapping[str, Mapping[str, tuple[float, float]]] = field(default_factory=dict, repr=False)
+    # EPC → drawer → (reads, RSSI sum), for present tags; read-only by contract.
+    stats: Mapping[str, Mapping[str, Sequence[float]]] = field(default_factory=dict, repr=False)
 
     def merge(self, other: ScanResult) -> ScanResult:
         """Union of two passes: a tag present in either is present; location by combined RSSI."""
-        stats: dict[str, dict[str, list[float]]] = {}
-        for src in (self.stats, other.stats):
-            for epc, by_drawer in src.items():
-                acc = stats.setdefault(epc, {})
-                for drawer, (n, total) in by_drawer.items():
-                    cell = acc.setdefault(drawer, [0.0, 0.0])
-                    cell[0] += n
-                    cell[1] += total
-        present = {epc: _strongest(by_drawer) for epc, by_drawer in sorted(stats.items())}
+        stats: dict[str, Mapping[str, Sequence[float]]] = dict(self.stats)
+        present = dict(self.present)
+        for epc, theirs in other.stats.items():
+            mine = stats.get(epc)
+            if mine is None:
+                stats[epc] = theirs
+                present[epc] = other.present[epc]
+                continue
+            combined = {d: [c[0], c[1]] for d, c in mine.items()}
+            for drawer, (n, total) in theirs.items():
+                cell = combined.setdefault(drawer, [0.0, 0.0])
+                cell[0] += n
+                cell[1] += total
+            stats[epc] = combined
+            present[epc] = _strongest(combined)
         return ScanResult(
-            present=MappingProxyType(present),
+            present=MappingProxyType(dict(sorted(present.items()))),
             complete=self.complete and other.complete,
             problems=self.problems + tuple(p for p in other.problems if p not in self.problems),
             reads=self.reads + other.reads,
             duration_ms=self.duration_ms + other.duration_ms,
             passes=self.passes + other.passes,
-            stats=MappingProxyType(
-                {e: {d: (c[0], c[1]) for d, c in bd.items()} for e, bd in stats.items()}
-            ),
+            stats=MappingProxyType(stats),
         )
 
 
@@ -174,6 +187,7 @@ class ScanAccumulator:
         self._tags: dict[str, _TagStats] = {}
         self._present = 0
         self._problems: list[str] = []
+        self._closed = False
         self._sessions: dict[str, int] = {}
         for reader in sorted(self._ports):
             h = health.get(reader)
@@ -197,6 +211,8 @@ class ScanAccumulator:
 
     def add(self, reads: Iterable[TagRead], now: float) -> None:
         """Count a batch of reads observed at monotonic time ``now``."""
+        if self._closed:
+            raise RuntimeError("scan pass already ended")
         antennas = self._antennas
         tags = self._tags
         min_reads = self._min_reads
@@ -249,14 +265,15 @@ class ScanAccumulator:
         self._check(h)
 
     def result(self, now: float) -> ScanResult:
-        """The pass outcome: present tags with their drawers."""
+        """The pass outcome: present tags with their drawers. Ends the pass (no ``add`` after)."""
+        self._closed = True
         min_reads = self._min_reads
         present: dict[str, str] = {}
-        stats: dict[str, dict[str, tuple[float, float]]] = {}
+        stats: dict[str, Mapping[str, Sequence[float]]] = {}
         for epc, s in self._tags.items():
             if s.count >= min_reads:
                 present[epc] = _strongest(s.by_drawer)
-                stats[epc] = {d: (c[0], c[1]) for d, c in s.by_drawer.items()}
+                stats[epc] = s.by_drawer  # handed over, not copied: the pass is over
         return ScanResult(
             present=MappingProxyType(dict(sorted(present.items()))),
             complete=self.complete,
