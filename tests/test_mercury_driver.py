@@ -179,7 +179,10 @@ async def test_unplugged_module_is_retried_until_it_returns(transport: str) -> N
 async def test_silent_module_trips_the_watchdog_then_recovers() -> None:
     async with MercurySimulator("pty", antennas=1, seed=5) as sim:
         sim.add_random_tags(3)
-        async with running(sim, watchdog_s=1.0, command_timeout_s=1.0) as (driver, sink):
+        async with running(sim, watchdog_s=1.0, command_timeout_s=1.0, cycle_timeout_ms=250) as (
+            driver,
+            sink,
+        ):
             await driver.start_inventory()
             await sink.wait_for(lambda: len(sink.reads) >= 5)
             mark = len(sink.health)
@@ -198,7 +201,7 @@ async def test_silent_module_trips_the_watchdog_then_recovers() -> None:
 async def test_silence_while_idle_is_noticed_by_the_keepalive_poll() -> None:
     async with (
         MercurySimulator("tcp", antennas=1, seed=5) as sim,
-        running(sim, command_timeout_s=1.0) as (driver, sink),
+        running(sim, command_timeout_s=1.0, cycle_timeout_ms=250) as (driver, sink),
     ):
         await sink.wait_for(lambda: driver.health.state == ReaderState.ONLINE)
         mark = len(sink.health)
@@ -216,7 +219,10 @@ async def test_silence_while_idle_is_noticed_by_the_keepalive_poll() -> None:
 async def test_sustained_garbage_ends_the_session_then_recovers() -> None:
     async with MercurySimulator("tcp", antennas=2, seed=11) as sim:
         sim.add_random_tags(4)
-        async with running(sim, watchdog_s=1.0, command_timeout_s=1.0) as (driver, sink):
+        async with running(sim, watchdog_s=1.0, command_timeout_s=1.0, cycle_timeout_ms=250) as (
+            driver,
+            sink,
+        ):
             await driver.start_inventory()
             await sink.wait_for(lambda: len(sink.reads) >= 5)
             mark = len(sink.health)
