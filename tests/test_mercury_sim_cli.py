@@ -1,0 +1,87 @@
+"""``cabinet-sim mercury`` as a process: prints its URL and tags, serves them, exits on EOF."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest_asyncio
+
+from drivers.mercury.config import MercuryReaderConfig
+from drivers.mercury.reader import MercuryReader
+from drivers.types import ReaderState
+from simulators.cli import SIMULATOR_MODULES
+from tests.test_mercury_driver import RecordingSink
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT_S = 60.0
+
+# The top-level cabinet-sim parser imports every simulator module; run ours alone so this
+# test exercises exactly the mercury subcommand.
+LAUNCH = (
+    "import argparse, sys\n"
+    "from simulators.mercury import cli\n"
+    "p = argparse.ArgumentParser(prog='cabinet-sim')\n"
+    "cli.register(p.add_subparsers(dest='simulator', required=True))\n"
+    "a = p.parse_args(sys.argv[1:])\n"
+    "sys.exit(a.func(a))\n"
+)
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _join_executor_threads() -> AsyncIterator[None]:
+    yield
+    await asyncio.get_running_loop().shutdown_default_executor()
+
+
+def test_mercury_is_registered_with_cabinet_sim() -> None:
+    assert "simulators.mercury.cli" in SIMULATOR_MODULES
+
+
+async def test_simulator_process_serves_the_tags_it_prints() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        LAUNCH,
+        "mercury",
+        "--tcp",
+        "0",
+        "--tags",
+        "3",
+        "--seed",
+        "5",
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(WAIT_S):
+            banner = (await proc.stdout.readline()).decode()
+            url = banner.rsplit(" at ", 1)[1].strip()
+            assert url.startswith("socket://127.0.0.1:")
+            printed = {}
+            for _ in range(3):
+                _, epc, _, antenna = (await proc.stdout.readline()).decode().split()
+                printed[epc] = int(antenna)
+            sink = RecordingSink()
+            cfg = MercuryReaderConfig(id="sim", url=url, antennas=[1, 2, 3, 4])
+            driver = MercuryReader(cfg, sink)
+            task = asyncio.create_task(driver.run(), name="test-mercury-sim-cli")
+            try:
+                await driver.start_inventory()
+                await sink.wait_for(lambda: printed.keys() <= {r.epc for r in sink.reads})
+                assert all(r.antenna == printed[r.epc] for r in sink.reads)
+                assert driver.health.state == ReaderState.INVENTORYING
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            proc.stdin.close()
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
