@@ -105,6 +105,7 @@ class Worker(threading.Thread):
         self._disk_full = False
         self._under_load = False
         self._housekeep_at = 0.0
+        self._outgoing: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self.failed: BaseException | None = None
         self.transactions = 0
         self.db: dbmod.Database | None = None
@@ -143,6 +144,7 @@ class Worker(threading.Thread):
                     self.db.conn.close()
             self._settle_future(self.opened, err, None)
             self._settle_future(self.finished, None, None)
+            self._flush()
             return
         try:
             self._serve()
@@ -156,6 +158,7 @@ class Worker(threading.Thread):
                 except sqlite3.Error as err:
                     logger.error("closing the store database failed: %s", err)
             self._settle_future(self.finished, None, None)
+            self._flush()
 
     def _open(self) -> None:
         path = Path(self.cfg.path)
@@ -203,6 +206,7 @@ class Worker(threading.Thread):
         self._housekeep_at = time.monotonic() + _HOUSEKEEPING_S
         result = OpenResult(self.db.next_seq(), alerts)
         self._settle_future(self.opened, None, result)
+        self._flush()
 
     def _now_us(self) -> int:
         return dbmod.to_us(self.clock.now())
@@ -210,6 +214,7 @@ class Worker(threading.Thread):
     def _serve(self) -> None:
         work: deque[Job] = deque()
         while True:
+            self._flush()
             with self._cv:
                 if not self._queue and not self._stopping:
                     self._cv.wait(self._wait_timeout())
@@ -287,6 +292,7 @@ class Worker(threading.Thread):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                self._flush()
                 with self._cv:
                     if not self._queue and not self._stopping:
                         self._cv.wait(remaining)
@@ -299,6 +305,12 @@ class Worker(threading.Thread):
                 self._held.extend(batch)
 
     def _run_read(self, job: Job) -> None:
+        try:
+            self._read(job)
+        finally:
+            self._flush()
+
+    def _read(self, job: Job) -> None:
         assert self.db is not None
         try:
             result = job.fn(self.db)
@@ -315,6 +327,12 @@ class Worker(threading.Thread):
 
     def _run_batch(self, batch: list[Job]) -> bool:
         """Commit the batch as one transaction. False: a retryable failure, nothing written."""
+        try:
+            return self._commit_batch(batch)
+        finally:
+            self._flush()
+
+    def _commit_batch(self, batch: list[Job]) -> bool:
         assert self.db is not None
         conn = self.db.conn
         done: list[tuple[Job, Any]] = []
@@ -449,11 +467,23 @@ class Worker(threading.Thread):
         self._call_soon(_settle_future, fut, exc, result)
 
     def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        # Buffered: one wake-up of the loop per transaction, not one per row.
+        self._outgoing.append((fn, args))
+
+    def _flush(self) -> None:
+        if not self._outgoing:
+            return
+        batch, self._outgoing = self._outgoing, []
         try:
-            self._loop.call_soon_threadsafe(fn, *args)
+            self._loop.call_soon_threadsafe(_run_all, batch)
         except RuntimeError:
-            # The loop is closed: nobody is left to wait for this result.
-            logger.debug("event loop closed; dropping a store callback")
+            # The loop is closed: nobody is left to wait for these results.
+            logger.debug("event loop closed; dropping %d store callbacks", len(batch))
+
+
+def _run_all(batch: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
+    for fn, args in batch:
+        fn(*args)
 
 
 def _settle_future(fut: asyncio.Future[Any], exc: BaseException | None, result: Any) -> None:
