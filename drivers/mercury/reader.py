@@ -122,7 +122,11 @@ class MercuryReader:
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:
             self._health = replace(
-                self._health, state=ReaderState.STOPPED, at=self._clock.now(), detail="stopped"
+                self._health,
+                state=ReaderState.STOPPED,
+                at=self._clock.now(),
+                detail="stopped",
+                antennas_connected=None,
             )
             # Best effort: a sink nobody drains must not hang shutdown.
             with contextlib.suppress(TimeoutError):
