@@ -75,6 +75,16 @@ def test_config_errors_name_the_problem(data: dict[str, Any], needle: str) -> No
         CabinetDomainConfig.model_validate(data)
 
 
+def test_drawers_are_checked_against_the_configured_readers() -> None:
+    assert CFG.check_readers({"r1": [1, 2, 3], "r2": [1]}) == []
+    assert CFG.check_readers({"r1": [1, 2, 4]}) == [
+        "domain.drawers.low: antenna 3 is not in reader 'r1''s antennas",
+        "domain.drawers.low: reader 'r2' is not configured",
+        "domain.drawers: antenna r1:4 is in use but in no drawer",
+    ]
+    assert CabinetDomainConfig().check_readers({"r1": [1]}) == []  # derived drawers
+
+
 def test_no_drawers_and_no_readers_is_an_error() -> None:
     with pytest.raises(ValueError, match="no drawers"):
         CabinetDomainConfig().antenna_map()

@@ -58,7 +58,9 @@ class CabinetDomainConfig(StrictModel):
                 if not _ALIAS_RE.match(alias):
                     raise ValueError(f'antenna {alias!r} of drawer {drawer!r} is not "reader:port"')
                 if alias in seen:
-                    raise ValueError(f"antenna {alias} is in drawers {seen[alias]!r} and {drawer!r}")
+                    raise ValueError(
+                        f"antenna {alias} is in drawers {seen[alias]!r} and {drawer!r}"
+                    )
                 seen[alias] = drawer
         for alias in self.rssi_floor_overrides:
             if not _ALIAS_RE.match(alias):
@@ -77,6 +79,31 @@ class CabinetDomainConfig(StrictModel):
         if not readers:
             raise ValueError("no drawers configured and no readers to derive them from")
         return {(r, a): f"{r}.{a}" for r, ports in readers.items() for a in ports}
+
+    def check_readers(self, readers: Mapping[str, Sequence[int]]) -> list[str]:
+        """Problems (one line each) with drawers naming readers or ports that are not configured.
+
+        A drawer on a missing reader would make every scan incomplete forever; catch it at start.
+        """
+        problems = []
+        for drawer, aliases in self.drawers.items():
+            for alias in aliases:
+                reader, port = alias.rsplit(":", 1)
+                if reader not in readers:
+                    problems.append(f"domain.drawers.{drawer}: reader {reader!r} is not configured")
+                elif int(port) not in readers[reader]:
+                    problems.append(
+                        f"domain.drawers.{drawer}: antenna {port} is not in reader {reader!r}'s antennas"
+                    )
+        if self.drawers:
+            used = {a for aliases in self.drawers.values() for a in aliases}
+            for rid, rports in readers.items():
+                for rport in rports:
+                    if f"{rid}:{rport}" not in used:
+                        problems.append(
+                            f"domain.drawers: antenna {rid}:{rport} is in use but in no drawer"
+                        )
+        return problems
 
     def rssi_floor(self, reader: str, antenna: int) -> float:
         """The RSSI floor of one antenna."""
