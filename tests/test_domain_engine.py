@@ -600,3 +600,12 @@ def test_state_holds_pseudonyms_only_and_bad_state_is_refused() -> None:
     ):
         with pytest.raises(EngineStateError):
             CabinetEngine.from_bytes(bad, cfg, site_id="s", cabinet_id="c", now=now)
+
+
+def test_a_badge_that_is_not_a_pseudonym_never_reaches_an_event() -> None:
+    c = Cabinet(tags=stock("top"))
+    c.badge("0004123456")  # a driver bug handing over a raw card number
+    assert c.brief() == ["access.denied unknown badge unknown"]
+    assert b"0004123456" not in ev.to_json(c.events[0])
+    assert all(b"0004123456" not in s for s in c.states)
+    assert c.engine.phase is Phase.IDLE

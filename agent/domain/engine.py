@@ -240,14 +240,18 @@ class CabinetEngine:
     def on_badge(self, badge: BadgeRead, now: Now) -> EngineOutput:
         """A (pseudonymized) badge was presented."""
         out = self._begin(now)
-        outcome = self.access.badge(badge.reader_id, badge.pseudonym, now)
+        actor = badge.pseudonym
+        if not _PSEUDONYM_RE.fullmatch(actor):
+            # Not a pseudonym (a driver bug, maybe a raw id): it must never reach an event.
+            actor = ev.UNKNOWN_ACTOR
+        outcome = self.access.badge(badge.reader_id, actor, now)
         if not outcome.granted:
             assert outcome.reason is not None
             out.events.append(
                 self._event(
                     ev.AccessDenied,
                     now,
-                    actor=badge.pseudonym,
+                    actor=actor,
                     badge_reader=badge.reader_id,
                     reason=outcome.reason,
                 )
@@ -257,7 +261,6 @@ class CabinetEngine:
             return self._end(out)
         if outcome.lockout is not None:
             self._lockout_event(outcome.lockout, now, out)
-        actor = badge.pseudonym
         phase = self.phase
         if phase in (Phase.IDLE, *_BACKGROUND_SCANS):
             if phase is not Phase.IDLE:
@@ -839,6 +842,7 @@ class CabinetEngine:
 
 
 _ACTOR_RE = re.compile(ev.ACTOR_PATTERN)
+_PSEUDONYM_RE = re.compile(ev.PSEUDONYM_PATTERN)
 MAX_CREDIBLE_DOWNTIME_S = 30 * 86_400
 
 
