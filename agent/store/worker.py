@@ -229,11 +229,13 @@ class Worker(threading.Thread):
                     self._housekeep()
             except Fatal as err:
                 logger.error("state store failed: %s", err)
+                # The alert goes first so anyone woken by a failed future already sees it.
+                self._outgoing[:0] = [(self._alert_sink, (_failed_alert(err),))]
                 exc = StoreFailedError(f"the store failed: {err}")
                 for job in work:
                     self._reject(job, exc)
                 work.clear()
-                self._fail_everything(err)
+                self._fail_everything(err, alert=False)
                 return
             if stopping:
                 with self._cv:
@@ -305,10 +307,8 @@ class Worker(threading.Thread):
                 self._held.extend(batch)
 
     def _run_read(self, job: Job) -> None:
-        try:
-            self._read(job)
-        finally:
-            self._flush()
+        self._read(job)
+        self._flush()
 
     def _read(self, job: Job) -> None:
         assert self.db is not None
@@ -327,10 +327,10 @@ class Worker(threading.Thread):
 
     def _run_batch(self, batch: list[Job]) -> bool:
         """Commit the batch as one transaction. False: a retryable failure, nothing written."""
-        try:
-            return self._commit_batch(batch)
-        finally:
-            self._flush()
+        # No flush when Fatal propagates: the failure alert must reach the loop first.
+        committed = self._commit_batch(batch)
+        self._flush()
+        return committed
 
     def _commit_batch(self, batch: list[Job]) -> bool:
         assert self.db is not None
@@ -439,16 +439,17 @@ class Worker(threading.Thread):
         if not self._run_batch([job]):
             self._held.append(job)
 
-    def _fail_everything(self, err: BaseException) -> None:
+    def _fail_everything(self, err: BaseException, *, alert: bool = True) -> None:
         with self._cv:
             self.failed = err
             pending = list(self._held) + list(self._queue)
             self._queue.clear()
         self._held.clear()
+        if alert:
+            self._outgoing[:0] = [(self._alert_sink, (_failed_alert(err),))]
         exc = StoreFailedError(f"the store failed: {err}")
         for job in pending:
             self._reject(job, exc)
-        self._alert(StoreAlert(AlertKind.FAILED, f"state store stopped: {err}; restart the agent"))
 
     # -- handing results back to the loop -----------------------------------------------------------
 
@@ -479,6 +480,10 @@ class Worker(threading.Thread):
         except RuntimeError:
             # The loop is closed: nobody is left to wait for these results.
             logger.debug("event loop closed; dropping %d store callbacks", len(batch))
+
+
+def _failed_alert(err: BaseException) -> StoreAlert:
+    return StoreAlert(AlertKind.FAILED, f"state store stopped: {err}; restart the agent")
 
 
 def _run_all(batch: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
