@@ -47,7 +47,7 @@ def test_plain_check_out() -> None:
         "item.checked_out 001 top alice",
         "session.closed complete out=1 in=0 alice",
     ]
-    assert c.commands == [Relock(), Unlock(5.0), Relock(), StartScan(), StopScan()]
+    assert c.commands == [Relock(), Unlock(5.0), Relock(), StartScan(), StopScan(), Relock()]
     assert c.baselines[-1] == {epc(0): "top", epc(2): "bottom"}
     assert c.engine.baseline == c.baselines[-1]
     closed = c.events[-1]
@@ -399,7 +399,7 @@ def test_reader_down_for_the_whole_scan_gives_up_then_verifies_when_back() -> No
     ]
     assert c.baselines == []  # the baseline is unchanged
     assert c.engine.baseline == {epc(0): "top", epc(1): "side", epc(2): "top"}
-    assert c.commands[-1] == StopScan()
+    assert c.commands[-2:] == [StopScan(), Relock()]
     # Background inventory is off in this config, yet the unverified baseline is checked as
     # soon as dock-2 is back: the item that left during the failed session is reported.
     start = len(c.events)
@@ -609,3 +609,26 @@ def test_a_badge_that_is_not_a_pseudonym_never_reaches_an_event() -> None:
     assert b"0004123456" not in ev.to_json(c.events[0])
     assert all(b"0004123456" not in s for s in c.states)
     assert c.engine.phase is Phase.IDLE
+
+
+def test_reopening_during_the_scan_without_a_badge_is_forced() -> None:
+    c = Cabinet(config=domain_config(reopen_grace_s=0.5), tags=stock("top", "side"))
+    c.badge(ALICE)
+    c.open()
+    c.close()
+    c.advance(0.3)
+    c.open()  # within the grace period: a bounce or the latch not yet engaged
+    c.close()
+    c.advance(1.5)
+    assert c.engine.phase is Phase.SCANNING
+    c.open()  # locked since the close and nobody badged: forced
+    del c.tags[epc(0)]
+    c.close()
+    c.settle()
+    assert c.brief() == [
+        "session.opened badge alice",
+        "door.forced",
+        "item.checked_out 000 top alice,unknown",
+        "session.closed complete out=1 in=0 alice,unknown",
+    ]
+    assert len({e.session_id for e in c.events}) == 1  # type: ignore[union-attr]

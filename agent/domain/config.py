@@ -37,6 +37,9 @@ class CabinetDomainConfig(StrictModel):
     unlock_pulse_s: float = Field(5.0, gt=0, le=300, description="lock release pulse")
     relock_after_s: float = Field(10.0, gt=0, le=3600, description="relock if door not opened")
     left_open_s: float = Field(120.0, gt=0, le=86_400, description="door.left_open period")
+    reopen_grace_s: float = Field(
+        2.0, ge=0, le=60, description="reopening this soon after closing is not forced"
+    )
     lockout_denials: int = Field(5, ge=1, le=1000, description="N denials ...")
     lockout_window_s: float = Field(300.0, gt=0, le=86_400, description="... within this window")
     lockout_duration_s: float = Field(600.0, gt=0, le=86_400, description="lock-out length")

@@ -103,6 +103,8 @@ class _Session:
     since_mono: float
     door_opened_mono: float = 0.0
     left_open_alerts: int = 0
+    door_closed_mono: float = 0.0
+    unlocked_after_close: bool = False  # a holder badged during the scan
     passes: int = 0
     scan_ms: int = 0
     attempts: int = 0  # failed (incomplete) passes in this closing
@@ -278,6 +280,8 @@ class CabinetEngine:
                 self._dirty = True
             if phase in _SESSION_SCANS:
                 # A holder badging during the scan wants the door again.
+                session.unlocked_after_close = True
+                self._dirty = True
                 self._unlock(now, out, enter=False)
         return self._end(out)
 
@@ -325,6 +329,8 @@ class CabinetEngine:
                 "elapsed_s": s.elapsed(self._last),
                 "door_open_s": max(0.0, at - s.door_opened_mono),
                 "left_open_alerts": s.left_open_alerts,
+                "door_closed_s": max(0.0, at - s.door_closed_mono),
+                "unlocked_after_close": s.unlocked_after_close,
                 "passes": s.passes,
                 "scan_ms": s.scan_ms,
                 "attempts": s.attempts,
@@ -384,6 +390,8 @@ class CabinetEngine:
                     since_mono=base.mono,
                     door_opened_mono=base.mono - float(s["door_open_s"]),
                     left_open_alerts=int(s["left_open_alerts"]),
+                    door_closed_mono=base.mono - float(s["door_closed_s"]),
+                    unlocked_after_close=bool(s["unlocked_after_close"]),
                     passes=int(s["passes"]),
                     scan_ms=int(s["scan_ms"]),
                     attempts=int(s["attempts"]),
@@ -406,13 +414,25 @@ class CabinetEngine:
         self._dirty = True
         phase = self.phase
         if phase in _SESSION_SCANS:
-            # Reopened before the scan finished: the same session goes on.
+            # Reopened before the scan finished: the same session goes on. The lock engaged at
+            # close, so unless a holder badged (or the door bounced), this opening was forced.
             session = self._session
             assert session is not None
             self._stop_pass(out)
             session.door_opened_mono = now.mono
             session.left_open_alerts = 0
             self.phase = Phase.OPEN
+            grace = self.config.reopen_grace_s
+            if not session.unlocked_after_close and now.mono - session.door_closed_mono > grace:
+                session.add_actor(ev.UNKNOWN_ACTOR)
+                out.events.append(
+                    self._event(
+                        ev.DoorForced,
+                        now,
+                        session_id=session.session_id,
+                        door_id=self.config.door_id,
+                    )
+                )
             return
         if phase in _BACKGROUND_SCANS:
             self._abort_background(out)
@@ -457,6 +477,8 @@ class CabinetEngine:
         session = self._session
         assert session is not None
         session.attempts = 0
+        session.door_closed_mono = now.mono
+        session.unlocked_after_close = False
         out.commands.append(Relock())
         self._start_pass(Phase.SCANNING, now, out, first=True)
 
@@ -692,6 +714,8 @@ class CabinetEngine:
             )
         )
         out.commands.append(StopScan())
+        # Idempotent; also covers an Unlock a holder asked for during the scan but never used.
+        out.commands.append(Relock())
         self._session = None
         self._scan = None
         self._first_pass = None
