@@ -207,8 +207,11 @@ async def test_full_database_holds_writes_alerts_and_resumes(tmp_path: Path) -> 
         stats = await store.stats()
         assert stats.disk_full
         assert stats.pending_writes >= 1
-        # Reads keep working while writes wait.
+        # Reads keep working while writes wait (they see the last durable state).
         assert (await store.peek(1))[0].seq == 1
+        assert await store.kv_get("allow-list") is None
+        assert await store.load_baseline() == {}
+        assert (await store.audit_verify()).ok
         # More writes are accepted up to the memory bound, then refused (nothing consumed).
         extra: list[asyncio.Future[CommitResult]] = []
         refused = None
