@@ -97,7 +97,17 @@ def test_priorities() -> None:
 
 @pytest.mark.parametrize(
     "actor",
-    ["04001234ab", "1234567890", "P1.k1.abcdefghijklmnop", "p1.k1.short", "", "Unknown"],
+    [
+        "04001234ab",
+        "1234567890",
+        "P1.k1.abcdefghijklmnopqrstuvwxyz",
+        "p1.k1.ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+        "p1.k1.abcdefghijklmnopqrstuvwxy",
+        "p1.k1.abcdefghijklmnopqrstuvwxyz0",
+        "p1..abcdefghijklmnopqrstuvwxyz",
+        "",
+        "Unknown",
+    ],
 )
 def test_raw_or_malformed_actor_is_refused(actor: str) -> None:
     with pytest.raises(ValidationError, match="actor"):

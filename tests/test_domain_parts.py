@@ -262,6 +262,18 @@ def test_allow_list_from_a_verified_signed_document() -> None:
     assert al.expired(issued + timedelta(days=7))
 
 
+def test_pseudonym_pattern_agrees_with_the_privacy_module() -> None:
+    import re
+
+    from agent.privacy.pseudonym import is_pseudonym
+
+    pz = Pseudonymizer("hangar-3", "site-key_2", b"\x01" * 32)
+    samples = [pz.badge(f"{i:010d}") for i in range(50)]
+    samples += [ALICE, "unknown", "0004123456", "p1.k1." + "a" * 25, "p1.K1." + "a" * 26]
+    for s in samples:
+        assert bool(re.fullmatch(ev.PSEUDONYM_PATTERN, s)) == is_pseudonym(s), s
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [

@@ -22,9 +22,10 @@ SCHEMA_VERSION = 1
 
 # A pseudonym from agent/privacy: "p1.<key id>.<base32 of a truncated HMAC>". A raw card number
 # (decimal or hex digits) can never match: it has no "p1." prefix.
-PSEUDONYM_PATTERN = r"^p1\.[A-Za-z0-9_-]{1,32}\.[A-Za-z2-7]{16,64}=*$"
+# Exactly what agent.privacy.pseudonym.Pseudonymizer.badge() produces (kid, 16 bytes in base32).
+PSEUDONYM_PATTERN = r"^p1\.[a-z0-9][a-z0-9_-]{0,15}\.[a-z2-7]{26}$"
 UNKNOWN_ACTOR = "unknown"
-ACTOR_PATTERN = r"^(?:unknown|p1\.[A-Za-z0-9_-]{1,32}\.[A-Za-z2-7]{16,64}=*)$"
+ACTOR_PATTERN = r"^(?:unknown|p1\.[a-z0-9][a-z0-9_-]{0,15}\.[a-z2-7]{26})$"
 EPC_PATTERN = r"^(?:[0-9a-f]{2}){1,64}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
