@@ -24,6 +24,7 @@ from agent.store import (
     StoreAlert,
     StoreClosedError,
     StoreConfig,
+    StoreLockedError,
 )
 from agent.store.schema import LATEST, MIGRATIONS
 from agent.store.worker import Worker
@@ -415,3 +416,15 @@ async def test_migrates_an_older_schema_in_place(tmp_path: Path) -> None:
         assert conn.execute("SELECT sum(size) FROM outbox").fetchone()[0] == 20
     finally:
         conn.close()
+
+
+async def test_one_store_per_database(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    try:
+        with pytest.raises(StoreLockedError, match="in use"):
+            await Store.open(cfg(tmp_path))
+        assert await store.next_seq() == 1  # the holder is unaffected
+    finally:
+        await store.close()
+    again = await Store.open(cfg(tmp_path))  # released on close
+    await again.close()

@@ -21,6 +21,7 @@ from agent.store.types import (
     StoreClosedError,
     StoreError,
     StoreFailedError,
+    StoreLockedError,
 )
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "StoreConfig",
     "StoreError",
     "StoreFailedError",
+    "StoreLockedError",
 ]

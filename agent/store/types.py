@@ -144,5 +144,9 @@ class StoreFailedError(StoreError, PermanentError):
     """The database hit an unrecoverable error; restart the agent (the store re-checks at open)."""
 
 
+class StoreLockedError(StoreError, PermanentError):
+    """Another process (or another Store in this one) has the database open."""
+
+
 class SchemaTooNewError(StoreError, PermanentError):
     """The database was written by a newer agent; refusing to downgrade it."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import random
 import sqlite3
 import threading
@@ -31,6 +33,7 @@ from agent.store.types import (
     StoreClosedError,
     StoreError,
     StoreFailedError,
+    StoreLockedError,
 )
 from drivers.types import Clock
 
@@ -105,6 +108,7 @@ class Worker(threading.Thread):
         self._disk_full = False
         self._under_load = False
         self._housekeep_at = 0.0
+        self._lock_fd: int | None = None
         self._outgoing: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self.failed: BaseException | None = None
         self.transactions = 0
@@ -142,6 +146,7 @@ class Worker(threading.Thread):
             if self.db is not None:
                 with contextlib.suppress(sqlite3.Error):
                     self.db.conn.close()
+            self._unlock()
             self._settle_future(self.opened, err, None)
             self._settle_future(self.finished, None, None)
             self._flush()
@@ -157,12 +162,14 @@ class Worker(threading.Thread):
                     self.db.conn.close()
                 except sqlite3.Error as err:
                     logger.error("closing the store database failed: %s", err)
+            self._unlock()
             self._settle_future(self.finished, None, None)
             self._flush()
 
     def _open(self) -> None:
         path = Path(self.cfg.path)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock(path)
         alerts: list[StoreAlert] = []
         try:
             self.db = dbmod.open_database(path, self.cfg)
@@ -207,6 +214,27 @@ class Worker(threading.Thread):
         result = OpenResult(self.db.next_seq(), alerts)
         self._settle_future(self.opened, None, result)
         self._flush()
+
+    def _lock(self, path: Path) -> None:
+        """One agent per database: the seq protocol assumes a single writer."""
+        lock_path = path.with_name(path.name + ".lock")
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(
+                f"{path} is in use by another process or store (lock {lock_path.name})"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
 
     def _now_us(self) -> int:
         return dbmod.to_us(self.clock.now())
