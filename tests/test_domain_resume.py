@@ -362,3 +362,22 @@ def test_random_restart_outside_a_scan_changes_nothing(
     resumed = run(True)
     assert strip(resumed.events) == strip(plain.events)
     assert resumed.engine.baseline == plain.engine.baseline
+
+
+def test_restart_relocks_unless_a_holder_may_still_open() -> None:
+    cfg = domain_config(background_period_s=300)
+    c = Cabinet(config=cfg, tags=stock())
+    c.badge(ALICE)
+    n = len(c.commands)
+    c.restart(downtime_s=2)  # still within the 10 s unlock window: leave the door openable
+    assert c.commands[n:] == []
+    c.open()
+    assert c.types() == ["session.opened"]
+    c.close()
+    c.settle()
+    n = len(c.commands)
+    c.restart(downtime_s=400)  # a background inventory fell due while down
+    assert c.commands[n:] == [Relock(), StartScan()]
+    assert c.engine.phase is Phase.BACKGROUND
+    c.settle()
+    assert c.types()[-1] == "inventory.snapshot"

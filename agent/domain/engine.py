@@ -177,14 +177,14 @@ class CabinetEngine:
         if self._started:
             return self._end(out)
         self._started = True
-        if self.phase in _SESSION_SCANS:
+        if self.phase not in (Phase.OPEN, Phase.UNLOCKED):
+            # Whatever the lock did while we were down, it must be locked now.
+            out.commands.insert(0, Relock())
+        if self._scan is None and self.phase in _SESSION_SCANS:
             # The passes of an interrupted scan are lost with the process: rescan from scratch.
-            out.commands.append(Relock())
             self._start_pass(Phase.SCANNING, now, out, first=True)
-        elif self.phase in _BACKGROUND_SCANS:
+        elif self._scan is None and self.phase in _BACKGROUND_SCANS:
             self._start_pass(Phase.BACKGROUND, now, out, first=True)
-        elif self.phase is Phase.IDLE:
-            out.commands.append(Relock())
         return self._end(out)
 
     def tick(self, now: Now) -> EngineOutput:
