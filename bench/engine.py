@@ -177,9 +177,10 @@ def main(argv: list[str]) -> int:
         yard = best.set_s if best.reads else full_set_s
         ingest_x = f"{best.ingest_s / yard:.1f}×" if best.reads else "–"
         eps = f"{best.events_per_s:,.0f}" if best.final_events >= 100 else "–"
+        rps = f"{best.reads_per_s:,.0f}" if best.reads else "–"
         print(
             f"| {name} | {best.reads:,} | {best.events:,} | {best.ingest_s * 1000:.1f} "
-            f"| {best.reads_per_s:,.0f} | {ingest_x} | {best.close_s * 1000:.1f} "
+            f"| {rps} | {ingest_x} | {best.close_s * 1000:.1f} "
             f"| {best.close_s / yard:.1f}× | {eps} |"
         )
         spread = [r.ingest_s + r.close_s for r in runs]
