@@ -1,0 +1,564 @@
+"""The composition root: builds every part from the config and runs them as one task tree.
+
+Data flows one way (DESIGN §2): drivers deliver into ``Inputs`` (one bounded queue); the engine
+loop turns each input into events and commands; events are sealed, committed to the store
+(a door cycle atomically with its baseline and engine state) and only then are commands
+executed and the publisher woken. Nothing else wires parts together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.domain import events as ev
+from agent.domain.access import AllowList, AllowListError
+from agent.domain.assets import AssetRegistry, AssetRegistryError
+from agent.domain.engine import (
+    CabinetEngine,
+    EngineOutput,
+    EngineStateError,
+    Relock,
+    StartScan,
+    StopScan,
+    Unlock,
+)
+from agent.domain.inventory import Baseline
+from agent.domain.now import Now
+from agent.privacy.config import CabinetPrivacy, load_cabinet_privacy
+from agent.privacy.envelope import EnvelopeHeader, seal_batch
+from agent.privacy.signed import DocumentError, SignedDocument
+from agent.store.store import KEEP, Store
+from agent.store.types import BaselineEntry, OutboxRow, StoreAlert
+from drivers.badge.reader import BadgeReader
+from drivers.door import Door, DoorCommandError
+from drivers.errors import CabinetError
+from drivers.registry import make_reader
+from drivers.types import (
+    BadgeRead,
+    Clock,
+    DoorEdge,
+    GpiEdge,
+    ReaderDriver,
+    ReaderHealth,
+    ReaderState,
+    SystemClock,
+    TagRead,
+)
+
+logger = logging.getLogger(__name__)
+
+INPUT_QUEUE = 4096
+TICK_S = 0.1
+SEAL_INLINE_MAX = 8  # up to this many events are sealed on the loop (~80 µs each)
+DOC_KINDS = ("allow-list", "asset-registry")
+
+
+@dataclass
+class RecentEvent:
+    """Metadata of a committed event (never its contents): for the CLI and status."""
+
+    seq: int
+    type: str
+    time: datetime
+    size: int
+
+
+@dataclass
+class AppStats:
+    events_by_type: dict[str, int] = field(default_factory=dict)
+    door_cycles: int = 0
+    reads_by_antenna: dict[tuple[str, int], int] = field(default_factory=dict)
+    commands_failed: int = 0
+    last_event: RecentEvent | None = None
+    recent: deque[RecentEvent] = field(default_factory=lambda: deque(maxlen=200))
+    documents_rejected: int = 0
+
+
+class _Inputs:
+    """The sink every driver delivers into: a ReaderSink, BadgeSink and DoorSink at once."""
+
+    def __init__(self, app: CabinetApp) -> None:
+        self._app = app
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(INPUT_QUEUE)
+
+    async def tag_reads(self, reads: Sequence[TagRead]) -> None:
+        stats = self._app.stats.reads_by_antenna
+        for r in reads:
+            key = (r.reader_id, r.antenna)
+            stats[key] = stats.get(key, 0) + r.seen_count
+        await self.queue.put(tuple(reads))
+
+    async def reader_health(self, health: ReaderHealth) -> None:
+        await self.queue.put(health)
+
+    async def gpi_edge(self, edge: GpiEdge) -> None:
+        door = self._app.door
+        if door is not None:
+            await door.gpi_edge(edge)
+
+    async def door_edge(self, edge: DoorEdge) -> None:
+        logger.info("door %s %s", edge.door_id, edge.state)
+        await self.queue.put(edge)
+
+    async def badge_read(self, read: BadgeRead) -> None:
+        # Only the pseudonym ever reaches this point; it is still not logged.
+        logger.info("badge presented at %s", read.reader_id)
+        await self.queue.put(read)
+
+    async def badge_reader_health(self, health: ReaderHealth) -> None:
+        self._app.badge_health[health.reader_id] = health
+        log = logger.warning if health.state == ReaderState.OFFLINE else logger.info
+        log("badge reader %s: %s %s", health.reader_id, health.state, health.detail)
+
+
+class CabinetApp:
+    """The whole agent. ``await run()`` until ``request_stop()``; then an ordered shutdown."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        clock: Clock | None = None,
+        credentials_dir: Path | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clock: Clock = clock or SystemClock()
+        self.site_id = cfg.cabinet.site_id
+        self.cabinet_id = cfg.cabinet.cabinet_id
+        # Key files are checked before anything starts (permissions, format): a bad key file
+        # is a configuration problem and the caller exits 78.
+        self.privacy: CabinetPrivacy = load_cabinet_privacy(
+            cfg.privacy, self.site_id, self.cabinet_id, credentials_dir=credentials_dir
+        )
+        self.inputs = _Inputs(self)
+        self.stats = AppStats()
+        self.readers: list[ReaderDriver] = [
+            make_reader(rc, self.inputs, self.clock) for rc in cfg.readers
+        ]
+        self.badge_readers = [
+            BadgeReader(bc, self.inputs, self.privacy.pseudonymizer.badge, clock=self.clock)
+            for bc in cfg.badge_readers
+        ]
+        self.badge_health: dict[str, ReaderHealth] = {}
+        self.door: Door | None = None
+        if cfg.door is not None:
+            door_reader = next(r for r in self.readers if r.reader_id == cfg.door.reader)
+            self.door = Door(cfg.door, door_reader.set_gpo, self.inputs)
+        self.store: Store | None = None
+        self.engine: CabinetEngine | None = None
+        self.publisher: Any = None
+        self.documents: dict[str, SignedDocument] = {}
+        self._raw_docs: dict[str, bytes] = {}
+        self.alerts: deque[str] = deque(maxlen=50)
+        self.started_at = datetime.now(UTC)
+        self.engine_progress = time.monotonic()
+        self.stop_event = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.committed = asyncio.Condition()
+        self.on_ready: list[Callable[[], None]] = []
+        self._store_alerts: asyncio.Queue[StoreAlert] = asyncio.Queue(256)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+
+    async def run(self) -> None:
+        """Open state, start every part under one TaskGroup, stop in order on request."""
+        self.store = await Store.open(self.cfg.store, on_alert=self._on_store_alert)
+        try:
+            await self._restore()
+            await self._run_parts()
+        finally:
+            await self._shutdown()
+
+    async def _run_parts(self) -> None:
+        try:
+            await self._task_tree()
+        except* _Stop:
+            pass
+
+    async def _task_tree(self) -> None:
+        assert self.engine is not None
+        async with asyncio.TaskGroup() as tg:
+            for reader in self.readers:
+                tg.create_task(reader.run(), name=f"reader:{reader.reader_id}")
+            for badge in self.badge_readers:
+                tg.create_task(badge.run(), name=f"badge:{badge.reader_id}")
+            publisher_task = None
+            if self.publisher is not None:
+                publisher_task = tg.create_task(self.publisher.run(), name="mqtt-publisher")
+            engine_task = tg.create_task(self._engine_loop(), name="engine")
+            tg.create_task(self._store_alert_loop(), name="store-alerts")
+            tg.create_task(self._housekeeping_loop(), name="store-housekeeping")
+            for hook in self.on_ready:
+                hook()
+            self.ready.set()
+            logger.info(
+                "cabinet-agent %s ready: site %s cabinet %s, %d reader(s), %d badge reader(s)",
+                __version__,
+                self.site_id,
+                self.cabinet_id,
+                len(self.readers),
+                len(self.badge_readers),
+            )
+            await self.stop_event.wait()
+            logger.info("stopping: intake first, then engine, outbox, broker, readers")
+            # 1. stop intake: badge readers first (no new sessions), then the engine loop
+            #    finishes the input it holds and commits it.
+            engine_task.cancel()
+            # 2. publisher: flush acks, offline status, clean disconnect.
+            if self.publisher is not None and publisher_task is not None:
+                self.publisher.stop()
+                try:
+                    await asyncio.wait_for(asyncio.shield(publisher_task), 3.0)
+                except TimeoutError:
+                    logger.warning("publisher did not stop within 3 s; cancelling")
+            # 3. everything else (readers close their sessions) is cancelled by the group.
+            raise _Stop
+
+    async def _shutdown(self) -> None:
+        if self.door is not None:
+            try:
+                await asyncio.wait_for(self.door.close(), 2.0)
+            except (DoorCommandError, TimeoutError) as err:
+                logger.error("door: could not lock on shutdown: %s", err)
+        if self.store is not None:
+            try:
+                await self.store.close()
+            except CabinetError as err:
+                logger.error("state store close failed: %s", err)
+
+    # -- restore --------------------------------------------------------------------------
+
+    async def _restore(self) -> None:
+        assert self.store is not None
+        now = Now.of(self.clock)
+        readers = {rc.id: list(rc.antennas) for rc in self.cfg.readers}
+        allow_list, assets = await self._load_documents(now)
+        state = await self.store.load_session()
+        engine: CabinetEngine | None = None
+        if state is not None:
+            try:
+                engine = CabinetEngine.from_bytes(
+                    state,
+                    self.cfg.domain,
+                    site_id=self.site_id,
+                    cabinet_id=self.cabinet_id,
+                    now=now,
+                    readers=readers,
+                    allow_list=allow_list,
+                    assets=assets,
+                )
+                logger.info("resumed engine state (phase %s)", engine.phase)
+            except EngineStateError as err:
+                logger.error("saved engine state unusable (%s); starting from the baseline", err)
+        if engine is None:
+            baseline = Baseline(
+                {epc: e.location for epc, e in (await self.store.load_baseline()).items()}
+            )
+            engine = CabinetEngine(
+                self.cfg.domain,
+                site_id=self.site_id,
+                cabinet_id=self.cabinet_id,
+                now=now,
+                readers=readers,
+                baseline=baseline,
+                allow_list=allow_list,
+                assets=assets,
+            )
+        self.engine = engine
+        if self.cfg.mqtt is not None:
+            from agent.mqtt.publisher import Publisher
+
+            self.publisher = Publisher(
+                self.cfg.mqtt,
+                self.site_id,
+                self.cabinet_id,
+                self.store,
+                key_ids=[self.privacy.seal_key_id],
+                verifier=self.privacy.verifier,
+                documents=self,
+            )
+        else:
+            logger.warning("no [mqtt] section: events are kept in the outbox, not delivered")
+        await self._apply(engine.start(now), now)
+
+    async def _load_documents(self, now: Now) -> tuple[AllowList | None, AssetRegistry | None]:
+        assert self.store is not None
+        allow_list: AllowList | None = None
+        assets: AssetRegistry | None = None
+        for kind in DOC_KINDS:
+            raw = await self.store.kv_get(f"doc:{kind}")
+            if raw is None:
+                continue
+            # Re-verified at start (a tampered state file must not grant access); an expired
+            # allow-list is still installed so that denials say "expired".
+            doc = self._verify_stored(raw, kind, now)
+            if doc is None:
+                continue
+            self.documents[kind] = doc
+            self._raw_docs[kind] = raw
+            try:
+                if kind == "allow-list":
+                    allow_list = AllowList.from_document(doc)
+                else:
+                    assets = AssetRegistry.from_body(doc.body)
+            except (AllowListError, AssetRegistryError) as err:
+                logger.error("stored %s unusable: %s", kind, err)
+        return allow_list, assets
+
+    def _verify_stored(self, raw: bytes, kind: str, now: Now) -> SignedDocument | None:
+        verifier = self.privacy.verifier
+        try:
+            return verifier.verify(raw, kind, now.wall)
+        except DocumentError as err:
+            if err.reason != "expired":
+                logger.error("stored %s refused: %s", kind, err)
+                return None
+        try:
+            # Expired: check everything else as of just before its expiry.
+            expires = json.loads(raw)["doc"]["expires_at"]
+            at = datetime.fromisoformat(str(expires).replace("Z", "+00:00"))
+            return verifier.verify(raw, kind, at - timedelta(seconds=1))
+        except (DocumentError, KeyError, ValueError, TypeError) as err:
+            logger.error("stored %s refused: %s", kind, err)
+            return None
+
+    # -- DocumentSink (called by the publisher for verified documents) ---------------------
+
+    def installed(self, kind: str) -> bytes | None:
+        return self._raw_docs.get(kind)
+
+    async def install(self, doc: SignedDocument, raw: bytes) -> None:
+        assert self.store is not None
+        assert self.engine is not None
+        if doc.kind == "allow-list":
+            allow_list = AllowList.from_document(doc)
+            self.engine.set_allow_list(allow_list)
+        elif doc.kind == "asset-registry":
+            self.engine.set_assets(AssetRegistry.from_body(doc.body))
+        else:
+            return
+        await self.store.kv_put(f"doc:{doc.kind}", raw)
+        self.documents[doc.kind] = doc
+        self._raw_docs[doc.kind] = raw
+        await self.store.audit_append(
+            "backend", "document.installed", {"kind": doc.kind, "version": doc.version}
+        )
+        logger.info("installed %s version %d", doc.kind, doc.version)
+
+    def rejected(self, kind: str, reason: str, detail: str) -> None:
+        self.stats.documents_rejected += 1
+        self.alerts.append(f"{kind} refused: {reason}")
+        logger.warning("backend %s refused (%s): %s", kind, reason, detail)
+
+    # -- the engine loop ---------------------------------------------------------------------
+
+    async def _engine_loop(self) -> None:
+        assert self.engine is not None
+        engine = self.engine
+        queue = self.inputs.queue
+        last_tick = self.clock.monotonic()
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), TICK_S)
+            except TimeoutError:
+                item = None
+            now = Now.of(self.clock)
+            self.engine_progress = time.monotonic()
+            if item is None or now.mono - last_tick >= TICK_S:
+                last_tick = now.mono
+                await self._apply(engine.tick(now), now)
+            if item is None:
+                continue
+            if isinstance(item, tuple):
+                out = engine.on_tags(item, now)
+            elif isinstance(item, ReaderHealth):
+                out = engine.on_health(item, now)
+            elif isinstance(item, BadgeRead):
+                out = engine.on_badge(item, now)
+            elif isinstance(item, DoorEdge):
+                out = engine.on_door(item, now)
+            else:  # pragma: no cover - only the sinks above put items here
+                logger.error("engine loop: unexpected input %s", type(item).__name__)
+                continue
+            await self._apply(out, now)
+
+    async def _apply(self, out: EngineOutput, now: Now) -> None:
+        """Seal and commit the output's events (atomically with baseline/state), then act."""
+        assert self.store is not None
+        assert self.engine is not None
+        rows = await self._seal(out.events, now)
+        if out.baseline is not None or out.session_state is not None:
+            baseline = (
+                None
+                if out.baseline is None
+                else {
+                    epc: BaselineEntry(location=drawer, last_seen=now.wall)
+                    for epc, drawer in out.baseline.items()
+                }
+            )
+            state = out.session_state if out.session_state is not None else KEEP
+            await self.store.commit_cycle(rows, baseline, state)
+            if out.baseline is not None:
+                self.stats.door_cycles += 1
+        elif rows:
+            await self.store.append_events(rows)
+        if rows:
+            self._record(rows, out.events)
+            if self.publisher is not None:
+                self.publisher.notify()
+            async with self.committed:
+                self.committed.notify_all()
+        for cmd in out.commands:
+            await self._execute(cmd)
+
+    async def _seal(self, events: Sequence[ev.Event], now: Now) -> list[OutboxRow]:
+        if not events:
+            return []
+        assert self.store is not None
+        first = self.store.next_seq_nowait()
+        sealed_events = [ev.with_seq(e, first + i) for i, e in enumerate(events)]
+        items = [
+            (
+                EnvelopeHeader(
+                    key_id=self.privacy.seal_key_id,
+                    cabinet_id=self.cabinet_id,
+                    seq=e.seq,
+                    event_id=e.event_id,
+                ),
+                e.model_dump_json().encode(),
+            )
+            for e in sealed_events
+        ]
+        if len(items) <= SEAL_INLINE_MAX:
+            envelopes = seal_batch(self.privacy.sealer, items)
+        else:
+            envelopes = await asyncio.to_thread(seal_batch, self.privacy.sealer, items)
+        return [
+            OutboxRow(
+                seq=e.seq,
+                event_id=e.event_id,
+                priority=ev.priority(e),
+                kind=e.type,
+                created_at=now.wall,
+                envelope=env,
+            )
+            for e, env in zip(sealed_events, envelopes, strict=True)
+        ]
+
+    def _record(self, rows: Sequence[OutboxRow], events: Sequence[ev.Event]) -> None:
+        for row in rows:
+            rec = RecentEvent(row.seq, row.kind, row.created_at, len(row.envelope))
+            self.stats.recent.append(rec)
+            self.stats.last_event = rec
+            self.stats.events_by_type[row.kind] = self.stats.events_by_type.get(row.kind, 0) + 1
+            logger.info("event %s seq=%d committed", row.kind, row.seq)
+
+    async def _execute(self, cmd: object) -> None:
+        try:
+            if isinstance(cmd, Unlock):
+                if self.door is None:
+                    logger.warning("unlock requested but no door is configured")
+                else:
+                    await self.door.unlock(cmd.pulse_s)
+            elif isinstance(cmd, Relock):
+                if self.door is not None:
+                    await self.door.lock()
+            elif isinstance(cmd, StartScan):
+                for reader in self.readers:
+                    await reader.start_inventory()
+            elif isinstance(cmd, StopScan):
+                for reader in self.readers:
+                    await reader.stop_inventory()
+        except (CabinetError, OSError) as err:
+            self.stats.commands_failed += 1
+            logger.error("command %s failed: %s", type(cmd).__name__, err)
+
+    # -- store alerts and housekeeping --------------------------------------------------------
+
+    def _on_store_alert(self, alert: StoreAlert) -> None:
+        self.alerts.append(f"{alert.kind}: {alert.detail}")
+        with contextlib.suppress(asyncio.QueueFull):
+            self._store_alerts.put_nowait(alert)
+
+    async def _store_alert_loop(self) -> None:
+        while True:
+            alert = await self._store_alerts.get()
+            logger.warning("state store alert %s: %s", alert.kind, alert.detail)
+
+    async def _housekeeping_loop(self) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(3600)
+            try:
+                await self.store.housekeeping()
+            except CabinetError as err:
+                logger.error("store housekeeping failed: %s", err)
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for ``cabinetctl status`` (no personal data)."""
+        engine = self.engine
+        return {
+            "version": __version__,
+            "site_id": self.site_id,
+            "cabinet_id": self.cabinet_id,
+            "started_at": self.started_at.isoformat(),
+            "readers": [
+                {
+                    "id": r.reader_id,
+                    "state": str(r.health.state),
+                    "detail": r.health.detail,
+                    "session": r.health.session,
+                }
+                for r in self.readers
+            ],
+            "badge_readers": [
+                {"id": b.reader_id, "state": str(b.health.state), "detail": b.health.detail}
+                for b in self.badge_readers
+            ],
+            "door": None
+            if self.door is None
+            else {
+                "state": None if self.door.state is None else str(self.door.state),
+                "locked": self.door.locked,
+                "fault": self.door.lock_fault,
+            },
+            "engine": None if engine is None else {"phase": str(engine.phase)},
+            "last_event": None
+            if self.stats.last_event is None
+            else {
+                "seq": self.stats.last_event.seq,
+                "type": self.stats.last_event.type,
+                "time": self.stats.last_event.time.isoformat(),
+            },
+            "keys": {
+                "seal_key_id": self.privacy.seal_key_id,
+                "pseudonym_kid": self.privacy.pseudonymizer.kid,
+                "signing_kids": list(self.privacy.signing_kids),
+            },
+            "documents": {
+                kind: {"version": d.version, "expires_at": d.expires_at.isoformat()}
+                for kind, d in self.documents.items()
+            },
+            "alerts": list(self.alerts)[-10:],
+        }
+
+
+class _Stop(Exception):
+    """Unwinds the task group after an orderly stop."""
