@@ -1,0 +1,143 @@
+"""``cabinet-sim llrp``: run a simulated LLRP reader until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from simulators.llrp.faults import GarbageKind
+from simulators.llrp.personality import PERSONALITIES
+from simulators.llrp.simulator import LlrpSimulator
+
+logger = logging.getLogger(__name__)
+
+FAULTS = ("silence", "drop-mid-frame", "garbage", "trickle", "busy")
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``llrp`` sub-command to ``cabinet-sim``."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "llrp",
+        help="simulated LLRP reader (Impinj R420 / Zebra FX9600)",
+        description=__doc__,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument("--port", type=int, default=5084, help="TCP port (0: any free port)")
+    p.add_argument("--personality", choices=sorted(PERSONALITIES), default="impinj")
+    p.add_argument("--antennas", type=int, default=None, help="antenna ports (default: model's)")
+    p.add_argument("--tags", type=int, default=0, help="random EPC-96 tags to place")
+    p.add_argument("--seed", type=int, default=None, help="seed for tags and reads")
+    p.add_argument(
+        "--read-probability",
+        type=float,
+        default=1.0,
+        help="chance a tag answers in one inventory cycle",
+    )
+    p.add_argument("--cycle-ms", type=float, default=50.0, help="inventory cycle period")
+    p.add_argument(
+        "--gpi-enabled",
+        action="store_true",
+        help="GPI ports start enabled (a real reader needs SET_READER_CONFIG first)",
+    )
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help=(
+            "arm a fault for the first connection: silence, drop-mid-frame, "
+            "garbage[=bad_version|absurd_length|random], trickle[=SECONDS], busy[=STATUS]"
+        ),
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``cabinet-sim llrp``."""
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        faults = [_parse_fault(f) for f in args.fault]
+    except ValueError as err:
+        logger.error("%s", err)
+        return 2
+    if not 0.0 <= args.read_probability <= 1.0:
+        logger.error("--read-probability must be within [0, 1]")
+        return 2
+    try:
+        return asyncio.run(_serve(args, faults))
+    except OSError as err:
+        logger.error("cannot listen on %s:%s: %s", args.host, args.port, err)
+        return 1
+
+
+def _parse_fault(text: str) -> tuple[str, str | None]:
+    name, _, value = text.partition("=")
+    if name not in FAULTS:
+        raise ValueError(f"unknown fault {name!r}; choose from {', '.join(FAULTS)}")
+    if name == "garbage" and value not in ("", "bad_version", "absurd_length", "random"):
+        raise ValueError(f"unknown garbage kind {value!r}")
+    try:
+        if name == "trickle" and value and float(value) < 0:
+            raise ValueError("negative delay")
+        if name == "busy" and value and not 1 <= int(value) <= 4:
+            raise ValueError("status outside 1..4")
+    except ValueError as err:
+        raise ValueError(f"bad value for fault {name}: {value!r} ({err})") from None
+    return name, value or None
+
+
+async def _serve(args: argparse.Namespace, faults: list[tuple[str, str | None]]) -> int:
+    sim = LlrpSimulator(
+        personality=args.personality,
+        antennas=args.antennas,
+        host=args.host,
+        port=args.port,
+        cycle_s=args.cycle_ms / 1000.0,
+        seed=args.seed,
+        read_probability=args.read_probability,
+        gpi_ports_enabled=args.gpi_enabled,
+    )
+    if args.tags:
+        sim.add_random_tags(args.tags, seed=args.seed)
+    for name, value in faults:
+        _arm(sim, name, value)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with sim:
+            logger.info(
+                "serving %d tags on %s:%d (Ctrl-C to stop)", len(sim.tags), sim.host, sim.port
+            )
+            await stop.wait()
+            logger.info("shutting down")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+    return 0
+
+
+def _arm(sim: LlrpSimulator, name: str, value: str | None) -> None:
+    if name == "silence":
+        sim.faults.silence(target="next")
+    elif name == "drop-mid-frame":
+        sim.faults.drop_mid_frame(target="next")
+    elif name == "garbage":
+        kind: GarbageKind = "random"
+        if value in ("bad_version", "absurd_length"):
+            kind = "bad_version" if value == "bad_version" else "absurd_length"
+        sim.faults.garbage(kind, target="next")
+    elif name == "trickle":
+        sim.faults.trickle(float(value or 0.01), target="next")
+    elif name == "busy":
+        sim.faults.busy_next_connect(int(value or 2))

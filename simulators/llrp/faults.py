@@ -1,0 +1,103 @@
+"""Fault switches of the LLRP simulator, armed for the current connection or the next one."""
+
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from simulators.llrp.codec import HEADER, ConnectionAttemptStatus
+
+if TYPE_CHECKING:
+    from simulators.llrp.simulator import LlrpSimulator
+
+Target = Literal["current", "next"]
+GarbageKind = Literal["bad_version", "absurd_length", "random"]
+
+
+@dataclass
+class FaultState:
+    """The faults one connection suffers."""
+
+    silent: bool = False
+    drop_mid_frame: bool = False
+    garbage: GarbageKind | None = None
+    trickle_s: float | None = None
+    busy_status: int | None = None
+
+    def any(self) -> bool:
+        return bool(
+            self.silent
+            or self.drop_mid_frame
+            or self.garbage
+            or self.trickle_s is not None
+            or self.busy_status is not None
+        )
+
+
+def garbage_frame(kind: GarbageKind, rng: random.Random) -> bytes:
+    """Bytes that no LLRP client should accept."""
+    if kind == "bad_version":
+        # Version 7 KEEPALIVE: well framed, but not LLRP 1.0.1.
+        return HEADER.pack((7 << 10) | 62, 10, 1)
+    if kind == "absurd_length":
+        # A header announcing ~4 GiB.
+        return HEADER.pack((1 << 10) | 61, 0xFFFFFFF0, 1) + bytes(16)
+    return bytes(rng.getrandbits(8) for _ in range(64)) + struct.pack("!I", 0xDEADBEEF)
+
+
+class Faults:
+    """Fault switches. ``target="current"`` hits the connected client (or, if none, the next one);
+    ``target="next"`` waits for the next accepted connection."""
+
+    def __init__(self, sim: LlrpSimulator) -> None:
+        self._sim = sim
+        self.pending = FaultState()
+
+    def _state(self, target: Target) -> FaultState:
+        conn = self._sim._current
+        if target == "current" and conn is not None and not conn.closing:
+            return conn.faults
+        return self.pending
+
+    def silence(self, *, target: Target = "current") -> None:
+        """Stop sending anything (responses, reports, keepalives); keep the socket open."""
+        self._state(target).silent = True
+
+    def drop_mid_frame(self, *, target: Target = "current") -> None:
+        """Send half of the next outgoing frame, then close the connection."""
+        self._state(target).drop_mid_frame = True
+
+    def garbage(self, kind: GarbageKind = "random", *, target: Target = "current") -> None:
+        """Send one frame of garbage (bad version, absurd length or random bytes)."""
+        state = self._state(target)
+        state.garbage = kind
+        if state is not self.pending:
+            self._sim._inject_garbage()
+
+    def trickle(self, delay_s: float = 0.01, *, target: Target = "current") -> None:
+        """Send every byte on its own, ``delay_s`` apart."""
+        if delay_s < 0:
+            raise ValueError("delay_s must be >= 0")
+        self._state(target).trickle_s = delay_s
+
+    def busy_next_connect(
+        self,
+        status: int = ConnectionAttemptStatus.Failed_Client_Initiated_Connection_Already_Exists,
+    ) -> None:
+        """Answer the next connection with a failed ConnectionAttemptEvent, then close it."""
+        if status == ConnectionAttemptStatus.Success:
+            raise ValueError("busy needs a failure status")
+        self.pending.busy_status = int(status)
+
+    def reboot(self, down_s: float = 1.0) -> None:
+        """Close every connection, refuse connections for ``down_s``, forget ROSpecs and config."""
+        self._sim._start_reboot(down_s)
+
+    def clear(self) -> None:
+        """Disarm everything (pending and on the current connection)."""
+        self.pending = FaultState()
+        conn = self._sim._current
+        if conn is not None:
+            conn.faults = FaultState()

@@ -1,0 +1,132 @@
+"""The simulated tag field: EPCs placed at antennas, each read with a probability per cycle."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+
+@dataclass(frozen=True)
+class SimTag:
+    """One tag. ``antenna`` is where it couples best; ``also_at`` maps further antennas that also
+    see it (overlapping fields) to the RSSI mean there. RSSI is gaussian around the mean (dBm)."""
+
+    epc: str
+    antenna: int = 1
+    rssi_mean: float = -55.0
+    rssi_spread: float = 2.0
+    read_probability: float = 1.0
+    also_at: Mapping[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        epc = self.epc.lower()
+        try:
+            raw = bytes.fromhex(epc)
+        except ValueError as err:
+            raise ValueError(f"EPC must be hex: {self.epc!r}") from err
+        if not raw or len(raw) % 2 or len(raw) > 62:
+            raise ValueError(f"EPC must be 1..31 whole 16-bit words: {self.epc!r}")
+        if not 0.0 <= self.read_probability <= 1.0:
+            raise ValueError("read_probability must be within [0, 1]")
+        if self.rssi_spread < 0:
+            raise ValueError("rssi_spread must be >= 0")
+        object.__setattr__(self, "epc", epc)
+        object.__setattr__(self, "also_at", MappingProxyType(dict(self.also_at)))
+
+    @property
+    def epc_bytes(self) -> bytes:
+        return bytes.fromhex(self.epc)
+
+    def views(self) -> Iterator[tuple[int, float]]:
+        """(antenna, rssi mean) for every antenna that can read this tag."""
+        yield self.antenna, self.rssi_mean
+        for ant, mean in self.also_at.items():
+            if ant != self.antenna:
+                yield ant, mean
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One singulation of a tag during an inventory cycle."""
+
+    epc: str
+    antenna: int
+    rssi: int
+    channel: int
+    utc_us: int
+    uptime_us: int
+
+
+class TagPopulation:
+    """The tags in the field; safe to change between cycles (the loop is single-threaded)."""
+
+    def __init__(self) -> None:
+        self._tags: dict[str, SimTag] = {}
+
+    def __len__(self) -> int:
+        return len(self._tags)
+
+    def __contains__(self, epc: object) -> bool:
+        return isinstance(epc, str) and epc.lower() in self._tags
+
+    def __iter__(self) -> Iterator[SimTag]:
+        return iter(list(self._tags.values()))
+
+    def get(self, epc: str) -> SimTag | None:
+        return self._tags.get(epc.lower())
+
+    def add(self, tag: SimTag) -> None:
+        self._tags[tag.epc] = tag
+
+    def remove(self, epc: str) -> SimTag:
+        try:
+            return self._tags.pop(epc.lower())
+        except KeyError:
+            raise KeyError(f"no tag {epc}") from None
+
+    def move(self, epc: str, antenna: int, also_at: Mapping[int, float] | None = None) -> SimTag:
+        tag = self._tags.get(epc.lower())
+        if tag is None:
+            raise KeyError(f"no tag {epc}")
+        moved = replace(tag, antenna=antenna, also_at=also_at if also_at is not None else {})
+        self._tags[moved.epc] = moved
+        return moved
+
+    def clear(self) -> None:
+        self._tags.clear()
+
+    def cycle(
+        self,
+        rng: random.Random,
+        antennas: Iterable[int],
+        *,
+        channels: int,
+        utc_us: int,
+        uptime_us: int,
+    ) -> list[Observation]:
+        """One inventory round over ``antennas``: each visible tag answers with its probability."""
+        wanted = set(antennas)
+        seen: list[Observation] = []
+        for tag in self._tags.values():
+            for ant, mean in tag.views():
+                if ant not in wanted or rng.random() >= tag.read_probability:
+                    continue
+                rssi = round(rng.gauss(mean, tag.rssi_spread)) if tag.rssi_spread else round(mean)
+                seen.append(
+                    Observation(
+                        tag.epc,
+                        ant,
+                        max(-128, min(127, rssi)),
+                        rng.randint(1, channels),
+                        utc_us,
+                        uptime_us,
+                    )
+                )
+        return seen
+
+
+def random_epc96(rng: random.Random) -> str:
+    """An SGTIN-96-looking EPC (header 0x30) with random content."""
+    return "30" + "".join(f"{rng.getrandbits(8):02x}" for _ in range(11))
