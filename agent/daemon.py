@@ -1,4 +1,9 @@
-"""The daemon's task tree: readers under one TaskGroup, structured shutdown on SIGTERM/SIGINT."""
+"""The process around the app: signals, systemd notify/watchdog, control socket, metrics, reload.
+
+One task tree: the app, the control server, the metrics endpoint and the watchdog feeder run
+under one TaskGroup; SIGTERM/SIGINT set the stop event and everything unwinds in order within
+seconds. SIGHUP reloads what can change without dropping connections.
+"""
 
 from __future__ import annotations
 
@@ -6,134 +11,216 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-from agent.config import AgentConfig
-from drivers.registry import make_reader
-from drivers.types import (
-    Clock,
-    GpiEdge,
-    ReaderDriver,
-    ReaderHealth,
-    SystemClock,
-    TagRead,
-)
+from agent.app import CabinetApp
+from agent.config import AgentConfig, ConfigError, load_config
+from agent.control.server import ControlServer, PeerCred
+from agent.logging_setup import setup_logging
+from agent.metrics import Metrics, MetricsServer
+from agent.sdnotify import Notifier, WatchdogGate, run_watchdog
+from drivers.errors import CabinetError
 
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET_S = 5.0
-
-
-@dataclass
-class ReadStats:
-    """What the daemon has seen from one reader (for logs, the CLI and metrics)."""
-
-    reads: int = 0
-    epcs: set[str] = field(default_factory=set)
-    per_antenna: dict[int, int] = field(default_factory=dict)
-
-
-class ReaderHub:
-    """The ReaderSink every reader driver delivers into; keeps counters and logs changes."""
-
-    def __init__(self) -> None:
-        self.stats: dict[str, ReadStats] = {}
-        self.health: dict[str, ReaderHealth] = {}
-        self.gpi: list[GpiEdge] = []
-        self.changed = asyncio.Event()
-
-    async def tag_reads(self, reads: Sequence[TagRead]) -> None:
-        for r in reads:
-            st = self.stats.setdefault(r.reader_id, ReadStats())
-            st.reads += r.seen_count
-            st.per_antenna[r.antenna] = st.per_antenna.get(r.antenna, 0) + r.seen_count
-            if r.epc not in st.epcs:
-                st.epcs.add(r.epc)
-                logger.debug("reader %s: new tag %s on antenna %d", r.reader_id, r.epc, r.antenna)
-        self.changed.set()
-
-    async def reader_health(self, health: ReaderHealth) -> None:
-        self.health[health.reader_id] = health
-        self.changed.set()
-
-    async def gpi_edge(self, edge: GpiEdge) -> None:
-        logger.info("reader %s: GPI %d %s", edge.reader_id, edge.port, "high" if edge.high else "low")
-        self.gpi.append(edge)
-        del self.gpi[:-100]
-        self.changed.set()
-
-
-class _StopRequested(Exception):
-    """Raised inside the task group to unwind it on a stop request."""
+WATCHDOG_WINDOW_S = 20.0
 
 
 class Daemon:
-    """Composition root: builds the parts from config and runs them as one task tree."""
+    """Runs a CabinetApp with its operational surroundings until stopped."""
 
-    def __init__(self, cfg: AgentConfig, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        config_path: Path | None = None,
+        credentials_dir: Path | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.cfg = cfg
-        self.clock: Clock = clock or SystemClock()
-        self.hub = ReaderHub()
-        self.readers: list[ReaderDriver] = [
-            make_reader(rc, self.hub, self.clock) for rc in cfg.readers
-        ]
-        self.stop_event = asyncio.Event()
-        self.started = asyncio.Event()
+        self.config_path = config_path
+        self.app = CabinetApp(cfg, credentials_dir=credentials_dir)
+        self.notifier = notifier or Notifier.from_env()
+        self.metrics = Metrics()
+        self.stop_event = self.app.stop_event
+        self.reloads = 0
 
     def request_stop(self) -> None:
-        self.stop_event.set()
+        self.app.request_stop()
 
     async def run(self) -> None:
-        """Run until ``request_stop()``; then shut down in order within the budget."""
-        logger.info(
-            "cabinet-agent starting: site %s cabinet %s, %d reader(s)",
-            self.cfg.cabinet.site_id,
-            self.cfg.cabinet.cabinet_id,
-            len(self.readers),
-        )
+        """Run until stopped; then report STOPPING=1 and unwind the task tree."""
+        app = self.app
+        gate = WatchdogGate(WATCHDOG_WINDOW_S)
+        control: ControlServer | None = None
+        if self.cfg.control.enabled:
+            from agent.control_api import register_handlers
+
+            control = ControlServer(self.cfg.control, audit=self._audit_cli)
+            register_handlers(control, self)
+        metrics_server = MetricsServer(self.cfg.metrics, self.metrics.registry)
+
+        def _on_ready() -> None:
+            gate.register("engine", lambda: app.engine_progress, kind="time")
+            for reader in app.readers:
+                if isinstance(getattr(reader, "last_progress", None), float):
+                    gate.register(
+                        f"reader:{reader.reader_id}", _progress_probe(reader), kind="time"
+                    )
+            if app.publisher is not None:
+                gate.register(
+                    "publisher", lambda: float(app.publisher.stats.last_progress), kind="time"
+                )
+            self.notifier.ready(self._status_line())
+
+        app.on_ready.append(_on_ready)
         try:
             async with asyncio.TaskGroup() as tg:
-                for reader in self.readers:
-                    tg.create_task(reader.run(), name=f"reader:{reader.reader_id}")
-                    await reader.start_inventory()
-                tg.create_task(self._report_loop(), name="read-summary")
-                tg.create_task(self._wait_stop(), name="stop-watch")
-                self.started.set()
-        except* _StopRequested:
+                app_task = tg.create_task(app.run(), name="app")
+                if control is not None:
+                    tg.create_task(control.serve(self.stop_event), name="control-socket")
+                if self.cfg.metrics.enabled:
+                    tg.create_task(metrics_server.serve(self.stop_event), name="metrics")
+                tg.create_task(
+                    run_watchdog(self.notifier, gate, self.stop_event), name="sd-watchdog"
+                )
+                tg.create_task(self._metrics_loop(), name="metrics-refresh")
+                await self.stop_event.wait()
+                self.notifier.stopping("stopping")
+                await app_task
+                raise _Stopped
+        except* _Stopped:
             pass
-        logger.info("cabinet-agent stopped")
+        finally:
+            self.notifier.close()
 
-    async def _wait_stop(self) -> None:
-        await self.stop_event.wait()
-        logger.info("stop requested; shutting down")
-        raise _StopRequested
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; apply log level now, report what needs a restart."""
+        self.reloads += 1
+        self.notifier.reloading("reloading")
+        try:
+            if self.config_path is None:
+                logger.warning("reload: no config path known; nothing to reload")
+                return
+            try:
+                new = load_config(self.config_path)
+            except ConfigError as err:
+                for line in err.problems:
+                    logger.error("reload refused: %s", line)
+                return
+            setup_logging(new.logging.level, new.logging.format)
+            applied = ["logging"]
+            if new.domain != self.cfg.domain and self.app.engine is not None:
+                self.app.engine.config = new.domain
+                applied.append("domain thresholds")
+            restart = [
+                name
+                for name in (
+                    "readers",
+                    "badge_readers",
+                    "door",
+                    "mqtt",
+                    "store",
+                    "privacy",
+                    "cabinet",
+                    "control",
+                    "metrics",
+                )
+                if getattr(new, name) != getattr(self.cfg, name)
+            ]
+            self.cfg = new
+            logger.info("reload applied: %s", ", ".join(applied))
+            if restart:
+                logger.warning(
+                    "reload: changes to %s need a restart (systemctl restart cabinet-agent)",
+                    ", ".join(restart),
+                )
+        finally:
+            self.notifier.ready(self._status_line())
 
-    async def _report_loop(self) -> None:
-        """Log a one-line summary of reads per reader every few seconds (INFO)."""
-        last: dict[str, int] = {}
+    def _audit_cli(self, peer: PeerCred, cmd: str, args: object) -> None:
+        store = self.app.store
+        if store is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            store.audit_append(f"cli:uid={peer.uid}", "cli.command", {"cmd": cmd}),
+            name="audit-cli",
+        )
+        task.add_done_callback(_log_task_failure)
+
+    def _status_line(self) -> str:
+        app = self.app
+        online = sum(1 for r in app.readers if r.health.healthy)
+        phase = app.engine.phase if app.engine is not None else "starting"
+        return f"{online}/{len(app.readers)} readers online, engine {phase}"
+
+    async def _metrics_loop(self) -> None:
+        """Refresh gauges that are cheaper to sample than to push (every 5 s)."""
+        app = self.app
+        seen_reads: dict[tuple[str, int], int] = {}
+        seen_events: dict[str, int] = {}
         while True:
             await asyncio.sleep(5.0)
-            for rid, st in sorted(self.hub.stats.items()):
-                delta = st.reads - last.get(rid, 0)
-                last[rid] = st.reads
+            for key, total in app.stats.reads_by_antenna.items():
+                delta = total - seen_reads.get(key, 0)
                 if delta:
-                    logger.info(
-                        "reader %s: %d reads in 5s, %d distinct tags so far",
-                        rid,
-                        delta,
-                        len(st.epcs),
-                    )
+                    self.metrics.tag_reads(key[0], key[1], delta)
+                    seen_reads[key] = total
+            for kind, total in app.stats.events_by_type.items():
+                delta = total - seen_events.get(kind, 0)
+                if delta:
+                    self.metrics.event(kind, delta)
+                    seen_events[kind] = total
+            for reader in app.readers:
+                self.metrics.reader_state(reader.reader_id, reader.health.state)
+            if app.store is not None:
+                try:
+                    st = await app.store.stats()
+                except CabinetError as err:
+                    logger.warning("metrics: outbox stats unavailable: %s", err)
+                    continue
+                self.metrics.outbox(st.depth, st.bytes, st.oldest_age_s or 0.0)
+            self.notifier.status(self._status_line())
+
+
+class _Stopped(Exception):
+    """Unwinds the daemon's task group after an orderly stop."""
+
+
+def _progress_probe(reader: object) -> Callable[[], float]:
+    def probe() -> float:
+        return float(getattr(reader, "last_progress", 0.0))
+
+    return probe
+
+
+def _log_task_failure(task: asyncio.Task[object]) -> None:
+    if not task.cancelled() and (err := task.exception()) is not None:
+        logger.error("background task %s failed: %s", task.get_name(), err)
 
 
 async def run_until_signalled(daemon: Daemon) -> None:
-    """Run the daemon; SIGTERM/SIGINT request an orderly stop."""
+    """Run the daemon; SIGTERM/SIGINT stop it, SIGHUP reloads. Bounded shutdown."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.request_stop)
+    stop_started: list[float] = []
+
+    def _stop() -> None:
+        if not stop_started:
+            stop_started.append(time.monotonic())
+            logger.info("signal received: stopping")
+        daemon.request_stop()
+
+    loop.add_signal_handler(signal.SIGTERM, _stop)
+    loop.add_signal_handler(signal.SIGINT, _stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     try:
         await daemon.run()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
+        if stop_started:
+            logger.info("stopped in %.2fs", time.monotonic() - stop_started[0])

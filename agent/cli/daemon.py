@@ -4,35 +4,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
 from agent import __version__
 from agent.cli.common import DEFAULT_CONFIG, load_or_exit
-
-logger = logging.getLogger("agent")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stdout,
-    )
-    # sllurp logs every state change at INFO; only its warnings matter to an operator.
-    logging.getLogger("sllurp").setLevel(logging.WARNING)
+from agent.config import EX_CONFIG
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_or_exit(args.config)
-    _setup_logging(args.log_level or cfg.logging.level)
+    from agent.logging_setup import setup_logging
+
+    setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
     from agent.daemon import Daemon, run_until_signalled
+    from drivers.errors import PermanentError
 
     async def _main() -> None:
-        await run_until_signalled(Daemon(cfg))
+        daemon = Daemon(cfg, config_path=args.config)
+        await run_until_signalled(daemon)
 
-    asyncio.run(_main())
+    try:
+        asyncio.run(_main())
+    except PermanentError as err:
+        # Key files with loose permissions, unusable credentials…: a configuration problem.
+        print(f"cabinet-agent: {err}", file=sys.stderr)
+        return EX_CONFIG
     return 0
 
 

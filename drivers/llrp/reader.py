@@ -137,7 +137,8 @@ class LlrpReader:
         self._health = ReaderHealth(cfg.id, ReaderState.OFFLINE, self._clock.now(), "not started")
         self._health_changed = asyncio.Event()
         self.stats = LlrpStats()
-        self.last_progress = self._clock.monotonic()
+        self._last_progress = self._clock.monotonic()
+        self._backing_off = False
         self.last_delay_s = 0.0
 
     # -- ReaderDriver -----------------------------------------------------------------
@@ -153,6 +154,14 @@ class LlrpReader:
     @property
     def config(self) -> LlrpReaderConfig:
         return self._cfg
+
+    @property
+    def last_progress(self) -> float:
+        """Monotonic time the loop last did something (a frame, an attempt, or now if it is
+        deliberately waiting out a backoff): what the systemd watchdog gate watches."""
+        if self._backing_off:
+            return self._clock.monotonic()
+        return self._last_progress
 
     async def run(self) -> None:
         """Keep a session up until cancelled; every failure is logged, backed off, retried."""
@@ -180,7 +189,11 @@ class LlrpReader:
                 logger.info(
                     "reader %s offline: %s; reconnecting in %.2fs", self.reader_id, reason, delay
                 )
-                await asyncio.sleep(delay)
+                self._backing_off = True
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self._backing_off = False
         finally:
             self._session = None
             # Best effort: report the final state without blocking cancellation.
@@ -279,6 +292,7 @@ class LlrpReader:
         cfg = self._cfg
         self._session_no += 1
         self.stats.sessions += 1
+        self._last_progress = self._clock.monotonic()
         await self._set_health(ReaderState.CONNECTING, f"connecting to {cfg.host}:{cfg.port}")
         loop = asyncio.get_running_loop()
         try:
@@ -342,7 +356,7 @@ class LlrpReader:
 
     async def _handle(self, sess: _Session, data: bytes, msg_type: int, msg_id: int) -> None:
         self.stats.frames += 1
-        self.last_progress = self._clock.monotonic()
+        self._last_progress = self._clock.monotonic()
         if msg_type == _MSG_SET_READER_CONFIG_RESPONSE and msg_id in sess.pending_gpo:
             self._resolve_gpo(sess, msg_id, data)
             return
@@ -447,7 +461,10 @@ class LlrpReader:
     async def _on_event(self, sess: _Session, body: Mapping[str, Any]) -> None:
         data = body.get("ReaderEventNotificationData") or {}
         attempt = data.get("ConnectionAttemptEvent")
-        if isinstance(attempt, dict) and attempt.get("Status") not in (None, "Success"):
+        if isinstance(attempt, dict) and attempt.get("Status") == "Another connection attempted":
+            # Informational: someone else knocked; our session is unaffected.
+            logger.warning("reader %s: another client tried to connect", self.reader_id)
+        elif isinstance(attempt, dict) and attempt.get("Status") not in (None, "Success"):
             raise ReaderBusyError(
                 f"reader {self.reader_id} refused the connection ({attempt.get('Status')}): "
                 "another client is connected"

@@ -1,0 +1,333 @@
+"""LLRP driver ⇄ bundled LLRP simulator over real sockets: reads, commands, faults, hostility."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+import pytest
+
+from drivers.llrp.config import LlrpReaderConfig
+from drivers.llrp.reader import LlrpReader
+from drivers.types import GpiEdge, ReaderHealth, ReaderState, TagRead
+from simulators.llrp import LlrpSimulator, SimTag
+
+# Short keepalive/backoff so faults are noticed and healed quickly; the bounds asserted below
+# are derived from these numbers, never from wall-clock measurements.
+KEEPALIVE_S = 1.0
+BACKOFF_MAX_S = 0.5
+# Worst case to heal: watchdog (3× keepalive) + backoff + reconnect/configure, with a generous
+# margin for a loaded 2-core CI machine.
+HEAL_BOUND_S = 3 * KEEPALIVE_S + BACKOFF_MAX_S + 20.0
+
+
+class RecordingSink:
+    """A ReaderSink that records everything and lets tests await conditions."""
+
+    def __init__(self) -> None:
+        self.reads: list[TagRead] = []
+        self.health: list[ReaderHealth] = []
+        self.gpi: list[GpiEdge] = []
+        self._changed = asyncio.Event()
+
+    async def tag_reads(self, reads: Sequence[TagRead]) -> None:
+        self.reads.extend(reads)
+        self._changed.set()
+
+    async def reader_health(self, health: ReaderHealth) -> None:
+        self.health.append(health)
+        self._changed.set()
+
+    async def gpi_edge(self, edge: GpiEdge) -> None:
+        self.gpi.append(edge)
+        self._changed.set()
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = HEAL_BOUND_S) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+    def epcs(self) -> set[str]:
+        return {r.epc for r in self.reads}
+
+
+def _cfg(port: int, **kw: object) -> LlrpReaderConfig:
+    base: dict[str, object] = {
+        "id": "dock-1",
+        "host": "127.0.0.1",
+        "port": port,
+        "antennas": [1, 2, 3, 4],
+        "keepalive_s": KEEPALIVE_S,
+        "connect_timeout_s": 5.0,
+        "inventory_deadline_s": 15.0,
+        "backoff": {"initial_s": 0.05, "max_s": BACKOFF_MAX_S},
+        "gpi_ports": [1],
+    }
+    base.update(kw)
+    return LlrpReaderConfig.model_validate(base)
+
+
+@asynccontextmanager
+async def running(
+    reader: LlrpReader,
+) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(reader.run(), name="reader-under-test")
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@asynccontextmanager
+async def sim_and_reader(
+    personality: str = "impinj", n_tags: int = 0, **cfg_kw: object
+) -> AsyncIterator[tuple[LlrpSimulator, LlrpReader, RecordingSink]]:
+    async with LlrpSimulator(
+        personality=personality, antennas=4, host="127.0.0.1", port=0, seed=3
+    ) as sim:
+        if n_tags:
+            sim.add_random_tags(n=n_tags, antennas=[1, 2, 3, 4], seed=11)
+        sink = RecordingSink()
+        reader = LlrpReader(_cfg(sim.port, **cfg_kw), sink)
+        async with running(reader):
+            yield sim, reader, sink
+
+
+async def test_500_tags_over_4_antennas_all_reported_with_their_antenna() -> None:
+    async with sim_and_reader(n_tags=500) as (sim, reader, sink):
+        await reader.start_inventory()
+        expected = {t.epc: t.antenna for t in sim.tags}
+        assert len(expected) == 500
+        await sink.until(lambda: sink.epcs() >= set(expected))
+        seen_on: dict[str, set[int]] = {}
+        for r in sink.reads:
+            seen_on.setdefault(r.epc, set()).add(r.antenna)
+            assert r.reader_id == "dock-1"
+            assert r.peak_rssi_dbm is not None and -100 < r.peak_rssi_dbm < 0
+            assert r.seen_count >= 1
+        assert set(seen_on) == set(expected)
+        for epc, antenna in expected.items():
+            assert seen_on[epc] == {antenna}, epc
+        assert reader.health.state == ReaderState.INVENTORYING
+
+
+async def test_zebra_personality_reads_too() -> None:
+    async with sim_and_reader(personality="zebra", n_tags=20) as (sim, reader, sink):
+        await reader.start_inventory()
+        await sink.until(lambda: sink.epcs() >= {t.epc for t in sim.tags})
+
+
+async def test_stop_and_start_inventory_on_command() -> None:
+    async with sim_and_reader(n_tags=10) as (sim, reader, sink):
+        await reader.start_inventory()
+        await sink.until(lambda: len(sink.epcs()) == 10)
+        await reader.stop_inventory()
+        await sink.until(lambda: reader.health.state == ReaderState.ONLINE)
+        # Reads buffered before the reader confirmed the stop may still arrive; after a full
+        # keepalive period nothing more may.
+        await asyncio.sleep(KEEPALIVE_S)
+        settled = len(sink.reads)
+        await asyncio.sleep(KEEPALIVE_S)
+        assert len(sink.reads) == settled
+        sim.add_tag(SimTag(epc="e2801160600002084a5f3c11", antenna=2, rssi_mean=-50.0))
+        await reader.start_inventory()
+        await sink.until(lambda: "e2801160600002084a5f3c11" in sink.epcs())
+        assert reader.health.state == ReaderState.INVENTORYING
+
+
+async def test_online_without_inventory_reads_nothing() -> None:
+    async with sim_and_reader(n_tags=5) as (_sim, reader, sink):
+        await sink.until(lambda: reader.health.state == ReaderState.ONLINE)
+        await asyncio.sleep(KEEPALIVE_S)
+        assert sink.reads == []
+
+
+async def test_gpi_change_becomes_an_edge_and_gpo_write_reaches_the_reader() -> None:
+    async with sim_and_reader() as (sim, reader, sink):
+        await sink.until(lambda: reader.health.healthy)
+        sim.set_gpi(1, True)
+        await sink.until(lambda: any(e.port == 1 and e.high for e in sink.gpi))
+        sim.set_gpi(1, False)
+        await sink.until(lambda: any(e.port == 1 and not e.high for e in sink.gpi))
+        await reader.set_gpo(2, True)
+        assert sim.gpo_state[2] is True
+        await reader.set_gpo(2, False)
+        assert sim.gpo_state[2] is False
+
+
+async def test_set_gpo_while_offline_is_a_clear_error() -> None:
+    sink = RecordingSink()
+    reader = LlrpReader(_cfg(1), sink)
+    with pytest.raises(Exception, match="not online"):
+        await reader.set_gpo(1, True)
+
+
+async def test_health_reports_connecting_online_and_session_number() -> None:
+    async with sim_and_reader() as (_sim, reader, sink):
+        await reader.start_inventory()
+        await sink.until(lambda: reader.health.state == ReaderState.INVENTORYING)
+        states = [h.state for h in sink.health]
+        assert states[0] == ReaderState.CONNECTING
+        assert ReaderState.INVENTORYING in states
+        assert all(h.session == 1 for h in sink.health)
+
+
+FAULTS: dict[str, Callable[[LlrpSimulator], object]] = {
+    "silence": lambda sim: sim.faults.silence(),
+    "drop_mid_frame": lambda sim: sim.faults.drop_mid_frame(),
+    "garbage": lambda sim: sim.faults.garbage(),
+    "reboot": lambda sim: sim.faults.reboot(1.0),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+async def test_every_fault_is_healed_and_reads_resume(fault: str) -> None:
+    async with sim_and_reader(n_tags=8) as (sim, reader, sink):
+        await reader.start_inventory()
+        await sink.until(lambda: len(sink.epcs()) == 8)
+        FAULTS[fault](sim)
+        await sink.until(lambda: any(h.state == ReaderState.OFFLINE for h in sink.health))
+        offline = next(h for h in sink.health if h.state == ReaderState.OFFLINE)
+        assert offline.detail  # a reason for the technician
+        # Recovery: a new session reaches inventorying and new reads arrive.
+        await sink.until(
+            lambda: reader.health.state == ReaderState.INVENTORYING
+            and reader.health.session >= 2
+        )
+        assert reader.last_delay_s <= BACKOFF_MAX_S
+        before = len(sink.reads)
+        await sink.until(lambda: len(sink.reads) > before)
+
+
+async def test_busy_reader_backs_off_longest_then_recovers() -> None:
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=1) as sim:
+        sim.add_random_tags(n=3, antennas=[1], seed=1)
+        sim.faults.busy_next_connect()
+        sink = RecordingSink()
+        reader = LlrpReader(_cfg(sim.port), sink)
+        async with running(reader):
+            await reader.start_inventory()
+            await sink.until(lambda: any(h.state == ReaderState.OFFLINE for h in sink.health))
+            offline = next(h for h in sink.health if h.state == ReaderState.OFFLINE)
+            assert "another client" in offline.detail
+            assert BACKOFF_MAX_S / 2 <= reader.last_delay_s <= BACKOFF_MAX_S
+            await sink.until(lambda: len(sink.epcs()) == 3)
+
+
+async def test_trickled_bytes_still_configure_and_read() -> None:
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=1) as sim:
+        sim.add_random_tags(n=4, antennas=[1, 2], seed=2)
+        sim.faults.trickle(0.0005)
+        sink = RecordingSink()
+        reader = LlrpReader(_cfg(sim.port, inventory_deadline_s=60.0), sink)
+        async with running(reader):
+            await reader.start_inventory()
+            await sink.until(lambda: len(sink.epcs()) == 4, timeout=90)
+            assert all(h.session == 1 for h in sink.health)
+
+
+async def test_second_client_is_refused_and_first_keeps_reading() -> None:
+    async with sim_and_reader(n_tags=4) as (sim, reader, sink):
+        await reader.start_inventory()
+        await sink.until(lambda: len(sink.epcs()) == 4)
+        sink2 = RecordingSink()
+        intruder = LlrpReader(_cfg(sim.port, id="dock-2"), sink2)
+        async with running(intruder):
+            await sink2.until(lambda: any(h.state == ReaderState.OFFLINE for h in sink2.health))
+            assert "another client" in sink2.health[-1].detail
+        before = len(sink.reads)
+        await sink.until(lambda: len(sink.reads) > before)
+        assert reader.health.session == 1, sink.health
+
+
+async def test_unreachable_reader_reports_advice_and_keeps_trying() -> None:
+    # A port nobody listens on: bind, note the port, close.
+    srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    srv.close()
+    await srv.wait_closed()
+    sink = RecordingSink()
+    reader = LlrpReader(_cfg(port), sink)
+    async with running(reader):
+        await sink.until(lambda: sum(h.state == ReaderState.OFFLINE for h in sink.health) >= 2)
+    detail = next(h.detail for h in sink.health if h.state == ReaderState.OFFLINE)
+    assert "connection refused" in detail and "powered" in detail
+
+
+# -- hostile peers ---------------------------------------------------------------------------
+
+
+def _header(msg_type: int, body: bytes, msg_id: int = 1) -> bytes:
+    return struct.pack("!HII", (1 << 10) | msg_type, 10 + len(body), msg_id) + body
+
+
+async def test_random_and_mutated_frames_never_crash_or_hang_the_driver() -> None:
+    """A hostile server sends mutated frames; the driver must end each session and retry."""
+    rng = random.Random(1234)
+    from tests.conftest import CAPTURES
+
+    seeds = [_header(61, p.read_bytes()) for p in sorted(CAPTURES.glob("ROAccessReport-*.bytes"))]
+    seeds.append(_header(63, (CAPTURES / "ReaderEventNotification-000.bytes").read_bytes()))
+    seeds.append(
+        _header(11, (CAPTURES / "GetReaderCapabilitiesResponse-000.bytes").read_bytes())
+    )
+    connections = 0
+    done = asyncio.Event()
+
+    async def hostile(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            for _ in range(5):
+                blob = bytearray(rng.choice(seeds))
+                for _ in range(rng.randint(1, 6)):
+                    blob[rng.randrange(len(blob))] = rng.randrange(256)
+                if rng.random() < 0.3:
+                    blob = bytearray(rng.randbytes(rng.randint(1, 64)))
+                w.write(bytes(blob))
+            await w.drain()
+            await asyncio.sleep(0.05)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+            if connections >= 40:
+                done.set()
+
+    srv = await asyncio.start_server(hostile, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    sink = RecordingSink()
+    reader = LlrpReader(_cfg(port, backoff={"initial_s": 0.01, "max_s": 0.02}), sink)
+    try:
+        async with running(reader) as task:
+            async with asyncio.timeout(60):
+                await done.wait()
+            assert not task.done(), "the driver task must survive every hostile session"
+        assert reader.stats.sessions >= 40
+        assert sum(reader.stats.errors.values()) >= 39
+        assert sink.reads == [] or all(len(r.epc) > 0 for r in sink.reads)
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_cancel_closes_the_socket_promptly() -> None:
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=1) as sim:
+        sink = RecordingSink()
+        reader = LlrpReader(_cfg(sim.port), sink)
+        task = asyncio.create_task(reader.run())
+        await sink.until(lambda: reader.health.healthy)
+        task.cancel()
+        async with asyncio.timeout(5):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert reader.health.state == ReaderState.STOPPED
+        async with asyncio.timeout(5):
+            while sim.connections.active:
+                await asyncio.sleep(0.02)
