@@ -109,7 +109,8 @@ async def test_500_tags_over_4_antennas_all_reported_with_their_antenna() -> Non
         for r in sink.reads:
             seen_on.setdefault(r.epc, set()).add(r.antenna)
             assert r.reader_id == "dock-1"
-            assert r.peak_rssi_dbm is not None and -100 < r.peak_rssi_dbm < 0
+            assert r.peak_rssi_dbm is not None
+            assert -100 < r.peak_rssi_dbm < 0
             assert r.seen_count >= 1
         assert set(seen_on) == set(expected)
         for epc, antenna in expected.items():
@@ -197,8 +198,7 @@ async def test_every_fault_is_healed_and_reads_resume(fault: str) -> None:
         assert offline.detail  # a reason for the technician
         # Recovery: a new session reaches inventorying and new reads arrive.
         await sink.until(
-            lambda: reader.health.state == ReaderState.INVENTORYING
-            and reader.health.session >= 2
+            lambda: reader.health.state == ReaderState.INVENTORYING and reader.health.session >= 2
         )
         assert reader.last_delay_s <= BACKOFF_MAX_S
         before = len(sink.reads)
@@ -257,7 +257,8 @@ async def test_unreachable_reader_reports_advice_and_keeps_trying() -> None:
     async with running(reader):
         await sink.until(lambda: sum(h.state == ReaderState.OFFLINE for h in sink.health) >= 2)
     detail = next(h.detail for h in sink.health if h.state == ReaderState.OFFLINE)
-    assert "connection refused" in detail and "powered" in detail
+    assert "connection refused" in detail
+    assert "powered" in detail
 
 
 # -- hostile peers ---------------------------------------------------------------------------
@@ -274,9 +275,7 @@ async def test_random_and_mutated_frames_never_crash_or_hang_the_driver() -> Non
 
     seeds = [_header(61, p.read_bytes()) for p in sorted(CAPTURES.glob("ROAccessReport-*.bytes"))]
     seeds.append(_header(63, (CAPTURES / "ReaderEventNotification-000.bytes").read_bytes()))
-    seeds.append(
-        _header(11, (CAPTURES / "GetReaderCapabilitiesResponse-000.bytes").read_bytes())
-    )
+    seeds.append(_header(11, (CAPTURES / "GetReaderCapabilitiesResponse-000.bytes").read_bytes()))
     connections = 0
     done = asyncio.Event()
 

@@ -116,7 +116,7 @@ def test_captures_are_present() -> None:
     assert len(_report_captures()) == 5, f"expected the R420 captures in {CAPTURES}"
 
 
-@pytest.mark.parametrize("name", ["ROAccessReport-00%d" % i for i in range(1, 6)])
+@pytest.mark.parametrize("name", [f"ROAccessReport-00{i}" for i in range(1, 6)])
 async def test_real_reports_become_the_right_tag_reads(name: str) -> None:
     raw, expected = _capture(name)
     (frame,) = LlrpFramer().feed(raw)

@@ -1,0 +1,172 @@
+"""The daemon as a real process: starts the configured readers, stops cleanly on signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.config import EX_CONFIG, parse_config
+from agent.daemon import Daemon
+from agent.privacy.keys import generate_backend_keys
+from agent.sdnotify import Notifier
+from drivers.types import ReaderState
+from simulators.llrp import LlrpSimulator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _provision(tmp: Path) -> Path:
+    """Backend keys, and the three files a cabinet gets, in ``tmp/creds``."""
+    generate_backend_keys(tmp / "backend")
+    creds = tmp / "creds"
+    creds.mkdir()
+    for name in ("backend-hpke.pub", "signing.pub", "site.key"):
+        shutil.copy(tmp / "backend" / name, creds / name)
+    (creds / "site.key").chmod(0o600)
+    return creds
+
+
+def _config_text(tmp: Path, port: int) -> str:
+    creds = tmp / "creds"
+    return f"""
+[cabinet]
+site_id = "hangar-3"
+cabinet_id = "crib-07"
+
+[[readers]]
+type = "llrp"
+id = "dock-1"
+host = "127.0.0.1"
+port = {port}
+antennas = [1, 2, 3, 4]
+keepalive_s = 1.0
+gpi_ports = [1]
+backoff = {{ initial_s = 0.05, max_s = 0.5 }}
+
+[privacy]
+site_key = "{creds}/site.key"
+seal_public_key = "{creds}/backend-hpke.pub"
+signing_public_keys = ["{creds}/signing.pub"]
+
+[store]
+path = "{tmp}/state.db"
+
+[control]
+socket_path = "{tmp}/control.sock"
+group = "root"
+
+[metrics]
+port = 0
+
+[domain]
+drawers = {{ top = ["dock-1:1", "dock-1:2"], bottom = ["dock-1:3", "dock-1:4"] }}
+"""
+
+
+async def _wait_for(path: Path, text: str, timeout: float = 30.0) -> str:
+    async with asyncio.timeout(timeout):
+        while True:
+            content = path.read_text() if path.exists() else ""
+            if text in content:
+                return content
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_daemon_process_stops_cleanly_within_budget(tmp_path: Path, sig: int) -> None:
+    _provision(tmp_path)
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=5) as sim:
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text(_config_text(tmp_path, sim.port))
+        log = tmp_path / "agent.log"
+        with log.open("w") as out:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "agent.cli.daemon",
+                "run",
+                "--config",
+                str(cfg),
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=ROOT,
+            )
+            try:
+                await _wait_for(log, "connecting -> online")
+                assert sim.connections.active == 1
+                t0 = time.monotonic()
+                proc.send_signal(sig)
+                async with asyncio.timeout(5.0):
+                    rc = await proc.wait()
+                elapsed = time.monotonic() - t0
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        text = log.read_text()
+        assert rc == 0, text
+        assert "stopped in" in text
+        assert "Traceback" not in text
+        assert elapsed < 5.0
+        # The reader session was closed by the daemon, not left dangling.
+        await sim.wait_until(lambda: sim.connections.active == 0, timeout=5.0)
+
+
+async def test_loose_key_file_permissions_refuse_to_start(tmp_path: Path) -> None:
+    creds = _provision(tmp_path)
+    (creds / "site.key").chmod(0o644)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(_config_text(tmp_path, 9))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent.cli.daemon",
+        "run",
+        "--config",
+        str(cfg),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    async with asyncio.timeout(30):
+        _out, err = await proc.communicate()
+    assert proc.returncode == EX_CONFIG
+    assert b"chmod" in err
+    assert not (tmp_path / "state.db").exists(), "nothing may start on a bad key file"
+
+
+async def test_in_process_daemon_leaves_no_task_or_socket(tmp_path: Path) -> None:
+    """Run the daemon in this loop: after stop, the autouse guard proves no task leaked."""
+    creds = _provision(tmp_path)
+    async with LlrpSimulator(personality="zebra", antennas=4, port=0, seed=2) as sim:
+        cfg = parse_config(_toml(_config_text(tmp_path, sim.port)))
+        daemon = Daemon(cfg, credentials_dir=creds, notifier=Notifier.from_env({}))
+        task = asyncio.create_task(daemon.run(), name="daemon-under-test")
+        try:
+            async with asyncio.timeout(30):
+                await daemon.app.ready.wait()
+                while daemon.app.readers[0].health.state != ReaderState.ONLINE:
+                    await asyncio.sleep(0.05)
+            assert (tmp_path / "control.sock").exists()
+            daemon.request_stop()
+            async with asyncio.timeout(5):
+                await task
+        finally:
+            if not task.done():
+                task.cancel()
+        assert not (tmp_path / "control.sock").exists(), "control socket removed on stop"
+        await sim.wait_until(lambda: sim.connections.active == 0, timeout=5.0)
+        assert os.path.exists(tmp_path / "state.db")
+
+
+def _toml(text: str) -> dict[str, object]:
+    import tomllib
+
+    return tomllib.loads(text)
