@@ -1,0 +1,1 @@
+"""Bundled cabinet scenarios (TOML package data; format in docs/scenarios.md)."""
