@@ -1,0 +1,607 @@
+"""cabinet-consumer: the reference backend for sealed cabinet events (docs/delivery.md).
+
+Sub-commands:
+  consume           subscribe, open envelopes, drop duplicates, report seq gaps, print JSON lines
+  keygen DIR        generate backend key material (HPKE, signing, site pseudonym key)
+  sign-allow-list   signed allow-list document from a JSON/TOML list of pseudonyms and roles
+  sign-registry     signed asset-registry document from a JSON/TOML list of assets
+  pseudonym         a badge's pseudonym from the site key (raw id read from stdin, never printed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+import threading
+import time
+import tomllib
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.mqtt.config import is_loopback_host
+from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener
+from agent.privacy.keys import (
+    HPKE_PRIVATE_FILE,
+    SIGNING_PRIVATE_FILE,
+    SITE_KEY_FILE,
+    generate_backend_keys,
+    load_hpke_private,
+    load_signing_private,
+)
+from agent.privacy.pseudonym import KeyFileError, Pseudonymizer
+from agent.privacy.signed import (
+    allow_list_doc,
+    asset_registry_doc,
+    parse_time,
+    sign_document,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOPIC = "cabinets/v1/+/+/events"
+DEFAULT_DEDUP_CAPACITY = 1_000_000
+MAX_OUT_OF_ORDER = 100_000  # seqs held above a gap before the gap is declared lost
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+
+
+# ---------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """One opened, first-seen event."""
+
+    site: str
+    cabinet: str
+    header: EnvelopeHeader
+    plaintext: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        try:
+            event: Any = json.loads(self.plaintext)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            event = {"base64": base64.b64encode(self.plaintext).decode("ascii")}
+        return {
+            "site": self.site,
+            "cabinet": self.cabinet,
+            "seq": self.header.seq,
+            "event_id": str(self.header.event_id),
+            "key_id": self.header.key_id,
+            "event": event,
+        }
+
+
+@dataclass
+class SeqTracker:
+    """Per-cabinet sequence bookkeeping: everything ``<= low`` was seen; ``above`` are islands."""
+
+    low: int
+    above: set[int] = field(default_factory=set)
+
+    def add(self, seq: int) -> tuple[int, int] | None:
+        """Record ``seq``; return the (first, last) missing range if it opens a new gap."""
+        if seq <= self.low or seq in self.above:
+            return None
+        top = max(self.above) if self.above else self.low
+        self.above.add(seq)
+        while self.low + 1 in self.above:
+            self.low += 1
+            self.above.discard(self.low)
+        if seq > top + 1:
+            return (top + 1, seq - 1)
+        return None
+
+    def missing(self, limit: int = 100) -> list[tuple[int, int]]:
+        """Missing ranges between ``low`` and the highest seq seen."""
+        out: list[tuple[int, int]] = []
+        prev = self.low
+        for s in sorted(self.above):
+            if s > prev + 1:
+                out.append((prev + 1, s - 1))
+                if len(out) >= limit:
+                    break
+            prev = s
+        return out
+
+    def abandon_oldest_gap(self) -> tuple[int, int] | None:
+        """Give up on the lowest gap (bounds memory); return it."""
+        gaps = self.missing(1)
+        if not gaps:
+            return None
+        first, last = gaps[0]
+        self.low = last
+        while self.low + 1 in self.above:
+            self.low += 1
+            self.above.discard(self.low)
+        return first, last
+
+
+@dataclass
+class DecoderStats:
+    received: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    gaps_opened: int = 0
+
+
+class EventDecoder:
+    """Opens envelopes, drops duplicates by event id (bounded memory), tracks seq gaps."""
+
+    def __init__(
+        self,
+        opener: Opener,
+        *,
+        dedup_capacity: int = DEFAULT_DEDUP_CAPACITY,
+        on_gap: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        self._opener = opener
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._capacity = dedup_capacity
+        self._trackers: dict[str, SeqTracker] = {}
+        self._on_gap = on_gap
+        self.stats = DecoderStats()
+
+    def handle(self, topic: str, payload: bytes) -> Delivered | None:
+        """The opened event, or None for a duplicate; EnvelopeError for anything invalid."""
+        self.stats.received += 1
+        try:
+            site, cabinet = _topic_ids(topic)
+            header, plaintext = self._opener.open(payload)
+            if header.cabinet_id != cabinet:
+                raise EnvelopeError(
+                    f"envelope of cabinet {header.cabinet_id!r} arrived on {cabinet!r}'s topic"
+                )
+            _check_body(header, plaintext)
+        except EnvelopeError:
+            self.stats.invalid += 1
+            raise
+        key = header.event_id.bytes
+        if key in self._seen:
+            self.stats.duplicates += 1
+            return None
+        self._seen[key] = None
+        if len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+        self._track(f"{site}/{cabinet}", header.seq)
+        self.stats.delivered += 1
+        return Delivered(site, cabinet, header, plaintext)
+
+    def gaps(self) -> dict[str, list[tuple[int, int]]]:
+        """Outstanding missing seq ranges per ``site/cabinet``."""
+        return {k: t.missing() for k, t in self._trackers.items() if t.above}
+
+    def _track(self, cabinet: str, seq: int) -> None:
+        tracker = self._trackers.get(cabinet)
+        if tracker is None:
+            # First sight: earlier seqs may have gone to a previous consumer run.
+            self._trackers[cabinet] = SeqTracker(low=seq)
+            return
+        gap = tracker.add(seq)
+        if gap is not None:
+            self.stats.gaps_opened += 1
+            if self._on_gap is not None:
+                self._on_gap(cabinet, *gap)
+        if len(tracker.above) > MAX_OUT_OF_ORDER:
+            lost = tracker.abandon_oldest_gap()
+            if lost is not None:
+                logger.error("%s: seqs %d..%d given up as lost", cabinet, lost[0], lost[1])
+
+
+def _topic_ids(topic: str) -> tuple[str, str]:
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[4] != "events":
+        raise EnvelopeError(f"unexpected topic shape {topic!r}")
+    return parts[2], parts[3]
+
+
+def _check_body(header: EnvelopeHeader, plaintext: bytes) -> None:
+    """The event's own ids must equal the (authenticated) header's, where present."""
+    try:
+        body = json.loads(plaintext)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if not isinstance(body, dict):
+        return
+    if "event_id" in body and str(body["event_id"]) != str(header.event_id):
+        raise EnvelopeError(f"seq {header.seq}: event_id in the body differs from the header")
+    if "seq" in body and body["seq"] != header.seq:
+        raise EnvelopeError(f"seq {header.seq}: seq in the body differs from the header")
+    if "cabinet_id" in body and body["cabinet_id"] != header.cabinet_id:
+        raise EnvelopeError(f"seq {header.seq}: cabinet_id in the body differs from the header")
+
+
+# ---------------------------------------------------------------------- network
+
+
+@dataclass
+class ConsumerOptions:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topic: str = DEFAULT_TOPIC
+    share_group: str | None = None
+    client_id: str | None = None
+    session_expiry_s: int = 0
+    protocol: str = "5"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    allow_plaintext: bool = False
+
+    @property
+    def subscription(self) -> str:
+        if self.share_group:
+            return f"$share/{self.share_group}/{self.topic}"
+        return self.topic
+
+
+class Consumer:
+    """A paho subscriber (its own network thread) feeding an EventDecoder."""
+
+    def __init__(
+        self,
+        opts: ConsumerOptions,
+        decoder: EventDecoder,
+        on_event: Callable[[Delivered], None],
+    ) -> None:
+        if opts.ca_file is None and not opts.allow_plaintext and not is_loopback_host(opts.host):
+            raise ValueError(
+                f"plaintext MQTT to {opts.host!r} refused: give --tls-ca or --allow-plaintext"
+            )
+        self.opts = opts
+        self.decoder = decoder
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self.last_message = time.monotonic()
+        v5 = opts.protocol == "5"
+        client_id = opts.client_id or f"cabinet-consumer-{uuid.uuid4().hex[:12]}"
+        kwargs: dict[str, Any] = {}
+        if not v5:
+            kwargs["clean_session"] = opts.session_expiry_s == 0
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            **kwargs,
+        )
+        self._v5 = v5
+        self._client.reconnect_delay_set(1, 5)
+        if opts.ca_file is not None:
+            ctx = ssl.create_default_context(cafile=str(opts.ca_file))
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if opts.cert_file is not None:
+                ctx.load_cert_chain(str(opts.cert_file), str(opts.key_file or opts.cert_file))
+            self._client.tls_set_context(ctx)
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_disconnect = self._on_disconnect
+
+    def start(self) -> None:
+        kwargs: dict[str, Any] = {"keepalive": 30}
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.opts.session_expiry_s
+            kwargs["clean_start"] = self.opts.session_expiry_s == 0
+            kwargs["properties"] = props
+        self._client.connect_async(self.opts.host, self.opts.port, **kwargs)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> Consumer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
+    ) -> None:
+        if reason.is_failure:
+            logger.error("broker refused the consumer: %s", reason)
+            return
+        self.connected.set()
+        if self._v5:
+            client.subscribe([(self.opts.subscription, SubscribeOptions(qos=1))])
+        else:
+            client.subscribe([(self.opts.subscription, 1)])
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Any
+    ) -> None:
+        if any(r.is_failure for r in reasons):
+            logger.error("subscription refused: %s", [str(r) for r in reasons])
+            return
+        self.subscribed.set()
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
+    ) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.last_message = time.monotonic()
+        with self._lock:
+            try:
+                delivered = self.decoder.handle(msg.topic, bytes(msg.payload))
+            except EnvelopeError as err:
+                logger.warning("dropped an invalid message on %s: %s", msg.topic, err)
+                return
+            if delivered is not None:
+                self._on_event(delivered)
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def _cmd_consume(args: argparse.Namespace) -> int:
+    keys: dict[str, Any] = {}
+    files = list(args.hpke_key or [])
+    if args.keys is not None:
+        files.insert(0, args.keys / HPKE_PRIVATE_FILE)
+    if not files:
+        print("consume: give --keys DIR or --hpke-key FILE", file=sys.stderr)
+        return EX_USAGE
+    try:
+        for f in files:
+            kid, key = load_hpke_private(f)
+            keys[kid] = key
+    except (KeyFileError, OSError, ValueError) as err:
+        print(f"consume: {err}", file=sys.stderr)
+        return EX_NOINPUT
+    out: IO[str]
+    out = open(args.out, "a", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
+    count = 0
+    done = threading.Event()
+
+    def on_gap(cabinet: str, first: int, last: int) -> None:
+        print(
+            json.dumps({"type": "gap", "cabinet": cabinet, "first": first, "last": last}),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_event(ev: Delivered) -> None:
+        nonlocal count
+        out.write(json.dumps(ev.to_json(), separators=(",", ":")) + "\n")
+        out.flush()
+        count += 1
+        if args.max_events and count >= args.max_events:
+            done.set()
+
+    opts = ConsumerOptions(
+        host=args.host,
+        port=args.port or (8883 if args.tls_ca else 1883),
+        topic=args.topic,
+        share_group=args.share,
+        client_id=args.client_id,
+        session_expiry_s=args.session_expiry,
+        protocol=args.protocol,
+        ca_file=args.tls_ca,
+        cert_file=args.cert,
+        key_file=args.key,
+        allow_plaintext=args.allow_plaintext,
+    )
+    decoder = EventDecoder(Opener(keys), dedup_capacity=args.dedup_capacity, on_gap=on_gap)
+    try:
+        consumer = Consumer(opts, decoder, on_event)
+    except ValueError as err:
+        print(f"consume: {err}", file=sys.stderr)
+        return EX_USAGE
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    consumer.start()
+    try:
+        while not done.wait(0.2):
+            idle = time.monotonic() - consumer.last_message
+            if args.idle_exit and consumer.subscribed.is_set() and idle >= args.idle_exit:
+                break
+    finally:
+        consumer.stop()
+        if out is not sys.stdout:
+            out.close()
+    summary = {
+        "type": "summary",
+        **vars(decoder.stats),
+        "gaps": {k: [list(g) for g in v] for k, v in decoder.gaps().items()},
+    }
+    print(json.dumps(summary), file=sys.stderr, flush=True)
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    out: Path = args.dir
+    if out.exists() and any(out.iterdir()) and not args.force:
+        print(f"keygen: {out} is not empty (use --force to add keys anyway)", file=sys.stderr)
+        return EX_USAGE
+    keys = generate_backend_keys(
+        out, hpke_kid=args.hpke_kid, signing_kid=args.signing_kid, site_kid=args.site_kid
+    )
+    print(
+        f"wrote backend keys to {out}: HPKE key id {keys.hpke_kid}, signing key id "
+        f"{keys.signing_kid}, site key id {keys.site_kid}. Give cabinets only "
+        "backend-hpke.pub, signing.pub and site.key."
+    )
+    return 0
+
+
+def _load_input(path: Path) -> dict[str, Any]:
+    raw = path.read_bytes()
+    if path.suffix.lower() == ".toml":
+        data: Any = tomllib.loads(raw.decode("utf-8"))
+    else:
+        data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("input must be a table/object")
+    return data
+
+
+def _expiry(data: dict[str, Any]) -> datetime:
+    if "expires" in data:
+        return parse_time(str(data["expires"]))
+    days = float(data.get("expires_days", 30))
+    return (datetime.now(UTC) + timedelta(days=days)).replace(microsecond=0)
+
+
+def _entries(data: dict[str, Any]) -> dict[str, list[str]]:
+    raw = data.get("entries", {})
+    if isinstance(raw, dict):
+        return {str(k): list(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return {str(e["pseudonym"]): list(e.get("roles", [])) for e in raw}
+    raise ValueError("entries must map pseudonym -> roles, or be a list of {pseudonym, roles}")
+
+
+def _write_doc(args: argparse.Namespace, wire: bytes) -> None:
+    if args.out is None:
+        sys.stdout.write(wire.decode("utf-8") + "\n")
+    else:
+        args.out.write_bytes(wire)
+
+
+def _cmd_sign(args: argparse.Namespace, kind: str) -> int:
+    try:
+        data = _load_input(args.input)
+        kid, key = load_signing_private(args.keys / SIGNING_PRIVATE_FILE)
+        common = (str(data["site"]), str(data.get("cabinet", "*")), int(data["version"]))
+        if kind == "allow-list":
+            doc = allow_list_doc(*common, _expiry(data), _entries(data))
+        else:
+            doc = asset_registry_doc(*common, _expiry(data), list(data.get("assets", [])))
+        wire = sign_document(key, kid, doc)
+    except (OSError, ValueError, KeyError, TypeError, tomllib.TOMLDecodeError, KeyFileError) as err:
+        print(f"sign-{kind}: {err}", file=sys.stderr)
+        return EX_DATAERR
+    _write_doc(args, wire)
+    return 0
+
+
+def _cmd_pseudonym(args: argparse.Namespace) -> int:
+    key_file = args.site_key or (args.keys / SITE_KEY_FILE if args.keys else None)
+    if key_file is None:
+        print("pseudonym: give --site-key FILE or --keys DIR", file=sys.stderr)
+        return EX_USAGE
+    try:
+        pseudonymizer = Pseudonymizer.from_key_file(args.site, key_file)
+    except (KeyFileError, ValueError) as err:
+        print(f"pseudonym: {err}", file=sys.stderr)
+        return EX_NOINPUT
+    if sys.stdin.isatty():
+        print("badge id (one per line, Ctrl-D to end):", file=sys.stderr)
+    rc = 0
+    for n, line in enumerate(_stdin_lines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            print(pseudonymizer.badge(line))
+        except ValueError as err:
+            # The message never contains the input (canonical_badge_id guarantees it).
+            print(f"pseudonym: line {n}: {err}", file=sys.stderr)
+            rc = EX_DATAERR
+    return rc
+
+
+def _stdin_lines() -> Iterator[str]:
+    for line in sys.stdin:
+        yield line.rstrip("\r\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cabinet-consumer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("consume", help="receive, open, de-duplicate and print events")
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--port", type=int, default=None, help="default 8883 with TLS, else 1883")
+    c.add_argument("--topic", default=DEFAULT_TOPIC)
+    c.add_argument("--share", metavar="GROUP", help="MQTT v5 shared subscription group")
+    c.add_argument("--client-id", help="stable id (needed for a persistent session)")
+    c.add_argument(
+        "--session-expiry", type=int, default=0, help="seconds the broker keeps our session"
+    )
+    c.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
+    c.add_argument("--keys", type=Path, help=f"backend key dir (reads {HPKE_PRIVATE_FILE})")
+    c.add_argument(
+        "--hpke-key", type=Path, action="append", help="extra HPKE private key file (rotation)"
+    )
+    c.add_argument("--tls-ca", type=Path)
+    c.add_argument("--cert", type=Path)
+    c.add_argument("--key", type=Path)
+    c.add_argument("--allow-plaintext", action="store_true")
+    c.add_argument("--out", type=Path, help="append JSON lines to this file (default stdout)")
+    c.add_argument("--dedup-capacity", type=int, default=DEFAULT_DEDUP_CAPACITY)
+    c.add_argument("--max-events", type=int, default=0, help="exit after N new events")
+    c.add_argument("--idle-exit", type=float, default=0, help="exit after S idle seconds")
+    c.set_defaults(func=_cmd_consume)
+
+    k = sub.add_parser("keygen", help="generate backend key material into DIR")
+    k.add_argument("dir", type=Path)
+    k.add_argument("--hpke-kid", default="hpke1")
+    k.add_argument("--signing-kid", default="sig1")
+    k.add_argument("--site-kid", default="s1")
+    k.add_argument("--force", action="store_true")
+    k.set_defaults(func=_cmd_keygen)
+
+    for name, kind, what in (
+        ("sign-allow-list", "allow-list", "pseudonyms and roles"),
+        ("sign-registry", "asset-registry", "assets (epc + attributes)"),
+    ):
+        s = sub.add_parser(name, help=f"sign a {kind} document from JSON/TOML {what}")
+        s.add_argument("input", type=Path, help="site, cabinet, version, expires, entries/assets")
+        s.add_argument("--keys", type=Path, required=True, help="backend key dir (signing.key)")
+        s.add_argument("--out", type=Path, help="write here (default stdout)")
+        s.set_defaults(func=lambda a, kind=kind: _cmd_sign(a, kind))
+
+    p = sub.add_parser("pseudonym", help="pseudonym of a badge id read from stdin")
+    p.add_argument("--site", required=True)
+    p.add_argument("--site-key", type=Path)
+    p.add_argument("--keys", type=Path, help="backend key dir (site.key)")
+    p.set_defaults(func=_cmd_pseudonym)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("CABINET_CONSUMER_LOG", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,558 @@
+"""Store-and-forward publisher: sealed outbox rows → MQTT QoS 1, deleted only after PUBACK.
+
+Contract (docs/delivery.md): at-least-once. A row leaves the outbox only once the broker has
+acknowledged it with a success reason code; a refusal (reason >= 0x80) is recorded with
+``mark_failed`` (dead-lettered by the store after N tries, with an alert). At most
+``inflight_window`` publishes are unacknowledged. After a (re)connect, rows appended since the
+connect ("live") go first; the older backlog is replayed through a token bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from agent.mqtt.config import MqttConfig
+from agent.mqtt.session import (
+    FAILURE_THRESHOLD,
+    ConnectionLost,
+    ConnectRefused,
+    Inbound,
+    MqttSession,
+    build_tls_context,
+)
+from agent.privacy.signed import (
+    ALLOW_LIST,
+    ASSET_REGISTRY,
+    DocumentError,
+    DocumentVerifier,
+    SignedDocument,
+)
+from agent.store.types import OutboxRow, OutboxStats
+from drivers.backoff import Backoff
+from drivers.errors import CabinetError, TransientError
+
+logger = logging.getLogger(__name__)
+
+AGENT_VERSION = "0.1.0"
+COMMAND_KINDS = (ALLOW_LIST, ASSET_REGISTRY)
+PREFETCH = 256
+MAX_UNCOMMITTED_ACKS = 4096
+INBOUND_QUEUE = 16
+ACK_RETRY_S = 1.0
+SHUTDOWN_FLUSH_S = 3.0
+
+
+class Outbox(Protocol):
+    """What the publisher needs from the state store (``agent.store.Store`` provides it)."""
+
+    async def peek(
+        self, limit: int, *, exclude: Collection[int] = (), after_seq: int | None = None
+    ) -> list[OutboxRow]: ...
+
+    async def ack(self, seqs: Sequence[int]) -> int: ...
+
+    async def mark_failed(self, seq: int, reason: str) -> bool: ...
+
+    async def stats(self) -> OutboxStats: ...
+
+
+class DocumentSink(Protocol):
+    """Where verified backend documents go (and who hears about refused ones)."""
+
+    def installed(self, kind: str) -> bytes | None:
+        """The raw installed document of ``kind`` (rollback and conflict checks), or None."""
+
+    async def install(self, doc: SignedDocument, raw: bytes) -> None:
+        """Apply a verified document; called only after every check passed."""
+
+    def rejected(self, kind: str, reason: str, detail: str) -> None:
+        """A document was refused (never applied); report it."""
+
+
+@dataclass
+class PublisherStats:
+    """Progress counters for metrics and the systemd watchdog."""
+
+    published: int = 0
+    acked: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    reconnects: int = 0
+    connected: bool = False
+    in_flight: int = 0
+    last_publish_latency_s: float | None = None
+    last_progress: float = 0.0  # time.monotonic() of the last PUBACK or idle check
+    backlog_mark: int = 0  # rows with seq <= this were waiting when we connected
+    commands_accepted: int = 0
+    commands_rejected: int = 0
+    commands_dropped: int = 0
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; rate 0 means unlimited."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.burst = float(burst)
+        self._clock = clock
+        self._tokens = float(burst)
+        self._t = clock()
+
+    def take(self) -> float:
+        """Take one token and return 0, or return the seconds until one is available."""
+        if self.rate <= 0:
+            return 0.0
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
+        self._t = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+
+class _SessionEnded(Exception):
+    """Control flow inside run(); never escapes."""
+
+
+class Publisher:
+    """Drains the outbox to ``cabinets/v1/<site>/<cabinet>/events``; run with ``await run()``."""
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        site_id: str,
+        cabinet_id: str,
+        outbox: Outbox,
+        *,
+        key_ids: Sequence[str] = (),
+        verifier: DocumentVerifier | None = None,
+        documents: DocumentSink | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._cfg = cfg
+        self._outbox = outbox
+        self._verifier = verifier
+        self._documents = documents
+        self._now = now
+        base = f"{cfg.topic_prefix}/{site_id}/{cabinet_id}"
+        self.client_id = f"cabinet-{site_id}-{cabinet_id}"
+        self.events_topic = f"{base}/events"
+        self.status_topic = f"{base}/status"
+        self.command_topics = {f"{base}/cmd/{kind}": kind for kind in COMMAND_KINDS}
+        self._key_ids = sorted(key_ids)
+        self.stats = PublisherStats(last_progress=time.monotonic())
+        self._tls = build_tls_context(cfg.tls) if cfg.tls is not None else None
+        self._bucket = TokenBucket(cfg.replay_rate, cfg.replay_burst)
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Event()  # a slot freed up or an ack committed
+        self._session: MqttSession | None = None
+        self._window = cfg.inflight_window
+        self._inflight: dict[int, float] = {}  # seq -> monotonic send time
+        self._uncommitted: set[int] = set()  # PUBACKed, delete not yet committed
+        self._to_ack: list[int] = []
+        self._to_fail: list[tuple[int, str]] = []
+        self._ack_ready = asyncio.Event()
+        self._failure_backoff = Backoff(cfg.failure_backoff.initial_s, cfg.failure_backoff.max_s)
+        self._pause_until = 0.0
+        self._inbound: asyncio.Queue[Inbound] = asyncio.Queue(INBOUND_QUEUE)
+        # Owned worker threads (connect + TLS handshake, signature checks), shut down by run().
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mqtt-worker")
+
+    # ------------------------------------------------------------------ public API
+
+    def notify(self) -> None:
+        """New rows were committed to the outbox: look now rather than at the next poll."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Ask ``run()`` to finish: flush acks, publish offline status, disconnect."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Connect, drain, reconnect with jittered backoff; returns after ``stop()``."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._ack_writer(), name="mqtt-ack-writer")
+                tg.create_task(self._command_worker(), name="mqtt-commands")
+                await self._connection_loop()
+                raise _SessionEnded  # stop requested: end the helper tasks
+        except* _SessionEnded:
+            pass
+        finally:
+            try:
+                await self._final_flush()
+            finally:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ connection loop
+
+    async def _connection_loop(self) -> None:
+        backoff = Backoff(self._cfg.backoff.initial_s, self._cfg.backoff.max_s)
+        first = True
+        while not self._stopping.is_set():
+            if not first:
+                self.stats.reconnects += 1
+            first = False
+            session = MqttSession(
+                self._cfg,
+                self.client_id,
+                will=(self.status_topic, self._status("offline", "connection lost")),
+                tls_context=self._tls,
+                on_inbound=self._on_inbound,
+                executor=self._executor,
+            )
+            try:
+                connack = await session.connect()
+            except ConnectRefused as err:
+                delay = backoff.longest()
+                logger.warning("MQTT connect refused: %s; retry in %.1f s", err, delay)
+                await self._sleep_unless_stopping(delay)
+                continue
+            except TransientError as err:
+                delay = backoff.next_delay()
+                logger.warning("MQTT connect failed: %s; retry in %.1f s", err, delay)
+                await self._sleep_unless_stopping(delay)
+                continue
+            started = time.monotonic()
+            acked_before = self.stats.acked
+            self._session = session
+            try:
+                await self._serve(session, connack.receive_maximum)
+            finally:
+                self._session = None
+                self.stats.connected = False
+                self._inflight.clear()
+                self.stats.in_flight = 0
+                reason = session.closed.result() if session.closed.done() else "stopping"
+                if self._stopping.is_set():
+                    await self._say_goodbye(session)
+                session.abort(reason)
+            if self._stopping.is_set():
+                return
+            # A connection that carried traffic or lived long was healthy: start over gently.
+            if self.stats.acked > acked_before or time.monotonic() - started > 30:
+                backoff.reset()
+            delay = backoff.next_delay()
+            logger.warning("MQTT connection lost (%s); reconnect in %.1f s", reason, delay)
+            await self._sleep_unless_stopping(delay)
+
+    async def _serve(self, session: MqttSession, receive_maximum: int | None) -> None:
+        self._window = min(self._cfg.inflight_window, receive_maximum or self._cfg.inflight_window)
+        try:
+            stats = await self._outbox.stats()
+            self.stats.backlog_mark = stats.next_seq - 1
+            self.stats.connected = True
+            logger.info(
+                "MQTT connected as %s (window %d, %d row(s) waiting)",
+                self.client_id,
+                self._window,
+                stats.depth,
+            )
+            session.subscribe(list(self.command_topics))
+            # The birth message is not an outbox row: its PUBACK is not awaited.
+            session.publish(self.status_topic, self._status("online"), retain=True)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._drain(session), name="mqtt-drain")
+                tg.create_task(self._watch(session), name="mqtt-session-watch")
+        except* (_SessionEnded, ConnectionLost):
+            pass
+        except* CabinetError as group:
+            # The store failed under us: drop the connection, back off, try again.
+            logger.error("outbox error, reconnecting: %s", group.exceptions[0])
+
+    async def _watch(self, session: MqttSession) -> None:
+        stop = asyncio.create_task(self._stopping.wait(), name="mqtt-stop-wait")
+        waiters: list[asyncio.Future[Any]] = [session.closed, stop]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            await asyncio.wait([stop])
+        raise _SessionEnded
+
+    async def _say_goodbye(self, session: MqttSession) -> None:
+        """Retained offline status, then a polite DISCONNECT (bounded)."""
+        if session.closed.done():
+            return
+        try:
+            fut = session.publish(
+                self.status_topic, self._status("offline", "shutdown"), retain=True
+            )
+            async with asyncio.timeout(2.0):
+                await fut
+        except (ConnectionLost, TimeoutError):
+            pass
+        await session.disconnect(2.0)
+
+    # ------------------------------------------------------------------ drain
+
+    async def _drain(self, session: MqttSession) -> None:
+        """Live rows (seq > backlog_mark) first, unthrottled; then the backlog at replay_rate."""
+        mark = self.stats.backlog_mark
+        live: deque[OutboxRow] = deque()
+        backlog: deque[OutboxRow] = deque()
+        live_cursor = mark
+        backlog_cursor: int | None = None
+        backlog_done = False
+        last_live_check = 0.0
+        while True:
+            await self._wait_for_slot(session)
+            now = time.monotonic()
+            if not live and (
+                self._wake.is_set()
+                or not backlog
+                or now - last_live_check >= self._cfg.poll_interval_s
+            ):
+                self._wake.clear()
+                last_live_check = now
+                rows = await self._outbox.peek(
+                    PREFETCH, exclude=self._busy(), after_seq=live_cursor
+                )
+                if rows:
+                    live.extend(rows)
+                    live_cursor = rows[-1].seq
+            if live:
+                self._send(session, live.popleft())
+                continue
+            if not backlog and not backlog_done:
+                rows = await self._outbox.peek(
+                    PREFETCH, exclude=self._busy(), after_seq=backlog_cursor
+                )
+                backlog.extend(r for r in rows if r.seq <= mark)
+                if rows:
+                    backlog_cursor = rows[-1].seq
+                if not rows or rows[-1].seq >= mark:
+                    backlog_done = True
+            if backlog:
+                wait = self._bucket.take()
+                if wait > 0:
+                    await self._sleep_or_wake(wait)
+                    continue
+                self._send(session, backlog.popleft())
+                continue
+            # Caught up. Re-scan from the start now and then: a row refused earlier in this
+            # session, or one below the cursors (a restored database), must not be stranded.
+            self.stats.last_progress = time.monotonic()
+            await self._sleep_or_wake(self._cfg.poll_interval_s)
+            if self._rescan_due():
+                backlog_cursor = None
+                backlog_done = False
+                mark = max(mark, live_cursor)
+
+    def _rescan_due(self) -> bool:
+        return not self._inflight
+
+    def _busy(self) -> set[int]:
+        return set(self._inflight) | self._uncommitted | {s for s, _ in self._to_fail}
+
+    async def _wait_for_slot(self, session: MqttSession) -> None:
+        while True:
+            if session.closed.done():
+                raise ConnectionLost(session.closed.result())
+            pause = self._pause_until - time.monotonic()
+            if pause > 0:
+                await self._sleep_unless_stopping(pause)
+                continue
+            if len(self._inflight) < self._window and len(self._uncommitted) < MAX_UNCOMMITTED_ACKS:
+                return
+            self._progress.clear()
+            await _wait_event(self._progress, self._cfg.poll_interval_s)
+
+    def _send(self, session: MqttSession, row: OutboxRow) -> None:
+        fut = session.publish(self.events_topic, row.envelope)
+        sent = time.monotonic()
+        self._inflight[row.seq] = sent
+        self.stats.published += 1
+        self.stats.in_flight = len(self._inflight)
+        fut.add_done_callback(functools.partial(self._on_puback, row.seq))
+
+    def _on_puback(self, seq: int, fut: asyncio.Future[int]) -> None:
+        sent = self._inflight.pop(seq, None)
+        self.stats.in_flight = len(self._inflight)
+        self._progress.set()
+        if fut.cancelled() or fut.exception() is not None:
+            return  # connection lost: the row stays in the outbox and is sent again
+        reason = fut.result()
+        now = time.monotonic()
+        if sent is not None:
+            self.stats.last_publish_latency_s = now - sent
+        if reason >= FAILURE_THRESHOLD:
+            self.stats.failed += 1
+            delay = self._failure_backoff.next_delay()
+            self._pause_until = now + delay
+            logger.warning(
+                "broker refused event seq %d (PUBACK reason 0x%02x); pausing %.1f s",
+                seq,
+                reason,
+                delay,
+            )
+            self._to_fail.append((seq, f"PUBACK reason 0x{reason:02x}"))
+        else:
+            self._failure_backoff.reset()
+            self.stats.last_progress = now
+            self._uncommitted.add(seq)
+            self._to_ack.append(seq)
+        self._ack_ready.set()
+
+    # ------------------------------------------------------------------ ack writer
+
+    async def _ack_writer(self) -> None:
+        """Commits deletions (and failures) in batches; acks that arrive meanwhile coalesce."""
+        while True:
+            await self._ack_ready.wait()
+            self._ack_ready.clear()
+            await self._commit_acks()
+
+    async def _commit_acks(self) -> None:
+        while self._to_ack or self._to_fail:
+            batch, self._to_ack = self._to_ack, []
+            try:
+                if batch:
+                    await self._outbox.ack(batch)
+            except CabinetError as err:
+                self._to_ack = batch + self._to_ack
+                logger.error("cannot delete acknowledged rows (%s); retrying", err)
+                await asyncio.sleep(ACK_RETRY_S)
+                continue
+            self._uncommitted.difference_update(batch)
+            self.stats.acked += len(batch)
+            self._progress.set()
+            failures, self._to_fail = self._to_fail, []
+            for i, (seq, reason) in enumerate(failures):
+                try:
+                    dead = await self._outbox.mark_failed(seq, reason)
+                except CabinetError as err:
+                    self._to_fail = failures[i:] + self._to_fail
+                    logger.error("cannot record a failed delivery (%s); retrying", err)
+                    await asyncio.sleep(ACK_RETRY_S)
+                    break
+                if dead:
+                    self.stats.dead_lettered += 1
+                    logger.error("event seq %d dead-lettered: %s", seq, reason)
+
+    async def _final_flush(self) -> None:
+        """Commit what the broker already acknowledged, so a restart re-sends less (bounded)."""
+        if not (self._to_ack or self._to_fail):
+            return
+        try:
+            async with asyncio.timeout(SHUTDOWN_FLUSH_S):
+                await self._commit_acks()
+        except (TimeoutError, CabinetError) as err:
+            logger.warning("acks not committed at shutdown (%r); those rows will be re-sent", err)
+
+    # ------------------------------------------------------------------ commands
+
+    def _on_inbound(self, msg: Inbound) -> None:
+        try:
+            self._inbound.put_nowait(msg)
+        except asyncio.QueueFull:
+            # Documents are retained on the broker: the newest comes back at the next subscribe.
+            self.stats.commands_dropped += 1
+            logger.warning("command queue full; dropped a message on %s", msg.topic)
+
+    async def _command_worker(self) -> None:
+        while True:
+            msg = await self._inbound.get()
+            await self.handle_command(msg.topic, msg.payload)
+
+    async def handle_command(self, topic: str, payload: bytes) -> bool:
+        """Verify a document received on a cmd topic and install it; False if refused."""
+        kind = self.command_topics.get(topic)
+        if kind is None:
+            logger.warning("message on unexpected topic %s ignored", topic)
+            return False
+        if not payload:
+            return False  # a cleared retained message, nothing to install
+        if self._verifier is None or self._documents is None:
+            self._reject(kind, "no-verifier", "no signing keys configured; commands refused")
+            return False
+        if len(payload) > self._cfg.max_command_bytes:
+            self._reject(kind, DocumentError.MALFORMED, f"{len(payload)} bytes exceeds the limit")
+            return False
+        current = self._documents.installed(kind)
+        try:
+            doc = await asyncio.get_running_loop().run_in_executor(
+                self._executor,
+                functools.partial(
+                    self._verifier.verify, payload, kind, self._now(), 0, current=current
+                ),
+            )
+        except DocumentError as err:
+            self._reject(kind, err.reason, err.detail)
+            return False
+        if current == payload:
+            return True  # idempotent re-delivery of the installed document
+        try:
+            await self._documents.install(doc, payload)
+        except CabinetError as err:
+            self._reject(kind, "install-failed", str(err))
+            return False
+        self.stats.commands_accepted += 1
+        logger.info("installed %s v%d (signed by %s)", kind, doc.version, doc.kid)
+        return True
+
+    def _reject(self, kind: str, reason: str, detail: str) -> None:
+        self.stats.commands_rejected += 1
+        logger.warning("refused %s document: %s (%s)", kind, reason, detail)
+        if self._documents is not None:
+            self._documents.rejected(kind, reason, detail)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _status(self, state: str, reason: str | None = None) -> bytes:
+        body: dict[str, object] = {
+            "state": state,
+            "agent": "cabinet-agent",
+            "version": AGENT_VERSION,
+            "protocol": self._cfg.protocol,
+            "key_ids": self._key_ids,
+        }
+        if reason is not None:
+            body["reason"] = reason
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    async def _sleep_unless_stopping(self, delay: float) -> None:
+        await _wait_event(self._stopping, delay)
+
+    async def _sleep_or_wake(self, delay: float) -> None:
+        if self._wake.is_set():
+            return
+        await _wait_event(self._wake, delay)
+
+
+async def _wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for ``event`` at most ``timeout_s``; True if it is set.
+
+    ``asyncio.timeout`` rather than ``wait_for``: 3.11's wait_for wraps the wait in a task and
+    can lose a cancellation that races with the event being set.
+    """
+    if event.is_set():
+        return True
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    return event.is_set()
+
+
+__all__ = [
+    "AGENT_VERSION",
+    "DocumentSink",
+    "Outbox",
+    "Publisher",
+    "PublisherStats",
+    "TokenBucket",
+]

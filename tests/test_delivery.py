@@ -1,0 +1,118 @@
+"""Delivery against a real mosquitto: exact content, broker crash, ACL refusals, commands."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from agent.mqtt.publisher import Publisher
+from agent.privacy.keys import BackendKeys
+from agent.store import StoreAlert
+from tests.delivery_helpers import (
+    CABINET,
+    SITE,
+    Collector,
+    append_sealed,
+    assert_exact,
+    backend,
+    mqtt_cfg,
+    open_store,
+    running,
+    sealer_for,
+    until,
+)
+from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> BackendKeys:
+    return backend(tmp_path / "backend")
+
+
+async def test_events_arrive_exactly_with_content(
+    tmp_path: Path, mosquitto: Mosquitto, keys: BackendKeys
+) -> None:
+    collector = Collector(mosquitto.port, keys).start()
+    try:
+        async with open_store(tmp_path / "state.db") as store:
+            sealer = sealer_for(keys)
+            rows = await append_sealed(store, sealer, 150)
+            pub = Publisher(mqtt_cfg(mosquitto.port), SITE, CABINET, store, key_ids=["hpke1"])
+            async with running(pub):
+                more = await append_sealed(store, sealer, 50)
+                pub.notify()
+                ok = await until(lambda: len(collector.events) >= 200, 60)
+                assert ok, f"got {len(collector.events)} of 200"
+                assert await until(lambda: pub.stats.acked == 200)
+            assert (await store.stats()).depth == 0, "acknowledged rows must be deleted"
+        assert_exact(collector, rows + more)
+        assert pub.stats.failed == 0
+        assert pub.stats.last_publish_latency_s is not None
+    finally:
+        collector.stop()
+
+
+async def test_broker_killed_and_restarted_mid_stream(
+    tmp_path: Path, mosquitto: Mosquitto, keys: BackendKeys
+) -> None:
+    # Persistent consumer session: the broker keeps its subscription and queue across restarts.
+    collector = Collector(mosquitto.port, keys, client_id="backend-1", session_expiry_s=3600)
+    collector.start()
+    # The consumer's session must be on disk before the crash, or the restarted broker would
+    # not know to queue for it.
+    mosquitto.wait_saved()  # nothing else runs on the loop yet
+    try:
+        async with open_store(tmp_path / "state.db") as store:
+            sealer = sealer_for(keys)
+            rows = await append_sealed(store, sealer, 300)
+            # A paced stream keeps the broker's per-subscriber queue empty: what mosquitto has
+            # acknowledged but not yet forwarded or autosaved dies with a kill -9 (broker
+            # durability, not ours). Everything the publisher had in flight must survive.
+            cfg = mqtt_cfg(mosquitto.port, replay_rate=400, replay_burst=5)
+            pub = Publisher(cfg, SITE, CABINET, store)
+            async with running(pub):
+                assert await until(lambda: pub.stats.acked >= 50)
+                mosquitto.kill()
+                rows += await append_sealed(store, sealer, 100)  # written while the broker is down
+                await asyncio.sleep(0.3)
+                mosquitto.start()
+                pub.notify()
+                ok = await until(lambda: len(collector.events) >= len(rows), 60)
+                missing = sorted({r.seq for r in rows} - set(collector.seqs()))
+                assert ok, (
+                    f"got {len(collector.events)} of {len(rows)}: missing {missing}; log:\n{mosquitto.log_tail()}"
+                )
+                assert pub.stats.reconnects >= 1
+        assert_exact(collector, rows)
+    finally:
+        collector.stop()
+
+
+async def test_acl_denied_publish_is_not_delivered(
+    tmp_path: Path, keys: BackendKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Anonymous clients may read everything but publish only the status topic, not events.
+    acl = f"topic read #\ntopic write cabinets/v1/{SITE}/{CABINET}/status\n"
+    broker = Mosquitto(tmp_path / "broker", acl=acl)
+    broker.start()
+    alerts: list[StoreAlert] = []
+    try:
+        async with open_store(tmp_path / "state.db", alerts, dead_letter_after=3) as store:
+            rows = await append_sealed(store, sealer_for(keys), 2)
+            pub = Publisher(mqtt_cfg(broker.port), SITE, CABINET, store)
+            with caplog.at_level(logging.WARNING):
+                async with running(pub):
+                    assert await until(lambda: pub.stats.dead_lettered == 2, 60), pub.stats
+            stats = await store.stats()
+            assert pub.stats.acked == 0, "a refused publish must not count as delivered"
+            assert stats.depth == 0, stats
+            assert stats.dead == 2, stats
+            assert pub.stats.failed >= 2 * 3
+            assert any(a.kind == "store.dead_lettered" for a in alerts)
+            assert {s for a in alerts for s in a.seqs} >= {r.seq for r in rows}
+            assert "0x87" in caplog.text
+    finally:
+        broker.stop()
