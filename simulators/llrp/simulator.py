@@ -405,6 +405,7 @@ class _Connection:
             return
         sim._record(msg)
         await sim._dispatch(self, msg)
+        sim._notify()
         # Yield between messages so a flood of requests cannot starve the inventory loop.
         await asyncio.sleep(0)
 
@@ -689,7 +690,6 @@ class LlrpSimulator:
     def _record(self, msg: Message) -> None:
         self._received.append((msg.name, msg.params))
         self.received_counts[msg.name] = self.received_counts.get(msg.name, 0) + 1
-        self._notify()
 
     # -- connections -----------------------------------------------------------------------------
 
@@ -1490,6 +1490,7 @@ class LlrpSimulator:
             )
             seen = [o for o in seen if self._answers(ai, o, flags, now)]
             self.stats.inventory_cycles += 1
+            self._notify()
             cycles += 1
             obs_total += len(seen)
             for o in seen:
