@@ -280,6 +280,7 @@ class _Connection:
                     continue
                 if self.faults.silent:
                     self.sim.stats.frames_suppressed += 1
+                    self.sim._notify()
                     continue
                 if self.faults.drop_mid_frame:
                     self.faults.drop_mid_frame = False

@@ -1,0 +1,205 @@
+"""LLRP simulator fault switches, each observed from a plain asyncio client; and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from simulators.llrp import LlrpSimulator, SimTag
+from simulators.llrp.codec import HEADER, HEADER_LEN, FrameReader, FramingError
+from tests.conftest import ROOT
+from tests.llrp_sim_client import RawClient, rospec, status
+
+EPC1 = "300833b2ddd9014000000001"
+
+
+@pytest_asyncio.fixture
+async def sim() -> AsyncIterator[LlrpSimulator]:
+    async with LlrpSimulator(personality="impinj", cycle_s=0.02, seed=3) as s:
+        yield s
+
+
+async def connected(sim: LlrpSimulator) -> RawClient:
+    client = await RawClient.connect(sim.host, sim.port)
+    await client.expect("READER_EVENT_NOTIFICATION")
+    return client
+
+
+async def test_silence_keeps_socket_open_and_sends_nothing(sim: LlrpSimulator) -> None:
+    async with await connected(sim) as client:
+        await client.request(
+            "SET_READER_CONFIG",
+            {"KeepaliveSpec": {"KeepaliveTriggerType": 1, "PeriodicTriggerValue": 20}},
+        )
+        await client.expect("KEEPALIVE")
+        sim.faults.silence()
+        suppressed = sim.stats.frames_suppressed
+        client.send("GET_READER_CAPABILITIES", {"RequestedData": 0})
+        # Keepalives keep being produced, and swallowed; the socket stays open and silent.
+        await sim.wait_until(lambda: sim.stats.frames_suppressed >= suppressed + 3)
+        with pytest.raises(TimeoutError):
+            await client.raw_frame(timeout=0.2)
+        assert client.pending() == 0
+        assert sim.connections.active == 1
+
+
+async def test_silence_armed_for_next_connection_swallows_the_greeting(sim: LlrpSimulator) -> None:
+    sim.faults.silence(target="next")
+    async with await RawClient.connect(sim.host, sim.port) as client:
+        await sim.wait_until(lambda: sim.stats.frames_suppressed >= 1)
+        with pytest.raises(TimeoutError):
+            await client.raw_frame(timeout=0.2)
+    # Only that connection was silent.
+    async with await connected(sim) as client:
+        assert status(await client.request("GET_READER_CAPABILITIES", {"RequestedData": 1})) == 0
+
+
+async def test_drop_mid_frame(sim: LlrpSimulator) -> None:
+    async with await connected(sim) as client:
+        sim.faults.drop_mid_frame()
+        client.send("GET_READER_CAPABILITIES", {"RequestedData": 0})
+        rest = await client.eof()
+        assert len(rest) >= HEADER_LEN
+        _, announced, _ = HEADER.unpack_from(rest)
+        assert HEADER_LEN <= len(rest) < announced
+    await sim.wait_until(lambda: sim.connections.active == 0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "size"), [("bad_version", 10), ("absurd_length", 26), ("random", 68)]
+)
+async def test_garbage(sim: LlrpSimulator, kind: str, size: int) -> None:
+    async with await connected(sim) as client:
+        sim.faults.garbage(kind)  # type: ignore[arg-type]
+        async with asyncio.timeout(10):
+            data = await client.reader.readexactly(size)
+        word, length, _ = HEADER.unpack_from(data)
+        if kind == "bad_version":
+            assert (word >> 10, length) == (7, 10)
+        elif kind == "absurd_length":
+            assert length > 1 << 30
+            with pytest.raises(FramingError):
+                FrameReader().feed(data)
+        else:
+            assert data.endswith(bytes.fromhex("deadbeef"))
+        # Only one frame of garbage: the reader carries on.
+        assert status(await client.request("GET_READER_CAPABILITIES", {"RequestedData": 1})) == 0
+
+
+async def test_trickle_sends_byte_by_byte(sim: LlrpSimulator) -> None:
+    async with await connected(sim) as client:
+        sim.faults.trickle(0.03)
+        reads_before = client.reads
+        resp = await client.request("GET_ROSPECS")
+        assert resp.name == "GET_ROSPECS_RESPONSE"
+        # An 18-byte frame, one byte every 30 ms: it cannot have arrived in one read.
+        assert client.reads - reads_before > 2
+
+
+async def test_busy_on_connect(sim: LlrpSimulator) -> None:
+    sim.faults.busy_next_connect()
+    async with await RawClient.connect(sim.host, sim.port) as client:
+        ev = await client.expect("READER_EVENT_NOTIFICATION")
+        assert ev.params["ReaderEventNotificationData"]["ConnectionAttemptEvent"]["Status"] == 2
+        assert await client.eof() == b""
+    assert sim.connections.rejected == 1
+    async with await connected(sim) as client:  # only the one connection was refused
+        assert sim.connections.active == 1
+
+
+async def test_reboot_drops_clients_refuses_then_forgets(sim: LlrpSimulator) -> None:
+    sim.add_tag(SimTag(epc=EPC1, antenna=1))
+    client = await connected(sim)
+    await client.request(
+        "SET_READER_CONFIG",
+        {
+            "KeepaliveSpec": {"KeepaliveTriggerType": 1, "PeriodicTriggerValue": 10000},
+            "GPOWriteData": [{"GPOPortNumber": 2, "GPOData": True}],
+        },
+    )
+    assert status(await client.request("ADD_ROSPEC", {"ROSpec": rospec(trigger=1, n=1)})) == 0
+    assert status(await client.request("ENABLE_ROSPEC", {"ROSpecID": 1})) == 0
+    sim.faults.reboot(down_s=0.5)
+    await client.eof()
+    await client.close()
+    await sim.wait_until(lambda: not sim.is_up)
+    with pytest.raises(OSError):
+        await RawClient.connect(sim.host, sim.port)
+    await sim.wait_up(timeout=10)
+    async with await connected(sim) as again:
+        got = await again.request("GET_ROSPECS")
+        assert "ROSpec" not in got.params
+        cfg = await again.request("GET_READER_CONFIG", {"RequestedData": 0})
+        assert cfg.params["KeepaliveSpec"]["PeriodicTriggerValue"] == 0
+        assert sim.gpo_state[2] is False
+    assert [(w.port, w.high) for w in sim.gpo_history] == [(2, True)]
+
+
+async def test_faults_clear(sim: LlrpSimulator) -> None:
+    sim.faults.silence(target="next")
+    sim.faults.trickle(0.5, target="next")
+    sim.faults.clear()
+    async with await connected(sim) as client:
+        assert status(await client.request("GET_READER_CAPABILITIES", {"RequestedData": 1})) == 0
+
+
+async def test_cli_serves_until_sigterm() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "simulators.cli",
+        "llrp",
+        "--port",
+        "0",
+        "--tags",
+        "20",
+        "--seed",
+        "5",
+        "--personality",
+        "zebra",
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stderr is not None
+    try:
+        port = 0
+        async with asyncio.timeout(30):
+            while not port:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "simulator exited early"
+                found = re.search(r"serving 20 tags on 127\.0\.0\.1:(\d+)", line)
+                port = int(found.group(1)) if found else 0
+        async with await RawClient.connect("127.0.0.1", port) as client:
+            await client.expect("READER_EVENT_NOTIFICATION")
+            caps = await client.request("GET_READER_CAPABILITIES", {"RequestedData": 1})
+            assert caps.params["GeneralDeviceCapabilities"]["MaxNumberOfAntennaSupported"] == 8
+            assert (
+                status(await client.request("ADD_ROSPEC", {"ROSpec": rospec(trigger=2, n=20)})) == 0
+            )
+            assert status(await client.request("ENABLE_ROSPEC", {"ROSpecID": 1})) == 0
+            report = await client.expect("RO_ACCESS_REPORT")
+            assert len(report.params["TagReportData"]) == 20
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            rest = await proc.stderr.read()
+            assert await proc.wait() == 0
+        assert b"shutting down" in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_cli_rejects_unknown_fault() -> None:
+    from simulators.cli import main
+
+    assert main(["llrp", "--fault", "meltdown"]) == 2
+    assert main(["llrp", "--fault", "garbage=lots"]) == 2
