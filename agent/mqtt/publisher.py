@@ -97,6 +97,7 @@ class PublisherStats:
     commands_accepted: int = 0
     commands_rejected: int = 0
     commands_dropped: int = 0
+    last_error: str | None = None  # why the last connection attempt or session ended
 
 
 class TokenBucket:
@@ -218,11 +219,13 @@ class Publisher:
             try:
                 connack = await session.connect()
             except ConnectRefused as err:
+                self.stats.last_error = str(err)
                 delay = backoff.longest()
                 logger.warning("MQTT connect refused: %s; retry in %.1f s", err, delay)
                 await self._sleep_unless_stopping(delay)
                 continue
             except TransientError as err:
+                self.stats.last_error = str(err)
                 delay = backoff.next_delay()
                 logger.warning("MQTT connect failed: %s; retry in %.1f s", err, delay)
                 await self._sleep_unless_stopping(delay)
@@ -243,6 +246,7 @@ class Publisher:
                 session.abort(reason)
             if self._stopping.is_set():
                 return
+            self.stats.last_error = reason
             # A connection that carried traffic or lived long was healthy: start over gently.
             if self.stats.acked > acked_before or time.monotonic() - started > 30:
                 backoff.reset()
