@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FAST_DOMAIN",
+    "INSTALLER",
     "AgentArtefacts",
     "EventFeed",
     "EventLog",
@@ -55,14 +56,18 @@ __all__ = [
     "agent_config",
     "build_artefacts",
     "bundled_scenarios",
+    "cmd_topic",
     "describe_event",
     "load_scenario",
     "match_events",
     "populate",
+    "publish_documents",
+    "publish_retained",
     "to_toml",
 ]
 
 DEFAULT_TIMEOUT_S = 30.0
+# Commissioning: the installer's first door cycle gives the agent its first baseline.
 BADGE_GAP_S = 0.5  # a card is taken away and shown again: never faster than this
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _EPC_RE = re.compile(r"(?:[0-9a-f]{4}){1,31}")
@@ -398,6 +403,9 @@ def find_scenario(name_or_path: str) -> Path:
     raise ScenarioError(f"{name_or_path}: no such file and no bundled scenario of that name")
 
 
+INSTALLER = Person(name="installer", badge="4C0FEE1234", roles=["user"])
+
+
 # ---- the simulated cabinet -----------------------------------------------------------------
 
 
@@ -528,6 +536,22 @@ class ScenarioRunner:
                 raise ScenarioError(
                     f"{self.scenario.name}: {step.where()}: the door is locked"
                 ) from None
+
+    async def commission(self, installer: Person = INSTALLER) -> None:
+        """Stock the cabinet: one door cycle by ``installer`` makes the agent's first baseline."""
+        await self.badge.wait_for_client(self.timeout_s)
+        await self.badge.present(installer.badge)
+        self._last_badge[installer.name] = asyncio.get_running_loop().time()
+        await self._lock_state(locked=False)
+        await self.door.open()
+        await self.door.close()
+        if self.events is not None:
+            await self.events.wait_count(
+                "session.closed", self.events.count("session.closed") + 1, self.timeout_s
+            )
+        else:
+            await self._scan_cycle()
+        await self._lock_state(locked=True)
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -848,6 +872,39 @@ def agent_config(
         else:
             cfg[key] = value
     return cfg
+
+
+def cmd_topic(artefacts: AgentArtefacts, kind: str, prefix: str = "cabinets/v1") -> str:
+    """The agent's MQTT command topic for a document ``kind`` (allow-list, asset-registry)."""
+    return f"{prefix}/{artefacts.site_id}/{artefacts.cabinet_id}/cmd/{kind}"
+
+
+def publish_retained(
+    port: int, topic: str, payload: bytes, *, host: str = "127.0.0.1", timeout: float = 15.0
+) -> None:
+    """Publish one retained QoS 1 message and wait for the broker's acknowledgement (blocking)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(timeout=timeout)
+        if not info.is_published():
+            raise ScenarioError(f"the broker did not acknowledge {topic} in {timeout:g}s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def publish_documents(artefacts: AgentArtefacts, *, port: int, host: str = "127.0.0.1") -> None:
+    """Deliver the signed allow-list and asset registry as retained cmd messages."""
+    publish_retained(port, cmd_topic(artefacts, "allow-list"), artefacts.allow_list, host=host)
+    publish_retained(
+        port, cmd_topic(artefacts, "asset-registry"), artefacts.asset_registry, host=host
+    )
 
 
 # ---- matching events -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ SIMULATOR_MODULES = [
     "simulators.llrp.cli",
     "simulators.badge_cli",
     "simulators.mercury.cli",
+    "simulators.cabinet_cli",
 ]
 
 
