@@ -91,6 +91,8 @@ class PublisherStats:
     reconnects: int = 0
     connected: bool = False
     in_flight: int = 0
+    peak_in_flight: int = 0
+    window: int = 0  # effective in-flight window (config, capped by the broker's Receive Maximum)
     last_publish_latency_s: float | None = None
     last_progress: float = 0.0  # time.monotonic() of the last PUBACK or idle check
     backlog_mark: int = 0  # rows with seq <= this were waiting when we connected
@@ -256,6 +258,7 @@ class Publisher:
 
     async def _serve(self, session: MqttSession, receive_maximum: int | None) -> None:
         self._window = min(self._cfg.inflight_window, receive_maximum or self._cfg.inflight_window)
+        self.stats.window = self._window
         try:
             stats = await self._outbox.stats()
             self.stats.backlog_mark = stats.next_seq - 1
@@ -382,6 +385,7 @@ class Publisher:
         self._inflight[row.seq] = sent
         self.stats.published += 1
         self.stats.in_flight = len(self._inflight)
+        self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
         fut.add_done_callback(functools.partial(self._on_puback, row.seq))
 
     def _on_puback(self, seq: int, fut: asyncio.Future[int]) -> None:
