@@ -226,6 +226,7 @@ class Mosquitto:
             "log_type warning",
             "log_type notice",
             "log_type information",
+            "log_type subscribe",
             "connection_messages true",
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",

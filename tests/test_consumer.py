@@ -1,0 +1,222 @@
+"""cabinet-consumer: decoding, dedup, gaps, the CLI sub-commands, shared subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from agent.consumer import EventDecoder, SeqTracker
+from agent.mqtt.publisher import Publisher
+from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener
+from agent.privacy.keys import load_backend_keys
+from agent.privacy.pseudonym import Pseudonymizer
+from agent.privacy.signed import ALLOW_LIST, ASSET_REGISTRY, DocumentVerifier
+from tests.delivery_helpers import (
+    CABINET,
+    SITE,
+    append_sealed,
+    backend,
+    mqtt_cfg,
+    open_store,
+    plaintext_for,
+    running,
+    sealed_rows,
+    sealer_for,
+    until,
+)
+from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC = f"cabinets/v1/{SITE}/{CABINET}/events"
+
+
+def _cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.consumer", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+# ---------------------------------------------------------------- decoder
+
+
+def test_decoder_opens_dedups_and_reports_gaps(tmp_path: Path) -> None:
+    keys = backend(tmp_path / "b")
+    rows = {r.seq: r for r in sealed_rows(sealer_for(keys), 1, 6)}
+    gaps: list[tuple[str, int, int]] = []
+    decoder = EventDecoder(
+        Opener({keys.hpke_kid: keys.hpke_private}), on_gap=lambda c, a, b: gaps.append((c, a, b))
+    )
+    for seq in (1, 2, 5, 2, 3, 6, 5):
+        decoder.handle(TOPIC, rows[seq].envelope)
+    assert decoder.stats.delivered == 5
+    assert decoder.stats.duplicates == 2
+    assert gaps == [(f"{SITE}/{CABINET}", 3, 4)]
+    assert decoder.gaps() == {f"{SITE}/{CABINET}": [(4, 4)]}
+    ev = decoder.handle(TOPIC, rows[4].envelope)
+    assert ev is not None
+    assert ev.plaintext == plaintext_for(CABINET, 4, rows[4].event_id)
+    assert ev.to_json()["event"]["seq"] == 4
+    assert decoder.gaps() == {}
+
+
+def test_decoder_refuses_tampering_and_misrouting(tmp_path: Path) -> None:
+    keys = backend(tmp_path / "b")
+    row = sealed_rows(sealer_for(keys), 1, 1)[0]
+    decoder = EventDecoder(Opener({keys.hpke_kid: keys.hpke_private}))
+    tampered = bytearray(row.envelope)
+    tampered[-1] ^= 1
+    with pytest.raises(EnvelopeError, match="authentication"):
+        decoder.handle(TOPIC, bytes(tampered))
+    with pytest.raises(EnvelopeError, match="arrived on"):
+        decoder.handle(f"cabinets/v1/{SITE}/other-cab/events", row.envelope)
+    # A body whose ids disagree with the authenticated header is refused too.
+    eid = uuid.uuid4()
+    header = EnvelopeHeader(keys.hpke_kid, CABINET, 7, eid)
+    lying = sealer_for(keys).seal(header, plaintext_for(CABINET, 8, eid))
+    with pytest.raises(EnvelopeError, match="seq in the body"):
+        decoder.handle(TOPIC, lying)
+    assert decoder.stats.invalid == 3
+    assert decoder.stats.delivered == 0
+
+
+def test_seq_tracker_bounds_and_abandons() -> None:
+    t = SeqTracker(low=10)
+    assert t.add(13) == (11, 12)
+    assert t.add(11) is None
+    assert t.missing() == [(12, 12)]
+    assert t.abandon_oldest_gap() == (12, 12)
+    assert t.low == 13
+    assert t.above == set()
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_keygen_pseudonym_and_signing(tmp_path: Path) -> None:
+    keydir = tmp_path / "keys"
+    proc = _cli("keygen", str(keydir))
+    assert proc.returncode == 0, proc.stderr
+    assert _cli("keygen", str(keydir)).returncode != 0, "refuses to overwrite keys"
+    keys = load_backend_keys(keydir)
+    assert (keydir / "backend-hpke.key").stat().st_mode & 0o077 == 0
+
+    raw = "04A1B2C3D4"
+    proc = _cli("pseudonym", "--site", SITE, "--keys", str(keydir), stdin=f"{raw}\nnot-hex\n")
+    expected = Pseudonymizer(SITE, keys.site_kid, keys.site_key).badge(raw)
+    assert proc.stdout.strip() == expected
+    assert proc.returncode != 0, "a bad line is an error"
+    assert raw not in proc.stdout + proc.stderr
+    assert "not-hex" not in proc.stderr, "bad input is never echoed"
+
+    expires = (datetime.now(UTC) + timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    (tmp_path / "allow.toml").write_text(
+        f'site = "{SITE}"\ncabinet = "{CABINET}"\nversion = 4\nexpires = "{expires}"\n'
+        f'[entries]\n"{expected}" = ["technician", "supervisor"]\n'
+    )
+    out = tmp_path / "allow.signed.json"
+    proc = _cli(
+        "sign-allow-list", str(tmp_path / "allow.toml"), "--keys", str(keydir), "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    verifier = DocumentVerifier({keys.signing_kid: keys.signing_public}, SITE, CABINET)
+    doc = verifier.verify(out.read_bytes(), ALLOW_LIST, datetime.now(UTC))
+    assert doc.version == 4
+    assert list(doc.body["entries"][expected]) == ["supervisor", "technician"]
+
+    (tmp_path / "reg.json").write_text(
+        json.dumps(
+            {
+                "site": SITE,
+                "cabinet": "*",
+                "version": 1,
+                "expires_days": 3,
+                "assets": [{"epc": "e2801160", "name": "torque wrench"}],
+            }
+        )
+    )
+    proc = _cli("sign-registry", str(tmp_path / "reg.json"), "--keys", str(keydir))
+    assert proc.returncode == 0, proc.stderr
+    reg = verifier.verify(proc.stdout.strip().encode(), ASSET_REGISTRY, datetime.now(UTC))
+    assert reg.body["assets"][0]["epc"] == "e2801160"
+
+    (tmp_path / "bad.toml").write_text(
+        f'site = "{SITE}"\nversion = 1\n[entries]\n"{raw}" = ["x"]\n'
+    )
+    proc = _cli("sign-allow-list", str(tmp_path / "bad.toml"), "--keys", str(keydir))
+    assert proc.returncode != 0
+    assert "pseudonyms" in proc.stderr
+
+
+def test_consume_refuses_plaintext_off_box(tmp_path: Path) -> None:
+    backend(tmp_path / "keys")
+    proc = _cli("consume", "--host", "10.9.8.7", "--keys", str(tmp_path / "keys"))
+    assert proc.returncode != 0
+    assert "plaintext" in proc.stderr
+
+
+async def test_shared_subscription_splits_the_stream(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    keys = backend(tmp_path / "keys")
+    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.consumer",
+            "consume",
+            "--port",
+            str(mosquitto.port),
+            "--keys",
+            str(tmp_path / "keys"),
+            "--share",
+            "backend",
+            "--out",
+            str(out),
+            "--idle-exit",
+            "3",
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        for out in outs
+    ]
+    try:
+        # Both members must be subscribed before the stream starts.
+        assert await until(lambda: mosquitto.log_tail(400).count("$share/backend/") >= 2, 30)
+        async with open_store(tmp_path / "state.db") as store:
+            rows = await append_sealed(store, sealer_for(keys), 100)
+            pub = Publisher(mqtt_cfg(mosquitto.port), SITE, CABINET, store)
+            async with running(pub):
+                assert await until(lambda: pub.stats.acked == 100)
+        summaries = []
+        for p in procs:
+            async with asyncio.timeout(60):
+                _, err = await p.communicate()
+            assert p.returncode == 0, err
+            summaries.append(json.loads(err.decode().strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+    lines = [json.loads(line) for out in outs for line in out.read_text().splitlines()]
+    per_member = [len(out.read_text().splitlines()) for out in outs]
+    assert all(n > 0 for n in per_member), f"each member gets a share: {per_member}"
+    assert sorted(e["seq"] for e in lines) == [r.seq for r in rows]
+    assert {e["event_id"] for e in lines} == {str(r.event_id) for r in rows}
+    assert all(e["site"] == SITE and e["cabinet"] == CABINET for e in lines)
+    assert sum(s["delivered"] for s in summaries) == 100
