@@ -10,6 +10,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from agent.store import Store, StoreConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,10 +52,18 @@ async def _run_and_kill(
 
 
 async def test_kill_9_never_loses_or_splits_a_cycle(tmp_path: Path) -> None:
-    db = tmp_path / "state.db"
+    await _crash_rounds(tmp_path / "state.db", ROUNDS)
+
+
+@pytest.mark.soak
+async def test_kill_9_soak(tmp_path: Path) -> None:
+    await _crash_rounds(tmp_path / "state.db", 150)
+
+
+async def _crash_rounds(db: Path, rounds: int) -> None:
     rng = random.Random()
     reported: list[tuple[int, int, int]] = []
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         reported += await _run_and_kill(db, rng.randint(0, 12), rng.uniform(0, 0.01))
 
     store = await Store.open(StoreConfig(path=db))
