@@ -61,8 +61,16 @@ class AgentConfig(StrictModel):
             raise ValueError(
                 f"badge reader ids must be unique among all readers: {', '.join(clash)}"
             )
-        if self.door is not None and self.door.reader not in reader_ids:
-            raise ValueError(f"door.reader {self.door.reader!r} is not a configured reader id")
+        if self.door is not None:
+            wired = [r for r in self.readers if r.id == self.door.reader]
+            if not wired:
+                raise ValueError(f"door.reader {self.door.reader!r} is not a configured reader id")
+            gpi_ports = getattr(wired[0], "gpi_ports", None)
+            if gpi_ports is not None and self.door.sensor_gpi not in gpi_ports:
+                raise ValueError(
+                    f"door.sensor_gpi {self.door.sensor_gpi} is not in the gpi_ports of reader "
+                    f"{self.door.reader!r}: the door would never report"
+                )
         return self
 
 

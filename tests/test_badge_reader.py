@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 from pydantic import ValidationError
 
-from agent.config import ConfigError, parse_config
+from agent.config import ConfigError, load_config, parse_config
 from agent.privacy.pseudonym import Pseudonymizer, is_pseudonym
 from drivers.backoff import Backoff
 from drivers.badge.config import BadgeReaderConfig
@@ -296,7 +296,7 @@ def test_config_rejects_bad_values() -> None:
 def _agent_config(**extra: object) -> dict[str, object]:
     return {
         "cabinet": {"site_id": "site-1", "cabinet_id": "cab-1"},
-        "readers": [{"type": "llrp", "id": "dock-1", "host": "127.0.0.1"}],
+        "readers": [{"type": "llrp", "id": "dock-1", "host": "127.0.0.1", "gpi_ports": [1]}],
         **extra,
     }
 
@@ -312,6 +312,9 @@ def test_agent_config_badge_and_door_sections() -> None:
     assert cfg.door is not None
     assert cfg.door.lock_gpo == 2
     assert parse_config(_agent_config()).badge_readers == []
+    example = load_config(ROOT / "config" / "agent.example.toml")
+    assert example.badge_readers[0].protocol == "em4100"
+    assert example.door is not None
 
     with pytest.raises(ConfigError) as exc:
         parse_config(
@@ -323,6 +326,14 @@ def test_agent_config_badge_and_door_sections() -> None:
     with pytest.raises(ConfigError) as exc:
         parse_config(_agent_config(door={"reader": "nope", "sensor_gpi": 1, "lock_gpo": 1}))
     assert any("'nope' is not a configured reader" in p for p in exc.value.problems)
+    with pytest.raises(ConfigError) as exc:
+        parse_config(
+            _agent_config(
+                readers=[{"type": "llrp", "id": "dock-1", "host": "127.0.0.1", "gpi_ports": [2]}],
+                door={"reader": "dock-1", "sensor_gpi": 1, "lock_gpo": 1},
+            )
+        )
+    assert any("sensor_gpi 1 is not in the gpi_ports" in p for p in exc.value.problems)
     with pytest.raises(ConfigError) as exc:
         parse_config(_agent_config(badge_readers=[{"id": "b", "url": "x", "prtocol": 1}]))
     assert any(p.startswith("badge_readers[0].prtocol: unknown key") for p in exc.value.problems)
