@@ -407,6 +407,8 @@ class MercurySimulator:
         self._attach(_TcpLink(reader, writer))
 
     def _unplug(self, seconds: float) -> None:
+        self.unplugged = True  # output stops now; the link is torn down on the next turn
+
         async def cycle() -> None:
             await self._unplug_now()
             await asyncio.sleep(seconds)
