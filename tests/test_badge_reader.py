@@ -85,7 +85,7 @@ class RecordingSink:
 async def eventually(predicate: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> None:
     """Poll a condition that has no event of its own (driver counters), bounded."""
     async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110  counters have no event to await
+        while not predicate():  # counters have no event to await: bounded poll
             await asyncio.sleep(0.01)
 
 
@@ -347,7 +347,8 @@ async def test_simulator_cli_presents_cards_from_stdin(where: list[str]) -> None
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "simulators.badge_cli",
+        "simulators.cli",  # the cabinet-sim entry point
+        "badge",
         "--protocol",
         "em4100",
         *where,

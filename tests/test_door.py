@@ -306,5 +306,5 @@ def _noop_gpi(port: int, high: bool) -> None:
 async def _wait(predicate: object) -> None:
     assert callable(predicate)
     async with asyncio.timeout(TIMEOUT_S):
-        while not predicate():  # noqa: ASYNC110  the re-lock task has no public event
+        while not predicate():  # the re-lock task has no public event: bounded poll
             await asyncio.sleep(0.001)
