@@ -85,6 +85,11 @@ class ConnectionStats:
     active: int = 0
     rejected: int = 0
 
+    @property
+    def count(self) -> int:
+        """Alias of ``total``."""
+        return self.total
+
 
 # ---------------------------------------------------------------------------------------------
 # Reader configuration and ROSpecs
@@ -485,6 +490,7 @@ class LlrpSimulator:
         self._server: asyncio.Server | None = None
         self._up = asyncio.Event()
         self._rebooting = False
+        self._reboot_task: asyncio.Task[None] | None = None
         self._conn_seq = 0
         self._t0 = time.monotonic()
 
@@ -504,6 +510,8 @@ class LlrpSimulator:
     async def stop(self) -> None:
         """Close the listener and every connection; stop inventory; await every task."""
         self._rebooting = False
+        if self._reboot_task is not None:
+            self._reboot_task.cancel()
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -779,7 +787,7 @@ class LlrpSimulator:
         if self._rebooting:
             return
         self._rebooting = True
-        self._spawn(self._reboot(down_s), "llrp-sim-reboot")
+        self._reboot_task = self._spawn(self._reboot(down_s), "llrp-sim-reboot")
 
     async def _reboot(self, down_s: float) -> None:
         logger.info("llrp-sim: rebooting for %.1f s (fault)", down_s)
@@ -898,6 +906,15 @@ class LlrpSimulator:
         except _Rejected as rej:
             logger.info("llrp-sim: %s rejected: %s", msg.name, rej)
             conn.send(response, {"LLRPStatus": _status(rej.code, str(rej))}, msg.msg_id)
+            return
+        except (KeyError, TypeError, ValueError) as err:
+            # A well-formed message the reader logic did not expect: answer, never crash.
+            logger.warning("llrp-sim: cannot handle %s: %r", msg.name, err)
+            conn.send(
+                response if response in MESSAGES else "ERROR_MESSAGE",
+                {"LLRPStatus": _status(StatusCode.R_DeviceError, f"cannot handle: {err!r}")},
+                msg.msg_id,
+            )
             return
         if result is not None:
             conn.send(response, {"LLRPStatus": _status(), **result}, msg.msg_id)
@@ -1035,6 +1052,7 @@ class LlrpSimulator:
             self.rospecs.clear()
             self.access_specs.clear()
             self.config = cfg = self._factory_config()
+            conn.restart_keepalive()
         for st in (p.get("ReaderEventNotificationSpec") or {}).get("EventNotificationState", []):
             cfg.events[st["EventType"]] = st["NotificationState"]
         for ac in p.get("AntennaConfiguration", []):
