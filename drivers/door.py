@@ -172,7 +172,6 @@ class Door:
                     await self._sleep(self._relock_backoff.next_delay())
                     continue
                 self._relock_backoff.reset()
-                self.lock_fault = None
                 return
         finally:
             self._relock_writing = False
@@ -194,4 +193,6 @@ class Door:
                 self._locked = None
                 raise DoorCommandError(f"{desc} failed: {err}") from err
             self._locked = not release
+            if not release:
+                self.lock_fault = None
         logger.info("%s done", desc)

@@ -186,6 +186,12 @@ async def test_lock_command_timeout_is_a_clear_error() -> None:
     assert "door door: lock (GPO 2 -> low) timed out after 0.05s" in str(exc.value)
     assert isinstance(exc.value, TransientError)
     assert door.locked is None
+    with pytest.raises(DoorCommandError, match=r"unlock \(GPO 2 -> high\) timed out"):
+        await door.unlock(pulse_s=60.0)
+    assert door.relock_pending  # fail secure: the re-lock is still scheduled
+    stuck.set()  # the reader answers again
+    await door.close()
+    assert door.locked is True
 
 
 async def test_gpo_failure_is_wrapped_and_relock_retried(sleep: ManualSleep) -> None:

@@ -141,11 +141,15 @@ class BadgeReader:
             pseudonym = self._pseudonymize(raw.reveal())
         except Exception as err:  # noqa: BLE001  the message may quote the raw id: type only
             self._pseudonymizer_failures += 1
-            logger.error(
-                "badge reader %s: pseudonymizer failed (%s); read dropped",
-                self.reader_id,
-                type(err).__name__,
-            )
+            n = self._pseudonymizer_failures
+            # A held card repeats ~10 frames/s: log the 1st, 2nd, 4th, 8th… failure only.
+            if n & (n - 1) == 0:
+                logger.error(
+                    "badge reader %s: pseudonymizer failed (%s); read dropped (%d so far)",
+                    self.reader_id,
+                    type(err).__name__,
+                    n,
+                )
             return
         now = self._clock.monotonic()
         if pseudonym == self._last_pseudonym and now - self._last_at < self._cfg.repeat_interval_s:
