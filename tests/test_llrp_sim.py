@@ -298,9 +298,11 @@ async def test_report_every_n_tags_is_honoured(sim: LlrpSimulator) -> None:
         assert names[-1] == "STOP_ROSPEC_RESPONSE"
         tail = [d for n, d in client.sllurp[-3:-1] if n == "RO_ACCESS_REPORT"]
         assert all(len(d["TagReportData"]) <= 3 for d in tail)
-        sent = sim.stats.reports_sent
-        await asyncio.sleep(0.1)
-        assert sim.stats.reports_sent == sent  # stopped means stopped
+        # Stopped means stopped: no inventory task is left to produce anything.
+        assert sim.rospecs[1].state == 1
+        task = sim.rospecs[1].task
+        assert task is not None
+        assert task.done()
 
 
 @pytest.mark.parametrize(
@@ -368,12 +370,12 @@ async def test_content_selector_is_honoured(
             assert batch[0]["PeakRSSI"] == -58
         if "C1G2_PC" in expected:
             assert batch[0]["C1G2_PC"] == 0x3000
-        # sllurp sees the same fields.
+        # sllurp sees exactly the same fields (under its own names, plus its "EPC" alias).
         _, decoded = next(x for x in client.sllurp if x[0] == "RO_ACCESS_REPORT")
         tag = decoded["TagReportData"][0]
         assert tag["EPC-96"] == EPC1.encode()
-        assert ("AntennaID" in tag) == ("AntennaID" in expected)
-        assert ("PeakRSSI" in tag) == ("PeakRSSI" in expected)
+        sllurp_names = {"EPC_96": "EPC-96", "C1G2_PC": "C1G2PC", "C1G2_CRC": "C1G2CRC"}
+        assert set(tag) - {"EPC"} == {sllurp_names.get(k, k) for k in expected}
 
 
 async def test_long_epc_is_reported_as_epcdata(sim: LlrpSimulator) -> None:
@@ -448,16 +450,69 @@ async def test_rospec_lifecycle_rules(sim: LlrpSimulator) -> None:
 
 async def test_gen2_sessions_decide_whether_static_tags_answer_again(sim: LlrpSimulator) -> None:
     sim.add_tag(SimTag(epc=EPC1, antenna=1))
+    five_rounds = {"TriggerType": 2, "NumberOfTags": 0, "NumberOfAttempts": 5, "T": 0, "Timeout": 0}
     async with await connected(sim) as client:
         # Session 2, single target: a static tag answers once and then stays quiet.
-        await start_rospec(client, rospec(trigger=2, n=0, session=2, stop=(1, 300)))
+        spec = rospec(trigger=1, n=0, session=2, ai_stop=(3, 0), observation=five_rounds)
+        await start_rospec(client, spec)
         (batch,) = await reports(client, 1)
         assert batch[0]["TagSeenCount"] == 1
         assert status(await client.request("DELETE_ROSPEC", {"ROSpecID": 0})) == 0
         # Impinj dual target re-reads it every round.
-        await start_rospec(client, rospec(trigger=2, n=0, session=2, search_mode=2, stop=(1, 300)))
+        spec = rospec(
+            trigger=1, n=0, session=2, search_mode=2, ai_stop=(3, 0), observation=five_rounds
+        )
+        await start_rospec(client, spec)
         (batch,) = await reports(client, 1)
-        assert batch[0]["TagSeenCount"] > 1
+        assert batch[0]["TagSeenCount"] == 5
+        assert status(await client.request("DELETE_ROSPEC", {"ROSpecID": 0})) == 0
+        # Session 0 needs no trick.
+        spec = rospec(trigger=1, n=0, session=0, ai_stop=(3, 0), observation=five_rounds)
+        await start_rospec(client, spec)
+        (batch,) = await reports(client, 1)
+        assert batch[0]["TagSeenCount"] == 5
+
+
+async def test_rospec_and_aispec_events(sim: LlrpSimulator) -> None:
+    sim.add_tag(SimTag(epc=EPC1, antenna=1))
+    async with await connected(sim) as client:
+        await client.request(
+            "SET_READER_CONFIG",
+            {
+                "ReaderEventNotificationSpec": {
+                    "EventNotificationState": [
+                        {"EventType": 2, "NotificationState": True},
+                        {"EventType": 6, "NotificationState": True},
+                    ]
+                }
+            },
+        )
+        two_rounds = {
+            "TriggerType": 2,
+            "NumberOfTags": 0,
+            "NumberOfAttempts": 2,
+            "T": 0,
+            "Timeout": 0,
+        }
+        await start_rospec(
+            client, rospec(trigger=1, n=0, ai_stop=(3, 0), observation=two_rounds, stop=(1, 60_000))
+        )
+        kinds = []
+        while len(kinds) < 3:
+            ev = (await client.expect("READER_EVENT_NOTIFICATION")).params[
+                "ReaderEventNotificationData"
+            ]
+            kinds.append(next(k for k in ev if k.endswith("Event")))
+        assert kinds[:2] == ["ROSpecEvent", "AISpecEvent"]
+        assert client.sllurp[-1][1]["ReaderEventNotificationData"]["AISpecEvent"]["SpecIndex"] == 1
+        assert status(await client.request("STOP_ROSPEC", {"ROSpecID": 1})) == 0
+        end = [
+            d["ReaderEventNotificationData"]["ROSpecEvent"]
+            for n, d in client.sllurp
+            if n == "READER_EVENT_NOTIFICATION"
+            and "ROSpecEvent" in d["ReaderEventNotificationData"]
+        ]
+        assert (end[0]["EventType"], end[-1]["EventType"]) == ("Start_of_ROSpec", "End_of_ROSpec")
 
 
 async def test_tags_added_removed_and_moved_while_running(sim: LlrpSimulator) -> None:
