@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -428,3 +429,67 @@ async def test_one_store_per_database(tmp_path: Path) -> None:
         await store.close()
     again = await Store.open(cfg(tmp_path))  # released on close
     await again.close()
+
+
+async def test_sequencer_lets_writers_seal_in_threads(tmp_path: Path) -> None:
+    backend = X25519PrivateKey.generate()
+    sealer = Sealer(backend.public_key(), "k1")
+    store = await Store.open(cfg(tmp_path))
+
+    def seal(first: int, n: int) -> list[OutboxRow]:
+        out = []
+        for i in range(n):
+            event_id = uuid.uuid4()
+            header = EnvelopeHeader("k1", "crib-07", first + i, event_id)
+            out.append(
+                OutboxRow(first + i, event_id, 0, "item.returned", T0, sealer.seal(header, b"{}"))
+            )
+        return out
+
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(2, thread_name_prefix="sealer")
+
+    async def writer(n: int) -> None:
+        for _ in range(5):
+            async with store.sequencer() as seq:
+                # The loop runs other writers while this one seals in a thread.
+                rows = await loop.run_in_executor(pool, seal, seq.next, n)
+                done = store.submit_events(rows)
+            await done
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for n in (1, 2, 3, 4):
+                tg.create_task(writer(n), name=f"sealing-writer-{n}")
+        pool.shutdown(wait=True)  # idle by now: returns at once
+        rows = await store.peek(100)
+        assert [r.seq for r in rows] == list(range(1, 51))
+        assert await store.next_seq() == 51
+    finally:
+        pool.shutdown(wait=False)
+        await store.close()
+
+
+async def test_sequencer_refuses_writers_that_bypass_it(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    try:
+        entered = asyncio.Event()
+        leave = asyncio.Event()
+
+        async def holder() -> None:
+            async with store.sequencer() as seq:
+                assert seq.next == 1
+                entered.set()
+                await leave.wait()
+                await store.append_events(rows_from(seq.next, 1))
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(holder(), name="sequencer-holder")
+            await entered.wait()
+            with pytest.raises(SeqConflictError, match="sequencer"):
+                store.submit_events(next_rows(store, 1))
+            leave.set()
+        await store.append_events(next_rows(store, 1))  # free again
+        assert [r.seq for r in await store.peek(10)] == [1, 2]
+    finally:
+        await store.close()

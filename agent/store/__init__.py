@@ -2,7 +2,7 @@
 
 from agent.store.config import OverflowPolicy, StoreConfig
 from agent.store.db import HousekeepingResult
-from agent.store.store import KEEP, Keep, Store
+from agent.store.store import KEEP, Keep, Sequencer, Store
 from agent.store.types import (
     PRIORITY_CRITICAL,
     PRIORITY_NORMAL,
@@ -41,6 +41,7 @@ __all__ = [
     "OverflowPolicy",
     "SchemaTooNewError",
     "SeqConflictError",
+    "Sequencer",
     "Store",
     "StoreAlert",
     "StoreBackloggedError",

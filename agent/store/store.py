@@ -10,11 +10,12 @@ cancelling the awaiting task does not cancel the write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
@@ -76,6 +77,8 @@ class Store:
         self._on_alert = on_alert
         self._next_seq = opened.next_seq
         self._seq_dirty = False
+        self._seq_lock = asyncio.Lock()
+        self._seq_owner: asyncio.Task[Any] | None = None
         self._closed = False
         self._pending_writes = 0
         self._pending_bytes = 0
@@ -150,6 +153,24 @@ class Store:
         if self._seq_dirty:
             raise SeqConflictError(self._next_seq, self._next_seq)
         return self._next_seq
+
+    @contextlib.asynccontextmanager
+    async def sequencer(self, wait_s: float = 30.0) -> AsyncIterator[Sequencer]:
+        """Exclusive use of the sequence while sealing may await (e.g. in a thread).
+
+        Seal with ``seq.next`` onwards and submit (``submit_cycle``/``submit_events``) inside
+        the block; await durability after it, so other writers' rows share the commit.
+        """
+        async with asyncio.timeout(wait_s):
+            await self._seq_lock.acquire()
+        try:
+            if self._seq_dirty:
+                await self.next_seq()
+            self._seq_owner = asyncio.current_task()
+            yield Sequencer(self)
+        finally:
+            self._seq_owner = None
+            self._seq_lock.release()
 
     # -- outbox -------------------------------------------------------------------------------------
 
@@ -371,6 +392,10 @@ class Store:
         expected = self._next_seq
         if self._seq_dirty:
             raise SeqConflictError(expected, rows[0].seq)
+        if self._seq_owner is not None and self._seq_owner is not asyncio.current_task():
+            raise SeqConflictError(
+                expected, rows[0].seq, "another writer holds store.sequencer(); use it too"
+            )
         for i, row in enumerate(rows):
             if not isinstance(row, OutboxRow):
                 raise TypeError("rows must be OutboxRow")
@@ -460,6 +485,18 @@ class Store:
                 logger.exception("store alert callback failed")
 
 
+class Sequencer:
+    """Handed out by Store.sequencer(): the seqs to seal with, while the block lasts."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @property
+    def next(self) -> int:
+        """The seq the next submitted row must carry (moves on with each submission)."""
+        return self._store._next_seq
+
+
 def _check_key(key: str) -> None:
     if not isinstance(key, str) or not 1 <= len(key) <= 128:
         raise ValueError("kv keys are 1..128 characters")
@@ -467,4 +504,4 @@ def _check_key(key: str) -> None:
         raise ValueError(f"kv keys starting with {dbmod.RESERVED_KV_PREFIX!r} are reserved")
 
 
-__all__ = ["KEEP", "Keep", "Store", "StoreError"]
+__all__ = ["KEEP", "Keep", "Sequencer", "Store", "StoreError"]

@@ -124,11 +124,13 @@ class StoreError(CabinetError):
 class SeqConflictError(StoreError):
     """The rows do not start at the store's next sequence number (another writer got there)."""
 
-    def __init__(self, expected: int, got: int) -> None:
+    def __init__(self, expected: int, got: int, why: str = "") -> None:
         self.expected = expected
         self.got = got
         super().__init__(
-            f"rows must start at seq {expected}, got {got}: re-read next_seq and reseal"
+            f"rows must start at seq {expected}, got {got}"
+            + (f" ({why})" if why else "")
+            + ": re-read next_seq and reseal"
         )
 
 
