@@ -321,10 +321,16 @@ async def test_full_filesystem_holds_writes_alerts_and_resumes(tiny_fs: Path) ->
     filler = tiny_fs / "filler"
     try:
         await store.append_events(next_rows(store, 4, priority=0, size=KiB))
+        cap_at_open = (await store.diagnostics())["max_page_count"]
         # Something else eats the disk after the store sized its page cap.
         fill_disk(filler)
         submitted, held = await _fill_until_blocked(store, alerts, 8 * KiB)
         assert (await store.stats()).disk_full
+        diag = await store.diagnostics()
+        # The filesystem refused (ENOSPC): the file was far below the page cap set at open.
+        assert isinstance(diag["page_count"], int)
+        assert isinstance(cap_at_open, int)
+        assert diag["page_count"] < cap_at_open // 4
         filler.unlink()  # space comes back; the retry timer notices on its own
         await alerts.wait_for(AlertKind.DISK_FULL_CLEARED)
         await asyncio.wait_for(held, 30)
