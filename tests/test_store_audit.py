@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.privacy.pseudonym import Pseudonymizer
 from agent.store import Store, StoreConfig
 from agent.store.db import to_us
 from tests.store_helpers import T0, FakeClock
@@ -199,5 +200,27 @@ async def test_details_must_be_plain_json(tmp_path: Path) -> None:
         assert (await store.audit_verify()).checked == 0
         seq, digest = await store.audit_head()
         assert (seq, digest) == (0, bytes(32))
+    finally:
+        await store.close()
+
+
+async def test_actor_must_not_look_like_a_raw_badge_id(tmp_path: Path) -> None:
+    store = await Store.open(StoreConfig(path=tmp_path / "s.db"), clock=FakeClock())
+    try:
+        pseudonym = Pseudonymizer("hangar-3", "s1", bytes(32)).badge("0012AB34CD")
+        for actor in ("system", "backend", "system:publisher", "cli:uid=1000", pseudonym):
+            await store.audit_append(actor, "x", {})
+        for actor in (
+            "0012AB34CD",
+            "ab12cd34ef",
+            "badge 0012ab34cd",
+            "",
+            "Alice",
+            "user-4000123456",
+        ):
+            with pytest.raises(ValueError, match="actor") as info:
+                await store.audit_append(actor, "x", {})
+            assert actor not in str(info.value) or not actor
+        assert (await store.audit_verify()).checked == 5
     finally:
         await store.close()

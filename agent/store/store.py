@@ -14,11 +14,13 @@ import contextlib
 import enum
 import json
 import logging
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
+from agent.privacy.pseudonym import is_pseudonym
 from agent.store import audit
 from agent.store import db as dbmod
 from agent.store.config import StoreConfig
@@ -329,8 +331,9 @@ class Store:
 
     async def audit_append(self, actor: str, action: str, details: Mapping[str, Any]) -> int:
         """Append a hash-chained record; returns its seq. Details must be JSON values."""
-        if not actor or len(actor) > 128 or not action or len(action) > 128:
-            raise ValueError("actor and action are 1..128 characters")
+        _check_actor(actor)
+        if not action or len(action) > 128:
+            raise ValueError("action is 1..128 characters")
         try:
             text = audit.canonical_details(details)
         except (TypeError, ValueError) as err:
@@ -495,6 +498,25 @@ class Sequencer:
     def next(self) -> int:
         """The seq the next submitted row must carry (moves on with each submission)."""
         return self._store._next_seq
+
+
+_CLI_ACTOR = re.compile(r"cli:uid=[0-9]{1,10}")
+_ROLE_ACTOR = re.compile(r"[a-z][a-z0-9_.:-]{0,31}")
+_HEX_RUN = re.compile(r"[0-9A-Fa-f]{6,}")
+
+
+def _check_actor(actor: str) -> None:
+    """Actors are pseudonyms, ``cli:uid=N`` or role words: never something like a card number."""
+    if not isinstance(actor, str):
+        raise TypeError("actor must be a string")
+    if is_pseudonym(actor) or _CLI_ACTOR.fullmatch(actor):
+        return
+    if _ROLE_ACTOR.fullmatch(actor) and not _HEX_RUN.search(actor):
+        return
+    # The message leaves the value out on purpose: it may be a raw badge id.
+    raise ValueError(
+        "audit actor must be a badge pseudonym, 'cli:uid=N' or a role word such as 'system'"
+    )
 
 
 def _check_key(key: str) -> None:
