@@ -682,3 +682,52 @@ def test_rejects_bad_tags_and_antennas() -> None:
 def test_sllurp_decodes_what_it_is_given() -> None:
     # Guard for the helper itself: sllurp decodes a hand-built keepalive.
     assert sllurp_decode(HEADER.pack((1 << 10) | 62, 10, 5))[0] == "KEEPALIVE"
+
+
+async def test_reports_held_until_enable_events_and_reports(sim: LlrpSimulator) -> None:
+    sim.add_tag(SimTag(epc=EPC1, antenna=1))
+    first = await connected(sim)
+    hold = {"EventsAndReports": {"HoldEventsAndReportsUponReconnect": True}}
+    assert status(await first.request("SET_READER_CONFIG", hold)) == 0
+    await start_rospec(first, rospec(trigger=1, n=1))
+    await first.request("CLOSE_CONNECTION")
+    await first.eof()
+    await first.close()
+    await sim.wait_until(lambda: sim.connections.active == 0)
+    # The ROSpec keeps running; with no client its reports go nowhere.
+    dropped = sim.stats.reports_dropped
+    await sim.wait_until(lambda: sim.stats.reports_dropped > dropped)
+    sent = sim.stats.reports_sent
+    async with await connected(sim) as second:
+        conn = sim._current
+        assert conn is not None
+        await sim.wait_until(lambda: len(conn.held) >= 2)
+        assert sim.stats.reports_sent == sent  # held, not sent
+        second.send("ENABLE_EVENTS_AND_REPORTS")
+        report = await second.expect("RO_ACCESS_REPORT")
+        assert epc_hex(report.params["TagReportData"][0]) == EPC1
+
+
+async def test_unplugged_antenna_stops_reading_and_says_so(sim: LlrpSimulator) -> None:
+    sim.add_tag(SimTag(epc=EPC1, antenna=2, also_at={3: -70.0}))
+    async with await connected(sim) as client:
+        await start_rospec(client, rospec(trigger=1, n=1))
+        await sim.wait_until(lambda: sim.stats.tags_reported >= 2)
+        sim.set_antenna_connected(2, False)
+        event = await client.expect("READER_EVENT_NOTIFICATION")
+        assert event.params["ReaderEventNotificationData"]["AntennaEvent"] == {
+            "EventType": 0,
+            "AntennaID": 2,
+        }
+        assert client.sllurp[-1][1]["ReaderEventNotificationData"]["AntennaEvent"]["EventType"] == (
+            "Disconnected"
+        )
+        for batch in await reports(client, 4):
+            assert {t["AntennaID"] for t in batch} == {3}
+        props = await client.request("GET_READER_CONFIG", {"RequestedData": 2})
+        assert [p["AntennaConnected"] for p in props.params["AntennaProperties"]] == [
+            True,
+            False,
+            True,
+            True,
+        ]

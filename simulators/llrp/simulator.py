@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 _READ_CHUNK = 65536
 _OUT_QUEUE_MAX = 4096
 _RECEIVED_MAX = 20000
+_HELD_MAX = 10000
 _STOP_TIMEOUT_S = 5.0
 _IMPINJ_DUAL_TARGET = 2
 
@@ -234,6 +235,7 @@ class _Connection:
         self.framer = FrameReader(sim.max_message_len)
         self.closing = False
         self.events_held = sim.config.hold_events
+        self.held: deque[tuple[str, dict[str, Any]]] = deque(maxlen=_HELD_MAX)
         self.impinj_extensions = False
         self._next_id = 0
         self._keepalive: asyncio.Task[None] | None = None
@@ -474,6 +476,7 @@ class LlrpSimulator:
         self.config = self._factory_config()
         self.rospecs: dict[int, _ROSpec] = {}
         self.access_specs: dict[int, dict[str, Any]] = {}
+        self.antenna_connected: dict[int, bool] = dict.fromkeys(range(1, self.antennas + 1), True)
         self.gpi_state: dict[int, bool] = dict.fromkeys(
             range(1, self.personality.num_gpis + 1), False
         )
@@ -621,6 +624,18 @@ class LlrpSimulator:
     def _check_antenna(self, ant: int) -> None:
         if not 1 <= ant <= self.antennas:
             raise ValueError(f"antenna {ant} outside 1..{self.antennas}")
+
+    def set_antenna_connected(self, antenna: int, connected: bool) -> None:
+        """Plug or unplug an antenna: it stops reading, and an AntennaEvent says so if enabled."""
+        self._check_antenna(antenna)
+        if self.antenna_connected[antenna] == connected:
+            return
+        self.antenna_connected[antenna] = connected
+        logger.info(
+            "llrp-sim: antenna %d %s", antenna, "connected" if connected else "disconnected"
+        )
+        if self.config.events.get(EventType.Antenna_Event):
+            self._event({"AntennaEvent": {"EventType": int(connected), "AntennaID": antenna}})
 
     # -- GPIO ----------------------------------------------------------------------------------
 
@@ -824,26 +839,36 @@ class LlrpSimulator:
     # -- events and reports ----------------------------------------------------------------------
 
     def _event(self, data: dict[str, Any], *, force: bool = False) -> None:
-        conn = self._current
-        if conn is None or (conn.events_held and not force):
-            return
         body = {"UTCTimestamp": {"Microseconds": self._utc_us()}, **data}
-        if conn.send("READER_EVENT_NOTIFICATION", {"ReaderEventNotificationData": body}):
-            self.stats.events_sent += 1
+        self._deliver("READER_EVENT_NOTIFICATION", {"ReaderEventNotificationData": body}, force)
 
     def _send_report(self, rs: _ROSpec, entries: list[_Entry]) -> None:
-        conn = self._current
         if not entries:
-            return
-        if conn is None or conn.events_held:
-            self.stats.reports_dropped += 1
             return
         spec = rs.report_spec or self.config.report_spec
         data = [self._tag_report(rs, spec, e) for e in entries]
-        if conn.send("RO_ACCESS_REPORT", {"TagReportData": data}):
+        self._deliver("RO_ACCESS_REPORT", {"TagReportData": data})
+
+    def _deliver(self, name: str, params: dict[str, Any], force: bool = False) -> None:
+        """Send a report or event now, hold it (EventsAndReports), or drop it with no client."""
+        conn = self._current
+        if conn is None:
+            if name == "RO_ACCESS_REPORT":
+                self.stats.reports_dropped += 1
+            return
+        if conn.events_held and not force:
+            conn.held.append((name, params))
+            return
+        if conn.send(name, params):
+            self._count_sent(name, params)
+
+    def _count_sent(self, name: str, params: Mapping[str, Any]) -> None:
+        if name == "RO_ACCESS_REPORT":
             self.stats.reports_sent += 1
-            self.stats.tags_reported += len(data)
-            self._notify()
+            self.stats.tags_reported += len(params["TagReportData"])
+        else:
+            self.stats.events_sent += 1
+        self._notify()
 
     def _tag_report(self, rs: _ROSpec, spec: Mapping[str, Any], e: _Entry) -> dict[str, Any]:
         sel = spec.get("TagReportContentSelector", {})
@@ -958,7 +983,8 @@ class LlrpSimulator:
             out["Identification"] = {"IDType": 0, "ReaderID": self.personality.reader_id}
         if want_(GetConfigRequest.AntennaProperties):
             out["AntennaProperties"] = [
-                {"AntennaConnected": True, "AntennaID": a, "AntennaGain": 0} for a in ants
+                {"AntennaConnected": self.antenna_connected[a], "AntennaID": a, "AntennaGain": 0}
+                for a in ants
             ]
         if want_(GetConfigRequest.AntennaConfiguration):
             out["AntennaConfiguration"] = [self._antenna_config(a) for a in ants]
@@ -1119,6 +1145,10 @@ class LlrpSimulator:
 
     async def _h_enable_events(self, conn: _Connection, msg: Message) -> dict[str, Any] | None:
         conn.events_held = False
+        while conn.held:
+            name, params = conn.held.popleft()
+            if conn.send(name, params):
+                self._count_sent(name, params)
         return None
 
     async def _h_keepalive_ack(self, conn: _Connection, msg: Message) -> dict[str, Any] | None:
@@ -1502,7 +1532,7 @@ class LlrpSimulator:
             now = loop.time()
             seen = self.tags.cycle(
                 self.rng,
-                ai.antennas,
+                [a for a in ai.antennas if self.antenna_connected[a]],
                 channels=self.personality.hop_channels,
                 utc_us=self._utc_us(),
                 uptime_us=self._uptime_us(),
