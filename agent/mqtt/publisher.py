@@ -308,57 +308,71 @@ class Publisher:
     # ------------------------------------------------------------------ drain
 
     async def _drain(self, session: MqttSession) -> None:
-        """Live rows (seq > backlog_mark) first, unthrottled; then the backlog at replay_rate."""
+        """Live rows (seq > backlog_mark) first, unthrottled; then the backlog at replay_rate.
+
+        The next backlog batch is read from the store while the current one is being sent,
+        so a slow commit on the database thread does not idle the in-flight window.
+        """
         mark = self.stats.backlog_mark
         live: deque[OutboxRow] = deque()
         backlog: deque[OutboxRow] = deque()
         live_cursor = mark
         backlog_cursor: int | None = None
         backlog_done = False
+        prefetch: asyncio.Task[list[OutboxRow]] | None = None
         last_live_check = 0.0
-        while True:
-            await self._wait_for_slot(session)
-            now = time.monotonic()
-            if not live and (
-                self._wake.is_set()
-                or not backlog
-                or now - last_live_check >= self._cfg.poll_interval_s
-            ):
-                self._wake.clear()
-                last_live_check = now
-                rows = await self._outbox.peek(
-                    PREFETCH, exclude=self._busy(), after_seq=live_cursor
-                )
-                if rows:
-                    live.extend(rows)
-                    live_cursor = rows[-1].seq
-            if live:
-                self._send(session, live.popleft())
-                continue
-            if not backlog and not backlog_done:
-                rows = await self._outbox.peek(
-                    PREFETCH, exclude=self._busy(), after_seq=backlog_cursor
-                )
-                backlog.extend(r for r in rows if r.seq <= mark)
-                if rows:
-                    backlog_cursor = rows[-1].seq
-                if not rows or rows[-1].seq >= mark:
-                    backlog_done = True
-            if backlog:
-                wait = self._bucket.take()
-                if wait > 0:
-                    await self._sleep_or_wake(wait)
+        try:
+            while True:
+                await self._wait_for_slot(session)
+                now = time.monotonic()
+                if not live and (
+                    self._wake.is_set() or now - last_live_check >= self._cfg.poll_interval_s
+                ):
+                    self._wake.clear()
+                    last_live_check = now
+                    rows = await self._outbox.peek(
+                        PREFETCH, exclude=self._busy(), after_seq=live_cursor
+                    )
+                    if rows:
+                        live.extend(rows)
+                        live_cursor = rows[-1].seq
+                if live:
+                    self._send(session, live.popleft())
                     continue
-                self._send(session, backlog.popleft())
-                continue
-            # Caught up. Re-scan from the start now and then: a row refused earlier in this
-            # session, or one below the cursors (a restored database), must not be stranded.
-            self.stats.last_progress = time.monotonic()
-            await self._sleep_or_wake(self._cfg.poll_interval_s)
-            if self._rescan_due():
-                backlog_cursor = None
-                backlog_done = False
-                mark = max(mark, live_cursor)
+                if prefetch is None and not backlog_done and len(backlog) < PREFETCH // 2:
+                    prefetch = asyncio.create_task(
+                        self._outbox.peek(PREFETCH, exclude=self._busy(), after_seq=backlog_cursor),
+                        name="mqtt-backlog-prefetch",
+                    )
+                if prefetch is not None and (prefetch.done() or not backlog):
+                    rows = await prefetch
+                    prefetch = None
+                    backlog.extend(r for r in rows if r.seq <= mark)
+                    if rows:
+                        backlog_cursor = rows[-1].seq
+                    if not rows or rows[-1].seq >= mark:
+                        backlog_done = True
+                if backlog:
+                    wait = self._bucket.take()
+                    if wait > 0:
+                        await self._sleep_or_wake(wait)
+                        continue
+                    self._send(session, backlog.popleft())
+                    continue
+                if not backlog_done:
+                    continue
+                # Caught up. Re-scan from the start now and then: a row refused earlier in this
+                # session, or one below the cursors (a restored database), must not be stranded.
+                self.stats.last_progress = time.monotonic()
+                await self._sleep_or_wake(self._cfg.poll_interval_s)
+                if self._rescan_due():
+                    backlog_cursor = None
+                    backlog_done = False
+                    mark = max(mark, live_cursor)
+        finally:
+            if prefetch is not None:
+                prefetch.cancel()
+                await asyncio.wait([prefetch])
 
     def _rescan_due(self) -> bool:
         return not self._inflight
