@@ -493,3 +493,43 @@ async def test_sequencer_refuses_writers_that_bypass_it(tmp_path: Path) -> None:
         assert [r.seq for r in await store.peek(10)] == [1, 2]
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seq": 0}, "seq"),
+        ({"priority": 10}, "priority"),
+        ({"kind": ""}, "kind"),
+        ({"kind": "x" * 65}, "kind"),
+        ({"created_at": datetime(2026, 1, 1)}, "timezone"),
+        ({"event_id": "not-a-uuid"}, "uuid"),
+        ({"envelope": "text"}, "bytes"),
+    ],
+)
+def test_bad_rows_are_refused_with_a_clear_error(kwargs: dict[str, object], match: str) -> None:
+    good: dict[str, object] = {
+        "seq": 1,
+        "event_id": uuid.uuid4(),
+        "priority": 0,
+        "kind": "item.returned",
+        "created_at": T0,
+        "envelope": b"sealed",
+    }
+    with pytest.raises((ValueError, TypeError), match=match):
+        OutboxRow(**{**good, **kwargs})  # type: ignore[arg-type]
+
+
+async def test_oversized_values_are_refused(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path))
+    try:
+        big = OutboxRow(1, uuid.uuid4(), 0, "x", T0, bytes(1024 * 1024 + 1))
+        with pytest.raises(ValueError, match="exceeds"):
+            await store.append_events([big])
+        with pytest.raises(ValueError, match="too large"):
+            await store.kv_put("doc", bytes(8 * 1024 * 1024 + 1))
+        with pytest.raises(TypeError):
+            await store.save_session("not bytes")  # type: ignore[arg-type]
+        assert await store.next_seq() == 1
+    finally:
+        await store.close()
