@@ -731,3 +731,22 @@ async def test_unplugged_antenna_stops_reading_and_says_so(sim: LlrpSimulator) -
             True,
             True,
         ]
+
+
+async def test_trigger_none_reports_only_on_get_report(sim: LlrpSimulator) -> None:
+    sim.add_tag(SimTag(epc=EPC1, antenna=4))
+    async with await connected(sim) as client:
+        msg_id = client.send("GET_REPORT")
+        nothing = await client.expect("RO_ACCESS_REPORT")
+        assert (nothing.msg_id, nothing.params) == (msg_id, {})  # no TagReportData at all
+        assert client.sllurp[-1][1]["TagReportData"] == []
+        await start_rospec(client, rospec(trigger=0, n=1))
+        cycles = sim.stats.inventory_cycles
+        await sim.wait_until(lambda: sim.stats.inventory_cycles >= cycles + 3)
+        assert sim.stats.reports_sent == 1  # only the empty one asked for
+        msg_id = client.send("GET_REPORT")
+        got = await client.expect("RO_ACCESS_REPORT")
+        assert got.msg_id == msg_id
+        (tag,) = got.params["TagReportData"]
+        assert (epc_hex(tag), tag["AntennaID"]) == (EPC1, 4)
+        assert tag["TagSeenCount"] >= 3

@@ -1176,8 +1176,15 @@ class LlrpSimulator:
         return None
 
     async def _h_get_report(self, conn: _Connection, msg: Message) -> dict[str, Any] | None:
+        """Everything accumulated so far, in one report answering the request (maybe empty)."""
+        data: list[dict[str, Any]] = []
         for rs in self.rospecs.values():
-            self._flush(rs)
+            spec = rs.report_spec or self.config.report_spec
+            entries = self._accum.pop(rs.spec_id, {})
+            data += [self._tag_report(rs, spec, e) for e in entries.values()]
+        params = {"TagReportData": data}
+        if conn.send("RO_ACCESS_REPORT", params, msg.msg_id):
+            self._count_sent("RO_ACCESS_REPORT", params)
         return None
 
     # -- ROSpecs -------------------------------------------------------------------------------
