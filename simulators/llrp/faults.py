@@ -26,15 +26,6 @@ class FaultState:
     trickle_s: float | None = None
     busy_status: int | None = None
 
-    def any(self) -> bool:
-        return bool(
-            self.silent
-            or self.drop_mid_frame
-            or self.garbage
-            or self.trickle_s is not None
-            or self.busy_status is not None
-        )
-
 
 def garbage_frame(kind: GarbageKind, rng: random.Random) -> bytes:
     """Bytes that no LLRP client should accept."""

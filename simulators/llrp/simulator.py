@@ -190,8 +190,6 @@ class _Entry:
     peak: int
     first_utc: int
     last_utc: int
-    first_up: int
-    last_up: int
     count: int
     spec_index: int
     ips_id: int
@@ -236,7 +234,6 @@ class _Connection:
         self.closing = False
         self.events_held = sim.config.hold_events
         self.held: deque[tuple[str, dict[str, Any]]] = deque(maxlen=_HELD_MAX)
-        self.impinj_extensions = False
         self._next_id = 0
         self._keepalive: asyncio.Task[None] | None = None
         self._aux: set[asyncio.Task[None]] = set()
@@ -352,7 +349,7 @@ class _Connection:
                 except FramingError as err:
                     logger.info("llrp-sim: unframeable input from %s: %s", self.peer, err)
                     self.sim.stats.decode_errors += 1
-                    self._send_error(0, err.status, str(err))
+                    self.send_error(0, err.status, str(err))
                     self.close_after_flush()
                     break
                 for frame in frames:
@@ -381,7 +378,7 @@ class _Connection:
                 await asyncio.gather(*self._aux, return_exceptions=True)
                 self.sim._on_session_end(self)
 
-    def _send_error(self, msg_id: int, code: int, description: str) -> None:
+    def send_error(self, msg_id: int, code: int, description: str) -> None:
         self.sim.stats.errors_sent += 1
         self.send("ERROR_MESSAGE", {"LLRPStatus": _status(code, description)}, msg_id)
 
@@ -390,7 +387,7 @@ class _Connection:
         sim.stats.frames_in += 1
         if frame.version != 1:
             sim.stats.decode_errors += 1
-            self._send_error(
+            self.send_error(
                 frame.msg_id, StatusCode.M_UnsupportedVersion, f"version {frame.version}"
             )
             return
@@ -401,7 +398,7 @@ class _Connection:
             logger.info("llrp-sim: undecodable message type %d: %s", frame.type_num, err)
             response = _response_name(frame)
             if response is None or err.status == StatusCode.M_UnsupportedMessage:
-                self._send_error(frame.msg_id, err.status, str(err))
+                self.send_error(frame.msg_id, err.status, str(err))
             else:
                 status = _status(err.status, str(err))
                 if err.param_type:
@@ -495,7 +492,6 @@ class LlrpSimulator:
         self._rebooting = False
         self._reboot_task: asyncio.Task[None] | None = None
         self._conn_seq = 0
-        self._t0 = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -833,9 +829,6 @@ class LlrpSimulator:
     def _utc_us() -> int:
         return time.time_ns() // 1000
 
-    def _uptime_us(self) -> int:
-        return int((time.monotonic() - self._t0) * 1e6)
-
     # -- events and reports ----------------------------------------------------------------------
 
     def _event(self, data: dict[str, Any], *, force: bool = False) -> None:
@@ -921,7 +914,7 @@ class LlrpSimulator:
     async def _dispatch(self, conn: _Connection, msg: Message) -> None:
         handler = _HANDLERS.get(msg.name)
         if handler is None:
-            conn._send_error(
+            conn.send_error(
                 msg.msg_id, StatusCode.M_UnsupportedMessage, f"{msg.name} not supported"
             )
             return
@@ -1162,17 +1155,14 @@ class LlrpSimulator:
 
     async def _h_impinj_ext(self, conn: _Connection, msg: Message) -> dict[str, Any] | None:
         if not self.personality.impinj_extensions:
-            conn._send_error(
+            conn.send_error(
                 msg.msg_id, StatusCode.M_UnsupportedMessage, "custom message not supported"
             )
             return None
-        conn.impinj_extensions = True
         return {}
 
     async def _h_custom(self, conn: _Connection, msg: Message) -> dict[str, Any] | None:
-        conn._send_error(
-            msg.msg_id, StatusCode.M_UnsupportedMessage, "custom message not supported"
-        )
+        conn.send_error(msg.msg_id, StatusCode.M_UnsupportedMessage, "custom message not supported")
         return None
 
     async def _h_get_report(self, conn: _Connection, msg: Message) -> dict[str, Any] | None:
@@ -1542,7 +1532,6 @@ class LlrpSimulator:
                 [a for a in ai.antennas if self.antenna_connected[a]],
                 channels=self.personality.hop_channels,
                 utc_us=self._utc_us(),
-                uptime_us=self._uptime_us(),
             )
             seen = [o for o in seen if self._answers(ai, o, flags, now)]
             self.stats.inventory_cycles += 1
@@ -1639,8 +1628,6 @@ class LlrpSimulator:
                     o.rssi,
                     o.utc_us,
                     o.utc_us,
-                    o.uptime_us,
-                    o.uptime_us,
                     1,
                     ai.index,
                     ai.ips_id,
@@ -1648,7 +1635,6 @@ class LlrpSimulator:
             else:
                 e.count += 1
                 e.last_utc = o.utc_us
-                e.last_up = o.uptime_us
                 if o.rssi > e.peak:
                     e.peak = o.rssi
         n = spec["N"]

@@ -56,7 +56,6 @@ class Observation:
     rssi: int
     channel: int
     utc_us: int
-    uptime_us: int
 
 
 class TagPopulation:
@@ -104,7 +103,6 @@ class TagPopulation:
         *,
         channels: int,
         utc_us: int,
-        uptime_us: int,
     ) -> list[Observation]:
         """One inventory round over ``antennas``: each visible tag answers with its probability."""
         wanted = set(antennas)
@@ -121,7 +119,6 @@ class TagPopulation:
                         max(-128, min(127, rssi)),
                         rng.randint(1, channels),
                         utc_us,
-                        uptime_us,
                     )
                 )
         return seen
