@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import random
 import re
 import signal
 import sys
@@ -13,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from simulators.llrp import LlrpSimulator, SimTag
-from simulators.llrp.codec import HEADER, HEADER_LEN, FrameReader, FramingError
+from simulators.llrp.codec import HEADER, HEADER_LEN, FrameReader, FramingError, encode_message
 from tests.conftest import ROOT
 from tests.llrp_sim_client import RawClient, rospec, status
 
@@ -203,3 +205,57 @@ def test_cli_rejects_unknown_fault() -> None:
 
     assert main(["llrp", "--fault", "meltdown"]) == 2
     assert main(["llrp", "--fault", "garbage=lots"]) == 2
+
+
+async def test_server_survives_a_barrage_of_mutated_requests(
+    sim: LlrpSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Valid requests with random bytes changed: every one is answered or ends the session."""
+    rng = random.Random(11)
+    sim.add_tag(SimTag(epc=EPC1, antenna=1))
+    templates = [
+        encode_message("ADD_ROSPEC", {"ROSpec": rospec(trigger=1, n=1)}, 1),
+        encode_message(
+            "SET_READER_CONFIG",
+            {
+                "ReaderEventNotificationSpec": {
+                    "EventNotificationState": [{"EventType": 1, "NotificationState": True}]
+                },
+                "KeepaliveSpec": {"KeepaliveTriggerType": 1, "PeriodicTriggerValue": 5000},
+                "GPOWriteData": [{"GPOPortNumber": 1, "GPOData": True}],
+                "GPIPortCurrentState": [{"GPIPortNum": 1, "Config": True, "State": 0}],
+            },
+            1,
+        ),
+        encode_message("GET_READER_CONFIG", {"RequestedData": 0}, 1),
+        encode_message("ENABLE_ROSPEC", {"ROSpecID": 1}, 1),
+        encode_message("IMPINJ_ENABLE_EXTENSIONS", {}, 1),
+    ]
+    sessions = 0
+    sent = 0
+    while sent < 300:
+        sessions += 1
+        async with await connected(sim) as client:
+            try:
+                while sent < 300:
+                    raw = bytearray(rng.choice(templates))
+                    for _ in range(rng.randint(1, 3)):
+                        pos = rng.randrange(6, len(raw))  # keep the length: frames stay framed
+                        raw[pos] = rng.randrange(256)
+                    msg_id = 5000 + sent
+                    raw[6:10] = msg_id.to_bytes(4, "big")
+                    client.send_raw(bytes(raw))
+                    sent += 1
+                    async with asyncio.timeout(10):
+                        while True:
+                            msg = await client.message()
+                            if msg.msg_id == msg_id and msg.name != "RO_ACCESS_REPORT":
+                                break
+            except EOFError:
+                pass  # the reader may end a session it cannot make sense of
+        await sim.wait_until(lambda: sim.connections.active == 0)
+    async with await connected(sim) as client:
+        assert status(await client.request("GET_READER_CAPABILITIES", {"RequestedData": 0})) == 0
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert failures == []
+    assert sim.stats.frames_in >= 300
