@@ -259,3 +259,16 @@ async def test_server_survives_a_barrage_of_mutated_requests(
     failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert failures == []
     assert sim.stats.frames_in >= 300
+
+
+async def test_reader_initiated_close_says_connection_close_event(sim: LlrpSimulator) -> None:
+    async with await connected(sim) as client:
+        sim.close_client()
+        event = await client.expect("READER_EVENT_NOTIFICATION")
+        assert event.params["ReaderEventNotificationData"]["ConnectionCloseEvent"] == {}
+        assert "ConnectionCloseEvent" in client.sllurp[-1][1]["ReaderEventNotificationData"]
+        assert await client.eof() == b""
+    async with await connected(sim) as client:
+        await sim.stop()  # a reader shutting down says goodbye the same way
+        event = await client.expect("READER_EVENT_NOTIFICATION")
+        assert "ConnectionCloseEvent" in event.params["ReaderEventNotificationData"]

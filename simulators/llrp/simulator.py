@@ -516,6 +516,7 @@ class LlrpSimulator:
             self._server = None
         for rs in self.rospecs.values():
             rs.stop_event.set()
+        self.close_client()
         for conn in list(self._conns):
             conn.close_after_flush()
         tasks = list(self._tasks)
@@ -793,6 +794,16 @@ class LlrpSimulator:
         if conn is not None:
             with contextlib.suppress(asyncio.QueueFull):
                 conn.queue.put_nowait(_GARBAGE)
+
+    def close_client(self, *, notify: bool = True) -> None:
+        """The reader ends the session: a ConnectionCloseEvent (unless ``notify`` is False), then
+        the socket closes after everything queued is sent."""
+        conn = self._current
+        if conn is None or conn.closing:
+            return
+        if notify:
+            self._event({"ConnectionCloseEvent": {}}, force=True)
+        conn.close_after_flush()
 
     def _start_reboot(self, down_s: float) -> None:
         if self._rebooting:
