@@ -1000,8 +1000,9 @@ def decode_frame(frame: Frame) -> Message:
 
 def decode_message(data: bytes, max_message_len: int = DEFAULT_MAX_MESSAGE_LEN) -> Message:
     """Decode exactly one complete message (header + body)."""
-    frames = FrameReader(max_message_len).feed(data)
-    if len(frames) != 1 or frames[0].raw != bytes(data):
+    reader = FrameReader(max_message_len)
+    frames = reader.feed(data)
+    if len(frames) != 1 or reader.buffered:
         raise FramingError("expected exactly one complete message")
     return decode_frame(frames[0])
 
@@ -1278,9 +1279,10 @@ def _encode_fields(pd: ParamDef, value: Mapping[str, Any], out: bytearray) -> No
                 _check_range(where, item, lo, hi)
                 out += st.pack(item)
         elif fd.kind == "u1v":
-            bits = raw if isinstance(raw, Bits) else Bits(0, b"") if raw is None else None
-            if bits is None:
-                data = _as_bytes(where, raw)
+            if isinstance(raw, Bits):
+                bits = raw
+            else:
+                data = _as_bytes(where, raw if raw is not None else b"")
                 bits = Bits(len(data) * 8, data)
             out += struct.pack("!H", bits.count) + bits.data
         elif fd.kind == "utf8v":
