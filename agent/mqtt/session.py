@@ -147,6 +147,8 @@ class MqttSession:
         self._sock: Any = None
         self._attached = False  # socket handed to the loop (after the connect thread is done)
         self._want_write = False
+        self._flush_scheduled = False
+        self._writer_added = False
         self._connack: asyncio.Future[ConnackInfo] = self._loop.create_future()
         self.closed: asyncio.Future[str] = self._loop.create_future()
         self._pending: dict[int, tuple[asyncio.Future[int], float]] = {}
@@ -255,7 +257,7 @@ class MqttSession:
         self._attached = True
         self._loop.add_reader(sock, self._readable)
         if self._want_write:
-            self._loop.add_writer(sock, self._writable)
+            self._schedule_flush()
         self._misc_handle = self._loop.call_later(MISC_PERIOD_S, self._misc)
 
     def _readable(self) -> None:
@@ -270,6 +272,26 @@ class MqttSession:
             if pending is None or pending() == 0:
                 return
         self._loop.call_soon(self._readable)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write what paho queued during this loop iteration, in one go.
+
+        Writing optimistically (rather than add_writer → wait for writable → remove_writer per
+        publish) saves two epoll_ctl calls and a loop iteration per message; the fd is watched
+        for writability only when the kernel buffer is actually full.
+        """
+        self._flush_scheduled = False
+        if not self._attached:
+            return
+        self._writable()
+        if self._attached and self._client.want_write() and not self._writer_added:
+            self._writer_added = True
+            self._loop.add_writer(self._sock, self._writable)
 
     def _writable(self) -> None:
         rc = self._client.loop_write()
@@ -306,8 +328,10 @@ class MqttSession:
         if self._attached:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(sock)
+            with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_writer(sock)
         self._attached = False
+        self._writer_added = False
 
     def _finish(self, reason: str) -> None:
         if self._misc_handle is not None:
@@ -342,11 +366,12 @@ class MqttSession:
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._want_write = True
         if self._attached:
-            self._loop.add_writer(sock, self._writable)
+            self._schedule_flush()
 
     def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._want_write = False
-        if self._attached:
+        if self._attached and self._writer_added:
+            self._writer_added = False
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_writer(sock)
 
