@@ -521,7 +521,11 @@ class ScenarioRunner:
             self.location = {i.epc: i.drawer for i in self.scenario.items}
 
     async def run(self) -> None:
-        """Play every step once, in order; ScenarioError names the step that failed."""
+        """Play every step once, in order; ScenarioError names the step that failed.
+
+        ``wait_event`` counts the feed's events since its mark: mark it right before.
+        """
+        self._seen = {}
         for step in self.scenario.parsed_steps():
             if self.on_step is not None:
                 self.on_step(step)
