@@ -284,7 +284,8 @@ async def test_sllurp_session_reaches_inventorying_and_reports_each_antenna(
             writer.close()
             await asyncio.wait_for(pump_task, 10)
     assert set(seen) == want
-    assert seen[(EPC1, 1)]["PeakRSSI"] == -50
+    # -50 dBm at full power; antenna 1 transmits at 29 dBm, below the top of the table.
+    assert seen[(EPC1, 1)]["PeakRSSI"] == round(-50 + 29.0 - sim.personality.power_dbm[-1])
     assert sim.received_counts.get("IMPINJ_ENABLE_EXTENSIONS", 0) == int(impinj)
     assert sim.received_counts["ADD_ROSPEC"] == 1
     add = next(p for n, p in sim.received_messages if n == "ADD_ROSPEC")
@@ -300,7 +301,7 @@ async def test_sllurp_session_reaches_inventorying_and_reports_each_antenna(
     if impinj:
         cmd = configs[0]["C1G2InventoryCommand"][0]
         assert cmd["ImpinjInventorySearchMode"] == {"InventorySearchMode": 2}
-        assert seen[(EPC1, 1)]["ImpinjPeakRSSI"] == -5000
+        assert seen[(EPC1, 1)]["ImpinjPeakRSSI"] == seen[(EPC1, 1)]["PeakRSSI"] * 100
         assert 0 <= seen[(EPC1, 1)]["ImpinjRFPhaseAngle"] < 4096
     else:
         assert "ImpinjPeakRSSI" not in seen[(EPC1, 1)]
@@ -772,3 +773,28 @@ async def test_trigger_none_reports_only_on_get_report(sim: LlrpSimulator) -> No
         (tag,) = got.params["TagReportData"]
         assert (epc_hex(tag), tag["AntennaID"]) == (EPC1, 4)
         assert tag["TagSeenCount"] >= 3
+
+
+async def test_transmit_power_weakens_replies_until_unheard(sim: LlrpSimulator) -> None:
+    sim.add_tag(SimTag(epc=EPC1, antenna=1, rssi_mean=-60.0, rssi_spread=0.0))
+    sim.add_tag(SimTag(epc=EPC2, antenna=2, rssi_mean=-70.0, rssi_spread=0.0))
+    spec = rospec(trigger=2, n=0, stop=(1, 200))
+    ips = spec["AISpec"][0]["InventoryParameterSpec"][0]
+    # Antenna 1 at 25 dBm (5 dB down), antenna 2 at 10 dBm (20 dB down: -90 dBm, under -84).
+    ips["AntennaConfiguration"] = [
+        {
+            **ips["AntennaConfiguration"][0],
+            "AntennaID": 1,
+            "RFTransmitter": {"HopTableID": 1, "ChannelIndex": 1, "TransmitPower": 61},
+        },
+        {
+            **ips["AntennaConfiguration"][0],
+            "AntennaID": 2,
+            "RFTransmitter": {"HopTableID": 1, "ChannelIndex": 1, "TransmitPower": 1},
+        },
+    ]
+    assert sim.personality.power_dbm[60] == 25.0
+    async with await connected(sim) as client:
+        await start_rospec(client, spec)
+        (batch,) = await reports(client, 1)
+        assert [(epc_hex(t), t["PeakRSSI"]) for t in batch] == [(EPC1, -65)]

@@ -159,6 +159,7 @@ class _AISpec:
     observation: dict[str, Any] | None
     ips_id: int
     sessions: dict[int, tuple[int, int | None, bool]]  # antenna -> (session, search mode, aware)
+    power_offset: dict[int, float]  # antenna -> dB below the reader's full power
 
 
 @dataclass
@@ -446,6 +447,7 @@ class LlrpSimulator:
         s1_persistence_s: float = 1.0,
         notify_existing_on_reject: bool = True,
         max_message_len: int = 1 << 20,
+        sensitivity_dbm: float = -84.0,
     ) -> None:
         self.personality = (
             personality if isinstance(personality, Personality) else PERSONALITIES[personality]
@@ -464,6 +466,7 @@ class LlrpSimulator:
         self.s1_persistence_s = s1_persistence_s
         self.notify_existing_on_reject = notify_existing_on_reject
         self.max_message_len = max_message_len
+        self.sensitivity_dbm = sensitivity_dbm
         self._gpi_default = gpi_ports_enabled
 
         self.tags = TagPopulation()
@@ -1302,6 +1305,8 @@ class LlrpSimulator:
         if ips["ProtocolID"] != 1:
             raise _Rejected(StatusCode.M_FieldError, "only EPCGlobalClass1Gen2 is supported")
         sessions: dict[int, tuple[int, int | None, bool]] = {}
+        offsets: dict[int, float] = {}
+        table = self.personality.power_dbm
         configs = {a: self._antenna_config(a) for a in resolved}
         for ac in ips.get("AntennaConfiguration", []):
             self._validate_antenna_config(ac)
@@ -1312,6 +1317,8 @@ class LlrpSimulator:
             single = cmd.get("C1G2SingulationControl") or {}
             mode = (cmd.get("ImpinjInventorySearchMode") or {}).get("InventorySearchMode")
             sessions[a] = (single.get("Session", 1), mode, bool(cmd.get("TagInventoryStateAware")))
+            level = (ac.get("RFTransmitter") or {}).get("TransmitPower", len(table))
+            offsets[a] = table[level - 1] - table[-1]
         return _AISpec(
             index=index,
             antennas=resolved,
@@ -1321,6 +1328,7 @@ class LlrpSimulator:
             observation=obs,
             ips_id=ips["InventoryParameterSpecID"],
             sessions=sessions,
+            power_offset=offsets,
         )
 
     def _select(self, spec_id: int, *, zero_means_all: bool) -> list[_ROSpec]:
@@ -1543,6 +1551,8 @@ class LlrpSimulator:
                 [a for a in ai.antennas if self.antenna_connected[a]],
                 channels=self.personality.hop_channels,
                 utc_us=self._utc_us(),
+                power_offset=ai.power_offset,
+                floor_dbm=self.sensitivity_dbm,
             )
             seen = [o for o in seen if self._answers(ai, o, flags, now)]
             self.stats.inventory_cycles += 1

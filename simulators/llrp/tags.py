@@ -103,15 +103,26 @@ class TagPopulation:
         *,
         channels: int,
         utc_us: int,
+        power_offset: Mapping[int, float] | None = None,
+        floor_dbm: float = -128.0,
     ) -> list[Observation]:
-        """One inventory round over ``antennas``: each visible tag answers with its probability."""
+        """One inventory round over ``antennas``: each visible tag answers with its probability.
+
+        ``power_offset`` lowers an antenna's RSSI by the dB its transmitter runs below full power
+        (the tag's reply weakens with the field that powers it); replies under ``floor_dbm`` are
+        not heard."""
         wanted = set(antennas)
+        offsets = power_offset or {}
         seen: list[Observation] = []
         for tag in self._tags.values():
             for ant, mean in tag.views():
                 if ant not in wanted or rng.random() >= tag.read_probability:
                     continue
-                rssi = round(rng.gauss(mean, tag.rssi_spread)) if tag.rssi_spread else round(mean)
+                level = mean + offsets.get(ant, 0.0)
+                exact = rng.gauss(level, tag.rssi_spread) if tag.rssi_spread else level
+                if exact < floor_dbm:
+                    continue
+                rssi = round(exact)
                 seen.append(
                     Observation(
                         tag.epc,
