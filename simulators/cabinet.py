@@ -210,8 +210,13 @@ _OPS: dict[str, tuple[int, int | None]] = {
     "wait_scanning": (0, 0),
     "reader_fail": (1, 1),
     "reader_recover": (0, 0),
+    "reader_fault": (1, 1),
     "wait_allow_list_expired": (0, 0),
 }
+
+
+# LLRP simulator fault switches on the agent's current connection.
+_READER_FAULTS = ("silence", "drop_mid_frame", "garbage", "clear")
 
 
 class Scenario(_Model):
@@ -349,6 +354,8 @@ class Scenario(_Model):
                 ) from None
             if not 0 <= seconds <= 3600 or math.isnan(seconds):
                 raise ValueError(f"{step.where()}: seconds must be within 0..3600")
+        if op == "reader_fault" and args[0] not in _READER_FAULTS:
+            raise ValueError(f"{step.where()}: faults are {', '.join(_READER_FAULTS)}")
         if op == "wait_event" and len(args) == 2 and not args[1].isdigit():
             raise ValueError(f"{step.where()}: the count must be a positive integer")
         return step
@@ -672,6 +679,18 @@ class ScenarioRunner:
     async def _op_reader_fail(self, step: Step) -> None:
         self.llrp.faults.reboot(down_s=float(step.args[0]))
         await self.llrp.wait_until(lambda: not self.llrp.is_up, self.timeout_s)
+
+    async def _op_reader_fault(self, step: Step) -> None:
+        faults = self.llrp.faults
+        kind = step.args[0]
+        if kind == "silence":
+            faults.silence()
+        elif kind == "drop_mid_frame":
+            faults.drop_mid_frame()
+        elif kind == "garbage":
+            faults.garbage()
+        else:
+            faults.clear()
 
     async def _op_reader_recover(self, step: Step) -> None:
         await self.llrp.wait_up(self.timeout_s)

@@ -149,6 +149,7 @@ def test_the_bundle_covers_the_required_situations() -> None:
         ({"steps": ["move wrench into top"]}, "move ITEM to DRAWER"),
         ({"steps": ["add_unknown_tag e2801160600002000000a001 top"]}, "is a declared item"),
         ({"steps": ["expect_lock_state ajar"]}, "'locked' or 'unlocked'"),
+        ({"steps": ["reader_fault melt"]}, "faults are silence"),
         ({"drawers": {"top": [1], "bottom": [1]}}, "antenna 1 is in drawers"),
         ({"drawers": {"top": [9]}}, "antenna 9 outside"),
         ({"domain": {"drawers": {}}}, "comes from [drawers]"),
