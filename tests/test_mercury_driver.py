@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC
 from typing import Any
@@ -366,3 +367,45 @@ async def test_cancel_while_the_device_is_missing_leaks_nothing() -> None:
             assert "cannot open" in sink.health[-1].detail
         assert driver.health.state == ReaderState.STOPPED
     await assert_fds_back_to(fds_before)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("transport", ["pty", "tcp"])
+async def test_random_faults_soak(transport: str) -> None:
+    """Forty random faults in a row; after each one ends, every tag is read again."""
+    async with MercurySimulator(transport, antennas=4, seed=43) as sim:  # type: ignore[arg-type]
+        want = {t.epc.hex() for t in sim.add_random_tags(16)}
+        rng = random.Random(43)
+        async with running(sim, watchdog_s=1.0, command_timeout_s=1.0, cycle_timeout_ms=250) as (
+            driver,
+            sink,
+        ):
+            await driver.start_inventory()
+            for _ in range(40):
+                fault = rng.choice(["garbage", "garbage_long", "silence", "unplug", "trickle"])
+                if fault == "garbage":
+                    sim.faults.garbage(rng.randrange(1, 500))
+                elif fault == "garbage_long":
+                    sim.faults.garbage(64, seconds=rng.uniform(0.2, 2.0))
+                elif fault == "silence":
+                    sim.faults.silence(rng.uniform(0.2, 2.0))
+                elif fault == "unplug":
+                    sim.faults.unplug(rng.uniform(0.2, 2.0))
+                else:
+                    sim.faults.trickle(0.0005, seconds=rng.uniform(0.2, 1.0))
+                await sim.wait_until(
+                    lambda: (
+                        not (
+                            sim.unplugged
+                            or sim.faults.silent
+                            or sim.faults.garbling
+                            or sim.faults.trickling
+                        )
+                    ),
+                    120.0,
+                )
+                mark = len(sink.reads)
+                await sink.wait_for(
+                    lambda mark=mark: want <= {r.epc for r in sink.reads[mark:]}, 120.0
+                )
+                await sink.wait_for(lambda: driver.health.state == ReaderState.INVENTORYING)
