@@ -124,7 +124,9 @@ def child_main(argv: list[str]) -> int:
 # ---------------------------------------------------------------- parent
 
 
-async def seal_and_commit(db: Path, n: int, batch: int) -> tuple[float, float]:
+async def seal_and_commit(
+    db: Path, n: int, batch: int, group_rows: int | None = None
+) -> tuple[float, float]:
     """(seal-only events/s, seal+commit events/s); leaves n committed rows in ``db``."""
     import uuid
     from datetime import UTC, datetime
@@ -152,7 +154,10 @@ async def seal_and_commit(db: Path, n: int, batch: int) -> tuple[float, float]:
         rows_for(first, min(batch, sample - first + 1))
     seal_rate = sample / (time.perf_counter() - t0)
 
-    store = await Store.open(StoreConfig(path=db, synchronous="FULL"))
+    cfg = StoreConfig(path=db, synchronous="FULL")
+    if group_rows is not None:
+        cfg = cfg.model_copy(update={"group_commit_max_rows": group_rows})
+    store = await Store.open(cfg)
     t0 = time.perf_counter()
     pending: list[asyncio.Future[object]] = []
     for first in range(1, n + 1, batch):
@@ -190,6 +195,12 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--batch", type=int, default=100, help="rows per append_events call")
+    parser.add_argument(
+        "--group-commit-rows",
+        type=int,
+        default=None,
+        help="store group_commit_max_rows (default: the product default)",
+    )
     args = parser.parse_args()
 
     from tests.mqtt_fixtures import Mosquitto
@@ -199,7 +210,9 @@ def main() -> int:
         tmpdir = Path(tmp)
         db = tmpdir / "state.db"
         print(f"sealing and committing {n} events ...", flush=True)
-        seal_rate, commit_rate = asyncio.run(seal_and_commit(db, n, args.batch))
+        seal_rate, commit_rate = asyncio.run(
+            seal_and_commit(db, n, args.batch, args.group_commit_rows)
+        )
         # The drain deletes rows: give each contender its own copy of the backlog.
         bare_db = tmpdir / "bare.db"
         src = sqlite3.connect(db)
@@ -232,7 +245,11 @@ def main() -> int:
         ("    peak RSS of the bare paho process", f"{bare['vmhwm_kb'] / 1024:.1f} MB"),
     ]
     width = max(len(r[0]) for r in rows)
-    print(f"\npipeline benchmark: {n} events, window {args.window}, batch {args.batch}")
+    group = args.group_commit_rows or "default"
+    print(
+        f"\npipeline benchmark: {n} events, window {args.window}, batch {args.batch}, "
+        f"group commit rows {group}"
+    )
     print("-" * (width + 18))
     for name, value in rows:
         print(f"{name:<{width}}  {value:>14}")
