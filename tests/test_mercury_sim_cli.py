@@ -18,16 +18,7 @@ from tests.test_mercury_driver import RecordingSink
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 60.0
 
-# The top-level cabinet-sim parser imports every simulator module; run ours alone so this
-# test exercises exactly the mercury subcommand.
-LAUNCH = (
-    "import argparse, sys\n"
-    "from simulators.mercury import cli\n"
-    "p = argparse.ArgumentParser(prog='cabinet-sim')\n"
-    "cli.register(p.add_subparsers(dest='simulator', required=True))\n"
-    "a = p.parse_args(sys.argv[1:])\n"
-    "sys.exit(a.func(a))\n"
-)
+CABINET_SIM = Path(sys.executable).parent / "cabinet-sim"
 
 
 @pytest_asyncio.fixture(autouse=True)
@@ -42,9 +33,7 @@ def test_mercury_is_registered_with_cabinet_sim() -> None:
 
 async def test_simulator_process_serves_the_tags_it_prints() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        LAUNCH,
+        str(CABINET_SIM),
         "mercury",
         "--tcp",
         "0",
