@@ -116,3 +116,27 @@ async def test_acl_denied_publish_is_not_delivered(
             assert "0x87" in caplog.text
     finally:
         broker.stop()
+
+
+async def test_cancelled_publisher_cleans_up_and_a_successor_finishes(
+    tmp_path: Path, mosquitto: Mosquitto, keys: BackendKeys
+) -> None:
+    collector = Collector(mosquitto.port, keys).start()
+    try:
+        async with open_store(tmp_path / "state.db") as store:
+            rows = await append_sealed(store, sealer_for(keys), 300)
+            cfg = mqtt_cfg(mosquitto.port, replay_rate=300, replay_burst=5)
+            first = Publisher(cfg, SITE, CABINET, store)
+            task = asyncio.create_task(first.run(), name="doomed-publisher")
+            assert await until(lambda: first.stats.acked >= 20)
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=20)
+            assert done, "cancellation must end run() promptly"
+            assert task.cancelled(), "CancelledError must propagate, not be swallowed"
+            second = Publisher(mqtt_cfg(mosquitto.port), SITE, CABINET, store)
+            async with running(second):
+                assert await until(lambda: len(collector.events) >= len(rows), 60)
+            assert (await store.stats()).depth == 0
+        assert_exact(collector, rows)
+    finally:
+        collector.stop()

@@ -265,3 +265,32 @@ async def test_signed_allow_list_over_cmd_topic(tmp_path: Path, mosquitto: Mosqu
         # The retained v2 copy is never what is refused; a restart keeps the rollback floor.
         docs2 = await StoreDocuments.load(store)
         assert docs2.installed(ALLOW_LIST) == v2
+
+
+async def test_command_limits_and_missing_verifier(tmp_path: Path) -> None:
+    keys = backend(tmp_path / "backend")
+    topic = f"cabinets/v1/{SITE}/{CABINET}/cmd/allow-list"
+    doc = _allow_list(keys, 1, expires_in=timedelta(days=1), badge="04A1B2C3D4")
+    async with open_store(tmp_path / "state.db") as store:
+        docs = await StoreDocuments.load(store)
+        # No verifier configured: documents are refused, never applied unverified.
+        bare = Publisher(mqtt_cfg(1), SITE, CABINET, store, documents=docs)
+        assert not await bare.handle_command(topic, doc)
+        verifier = DocumentVerifier({keys.signing_kid: keys.signing_public}, SITE, CABINET)
+        pub = Publisher(
+            mqtt_cfg(1, max_command_bytes=1024),
+            SITE,
+            CABINET,
+            store,
+            verifier=verifier,
+            documents=docs,
+        )
+        assert not await pub.handle_command(topic, b"{" + b" " * 2000 + b"}")
+        assert not await pub.handle_command(f"cabinets/v1/{SITE}/{CABINET}/cmd/other", doc)
+        assert not await pub.handle_command(topic, b"")  # cleared retained message: ignored
+        assert [r.reason for r in docs.rejections] == ["no-verifier", "malformed"]
+        assert docs.installed(ALLOW_LIST) is None
+        assert await pub.handle_command(topic, doc)
+        assert docs.installed(ALLOW_LIST) == doc
+        assert await pub.handle_command(topic, doc), "re-delivery of the installed doc is fine"
+        assert pub.stats.commands_accepted == 1
