@@ -449,6 +449,8 @@ class LlrpSimulator:
         max_message_len: int = 1 << 20,
         sensitivity_dbm: float = -84.0,
     ) -> None:
+        if isinstance(personality, str) and personality not in PERSONALITIES:
+            raise ValueError(f"personality must be one of {sorted(PERSONALITIES)}")
         self.personality = (
             personality if isinstance(personality, Personality) else PERSONALITIES[personality]
         )
@@ -457,6 +459,8 @@ class LlrpSimulator:
             raise ValueError("antennas must be within 1..64")
         if cycle_s <= 0:
             raise ValueError("cycle_s must be > 0")
+        if not 0.0 <= read_probability <= 1.0:
+            raise ValueError("read_probability must be within [0, 1]")
         self.host = host
         self._port = port
         self.cycle_s = cycle_s
@@ -1113,7 +1117,10 @@ class LlrpSimulator:
         self.gpo_history.append(GpoWrite(port, high, time.time(), time.monotonic()))
         logger.info("llrp-sim: GPO %d -> %s", port, "high" if high else "low")
         for cb in list(self.gpo_listeners):
-            cb(port, high)
+            try:
+                cb(port, high)
+            except Exception:  # a listener's bug must not take the reader down
+                logger.exception("llrp-sim: GPO listener %r failed", cb)
         self._notify()
 
     def _validate_antenna_config(self, ac: Mapping[str, Any]) -> None:
