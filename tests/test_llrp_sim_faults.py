@@ -15,7 +15,14 @@ import pytest
 import pytest_asyncio
 
 from simulators.llrp import LlrpSimulator, SimTag
-from simulators.llrp.codec import HEADER, HEADER_LEN, FrameReader, FramingError, encode_message
+from simulators.llrp.codec import (
+    HEADER,
+    HEADER_LEN,
+    FrameReader,
+    FramingError,
+    encode_message,
+    epc_hex,
+)
 from tests.conftest import ROOT
 from tests.llrp_sim_client import RawClient, rospec, status
 
@@ -166,11 +173,13 @@ async def test_cli_serves_until_sigterm() -> None:
         "5",
         "--personality",
         "zebra",
+        stdin=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.stderr is not None
+    assert proc.stdin is not None
     try:
         port = 0
         async with asyncio.timeout(30):
@@ -189,11 +198,28 @@ async def test_cli_serves_until_sigterm() -> None:
             assert status(await client.request("ENABLE_ROSPEC", {"ROSpecID": 1})) == 0
             report = await client.expect("RO_ACCESS_REPORT")
             assert len(report.params["TagReportData"]) == 20
+            # Commands on stdin change the field while it runs, and a technician can hang up.
+            proc.stdin.write(f"add {EPC1} 7\n".encode())
+            await proc.stdin.drain()
+            found: set[tuple[str, int]] = set()
+            async with asyncio.timeout(30):
+                while (EPC1, 7) not in found:
+                    msg = await client.expect("RO_ACCESS_REPORT")
+                    found |= {(epc_hex(t), t["AntennaID"]) for t in msg.params["TagReportData"]}
+            proc.stdin.write(b"bogus\n!close\n")
+            await proc.stdin.drain()
+            async with asyncio.timeout(30):
+                while True:
+                    msg = await client.expect("READER_EVENT_NOTIFICATION")
+                    if "ConnectionCloseEvent" in msg.params["ReaderEventNotificationData"]:
+                        break
+            assert await client.eof() == b""
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(30):
             rest = await proc.stderr.read()
             assert await proc.wait() == 0
         assert b"shutting down" in rest
+        assert b"unknown command 'bogus'" in rest
     finally:
         if proc.returncode is None:
             proc.kill()

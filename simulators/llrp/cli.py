@@ -1,4 +1,11 @@
-"""``cabinet-sim llrp``: run a simulated LLRP reader until Ctrl-C / SIGTERM."""
+"""``cabinet-sim llrp``: run a simulated LLRP reader until Ctrl-C / SIGTERM.
+
+Stdin lines drive it while it runs: ``add <epc> <antenna> [rssi]``, ``remove <epc>``,
+``move <epc> <antenna>``, ``random <n>``, ``gpi <port> <0|1>``, ``antenna <n> <on|off>``,
+``stats``, and the faults ``!silence``, ``!drop``, ``!garbage [kind]``, ``!trickle [seconds]``,
+``!busy [status]``, ``!reboot [seconds]``, ``!close``, ``!clear``. End of input just stops the
+commands, not the reader.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from typing import Any
 
-from simulators.llrp.faults import GarbageKind
+from simulators.llrp.faults import GarbageKind, Target
 from simulators.llrp.personality import PERSONALITIES
 from simulators.llrp.simulator import LlrpSimulator
+from simulators.llrp.tags import SimTag
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +127,12 @@ async def _serve(args: argparse.Namespace, faults: list[tuple[str, str | None]])
             logger.info(
                 "serving %d tags on %s:%d (Ctrl-C to stop)", len(sim.tags), sim.host, sim.port
             )
-            await stop.wait()
+            commands = asyncio.create_task(_read_commands(sim), name="llrp-sim-stdin")
+            try:
+                await stop.wait()
+            finally:
+                commands.cancel()
+                await asyncio.gather(commands, return_exceptions=True)
             logger.info("shutting down")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -127,17 +141,77 @@ async def _serve(args: argparse.Namespace, faults: list[tuple[str, str | None]])
     return 0
 
 
-def _arm(sim: LlrpSimulator, name: str, value: str | None) -> None:
+def _arm(sim: LlrpSimulator, name: str, value: str | None, target: Target = "next") -> None:
     if name == "silence":
-        sim.faults.silence(target="next")
+        sim.faults.silence(target=target)
     elif name == "drop-mid-frame":
-        sim.faults.drop_mid_frame(target="next")
+        sim.faults.drop_mid_frame(target=target)
     elif name == "garbage":
         kind: GarbageKind = "random"
         if value in ("bad_version", "absurd_length"):
             kind = "bad_version" if value == "bad_version" else "absurd_length"
-        sim.faults.garbage(kind, target="next")
+        sim.faults.garbage(kind, target=target)
     elif name == "trickle":
-        sim.faults.trickle(float(value or 0.01), target="next")
+        sim.faults.trickle(float(value or 0.01), target=target)
     elif name == "busy":
         sim.faults.busy_next_connect(int(value or 2))
+
+
+async def _read_commands(sim: LlrpSimulator) -> None:
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader(limit=4096)
+    try:
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin
+        )
+    except (ValueError, OSError) as err:
+        logger.debug("no command input: %s", err)
+        return
+    try:
+        while line := await stdin.readline():
+            words = line.decode("utf-8", "replace").split()
+            try:
+                _command(sim, words)
+            except (ValueError, KeyError, IndexError) as err:
+                logger.warning("command %r failed: %s", " ".join(words), err)
+    finally:
+        transport.close()
+
+
+def _command(sim: LlrpSimulator, words: list[str]) -> None:
+    if not words or words[0].startswith("#"):
+        return
+    verb, rest = words[0], words[1:]
+    if verb == "add":
+        rssi = float(rest[2]) if len(rest) > 2 else -55.0
+        sim.add_tag(SimTag(epc=rest[0], antenna=int(rest[1]), rssi_mean=rssi))
+    elif verb == "remove":
+        sim.remove_tag(rest[0])
+    elif verb == "move":
+        sim.move_tag(rest[0], int(rest[1]))
+    elif verb == "random":
+        sim.add_random_tags(int(rest[0]))
+    elif verb == "gpi":
+        sim.set_gpi(int(rest[0]), rest[1] in ("1", "high", "on"))
+    elif verb == "antenna":
+        sim.set_antenna_connected(int(rest[0]), rest[1] in ("1", "on", "connected"))
+    elif verb == "stats":
+        logger.info("%d tags, connections %s, %s", len(sim.tags), sim.connections, sim.stats)
+    elif verb.startswith("!"):
+        _fault(sim, verb[1:], rest[0] if rest else None)
+    else:
+        raise ValueError(f"unknown command {verb!r}")
+    logger.info("done: %s", " ".join(words))
+
+
+def _fault(sim: LlrpSimulator, name: str, value: str | None) -> None:
+    if name == "reboot":
+        sim.faults.reboot(float(value or 2.0))
+    elif name == "close":
+        sim.close_client()
+    elif name == "clear":
+        sim.faults.clear()
+    else:
+        name = "drop-mid-frame" if name == "drop" else name
+        name, value = _parse_fault(f"{name}={value}" if value else name)
+        _arm(sim, name, value, target="current")
