@@ -13,7 +13,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import stat
 import sys
 from typing import Any
 
@@ -160,6 +162,13 @@ def _arm(sim: LlrpSimulator, name: str, value: str | None, target: Target = "nex
 async def _read_commands(sim: LlrpSimulator) -> None:
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader(limit=4096)
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError):
+        return
+    # Only a terminal, pipe or socket can be watched (not /dev/null under systemd, not a file).
+    if not (sys.stdin.isatty() or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return
     try:
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin
