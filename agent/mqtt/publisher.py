@@ -161,9 +161,9 @@ class Publisher:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()  # a slot freed up or an ack committed
-        self._session: MqttSession | None = None
         self._window = cfg.inflight_window
-        self._inflight: dict[int, float] = {}  # seq -> monotonic send time
+        # seq -> (PUBACK future, monotonic send time); the future identifies the attempt.
+        self._inflight: dict[int, tuple[asyncio.Future[int], float]] = {}
         self._uncommitted: set[int] = set()  # PUBACKed, delete not yet committed
         self._to_ack: list[int] = []
         self._to_fail: list[tuple[int, str]] = []
@@ -234,11 +234,9 @@ class Publisher:
                 continue
             started = time.monotonic()
             acked_before = self.stats.acked
-            self._session = session
             try:
                 await self._serve(session, connack.receive_maximum)
             finally:
-                self._session = None
                 self.stats.connected = False
                 self._inflight.clear()
                 self.stats.in_flight = 0
@@ -395,15 +393,20 @@ class Publisher:
 
     def _send(self, session: MqttSession, row: OutboxRow) -> None:
         fut = session.publish(self.events_topic, row.envelope)
-        sent = time.monotonic()
-        self._inflight[row.seq] = sent
+        self._inflight[row.seq] = (fut, time.monotonic())
         self.stats.published += 1
         self.stats.in_flight = len(self._inflight)
         self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
         fut.add_done_callback(functools.partial(self._on_puback, row.seq))
 
     def _on_puback(self, seq: int, fut: asyncio.Future[int]) -> None:
-        sent = self._inflight.pop(seq, None)
+        entry = self._inflight.get(seq)
+        sent: float | None = None
+        if entry is not None and entry[0] is fut:
+            # Only this attempt's own outcome may free the seq: a late failure of an attempt
+            # from a dead connection must not unmark the same row sent again on a new one.
+            del self._inflight[seq]
+            sent = entry[1]
         self.stats.in_flight = len(self._inflight)
         self._progress.set()
         if fut.cancelled() or fut.exception() is not None:
