@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.mqtt.publisher import Publisher
 from agent.privacy.keys import HPKE_PUBLIC_FILE
 from simulators.faultproxy import FaultProxy, MqttPublishTap
@@ -98,9 +100,19 @@ async def test_blackholed_link_is_detected_and_recovered(
 async def test_publisher_killed_at_random_points_loses_nothing(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
+    await _kill_loop(tmp_path, mosquitto, total=1000, kills=20, seed=1234)
+
+
+@pytest.mark.soak
+async def test_publisher_kill_soak(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    await _kill_loop(tmp_path, mosquitto, total=6000, kills=150, seed=99)
+
+
+async def _kill_loop(
+    tmp_path: Path, mosquitto: Mosquitto, *, total: int, kills: int, seed: int
+) -> None:
+    """Run the driver, SIGKILL it at random points ``kills`` times, then let it finish."""
     keys = backend(tmp_path / "backend")
-    total = 1000
-    kills = 20
     db = tmp_path / "state.db"
     cmd = [
         sys.executable,
@@ -112,7 +124,7 @@ async def test_publisher_killed_at_random_points_loses_nothing(
         str(total),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    rng = random.Random(1234)
+    rng = random.Random(seed)
     collector = Collector(mosquitto.port, keys).start()
     try:
         killed = 0
