@@ -173,7 +173,7 @@ class EventDecoder:
                 raise EnvelopeError(
                     f"envelope of cabinet {header.cabinet_id!r} arrived on {cabinet!r}'s topic"
                 )
-            _check_body(header, plaintext)
+            _check_body(header, plaintext, site)
         except EnvelopeError:
             self.stats.invalid += 1
             raise
@@ -216,8 +216,8 @@ def _topic_ids(topic: str) -> tuple[str, str]:
     return parts[2], parts[3]
 
 
-def _check_body(header: EnvelopeHeader, plaintext: bytes) -> None:
-    """The event's own ids must equal the (authenticated) header's, where present."""
+def _check_body(header: EnvelopeHeader, plaintext: bytes, site: str) -> None:
+    """The event's own ids must equal the (authenticated) header's and the topic's."""
     try:
         body = json.loads(plaintext)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -230,6 +230,8 @@ def _check_body(header: EnvelopeHeader, plaintext: bytes) -> None:
         raise EnvelopeError(f"seq {header.seq}: seq in the body differs from the header")
     if "cabinet_id" in body and body["cabinet_id"] != header.cabinet_id:
         raise EnvelopeError(f"seq {header.seq}: cabinet_id in the body differs from the header")
+    if "site_id" in body and body["site_id"] != site:
+        raise EnvelopeError(f"seq {header.seq}: site_id in the body differs from the topic")
 
 
 # ---------------------------------------------------------------------- network

@@ -89,7 +89,13 @@ def test_decoder_refuses_tampering_and_misrouting(tmp_path: Path) -> None:
     lying = sealer_for(keys).seal(header, plaintext_for(CABINET, 8, eid))
     with pytest.raises(EnvelopeError, match="seq in the body"):
         decoder.handle(TOPIC, lying)
-    assert decoder.stats.invalid == 3
+    eid = uuid.uuid4()
+    header = EnvelopeHeader(keys.hpke_kid, CABINET, 9, eid)
+    body = {"event_id": str(eid), "seq": 9, "cabinet_id": CABINET, "site_id": "elsewhere"}
+    other_site = sealer_for(keys).seal(header, json.dumps(body).encode())
+    with pytest.raises(EnvelopeError, match="site_id"):
+        decoder.handle(TOPIC, other_site)
+    assert decoder.stats.invalid == 4
     assert decoder.stats.delivered == 0
 
 
