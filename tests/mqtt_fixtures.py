@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import ipaddress
 import os
 import signal
 import socket
@@ -117,7 +118,7 @@ class Pki:
         if server:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(_ip("127.0.0.1"))]
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
                 ),
                 critical=False,
             )
@@ -156,12 +157,6 @@ class Pki:
             )
         crl = builder.sign(self.ca_key, hashes.SHA256())
         self.crl_file.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-
-
-def _ip(text: str) -> object:
-    import ipaddress
-
-    return ipaddress.ip_address(text)
 
 
 def spki_sha256(cert: x509.Certificate) -> str:
