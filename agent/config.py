@@ -11,7 +11,9 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from agent.control.config import ControlConfig
 from agent.domain.config import CabinetDomainConfig
+from agent.metrics import MetricsConfig
 from agent.mqtt.config import MqttConfig
 from agent.privacy.config import PrivacyConfig
 from agent.store.config import StoreConfig
@@ -43,6 +45,8 @@ class AgentConfig(StrictModel):
     privacy: PrivacyConfig = PrivacyConfig()
     badge_readers: list[BadgeReaderConfig] = Field(default_factory=list)
     door: DoorConfig | None = None
+    control: ControlConfig = ControlConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _reader_ids_unique(self) -> AgentConfig:
