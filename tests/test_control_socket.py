@@ -389,7 +389,7 @@ async def test_audit_hook_sees_caller_and_command(sockdir: Path) -> None:
 
 
 def _some_other_group() -> grp.struct_group:
-    return next(g for g in grp.getgrall() if g.gr_gid != os.getgid())
+    return next(g for g in grp.getgrall() if g.gr_gid not in (os.getgid(), NOBODY))
 
 
 async def test_socket_file_mode_and_group(sockdir: Path) -> None:
@@ -493,6 +493,46 @@ async def test_other_uid_blocked_by_file_mode_gets_group_hint(sockdir: Path) -> 
     assert outcome["outcome"] == "ControlPermissionError"
     assert "permission denied on" in outcome["message"]
     assert "add yourself to group cabinet-tech" in outcome["message"]
+
+
+_SERVE_AS_NOBODY = f"""
+import asyncio, grp, json, logging, os, sys
+from pathlib import Path
+from agent.control.config import ControlConfig
+from agent.control.server import ControlServer
+os.setgroups([])
+os.setgid({NOBODY})
+os.setuid({NOBODY})
+logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+
+async def main():
+    cfg = ControlConfig(socket_path=Path(sys.argv[1]), group=sys.argv[2])
+    async with ControlServer(cfg) as srv:
+        st = os.stat(srv.path)
+        print(json.dumps({{"mode": st.st_mode & 0o777, "gid": st.st_gid}}))
+
+asyncio.run(main())
+"""
+
+
+async def test_daemon_not_in_the_group_degrades_with_an_error(sockdir: Path) -> None:
+    assert os.getuid() == 0, "this test switches to uid 65534 and must run as root (CI does)"
+    os.chown(sockdir, NOBODY, NOBODY)
+    group = _some_other_group()  # root's other groups: nobody is not a member
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _SERVE_AS_NOBODY,
+        str(sockdir / "control.sock"),
+        group.gr_name,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(out) == {"mode": 0o660, "gid": NOBODY}
+    assert f"cannot give {sockdir / 'control.sock'} to group {group.gr_name}" in err.decode()
 
 
 # -- lifecycle and client errors -------------------------------------------------------------------

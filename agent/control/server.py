@@ -250,7 +250,16 @@ class ControlServer:
             self._bound_inode = (st.st_dev, st.st_ino)
             gid = self._socket_gid()
             if gid is not None and st.st_gid != gid:
-                os.chown(path, -1, gid)
+                try:
+                    os.chown(path, -1, gid)
+                except PermissionError:
+                    # The API still works for root and the daemon's user: degrade, don't die.
+                    logger.error(
+                        "control: cannot give %s to group %s (is the daemon a member? "
+                        "SupplementaryGroups= in the unit): technicians cannot connect",
+                        path,
+                        self.cfg.group,
+                    )
             os.chmod(path, SOCKET_MODE)
             sock.listen(min(self.cfg.max_connections * 2, socket.SOMAXCONN))
             sock.setblocking(False)
