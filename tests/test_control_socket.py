@@ -401,6 +401,27 @@ async def test_socket_file_mode_and_group(sockdir: Path) -> None:
         assert st.st_gid == group.gr_gid
 
 
+async def test_socket_file_is_never_open_before_its_group_is_set(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Observe the file's mode at the moment the server first touches it after bind().
+    seen: list[int] = []
+    real_chmod = os.chmod
+
+    def spy_chmod(path: Any, mode: int) -> None:
+        seen.append(stat.S_IMODE(os.stat(path).st_mode))
+        real_chmod(path, mode)
+
+    monkeypatch.setattr("agent.control.server.os.chmod", spy_chmod)
+    old_umask = os.umask(0o000)  # the most permissive process umask possible
+    try:
+        async with ControlServer(_cfg(sockdir)) as srv:
+            assert stat.S_IMODE(os.stat(srv.path).st_mode) == 0o660
+    finally:
+        os.umask(old_umask)
+    assert seen == [0o600]
+
+
 async def test_missing_group_falls_back_with_a_warning(
     sockdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
