@@ -1,7 +1,8 @@
 """The shipped systemd unit: verified, hardened to exposure <= 2.0, sysusers/tmpfiles usable.
 
-Needs the `systemd` Debian package (systemd-analyze, systemd-sysusers, systemd-tmpfiles); it works
-offline in a container without systemd running as PID 1.
+Needs the Debian packages `systemd` (systemd-analyze, systemd-sysusers, systemd-tmpfiles) and
+`procps` (/bin/kill, the unit's ExecReload=); all of it works offline in a container without systemd
+running as PID 1.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def installed_unit(tmp_path: Path) -> Path:
 
 
 def test_unit_verifies_without_any_warning(installed_unit: Path) -> None:
+    # ExecReload= must exist too: /bin/kill comes from Debian's procps package.
+    assert Path("/bin/kill").exists(), "/bin/kill missing: apt-get install -y procps"
     # verify exits 0 even on unknown keys; any output at all means something is off.
     proc = _run(_tool("systemd-analyze"), "verify", str(installed_unit))
     assert proc.returncode == 0, proc.stderr
