@@ -1,0 +1,335 @@
+"""A whole cabinet around one agent, for the end-to-end scenario tests.
+
+Simulators (LLRP reader with the door on its GPI/GPO, a badge reader on TCP, a second "marker"
+badge reader) run in the test process; the agent runs as a real ``cabinet-agent run`` process
+(or in-process, ``CabinetApp``); a real mosquitto carries the sealed events to a real consumer
+that opens them with the backend's private key. Backend documents (allow-list, asset registry)
+reach the agent as retained messages on its MQTT cmd topics.
+
+Every scenario is framed by two *marker* badges (an unlisted card at the marker reader): the
+agent commits events in sequence order, so once the second marker's ``access.denied`` is in,
+every event of the scenario is in, and the list can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.consumer import Consumer, ConsumerOptions, Delivered, EventDecoder
+from agent.privacy.envelope import Opener
+from agent.privacy.keys import BackendKeys, generate_backend_keys
+from simulators.badge import BadgeSimulator
+from simulators.cabinet import (
+    INSTALLER,
+    AgentArtefacts,
+    EventLog,
+    Person,
+    Scenario,
+    ScenarioRunner,
+    agent_config,
+    build_artefacts,
+    cmd_topic,
+    describe_events,
+    match_events,
+    populate,
+    publish_retained,
+    to_toml,
+    wire_door,
+)
+from simulators.door import SimulatedDoor
+from simulators.llrp import LlrpSimulator
+from tests.mqtt_fixtures import Mosquitto
+from tests.pii import assert_no_raw_ids
+
+TIMEOUT_S = 45.0
+STOP_TIMEOUT_S = 20.0
+MARKER = Person(name="marker", badge="6A2D7F0C55", listed=False)
+MARKER_READER = "marker"
+ROOT = Path(__file__).resolve().parent.parent
+# The full daemon. TODO(lead): ``cabinet-agent run --config`` once the CLI's ``run`` starts
+# agent.app.CabinetApp (it still starts the reader-only agent.daemon.Daemon).
+AGENT_COMMAND = (sys.executable, "-m", "tests.agent_launcher")
+
+
+@dataclass
+class EventSink:
+    """A real consumer (paho thread) whose opened events land in an EventLog on the loop."""
+
+    port: int
+    keys: BackendKeys
+    loop: asyncio.AbstractEventLoop
+    log: EventLog = field(default_factory=EventLog)
+    delivered: list[Delivered] = field(default_factory=list)
+    consumer: Consumer | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        decoder = EventDecoder(Opener({self.keys.hpke_kid: self.keys.hpke_private}))
+        self.consumer = Consumer(ConsumerOptions(port=self.port), decoder, self._on_event)
+        self.consumer.start()
+        assert self.consumer.subscribed.wait(15), "consumer did not subscribe"
+
+    def stop(self) -> None:
+        if self.consumer is not None:
+            self.consumer.stop()
+            self.consumer = None
+
+    def _on_event(self, ev: Delivered) -> None:
+        with self._lock:
+            self.delivered.append(ev)
+        event = json.loads(ev.plaintext)
+        assert event["seq"] == ev.header.seq
+        self.log.add_threadsafe(self.loop, event)
+
+
+class AgentProcess:
+    """``cabinet-agent run --config FILE`` as a child process; output goes to ``log_path``."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [*AGENT_COMMAND, str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
+            )
+        self.starts += 1
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    async def wait_log(self, needle: str, count: int = 1, timeout: float = TIMEOUT_S) -> None:
+        """Wait until ``needle`` appears ``count`` times in the log (fails fast on exit)."""
+        async with asyncio.timeout(timeout):
+            while self.log_text().count(needle) < count:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"agent exited with {self.proc.returncode} before {needle!r}:\n"
+                        + self.log_tail()
+                    )
+                await asyncio.sleep(0.05)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(STOP_TIMEOUT_S)
+
+    async def stop(self) -> int:
+        """SIGTERM and wait (SIGKILL after the timeout); the exit code."""
+        proc = self.proc
+        if proc is None:
+            return 0
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    while proc.poll() is None:
+                        await asyncio.sleep(0.05)
+            except TimeoutError:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT_S)
+                raise AssertionError("agent ignored SIGTERM:\n" + self.log_tail()) from None
+        self.proc = None
+        return proc.returncode
+
+
+@dataclass
+class Rig:
+    """Simulators, broker, consumer and agent for one scenario."""
+
+    scenario: Scenario
+    dir: Path
+    broker: Mosquitto
+    keys: BackendKeys
+    llrp: LlrpSimulator
+    badge: BadgeSimulator
+    marker: BadgeSimulator
+    door: SimulatedDoor
+    artefacts: AgentArtefacts
+    sink: EventSink
+    agent: AgentProcess
+    start_seq: int = 0
+
+    @property
+    def raw_ids(self) -> list[str]:
+        return [p.badge for p in (*self.scenario.people, INSTALLER, MARKER)]
+
+    def pseudonym(self, name: str) -> str:
+        return next(p for p, n in self.artefacts.names.items() if n == name)
+
+    def publish_document(self, kind: str, wire: bytes) -> None:
+        publish_retained(self.broker.port, cmd_topic(self.artefacts, kind), wire)
+
+    async def wait_connected(self) -> None:
+        """The agent holds the reader's LLRP session and both badge readers' sockets."""
+        await self.llrp.wait_until(lambda: self.llrp.connections.active == 1, TIMEOUT_S)
+        await self.badge.wait_for_client(TIMEOUT_S)
+        await self.marker.wait_for_client(TIMEOUT_S)
+        # pyserial's socket:// open() drains what arrived during the handshake: a card shown
+        # before the driver says "connected" may vanish (a real reader is not that quick).
+        for rid in (self.scenario.cabinet.badge_reader_id, MARKER_READER):
+            await self.agent.wait_log(f"badge reader {rid}: connected")
+
+    async def commission(self) -> None:
+        """Stock the cabinet: the installer's door cycle makes the agent's first baseline."""
+        await self.runner().commission(INSTALLER)
+
+    async def mark(self) -> int:
+        """Present the marker card; the seq of its ``access.denied``."""
+        log = self.sink.log
+        who = self.pseudonym(MARKER.name)
+
+        def denials() -> list[dict[str, Any]]:
+            return log.find(lambda e: e.get("type") == "access.denied" and e.get("actor") == who)
+
+        before = len(denials())
+        await self.marker.wait_for_client(TIMEOUT_S)
+        await self.marker.present(MARKER.badge)
+        await log.wait_for(lambda: len(denials()) > before, TIMEOUT_S)
+        seq = int(denials()[-1]["seq"])
+        # Everything committed before the marker has reached us too.
+        await log.wait_for(lambda: _contiguous(log, seq), TIMEOUT_S)
+        return seq
+
+    def runner(self, **kw: Any) -> ScenarioRunner:
+        return ScenarioRunner(
+            self.scenario,
+            self.llrp,
+            self.badge,
+            self.door,
+            events=self.sink.log,
+            timeout_s=TIMEOUT_S,
+            allow_list_expires_at=self.artefacts.allow_list_expires_at,
+            **kw,
+        )
+
+    async def play(self) -> list[dict[str, Any]]:
+        """Marker, the scenario's steps, marker: the scenario's events in seq order."""
+        self.start_seq = await self.mark()
+        self.sink.log.mark(self.start_seq)
+        await self.runner().run()
+        await asyncio.sleep(0.35)  # the marker reader drops a card shown twice within 0.3 s
+        end = await self.mark()
+        return self.sink.log.since_mark(before_seq=end)
+
+    def check(self, events: list[dict[str, Any]]) -> None:
+        problems = match_events(self.scenario.expect, events, self.artefacts)
+        assert not problems, (
+            f"scenario {self.scenario.name}: events differ from the expected list\n"
+            + "\n".join(problems)
+            + "\n--- got:\n"
+            + describe_events(events, self.artefacts)
+        )
+
+    def assert_no_pii(self, *, expect_wal: bool = False) -> None:
+        """No raw badge id in the agent's files (database, WAL, log, config) or the broker's."""
+        agent_dir = self.dir / "agent"
+        if expect_wal:
+            assert (agent_dir / "state.db-wal").exists(), sorted(agent_dir.iterdir())
+        assert_no_raw_ids([agent_dir, self.broker.dir], self.raw_ids)
+
+
+def _contiguous(log: EventLog, upto: int) -> bool:
+    seqs = {int(e["seq"]) for e in log.events}
+    return all(s in seqs for s in range(min(seqs), upto + 1))
+
+
+@contextlib.asynccontextmanager
+async def cabinet_rig(
+    scenario: Scenario,
+    tmp: Path,
+    broker: Mosquitto,
+    *,
+    commission: bool = True,
+    domain: Mapping[str, Any] | None = None,
+    before_start: Callable[[Rig], None] | None = None,
+) -> AsyncIterator[Rig]:
+    """Start everything for ``scenario``; the agent has its documents and a first baseline."""
+    keys = generate_backend_keys(tmp / "keys")
+    agent_dir = tmp / "agent"
+    agent_dir.mkdir()
+    cab = scenario.cabinet
+    async with (
+        LlrpSimulator(personality=cab.personality, antennas=cab.antennas, seed=7) as llrp,
+        BadgeSimulator(transport="tcp") as badge,
+        BadgeSimulator(transport="tcp") as marker,
+    ):
+        door = wire_door(scenario, llrp)
+        populate(scenario, llrp)
+        art = build_artefacts(
+            scenario,
+            site_key=keys.site_key,
+            site_kid=keys.site_kid,
+            signing_key=keys.signing_private,
+            signing_kid=keys.signing_kid,
+            extra_people=[INSTALLER, MARKER],
+        )
+        if domain:
+            art.domain.update(domain)
+        cfg = agent_config(
+            scenario,
+            art,
+            llrp_port=llrp.port,
+            badge_url=badge.url,
+            key_dir=tmp / "keys",
+            state_dir=agent_dir,
+            mqtt_port=broker.port,
+            extra_badge_readers=[
+                {
+                    "id": MARKER_READER,
+                    "url": marker.url,
+                    "repeat_interval_s": 0.3,
+                    "backoff": {"initial_s": 0.05, "max_s": 0.5},
+                }
+            ],
+        )
+        config_path = agent_dir / "agent.toml"
+        config_path.write_text(to_toml(cfg))
+        sink = EventSink(broker.port, keys, asyncio.get_running_loop())
+        agent = AgentProcess(config_path, agent_dir / "agent.log")
+        rig = Rig(scenario, tmp, broker, keys, llrp, badge, marker, door, art, sink, agent)
+        rig.publish_document("allow-list", art.allow_list)
+        rig.publish_document("asset-registry", art.asset_registry)
+        sink.start()  # before the agent runs: nothing on the loop needs serving yet
+        try:
+            if before_start is not None:
+                before_start(rig)
+            agent.start()
+            await agent.wait_log("installed allow-list")
+            await agent.wait_log("installed asset-registry")
+            await rig.wait_connected()
+            if commission:
+                await rig.commission()
+            yield rig
+        finally:
+            try:
+                rc = await agent.stop()
+            finally:
+                sink.stop()
+            assert rc == 0, f"agent exit code {rc}:\n{agent.log_tail()}"
