@@ -3,11 +3,13 @@ from a TOML scenario file against the LLRP reader simulator, the badge simulator
 door (format: ``docs/scenarios.md``).
 
 ```python
-scenario = load_scenario(Path("simulators/scenarios/plain-checkout.toml"))
+scenario = load_scenario(find_scenario("plain-checkout"))
 populate(scenario, llrp)                      # the items' tags, in their drawers
-runner = ScenarioRunner(scenario, llrp, badge, door, events=log)
+door = wire_door(scenario, llrp)              # sensor on a GPI, lock on a GPO
+runner = ScenarioRunner(scenario, llrp, badge, door, events=log)   # log: decrypted events
+log.mark()
 await runner.run()
-problems = match_events(scenario, scenario.expect, log.events, names)
+problems = match_events(scenario.expect, log.since_mark(), artefacts)   # [] = exact match
 ```
 
 ``build_artefacts`` turns the scenario's people and items into what the agent needs (a signed
@@ -520,8 +522,8 @@ class ScenarioRunner:
     allow_list_expires_at: datetime | None = None
     on_step: Callable[[Step], None] | None = None
     location: dict[str, str | None] = field(default_factory=dict)  # epc → drawer (None: out)
-    _seen: dict[str, int] = field(default_factory=dict)
-    _last_badge: dict[str, float] = field(default_factory=dict)
+    _seen: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _last_badge: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.location:
