@@ -28,6 +28,7 @@ from drivers.llrp.framing import (
     encode_close_connection,
     encode_gpo_write,
 )
+from drivers.llrp.reports import RawTag, decode_report
 from drivers.types import (
     Clock,
     GpiEdge,
@@ -47,6 +48,8 @@ _MSG_ERROR_MESSAGE = 100
 _READ_CHUNK = 64 * 1024
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _OLDEST_PLAUSIBLE = datetime(2015, 1, 1, tzinfo=UTC)
+_OLDEST_PLAUSIBLE_US = int(_OLDEST_PLAUSIBLE.timestamp()) * 1_000_000
+_DAY_US = 86_400 * 1_000_000
 _SEARCH_MODES = {"single_target": 1, "dual_target": 2}
 _S = LLRPReaderState
 
@@ -61,6 +64,7 @@ class LlrpStats:
     tags: int = 0
     gpi_events: int = 0
     keepalives: int = 0
+    fast_reports: int = 0  # reports decoded by the fast path (the rest went through sllurp)
     errors: dict[str, int] = field(default_factory=dict)
     last_error: str = ""
 
@@ -225,7 +229,8 @@ class LlrpReader:
         sess.pending_gpo[msg_id] = fut
         sess.writer.write(encode_gpo_write(msg_id, port, high))
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self._cfg.connect_timeout_s)
+            async with asyncio.timeout(self._cfg.connect_timeout_s):
+                await asyncio.shield(fut)
         except TimeoutError:
             raise TransientError(
                 f"reader {self.reader_id} did not confirm GPO {port} write within "
@@ -296,10 +301,12 @@ class LlrpReader:
         await self._set_health(ReaderState.CONNECTING, f"connecting to {cfg.host}:{cfg.port}")
         loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(cfg.host, cfg.port, limit=_READ_CHUNK),
-                cfg.connect_timeout_s,
-            )
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that races with completion, and shutdown would then hang.
+            async with asyncio.timeout(cfg.connect_timeout_s):
+                reader, writer = await asyncio.open_connection(
+                    cfg.host, cfg.port, limit=_READ_CHUNK
+                )
         except TimeoutError:
             raise TransientError(
                 f"connect to {cfg.host}:{cfg.port} timed out after {cfg.connect_timeout_s:g}s"
@@ -325,9 +332,8 @@ class LlrpReader:
                 if remaining <= 0:
                     raise TransientError(late)
                 try:
-                    data = await asyncio.wait_for(
-                        reader.read(_READ_CHUNK), min(remaining, watchdog_s)
-                    )
+                    async with asyncio.timeout(min(remaining, watchdog_s)):
+                        data = await reader.read(_READ_CHUNK)
                 except TimeoutError:
                     raise TransientError(late if remaining <= watchdog_s else silent) from None
                 if not data:
@@ -343,7 +349,8 @@ class LlrpReader:
                 self._reconcile()
                 await self._publish_state(sess)
                 if writer.transport.get_write_buffer_size() > 0:
-                    await asyncio.wait_for(writer.drain(), watchdog_s)
+                    async with asyncio.timeout(watchdog_s):
+                        await writer.drain()
         finally:
             self._session = None
             sess.fail_pending(TransientError(f"reader {self.reader_id} session ended"))
@@ -360,6 +367,12 @@ class LlrpReader:
         if msg_type == _MSG_SET_READER_CONFIG_RESPONSE and msg_id in sess.pending_gpo:
             self._resolve_gpo(sess, msg_id, data)
             return
+        if msg_type == _MSG_RO_ACCESS_REPORT:
+            raw = decode_report(data)
+            if raw is not None:
+                self.stats.fast_reports += 1
+                await self._on_raw_report(raw)
+                return
         try:
             msg = LLRPMessage(msgbytes=data)
         except Exception as err:  # noqa: BLE001 - sllurp raises any type on hostile input
@@ -422,6 +435,38 @@ class LlrpReader:
             read = self._tag_read(tag, now)
             if read is not None:
                 reads.append(read)
+        self.stats.reports += 1
+        self.stats.tags += len(reads)
+        if reads:
+            await self._sink.tag_reads(reads)
+
+    async def _on_raw_report(self, tags: list[RawTag]) -> None:
+        now = self._clock.now()
+        now_us = int(now.timestamp() * 1_000_000)
+        hi_us = now_us + _DAY_US
+        rid = self.reader_id
+        reads: list[TagRead] = []
+        append = reads.append
+        for t in tags:
+            if t.antenna is None or t.antenna <= 0:
+                continue
+            us = t.first_seen_utc_us
+            first = (
+                _EPOCH + timedelta(microseconds=us)
+                if us is not None and _OLDEST_PLAUSIBLE_US <= us <= hi_us
+                else now
+            )
+            count = t.seen_count
+            append(
+                TagRead(
+                    rid,
+                    t.epc,
+                    t.antenna,
+                    None if t.peak_rssi is None else float(t.peak_rssi),
+                    first,
+                    count if count else 1,
+                )
+            )
         self.stats.reports += 1
         self.stats.tags += len(reads)
         if reads:
@@ -559,7 +604,8 @@ class LlrpReader:
         writer.close()
         with contextlib.suppress(OSError, TimeoutError):
             # Bounded: a dead peer must not hold up shutdown or the reconnect loop.
-            await asyncio.wait_for(writer.wait_closed(), 1.0)
+            async with asyncio.timeout(1.0):
+                await writer.wait_closed()
 
 
 def _antennas_from_config(reader_config: Mapping[str, Any]) -> frozenset[int] | None:
