@@ -223,7 +223,8 @@ class CabinetApp:
             if self.publisher is not None and publisher_task is not None:
                 self.publisher.stop()
                 try:
-                    await asyncio.wait_for(asyncio.shield(publisher_task), 3.0)
+                    async with asyncio.timeout(3.0):
+                        await asyncio.shield(publisher_task)
                 except TimeoutError:
                     logger.warning("publisher did not stop within 3 s; cancelling")
             # 3. everything else (readers close their sessions) is cancelled by the group.
@@ -232,7 +233,8 @@ class CabinetApp:
     async def _shutdown(self) -> None:
         if self.door is not None:
             try:
-                await asyncio.wait_for(self.door.close(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self.door.close()
             except (DoorCommandError, TimeoutError) as err:
                 logger.error("door: could not lock on shutdown: %s", err)
         if self.store is not None:
@@ -374,7 +376,9 @@ class CabinetApp:
         last_tick = self.clock.monotonic()
         while True:
             try:
-                item = await asyncio.wait_for(queue.get(), TICK_S)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a racing cancel.
+                async with asyncio.timeout(TICK_S):
+                    item = await queue.get()
             except TimeoutError:
                 item = None
             now = Now.of(self.clock)

@@ -104,7 +104,8 @@ async def _ping(cfg: AgentConfig, only: list[str] | None, timeout_s: float) -> l
                     results[d.reader_id] = v
             sink.changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(sink.changed.wait(), 0.2)
+                async with asyncio.timeout(0.2):
+                    await sink.changed.wait()
         for t in tasks:
             t.cancel()
     for d in drivers:
@@ -133,7 +134,8 @@ async def _scan(
             while (left := end - time.monotonic()) > 0:
                 sink.changed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(sink.changed.wait(), min(left, 0.25))
+                    async with asyncio.timeout(min(left, 0.25)):
+                        await sink.changed.wait()
                 if view:
                     view.update()
         finally:

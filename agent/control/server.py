@@ -420,9 +420,9 @@ class _Connection:
         """Serve request lines; True on a clean EOF from the client."""
         while not self.broken:
             try:
-                line = await asyncio.wait_for(
-                    self.reader.readline(), timeout=self.cfg.idle_timeout_s
-                )
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a racing cancel.
+                async with asyncio.timeout(self.cfg.idle_timeout_s):
+                    line = await self.reader.readline()
             except TimeoutError:
                 if self.inflight:
                     continue  # a stream is running; silence from the client is expected
