@@ -129,9 +129,15 @@ def format_validation_error(err: ValidationError) -> list[str]:
 def parse_config(data: dict[str, object], path: Path = Path("<memory>")) -> AgentConfig:
     """Validate an already-parsed TOML document."""
     try:
-        return AgentConfig.model_validate(data)
+        cfg = AgentConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(path, format_validation_error(err)) from None
+    # Cross-section wiring: a drawer on an unconfigured reader/antenna would make every scan
+    # incomplete forever, so it is a config error, one line per problem.
+    problems = cfg.domain.check_readers({r.id: list(r.antennas) for r in cfg.readers})
+    if problems:
+        raise ConfigError(path, problems)
+    return cfg
 
 
 def load_config(path: Path) -> AgentConfig:

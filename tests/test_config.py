@@ -95,3 +95,18 @@ def test_config_check_accepts_example() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "ok" in proc.stdout.lower()
+
+
+def test_drawers_must_name_configured_reader_antennas(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(
+        '[cabinet]\nsite_id="s"\ncabinet_id="c"\n'
+        '[[readers]]\ntype="llrp"\nid="dock-1"\nhost="127.0.0.1"\nantennas=[1,2]\n'
+        '[domain]\ndrawers = { top = ["dock-1:1", "dock-1:3"], low = ["dock-9:1"] }\n'
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    problems = exc.value.problems
+    assert any(line.startswith("domain.drawers.top:") and "antenna 3" in line for line in problems)
+    assert any(line.startswith("domain.drawers.low:") and "dock-9" in line for line in problems)
+    assert any("dock-1:2" in line and "no drawer" in line for line in problems)
