@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from agent.app import CabinetApp
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.control.server import ControlServer, PeerCred
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET_S = 5.0
 WATCHDOG_WINDOW_S = 20.0
+METRICS_REFRESH_S = 2.0
 
 
 class Daemon:
@@ -110,13 +113,23 @@ class Daemon:
             except ConfigError as err:
                 for line in err.problems:
                     logger.error("reload refused: %s", line)
+                self._audit("system", "config.reload", {"ok": False, "problems": len(err.problems)})
                 return
             setup_logging(new.logging.level, new.logging.format)
-            applied = ["logging"]
-            if new.domain != self.cfg.domain and self.app.engine is not None:
+            applied = [f"logging (level {new.logging.level}, format {new.logging.format})"]
+            restart: list[str] = []
+            domain_changes = _changed_fields(self.cfg.domain, new.domain)
+            frozen = [f"domain.{f}" for f in domain_changes if f in _DOMAIN_RESTART_FIELDS]
+            if domain_changes and not frozen and self.app.engine is not None:
+                # Thresholds are read from engine.config when used; the rest (antenna map,
+                # lock-out counters) was derived at start and needs a restart.
                 self.app.engine.config = new.domain
-                applied.append("domain thresholds")
-            restart = [
+                applied.append("domain " + ", ".join(domain_changes))
+                live = {"logging": new.logging, "domain": new.domain}
+            else:
+                restart.extend(frozen)
+                live = {"logging": new.logging}
+            restart += [
                 name
                 for name in (
                     "readers",
@@ -131,8 +144,17 @@ class Daemon:
                 )
                 if getattr(new, name) != getattr(self.cfg, name)
             ]
-            self.cfg = new
+            if "readers" in restart:
+                old_readers = {r.id: r for r in self.cfg.readers}
+                changed = [r.id for r in new.readers if old_readers.get(r.id) != r]
+                gone = [i for i in old_readers if i not in {r.id for r in new.readers}]
+                restart[restart.index("readers")] = f"readers ({', '.join(changed + gone)})"
+            # Only what was applied: a section still waiting for a restart is reported again.
+            self.cfg = self.cfg.model_copy(update=live)
             logger.info("reload applied: %s", ", ".join(applied))
+            self._audit(
+                "system", "config.reload", {"ok": True, "applied": applied, "restart": restart}
+            )
             if restart:
                 logger.warning(
                     "reload: changes to %s need a restart (systemctl restart cabinet-agent)",
@@ -151,6 +173,10 @@ class Daemon:
         )
         task.add_done_callback(_log_task_failure)
 
+    def _audit(self, actor: str, action: str, details: dict[str, object]) -> None:
+        """Append to the audit chain without blocking the caller (a signal handler, say)."""
+        self.app.audit.record(actor, action, details)
+
     def _status_line(self) -> str:
         app = self.app
         online = sum(1 for r in app.readers if r.health.healthy)
@@ -158,24 +184,50 @@ class Daemon:
         return f"{online}/{len(app.readers)} readers online, engine {phase}"
 
     async def _metrics_loop(self) -> None:
-        """Refresh gauges that are cheaper to sample than to push (every 5 s)."""
+        """Refresh from the parts' own counters (cheaper to sample than to push)."""
         app = self.app
         seen_reads: dict[tuple[str, int], int] = {}
         seen_events: dict[str, int] = {}
+        seen_sessions: dict[str, int] = {}
+        seen_dropped: dict[int, int] = {}
+        seen = {"door_cycles": 0, "mqtt_reconnects": 0, "acked": 0}
         while True:
-            await asyncio.sleep(5.0)
-            for key, total in app.stats.reads_by_antenna.items():
+            await asyncio.sleep(METRICS_REFRESH_S)
+            for key, total in list(app.stats.reads_by_antenna.items()):
                 delta = total - seen_reads.get(key, 0)
                 if delta:
                     self.metrics.tag_reads(key[0], key[1], delta)
                     seen_reads[key] = total
-            for kind, total in app.stats.events_by_type.items():
+            for kind, total in list(app.stats.events_by_type.items()):
                 delta = total - seen_events.get(kind, 0)
                 if delta:
                     self.metrics.event(kind, delta)
                     seen_events[kind] = total
+            if (cycles := app.stats.door_cycles) > seen["door_cycles"]:
+                self.metrics.door_cycles_total.labels("complete").inc(cycles - seen["door_cycles"])
+                seen["door_cycles"] = cycles
             for reader in app.readers:
-                self.metrics.reader_state(reader.reader_id, reader.health.state)
+                health = reader.health
+                self.metrics.reader_state(reader.reader_id, health.state)
+                # Session n > 1 means n - 1 re-established sessions.
+                before = seen_sessions.get(reader.reader_id, 1)
+                if health.session > before:
+                    self.metrics.reader_reconnects_total.labels(reader.reader_id).inc(
+                        health.session - before
+                    )
+                    seen_sessions[reader.reader_id] = health.session
+            pub = app.publisher
+            if pub is not None:
+                stats = pub.stats
+                if stats.reconnects > seen["mqtt_reconnects"]:
+                    self.metrics.mqtt_reconnects_total.inc(
+                        stats.reconnects - seen["mqtt_reconnects"]
+                    )
+                    seen["mqtt_reconnects"] = stats.reconnects
+                # Sampled: the publisher keeps only its latest round trip.
+                if stats.acked > seen["acked"] and stats.last_publish_latency_s is not None:
+                    self.metrics.published(stats.last_publish_latency_s)
+                    seen["acked"] = stats.acked
             if app.store is not None:
                 try:
                     st = await app.store.stats()
@@ -183,7 +235,22 @@ class Daemon:
                     logger.warning("metrics: outbox stats unavailable: %s", err)
                     continue
                 self.metrics.outbox(st.depth, st.bytes, st.oldest_age_s or 0.0)
+                for priority, total in st.dropped.items():
+                    delta = total - seen_dropped.get(priority, 0)
+                    if delta > 0:
+                        self.metrics.dropped(f"overflow-priority-{priority}", delta)
+                        seen_dropped[priority] = total
             self.notifier.status(self._status_line())
+
+
+# Domain settings derived into state at start (antenna map, lock-out counters, door name).
+_DOMAIN_RESTART_FIELDS = frozenset(
+    {"drawers", "door_id", "lockout_denials", "lockout_window_s", "lockout_duration_s"}
+)
+
+
+def _changed_fields(old: BaseModel, new: BaseModel) -> list[str]:
+    return [name for name in type(old).model_fields if getattr(old, name) != getattr(new, name)]
 
 
 class _Stopped(Exception):
