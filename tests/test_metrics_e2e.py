@@ -1,0 +1,108 @@
+"""Scrape a real daemon's /metrics while the LLRP simulator inventories for its background scans."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from simulators.llrp import LlrpSimulator
+from tests.daemon_rig import AgentProcess, config_text, provision
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:  # loopback only
+        body: bytes = resp.read()
+    return body.decode()
+
+
+async def _scrape(port: int) -> Samples:
+    text = await asyncio.to_thread(_fetch, f"http://127.0.0.1:{port}/metrics")
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _reads(samples: Samples) -> dict[str, float]:
+    return {
+        dict(labels)["antenna"]: value
+        for (name, labels), value in samples.items()
+        if name == "cabinet_tag_reads_total" and dict(labels).get("reader") == "dock-1"
+    }
+
+
+async def _until(port: int, predicate: object, timeout: float = 30.0) -> Samples:  # noqa: ASYNC109
+    assert callable(predicate)
+    async with asyncio.timeout(timeout):
+        while True:
+            samples = await _scrape(port)
+            if predicate(samples):
+                return samples
+            await asyncio.sleep(0.25)
+
+
+async def test_metrics_grow_while_the_simulator_inventories(tmp_path: Path) -> None:
+    provision(tmp_path)
+    cfg = tmp_path / "agent.toml"
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=11) as sim:
+        sim.add_random_tags(12, seed=4)
+        cfg.write_text(
+            config_text(
+                tmp_path,
+                sim.port,
+                domain="background_period_s = 0.5\nscan_min_ms = 200\nstable_ms = 300",
+            )
+        )
+        async with AgentProcess(cfg, tmp_path / "agent.log") as agent:
+            port = int((await agent.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/")).group(1))
+            first = await _until(port, lambda s: len(_reads(s)) == 4 and all(_reads(s).values()))
+            reads = _reads(first)
+            # Background scans repeat: the counters keep growing on every antenna.
+            later = await _until(
+                port, lambda s: all(_reads(s)[a] > reads[a] for a in reads), timeout=45.0
+            )
+            assert set(_reads(later)) == {"1", "2", "3", "4"}
+
+            state = {
+                dict(labels)["cabinet_reader_state"]: value
+                for (name, labels), value in later.items()
+                if name == "cabinet_reader_state" and dict(labels).get("reader") == "dock-1"
+            }
+            # Exactly one state is active: healthy, between scans or in one.
+            assert sum(state.values()) == 1.0
+            assert state["online"] + state["inventorying"] == 1.0
+            assert state["offline"] == 0.0
+
+            # The first complete scan commits events; the outbox holds them (no broker here).
+            final = await _until(
+                port,
+                lambda s: (
+                    any(n == "cabinet_events_total" for n, _ in s)
+                    and s[("cabinet_outbox_depth", ())] > 0
+                ),
+            )
+            events = {
+                dict(labels)["type"]: value
+                for (name, labels), value in final.items()
+                if name == "cabinet_events_total"
+            }
+            assert sum(events.values()) >= 1
+            # Depth counts every committed, undelivered event (nothing is delivered here).
+            assert final[("cabinet_outbox_depth", ())] >= sum(events.values())
+            assert final[("cabinet_outbox_bytes", ())] > 0
+            assert ("cabinet_agent_info", (("version", final_version(final)),)) in final
+            rc = await agent.stop()
+        assert rc == 0, agent.text()
+
+
+def final_version(samples: Samples) -> str:
+    for name, labels in samples:
+        if name == "cabinet_agent_info":
+            return dict(labels)["version"]
+    raise AssertionError("no cabinet_agent_info")
