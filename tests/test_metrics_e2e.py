@@ -37,7 +37,7 @@ def _reads(samples: Samples) -> dict[str, float]:
     }
 
 
-async def _until(port: int, predicate: object, timeout: float = 30.0) -> Samples:  # noqa: ASYNC109
+async def _until(port: int, predicate: object, timeout: float = 30.0) -> Samples:
     assert callable(predicate)
     async with asyncio.timeout(timeout):
         while True:
