@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.cli import readers_cmd
 
     readers_cmd.register(sub)
+    from agent.cli import diag
+
+    diag.register(sub)
     return parser
 
 

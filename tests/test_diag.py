@@ -1,0 +1,226 @@
+"""``cabinetctl selftest`` and ``cabinetctl bundle`` against real readers, brokers and daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from agent.cli.diag import check_clock, redact
+from agent.config import EX_CONFIG
+from simulators.badge import BadgeSimulator
+from simulators.llrp import LlrpSimulator
+from tests.daemon_rig import ROOT, AgentProcess, config_text, provision
+from tests.mqtt_fixtures import Mosquitto, free_port, mosquitto_fixture  # noqa: F401
+from tests.pii import assert_no_raw_ids
+
+CARDS = ["0A1B2C3D4E", "8000123456"]
+LINE_RE = re.compile(r"^(PASS|WARN|FAIL) [^:]+: .+$")
+
+
+async def _ctl(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent.cli.ctl",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def _selftest(cfg: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    rc, out, err = await _ctl("selftest", "--config", str(cfg), "--json", "--timeout", "5")
+    report = json.loads(out)
+    assert report["exit_code"] == rc, err
+    return rc, {c["check"]: c for c in report["checks"]}
+
+
+def _mqtt(port: int) -> str:
+    return f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nconnect_timeout_s = 5\n'
+
+
+async def test_selftest_passes_with_reader_and_broker_up(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    provision(tmp_path)
+    cfg = tmp_path / "agent.toml"
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=1) as sim:
+        cfg.write_text(config_text(tmp_path, sim.port, extra=_mqtt(mosquitto.port)))
+        rc, checks = await _selftest(cfg)
+        assert sim.connections.total == 1, "the reader check really connected"
+    for name in ("config", "keys", "clock", "disk", "reader dock-1", "broker"):
+        assert checks[name]["status"] == "PASS", checks
+    assert "accepted an MQTT connection" in checks["broker"]["reason"]
+    assert checks["agent"]["status"] == "WARN"  # no daemon running
+    assert checks["ntp"]["status"] in ("PASS", "WARN")
+    assert not [c for c in checks.values() if c["status"] == "FAIL"]
+    assert rc == 0
+
+
+async def test_selftest_names_unreachable_reader_and_broker_exit_69(tmp_path: Path) -> None:
+    provision(tmp_path)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(config_text(tmp_path, free_port(), extra=_mqtt(free_port())))
+    rc, out, _err = await _ctl("selftest", "--config", str(cfg), "--timeout", "5")
+    lines = out.splitlines()
+    assert lines
+    assert all(LINE_RE.match(line) for line in lines), out
+    assert any(line.startswith("FAIL reader dock-1: ") and "refused" in line for line in lines)
+    assert any(line.startswith("FAIL broker: ") for line in lines), out
+    assert any(line.startswith("PASS keys: ") for line in lines), out
+    assert rc == 69
+
+
+async def test_selftest_config_problems_exit_78(tmp_path: Path) -> None:
+    creds = provision(tmp_path)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(config_text(tmp_path, free_port()))
+    (creds / "site.key").chmod(0o644)
+    rc, checks = await _selftest(cfg)
+    assert checks["keys"]["status"] == "FAIL"
+    assert "chmod" in checks["keys"]["reason"]
+    assert rc == EX_CONFIG
+
+    cfg.write_text(config_text(tmp_path, free_port()) + "\n[bogus]\nx = 1\n")
+    rc, out, _err = await _ctl("selftest", "--config", str(cfg))
+    assert rc == EX_CONFIG
+    assert out.startswith("FAIL config: ")
+    assert "bogus" in out
+
+
+def test_clock_check_refuses_times_before_the_build_and_far_ahead() -> None:
+    from datetime import UTC, datetime
+
+    assert check_clock(datetime(1970, 1, 1, tzinfo=UTC)).status == "FAIL"
+    assert check_clock(datetime(2090, 1, 1, tzinfo=UTC)).status == "FAIL"
+    assert check_clock(datetime(2027, 6, 1, tzinfo=UTC)).status == "PASS"
+
+
+def test_redact_replaces_key_paths_secrets_and_url_credentials() -> None:
+    data = {
+        "privacy": {"site_key": "/etc/k", "signing_public_keys": ["/a", "/b"]},
+        "mqtt": {
+            "host": "broker",
+            "password": "hunter2",
+            "tls": {"ca_file": "/ca.pem", "spki_pins": ["ab" * 32]},
+        },
+        "badge_readers": [{"url": "socket://tech:hunter2@10.0.0.9:4001"}],
+        "readers": [{"id": "dock-1", "keepalive_s": 1.0}],
+    }
+    text = json.dumps(redact(data))
+    for secret in ("/etc/k", '"/a"', '"/b"', "hunter2", "/ca.pem", "tech:"):
+        assert secret not in text
+    assert "socket://<redacted>@10.0.0.9:4001" in text
+    assert '"keepalive_s": 1.0' in text
+    assert '"host": "broker"' in text
+
+
+def _key_material(creds: Path) -> list[bytes]:
+    """Every form a key file's secret could take in an archive: file, value, raw, hex."""
+    out: list[bytes] = []
+    for key_file in creds.iterdir():
+        data = key_file.read_bytes()
+        out.append(data)
+        for m in re.finditer(rb'key = "([^"]+)"', data):
+            value = m.group(1)
+            raw = base64.b64decode(value)
+            out += [value, value[:16], raw, raw.hex().encode(), base64.b64encode(raw)[:16]]
+    assert out
+    return out
+
+
+def _extract(archive: Path, into: Path) -> dict[str, bytes]:
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        tar.extractall(into, filter="data")
+    return {Path(n).name: (into / n).read_bytes() for n in names}
+
+
+def _assert_clean(files: dict[str, bytes], extracted: Path, creds: Path) -> None:
+    blob = b"\n".join(files.values())
+    for secret in _key_material(creds):
+        assert secret not in blob, "key material in the bundle"
+    assert str(creds).encode() not in blob, "key path in the bundle"
+    assert_no_raw_ids([extracted], CARDS)
+
+
+async def test_bundle_from_a_daemon_that_saw_badges_holds_no_keys_or_raw_ids(
+    tmp_path: Path,
+) -> None:
+    creds = provision(tmp_path)
+    cfg = tmp_path / "agent.toml"
+    log = tmp_path / "agent.log"
+    badge_conf = """
+[[badge_readers]]
+id = "badge-1"
+url = "{url}"
+repeat_interval_s = 0
+"""
+    async with (
+        LlrpSimulator(personality="impinj", antennas=4, port=0, seed=6) as sim,
+        BadgeSimulator(transport="tcp") as badge,
+    ):
+        cfg.write_text(
+            config_text(tmp_path, sim.port, level="DEBUG", extra=badge_conf.format(url=badge.url))
+        )
+        async with AgentProcess(cfg, log) as agent:
+            await agent.wait_log(r"reader dock-1: \S+ -> online")
+            await badge.wait_for_client(30.0)
+            for n, card in enumerate(CARDS, start=1):
+                await badge.present(card)
+                await agent.wait_log(rf"(?s)(event access\.denied seq=\d+ committed.*){{{n}}}")
+            connections = sim.connections.total
+
+            # While the daemon runs: readers and store come from it; the reader is left alone.
+            rc, checks = await _selftest(cfg)
+            assert rc == 0, checks
+            assert checks["agent"]["status"] == "PASS"
+            assert "running agent" in checks["reader dock-1"]["reason"]
+            assert checks["store"]["status"] == "PASS"
+            live = tmp_path / "live.tar.gz"
+            rc, _out, err = await _ctl(
+                "bundle", "--config", str(cfg), "-o", str(live), "--log", str(log)
+            )
+            assert rc == 0, err
+            assert sim.connections.total == connections, "bundle took over the reader session"
+            assert live.stat().st_mode & 0o077 == 0
+            assert await agent.stop() == 0
+
+        files = _extract(live, tmp_path / "live")
+        assert {"config.redacted.json", "versions.json", "selftest.txt", "logs.txt"} <= set(files)
+        assert b"badge presented at badge-1" in files["logs.txt"], "the logs are in the bundle"
+        store = json.loads(files["store.json"])
+        assert store["source"] == "daemon"
+        assert store["outbox"]["depth"] >= len(CARDS)
+        assert json.loads(files["versions.json"])["cabinet-agent"]
+        _assert_clean(files, tmp_path / "live", creds)
+
+        # Daemon stopped: the bundle opens the store itself and verifies the audit chain.
+        offline = tmp_path / "offline.tar.gz"
+        rc, _out, err = await _ctl(
+            "bundle", "--config", str(cfg), "-o", str(offline), "--log", str(log)
+        )
+        assert rc == 0, err
+    files = _extract(offline, tmp_path / "offline")
+    store = json.loads(files["store.json"])
+    assert store["source"] == "file", store
+    assert store["audit"]["ok"] is True
+    assert store["outbox"]["depth"] >= len(CARDS)
+    assert "status.json" not in files
+    _assert_clean(files, tmp_path / "offline", creds)
