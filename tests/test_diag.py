@@ -16,7 +16,14 @@ from agent.config import EX_CONFIG
 from simulators.badge import BadgeSimulator
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import ROOT, AgentProcess, config_text, provision
-from tests.mqtt_fixtures import Mosquitto, free_port, mosquitto_fixture  # noqa: F401
+from tests.mqtt_fixtures import (  # noqa: F401
+    BrokerTls,
+    Mosquitto,
+    Pki,
+    free_port,
+    mosquitto_fixture,
+    spki_sha256,
+)
 from tests.pii import assert_no_raw_ids
 
 CARDS = ["0A1B2C3D4E", "8000123456"]
@@ -224,3 +231,37 @@ repeat_interval_s = 0
     assert store["outbox"]["depth"] >= len(CARDS)
     assert "status.json" not in files
     _assert_clean(files, tmp_path / "offline", creds)
+
+
+async def test_selftest_broker_check_uses_the_configured_tls(tmp_path: Path) -> None:
+    provision(tmp_path)
+    pki = Pki(tmp_path / "pki")
+    server_crt, server_key, server_cert = pki.issue("broker", server=True)
+    client_crt, client_key, _ = pki.issue("cabinet-good", server=False)
+    broker = Mosquitto(
+        tmp_path / "broker",
+        tls=BrokerTls(pki.ca_file, server_crt, server_key, require_certificate=True),
+    )
+    broker.start()
+    try:
+        cfg = tmp_path / "agent.toml"
+
+        def write(pin: str) -> None:
+            tls = (
+                f'[mqtt.tls]\nca_file = "{pki.ca_file}"\ncert_file = "{client_crt}"\n'
+                f'key_file = "{client_key}"\nspki_pins = ["{pin}"]\n'
+            )
+            cfg.write_text(config_text(tmp_path, free_port(), extra=_mqtt(broker.port) + tls))
+
+        write(spki_sha256(server_cert))
+        _rc, checks = await _selftest(cfg)
+        assert checks["broker"]["status"] == "PASS", checks["broker"]
+        assert "(TLS" in checks["broker"]["reason"]
+
+        write("00" * 32)  # a pin the broker's key does not match
+        rc, checks = await _selftest(cfg)
+        assert checks["broker"]["status"] == "FAIL"
+        assert "pin" in checks["broker"]["reason"].lower(), checks["broker"]
+        assert rc == 69
+    finally:
+        broker.stop()
