@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.audit_trail import AuditTrail
 from agent.config import AgentConfig
 from agent.domain import events as ev
 from agent.domain.access import AllowList, AllowListError
@@ -98,6 +99,8 @@ class _Inputs:
         for r in reads:
             key = (r.reader_id, r.antenna)
             stats[key] = stats.get(key, 0) + r.seen_count
+        for tap in self._app.tag_taps:
+            tap(reads)
         await self.queue.put(tuple(reads))
 
     async def reader_health(self, health: ReaderHealth) -> None:
@@ -168,6 +171,12 @@ class CabinetApp:
         self.ready = asyncio.Event()
         self.committed = asyncio.Condition()
         self.on_ready: list[Callable[[], None]] = []
+        # Observers for the control API (cabinetctl readers scan, the audit trail): called on
+        # the loop, must not block; events are passed only after they are committed.
+        self.tag_taps: list[Callable[[Sequence[TagRead]], None]] = []
+        self.on_committed: list[Callable[[Sequence[ev.Event]], None]] = []
+        self.audit = AuditTrail(lambda: self.store)
+        self.on_committed.append(self.audit.on_events)
         self._store_alerts: asyncio.Queue[StoreAlert] = asyncio.Queue(256)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -238,6 +247,7 @@ class CabinetApp:
             except (DoorCommandError, TimeoutError) as err:
                 logger.error("door: could not lock on shutdown: %s", err)
         if self.store is not None:
+            await self.audit.flush()
             try:
                 await self.store.close()
             except CabinetError as err:
@@ -471,6 +481,11 @@ class CabinetApp:
             self.stats.last_event = rec
             self.stats.events_by_type[row.kind] = self.stats.events_by_type.get(row.kind, 0) + 1
             logger.info("event %s seq=%d committed", row.kind, row.seq)
+        for listener in self.on_committed:
+            try:
+                listener(events)
+            except Exception:  # an observer must not stop the engine loop
+                logger.exception("commit listener failed")
 
     async def _execute(self, cmd: object) -> None:
         try:
