@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.cli import diag
 
     diag.register(sub)
+
+    from agent.cli import control_cmd
+
+    control_cmd.register(sub)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""``cabinetctl readers ping|scan``: talk to the configured readers directly."""
+"""``cabinetctl readers ping|scan``: through the running daemon when its control socket answers,
+otherwise directly to the configured readers (a reader accepts one client: never both)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.cli import control_cmd
 from agent.cli.common import DEFAULT_CONFIG, load_or_exit
 from agent.config import AgentConfig
+from agent.control.client import StreamEvent
 from drivers.registry import make_reader
 from drivers.types import GpiEdge, ReaderDriver, ReaderHealth, ReaderState, SystemClock, TagRead
 
@@ -188,7 +191,123 @@ class _LiveView:
         self.live.stop()
 
 
+def _daemon_args(args: argparse.Namespace) -> argparse.Namespace:
+    # The config names the socket; a missing default config just means the default socket.
+    config = args.config if args.socket is None and args.config.exists() else None
+    return argparse.Namespace(
+        socket=args.socket, config=config, timeout=min(args.timeout, 10.0), json=args.json
+    )
+
+
+def _ping_via_daemon(args: argparse.Namespace) -> int | None:
+    """``readers.ping`` on the daemon; None if no daemon runs."""
+    cmd_args: dict[str, Any] = {"readers": args.reader} if args.reader else {}
+    try:
+        result = control_cmd.call(_daemon_args(args), "readers.ping", cmd_args)
+    except control_cmd.CliError as err:
+        if err.code == "not_running":
+            return None
+        return control_cmd.fail(args, err)
+    rows = [
+        {
+            "reader": r["id"],
+            "ok": r["ok"],
+            "detail": r["detail"] or str(r["state"]),
+            "state": r["state"],
+            "session": r["session"],
+            "last_progress_age_s": r["last_progress_age_s"],
+            "antennas_connected": r["antennas_connected"],
+        }
+        for r in result["readers"]
+    ]
+    if args.json:
+        print(json.dumps({"readers": rows, "via": "daemon"}))
+    else:
+        for r in rows:
+            age = r["last_progress_age_s"]
+            progress = f", last progress {age:.1f}s ago" if age is not None else ""
+            verdict = "OK" if r["ok"] else "FAILED"
+            print(
+                f"{r['reader']}: {verdict} ({r['state']}, session {r['session']}{progress}"
+                f"{'' if r['ok'] else ' — ' + r['detail']}) [via cabinet-agent]"
+            )
+    return EX_OK if all(r["ok"] for r in rows) else EX_UNAVAILABLE
+
+
+def _scan_via_daemon(args: argparse.Namespace) -> int | None:
+    """``readers.scan`` on the daemon; None if no daemon runs."""
+    cmd_args: dict[str, Any] = {"seconds": args.seconds}
+    if args.reader:
+        cmd_args["readers"] = args.reader
+    bar = _ScanBar(args.seconds) if not args.json and sys.stdout.isatty() else None
+    result: dict[str, Any] = {}
+    try:
+        for item in control_cmd.stream(_daemon_args(args), "readers.scan", cmd_args):
+            if isinstance(item, StreamEvent):
+                if args.json:
+                    print(json.dumps({"progress": item.data}), flush=True)
+                elif bar is not None:
+                    bar.update(item.data)
+            else:
+                result = item.result
+    except control_cmd.CliError as err:
+        if err.code == "not_running":
+            return None
+        return control_cmd.fail(args, err)
+    finally:
+        if bar is not None:
+            bar.stop()
+    failures = {r["id"]: r["detail"] or r["state"] for r in result["readers"] if not r["ok"]}
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "seconds": result["seconds"],
+                    "tags": result["tags"],
+                    "readers_failed": failures,
+                    "interrupted": result["interrupted"],
+                    "via": "daemon",
+                }
+            )
+        )
+    else:
+        print(f"{'EPC':<26} {'reader':<12} {'ant':>3} {'RSSI':>6} {'reads':>6}")
+        for t in result["tags"]:
+            rssi = f"{t['peak_rssi_dbm']:.1f}" if t["peak_rssi_dbm"] is not None else "-"
+            print(f"{t['epc']:<26} {t['reader']:<12} {t['antenna']:>3} {rssi:>6} {t['reads']:>6}")
+        print(f"{len(result['tags'])} tags (via cabinet-agent)")
+    if result["interrupted"]:
+        print(f"scan stopped early: {result['interrupted']}", file=sys.stderr)
+    for rid, detail in failures.items():
+        print(f"reader {rid}: {detail}", file=sys.stderr)
+    if result["interrupted"]:
+        return control_cmd.EX_TEMPFAIL
+    return EX_UNAVAILABLE if failures else EX_OK
+
+
+class _ScanBar:
+    """Progress of a scan run by the daemon, on a terminal."""
+
+    def __init__(self, seconds: float) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        self.progress = Progress(
+            TextColumn("scanning"), BarColumn(), TextColumn("{task.fields[tags]} tags")
+        )
+        self.task = self.progress.add_task("scan", total=seconds, tags=0)
+        self.progress.start()
+
+    def update(self, data: dict[str, Any]) -> None:
+        self.progress.update(self.task, completed=data["elapsed_s"], tags=data["tags"])
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
 def _cmd_ping(args: argparse.Namespace) -> int:
+    via_daemon = _ping_via_daemon(args)
+    if via_daemon is not None:
+        return via_daemon
     cfg = load_or_exit(args.config)
     results = asyncio.run(_ping(cfg, args.reader, args.timeout))
     if args.json:
@@ -205,6 +324,9 @@ def _cmd_ping(args: argparse.Namespace) -> int:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
+    via_daemon = _scan_via_daemon(args)
+    if via_daemon is not None:
+        return via_daemon
     cfg = load_or_exit(args.config)
     live = not args.json and sys.stdout.isatty()
     sink, health = asyncio.run(_scan(cfg, args.reader, args.seconds, live))
@@ -257,6 +379,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ping.add_argument("--reader", action="append", help="only this reader id (repeatable)")
     ping.add_argument("--timeout", type=float, default=20.0, help="seconds per attempt")
     ping.add_argument("--json", action="store_true")
+    ping.add_argument("--socket", type=Path, help="the daemon's control socket (see --config)")
     ping.set_defaults(func=_cmd_ping)
 
     scan = rsub.add_parser("scan", help="inventory for N seconds and list the tags seen")
@@ -264,4 +387,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     scan.add_argument("--reader", action="append", help="only this reader id (repeatable)")
     scan.add_argument("--seconds", type=float, default=5.0)
     scan.add_argument("--json", action="store_true")
+    scan.add_argument("--socket", type=Path, help="the daemon's control socket (see --config)")
+    scan.set_defaults(timeout=10.0)
     scan.set_defaults(func=_cmd_scan)
