@@ -209,12 +209,12 @@ class Daemon:
             for reader in app.readers:
                 health = reader.health
                 self.metrics.reader_state(reader.reader_id, health.state)
-                # Session n > 1 means n - 1 re-established sessions.
-                before = seen_sessions.get(reader.reader_id, 1)
-                if health.session > before:
-                    self.metrics.reader_reconnects_total.labels(reader.reader_id).inc(
-                        health.session - before
-                    )
+                # A healthy session newer than the last healthy one seen is a reconnect
+                # (session numbers count attempts, so failed attempts in between don't count).
+                if health.healthy:
+                    before = seen_sessions.get(reader.reader_id)
+                    if before is not None and health.session > before:
+                        self.metrics.reader_reconnect(reader.reader_id)
                     seen_sessions[reader.reader_id] = health.session
             pub = app.publisher
             if pub is not None:

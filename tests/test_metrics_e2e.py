@@ -97,6 +97,14 @@ async def test_metrics_grow_while_the_simulator_inventories(tmp_path: Path) -> N
             assert final[("cabinet_outbox_depth", ())] >= sum(events.values())
             assert final[("cabinet_outbox_bytes", ())] > 0
             assert ("cabinet_agent_info", (("version", final_version(final)),)) in final
+
+            # The reader drops its session; the agent re-establishes it: one reconnect counted.
+            reconnects = ("cabinet_reader_reconnects_total", (("reader", "dock-1"),))
+            assert final.get(reconnects, 0.0) == 0.0
+            sim.close_client()
+            await agent.wait_log(r"(?s)(reader dock-1: \S+ -> connecting.*){2}")
+            after = await _until(port, lambda s: s.get(reconnects, 0.0) >= 1.0)
+            assert after[reconnects] == 1.0
             rc = await agent.stop()
         assert rc == 0, agent.text()
 
