@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -66,12 +67,14 @@ class Ctl:
 # other identity before cabinetctl connects (the identity is what the socket and daemon check).
 _AS_USER = """
 import os, sys
-import agent.cli.control_cmd, agent.cli.ctl, agent.control.client
+import agent.cli.ctl
+parser = agent.cli.ctl.build_parser()  # imports every subcommand's module
 uid = int(sys.argv[1])
 os.setgroups([])
 os.setgid(uid)
 os.setuid(uid)
-sys.exit(agent.cli.ctl.main(sys.argv[2:]))
+args = parser.parse_args(sys.argv[2:])
+sys.exit(args.func(args))
 """
 
 
@@ -342,6 +345,27 @@ async def test_status_readers_events_and_audit_through_the_daemon(
             assert vdoc["problems"] == []
             assert vdoc["last_seq"] >= max(r["seq"] for r in records)
 
+            # The same, for a person at a terminal.
+            human = await ctl("status", "--socket", sock)
+            assert human.rc == 0, human.err
+            assert "site hangar-3  cabinet crib-07" in human.out
+            assert "reader    dock-1" in human.out
+            assert "not configured (no [mqtt] section)" in human.out
+            human = await ctl("queue", "stats", "--socket", sock)
+            waiting = re.match(r"outbox: (\d+) event\(s\) waiting", human.out)
+            assert waiting is not None, human.out
+            assert int(waiting.group(1)) > qdoc["depth"], "the --follow outage added events"
+            human = await ctl("events", "tail", "-n", "3", "--socket", sock)
+            assert human.rc == 0, human.err
+            assert len(human.out.strip().splitlines()) == 3
+            assert "reader.offline" in human.out or "reader.online" in human.out
+            human = await ctl("audit", "verify", "--socket", sock)
+            assert human.rc == 0, human.err
+            assert human.out.startswith("audit log intact:")
+            human = await ctl("audit", "tail", "-n", "2", "--socket", sock)
+            assert human.rc == 0, human.err
+            assert "cli:uid=0" in human.out
+
             # Someone outside the socket's group: refused with the group to join (0660 socket).
             assert os.stat(d.sock).st_mode & 0o777 == 0o660
             denied = await ctl("status", "--json", "--socket", sock, user=NOBODY)
@@ -383,7 +407,32 @@ async def test_door_commands_are_confirmed_audited_and_scan_respects_a_session(
 
         # The door opens without a badge: the engine runs a session; a scan must not
         # disturb it.
-        sim.set_gpi(1, True)
+        # A scan already running when the door opens gives the readers back and says so.
+        scan = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.cli.ctl",
+            *("readers", "scan", "--seconds", "30", "--json", "--socket", sock),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert scan.stdout is not None
+            async with asyncio.timeout(WAIT_S):
+                first = json.loads(await scan.stdout.readline())
+            assert first["progress"]["seconds"] == 30.0
+            sim.set_gpi(1, True)
+            async with asyncio.timeout(WAIT_S):
+                rest, scan_err = await scan.communicate()
+        finally:
+            if scan.returncode is None:
+                scan.kill()
+                await scan.wait()
+        assert scan.returncode == 75, scan_err.decode()
+        interrupted = json.loads(rest.decode().strip().splitlines()[-1])
+        assert interrupted["interrupted"].startswith("the cabinet became busy")
+        assert "scan stopped early" in scan_err.decode()
         async with asyncio.timeout(WAIT_S):
             while True:
                 st = (await ctl("status", "--json", "--socket", sock)).doc()
@@ -395,6 +444,9 @@ async def test_door_commands_are_confirmed_audited_and_scan_respects_a_session(
         assert "try again when it is idle" in busy.err
         assert busy.doc()["code"] == "busy"
         sim.set_gpi(1, False)
+        # The session the scan gave way to runs its own settle scan to the end.
+        opened = await _until_event(d.sock, "session.opened")
+        await _until_event(d.sock, "session.closed", opened["seq"])
 
         # SIGHUP: the reload is audited as well.
         assert d.proc.returncode is None
