@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, config_text, provision
+from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -114,3 +115,35 @@ def final_version(samples: Samples) -> str:
         if name == "cabinet_agent_info":
             return dict(labels)["version"]
     raise AssertionError("no cabinet_agent_info")
+
+
+async def test_metrics_show_delivery_to_the_broker(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    provision(tmp_path)
+    cfg = tmp_path / "agent.toml"
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=12) as sim:
+        sim.add_random_tags(6, seed=5)
+        cfg.write_text(
+            config_text(
+                tmp_path,
+                sim.port,
+                domain="background_period_s = 0.5\nscan_min_ms = 200\nstable_ms = 300",
+                extra=f'[mqtt]\nhost = "127.0.0.1"\nport = {mosquitto.port}\n',
+            )
+        )
+        async with AgentProcess(cfg, tmp_path / "agent.log") as agent:
+            port = int((await agent.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/")).group(1))
+            # Events are committed, published and acknowledged: latency observed, outbox drains.
+            samples = await _until(
+                port,
+                lambda s: (
+                    s.get(("cabinet_publish_latency_seconds_count", ()), 0.0) >= 1.0
+                    and s.get(("cabinet_events_total", (("type", "inventory.snapshot"),)), 0.0)
+                    >= 2.0
+                ),
+                timeout=45.0,
+            )
+            assert samples[("cabinet_publish_latency_seconds_sum", ())] > 0.0
+            drained = await _until(port, lambda s: s[("cabinet_outbox_depth", ())] == 0.0)
+            assert drained[("cabinet_mqtt_reconnects_total", ())] == 0.0
+            rc = await agent.stop()
+        assert rc == 0, agent.text()
