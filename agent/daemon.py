@@ -164,14 +164,8 @@ class Daemon:
             self.notifier.ready(self._status_line())
 
     def _audit_cli(self, peer: PeerCred, cmd: str, args: object) -> None:
-        store = self.app.store
-        if store is None:
-            return
-        task = asyncio.get_running_loop().create_task(
-            store.audit_append(f"cli:uid={peer.uid}", "cli.command", {"cmd": cmd}),
-            name="audit-cli",
-        )
-        task.add_done_callback(_log_task_failure)
+        # Owned, bounded and flushed before the store closes (AuditTrail); never the arguments.
+        self.app.audit.record(f"cli:uid={peer.uid}", "cli.command", {"cmd": cmd})
 
     def _audit(self, actor: str, action: str, details: dict[str, object]) -> None:
         """Append to the audit chain without blocking the caller (a signal handler, say)."""
@@ -262,11 +256,6 @@ def _progress_probe(reader: object) -> Callable[[], float]:
         return float(getattr(reader, "last_progress", 0.0))
 
     return probe
-
-
-def _log_task_failure(task: asyncio.Task[object]) -> None:
-    if not task.cancelled() and (err := task.exception()) is not None:
-        logger.error("background task %s failed: %s", task.get_name(), err)
 
 
 async def run_until_signalled(daemon: Daemon) -> None:
