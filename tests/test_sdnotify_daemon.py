@@ -1,4 +1,4 @@
-"""sd_notify from a real daemon process: READY=1 with a status, WATCHDOG=1 pings, STOPPING=1."""
+"""sd_notify from a real daemon process: READY=1, WATCHDOG=1 pings, RELOADING=1, STOPPING=1."""
 
 from __future__ import annotations
 
@@ -54,6 +54,13 @@ async def test_daemon_reports_ready_watchdog_and_stopping(tmp_path: Path) -> Non
                 first_ready = next(i for i, m in enumerate(listener.messages) if "READY" in m)
                 before = sum(1 for m in listener.messages[:first_ready] if "WATCHDOG" in m)
                 await listener.wait_for("WATCHDOG", "1", count=before + 3)
+                # SIGHUP: RELOADING=1 with the monotonic time systemd asks for, then READY=1.
+                agent.signal(signal.SIGHUP)
+                reloading = await listener.wait_for("RELOADING", "1")
+                assert int(reloading["MONOTONIC_USEC"]) > 0
+                await listener.wait_for("READY", "1", count=2)
+                at = next(i for i, m in enumerate(listener.messages) if "RELOADING" in m)
+                assert any("READY" in m for m in listener.messages[at + 1 :])
                 agent.signal(signal.SIGTERM)
                 stopping = await listener.wait_for("STOPPING", "1")
                 assert stopping.get("STATUS") == "stopping"
