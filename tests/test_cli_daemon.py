@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pty
 import re
 import shutil
 import signal
@@ -98,6 +99,45 @@ async def ctl(*argv: str, user: int | None = None) -> Ctl:
             await proc.wait()
     assert proc.returncode is not None
     return Ctl(proc.returncode, out.decode(), err.decode())
+
+
+async def _on_tty(*argv: str) -> tuple[int, str]:
+    """Run cabinetctl with its stdout on a real pseudo-terminal; return (rc, what it showed)."""
+    master, slave = pty.openpty()
+    chunks: list[bytes] = []
+    loop = asyncio.get_running_loop()
+
+    def _drain() -> None:
+        with contextlib.suppress(OSError):  # EIO once the child's side is closed
+            chunks.append(os.read(master, 65536))
+
+    loop.add_reader(master, _drain)
+    proc = None
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.cli.ctl",
+            *argv,
+            cwd=ROOT,
+            stdout=slave,
+            stderr=slave,
+            env={**os.environ, "TERM": "xterm", "COLUMNS": "120"},
+        )
+        os.close(slave)
+        slave = -1
+        async with asyncio.timeout(WAIT_S * 2):
+            rc = await proc.wait()
+        _drain()
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        loop.remove_reader(master)
+        os.close(master)
+        if slave != -1:
+            os.close(slave)
+    return rc, b"".join(chunks).decode(errors="replace")
 
 
 def _config(tmp: Path, sock: Path, port: int, mqtt_port: int | None = None) -> Path:
@@ -278,6 +318,12 @@ async def test_status_readers_events_and_audit_through_the_daemon(
                 assert seen[t.epc]["antenna"] == t.antenna
                 assert seen[t.epc]["reads"] >= 1
             assert sim.connections.total == conns, "cabinetctl must not open its own session"
+            rc, screen = await _on_tty("readers", "scan", "--seconds", "1", "--socket", sock)
+            assert rc == 0, screen
+            assert "scanning" in screen
+            assert f"{len(TAGS)} tags (via cabinet-agent)" in screen
+            for t in TAGS:
+                assert t.epc in screen
 
             # A reader outage: the app commits reader.offline; events tail shows metadata only.
             sim.faults.reboot(down_s=1.0)
@@ -501,6 +547,12 @@ async def test_queue_drain_waits_until_the_broker_took_everything(
         assert short.rc == 75, short.err
         assert short.doc()["drained"] is False
         assert short.doc()["depth"] >= q["depth"]
+        # On a terminal: a progress bar that says what it waits for, then the advice.
+        rc, screen = await _on_tty("queue", "drain", "--wait", "--timeout", "1", "--socket", sock)
+        assert rc == 75, screen
+        assert "draining outbox" in screen
+        assert "waiting for the broker" in screen
+        assert "check the broker (cabinetctl status)" in screen
 
         broker.start()
         try:
