@@ -178,6 +178,7 @@ class CabinetApp:
         self.audit = AuditTrail(lambda: self.store)
         self.on_committed.append(self.audit.on_events)
         self._store_alerts: asyncio.Queue[StoreAlert] = asyncio.Queue(256)
+        self._lock_pending = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -402,6 +403,11 @@ class CabinetApp:
                 out = engine.on_tags(item, now)
             elif isinstance(item, ReaderHealth):
                 out = engine.on_health(item, now)
+                if item.healthy and self._lock_pending and self._is_door_reader(item.reader_id):
+                    # A lock command failed while the reader was away (e.g. the start-up
+                    # Relock): apply it now that the GPO can be driven again.
+                    self._lock_pending = False
+                    out.commands.insert(0, Relock())
             elif isinstance(item, BadgeRead):
                 out = engine.on_badge(item, now)
             elif isinstance(item, DoorEdge):
@@ -487,6 +493,9 @@ class CabinetApp:
             except Exception:  # an observer must not stop the engine loop
                 logger.exception("commit listener failed")
 
+    def _is_door_reader(self, reader_id: str) -> bool:
+        return self.cfg.door is not None and self.cfg.door.reader == reader_id
+
     async def _execute(self, cmd: object) -> None:
         try:
             if isinstance(cmd, Unlock):
@@ -496,7 +505,12 @@ class CabinetApp:
                     await self.door.unlock(cmd.pulse_s)
             elif isinstance(cmd, Relock):
                 if self.door is not None:
-                    await self.door.lock()
+                    try:
+                        await self.door.lock()
+                    except (CabinetError, OSError):
+                        # Fail secure: remember it and re-lock when the reader is back.
+                        self._lock_pending = True
+                        raise
             elif isinstance(cmd, StartScan):
                 for reader in self.readers:
                     await reader.start_inventory()

@@ -330,3 +330,16 @@ async def test_cancel_closes_the_socket_promptly() -> None:
         async with asyncio.timeout(5):
             while sim.connections.active:
                 await asyncio.sleep(0.02)
+
+
+async def test_current_gpi_level_is_reported_on_connect() -> None:
+    """A door opened while the agent was away must be seen at (re)connect, not only on change."""
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=1) as sim:
+        sim.set_gpi(1, True)
+        sim.set_gpi(2, True)  # not configured: must not be reported
+        sink = RecordingSink()
+        reader = LlrpReader(_cfg(sim.port), sink)
+        async with running(reader):
+            await sink.until(lambda: any(e.port == 1 for e in sink.gpi))
+            assert [(e.port, e.high) for e in sink.gpi] == [(1, True)]
+            assert reader.health.healthy

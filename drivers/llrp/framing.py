@@ -101,3 +101,14 @@ CLOSE_CONNECTION = 14
 
 def encode_close_connection(msg_id: int) -> bytes:
     return encode_header(CLOSE_CONNECTION, 0, msg_id)
+
+
+GET_READER_CONFIG = 2
+_REQUESTED_GPI_PORT_CURRENT_STATE = 9
+
+
+def encode_get_gpi_state(msg_id: int) -> bytes:
+    """GET_READER_CONFIG asking only for the current level of every GPI port."""
+    # AntennaID 0, RequestedData = GPIPortCurrentState, GPIPortNum 0 (all), GPOPortNum 0.
+    body = struct.pack("!HBHH", 0, _REQUESTED_GPI_PORT_CURRENT_STATE, 0, 0)
+    return encode_header(GET_READER_CONFIG, len(body), msg_id) + body

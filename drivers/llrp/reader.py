@@ -26,6 +26,7 @@ from drivers.llrp.framing import (
     FramingError,
     LlrpFramer,
     encode_close_connection,
+    encode_get_gpi_state,
     encode_gpo_write,
 )
 from drivers.llrp.reports import RawTag, decode_report
@@ -41,6 +42,7 @@ from drivers.types import (
 
 logger = logging.getLogger(__name__)
 
+_MSG_GET_READER_CONFIG_RESPONSE = 12
 _MSG_SET_READER_CONFIG_RESPONSE = 13
 _MSG_RO_ACCESS_REPORT = 61
 _MSG_READER_EVENT_NOTIFICATION = 63
@@ -94,6 +96,7 @@ class _Session:
         )
         self.client.setState(_S.STATE_CONNECTING)
         self.pending_gpo: dict[int, asyncio.Future[None]] = {}
+        self.gpi_query_id: int | None = None
         self.antennas_connected: frozenset[int] | None = None
 
     def _tx(self, data: bytes) -> None:
@@ -367,6 +370,10 @@ class LlrpReader:
         if msg_type == _MSG_SET_READER_CONFIG_RESPONSE and msg_id in sess.pending_gpo:
             self._resolve_gpo(sess, msg_id, data)
             return
+        if msg_type == _MSG_GET_READER_CONFIG_RESPONSE and msg_id == sess.gpi_query_id:
+            sess.gpi_query_id = None
+            await self._on_gpi_levels(data)
+            return
         if msg_type == _MSG_RO_ACCESS_REPORT:
             raw = decode_report(data)
             if raw is not None:
@@ -405,12 +412,34 @@ class LlrpReader:
             raise ProtocolError(f"reader configuration failed: {err}") from None
         if was_settling and sess.configured:
             sess.antennas_connected = _antennas_from_config(sess.client.reader_config)
+            if self._cfg.gpi_ports:
+                # The door may have changed while we were away: ask for the current levels
+                # now that the ports are enabled, and report them as edges.
+                sess.gpi_query_id = sess.next_msg_id()
+                sess.writer.write(encode_get_gpi_state(sess.gpi_query_id))
             self._backoff.reset()
             logger.info(
                 "reader %s configured (%d antennas requested)",
                 self.reader_id,
                 len(self._cfg.antennas),
             )
+
+    async def _on_gpi_levels(self, data: bytes) -> None:
+        try:
+            body = LLRPMessage(msgbytes=data).msgdict["GET_READER_CONFIG_RESPONSE"]
+        except Exception as err:  # noqa: BLE001 - sllurp raises any type on hostile input
+            raise ProtocolError(f"undecodable GPI state response: {type(err).__name__}") from None
+        states = body.get("GPIPortCurrentState") or []
+        if isinstance(states, dict):
+            states = [states]
+        now = self._clock.now()
+        for st in states:
+            port = st.get("GPIPortNum") if isinstance(st, dict) else None
+            level = st.get("GPIState") if isinstance(st, dict) else None
+            # GPIState: 0 low, 1 high, 2 unknown (not reported).
+            if port in self._cfg.gpi_ports and level in (0, 1):
+                self.stats.gpi_events += 1
+                await self._sink.gpi_edge(GpiEdge(self.reader_id, port, level == 1, now))
 
     def _resolve_gpo(self, sess: _Session, msg_id: int, data: bytes) -> None:
         fut = sess.pending_gpo.get(msg_id)
