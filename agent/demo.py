@@ -29,10 +29,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console
 from rich.text import Text
+
+if TYPE_CHECKING:  # the simulators are imported only when the demo runs
+    from agent.app import CabinetApp
+    from agent.consumer import Consumer
+    from agent.privacy.keys import BackendKeys
+    from simulators.badge import BadgeSimulator
+    from simulators.cabinet import AgentArtefacts, EventLog, Scenario, Step
+    from simulators.door import SimulatedDoor
+    from simulators.llrp import LlrpSimulator
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +121,7 @@ class _Options:
 class _Demo:
     opts: _Options
     console: Console
-    events: Any = None  # simulators.cabinet.EventLog, imported lazily with the simulators
+    events: EventLog = field(init=False)
     shown: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     # The installer's first cycle returns every tool at once: counted, not listed.
@@ -143,12 +152,23 @@ class _Demo:
             return await self._with_simulators(scenario, llrp, badge, door, stop)
 
     async def _with_simulators(
-        self, scenario: Any, llrp: Any, badge: Any, door: Any, stop: asyncio.Event
+        self,
+        scenario: Scenario,
+        llrp: LlrpSimulator,
+        badge: BadgeSimulator,
+        door: SimulatedDoor,
+        stop: asyncio.Event,
     ) -> int:
         from agent.app import CabinetApp
         from agent.config import load_config
         from agent.privacy.keys import generate_backend_keys
-        from simulators.cabinet import INSTALLER, agent_config, build_artefacts, to_toml
+        from simulators.cabinet import (
+            INSTALLER,
+            ScenarioError,
+            agent_config,
+            build_artefacts,
+            to_toml,
+        )
 
         work = self.opts.workdir
         broker = self.opts.broker
@@ -178,11 +198,16 @@ class _Demo:
         config_path = work / "cabinet" / "agent.toml"
         config_path.write_text(to_toml(cfg_doc), encoding="utf-8")
         cfg = load_config(config_path)
-        self._intro(scenario, llrp, badge, art, keys)
+        self._intro(scenario, llrp, badge, art)
 
         app = CabinetApp(cfg)
         feed = _BackendFeed(self, keys, art, app, broker)
-        await feed.start()
+        try:
+            await feed.start()
+        except (RuntimeError, OSError, ScenarioError) as err:
+            self.console.print(f"the backend could not start: {err}", style="bold red")
+            await feed.stop()
+            return EX_FAILED
         app_task = asyncio.create_task(app.run(), name="demo:agent")
         story_task = asyncio.create_task(
             self._story(scenario, llrp, badge, door, art, app, feed), name="demo:story"
@@ -196,13 +221,13 @@ class _Demo:
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if story_task in done and not story_task.cancelled():
-                err = story_task.exception()
-                if err is not None:
-                    self.console.print(f"the cabinet story stopped: {err}", style="bold red")
+                failure = story_task.exception()
+                if failure is not None:
+                    self.console.print(f"the cabinet story stopped: {failure}", style="bold red")
                     rc = EX_FAILED
             if app_task in done and not app_task.cancelled():
-                err = app_task.exception()
-                why = "on its own" if err is None else f"with an error: {err}"
+                failure = app_task.exception()
+                why = "on its own" if failure is None else f"with an error: {failure}"
                 self.console.print(f"the agent stopped {why}", style="bold red")
                 rc = EX_FAILED
         finally:
@@ -224,12 +249,12 @@ class _Demo:
 
     async def _story(
         self,
-        scenario: Any,
-        llrp: Any,
-        badge: Any,
-        door: Any,
-        art: Any,
-        app: Any,
+        scenario: Scenario,
+        llrp: LlrpSimulator,
+        badge: BadgeSimulator,
+        door: SimulatedDoor,
+        art: AgentArtefacts,
+        app: CabinetApp,
         feed: _BackendFeed,
     ) -> None:
         """Wait for the agent, stock the cabinet, then play the scenario round after round."""
@@ -302,7 +327,13 @@ class _Demo:
 
     # -- output -----------------------------------------------------------------------------
 
-    def _intro(self, scenario: Any, llrp: Any, badge: Any, art: Any, keys: Any) -> None:
+    def _intro(
+        self,
+        scenario: Scenario,
+        llrp: LlrpSimulator,
+        badge: BadgeSimulator,
+        art: AgentArtefacts,
+    ) -> None:
         say = self.console.print
         work = self.opts.workdir
         say("[bold]cabinet-agent demo[/]: a simulated tool cabinet, the agent, a backend")
@@ -334,7 +365,7 @@ class _Demo:
             )
         )
 
-    def _step(self, step: Any) -> None:
+    def _step(self, step: Step) -> None:
         self.console.print(f"          · {_story_line(step.op, step.args)}", style="dim")
 
     def show(self, event: Mapping[str, Any], items: Mapping[str, str]) -> None:
@@ -363,7 +394,14 @@ class _Demo:
 class _BackendFeed:
     """The backend side: opens sealed envelopes from the broker, or from the outbox without one."""
 
-    def __init__(self, demo: _Demo, keys: Any, art: Any, app: Any, broker: _Broker | None) -> None:
+    def __init__(
+        self,
+        demo: _Demo,
+        keys: BackendKeys,
+        art: AgentArtefacts,
+        app: CabinetApp,
+        broker: _Broker | None,
+    ) -> None:
         from agent.consumer import EventDecoder
         from agent.privacy.envelope import Opener
 
@@ -373,7 +411,7 @@ class _BackendFeed:
         self.broker = broker
         self.decoder = EventDecoder(Opener({keys.hpke_kid: keys.hpke_private}))
         self.topic = f"cabinets/v1/{art.site_id}/{art.cabinet_id}/events"
-        self.consumer: Any = None
+        self.consumer: Consumer | None = None
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -426,9 +464,11 @@ class _BackendFeed:
 
         app = self.app
         await app.ready.wait()
+        store = app.store
+        assert store is not None  # opened before ready
         last = 0
         while True:
-            rows = await app.store.peek(256, after_seq=last)
+            rows = await store.peek(256, after_seq=last)
             for row in rows:
                 last = row.seq
                 try:
@@ -450,7 +490,7 @@ class _BackendFeed:
 # ---- the scenario ----------------------------------------------------------------------------
 
 
-def _demo_scenario(tags: int, antennas: int) -> Any:
+def _demo_scenario(tags: int, antennas: int) -> Scenario:
     """The bundled demo-loop scenario, with ``antennas`` ports and ``tags`` tools in total."""
     from simulators.cabinet import find_scenario, parse_scenario
 
