@@ -385,6 +385,7 @@ class CabinetApp:
         engine = self.engine
         queue = self.inputs.queue
         last_tick = self.clock.monotonic()
+        heard: dict[str, float] = {}
         while True:
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a racing cancel.
@@ -398,6 +399,7 @@ class CabinetApp:
                 last_tick = now.mono
                 await self._apply(engine.tick(now), now)
             if item is None:
+                await self._feed_liveness(engine, now, heard)
                 continue
             if isinstance(item, tuple):
                 out = engine.on_tags(item, now)
@@ -416,6 +418,8 @@ class CabinetApp:
                 logger.error("engine loop: unexpected input %s", type(item).__name__)
                 continue
             await self._apply(out, now)
+            if queue.empty():
+                await self._feed_liveness(engine, now, heard)
 
     async def _apply(self, out: EngineOutput, now: Now) -> None:
         """Seal and commit the output's events (atomically with baseline/state), then act."""
@@ -492,6 +496,20 @@ class CabinetApp:
                 listener(events)
             except Exception:  # an observer must not stop the engine loop
                 logger.exception("commit listener failed")
+
+    async def _feed_liveness(
+        self, engine: CabinetEngine, now: Now, heard: dict[str, float]
+    ) -> None:
+        """Tell the engine which readers were heard from since last time.
+
+        Called only with the input queue empty: drivers stamp ``last_frame`` after a batch's
+        reads were delivered, so every read heard before that instant has been consumed.
+        """
+        for reader in self.readers:
+            at = getattr(reader, "last_frame", None)
+            if isinstance(at, float) and at > heard.get(reader.reader_id, 0.0):
+                heard[reader.reader_id] = at
+                await self._apply(engine.on_alive(reader.reader_id, at, now), now)
 
     def _is_door_reader(self, reader_id: str) -> bool:
         return self.cfg.door is not None and self.cfg.door.reader == reader_id

@@ -32,11 +32,7 @@ from tests.scenario_harness import TIMEOUT_S, AgentProcess, Rig, cabinet_rig
 
 SCENARIOS = bundled_scenarios()
 # Scenarios that state the right behaviour but fail today: strict, so a fix makes them pass loud.
-KNOWN_BUGS = {
-    "reader-silent-during-settle": "a reader silent since the start of the settle scan is taken "
-    "for an empty cabinet: the pass ends 'complete' before the read watchdog (3× keepalive) "
-    "fires, so every item is checked out",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def _param(path: Path) -> object:

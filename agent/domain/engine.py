@@ -160,6 +160,8 @@ class CabinetEngine:
         self._unlock_deadline = 0.0
         self._scan: ScanAccumulator | None = None
         self._waiting = False  # the pass waits for every reader to be healthy before it counts
+        self._alive: dict[str, float] = {}  # reader → monotonic time it was last heard from
+        self._end_candidate: float | None = None  # when the pass first met its end conditions
         self._first_pass: ScanResult | None = None
         self._bg_attempts = 0
         self._bg_next = now.mono + config.background_period_s
@@ -189,6 +191,19 @@ class CabinetEngine:
 
     def tick(self, now: Now) -> EngineOutput:
         """Time passed: timers, scan settle, background inventory."""
+        return self._end(self._begin(now))
+
+    def on_alive(self, reader_id: str, heard_mono: float, now: Now) -> EngineOutput:
+        """The reader was heard from at monotonic ``heard_mono`` (any frame, keepalives too).
+
+        Evidence a reader is not silently dead: once a reader has reported liveness, a scan
+        pass only ends after every such reader was heard from *after* the pass met its end
+        conditions; a reader that stays silent until ``scan_max_ms`` makes the pass incomplete.
+        Without this, a reader whose socket stays open but which sends nothing looks exactly
+        like an empty drawer until its read watchdog fires.
+        """
+        if heard_mono > self._alive.get(reader_id, float("-inf")):
+            self._alive[reader_id] = heard_mono
         return self._end(self._begin(now))
 
     def on_tags(self, reads: Sequence[TagRead], now: Now) -> EngineOutput:
@@ -558,6 +573,7 @@ class CabinetEngine:
         self.phase = phase
         self._scan = ScanAccumulator(self.config, self.antennas, self.health, now.mono)
         self._waiting = not self._readers_ready()
+        self._end_candidate = None
         self._dirty = True
 
     def _readers_ready(self) -> bool:
@@ -590,6 +606,23 @@ class CabinetEngine:
             self._waiting or elapsed_ms < cfg.scan_min_ms or quiet_ms < cfg.stable_ms
         ):
             return
+        if self._end_candidate is None:
+            self._end_candidate = now.mono
+        # Only readers that look healthy are waited for: an unhealthy one already made the
+        # pass incomplete; a healthy one that has not been heard from may be silently dead.
+        silent = [
+            r
+            for r in self._ports
+            if r in self._alive
+            and self._alive[r] < self._end_candidate
+            and (h := self.health.get(r)) is not None
+            and h.healthy
+        ]
+        if silent and elapsed_ms < cfg.scan_max_ms:
+            return  # wait for word from every reader that it is still alive
+        for reader in silent:
+            scan.fail(f"{reader} silent")
+        self._end_candidate = None
         self._waiting = False
         result = scan.result(now.mono)
         self._scan = None

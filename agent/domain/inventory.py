@@ -290,6 +290,10 @@ class ScanAccumulator:
             for port in sorted(self._ports[h.reader_id] - h.antennas_connected):
                 self._problem(f"{h.reader_id} antenna {port} disconnected")
 
+    def fail(self, reason: str) -> None:
+        """Mark the pass incomplete for a reason found outside the reads (a silent reader)."""
+        self._problem(reason)
+
     def _problem(self, text: str) -> None:
         if text not in self._problems and len(self._problems) < MAX_PROBLEMS:
             self._problems.append(text)

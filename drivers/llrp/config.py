@@ -14,7 +14,9 @@ class LlrpReaderConfig(ReaderConfigBase):
     host: str = Field(min_length=1, description="reader host name or address")
     port: int = Field(5084, ge=1, le=65535)
     connect_timeout_s: float = Field(5.0, gt=0, le=120)
-    keepalive_s: float = Field(5.0, ge=1, le=300, description="reader keepalive period")
+    keepalive_s: float = Field(
+        2.0, ge=0.5, le=300, description="reader keepalive period (also bounds scan liveness)"
+    )
     inventory_deadline_s: float = Field(
         15.0, gt=0, le=600, description="connect → configured must finish within this"
     )

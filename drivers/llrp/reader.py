@@ -147,6 +147,7 @@ class LlrpReader:
         self._last_progress = self._clock.monotonic()
         self._backing_off = False
         self.last_delay_s = 0.0
+        self.last_frame = 0.0  # monotonic time the last batch of frames was fully handled
 
     # -- ReaderDriver -----------------------------------------------------------------
 
@@ -351,6 +352,9 @@ class LlrpReader:
                     await asyncio.sleep(0)
                 self._reconcile()
                 await self._publish_state(sess)
+                # Set only after the batch's reads reached the sink: the engine's liveness
+                # barrier relies on "heard at T" implying "every read before T is delivered".
+                self.last_frame = self._clock.monotonic()
                 if writer.transport.get_write_buffer_size() > 0:
                     async with asyncio.timeout(watchdog_s):
                         await writer.drain()

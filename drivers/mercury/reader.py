@@ -70,6 +70,7 @@ class MercuryReader:
         self._pending: dict[int, asyncio.Future[Response]] = {}
         self._cmd_lock = asyncio.Lock()
         self._last_rx = 0.0
+        self.last_frame = 0.0  # monotonic time the last frame was fully handled
         self._delivering = False
         self._gpio_outputs: set[int] = set()
         self._antennas_connected: frozenset[int] | None = None
@@ -327,6 +328,9 @@ class MercuryReader:
                 finally:
                     self._delivering = False
                     self._last_rx = self._clock.monotonic()
+            # Set only after the frames' reads reached the sink: the engine's liveness barrier
+            # relies on "heard at T" implying "every read before T is already delivered".
+            self.last_frame = self._clock.monotonic()
 
     def _on_stream(self, frame: Response, reads: list[TagRead]) -> None:
         try:
