@@ -73,10 +73,16 @@ _HIDDEN = frozenset(
 )
 
 
-def run_demo(seconds: float, tags: int, antennas: int, *, keep: bool = False) -> int:
-    """Run the demo until Ctrl-C (or ``seconds``); exit code 0 on a clean stop."""
+def run_demo(
+    seconds: float, tags: int, antennas: int, *, keep: bool = False, rounds: int = 0
+) -> int:
+    """Run the demo until Ctrl-C, ``seconds`` or ``rounds`` (0: no limit).
+
+    Exit code 0 on a clean stop; 1 if a part failed or, with ``rounds``, a round's events
+    differed from the scenario's expected list; 64 for bad arguments.
+    """
     console = Console(highlight=False, soft_wrap=True)
-    problem = _check_arguments(seconds, tags, antennas)
+    problem = _check_arguments(seconds, tags, antennas, rounds)
     if problem:
         console.print(f"cabinet-agent demo: {problem}", style="red")
         return EX_USAGE
@@ -87,7 +93,7 @@ def run_demo(seconds: float, tags: int, antennas: int, *, keep: bool = False) ->
         close_log = _log_to_file(workdir / "agent.log")
         # The broker starts before any thread exists (its child is set up with a pre-exec hook).
         broker, broker_note = _start_broker(workdir / "broker")
-        opts = _Options(seconds, tags, antennas, workdir, broker, broker_note)
+        opts = _Options(seconds, tags, antennas, rounds, workdir, broker, broker_note)
         return asyncio.run(_Demo(opts, console).run())
     except KeyboardInterrupt:
         # Ctrl-C before the event loop took over the signal: nothing is running yet.
@@ -112,6 +118,7 @@ class _Options:
     seconds: float
     tags: int
     antennas: int
+    rounds: int
     workdir: Path
     broker: _Broker | None
     broker_note: str
@@ -123,6 +130,7 @@ class _Demo:
     console: Console
     events: EventLog = field(init=False)
     shown: int = 0
+    rounds_differing: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     # The installer's first cycle returns every tool at once: counted, not listed.
     quiet: bool = False
@@ -225,6 +233,8 @@ class _Demo:
                 if failure is not None:
                     self.console.print(f"the cabinet story stopped: {failure}", style="bold red")
                     rc = EX_FAILED
+                elif self.rounds_differing:
+                    rc = EX_FAILED
             if app_task in done and not app_task.cancelled():
                 failure = app_task.exception()
                 why = "on its own" if failure is None else f"with an error: {failure}"
@@ -305,6 +315,7 @@ class _Demo:
             await self._wait_contiguous(start)
             problems = match_events(scenario.expect, self.events.since_mark(), art)
             if problems:
+                self.rounds_differing += 1
                 self.console.print(f"round {rounds}: events differ from the scenario's list:")
                 for line in problems:
                     self.console.print(f"  {line}", style="red")
@@ -313,6 +324,9 @@ class _Demo:
                 self.console.print(
                     f"round {rounds}: ✓ exactly the {n} events the scenario expects", style="green"
                 )
+            if rounds == self.opts.rounds:
+                self.console.print(f"played {rounds} round(s)")
+                return
             await asyncio.sleep(ROUND_PAUSE_S)
 
     async def _wait_contiguous(self, after: int) -> None:
@@ -357,7 +371,12 @@ class _Demo:
         by_name = {name: pseudo for pseudo, name in art.names.items()}
         legend = ", ".join(f"{n} = {_short_actor(by_name[n])}" for n in people if n in by_name)
         say(f"  people     {legend}  (the backend sees only pseudonyms)")
-        say("Ctrl-C to stop." if not self.opts.seconds else f"Stops after {self.opts.seconds:g} s.")
+        limits = []
+        if self.opts.seconds:
+            limits.append(f"after {self.opts.seconds:g} s")
+        if self.opts.rounds:
+            limits.append(f"after {self.opts.rounds} round(s)")
+        say(f"Stops {' or '.join(limits)}, or on Ctrl-C." if limits else "Ctrl-C to stop.")
         say(
             Text(
                 f"{'time':8}  {'seq':>5}  {'event':<20}  {'actor':<16}  what",
@@ -526,9 +545,11 @@ def _spread(antennas: int) -> dict[str, list[int]]:
     return out
 
 
-def _check_arguments(seconds: float, tags: int, antennas: int) -> str | None:
+def _check_arguments(seconds: float, tags: int, antennas: int, rounds: int) -> str | None:
     if not seconds >= 0:  # also refuses NaN
         return "--seconds must be 0 (until Ctrl-C) or more"
+    if rounds < 0:
+        return "--rounds must be 0 (no limit) or more"
     if not MIN_TAGS <= tags <= MAX_TAGS:
         return f"--tags must be within {MIN_TAGS}..{MAX_TAGS} (the scenario has three tools)"
     if not MIN_ANTENNAS <= antennas <= MAX_ANTENNAS:

@@ -18,7 +18,6 @@ from tests.pii import assert_no_raw_ids, find_raw_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = (sys.executable, "-m", "agent.cli.daemon", "demo")
-SECONDS = 25  # commissioning plus one round take a few seconds; generous for a loaded box
 RUN_TIMEOUT_S = 120.0
 CHECKED_OUT = re.compile(r"item\.checked_out\s+p1\.\w+\.\w+")
 RETURNED = re.compile(r"item\.returned\s+p1\.\w+\.\w+")
@@ -73,25 +72,42 @@ def _read_until(proc: subprocess.Popen[str], done: Callable[[str], bool], timeou
     return out
 
 
-def test_demo_with_mosquitto_runs_for_the_given_seconds(tmp_path: Path) -> None:
-    assert find_mosquitto() is not None, "mosquitto is a test prerequisite (tests/run installs it)"
-    result = subprocess.run(
-        [*DEMO, "--seconds", str(SECONDS)],
+def _run_demo(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*DEMO, *args],
         cwd=ROOT,
-        env=_env(tmp_path),
+        env=_env(tmp),
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT_S,
         check=False,
     )
+
+
+def test_demo_with_mosquitto_plays_a_round_end_to_end(tmp_path: Path) -> None:
+    assert find_mosquitto() is not None, "mosquitto is a test prerequisite (tests/run installs it)"
+    # --rounds ends it when the round is over (no race with a clock on a loaded machine);
+    # --seconds only bounds it.
+    result = _run_demo(tmp_path, "--rounds", "1", "--seconds", str(RUN_TIMEOUT_S - 30))
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "mosquitto on 127.0.0.1:" in out
     assert CHECKED_OUT.search(out), out
     assert RETURNED.search(out), out
-    assert "✓ exactly the 8 events the scenario expects" in out, out
+    assert "round 1: ✓ exactly the 8 events the scenario expects" in out, out
     (tmp_path / "stdout").write_text(out + result.stderr)
     assert find_raw_ids([tmp_path / "stdout"], _raw_ids()) == []
+    _assert_left_nothing(tmp_path)
+    assert list((tmp_path / "tmp").iterdir()) == [], "the work directory was not removed"
+
+
+def test_demo_stops_after_the_given_seconds(tmp_path: Path) -> None:
+    result = _run_demo(tmp_path, "--seconds", "3")
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "Stops after 3 s, or on Ctrl-C." in out
+    assert "stopping: the cabinet, then the agent" in out
+    assert "events opened by the backend" in out
     _assert_left_nothing(tmp_path)
     assert list((tmp_path / "tmp").iterdir()) == [], "the work directory was not removed"
 
@@ -145,19 +161,12 @@ def test_demo_without_mosquitto_stops_on_ctrl_c(tmp_path: Path) -> None:
 
 
 def test_demo_refuses_bad_arguments_before_starting_anything(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [*DEMO, "--antennas", "2"],
-        cwd=ROOT,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        check=False,
-    )
+    result = _run_demo(tmp_path, "--antennas", "2")
     assert result.returncode == EX_USAGE
     assert "--antennas must be within 3..8" in result.stdout
     assert run_demo(seconds=-1, tags=60, antennas=4) == EX_USAGE
     assert run_demo(seconds=0, tags=2, antennas=4) == EX_USAGE
+    assert run_demo(seconds=0, tags=60, antennas=4, rounds=-1) == EX_USAGE
     assert list((tmp_path / "tmp").iterdir()) == []
 
 

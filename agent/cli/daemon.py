@@ -36,7 +36,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
-    return run_demo(seconds=args.seconds, tags=args.tags, antennas=args.antennas, keep=args.keep)
+    return run_demo(
+        seconds=args.seconds,
+        tags=args.tags,
+        antennas=args.antennas,
+        keep=args.keep,
+        rounds=args.rounds,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=0, help="stop after N s (0: Ctrl-C)")
     demo.add_argument("--tags", type=int, default=60)
     demo.add_argument("--antennas", type=int, default=4)
+    demo.add_argument("--rounds", type=int, default=0, help="stop after N scenario rounds")
     demo.add_argument("--keep", action="store_true", help="keep the work directory (path printed)")
     demo.set_defaults(func=_cmd_demo)
     return parser
