@@ -90,25 +90,28 @@ def run_demo(
     workdir = Path(tempfile.mkdtemp(prefix="cabinet-demo-"))
     close_log: Callable[[], None] | None = None
     broker: _Broker | None = None
+    rc = EX_FAILED
     try:
         close_log = _log_to_file(workdir / "agent.log")
         # The broker starts before any thread exists (its child is set up with a pre-exec hook).
         broker, broker_note = _start_broker(workdir / "broker")
         opts = _Options(seconds, tags, antennas, rounds, workdir, broker, broker_note)
-        return asyncio.run(_Demo(opts, console).run())
+        rc = asyncio.run(_Demo(opts, console).run())
     except KeyboardInterrupt:
         # Ctrl-C before the event loop took over the signal: nothing is running yet.
         console.print("stopped")
-        return EX_OK
+        rc = EX_OK
     finally:
         if broker is not None:
             broker.stop()
         if close_log is not None:
             close_log()
-        if keep:
+        if keep or rc != EX_OK:
+            # After a failure the agent's log is what tells why.
             console.print(f"kept the work directory: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    return rc
 
 
 # ---- the demo --------------------------------------------------------------------------------
@@ -166,8 +169,9 @@ class _Demo:
         stop: asyncio.Event,
     ) -> int:
         from agent.app import CabinetApp
-        from agent.config import load_config
+        from agent.config import ConfigError, load_config
         from agent.privacy.keys import generate_backend_keys
+        from drivers.errors import CabinetError
         from simulators.cabinet import (
             INSTALLER,
             ScenarioError,
@@ -203,10 +207,17 @@ class _Demo:
         )
         config_path = work / "cabinet" / "agent.toml"
         config_path.write_text(to_toml(cfg_doc), encoding="utf-8")
-        cfg = load_config(config_path)
+        try:
+            app = CabinetApp(load_config(config_path))
+        except ConfigError as err:
+            self.console.print(f"the generated agent config is invalid: {err}", style="bold red")
+            for line in err.problems:
+                self.console.print(f"  {line}", style="red")
+            return EX_FAILED
+        except CabinetError as err:
+            self.console.print(f"the agent cannot start: {err}", style="bold red")
+            return EX_FAILED
         self._intro(scenario, llrp, badge, art)
-
-        app = CabinetApp(cfg)
         feed = _BackendFeed(self, keys, art, app, broker)
         try:
             await feed.start()
