@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from agent.demo import EX_USAGE, NO_MOSQUITTO_ENV, find_mosquitto, run_demo
 from simulators.cabinet import INSTALLER, find_scenario, load_scenario
 from tests.pii import assert_no_raw_ids, find_raw_ids
@@ -112,11 +114,15 @@ def test_demo_stops_after_the_given_seconds(tmp_path: Path) -> None:
     assert list((tmp_path / "tmp").iterdir()) == [], "the work directory was not removed"
 
 
-def test_demo_without_mosquitto_stops_on_ctrl_c(tmp_path: Path) -> None:
-    path = os.pathsep.join(
-        p for p in os.environ.get("PATH", "").split(os.pathsep) if not p.endswith("sbin")
-    )
-    env = _env(tmp_path, PATH=path, **{NO_MOSQUITTO_ENV: "1"})
+@pytest.mark.parametrize("broker", ["mosquitto", "none"])
+def test_demo_stops_on_ctrl_c(tmp_path: Path, broker: str) -> None:
+    if broker == "none":
+        path = os.pathsep.join(
+            p for p in os.environ.get("PATH", "").split(os.pathsep) if not p.endswith("sbin")
+        )
+        env = _env(tmp_path, PATH=path, **{NO_MOSQUITTO_ENV: "1"})
+    else:
+        env = _env(tmp_path)
     proc = subprocess.Popen(
         [*DEMO, "--keep"],
         cwd=ROOT,
@@ -140,7 +146,10 @@ def test_demo_without_mosquitto_stops_on_ctrl_c(tmp_path: Path) -> None:
             proc.wait()
     out += rest
     assert proc.returncode == 0, out
-    assert "mosquitto not installed: showing events straight from the sealed outbox" in out
+    if broker == "none":
+        assert "mosquitto not installed: showing events straight from the sealed outbox" in out
+    else:
+        assert "mosquitto on 127.0.0.1:" in out
     assert CHECKED_OUT.search(out), out
     assert "stopping:" in out
     (tmp_path / "stdout").write_text(out)
@@ -158,6 +167,11 @@ def test_demo_without_mosquitto_stops_on_ctrl_c(tmp_path: Path) -> None:
     ]
     assert (workdir / "cabinet" / "state.db").stat().st_size > 0
     assert_no_raw_ids([workdir / "cabinet", workdir / "agent.log"], _raw_ids())
+    if broker == "mosquitto":
+        # The agent said goodbye (MQTT DISCONNECT) before the broker was stopped.
+        log = (workdir / "broker" / "mosquitto.log").read_text()
+        assert "Client cabinet-hangar-3-crib-07 disconnected." in log, log
+        assert_no_raw_ids([workdir / "broker"], _raw_ids())
 
 
 def test_demo_refuses_bad_arguments_before_starting_anything(tmp_path: Path) -> None:
