@@ -151,7 +151,8 @@ class BadgeSimulator:
         for writer, done in list(self._clients.items()):
             writer.close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), _SEND_TIMEOUT_S)
+                async with asyncio.timeout(_SEND_TIMEOUT_S):
+                    await done.wait()
         self._clients.clear()
         self._client_joined.clear()
 
@@ -182,7 +183,9 @@ class BadgeSimulator:
         """TCP: return once a client is connected (frames sent before that are lost)."""
         if self.transport == "pty":
             return
-        await asyncio.wait_for(self._client_joined.wait(), timeout_s)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a racing cancel.
+        async with asyncio.timeout(timeout_s):
+            await self._client_joined.wait()
 
     async def present(self, card: str, hold_s: float = 0.0, repeat_every_s: float = 0.1) -> int:
         """Show a card; while held, repeat its frame like an RDM6300 does. Returns frames sent."""
@@ -237,7 +240,8 @@ class BadgeSimulator:
         for writer in list(self._clients):
             try:
                 writer.write(data)
-                await asyncio.wait_for(writer.drain(), _SEND_TIMEOUT_S)
+                async with asyncio.timeout(_SEND_TIMEOUT_S):
+                    await writer.drain()
             except (OSError, TimeoutError):
                 self.bytes_dropped += len(data)
                 writer.close()

@@ -100,9 +100,10 @@ class FaultProxy:
             c_writer.transport.abort()
             return
         try:
-            u_reader, u_writer = await asyncio.wait_for(
-                asyncio.open_connection(self.upstream_host, self.upstream_port), 5.0
-            )
+            async with asyncio.timeout(5.0):
+                u_reader, u_writer = await asyncio.open_connection(
+                    self.upstream_host, self.upstream_port
+                )
         except (OSError, TimeoutError):
             c_writer.transport.abort()
             return

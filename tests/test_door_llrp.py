@@ -80,25 +80,29 @@ async def test_door_cycle_over_llrp() -> None:
         try:
             async with asyncio.timeout(TIMEOUT_S):
                 await reader.wait_health(lambda h: h.healthy)
+            # Once configured, the driver reports the sensor's current level: closed.
+            await sink.until_edges(DoorState.CLOSED)
 
             with pytest.raises(DoorLockedError):
                 await sim_door.open()
             await door.unlock(pulse_s=5.0)
             assert not sim_door.locked  # the GPO write was confirmed by the reader
             await sim_door.open()
-            await sink.until_edges(DoorState.OPEN)
+            await sink.until_edges(DoorState.CLOSED, DoorState.OPEN)
 
             await sleep.wait_requests(1)
             sleep.release()
             await llrp.wait_gpo(2, False, timeout=TIMEOUT_S)
             assert sim_door.locked
             await sim_door.close()
-            await sink.until_edges(DoorState.OPEN, DoorState.CLOSED)
+            await sink.until_edges(DoorState.CLOSED, DoorState.OPEN, DoorState.CLOSED)
             with pytest.raises(DoorLockedError):
                 await sim_door.open()
 
             await sim_door.force_open()
-            await sink.until_edges(DoorState.OPEN, DoorState.CLOSED, DoorState.OPEN)
+            await sink.until_edges(
+                DoorState.CLOSED, DoorState.OPEN, DoorState.CLOSED, DoorState.OPEN
+            )
             assert sim_door.forced_openings == 1
             assert [(w.port, w.high) for w in llrp.gpo_history] == [(2, True), (2, False)]
             await door.close()

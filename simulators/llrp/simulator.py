@@ -692,7 +692,9 @@ class LlrpSimulator:
         entry = (fut, predicate)
         self._waiters.append(entry)
         try:
-            await asyncio.wait_for(fut, timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a racing cancel.
+            async with asyncio.timeout(timeout):
+                await fut
         finally:
             self._waiters.remove(entry)
 
