@@ -525,10 +525,11 @@ class CabinetApp:
                 if self.door is not None:
                     try:
                         await self.door.lock()
-                    except (CabinetError, OSError):
-                        # Fail secure: remember it and re-lock when the reader is back.
+                    except (CabinetError, OSError) as err:
+                        # Fail secure: remember it and re-lock as soon as the reader is back.
                         self._lock_pending = True
-                        raise
+                        self.stats.commands_failed += 1
+                        logger.warning("lock deferred until the door's reader is back: %s", err)
             elif isinstance(cmd, StartScan):
                 for reader in self.readers:
                     await reader.start_inventory()
