@@ -251,7 +251,9 @@ async def test_raw_badge_id_appears_nowhere(
     dump = tmp_path / "everything-observable.txt"
     dump.write_text(haystack, encoding="utf-8")
     assert_no_raw_ids([dump], [good, bad])
-    assert any("pseudonymizer failed (ValueError); read dropped (1 so far)" in line for line in logged)
+    assert any(
+        "pseudonymizer failed (ValueError); read dropped (1 so far)" in line for line in logged
+    )
 
 
 async def test_unreachable_device_reports_offline_with_reason() -> None:

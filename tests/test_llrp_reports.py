@@ -49,7 +49,12 @@ async def _both_paths(frame: bytes) -> tuple[list[TagRead] | None, list[TagRead]
 
 
 def _header(body: bytes) -> bytes:
-    return ((1 << 10) | 61).to_bytes(2, "big") + (10 + len(body)).to_bytes(4, "big") + b"\0\0\0\1" + body
+    return (
+        ((1 << 10) | 61).to_bytes(2, "big")
+        + (10 + len(body)).to_bytes(4, "big")
+        + b"\0\0\0\1"
+        + body
+    )
 
 
 async def test_real_captures_decode_identically() -> None:
