@@ -42,6 +42,7 @@ TAGS = {
     "e2801160600002000000b005": 4,
 }
 LEAVES = "e2801160600002000000b003"
+ONLINE = ("reader.online", READER, [1, 2, 3, 4])
 # Not used by this cabinet (no badge reader): the scan proves the check itself runs on the files.
 BADGES = ["3F7A21C90B", "5D0E4B8812"]
 
@@ -82,7 +83,8 @@ async def _module(kind: str) -> AsyncIterator[Module]:
             # Every tag answers every cycle: a flaky tag would be a (correct) item.missing.
             merc.add_tag(epc, port, rssi_mean=-50.0, rssi_spread=1.0, read_probability=1.0)
         yield Module(
-            reader_toml=f'type = "mercury"\nurl = "{merc.url}"\n{backoff}',
+            # The M6e reports which ports see an antenna, as an LLRP reader does.
+            reader_toml=f'type = "mercury"\nurl = "{merc.url}"\ndetect_antennas = true\n{backoff}',
             remove_tag=merc.remove_tag,
             reading=lambda: merc.reading,
             wait_until=lambda pred: merc.wait_until(pred, TIMEOUT_S),
@@ -158,8 +160,10 @@ def _story(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
                 continue
         elif kind == "item.missing":
             step = (kind, e["epc"], e["drawer"])
-        elif kind in ("reader.offline", "reader.online"):
+        elif kind == "reader.offline":
             step = (kind, e["reader_id"])
+        elif kind == "reader.online":
+            step = (kind, e["reader_id"], e["antennas_connected"])
         elif kind == "inventory.incomplete":
             step = (kind, e["purpose"])
         else:
@@ -185,7 +189,7 @@ def _expected() -> list[tuple[Any, ...]]:
         # The outage, cut into a running background pass: reported, never diffed.
         ("reader.offline", READER),
         ("inventory.incomplete", "background"),
-        ("reader.online", READER),
+        ONLINE,
         _snapshot(remaining),
     ]
 
@@ -202,14 +206,14 @@ def _canonical_outage(story: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     kinds = {s[0] for s in window}
     if kinds != {"reader.online", "inventory.incomplete"}:
         return story  # not the expected shape: compare raw so the difference shows
-    if window.count(("reader.online", READER)) != 1 or any(
-        s != ("inventory.incomplete", "background") for s in window if s[0] != "reader.online"
+    if window.count(ONLINE) != 1 or any(
+        s != ("inventory.incomplete", "background") for s in window if s != ONLINE
     ):
         return story
     return [
         *story[: off + 1],
         ("inventory.incomplete", "background"),
-        ("reader.online", READER),
+        ONLINE,
         *story[end:],
     ]
 
@@ -233,6 +237,7 @@ async def test_cabinet_story_is_the_same_for_every_reader_type(
 
         try:
             await agent.start()
+            await agent.wait_log(rf"reader {READER}: connecting -> online", TIMEOUT_S)
             await log.wait_for(lambda: count("inventory.snapshot") >= 1, TIMEOUT_S)
             module.remove_tag(LEAVES)
             await log.wait_for(lambda: count("item.missing") >= 1, TIMEOUT_S)
@@ -245,6 +250,7 @@ async def test_cabinet_story_is_the_same_for_every_reader_type(
             await module.wait_until(module.reading)
             module.unplug(2.0)
             await log.wait_for(lambda: count("reader.online") >= 1, TIMEOUT_S)
+            await agent.wait_log(rf"reader {READER}: \S+ -> offline", TIMEOUT_S)
             back = log.last_seq()
             # Two complete passes after the module came back: the outage had its chance to lie.
             await log.wait_for(lambda: count("inventory.snapshot", back) >= 2, TIMEOUT_S)
@@ -266,4 +272,8 @@ async def test_cabinet_story_is_the_same_for_every_reader_type(
     assert seqs == list(range(1, len(seqs) + 1)), f"events lost or repeated: {seqs}"
     story = _story(events)
     assert _canonical_outage(story) == _expected(), "\n".join(map(str, story))
+    offline, online = (
+        next(e for e in events if e["type"] == t) for t in ("reader.offline", "reader.online")
+    )
+    assert online["connection"] > offline["connection"] >= 1, (offline, online)
     assert_no_raw_ids([tmp_path / "state", tmp_path / "agent.log", mosquitto.dir], BADGES)

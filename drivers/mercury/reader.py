@@ -118,7 +118,8 @@ class MercuryReader:
                 except TransientError as err:
                     delay = self._backoff.next_delay()
                     reason = str(err)
-                    logger.warning("%s: %s; retrying in %.1fs", self.reader_id, reason, delay)
+                    # The offline transition below is the warning; this line adds the delay.
+                    logger.info("%s: %s; retrying in %.1fs", self.reader_id, reason, delay)
                 await self._publish(ReaderState.OFFLINE, reason)
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:
@@ -368,6 +369,11 @@ class MercuryReader:
         healthy = state in (ReaderState.ONLINE, ReaderState.INVENTORYING)
         if len(detail) > _DETAIL_MAX:
             detail = detail[: _DETAIL_MAX - 1] + "…"
+        old = self._health.state
+        if old != state:
+            # Same line as the LLRP driver: operators and tests follow a reader by it.
+            log = logger.warning if state == ReaderState.OFFLINE else logger.info
+            log("reader %s: %s -> %s (%s)", self.reader_id, old, state, detail)
         self._health = ReaderHealth(
             reader_id=self.reader_id,
             state=state,
