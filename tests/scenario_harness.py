@@ -57,9 +57,13 @@ STOP_TIMEOUT_S = 20.0
 MARKER = Person(name="marker", badge="6A2D7F0C55", listed=False)
 MARKER_READER = "marker"
 ROOT = Path(__file__).resolve().parent.parent
-# The full daemon. TODO(lead): ``cabinet-agent run --config`` once the CLI's ``run`` starts
-# agent.app.CabinetApp (it still starts the reader-only agent.daemon.Daemon).
-AGENT_COMMAND = (sys.executable, "-m", "tests.agent_launcher")
+_CLI = Path(sys.executable).parent / "cabinet-agent"
+# The full daemon, exactly as systemd starts it.
+AGENT_COMMAND = (
+    (str(_CLI), "run", "--config")
+    if _CLI.exists()
+    else (sys.executable, "-m", "agent.cli.daemon", "run", "--config")
+)
 
 
 @dataclass
