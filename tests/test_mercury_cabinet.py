@@ -1,11 +1,12 @@
 """A cabinet whose only RFID reader is a Mercury module tells the same story as an LLRP one.
 
-Mercury simulator (TCP, or a real pseudo-terminal) — and, as the reference, the LLRP simulator —
-in this process → ``python -m agent.cli.daemon
-run --config`` as a child process → sealed events → real mosquitto → a real consumer opening them
-with the backend key. The story: first background inventory, a tag leaves (``item.missing`` after
-the confirmation pass), the module is unplugged and replugged (``reader.offline`` /
-``reader.online``, and no ``item.missing`` from the scans the outage made incomplete).
+The Mercury simulator (TCP, or a real pseudo-terminal) and, as the reference, the LLRP simulator
+run in this process; ``python -m agent.cli.daemon run --config`` runs as a child process; sealed
+events go through a real mosquitto to a real consumer that opens them with the backend key. The
+story: first background inventory, a tag leaves (``item.missing`` after the confirmation pass),
+the module is unplugged mid-pass and replugged (``reader.offline``, ``inventory.incomplete``,
+``reader.online``, and no ``item.missing`` from the scans the outage cut short). The three
+runs must give the same event list.
 """
 
 from __future__ import annotations
@@ -232,8 +233,8 @@ async def test_cabinet_story_is_the_same_for_every_reader_type(
         log = sink.log
         agent = AgentProcess(cfg, tmp_path / "agent.log")
 
-        def count(kind: str, after_seq: int = 0) -> int:
-            return len(log.find(lambda e: e["type"] == kind and int(e["seq"]) > after_seq))
+        def count(type_: str, after_seq: int = 0) -> int:
+            return len(log.find(lambda e: e["type"] == type_ and int(e["seq"]) > after_seq))
 
         try:
             await agent.start()
