@@ -237,7 +237,14 @@ class CabinetApp:
                         await asyncio.shield(publisher_task)
                 except TimeoutError:
                     logger.warning("publisher did not stop within 3 s; cancelling")
-            # 3. everything else (readers close their sessions) is cancelled by the group.
+            # 3. lock the door while its reader is still connected (fail secure).
+            if self.door is not None:
+                try:
+                    async with asyncio.timeout(2.0):
+                        await self.door.close()
+                except (CabinetError, TimeoutError) as err:
+                    logger.error("door: could not lock on shutdown: %s", err)
+            # 4. everything else (readers close their sessions) is cancelled by the group.
             raise _Stop
 
     async def _shutdown(self) -> None:
