@@ -340,6 +340,21 @@ class CabinetApp:
                 logger.error("stored %s unusable: %s", kind, err)
         return allow_list, assets
 
+    async def reload_documents(self) -> list[str]:
+        """SIGHUP: re-read and re-verify the stored allow-list and asset registry.
+
+        A stored document that no longer verifies (edited on disk, key rotated away) is dropped:
+        without an allow-list nobody is let in, which is the safe side.
+        """
+        if self.store is None or self.engine is None:
+            return []
+        self.documents.clear()
+        self._raw_docs.clear()
+        allow_list, assets = await self._load_documents(Now.of(self.clock))
+        self.engine.set_allow_list(allow_list)
+        self.engine.set_assets(assets)
+        return [f"{kind} v{doc.version}" for kind, doc in sorted(self.documents.items())]
+
     def _verify_stored(self, raw: bytes, kind: str, now: Now) -> SignedDocument | None:
         verifier = self.privacy.verifier
         try:

@@ -50,6 +50,7 @@ class Daemon:
         self.metrics = Metrics()
         self.stop_event = self.app.stop_event
         self.reloads = 0
+        self._background: set[asyncio.Task[None]] = set()  # owned; cancelled with the loop
 
     def request_stop(self) -> None:
         self.app.request_stop()
@@ -149,6 +150,13 @@ class Daemon:
                 changed = [r.id for r in new.readers if old_readers.get(r.id) != r]
                 gone = [i for i in old_readers if i not in {r.id for r in new.readers}]
                 restart[restart.index("readers")] = f"readers ({', '.join(changed + gone)})"
+            # Signed documents are re-read from the store and re-verified in the background.
+            task = asyncio.get_running_loop().create_task(
+                self._reload_documents(), name="reload-documents"
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            task.add_done_callback(_log_task_failure)
             # Only what was applied: a section still waiting for a restart is reported again.
             self.cfg = self.cfg.model_copy(update=live)
             logger.info("reload applied: %s", ", ".join(applied))
@@ -162,6 +170,11 @@ class Daemon:
                 )
         finally:
             self.notifier.ready(self._status_line())
+
+    async def _reload_documents(self) -> None:
+        docs = await self.app.reload_documents()
+        logger.info("reload: documents re-verified: %s", ", ".join(docs) or "none installed")
+        self._audit("system", "documents.reload", {"documents": docs})
 
     def _audit_cli(self, peer: PeerCred, cmd: str, args: object) -> None:
         # Owned, bounded and flushed before the store closes (AuditTrail); never the arguments.
@@ -245,6 +258,11 @@ _DOMAIN_RESTART_FIELDS = frozenset(
 
 def _changed_fields(old: BaseModel, new: BaseModel) -> list[str]:
     return [name for name in type(old).model_fields if getattr(old, name) != getattr(new, name)]
+
+
+def _log_task_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (err := task.exception()) is not None:
+        logger.error("background task %s failed: %s", task.get_name(), err)
 
 
 class _Stopped(Exception):

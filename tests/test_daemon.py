@@ -170,3 +170,47 @@ def _toml(text: str) -> dict[str, object]:
     import tomllib
 
     return tomllib.loads(text)
+
+
+async def test_reload_reverifies_stored_documents(tmp_path: Path) -> None:
+    """SIGHUP path: a stored allow-list that no longer verifies is dropped (nobody let in)."""
+    from datetime import UTC, datetime, timedelta
+
+    from agent.privacy.keys import load_backend_keys
+    from agent.privacy.signed import allow_list_doc, sign_document
+
+    creds = _provision(tmp_path)
+    backend = load_backend_keys(tmp_path / "backend")
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=2) as sim:
+        cfg = parse_config(_toml(_config_text(tmp_path, sim.port)))
+        daemon = Daemon(cfg, credentials_dir=creds, notifier=Notifier.from_env({}))
+        task = asyncio.create_task(daemon.run(), name="daemon-under-test")
+        try:
+            async with asyncio.timeout(30):
+                await daemon.app.ready.wait()
+            app = daemon.app
+            pseudonym = app.privacy.pseudonymizer.badge("0012AB34CD")
+            doc = allow_list_doc(
+                "hangar-3",
+                "crib-07",
+                1,
+                datetime.now(UTC) + timedelta(days=1),
+                {pseudonym: ["user"]},
+            )
+            raw = sign_document(backend.signing_private, backend.signing_kid, doc)
+            verified = app.privacy.verifier.verify(raw, "allow-list", datetime.now(UTC))
+            await app.install(verified, raw)
+            assert await app.reload_documents() == ["allow-list v1"]
+            assert app.engine is not None
+            assert app.engine.access.allow_list is not None
+            # Someone edits the stored document on disk: the signature no longer matches.
+            assert app.store is not None
+            await app.store.kv_put("doc:allow-list", raw.replace(b'"user"', b'"supervisor"'))
+            assert await app.reload_documents() == []
+            assert app.engine.access.allow_list is None
+            daemon.request_stop()
+            async with asyncio.timeout(5):
+                await task
+        finally:
+            if not task.done():
+                task.cancel()
