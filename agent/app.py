@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -35,6 +36,7 @@ from agent.domain.engine import (
     StopScan,
     Unlock,
 )
+from agent.domain.ids import Uuid7Generator
 from agent.domain.inventory import Baseline
 from agent.domain.now import Now
 from agent.privacy.config import CabinetPrivacy, load_cabinet_privacy
@@ -61,6 +63,10 @@ from drivers.types import (
 logger = logging.getLogger(__name__)
 
 INPUT_QUEUE = 4096
+# A store that failed for good cannot take the alert event either: those are only logged.
+# OVER_CAP and WRITE_RETRYING repeat on every write while they last: status and logs show them.
+_ALERTS_NOT_SENT = frozenset({"store.failed", "store.over_cap", "store.write_retrying"})
+ALERT_INTERVAL_S = 10.0
 TICK_S = 0.1
 SEAL_INLINE_MAX = 8  # up to this many events are sealed on the loop (~80 µs each)
 DOC_KINDS = ("allow-list", "asset-registry")
@@ -179,6 +185,7 @@ class CabinetApp:
         self.on_committed.append(self.audit.on_events)
         self._store_alerts: asyncio.Queue[StoreAlert] = asyncio.Queue(256)
         self._lock_pending = False
+        self._alert_ids = Uuid7Generator()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -436,6 +443,9 @@ class CabinetApp:
                 out = engine.on_badge(item, now)
             elif isinstance(item, DoorEdge):
                 out = engine.on_door(item, now)
+            elif isinstance(item, StoreAlert):
+                # Committed through the engine loop: it is the outbox's only sequence writer.
+                out = EngineOutput(events=[self._alert_event(item, now)])
             else:  # pragma: no cover - only the sinks above put items here
                 logger.error("engine loop: unexpected input %s", type(item).__name__)
                 continue
@@ -570,9 +580,43 @@ class CabinetApp:
             self._store_alerts.put_nowait(alert)
 
     async def _store_alert_loop(self) -> None:
+        """Log each store alert and send it to the backend as an ``agent.alert`` event.
+
+        At most one event per kind every ALERT_INTERVAL_S; alerts in between are merged (drop
+        counts summed), so an alert event that itself makes the outbox evict a row cannot
+        start a cascade of alerts.
+        """
+        pending: dict[str, StoreAlert] = {}
+        last_sent: dict[str, float] = {}
         while True:
-            alert = await self._store_alerts.get()
-            logger.warning("state store alert %s: %s", alert.kind, alert.detail)
+            alert: StoreAlert | None = None
+            try:
+                async with asyncio.timeout(1.0):
+                    alert = await self._store_alerts.get()
+            except TimeoutError:
+                pass
+            if alert is not None:
+                logger.warning("state store alert %s: %s", alert.kind, alert.detail)
+                if alert.kind not in _ALERTS_NOT_SENT:
+                    pending[alert.kind] = _merge_alerts(pending.get(alert.kind), alert)
+            mono = time.monotonic()
+            for kind in list(pending):
+                if mono - last_sent.get(kind, float("-inf")) >= ALERT_INTERVAL_S:
+                    last_sent[kind] = mono
+                    await self.inputs.queue.put(pending.pop(kind))
+
+    def _alert_event(self, alert: StoreAlert, now: Now) -> ev.Event:
+        return ev.AgentAlert(
+            event_id=self._alert_ids(now.wall),
+            time=now.wall,
+            site_id=self.site_id,
+            cabinet_id=self.cabinet_id,
+            kind=str(alert.kind),
+            detail=alert.detail[:200],
+            dropped={str(k): v for k, v in alert.dropped.items()},
+            dropped_bytes=alert.dropped_bytes,
+            seqs=list(alert.seqs[:1000]),
+        )
 
     async def _housekeeping_loop(self) -> None:
         assert self.store is not None
@@ -632,6 +676,21 @@ class CabinetApp:
             },
             "alerts": list(self.alerts)[-10:],
         }
+
+
+def _merge_alerts(old: StoreAlert | None, new: StoreAlert) -> StoreAlert:
+    """One alert standing for several of the same kind (drop counts summed)."""
+    if old is None:
+        return new
+    dropped = dict(old.dropped)
+    for prio, n in new.dropped.items():
+        dropped[prio] = dropped.get(prio, 0) + n
+    return dataclasses.replace(
+        new,
+        dropped=dropped,
+        dropped_bytes=old.dropped_bytes + new.dropped_bytes,
+        seqs=(old.seqs + new.seqs)[:1000],
+    )
 
 
 class _Stop(Exception):

@@ -214,3 +214,41 @@ async def test_reload_reverifies_stored_documents(tmp_path: Path) -> None:
         finally:
             if not task.done():
                 task.cancel()
+
+
+async def test_corrupt_database_is_quarantined_and_reported_to_the_backend(tmp_path: Path) -> None:
+    """A corrupt state file is moved aside and an ``agent.alert`` event goes to the backend."""
+    import json as _json
+
+    from agent.privacy.envelope import Opener
+    from agent.privacy.keys import load_backend_keys
+
+    creds = _provision(tmp_path)
+    backend = load_backend_keys(tmp_path / "backend")
+    (tmp_path / "state.db").write_bytes(b"this is not a database " * 200)
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=2) as sim:
+        cfg = parse_config(_toml(_config_text(tmp_path, sim.port)))
+        daemon = Daemon(cfg, credentials_dir=creds, notifier=Notifier.from_env({}))
+        task = asyncio.create_task(daemon.run(), name="daemon-under-test")
+        try:
+            async with asyncio.timeout(30):
+                await daemon.app.ready.wait()
+                store = daemon.app.store
+                assert store is not None
+                while not [r for r in await store.peek(50) if r.kind == "agent.alert"]:
+                    await asyncio.sleep(0.05)
+            rows = [r for r in await store.peek(50) if r.kind == "agent.alert"]
+            opener = Opener({backend.hpke_kid: backend.hpke_private})
+            header, plaintext = opener.open(rows[0].envelope)
+            event = _json.loads(plaintext)
+            assert event["type"] == "agent.alert"
+            assert event["kind"] == "store.corrupt_quarantined"
+            assert header.seq == event["seq"] == rows[0].seq
+            assert rows[0].priority == 0
+            assert any(p.name.startswith("state.db.corrupt-") for p in tmp_path.iterdir())
+            daemon.request_stop()
+            async with asyncio.timeout(5):
+                await task
+        finally:
+            if not task.done():
+                task.cancel()

@@ -69,6 +69,14 @@ def _one_of_each(gen: Uuid7Generator) -> list[ev.Event]:
         ev.InventorySnapshot(**c(gen), tags=1, by_drawer={"top": 1}, items={"abcd": "top"}),
         ev.ReaderOffline(**c(gen), reader_id="dock-1", detail="keepalive timeout", connection=3),
         ev.ReaderOnline(**c(gen), reader_id="dock-1", connection=4, antennas_connected=[1, 2]),
+        ev.AgentAlert(
+            **c(gen),
+            kind="store.overflow_dropped",
+            detail="outbox over max_bytes",
+            dropped={"2": 3},
+            dropped_bytes=1200,
+            seqs=[4, 5, 6],
+        ),
     ]
 
 
@@ -90,9 +98,10 @@ def test_priorities() -> None:
         "item.returned",
         "door.forced",
         "access.lockout",
+        "agent.alert",
     }
     assert {t for t, p in by_type.items() if p == 2} == {"inventory.snapshot"}
-    assert sum(1 for p in by_type.values() if p == 1) == len(ev.EVENT_TYPES) - 5
+    assert sum(1 for p in by_type.values() if p == 1) == len(ev.EVENT_TYPES) - 6
 
 
 @pytest.mark.parametrize(

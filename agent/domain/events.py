@@ -235,6 +235,20 @@ class ReaderOnline(EventBase):
     antennas_connected: list[int] | None = None
 
 
+class AgentAlert(EventBase):
+    """The agent itself needs attention: the outbox dropped rows under its overflow policy, the
+    disk is full, a corrupt database was quarantined, a row was dead-lettered… Never personal."""
+
+    type: Literal["agent.alert"] = "agent.alert"
+    kind: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.]{0,63}$", description="alert kind")]
+    detail: Detail = ""
+    dropped: dict[str, int] = Field(
+        default_factory=dict, description='events dropped, by priority ("0" critical … "2" routine)'
+    )
+    dropped_bytes: int = Field(0, ge=0)
+    seqs: list[int] = Field(default_factory=list, max_length=1000, description="rows concerned")
+
+
 Event: TypeAlias = Annotated[
     ItemCheckedOut
     | ItemReturned
@@ -251,7 +265,8 @@ Event: TypeAlias = Annotated[
     | InventoryIncomplete
     | InventorySnapshot
     | ReaderOffline
-    | ReaderOnline,
+    | ReaderOnline
+    | AgentAlert,
     Field(discriminator="type"),
 ]
 
@@ -274,12 +289,15 @@ EVENT_TYPES: tuple[str, ...] = (
     "inventory.snapshot",
     "reader.offline",
     "reader.online",
+    "agent.alert",
 )
 
 PRIORITY_CRITICAL = 0
 PRIORITY_NORMAL = 1
 PRIORITY_ROUTINE = 2
-_CRITICAL = frozenset({"item.checked_out", "item.returned", "door.forced", "access.lockout"})
+_CRITICAL = frozenset(
+    {"item.checked_out", "item.returned", "door.forced", "access.lockout", "agent.alert"}
+)
 _ROUTINE = frozenset({"inventory.snapshot"})
 
 
