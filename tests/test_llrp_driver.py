@@ -343,3 +343,33 @@ async def test_current_gpi_level_is_reported_on_connect() -> None:
             await sink.until(lambda: any(e.port == 1 for e in sink.gpi))
             assert [(e.port, e.high) for e in sink.gpi] == [(1, True)]
             assert reader.health.healthy
+
+
+async def test_inventory_started_long_after_connecting_keeps_the_session() -> None:
+    """The ready deadline restarts when inventory is requested (not only at connect)."""
+    async with sim_and_reader(n_tags=3, connect_timeout_s=2.0, inventory_deadline_s=3.0) as (
+        _sim,
+        reader,
+        sink,
+    ):
+        await sink.until(lambda: reader.health.state == ReaderState.ONLINE)
+        await asyncio.sleep(4.0)  # idle for longer than the deadline
+        await reader.start_inventory()
+        await sink.until(lambda: len(sink.epcs()) == 3)
+        assert reader.health.state == ReaderState.INVENTORYING
+        assert all(h.state != ReaderState.OFFLINE for h in sink.health)
+        assert reader.health.session == 1
+
+
+async def test_absurd_timestamps_in_a_report_do_not_crash_the_driver() -> None:
+    sink = RecordingSink()
+    reader = LlrpReader(_cfg(1), sink)
+    body = {
+        "TagReportData": [
+            {"EPC": b"3000abcdef00000000000003", "AntennaID": 1, "FirstSeenTimestampUTC": 2**63},
+            {"EPC": b"3000abcdef00000000000004", "AntennaID": 2, "FirstSeenTimestampUTC": -5},
+        ]
+    }
+    await reader._on_report(body)
+    assert [r.epc for r in sink.reads] == ["3000abcdef00000000000003", "3000abcdef00000000000004"]
+    assert all(r.first_seen.year >= 2026 for r in sink.reads)  # our clock, not the reader's

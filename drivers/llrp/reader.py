@@ -97,6 +97,8 @@ class _Session:
         self.client.setState(_S.STATE_CONNECTING)
         self.pending_gpo: dict[int, asyncio.Future[None]] = {}
         self.gpi_query_id: int | None = None
+        self.ready_by = 0.0  # loop time by which a requested inventory change must settle
+        self.stale_ids: set[int] = set()  # our requests whose answer came too late: drop them
         self.antennas_connected: frozenset[int] | None = None
 
     def _tx(self, data: bytes) -> None:
@@ -192,6 +194,12 @@ class LlrpReader:
                     self.stats.count_error(err)
                     reason = _describe_error(err, self._cfg)
                     delay = self._backoff.next_delay()
+                except Exception as err:  # a driver bug takes down this reader's
+                    # session, never the daemon: report it, back off, reconnect.
+                    self.stats.count_error(err)
+                    reason = f"internal error ({type(err).__name__}); reconnecting"
+                    delay = self._backoff.next_delay()
+                    logger.exception("reader %s: unexpected error in session", self.reader_id)
                 self.last_delay_s = delay
                 await self._set_health(ReaderState.OFFLINE, reason)
                 logger.info(
@@ -236,6 +244,8 @@ class LlrpReader:
             async with asyncio.timeout(self._cfg.connect_timeout_s):
                 await asyncio.shield(fut)
         except TimeoutError:
+            if len(sess.stale_ids) < 64:
+                sess.stale_ids.add(msg_id)
             raise TransientError(
                 f"reader {self.reader_id} did not confirm GPO {port} write within "
                 f"{self._cfg.connect_timeout_s:g}s"
@@ -328,7 +338,9 @@ class LlrpReader:
                     limit = first_event_deadline
                     late = f"no connection event from reader within {cfg.connect_timeout_s:g}s"
                 elif not self._settled(sess):
-                    limit = ready_deadline
+                    # The deadline restarts whenever inventory is (re)requested: a start long
+                    # after connecting is not a reader that failed to get ready.
+                    limit = max(ready_deadline, sess.ready_by)
                     late = f"reader not ready within {cfg.inventory_deadline_s:g}s"
                 else:
                     limit, late = now + watchdog_s, silent
@@ -373,6 +385,9 @@ class LlrpReader:
         self._last_progress = self._clock.monotonic()
         if msg_type == _MSG_SET_READER_CONFIG_RESPONSE and msg_id in sess.pending_gpo:
             self._resolve_gpo(sess, msg_id, data)
+            return
+        if msg_id in sess.stale_ids:
+            sess.stale_ids.discard(msg_id)  # a late answer to our own request: not sllurp's
             return
         if msg_type == _MSG_GET_READER_CONFIG_RESPONSE and msg_id == sess.gpi_query_id:
             sess.gpi_query_id = None
@@ -522,11 +537,13 @@ class LlrpReader:
             count = count.get("TagCount", 1)
         first_us = tag.get("FirstSeenTimestampUTC")
         first_seen = now
-        if isinstance(first_us, int):
-            ts = _EPOCH + timedelta(microseconds=first_us)
-            # A reader without a set clock reports uptime; keep our clock then.
-            if _OLDEST_PLAUSIBLE <= ts <= now + timedelta(days=1):
-                first_seen = ts
+        # A reader without a set clock reports uptime; keep our clock then. Bounds are checked on
+        # the integer first: a hostile value (2**63) would overflow datetime arithmetic.
+        if (
+            isinstance(first_us, int)
+            and _OLDEST_PLAUSIBLE_US <= first_us <= int(now.timestamp() * 1_000_000) + _DAY_US
+        ):
+            first_seen = _EPOCH + timedelta(microseconds=first_us)
         return TagRead(
             reader_id=self.reader_id,
             epc=epc_hex,
@@ -584,6 +601,8 @@ class LlrpReader:
             return
         state = sess.client.state
         try:
+            if self._want_inventory and state in (_S.STATE_CONNECTED, _S.STATE_PAUSED):
+                sess.ready_by = asyncio.get_running_loop().time() + self._cfg.inventory_deadline_s
             if self._want_inventory and state == _S.STATE_CONNECTED:
                 sess.client.startInventory()
             elif self._want_inventory and state == _S.STATE_PAUSED:
