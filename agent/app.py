@@ -63,6 +63,7 @@ from drivers.types import (
 logger = logging.getLogger(__name__)
 
 INPUT_QUEUE = 4096
+_STOP_ENGINE = object()  # queued by the shutdown sequence: the engine loop returns on it
 # A store that failed for good cannot take the alert event either: those are only logged.
 # OVER_CAP and WRITE_RETRYING repeat on every write while they last: status and logs show them.
 _ALERTS_NOT_SENT = frozenset({"store.failed", "store.over_cap", "store.write_retrying"})
@@ -170,6 +171,7 @@ class CabinetApp:
         self.publisher: Any = None
         self.documents: dict[str, SignedDocument] = {}
         self._raw_docs: dict[str, bytes] = {}
+        self._live_raw: dict[str, bytes] = {}  # what installed() answers (swapped atomically)
         self.alerts: deque[str] = deque(maxlen=50)
         self.started_at = datetime.now(UTC)
         self.engine_progress = time.monotonic()
@@ -186,6 +188,7 @@ class CabinetApp:
         self._store_alerts: asyncio.Queue[StoreAlert] = asyncio.Queue(256)
         self._lock_pending = False
         self._alert_ids = Uuid7Generator()
+        self._committing = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -233,9 +236,15 @@ class CabinetApp:
             )
             await self.stop_event.wait()
             logger.info("stopping: intake first, then engine, outbox, broker, readers")
-            # 1. stop intake: badge readers first (no new sessions), then the engine loop
-            #    finishes the input it holds and commits it.
-            engine_task.cancel()
+            # 1. the engine loop finishes (and commits) what was queued before this point,
+            #    then returns; cancelled only if it cannot within a bounded time.
+            try:
+                async with asyncio.timeout(3.0):
+                    await self.inputs.queue.put(_STOP_ENGINE)
+                    await asyncio.shield(engine_task)
+            except TimeoutError:
+                logger.warning("engine did not finish within 3 s; cancelling")
+                engine_task.cancel()
             # 2. publisher: flush acks, offline status, clean disconnect.
             if self.publisher is not None and publisher_task is not None:
                 self.publisher.stop()
@@ -275,6 +284,7 @@ class CabinetApp:
         now = Now.of(self.clock)
         readers = {rc.id: list(rc.antennas) for rc in self.cfg.readers}
         allow_list, assets = await self._load_documents(now)
+        self._live_raw = dict(self._raw_docs)
         state = await self.store.load_session()
         engine: CabinetEngine | None = None
         if state is not None:
@@ -357,7 +367,9 @@ class CabinetApp:
             return []
         self.documents.clear()
         self._raw_docs.clear()
+        # installed() keeps answering from _live_raw meanwhile (no-rollback checks stay on).
         allow_list, assets = await self._load_documents(Now.of(self.clock))
+        self._live_raw = dict(self._raw_docs)
         self.engine.set_allow_list(allow_list)
         self.engine.set_assets(assets)
         return [f"{kind} v{doc.version}" for kind, doc in sorted(self.documents.items())]
@@ -382,21 +394,26 @@ class CabinetApp:
     # -- DocumentSink (called by the publisher for verified documents) ---------------------
 
     def installed(self, kind: str) -> bytes | None:
-        return self._raw_docs.get(kind)
+        return self._live_raw.get(kind)
 
     async def install(self, doc: SignedDocument, raw: bytes) -> None:
         assert self.store is not None
         assert self.engine is not None
         if doc.kind == "allow-list":
             allow_list = AllowList.from_document(doc)
-            self.engine.set_allow_list(allow_list)
         elif doc.kind == "asset-registry":
-            self.engine.set_assets(AssetRegistry.from_body(doc.body))
+            assets = AssetRegistry.from_body(doc.body)
         else:
             return
+        # Persist first: a document that is live must survive a restart.
         await self.store.kv_put(f"doc:{doc.kind}", raw)
+        if doc.kind == "allow-list":
+            self.engine.set_allow_list(allow_list)
+        else:
+            self.engine.set_assets(assets)
         self.documents[doc.kind] = doc
         self._raw_docs[doc.kind] = raw
+        self._live_raw[doc.kind] = raw
         await self.store.audit_append(
             "backend", "document.installed", {"kind": doc.kind, "version": doc.version}
         )
@@ -427,8 +444,11 @@ class CabinetApp:
             if item is None or now.mono - last_tick >= TICK_S:
                 last_tick = now.mono
                 await self._apply(engine.tick(now), now)
+            if item is _STOP_ENGINE:
+                return
             if item is None:
-                await self._feed_liveness(engine, now, heard)
+                if queue.empty():
+                    await self._feed_liveness(engine, now, heard)
                 continue
             if isinstance(item, tuple):
                 out = engine.on_tags(item, now)
@@ -468,11 +488,19 @@ class CabinetApp:
                 }
             )
             state = out.session_state if out.session_state is not None else KEEP
-            await self.store.commit_cycle(rows, baseline, state)
+            self._committing = True
+            try:
+                await self.store.commit_cycle(rows, baseline, state)
+            finally:
+                self._committing = False
             if out.baseline is not None:
                 self.stats.door_cycles += 1
         elif rows:
-            await self.store.append_events(rows)
+            self._committing = True
+            try:
+                await self.store.append_events(rows)
+            finally:
+                self._committing = False
         if rows:
             self._record(rows, out.events)
             if self.publisher is not None:
@@ -529,6 +557,15 @@ class CabinetApp:
             except Exception:  # an observer must not stop the engine loop
                 logger.exception("commit listener failed")
 
+    def engine_alive(self) -> float:
+        """Watchdog probe: when the engine last made progress, or now while it deliberately
+        waits for a durable commit on a full disk (the store holds the writes; restarting would
+        lose them)."""
+        store = self.store
+        if self._committing and store is not None and store.disk_full:
+            return time.monotonic()
+        return self.engine_progress
+
     async def _feed_liveness(
         self, engine: CabinetEngine, now: Now, heard: dict[str, float]
     ) -> None:
@@ -537,7 +574,10 @@ class CabinetApp:
         Called only with the input queue empty: drivers stamp ``last_frame`` after a batch's
         reads were delivered, so every read heard before that instant has been consumed.
         """
+        queue = self.inputs.queue
         for reader in self.readers:
+            if not queue.empty():
+                return  # reads arrived while we applied: consume them first
             at = getattr(reader, "last_frame", None)
             if isinstance(at, float) and at > heard.get(reader.reader_id, 0.0):
                 heard[reader.reader_id] = at
@@ -557,6 +597,7 @@ class CabinetApp:
                 if self.door is not None:
                     try:
                         await self.door.lock()
+                        self._lock_pending = False
                     except (CabinetError, OSError) as err:
                         # Fail secure: remember it and re-lock as soon as the reader is back.
                         self._lock_pending = True

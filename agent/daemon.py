@@ -68,7 +68,7 @@ class Daemon:
         metrics_server = MetricsServer(self.cfg.metrics, self.metrics.registry)
 
         def _on_ready() -> None:
-            gate.register("engine", lambda: app.engine_progress, kind="time")
+            gate.register("engine", app.engine_alive, kind="time")
             for reader in app.readers:
                 if isinstance(getattr(reader, "last_progress", None), float):
                     gate.register(

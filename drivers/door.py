@@ -131,9 +131,20 @@ class Door:
         return True
 
     async def lock(self) -> None:
-        """Engage the lock now (cancels a pending re-lock)."""
+        """Engage the lock now (cancels a pending re-lock).
+
+        Fail secure: if the write fails, a background re-lock keeps retrying (with backoff)
+        until it succeeds or another command supersedes it; the error is still raised.
+        """
         await self._cancel_relock()
-        await self._write(release=False, what="lock")
+        try:
+            await self._write(release=False, what="lock")
+        except DoorCommandError as err:
+            self.lock_fault = str(err)
+            task = asyncio.create_task(self._relock_after(0.0), name=f"door-relock:{self.door_id}")
+            task.add_done_callback(self._relock_done)
+            self._relock = task
+            raise
 
     async def close(self) -> None:
         """Stop the re-lock timer; if the lock was left released, try once to engage it."""

@@ -314,3 +314,35 @@ async def _wait(predicate: object) -> None:
     async with asyncio.timeout(TIMEOUT_S):
         while not predicate():  # the re-lock task has no public event: bounded poll
             await asyncio.sleep(0.001)
+
+
+async def test_failed_lock_keeps_retrying_in_the_background() -> None:
+    """Fail secure: a lock command that fails is retried until the lock is engaged."""
+    from drivers.backoff import Backoff
+    from drivers.door import Door, DoorCommandError, DoorConfig
+
+    writes: list[tuple[int, bool]] = []
+    failures = 3
+
+    async def set_gpo(port: int, high: bool) -> None:
+        nonlocal failures
+        if not high and failures > 0:
+            failures -= 1
+            raise DoorCommandError("reader refused the GPO write")
+        writes.append((port, high))
+
+    door = Door(
+        DoorConfig(reader="dock-1", sensor_gpi=1, lock_gpo=2, command_timeout_s=1.0),
+        set_gpo,
+        relock_backoff=Backoff(initial_s=0.01, max_s=0.02),
+    )
+    with pytest.raises(DoorCommandError):
+        await door.lock()
+    assert door.relock_pending
+    assert door.lock_fault is not None
+    async with asyncio.timeout(10):
+        while door.locked is not True:
+            await asyncio.sleep(0.01)
+    assert writes == [(2, False)]
+    assert failures == 0
+    await door.close()

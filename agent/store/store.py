@@ -266,6 +266,11 @@ class Store:
         chosen = None if seqs is None else sorted(set(seqs))
         return int(await self._submit(lambda d: d.revive_dead(chosen), write=True, ordered=False))
 
+    @property
+    def disk_full(self) -> bool:
+        """True while writes are held because the disk (or the database cap) is full."""
+        return bool(self._worker.disk_full)
+
     async def stats(self) -> OutboxStats:
         summary, dropped, next_seq = await self._submit(
             lambda d: (d.outbox_summary(), d.dropped_counts(), d.next_seq()),
