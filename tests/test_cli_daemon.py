@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from simulators.llrp import LlrpSimulator, SimTag
+from tests.daemon_rig import provision
 from tests.mqtt_fixtures import Mosquitto, free_port
-from tests.test_daemon import _provision
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -211,7 +211,7 @@ async def daemon(
     tmp: Path, sockdir: Path, sim: LlrpSimulator, mqtt_port: int | None = None
 ) -> AsyncIterator[Running]:
     """A ``cabinet-agent run`` process, ready (socket answering, reader online)."""
-    _provision(tmp)
+    provision(tmp)
     sock = sockdir / "control.sock"
     config = _config(tmp, sock, sim.port, mqtt_port)
     log = tmp / "agent.log"

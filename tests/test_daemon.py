@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import sys
 import time
@@ -14,60 +13,12 @@ import pytest
 
 from agent.config import EX_CONFIG, parse_config
 from agent.daemon import Daemon
-from agent.privacy.keys import generate_backend_keys
 from agent.sdnotify import Notifier
 from drivers.types import ReaderState
 from simulators.llrp import LlrpSimulator
+from tests.daemon_rig import config_text, provision
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _provision(tmp: Path) -> Path:
-    """Backend keys, and the three files a cabinet gets, in ``tmp/creds``."""
-    generate_backend_keys(tmp / "backend")
-    creds = tmp / "creds"
-    creds.mkdir()
-    for name in ("backend-hpke.pub", "signing.pub", "site.key"):
-        shutil.copy(tmp / "backend" / name, creds / name)
-    (creds / "site.key").chmod(0o600)
-    return creds
-
-
-def _config_text(tmp: Path, port: int) -> str:
-    creds = tmp / "creds"
-    return f"""
-[cabinet]
-site_id = "hangar-3"
-cabinet_id = "crib-07"
-
-[[readers]]
-type = "llrp"
-id = "dock-1"
-host = "127.0.0.1"
-port = {port}
-antennas = [1, 2, 3, 4]
-keepalive_s = 1.0
-gpi_ports = [1]
-backoff = {{ initial_s = 0.05, max_s = 0.5 }}
-
-[privacy]
-site_key = "{creds}/site.key"
-seal_public_key = "{creds}/backend-hpke.pub"
-signing_public_keys = ["{creds}/signing.pub"]
-
-[store]
-path = "{tmp}/state.db"
-
-[control]
-socket_path = "{tmp}/control.sock"
-group = "root"
-
-[metrics]
-port = 0
-
-[domain]
-drawers = {{ top = ["dock-1:1", "dock-1:2"], bottom = ["dock-1:3", "dock-1:4"] }}
-"""
 
 
 async def _wait_for(path: Path, text: str, timeout: float = 30.0) -> str:
@@ -81,10 +32,10 @@ async def _wait_for(path: Path, text: str, timeout: float = 30.0) -> str:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_daemon_process_stops_cleanly_within_budget(tmp_path: Path, sig: int) -> None:
-    _provision(tmp_path)
+    provision(tmp_path)
     async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=5) as sim:
         cfg = tmp_path / "agent.toml"
-        cfg.write_text(_config_text(tmp_path, sim.port))
+        cfg.write_text(config_text(tmp_path, sim.port))
         log = tmp_path / "agent.log"
         with log.open("w") as out:
             proc = await asyncio.create_subprocess_exec(
@@ -120,10 +71,10 @@ async def test_daemon_process_stops_cleanly_within_budget(tmp_path: Path, sig: i
 
 
 async def test_loose_key_file_permissions_refuse_to_start(tmp_path: Path) -> None:
-    creds = _provision(tmp_path)
+    creds = provision(tmp_path)
     (creds / "site.key").chmod(0o644)
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(_config_text(tmp_path, 9))
+    cfg.write_text(config_text(tmp_path, 9))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -144,9 +95,9 @@ async def test_loose_key_file_permissions_refuse_to_start(tmp_path: Path) -> Non
 
 async def test_in_process_daemon_leaves_no_task_or_socket(tmp_path: Path) -> None:
     """Run the daemon in this loop: after stop, the autouse guard proves no task leaked."""
-    creds = _provision(tmp_path)
+    creds = provision(tmp_path)
     async with LlrpSimulator(personality="zebra", antennas=4, port=0, seed=2) as sim:
-        cfg = parse_config(_toml(_config_text(tmp_path, sim.port)))
+        cfg = parse_config(_toml(config_text(tmp_path, sim.port)))
         daemon = Daemon(cfg, credentials_dir=creds, notifier=Notifier.from_env({}))
         task = asyncio.create_task(daemon.run(), name="daemon-under-test")
         try:
@@ -179,10 +130,10 @@ async def test_reload_reverifies_stored_documents(tmp_path: Path) -> None:
     from agent.privacy.keys import load_backend_keys
     from agent.privacy.signed import allow_list_doc, sign_document
 
-    creds = _provision(tmp_path)
+    creds = provision(tmp_path)
     backend = load_backend_keys(tmp_path / "backend")
     async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=2) as sim:
-        cfg = parse_config(_toml(_config_text(tmp_path, sim.port)))
+        cfg = parse_config(_toml(config_text(tmp_path, sim.port)))
         daemon = Daemon(cfg, credentials_dir=creds, notifier=Notifier.from_env({}))
         task = asyncio.create_task(daemon.run(), name="daemon-under-test")
         try:
@@ -223,11 +174,11 @@ async def test_corrupt_database_is_quarantined_and_reported_to_the_backend(tmp_p
     from agent.privacy.envelope import Opener
     from agent.privacy.keys import load_backend_keys
 
-    creds = _provision(tmp_path)
+    creds = provision(tmp_path)
     backend = load_backend_keys(tmp_path / "backend")
     (tmp_path / "state.db").write_bytes(b"this is not a database " * 200)
     async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=2) as sim:
-        cfg = parse_config(_toml(_config_text(tmp_path, sim.port)))
+        cfg = parse_config(_toml(config_text(tmp_path, sim.port)))
         daemon = Daemon(cfg, credentials_dir=creds, notifier=Notifier.from_env({}))
         task = asyncio.create_task(daemon.run(), name="daemon-under-test")
         try:
