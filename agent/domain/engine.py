@@ -631,6 +631,34 @@ class CabinetEngine:
         else:
             self._background_pass_done(result, now, out)
 
+    def _pass_incomplete(
+        self,
+        result: ScanResult,
+        now: Now,
+        out: EngineOutput,
+        purpose: ev.ScanPurpose,
+        attempt: int,
+        session_id: UUID | None = None,
+    ) -> bool:
+        """Report an untrustworthy pass and redo it while retries remain; True if retrying."""
+        retry = attempt <= self.config.max_rescans
+        extra = {} if session_id is None else {"session_id": session_id}
+        out.events.append(
+            self._event(
+                ev.InventoryIncomplete,
+                now,
+                purpose=purpose,
+                attempt=attempt,
+                will_retry=retry,
+                reasons=list(result.problems),
+                **extra,
+            )
+        )
+        if retry:
+            self._start_pass(self.phase, now, out, first=False)
+            out.commands.append(StartScan())
+        return retry
+
     def _session_pass_done(self, result: ScanResult, now: Now, out: EngineOutput) -> None:
         session = self._session
         assert session is not None
@@ -638,23 +666,10 @@ class CabinetEngine:
         session.scan_ms += result.duration_ms
         if not result.complete:
             session.attempts += 1
-            retry = session.attempts <= self.config.max_rescans
-            out.events.append(
-                self._event(
-                    ev.InventoryIncomplete,
-                    now,
-                    purpose="session",
-                    session_id=session.session_id,
-                    attempt=session.attempts,
-                    will_retry=retry,
-                    reasons=list(result.problems),
-                )
-            )
-            if retry:
-                # Keep a complete first pass: only the pass that failed is redone.
-                self._start_pass(self.phase, now, out, first=False)
-                out.commands.append(StartScan())
-            else:
+            # A complete first pass is kept: only the pass that failed is redone.
+            if not self._pass_incomplete(
+                result, now, out, "session", session.attempts, session.session_id
+            ):
                 self._close_session(now, out, None, reads=result.reads, tags=len(result.present))
             return
         if self.phase is Phase.SCANNING:
@@ -764,21 +779,7 @@ class CabinetEngine:
     def _background_pass_done(self, result: ScanResult, now: Now, out: EngineOutput) -> None:
         if not result.complete:
             self._bg_attempts += 1
-            retry = self._bg_attempts <= self.config.max_rescans
-            out.events.append(
-                self._event(
-                    ev.InventoryIncomplete,
-                    now,
-                    purpose="background",
-                    attempt=self._bg_attempts,
-                    will_retry=retry,
-                    reasons=list(result.problems),
-                )
-            )
-            if retry:
-                self._start_pass(self.phase, now, out, first=False)
-                out.commands.append(StartScan())
-            else:
+            if not self._pass_incomplete(result, now, out, "background", self._bg_attempts):
                 self._finish_background(now, out, complete=False)
             return
         if self.phase is Phase.BACKGROUND:
