@@ -12,7 +12,8 @@ import pytest
 import pytest_asyncio
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPTURES = ROOT.parent / "shared" / "llrp-captures"
+# Real R420 messages, vendored with their Apache-2.0 licence (tests/data/llrp-captures/README.md).
+CAPTURES = ROOT / "tests" / "data" / "llrp-captures"
 
 
 class _FormatCheckingHandler(logging.Handler):

@@ -6,7 +6,6 @@ import base64
 import json
 import struct
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -23,7 +22,7 @@ from drivers.llrp.framing import (
 )
 from drivers.llrp.reader import LlrpReader
 from drivers.types import QueueSink, TagRead
-from tests.conftest import CAPTURES
+from tests.conftest import CAPTURES, ROOT
 
 _message = st.tuples(
     st.integers(0, 1023), st.integers(0, 2**32 - 1), st.binary(min_size=0, max_size=300)
@@ -112,7 +111,7 @@ def _report_captures() -> list[str]:
 
 
 def test_captures_are_present() -> None:
-    # CI always has ../shared/llrp-captures; a missing directory is a broken checkout.
+    # Vendored in the repository: a missing file is a broken checkout.
     assert len(_report_captures()) == 5, f"expected the R420 captures in {CAPTURES}"
 
 
@@ -172,5 +171,19 @@ def test_capture_split_byte_by_byte() -> None:
     assert all(f.msg_type == 61 for f in frames)
 
 
-def test_captures_dir_is_beside_project() -> None:
-    assert Path(CAPTURES).name == "llrp-captures"
+def test_captures_live_inside_the_checkout() -> None:
+    # No test may read anything outside the repository (a plain clone must pass).
+    assert CAPTURES.resolve().is_relative_to(ROOT.resolve())
+    assert (CAPTURES / "LICENSE.edgex-apache-2.0").is_file()
+
+
+def test_no_test_reads_outside_the_checkout() -> None:
+    # A plain clone, with nothing beside it, must pass: no path may climb out of the repository.
+    offenders = []
+    for tree in ("tests", "bench"):
+        for path in (ROOT / tree).rglob("*.py"):
+            text = path.read_text(encoding="utf-8")
+            for needle in ("ROOT.parent", '"shared"', "../shared"):
+                if needle in text and path.name != "test_llrp_framing.py":
+                    offenders.append(f"{path.relative_to(ROOT)}: {needle}")
+    assert offenders == []
