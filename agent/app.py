@@ -39,6 +39,7 @@ from agent.domain.engine import (
 from agent.domain.ids import Uuid7Generator
 from agent.domain.inventory import Baseline
 from agent.domain.now import Now
+from agent.mqtt.config import check_tls_files
 from agent.privacy.config import CabinetPrivacy, load_cabinet_privacy
 from agent.privacy.envelope import EnvelopeHeader, seal_batch
 from agent.privacy.signed import DocumentError, SignedDocument
@@ -152,6 +153,8 @@ class CabinetApp:
         self.privacy: CabinetPrivacy = load_cabinet_privacy(
             cfg.privacy, self.site_id, self.cabinet_id, credentials_dir=credentials_dir
         )
+        if cfg.mqtt is not None and cfg.mqtt.tls is not None:
+            check_tls_files(cfg.mqtt.tls)
         self.inputs = _Inputs(self)
         self.stats = AppStats()
         self.readers: list[ReaderDriver] = [

@@ -70,11 +70,25 @@ async def test_daemon_process_stops_cleanly_within_budget(tmp_path: Path, sig: i
         await sim.wait_until(lambda: sim.connections.active == 0, timeout=5.0)
 
 
-async def test_loose_key_file_permissions_refuse_to_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("target", "mode", "says"),
+    [
+        ("site.key", 0o644, "chmod 600"),
+        ("signing.pub", 0o666, "chmod go-w"),
+        ("backend-hpke.pub", 0o646, "chmod go-w"),
+        (".", 0o777, "chmod go-w"),  # the directory: anyone could swap the files
+        ("ca.pem", 0o666, "chmod go-w"),  # MQTT TLS trust anchor
+    ],
+)
+async def test_loose_key_file_permissions_refuse_to_start(
+    tmp_path: Path, target: str, mode: int, says: str
+) -> None:
     creds = provision(tmp_path)
-    (creds / "site.key").chmod(0o644)
+    (creds / "ca.pem").write_text("not read: refused before it is parsed\n")
+    (creds / target).chmod(mode)
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(config_text(tmp_path, 9))
+    tls = f'[mqtt]\nhost = "127.0.0.1"\nport = 9\ntls = {{ ca_file = "{creds}/ca.pem" }}\n'
+    cfg.write_text(config_text(tmp_path, 9) + (tls if target == "ca.pem" else ""))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -88,8 +102,10 @@ async def test_loose_key_file_permissions_refuse_to_start(tmp_path: Path) -> Non
     )
     async with asyncio.timeout(30):
         _out, err = await proc.communicate()
-    assert proc.returncode == EX_CONFIG
-    assert b"chmod" in err
+    assert proc.returncode == EX_CONFIG, err
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1, lines  # one line naming the file and the fix, no traceback
+    assert says in lines[0]
     assert not (tmp_path / "state.db").exists(), "nothing may start on a bad key file"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -94,3 +95,64 @@ def test_regenerate_replaces_files_atomically(tmp_path: Path) -> None:
     second = generate_backend_keys(tmp_path)
     assert load_backend_keys(tmp_path).site_key == second.site_key != first.site_key
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)  # no temp files left
+
+
+# -- item 7 of #9: key and trust files nobody else can change ---------------------------------
+
+
+@pytest.mark.parametrize("name", ["signing.pub", "backend-hpke.pub", "signing.key"])
+@pytest.mark.parametrize("mode", [0o666, 0o646, 0o664])
+def test_key_files_writable_by_others_are_refused(tmp_path: Path, name: str, mode: int) -> None:
+    generate_backend_keys(tmp_path)
+    os.chmod(tmp_path / name, mode)
+    with pytest.raises(KeyFileError, match="writable by group/others") as err:
+        load_backend_keys(tmp_path) if name.endswith(".key") else _load_public(tmp_path / name)
+    assert "\n" not in str(err.value)
+    assert f"chmod go-w {tmp_path / name}" in str(err.value)
+
+
+def test_a_writable_directory_above_a_key_file_is_refused(tmp_path: Path) -> None:
+    keys = tmp_path / "deep" / "keys"
+    keys.mkdir(parents=True)
+    generate_backend_keys(keys)
+    (tmp_path / "deep").chmod(0o777)  # anyone may rename keys/ away and plant their own
+    with pytest.raises(KeyFileError, match=r"directory .*deep is writable by group/others"):
+        load_signing_public(keys / "signing.pub")
+    (tmp_path / "deep").chmod(0o1777)  # sticky (as /tmp): only owners rename their entries
+    assert load_signing_public(keys / "signing.pub")[0] == "sig1"
+    keys.chmod(0o775)
+    with pytest.raises(KeyFileError, match=r"directory .*keys is writable by group/others"):
+        load_signing_public(keys / "signing.pub")
+
+
+def test_a_key_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    generate_backend_keys(tmp_path)
+    os.chown(tmp_path / "backend-hpke.pub", 65534, -1)
+    with pytest.raises(KeyFileError, match="owned by uid 65534"):
+        load_hpke_public(tmp_path / "backend-hpke.pub")
+    os.chown(tmp_path / "backend-hpke.pub", 0, -1)
+    assert load_hpke_public(tmp_path / "backend-hpke.pub")[0]
+    os.chown(tmp_path, 65534, -1)
+    with pytest.raises(KeyFileError, match="owned by uid 65534, who could replace"):
+        load_hpke_public(tmp_path / "backend-hpke.pub")
+
+
+def test_an_acl_granting_write_is_refused(tmp_path: Path) -> None:
+    generate_backend_keys(tmp_path)
+    path = tmp_path / "signing.pub"
+    # user:65534:rw- with mask rw-: mode shows 0664-ish group bits, the ACL names the writer.
+    entries = [(0x01, 0o6, 0xFFFFFFFF), (0x02, 0o6, 65534), (0x04, 0o4, 0xFFFFFFFF)]
+    entries += [(0x10, 0o6, 0xFFFFFFFF), (0x20, 0o4, 0xFFFFFFFF)]
+    blob = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    try:
+        os.setxattr(path, "system.posix_acl_access", blob)
+    except OSError as err:  # pragma: no cover - the CI filesystem supports ACLs
+        pytest.fail(f"cannot set an ACL on {path}: {err}")
+    with pytest.raises(KeyFileError, match="user 65534 write it"):
+        load_signing_public(path)
+
+
+def _load_public(path: Path) -> object:
+    if path.name == "signing.pub":
+        return load_signing_public(path)
+    return load_hpke_public(path)

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from agent.privacy.keyfile import check_trusted_file
 from drivers.config import BackoffConfig, StrictModel
 
 _PIN_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -106,3 +107,13 @@ class MqttConfig(StrictModel):
         if self.port is not None:
             return self.port
         return 8883 if self.tls is not None else 1883
+
+
+def check_tls_files(tls: TlsConfig) -> None:
+    """The CA, certificate and key files exist and nobody but root or us can change them (the
+    key: nor read it). Raises KeyFileError, a PermanentError naming the file and the fix."""
+    check_trusted_file(tls.ca_file)
+    if tls.cert_file is not None:
+        check_trusted_file(tls.cert_file)
+    if tls.key_file is not None:
+        check_trusted_file(tls.key_file, secret=True)

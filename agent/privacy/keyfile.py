@@ -1,6 +1,10 @@
 """Key files: small TOML files (kind, kid, base64 raw key); secret ones must be mode 0600.
 
-Format specified in ``docs/privacy.md`` ("Key files").
+Every key or trust file (public ones too) must be beyond the reach of other local users: a swapped
+``signing.pub`` lets its author push allow-lists, a swapped ``backend-hpke.pub`` lets them read
+every event. So the file and every directory above it must be owned by root or the service user
+and writable by nobody else (``check_trusted_file``). Format specified in ``docs/privacy.md``
+("Key files").
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from drivers.errors import PermanentError
 __all__ = [
     "KID_PATTERN",
     "KeyFileError",
+    "check_trusted_file",
     "read_key_file",
     "read_private_file",
     "write_key_file",
@@ -93,6 +98,81 @@ def _read_public_file(path: Path) -> str:
     return _read(path, check_private=False)
 
 
+def check_trusted_file(path: Path, *, secret: bool = False) -> None:
+    """Refuse a key, certificate or CA file that anyone but root or this user could change.
+
+    Raises KeyFileError (one line naming the file and the fix) when the file is missing, not a
+    regular file, or it or a directory above it can be written by someone else; with
+    ``secret=True`` also when anyone else may read it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: file not found") from None
+    except OSError as err:
+        raise KeyFileError(f"{path}: cannot open: {err.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{path}: not a regular file")
+        _check_not_writable_by_others(fd, path, st)
+        if secret:
+            _check_private(fd, path, stat.S_IMODE(st.st_mode))
+    finally:
+        os.close(fd)
+
+
+def _trusted_owners() -> frozenset[int]:
+    return frozenset({0, os.geteuid()})
+
+
+def _check_not_writable_by_others(fd: int, path: Path, st: os.stat_result) -> None:
+    """The file and every directory above it: owned by root or us, writable by nobody else."""
+    owners = _trusted_owners()
+    if st.st_uid not in owners:
+        raise KeyFileError(
+            f"{path}: owned by uid {st.st_uid}, who could replace its contents; "
+            f"fix it with: chown root {path}"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    acl = _access_acl(fd)
+    # With an access ACL the group bits are the ACL mask: the entries say who may write.
+    if mode & (0o002 if acl is not None else 0o022):
+        raise KeyFileError(
+            f"{path}: mode is {mode:04o}, writable by group/others; fix it with: chmod go-w {path}"
+        )
+    writers = _acl_writers(acl)
+    if writers:
+        raise KeyFileError(
+            f"{path}: ACL lets {', '.join(writers)} write it; fix it with: setfacl -b {path}"
+        )
+    # A writable directory anywhere above lets its writers rename the file away and plant
+    # their own. World-writable sticky directories (/tmp) only let owners rename their entries,
+    # and the entry below is checked to be ours (as OpenSSH's StrictModes, plus the sticky bit).
+    directory = Path(os.path.realpath(path)).parent
+    while True:
+        try:
+            dst = os.stat(directory)
+        except OSError as err:
+            raise KeyFileError(
+                f"{path}: cannot check directory {directory}: {err.strerror}"
+            ) from None
+        if dst.st_uid not in owners:
+            raise KeyFileError(
+                f"{path}: directory {directory} is owned by uid {dst.st_uid}, who could replace "
+                f"the file; fix it with: chown root {directory}"
+            )
+        dmode = stat.S_IMODE(dst.st_mode)
+        if dmode & 0o022 and not dmode & stat.S_ISVTX:
+            raise KeyFileError(
+                f"{path}: directory {directory} is writable by group/others, who could replace "
+                f"the file; fix it with: chmod go-w {directory}"
+            )
+        if directory.parent == directory:
+            return
+        directory = directory.parent
+
+
 def _read(path: Path, *, check_private: bool) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -105,6 +185,7 @@ def _read(path: Path, *, check_private: bool) -> str:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{path}: key file is not a regular file")
+        _check_not_writable_by_others(fd, path, st)
         if check_private:
             _check_private(fd, path, stat.S_IMODE(st.st_mode))
         raw = os.read(fd, MAX_KEY_FILE_BYTES + 1)
@@ -147,6 +228,25 @@ def _access_acl(fd: int) -> list[tuple[int, int, int]] | None:
     if len(raw) < 4 or (len(raw) - 4) % 8 or int.from_bytes(raw[:4], "little") != _ACL_VERSION:
         return [(_ACL_OTHER, 0o7, 0)]  # unparseable: treat as open to others, refuse
     return [struct.unpack_from("<HHI", raw, off) for off in range(4, len(raw), 8)]
+
+
+def _acl_writers(entries: list[tuple[int, int, int]] | None) -> list[str]:
+    """Who besides root and this user may write, by the access ACL (empty without one)."""
+    if entries is None:
+        return []
+    mask = next((perm for tag, perm, _ in entries if tag == _ACL_MASK), 0o7)
+    owners = _trusted_owners()
+    out = []
+    for tag, perm, ident in entries:
+        if tag == _ACL_OTHER and perm & 0o2:
+            out.append("others")
+        elif tag == _ACL_GROUP_OBJ and perm & mask & 0o2:
+            out.append("the owning group")
+        elif tag == _ACL_GROUP and perm & mask & 0o2:
+            out.append(f"group {ident}")
+        elif tag == _ACL_USER and perm & mask & 0o2 and ident not in owners:
+            out.append(f"user {ident}")
+    return out
 
 
 def _acl_leaks(entries: list[tuple[int, int, int]], me: int) -> list[str]:
