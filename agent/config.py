@@ -5,7 +5,9 @@ Raw dicts never travel past this module: everything downstream gets typed sectio
 
 from __future__ import annotations
 
+import json
 import tomllib
+from datetime import date, datetime, time
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +25,7 @@ from drivers.door import DoorConfig
 from drivers.registry import READER_TYPES, ReaderConfig
 
 EX_CONFIG = 78  # sysexits.h EX_CONFIG
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 class CabinetSection(StrictModel):
@@ -69,8 +72,14 @@ class AgentConfig(StrictModel):
             wired = [r for r in self.readers if r.id == self.door.reader]
             if not wired:
                 raise ValueError(f"door.reader {self.door.reader!r} is not a configured reader id")
-            gpi_ports = getattr(wired[0], "gpi_ports", None)
-            if gpi_ports is not None and self.door.sensor_gpi not in gpi_ports:
+            gpi_ports = wired[0].gpi_inputs()
+            if gpi_ports is None:
+                raise ValueError(
+                    f"door.reader {self.door.reader!r} is a {wired[0].type} reader, which cannot "
+                    "report GPI inputs: the door sensor would never report (wire the door to an "
+                    "LLRP reader)"
+                )
+            if self.door.sensor_gpi not in gpi_ports:
                 raise ValueError(
                     f"door.sensor_gpi {self.door.sensor_gpi} is not in the gpi_ports of reader "
                     f"{self.door.reader!r}: the door would never report"
@@ -127,9 +136,18 @@ def format_validation_error(err: ValidationError) -> list[str]:
 
 
 def parse_config(data: dict[str, object], path: Path = Path("<memory>")) -> AgentConfig:
-    """Validate an already-parsed TOML document."""
+    """Validate an already-parsed TOML document.
+
+    Strict types: ``port = "15084"`` is a string, not a number, and is refused. Validation goes
+    through JSON so that strings may still name paths (strict Python mode wants ``Path``
+    objects, which TOML cannot express).
+    """
     try:
-        cfg = AgentConfig.model_validate(data)
+        doc = json.dumps(data, default=_json_default)
+    except (ValueError, TypeError, RecursionError) as err:
+        raise ConfigError(path, [f"(file): cannot represent the document: {err}"]) from None
+    try:
+        cfg = AgentConfig.model_validate_json(doc, strict=True)
     except ValidationError as err:
         raise ConfigError(path, format_validation_error(err)) from None
     # Cross-section wiring: a drawer on an unconfigured reader/antenna would make every scan
@@ -143,13 +161,32 @@ def parse_config(data: dict[str, object], path: Path = Path("<memory>")) -> Agen
 def load_config(path: Path) -> AgentConfig:
     """Read and validate the config file; raise ConfigError with every problem found."""
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
         raise ConfigError(path, [f"(file): cannot read {path}: {err.strerror}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, [f"(file): larger than {MAX_CONFIG_BYTES} bytes"])
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(path, ["(file): not UTF-8 text"]) from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(path, [f"(file): TOML syntax error: {err}"]) from None
+    except RecursionError:
+        raise ConfigError(path, ["(file): nested too deeply"]) from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(path, [f"(file): unusable value: {_first_sentence(err)}"]) from None
     return parse_config(data, path)
+
+
+def _first_sentence(err: Exception) -> str:
+    return str(err).split(";")[0].split(": value has")[0]
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()  # no field takes a date: a string fails where a number is due
+    raise TypeError(f"{type(value).__name__} is not a config value")

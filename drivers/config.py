@@ -29,6 +29,10 @@ class ReaderConfigBase(StrictModel):
     antennas: list[int] = Field(default=[1], min_length=1, description="antenna ports in use")
     backoff: BackoffConfig = BackoffConfig()
 
+    def gpi_inputs(self) -> list[int] | None:
+        """GPI ports this reader reports (a door sensor may use them); None: it has no GPI."""
+        return None
+
     @model_validator(mode="after")
     def _antennas_unique(self) -> ReaderConfigBase:
         if len(set(self.antennas)) != len(self.antennas):

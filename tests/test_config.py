@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,55 @@ def test_drawers_must_name_configured_reader_antennas(tmp_path: Path) -> None:
     assert any(line.startswith("domain.drawers.top:") and "antenna 3" in line for line in problems)
     assert any(line.startswith("domain.drawers.low:") and "dock-9" in line for line in problems)
     assert any("dock-1:2" in line and "no drawer" in line for line in problems)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ('port = "15084"', "readers[0].port: Input should be a valid integer"),
+        ("port = true", "readers[0].port: Input should be a valid integer"),
+        ("port = " + "9" * 5000, "(file): unusable value"),
+        ("port = 5084\nx = " + "[" * 5000 + "]" * 5000, "(file): nested too deeply"),
+        (
+            'port = 5084\nkeepalive_s = "2"',
+            "readers[0].keepalive_s: Input should be a valid number",
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [sys.executable, "-m", "agent.cli.ctl", "config", "check"],
+        [sys.executable, "-m", "agent.cli.daemon", "run", "--config"],
+    ],
+)
+def test_hostile_values_are_one_line_and_exit_78(
+    tmp_path: Path, argv: list[str], body: str, says: str
+) -> None:
+    p = tmp_path / "hostile.toml"
+    p.write_text(
+        '[cabinet]\nsite_id = "a"\ncabinet_id = "b"\n'
+        f'[[readers]]\ntype = "llrp"\nid = "r"\nhost = "h"\nantennas = [1]\n{body}\n'
+    )
+    proc = subprocess.run([*argv, str(p)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == EX_CONFIG, proc.stderr
+    assert "Traceback" not in proc.stderr
+    problems = [ln for ln in proc.stderr.splitlines() if "problem(s)" not in ln]
+    assert len(problems) == 1, proc.stderr
+    assert says in problems[0]
+
+
+def test_config_check_json_reports_problems_on_stdout(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(BAD)
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli.ctl", "config", "check", "--json", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == EX_CONFIG
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is False
+    assert any("readers[0].port" in line for line in doc["problems"]), doc

@@ -73,3 +73,15 @@ def test_cross_field_rules() -> None:
     with pytest.raises(ConfigError) as exc:
         parse_config(missing_url)
     assert exc.value.problems == ["readers[0].url: required field is missing"]
+
+
+def test_a_door_wired_to_a_reader_without_gpi_is_refused() -> None:
+    data = doc()
+    data["door"] = {"reader": "drawer-uhf", "sensor_gpi": 1, "lock_gpo": 1}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    assert len(exc.value.problems) == 1
+    assert (
+        "door.reader 'drawer-uhf' is a mercury reader, which cannot report GPI"
+        in (exc.value.problems[0])
+    )

@@ -8,10 +8,22 @@ import sys
 from pathlib import Path
 
 from agent.cli.common import DEFAULT_CONFIG, load_or_exit
+from agent.config import EX_CONFIG, ConfigError, load_config
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    cfg = load_or_exit(args.path)
+    if args.json:
+        try:
+            cfg = load_config(args.path)
+        except ConfigError as err:
+            # Scripts read stdout: the problems go there too (and to stderr for people).
+            for line in err.problems:
+                print(f"{err.path}: {line}", file=sys.stderr)
+            doc = {"ok": False, "path": str(args.path), "problems": err.problems}
+            print(json.dumps(doc))
+            return EX_CONFIG
+    else:
+        cfg = load_or_exit(args.path)
     if args.json:
         print(json.dumps({"ok": True, "path": str(args.path), "readers": len(cfg.readers)}))
     else:

@@ -34,6 +34,9 @@ class LlrpReaderConfig(ReaderConfigBase):
     )
     gpi_ports: list[int] = Field(default=[], description="GPI ports to enable (door sensor)")
 
+    def gpi_inputs(self) -> list[int] | None:
+        return list(self.gpi_ports)
+
     @model_validator(mode="after")
     def _watchdog_fits(self) -> LlrpReaderConfig:
         if self.inventory_deadline_s <= self.connect_timeout_s:
