@@ -152,7 +152,7 @@ async def _serve(scenario: Scenario, args: argparse.Namespace) -> int:
             if art is not None and not args.no_commission:
                 _say("commissioning: the installer stocks the cabinet")
                 await runner.commission(INSTALLER)
-            rounds = 0
+            rounds = differed = 0
             while True:
                 rounds += 1
                 if events is not None:
@@ -161,9 +161,13 @@ async def _serve(scenario: Scenario, args: argparse.Namespace) -> int:
                 await runner.run()
                 if events is not None and art is not None:
                     await _settle_events(events, len(scenario.expect))
-                    _report(scenario, events, art)
+                    if not _report(scenario, events, art):
+                        differed += 1
                 if not args.loop:
-                    return 0
+                    # As the demo: a round whose events differ is a failure (exit 1).
+                    return 1 if differed else 0
+                if differed:
+                    _say(f"  ({differed} of {rounds} rounds differed so far)")
                 await asyncio.sleep(args.pause)
         except ScenarioError as err:
             _err(str(err))
@@ -255,14 +259,16 @@ async def _settle_events(events: EventLog, expected: int) -> None:
     await asyncio.sleep(0.5)
 
 
-def _report(scenario: Scenario, events: EventLog, art: AgentArtefacts) -> None:
+def _report(scenario: Scenario, events: EventLog, art: AgentArtefacts) -> bool:
+    """Print how the round's events compare with the expected list; True if they match."""
     problems = match_events(scenario.expect, events.since_mark(), art)
     if not problems:
         _say(f"  ✓ {len(scenario.expect)} events as expected")
-        return
+        return True
     _say("  ✗ events differ from the expected list:")
     for line in problems:
         _say(f"    {line}")
+    return False
 
 
 def _say(text: str) -> None:

@@ -36,6 +36,8 @@ from simulators.cabinet import (
 )
 from simulators.llrp import LlrpSimulator
 
+ROOT = Path(__file__).resolve().parent.parent
+
 MINIMAL: dict[str, Any] = {
     "name": "t",
     "steps": ["badge alice", "wait_unlock", "open", "take wrench", "close", "settle"],
@@ -409,3 +411,48 @@ def test_cli_refuses_a_bad_scenario_with_exit_65(tmp_path: Path) -> None:
     assert "unknown step 'fly'" in out.stderr
     assert _sim().returncode == 2
     assert _sim("--scenario", "no-such-scenario").returncode == 65
+
+
+@pytest.mark.parametrize(("reason", "rc"), [("unknown badge", 0), ("role", 1)])
+async def test_cli_exit_code_says_whether_the_round_matched(
+    tmp_path: Path, reason: str, rc: int
+) -> None:
+    """The standalone simulator against a real agent and broker: a round whose events differ
+    from the scenario's expectation exits 1 (as the demo does), a matching one exits 0."""
+    from tests.daemon_rig import AgentProcess
+    from tests.mqtt_fixtures import Mosquitto
+
+    source = (ROOT / "simulators" / "scenarios" / "unknown-badge.toml").read_text()
+    assert 'reason = "unknown badge"' in source
+    scenario = tmp_path / "scenario.toml"
+    scenario.write_text(source.replace('reason = "unknown badge"', f'reason = "{reason}"'))
+    broker = Mosquitto(tmp_path / "broker")
+    broker.start()
+    out = tmp_path / "run"
+    sim = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "simulators.cli", "cabinet", "--scenario", str(scenario),
+        "--write-config", str(out), "--mqtt-port", str(broker.port), "--connect-timeout", "60",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+    transcript = b""
+    try:
+        assert sim.stdout is not None
+        async with asyncio.timeout(30):
+            while b"run the agent:" not in transcript:
+                line = await sim.stdout.readline()
+                assert line, transcript.decode()
+                transcript += line
+        async with AgentProcess(out / "agent.toml", tmp_path / "agent.log") as agent:
+            async with asyncio.timeout(120):
+                rest, _ = await sim.communicate()
+            transcript += rest
+            assert await agent.stop() == 0, agent.text()
+    finally:
+        if sim.returncode is None:
+            sim.kill()
+            await sim.wait()
+        broker.stop()
+    text = transcript.decode()
+    assert sim.returncode == rc, text
+    assert ("✓ 1 events as expected" in text) == (rc == 0), text
+    assert ("events differ" in text) == (rc == 1), text
