@@ -262,7 +262,9 @@ class CabinetApp:
                     async with asyncio.timeout(2.0):
                         await self.door.close()
                 except (CabinetError, TimeoutError) as err:
-                    logger.error("door: could not lock on shutdown: %s", err)
+                    logger.error(
+                        "could not lock the door on shutdown: %s", err or type(err).__name__
+                    )
             # 4. everything else (readers close their sessions) is cancelled by the group.
             raise _Stop
 
@@ -272,7 +274,7 @@ class CabinetApp:
                 async with asyncio.timeout(2.0):
                     await self.door.close()
             except (DoorCommandError, TimeoutError) as err:
-                logger.error("door: could not lock on shutdown: %s", err)
+                logger.error("could not lock the door on shutdown: %s", err or type(err).__name__)
         if self.store is not None:
             await self.audit.flush()
             try:

@@ -153,7 +153,7 @@ class Door:
             try:
                 await self._write(release=False, what="lock")
             except DoorCommandError as err:
-                logger.error("door %s: could not lock on close: %s", self.door_id, err)
+                logger.error("could not lock on close: %s", err)  # err names the door
 
     async def _cancel_relock(self) -> None:
         task, self._relock = self._relock, None
@@ -179,7 +179,7 @@ class Door:
                     await self._write(release=False, what="re-lock")
                 except DoorCommandError as err:
                     self.lock_fault = str(err)
-                    logger.error("door %s: %s; retrying", self.door_id, err)
+                    logger.error("%s; retrying", err)  # err names the door
                     await self._sleep(self._relock_backoff.next_delay())
                     continue
                 self._relock_backoff.reset()

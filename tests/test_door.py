@@ -194,7 +194,9 @@ async def test_lock_command_timeout_is_a_clear_error() -> None:
     assert door.locked is True
 
 
-async def test_gpo_failure_is_wrapped_and_relock_retried(sleep: ManualSleep) -> None:
+async def test_gpo_failure_is_wrapped_and_relock_retried(
+    sleep: ManualSleep, caplog: pytest.LogCaptureFixture
+) -> None:
     writes: list[tuple[int, bool]] = []
     failures = 2
 
@@ -221,6 +223,10 @@ async def test_gpo_failure_is_wrapped_and_relock_retried(sleep: ManualSleep) -> 
     assert door.lock_fault is None
     assert door.locked is True
     await door.close()
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2
+    for line in retries:  # one "door <id>:" prefix, as the error names the door itself
+        assert line == "door door: re-lock (GPO 2 -> low) failed: reader offline; retrying"
 
 
 async def test_unlock_failure_still_schedules_relock(sleep: ManualSleep) -> None:
