@@ -591,6 +591,13 @@ class CabinetApp:
     def _is_door_reader(self, reader_id: str) -> bool:
         return self.cfg.door is not None and self.cfg.door.reader == reader_id
 
+    def _door_reader_id(self) -> str | None:
+        return None if self.cfg.door is None else self.cfg.door.reader
+
+    def _door_reader_healthy(self) -> bool:
+        rid = self._door_reader_id()
+        return any(r.reader_id == rid and r.health.healthy for r in self.readers)
+
     async def _execute(self, cmd: object) -> None:
         try:
             if isinstance(cmd, Unlock):
@@ -599,7 +606,15 @@ class CabinetApp:
                 else:
                     await self.door.unlock(cmd.pulse_s)
             elif isinstance(cmd, Relock):
-                if self.door is not None:
+                if self.door is not None and not self._door_reader_healthy():
+                    # Typically the start-up Relock, issued before the readers connect: wait
+                    # quietly and apply it the moment the door's reader is online (fail secure).
+                    if not self._lock_pending:
+                        logger.info(
+                            "door: lock waits for reader %s to be online", self._door_reader_id()
+                        )
+                    self._lock_pending = True
+                elif self.door is not None:
                     try:
                         await self.door.lock()
                         self._lock_pending = False

@@ -219,3 +219,40 @@ async def test_corrupt_database_is_quarantined_and_reported_to_the_backend(tmp_p
         finally:
             if not task.done():
                 task.cancel()
+
+
+async def test_start_up_lock_waits_quietly_for_the_door_reader(tmp_path: Path) -> None:
+    """The start-up Relock is applied once the door's reader is online, with no error or
+    warning before (it used to fail against a reader still connecting, and log it)."""
+    import json
+
+    from simulators.door import SimulatedDoor
+    from tests.daemon_rig import AgentProcess
+
+    provision(tmp_path)
+    door_cfg = '[door]\nreader = "dock-1"\nsensor_gpi = 1\nlock_gpo = 2\n'
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=8) as sim:
+        # Released, as the agent may find it after a power cut mid-cycle.
+        sim_door = SimulatedDoor(
+            sim.set_gpi, sensor_port=1, sensor_open_when_high=True, lock_port=2, locked=False
+        )
+        sim.gpo_listeners.append(sim_door.on_gpo)
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text(config_text(tmp_path, sim.port, fmt="json", extra=door_cfg))
+        async with AgentProcess(cfg, tmp_path / "agent.log") as agent:
+            await agent.wait_log(r"lock \(GPO 2 -> low\) done")
+            await sim.wait_gpo(2, False, timeout=10.0)
+            assert sim_door.locked
+            assert await agent.stop() == 0, agent.text()
+    records = [json.loads(line) for line in agent.text().splitlines() if line.startswith("{")]
+    messages = [r["msg"] for r in records]
+    online = next(i for i, m in enumerate(messages) if "connecting -> online" in m)
+    locked = next(i for i, m in enumerate(messages) if "lock (GPO 2 -> low) done" in m)
+    assert online < locked, messages
+    noisy = [
+        r["msg"]
+        for r in records[:locked]
+        if r["level"] in ("WARNING", "ERROR") and "no [mqtt] section" not in r["msg"]
+    ]
+    assert noisy == [], noisy
+    assert any("lock waits for reader dock-1" in m for m in messages[:online])
