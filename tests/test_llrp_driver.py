@@ -327,6 +327,9 @@ async def test_cancel_closes_the_socket_promptly() -> None:
             with pytest.raises(asyncio.CancelledError):
                 await task
         assert reader.health.state == ReaderState.STOPPED
+        # The reader's CLOSE_CONNECTION_RESPONSE was read before the socket closed (closing at
+        # once made the reader answer into a reset).
+        assert reader.stats.closes_acknowledged == 1
         async with asyncio.timeout(5):
             while sim.connections.active:
                 await asyncio.sleep(0.02)

@@ -42,12 +42,14 @@ from drivers.types import (
 
 logger = logging.getLogger(__name__)
 
+_MSG_CLOSE_CONNECTION_RESPONSE = 4
 _MSG_GET_READER_CONFIG_RESPONSE = 12
 _MSG_SET_READER_CONFIG_RESPONSE = 13
 _MSG_RO_ACCESS_REPORT = 61
 _MSG_READER_EVENT_NOTIFICATION = 63
 _MSG_ERROR_MESSAGE = 100
 _READ_CHUNK = 64 * 1024
+CLOSE_WAIT_S = 1.0  # how long a closing session waits for CLOSE_CONNECTION_RESPONSE
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _OLDEST_PLAUSIBLE = datetime(2015, 1, 1, tzinfo=UTC)
 _OLDEST_PLAUSIBLE_US = int(_OLDEST_PLAUSIBLE.timestamp()) * 1_000_000
@@ -67,6 +69,7 @@ class LlrpStats:
     gpi_events: int = 0
     keepalives: int = 0
     fast_reports: int = 0  # reports decoded by the fast path (the rest went through sllurp)
+    closes_acknowledged: int = 0  # sessions the reader closed with CLOSE_CONNECTION_RESPONSE
     errors: dict[str, int] = field(default_factory=dict)
     last_error: str = ""
 
@@ -649,15 +652,37 @@ class LlrpReader:
         await self._sink.reader_health(self._health)
 
     async def _close(self, sess: _Session) -> None:
+        """CLOSE_CONNECTION, wait (bounded) for the reader's answer, then close the socket.
+
+        Closing at once would make the reader answer into a reset socket; a reader that keeps
+        the old session half-open may refuse the next connection for a while.
+        """
         writer = sess.writer
+        asked = False
         with contextlib.suppress(OSError, RuntimeError):
             if not writer.is_closing():
                 writer.write(encode_close_connection(sess.next_msg_id()))
+                asked = True
+        if asked:
+            with contextlib.suppress(OSError, TimeoutError, FramingError):
+                # Bounded: a dead peer must not hold up shutdown or the reconnect loop.
+                async with asyncio.timeout(CLOSE_WAIT_S):
+                    await self._await_close_response(sess)
         writer.close()
         with contextlib.suppress(OSError, TimeoutError):
-            # Bounded: a dead peer must not hold up shutdown or the reconnect loop.
             async with asyncio.timeout(1.0):
                 await writer.wait_closed()
+
+    async def _await_close_response(self, sess: _Session) -> None:
+        """Read (and drop) what the reader still sends until its CLOSE_CONNECTION_RESPONSE."""
+        while True:
+            data = await sess.reader.read(_READ_CHUNK)
+            if not data:
+                return  # the reader closed first: nothing is left to answer into a reset
+            for frame in sess.framer.feed(data):
+                if frame.msg_type == _MSG_CLOSE_CONNECTION_RESPONSE:
+                    self.stats.closes_acknowledged += 1
+                    return
 
 
 def _antennas_from_config(reader_config: Mapping[str, Any]) -> frozenset[int] | None:
