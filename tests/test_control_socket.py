@@ -188,6 +188,8 @@ async def test_sync_client_round_trip(server: ControlServer) -> None:
         (b'{"id": 5, "cmd": "status", "args": [1]}\n', 5, "'args'"),
         (b'{"id": 6, "cmd": "status", "extra": 1}\n', 6, "extra"),
         (b"\xff\xfe{}\n", None, "not JSON"),
+        (b'{"id": ' + b"9" * 5000 + b', "cmd": "status"}\n', None, "too long"),
+        (b'{"id": 8, "cmd": "status", "args": {"n": -' + b"7" * 5000 + b"}}\n", None, "too long"),
     ],
 )
 async def test_malformed_requests_get_an_error_and_the_connection_lives(

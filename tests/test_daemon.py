@@ -256,3 +256,39 @@ async def test_start_up_lock_waits_quietly_for_the_door_reader(tmp_path: Path) -
     ]
     assert noisy == [], noisy
     assert any("lock waits for reader dock-1" in m for m in messages[:online])
+
+
+async def test_a_second_agent_on_the_same_control_socket_is_one_line(tmp_path: Path) -> None:
+    """The second agent exits 78 with one line; the first keeps its socket and answers."""
+    from agent.control.client import ControlClient
+    from tests.daemon_rig import AgentProcess
+
+    provision(tmp_path)
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=9) as sim:
+        first_cfg = tmp_path / "first.toml"
+        first_cfg.write_text(config_text(tmp_path, sim.port))
+        second_dir = tmp_path / "second"
+        second_dir.mkdir()
+        # Its own state database, the same control socket (a copy-pasted config).
+        second_text = config_text(tmp_path, sim.port).replace(
+            f'path = "{tmp_path}/state.db"', f'path = "{second_dir}/state.db"'
+        )
+        assert f"{second_dir}/state.db" in second_text
+        second_cfg = tmp_path / "second.toml"
+        second_cfg.write_text(second_text)
+        async with AgentProcess(first_cfg, tmp_path / "first.log") as first:
+            await first.wait_log("ready: site")
+            second = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent.cli.daemon", "run", "--config", str(second_cfg),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+            )  # fmt: skip
+            async with asyncio.timeout(30):
+                _out, err = await second.communicate()
+            assert second.returncode == EX_CONFIG, err
+            lines = err.decode().strip().splitlines()
+            assert len(lines) == 1, lines
+            assert "already serving" in lines[0]
+            assert "Traceback" not in err.decode()
+            async with ControlClient(tmp_path / "control.sock", timeout_s=10) as client:
+                assert (await client.call("status"))["cabinet_id"] == "crib-07"
+            assert await first.stop() == 0, first.text()

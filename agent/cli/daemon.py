@@ -24,13 +24,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         daemon = Daemon(cfg, config_path=args.config)
         await run_until_signalled(daemon)
 
+    rc = 0
     try:
         asyncio.run(_main())
-    except PermanentError as err:
-        # Key files with loose permissions, unusable credentials…: a configuration problem.
-        print(f"cabinet-agent: {err}", file=sys.stderr)
-        return EX_CONFIG
-    return 0
+    except* PermanentError as group:
+        # Key files with loose permissions, unusable credentials, a control socket or state
+        # database another agent holds…: a deployment problem, one line each, never a traceback.
+        for err in _leaves(group):
+            print(f"cabinet-agent: {err}", file=sys.stderr)
+        rc = EX_CONFIG
+    return rc
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for err in group.exceptions:
+        out.extend(_leaves(err) if isinstance(err, BaseExceptionGroup) else [err])
+    return out
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -93,6 +93,9 @@ def event_reply(request_id: RequestId, event: Any) -> dict[str, Any]:
     return {"id": request_id, "event": event}
 
 
+MAX_INT_DIGITS = 20  # any 64-bit integer
+
+
 def _valid_id(value: object) -> bool:
     # bool is an int subclass; true/false are not ids.
     if isinstance(value, bool):
@@ -102,11 +105,23 @@ def _valid_id(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64
 
 
+def _bounded_int(text: str) -> int:
+    # Python refuses > 4300 digits with a ValueError that names sys.set_int_max_str_digits;
+    # nothing in this protocol needs more than a 64-bit integer.
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"integer of {len(text)} characters is too long")
+    return int(text)
+
+
+def _loads(line: bytes) -> object:
+    return json.loads(line, parse_int=_bounded_int)
+
+
 def parse_request(line: bytes) -> Request:
     """Decode and check one request line; raise RequestError naming what is wrong."""
     try:
-        data = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        data = _loads(line)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise RequestError(BAD_REQUEST, f"malformed request: not JSON ({err})") from None
     if not isinstance(data, dict):
         raise RequestError(BAD_REQUEST, "malformed request: expected a JSON object")
@@ -133,8 +148,8 @@ def parse_request(line: bytes) -> Request:
 def parse_reply(line: bytes) -> Reply:
     """Decode one server line; ValueError if it is not a valid reply."""
     try:
-        data = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = _loads(line)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ValueError(f"daemon sent a line that is not JSON: {err}") from None
     if not isinstance(data, dict) or "id" not in data:
         raise ValueError("daemon sent a reply without an id")
