@@ -87,7 +87,7 @@ class RecentEvent:
 @dataclass
 class AppStats:
     events_by_type: dict[str, int] = field(default_factory=dict)
-    door_cycles: int = 0
+    door_cycles: dict[str, int] = field(default_factory=dict)  # session.closed by quality
     reads_by_antenna: dict[tuple[str, int], int] = field(default_factory=dict)
     commands_failed: int = 0
     last_event: RecentEvent | None = None
@@ -498,8 +498,6 @@ class CabinetApp:
                 await self.store.commit_cycle(rows, baseline, state)
             finally:
                 self._committing = False
-            if out.baseline is not None:
-                self.stats.door_cycles += 1
         elif rows:
             self._committing = True
             try:
@@ -556,6 +554,11 @@ class CabinetApp:
             self.stats.last_event = rec
             self.stats.events_by_type[row.kind] = self.stats.events_by_type.get(row.kind, 0) + 1
             logger.info("event %s seq=%d committed", row.kind, row.seq)
+        for event in events:
+            # A door cycle ends with session.closed; background inventories are not cycles.
+            if isinstance(event, ev.SessionClosed):
+                cycles = self.stats.door_cycles
+                cycles[event.quality] = cycles.get(event.quality, 0) + 1
         for listener in self.on_committed:
             try:
                 listener(events)

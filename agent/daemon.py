@@ -197,7 +197,8 @@ class Daemon:
         seen_events: dict[str, int] = {}
         seen_sessions: dict[str, int] = {}
         seen_dropped: dict[int, int] = {}
-        seen = {"door_cycles": 0, "mqtt_reconnects": 0, "acked": 0}
+        seen_cycles: dict[str, int] = {}
+        seen = {"mqtt_reconnects": 0, "acked": 0}
         while True:
             await asyncio.sleep(METRICS_REFRESH_S)
             for key, total in list(app.stats.reads_by_antenna.items()):
@@ -210,9 +211,11 @@ class Daemon:
                 if delta:
                     self.metrics.event(kind, delta)
                     seen_events[kind] = total
-            if (cycles := app.stats.door_cycles) > seen["door_cycles"]:
-                self.metrics.door_cycles_total.labels("complete").inc(cycles - seen["door_cycles"])
-                seen["door_cycles"] = cycles
+            for outcome, total in list(app.stats.door_cycles.items()):
+                delta = total - seen_cycles.get(outcome, 0)
+                if delta:
+                    self.metrics.door_cycles_total.labels(outcome).inc(delta)
+                    seen_cycles[outcome] = total
             for reader in app.readers:
                 health = reader.health
                 self.metrics.reader_state(reader.reader_id, health.state)

@@ -99,6 +99,13 @@ async def test_metrics_grow_while_the_simulator_inventories(tmp_path: Path) -> N
             assert final[("cabinet_outbox_bytes", ())] > 0
             assert ("cabinet_agent_info", (("version", final_version(final)),)) in final
 
+            # Background inventories are not door cycles: several snapshots, no cycle counted.
+            snapshots = ("cabinet_events_total", (("type", "inventory.snapshot"),))
+            seen = await _until(port, lambda s: s.get(snapshots, 0.0) >= 2.0, timeout=45.0)
+            later = await _until(port, lambda s: s.get(snapshots, 0.0) > seen[snapshots])
+            cycles = {k: v for k, v in later.items() if k[0] == "cabinet_door_cycles_total"}
+            assert sum(cycles.values()) == 0.0, cycles
+
             # The reader drops its session; the agent re-establishes it: one reconnect counted.
             reconnects = ("cabinet_reader_reconnects_total", (("reader", "dock-1"),))
             assert final.get(reconnects, 0.0) == 0.0
