@@ -115,9 +115,9 @@ def check_trusted_file(path: Path, *, secret: bool = False) -> None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{path}: not a regular file")
-        _check_not_writable_by_others(fd, path, st)
         if secret:
             _check_private(fd, path, stat.S_IMODE(st.st_mode))
+        _check_not_writable_by_others(fd, path, st)
     finally:
         os.close(fd)
 
@@ -185,9 +185,9 @@ def _read(path: Path, *, check_private: bool) -> str:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{path}: key file is not a regular file")
-        _check_not_writable_by_others(fd, path, st)
-        if check_private:
+        if check_private:  # first: its advice (chmod 600) also cures a writable file
             _check_private(fd, path, stat.S_IMODE(st.st_mode))
+        _check_not_writable_by_others(fd, path, st)
         raw = os.read(fd, MAX_KEY_FILE_BYTES + 1)
     finally:
         os.close(fd)
