@@ -85,6 +85,7 @@ class Delivered:
         return {
             "site": self.site,
             "cabinet": self.cabinet,
+            "epoch": None if self.header.epoch is None else self.header.epoch.hex(),
             "seq": self.header.seq,
             "event_id": str(self.header.event_id),
             "key_id": self.header.key_id,
@@ -144,10 +145,16 @@ class DecoderStats:
     duplicates: int = 0
     invalid: int = 0
     gaps_opened: int = 0
+    seq_conflicts: int = 0  # one (cabinet, epoch, seq) seen with two event ids: a broken cabinet
 
 
 class EventDecoder:
-    """Opens envelopes, drops duplicates by event id (bounded memory), tracks seq gaps."""
+    """Opens envelopes, drops duplicates by event id (bounded memory), tracks seq gaps.
+
+    Sequence bookkeeping is per ``(cabinet, epoch)`` (docs/envelope.md §7): a new epoch's jump
+    ahead is not a gap, and a seq that comes back under the same epoch with another event id is
+    counted in ``stats.seq_conflicts`` and logged (both events are still delivered).
+    """
 
     def __init__(
         self,
@@ -158,6 +165,7 @@ class EventDecoder:
     ) -> None:
         self._opener = opener
         self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._by_seq: OrderedDict[tuple[str, bytes, int], bytes] = OrderedDict()
         self._capacity = dedup_capacity
         self._trackers: dict[str, SeqTracker] = {}
         self._on_gap = on_gap
@@ -184,12 +192,29 @@ class EventDecoder:
         self._seen[key] = None
         if len(self._seen) > self._capacity:
             self._seen.popitem(last=False)
-        self._track(f"{site}/{cabinet}", header.seq)
+        stream = f"{site}/{cabinet}" + ("" if header.epoch is None else f"@{header.epoch.hex()}")
+        slot = (stream, header.epoch or b"", header.seq)
+        other = self._by_seq.get(slot)
+        if other is not None and other != key:
+            self.stats.seq_conflicts += 1
+            logger.error(
+                "%s: seq %d carries two event ids (%s, %s): the cabinet reused a sequence number",
+                stream,
+                header.seq,
+                uuid.UUID(bytes=other),
+                header.event_id,
+            )
+        else:
+            self._by_seq[slot] = key
+            if len(self._by_seq) > self._capacity:
+                self._by_seq.popitem(last=False)
+            self._track(stream, header.seq)
         self.stats.delivered += 1
         return Delivered(site, cabinet, header, plaintext)
 
     def gaps(self) -> dict[str, list[tuple[int, int]]]:
-        """Outstanding missing seq ranges per ``site/cabinet``."""
+        """Outstanding missing seq ranges per ``site/cabinet`` (``site/cabinet@epoch`` from
+        version 2 envelopes)."""
         return {k: t.missing() for k, t in self._trackers.items() if t.above}
 
     def _track(self, cabinet: str, seq: int) -> None:

@@ -10,6 +10,7 @@ import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,6 +98,41 @@ def test_decoder_refuses_tampering_and_misrouting(tmp_path: Path) -> None:
         decoder.handle(TOPIC, other_site)
     assert decoder.stats.invalid == 4
     assert decoder.stats.delivered == 0
+
+
+def _sealed_v2(keys: Any, seq: int, epoch: bytes, eid: uuid.UUID | None = None) -> bytes:
+    eid = eid or uuid.uuid4()
+    header = EnvelopeHeader(keys.hpke_kid, CABINET, seq, eid, 2, epoch)
+    return sealer_for(keys).seal(header, plaintext_for(CABINET, seq, eid))
+
+
+def test_decoder_tracks_seqs_per_epoch_and_flags_a_reused_seq(tmp_path: Path) -> None:
+    keys = backend(tmp_path / "b")
+    gaps: list[tuple[str, int, int]] = []
+    decoder = EventDecoder(
+        Opener({keys.hpke_kid: keys.hpke_private}), on_gap=lambda c, a, b: gaps.append((c, a, b))
+    )
+    old, new = bytes.fromhex("00000000000000aa"), bytes.fromhex("00000000000000bb")
+    for seq in (1, 2, 3):
+        decoder.handle(TOPIC, _sealed_v2(keys, seq, old))
+    # A new epoch jumps past the old reservation: not a gap.
+    for seq in (1003, 1004):
+        ev = decoder.handle(TOPIC, _sealed_v2(keys, seq, new))
+        assert ev is not None
+        assert ev.to_json()["epoch"] == new.hex()
+    assert gaps == []
+    assert decoder.gaps() == {}
+    # Same epoch, same seq, another event id: delivered (never lose an event) but flagged.
+    reused = decoder.handle(TOPIC, _sealed_v2(keys, 2, old))
+    assert reused is not None
+    assert decoder.stats.seq_conflicts == 1
+    # A plain re-delivery (same event id) is a duplicate, not a conflict.
+    eid = uuid.uuid4()
+    envelope = _sealed_v2(keys, 1005, new, eid)
+    decoder.handle(TOPIC, envelope)
+    assert decoder.handle(TOPIC, envelope) is None
+    assert decoder.stats.seq_conflicts == 1
+    assert decoder.stats.duplicates == 1
 
 
 def test_seq_tracker_bounds_and_abandons() -> None:

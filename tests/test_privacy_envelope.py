@@ -29,7 +29,9 @@ PRIVATE = X25519PrivateKey.generate()
 OTHER = X25519PrivateKey.generate()
 EVENT = b'{"type":"item.checked_out","epc":"e2801160600002084b3c1a2f","by":"p1.s1.x"}'
 
-ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", fullmatch=True)
+# The rules of docs/envelope.md §1: a key file's kid, and a configured cabinet id.
+key_ids = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,15}", fullmatch=True)
+cabinet_ids = st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,31}", fullmatch=True)
 
 
 def header(seq: int = 7, key_id: str = "hpke1", cabinet_id: str = "crib-07") -> EnvelopeHeader:
@@ -38,16 +40,22 @@ def header(seq: int = 7, key_id: str = "hpke1", cabinet_id: str = "crib-07") -> 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    key_id=ids,
-    cabinet_id=ids,
+    key_id=key_ids,
+    cabinet_id=cabinet_ids,
     seq=st.integers(0, 2**64 - 1),
     event_id=st.uuids(),
     plaintext=st.binary(max_size=2048),
+    epoch=st.none() | st.binary(min_size=8, max_size=8),
 )
 def test_round_trip(
-    key_id: str, cabinet_id: str, seq: int, event_id: uuid.UUID, plaintext: bytes
+    key_id: str,
+    cabinet_id: str,
+    seq: int,
+    event_id: uuid.UUID,
+    plaintext: bytes,
+    epoch: bytes | None,
 ) -> None:
-    hdr = EnvelopeHeader(key_id, cabinet_id, seq, event_id)
+    hdr = EnvelopeHeader(key_id, cabinet_id, seq, event_id, 1 if epoch is None else 2, epoch)
     envelope = Sealer(PRIVATE.public_key(), key_id).seal(hdr, plaintext)
     assert parse_header(envelope) == hdr
     assert Opener({key_id: PRIVATE}).open(envelope) == (hdr, plaintext)
@@ -140,17 +148,17 @@ def test_sealer_refuses_a_header_for_another_key() -> None:
 
 def test_unknown_version_and_magic_are_refused() -> None:
     envelope = bytearray(Sealer(PRIVATE.public_key(), "hpke1").seal(header(), EVENT))
-    envelope[4] = 2
-    with pytest.raises(EnvelopeError, match="unsupported envelope version 2"):
+    envelope[4] = 3  # 1 and 2 exist; 3 does not (yet)
+    with pytest.raises(EnvelopeError, match="unsupported envelope version 3"):
         parse_header(bytes(envelope))
-    with pytest.raises(EnvelopeError, match="unsupported envelope version 2"):
+    with pytest.raises(EnvelopeError, match="unsupported envelope version 3"):
         Opener({"hpke1": PRIVATE}).open(bytes(envelope))
     envelope[4] = 1
     envelope[:4] = b"CAE2"
     with pytest.raises(EnvelopeError, match="not a cabinet envelope"):
         parse_header(bytes(envelope))
     with pytest.raises(EnvelopeError, match="unsupported envelope version"):
-        EnvelopeHeader("hpke1", "crib-07", 1, uuid.uuid4(), version=2)
+        EnvelopeHeader("hpke1", "crib-07", 1, uuid.uuid4(), version=3)
 
 
 def test_parse_header_needs_no_key_and_matches_the_spec_layout() -> None:
@@ -232,3 +240,57 @@ def test_constructor_validation_and_repr_shows_no_key_material() -> None:
     opener = Opener({"hpke1": PRIVATE})
     assert repr(opener) == "Opener(key_ids=['hpke1'])"
     assert repr(Sealer(PRIVATE.public_key(), "hpke1")) == "Sealer(key_id='hpke1')"
+
+
+EPOCH = bytes.fromhex("a1b2c3d4e5f60718")
+
+
+def test_version_2_carries_the_epoch_before_seq() -> None:
+    hdr = EnvelopeHeader("hpke1", "crib-07", 0x0102030405060708, uuid.uuid4(), 2, EPOCH)
+    envelope = Sealer(PRIVATE.public_key(), "hpke1").seal(hdr, EVENT)
+    expected = (
+        MAGIC
+        + bytes([2, 5])
+        + b"hpke1"
+        + bytes([7])
+        + b"crib-07"
+        + EPOCH
+        + struct.pack(">Q", hdr.seq)
+        + hdr.event_id.bytes
+    )
+    assert encode_header(hdr) == expected
+    assert parse_header(envelope) == hdr
+    assert parse_header(envelope).epoch == EPOCH
+    assert Opener({"hpke1": PRIVATE}).open(envelope) == (hdr, EVENT)
+
+
+def test_the_epoch_is_authenticated() -> None:
+    hdr = EnvelopeHeader("hpke1", "crib-07", 5, uuid.uuid4(), 2, EPOCH)
+    envelope = Sealer(PRIVATE.public_key(), "hpke1").seal(hdr, EVENT)
+    body = envelope[len(encode_header(hdr)) :]
+    other = EnvelopeHeader("hpke1", "crib-07", 5, hdr.event_id, 2, bytes(8))
+    with pytest.raises(EnvelopeError, match="failed authentication"):
+        Opener({"hpke1": PRIVATE}).open(encode_header(other) + body)
+
+
+@pytest.mark.parametrize(
+    ("version", "epoch", "message"),
+    [
+        (1, EPOCH, "version 1 header has no epoch"),
+        (2, None, "8-byte epoch"),
+        (2, b"short", "8-byte epoch"),
+    ],
+)
+def test_epoch_goes_with_version_2_only(version: int, epoch: bytes | None, message: str) -> None:
+    with pytest.raises(EnvelopeError, match=message):
+        EnvelopeHeader("hpke1", "crib-07", 1, uuid.uuid4(), version, epoch)
+
+
+@pytest.mark.parametrize(
+    ("key_id", "cabinet_id"),
+    [("Hpke1", "crib-07"), ("hp.ke", "crib-07"), ("k" * 17, "crib-07"), ("hpke1", "Crib-07")],
+)
+def test_ids_follow_the_one_rule_of_key_files_and_config(key_id: str, cabinet_id: str) -> None:
+    """Key ids are key-file kids, cabinet ids are config cabinet ids: nothing wider."""
+    with pytest.raises(EnvelopeError, match="must match"):
+        EnvelopeHeader(key_id, cabinet_id, 1, uuid.uuid4())

@@ -74,16 +74,15 @@ def spec_split(envelope: bytes) -> tuple[dict[str, object], bytes, bytes, bytes]
     cab_len = envelope[pos]
     cabinet = envelope[pos + 1 : pos + 1 + cab_len].decode("ascii")
     pos += 1 + cab_len
-    seq = int.from_bytes(envelope[pos : pos + 8], "big")
-    event_id = str(uuid.UUID(bytes=envelope[pos + 8 : pos + 24]))
+    fields: dict[str, object] = {"version": version, "key_id": kid, "cabinet_id": cabinet}
+    if version == 2:  # version 2 adds the 8-byte epoch before seq
+        fields["epoch"] = envelope[pos : pos + 8].hex()
+        pos += 8
+    else:
+        assert version == 1
+    fields["seq"] = int.from_bytes(envelope[pos : pos + 8], "big")
+    fields["event_id"] = str(uuid.UUID(bytes=envelope[pos + 8 : pos + 24]))
     pos += 24
-    fields = {
-        "version": version,
-        "key_id": kid,
-        "cabinet_id": cabinet,
-        "seq": seq,
-        "event_id": event_id,
-    }
     return fields, envelope[:pos], envelope[pos : pos + 32], envelope[pos + 32 :]
 
 
@@ -141,16 +140,28 @@ def test_committed_vector_opens_three_ways(index: int) -> None:
     # 3. the independent opener, from the spec alone: info = header bytes, empty AAD
     assert rfc9180_open(sk_r, enc, info, ct, aead_id=2) == plaintext
 
+    # 4. the event repeats the header's ids (docs/envelope.md §4)
+    event = json.loads(plaintext)
+    assert event["event_id"] == v["header"]["event_id"]
+    assert event["seq"] == v["header"]["seq"]
+    assert event["cabinet_id"] == v["header"]["cabinet_id"]
+
+
+def test_vectors_cover_both_versions() -> None:
+    versions = [v["header"]["version"] for v in load_vectors()["vectors"]]  # type: ignore[attr-defined]
+    assert set(versions) == {1, 2}
+
 
 def test_independent_opener_opens_a_fresh_product_envelope() -> None:
     """The product's random-ephemeral envelopes are plain RFC 9180 too."""
     private = X25519PrivateKey.generate()
     sk_r = private.private_bytes_raw()
-    hdr = EnvelopeHeader("hpke1", "crib-07", 99, uuid.uuid4())
+    hdr = EnvelopeHeader("hpke1", "crib-07", 99, uuid.uuid4(), 2, bytes.fromhex("0102030405060708"))
     event = b'{"type":"door.closed"}'
     envelope = Sealer(private.public_key(), "hpke1").seal(hdr, event)
     fields, info, enc, ct = spec_split(envelope)
     assert fields["seq"] == 99
+    assert fields["epoch"] == "0102030405060708"
     assert rfc9180_open(sk_r, enc, info, ct, aead_id=2) == event
 
 

@@ -17,8 +17,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from agent.privacy.keyfile import KID_PATTERN
+from drivers.config import READER_ID_PATTERN
+
 __all__ = [
+    "CABINET_ID_PATTERN",
     "ENC_LEN",
+    "EPOCH_LEN",
+    "KEY_ID_PATTERN",
     "MAGIC",
     "MAX_ENVELOPE_BYTES",
     "MAX_PLAINTEXT_BYTES",
@@ -34,21 +40,27 @@ __all__ = [
 ]
 
 MAGIC: Final = b"CAE1"
-SUPPORTED_VERSIONS: Final = frozenset({1})
-# RFC 9180 identifiers of the one suite version 1 uses (informative: the version implies them).
+# 1: the original layout (still opened: old outboxes hold it); 2: adds the store epoch.
+SUPPORTED_VERSIONS: Final = frozenset({1, 2})
+CURRENT_VERSION: Final = 2
+# RFC 9180 identifiers of the one suite both versions use (informative: the version implies them).
 KEM_ID: Final = 0x0020  # DHKEM(X25519, HKDF-SHA256)
 KDF_ID: Final = 0x0001  # HKDF-SHA256
 AEAD_ID: Final = 0x0002  # AES-256-GCM
 ENC_LEN: Final = 32  # X25519 public key of the per-event ephemeral key pair
 TAG_LEN: Final = 16  # AES-GCM tag
-MAX_ID_LEN: Final = 64
+EPOCH_LEN: Final = 8  # random id of the state database incarnation that numbered the event
 # Events are a few hundred bytes; the bound keeps a hostile or corrupt row from costing memory.
 MAX_PLAINTEXT_BYTES: Final = 256 * 1024
 MAX_ENVELOPE_BYTES: Final = MAX_PLAINTEXT_BYTES + 512
 
-# Key ids and cabinet ids travel in clear (header, topics): a narrow alphabet keeps names of people
-# and other free text out of them.
-_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+# Key ids and cabinet ids travel in clear (header, topics): one rule each, the same everywhere.
+# A key id is a key file's ``kid`` (docs/privacy.md); a cabinet id is ``[cabinet] cabinet_id``.
+KEY_ID_PATTERN: Final = KID_PATTERN
+CABINET_ID_PATTERN: Final = READER_ID_PATTERN.removeprefix("^").removesuffix("$")
+_KEY_ID_RE: Final = re.compile(KEY_ID_PATTERN)
+_CABINET_ID_RE: Final = re.compile(CABINET_ID_PATTERN)
+_MAX_ID_LEN: Final = 64  # a length byte beyond any valid id is refused before decoding
 _U64_MAX: Final = (1 << 64) - 1
 _SUITE: Final = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 
@@ -59,19 +71,30 @@ class EnvelopeError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class EnvelopeHeader:
-    """The public part of an envelope: enough to route and de-duplicate, nothing personal."""
+    """The public part of an envelope: enough to route and de-duplicate, nothing personal.
+
+    Version 2 (what the agent seals) carries the ``epoch`` of the state database that numbered
+    the event; version 1 (no epoch) is what older agents sealed.
+    """
 
     key_id: str
     cabinet_id: str
     seq: int
     event_id: uuid.UUID
     version: int = 1
+    epoch: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.version not in SUPPORTED_VERSIONS:
             raise EnvelopeError(f"unsupported envelope version {self.version!r}")
-        _check_id("key id", self.key_id)
-        _check_id("cabinet id", self.cabinet_id)
+        if self.version == 1 and self.epoch is not None:
+            raise EnvelopeError("a version 1 header has no epoch (use version 2)")
+        if self.version >= 2 and (
+            not isinstance(self.epoch, bytes) or len(self.epoch) != EPOCH_LEN
+        ):
+            raise EnvelopeError(f"a version {self.version} header needs an {EPOCH_LEN}-byte epoch")
+        _check_id("key id", self.key_id, _KEY_ID_RE, KEY_ID_PATTERN)
+        _check_id("cabinet id", self.cabinet_id, _CABINET_ID_RE, CABINET_ID_PATTERN)
         if isinstance(self.seq, bool) or not isinstance(self.seq, int):
             raise EnvelopeError("seq must be an int")
         if not 0 <= self.seq <= _U64_MAX:
@@ -91,6 +114,7 @@ def encode_header(header: EnvelopeHeader) -> bytes:
             key_id,
             struct.pack(">B", len(cabinet_id)),
             cabinet_id,
+            header.epoch or b"",
             struct.pack(">Q", header.seq),
             header.event_id.bytes,
         )
@@ -113,7 +137,7 @@ class Sealer:
             public_key = X25519PublicKey.from_public_bytes(bytes(public_key))
         if not isinstance(public_key, X25519PublicKey):
             raise EnvelopeError("public key must be X25519")
-        _check_id("key id", key_id)
+        _check_id("key id", key_id, _KEY_ID_RE, KEY_ID_PATTERN)
         self._public_key = public_key
         self._key_id = key_id
 
@@ -146,7 +170,7 @@ class Opener:
         if not private_keys:
             raise EnvelopeError("an opener needs at least one private key")
         for key_id, key in private_keys.items():
-            _check_id("key id", key_id)
+            _check_id("key id", key_id, _KEY_ID_RE, KEY_ID_PATTERN)
             if not isinstance(key, X25519PrivateKey):
                 raise EnvelopeError(f"key {key_id!r} is not an X25519 private key")
         self._keys = dict(private_keys)
@@ -180,19 +204,16 @@ def seal_batch(sealer: Sealer, items: Sequence[tuple[EnvelopeHeader, bytes]]) ->
     return [sealer.seal(header, plaintext) for header, plaintext in items]
 
 
-def _check_id(what: str, value: object) -> None:
-    if not isinstance(value, str) or _ID_RE.fullmatch(value) is None:
-        raise EnvelopeError(
-            f"{what} must be 1-{MAX_ID_LEN} ASCII characters [A-Za-z0-9_.:-] "
-            f"starting with a letter or digit, got {value!r}"
-        )
+def _check_id(what: str, value: object, rx: re.Pattern[str], pattern: str) -> None:
+    if not isinstance(value, str) or rx.fullmatch(value) is None:
+        raise EnvelopeError(f"{what} must match {pattern}, got {value!r}")
 
 
 def _split(envelope: bytes) -> tuple[EnvelopeHeader, int]:
     """Parse the header; return it and its length in bytes."""
     if not isinstance(envelope, bytes | bytearray | memoryview):
         raise EnvelopeError("envelope must be bytes")
-    data = bytes(envelope[: 4 + 2 + 2 * (1 + MAX_ID_LEN) + 8 + 16])
+    data = bytes(envelope[: 4 + 2 + 2 * (1 + _MAX_ID_LEN) + EPOCH_LEN + 8 + 16])
     total = len(envelope)
     if total > MAX_ENVELOPE_BYTES:
         raise EnvelopeError(f"envelope of {total} bytes exceeds {MAX_ENVELOPE_BYTES} bytes")
@@ -208,8 +229,12 @@ def _split(envelope: bytes) -> tuple[EnvelopeHeader, int]:
             f"unsupported envelope version {version} (this agent knows {sorted(SUPPORTED_VERSIONS)})"
         )
     pos = 5
-    key_id, pos = _read_id(data, pos, "key id")
-    cabinet_id, pos = _read_id(data, pos, "cabinet id")
+    key_id, pos = _read_id(data, pos, "key id", _KEY_ID_RE, KEY_ID_PATTERN)
+    cabinet_id, pos = _read_id(data, pos, "cabinet id", _CABINET_ID_RE, CABINET_ID_PATTERN)
+    epoch: bytes | None = None
+    if version >= 2:
+        epoch = data[pos : pos + EPOCH_LEN]
+        pos += EPOCH_LEN
     if len(data) < pos + 8 + 16:
         raise EnvelopeError("envelope truncated inside the header")
     (seq,) = struct.unpack_from(">Q", data, pos)
@@ -217,19 +242,21 @@ def _split(envelope: bytes) -> tuple[EnvelopeHeader, int]:
     pos += 24
     if total < pos + ENC_LEN + TAG_LEN:
         raise EnvelopeError(f"envelope of {total} bytes is too short for enc and tag")
-    return EnvelopeHeader(key_id, cabinet_id, seq, event_id, version), pos
+    return EnvelopeHeader(key_id, cabinet_id, seq, event_id, version, epoch), pos
 
 
-def _read_id(data: bytes, pos: int, what: str) -> tuple[str, int]:
+def _read_id(
+    data: bytes, pos: int, what: str, rx: re.Pattern[str], pattern: str
+) -> tuple[str, int]:
     if len(data) <= pos:
         raise EnvelopeError(f"envelope truncated before the {what}")
     length = data[pos]
     raw = data[pos + 1 : pos + 1 + length]
-    if length == 0 or length > MAX_ID_LEN or len(raw) != length:
+    if length == 0 or length > _MAX_ID_LEN or len(raw) != length:
         raise EnvelopeError(f"bad {what} length {length} in header")
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
         raise EnvelopeError(f"{what} in header is not ASCII") from None
-    _check_id(what, text)
+    _check_id(what, text, rx, pattern)
     return text, pos + 1 + length

@@ -19,6 +19,7 @@ from typing import Any, Final
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent.privacy.keyfile import KID_PATTERN
 from agent.privacy.pseudonym import is_pseudonym
 
 __all__ = [
@@ -49,7 +50,7 @@ _DOC_FIELDS: Final = frozenset(
     {"kind", "site_id", "cabinet_id", "version", "issued_at", "expires_at", "body"}
 )
 _TIME_RE: Final = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?Z")
-_KID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_KID_RE: Final = re.compile(KID_PATTERN)  # the one key-id rule (docs/privacy.md, "Key files")
 _ROLE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,31}")
 _EPC_RE: Final = re.compile(r"(?:[0-9a-f]{2}){1,62}")
 

@@ -35,18 +35,36 @@ _N_N: Final = 12  # AES-GCM nonce
 _N_SECRET: Final = 32  # HKDF-SHA256 output / DHKEM(X25519) shared secret
 _MODE_BASE: Final = 0x00
 
-_CASES: Final = (
-    ("hpke1", "crib-07", 0, '{"type":"door.opened","at":"2026-11-29T08:00:00Z"}'),
+# (version, key id, cabinet id, epoch, seq, event body without the ids): the header's ids are
+# filled into the body, as docs/envelope.md §4 requires of every event.
+_Case = tuple[int, str, str, str | None, int, dict[str, object]]
+_CASES: Final[tuple[_Case, ...]] = (
+    (2, "hpke1", "crib-07", "5eed0f0e1d2c3b4a", 1, {"type": "session.opened", "trigger": "badge"}),
     (
+        2,
         "hpke1",
         "crib-07",
+        "5eed0f0e1d2c3b4a",
         42,
-        '{"type":"item.checked_out","epc":"e2801160600002084b3c1a2f",'
-        '"by":"p1.s1.abcdefghijklmnopqrstuvwxyz","at":"2026-11-29T08:01:02.5Z"}',
+        {
+            "type": "item.checked_out",
+            "epc": "e2801160600002084b3c1a2f",
+            "actors": ["p1.s1.abcdefghijklmnopqrstuvwxyz"],
+        },
     ),
-    ("2027-01.b", "hangar-3.crib-12", (1 << 64) - 1, '{"note":"résumé ✓ — non-ASCII UTF-8"}'),
-    ("k", "c", 1, ""),
+    (
+        2,
+        "2027-01_b",
+        "hangar-3.crib-12",
+        "ffffffffffffffff",
+        (1 << 64) - 1,
+        {"type": "agent.alert", "kind": "store.seq_rollback", "detail": "résumé ✓ — non-ASCII"},
+    ),
+    # Version 1 (no epoch): what agents before epochs sealed; still in old outboxes.
+    (1, "k", "c", None, 7, {"type": "door.forced"}),
 )
+_SITE: Final = "hangar-3"
+_TIME: Final = "2026-11-29T08:00:00Z"
 
 
 def derive_x25519_key_pair(ikm: bytes) -> X25519PrivateKey:
@@ -90,11 +108,22 @@ def generate_vectors() -> dict[str, Any]:
     """The complete, deterministic test-vector document."""
     recipient = derive_x25519_key_pair(hashlib.sha256(b"cabinet-agent/vectors/recipient").digest())
     vectors = []
-    for i, (key_id, cabinet_id, seq, text) in enumerate(_CASES):
+    for i, (version, key_id, cabinet_id, epoch_hex, seq, body) in enumerate(_CASES):
         seed = hashlib.sha256(b"cabinet-agent/vectors/event/%d" % i).digest()
-        event_id = uuid.UUID(bytes=seed[:16], version=4)
-        header = EnvelopeHeader(key_id=key_id, cabinet_id=cabinet_id, seq=seq, event_id=event_id)
+        event_id = _uuid7_shaped(seed[:16])
+        epoch = None if epoch_hex is None else bytes.fromhex(epoch_hex)
+        header = EnvelopeHeader(key_id, cabinet_id, seq, event_id, version, epoch)
         info = encode_header(header)
+        event = {
+            "schema_version": 1,
+            "event_id": str(event_id),
+            "seq": seq,
+            "time": _TIME,
+            "site_id": _SITE,
+            "cabinet_id": cabinet_id,
+            **body,
+        }
+        text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
         plaintext = text.encode("utf-8")
         ikm_e = hashlib.sha256(b"cabinet-agent/vectors/ephemeral/%d" % i).digest()
         sealed = seal_deterministic(recipient.public_key(), info, plaintext, ikm_e)
@@ -107,6 +136,7 @@ def generate_vectors() -> dict[str, Any]:
                     "version": header.version,
                     "key_id": key_id,
                     "cabinet_id": cabinet_id,
+                    **({} if epoch is None else {"epoch": epoch.hex()}),
                     "seq": seq,
                     "event_id": str(event_id),
                 },
@@ -119,7 +149,7 @@ def generate_vectors() -> dict[str, Any]:
         )
     return {
         "description": (
-            "cabinet-agent sealed-event envelope test vectors (format version 1). "
+            "cabinet-agent sealed-event envelope test vectors (format versions 2 and 1). "
             "See docs/envelope.md. HPKE RFC 9180 base mode, single shot; "
             "ikm_e/ephemeral_private_key/shared_secret/key/base_nonce are intermediates "
             "for debugging an implementation (a real sealer uses a random ephemeral key)."
@@ -146,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _uuid7_shaped(raw: bytes) -> uuid.UUID:
+    """16 bytes with the UUIDv7 version and RFC 9562 variant bits set (events carry UUIDv7)."""
+    value = int.from_bytes(raw, "big")
+    value &= ~(0xF << 76) & ~(0x3 << 62)
+    value |= (0x7 << 76) | (0x2 << 62)
+    return uuid.UUID(int=value)
 
 
 def _labeled_extract(suite_id: bytes, salt: bytes, label: bytes, ikm: bytes) -> bytes:
