@@ -526,6 +526,8 @@ class CabinetApp:
                     cabinet_id=self.cabinet_id,
                     seq=e.seq,
                     event_id=e.event_id,
+                    version=2,
+                    epoch=self.store.epoch,
                 ),
                 e.model_dump_json().encode(),
             )

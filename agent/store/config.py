@@ -36,7 +36,16 @@ class StoreConfig(StrictModel):
     )
     synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL",
-        description="FULL survives power loss; NORMAL may lose the last commits on power loss",
+        description="FULL: every commit is fsynced before it returns; NORMAL: commits return "
+        "sooner and are fsynced within durability_delay_ms (a power cut may lose those last "
+        "commits, but never an event that already left the cabinet)",
+    )
+    durability_delay_ms: float = Field(
+        100.0,
+        ge=0,
+        le=10_000,
+        description="NORMAL only: how long a commit may wait for its fsync; events are "
+        "published only once durable (at once when the publisher asks for them)",
     )
     max_bytes: int = Field(
         64 * MiB,
@@ -47,7 +56,20 @@ class StoreConfig(StrictModel):
         256 * MiB, ge=MiB, description="hard cap on the database file (PRAGMA max_page_count)"
     )
     min_free_disk_bytes: int = Field(
-        16 * MiB, ge=0, description="disk space the database never eats into"
+        16 * MiB, ge=0, description="disk space the database and its WAL never eat into"
+    )
+    max_wal_bytes: int = Field(
+        8 * MiB,
+        ge=256 * 1024,
+        le=1024 * MiB,
+        description="disk space reserved for the WAL (at most 1/8 of the filesystem): "
+        "checkpointed at half of it, truncated back after a full disk",
+    )
+    seq_reserve_block: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="seqs reserved in the sequence sidecar per write of it (docs/store.md)",
     )
     max_age_days: float = Field(
         30.0,

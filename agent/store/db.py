@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.store import audit, schema
 from agent.store.config import StoreConfig
+from agent.store.salvage import SalvagedRow
 from agent.store.types import (
     AlertKind,
     AuditReport,
@@ -34,9 +35,11 @@ _US = timedelta(microseconds=1)
 # never prune anything by age on such a clock.
 SANE_CLOCK_US = 1_577_836_800_000_000  # 2020-01-01T00:00:00Z
 _HEAD_KEY = "store.audit_head"
+EPOCH_KEY = "store.epoch"
 RESERVED_KV_PREFIX = "store."
 _DROPPED_KEY = "dropped.p"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_MIN_WAL_BYTES = 128 * 1024
 
 
 def to_us(dt: datetime) -> int:
@@ -55,6 +58,27 @@ class HousekeepingResult:
     max_page_count: int
 
 
+def wal_path(path: Path) -> Path:
+    return path.with_name(path.name + "-wal")
+
+
+def file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def wal_budget(path: Path, cfg: StoreConfig) -> int:
+    """Bytes the WAL may occupy: max_wal_bytes, but never more than 1/8 of the filesystem."""
+    try:
+        st = os.statvfs(path.parent)
+        disk = st.f_blocks * st.f_frsize
+    except OSError:
+        disk = 8 * cfg.max_wal_bytes
+    return max(_MIN_WAL_BYTES, min(cfg.max_wal_bytes, disk // 8))
+
+
 def connect(path: Path, cfg: StoreConfig) -> sqlite3.Connection:
     """Open the database with the store's pragmas (autocommit: transactions are explicit)."""
     if not path.exists():
@@ -70,8 +94,13 @@ def connect(path: Path, cfg: StoreConfig) -> sqlite3.Connection:
         conn.execute(f"PRAGMA synchronous={cfg.synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
-        # Bound the WAL file after checkpoints so it cannot eat the disk on its own.
-        conn.execute("PRAGMA journal_size_limit=16777216")
+        # The WAL is bounded (docs/store.md, "Disk space"): a checkpoint once it holds half its
+        # budget, and truncated back to half after a checkpoint; the page cap leaves room for
+        # the whole budget.
+        budget = wal_budget(path, cfg)
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, budget // 2 // (page_size + 24))}")
+        conn.execute(f"PRAGMA journal_size_limit={budget // 2}")
         conn.execute("PRAGMA secure_delete=FAST")  # deleted rows do not linger in free pages
     except BaseException:
         conn.close()
@@ -88,17 +117,21 @@ def quick_check(conn: sqlite3.Connection) -> list[str]:
 class Database:
     """The state database behind one connection. Not thread-safe: one thread owns it."""
 
-    def __init__(self, conn: sqlite3.Connection, cfg: StoreConfig) -> None:
+    def __init__(self, conn: sqlite3.Connection, cfg: StoreConfig, found_version: int) -> None:
         self.conn = conn
         self.cfg = cfg
+        self.found_version = found_version  # schema version before migrating (0: empty file)
         self.alerts: list[StoreAlert] = []  # raised by the current job; sent after COMMIT
         self.over_cap = False
         self.max_page_count = 0
+        self.wal_budget = wal_budget(Path(cfg.path), cfg)
 
     # -- sizing -----------------------------------------------------------------------------
 
     def apply_page_limit(self) -> int:
-        """Cap the file below free disk space and max_db_bytes (SQLITE_FULL instead of ENOSPC)."""
+        """Cap the file so that it *and its WAL budget* fit below free disk space minus
+        min_free_disk_bytes, and below max_db_bytes: the store hits SQLITE_FULL (and keeps
+        room to delete acknowledged rows and to checkpoint) before the filesystem hits ENOSPC."""
         path = Path(self.cfg.path)
         page_size = int(self.conn.execute("PRAGMA page_size").fetchone()[0])
         pages_now = int(self.conn.execute("PRAGMA page_count").fetchone()[0])
@@ -107,13 +140,25 @@ class Database:
             free = st.f_bavail * st.f_frsize
         except OSError:
             free = self.cfg.max_db_bytes
-        used = pages_now * page_size
-        limit = min(self.cfg.max_db_bytes, used + max(0, free - self.cfg.min_free_disk_bytes))
+        # What the files occupy now plus what is free, minus the WAL's whole budget: pages that
+        # live only in the WAL still need their place in the database file at the checkpoint.
+        room = file_size(path) + file_size(wal_path(path)) + free
+        room -= self.cfg.min_free_disk_bytes + self.wal_budget
+        limit = min(self.cfg.max_db_bytes, max(0, room))
         pages = max(limit // page_size, pages_now)
         self.max_page_count = int(
             self.conn.execute(f"PRAGMA max_page_count={int(pages)}").fetchone()[0]
         )
         return self.max_page_count
+
+    def checkpoint(self, mode: str = "PASSIVE") -> bool:
+        """Copy the WAL into the database file; True if every frame was (TRUNCATE: and the WAL
+        file was cut to zero bytes, giving its blocks back)."""
+        busy, _log, _done = self.conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        return int(busy) == 0
+
+    def wal_bytes(self) -> int:
+        return file_size(wal_path(Path(self.cfg.path)))
 
     # -- meta -------------------------------------------------------------------------------
 
@@ -133,6 +178,13 @@ class Database:
 
     def set_next_seq(self, value: int) -> None:
         self.conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (value,))
+
+    def epoch(self) -> bytes | None:
+        raw = self.kv_get(EPOCH_KEY)
+        return raw if raw is not None and len(raw) == 8 else None
+
+    def set_epoch(self, epoch: bytes, now_us: int) -> None:
+        self.kv_put(EPOCH_KEY, epoch, now_us)
 
     def outbox_bytes(self) -> int:
         return self._meta("outbox_bytes")
@@ -170,6 +222,27 @@ class Database:
         )
         self.set_next_seq(rows[-1].seq + 1)
         self.enforce_bytes()
+
+    def insert_salvaged(self, rows: Sequence[SalvagedRow]) -> None:
+        """Rows read from a quarantined file, kept under their original seqs (sealed with them)."""
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO outbox (seq, event_id, priority, kind, created_us, size, "
+            "envelope, attempts, dead) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.seq,
+                    r.event_id.bytes,
+                    r.priority,
+                    r.kind,
+                    r.created_us,
+                    len(r.envelope),
+                    r.envelope,
+                    r.attempts,
+                    int(r.dead),
+                )
+                for r in rows
+            ],
+        )
 
     def enforce_bytes(self) -> None:
         """Drop the lowest-priority, oldest droppable rows until the outbox fits max_bytes."""
@@ -298,7 +371,12 @@ class Database:
     # -- outbox reads -----------------------------------------------------------------------
 
     def peek(
-        self, limit: int, exclude: Collection[int], after_seq: int | None, live_first: bool
+        self,
+        limit: int,
+        exclude: Collection[int],
+        after_seq: int | None,
+        live_first: bool,
+        max_seq: int | None = None,
     ) -> list[OutboxRow]:
         order = "DESC" if live_first else "ASC"
         where = "dead = 0"
@@ -306,6 +384,9 @@ class Database:
         if after_seq is not None:
             where += " AND seq > ?" if not live_first else " AND seq < ?"
             params.append(after_seq)
+        if max_seq is not None:
+            where += " AND seq <= ?"
+            params.append(max_seq)
         params.append(limit + len(exclude))
         out: list[OutboxRow] = []
         cur = self.conn.execute(
@@ -542,8 +623,9 @@ def open_database(path: Path, cfg: StoreConfig) -> Database:
         problems = quick_check(conn)
         if problems:
             raise CorruptDatabaseError("; ".join(problems[:5]))
+        found = schema.current_version(conn)
         schema.migrate(conn)
-        db = Database(conn, cfg)
+        db = Database(conn, cfg, found)
         db.apply_page_limit()
     except BaseException:
         conn.close()

@@ -84,6 +84,8 @@ class Store:
         self._closed = False
         self._pending_writes = 0
         self._pending_bytes = 0
+        self.epoch: bytes = opened.epoch
+        """This database incarnation's random id: sealed into every envelope header (v2)."""
         self.open_alerts: tuple[StoreAlert, ...] = tuple(opened.alerts)
         self.recent_alerts: deque[StoreAlert] = deque(maxlen=100)
 
@@ -239,14 +241,27 @@ class Store:
         after_seq: int | None = None,
         live_first: bool = False,
     ) -> list[OutboxRow]:
-        """Deliverable rows in seq order (newest first with live_first), skipping ``exclude``."""
+        """Deliverable rows in seq order (newest first with live_first), skipping ``exclude``.
+
+        This is the delivery read: it returns only rows whose commit is durable (with
+        ``synchronous=NORMAL`` it makes pending commits durable first), and it reserves their
+        seqs in the sequence sidecar before returning them (docs/store.md).
+        """
         if limit < 1:
             raise ValueError("limit must be >= 1")
         excl = frozenset(exclude)
+        worker = self._worker
         rows: list[OutboxRow] = await self._submit(
-            lambda d: d.peek(limit, excl, after_seq, live_first), write=False, ordered=False
+            lambda d: worker.deliverable(d, limit, excl, after_seq, live_first),
+            write=False,
+            ordered=False,
         )
         return rows
+
+    @property
+    def durable_seq(self) -> int:
+        """The durable watermark: every committed seq up to this survives a power cut."""
+        return self._worker.durable_seq
 
     async def ack(self, seqs: Sequence[int]) -> int:
         """Delete delivered rows; returns how many were still there."""

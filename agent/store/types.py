@@ -74,6 +74,10 @@ class AlertKind(enum.StrEnum):
     DISK_FULL_CLEARED = "store.disk_full_cleared"
     WRITE_RETRYING = "store.write_retrying"
     CORRUPT_QUARANTINED = "store.corrupt_quarantined"
+    WAL_QUARANTINED = "store.wal_quarantined"  # an unreadable -wal moved aside at start
+    DATABASE_LOST = "store.database_lost"  # a database that existed is missing or empty
+    SEQ_ROLLBACK = "store.seq_rollback"  # its counter is behind what may have been sent
+    SEQ_STATE_LOST = "store.seq_state_lost"  # the sequence sidecar is unreadable
     FAILED = "store.failed"
     AUDIT_PRUNED = "store.audit_pruned"
 

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,8 +27,11 @@ from typing import Any
 
 from agent.store import db as dbmod
 from agent.store.config import StoreConfig
+from agent.store.salvage import Salvage, salvage, wal_header_valid
+from agent.store.seqfile import SeqFile, SeqFileError, SeqState, fsync_dir, new_epoch, seq_path
 from agent.store.types import (
     AlertKind,
+    OutboxRow,
     StoreAlert,
     StoreClosedError,
     StoreError,
@@ -79,9 +82,10 @@ class Job:
 class OpenResult:
     """What the worker found when it opened the database."""
 
-    def __init__(self, next_seq: int, alerts: list[StoreAlert]) -> None:
+    def __init__(self, next_seq: int, alerts: list[StoreAlert], epoch: bytes) -> None:
         self.next_seq = next_seq
         self.alerts = alerts
+        self.epoch = epoch
 
 
 class Worker(threading.Thread):
@@ -113,6 +117,16 @@ class Worker(threading.Thread):
         self.failed: BaseException | None = None
         self.transactions = 0
         self.db: dbmod.Database | None = None
+        self.epoch = b""
+        self._seqfile = SeqFile(seq_path(Path(cfg.path)))
+        self._seq_state = SeqState(bytes(8), 0, 0)
+        self._seq_write_failed = False
+        # The durable watermark: rows up to _durable_seq are on disk for sure; with NORMAL,
+        # commits above it wait for the coalesced WAL fsync due at _sync_at.
+        self._committed_seq = 0
+        self._durable_seq = 0
+        self._sync_at: float | None = None
+        self.wal_fsyncs = 0
         self.opened: asyncio.Future[OpenResult] = loop.create_future()
         self.finished: asyncio.Future[None] = loop.create_future()
 
@@ -158,6 +172,8 @@ class Worker(threading.Thread):
             self._fail_everything(err)
         finally:
             if self.db is not None:
+                if self.failed is None:
+                    self._close_cleanly()
                 try:
                     self.db.conn.close()
                 except sqlite3.Error as err:
@@ -170,7 +186,30 @@ class Worker(threading.Thread):
         path = Path(self.cfg.path)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock(path)
-        alerts: list[StoreAlert] = []
+        opening = _Opening(path)
+        try:
+            opening.remembered = self._seqfile.read()
+        except SeqFileError as err:
+            opening.sidecar_problem = str(err)
+        present = path.exists()
+        existed = dbmod.file_size(path) > 0
+        wal = dbmod.wal_path(path)
+        if _header_sound(path) and wal_header_valid(wal) is False:
+            # SQLite would silently ignore (and later overwrite) a WAL whose header it cannot
+            # read, and with it every commit that lived there: keep it and say so.
+            moved = quarantine_wal(path)
+            opening.alerts.append(
+                StoreAlert(
+                    AlertKind.WAL_QUARANTINED,
+                    f"the database's write-ahead log is not a WAL (bad header); moved to "
+                    f"{moved.name}; commits that were only in it are lost",
+                )
+            )
+        if not existed and (wal.exists() or path.with_name(path.name + "-shm").exists()):
+            # The database file is gone or empty but its WAL is not: never let SQLite replay
+            # an orphan WAL onto a new file. Move it aside and read what rows it holds.
+            moved = quarantine(path)
+            opening.orphan = salvage(None, moved.with_name(moved.name + "-wal"))
         try:
             self.db = dbmod.open_database(path, self.cfg)
         except (sqlite3.DatabaseError, dbmod.CorruptDatabaseError) as err:
@@ -180,40 +219,144 @@ class Worker(threading.Thread):
             ):
                 raise
             moved = quarantine(path)
-            salvaged = dbmod.salvage_next_seq(moved)
+            opening.corrupt = (str(err), moved)
+            opening.salvage = salvage(moved, moved.with_name(moved.name + "-wal"))
+            opening.sql_counter = dbmod.salvage_next_seq(moved)
             self.db = dbmod.open_database(path, self.cfg)
-            if salvaged is not None and salvaged > 1:
-                self.db.conn.execute("BEGIN IMMEDIATE")
-                self.db.set_next_seq(salvaged)
-                self.db.conn.execute("COMMIT")
-            alerts.append(
-                StoreAlert(
-                    AlertKind.CORRUPT_QUARANTINED,
-                    f"corrupt database ({err}) moved to {moved.name}; started a fresh one; "
-                    + (
-                        f"sequence continues at {salvaged}"
-                        if salvaged
-                        else "sequence counter could not be recovered and restarts at 1"
-                    )
-                    + "; undelivered events stay in the quarantined file",
-                )
-            )
-        assert self.db is not None
-        self.db.conn.execute("BEGIN IMMEDIATE")
-        try:
-            self.db.housekeeping(self._now_us())
-            alerts.extend(self.db.alerts)
-            self.db.alerts = []
-            self.db.conn.execute("COMMIT")
-        except sqlite3.Error as err:
-            with contextlib.suppress(sqlite3.Error):
-                self.db.conn.execute("ROLLBACK")
-            # A full disk at start must not keep the agent down: the pruning waits.
-            logger.warning("start-up housekeeping failed: %s", err)
+        opening.existed = present
+        self._settle_epoch(self.db, opening)
+        self._open_housekeeping(self.db, opening.alerts)
         self._housekeep_at = time.monotonic() + _HOUSEKEEPING_S
-        result = OpenResult(self.db.next_seq(), alerts)
+        result = OpenResult(self.db.next_seq(), opening.alerts, self.epoch)
         self._settle_future(self.opened, None, result)
         self._flush()
+
+    def _settle_epoch(self, db: dbmod.Database, o: _Opening) -> None:
+        """Decide the epoch and where the sequence continues; make it durable before use."""
+        block = self.cfg.seq_reserve_block
+        remembered = o.remembered
+        next_seq = db.next_seq()
+        db_epoch = db.epoch()
+        epoch = db_epoch
+        jump_to = next_seq
+        recovery = False
+        rescued = o.salvage or o.orphan
+        if o.corrupt is not None:
+            recovery = True
+            jump_to = max(next_seq, *_counters(o.salvage, o.sql_counter, remembered))
+            o.alerts.append(_corrupt_alert(o.corrupt, jump_to, o.salvage))
+        elif db.found_version == 0:
+            if remembered is not None or o.sidecar_problem or o.orphan is not None:
+                recovery = True
+                jump_to = max(next_seq, *_counters(o.orphan, None, remembered))
+                if remembered is None and o.sidecar_problem:
+                    jump_to = max(jump_to, next_seq + block)
+                o.alerts.append(_lost_alert(o.existed, jump_to, o.orphan))
+        elif o.sidecar_problem:
+            recovery = True
+            jump_to = next_seq + block
+            o.alerts.append(
+                StoreAlert(
+                    AlertKind.SEQ_STATE_LOST,
+                    f"the sequence file is unreadable ({o.sidecar_problem}); the sequence "
+                    f"continues at {jump_to}",
+                )
+            )
+        elif remembered is None:
+            if db_epoch is not None:
+                logger.warning("sequence file %s was missing; recreated", self._seqfile.path)
+        elif db_epoch != remembered.epoch:
+            recovery = True
+            jump_to = max(next_seq, remembered.reserved + 1)
+            o.alerts.append(
+                StoreAlert(
+                    AlertKind.SEQ_ROLLBACK,
+                    "the database is not the one the sequence file remembers (another epoch: "
+                    f"a restored copy?); the sequence continues at {jump_to}",
+                )
+            )
+        elif next_seq - 1 < remembered.sent_floor:
+            recovery = True
+            jump_to = remembered.reserved + 1
+            o.alerts.append(
+                StoreAlert(
+                    AlertKind.SEQ_ROLLBACK,
+                    f"the database's sequence counter went back to {next_seq - 1}, below "
+                    f"{remembered.sent_floor} that may have been sent (a restored backup or "
+                    f"lost writes); the sequence continues at {jump_to}",
+                )
+            )
+        if recovery or epoch is None:
+            epoch = new_epoch()
+        state = SeqState(epoch, jump_to - 1, jump_to - 1)
+        if recovery:
+            # The sidecar first: if we die before the database commit below, the next start
+            # sees another epoch there and moves on again, never back.
+            self._seqfile.write(state)
+            logger.error(
+                "state store: new epoch %s, sequence continues at %d", epoch.hex(), jump_to
+            )
+        now_us = self._now_us()
+        if epoch != db_epoch or jump_to != next_seq or rescued:
+            db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                if epoch != db_epoch:
+                    db.set_epoch(epoch, now_us)
+                if jump_to != next_seq:
+                    db.set_next_seq(jump_to)
+                if rescued is not None and rescued.rows:
+                    db.insert_salvaged(sorted(rescued.rows.values(), key=lambda r: r.seq))
+                db.conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.conn.execute("ROLLBACK")
+                raise
+        self._make_open_durable(db)
+        if not recovery and (remembered is None or o.sidecar_problem):
+            self._seqfile.write(state)
+        self._seq_state = state if recovery or remembered is None else remembered
+        self.epoch = epoch
+        self._committed_seq = self._durable_seq = db.next_seq() - 1
+
+    def _make_open_durable(self, db: dbmod.Database) -> None:
+        """Schema, epoch and counter reach the database file itself before first use."""
+        path = Path(self.cfg.path)
+        try:
+            db.checkpoint("TRUNCATE")
+        except sqlite3.Error as err:  # a full disk: the WAL fsync below still makes it durable
+            logger.warning("start-up checkpoint failed: %s", err)
+        for target in (dbmod.wal_path(path), path):
+            with contextlib.suppress(FileNotFoundError):
+                _fsync_file(target)
+        fsync_dir(path.parent)
+
+    def _open_housekeeping(self, db: dbmod.Database, alerts: list[StoreAlert]) -> None:
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            db.housekeeping(self._now_us())
+            alerts.extend(db.alerts)
+            db.alerts = []
+            db.conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            with contextlib.suppress(sqlite3.Error):
+                db.conn.execute("ROLLBACK")
+            db.alerts = []
+            # A full disk at start must not keep the agent down: the pruning waits.
+            logger.warning("start-up housekeeping failed: %s", err)
+
+    def _close_cleanly(self) -> None:
+        """Last commits durable, the WAL folded in, and the sidecar's floor raised to them."""
+        assert self.db is not None
+        try:
+            self._make_durable()
+            with contextlib.suppress(sqlite3.Error):
+                self.db.checkpoint("TRUNCATE")
+            state = self._seq_state
+            if self._durable_seq > state.sent_floor:
+                floor = self._durable_seq
+                self._seqfile.write(SeqState(state.epoch, floor, max(state.reserved, floor)))
+        except (OSError, Fatal) as err:
+            logger.error("state store: final sync failed: %s", err)
 
     def _lock(self, path: Path) -> None:
         """One agent per database: the seq protocol assumes a single writer."""
@@ -251,6 +394,8 @@ class Worker(threading.Thread):
                 stopping = self._stopping
             try:
                 self._process(work)
+                if self._sync_at is not None and time.monotonic() >= self._sync_at:
+                    self._make_durable()
                 if self._held and time.monotonic() >= self._retry_at:
                     self._retry_held()
                 if not self._held and time.monotonic() >= self._housekeep_at:
@@ -283,9 +428,10 @@ class Worker(threading.Thread):
 
     def _wait_timeout(self) -> float:
         now = time.monotonic()
-        if self._held:
-            return max(0.0, self._retry_at - now)
-        return max(0.0, min(self._housekeep_at - now, _HOUSEKEEPING_S))
+        due = self._retry_at if self._held else min(self._housekeep_at, now + _HOUSEKEEPING_S)
+        if self._sync_at is not None:
+            due = min(due, self._sync_at)
+        return max(0.0, due - now)
 
     def _process(self, work: deque[Job]) -> None:
         max_rows = self.cfg.group_commit_max_rows
@@ -342,6 +488,9 @@ class Worker(threading.Thread):
         assert self.db is not None
         try:
             result = job.fn(self.db)
+        except Fatal as err:
+            self._reject(job, StoreFailedError(f"the store failed: {err}"))
+            raise
         except sqlite3.Error as err:
             if sqlite_code(err) in _FATAL:
                 self._reject(job, StoreFailedError(f"the store failed: {err}"))
@@ -404,6 +553,7 @@ class Worker(threading.Thread):
                 self._reject(job, failure)
             raise Fatal(str(err)) from err
         self.transactions += 1
+        self._committed(batch)
         for job, result in done:
             for alert in job.alerts:
                 self._alert(alert)
@@ -411,6 +561,87 @@ class Worker(threading.Thread):
         for job, problem in rejected:
             self._reject(job, problem)
         return True
+
+    # -- durability -----------------------------------------------------------------------------
+
+    def _committed(self, batch: list[Job]) -> None:
+        assert self.db is not None
+        if not any(job.ordered for job in batch):
+            return  # acks, failure marks: no seq moved
+        self._committed_seq = self.db.next_seq() - 1
+        if self.cfg.synchronous == "FULL":
+            self._durable_seq = self._committed_seq  # COMMIT fsynced the WAL
+        elif self._committed_seq > self._durable_seq and self._sync_at is None:
+            self._sync_at = time.monotonic() + self.cfg.durability_delay_ms / 1000.0
+
+    def _make_durable(self) -> None:
+        """NORMAL: fsync the WAL, which makes every commit written to it so far durable."""
+        self._sync_at = None
+        target = self._committed_seq
+        if target <= self._durable_seq:
+            return
+        path = Path(self.cfg.path)
+        try:
+            try:
+                _fsync_file(dbmod.wal_path(path))
+            except FileNotFoundError:  # everything was checkpointed into the file itself
+                _fsync_file(path)
+        except OSError as err:
+            # After a failed fsync the kernel may have dropped the dirty pages: nothing written
+            # since the last good sync can be trusted. Stop; the restart re-checks everything.
+            raise Fatal(f"fsync of the database failed: {err}") from err
+        self.wal_fsyncs += 1
+        self._durable_seq = target
+
+    def deliverable(
+        self,
+        db: dbmod.Database,
+        limit: int,
+        exclude: Collection[int],
+        after_seq: int | None,
+        live_first: bool,
+    ) -> list[OutboxRow]:
+        """Rows the publisher may send now (runs on this thread, as a read job).
+
+        Only rows whose commit is durable (a power cut cannot take them back), and only seqs
+        the sidecar already covers: before a row above ``reserved`` is handed out, the sidecar
+        reserves the next block.
+        """
+        if self._committed_seq > self._durable_seq:
+            self._make_durable()  # someone is waiting for rows: no reason to wait for the timer
+        rows = db.peek(limit, exclude, after_seq, live_first, max_seq=self._durable_seq)
+        top = max((r.seq for r in rows), default=0)
+        state = self._seq_state
+        if top > state.reserved:
+            grown = SeqState(
+                state.epoch,
+                max(state.sent_floor, top),
+                top + self.cfg.seq_reserve_block,
+            )
+            try:
+                self._seqfile.write(grown)
+            except OSError as err:
+                if not self._seq_write_failed:
+                    logger.error(
+                        "cannot update the sequence file %s (%s): holding back rows above "
+                        "seq %d until it works",
+                        self._seqfile.path.name,
+                        err,
+                        state.reserved,
+                    )
+                self._seq_write_failed = True
+                return [r for r in rows if r.seq <= state.reserved]
+            self._seq_write_failed = False
+            self._seq_state = grown
+        return rows
+
+    @property
+    def durable_seq(self) -> int:
+        return self._durable_seq
+
+    @property
+    def seq_state(self) -> SeqState:
+        return self._seq_state
 
     def _enter_retry(self, err: sqlite3.Error) -> None:
         full = sqlite_code(err) == _SQLITE_FULL
@@ -543,5 +774,106 @@ def quarantine(path: Path) -> Path:
         src = path.with_name(path.name + suffix)
         if src.exists():
             src.rename(target.with_name(target.name + suffix))
+    fsync_dir(path.parent)
     logger.error("corrupt state database moved aside to %s", target)
     return target
+
+
+def quarantine_wal(path: Path) -> Path:
+    """Move an unreadable -wal (and the -shm indexing it) aside; return the WAL's new path."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = path.with_name(f"{path.name}-wal.corrupt-{stamp}")
+    path.with_name(path.name + "-wal").rename(target)
+    shm = path.with_name(path.name + "-shm")
+    if shm.exists():
+        shm.rename(path.with_name(f"{path.name}-shm.corrupt-{stamp}"))
+    fsync_dir(path.parent)
+    logger.error("unreadable write-ahead log moved aside to %s", target)
+    return target
+
+
+def _header_sound(path: Path) -> bool:
+    try:
+        dbmod.check_header(path)
+    except dbmod.CorruptDatabaseError:
+        return False  # the whole set goes to quarantine, WAL included
+    return True
+
+
+def _fsync_file(path: Path) -> None:
+    # On Linux fsync flushes the file's dirty pages whichever descriptor wrote them.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Opening:
+    """What open() found, for deciding the epoch."""
+
+    path: Path
+    remembered: SeqState | None = None
+    sidecar_problem: str | None = None
+    existed: bool = True
+    corrupt: tuple[str, Path] | None = None
+    salvage: Salvage | None = None
+    sql_counter: int | None = None
+    orphan: Salvage | None = None
+    alerts: list[StoreAlert] = field(default_factory=list)
+
+
+def _counters(found: Salvage | None, sql_counter: int | None, seq: SeqState | None) -> list[int]:
+    """Every lower bound known for the next seq of a database being replaced."""
+    out = [1]
+    if found is not None:
+        out.append(found.max_seq + 1)
+        if found.next_seq is not None:
+            out.append(found.next_seq)
+    if sql_counter is not None:
+        out.append(sql_counter)
+    if seq is not None:
+        out.append(seq.reserved + 1)
+    return out
+
+
+def _rescued(found: Salvage | None) -> str:
+    if found is None or not found.rows:
+        return "no undelivered event could be salvaged"
+    live = sum(1 for r in found.rows.values() if not r.dead)
+    text = (
+        f"salvaged {live} undelivered event(s), seqs {min(found.rows)}..{found.max_seq}, "
+        "which will be delivered"
+    )
+    missing = found.missing_within()
+    if missing:
+        text += f"; {missing} seq(s) in that range could not be read"
+    return text
+
+
+def _corrupt_alert(corrupt: tuple[str, Path], jump_to: int, found: Salvage | None) -> StoreAlert:
+    reason, moved = corrupt
+    return StoreAlert(
+        AlertKind.CORRUPT_QUARANTINED,
+        f"corrupt database ({reason}) moved to {moved.name}; started a fresh one; "
+        + (
+            f"sequence continues at {jump_to}"
+            if jump_to > 1
+            else "sequence counter could not be recovered and restarts at 1"
+        )
+        + f"; {_rescued(found)}",
+        seqs=tuple(sorted(found.rows))[:1000] if found is not None else (),
+    )
+
+
+def _lost_alert(existed: bool, jump_to: int, found: Salvage | None) -> StoreAlert:
+    state = "empty" if existed else "missing"
+    return StoreAlert(
+        AlertKind.DATABASE_LOST,
+        f"the state database that existed is {state}: started a new one (allow-list, asset "
+        f"registry, baseline and audit chain come back only when re-sent); the sequence "
+        f"continues at {jump_to}"
+        + ("" if found is None else f"; from its orphan write-ahead log: {_rescued(found)}"),
+        seqs=tuple(sorted(found.rows))[:1000] if found is not None else (),
+    )
