@@ -69,6 +69,8 @@ _STOP_ENGINE = object()  # queued by the shutdown sequence: the engine loop retu
 # OVER_CAP and WRITE_RETRYING repeat on every write while they last: status and logs show them.
 _ALERTS_NOT_SENT = frozenset({"store.failed", "store.over_cap", "store.write_retrying"})
 ALERT_INTERVAL_S = 10.0
+STOP_BUDGET_S = 4.0  # systemd's stop timeout is 5 s; the rest is process exit
+DOOR_STOP_S = 1.0
 TICK_S = 0.1
 SEAL_INLINE_MAX = 8  # up to this many events are sealed on the loop (~80 µs each)
 DOC_KINDS = ("allow-list", "asset-registry")
@@ -239,23 +241,30 @@ class CabinetApp:
             )
             await self.stop_event.wait()
             logger.info("stopping: intake first, then engine, outbox, broker, readers")
+            # One budget for the whole stop (systemd waits 5 s before SIGKILL): each step gets
+            # what is left, and the door always keeps its share.
+            loop = asyncio.get_running_loop()
+            door_at = loop.time() + STOP_BUDGET_S - DOOR_STOP_S
+            # Writes held by a full disk may spend the store's disk reserve now.
+            if self.store is not None:
+                self.store.begin_stop()
             # 1. the engine loop finishes (and commits) what was queued before this point,
             #    then returns; cancelled only if it cannot within a bounded time.
             try:
-                async with asyncio.timeout(3.0):
+                async with asyncio.timeout_at(min(loop.time() + 3.0, door_at - 0.5)):
                     await self.inputs.queue.put(_STOP_ENGINE)
-                    await asyncio.shield(engine_task)
+                    await self._engine_or_stuck(engine_task)
             except TimeoutError:
-                logger.warning("engine did not finish within 3 s; cancelling")
+                logger.warning("engine did not finish in time; cancelling")
                 engine_task.cancel()
             # 2. publisher: flush acks, offline status, clean disconnect.
             if self.publisher is not None and publisher_task is not None:
                 self.publisher.stop()
                 try:
-                    async with asyncio.timeout(3.0):
+                    async with asyncio.timeout_at(min(loop.time() + 3.0, door_at)):
                         await asyncio.shield(publisher_task)
                 except TimeoutError:
-                    logger.warning("publisher did not stop within 3 s; cancelling")
+                    logger.warning("publisher did not stop in time; cancelling")
             # 3. lock the door while its reader is still connected (fail secure).
             if self.door is not None:
                 try:
@@ -268,6 +277,22 @@ class CabinetApp:
             # 4. everything else (readers close their sessions) is cancelled by the group.
             raise _Stop
 
+    async def _engine_or_stuck(self, engine_task: asyncio.Task[None]) -> None:
+        """Wait for the engine to finish, unless it waits on a commit a full disk holds: that
+        write stays queued in the store (and is retried once more at close), waiting longer
+        would only spend the stop budget."""
+        store = self.store
+        stuck_since: float | None = None
+        while not engine_task.done():
+            await asyncio.wait([engine_task], timeout=0.1)
+            if store is not None and store.disk_full and self._committing:
+                now = time.monotonic()
+                stuck_since = stuck_since or now
+                if now - stuck_since >= 0.5:
+                    raise TimeoutError
+            else:
+                stuck_since = None
+
     async def _shutdown(self) -> None:
         if self.door is not None:
             try:
@@ -276,7 +301,9 @@ class CabinetApp:
             except (DoorCommandError, TimeoutError) as err:
                 logger.error("could not lock the door on shutdown: %s", err or type(err).__name__)
         if self.store is not None:
-            await self.audit.flush()
+            # Appends held by a full disk stay queued in the store (retried once more at
+            # close): waiting for them would only spend the stop budget.
+            await self.audit.flush(0.2 if self.store.disk_full else 2.0)
             try:
                 await self.store.close()
             except CabinetError as err:

@@ -273,8 +273,12 @@ async def cabinet_rig(
     commission: bool = True,
     domain: Mapping[str, Any] | None = None,
     before_start: Callable[[Rig], None] | None = None,
+    agent_extra: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[Rig]:
-    """Start everything for ``scenario``; the agent has its documents and a first baseline."""
+    """Start everything for ``scenario``; the agent has its documents and a first baseline.
+
+    ``agent_extra`` is merged into the agent's config (a section's keys into that section).
+    """
     keys = generate_backend_keys(tmp / "keys")
     agent_dir = tmp / "agent"
     agent_dir.mkdir()
@@ -312,6 +316,7 @@ async def cabinet_rig(
                     "backoff": {"initial_s": 0.05, "max_s": 0.5},
                 }
             ],
+            extra=agent_extra,
         )
         config_path = agent_dir / "agent.toml"
         config_path.write_text(to_toml(cfg))

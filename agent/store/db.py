@@ -114,6 +114,54 @@ def quick_check(conn: sqlite3.Connection) -> list[str]:
     return [] if rows == ["ok"] else rows
 
 
+def free_bytes(directory: Path) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+class Reserve:
+    """Preallocated disk blocks (``<db>.reserve``) the store gives back when the disk is full.
+
+    The page cap keeps the store itself from filling the disk; this covers something else
+    filling it. Released, its blocks let a checkpoint finish and acknowledged rows be deleted
+    (and the last writes commit at shutdown); recreated once the space is back.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        self.wanted = True  # False while stopping: its room may then be used for writes
+
+    def present(self) -> bool:
+        return self.path.exists()
+
+    def create(self) -> bool:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, self.size)
+            os.fsync(fd)
+        except OSError as err:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            logger.warning("cannot reserve %d bytes of disk for the store: %s", self.size, err)
+            return False
+        os.close(fd)
+        os.replace(tmp, self.path)
+        return True
+
+    def release(self) -> bool:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+
 class Database:
     """The state database behind one connection. Not thread-safe: one thread owns it."""
 
@@ -124,7 +172,9 @@ class Database:
         self.alerts: list[StoreAlert] = []  # raised by the current job; sent after COMMIT
         self.over_cap = False
         self.max_page_count = 0
-        self.wal_budget = wal_budget(Path(cfg.path), cfg)
+        path = Path(cfg.path)
+        self.wal_budget = wal_budget(path, cfg)
+        self.reserve = Reserve(path.with_name(path.name + ".reserve"), self.wal_budget // 2)
 
     # -- sizing -----------------------------------------------------------------------------
 
@@ -135,15 +185,16 @@ class Database:
         path = Path(self.cfg.path)
         page_size = int(self.conn.execute("PRAGMA page_size").fetchone()[0])
         pages_now = int(self.conn.execute("PRAGMA page_count").fetchone()[0])
-        try:
-            st = os.statvfs(path.parent)
-            free = st.f_bavail * st.f_frsize
-        except OSError:
+        free = free_bytes(path.parent)
+        if free is None:
             free = self.cfg.max_db_bytes
-        # What the files occupy now plus what is free, minus the WAL's whole budget: pages that
-        # live only in the WAL still need their place in the database file at the checkpoint.
+        # What the files occupy now plus what is free, minus the WAL's whole budget (pages that
+        # live only in the WAL still need their place in the database file at the checkpoint)
+        # and minus the reserve if it has to be made again.
         room = file_size(path) + file_size(wal_path(path)) + free
         room -= self.cfg.min_free_disk_bytes + self.wal_budget
+        if self.reserve.wanted and not self.reserve.present():
+            room -= self.reserve.size
         limit = min(self.cfg.max_db_bytes, max(0, room))
         pages = max(limit // page_size, pages_now)
         self.max_page_count = int(

@@ -123,6 +123,11 @@ class Store:
             store._dispatch_alert(alert)
         return store
 
+    def begin_stop(self) -> None:
+        """The agent is stopping: writes held by a full disk may spend the disk reserve now,
+        so that what is queued can still commit (call before draining the writers)."""
+        self._worker.begin_stop()
+
     async def close(self) -> None:
         """Flush every accepted write (bounded wait) and stop the database thread."""
         if self._closed:

@@ -106,6 +106,9 @@ class Worker(threading.Thread):
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()
         self._stopping = False
+        self._stop_soon = False
+        # The reserve was released to a full disk: new rows wait (acks do not) until it is back.
+        self._reserve_spent = False
         self._held: deque[Job] = deque()
         self._retry_at = 0.0
         self._retry_delay = cfg.retry_initial_s
@@ -145,6 +148,12 @@ class Worker(threading.Thread):
     def stop(self) -> None:
         with self._cv:
             self._stopping = True
+            self._cv.notify()
+
+    def begin_stop(self) -> None:
+        """The agent is stopping: writes held by a full disk may use the reserve now."""
+        with self._cv:
+            self._stop_soon = True
             self._cv.notify()
 
     @property
@@ -226,6 +235,7 @@ class Worker(threading.Thread):
         opening.existed = present
         self._settle_epoch(self.db, opening)
         self._open_housekeeping(self.db, opening.alerts)
+        self._maintain_space()
         self._housekeep_at = time.monotonic() + _HOUSEKEEPING_S
         result = OpenResult(self.db.next_seq(), opening.alerts, self.epoch)
         self._settle_future(self.opened, None, result)
@@ -392,13 +402,16 @@ class Worker(threading.Thread):
                 work.extend(self._queue)
                 self._queue.clear()
                 stopping = self._stopping
+                stop_soon = self._stop_soon or stopping
             try:
+                if stop_soon and self._held and self.db is not None and self.db.reserve.wanted:
+                    self._spend_reserve_for_stop()
                 self._process(work)
                 if self._sync_at is not None and time.monotonic() >= self._sync_at:
                     self._make_durable()
-                if self._held and time.monotonic() >= self._retry_at:
+                if self._paused() and time.monotonic() >= self._retry_at:
                     self._retry_held()
-                if not self._held and time.monotonic() >= self._housekeep_at:
+                if not self._paused() and time.monotonic() >= self._housekeep_at:
                     self._housekeep()
             except Fatal as err:
                 logger.error("state store failed: %s", err)
@@ -428,7 +441,7 @@ class Worker(threading.Thread):
 
     def _wait_timeout(self) -> float:
         now = time.monotonic()
-        due = self._retry_at if self._held else min(self._housekeep_at, now + _HOUSEKEEPING_S)
+        due = self._retry_at if self._paused() else min(self._housekeep_at, now + _HOUSEKEEPING_S)
         if self._sync_at is not None:
             due = min(due, self._sync_at)
         return max(0.0, due - now)
@@ -438,7 +451,7 @@ class Worker(threading.Thread):
         window = self.cfg.group_commit_window_ms / 1000.0
         while work:
             job = work[0]
-            if self._held:
+            if self._paused():
                 work.popleft()
                 if job.ordered:
                     self._held.append(job)
@@ -643,9 +656,69 @@ class Worker(threading.Thread):
     def seq_state(self) -> SeqState:
         return self._seq_state
 
+    # -- disk space ---------------------------------------------------------------------------
+
+    def _paused(self) -> bool:
+        """Ordered writes wait: some are held by a full disk, or the reserve must come back."""
+        return bool(self._held) or self._reserve_spent
+
+    def _maintain_space(self) -> None:
+        """After start, housekeeping and a full disk: WAL back under budget, reserve in place."""
+        db = self.db
+        assert db is not None
+        if db.wal_bytes() > db.wal_budget // 2:
+            try:
+                db.checkpoint("TRUNCATE")
+            except sqlite3.Error as err:
+                logger.warning("checkpoint to reclaim the WAL failed: %s", err)
+        reserve = db.reserve
+        if not reserve.wanted:
+            self._reserve_spent = False
+            return
+        if reserve.present():
+            return
+        free = dbmod.free_bytes(Path(self.cfg.path).parent)
+        # Room for the reserve and as much again for new rows, or new rows would only eat
+        # the reserve's place again.
+        room = None if free is None else free - self.cfg.min_free_disk_bytes
+        if room is not None and room >= 2 * reserve.size and reserve.create():
+            fsync_dir(Path(self.cfg.path).parent)
+            self._reserve_spent = False
+            with contextlib.suppress(sqlite3.Error):
+                db.apply_page_limit()
+
+    def _release_reserve(self, why: str) -> bool:
+        db = self.db
+        assert db is not None
+        if not db.reserve.release():
+            return False
+        self._reserve_spent = db.reserve.wanted
+        with contextlib.suppress(OSError):
+            fsync_dir(Path(self.cfg.path).parent)
+        logger.warning("disk full: released the store's %d-byte reserve (%s)", db.reserve.size, why)
+        # Let the WAL be folded into the file now, so the next writes reuse its space.
+        with contextlib.suppress(sqlite3.Error):
+            db.checkpoint("PASSIVE")
+        return True
+
+    def _spend_reserve_for_stop(self) -> None:
+        db = self.db
+        assert db is not None
+        db.reserve.wanted = False
+        self._reserve_spent = False
+        self._release_reserve("stopping with writes held")
+        with contextlib.suppress(sqlite3.Error):
+            db.apply_page_limit()
+        self._retry_held()
+
     def _enter_retry(self, err: sqlite3.Error) -> None:
         full = sqlite_code(err) == _SQLITE_FULL
-        first = not self._held
+        if full and self.db is not None and self.db.reserve.present():
+            free = dbmod.free_bytes(Path(self.cfg.path).parent)
+            if free is not None and free < self.db.reserve.size:
+                # The filesystem itself is full (not our page cap): something else filled it.
+                self._release_reserve("to checkpoint and delete acknowledged rows")
+        first = not self._held and not self._disk_full
         if first:
             self._retry_delay = self.cfg.retry_initial_s
             if full:
@@ -656,17 +729,35 @@ class Worker(threading.Thread):
                     f"write failed ({err}); keeping pending writes in memory and retrying",
                 )
             )
+            self._schedule_retry(backoff=False)
         else:
-            self._retry_delay = min(self._retry_delay * 2, self.cfg.retry_max_s)
-        # Full jitter keeps many cabinets sharing one disk problem from retrying in step.
-        self._retry_at = time.monotonic() + random.uniform(self._retry_delay / 2, self._retry_delay)
+            self._schedule_retry()
         if full and self.db is not None:
             # Free space may have changed: move the page cap with it.
             with contextlib.suppress(sqlite3.Error):
                 self.db.apply_page_limit()
 
+    def _schedule_retry(self, *, backoff: bool = True) -> None:
+        if backoff:
+            self._retry_delay = min(self._retry_delay * 2, self.cfg.retry_max_s)
+        # Full jitter keeps many cabinets sharing one disk problem from retrying in step.
+        self._retry_at = time.monotonic() + random.uniform(self._retry_delay / 2, self._retry_delay)
+
     def _retry_held(self) -> None:
         max_rows = self.cfg.group_commit_max_rows
+        # Acks and failure marks first, on their own: deleting delivered rows is what frees
+        # space, and it must not wait behind new rows that cannot fit yet.
+        loose = [job for job in self._held if job.write and not job.ordered]
+        if loose:
+            if not self._run_batch(loose):
+                return
+            done = {id(job) for job in loose}
+            self._held = deque(job for job in self._held if id(job) not in done)
+        if self._reserve_spent:
+            self._maintain_space()
+            if self._reserve_spent:
+                self._schedule_retry()
+                return
         while self._held:
             if not self._held[0].write:
                 self._run_read(self._held.popleft())
@@ -684,12 +775,14 @@ class Worker(threading.Thread):
                 self._held.popleft()
         was_full = self._disk_full
         self._disk_full = False
+        self._retry_delay = self.cfg.retry_initial_s
         self._alert(
             StoreAlert(
                 AlertKind.DISK_FULL_CLEARED,
                 "pending writes are durable again" + (" (disk space is back)" if was_full else ""),
             )
         )
+        self._maintain_space()
 
     def _housekeep(self) -> None:
         self._housekeep_at = time.monotonic() + _HOUSEKEEPING_S
@@ -697,6 +790,8 @@ class Worker(threading.Thread):
         job = Job(fn=lambda d: d.housekeeping(now_us), future=None, write=True, ordered=True)
         if not self._run_batch([job]):
             self._held.append(job)
+            return
+        self._maintain_space()
 
     def _fail_everything(self, err: BaseException, *, alert: bool = True) -> None:
         with self._cv:

@@ -1,0 +1,196 @@
+"""Disk full, through the real agent on a small tmpfs: fill it, free it, and everything recovers.
+
+The real ``cabinet-agent run`` process (cabinet simulators, mosquitto through a fault proxy, a
+consumer opening the events) keeps its state on a 24 MiB tmpfs this test mounts. Something else
+fills the disk; badges keep coming; the broker comes back while the disk is still full; then the
+space is freed. Required: acknowledged rows are deleted even while the disk is full, new events
+commit once space is back, every event is delivered once, the WAL stays within its budget, no
+restart, and SIGTERM stops within its budget without losing the writes it held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulators.cabinet import load_scenario
+from simulators.faultproxy import FaultProxy
+from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
+from tests.scenario_harness import MARKER, TIMEOUT_S, Rig, cabinet_rig
+from tests.test_scenarios import SCENARIOS
+
+MiB = 1024 * 1024
+DISK = 24 * MiB
+WAL_BUDGET = DISK // 8  # max_wal_bytes (8 MiB) capped at 1/8 of the filesystem
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 24 MiB tmpfs mounted for the test (root only, as CI runs)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK},mode=0700", "tmpfs", str(mnt)],
+        check=True,
+        timeout=30,
+    )
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
+
+
+def fill(path: Path) -> None:
+    """Write until the filesystem refuses (ENOSPC), down to the last block."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+    try:
+        for chunk in (1 << 20, 4096, 512):
+            try:
+                while True:
+                    os.write(fd, bytes(chunk))
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)
+    assert os.statvfs(path.parent).f_bavail == 0
+
+
+def outbox_seqs(db: Path) -> list[int]:
+    """The agent's outbox as a reader sees it (read-only, WAL readers never block the writer)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return [int(r[0]) for r in conn.execute("SELECT seq FROM outbox ORDER BY seq")]
+    finally:
+        conn.close()
+
+
+def marker_denials(rig: Rig) -> list[dict[str, Any]]:
+    who = rig.pseudonym(MARKER.name)
+    return rig.sink.log.find(lambda e: e.get("type") == "access.denied" and e.get("actor") == who)
+
+
+async def show_marker(rig: Rig, times: int) -> None:
+    """The (unlisted) marker card, ``times`` times: one access.denied event each."""
+    for _ in range(times):
+        seen = rig.agent.log_text().count("badge presented at marker")
+        await asyncio.sleep(0.35)  # the marker reader drops a card shown twice within 0.3 s
+        await rig.marker.present(MARKER.badge)
+        await rig.agent.wait_log("badge presented at marker", count=seen + 1)
+
+
+async def until(predicate: Any, timeout: float = TIMEOUT_S) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+def store_config(db: Path, proxy_port: int) -> dict[str, Any]:
+    return {
+        "store": {
+            "path": str(db),
+            "min_free_disk_bytes": MiB,
+            "retry_initial_s": 0.05,
+            "retry_max_s": 0.5,
+        },
+        "mqtt": {"port": proxy_port},
+    }
+
+
+def delivered_once(rig: Rig) -> None:
+    """No (epoch, seq) carries two event ids; seqs contiguous from 1 within the epoch."""
+    by_slot: dict[tuple[bytes | None, int], Any] = {}
+    for d in rig.sink.delivered:
+        slot = (d.header.epoch, d.header.seq)
+        assert by_slot.setdefault(slot, d.header.event_id) == d.header.event_id, slot
+    seqs = sorted(seq for _, seq in by_slot)
+    assert seqs == list(range(1, len(seqs) + 1)), seqs
+
+
+async def test_disk_full_then_space_returns_everything_recovers(
+    tmp_path: Path, mosquitto: Mosquitto, small_disk: Path
+) -> None:
+    scenario = load_scenario(next(p for p in SCENARIOS if p.stem == "plain-checkout"))
+    db = small_disk / "state.db"
+    filler = small_disk / "filler"
+    async with (
+        FaultProxy(mosquitto.port) as proxy,
+        cabinet_rig(scenario, tmp_path, mosquitto, agent_extra=store_config(db, proxy.port)) as rig,
+    ):
+        agent = rig.agent
+        await rig.mark()
+        # The link to the broker goes down: a backlog builds up in the outbox.
+        proxy.refuse(True)
+        proxy.cut()
+        committed = agent.log_text().count("event access.denied")
+        await show_marker(rig, 5)
+        await agent.wait_log("event access.denied", count=committed + 5)
+        backlog = outbox_seqs(db)
+        assert len(backlog) >= 5
+        # Something else fills the disk. New events are held in memory, not lost.
+        fill(filler)
+        await show_marker(rig, 3)
+        await agent.wait_log("store alert store.disk_full:")
+        # The broker comes back while the disk is still full: the backlog is delivered and
+        # its rows deleted (the store's reserve pays for the deletes).
+        proxy.refuse(False)
+        await until(lambda: {e["seq"] for e in rig.sink.log.events} >= set(backlog))
+        await until(lambda: not set(outbox_seqs(db)) & set(backlog))
+        assert agent.log_text().count("store alert store.disk_full_cleared") == 0
+        # Space comes back: the held events commit and are delivered, the WAL is reclaimed.
+        filler.unlink()
+        await agent.wait_log("store.disk_full_cleared")
+        await until(lambda: len(marker_denials(rig)) >= 1 + 5 + 3)
+        await show_marker(rig, 2)  # and new ones go through as usual
+        await until(lambda: len(marker_denials(rig)) >= 1 + 5 + 3 + 2)
+        await until(lambda: outbox_seqs(db) == [])
+        assert (small_disk / "state.db-wal").stat().st_size <= WAL_BUDGET
+        assert (small_disk / "state.db.reserve").exists(), "the reserve is back"
+        assert agent.log_text().count(" ready:") == 1, "the agent never restarted"
+        t0 = time.monotonic()
+        rc = await agent.stop()
+        stop_s = time.monotonic() - t0
+    assert rc == 0
+    assert stop_s < 5.0
+    delivered_once(rig)
+
+
+async def test_sigterm_on_a_full_disk_stops_in_budget_and_keeps_what_it_held(
+    tmp_path: Path, mosquitto: Mosquitto, small_disk: Path
+) -> None:
+    scenario = load_scenario(next(p for p in SCENARIOS if p.stem == "plain-checkout"))
+    db = small_disk / "state.db"
+    filler = small_disk / "filler"
+    async with (
+        FaultProxy(mosquitto.port) as proxy,
+        cabinet_rig(scenario, tmp_path, mosquitto, agent_extra=store_config(db, proxy.port)) as rig,
+    ):
+        agent = rig.agent
+        await rig.mark()
+        proxy.refuse(True)
+        proxy.cut()
+        fill(filler)
+        shown_before = len(marker_denials(rig))
+        await show_marker(rig, 4)
+        await agent.wait_log("store alert store.disk_full:")
+        t0 = time.monotonic()
+        rc = await agent.stop()
+        stop_s = time.monotonic() - t0
+        assert rc == 0, agent.log_tail()
+        assert stop_s < 5.0, agent.log_tail()
+        assert "not durable" not in agent.log_text(), agent.log_tail()
+        # Space back, broker back, agent back: what was shown before SIGTERM is delivered.
+        filler.unlink()
+        proxy.refuse(False)
+        agent.start()
+        await until(lambda: len(marker_denials(rig)) >= shown_before + 4)
+    delivered_once(rig)
