@@ -1,0 +1,155 @@
+"""A corrupt or missing database, through the real agent, broker and reference consumer.
+
+The real ``cabinet-agent run`` process builds up undelivered events (the broker is cut off by a
+fault proxy), is stopped, and its state database is broken the way the field breaks it. The
+agent must start again, tell the backend (a critical ``agent.alert``), deliver the undelivered
+events it could salvage, and never give one (epoch, seq) two event ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulators.cabinet import load_scenario
+from simulators.faultproxy import FaultProxy
+from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
+from tests.scenario_harness import MARKER, TIMEOUT_S, Rig, cabinet_rig
+from tests.test_scenarios import SCENARIOS
+
+PAGE = 4096
+
+
+def _zero_header(db: Path) -> None:
+    data = bytearray(db.read_bytes())
+    data[:100] = bytes(100)
+    db.write_bytes(bytes(data))
+
+
+def _random_first_page(db: Path) -> None:
+    data = bytearray(db.read_bytes())
+    data[:PAGE] = os.urandom(PAGE)
+    db.write_bytes(bytes(data))
+
+
+def _truncated(db: Path) -> None:
+    data = db.read_bytes()
+    db.write_bytes(data[: len(data) // 2 // PAGE * PAGE])
+
+
+def _random_middle(db: Path) -> None:
+    data = bytearray(db.read_bytes())
+    pages = len(data) // PAGE
+    for page in range(pages // 3, 2 * pages // 3):
+        data[page * PAGE + 8 : (page + 1) * PAGE] = os.urandom(PAGE - 8)
+    db.write_bytes(bytes(data))
+
+
+def _zero_bytes(db: Path) -> None:
+    db.write_bytes(b"")
+
+
+def _deleted(db: Path) -> None:
+    db.unlink()
+
+
+def _random_wal(db: Path) -> None:
+    wal = db.with_name(db.name + "-wal")
+    assert wal.stat().st_size > 0, "kill -9 leaves the WAL behind"
+    wal.write_bytes(os.urandom(wal.stat().st_size))
+
+
+# damage, the alert the backend gets, whether every undelivered event must come back
+CASES: list[tuple[Callable[[Path], None], str, bool]] = [
+    (_zero_header, "store.corrupt_quarantined", True),
+    (_random_first_page, "store.corrupt_quarantined", True),
+    (_truncated, "store.corrupt_quarantined", False),
+    (_random_middle, "store.corrupt_quarantined", False),
+    (_zero_bytes, "store.database_lost", False),
+    (_deleted, "store.database_lost", False),
+    (_random_wal, "store.wal_quarantined", False),
+]
+
+
+def marker_denials(rig: Rig) -> list[dict[str, Any]]:
+    who = rig.pseudonym(MARKER.name)
+    return rig.sink.log.find(lambda e: e.get("type") == "access.denied" and e.get("actor") == who)
+
+
+async def show_marker(rig: Rig, times: int) -> None:
+    for _ in range(times):
+        seen = rig.agent.log_text().count("badge presented at marker")
+        await asyncio.sleep(0.35)  # the marker reader drops a card shown twice within 0.3 s
+        await rig.marker.present(MARKER.badge)
+        await rig.agent.wait_log("badge presented at marker", count=seen + 1)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = TIMEOUT_S) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(("damage", "kind", "all_back"), CASES, ids=[c[0].__name__ for c in CASES])
+async def test_the_agent_recovers_from_a_broken_database(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    damage: Callable[[Path], None],
+    kind: str,
+    all_back: bool,
+) -> None:
+    scenario = load_scenario(next(p for p in SCENARIOS if p.stem == "plain-checkout"))
+    db = tmp_path / "agent" / "state.db"
+    async with (
+        FaultProxy(mosquitto.port) as proxy,
+        cabinet_rig(
+            scenario, tmp_path, mosquitto, agent_extra={"mqtt": {"port": proxy.port}}
+        ) as rig,
+    ):
+        agent = rig.agent
+        await rig.mark()
+        delivered_before = {(d.header.epoch, d.header.seq) for d in rig.sink.delivered}
+        (old_epoch,) = {epoch for epoch, _ in delivered_before}
+        # The broker is cut off: these events stay in the outbox, undelivered.
+        proxy.refuse(True)
+        proxy.cut()
+        committed = agent.log_text().count("event access.denied")
+        await show_marker(rig, 4)
+        await agent.wait_log("event access.denied", count=committed + 4)
+        if damage is _random_wal:
+            agent.kill9()  # the newest commits stay in the WAL
+        else:
+            assert await agent.stop() == 0
+        damage(db)
+        proxy.refuse(False)
+        agent.start()
+        await agent.wait_log(" ready:", count=2)
+
+        def alerts() -> list[dict[str, Any]]:
+            events = rig.sink.log.events
+            return [e for e in events if e["type"] == "agent.alert" and e["kind"] == kind]
+
+        await until(lambda: bool(alerts()))
+        (alert,) = alerts()
+        # The agent runs on: a new event is committed and delivered under the new epoch.
+        await show_marker(rig, 1)
+        await until(lambda: len(marker_denials(rig)) >= 1 + (4 if all_back else 0) + 1)
+        if all_back:
+            # Every undelivered event was salvaged from the quarantined file and delivered.
+            assert len(marker_denials(rig)) == 1 + 4 + 1
+            assert "salvaged" in alert["detail"]
+        assert rig.sink.consumer is not None
+        assert rig.sink.consumer.decoder.stats.seq_conflicts == 0
+    seen: dict[tuple[bytes | None, int], Any] = {}
+    for d in rig.sink.delivered:
+        slot = (d.header.epoch, d.header.seq)
+        assert seen.setdefault(slot, d.header.event_id) == d.header.event_id, slot
+    new_epochs = {d.header.epoch for d in rig.sink.delivered} - {old_epoch}
+    assert len(new_epochs) == 1, "one new epoch after the damage"
+    old_top = max(seq for epoch, seq in seen if epoch == old_epoch)
+    assert all(seq > old_top for epoch, seq in seen if epoch in new_epochs)
