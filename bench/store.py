@@ -1,10 +1,14 @@
 """State-store throughput: durable rows per second, group commit vs one transaction per row,
 synchronous=FULL vs NORMAL, all measured in the same run on the same filesystem.
 
-Run: ``.venv/bin/python bench/store.py [rows] [--dir DIR]``. Each scenario submits ``rows``
-single-row appends at once (as a burst of alerts or a replay would) and times until all are
-durable. The DB lives in DIR (default: a temp dir next to the repo, i.e. on real disk, not
-tmpfs, so fsync costs what it costs).
+Run: ``.venv/bin/python bench/store.py [rows] [--dir DIR]``. Each burst scenario submits
+``rows`` single-row appends at once (as a burst of alerts or a replay would) and times until
+all are durable *and deliverable* (with NORMAL that includes the WAL fsync the delivery read
+waits for). The engine-like scenario commits one row at a time, awaiting each commit as the
+engine does, while a publisher task reads each new row for delivery: it reports how long the
+engine waits per commit and how long a row takes from submit to deliverable. The DB lives in
+DIR (default: a temp dir next to the repo, i.e. on real disk, not tmpfs, so fsync costs what it
+costs).
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ async def run(
             row = OutboxRow(seq, uuid.uuid4(), 1, "reader.offline", now, envelope)
             futs.append(store.submit_events([row]))
         await asyncio.gather(*futs)
+        # Deliverable: the publisher's read (which, with NORMAL, waits for the WAL fsync).
+        assert (await store.peek(1, after_seq=rows - 1))[0].seq == rows
         seconds = time.perf_counter() - start
         stats = await store.stats()
     finally:
@@ -70,12 +76,83 @@ async def run(
     return Result(label, synchronous, rows, seconds, stats.transactions)
 
 
-async def main_async(rows: int, directory: Path) -> list[Result]:
+@dataclass(frozen=True)
+class Latency:
+    synchronous: str
+    rows: int
+    commit_ms: list[float]  # the engine's await of each commit
+    deliverable_ms: list[float]  # submit -> handed out by the delivery read
+    seconds: float
+
+    @staticmethod
+    def _pct(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def commit(self, q: float) -> float:
+        return self._pct(self.commit_ms, q)
+
+    def deliverable(self, q: float) -> float:
+        return self._pct(self.deliverable_ms, q)
+
+
+async def engine_like(
+    directory: Path, rows: int, synchronous: Literal["FULL", "NORMAL"]
+) -> Latency:
+    """One commit at a time (awaited, as the engine does), a publisher reading each new row."""
+    path = directory / f"bench-engine-{synchronous}.db"
+    store = await Store.open(StoreConfig(path=path, synchronous=synchronous))
+    submitted: dict[int, float] = {}
+    delivered: dict[int, float] = {}
+    wake = asyncio.Event()
+
+    async def publisher() -> None:
+        after = 0
+        while after < rows:
+            await wake.wait()
+            wake.clear()
+            got = await store.peek(256, after_seq=after)
+            now = time.perf_counter()
+            for row in got:
+                delivered[row.seq] = now
+                after = row.seq
+
+    task = asyncio.create_task(publisher(), name="bench-publisher")
+    commit_ms: list[float] = []
+    try:
+        now = datetime.now(UTC)
+        envelope = os.urandom(ENVELOPE_BYTES)
+        start = time.perf_counter()
+        for _ in range(rows):
+            seq = store.next_seq_nowait()
+            t0 = time.perf_counter()
+            submitted[seq] = t0
+            await store.append_events(
+                [OutboxRow(seq, uuid.uuid4(), 1, "access.denied", now, envelope)]
+            )
+            commit_ms.append((time.perf_counter() - t0) * 1000)
+            wake.set()  # Publisher.notify()
+        await task
+        seconds = time.perf_counter() - start
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.close()
+    _remove(directory, path.name)
+    deliverable = [(delivered[s] - submitted[s]) * 1000 for s in submitted]
+    return Latency(synchronous, rows, commit_ms, deliverable, seconds)
+
+
+async def main_async(rows: int, directory: Path) -> tuple[list[Result], list[Latency]]:
     results = []
     for synchronous in ("FULL", "NORMAL"):
         for max_rows in (100, 1):
             results.append(await run(directory, rows, synchronous, max_rows))  # type: ignore[arg-type]
-    return results
+    latencies = [
+        await engine_like(directory, min(rows, 500), sync)  # type: ignore[arg-type]
+        for sync in ("FULL", "NORMAL")
+    ]
+    return results, latencies
 
 
 def main(argv: list[str]) -> int:
@@ -86,7 +163,7 @@ def main(argv: list[str]) -> int:
     base = args.dir or Path(__file__).resolve().parent
     directory = Path(tempfile.mkdtemp(prefix="store-bench-", dir=base))
     try:
-        results = asyncio.run(main_async(args.rows, directory))
+        results, latencies = asyncio.run(main_async(args.rows, directory))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -104,6 +181,20 @@ def main(argv: list[str]) -> int:
     for label in ("group commit", "tx per row"):
         ratio = by[(label, "NORMAL")].rate / by[(label, "FULL")].rate
         print(f"NORMAL / FULL ({label}): {ratio:.2f}×")
+    print()
+    print(f"engine-like: {latencies[0].rows} commits one at a time, a publisher reading each row")
+    print(
+        f"{'sync':<7} {'commit p50 ms':>14} {'commit p99 ms':>14} "
+        f"{'deliverable p50 ms':>19} {'deliverable p99 ms':>19} {'rows/s':>8}"
+    )
+    for lat in latencies:
+        print(
+            f"{lat.synchronous:<7} {lat.commit(0.5):>14.2f} {lat.commit(0.99):>14.2f} "
+            f"{lat.deliverable(0.5):>19.2f} {lat.deliverable(0.99):>19.2f} "
+            f"{lat.rows / lat.seconds:>8.0f}"
+        )
+    full, normal = latencies
+    print(f"engine wait per commit, FULL / NORMAL: {full.commit(0.5) / normal.commit(0.5):.1f}×")
     return 0
 
 
