@@ -37,6 +37,7 @@ _WAL_FRAME_HEADER: Final = 24
 _WAL_VERSION: Final = 3007000
 _LEAF_TABLE: Final = 0x0D
 _DEFAULT_PAGE_SIZE: Final = 4096
+_MIN_USABLE: Final = 480  # SQLite's own lower bound for page size minus reserved bytes
 _OUTBOX_COLUMNS: Final = 10  # seq (rowid alias, NULL), event_id .. dead (schema.py)
 
 
@@ -116,7 +117,7 @@ def salvage(db: Path | None, wal: Path | None) -> Salvage:
         db_pages = (os.fstat(db_fd).st_size // page_size) if db_fd is not None else 0
         n_pages = max(db_pages, wal_pages, max(frames, default=0))
         if first is not None and first.startswith(_SQLITE_MAGIC):
-            reserved = first[20]
+            reserved = first[20] if page_size - first[20] >= _MIN_USABLE else 0
             free = _freelist(first, page, n_pages)
             out.freelist_known = True
         usable = page_size - reserved

@@ -322,8 +322,13 @@ class Worker(threading.Thread):
                     db.conn.execute("ROLLBACK")
                 raise
         self._make_open_durable(db)
-        if not recovery and (remembered is None or o.sidecar_problem):
-            self._seqfile.write(state)
+        if not recovery and remembered is None:
+            try:
+                self._seqfile.write(state)
+            except OSError as err:
+                # Not fatal: until it can be written, delivery holds back every row above
+                # ``reserved`` (deliverable() retries the write), so nothing leaves unrecorded.
+                logger.error("cannot write the sequence file %s: %s", self._seqfile.path, err)
         self._seq_state = state if recovery or remembered is None else remembered
         self.epoch = epoch
         self._committed_seq = self._durable_seq = db.next_seq() - 1
