@@ -40,6 +40,8 @@ RESERVED_KV_PREFIX = "store."
 _DROPPED_KEY = "dropped.p"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _MIN_WAL_BYTES = 128 * 1024
+_BUSY_MS = 5000
+_CHECKPOINT_BUSY_MS = 250
 
 
 def to_us(dt: datetime) -> int:
@@ -93,7 +95,7 @@ def connect(path: Path, cfg: StoreConfig) -> sqlite3.Connection:
             raise StoreError(f"cannot enable WAL on {path} (journal_mode={mode})")
         conn.execute(f"PRAGMA synchronous={cfg.synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
         # The WAL is bounded (docs/store.md, "Disk space"): a checkpoint once it holds half its
         # budget, and truncated back to half after a checkpoint; the page cap leaves room for
         # the whole budget.
@@ -205,7 +207,16 @@ class Database:
     def checkpoint(self, mode: str = "PASSIVE") -> bool:
         """Copy the WAL into the database file; True if every frame was (TRUNCATE: and the WAL
         file was cut to zero bytes, giving its blocks back)."""
-        busy, _log, _done = self.conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        if mode == "PASSIVE":
+            busy, _log, _done = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return int(busy) == 0
+        # The other modes wait for readers (another process reading the file): briefly only,
+        # this runs on the store's one thread and in the stop budget.
+        self.conn.execute(f"PRAGMA busy_timeout={_CHECKPOINT_BUSY_MS}")
+        try:
+            busy, _log, _done = self.conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
         return int(busy) == 0
 
     def wal_bytes(self) -> int:

@@ -781,10 +781,12 @@ class Worker(threading.Thread):
         was_full = self._disk_full
         self._disk_full = False
         self._retry_delay = self.cfg.retry_initial_s
+        spent = self.db is not None and not self.db.reserve.wanted
+        why = " (on the disk reserve, while stopping)" if spent else " (disk space is back)"
         self._alert(
             StoreAlert(
                 AlertKind.DISK_FULL_CLEARED,
-                "pending writes are durable again" + (" (disk space is back)" if was_full else ""),
+                "pending writes are durable again" + (why if was_full else ""),
             )
         )
         self._maintain_space()
