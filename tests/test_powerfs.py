@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.powerfs import PowerLossFs, is_mounted
-from tests.powerfs.fixture import powerfs_fixture  # noqa: F401 -- fixture
+from tests.powerfs.fixture import powerfs_fixture, require_powerfs  # noqa: F401 -- fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -320,6 +320,7 @@ def test_a_process_that_outlives_the_cut_sees_errors_not_old_state(powerfs: Powe
 
 
 def test_unmount_is_a_clean_shutdown(tmp_path: Path) -> None:
+    require_powerfs()
     fs = PowerLossFs(tmp_path / "fs")
     with fs:
         (fs.path / "f").write_bytes(b"written back at unmount")
@@ -330,6 +331,7 @@ def test_unmount_is_a_clean_shutdown(tmp_path: Path) -> None:
 
 def test_free_space_counts_pending_writes(tmp_path: Path) -> None:
     """On a 2 MiB backing disk the third MiB is refused at write time, as with ext4 delalloc."""
+    require_powerfs()
     disk = tmp_path / "disk"
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
