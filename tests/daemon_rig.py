@@ -38,9 +38,16 @@ def config_text(
     keepalive_s: float = 1.0,
     domain: str = "",
     extra: str = "",
+    store_path: Path | None = None,
+    store: str = "",
 ) -> str:
-    """One LLRP reader (4 antennas, GPI 1), store, control socket, metrics on a free port."""
+    """One LLRP reader (4 antennas, GPI 1), store, control socket, metrics on a free port.
+
+    ``store_path`` moves the database (default ``tmp/state.db``); ``store`` adds lines to
+    ``[store]``, ``domain`` to ``[domain]``; ``extra`` appends whole sections.
+    """
     creds = tmp / "creds"
+    db = store_path or tmp / "state.db"
     return f"""
 [cabinet]
 site_id = "hangar-3"
@@ -66,7 +73,8 @@ seal_public_key = "{creds}/backend-hpke.pub"
 signing_public_keys = ["{creds}/signing.pub"]
 
 [store]
-path = "{tmp}/state.db"
+path = "{db}"
+{store}
 
 [control]
 socket_path = "{tmp}/control.sock"
