@@ -31,13 +31,18 @@ from agent.consumer import Consumer, ConsumerOptions, Delivered, EventDecoder
 from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener, parse_header
 from agent.privacy.keys import BackendKeys
 
-Key = tuple[int | None, int]
+Epoch = bytes | int | None
+Key = tuple[Epoch, int]
 
 
 def stream_key(header: EnvelopeHeader) -> Key:
-    """(epoch, seq) of an envelope; epoch None while the header has none."""
-    epoch = getattr(header, "epoch", None)
-    return (None if epoch is None else int(epoch), header.seq)
+    """(epoch, seq) of an envelope; epoch None while the header has none (envelope v1)."""
+    epoch: Epoch = getattr(header, "epoch", None)
+    return (epoch, header.seq)
+
+
+def epoch_name(epoch: Epoch) -> str:
+    return epoch.hex() if isinstance(epoch, bytes) else str(epoch)
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class StreamCheck:
     duplicates: int
     reused: dict[Key, list[Received]]
     reissued: dict[uuid.UUID, list[Received]]
-    gaps: dict[int | None, list[tuple[int, int]]]
+    gaps: dict[Epoch, list[tuple[int, int]]]
     invalid: int
 
     def problems(self, limit: int = 5) -> list[str]:
@@ -83,7 +88,7 @@ class StreamCheck:
                 )
             )
         for epoch, gaps in self.gaps.items():
-            where = "" if epoch is None else f"epoch {epoch}: "
+            where = "" if epoch is None else f"epoch {epoch_name(epoch)}: "
             out.append(f"{where}seqs missing from the stream: {gaps[:limit]}")
         if self.invalid:
             out.append(f"{self.invalid} envelope(s) the backend could not open")
@@ -147,7 +152,7 @@ class StreamLedger:
         for r in got:
             ids_by_key[r.key].setdefault(r.event_id, r)
             keys_by_id[r.event_id].setdefault(r.key, r)
-        seqs: dict[int | None, set[int]] = defaultdict(set)
+        seqs: dict[Epoch, set[int]] = defaultdict(set)
         for epoch, seq in ids_by_key:
             seqs[epoch].add(seq)
         gaps = {e: g for e, s in seqs.items() if (g := _gaps(s))}
@@ -201,4 +206,4 @@ def _gaps(seqs: set[int]) -> list[tuple[int, int]]:
 
 def _key(key: Key) -> str:
     epoch, seq = key
-    return f"seq {seq}" if epoch is None else f"epoch {epoch} seq {seq}"
+    return f"seq {seq}" if epoch is None else f"epoch {epoch_name(epoch)} seq {seq}"

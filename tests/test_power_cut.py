@@ -39,7 +39,7 @@ from tests.daemon_rig import ROOT, AgentProcess, config_text, provision
 from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
 from tests.powerfs import PowerLossFs
 from tests.powerfs.fixture import powerfs_fixture  # noqa: F401 -- fixture
-from tests.stream_ledger import StreamLedger
+from tests.stream_ledger import StreamLedger, epoch_name
 
 CUTS = 15
 SOAK_CUTS = 60
@@ -239,7 +239,8 @@ async def _power_cuts(
                     )
                 except TimeoutError:
                     raise AssertionError(
-                        f"drained, but seq {next_seq - 1} (epoch {epoch}) never reached the backend"
+                        f"drained, but seq {next_seq - 1} (epoch {epoch_name(epoch)}) never "
+                        "reached the backend"
                     ) from None
                 assert rig.agent is not None
                 assert await rig.agent.stop() == 0, rig.agent.text()[-3000:]
@@ -261,7 +262,7 @@ async def _power_cuts(
     if next_seq <= held:
         problems.append(
             f"the agent's counter fell back: its next seq is {next_seq}"
-            + ("" if epoch is None else f" in epoch {epoch}")
+            + ("" if epoch is None else f" in epoch {epoch_name(epoch)}")
             + f", the backend already holds seq {held}"
         )
     summary = (

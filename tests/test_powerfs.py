@@ -231,7 +231,13 @@ def test_unsynced_unlink_and_rename_are_undone(powerfs: PowerLossFs) -> None:
     a = _synced_file(powerfs, "a", b"A")
     b = _synced_file(powerfs, "b", b"B")
     c = _synced_file(powerfs, "c", b"C")
-    os.rename(a, b)  # replaces b
+    replaced = os.open(b, os.O_RDONLY)
+    try:
+        os.rename(a, b)  # replaces b
+        assert os.fstat(replaced).st_nlink == 0
+    finally:
+        os.close(replaced)
+    assert b.stat().st_nlink == 1
     c.unlink()
     (powerfs.path / "d").mkdir()
     os.rename(powerfs.path / "d", powerfs.path / "e")
@@ -262,10 +268,26 @@ def test_unlinked_open_file_keeps_its_pending_data(powerfs: PowerLossFs) -> None
         os.write(fd, b"still readable")
         path.unlink()
         assert os.pread(fd, 100, 0) == b"still readable"
+        assert os.fstat(fd).st_nlink == 0, "SQLite checks this to notice a deleted database"
     finally:
         os.close(fd)
     powerfs.cut()
     assert path.read_bytes() == b"", "the unlink is undone, the unsynced data is not"
+
+
+def test_a_committed_unlink_of_an_open_file_leaves_no_orphan(powerfs: PowerLossFs) -> None:
+    path = _synced_file(powerfs, "f", b"x")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        path.unlink()
+        assert os.listdir(powerfs.path) == []
+        _synced_file(powerfs, "other", b"")  # commits the unlink
+        powerfs.cut()
+    finally:
+        with contextlib.suppress(OSError):  # the old mount is gone
+            os.close(fd)
+    assert os.listdir(powerfs.path) == ["other"]
+    assert os.listdir(powerfs.backing) == ["other"], "cleaned up like an ext4 orphan"
 
 
 # ---------------------------------------------------------------- the cut itself

@@ -15,6 +15,8 @@ the spirit of Jepsen's LazyFS:
   ext4 also commits every 5 s on its own; powerfs does not, so it is harsher than ext4, never
   kinder: a file created and written but never synced is gone after a cut, a rename or an
   unlink that no sync followed is undone. ``chmod``/``chown``/``utimens`` are durable at once.
+  A file unlinked while open stays usable through its descriptors (``st_nlink`` 0); if the
+  unlink was committed, nothing of it is left after a cut (ext4's orphan cleanup).
 * **A write** that needs new blocks fails with ENOSPC when the backing filesystem could not
   hold it together with everything already pending (ext4's delayed allocation reserves space
   at write time too); ``statfs`` reports the space left after the pending writes.

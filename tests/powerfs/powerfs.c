@@ -14,6 +14,9 @@
  * commit is not modelled, which makes this harsher, never kinder). Unlinked files and
  * replaced rename targets wait in GRAVEYARD (same filesystem as BACKING) until then.
  * chmod/chown/utimens pass through and are durable at once (nothing here depends on them).
+ * A file unlinked while open lives on under a hidden name (libfuse's .fuse_hidden, not
+ * listed, not counted in st_nlink) until it is closed; hidden files left by a cut are
+ * removed at mount, like ext4's orphan list.
  *
  * Control: one command per line on stdin, one JSON line per answer on stdout.
  *   cut    discard every unsynced write and size change of every file, undo every metadata
@@ -36,6 +39,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <fuse.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -94,6 +98,8 @@ struct undo {
 	int is_dir;
 	char *a, *b;
 	char grave[32]; /* a graveyard entry this operation keeps alive, or "" */
+	dev_t grave_dev;
+	ino_t grave_ino;
 	int recreate_dir;
 	mode_t mode;
 	uid_t uid;
@@ -545,7 +551,10 @@ static void *pf_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
 	/* Every write() must reach us when it happens, so fsync ordering is exact. */
 	conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
 	cfg->use_ino = 1;
-	cfg->hard_remove = 1; /* handles carry their own descriptor; no .fuse_hidden files */
+	/* An unlinked file that is still open becomes a hidden name (libfuse renames it, then
+	 * unlinks it at release), so fstat keeps working on it as on a real disk; readdir and
+	 * st_nlink hide that name. */
+	cfg->hard_remove = 0;
 	cfg->nullpath_ok = 1;
 	cfg->entry_timeout = 0;
 	cfg->attr_timeout = 0;
@@ -555,6 +564,17 @@ static void *pf_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
 	return NULL;
 }
 
+#define HIDDEN_PREFIX ".fuse_hidden"
+
+static int is_hidden(const char *path)
+{
+	if (!path)
+		return 0;
+	const char *base = strrchr(path, '/');
+	base = base ? base + 1 : path;
+	return strncmp(base, HIDDEN_PREFIX, sizeof HIDDEN_PREFIX - 1) == 0;
+}
+
 static int pf_getattr(const char *path, struct stat *st, struct fuse_file_info *fi)
 {
 	RD();
@@ -562,8 +582,16 @@ static int pf_getattr(const char *path, struct stat *st, struct fuse_file_info *
 	int r = fi ? fstat(H(fi)->fd, st) : fstatat(g_backing, rel(path), st, AT_SYMLINK_NOFOLLOW);
 	if (r < 0) {
 		r = -errno;
-	} else if (S_ISREG(st->st_mode)) {
-		struct istate *s = state_find(st->st_dev, st->st_ino);
+	} else if (!S_ISDIR(st->st_mode)) {
+		/* Graveyard and hidden names are ours, not the file's: an unlinked file has no link
+		 * left. */
+		if (is_hidden(path) && st->st_nlink > 0)
+			st->st_nlink--;
+		for (struct undo *u = g_undo; u; u = u->prev)
+			if (u->grave[0] && u->grave_ino == st->st_ino && u->grave_dev == st->st_dev &&
+			    st->st_nlink > 0)
+				st->st_nlink--;
+		struct istate *s = S_ISREG(st->st_mode) ? state_find(st->st_dev, st->st_ino) : NULL;
 		if (s) {
 			st->st_size = s->size;
 			st->st_blocks = (s->size + 511) / 512;
@@ -620,10 +648,18 @@ static int pf_unlink(const char *path)
 {
 	WR();
 	CHECK_ALIVE();
+	struct stat st;
+	if (fstatat(g_backing, rel(path), &st, AT_SYMLINK_NOFOLLOW) < 0) {
+		int r = -errno;
+		UN();
+		return r;
+	}
 	struct undo *u = undo_push(U_REMOVED_FILE, rel(path), NULL);
 	int r = u ? 0 : -ENOMEM;
 	if (u) {
 		grave_name(u->grave);
+		u->grave_dev = st.st_dev;
+		u->grave_ino = st.st_ino;
 		if (renameat(g_backing, rel(path), g_grave, u->grave) < 0) {
 			r = -errno;
 			g_undo = u->prev;
@@ -720,6 +756,8 @@ static int pf_rename(const char *from, const char *to, unsigned int flags)
 	if (exists && !S_ISDIR(dst.st_mode)) {
 		/* Keep the replaced file alive under a graveyard name; rename stays atomic. */
 		grave_name(u->grave);
+		u->grave_dev = dst.st_dev;
+		u->grave_ino = dst.st_ino;
 		if (linkat(g_backing, b, g_grave, u->grave, 0) < 0) {
 			r = -errno;
 			u->grave[0] = 0;
@@ -1011,7 +1049,7 @@ static int pf_readdir(const char *path, void *buf, fuse_fill_dir_t filler, off_t
 		}
 		struct stat st = {.st_ino = d->entry->d_ino, .st_mode = (mode_t)d->entry->d_type << 12};
 		off_t next = telldir(d->dir);
-		if (filler(buf, d->entry->d_name, &st, next, 0))
+		if (!is_hidden(d->entry->d_name) && filler(buf, d->entry->d_name, &st, next, 0))
 			break;
 		d->entry = NULL;
 		d->offset = next;
@@ -1180,6 +1218,24 @@ static void *control(void *arg)
 	return NULL;
 }
 
+static int remove_orphan(const char *path, const struct stat *st, int type, struct FTW *ftw)
+{
+	(void)st;
+	(void)ftw;
+	if (type == FTW_F && is_hidden(path) && unlink(path) < 0)
+		fprintf(stderr, "powerfs: cannot remove orphan %s: %s\n", path, strerror(errno));
+	return 0;
+}
+
+static int empty_graveyard(const char *path, const struct stat *st, int type, struct FTW *ftw)
+{
+	(void)st;
+	if (ftw->level > 0 && remove(path) < 0)
+		fprintf(stderr, "powerfs: cannot purge %s: %s\n", path, strerror(errno));
+	(void)type;
+	return 0;
+}
+
 int main(int argc, char *argv[])
 {
 	if (argc != 4) {
@@ -1197,6 +1253,11 @@ int main(int argc, char *argv[])
 		fprintf(stderr, "powerfs: graveyard must be on the backing directory's filesystem\n");
 		return 66;
 	}
+	/* Mount-time cleanup, as a journalling filesystem does after a crash: files unlinked
+	 * while open whose unlink was committed, and leftovers of a powerfs that died. */
+	nftw(argv[1], remove_orphan, 16, FTW_PHYS);
+	nftw(argv[2], empty_graveyard, 16, FTW_PHYS | FTW_DEPTH);
+
 	pthread_rwlockattr_t attr;
 	pthread_rwlockattr_init(&attr);
 	pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
