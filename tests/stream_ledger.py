@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,13 +108,14 @@ class StreamLedger:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _consumer: Consumer | None = None
     _decoder: EventDecoder | None = None
+    alerts: Counter[str] = field(default_factory=Counter)  # agent.alert kinds, first copies
 
     def start(self) -> None:
         self._decoder = _Recorder(
             Opener({self.keys.hpke_kid: self.keys.hpke_private}), self._record
         )
         opts = ConsumerOptions(port=self.port, client_id=self.client_id, session_expiry_s=3600)
-        self._consumer = Consumer(opts, self._decoder, _ignore)
+        self._consumer = Consumer(opts, self._decoder, self._opened)
         self._consumer.start()
         assert self._consumer.subscribed.wait(15), "ledger did not subscribe"
 
@@ -168,6 +170,16 @@ class StreamLedger:
             invalid=self._decoder.stats.invalid if self._decoder is not None else 0,
         )
 
+    def epochs(self) -> list[Epoch]:
+        """The epochs seen, in order of first appearance."""
+        return list(dict.fromkeys(r.key[0] for r in self.received()))
+
+    def _opened(self, ev: Delivered) -> None:
+        event = json.loads(ev.plaintext)
+        if event.get("type") == "agent.alert":
+            with self._lock:
+                self.alerts[str(event.get("kind"))] += 1
+
     def _record(self, payload: bytes) -> None:
         try:
             header = parse_header(payload)
@@ -189,10 +201,6 @@ class _Recorder(EventDecoder):
     def handle(self, topic: str, payload: bytes) -> Delivered | None:
         self._record(payload)
         return super().handle(topic, payload)
-
-
-def _ignore(_ev: Delivered) -> None:
-    pass
 
 
 def _gaps(seqs: set[int]) -> list[tuple[int, int]]:

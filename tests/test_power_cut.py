@@ -8,7 +8,8 @@ run the power is cut: the agent is SIGKILLed and every write it did not fsync is
 then the agent starts again on what the disk kept. After the last cut the agent drains its
 outbox and the stream must show:
 
-* the database opened every time (the agent reached ready, nothing was quarantined);
+* the database opened every time, with what it held (the agent reached ready, nothing was
+  quarantined, the store never had to start a new epoch);
 * 0 acknowledged events lost: an event the broker received keeps its (epoch, seq) and its
   event id forever -- no other event is ever issued under that seq, the event itself is never
   re-issued under another one, and the agent's counter never falls back below it;
@@ -256,6 +257,14 @@ async def _power_cuts(
     quarantined = [a.log.name for a in rig.agents if "moved aside" in a.text()]
     if quarantined:
         problems.append(f"database quarantined as corrupt by {quarantined}")
+    # A cut must not cost the database: a new epoch means the store found it lost or rolled
+    # back (an empty database "opens" too, that is not what surviving a cut means).
+    epochs = ledger.epochs()
+    if len(epochs) > 1:
+        problems.append(
+            f"the store started {len(epochs) - 1} new epoch(s) over the cuts: "
+            + ", ".join(epoch_name(e) for e in epochs)
+        )
     # The agent's history covers everything the backend holds: its counter in the current
     # epoch is past every seq the backend has there.
     held = max((r.key[1] for r in ledger.received() if r.key[0] == epoch), default=0)
@@ -268,7 +277,8 @@ async def _power_cuts(
     summary = (
         f"{len(rig.runs)} power cuts, synchronous={synchronous}, seed {seed}: "
         f"{check.received} envelopes received, {check.events} events, "
-        f"{check.duplicates} duplicate copies, next seq {next_seq}"
+        f"{check.duplicates} duplicate copies, next seq {next_seq}, "
+        f"alerts {dict(ledger.alerts) or 'none'}"
     )
     print("\n".join([summary, *rig.runs]))
     assert not problems, "\n".join([summary, *problems, *rig.runs])
