@@ -355,6 +355,7 @@ static ssize_t state_write(struct istate *s, const char *buf, size_t len, off_t 
 	if (need && !has_room(need))
 		return -ENOSPC;
 	size_t done = 0;
+	ssize_t err = 0;
 	for (uint64_t idx = first; idx <= last; idx++) {
 		off_t pos = off + (off_t)done;
 		size_t in = (size_t)(pos % PAGE);
@@ -362,8 +363,10 @@ static ssize_t state_write(struct istate *s, const char *buf, size_t len, off_t 
 		struct page *p = page_find(s, idx);
 		if (!p) {
 			p = malloc(sizeof *p);
-			if (!p)
-				return done ? (ssize_t)done : -ENOMEM;
+			if (!p) {
+				err = -ENOMEM;
+				break;
+			}
 			p->idx = idx;
 			p->alloc = (off_t)(idx * PAGE) >= s->backing_size;
 			/* Partial page: start from what a reader sees now (zeros past the size). */
@@ -371,7 +374,8 @@ static ssize_t state_write(struct istate *s, const char *buf, size_t len, off_t 
 				int r = base_read(s, p->data, PAGE, (off_t)(idx * PAGE));
 				if (r < 0) {
 					free(p);
-					return done ? (ssize_t)done : r;
+					err = r;
+					break;
 				}
 				if ((off_t)(idx * PAGE + PAGE) > s->size) {
 					off_t keep = s->size - (off_t)(idx * PAGE);
@@ -390,9 +394,9 @@ static ssize_t state_write(struct istate *s, const char *buf, size_t len, off_t 
 		memcpy(p->data + in, buf + done, n);
 		done += n;
 	}
-	if (off + (off_t)len > s->size)
-		s->size = off + (off_t)len;
-	return (ssize_t)len;
+	if (off + (off_t)done > s->size)
+		s->size = off + (off_t)done;
+	return done ? (ssize_t)done : err;
 }
 
 static void state_truncate(struct istate *s, off_t size)
