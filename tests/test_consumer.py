@@ -186,7 +186,7 @@ def test_keygen_pseudonym_and_signing(tmp_path: Path) -> None:
                 "cabinet": "*",
                 "version": 1,
                 "expires_days": 3,
-                "assets": [{"epc": "e2801160", "name": "torque wrench"}],
+                "assets": [{"epc": "e2801160", "asset_id": "TW-1", "name": "torque wrench"}],
             }
         )
     )
@@ -194,6 +194,17 @@ def test_keygen_pseudonym_and_signing(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     reg = verifier.verify(proc.stdout.strip().encode(), ASSET_REGISTRY, datetime.now(UTC))
     assert reg.body["assets"][0]["epc"] == "e2801160"
+
+    # What the cabinet would refuse cannot be signed: an asset without its asset_id.
+    (tmp_path / "noid.json").write_text(
+        json.dumps(
+            {"site": SITE, "version": 2, "assets": [{"epc": "e2801160", "name": "torque wrench"}]}
+        )
+    )
+    proc = _cli("sign-registry", str(tmp_path / "noid.json"), "--keys", str(keydir))
+    assert proc.returncode == 65, proc.stderr
+    assert "asset_id" in proc.stderr
+    assert proc.stdout == ""
 
     (tmp_path / "bad.toml").write_text(
         f'site = "{SITE}"\nversion = 1\n[entries]\n"{raw}" = ["x"]\n'

@@ -18,6 +18,7 @@ from agent.privacy.signed import (
     ASSET_REGISTRY,
     DocumentError,
     DocumentVerifier,
+    VersionFloor,
     allow_list_doc,
     asset_registry_doc,
     canonical_json,
@@ -77,8 +78,13 @@ def test_valid_allow_list() -> None:
 
 def test_valid_asset_registry_for_this_cabinet() -> None:
     assets = [
-        {"epc": "e2801160600002084b3c1a2f", "name": "torque wrench 20Nm", "drawer": "d1"},
-        {"epc": "e2801160600002084b3c1a30", "calibration_due": "2027-01-31"},
+        {
+            "epc": "e2801160600002084b3c1a2f",
+            "asset_id": "TW-20",
+            "name": "torque wrench 20Nm",
+            "drawer": "d1",
+        },
+        {"epc": "e2801160600002084b3c1a30", "asset_id": "CAL-1", "calibration_due": "2027-01-31"},
     ]
     raw = signed(asset_registry_doc("hangar-3", "crib-07", 1, EXPIRES, assets, issued_at=ISSUED))
     doc = verifier().verify(raw, ASSET_REGISTRY, NOW)
@@ -186,6 +192,71 @@ def test_same_version_different_refused() -> None:
     current = signed(allow_list(version=3))
     other = signed(allow_list(version=3, entries={ALICE: ["tech"]}))
     assert reason(other, min_version=3, current=current) == DocumentError.CONFLICT
+
+
+def test_persisted_version_floor_refuses_rollback_and_conflict_without_current() -> None:
+    """The floor outlives the installed document: no rollback even after it was dropped."""
+    v3 = verifier().verify(signed(allow_list(version=3)), ALLOW_LIST, NOW)
+    floor = VersionFloor(v3.version, v3.digest)
+    assert reason(signed(allow_list(version=2)), floor=floor) == DocumentError.ROLLBACK
+    other = signed(allow_list(version=3, entries={ALICE: ["tech"]}))
+    assert reason(other, floor=floor) == DocumentError.CONFLICT
+    same = verifier().verify(signed(allow_list(version=3)), ALLOW_LIST, NOW, floor=floor)
+    assert same.digest == v3.digest
+    assert verifier().verify(signed(allow_list(version=4)), ALLOW_LIST, NOW, floor=floor)
+
+
+def test_rollback_is_judged_before_the_clock() -> None:
+    """At a 1970 wall clock an old document is a rollback, not merely 'not yet valid'."""
+    v3 = verifier().verify(signed(allow_list(version=3)), ALLOW_LIST, NOW)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    old = signed(allow_list(version=2))
+    assert reason(old, now=epoch, floor=VersionFloor(3, v3.digest)) == DocumentError.ROLLBACK
+
+
+def test_untrusted_clock_is_a_lower_bound_not_a_refusal() -> None:
+    """A clock known to lag does not refuse a newer document as not yet valid; expiry holds."""
+    lagging = NOW - timedelta(days=3)
+    raw = signed(allow_list())
+    assert reason(raw, now=lagging) == DocumentError.NOT_YET_VALID
+    doc = verifier().verify(raw, ALLOW_LIST, lagging, clock_trusted=False)
+    assert doc.version == 3
+    assert reason(raw, now=EXPIRES, clock_trusted=False) == DocumentError.EXPIRED
+
+
+def test_authenticate_checks_signature_and_addressing_but_not_time() -> None:
+    raw = signed(allow_list(issued_at=NOW + timedelta(days=1), expires_at=NOW + timedelta(days=2)))
+    assert verifier().authenticate(raw, ALLOW_LIST).version == 3
+    wire = json.loads(raw)
+    wire["doc"]["version"] = 4
+    with pytest.raises(DocumentError) as info:
+        verifier().authenticate(json.dumps(wire).encode(), ALLOW_LIST)
+    assert info.value.reason == DocumentError.BAD_SIGNATURE
+    with pytest.raises(DocumentError) as info:
+        verifier(cabinet_id="crib-09").authenticate(
+            signed(allow_list(cabinet_id="crib-08")), ALLOW_LIST
+        )
+    assert info.value.reason == DocumentError.WRONG_CABINET
+
+
+def test_builders_refuse_what_the_cabinet_refuses() -> None:
+    """The builders run the cabinet's own body models: no asset without an asset_id."""
+    with pytest.raises(ValueError, match="asset_id"):
+        asset_registry_doc("hangar-3", "*", 1, EXPIRES, [{"epc": "ab"}], issued_at=ISSUED)
+    with pytest.raises(ValueError, match="calibration_due"):
+        asset_registry_doc(
+            "hangar-3",
+            "*",
+            1,
+            EXPIRES,
+            [{"epc": "ab", "asset_id": "A", "calibration_due": "2026-02-30"}],
+            issued_at=ISSUED,
+        )
+    long_epc = "ab" * 64  # the longest EPC the cabinet accepts can also be signed
+    doc = asset_registry_doc(
+        "hangar-3", "*", 1, EXPIRES, [{"epc": long_epc, "asset_id": "A"}], issued_at=ISSUED
+    )
+    assert doc["body"]["assets"][0]["epc"] == long_epc
 
 
 def test_doc_cannot_be_signed_with_floats_or_unknown_fields() -> None:

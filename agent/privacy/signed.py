@@ -14,11 +14,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent.domain.access import AllowList
+from agent.domain.assets import AssetRegistry
 from agent.privacy.keyfile import KID_PATTERN
 from agent.privacy.pseudonym import is_pseudonym
 
@@ -26,9 +28,11 @@ __all__ = [
     "ALLOW_LIST",
     "ASSET_REGISTRY",
     "KINDS",
+    "DocumentChecker",
     "DocumentError",
     "DocumentVerifier",
     "SignedDocument",
+    "VersionFloor",
     "allow_list_doc",
     "asset_registry_doc",
     "canonical_json",
@@ -52,7 +56,6 @@ _DOC_FIELDS: Final = frozenset(
 _TIME_RE: Final = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?Z")
 _KID_RE: Final = re.compile(KID_PATTERN)  # the one key-id rule (docs/privacy.md, "Key files")
 _ROLE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,31}")
-_EPC_RE: Final = re.compile(r"(?:[0-9a-f]{2}){1,62}")
 
 
 class DocumentError(ValueError):
@@ -68,6 +71,7 @@ class DocumentError(ValueError):
     ROLLBACK: Final = "rollback"
     CONFLICT: Final = "conflict"  # same version as the current one, different content
     MALFORMED: Final = "malformed"
+    INVALID_BODY: Final = "invalid-body"  # validly signed, but the cabinet cannot use the body
 
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason
@@ -88,6 +92,32 @@ class SignedDocument:
     body: Mapping[str, Any]
     kid: str
     digest: str = ""  # SHA-256 hex of the canonical doc bytes: the identity of this version
+
+
+@dataclass(frozen=True, slots=True)
+class VersionFloor:
+    """The highest version of a kind ever installed, and the digest of that document.
+
+    Kept apart from the document itself, so that no-rollback holds even when the installed
+    document was dropped (it no longer verified) and never depends on the clock.
+    """
+
+    version: int
+    digest: str
+
+
+class DocumentChecker(Protocol):
+    """What a transport needs to admit a document (``DocumentVerifier`` or a policy around it)."""
+
+    def verify(
+        self,
+        raw: bytes,
+        kind: str,
+        now: datetime,
+        min_version: int = 0,
+        *,
+        current: bytes | None = None,
+    ) -> SignedDocument: ...
 
 
 class DocumentVerifier:
@@ -113,25 +143,19 @@ class DocumentVerifier:
         self._cabinet_id = cabinet_id
         self._skew = max_clock_skew
 
-    def verify(
-        self,
-        raw: bytes,
-        kind: str,
-        now: datetime,
-        min_version: int = 0,
-        *,
-        current: bytes | None = None,
-    ) -> SignedDocument:
-        """Check signature, addressing, validity window and version; return the document.
+    @property
+    def max_clock_skew(self) -> timedelta:
+        """How far in the future a document's ``issued_at`` may be (our clock may lag)."""
+        return self._skew
 
-        ``min_version`` is the lowest acceptable version. Pass the currently installed
-        document as ``current`` to also refuse a lower version than its own and to accept
-        an equal version only when the content is identical (idempotent re-delivery).
+    def authenticate(self, raw: bytes, kind: str) -> SignedDocument:
+        """Signature, field types, kind and addressing only: no version, no clock.
+
+        For documents that were fully verified before and stored: they stay in force whatever
+        the wall clock says (DESIGN §7b); their version and expiry are the caller's to judge.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown document kind {kind!r}")
-        if now.tzinfo is None:
-            raise ValueError("now must be timezone-aware")
         doc, kid, sig = _parse_wire(raw)
         key = self._keys.get(kid)
         if key is None:
@@ -158,8 +182,34 @@ class DocumentVerifier:
                 DocumentError.WRONG_CABINET,
                 f"document is for cabinet {signed.cabinet_id!r}, this is {self._cabinet_id!r}",
             )
-        self._check_version(signed, canonical, min_version, current)
-        if now + self._skew < signed.issued_at:
+        return signed
+
+    def verify(
+        self,
+        raw: bytes,
+        kind: str,
+        now: datetime,
+        min_version: int = 0,
+        *,
+        current: bytes | None = None,
+        floor: VersionFloor | None = None,
+        clock_trusted: bool = True,
+    ) -> SignedDocument:
+        """Check signature, addressing, version and validity window; return the document.
+
+        ``min_version`` is the lowest acceptable version. Pass the currently installed
+        document as ``current`` to also refuse a lower version than its own and to accept
+        an equal version only when the content is identical (idempotent re-delivery);
+        ``floor`` does the same from the persisted highest installed version, which outlives
+        the document. With ``clock_trusted=False`` (the cabinet's wall clock is behind what it
+        has already seen) ``now`` is only a lower bound of the time: a document issued after
+        it is not refused as not yet valid, while expiry is still judged against ``now``.
+        """
+        if now.tzinfo is None:
+            raise ValueError("now must be timezone-aware")
+        signed = self.authenticate(raw, kind)
+        self._check_version(signed, min_version, current, floor)
+        if clock_trusted and now + self._skew < signed.issued_at:
             raise DocumentError(
                 DocumentError.NOT_YET_VALID,
                 f"{kind} v{signed.version} issued at {format_time(signed.issued_at)}, "
@@ -174,13 +224,18 @@ class DocumentVerifier:
 
     @staticmethod
     def _check_version(
-        signed: SignedDocument, canonical: bytes, min_version: int, current: bytes | None
+        signed: SignedDocument,
+        min_version: int,
+        current: bytes | None,
+        floor: VersionFloor | None,
     ) -> None:
         if signed.version < min_version:
             raise DocumentError(
                 DocumentError.ROLLBACK,
                 f"{signed.kind} v{signed.version} is older than the minimum v{min_version}",
             )
+        if floor is not None:
+            check_floor(signed, floor)
         if current is None:
             return
         try:
@@ -193,17 +248,22 @@ class DocumentVerifier:
             ) from None
         if not isinstance(cur_version, int):
             raise DocumentError(DocumentError.MALFORMED, "the current document has no version")
-        if signed.version < cur_version:
-            raise DocumentError(
-                DocumentError.ROLLBACK,
-                f"{signed.kind} v{signed.version} is older than the current v{cur_version}",
-            )
-        if signed.version == cur_version and canonical != cur_canonical:
-            raise DocumentError(
-                DocumentError.CONFLICT,
-                f"{signed.kind} v{signed.version} differs from the installed document "
-                "of the same version",
-            )
+        check_floor(signed, VersionFloor(cur_version, hashlib.sha256(cur_canonical).hexdigest()))
+
+
+def check_floor(signed: SignedDocument, floor: VersionFloor) -> None:
+    """Refuse a version below ``floor`` (rollback) or equal to it with other content (conflict)."""
+    if signed.version < floor.version:
+        raise DocumentError(
+            DocumentError.ROLLBACK,
+            f"{signed.kind} v{signed.version} is older than the installed v{floor.version}",
+        )
+    if signed.version == floor.version and signed.digest != floor.digest:
+        raise DocumentError(
+            DocumentError.CONFLICT,
+            f"{signed.kind} v{signed.version} differs from the installed document "
+            "of the same version",
+        )
 
 
 def sign_document(private_key: Ed25519PrivateKey, kid: str, doc: Mapping[str, Any]) -> bytes:
@@ -225,7 +285,11 @@ def allow_list_doc(
     entries: Mapping[str, Sequence[str]],
     issued_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """An unsigned allow-list document: pseudonym -> sorted roles."""
+    """An unsigned allow-list document: pseudonym -> sorted roles.
+
+    The body is checked with the cabinet's own model (``AllowList.from_body``), so the backend
+    cannot sign an allow-list the cabinet would refuse; roles must also match the role pattern.
+    """
     body: dict[str, list[str]] = {}
     for pseudonym, roles in entries.items():
         if not is_pseudonym(pseudonym):
@@ -236,7 +300,9 @@ def allow_list_doc(
         if bad:
             raise ValueError(f"roles of {pseudonym} must match {_ROLE_RE.pattern}: {bad!r}")
         body[pseudonym] = sorted(set(roles))
-    return _doc(ALLOW_LIST, site_id, cabinet_id, version, expires_at, issued_at, {"entries": body})
+    doc = _doc(ALLOW_LIST, site_id, cabinet_id, version, expires_at, issued_at, {"entries": body})
+    AllowList.from_body(version, expires_at, doc["body"])  # AllowListError is a ValueError
+    return doc
 
 
 def asset_registry_doc(
@@ -247,22 +313,26 @@ def asset_registry_doc(
     assets: Sequence[Mapping[str, Any]],
     issued_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """An unsigned asset-registry document; every asset has a unique lower-case hex ``epc``."""
-    seen: set[str] = set()
+    """An unsigned asset-registry document, checked with the cabinet's own model.
+
+    Every asset needs a unique lower-case hex ``epc`` and an ``asset_id``; ``name``,
+    ``home_drawer`` and ``calibration_due`` are optional (``AssetRegistry.from_body``), other
+    fields are carried along unread.
+    """
     out: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for i, asset in enumerate(assets):
         if not isinstance(asset, Mapping):
             raise ValueError(f"asset [{i}] must be a mapping")
         epc = asset.get("epc")
-        if not isinstance(epc, str) or _EPC_RE.fullmatch(epc) is None:
-            raise ValueError(f"asset [{i}] needs an 'epc' of lower-case hex, got {epc!r}")
-        if epc in seen:
-            raise ValueError(f"asset [{i}]: epc {epc} appears twice")
-        seen.add(epc)
+        if isinstance(epc, str):
+            if epc in seen:
+                raise ValueError(f"asset [{i}]: epc {epc} appears twice")
+            seen.add(epc)
         out.append(dict(asset))
-    return _doc(
-        ASSET_REGISTRY, site_id, cabinet_id, version, expires_at, issued_at, {"assets": out}
-    )
+    doc = _doc(ASSET_REGISTRY, site_id, cabinet_id, version, expires_at, issued_at, {"assets": out})
+    AssetRegistry.from_body(doc["body"])  # AssetRegistryError is a ValueError
+    return doc
 
 
 def canonical_json(value: Any) -> bytes:
