@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Literal, TypeAlias
 
 from drivers.types import Clock
+
+ClockTrust: TypeAlias = Literal["trusted", "untrusted"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,11 +16,14 @@ class Now:
     """One instant: ``wall`` (aware UTC) stamps events; ``mono`` (seconds) drives every timer.
 
     Timers use the monotonic clock so a wall-clock step (NTP on a board without RTC) neither
-    fires nor stalls them.
+    fires nor stalls them. The agent passes trusted time as ``wall`` (``agent.trusted_time``);
+    ``trusted`` is False while the system's wall clock is behind it, and every event then says
+    so (``clock: "untrusted"``).
     """
 
     wall: datetime
     mono: float
+    trusted: bool = True
 
     def __post_init__(self) -> None:
         if self.wall.tzinfo is None or self.wall.utcoffset() is None:
@@ -30,4 +36,9 @@ class Now:
 
     def after(self, seconds: float) -> Now:
         """The instant ``seconds`` later on both clocks."""
-        return Now(self.wall + timedelta(seconds=seconds), self.mono + seconds)
+        return Now(self.wall + timedelta(seconds=seconds), self.mono + seconds, self.trusted)
+
+    @property
+    def clock(self) -> ClockTrust:
+        """The ``clock`` field of events stamped at this instant."""
+        return "trusted" if self.trusted else "untrusted"
