@@ -18,7 +18,7 @@ from agent.domain.engine import (
     Unlock,
 )
 from agent.domain.now import Now
-from drivers.types import ReaderState
+from drivers.types import BadgeRead, ReaderState
 from tests.domain_harness import (
     ALICE,
     AUDITOR,
@@ -632,3 +632,89 @@ def test_reopening_during_the_scan_without_a_badge_is_forced() -> None:
         "session.closed complete out=1 in=0 alice,unknown",
     ]
     assert len({e.session_id for e in c.events}) == 1  # type: ignore[union-attr]
+
+
+# ---- expired allow-list grace policy (issue 9, item 11) -----------------------------------------
+
+
+def test_expired_allow_list_grace_is_off_by_default() -> None:
+    assert domain_config().expired_allow_list_grace_h == 0
+    c = Cabinet(tags=stock("top"), al=allow_list(expires_at=T0 + timedelta(minutes=1)))
+    c.advance(61)
+    c.badge(SUPER)
+    assert c.brief() == ["access.denied allow-list expired super"]
+
+
+def test_expired_allow_list_grace_admits_only_its_roles_and_only_for_its_hours() -> None:
+    expired_at = T0 + timedelta(minutes=1)
+    c = Cabinet(
+        config=domain_config(expired_allow_list_grace_h=2),
+        tags=stock("top"),
+        al=allow_list(expires_at=expired_at, version=7),
+    )
+    c.advance(61)
+    c.badge(ALICE)  # a user: the default policy is supervisors only
+    c.badge(AUDITOR)  # may never open
+    c.badge(MALLORY, reader="back")  # not on the list at all
+    c.badge(SUPER)
+    assert c.brief() == [
+        "access.denied allow-list expired alice",
+        "access.denied allow-list expired auditor",
+        "access.denied allow-list expired mallory",
+        "access.grace_granted super",
+    ]
+    grant = c.events[-1]
+    assert isinstance(grant, ev.AccessGraceGranted)
+    assert grant.roles == ["supervisor"]
+    assert grant.allow_list_version == 7
+    assert grant.expired_at == expired_at
+    assert grant.grace_until == expired_at + timedelta(hours=2)
+    assert ev.priority(grant) == ev.PRIORITY_CRITICAL
+    assert c.engine.phase is Phase.UNLOCKED
+    assert any(isinstance(cmd, Unlock) for cmd in c.commands)
+    c.open()
+    c.advance(2)
+    c.close()
+    c.settle()
+    assert [t for t in c.types() if t.startswith("session.")] == [
+        "session.opened",
+        "session.closed",
+    ]
+    # The grace period ends: deny by default again.
+    start = len(c.events)
+    c.advance(2 * 3600)
+    c.badge(SUPER)
+    assert c.brief(start) == ["access.denied allow-list expired super"]
+
+
+def test_expired_allow_list_grace_for_users_too_when_configured_and_on_reload() -> None:
+    c = Cabinet(tags=stock("top"), al=allow_list(expires_at=T0 + timedelta(minutes=1)))
+    c.advance(61)
+    c.badge(ALICE)
+    # SIGHUP assigns engine.config: the grace policy is read at each decision.
+    c.engine.config = domain_config(
+        expired_allow_list_grace_h=1, expired_allow_list_grace_roles=["user", "supervisor"]
+    )
+    c.badge(ALICE)
+    assert c.brief() == ["access.denied allow-list expired alice", "access.grace_granted alice"]
+    grant = c.events[-1]
+    assert isinstance(grant, ev.AccessGraceGranted)
+    assert grant.roles == ["user"]
+
+
+def test_grace_roles_are_validated() -> None:
+    with pytest.raises(ValueError, match="expired_allow_list_grace_roles"):
+        domain_config(expired_allow_list_grace_roles=["auditor"])
+    with pytest.raises(ValueError, match="expired_allow_list_grace_h"):
+        domain_config(expired_allow_list_grace_h=-1)
+
+
+# ---- trusted time (issue 9, item 2) --------------------------------------------------------------
+
+
+def test_events_say_when_the_clock_is_not_trusted() -> None:
+    c = Cabinet(tags=stock("top"))
+    c.badge(MALLORY)
+    untrusted = Now(c.now.wall + timedelta(seconds=1), c.now.mono + 1, trusted=False)
+    c._apply(c.engine.on_badge(BadgeRead("front", MALLORY, untrusted.wall), untrusted))
+    assert [e.clock for e in c.events] == ["trusted", "untrusted"]

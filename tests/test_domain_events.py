@@ -77,6 +77,23 @@ def _one_of_each(gen: Uuid7Generator) -> list[ev.Event]:
             dropped_bytes=1200,
             seqs=[4, 5, 6],
         ),
+        ev.AccessGraceGranted(
+            **c(gen),
+            actor=ALICE,
+            badge_reader="front",
+            roles=["supervisor"],
+            allow_list_version=3,
+            expired_at=T0 - timedelta(hours=1),
+            grace_until=T0 + timedelta(hours=3),
+        ),
+        ev.AgentClockStep(
+            **c(gen),
+            clock="untrusted",
+            step_s=-1.7e9,
+            wall=datetime(1970, 1, 1, tzinfo=UTC),
+            trusted=False,
+            at_start=True,
+        ),
     ]
 
 
@@ -98,10 +115,12 @@ def test_priorities() -> None:
         "item.returned",
         "door.forced",
         "access.lockout",
+        "access.grace_granted",
         "agent.alert",
+        "agent.clock_step",
     }
     assert {t for t, p in by_type.items() if p == 2} == {"inventory.snapshot"}
-    assert sum(1 for p in by_type.values() if p == 1) == len(ev.EVENT_TYPES) - 6
+    assert sum(1 for p in by_type.values() if p == 1) == len(ev.EVENT_TYPES) - 8
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,16 @@ class LockoutChange:
 
 
 @dataclass(frozen=True, slots=True)
+class GraceGrant:
+    """A grant under the expired-allow-list grace policy: the backend must hear of each one."""
+
+    roles: frozenset[Role]  # the actor's roles the policy admitted
+    allow_list_version: int
+    expired_at: datetime
+    grace_until: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class AccessOutcome:
     """The answer to one badge."""
 
@@ -123,6 +133,7 @@ class AccessOutcome:
     reason: DenyReason | None
     roles: frozenset[Role]
     lockout: LockoutChange | None = None
+    grace: GraceGrant | None = None  # set when only the grace policy let this badge in
 
 
 @dataclass
@@ -137,6 +148,9 @@ class AccessControl:
 
     def __init__(self, config: CabinetDomainConfig, allow_list: AllowList | None = None) -> None:
         self.allow_list = allow_list
+        # Read at each decision (the grace policy reloads on SIGHUP); the lock-out numbers
+        # below are fixed at start.
+        self.config = config
         self._n = config.lockout_denials
         self._window = config.lockout_window_s
         self._duration = config.lockout_duration_s
@@ -150,13 +164,31 @@ class AccessControl:
         if al is None:
             return AccessOutcome(False, "no allow-list", frozenset())
         if al.expired(at):
-            return AccessOutcome(False, "allow-list expired", frozenset())
+            return self._grace(al, pseudonym, at)
         roles = al.roles(pseudonym)
         if pseudonym not in al.entries:
             return AccessOutcome(False, "unknown badge", roles)
         if not roles & OPEN_ROLES:
             return AccessOutcome(False, "role", roles)
         return AccessOutcome(True, None, roles)
+
+    def _grace(self, al: AllowList, pseudonym: str, at: datetime) -> AccessOutcome:
+        """Deny by default; the configured grace roles may still open for a while after expiry."""
+        denied = AccessOutcome(False, "allow-list expired", frozenset())
+        hours = self.config.expired_allow_list_grace_h
+        if hours <= 0 or pseudonym not in al.entries:
+            return denied
+        until = al.expires_at + timedelta(hours=hours)
+        if at >= until:
+            return denied
+        roles = al.roles(pseudonym)
+        admitted = (
+            roles & OPEN_ROLES & {Role(r) for r in self.config.expired_allow_list_grace_roles}
+        )
+        if not admitted:
+            return denied
+        grace = GraceGrant(frozenset(admitted), al.version, al.expires_at, until)
+        return AccessOutcome(True, None, roles, grace=grace)
 
     def badge(self, badge_reader: str, pseudonym: str, now: Now) -> AccessOutcome:
         """Decide one badge at ``badge_reader``, updating denial windows and lock-outs."""
@@ -166,7 +198,7 @@ class AccessControl:
             if decision.granted and decision.roles & CLEAR_LOCKOUT_ROLES:
                 del self._lockouts[badge_reader]
                 change = LockoutChange(badge_reader, "cleared", lock.denials, actor=pseudonym)
-                return AccessOutcome(True, None, decision.roles, change)
+                return AccessOutcome(True, None, decision.roles, change, decision.grace)
             # Denials while locked out do not extend it: the lock-out is already the answer.
             return AccessOutcome(False, "locked out", decision.roles)
         if decision.granted:

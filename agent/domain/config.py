@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -15,6 +16,7 @@ _ALIAS_RE = re.compile(ALIAS_PATTERN)
 _DRAWER_RE = re.compile(DRAWER_PATTERN)
 
 Antenna = tuple[str, int]  # (reader_id, antenna port)
+GraceRole = Literal["user", "supervisor"]  # roles that may open (auditors never do)
 
 
 class CabinetDomainConfig(StrictModel):
@@ -45,6 +47,23 @@ class CabinetDomainConfig(StrictModel):
     lockout_duration_s: float = Field(600.0, gt=0, le=86_400, description="lock-out length")
     background_period_s: float = Field(
         3600.0, ge=0, le=7 * 86_400, description="idle inventory period; 0 disables it"
+    )
+    expired_allow_list_grace_h: float = Field(
+        0.0,
+        ge=0,
+        le=30 * 24,
+        description="hours after the allow-list expired during which the grace roles may still "
+        "open (each such grant is an access.grace_granted event and audited); 0: deny by default",
+    )
+    expired_allow_list_grace_roles: list[GraceRole] = Field(
+        default_factory=lambda: list[GraceRole](["supervisor"]),
+        description="roles the expired-allow-list grace applies to",
+    )
+    allow_list_expiry_warning_days: float = Field(
+        7.0,
+        ge=0,
+        le=365,
+        description="cabinetctl status and selftest warn this long before the allow-list expires",
     )
 
     @model_validator(mode="after")

@@ -139,7 +139,7 @@ class CabinetEngine:
         assets: AssetRegistry | None = None,
         ids: Uuid7Generator | None = None,
     ) -> None:
-        self.config = config
+        self._config = config
         self.site_id = site_id
         self.cabinet_id = cabinet_id
         self.antennas: dict[Antenna, str] = config.antenna_map(readers)
@@ -170,6 +170,16 @@ class CabinetEngine:
         self._last = now
         self._dirty = True
         self._started = False
+
+    @property
+    def config(self) -> CabinetDomainConfig:
+        """The domain config; assigning it (SIGHUP) also reaches access control."""
+        return self._config
+
+    @config.setter
+    def config(self, config: CabinetDomainConfig) -> None:
+        self._config = config
+        self.access.config = config
 
     # ---- inputs ----------------------------------------------------------------------------
 
@@ -278,6 +288,20 @@ class CabinetEngine:
             return self._end(out)
         if outcome.lockout is not None:
             self._lockout_event(outcome.lockout, now, out)
+        if outcome.grace is not None:
+            grace = outcome.grace
+            out.events.append(
+                self._event(
+                    ev.AccessGraceGranted,
+                    now,
+                    actor=actor,
+                    badge_reader=badge.reader_id,
+                    roles=sorted(str(r) for r in grace.roles),
+                    allow_list_version=grace.allow_list_version,
+                    expired_at=grace.expired_at,
+                    grace_until=grace.grace_until,
+                )
+            )
         phase = self.phase
         if phase in (Phase.IDLE, *_BACKGROUND_SCANS):
             if phase is not Phase.IDLE:
@@ -386,7 +410,7 @@ class CabinetEngine:
             # Timers were saved as "remaining at saved_at": re-base them on the instant the
             # state was saved, so time spent since (staleness, downtime) counts against them.
             down = _downtime(datetime.fromisoformat(state["saved_at"]), now.wall)
-            base = Now(now.wall, now.mono - down)
+            base = Now(now.wall, now.mono - down, now.trusted)
             engine.phase = Phase(state["phase"])
             engine.door_open = bool(state["door_open"])
             engine._pending = [_actor(a) for a in state["pending"]]
@@ -510,7 +534,7 @@ class CabinetEngine:
         """Run every timer due by ``now`` before handling the input that carries it."""
         if now.mono < self._last.mono:
             # A monotonic clock never goes back; treat it as "no time passed".
-            now = Now(now.wall, self._last.mono)
+            now = Now(now.wall, self._last.mono, now.trusted)
         self._last = now
         out = EngineOutput()
         for change in self.access.tick(now):
@@ -892,6 +916,7 @@ class CabinetEngine:
         event = cls(
             event_id=self._ids(now.wall),
             time=now.wall,
+            clock=now.clock,
             site_id=self.site_id,
             cabinet_id=self.cabinet_id,
             **fields,

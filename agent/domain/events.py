@@ -2,7 +2,8 @@
 
 Every event carries ``schema_version``, a UUIDv7 ``event_id`` (consumers drop duplicates by it),
 ``seq`` (per-cabinet, monotonic; 0 until the state store assigns it at commit), ``time`` (UTC),
-``site_id``, ``cabinet_id`` and a ``type`` discriminator. People appear only as pseudonyms
+``clock`` (whether that time came from a trusted wall clock), ``site_id``, ``cabinet_id`` and a
+``type`` discriminator. People appear only as pseudonyms
 (``p1.<kid>.<b32>``) or ``"unknown"``: a raw badge id cannot pass validation.
 
 Regenerate the published schema with ``python -m agent.domain.events > docs/events.schema.json``.
@@ -51,6 +52,12 @@ class EventBase(BaseModel):
     event_id: UUID = Field(description="UUIDv7; consumers drop duplicates by it")
     seq: int = Field(0, ge=0, description="per-cabinet sequence; assigned at commit (0 before)")
     time: datetime = Field(description="UTC time the agent observed the event")
+    clock: Literal["trusted", "untrusted"] = Field(
+        "trusted",
+        description="'untrusted': the wall clock was behind what the agent had already seen "
+        "(no RTC, before NTP); time is then the agent's own estimate (never earlier than "
+        "anything it committed or saw signed), not a wall-clock reading",
+    )
     site_id: Name
     cabinet_id: Name
 
@@ -124,6 +131,21 @@ class AccessDenied(EventBase):
     actor: Actor
     badge_reader: Name
     reason: DenyReason
+
+
+class AccessGraceGranted(EventBase):
+    """A badge was let in although the allow-list had expired, under the configured grace policy
+    (``[domain] expired_allow_list_grace_h``, for the roles in ``expired_allow_list_grace_roles``)."""
+
+    type: Literal["access.grace_granted"] = "access.grace_granted"
+    actor: Pseudonym
+    badge_reader: Name
+    roles: list[Literal["user", "supervisor"]] = Field(
+        description="the actor's roles the grace policy admitted"
+    )
+    allow_list_version: int = Field(ge=0)
+    expired_at: datetime = Field(description="when the allow-list expired")
+    grace_until: datetime = Field(description="end of the grace period")
 
 
 class AccessLockout(EventBase):
@@ -249,12 +271,29 @@ class AgentAlert(EventBase):
     seqs: list[int] = Field(default_factory=list, max_length=1000, description="rows concerned")
 
 
+class AgentClockStep(EventBase):
+    """The wall clock stepped against the monotonic clock, or its trust changed (once per step).
+
+    While ``trusted`` is false the agent keeps its own time (from its persisted floor on the
+    monotonic clock) and every event says ``clock: "untrusted"``."""
+
+    type: Literal["agent.clock_step"] = "agent.clock_step"
+    step_s: float = Field(
+        description="how far the wall clock moved against the monotonic clock (negative: "
+        "backward); at start, wall clock minus the persisted time floor (includes downtime)"
+    )
+    wall: datetime = Field(description="what the wall clock read after the step")
+    trusted: bool = Field(description="whether the wall clock is trusted from now on")
+    at_start: bool = Field(description="noticed at start, against the persisted time floor")
+
+
 Event: TypeAlias = Annotated[
     ItemCheckedOut
     | ItemReturned
     | SessionOpened
     | SessionClosed
     | AccessDenied
+    | AccessGraceGranted
     | AccessLockout
     | DoorForced
     | DoorLeftOpen
@@ -266,7 +305,8 @@ Event: TypeAlias = Annotated[
     | InventorySnapshot
     | ReaderOffline
     | ReaderOnline
-    | AgentAlert,
+    | AgentAlert
+    | AgentClockStep,
     Field(discriminator="type"),
 ]
 
@@ -278,6 +318,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "session.opened",
     "session.closed",
     "access.denied",
+    "access.grace_granted",
     "access.lockout",
     "door.forced",
     "door.left_open",
@@ -290,13 +331,22 @@ EVENT_TYPES: tuple[str, ...] = (
     "reader.offline",
     "reader.online",
     "agent.alert",
+    "agent.clock_step",
 )
 
 PRIORITY_CRITICAL = 0
 PRIORITY_NORMAL = 1
 PRIORITY_ROUTINE = 2
 _CRITICAL = frozenset(
-    {"item.checked_out", "item.returned", "door.forced", "access.lockout", "agent.alert"}
+    {
+        "item.checked_out",
+        "item.returned",
+        "door.forced",
+        "access.lockout",
+        "access.grace_granted",
+        "agent.alert",
+        "agent.clock_step",
+    }
 )
 _ROUTINE = frozenset({"inventory.snapshot"})
 
