@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 _READ_CHUNK = 4096
 _POLL_S = 0.05
+_CLOSE_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +131,22 @@ class SerialConnection:
             raise TransientError(f"{self._name}: write failed: {err}") from None
 
     async def close(self) -> None:
-        """Stop the reader thread and close the port; safe to call twice."""
+        """Stop the reader thread and close the port (bounded); safe to call twice.
+
+        ``close()`` blocks (pyserial's socket:// handler sleeps 0.3 s in it): never on the loop.
+        It runs in its own daemon thread, awaited at most ``_CLOSE_S``, so a close that hangs
+        can neither stall the loop nor keep the process alive at exit.
+        """
         self._stop.set()
-        await asyncio.to_thread(self._thread.join, 2.0)
+        await asyncio.to_thread(self._thread.join, _CLOSE_S)
+        closer = threading.Thread(
+            target=self._close_port, name=f"serial-close:{self._name}", daemon=True
+        )
+        closer.start()
+        await asyncio.to_thread(closer.join, _CLOSE_S)
+        if closer.is_alive():
+            logger.warning("%s: port close did not finish within %.0f s", self._name, _CLOSE_S)
+
+    def _close_port(self) -> None:
         with contextlib.suppress(serial.SerialException, OSError):
             self._port.close()
