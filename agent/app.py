@@ -11,22 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent import __version__
 from agent.audit_trail import AuditTrail
 from agent.config import AgentConfig
+from agent.documents import Documents, Parsed
 from agent.domain import events as ev
-from agent.domain.access import AllowList, AllowListError
-from agent.domain.assets import AssetRegistry, AssetRegistryError
+from agent.domain.access import AllowList
+from agent.domain.assets import AssetRegistry
 from agent.domain.engine import (
     CabinetEngine,
     EngineOutput,
@@ -42,9 +42,10 @@ from agent.domain.now import Now
 from agent.mqtt.config import check_tls_files
 from agent.privacy.config import CabinetPrivacy, load_cabinet_privacy
 from agent.privacy.envelope import EnvelopeHeader, seal_batch
-from agent.privacy.signed import DocumentError, SignedDocument
+from agent.privacy.signed import ALLOW_LIST, ASSET_REGISTRY, SignedDocument
 from agent.store.store import KEEP, Store
 from agent.store.types import BaselineEntry, OutboxRow, StoreAlert
+from agent.trusted_time import ClockStep, TrustedClock
 from drivers.badge.reader import BadgeReader
 from drivers.door import Door, DoorCommandError
 from drivers.errors import CabinetError
@@ -62,6 +63,7 @@ from drivers.types import (
 )
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 INPUT_QUEUE = 4096
 _STOP_ENGINE = object()  # queued by the shutdown sequence: the engine loop returns on it
@@ -73,7 +75,7 @@ STOP_BUDGET_S = 4.0  # systemd's stop timeout is 5 s; the rest is process exit
 DOOR_STOP_S = 1.0
 TICK_S = 0.1
 SEAL_INLINE_MAX = 8  # up to this many events are sealed on the loop (~80 µs each)
-DOC_KINDS = ("allow-list", "asset-registry")
+CLOCK_CHECK_S = 1.0
 
 
 @dataclass
@@ -148,6 +150,9 @@ class CabinetApp:
     ) -> None:
         self.cfg = cfg
         self.clock: Clock = clock or SystemClock()
+        # The engine, the store and every event get trusted time (DESIGN §7b); the drivers keep
+        # the plain clock (their timers are monotonic).
+        self.time = TrustedClock(self.clock)
         self.site_id = cfg.cabinet.site_id
         self.cabinet_id = cfg.cabinet.cabinet_id
         # Key files are checked before anything starts (permissions, format): a bad key file
@@ -174,11 +179,8 @@ class CabinetApp:
         self.store: Store | None = None
         self.engine: CabinetEngine | None = None
         self.publisher: Any = None
-        self.documents: dict[str, SignedDocument] = {}
-        self._raw_docs: dict[str, bytes] = {}
-        self._live_raw: dict[str, bytes] = {}  # what installed() answers (swapped atomically)
         self.alerts: deque[str] = deque(maxlen=50)
-        self.started_at = datetime.now(UTC)
+        self.started_at = self.time.now()
         self.engine_progress = time.monotonic()
         self.stop_event = asyncio.Event()
         self.ready = asyncio.Event()
@@ -190,6 +192,13 @@ class CabinetApp:
         self.on_committed: list[Callable[[Sequence[ev.Event]], None]] = []
         self.audit = AuditTrail(lambda: self.store)
         self.on_committed.append(self.audit.on_events)
+        self.docs = Documents(
+            self.privacy.verifier,
+            self.time,
+            self.audit,
+            apply=self._apply_document,
+            on_refused=self._document_refused,
+        )
         self._store_alerts: asyncio.Queue[StoreAlert] = asyncio.Queue(256)
         self._lock_pending = False
         self._alert_ids = Uuid7Generator()
@@ -202,7 +211,9 @@ class CabinetApp:
 
     async def run(self) -> None:
         """Open state, start every part under one TaskGroup, stop in order on request."""
-        self.store = await Store.open(self.cfg.store, on_alert=self._on_store_alert)
+        self.store = await Store.open(
+            self.cfg.store, on_alert=self._on_store_alert, clock=self.time
+        )
         try:
             await self._restore()
             await self._run_parts()
@@ -228,6 +239,7 @@ class CabinetApp:
             engine_task = tg.create_task(self._engine_loop(), name="engine")
             tg.create_task(self._store_alert_loop(), name="store-alerts")
             tg.create_task(self._housekeeping_loop(), name="store-housekeeping")
+            tg.create_task(self._clock_loop(), name="trusted-time")
             for hook in self.on_ready:
                 hook()
             self.ready.set()
@@ -305,6 +317,11 @@ class CabinetApp:
             # close): waiting for them would only spend the stop budget.
             await self.audit.flush(0.2 if self.store.disk_full else 2.0)
             try:
+                async with asyncio.timeout(2.0):
+                    await self.time.save(self.store)  # the floor: what has passed, for next start
+            except (CabinetError, TimeoutError) as err:
+                logger.error("time floor not saved at shutdown: %s", err)
+            try:
                 await self.store.close()
             except CabinetError as err:
                 logger.error("state store close failed: %s", err)
@@ -313,10 +330,22 @@ class CabinetApp:
 
     async def _restore(self) -> None:
         assert self.store is not None
-        now = Now.of(self.clock)
         readers = {rc.id: list(rc.antennas) for rc in self.cfg.readers}
-        allow_list, assets = await self._load_documents(now)
-        self._live_raw = dict(self._raw_docs)
+        # Documents first: their signed issue times raise the trusted-time floor.
+        parsed = await self.docs.load(self.store)
+        await self.time.load(self.store, evidence=self.docs.evidence())
+        now = self.time.reading()
+        self.started_at = now.wall
+        if not now.trusted:
+            logger.warning(
+                "wall clock %s is behind the trusted time floor: keeping time from %s on the "
+                "monotonic clock; events say clock=untrusted until the clock is fixed",
+                self.time.snapshot()["wall"],
+                now.wall.isoformat(),
+            )
+        self.docs.log_in_force(now.wall)
+        allow_list = _as(parsed[ALLOW_LIST], AllowList)
+        assets = _as(parsed[ASSET_REGISTRY], AssetRegistry)
         state = await self.store.load_session()
         engine: CabinetEngine | None = None
         if state is not None:
@@ -358,103 +387,46 @@ class CabinetApp:
                 self.cabinet_id,
                 self.store,
                 key_ids=[self.privacy.seal_key_id],
-                verifier=self.privacy.verifier,
-                documents=self,
+                verifier=self.docs,
+                documents=self.docs,
+                now=self.time.now,
             )
         else:
             logger.warning("no [mqtt] section: events are kept in the outbox, not delivered")
         await self._apply(engine.start(now), now)
 
-    async def _load_documents(self, now: Now) -> tuple[AllowList | None, AssetRegistry | None]:
-        assert self.store is not None
-        allow_list: AllowList | None = None
-        assets: AssetRegistry | None = None
-        for kind in DOC_KINDS:
-            raw = await self.store.kv_get(f"doc:{kind}")
-            if raw is None:
-                continue
-            # Re-verified at start (a tampered state file must not grant access); an expired
-            # allow-list is still installed so that denials say "expired".
-            doc = self._verify_stored(raw, kind, now)
-            if doc is None:
-                continue
-            self.documents[kind] = doc
-            self._raw_docs[kind] = raw
-            try:
-                if kind == "allow-list":
-                    allow_list = AllowList.from_document(doc)
-                else:
-                    assets = AssetRegistry.from_body(doc.body)
-            except (AllowListError, AssetRegistryError) as err:
-                logger.error("stored %s unusable: %s", kind, err)
-        return allow_list, assets
-
     async def reload_documents(self) -> list[str]:
-        """SIGHUP: re-read and re-verify the stored allow-list and asset registry.
+        """SIGHUP: re-read and re-authenticate the stored allow-list and asset registry.
 
         A stored document that no longer verifies (edited on disk, key rotated away) is dropped:
-        without an allow-list nobody is let in, which is the safe side.
+        without an allow-list nobody is let in, which is the safe side. The version floors stay.
         """
         if self.store is None or self.engine is None:
             return []
-        self.documents.clear()
-        self._raw_docs.clear()
-        # installed() keeps answering from _live_raw meanwhile (no-rollback checks stay on).
-        allow_list, assets = await self._load_documents(Now.of(self.clock))
-        self._live_raw = dict(self._raw_docs)
-        self.engine.set_allow_list(allow_list)
-        self.engine.set_assets(assets)
+        parsed = await self.docs.load(self.store)
+        self.engine.set_allow_list(_as(parsed[ALLOW_LIST], AllowList))
+        self.engine.set_assets(_as(parsed[ASSET_REGISTRY], AssetRegistry))
         return [f"{kind} v{doc.version}" for kind, doc in sorted(self.documents.items())]
 
-    def _verify_stored(self, raw: bytes, kind: str, now: Now) -> SignedDocument | None:
-        verifier = self.privacy.verifier
-        try:
-            return verifier.verify(raw, kind, now.wall)
-        except DocumentError as err:
-            if err.reason != "expired":
-                logger.error("stored %s refused: %s", kind, err)
-                return None
-        try:
-            # Expired: check everything else as of just before its expiry.
-            expires = json.loads(raw)["doc"]["expires_at"]
-            at = datetime.fromisoformat(str(expires).replace("Z", "+00:00"))
-            return verifier.verify(raw, kind, at - timedelta(seconds=1))
-        except (DocumentError, KeyError, ValueError, TypeError) as err:
-            logger.error("stored %s refused: %s", kind, err)
-            return None
-
-    # -- DocumentSink (called by the publisher for verified documents) ---------------------
-
-    def installed(self, kind: str) -> bytes | None:
-        return self._live_raw.get(kind)
+    @property
+    def documents(self) -> dict[str, SignedDocument]:
+        """The signed documents in force, by kind."""
+        return self.docs.documents
 
     async def install(self, doc: SignedDocument, raw: bytes) -> None:
-        assert self.store is not None
-        assert self.engine is not None
-        if doc.kind == "allow-list":
-            allow_list = AllowList.from_document(doc)
-        elif doc.kind == "asset-registry":
-            assets = AssetRegistry.from_body(doc.body)
-        else:
-            return
-        # Persist first: a document that is live must survive a restart.
-        await self.store.kv_put(f"doc:{doc.kind}", raw)
-        if doc.kind == "allow-list":
-            self.engine.set_allow_list(allow_list)
-        else:
-            self.engine.set_assets(assets)
-        self.documents[doc.kind] = doc
-        self._raw_docs[doc.kind] = raw
-        self._live_raw[doc.kind] = raw
-        await self.store.audit_append(
-            "backend", "document.installed", {"kind": doc.kind, "version": doc.version}
-        )
-        logger.info("installed %s version %d", doc.kind, doc.version)
+        """Install an admitted document (``Documents.install``; DocumentError if refused)."""
+        await self.docs.install(doc, raw)
 
-    def rejected(self, kind: str, reason: str, detail: str) -> None:
+    def _apply_document(self, kind: str, parsed: Parsed | None) -> None:
+        assert self.engine is not None
+        if kind == ALLOW_LIST:
+            self.engine.set_allow_list(_as(parsed, AllowList))
+        elif kind == ASSET_REGISTRY:
+            self.engine.set_assets(_as(parsed, AssetRegistry))
+
+    def _document_refused(self, kind: str, reason: str) -> None:
         self.stats.documents_rejected += 1
         self.alerts.append(f"{kind} refused: {reason}")
-        logger.warning("backend %s refused (%s): %s", kind, reason, detail)
 
     # -- the engine loop ---------------------------------------------------------------------
 
@@ -471,7 +443,7 @@ class CabinetApp:
                     item = await queue.get()
             except TimeoutError:
                 item = None
-            now = Now.of(self.clock)
+            now = self.time.reading()
             self.engine_progress = time.monotonic()
             if item is None or now.mono - last_tick >= TICK_S:
                 last_tick = now.mono
@@ -498,6 +470,8 @@ class CabinetApp:
             elif isinstance(item, StoreAlert):
                 # Committed through the engine loop: it is the outbox's only sequence writer.
                 out = EngineOutput(events=[self._alert_event(item, now)])
+            elif isinstance(item, ClockStep):
+                out = EngineOutput(events=[self._clock_step_event(item, now)])
             else:  # pragma: no cover - only the sinks above put items here
                 logger.error("engine loop: unexpected input %s", type(item).__name__)
                 continue
@@ -702,6 +676,7 @@ class CabinetApp:
         return ev.AgentAlert(
             event_id=self._alert_ids(now.wall),
             time=now.wall,
+            clock=now.clock,
             site_id=self.site_id,
             cabinet_id=self.cabinet_id,
             kind=str(alert.kind),
@@ -709,6 +684,47 @@ class CabinetApp:
             dropped={str(k): v for k, v in alert.dropped.items()},
             dropped_bytes=alert.dropped_bytes,
             seqs=list(alert.seqs[:1000]),
+        )
+
+    # -- trusted time ---------------------------------------------------------------------------
+
+    async def _clock_loop(self) -> None:
+        """Report each clock step once (log, audit, event) and keep the persisted floor fresh."""
+        assert self.store is not None
+        while True:
+            self.time.reading()  # notice a step even while nothing else reads the clock
+            for step in self.time.take_steps():
+                log = logger.info if step.trusted and step.at_start else logger.warning
+                log(
+                    "clock step%s: wall clock moved %+.1f s (now %s); wall clock %s; time %s",
+                    " at start" if step.at_start else "",
+                    step.step_s,
+                    step.wall.isoformat(),
+                    "trusted" if step.trusted else "NOT trusted (behind what was already seen)",
+                    step.time.isoformat(),
+                )
+                if not step.trusted:
+                    self.alerts.append(f"clock: wall clock {step.wall.isoformat()} not trusted")
+                # Committed through the engine loop: it is the outbox's only sequence writer.
+                await self.inputs.queue.put(step)
+            if self.time.persist_due():
+                try:
+                    await self.time.save(self.store)
+                except CabinetError as err:
+                    logger.error("time floor not saved: %s", err)
+            await asyncio.sleep(CLOCK_CHECK_S)
+
+    def _clock_step_event(self, step: ClockStep, now: Now) -> ev.Event:
+        return ev.AgentClockStep(
+            event_id=self._alert_ids(now.wall),
+            time=now.wall,
+            clock=now.clock,
+            site_id=self.site_id,
+            cabinet_id=self.cabinet_id,
+            step_s=round(step.step_s, 3),
+            wall=step.wall,
+            trusted=step.trusted,
+            at_start=step.at_start,
         )
 
     async def _housekeeping_loop(self) -> None:
@@ -725,11 +741,23 @@ class CabinetApp:
     def status(self) -> dict[str, Any]:
         """A snapshot for ``cabinetctl status`` (no personal data)."""
         engine = self.engine
+        clock = self.time.snapshot()
+        now = datetime.fromisoformat(clock["time"])
+        domain = engine.config if engine is not None else self.cfg.domain
+        warn_days = domain.allow_list_expiry_warning_days
+        documents = self.docs.status(now, warn_days)
+        alerts = list(self.alerts)[-10:]
+        alerts += [d["warning"] for d in documents.values() if "warning" in d]
+        if not clock["trusted"]:
+            alerts.append(
+                f"clock: wall clock {clock['wall']} is behind the trusted time {clock['time']}"
+            )
         return {
             "version": __version__,
             "site_id": self.site_id,
             "cabinet_id": self.cabinet_id,
             "started_at": self.started_at.isoformat(),
+            "clock": clock,
             "readers": [
                 {
                     "id": r.reader_id,
@@ -763,12 +791,14 @@ class CabinetApp:
                 "pseudonym_kid": self.privacy.pseudonymizer.kid,
                 "signing_kids": list(self.privacy.signing_kids),
             },
-            "documents": {
-                kind: {"version": d.version, "expires_at": d.expires_at.isoformat()}
-                for kind, d in self.documents.items()
-            },
-            "alerts": list(self.alerts)[-10:],
+            "documents": documents,
+            "alerts": alerts,
         }
+
+
+def _as(value: object, cls: type[_T]) -> _T | None:
+    """``value`` if it is a ``cls`` (a parsed document of that kind), else None."""
+    return value if isinstance(value, cls) else None
 
 
 def _merge_alerts(old: StoreAlert | None, new: StoreAlert) -> StoreAlert:

@@ -1,6 +1,7 @@
 """The audit trail (DESIGN §5): who did what to the cabinet, hash-chained in the state store.
 
-Badge decisions (pseudonyms only), lock-outs, forced doors, door commands, config reloads and
+Badge decisions (pseudonyms only; grants under the expired-allow-list grace policy), lock-outs,
+forced doors, clock steps, documents installed or refused, door commands, config reloads and
 every control-socket command end up here. Appends never block the caller: each is a named task
 in a supervised set, and ``flush()`` awaits them before the store closes.
 """
@@ -74,6 +75,28 @@ class AuditTrail:
                     e.actor or "system",
                     f"access.lockout.{e.state}",
                     {"badge_reader": e.badge_reader, "denials": e.denials},
+                )
+            elif isinstance(e, ev.AccessGraceGranted):
+                self.record(
+                    e.actor,
+                    "access.grace_granted",
+                    {
+                        "badge_reader": e.badge_reader,
+                        "roles": list(e.roles),
+                        "allow_list_version": e.allow_list_version,
+                        "expired_at": e.expired_at.isoformat(),
+                    },
+                )
+            elif isinstance(e, ev.AgentClockStep):
+                self.record(
+                    "system",
+                    "clock.step",
+                    {
+                        "step_s": e.step_s,
+                        "wall": e.wall.isoformat(),
+                        "trusted": e.trusted,
+                        "at_start": e.at_start,
+                    },
                 )
             elif isinstance(e, ev.DoorForced):
                 self.record(

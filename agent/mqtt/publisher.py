@@ -34,8 +34,8 @@ from agent.mqtt.session import (
 from agent.privacy.signed import (
     ALLOW_LIST,
     ASSET_REGISTRY,
+    DocumentChecker,
     DocumentError,
-    DocumentVerifier,
     SignedDocument,
 )
 from agent.store.types import OutboxRow, OutboxStats
@@ -74,7 +74,9 @@ class DocumentSink(Protocol):
         """The raw installed document of ``kind`` (rollback and conflict checks), or None."""
 
     async def install(self, doc: SignedDocument, raw: bytes) -> None:
-        """Apply a verified document; called only after every check passed."""
+        """Apply a verified document; called only after every check passed.
+
+        May still refuse it (DocumentError) or fail to store it (CabinetError)."""
 
     def rejected(self, kind: str, reason: str, detail: str) -> None:
         """A document was refused (never applied); report it."""
@@ -140,7 +142,7 @@ class Publisher:
         outbox: Outbox,
         *,
         key_ids: Sequence[str] = (),
-        verifier: DocumentVerifier | None = None,
+        verifier: DocumentChecker | None = None,
         documents: DocumentSink | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -523,6 +525,9 @@ class Publisher:
             return True  # idempotent re-delivery of the installed document
         try:
             await self._documents.install(doc, payload)
+        except DocumentError as err:
+            self._reject(kind, err.reason, err.detail)
+            return False
         except CabinetError as err:
             self._reject(kind, "install-failed", str(err))
             return False

@@ -1,0 +1,338 @@
+"""The cabinet's signed backend documents: admitted, stored, re-verified, kept in force.
+
+DESIGN §7b. Everything inbound — even validly signed — is validated before it is used:
+
+- **Admission** (``verify``, the publisher's ``DocumentChecker``; runs in its worker thread):
+  signature and addressing, the persisted *version floor* (no rollback, whatever the clock
+  says), the validity window against trusted time (a lagging clock refuses nothing as "not yet
+  valid"), then the body with the very models the engine uses (``AllowList.from_body``,
+  ``AssetRegistry.from_body``). Any refusal is a ``DocumentError`` with a reason.
+- **Install** (``install``): re-checks the floor, stores the document then its floor, raises the
+  trusted-time floor with its ``issued_at``, applies it, audits it.
+- **Refusal** (``rejected``): logged, audited (repeats of the same refusal are counted, not
+  re-audited), kept for ``cabinetctl status``; the cabinet runs on with what it had.
+- **Start and SIGHUP** (``load``): stored documents are re-authenticated (signature, addressing,
+  floor) but never refused for their time: a document verified once stays in force across
+  reboots whatever the wall clock reads; an expired allow-list stays installed so that
+  denials say "allow-list expired" (and the grace policy can apply).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final, TypeAlias
+
+from agent.audit_trail import AuditTrail
+from agent.domain.access import AllowList, AllowListError
+from agent.domain.assets import AssetRegistry, AssetRegistryError
+from agent.privacy.signed import (
+    ALLOW_LIST,
+    ASSET_REGISTRY,
+    DocumentError,
+    DocumentVerifier,
+    SignedDocument,
+    VersionFloor,
+    check_floor,
+    format_time,
+)
+from agent.store.store import Store
+from agent.trusted_time import TrustedClock
+
+logger = logging.getLogger(__name__)
+
+DOC_KINDS: Final = (ALLOW_LIST, ASSET_REGISTRY)
+MAX_PARSED_CACHE = 4
+Parsed: TypeAlias = AllowList | AssetRegistry
+
+
+def doc_key(kind: str) -> str:
+    """The store kv key of the installed document of ``kind`` (raw, as signed)."""
+    return f"doc:{kind}"
+
+
+def floor_key(kind: str) -> str:
+    """The store kv key of the version floor of ``kind`` (outlives the document)."""
+    return f"doc-floor:{kind}"
+
+
+@dataclass
+class Refusal:
+    """The last refusal of one kind, for ``cabinetctl status``."""
+
+    reason: str
+    detail: str
+    at: datetime
+    count: int = 1
+
+
+def parse_body(doc: SignedDocument) -> Parsed:
+    """The body through the engine's own model; DocumentError(INVALID_BODY) if unusable."""
+    try:
+        if doc.kind == ALLOW_LIST:
+            return AllowList.from_document(doc)
+        if doc.kind == ASSET_REGISTRY:
+            return AssetRegistry.from_body(doc.body)
+    except (AllowListError, AssetRegistryError) as err:
+        raise DocumentError(DocumentError.INVALID_BODY, str(err)[:300]) from None
+    raise DocumentError(DocumentError.WRONG_KIND, f"no model for {doc.kind!r} documents")
+
+
+def encode_floor(floor: VersionFloor) -> bytes:
+    return json.dumps({"version": floor.version, "digest": floor.digest}, sort_keys=True).encode()
+
+
+def decode_floor(raw: bytes) -> VersionFloor:
+    """Inverse of ``encode_floor``; ValueError if it is not that."""
+    try:
+        data = json.loads(raw)
+        version, digest = data["version"], data["digest"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(type(err).__name__) from None
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError("version is not a non-negative integer")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise ValueError("digest is not a SHA-256 hex digest")
+    return VersionFloor(version, digest)
+
+
+class Documents:
+    """The installed allow-list and asset registry, with their version floors and refusals.
+
+    ``apply(kind, parsed)`` hands a newly installed (or, on reload, re-read) document to the
+    engine; ``None`` means "none in force".
+    """
+
+    def __init__(
+        self,
+        verifier: DocumentVerifier,
+        clock: TrustedClock,
+        audit: AuditTrail,
+        apply: Callable[[str, Parsed | None], None],
+        on_refused: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.verifier = verifier
+        self.clock = clock
+        self.audit = audit
+        self._apply = apply
+        self._on_refused = on_refused
+        self._store: Store | None = None
+        self.documents: dict[str, SignedDocument] = {}
+        self.floors: dict[str, VersionFloor] = {}
+        self.refusals: dict[str, Refusal] = {}
+        self.rejected_total = 0
+        self._live_raw: dict[str, bytes] = {}  # what installed() answers (swapped atomically)
+        self._parsed: dict[str, Parsed] = {}  # digest -> body parsed at admission
+
+    # -- start and SIGHUP -------------------------------------------------------------------
+
+    async def load(self, store: Store) -> dict[str, Parsed | None]:
+        """Re-read, re-authenticate and parse the stored documents; returns what is in force."""
+        self._store = store
+        documents: dict[str, SignedDocument] = {}
+        raws: dict[str, bytes] = {}
+        parsed: dict[str, Parsed | None] = {}
+        for kind in DOC_KINDS:
+            parsed[kind] = None
+            floor = await self._load_floor(store, kind)
+            raw = await store.kv_get(doc_key(kind))
+            if raw is None:
+                continue
+            try:
+                # Signature and addressing: a tampered state file must not grant access. Not
+                # the clock: a document verified once stays in force whatever the clock says.
+                doc = self.verifier.authenticate(raw, kind)
+                if floor is not None:
+                    check_floor(doc, floor)
+                body = parse_body(doc)
+            except DocumentError as err:
+                logger.error("stored %s refused: %s", kind, err)
+                self._refused(kind, err.reason, f"stored document: {err.detail}")
+                continue
+            if floor is None or doc.version > floor.version:
+                # Written after the document at install: a crash in between left it behind.
+                await self._save_floor(store, kind, VersionFloor(doc.version, doc.digest))
+            documents[kind] = doc
+            raws[kind] = raw
+            parsed[kind] = body
+        self.documents = documents
+        self._live_raw = raws
+        return parsed
+
+    def evidence(self) -> list[datetime]:
+        """Times the stored documents prove have passed (for the trusted-time floor)."""
+        return [self._proves(doc) for doc in self.documents.values()]
+
+    def log_in_force(self, now: datetime) -> None:
+        for kind, doc in sorted(self.documents.items()):
+            state = "EXPIRED" if now >= doc.expires_at else "valid"
+            log = logger.warning if state == "EXPIRED" else logger.info
+            log(
+                "%s version %d in force (%s; expires %s)",
+                kind,
+                doc.version,
+                state,
+                format_time(doc.expires_at),
+            )
+
+    # -- admission (the publisher's DocumentChecker; called in a worker thread) --------------
+
+    def verify(
+        self,
+        raw: bytes,
+        kind: str,
+        now: datetime,
+        min_version: int = 0,
+        *,
+        current: bytes | None = None,
+    ) -> SignedDocument:
+        """Every check an inbound document must pass before it may be installed."""
+        doc = self.verifier.verify(
+            raw,
+            kind,
+            now,
+            min_version,
+            current=current,
+            floor=self.floors.get(kind),
+            clock_trusted=self.clock.trusted(),
+        )
+        body = parse_body(doc)
+        if len(self._parsed) >= MAX_PARSED_CACHE:
+            self._parsed.clear()
+        self._parsed[doc.digest] = body
+        return doc
+
+    # -- DocumentSink (the publisher calls these on the loop) --------------------------------
+
+    def installed(self, kind: str) -> bytes | None:
+        return self._live_raw.get(kind)
+
+    async def install(self, doc: SignedDocument, raw: bytes) -> None:
+        """Store and apply an admitted document. DocumentError if it may not be installed."""
+        store = self._store
+        if store is None:
+            raise DocumentError("not-ready", "the state store is not open yet")
+        floor = self.floors.get(doc.kind)
+        if floor is not None:
+            check_floor(doc, floor)  # a newer one may have been installed since admission
+        body = self._parsed.pop(doc.digest, None)
+        if body is None:
+            body = parse_body(doc)
+        # Persist first (a live document must survive a restart), then the floor.
+        await store.kv_put(doc_key(doc.kind), raw)
+        await self._save_floor(store, doc.kind, VersionFloor(doc.version, doc.digest))
+        if self.clock.raise_floor(self._proves(doc)):
+            await self.clock.save(store)
+        self._apply(doc.kind, body)
+        self.documents[doc.kind] = doc
+        self._live_raw[doc.kind] = raw
+        self.refusals.pop(doc.kind, None)
+        self.audit.record(
+            "backend",
+            "document.installed",
+            {"kind": doc.kind, "version": doc.version, "digest": doc.digest},
+        )
+        logger.info("installed %s version %d", doc.kind, doc.version)
+
+    def rejected(self, kind: str, reason: str, detail: str) -> None:
+        """A document was refused (never applied): count, keep for status, audit, log."""
+        self.rejected_total += 1
+        logger.warning("backend %s refused (%s): %s", kind, reason, detail)
+        self._refused(kind, reason, detail)
+        if self._on_refused is not None:
+            self._on_refused(kind, reason)
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self, now: datetime, warn_days: float) -> dict[str, Any]:
+        """Per kind: what is in force and until when, warnings, the last refusal."""
+        out: dict[str, Any] = {}
+        for kind in DOC_KINDS:
+            doc = self.documents.get(kind)
+            entry: dict[str, Any] = {}
+            if doc is not None:
+                left = (doc.expires_at - now).total_seconds()
+                entry.update(
+                    version=doc.version,
+                    issued_at=doc.issued_at.isoformat(),
+                    expires_at=doc.expires_at.isoformat(),
+                    expires_in_s=round(left),
+                    state="expired" if left <= 0 else "valid",
+                )
+                warning = expiry_warning(kind, doc.expires_at, now, warn_days)
+                if warning is not None:
+                    entry["warning"] = warning
+            else:
+                entry["state"] = "none"
+            refusal = self.refusals.get(kind)
+            if refusal is not None:
+                entry["refused"] = {
+                    "reason": refusal.reason,
+                    "detail": refusal.detail,
+                    "at": refusal.at.isoformat(),
+                    "count": refusal.count,
+                }
+            out[kind] = entry
+        return out
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _proves(self, doc: SignedDocument) -> datetime:
+        # issued_at is the backend's clock: it may run up to the accepted skew ahead of ours.
+        return doc.issued_at - self.verifier.max_clock_skew
+
+    def _refused(self, kind: str, reason: str, detail: str) -> None:
+        detail = detail[:300]
+        last = self.refusals.get(kind)
+        if last is not None and (last.reason, last.detail) == (reason, detail):
+            # A retained document comes back at every reconnect: count it, audit it once.
+            last.count += 1
+            last.at = self.clock.now()
+            return
+        self.refusals[kind] = Refusal(reason, detail, self.clock.now())
+        self.audit.record(
+            "backend",
+            "document.refused",
+            {"kind": kind, "reason": reason, "detail": detail},
+        )
+
+    async def _load_floor(self, store: Store, kind: str) -> VersionFloor | None:
+        raw = await store.kv_get(floor_key(kind))
+        floor: VersionFloor | None = None
+        if raw is not None:
+            try:
+                floor = decode_floor(raw)
+            except ValueError as err:
+                logger.error("stored version floor of %s unreadable (%s)", kind, err)
+        if floor is not None:
+            self.floors[kind] = floor
+        return self.floors.get(kind)
+
+    async def _save_floor(self, store: Store, kind: str, floor: VersionFloor) -> None:
+        old = self.floors.get(kind)
+        if old is not None and old.version > floor.version:
+            return
+        await store.kv_put(floor_key(kind), encode_floor(floor))
+        self.floors[kind] = floor
+
+
+def expiry_warning(kind: str, expires_at: datetime, now: datetime, warn_days: float) -> str | None:
+    """A one-line warning when ``kind`` expires within ``warn_days`` (or has expired)."""
+    left = expires_at - now
+    if left <= timedelta(0):
+        return f"{kind} EXPIRED at {format_time(expires_at)}"
+    if left <= timedelta(days=warn_days):
+        return f"{kind} expires in {_human(left)} (at {format_time(expires_at)})"
+    return None
+
+
+def _human(delta: timedelta) -> str:
+    seconds = delta.total_seconds()
+    if seconds >= 2 * 86_400:
+        return f"{seconds / 86_400:.1f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{max(1, round(seconds / 60))} minutes"
