@@ -265,3 +265,39 @@ async def test_selftest_broker_check_uses_the_configured_tls(tmp_path: Path) -> 
         assert rc == 69
     finally:
         broker.stop()
+
+
+def test_allow_list_verdict_warns_before_expiry_and_fails_after() -> None:
+    """Issue 9 item 11: status and selftest warn days before the allow-list expires."""
+    from datetime import UTC, datetime, timedelta
+
+    from agent.cli.diag import allow_list_verdict
+    from agent.domain.config import CabinetDomainConfig
+
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    domain = CabinetDomainConfig(allow_list_expiry_warning_days=7)
+
+    def doc(expires_in: timedelta, **extra: object) -> dict[str, object]:
+        return {
+            "version": 3,
+            "state": "valid",
+            "expires_at": (now + expires_in).isoformat(),
+            **extra,
+        }
+
+    assert allow_list_verdict(doc(timedelta(days=30)), now, domain).status == "PASS"
+    soon = allow_list_verdict(doc(timedelta(days=2)), now, domain)
+    assert soon.status == "WARN"
+    assert "expires in 2.0 days" in soon.reason
+    gone = allow_list_verdict(doc(-timedelta(hours=1)), now, domain)
+    assert gone.status == "FAIL"
+    assert "every badge is denied" in gone.reason
+    graced = CabinetDomainConfig(expired_allow_list_grace_h=4)
+    grace = allow_list_verdict(doc(-timedelta(hours=1)), now, graced)
+    assert grace.status == "WARN"
+    assert "supervisor" in grace.reason
+    assert allow_list_verdict(None, now, domain).status == "WARN"
+    refused = {"reason": "invalid-body", "detail": "asset [0] needs an 'asset_id'"}
+    flagged = allow_list_verdict(doc(timedelta(days=30), refused=refused), now, domain)
+    assert flagged.status == "WARN"
+    assert "invalid-body" in flagged.reason

@@ -204,9 +204,34 @@ def _cmd_status(args: argparse.Namespace) -> int:
     last = st.get("last_event")
     if last is not None:
         print(f"  last      #{last['seq']} {last['type']} at {last['time']}")
+    clock = st.get("clock")
+    if clock is not None:
+        if clock["trusted"]:
+            print(f"  clock     {clock['time']} (wall clock trusted)")
+        else:
+            print(
+                f"  clock     {clock['time']} UNTRUSTED: wall clock reads {clock['wall']}; "
+                "time kept from the trusted floor on the monotonic clock"
+            )
+    for kind, doc in (st.get("documents") or {}).items():
+        print(f"  document  {_document_line(kind, doc)}")
     for alert in st.get("alerts", []):
         print(f"  alert     {alert}")
     return EX_OK
+
+
+def _document_line(kind: str, doc: dict[str, Any]) -> str:
+    if doc.get("state") == "none":
+        line = f"{kind:<15} none installed"
+    else:
+        line = f"{kind:<15} v{doc['version']} {doc['state']}, expires {doc['expires_at']}"
+        if doc.get("warning"):
+            line += f"  WARNING: {doc['warning']}"
+    refused = doc.get("refused")
+    if refused:
+        times = f" ({refused['count']}×)" if refused["count"] > 1 else ""
+        line += f"  REFUSED{times} at {refused['at']}: {refused['reason']} — {refused['detail']}"
+    return line
 
 
 def _cmd_door(args: argparse.Namespace) -> int:

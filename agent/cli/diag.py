@@ -35,6 +35,8 @@ from typing import Any, Literal
 from agent import __version__
 from agent.cli.common import DEFAULT_CONFIG
 from agent.config import EX_CONFIG, AgentConfig, ConfigError, load_config
+from agent.domain.config import CabinetDomainConfig
+from agent.trusted_time import BUILD_FLOOR
 from drivers.errors import CabinetError
 
 EX_OK = 0
@@ -43,7 +45,7 @@ EX_UNAVAILABLE = 69  # sysexits.h: a service (reader, broker, disk, clock) is un
 Status = Literal["PASS", "WARN", "FAIL"]
 
 # The clock may not be older than this build (no RTC boots at 1970) nor absurdly far ahead.
-BUILD_DATE = datetime(2026, 1, 1, tzinfo=UTC)
+BUILD_DATE = BUILD_FLOOR
 MAX_CLOCK_AHEAD = timedelta(days=20 * 365)
 DEFAULT_MIN_FREE_PCT = 10.0
 READER_TIMEOUT_S = 10.0
@@ -262,6 +264,112 @@ def check_clock(now: datetime | None = None) -> Check:
     return Check("PASS", "clock", f"{now.isoformat(timespec='seconds')} is plausible")
 
 
+def check_trusted_clock(status: Mapping[str, Any] | None) -> Check | None:
+    """The running agent's view: is the wall clock behind what it has already seen?"""
+    clock = (status or {}).get("clock")
+    if not isinstance(clock, Mapping):
+        return None
+    if clock.get("trusted"):
+        return Check(
+            "PASS", "trusted time", f"the agent trusts the wall clock ({clock.get('time')})"
+        )
+    return Check(
+        "WARN",
+        "trusted time",
+        f"wall clock {clock.get('wall')} is behind what the agent already saw; it keeps time "
+        f"from its floor ({clock.get('time')}) and flags events clock=untrusted: fix NTP/RTC",
+    )
+
+
+def allow_list_verdict(
+    doc: Mapping[str, Any] | None, now: datetime, domain: CabinetDomainConfig
+) -> Check:
+    """The allow-list's health: none, expired (grace?), expiring soon, or fine."""
+    if doc is None or doc.get("state") == "none":
+        refused = (doc or {}).get("refused")
+        why = f"; the last one was refused: {refused['reason']}" if refused else ""
+        return Check(
+            "WARN",
+            "allow-list",
+            f"none installed: every badge is denied until the backend sends one{why}",
+        )
+    expires = datetime.fromisoformat(str(doc["expires_at"]))
+    version = doc.get("version")
+    refused = doc.get("refused")
+    also = (
+        f"; a newer one was refused: {refused['reason']} — {refused['detail']}" if refused else ""
+    )
+    if now >= expires:
+        grace_until = expires + timedelta(hours=domain.expired_allow_list_grace_h)
+        if now < grace_until:
+            roles = "/".join(domain.expired_allow_list_grace_roles)
+            return Check(
+                "WARN",
+                "allow-list",
+                f"v{version} EXPIRED at {expires.isoformat()}; grace policy lets {roles} open "
+                f"until {grace_until.isoformat()} (every grant reported){also}",
+            )
+        return Check(
+            "FAIL",
+            "allow-list",
+            f"v{version} EXPIRED at {expires.isoformat()}: every badge is denied until the "
+            f"backend publishes a new one{also}",
+        )
+    left = expires - now
+    if left <= timedelta(days=domain.allow_list_expiry_warning_days):
+        days = left.total_seconds() / 86_400
+        return Check(
+            "WARN",
+            "allow-list",
+            f"v{version} expires in {days:.1f} days (at {expires.isoformat()}): the backend "
+            f"must publish a new one before then{also}",
+        )
+    status: Status = "WARN" if refused else "PASS"
+    return Check(status, "allow-list", f"v{version} valid until {expires.isoformat()}{also}")
+
+
+async def check_allow_list(cfg: AgentConfig, status: Mapping[str, Any] | None) -> Check:
+    """From the running agent, else from the store file (re-authenticated, never trusted)."""
+    if status is not None and isinstance(status.get("documents"), Mapping):
+        clock = status.get("clock") or {}
+        now = datetime.fromisoformat(str(clock.get("time") or datetime.now(UTC).isoformat()))
+        return allow_list_verdict(status["documents"].get("allow-list"), now, cfg.domain)
+    path = cfg.store.path
+    if not path.exists():
+        return Check("WARN", "allow-list", f"none: {path} does not exist (never started?)")
+    from agent.documents import doc_key
+    from agent.privacy.config import load_cabinet_privacy
+    from agent.privacy.signed import DocumentError
+    from agent.store.store import Store
+    from agent.trusted_time import KV_KEY, decode_floor
+
+    try:
+        privacy = load_cabinet_privacy(cfg.privacy, cfg.cabinet.site_id, cfg.cabinet.cabinet_id)
+        store = await Store.open(cfg.store)
+    except (CabinetError, OSError) as err:
+        return Check("WARN", "allow-list", f"cannot read it: {err}")
+    try:
+        raw = await store.kv_get(doc_key("allow-list"))
+        floor_raw = await store.kv_get(KV_KEY)
+    finally:
+        await store.close()
+    now = datetime.now(UTC)
+    if floor_raw is not None:
+        with contextlib.suppress(ValueError):
+            now = max(now, decode_floor(floor_raw)[0])
+    if raw is None:
+        return allow_list_verdict(None, now, cfg.domain)
+    try:
+        doc = privacy.verifier.authenticate(raw, "allow-list")
+    except DocumentError as err:
+        return Check("FAIL", "allow-list", f"the stored one does not verify: {err}")
+    return allow_list_verdict(
+        {"version": doc.version, "expires_at": doc.expires_at.isoformat(), "state": "valid"},
+        now,
+        cfg.domain,
+    )
+
+
 def check_ntp(run: Any = subprocess.run) -> Check:
     """NTP synchronisation as systemd-timesyncd/chrony report it through timedatectl."""
     exe = shutil.which("timedatectl")
@@ -411,9 +519,13 @@ async def run_selftest(
         )
     else:
         checks.append(Check("PASS", "agent", f"running, version {status.get('version')}"))
+    trusted = check_trusted_clock(status)
+    if trusted is not None:
+        checks.append(trusted)
     checks.extend(await check_readers(cfg, status, reader_timeout_s))
     checks.append(await check_broker(cfg))
     checks.append(check_store(await store_report(cfg, status)))
+    checks.append(await check_allow_list(cfg, status))
     return checks
 
 
