@@ -105,9 +105,10 @@ class AgentProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.env: dict[str, str] = {}  # extra environment for the next start (e.g. faketime)
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 [*AGENT_COMMAND, str(self.config)],

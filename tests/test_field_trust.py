@@ -1,0 +1,214 @@
+"""Issue 9, items 2 and 11, through the real agent: a board without RTC, an expired allow-list.
+
+The agent is the real ``cabinet-agent run`` process around simulated readers, badge readers and a
+real mosquitto (tests/scenario_harness.py). A board without RTC is played with libfaketime: the
+wall clock reads 1970 while the monotonic clock stays real (``FAKETIME_DONT_FAKE_MONOTONIC``),
+and the clock is "fixed" by rewriting the faketime file while the agent runs, as NTP would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from agent.control.client import ControlClient
+from agent.privacy.signed import allow_list_doc, sign_document
+from simulators.cabinet import Scenario, describe_event, describe_events, load_scenario
+from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401  (fixture)
+from tests.scenario_harness import TIMEOUT_S, Rig, cabinet_rig
+from tests.test_scenarios import SCENARIOS
+
+BOOT_WALL = datetime(1970, 1, 1, 0, 5, tzinfo=UTC)
+
+
+def _libfaketime() -> str:
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    assert found, "libfaketime is missing: apt-get install faketime (tests/run does)"
+    return found[0]
+
+
+def _faketime_env(clock_file: Path) -> dict[str, str]:
+    """The wall clock from ``clock_file`` (an offset such as ``-1700000000s``); monotonic real."""
+    return {
+        "LD_PRELOAD": _libfaketime(),
+        "FAKETIME_TIMESTAMP_FILE": str(clock_file),
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_CACHE_DURATION": "1",  # re-read the file every second: the clock can be "fixed"
+    }
+
+
+def _set_wall(clock_file: Path, wall: datetime | None) -> None:
+    """Make the faked wall clock read ``wall`` now (None: the real time)."""
+    offset = 0 if wall is None else int((wall - datetime.now(UTC)).total_seconds())
+    clock_file.write_text(f"{offset:+d}s\n")
+
+
+async def _clocks_under(env: dict[str, str]) -> tuple[float, float]:
+    """(wall, monotonic) as a process under ``env`` sees them."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import time; print(time.time(), time.monotonic())",
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, _ = await proc.communicate()
+    wall, mono = (float(x) for x in out.split())
+    return wall, mono
+
+
+async def _status(rig: Rig) -> dict[str, Any]:
+    async with ControlClient(rig.dir / "agent" / "ctl.sock", timeout_s=20.0) as client:
+        result: dict[str, Any] = await client.call("status")
+        return result
+
+
+async def _audit(rig: Rig) -> list[dict[str, Any]]:
+    async with ControlClient(rig.dir / "agent" / "ctl.sock", timeout_s=20.0) as client:
+        result: dict[str, Any] = await client.call("audit.tail", {"n": 200})
+        return list(result["records"])
+
+
+def _scenario(name: str, steps: list[str], **update: Any) -> Scenario:
+    base = load_scenario(next(p for p in SCENARIOS if p.stem == name))
+    return base.model_copy(update={"steps": steps, "expect": [], **update})
+
+
+def _signed_allow_list(rig: Rig, version: int) -> bytes:
+    scenario, keys = rig.scenario, rig.keys
+    lay = scenario.cabinet
+    now = datetime.now(UTC).replace(microsecond=0)
+    entries = {rig.pseudonym(p.name): list(p.roles) for p in scenario.people if p.listed}
+    doc = allow_list_doc(
+        lay.site_id, lay.cabinet_id, version, now + timedelta(days=30), entries, issued_at=now
+    )
+    return sign_document(keys.signing_private, keys.signing_kid, doc)
+
+
+async def test_a_board_without_rtc_keeps_its_documents_its_version_floor_and_reports_the_fix(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    base = load_scenario(next(p for p in SCENARIOS if p.stem == "calibration-overdue"))
+    due = (datetime.now(UTC) - timedelta(days=1)).date()  # overdue today, not in 1970
+    items = [
+        i.model_copy(update={"calibration_due": due}) if i.name == "caliper" else i
+        for i in base.items
+    ]
+    steps = ["badge alice", "wait_unlock", "open", "take caliper", "close", "settle"]
+    scenario = _scenario("calibration-overdue", steps, items=items)
+    clock_file = tmp_path / "faketime"
+    _set_wall(clock_file, None)
+    env = _faketime_env(clock_file)
+
+    async with cabinet_rig(scenario, tmp_path, mosquitto) as rig:
+        # Provisioned at real time: allow-list v1 (from the rig), then v2 from the backend.
+        v2 = _signed_allow_list(rig, 2)
+        rig.publish_document("allow-list", v2)
+        await rig.agent.wait_log("installed allow-list version 2")
+        assert await rig.agent.stop() == 0
+
+        # Power cut, no RTC: the board comes back at 1970; its monotonic clock is real.
+        _set_wall(clock_file, BOOT_WALL)
+        wall, mono = await _clocks_under(env)
+        assert wall < datetime(1971, 1, 1, tzinfo=UTC).timestamp(), "faketime did not apply"
+        assert abs(mono - time.monotonic()) < 10, "the monotonic clock must stay real"
+        rig.agent.env = env
+        rig.agent.start()
+        await rig.agent.wait_log("is behind the trusted time floor")
+        await rig.wait_connected()
+        for reader in (scenario.cabinet.badge_reader_id, "marker"):  # this start's connections
+            await rig.agent.wait_log(f"badge reader {reader}: connected", count=2)
+
+        # Alice is let in on the stored allow-list; the caliper is overdue by trusted time.
+        events = await rig.play()
+        described = [describe_event(e, rig.artefacts) for e in events]
+        assert [(d["type"], d.get("item")) for d in described] == [
+            ("session.opened", None),
+            ("item.checked_out", "caliper"),
+            ("item.calibration_overdue", "caliper"),
+            ("session.closed", None),
+        ], describe_events(events, rig.artefacts)
+        assert {e["clock"] for e in events} == {"untrusted"}
+        stamped = [datetime.fromisoformat(e["time"]) for e in events]
+        assert min(stamped) > datetime.now(UTC) - timedelta(hours=1), "time kept from the floor"
+
+        # A replayed older allow-list is a rollback, not merely "not yet valid".
+        rig.publish_document("allow-list", rig.artefacts.allow_list)  # v1
+        await rig.agent.wait_log("refused allow-list document: rollback")
+        status = await _status(rig)
+        assert status["clock"]["trusted"] is False
+        assert status["documents"]["allow-list"]["version"] == 2
+        assert status["documents"]["allow-list"]["refused"]["reason"] == "rollback"
+
+        # NTP fixes the clock: the step is reported once, and events are trusted again.
+        _set_wall(clock_file, None)
+        await rig.agent.wait_log("clock step: wall clock moved")
+        log = rig.sink.log
+
+        def steps_seen() -> list[dict[str, Any]]:
+            return log.find(lambda e: e.get("type") == "agent.clock_step")
+
+        await log.wait_for(lambda: len(steps_seen()) >= 2, TIMEOUT_S)
+        after = await rig.mark()
+        marker = next(e for e in log.events if int(e["seq"]) == after)
+        assert marker["clock"] == "trusted"
+        reported = [(e["at_start"], e["trusted"]) for e in steps_seen()]
+        assert reported == [(True, False), (False, True)], reported
+        assert steps_seen()[1]["step_s"] > 50 * 365 * 86400
+        status = await _status(rig)
+        assert status["clock"]["trusted"] is True
+        audit = [r["action"] for r in await _audit(rig)]
+        assert audit.count("clock.step") == 2
+        assert "document.refused" in audit
+    text = rig.agent.log_text()
+    assert text.count("clock step: wall clock moved") == 1, "reported once"
+
+
+async def test_expired_allow_list_grace_lets_a_supervisor_in_and_says_so(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    steps = [
+        "wait_allow_list_expired",
+        "badge alice",
+        "wait_event access.denied",
+        "badge sam",
+        "wait_unlock",
+        "open",
+        "close",
+        "settle",
+    ]
+    scenario = _scenario("expired-allow-list", steps)
+    domain = {"expired_allow_list_grace_h": 1.0, "allow_list_expiry_warning_days": 2.0}
+    async with cabinet_rig(scenario, tmp_path, mosquitto, domain=domain) as rig:
+        status = await _status(rig)
+        assert "expires in" in status["documents"]["allow-list"]["warning"]
+        assert any("allow-list expires in" in a for a in status["alerts"])
+        events = await rig.play()
+        described = [describe_event(e, rig.artefacts) for e in events]
+        assert [(d["type"], d.get("actor") or d.get("actors")) for d in described] == [
+            ("access.denied", "alice"),
+            ("access.grace_granted", "sam"),
+            ("session.opened", ["sam"]),
+            ("session.closed", ["sam"]),
+        ], describe_events(events, rig.artefacts)
+        assert described[0]["reason"] == "allow-list expired"
+        grant = described[1]
+        assert grant["roles"] == ["supervisor"]
+        expired_at = datetime.fromisoformat(grant["expired_at"])
+        assert datetime.fromisoformat(grant["grace_until"]) == expired_at + timedelta(hours=1)
+        records = await _audit(rig)
+        grants = [r for r in records if r["action"] == "access.grace_granted"]
+        assert len(grants) == 1
+        assert grants[0]["actor"] == rig.pseudonym("sam")
+        status = await _status(rig)
+        assert status["documents"]["allow-list"]["state"] == "expired"
+        assert "EXPIRED" in status["documents"]["allow-list"]["warning"]
+    assert json.dumps(status)  # plain JSON
