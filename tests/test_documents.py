@@ -1,0 +1,281 @@
+"""agent/documents.py with a real store file: admission, version floor, stored documents, refusals."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.audit_trail import AuditTrail
+from agent.documents import Documents, Parsed, decode_floor, doc_key, floor_key
+from agent.domain.access import AllowList
+from agent.domain.assets import AssetRegistry
+from agent.mqtt.publisher import Publisher
+from agent.privacy.pseudonym import Pseudonymizer
+from agent.privacy.signed import (
+    ALLOW_LIST,
+    ASSET_REGISTRY,
+    DocumentError,
+    DocumentVerifier,
+    SignedDocument,
+    allow_list_doc,
+    format_time,
+    sign_document,
+)
+from agent.store import Store, StoreConfig
+from agent.trusted_time import TrustedClock
+from tests.delivery_helpers import mqtt_cfg
+
+SITE, CABINET = "hangar-3", "crib-07"
+KEY = Ed25519PrivateKey.generate()
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, 0, 1, tzinfo=UTC)
+ALICE = Pseudonymizer(SITE, "s1", bytes(32)).badge("12ab")
+
+
+@dataclass
+class Clock:
+    wall: datetime = NOW
+    mono: float = 100.0
+
+    def now(self) -> datetime:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+
+@dataclass
+class Rig:
+    store: Store
+    clock: Clock
+    docs: Documents
+    applied: list[tuple[str, Parsed | None]] = field(default_factory=list)
+
+
+def allow_list(version: int, *, issued: datetime = NOW, days: int = 7, roles: Any = None) -> bytes:
+    doc = allow_list_doc(
+        SITE,
+        CABINET,
+        version,
+        issued + timedelta(days=days),
+        {ALICE: roles or ["user"]},
+        issued_at=issued,
+    )
+    return sign_document(KEY, "k1", doc)
+
+
+def raw_doc(kind: str, version: int, body: dict[str, Any]) -> bytes:
+    doc = {
+        "kind": kind,
+        "site_id": SITE,
+        "cabinet_id": CABINET,
+        "version": version,
+        "issued_at": format_time(NOW),
+        "expires_at": format_time(NOW + timedelta(days=7)),
+        "body": body,
+    }
+    return sign_document(KEY, "k1", doc)
+
+
+def make_docs(store: Store, clock: Clock, applied: list[tuple[str, Parsed | None]]) -> Documents:
+    verifier = DocumentVerifier({"k1": KEY.public_key()}, SITE, CABINET)
+    return Documents(
+        verifier,
+        TrustedClock(clock),
+        AuditTrail(lambda: store),
+        apply=lambda kind, parsed: applied.append((kind, parsed)),
+    )
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    store = await Store.open(StoreConfig(path=tmp_path / "state.db"))
+    clock = Clock()
+    applied: list[tuple[str, Parsed | None]] = []
+    docs = make_docs(store, clock, applied)
+    await docs.load(store)
+    try:
+        yield Rig(store, clock, docs, applied)
+    finally:
+        await docs.audit.flush()
+        await store.close()
+
+
+async def admit(rig: Rig, raw: bytes, kind: str = ALLOW_LIST) -> None:
+    doc = rig.docs.verify(raw, kind, rig.docs.clock.now(), current=rig.docs.installed(kind))
+    await rig.docs.install(doc, raw)
+
+
+async def test_a_bad_body_is_refused_before_anything_is_stored(rig: Rig) -> None:
+    raw = raw_doc(ASSET_REGISTRY, 1, {"assets": [{"epc": "e280", "name": "no id"}]})
+    with pytest.raises(DocumentError) as info:
+        rig.docs.verify(raw, ASSET_REGISTRY, NOW)
+    assert info.value.reason == DocumentError.INVALID_BODY
+    assert "asset_id" in info.value.detail
+    raw_key = raw_doc(ALLOW_LIST, 1, {"entries": {"04A1B2C3D4": ["user"]}})
+    with pytest.raises(DocumentError) as info:
+        rig.docs.verify(raw_key, ALLOW_LIST, NOW)
+    assert info.value.reason == DocumentError.INVALID_BODY
+    assert "04A1B2C3D4" not in str(info.value)
+    assert await rig.store.kv_get(doc_key(ASSET_REGISTRY)) is None
+    assert rig.applied == []
+
+
+async def test_install_stores_the_document_then_its_floor_and_applies_it(rig: Rig) -> None:
+    await admit(rig, allow_list(3))
+    assert await rig.store.kv_get(doc_key(ALLOW_LIST)) == allow_list(3)
+    stored = await rig.store.kv_get(floor_key(ALLOW_LIST))
+    assert stored is not None
+    floor = decode_floor(stored)
+    assert floor.version == 3
+    assert floor.digest == rig.docs.documents[ALLOW_LIST].digest
+    [(kind, parsed)] = rig.applied
+    assert kind == ALLOW_LIST
+    assert isinstance(parsed, AllowList)
+    assert parsed.version == 3
+
+
+async def test_a_dropped_document_still_cannot_be_rolled_back(rig: Rig, tmp_path: Path) -> None:
+    await admit(rig, allow_list(3))
+    # The stored document is damaged on disk: SIGHUP drops it (deny by default) ...
+    await rig.store.kv_put(doc_key(ALLOW_LIST), allow_list(3).replace(b'"user"', b'"supervisor"'))
+    parsed = await rig.docs.load(rig.store)
+    assert parsed[ALLOW_LIST] is None
+    assert rig.docs.installed(ALLOW_LIST) is None
+    # ... and a replayed older one is still a rollback: the floor outlives the document.
+    with pytest.raises(DocumentError) as info:
+        rig.docs.verify(allow_list(2), ALLOW_LIST, NOW, current=None)
+    assert info.value.reason == DocumentError.ROLLBACK
+    with pytest.raises(DocumentError) as info:
+        rig.docs.verify(allow_list(3, roles=["supervisor"]), ALLOW_LIST, NOW)
+    assert info.value.reason == DocumentError.CONFLICT
+    await admit(rig, allow_list(3))  # the same document again is fine
+
+
+async def test_stored_documents_stay_in_force_whatever_the_wall_clock_reads(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(StoreConfig(path=tmp_path / "state.db"))
+    try:
+        applied: list[tuple[str, Parsed | None]] = []
+        clock = Clock()
+        docs = make_docs(store, clock, applied)
+        await docs.load(store)
+        registry = raw_doc(ASSET_REGISTRY, 1, {"assets": [{"epc": "e280", "asset_id": "A-1"}]})
+        for raw, kind in ((allow_list(4), ALLOW_LIST), (registry, ASSET_REGISTRY)):
+            doc = docs.verify(raw, kind, NOW)
+            await docs.install(doc, raw)
+        await docs.audit.flush()
+
+        # Reboot without RTC: the wall clock reads 1970.
+        board = Clock(wall=EPOCH, mono=3.0)
+        after = make_docs(store, board, [])
+        parsed = await after.load(store)
+        assert isinstance(parsed[ALLOW_LIST], AllowList)
+        assert isinstance(parsed[ASSET_REGISTRY], AssetRegistry)
+        await after.clock.load(store, evidence=after.evidence())
+        now = after.clock.reading()
+        assert not now.trusted
+        assert now.wall >= NOW - timedelta(minutes=5), "the documents raised the floor"
+        # Not expired by trusted time, so the allow-list grants:
+        assert not parsed[ALLOW_LIST].expired(now.wall)
+        # An old document replayed now is a rollback, judged before any clock rule.
+        with pytest.raises(DocumentError) as info:
+            after.verify(allow_list(2), ALLOW_LIST, now.wall, current=after.installed(ALLOW_LIST))
+        assert info.value.reason == DocumentError.ROLLBACK
+        # A fresh document is not refused as "not yet valid" by a clock known to lag.
+        fresh = allow_list(5, issued=NOW + timedelta(days=2))
+        assert after.verify(fresh, ALLOW_LIST, now.wall).version == 5
+        await after.audit.flush()
+    finally:
+        await store.close()
+
+
+async def test_a_crash_between_document_and_floor_is_repaired_at_start(rig: Rig) -> None:
+    await admit(rig, allow_list(3))
+    await rig.store.kv_put(doc_key(ALLOW_LIST), allow_list(4))  # the floor write never happened
+    await rig.docs.load(rig.store)
+    stored = await rig.store.kv_get(floor_key(ALLOW_LIST))
+    assert stored is not None
+    assert decode_floor(stored).version == 4
+
+
+async def test_refusals_are_kept_for_status_and_audited_once(rig: Rig) -> None:
+    for _ in range(3):  # a retained document comes back at every reconnect
+        rig.docs.rejected(ASSET_REGISTRY, "invalid-body", "asset [0] needs an 'asset_id'")
+    await rig.docs.audit.flush()
+    status = rig.docs.status(NOW, 7)
+    refused = status[ASSET_REGISTRY]["refused"]
+    assert (refused["reason"], refused["count"]) == ("invalid-body", 3)
+    assert status[ALLOW_LIST]["state"] == "none"
+    records = [r for r in await rig.store.audit_tail(50) if r.action == "document.refused"]
+    assert len(records) == 1
+    assert records[0].details["reason"] == "invalid-body"
+
+
+async def test_status_warns_before_the_allow_list_expires(rig: Rig) -> None:
+    await admit(rig, allow_list(3, days=3))
+    status = rig.docs.status(NOW, 7)[ALLOW_LIST]
+    assert status["state"] == "valid"
+    assert "expires in 3.0 days" in status["warning"]
+    later = rig.docs.status(NOW + timedelta(days=4), 7)[ALLOW_LIST]
+    assert later["state"] == "expired"
+    assert "EXPIRED" in later["warning"]
+    assert "warning" not in rig.docs.status(NOW, 1)[ALLOW_LIST]
+
+
+class _Late:
+    """A sink that learns of the newer installed document only at install time (a race)."""
+
+    def __init__(self, docs: Documents) -> None:
+        self.docs = docs
+
+    def installed(self, kind: str) -> bytes | None:
+        return None
+
+    async def install(self, doc: SignedDocument, raw: bytes) -> None:
+        await self.docs.install(doc, raw)
+
+    def rejected(self, kind: str, reason: str, detail: str) -> None:
+        self.docs.rejected(kind, reason, detail)
+
+
+async def test_the_publisher_survives_a_sink_that_refuses_at_install(rig: Rig) -> None:
+    """A DocumentError from install (a newer version won meanwhile) is a refusal, not a crash."""
+    await admit(rig, allow_list(5))
+    plain = DocumentVerifier({"k1": KEY.public_key()}, SITE, CABINET)  # knows no floor
+    pub = Publisher(
+        mqtt_cfg(1),
+        SITE,
+        CABINET,
+        rig.store,
+        verifier=plain,
+        documents=_Late(rig.docs),
+        now=lambda: NOW,
+    )
+    topic = f"cabinets/v1/{SITE}/{CABINET}/cmd/allow-list"
+    assert not await pub.handle_command(topic, allow_list(4))
+    assert pub.stats.commands_rejected == 1
+    assert rig.docs.refusals[ALLOW_LIST].reason == DocumentError.ROLLBACK
+    # Through the agent's own checker a bad body never even reaches install.
+    pub2 = Publisher(
+        mqtt_cfg(1),
+        SITE,
+        CABINET,
+        rig.store,
+        verifier=rig.docs,
+        documents=rig.docs,
+        now=lambda: NOW,
+    )
+    bad = raw_doc(ALLOW_LIST, 9, {"entries": {ALICE: "user"}})
+    assert not await pub2.handle_command(topic, bad)
+    assert rig.docs.refusals[ALLOW_LIST].reason == DocumentError.INVALID_BODY
+    assert rig.docs.documents[ALLOW_LIST].version == 5
+    assert json.loads(rig.docs.installed(ALLOW_LIST) or b"{}")["doc"]["version"] == 5
