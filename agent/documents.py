@@ -126,12 +126,23 @@ class Documents:
         self.rejected_total = 0
         self._live_raw: dict[str, bytes] = {}  # what installed() answers (swapped atomically)
         self._parsed: dict[str, Parsed] = {}  # digest -> body parsed at admission
+        self._installs = 0
 
     # -- start and SIGHUP -------------------------------------------------------------------
 
     async def load(self, store: Store) -> dict[str, Parsed | None]:
         """Re-read, re-authenticate and parse the stored documents; returns what is in force."""
         self._store = store
+        for _ in range(3):
+            installs = self._installs
+            parsed = await self._load(store)
+            if self._installs == installs:
+                break
+            # A document was installed while we read (SIGHUP during an MQTT delivery): the
+            # snapshot may predate it; read again rather than put the older one back in force.
+        return parsed
+
+    async def _load(self, store: Store) -> dict[str, Parsed | None]:
         documents: dict[str, SignedDocument] = {}
         raws: dict[str, bytes] = {}
         parsed: dict[str, Parsed | None] = {}
@@ -229,6 +240,7 @@ class Documents:
         self._apply(doc.kind, body)
         self.documents[doc.kind] = doc
         self._live_raw[doc.kind] = raw
+        self._installs += 1
         self.refusals.pop(doc.kind, None)
         self.audit.record(
             "backend",

@@ -279,3 +279,34 @@ async def test_the_publisher_survives_a_sink_that_refuses_at_install(rig: Rig) -
     assert rig.docs.refusals[ALLOW_LIST].reason == DocumentError.INVALID_BODY
     assert rig.docs.documents[ALLOW_LIST].version == 5
     assert json.loads(rig.docs.installed(ALLOW_LIST) or b"{}")["doc"]["version"] == 5
+
+
+class _InstallDuringRead:
+    """A store that lets an MQTT delivery install a document in the middle of a SIGHUP reload."""
+
+    def __init__(self, store: Store, during: Any) -> None:
+        self._store = store
+        self._during = during
+
+    async def kv_get(self, key: str) -> bytes | None:
+        value = await self._store.kv_get(key)
+        if key == floor_key(ASSET_REGISTRY) and self._during is not None:
+            during, self._during = self._during, None
+            await during()
+        return value
+
+    async def kv_put(self, key: str, value: bytes | None) -> None:
+        await self._store.kv_put(key, value)
+
+
+async def test_a_reload_racing_an_install_keeps_the_newer_document(rig: Rig) -> None:
+    await admit(rig, allow_list(3))
+
+    async def deliver_v4() -> None:
+        await admit(rig, allow_list(4))
+
+    parsed = await rig.docs.load(_InstallDuringRead(rig.store, deliver_v4))
+    assert rig.docs.documents[ALLOW_LIST].version == 4
+    assert isinstance(parsed[ALLOW_LIST], AllowList)
+    assert parsed[ALLOW_LIST].version == 4
+    assert json.loads(rig.docs.installed(ALLOW_LIST) or b"{}")["doc"]["version"] == 4
