@@ -43,6 +43,7 @@ _HEX = "0123456789abcdef"
 _EPC = st.integers(1, 64).flatmap(lambda n: st.text(_HEX, min_size=2 * n, max_size=2 * n))
 _DRAWER = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,10}", fullmatch=True)
 _DATE = st.dates(min_value=datetime(2000, 1, 1).date(), max_value=datetime(2099, 12, 31).date())
+_INT = st.integers(-(2**53) + 1, 2**53 - 1)  # the JSON subset signed documents allow
 _ROLES = st.lists(st.sampled_from(["user", "supervisor", "auditor", "future-role"]), max_size=3)
 
 
@@ -84,13 +85,13 @@ _BAD_ASSET_EDITS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
 def _invalid_registry(draw: st.DrawFn) -> dict[str, Any]:
     shape = draw(st.sampled_from(["edit", "duplicate", "not a list", "not an object", "no key"]))
     if shape == "not a list":
-        return {"assets": draw(st.one_of(st.none(), _TEXT, st.integers(), st.just({})))}
+        return {"assets": draw(st.one_of(st.none(), _TEXT, _INT, st.just({})))}
     if shape == "no key":
         return {"items": []}
     body = draw(_valid_registry())
     assets = body["assets"] or [draw(_asset(draw(_EPC)))]
     if shape == "not an object":
-        assets.insert(draw(st.integers(0, len(assets))), draw(st.one_of(_TEXT, st.integers())))
+        assets.insert(draw(st.integers(0, len(assets))), draw(st.one_of(_TEXT, _INT)))
     elif shape == "duplicate":
         assets.append({**assets[0], "asset_id": "DUP"})
     else:
@@ -131,10 +132,10 @@ class People:
                 entries[draw(ascii_text.filter(lambda t: not t.startswith("p1.")))] = ["user"]
             elif shape == "roles":
                 entries[self.pseudonymizer.badge("ab12")] = draw(
-                    st.one_of(_TEXT, st.integers(), st.none(), st.just({"r": 1}))
+                    st.one_of(_TEXT, _INT, st.none(), st.just({"r": 1}))
                 )
             elif shape == "role":
-                bad = draw(st.one_of(st.integers(), st.none(), st.just(["user"])))
+                bad = draw(st.one_of(_INT, st.none(), st.just(["user"])))
                 entries[self.pseudonymizer.badge("cd34")] = ["user", bad]
             else:
                 return {"entries": draw(st.one_of(st.lists(_TEXT, max_size=2), _TEXT, st.none()))}
