@@ -311,6 +311,19 @@ def test_signed_documents_with_any_body_are_installed_or_refused_never_fatal(
         assert "asset_id" in registry["refused"]["detail"]
         assert any(a == "asset-registry refused: invalid-body" for a in status["alerts"])
         assert status["documents"]["allow-list"]["version"] == installed["allow-list"]
+        shown = subprocess.run(
+            [sys.executable, "-m", "agent.cli.ctl", "status", "--socket", str(sock)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+        assert shown.returncode == 0, shown.stderr
+        line = next(x for x in shown.stdout.splitlines() if "document  asset-registry" in x)
+        assert f"v{installed['asset-registry']} valid" in line
+        assert "REFUSED" in line
+        assert "invalid-body" in line
         raw_id = "04A1B2C3D4"
         offer("allow-list", {"entries": {raw_id: ["user"]}}, False)
         assert raw_id not in agent.text(), "a refused key may be a raw badge id: never logged"
