@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -186,6 +186,8 @@ class CabinetApp:
         self.ready = asyncio.Event()
         self.committed = asyncio.Condition()
         self.on_ready: list[Callable[[], None]] = []
+        # Told (task name, exception) when a task of the tree fails: the tree is coming down.
+        self.on_fatal: list[Callable[[str, BaseException], None]] = []
         # Observers for the control API (cabinetctl readers scan, the audit trail): called on
         # the loop, must not block; events are passed only after they are committed.
         self.tag_taps: list[Callable[[Sequence[TagRead]], None]] = []
@@ -230,16 +232,16 @@ class CabinetApp:
         assert self.engine is not None
         async with asyncio.TaskGroup() as tg:
             for reader in self.readers:
-                tg.create_task(reader.run(), name=f"reader:{reader.reader_id}")
+                self._spawn(tg, reader.run(), name=f"reader:{reader.reader_id}")
             for badge in self.badge_readers:
-                tg.create_task(badge.run(), name=f"badge:{badge.reader_id}")
+                self._spawn(tg, badge.run(), name=f"badge:{badge.reader_id}")
             publisher_task = None
             if self.publisher is not None:
-                publisher_task = tg.create_task(self.publisher.run(), name="mqtt-publisher")
-            engine_task = tg.create_task(self._engine_loop(), name="engine")
-            tg.create_task(self._store_alert_loop(), name="store-alerts")
-            tg.create_task(self._housekeeping_loop(), name="store-housekeeping")
-            tg.create_task(self._clock_loop(), name="trusted-time")
+                publisher_task = self._spawn(tg, self.publisher.run(), name="mqtt-publisher")
+            engine_task = self._spawn(tg, self._engine_loop(), name="engine")
+            self._spawn(tg, self._store_alert_loop(), name="store-alerts")
+            self._spawn(tg, self._housekeeping_loop(), name="store-housekeeping")
+            self._spawn(tg, self._clock_loop(), name="trusted-time")
             for hook in self.on_ready:
                 hook()
             self.ready.set()
@@ -304,6 +306,19 @@ class CabinetApp:
                     raise TimeoutError
             else:
                 stuck_since = None
+
+    def _spawn(
+        self, tg: asyncio.TaskGroup, coro: Coroutine[Any, Any, None], *, name: str
+    ) -> asyncio.Task[None]:
+        task = tg.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or (err := task.exception()) is None or isinstance(err, _Stop):
+            return
+        for hook in self.on_fatal:
+            hook(task.get_name(), err)
 
     async def _shutdown(self) -> None:
         if self.door is not None:

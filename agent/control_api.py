@@ -406,11 +406,25 @@ def _broker(app: CabinetApp) -> dict[str, Any] | None:
     pub = app.publisher
     if pub is None:
         return None
+    st = pub.stats
+    down_for = st.unreachable_for()
+    since = st.unreachable_since
+    up_since = st.connected_since
     return {
-        "connected": bool(getattr(pub.stats, "connected", False)),
-        "published": getattr(pub.stats, "published", 0),
-        "acked": getattr(pub.stats, "acked", 0),
-        "reconnects": getattr(pub.stats, "reconnects", 0),
+        "connected": bool(st.connected),
+        # connected | unreachable | connecting (no attempt has failed yet)
+        "state": "connected"
+        if st.connected
+        else ("unreachable" if down_for is not None else "connecting"),
+        "unreachable_since": None if since is None else since.isoformat(),
+        "unreachable_for_s": None if down_for is None else round(down_for, 1),
+        "connected_since": None if up_since is None else up_since.isoformat(),
+        "last_error": st.last_error,
+        "connect_attempts": st.connect_attempts,
+        "failed_attempts": st.connect_failures,
+        "published": st.published,
+        "acked": st.acked,
+        "reconnects": st.reconnects,
     }
 
 

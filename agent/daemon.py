@@ -12,14 +12,23 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
 from agent.app import CabinetApp
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.control.server import ControlServer, PeerCred
+from agent.lifecycle import (
+    EX_SOFTWARE,
+    FATAL_EXIT_S,
+    STOP_EXIT_S,
+    ExitGuard,
+    describe,
+    exit_code_for,
+)
 from agent.logging_setup import setup_logging
 from agent.metrics import Metrics, MetricsServer
 from agent.sdnotify import Notifier, WatchdogGate, run_watchdog
@@ -27,7 +36,6 @@ from drivers.errors import CabinetError
 
 logger = logging.getLogger(__name__)
 
-SHUTDOWN_BUDGET_S = 5.0
 WATCHDOG_WINDOW_S = 20.0
 METRICS_REFRESH_S = 2.0
 
@@ -42,14 +50,20 @@ class Daemon:
         config_path: Path | None = None,
         credentials_dir: Path | None = None,
         notifier: Notifier | None = None,
+        guard: ExitGuard | None = None,
     ) -> None:
         self.cfg = cfg
+        self.guard = guard
+        self.failure: str | None = None  # one line: why the task tree came down
+        self.exit_code = 0  # what the process exits with after that failure
         self.config_path = config_path
         self.app = CabinetApp(cfg, credentials_dir=credentials_dir)
+        self.app.on_fatal.append(self.fatal)
         self.notifier = notifier or Notifier.from_env()
         self.metrics = Metrics()
         self.stop_event = self.app.stop_event
         self.reloads = 0
+        self._outbox_depth = 0  # last sampled by the metrics loop
         self._background: set[asyncio.Task[None]] = set()  # owned; cancelled with the loop
 
     def request_stop(self) -> None:
@@ -75,23 +89,20 @@ class Daemon:
                         f"reader:{reader.reader_id}", _progress_probe(reader), kind="time"
                     )
             if app.publisher is not None:
-                gate.register(
-                    "publisher", lambda: float(app.publisher.stats.last_progress), kind="time"
-                )
+                # Alive while its loop turns (retrying an unreachable broker is its job).
+                gate.register("publisher", app.publisher.alive_at, kind="time")
             self.notifier.ready(self._status_line())
 
         app.on_ready.append(_on_ready)
         try:
             async with asyncio.TaskGroup() as tg:
-                app_task = tg.create_task(app.run(), name="app")
+                app_task = self._spawn(tg, app.run(), "app")
                 if control is not None:
-                    tg.create_task(control.serve(self.stop_event), name="control-socket")
+                    self._spawn(tg, control.serve(self.stop_event), "control-socket")
                 if self.cfg.metrics.enabled:
-                    tg.create_task(metrics_server.serve(self.stop_event), name="metrics")
-                tg.create_task(
-                    run_watchdog(self.notifier, gate, self.stop_event), name="sd-watchdog"
-                )
-                tg.create_task(self._metrics_loop(), name="metrics-refresh")
+                    self._spawn(tg, metrics_server.serve(self.stop_event), "metrics")
+                self._spawn(tg, run_watchdog(self.notifier, gate, self.stop_event), "sd-watchdog")
+                self._spawn(tg, self._metrics_loop(), "metrics-refresh")
                 await self.stop_event.wait()
                 self.notifier.stopping("stopping")
                 await app_task
@@ -100,6 +111,35 @@ class Daemon:
             pass
         finally:
             self.notifier.close()
+
+    def fatal(self, task_name: str, err: BaseException) -> None:
+        """A task of the tree failed: say why in one line, and make sure the process ends.
+
+        The tree unwinds by itself (each TaskGroup cancels the failed task's siblings, the store
+        is closed); the guard ends the process if anything, a thread included, holds it up.
+        """
+        if self.failure is not None:
+            return  # the same failure seen again further up the tree
+        self.failure = f"task {task_name} failed: {describe(err)}"
+        self.exit_code = exit_code_for(err)
+        logger.critical("fatal: %s; stopping (exit %d)", self.failure, self.exit_code)
+        logger.debug("fatal error in task %s", task_name, exc_info=err)
+        self.notifier.status(f"failed: {self.failure}")
+        if self.guard is not None:
+            self.guard.arm(FATAL_EXIT_S, self.exit_code, self.failure)
+        self.request_stop()
+
+    def _spawn(
+        self, tg: asyncio.TaskGroup, coro: Coroutine[Any, Any, None], name: str
+    ) -> asyncio.Task[None]:
+        task = tg.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or (err := task.exception()) is None or isinstance(err, _Stopped):
+            return
+        self.fatal(task.get_name(), err)
 
     def reload(self) -> None:
         """SIGHUP: re-read the config; apply log level now, report what needs a restart."""
@@ -188,7 +228,17 @@ class Daemon:
         app = self.app
         online = sum(1 for r in app.readers if r.health.healthy)
         phase = app.engine.phase if app.engine is not None else "starting"
-        return f"{online}/{len(app.readers)} readers online, engine {phase}"
+        line = f"{online}/{len(app.readers)} readers online, engine {phase}"
+        pub = app.publisher
+        if pub is not None:
+            down_for = pub.stats.unreachable_for()
+            if pub.stats.connected:
+                line += ", broker connected"
+            elif down_for is not None:
+                line += f", broker unreachable for {_duration(down_for)}"
+            if self._outbox_depth:
+                line += f", {self._outbox_depth} event(s) waiting"
+        return line
 
     async def _metrics_loop(self) -> None:
         """Refresh from the parts' own counters (cheaper to sample than to push)."""
@@ -238,6 +288,7 @@ class Daemon:
                 if stats.acked > seen["acked"] and stats.last_publish_latency_s is not None:
                     self.metrics.published(stats.last_publish_latency_s)
                     seen["acked"] = stats.acked
+                self.metrics.broker(stats.connected, stats.unreachable_for())
             if app.store is not None:
                 try:
                     st = await app.store.stats()
@@ -245,6 +296,7 @@ class Daemon:
                     logger.warning("metrics: outbox stats unavailable: %s", err)
                     continue
                 self.metrics.outbox(st.depth, st.bytes, st.oldest_age_s or 0.0)
+                self._outbox_depth = st.depth
                 for priority, total in st.dropped.items():
                     delta = total - seen_dropped.get(priority, 0)
                     if delta > 0:
@@ -257,6 +309,16 @@ class Daemon:
 _DOMAIN_RESTART_FIELDS = frozenset(
     {"drawers", "door_id", "lockout_denials", "lockout_window_s", "lockout_duration_s"}
 )
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``5 min``, ``3 h 10 min``: for one-line status texts."""
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 def _changed_fields(old: BaseModel, new: BaseModel) -> list[str]:
@@ -288,6 +350,8 @@ async def run_until_signalled(daemon: Daemon) -> None:
         if not stop_started:
             stop_started.append(time.monotonic())
             logger.info("signal received: stopping")
+            if daemon.guard is not None:
+                daemon.guard.arm(STOP_EXIT_S, EX_SOFTWARE, "a stop was requested by signal")
         daemon.request_stop()
 
     loop.add_signal_handler(signal.SIGTERM, _stop)

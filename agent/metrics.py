@@ -117,6 +117,14 @@ class Metrics:
         self.mqtt_reconnects_total = Counter(
             "cabinet_mqtt_reconnects", "MQTT connections re-established", registry=r
         )
+        self.mqtt_connected = Gauge(
+            "cabinet_mqtt_connected", "1 while connected to the broker, else 0", registry=r
+        )
+        self.mqtt_unreachable = Gauge(
+            "cabinet_mqtt_broker_unreachable_seconds",
+            "How long the broker has been unreachable (0 while it is reachable)",
+            registry=r,
+        )
         self.events_dropped_total = Counter(
             "cabinet_events_dropped",
             "Events dropped before delivery by an explicit overflow/retention policy",
@@ -153,6 +161,11 @@ class Metrics:
     def published(self, latency_s: float) -> None:
         """One event was acknowledged by the broker after ``latency_s``."""
         self.publish_latency.observe(latency_s)
+
+    def broker(self, connected: bool, unreachable_for_s: float | None) -> None:
+        """The broker connection's state: connected, or unreachable for how long."""
+        self.mqtt_connected.set(1 if connected else 0)
+        self.mqtt_unreachable.set(0.0 if unreachable_for_s is None else unreachable_for_s)
 
     def mqtt_reconnect(self) -> None:
         """The MQTT session came back."""
@@ -204,13 +217,19 @@ class MetricsServer:
             return
         # shutdown() blocks until serve_forever notices (up to its 0.5 s poll): off the loop,
         # on a private executor that is gone when we return (the default one would linger).
+        # Never joined from the loop (a `with` block would): a stuck thread must not block it.
         loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(1, thread_name_prefix="metrics-stop") as pool:
-            await asyncio.wait_for(loop.run_in_executor(pool, httpd.shutdown), _STOP_TIMEOUT_S)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="metrics-stop")
+        try:
+            async with asyncio.timeout(_STOP_TIMEOUT_S):
+                await loop.run_in_executor(pool, httpd.shutdown)
             httpd.server_close()
-            await asyncio.wait_for(
-                loop.run_in_executor(pool, thread.join, _STOP_TIMEOUT_S), _STOP_TIMEOUT_S + 1
-            )
+            async with asyncio.timeout(_STOP_TIMEOUT_S + 1):
+                await loop.run_in_executor(pool, thread.join, _STOP_TIMEOUT_S)
+        except TimeoutError:
+            pass
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         if thread.is_alive():
             logger.warning("metrics server thread did not stop")
 

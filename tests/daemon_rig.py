@@ -8,7 +8,9 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -91,12 +93,24 @@ drawers = {{ top = ["dock-1:1", "dock-1:2"], bottom = ["dock-1:3", "dock-1:4"] }
 
 
 class AgentProcess:
-    """``python -m agent.cli.daemon run --config CFG`` with stdout+stderr into ``log``."""
+    """``python -m agent.cli.daemon run --config CFG`` with stdout+stderr into ``log``.
 
-    def __init__(self, cfg: Path, log: Path, env: Mapping[str, str] | None = None) -> None:
+    ``module`` runs another entry point with the same arguments (``tests.fault_agent``: the
+    same daemon with test-only faults injected).
+    """
+
+    def __init__(
+        self,
+        cfg: Path,
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        module: str = "agent.cli.daemon",
+    ) -> None:
         self.cfg = cfg
         self.log = log
         self.env = env
+        self.module = module
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -108,7 +122,7 @@ class AgentProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "agent.cli.daemon",
+                self.module,
                 "run",
                 "--config",
                 str(self.cfg),
@@ -134,6 +148,17 @@ class AgentProcess:
                         f"agent exited {self.proc.returncode} before {pattern!r}:\n{self.text()}"
                     )
                 await asyncio.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def wait_exit(self, timeout: float = TIMEOUT_S) -> int:
+        """Wait for the process to end by itself (bounded); its exit code."""
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            return await self.proc.wait()
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -162,3 +187,86 @@ class AgentProcess:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+class NotifyListener:
+    """The systemd side of sd_notify: a datagram socket collecting every notification in order,
+    each with the monotonic time it arrived (to measure the gaps between WATCHDOG=1 pings)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[dict[str, str]] = []
+        self.times: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def env(self, watchdog_usec: int) -> dict[str, str]:
+        """The variables systemd sets for a Type=notify service with WatchdogSec=."""
+        return {"NOTIFY_SOCKET": str(self.path), "WATCHDOG_USEC": str(watchdog_usec)}
+
+    def start(self) -> None:
+        """Receive in the background (so arrival times are taken as datagrams come in)."""
+        self._task = asyncio.get_running_loop().create_task(self._receive(), name="notify-rx")
+
+    async def _receive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(self.sock, 4096)
+            self.times.append(time.monotonic())
+            self.messages.append(
+                dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            )
+
+    async def wait_for(
+        self, key: str, value: str | None = None, count: int = 1, timeout: float = TIMEOUT_S
+    ) -> dict[str, str]:
+        """Until ``count`` messages carry ``key`` (with ``value``); return the last of them."""
+        if self._task is None:
+            self.start()
+        async with asyncio.timeout(timeout):
+            while True:
+                hits = [m for m in self.messages if key in m and value in (None, m[key])]
+                if len(hits) >= count:
+                    return hits[-1]
+                if self._task is not None and self._task.done():
+                    self._task.result()
+                await asyncio.sleep(0.02)
+
+    def ping_times(self, after: float = 0.0) -> list[float]:
+        """Arrival times of the WATCHDOG=1 datagrams received after ``after``."""
+        return [
+            t
+            for t, m in zip(self.times, self.messages, strict=True)
+            if m.get("WATCHDOG") == "1" and t > after
+        ]
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.sock.close()
+
+
+async def ctl(*argv: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    """Run ``cabinetctl ARGV…`` in a subprocess; (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent.cli.ctl",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

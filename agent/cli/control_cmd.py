@@ -199,8 +199,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if broker is None:
         print("  broker    not configured (no [mqtt] section)")
     else:
-        conn = "connected" if broker["connected"] else "DISCONNECTED"
-        print(f"  broker    {conn}, {broker['acked']} acked, {broker['reconnects']} reconnects")
+        print(f"  broker    {broker_line(broker, ob)}")
     last = st.get("last_event")
     if last is not None:
         print(f"  last      #{last['seq']} {last['type']} at {last['time']}")
@@ -232,6 +231,30 @@ def _document_line(kind: str, doc: dict[str, Any]) -> str:
         times = f" ({refused['count']}×)" if refused["count"] > 1 else ""
         line += f"  REFUSED{times} at {refused['at']}: {refused['reason']} — {refused['detail']}"
     return line
+
+
+def broker_line(broker: dict[str, Any], outbox: dict[str, Any] | None) -> str:
+    """One line on the broker connection: ``UNREACHABLE since …, N events waiting — why``."""
+    waiting = "" if outbox is None else f", {outbox['depth']} event(s) waiting"
+    state = broker.get("state") or ("connected" if broker.get("connected") else "connecting")
+    if state == "connected":
+        return f"connected, {broker['acked']} acked, {broker['reconnects']} reconnects{waiting}"
+    if state == "unreachable":
+        since = broker.get("unreachable_since") or "?"
+        down = broker.get("unreachable_for_s")
+        span = "" if down is None else f" ({_span(float(down))})"
+        why = f" — {broker['last_error']}" if broker.get("last_error") else ""
+        return f"UNREACHABLE since {since}{span}{waiting}{why}"
+    return f"connecting{waiting}"
+
+
+def _span(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 def _cmd_door(args: argparse.Namespace) -> int:

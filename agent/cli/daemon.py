@@ -17,11 +17,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from agent.logging_setup import setup_logging
 
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
+    import logging
+
     from agent.daemon import Daemon, run_until_signalled
+    from agent.lifecycle import (
+        EX_SOFTWARE,
+        ExitGuard,
+        NonWaitingExecutor,
+        describe,
+        leave,
+        leaves,
+    )
     from drivers.errors import PermanentError
 
+    guard = ExitGuard()
+    daemons: list[Daemon] = []
+
     async def _main() -> None:
-        daemon = Daemon(cfg, config_path=args.config)
+        # asyncio.run would otherwise wait for the default executor's threads without a bound.
+        asyncio.get_running_loop().set_default_executor(
+            NonWaitingExecutor(thread_name_prefix="asyncio-worker")
+        )
+        daemon = Daemon(cfg, config_path=args.config, guard=guard)
+        daemons.append(daemon)
         await run_until_signalled(daemon)
 
     rc = 0
@@ -30,17 +48,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except* PermanentError as group:
         # Key files with loose permissions, unusable credentials, a control socket or state
         # database another agent holds…: a deployment problem, one line each, never a traceback.
-        for err in _leaves(group):
+        for err in leaves(group):
             print(f"cabinet-agent: {err}", file=sys.stderr)
         rc = EX_CONFIG
-    return rc
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for err in group.exceptions:
-        out.extend(_leaves(err) if isinstance(err, BaseExceptionGroup) else [err])
-    return out
+    except* Exception as group:  # noqa: BLE001 -- whatever else escaped: one line, exit 70
+        if not daemons or daemons[0].failure is None:
+            logging.getLogger("agent.daemon").critical(
+                "fatal: %s (exit %d)", describe(group), EX_SOFTWARE
+            )
+        rc = EX_SOFTWARE
+    else:
+        if daemons and daemons[0].failure is not None:
+            rc = daemons[0].exit_code  # the tree failed while it was stopping: still a failure
+    return leave(rc)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

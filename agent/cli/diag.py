@@ -219,10 +219,27 @@ async def _ping_readers(cfg: AgentConfig, timeout_s: float) -> list[Check]:
     ]
 
 
-async def check_broker(cfg: AgentConfig) -> Check:
-    """TCP + TLS (as configured) + MQTT CONNACK, with a throw-away client id and session."""
+async def check_broker(cfg: AgentConfig, status: Mapping[str, Any] | None = None) -> Check:
+    """TCP + TLS (as configured) + MQTT CONNACK, with a throw-away client id and session; with
+    the daemon running, its own view (unreachable since when, events waiting) comes first."""
     if cfg.mqtt is None:
         return Check("WARN", "broker", "no [mqtt] section: events stay in the outbox")
+    own = await _try_broker(cfg)
+    daemon_view = status.get("broker") if status is not None else None
+    if not isinstance(daemon_view, Mapping):
+        return own
+    from agent.cli.control_cmd import broker_line
+
+    assert status is not None
+    outbox = status.get("outbox")
+    agent_says = broker_line(dict(daemon_view), outbox if isinstance(outbox, dict) else None)
+    if daemon_view.get("state") == "unreachable":
+        return Check("FAIL", "broker", f"agent: broker {agent_says}; from here: {own.reason}")
+    return Check(own.status, "broker", f"{own.reason}; agent: {agent_says}", own.config_problem)
+
+
+async def _try_broker(cfg: AgentConfig) -> Check:
+    assert cfg.mqtt is not None
     from agent.mqtt.session import MqttSession, build_tls_context
 
     # A clean, separate session: never take over (or leave state in) the agent's own.
@@ -523,7 +540,7 @@ async def run_selftest(
     if trusted is not None:
         checks.append(trusted)
     checks.extend(await check_readers(cfg, status, reader_timeout_s))
-    checks.append(await check_broker(cfg))
+    checks.append(await check_broker(cfg, status))
     checks.append(check_store(await store_report(cfg, status)))
     checks.append(await check_allow_list(cfg, status))
     return checks

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +51,8 @@ MAX_UNCOMMITTED_ACKS = 4096
 INBOUND_QUEUE = 16
 ACK_RETRY_S = 1.0
 SHUTDOWN_FLUSH_S = 3.0
+# A bounded wait counts as progress until its own deadline plus this (scheduling slack).
+WAIT_GRACE_S = 2.0
 
 
 class Outbox(Protocol):
@@ -84,7 +86,7 @@ class DocumentSink(Protocol):
 
 @dataclass
 class PublisherStats:
-    """Progress counters for metrics and the systemd watchdog."""
+    """Progress counters for metrics, status and the systemd watchdog."""
 
     published: int = 0
     acked: int = 0
@@ -96,12 +98,28 @@ class PublisherStats:
     peak_in_flight: int = 0
     window: int = 0  # effective in-flight window (config, capped by the broker's Receive Maximum)
     last_publish_latency_s: float | None = None
-    last_progress: float = 0.0  # time.monotonic() of the last PUBACK or idle check
+    # time.monotonic() of the last turn of the publisher's loop: a connect attempt made, a
+    # backoff or poll wait ended, a drain iteration, a PUBACK. Never "the broker answered".
+    last_progress: float = 0.0
     backlog_mark: int = 0  # rows with seq <= this were waiting when we connected
     commands_accepted: int = 0
     commands_rejected: int = 0
     commands_dropped: int = 0
     last_error: str | None = None  # why the last connection attempt or session ended
+    connect_attempts: int = 0
+    connect_failures: int = 0
+    # Since when the broker could not be reached: set by the first failed attempt or the lost
+    # connection, cleared by the next CONNACK. Wall clock (a label) and monotonic (durations).
+    unreachable_since: datetime | None = None
+    unreachable_since_mono: float | None = None
+    connected_since: datetime | None = None
+
+    def unreachable_for(self, now_mono: float | None = None) -> float | None:
+        """Seconds the broker has been unreachable, or None while it is not."""
+        if self.unreachable_since_mono is None:
+            return None
+        now = time.monotonic() if now_mono is None else now_mono
+        return max(0.0, now - self.unreachable_since_mono)
 
 
 class TokenBucket:
@@ -173,6 +191,7 @@ class Publisher:
         self._failure_backoff = Backoff(cfg.failure_backoff.initial_s, cfg.failure_backoff.max_s)
         self._pause_until = 0.0
         self._inbound: asyncio.Queue[Inbound] = asyncio.Queue(INBOUND_QUEUE)
+        self._alive_until = 0.0  # inside a bounded wait: alive until this monotonic time
         # Owned worker threads (connect + TLS handshake, signature checks), shut down by run().
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mqtt-worker")
 
@@ -186,6 +205,17 @@ class Publisher:
         """Ask ``run()`` to finish: flush acks, publish offline status, disconnect."""
         self._stopping.set()
         self._wake.set()
+
+    def alive_at(self) -> float:
+        """Watchdog probe: when the loop last turned, or now while it sits in a bounded wait.
+
+        Every wait of the connection loop and the drain is bounded (connect timeout, backoff,
+        poll interval); while one lasts the publisher is doing its job, however long the broker
+        stays away. A loop stuck on an unbounded await (a store call that never returns) stops
+        turning, and the watchdog is withheld.
+        """
+        now = time.monotonic()
+        return now if now <= self._alive_until else self.stats.last_progress
 
     async def run(self) -> None:
         """Connect, drain, reconnect with jittered backoff; returns after ``stop()``."""
@@ -209,6 +239,7 @@ class Publisher:
         backoff = Backoff(self._cfg.backoff.initial_s, self._cfg.backoff.max_s)
         first = True
         while not self._stopping.is_set():
+            self._beat()
             if not first:
                 self.stats.reconnects += 1
             first = False
@@ -220,26 +251,44 @@ class Publisher:
                 on_inbound=self._on_inbound,
                 executor=self._executor,
             )
+            self.stats.connect_attempts += 1
+            attempt_wall, attempt_mono = self._now(), time.monotonic()
             try:
-                connack = await session.connect()
+                # connect() keeps its own deadline (connect_timeout_s); the grace only covers
+                # scheduling, so a connect that overruns it shows up as a stalled publisher.
+                with self._bounded(self._cfg.connect_timeout_s):
+                    connack = await session.connect()
             except ConnectRefused as err:
-                self.stats.last_error = str(err)
+                self._unreachable(str(err), attempt_wall, attempt_mono)
                 delay = backoff.longest()
                 logger.warning("MQTT connect refused: %s; retry in %.1f s", err, delay)
                 await self._sleep_unless_stopping(delay)
                 continue
             except TransientError as err:
-                self.stats.last_error = str(err)
+                self._unreachable(str(err), attempt_wall, attempt_mono)
                 delay = backoff.next_delay()
-                logger.warning("MQTT connect failed: %s; retry in %.1f s", err, delay)
+                log = logger.warning if self.stats.connect_failures <= 1 else logger.info
+                log("MQTT connect failed: %s; retry in %.1f s", err, delay)
                 await self._sleep_unless_stopping(delay)
                 continue
+            self._beat()
+            down_for = self.stats.unreachable_for()
+            if down_for is not None:
+                logger.warning(
+                    "MQTT broker reachable again after %.0f s (%d failed attempt(s))",
+                    down_for,
+                    self.stats.connect_failures,
+                )
+            self.stats.unreachable_since = self.stats.unreachable_since_mono = None
+            self.stats.connect_failures = 0
+            self.stats.connected_since = self._now()
             started = time.monotonic()
             acked_before = self.stats.acked
             try:
                 await self._serve(session, connack.receive_maximum)
             finally:
                 self.stats.connected = False
+                self.stats.connected_since = None
                 self._inflight.clear()
                 self.stats.in_flight = 0
                 reason = session.closed.result() if session.closed.done() else "stopping"
@@ -248,13 +297,22 @@ class Publisher:
                 session.abort(reason)
             if self._stopping.is_set():
                 return
-            self.stats.last_error = reason
+            self._unreachable(reason, self._now(), time.monotonic())
             # A connection that carried traffic or lived long was healthy: start over gently.
             if self.stats.acked > acked_before or time.monotonic() - started > 30:
                 backoff.reset()
             delay = backoff.next_delay()
             logger.warning("MQTT connection lost (%s); reconnect in %.1f s", reason, delay)
             await self._sleep_unless_stopping(delay)
+
+    def _unreachable(self, reason: str, since: datetime, since_mono: float) -> None:
+        """A connect attempt failed or the connection was lost: the broker is unreachable."""
+        self._beat()
+        self.stats.last_error = reason
+        self.stats.connect_failures += 1
+        if self.stats.unreachable_since_mono is None:
+            self.stats.unreachable_since = since
+            self.stats.unreachable_since_mono = since_mono
 
     async def _serve(self, session: MqttSession, receive_maximum: int | None) -> None:
         self._window = min(self._cfg.inflight_window, receive_maximum or self._cfg.inflight_window)
@@ -323,6 +381,7 @@ class Publisher:
         last_live_check = 0.0
         try:
             while True:
+                self._beat()
                 await self._wait_for_slot(session)
                 now = time.monotonic()
                 if not live and (
@@ -363,7 +422,6 @@ class Publisher:
                     continue
                 # Caught up. Re-scan from the start now and then: a row refused earlier in this
                 # session, or one below the cursors (a restored database), must not be stranded.
-                self.stats.last_progress = time.monotonic()
                 await self._sleep_or_wake(self._cfg.poll_interval_s)
                 if self._rescan_due():
                     backlog_cursor = None
@@ -391,7 +449,9 @@ class Publisher:
             if len(self._inflight) < self._window and len(self._uncommitted) < MAX_UNCOMMITTED_ACKS:
                 return
             self._progress.clear()
-            await _wait_event(self._progress, self._cfg.poll_interval_s)
+            # Bounded: a connection whose PUBACKs stop is aborted by the session (ack timeout).
+            with self._bounded(self._cfg.poll_interval_s):
+                await _wait_event(self._progress, self._cfg.poll_interval_s)
 
     def _send(self, session: MqttSession, row: OutboxRow) -> None:
         fut = session.publish(self.events_topic, row.envelope)
@@ -494,21 +554,30 @@ class Publisher:
     async def _command_worker(self) -> None:
         while True:
             msg = await self._inbound.get()
-            await self.handle_command(msg.topic, msg.payload)
+            await self.handle_command(msg.topic, msg.payload, size=msg.oversize)
 
-    async def handle_command(self, topic: str, payload: bytes) -> bool:
-        """Verify a document received on a cmd topic and install it; False if refused."""
+    async def handle_command(self, topic: str, payload: bytes, *, size: int | None = None) -> bool:
+        """Verify a document received on a cmd topic and install it; False if refused.
+
+        ``size``: the announced size of a message whose payload was discarded unread because
+        it exceeded the inbound limit (``payload`` is then empty).
+        """
         kind = self.command_topics.get(topic)
         if kind is None:
             logger.warning("message on unexpected topic %s ignored", topic)
+            return False
+        size = len(payload) if size is None else size
+        if size > self._cfg.max_command_bytes:
+            self._reject(
+                kind,
+                DocumentError.MALFORMED,
+                f"{size} bytes exceeds the limit of {self._cfg.max_command_bytes}",
+            )
             return False
         if not payload:
             return False  # a cleared retained message, nothing to install
         if self._verifier is None or self._documents is None:
             self._reject(kind, "no-verifier", "no signing keys configured; commands refused")
-            return False
-        if len(payload) > self._cfg.max_command_bytes:
-            self._reject(kind, DocumentError.MALFORMED, f"{len(payload)} bytes exceeds the limit")
             return False
         current = self._documents.installed(kind)
         try:
@@ -556,12 +625,29 @@ class Publisher:
         return json.dumps(body, separators=(",", ":")).encode()
 
     async def _sleep_unless_stopping(self, delay: float) -> None:
-        await _wait_event(self._stopping, delay)
+        with self._bounded(delay):
+            await _wait_event(self._stopping, delay)
 
     async def _sleep_or_wake(self, delay: float) -> None:
         if self._wake.is_set():
             return
-        await _wait_event(self._wake, delay)
+        with self._bounded(delay):
+            await _wait_event(self._wake, delay)
+
+    def _beat(self) -> None:
+        """The loop turned (see ``PublisherStats.last_progress``)."""
+        self.stats.last_progress = time.monotonic()
+
+    @contextlib.contextmanager
+    def _bounded(self, seconds: float) -> Iterator[None]:
+        """A wait of at most ``seconds``: the publisher counts as alive until it is over."""
+        self._beat()
+        self._alive_until = time.monotonic() + seconds + WAIT_GRACE_S
+        try:
+            yield
+        finally:
+            self._alive_until = 0.0
+            self._beat()
 
 
 async def _wait_event(event: asyncio.Event, timeout_s: float) -> bool:

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -43,6 +44,15 @@ logger = logging.getLogger(__name__)
 FAILURE_THRESHOLD = 0x80
 MISC_PERIOD_S = 1.0
 _MAX_READS_PER_WAKEUP = 64
+# Room for everything in an inbound packet but a command's payload: fixed header (5), topic
+# (2 + up to 65,535), packet id (2) and MQTT v5 properties. The packet limit we advertise and
+# enforce is ``max_command_bytes`` plus this.
+PACKET_HEADER_ROOM = 80 * 1024
+# One socket read takes at most this much: paho asks for the whole remaining length at once.
+READ_CHUNK = 256 * 1024
+# Bytes of an oversize PUBLISH discarded per wake-up before the loop gets a turn.
+DISCARD_PER_CALL = 4 * 1024 * 1024
+_PUBLISH = 0x30
 
 
 class ConnectionLost(TransientError):
@@ -68,6 +78,68 @@ class Inbound:
     topic: str
     payload: bytes
     retained: bool
+    # Set when the PUBLISH was larger than the inbound limit: its payload was discarded unread
+    # (``payload`` is empty) and this is the size the broker announced.
+    oversize: int | None = None
+
+
+def max_inbound_packet(cfg: MqttConfig) -> int:
+    """The largest MQTT packet the agent accepts (and advertises as Maximum Packet Size)."""
+    return cfg.max_command_bytes + PACKET_HEADER_ROOM
+
+
+class OversizePacketError(ConnectionError):
+    """A packet other than PUBLISH announced more bytes than the inbound limit."""
+
+
+class _BoundedClient(mqtt.Client):
+    """paho's client with a bound on what one inbound packet may make it hold in memory.
+
+    paho reads a packet's remaining length, then asks the socket for all of it and buffers it
+    before any callback runs (a 200 MiB PUBLISH peaked the agent at ~726 MiB). paho 2 has no
+    limit of its own, so its one read primitive (``_sock_recv``) is wrapped here: reads are
+    chunked, and once the fixed header of an oversize PUBLISH has been read, only its first
+    ``PACKET_HEADER_ROOM`` bytes (topic, packet id, properties) are kept while the rest is
+    discarded as it streams in. paho then completes the packet as usual (PUBACK included) with a
+    truncated payload that ``MqttSession`` never hands on: the message is refused by size. An
+    oversize packet of any other type ends the connection (no broker sends one).
+
+    This reaches into ``_in_packet``, paho's read state (unchanged from paho 1.x through 2.2);
+    the tests drive it through a real broker on both protocol versions.
+    """
+
+    def __init__(self, *args: Any, max_packet: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_packet = max_packet
+        self.oversize: int | None = None  # announced size of the PUBLISH being discarded
+        self.refusal: str | None = None  # why the connection was ended from here
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        packet = self._in_packet
+        if not packet["have_remaining"] or packet["remaining_length"] <= self.max_packet:
+            return super()._sock_recv(min(bufsize, READ_CHUNK))
+        if self.oversize is None:
+            if packet["command"] & 0xF0 != _PUBLISH:
+                self.refusal = (
+                    f"broker sent a packet of {packet['remaining_length']} bytes "
+                    f"(type 0x{packet['command']:02x}); the limit is {self.max_packet}"
+                )
+                raise OversizePacketError(self.refusal)
+            self.oversize = int(packet["remaining_length"])
+        kept = len(packet["packet"])
+        if kept < PACKET_HEADER_ROOM and packet["to_process"] > 1:
+            return super()._sock_recv(min(bufsize, PACKET_HEADER_ROOM - kept))
+        budget = DISCARD_PER_CALL
+        while packet["to_process"] > 1:
+            if budget <= 0:
+                raise BlockingIOError  # the socket stays readable: the loop calls again
+            data = super()._sock_recv(min(packet["to_process"] - 1, READ_CHUNK, budget))
+            if not data:
+                return data
+            packet["to_process"] -= len(data)
+            budget -= len(data)
+        # The last byte goes to paho, which then handles the (truncated) packet normally.
+        return super()._sock_recv(1)
 
 
 def build_tls_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -117,11 +189,13 @@ class MqttSession:
         kwargs: dict[str, Any] = {}
         if not self._v5:
             kwargs["clean_session"] = not cfg.persistent_session
-        self._client = mqtt.Client(
+        self.max_packet = max_inbound_packet(cfg)
+        self._client = _BoundedClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
             reconnect_on_failure=False,
+            max_packet=self.max_packet,
             **kwargs,
         )
         # Our window is the bound; paho must never queue behind it (its queue would be
@@ -158,23 +232,58 @@ class MqttSession:
     # ------------------------------------------------------------------ lifecycle
 
     async def connect(self) -> ConnackInfo:
-        """TCP + TLS (worker thread), CONNECT, wait for CONNACK; raise Transient/ConnectRefused."""
+        """TCP + TLS (worker thread), CONNECT, CONNACK, all within ``connect_timeout_s``.
+
+        Raises TransientError (ConnectRefused for a refusal). The worker thread cannot be
+        interrupted (name resolution, for one, has no timeout): when the deadline passes first,
+        the attempt is abandoned and the thread closes its own socket when it returns.
+        """
         cfg = self._cfg
+        where = f"{cfg.host}:{cfg.effective_port}"
         connect_kwargs: dict[str, Any] = {"keepalive": cfg.keepalive_s}
         if self._v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = cfg.session_expiry_s if cfg.persistent_session else 0
+            # The broker must not send us more than we accept (mosquitto drops such messages
+            # for this client); _BoundedClient enforces the same limit where it is ignored.
+            props.MaximumPacketSize = self.max_packet
             connect_kwargs["clean_start"] = not cfg.persistent_session
             connect_kwargs["properties"] = props
-        work = self._loop.run_in_executor(
-            self._executor,
-            lambda: self._client.connect(cfg.host, cfg.effective_port, **connect_kwargs),
-        )
+        lock = threading.Lock()
+        state = {"finished": False, "abandoned": False}
+
+        def work_fn() -> None:
+            try:
+                self._client.connect(cfg.host, cfg.effective_port, **connect_kwargs)
+            finally:
+                with lock:
+                    state["finished"] = True
+                    abandoned = state["abandoned"]
+                if abandoned:
+                    self._close_socket()  # nobody waits for this attempt any more
+
+        def abandon() -> None:
+            work.cancel()  # still queued: it never runs
+            with lock:
+                state["abandoned"] = True
+                finished = state["finished"]
+            if finished:
+                self._close_socket()
+
+        work = self._loop.run_in_executor(self._executor, work_fn)
+        work.add_done_callback(_retrieve)
+        deadline = self._loop.time() + cfg.connect_timeout_s
         try:
-            # Shielded: a cancelled connect must still let the thread finish, then close.
-            await asyncio.shield(work)
+            # Shielded: the thread is never interrupted; abandon() settles what it leaves.
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(work)
+        except TimeoutError:
+            abandon()
+            raise TransientError(
+                f"cannot reach broker {where}: no connection within {cfg.connect_timeout_s:g} s"
+            ) from None
         except asyncio.CancelledError:
-            work.add_done_callback(lambda _f: self._close_socket())
+            abandon()
             raise
         except ssl.SSLCertVerificationError as err:
             self._close_socket()
@@ -185,18 +294,18 @@ class MqttSession:
         except PinMismatch:
             self._close_socket()
             raise
-        except (OSError, TimeoutError) as err:
+        except OSError as err:
             self._close_socket()
-            raise TransientError(
-                f"cannot reach broker {cfg.host}:{cfg.effective_port}: {err}"
-            ) from None
+            raise TransientError(f"cannot reach broker {where}: {err}") from None
         self._attach()
         try:
-            async with asyncio.timeout(cfg.connect_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 return await asyncio.shield(self._connack)
         except TimeoutError:
             self.abort("no CONNACK")
-            raise TransientError("broker sent no CONNACK in time") from None
+            raise TransientError(
+                f"broker sent no CONNACK within {cfg.connect_timeout_s:g} s"
+            ) from None
         except BaseException:
             self.abort("connect aborted")
             raise
@@ -263,9 +372,15 @@ class MqttSession:
     def _readable(self) -> None:
         sock = self._sock
         for _ in range(_MAX_READS_PER_WAKEUP):
-            rc = self._client.loop_read()
+            try:
+                rc = self._client.loop_read()
+            except Exception as err:  # noqa: BLE001 -- a packet paho cannot decode
+                # (a truncated field raises struct.error, an invalid topic UnicodeDecodeError):
+                # the broker is broken or hostile; this connection ends, the agent goes on.
+                self.abort(f"undecodable packet from broker ({type(err).__name__}: {err})")
+                return
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._client.socket() is None:
-                self._finish(f"read ended ({mqtt.error_string(rc)})")
+                self._finish(self._client.refusal or f"read ended ({mqtt.error_string(rc)})")
                 return
             # TLS may hold decrypted bytes the kernel no longer reports as readable.
             pending = getattr(sock, "pending", None)
@@ -424,6 +539,17 @@ class MqttSession:
             fut.set_result(int(reason.value))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        oversize, self._client.oversize = self._client.oversize, None
+        if oversize is not None:
+            logger.warning(
+                "inbound message of %d bytes on %s exceeds the limit of %d: discarded unread",
+                oversize,
+                message.topic,
+                self.max_packet,
+            )
+            if self._on_inbound is not None:
+                self._on_inbound(Inbound(message.topic, b"", bool(message.retain), oversize))
+            return
         if self._on_inbound is not None:
             self._on_inbound(Inbound(message.topic, bytes(message.payload), bool(message.retain)))
 
@@ -438,3 +564,9 @@ class MqttSession:
         refused = [str(r) for r in reasons if r.is_failure]
         if refused:
             logger.warning("broker refused command subscription(s): %s", ", ".join(refused))
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark an abandoned attempt's outcome as seen (it was reported, or nobody needs it)."""
+    if not fut.cancelled():
+        fut.exception()
