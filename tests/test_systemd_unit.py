@@ -47,6 +47,12 @@ def _directives(text: str) -> dict[str, list[str]]:
     return out
 
 
+def _bytes(value: str) -> int:
+    """A systemd size (``160M``) in bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+
+
 @pytest.fixture
 def installed_unit(tmp_path: Path) -> Path:
     """A copy of the unit whose ExecStart is the installed entry point (verify needs a real file)."""
@@ -106,6 +112,9 @@ def test_unit_keeps_the_design_contract() -> None:
     assert "PrivateDevices" not in d
     assert d["DevicePolicy"] == ["closed"]
     assert "char-ttyUSB rw" in d["DeviceAllow"]
+    # Memory limits (sized in docs/deployment.md): a soft bound that reclaims, then a hard one.
+    high, hard = _bytes(d["MemoryHigh"][0]), _bytes(d["MemoryMax"][0])
+    assert 0 < high < hard
     creds = {v.split(":", 1)[0] for v in d["LoadCredential"]}
     assert creds == {"site-key", "backend-seal.pub", "backend-sign.pub", "mqtt-client.key"}
 
