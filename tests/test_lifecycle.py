@@ -14,9 +14,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from agent.lifecycle import EX_SOFTWARE
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.lifecycle import EX_SOFTWARE
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, config_text, provision
 from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
