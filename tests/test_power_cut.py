@@ -1,7 +1,7 @@
 """Power cuts under the real agent: the store survives them in every ``synchronous`` mode.
 
 The agent (``cabinet-agent run``) keeps its database on the power-loss filesystem
-(tests/powerfs), commits a steady stream of events (unknown badges at a real badge reader
+(simulators/powerfs), commits a steady stream of events (unknown badges at a real badge reader
 simulator, plus the reader's own events) and delivers them to a real mosquitto, where a
 backend subscriber records every envelope (tests/stream_ledger.py). At a random moment of each
 run the power is cut: the agent is SIGKILLed and every write it did not fsync is thrown away;
@@ -36,9 +36,9 @@ import pytest
 from agent.privacy.keys import load_backend_keys
 from simulators.badge import BadgeSimulator
 from simulators.llrp import LlrpSimulator
+from simulators.powerfs import PowerLossFs
 from tests.daemon_rig import ROOT, AgentProcess, config_text, provision
 from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
-from tests.powerfs import PowerLossFs
 from tests.powerfs.fixture import powerfs_fixture  # noqa: F401 -- fixture
 from tests.stream_ledger import StreamLedger, epoch_name
 

@@ -1,6 +1,6 @@
 """The power-loss filesystem itself: what a cut keeps and what it throws away.
 
-These tests pin down the fixture's model (tests/powerfs/__init__.py) so that the agent tests
+These tests pin down the fixture's model (simulators/powerfs/__init__.py) so that the agent tests
 built on it mean something: unsynced data and metadata vanish, synced data stays, reads see
 pending writes, and SQLite behaves under it as SQLite documents for a power loss (FULL keeps
 every commit; NORMAL may lose recent ones).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.powerfs import PowerLossFs, is_mounted
+from simulators.powerfs import PowerLossFs, is_mounted
 from tests.powerfs.fixture import powerfs_fixture, require_powerfs  # noqa: F401 -- fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -378,7 +378,7 @@ def test_free_space_counts_pending_writes(tmp_path: Path) -> None:
 
 
 class _Committer:
-    """tests/powerfs/sqlite_child.py as a child; collects the numbers it reported durable."""
+    """tests/powerfs/sqlite_child.py (a test helper) as a child; collects the numbers it reported durable."""
 
     def __init__(self, db: Path, synchronous: str, count: int | None = None) -> None:
         args = [sys.executable, "-m", "tests.powerfs.sqlite_child", str(db), synchronous]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.powerfs import PowerFsError, PowerLossFs, unavailable_reason
+from simulators.powerfs import PowerFsError, PowerLossFs, unavailable_reason
 
 
 def require_powerfs() -> None:
