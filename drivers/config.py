@@ -24,10 +24,25 @@ class BackoffConfig(StrictModel):
         return self
 
 
+class ReaderBackoffConfig(BackoffConfig):
+    """An RFID reader's reconnect policy: the delay only starts over after a *stable* session.
+
+    Resetting on every successful configure let a reader that accepts, configures and drops
+    (failing hardware, a hostile peer) be reconnected at the shortest delay forever.
+    """
+
+    stable_s: float = Field(
+        30.0,
+        ge=0,
+        le=86_400,
+        description="a session connected and healthy this long resets the delay to initial_s",
+    )
+
+
 class ReaderConfigBase(StrictModel):
     id: str = Field(pattern=READER_ID_PATTERN, description="stable reader name used in events")
     antennas: list[int] = Field(default=[1], min_length=1, description="antenna ports in use")
-    backoff: BackoffConfig = BackoffConfig()
+    backoff: ReaderBackoffConfig = ReaderBackoffConfig()
 
     def gpi_inputs(self) -> list[int] | None:
         """GPI ports this reader reports (a door sensor may use them); None: it has no GPI."""

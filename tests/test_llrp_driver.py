@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from drivers.backoff import Backoff
 from drivers.llrp.config import LlrpReaderConfig
 from drivers.llrp.reader import LlrpReader
 from drivers.types import GpiEdge, ReaderHealth, ReaderState, TagRead
@@ -376,3 +377,40 @@ async def test_absurd_timestamps_in_a_report_do_not_crash_the_driver() -> None:
     await reader._on_report(body)
     assert [r.epc for r in sink.reads] == ["3000abcdef00000000000003", "3000abcdef00000000000004"]
     assert all(r.first_seen.year >= 2026 for r in sink.reads)  # our clock, not the reader's
+
+
+async def test_a_reader_that_drops_every_session_is_reconnected_ever_more_slowly() -> None:
+    """A reader that lets the driver configure and then drops it (failing hardware, a hostile
+    peer) must not be reconnected at the shortest delay forever: the delay grows until a
+    session stays up for ``backoff.stable_s``."""
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=1) as sim:
+        sim.faults.flap(0.5)
+        sink = RecordingSink()
+        backoff = Backoff(0.02, 0.4, rng=random.Random(5))
+        reader = LlrpReader(
+            _cfg(sim.port, backoff={"initial_s": 0.02, "max_s": 0.4, "stable_s": 30.0}),
+            sink,
+            backoff=backoff,
+        )
+        async with running(reader):
+            # Every session got configured (healthy) before the reader dropped it.
+            await sink.until(lambda: len({h.session for h in sink.health if h.healthy}) >= 6, 60.0)
+            assert backoff.attempts >= 5, "the backoff started over on a configure"
+            assert reader.retries >= 5
+
+
+async def test_a_stable_session_starts_the_delays_over() -> None:
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=1) as sim:
+        sim.faults.flap(1.0)
+        sink = RecordingSink()
+        backoff = Backoff(0.02, 0.4, rng=random.Random(5))
+        reader = LlrpReader(
+            _cfg(sim.port, backoff={"initial_s": 0.02, "max_s": 0.4, "stable_s": 0.3}),
+            sink,
+            backoff=backoff,
+        )
+        async with running(reader):
+            await sink.until(lambda: len({h.session for h in sink.health if h.healthy}) >= 4, 60.0)
+            # Each session stayed configured for longer than stable_s: never more than one step.
+            assert backoff.attempts == 1
+            assert reader.retries == 1

@@ -409,3 +409,37 @@ async def test_random_faults_soak(transport: str) -> None:
                     lambda mark=mark: want <= {r.epc for r in sink.reads[mark:]}, 120.0
                 )
                 await sink.wait_for(lambda: driver.health.state == ReaderState.INVENTORYING)
+
+
+async def test_a_module_that_drops_every_session_is_reopened_ever_more_slowly() -> None:
+    """Unplugged again each time it came online: the delay grows (no reset on configure)."""
+    backoff = {"initial_s": 0.02, "max_s": 0.3, "stable_s": 30.0}
+    async with (
+        MercurySimulator("tcp", antennas=1, seed=7) as sim,
+        running(sim, backoff=backoff) as (driver, sink),
+    ):
+        for session in range(1, 7):
+            await sink.wait_for(lambda s=session: _online_in(sink, s))
+            sim.faults.unplug(0.05)
+        await sink.wait_for(lambda: sum(h.state == ReaderState.OFFLINE for h in sink.health) >= 6)
+        assert driver._backoff.attempts >= 6, "the backoff started over on a configure"
+        assert driver.retries >= 6
+
+
+async def test_a_stable_module_session_starts_the_delays_over() -> None:
+    backoff = {"initial_s": 0.02, "max_s": 0.3, "stable_s": 0.2}
+    async with (
+        MercurySimulator("tcp", antennas=1, seed=7) as sim,
+        running(sim, backoff=backoff) as (driver, sink),
+    ):
+        for session in range(1, 4):
+            await sink.wait_for(lambda s=session: _online_in(sink, s))
+            await asyncio.sleep(0.4)  # online for longer than stable_s
+            sim.faults.unplug(0.05)
+        await sink.wait_for(lambda: _online_in(sink, 4))
+        assert driver._backoff.attempts == 1
+        assert driver.retries == 1
+
+
+def _online_in(sink: RecordingSink, session: int) -> bool:
+    return any(h.session == session and h.healthy for h in sink.health)

@@ -151,6 +151,8 @@ class LlrpReader:
         self.stats = LlrpStats()
         self._last_progress = self._clock.monotonic()
         self._backing_off = False
+        self._configured_at: float | None = None  # monotonic; None: this session never got ready
+        self.retries = 0  # sessions ended since the last stable one
         self.last_delay_s = 0.0
         self.last_frame = 0.0  # monotonic time the last batch of frames was fully handled
 
@@ -180,33 +182,36 @@ class LlrpReader:
         """Keep a session up until cancelled; every failure is logged, backed off, retried."""
         try:
             while True:
+                longest = False  # permanent-looking errors wait the longest delay
                 try:
                     await self._run_session()
                     reason = "session ended"
-                    delay = self._backoff.next_delay()
                 except ReaderBusyError as err:
                     self.stats.count_error(err)
                     reason = str(err)
-                    delay = self._backoff.longest()
+                    longest = True
                 except PermanentError as err:
                     self.stats.count_error(err)
                     reason = str(err)
-                    delay = self._backoff.longest()
-                    logger.error("reader %s: %s (retrying in %.1fs)", self.reader_id, err, delay)
+                    longest = True
+                    logger.error("reader %s: %s", self.reader_id, err)
                 except (TransientError, OSError, TimeoutError) as err:
                     self.stats.count_error(err)
                     reason = _describe_error(err, self._cfg)
-                    delay = self._backoff.next_delay()
                 except Exception as err:  # a driver bug takes down this reader's
                     # session, never the daemon: report it, back off, reconnect.
                     self.stats.count_error(err)
                     reason = f"internal error ({type(err).__name__}); reconnecting"
-                    delay = self._backoff.next_delay()
                     logger.exception("reader %s: unexpected error in session", self.reader_id)
+                delay = self._next_delay(longest=longest)
                 self.last_delay_s = delay
                 await self._set_health(ReaderState.OFFLINE, reason)
                 logger.info(
-                    "reader %s offline: %s; reconnecting in %.2fs", self.reader_id, reason, delay
+                    "reader %s offline: %s; reconnecting in %.2fs (retry %d)",
+                    self.reader_id,
+                    reason,
+                    delay,
+                    self.retries,
                 )
                 self._backing_off = True
                 try:
@@ -223,6 +228,18 @@ class LlrpReader:
                 "stopped",
                 session=self._session_no,
             )
+
+    def _next_delay(self, *, longest: bool) -> float:
+        """The wait before the next attempt. Only a *stable* session (configured and healthy
+        for ``backoff.stable_s``) starts the delays over: a reader that configures and drops
+        again at once is reconnected ever more slowly, never at the shortest delay forever."""
+        at = self._configured_at
+        self._configured_at = None
+        if at is not None and self._clock.monotonic() - at >= self._cfg.backoff.stable_s:
+            self._backoff.reset()
+            self.retries = 0
+        self.retries += 1
+        return self._backoff.longest() if longest else self._backoff.next_delay()
 
     async def start_inventory(self) -> None:
         """Begin reading tags (now if online, else as soon as the session is configured)."""
@@ -439,7 +456,7 @@ class LlrpReader:
                 # now that the ports are enabled, and report them as edges.
                 sess.gpi_query_id = sess.next_msg_id()
                 sess.writer.write(encode_get_gpi_state(sess.gpi_query_id))
-            self._backoff.reset()
+            self._configured_at = self._clock.monotonic()
             logger.info(
                 "reader %s configured (%d antennas requested)",
                 self.reader_id,

@@ -63,6 +63,8 @@ class MercuryReader:
         self._want_inventory = False
         self._inventorying = False
         self._online = False
+        self._online_at: float | None = None  # monotonic; None: this session never got online
+        self.retries = 0  # sessions ended since the last stable one
         self._wake = asyncio.Event()
         self._conn: SerialConnection | None = None
         self._decoder = ResponseDecoder()
@@ -110,16 +112,28 @@ class MercuryReader:
                 try:
                     await self._run_session()
                 except PermanentError as err:
-                    delay = self._backoff.longest()
+                    delay = self._next_delay(longest=True)
                     reason = str(err)
                     # Log the text, not the exception: a retained record would pin the
                     # traceback's frames (and the dead port they reference).
-                    logger.error("%s: %s; retrying in %.1fs", self.reader_id, reason, delay)
+                    logger.error(
+                        "%s: %s; retrying in %.1fs (retry %d)",
+                        self.reader_id,
+                        reason,
+                        delay,
+                        self.retries,
+                    )
                 except TransientError as err:
-                    delay = self._backoff.next_delay()
+                    delay = self._next_delay(longest=False)
                     reason = str(err)
                     # The offline transition below is the warning; this line adds the delay.
-                    logger.info("%s: %s; retrying in %.1fs", self.reader_id, reason, delay)
+                    logger.info(
+                        "%s: %s; retrying in %.1fs (retry %d)",
+                        self.reader_id,
+                        reason,
+                        delay,
+                        self.retries,
+                    )
                 await self._publish(ReaderState.OFFLINE, reason)
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:
@@ -135,6 +149,17 @@ class MercuryReader:
                 async with asyncio.timeout(1.0):
                     await self._sink.reader_health(self._health)
             raise
+
+    def _next_delay(self, *, longest: bool) -> float:
+        """The wait before the next attempt; only a session online for ``backoff.stable_s``
+        starts the delays over (a module that configures and drops again at once backs off)."""
+        at = self._online_at
+        self._online_at = None
+        if at is not None and self._clock.monotonic() - at >= self._cfg.backoff.stable_s:
+            self._backoff.reset()
+            self.retries = 0
+        self.retries += 1
+        return self._backoff.longest() if longest else self._backoff.next_delay()
 
     async def start_inventory(self) -> None:
         """Begin (or keep) continuous reading; applied as soon as the module is online."""
@@ -200,7 +225,7 @@ class MercuryReader:
         self._conn = conn
         await self._configure()
         self._online = True
-        self._backoff.reset()
+        self._online_at = self._clock.monotonic()
         info = self.version
         detail = f"{info.model} fw {info.firmware}" if info else "online"
         await self._publish(ReaderState.ONLINE, detail)

@@ -3,7 +3,7 @@
 Stdin lines drive it while it runs: ``add <epc> <antenna> [rssi]``, ``remove <epc>``,
 ``move <epc> <antenna>``, ``random <n>``, ``gpi <port> <0|1>``, ``antenna <n> <on|off>``,
 ``stats``, and the faults ``!silence``, ``!drop``, ``!garbage [kind]``, ``!trickle [seconds]``,
-``!busy [status]``, ``!reboot [seconds]``, ``!close``, ``!clear``. End of input just stops the
+``!busy [status]``, ``!reboot [seconds]``, ``!flap [up_seconds]``, ``!close``, ``!clear``. End of input just stops the
 commands, not the reader.
 """
 
@@ -26,7 +26,7 @@ from simulators.llrp.tags import SimTag
 
 logger = logging.getLogger(__name__)
 
-FAULTS = ("silence", "drop-mid-frame", "garbage", "trickle", "busy")
+FAULTS = ("silence", "drop-mid-frame", "garbage", "trickle", "busy", "flap")
 
 
 def register(subparsers: Any) -> None:
@@ -61,7 +61,8 @@ def register(subparsers: Any) -> None:
         metavar="NAME[=VALUE]",
         help=(
             "arm a fault for the first connection: silence, drop-mid-frame, "
-            "garbage[=bad_version|absurd_length|random], trickle[=SECONDS], busy[=STATUS]"
+            "garbage[=bad_version|absurd_length|random], trickle[=SECONDS], busy[=STATUS], "
+            "flap[=UP_SECONDS] (every session dropped that long after it began, until !clear)"
         ),
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -100,6 +101,8 @@ def _parse_fault(text: str) -> tuple[str, str | None]:
             raise ValueError("negative delay")
         if name == "busy" and value and not 1 <= int(value) <= 4:
             raise ValueError("status outside 1..4")
+        if name == "flap" and value and not 0 < float(value) <= 3600:
+            raise ValueError("up time outside (0, 3600]")
     except ValueError as err:
         raise ValueError(f"bad value for fault {name}: {value!r} ({err})") from None
     return name, value or None
@@ -157,6 +160,8 @@ def _arm(sim: LlrpSimulator, name: str, value: str | None, target: Target = "nex
         sim.faults.trickle(float(value or 0.01), target=target)
     elif name == "busy":
         sim.faults.busy_next_connect(int(value or 2))
+    elif name == "flap":
+        sim.faults.flap(float(value or 0.5))
 
 
 async def _read_commands(sim: LlrpSimulator) -> None:

@@ -45,6 +45,9 @@ class Faults:
     def __init__(self, sim: LlrpSimulator) -> None:
         self._sim = sim
         self.pending = FaultState()
+        self.flap_up_s: float | None = (
+            None  # flap mode: every session ends this long after it began
+        )
 
     def _state(self, target: Target) -> FaultState:
         conn = self._sim._current
@@ -82,13 +85,25 @@ class Faults:
             raise ValueError("busy needs a failure status")
         self.pending.busy_status = int(status)
 
+    def flap(self, up_s: float = 0.5) -> None:
+        """Flap mode, until cleared: every session (the current one too) is closed by the reader
+        ``up_s`` after it was established — long enough for a client to configure, never long
+        enough to be stable. ``connections.established_at`` shows how fast the client returns."""
+        if not 0 < up_s <= 3600:
+            raise ValueError("up_s must be within (0, 3600]")
+        self.flap_up_s = up_s
+        conn = self._sim._current
+        if conn is not None and not conn.closing:
+            self._sim._spawn(self._sim._flap(conn, up_s), f"llrp-sim-flap-{conn.conn_id}")
+
     def reboot(self, down_s: float = 1.0) -> None:
         """Close every connection, refuse connections for ``down_s``, forget ROSpecs and config."""
         self._sim._start_reboot(down_s)
 
     def clear(self) -> None:
-        """Disarm everything (pending and on the current connection)."""
+        """Disarm everything (pending, on the current connection, flap mode)."""
         self.pending = FaultState()
+        self.flap_up_s = None
         conn = self._sim._current
         if conn is not None:
             conn.faults = FaultState()

@@ -45,6 +45,7 @@ _READ_CHUNK = 65536
 _OUT_QUEUE_MAX = 4096
 _RECEIVED_MAX = 20000
 _HELD_MAX = 10000
+_ESTABLISHED_MAX = 10000
 _STOP_TIMEOUT_S = 5.0
 _IMPINJ_DUAL_TARGET = 2
 
@@ -85,6 +86,9 @@ class ConnectionStats:
     total: int = 0
     active: int = 0
     rejected: int = 0
+    # Loop time (monotonic) of every established session, oldest first: the gaps between them
+    # are the client's reconnect delays (plus connect time).
+    established_at: list[float] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -765,6 +769,8 @@ class LlrpSimulator:
             return
         self._current = conn
         self.connections.active = 1
+        self.connections.established_at.append(asyncio.get_running_loop().time())
+        del self.connections.established_at[:-_ESTABLISHED_MAX]
         logger.info("llrp-sim: client %s connected", conn.peer)
         self._event(
             {"ConnectionAttemptEvent": {"Status": ConnectionAttemptStatus.Success}},
@@ -773,7 +779,17 @@ class LlrpSimulator:
         if conn.faults.garbage is not None:
             conn.queue.put_nowait(_GARBAGE)
         conn.restart_keepalive()
+        if self.faults.flap_up_s is not None:
+            self._spawn(self._flap(conn, self.faults.flap_up_s), f"llrp-sim-flap-{conn.conn_id}")
         self._notify()
+
+    async def _flap(self, conn: _Connection, up_s: float) -> None:
+        """Flap mode: end this session ``up_s`` after it was established (as a failing reader
+        or a hostile peer does: it accepts, lets the client configure, then drops it)."""
+        await asyncio.sleep(up_s)
+        if self._current is conn and not conn.closing and self.faults.flap_up_s is not None:
+            logger.info("llrp-sim: flapping: dropping client %s", conn.peer)
+            self.close_client()
 
     def _reject(self, conn: _Connection, status: int) -> None:
         self.connections.rejected += 1
