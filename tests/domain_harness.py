@@ -70,6 +70,9 @@ def domain_config(**overrides: Any) -> CabinetDomainConfig:
         "lockout_window_s": 60.0,
         "lockout_duration_s": 120.0,
         "background_period_s": 0,
+        # Every outage reported at once: these tests follow outages event by event (the
+        # debounce and flapping have their own tests, tests/test_domain_reader_events.py).
+        "reader_offline_debounce_s": 0,
     }
     base.update(overrides)
     return CabinetDomainConfig.model_validate(base)
@@ -310,5 +313,7 @@ def describe(e: ev.Event) -> str:
             return f"{e.type} {d['tags']}"
         case "reader.offline" | "reader.online":
             return f"{e.type} {d['reader_id']}"
+        case "reader.flapping":
+            return f"{e.type} {d['reader_id']} {d['state']} {d['outages']}"
         case _:
             return f"{e.type}{who}"

@@ -69,6 +69,9 @@ def _one_of_each(gen: Uuid7Generator) -> list[ev.Event]:
         ev.InventorySnapshot(**c(gen), tags=1, by_drawer={"top": 1}, items={"abcd": "top"}),
         ev.ReaderOffline(**c(gen), reader_id="dock-1", detail="keepalive timeout", connection=3),
         ev.ReaderOnline(**c(gen), reader_id="dock-1", connection=4, antennas_connected=[1, 2]),
+        ev.ReaderFlapping(
+            **c(gen), reader_id="dock-1", state="flapping", outages=3, window_s=600, connection=7
+        ),
         ev.AgentAlert(
             **c(gen),
             kind="store.overflow_dropped",

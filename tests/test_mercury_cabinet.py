@@ -147,6 +147,8 @@ background_period_s = 1.0
 scan_min_ms = 800
 stable_ms = 300
 scan_max_ms = 10000
+# The story tells the unplug below as it happens: offline at once, then online.
+reader_offline_debounce_s = 0
 """
 
 

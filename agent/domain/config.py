@@ -65,6 +65,22 @@ class CabinetDomainConfig(StrictModel):
         le=365,
         description="cabinetctl status and selftest warn this long before the allow-list expires",
     )
+    reader_offline_debounce_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="reader.offline only once a reader has been away this long; shorter "
+        "outages are counted (0: report every outage at once)",
+    )
+    reader_flap_count: int = Field(
+        3, ge=2, le=1000, description="outages within reader_flap_window_s: reader.flapping"
+    )
+    reader_flap_window_s: float = Field(
+        600.0,
+        gt=0,
+        le=86_400,
+        description="flap window; a flapping reader healthy this long is stable again",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> CabinetDomainConfig:

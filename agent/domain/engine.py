@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -119,6 +120,20 @@ class _Session:
         return True
 
 
+@dataclass
+class _ReaderWatch:
+    """What the engine tracks to report a reader's outages without flooding the outbox."""
+
+    down_since: float | None = None  # monotonic start of the current outage; None: not down
+    detail: str = ""  # the latest reason of the current outage
+    connection: int = 0
+    outages: deque[float] = field(default_factory=deque)  # outage starts within the flap window
+    short: int = 0  # outages shorter than the debounce, not reported yet
+    healthy_since: float | None = None
+    flapping_since: float | None = None  # monotonic; None: not flapping
+    flap_outages: int = 0  # outages since the episode began
+
+
 class EngineStateError(ValueError):
     """Serialized engine state is unreadable (wrong version, malformed)."""
 
@@ -154,7 +169,8 @@ class CabinetEngine:
         self.health: dict[str, ReaderHealth] = {}
         self.phase = Phase.IDLE
         self.door_open = False
-        self._offline: set[str] = set()
+        self._offline: set[str] = set()  # readers whose reader.offline was published
+        self._watch: dict[str, _ReaderWatch] = {}
         self._session: _Session | None = None
         self._pending: list[str] = []  # holders badged in, door not yet opened
         self._unlock_deadline = 0.0
@@ -228,32 +244,7 @@ class CabinetEngine:
         out = self._begin(now)
         rid = health.reader_id
         self.health[rid] = health
-        if health.state in _OFFLINE_STATES and rid not in self._offline:
-            self._offline.add(rid)
-            self._dirty = True
-            out.events.append(
-                self._event(
-                    ev.ReaderOffline,
-                    now,
-                    reader_id=rid,
-                    detail=health.detail[:200],
-                    connection=max(0, health.session),
-                )
-            )
-        elif health.healthy and rid in self._offline:
-            self._offline.discard(rid)
-            self._dirty = True
-            ants = health.antennas_connected
-            out.events.append(
-                self._event(
-                    ev.ReaderOnline,
-                    now,
-                    reader_id=rid,
-                    detail=health.detail[:200],
-                    connection=max(0, health.session),
-                    antennas_connected=sorted(ants) if ants is not None else None,
-                )
-            )
+        self._reader_health(health, now, out)
         if self._verify and self.phase is Phase.IDLE and self._readers_ready():
             self._bg_next = min(self._bg_next, now.mono)
         if self._scan is not None:
@@ -356,6 +347,15 @@ class CabinetEngine:
             "unlock_remaining_s": max(0.0, self._unlock_deadline - at),
             "bg_remaining_s": max(0.0, self._bg_next - at),
             "offline": sorted(self._offline),
+            "readers": {
+                r: {
+                    "down_s": None if w.down_since is None else max(0.0, at - w.down_since),
+                    "short": w.short,
+                    "flapping": None if w.flapping_since is None else w.flap_outages,
+                }
+                for r, w in sorted(self._watch.items())
+                if w.down_since is not None or w.short or w.flapping_since is not None
+            },
             "verify": self._verify,
             "access": self.access.snapshot(at),
             "baseline": self.baseline.to_dict(),
@@ -417,6 +417,16 @@ class CabinetEngine:
             engine._unlock_deadline = base.mono + float(state["unlock_remaining_s"])
             engine._bg_next = base.mono + float(state["bg_remaining_s"])
             engine._offline = {str(r) for r in state["offline"]}
+            # Outages and flapping episodes outlive a restart (their events are still owed);
+            # a window of calm starts over. Optional: states written before it lack the key.
+            for rid, r in dict(state.get("readers") or {}).items():
+                down, flaps = r["down_s"], r["flapping"]
+                engine._watch[str(rid)] = _ReaderWatch(
+                    down_since=None if down is None else base.mono - float(down),
+                    short=int(r["short"]),
+                    flapping_since=None if flaps is None else base.mono,
+                    flap_outages=0 if flaps is None else int(flaps),
+                )
             engine._verify = bool(state["verify"])
             engine.access.restore(state["access"], base)
             s = state["session"]
@@ -539,6 +549,7 @@ class CabinetEngine:
         out = EngineOutput()
         for change in self.access.tick(now):
             self._lockout_event(change, now, out)
+        self._reader_timers(now, out)
         phase = self.phase
         if phase is Phase.UNLOCKED and now.mono >= self._unlock_deadline:
             self._pending = []
@@ -587,6 +598,121 @@ class CabinetEngine:
                     alert=due,
                 )
             )
+
+    # ---- reader outages ----------------------------------------------------------------------
+
+    def _reader_health(self, health: ReaderHealth, now: Now, out: EngineOutput) -> None:
+        """Outage bookkeeping. Events only: scans read ``self.health`` directly, so a debounced
+        outage still makes every pass it touched incomplete."""
+        rid = health.reader_id
+        w = self._watch.setdefault(rid, _ReaderWatch())
+        cfg = self.config
+        if health.state in _OFFLINE_STATES:
+            w.detail = health.detail[:200]
+            w.connection = max(0, health.session)
+            if w.down_since is not None:
+                return
+            w.down_since = now.mono
+            w.healthy_since = None
+            self._dirty = True
+            w.outages.append(now.mono)
+            while w.outages and now.mono - w.outages[0] > cfg.reader_flap_window_s:
+                w.outages.popleft()
+            if w.flapping_since is not None:
+                w.flap_outages += 1
+            elif len(w.outages) >= cfg.reader_flap_count:
+                w.flapping_since = now.mono
+                w.flap_outages = len(w.outages)
+                w.short = 0  # the alert's count covers them
+                self._dirty = True
+                out.events.append(
+                    self._event(
+                        ev.ReaderFlapping,
+                        now,
+                        reader_id=rid,
+                        state="flapping",
+                        outages=len(w.outages),
+                        window_s=cfg.reader_flap_window_s,
+                        detail=w.detail,
+                        connection=w.connection,
+                    )
+                )
+            self._reader_timers(now, out)
+        elif health.healthy:
+            if w.healthy_since is None:
+                w.healthy_since = now.mono
+            down_s = None if w.down_since is None else now.mono - w.down_since
+            if rid in self._offline:
+                self._offline.discard(rid)
+                self._dirty = True
+                ants = health.antennas_connected
+                out.events.append(
+                    self._event(
+                        ev.ReaderOnline,
+                        now,
+                        reader_id=rid,
+                        detail=health.detail[:200],
+                        connection=max(0, health.session),
+                        antennas_connected=sorted(ants) if ants is not None else None,
+                        down_s=None if down_s is None else round(down_s, 3),
+                        short_outages=w.short,
+                    )
+                )
+                w.short = 0
+            elif down_s is not None and w.flapping_since is None:
+                w.short += 1  # back within the debounce: counted, not published
+            if w.down_since is not None:
+                w.down_since = None
+                self._dirty = True
+
+    def _reader_timers(self, now: Now, out: EngineOutput) -> None:
+        """Publish outages that outlasted the debounce; end flapping episodes that calmed down."""
+        cfg = self.config
+        for rid in sorted(self._watch):
+            w = self._watch[rid]
+            if w.down_since is not None and rid not in self._offline:
+                # While flapping, single outages are part of the episode; one that lasts a
+                # whole window is a reader gone, and reported as such.
+                debounce = cfg.reader_offline_debounce_s
+                if w.flapping_since is not None:
+                    debounce = max(debounce, cfg.reader_flap_window_s)
+                down_s = now.mono - w.down_since
+                if down_s >= debounce:
+                    self._offline.add(rid)
+                    self._dirty = True
+                    out.events.append(
+                        self._event(
+                            ev.ReaderOffline,
+                            now,
+                            reader_id=rid,
+                            detail=w.detail,
+                            connection=w.connection,
+                            down_s=round(down_s, 3),
+                            short_outages=w.short,
+                        )
+                    )
+                    w.short = 0
+            if (
+                w.flapping_since is not None
+                and w.healthy_since is not None
+                and now.mono - w.healthy_since >= cfg.reader_flap_window_s
+            ):
+                out.events.append(
+                    self._event(
+                        ev.ReaderFlapping,
+                        now,
+                        reader_id=rid,
+                        state="stable",
+                        outages=w.flap_outages,
+                        window_s=cfg.reader_flap_window_s,
+                        duration_s=round(now.mono - w.flapping_since, 3),
+                        detail=w.detail,
+                        connection=w.connection,
+                    )
+                )
+                w.flapping_since = None
+                w.flap_outages = 0
+                self._dirty = True
 
     # ---- scanning ----------------------------------------------------------------------------
 

@@ -238,23 +238,56 @@ class InventorySnapshot(EventBase):
     items: dict[Epc, Drawer] = Field(description="EPC → drawer")
 
 
+ShortOutages = Annotated[
+    int,
+    Field(
+        ge=0,
+        description="outages shorter than the debounce since this reader's previous reader "
+        "event: counted, not published one by one",
+    ),
+]
+
+
 class ReaderOffline(EventBase):
-    """A reader went offline."""
+    """A reader has been away for longer than the debounce (shorter outages are only counted)."""
 
     type: Literal["reader.offline"] = "reader.offline"
     reader_id: Name
     detail: Detail = ""
     connection: int = Field(ge=0, description="the reader's connection counter")
+    down_s: float = Field(0.0, ge=0, description="how long it had been away when reported")
+    short_outages: ShortOutages = 0
 
 
 class ReaderOnline(EventBase):
-    """A reader that was offline is back."""
+    """A reader that was reported offline is back."""
 
     type: Literal["reader.online"] = "reader.online"
     reader_id: Name
     detail: Detail = ""
     connection: int = Field(ge=0)
     antennas_connected: list[int] | None = None
+    down_s: float | None = Field(
+        None, ge=0, description="how long it was away (None when the agent restarted meanwhile)"
+    )
+    short_outages: ShortOutages = 0
+
+
+class ReaderFlapping(EventBase):
+    """A reader keeps dropping out (``flapping``: N outages within the window), or has been
+    healthy for a whole window again (``stable``). One alert per episode, with counts, instead
+    of an offline/online pair per reconnect."""
+
+    type: Literal["reader.flapping"] = "reader.flapping"
+    reader_id: Name
+    state: Literal["flapping", "stable"]
+    outages: int = Field(
+        ge=0, description="flapping: outages within the window; stable: outages of the episode"
+    )
+    window_s: float = Field(gt=0, description="the flap window (also the calm needed to be stable)")
+    duration_s: float = Field(0.0, ge=0, description="stable: how long the episode lasted")
+    detail: Detail = Field("", description="the latest outage's reason")
+    connection: int = Field(ge=0, description="the reader's connection counter")
 
 
 class AgentAlert(EventBase):
@@ -305,6 +338,7 @@ Event: TypeAlias = Annotated[
     | InventorySnapshot
     | ReaderOffline
     | ReaderOnline
+    | ReaderFlapping
     | AgentAlert
     | AgentClockStep,
     Field(discriminator="type"),
@@ -330,6 +364,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "inventory.snapshot",
     "reader.offline",
     "reader.online",
+    "reader.flapping",
     "agent.alert",
     "agent.clock_step",
 )
