@@ -273,12 +273,14 @@ async def cabinet_rig(
     *,
     commission: bool = True,
     domain: Mapping[str, Any] | None = None,
+    reader: Mapping[str, Any] | None = None,
     before_start: Callable[[Rig], None] | None = None,
     agent_extra: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[Rig]:
     """Start everything for ``scenario``; the agent has its documents and a first baseline.
 
-    ``agent_extra`` is merged into the agent's config (a section's keys into that section).
+    ``agent_extra`` is merged into the agent's config (a section's keys into that section);
+    ``domain`` overrides keys of the agent's ``[domain]``, ``reader`` of its LLRP reader.
     """
     keys = generate_backend_keys(tmp / "keys")
     agent_dir = tmp / "agent"
@@ -319,6 +321,8 @@ async def cabinet_rig(
             ],
             extra=agent_extra,
         )
+        if reader:
+            cfg["readers"][0].update(reader)  # the LLRP reader's section
         config_path = agent_dir / "agent.toml"
         config_path.write_text(to_toml(cfg))
         sink = EventSink(broker.port, keys, asyncio.get_running_loop())
