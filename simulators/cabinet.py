@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from simulators.badge import BadgeSimulator
 from simulators.door import DoorLockedError, SimulatedDoor
-from simulators.llrp import LlrpSimulator, SimTag
+from simulators.llrp import LlrpSimulator, SimTag, neighbour_tag
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ FAST_DOMAIN: dict[str, Any] = {
     "lockout_window_s": 120.0,
     "lockout_duration_s": 300.0,
     "background_period_s": 0,
+    # Reports come every 100 ms (agent_config): a round holds about two of them.
+    "presence_round_ms": 200,
 }
 
 
@@ -146,6 +148,26 @@ class Item(_Model):
     @property
     def asset(self) -> str:
         return self.asset_id or self.name
+
+
+class Neighbour(_Model):
+    """A tag of the cabinet next door that the antennas of ``drawer`` hear through the wall:
+    weak (near the agent's -80 dBm floor) and intermittent (it can answer only in ``duty`` of
+    the inventory rounds, in runs of ``burst_rounds`` rounds on average)."""
+
+    epc: str
+    drawer: str
+    rssi_dbm: float = Field(-79.0, ge=-100, le=0)
+    duty: float = Field(0.3, gt=0, le=1)
+    burst_rounds: float = Field(6.0, ge=1, le=10_000)
+
+    @field_validator("epc")
+    @classmethod
+    def _epc(cls, value: str) -> str:
+        epc = value.strip().lower()
+        if not _EPC_RE.fullmatch(epc):
+            raise ValueError("epc must be lower-case hex, whole 16-bit words (4..124 digits)")
+        return epc
 
 
 class Layout(_Model):
@@ -233,6 +255,8 @@ class Scenario(_Model):
     allow_list: AllowListSpec = AllowListSpec()
     people: list[Person] = Field(default_factory=list)
     items: list[Item] = Field(default_factory=list)
+    neighbours: list[Neighbour] = Field(default_factory=list)
+    asset_registry: bool = Field(True, description="false: the agent gets no asset registry")
     steps: list[str] = Field(min_length=1)
     expect: list[Expected] = Field(default_factory=list)
 
@@ -255,7 +279,10 @@ class Scenario(_Model):
         _unique("person", [p.name for p in self.people])
         _unique("badge of person", [p.badge for p in self.people], show=False)
         _unique("item", [i.name for i in self.items])
-        _unique("item epc", [i.epc for i in self.items])
+        _unique("item epc", [i.epc for i in self.items] + [n.epc for n in self.neighbours])
+        for n in self.neighbours:
+            if n.drawer not in self.drawers:
+                raise ValueError(f"neighbour {n.epc}: drawer {n.drawer!r} is not a drawer")
         for item in self.items:
             for what, where in (("drawer", item.drawer), ("home_drawer", item.home_drawer)):
                 if where is not None and where not in self.drawers:
@@ -432,12 +459,23 @@ def tag_for(scenario: Scenario, epc: str, drawer: str, item: Item | None = None)
 
 
 def populate(scenario: Scenario, llrp: LlrpSimulator) -> None:
-    """Put every item that starts in a drawer into the reader's field (and nothing else)."""
+    """Put every item that starts in a drawer into the reader's field, and the neighbour
+    cabinet's tags where the drawers' antennas hear them (and nothing else)."""
     for tag in list(llrp.tags):
         llrp.remove_tag(tag.epc)
     for item in scenario.items:
         if item.drawer is not None:
             llrp.add_tag(tag_for(scenario, item.epc, item.drawer, item))
+    for n in scenario.neighbours:
+        llrp.add_tag(
+            neighbour_tag(
+                n.epc,
+                scenario.drawers[n.drawer][0],
+                rssi_mean=n.rssi_dbm,
+                duty=n.duty,
+                burst_rounds=n.burst_rounds,
+            )
+        )
 
 
 def wire_door(scenario: Scenario, llrp: LlrpSimulator) -> SimulatedDoor:
@@ -744,6 +782,7 @@ class AgentArtefacts:
     domain: dict[str, Any]  # the [domain] section
     names: dict[str, str]  # pseudonym → person name (every person, listed or not)
     items: dict[str, str]  # epc → item name
+    registry_installed: bool = True  # false: the asset registry is never given to the agent
 
     def name_of(self, actor: str) -> str:
         return self.names.get(actor, actor)
@@ -815,6 +854,7 @@ def build_artefacts(
         domain=domain,
         names=names,
         items={i.epc: i.name for i in scenario.items},
+        registry_installed=scenario.asset_registry,
     )
 
 
@@ -925,11 +965,13 @@ def publish_retained(
 
 
 def publish_documents(artefacts: AgentArtefacts, *, port: int, host: str = "127.0.0.1") -> None:
-    """Deliver the signed allow-list and asset registry as retained cmd messages."""
+    """Deliver the signed allow-list and (unless the scenario has none) the asset registry as
+    retained cmd messages."""
     publish_retained(port, cmd_topic(artefacts, "allow-list"), artefacts.allow_list, host=host)
-    publish_retained(
-        port, cmd_topic(artefacts, "asset-registry"), artefacts.asset_registry, host=host
-    )
+    if artefacts.registry_installed:
+        publish_retained(
+            port, cmd_topic(artefacts, "asset-registry"), artefacts.asset_registry, host=host
+        )
 
 
 # ---- matching events -----------------------------------------------------------------------

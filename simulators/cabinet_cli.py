@@ -216,11 +216,15 @@ def _write_config(
     base = f"cabinets/v1/{art.site_id}/{art.cabinet_id}/cmd"
     _say(f"agent config: {config}")
     _say(f"backend keys: {key_dir}  (the agent gets only the .pub files and site.key)")
-    _say(f"signed documents: {allow} → {base}/allow-list, {registry} → {base}/asset-registry")
+    if art.registry_installed:
+        _say(f"signed documents: {allow} → {base}/allow-list, {registry} → {base}/asset-registry")
+    else:
+        _say(f"signed documents: {allow} → {base}/allow-list (this scenario has no asset registry)")
     _say(f"run the agent:  cabinet-agent run --config {config}")
     if args.mqtt_port is not None:
         publish_documents(art, port=args.mqtt_port)
-        _say(f"published both documents (retained) to the broker on port {args.mqtt_port}")
+        what = "both documents" if art.registry_installed else "the allow-list"
+        _say(f"published {what} (retained) to the broker on port {args.mqtt_port}")
     return art
 
 

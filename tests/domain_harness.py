@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -98,6 +98,8 @@ def epc(i: int) -> str:
 class Tag:
     drawer: str
     rssi: float = -50.0
+    # None: answers every round (with the cabinet's read_p); else whether it answers at a tick
+    answers: Callable[[int], bool] | None = None
 
 
 @dataclass
@@ -259,6 +261,8 @@ class Cabinet:
             rid, ant = DRAWER_ANTENNA[tag.drawer]
             sim = self.readers[rid]
             if not sim.healthy or (sim.antennas is not None and ant not in sim.antennas):
+                continue
+            if tag.answers is not None and not tag.answers(self.ticks):
                 continue
             if self.read_p < 1.0 and self.rng.random() >= self.read_p:
                 continue

@@ -329,14 +329,16 @@ async def cabinet_rig(
         agent = AgentProcess(config_path, agent_dir / "agent.log")
         rig = Rig(scenario, tmp, broker, keys, llrp, badge, marker, door, art, sink, agent)
         rig.publish_document("allow-list", art.allow_list)
-        rig.publish_document("asset-registry", art.asset_registry)
+        if art.registry_installed:
+            rig.publish_document("asset-registry", art.asset_registry)
         sink.start()  # before the agent runs: nothing on the loop needs serving yet
         try:
             if before_start is not None:
                 before_start(rig)
             agent.start()
             await agent.wait_log("installed allow-list")
-            await agent.wait_log("installed asset-registry")
+            if art.registry_installed:
+                await agent.wait_log("installed asset-registry")
             await rig.wait_connected()
             if commission:
                 await rig.commission()

@@ -74,7 +74,8 @@ def test_return() -> None:
     ]
     closed = c.events[-1]
     assert isinstance(closed, ev.SessionClosed)
-    assert closed.passes == 1  # nothing missing: no confirmation pass needed
+    # A tag new to the cabinet joins only once a confirmation pass saw it steady too.
+    assert closed.passes == 2
     assert c.baselines[-1] == {epc(0): "top", epc(7): "bottom"}
 
 
@@ -285,12 +286,17 @@ def _registry() -> AssetRegistry:
 def test_unknown_item() -> None:
     c = Cabinet(tags=stock("top", "top"), assets=_registry())
     c.cycle(ALICE, put={epc(9): "side"})
+    # With a registry, an unregistered tag is never inventory: not returned, not in the
+    # baseline; a steady one inside the cabinet is still reported, once.
     assert c.brief() == [
         "session.opened badge alice",
-        "item.returned 009 side alice",
         "item.unknown 009 side",
-        "session.closed complete out=0 in=1 alice",
+        "session.closed complete out=0 in=0 alice",
     ]
+    assert epc(9) not in c.baselines[-1]
+    start = len(c.events)
+    c.cycle(BOB, take=[epc(9)])
+    assert c.brief(start) == ["session.opened badge bob", "session.closed complete out=0 in=0 bob"]
 
 
 def test_misplaced_item_on_return_and_on_move() -> None:

@@ -298,3 +298,84 @@ async def test_reader_initiated_close_says_connection_close_event(sim: LlrpSimul
         await sim.stop()  # a reader shutting down says goodbye the same way
         event = await client.expect("READER_EVENT_NOTIFICATION")
         assert "ConnectionCloseEvent" in event.params["ReaderEventNotificationData"]
+
+
+async def test_flap_drops_every_session_until_cleared(sim: LlrpSimulator) -> None:
+    sim.faults.flap(0.2)
+    for n in (1, 2):
+        async with await connected(sim) as client:
+            event = await client.expect("READER_EVENT_NOTIFICATION")
+            assert "ConnectionCloseEvent" in event.params["ReaderEventNotificationData"]
+            assert await client.eof() == b""
+        await sim.wait_until(lambda: sim.connections.active == 0)
+        assert len(sim.connections.established_at) == n
+    sim.faults.clear()
+    async with await connected(sim) as client:
+        # Proof the session outlived the flap delay: a request answered well after it.
+        await asyncio.sleep(0.4)
+        assert status(await client.request("GET_READER_CAPABILITIES", {"RequestedData": 0})) == 0
+        assert sim.connections.active == 1
+    a, b, c = sim.connections.established_at
+    assert a <= b <= c
+
+
+def test_neighbour_tags_answer_in_runs_in_a_share_of_the_rounds() -> None:
+    from simulators.llrp import neighbour_tag
+    from simulators.llrp.tags import TagPopulation
+
+    pop = TagPopulation()
+    pop.add(neighbour_tag(EPC1, 1, rssi_mean=-60.0, duty=0.3, burst_rounds=6))
+    rng = random.Random(4)
+    answered = [bool(pop.cycle(rng, [1], channels=4, utc_us=0)) for _ in range(20_000)]
+    share = sum(answered) / len(answered)
+    runs = [len(r) for r in "".join("x" if a else " " for a in answered).split()]
+    assert 0.26 < share < 0.34, share
+    assert 5.0 < sum(runs) / len(runs) < 7.0, sum(runs) / len(runs)
+
+
+async def test_cli_places_neighbour_tags() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "simulators.cli",
+        "llrp",
+        *("--port", "0", "--seed", "5", "--neighbours", "2", "--neighbour-duty", "0.5"),
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stderr is not None
+    try:
+        port = 0
+        neighbours: dict[str, int] = {}
+        async with asyncio.timeout(30):
+            while not port:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "simulator exited early"
+                if found := re.search(r"neighbour tag ([0-9a-f]+) at antenna (\d+)", line):
+                    neighbours[found.group(1)] = int(found.group(2))
+                found = re.search(r"serving 2 tags on 127\.0\.0\.1:(\d+)", line)
+                port = int(found.group(1)) if found else 0
+        assert len(neighbours) == 2
+        async with await RawClient.connect("127.0.0.1", port) as client:
+            await client.expect("READER_EVENT_NOTIFICATION")
+            assert (
+                status(await client.request("ADD_ROSPEC", {"ROSpec": rospec(trigger=2, n=1)})) == 0
+            )
+            assert status(await client.request("ENABLE_ROSPEC", {"ROSpecID": 1})) == 0
+            seen: dict[str, list[int]] = {}
+            async with asyncio.timeout(30):
+                while set(seen) != set(neighbours):
+                    msg = await client.expect("RO_ACCESS_REPORT")
+                    for t in msg.params["TagReportData"]:
+                        seen.setdefault(epc_hex(t), []).append(t["PeakRSSI"])
+            # Weak: around -79 dBm, under a -70 dBm floor.
+            assert all(r <= -70 for rssis in seen.values() for r in rssis), seen
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -30,6 +30,24 @@ class CabinetDomainConfig(StrictModel):
     rssi_floor_overrides: dict[str, float] = Field(
         default_factory=dict, description='per antenna "reader:port" → floor (dBm)'
     )
+    presence_round_ms: int = Field(
+        1000,
+        ge=50,
+        le=600_000,
+        description="read rounds of a pass; longer than the reader needs to read every tag once",
+    )
+    presence_min_ratio: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description="a tag new to the cabinet must be read in this share of the pass's rounds",
+    )
+    presence_margin_db: float = Field(
+        6.0,
+        ge=0,
+        le=60,
+        description="... and with a mean RSSI this far above its antenna's floor",
+    )
     stable_ms: int = Field(2000, ge=100, le=600_000, description="settle: no new EPC for this")
     scan_min_ms: int = Field(3000, ge=0, le=600_000, description="shortest scan pass")
     scan_max_ms: int = Field(30_000, ge=100, le=3_600_000, description="hard limit of a pass")

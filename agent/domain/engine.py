@@ -134,6 +134,14 @@ class _ReaderWatch:
     flap_outages: int = 0  # outages since the episode began
 
 
+@dataclass(frozen=True)
+class _Verdict:
+    base: Mapping[str, str]  # the baseline the pass is compared with (registered tags only)
+    inventory: dict[str, str]  # what the cabinet holds: the next baseline
+    unknown: dict[str, str]  # steady unregistered tags not reported yet (item.unknown)
+    arrivals: bool  # steady tags new to the cabinet: confirm before trusting them
+
+
 class EngineStateError(ValueError):
     """Serialized engine state is unreadable (wrong version, malformed)."""
 
@@ -183,6 +191,7 @@ class CabinetEngine:
         self._bg_next = now.mono + config.background_period_s
         # An incomplete session left the baseline unverified: inventory as soon as readers allow.
         self._verify = False
+        self._unknown: dict[str, str] = {}  # unregistered tags reported and still present
         self._last = now
         self._dirty = True
         self._started = False
@@ -359,6 +368,7 @@ class CabinetEngine:
             "verify": self._verify,
             "access": self.access.snapshot(at),
             "baseline": self.baseline.to_dict(),
+            "unknown": dict(sorted(self._unknown.items())),
             "session": None
             if s is None
             else {
@@ -428,6 +438,7 @@ class CabinetEngine:
                     flap_outages=0 if flaps is None else int(flaps),
                 )
             engine._verify = bool(state["verify"])
+            engine._unknown = dict(Baseline.from_dict(state.get("unknown") or {}))
             engine.access.restore(state["access"], base)
             s = state["session"]
             if s is not None:
@@ -823,8 +834,7 @@ class CabinetEngine:
                 self._close_session(now, out, None, reads=result.reads, tags=len(result.present))
             return
         if self.phase is Phase.SCANNING:
-            missing = diff(self.baseline, result.present).missing
-            if missing and self.config.confirm_pass:
+            if self._needs_confirmation(result):
                 self._first_pass = result
                 self._start_pass(Phase.CONFIRMING, now, out, first=False)
                 return
@@ -849,7 +859,8 @@ class CabinetEngine:
         sid = session.session_id
         checked_out = returned = 0
         if result is not None:
-            d = diff(self.baseline, result.present)
+            verdict = self._assess(result)
+            d = diff(verdict.base, verdict.inventory)
             today = now.wall.date()
             for epc, drawer in d.missing.items():
                 asset = self.assets.get(epc) if self.assets is not None else None
@@ -878,6 +889,8 @@ class CabinetEngine:
                         )
                     )
             for epc, drawer in d.new.items():
+                if epc in self._unknown:
+                    continue  # inside all along, registered since: not returned by anyone
                 asset = self.assets.get(epc) if self.assets is not None else None
                 returned += 1
                 out.events.append(
@@ -891,9 +904,10 @@ class CabinetEngine:
                         drawer=drawer,
                     )
                 )
-            self._placement_events(d.new, d.moved, sid, now, out)
-            reads, tags = result.reads, len(result.present)
-            self.baseline = Baseline(result.present)
+            self._placement_events(d.new, d.moved, verdict.unknown, sid, now, out)
+            self._note_unknown(result, verdict.unknown)
+            reads, tags = result.reads, len(verdict.inventory)
+            self.baseline = Baseline(verdict.inventory)
             out.baseline = self.baseline
         out.events.append(
             self._event(
@@ -933,7 +947,7 @@ class CabinetEngine:
                 self._finish_background(now, out, complete=False)
             return
         if self.phase is Phase.BACKGROUND:
-            if diff(self.baseline, result.present).missing and self.config.confirm_pass:
+            if self._needs_confirmation(result):
                 self._first_pass = result
                 self._start_pass(Phase.BACKGROUND_CONFIRM, now, out, first=False)
                 return
@@ -942,7 +956,8 @@ class CabinetEngine:
             first = self._first_pass
             assert first is not None
             merged = first.merge(result)
-        d = diff(self.baseline, merged.present)
+        verdict = self._assess(merged)
+        d = diff(verdict.base, verdict.inventory)
         for epc, drawer in d.missing.items():
             asset = self.assets.get(epc) if self.assets is not None else None
             out.events.append(
@@ -954,8 +969,9 @@ class CabinetEngine:
                     drawer=drawer,
                 )
             )
-        self._placement_events(d.new, d.moved, None, now, out)
-        self.baseline = Baseline(merged.present)
+        self._placement_events(d.new, d.moved, verdict.unknown, None, now, out)
+        self._note_unknown(merged, verdict.unknown)
+        self.baseline = Baseline(verdict.inventory)
         out.baseline = self.baseline
         out.events.append(
             self._event(
@@ -987,6 +1003,7 @@ class CabinetEngine:
         self,
         new: Mapping[str, str],
         moved: Mapping[str, tuple[str, str]],
+        unknown: Mapping[str, str],
         session_id: UUID | None,
         now: Now,
         out: EngineOutput,
@@ -998,16 +1015,14 @@ class CabinetEngine:
         arrived: Iterable[tuple[str, str]] = [
             *new.items(),
             *((e, d[1]) for e, d in moved.items()),
+            *unknown.items(),
         ]
         for epc, drawer in sorted(arrived):
             asset = registry.get(epc)
             if asset is None:
-                if epc in new:
-                    out.events.append(
-                        self._event(
-                            ev.ItemUnknown, now, epc=epc, drawer=drawer, session_id=session_id
-                        )
-                    )
+                out.events.append(
+                    self._event(ev.ItemUnknown, now, epc=epc, drawer=drawer, session_id=session_id)
+                )
             elif asset.misplaced_in(drawer):
                 assert asset.home_drawer is not None
                 out.events.append(
@@ -1021,6 +1036,62 @@ class CabinetEngine:
                         session_id=session_id,
                     )
                 )
+
+    # ---- inventory trust ------------------------------------------------------------------
+
+    def _assess(self, result: ScanResult) -> _Verdict:
+        """What a complete pass (or merged passes) says the cabinet holds, under the trust rules.
+
+        - With an asset registry, only registered tags are inventory: an unregistered tag never
+          joins the baseline nor leaves it (a steady one is worth ``item.unknown``, once).
+        - A tag already in the baseline stays while it is present at all (``min_reads`` above
+          the floor); a tag new to the cabinet joins only if it was *steady* (read in enough of
+          the rounds, clearly above the floor) in every pass — so a neighbour cabinet's tag,
+          read weakly and now and then, never becomes inventory, and so can never be "taken".
+        """
+        registry = self.assets
+        if registry is None:
+            base: Mapping[str, str] = self.baseline
+        else:
+            base = {e: d for e, d in self.baseline.items() if e in registry}
+        inventory: dict[str, str] = {}
+        unknown: dict[str, str] = {}
+        new = False
+        for epc, drawer in result.present.items():
+            if registry is not None and epc not in registry:
+                # Reported when it arrives; one the baseline already held (from before the
+                # registry knew better) did not arrive.
+                if epc in result.steady and epc not in self._unknown and epc not in self.baseline:
+                    unknown[epc] = drawer
+            elif epc in base:
+                inventory[epc] = drawer
+            elif epc in result.steady:
+                inventory[epc] = drawer
+                new = True
+        return _Verdict(base, inventory, unknown, new or bool(unknown))
+
+    def _needs_confirmation(self, result: ScanResult) -> bool:
+        """A first pass that found items gone, or tags new to the cabinet, is confirmed by a
+        second one before anything is reported or joins the baseline."""
+        if not self.config.confirm_pass:
+            return False
+        verdict = self._assess(result)
+        return verdict.arrivals or bool(diff(verdict.base, verdict.inventory).missing)
+
+    def _note_unknown(self, result: ScanResult, reported: Mapping[str, str]) -> None:
+        """Remember the unregistered tags reported as item.unknown while they stay present (so
+        each is reported once per stay, not at every scan)."""
+        registry = self.assets
+        if registry is None:
+            return
+        kept: dict[str, str] = {}
+        # Also the unregistered tags the baseline held: they did not arrive, they were here.
+        for epc, drawer in (*self._unknown.items(), *self.baseline.items(), *reported.items()):
+            if epc in result.present and epc not in registry and len(kept) < MAX_UNKNOWN_TRACKED:
+                kept[epc] = drawer
+        if kept != self._unknown:
+            self._unknown = kept
+            self._dirty = True
 
     # ---- events -----------------------------------------------------------------------------
 
@@ -1053,6 +1124,7 @@ class CabinetEngine:
 _ACTOR_RE = re.compile(ev.ACTOR_PATTERN)
 _PSEUDONYM_RE = re.compile(ev.PSEUDONYM_PATTERN)
 MAX_CREDIBLE_DOWNTIME_S = 30 * 86_400
+MAX_UNKNOWN_TRACKED = 1000
 
 
 def _downtime(saved_at: datetime, now: datetime) -> float:

@@ -104,11 +104,15 @@ def diff(baseline: Mapping[str, str], scan: Mapping[str, str]) -> Diff:
 
 
 class _TagStats:
-    __slots__ = ("by_drawer", "count")
+    __slots__ = ("by_drawer", "count", "excess", "last_round", "rounds", "with_rssi")
 
     def __init__(self) -> None:
         self.count = 0
         self.by_drawer: dict[str, list[float]] = {}  # drawer → [reads, rssi sum]
+        self.rounds = 0  # read rounds with at least one qualifying read
+        self.last_round = -1
+        self.with_rssi = 0  # qualifying reads that carried an RSSI ...
+        self.excess = 0.0  # ... and the sum of their dB above the antenna's floor
 
 
 def _strongest(by_drawer: Mapping[str, Sequence[float]]) -> str:
@@ -130,9 +134,14 @@ class ScanResult:
     passes: int = 1
     # EPC → drawer → (reads, RSSI sum), for present tags; read-only by contract.
     stats: Mapping[str, Mapping[str, Sequence[float]]] = field(default_factory=dict, repr=False)
+    # Present tags read *consistently*: in enough of the pass's rounds, clearly above the floor.
+    # Only these may join an inventory they were not in (a weak, intermittent tag — a neighbour
+    # cabinet's, read through the wall — may keep a known tag present, never add one).
+    steady: frozenset[str] = frozenset()
 
     def merge(self, other: ScanResult) -> ScanResult:
-        """Union of two passes: a tag present in either is present; location by combined RSSI."""
+        """Union of two passes: a tag present in either is present; location by combined RSSI.
+        A tag is steady only if it was steady in both."""
         stats: dict[str, Mapping[str, Sequence[float]]] = dict(self.stats)
         present = dict(self.present)
         for epc, theirs in other.stats.items():
@@ -156,6 +165,7 @@ class ScanResult:
             duration_ms=self.duration_ms + other.duration_ms,
             passes=self.passes + other.passes,
             stats=MappingProxyType(stats),
+            steady=self.steady & other.steady,
         )
 
 
@@ -163,8 +173,12 @@ class ScanAccumulator:
     """Collects the TagReads and reader health of one scan pass.
 
     A tag is present after ``min_reads`` reads at or above its antenna's RSSI floor (a read
-    without RSSI counts, at the floor). The pass is complete only if every configured reader was
-    healthy, on the same connection and with every configured antenna connected, all along.
+    without RSSI counts, at the floor). It is also *steady* if it was read in at least
+    ``presence_min_ratio`` of the pass's read rounds (``presence_round_ms`` each, counted from
+    the pass's first read; only rounds in which the readers reported anything count) with a
+    mean RSSI at least ``presence_margin_db`` above the floor.
+    The pass is complete only if every configured reader was healthy, on the same connection
+    and with every configured antenna connected, all along.
     """
 
     def __init__(
@@ -176,6 +190,12 @@ class ScanAccumulator:
     ) -> None:
         self._min_reads = config.min_reads
         self._max_tags = config.max_tags
+        self._round_s = config.presence_round_ms / 1000
+        self._min_ratio = config.presence_min_ratio
+        self._margin = config.presence_margin_db
+        self._first_read: float | None = None  # rounds count from the pass's first read
+        self._active_rounds = 0  # rounds in which any configured antenna reported a read
+        self._last_active = -1
         self._antennas = {a: (drawer, config.rssi_floor(*a)) for a, drawer in antennas.items()}
         self._ports: dict[str, set[int]] = {}
         for reader, port in antennas:
@@ -216,13 +236,22 @@ class ScanAccumulator:
         antennas = self._antennas
         tags = self._tags
         min_reads = self._min_reads
+        round_no = -1
         for read in reads:
             ant = antennas.get((read.reader_id, read.antenna))
             if ant is None:
                 self.ignored += 1
                 continue
+            if round_no < 0:
+                if self._first_read is None:
+                    self._first_read = now
+                round_no = int((now - self._first_read) // self._round_s)
+                if round_no > self._last_active:
+                    self._active_rounds += 1
+                    self._last_active = round_no
             drawer, floor = ant
             rssi = read.peak_rssi_dbm
+            measured = rssi is not None
             if rssi is None:
                 rssi = floor
             elif rssi < floor:
@@ -242,6 +271,12 @@ class ScanAccumulator:
                 self.last_new = now
             before = stats.count
             stats.count = before + n
+            if round_no > stats.last_round:
+                stats.rounds += 1
+                stats.last_round = round_no
+            if measured:
+                stats.with_rssi += n
+                stats.excess += (rssi - floor) * n
             if before < min_reads <= stats.count:
                 self._present += 1
                 self.last_new = now
@@ -270,10 +305,20 @@ class ScanAccumulator:
         min_reads = self._min_reads
         present: dict[str, str] = {}
         stats: dict[str, Mapping[str, Sequence[float]]] = {}
+        steady: set[str] = set()
+        # Rounds in which the readers reported anything (a stalled loop or a slow start is
+        # nobody's absence); the current, partial round counts only for a tag read in it.
+        current = 0 if self._first_read is None else int((now - self._first_read) // self._round_s)
+        whole = self._active_rounds - (1 if self._last_active >= current else 0)
         for epc, s in self._tags.items():
             if s.count >= min_reads:
                 present[epc] = _strongest(s.by_drawer)
                 stats[epc] = s.by_drawer  # handed over, not copied: the pass is over
+                rounds = whole + (1 if s.last_round >= current else 0)
+                if s.rounds >= self._min_ratio * rounds and (
+                    s.with_rssi == 0 or s.excess / s.with_rssi >= self._margin
+                ):
+                    steady.add(epc)
         return ScanResult(
             present=MappingProxyType(dict(sorted(present.items()))),
             complete=self.complete,
@@ -281,6 +326,7 @@ class ScanAccumulator:
             reads=self.reads,
             duration_ms=max(0, round((now - self.started) * 1000)),
             stats=MappingProxyType(stats),
+            steady=frozenset(steady),
         )
 
     def _check(self, h: ReaderHealth) -> None:

@@ -20,7 +20,7 @@ from simulators.llrp.codec import (
 from simulators.llrp.faults import Faults
 from simulators.llrp.personality import IMPINJ, PERSONALITIES, ZEBRA, Personality
 from simulators.llrp.simulator import ConnectionStats, GpoWrite, LlrpSimulator, SimStats
-from simulators.llrp.tags import SimTag
+from simulators.llrp.tags import SimTag, neighbour_tag
 
 __all__ = [
     "IMPINJ",
@@ -41,4 +41,5 @@ __all__ = [
     "decode_message",
     "encode_message",
     "epc_hex",
+    "neighbour_tag",
 ]

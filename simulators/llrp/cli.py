@@ -1,6 +1,8 @@
 """``cabinet-sim llrp``: run a simulated LLRP reader until Ctrl-C / SIGTERM.
 
-Stdin lines drive it while it runs: ``add <epc> <antenna> [rssi]``, ``remove <epc>``,
+Stdin lines drive it while it runs: ``add <epc> <antenna> [rssi]``,
+``neighbour <epc> <antenna> [rssi] [duty]`` (a weak, intermittent tag of the next cabinet),
+``remove <epc>``,
 ``move <epc> <antenna>``, ``random <n>``, ``gpi <port> <0|1>``, ``antenna <n> <on|off>``,
 ``stats``, and the faults ``!silence``, ``!drop``, ``!garbage [kind]``, ``!trickle [seconds]``,
 ``!busy [status]``, ``!reboot [seconds]``, ``!flap [up_seconds]``, ``!close``, ``!clear``. End of input just stops the
@@ -22,7 +24,7 @@ from typing import Any
 from simulators.llrp.faults import GarbageKind, Target
 from simulators.llrp.personality import PERSONALITIES
 from simulators.llrp.simulator import LlrpSimulator
-from simulators.llrp.tags import SimTag
+from simulators.llrp.tags import SimTag, neighbour_tag
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--antennas", type=int, default=None, help="antenna ports (default: model's)")
     p.add_argument("--tags", type=int, default=0, help="random EPC-96 tags to place")
     p.add_argument("--seed", type=int, default=None, help="seed for tags and reads")
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=0,
+        help="tags of the cabinet next door: weak and intermittent (cross-reads)",
+    )
+    p.add_argument("--neighbour-rssi", type=float, default=-79.0, help="their mean RSSI (dBm)")
+    p.add_argument(
+        "--neighbour-duty",
+        type=float,
+        default=0.3,
+        help="share of inventory rounds in which they can answer (0 < duty <= 1)",
+    )
     p.add_argument(
         "--read-probability",
         type=float,
@@ -83,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.read_probability <= 1.0:
         logger.error("--read-probability must be within [0, 1]")
         return 2
+    if not 0.0 < args.neighbour_duty <= 1.0 or args.neighbours < 0:
+        logger.error("--neighbour-duty must be within (0, 1] and --neighbours >= 0")
+        return 2
     try:
         return asyncio.run(_serve(args, faults))
     except OSError as err:
@@ -121,6 +139,10 @@ async def _serve(args: argparse.Namespace, faults: list[tuple[str, str | None]])
     )
     if args.tags:
         sim.add_random_tags(args.tags, seed=args.seed)
+    for tag in sim.add_neighbour_tags(
+        args.neighbours, rssi_mean=args.neighbour_rssi, duty=args.neighbour_duty
+    ):
+        logger.info("neighbour tag %s at antenna %d", tag.epc, tag.antenna)
     for name, value in faults:
         _arm(sim, name, value)
     stop = asyncio.Event()
@@ -199,6 +221,10 @@ def _command(sim: LlrpSimulator, words: list[str]) -> None:
     if verb == "add":
         rssi = float(rest[2]) if len(rest) > 2 else -55.0
         sim.add_tag(SimTag(epc=rest[0], antenna=int(rest[1]), rssi_mean=rssi))
+    elif verb == "neighbour":
+        rssi = float(rest[2]) if len(rest) > 2 else -79.0
+        duty = float(rest[3]) if len(rest) > 3 else 0.3
+        sim.add_tag(neighbour_tag(rest[0], int(rest[1]), rssi_mean=rssi, duty=duty))
     elif verb == "remove":
         sim.remove_tag(rest[0])
     elif verb == "move":

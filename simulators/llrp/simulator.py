@@ -37,7 +37,13 @@ from simulators.llrp.codec import (
 )
 from simulators.llrp.faults import Faults, FaultState, garbage_frame
 from simulators.llrp.personality import PERSONALITIES, Personality
-from simulators.llrp.tags import Observation, SimTag, TagPopulation, random_epc96
+from simulators.llrp.tags import (
+    Observation,
+    SimTag,
+    TagPopulation,
+    neighbour_tag,
+    random_epc96,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -615,6 +621,34 @@ class LlrpSimulator:
                 read_probability=(
                     self.read_probability if read_probability is None else read_probability
                 ),
+            )
+            self.tags.add(tag)
+            made.append(tag)
+        return made
+
+    def add_neighbour_tags(
+        self,
+        n: int,
+        antennas: Iterable[int] | None = None,
+        seed: int | None = None,
+        *,
+        rssi_mean: float = -79.0,
+        duty: float = 0.3,
+        burst_rounds: float = 6.0,
+    ) -> list[SimTag]:
+        """``n`` tags of the cabinet next door, heard weakly and now and then by ``antennas``
+        (default: all): see :func:`simulators.llrp.tags.neighbour_tag`."""
+        rng = random.Random(seed) if seed is not None else self.rng
+        ants = list(antennas) if antennas is not None else list(range(1, self.antennas + 1))
+        for ant in ants:
+            self._check_antenna(ant)
+        made: list[SimTag] = []
+        for _ in range(n):
+            epc = random_epc96(rng)
+            while epc in self.tags:
+                epc = random_epc96(rng)
+            tag = neighbour_tag(
+                epc, rng.choice(ants), rssi_mean=rssi_mean, duty=duty, burst_rounds=burst_rounds
             )
             self.tags.add(tag)
             made.append(tag)

@@ -11,7 +11,12 @@ from types import MappingProxyType
 @dataclass(frozen=True)
 class SimTag:
     """One tag. ``antenna`` is where it couples best; ``also_at`` maps further antennas that also
-    see it (overlapping fields) to the RSSI mean there. RSSI is gaussian around the mean (dBm)."""
+    see it (overlapping fields) to the RSSI mean there. RSSI is gaussian around the mean (dBm).
+
+    ``duty`` < 1 makes it *intermittent*: it can answer only in that share of the inventory
+    rounds, in runs of ``burst_rounds`` rounds on average (a tag drifting in and out of a fade,
+    as a neighbour cabinet's tag read through the wall does); within such a run it answers with
+    ``read_probability``."""
 
     epc: str
     antenna: int = 1
@@ -19,6 +24,8 @@ class SimTag:
     rssi_spread: float = 2.0
     read_probability: float = 1.0
     also_at: Mapping[int, float] = field(default_factory=dict)
+    duty: float = 1.0
+    burst_rounds: float = 1.0
 
     def __post_init__(self) -> None:
         epc = self.epc.lower()
@@ -32,12 +39,26 @@ class SimTag:
             raise ValueError("read_probability must be within [0, 1]")
         if self.rssi_spread < 0:
             raise ValueError("rssi_spread must be >= 0")
+        if not 0.0 < self.duty <= 1.0:
+            raise ValueError("duty must be within (0, 1]")
+        if self.burst_rounds < 1.0:
+            raise ValueError("burst_rounds must be >= 1")
         object.__setattr__(self, "epc", epc)
         object.__setattr__(self, "also_at", MappingProxyType(dict(self.also_at)))
 
     @property
     def epc_bytes(self) -> bytes:
         return bytes.fromhex(self.epc)
+
+    def next_reachable(self, reachable: bool, rng: random.Random) -> bool:
+        """Whether an intermittent tag can answer this round, given whether it could last round
+        (a two-state Markov chain: mean run ``burst_rounds`` on, and ``duty`` of rounds on)."""
+        if self.duty >= 1.0:
+            return True
+        leave_on = 1.0 / self.burst_rounds
+        # Mean off-run so that on / (on + off) == duty.
+        leave_off = min(1.0, self.duty / ((1.0 - self.duty) * self.burst_rounds))
+        return rng.random() >= leave_on if reachable else rng.random() < leave_off
 
     def views(self) -> Iterator[tuple[int, float]]:
         """(antenna, rssi mean) for every antenna that can read this tag."""
@@ -63,6 +84,7 @@ class TagPopulation:
 
     def __init__(self) -> None:
         self._tags: dict[str, SimTag] = {}
+        self._reachable: dict[str, bool] = {}  # intermittent tags: can answer this round
 
     def __len__(self) -> int:
         return len(self._tags)
@@ -80,6 +102,7 @@ class TagPopulation:
         self._tags[tag.epc] = tag
 
     def remove(self, epc: str) -> SimTag:
+        self._reachable.pop(epc.lower(), None)
         try:
             return self._tags.pop(epc.lower())
         except KeyError:
@@ -95,6 +118,7 @@ class TagPopulation:
 
     def clear(self) -> None:
         self._tags.clear()
+        self._reachable.clear()
 
     def cycle(
         self,
@@ -115,6 +139,11 @@ class TagPopulation:
         offsets = power_offset or {}
         seen: list[Observation] = []
         for tag in self._tags.values():
+            if tag.duty < 1.0:
+                was = self._reachable.get(tag.epc, rng.random() < tag.duty)
+                now_on = self._reachable[tag.epc] = tag.next_reachable(was, rng)
+                if not now_on:
+                    continue
             for ant, mean in tag.views():
                 if ant not in wanted or rng.random() >= tag.read_probability:
                     continue
@@ -133,6 +162,27 @@ class TagPopulation:
                     )
                 )
         return seen
+
+
+def neighbour_tag(
+    epc: str,
+    antenna: int,
+    *,
+    rssi_mean: float = -79.0,
+    rssi_spread: float = 2.0,
+    duty: float = 0.3,
+    burst_rounds: float = 6.0,
+) -> SimTag:
+    """A tag of the cabinet next door, read through the wall: weak (near or under a typical
+    -80 dBm floor) and intermittent (answers in ~30 % of the rounds, in short runs)."""
+    return SimTag(
+        epc=epc,
+        antenna=antenna,
+        rssi_mean=rssi_mean,
+        rssi_spread=rssi_spread,
+        duty=duty,
+        burst_rounds=burst_rounds,
+    )
 
 
 def random_epc96(rng: random.Random) -> str:

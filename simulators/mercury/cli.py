@@ -1,6 +1,7 @@
 """``cabinet-sim mercury``: a Mercury serial UHF module (M6e / Nano) on a pty or TCP.
 
-Stdin lines drive it: ``add <epc> <antenna>``, ``random <n>``, ``remove <epc>``,
+Stdin lines drive it: ``add <epc> <antenna>``, ``neighbour <epc> <antenna> [rssi] [duty]``
+(a weak, intermittent tag of the next cabinet), ``random <n>``, ``remove <epc>``,
 ``move <epc> <antenna>``, ``!garbage [n]``, ``!silence <s>``, ``!unplug <s>``,
 ``!trickle <delay_s>``, ``!clear``. EOF (or Ctrl-C) stops the simulator.
 """
@@ -25,10 +26,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--antennas", type=int, default=None, help="antenna ports (default: model's)")
     p.add_argument("--tags", type=int, default=0, help="random EPC-96 tags to place")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=0,
+        help="tags of the cabinet next door: weak and intermittent (cross-reads)",
+    )
+    p.add_argument("--neighbour-rssi", type=float, default=-79.0, help="their mean RSSI (dBm)")
+    p.add_argument(
+        "--neighbour-duty",
+        type=float,
+        default=0.3,
+        help="share of search cycles in which they can answer (0 < duty <= 1)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.neighbours < 0 or not 0.0 < args.neighbour_duty <= 1.0:
+        _say("error: --neighbours must be >= 0 and --neighbour-duty within (0, 1]")
+        return 2
     try:
         return asyncio.run(_serve(args))
     except KeyboardInterrupt:
@@ -45,11 +62,17 @@ async def _serve(args: argparse.Namespace) -> int:
     )
     async with sim:
         sim.add_random_tags(args.tags)
+        neighbours = sim.add_neighbour_tags(
+            args.neighbours, rssi_mean=args.neighbour_rssi, duty=args.neighbour_duty
+        )
         _say(f"mercury simulator ({args.model}, {sim.antenna_count} antennas) at {sim.url}")
         if sim.pty_slave:
             _say(f"pty slave {sim.pty_slave}")
         for tag in sim.tags.values():
-            _say(f"tag {tag.epc.hex()} antenna {tag.antenna}")
+            if tag.duty >= 1.0:
+                _say(f"tag {tag.epc.hex()} antenna {tag.antenna}")
+        for tag in neighbours:
+            _say(f"neighbour {tag.epc.hex()} antenna {tag.antenna}")
         stdin = asyncio.StreamReader(limit=4096)
         loop = asyncio.get_running_loop()
         pipe, _ = await loop.connect_read_pipe(
@@ -72,6 +95,13 @@ def _command(sim: MercurySimulator, words: list[str]) -> None:
     verb, rest = words[0], words[1:]
     if verb == "add":
         sim.add_tag(rest[0], int(rest[1]))
+    elif verb == "neighbour":
+        sim.add_neighbour_tag(
+            rest[0],
+            int(rest[1]),
+            rssi_mean=float(rest[2]) if len(rest) > 2 else -79.0,
+            duty=float(rest[3]) if len(rest) > 3 else 0.3,
+        )
     elif verb == "random":
         for tag in sim.add_random_tags(int(rest[0])):
             _say(f"tag {tag.epc.hex()} antenna {tag.antenna}")

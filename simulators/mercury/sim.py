@@ -62,13 +62,30 @@ _OUT_QUEUE = 1024
 
 @dataclass
 class SimTag:
-    """A tag somewhere in the cabinet."""
+    """A tag somewhere in the cabinet. ``duty`` < 1: intermittent — it can answer only in that
+    share of the search cycles, in runs of ``burst_rounds`` cycles on average (a neighbour
+    cabinet's tag drifting in and out of a fade)."""
 
     epc: bytes
     antenna: int
     rssi_mean: float = -55.0
     rssi_spread: float = 3.0
     read_probability: float = 0.9
+    duty: float = 1.0
+    burst_rounds: float = 1.0
+    reachable: bool = True
+
+    def next_round(self, rng: random.Random) -> bool:
+        """Advance the fade (two-state Markov chain); whether it can answer this cycle."""
+        if self.duty >= 1.0:
+            return True
+        if self.reachable:
+            self.reachable = rng.random() >= 1.0 / self.burst_rounds
+        else:
+            self.reachable = rng.random() < min(
+                1.0, self.duty / ((1.0 - self.duty) * self.burst_rounds)
+            )
+        return self.reachable
 
 
 @dataclass
@@ -266,6 +283,7 @@ class MercurySimulator:
         self.commands: Counter[int] = Counter()
         self.connections = 0
         self.records_sent = 0
+        self.records_by_epc: Counter[bytes] = Counter()
         self.unplugged = False
         self._changed = asyncio.Event()
         self._out: asyncio.Queue[bytes] = asyncio.Queue(_OUT_QUEUE)
@@ -332,15 +350,60 @@ class MercurySimulator:
         rssi_mean: float = -55.0,
         rssi_spread: float = 3.0,
         read_probability: float = 0.9,
+        duty: float = 1.0,
+        burst_rounds: float = 1.0,
     ) -> SimTag:
         raw = bytes.fromhex(epc) if isinstance(epc, str) else bytes(epc)
         if not raw or len(raw) % 2 or len(raw) > 62:
             raise ValueError("EPC must be a whole number of 16-bit words (≤ 496 bits)")
         if not 1 <= antenna <= 15:
             raise ValueError("antenna ports are 1..15")
-        tag = SimTag(raw, antenna, rssi_mean, rssi_spread, read_probability)
+        if not 0.0 < duty <= 1.0 or burst_rounds < 1.0:
+            raise ValueError("duty must be within (0, 1] and burst_rounds >= 1")
+        tag = SimTag(
+            raw,
+            antenna,
+            rssi_mean,
+            rssi_spread,
+            read_probability,
+            duty,
+            burst_rounds,
+            reachable=self._rng.random() < duty,
+        )
         self.tags[raw] = tag
         return tag
+
+    def add_neighbour_tag(
+        self,
+        epc: str | bytes,
+        antenna: int = 1,
+        *,
+        rssi_mean: float = -79.0,
+        duty: float = 0.3,
+        burst_rounds: float = 6.0,
+    ) -> SimTag:
+        """A tag of the cabinet next door, read through the wall: weak (near a typical -80 dBm
+        floor) and intermittent (answers in ``duty`` of the cycles, in short runs)."""
+        return self.add_tag(
+            epc,
+            antenna,
+            rssi_mean=rssi_mean,
+            rssi_spread=2.0,
+            read_probability=1.0,
+            duty=duty,
+            burst_rounds=burst_rounds,
+        )
+
+    def add_neighbour_tags(
+        self, n: int, antennas: Iterable[int] | None = None, **kw: float
+    ) -> list[SimTag]:
+        """``n`` random neighbour tags spread over ``antennas`` (default: all ports)."""
+        ports = list(antennas) if antennas is not None else list(range(1, self.antenna_count + 1))
+        made = []
+        for k in range(n):
+            epc = bytes(self._rng.getrandbits(8) for _ in range(12))
+            made.append(self.add_neighbour_tag(epc, ports[k % len(ports)], **kw))
+        return made
 
     def add_random_tags(self, n: int, antennas: Iterable[int] | None = None) -> list[SimTag]:
         """``n`` random EPC-96 tags spread over ``antennas`` (default: all ports)."""
@@ -503,7 +566,7 @@ class MercurySimulator:
             for tag in list(self.tags.values()):
                 if tag.antenna not in self.search_list or tag.antenna not in self.antennas_present:
                     continue
-                if self._rng.random() >= tag.read_probability:
+                if not tag.next_round(self._rng) or self._rng.random() >= tag.read_probability:
                     continue
                 rssi = round(self._rng.gauss(tag.rssi_mean, tag.rssi_spread))
                 record = wire.tag_record(
@@ -517,6 +580,7 @@ class MercurySimulator:
                 )
                 chunk += wire.response(READ_TAG_ID_MULTIPLE, ST_OK, record)
                 self.records_sent += 1
+                self.records_by_epc[tag.epc] += 1
             if chunk:
                 last_record = now
                 self._enqueue(bytes(chunk))
