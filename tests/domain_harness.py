@@ -107,6 +107,7 @@ class ReaderSim:
     state: ReaderState = ReaderState.INVENTORYING
     session: int = 1
     antennas: frozenset[int] | None = None
+    dead: set[int] = field(default_factory=set)  # unplugged, and the reader cannot tell
 
     @property
     def healthy(self) -> bool:
@@ -262,6 +263,8 @@ class Cabinet:
             sim = self.readers[rid]
             if not sim.healthy or (sim.antennas is not None and ant not in sim.antennas):
                 continue
+            if ant in sim.dead:
+                continue
             if tag.answers is not None and not tag.answers(self.ticks):
                 continue
             if self.read_p < 1.0 and self.rng.random() >= self.read_p:
@@ -315,6 +318,8 @@ def describe(e: ev.Event) -> str:
             return f"{e.type} {d['purpose']} #{d['attempt']} {retry} {';'.join(d['reasons'])}"
         case "inventory.snapshot":
             return f"{e.type} {d['tags']}"
+        case "inventory.suspect":
+            return f"{e.type} {d['purpose']} {d['drawer']} held={d['held']}"
         case "reader.offline" | "reader.online":
             return f"{e.type} {d['reader_id']}"
         case "reader.flapping":

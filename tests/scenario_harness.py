@@ -274,20 +274,26 @@ async def cabinet_rig(
     commission: bool = True,
     domain: Mapping[str, Any] | None = None,
     reader: Mapping[str, Any] | None = None,
+    llrp_options: Mapping[str, Any] | None = None,
+    config_hook: Callable[[dict[str, Any]], None] | None = None,
     before_start: Callable[[Rig], None] | None = None,
     agent_extra: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[Rig]:
     """Start everything for ``scenario``; the agent has its documents and a first baseline.
 
     ``agent_extra`` is merged into the agent's config (a section's keys into that section);
-    ``domain`` overrides keys of the agent's ``[domain]``, ``reader`` of its LLRP reader.
+    ``domain`` overrides keys of the agent's ``[domain]``, ``reader`` of its LLRP reader;
+    ``llrp_options`` go to the LLRP simulator; ``config_hook`` edits the whole agent config
+    (as a dict) last, e.g. to add a reader.
     """
     keys = generate_backend_keys(tmp / "keys")
     agent_dir = tmp / "agent"
     agent_dir.mkdir()
     cab = scenario.cabinet
     async with (
-        LlrpSimulator(personality=cab.personality, antennas=cab.antennas, seed=7) as llrp,
+        LlrpSimulator(
+            personality=cab.personality, antennas=cab.antennas, seed=7, **(llrp_options or {})
+        ) as llrp,
         BadgeSimulator(transport="tcp") as badge,
         BadgeSimulator(transport="tcp") as marker,
     ):
@@ -323,6 +329,8 @@ async def cabinet_rig(
         )
         if reader:
             cfg["readers"][0].update(reader)  # the LLRP reader's section
+        if config_hook is not None:
+            config_hook(cfg)
         config_path = agent_dir / "agent.toml"
         config_path.write_text(to_toml(cfg))
         sink = EventSink(broker.port, keys, asyncio.get_running_loop())

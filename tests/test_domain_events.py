@@ -66,6 +66,9 @@ def _one_of_each(gen: Uuid7Generator) -> list[ev.Event]:
         ev.InventoryIncomplete(
             **c(gen), purpose="session", attempt=1, will_retry=True, reasons=["dock-1 offline"]
         ),
+        ev.InventorySuspect(
+            **c(gen), purpose="session", session_id=SID, drawer="bottom", held=3, first=True
+        ),
         ev.InventorySnapshot(**c(gen), tags=1, by_drawer={"top": 1}, items={"abcd": "top"}),
         ev.ReaderOffline(**c(gen), reader_id="dock-1", detail="keepalive timeout", connection=3),
         ev.ReaderOnline(**c(gen), reader_id="dock-1", connection=4, antennas_connected=[1, 2]),

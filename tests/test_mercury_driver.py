@@ -443,3 +443,49 @@ async def test_a_stable_module_session_starts_the_delays_over() -> None:
 
 def _online_in(sink: RecordingSink, session: int) -> bool:
     return any(h.session == session and h.healthy for h in sink.health)
+
+
+@pytest.mark.parametrize(
+    ("model", "setting", "detects"),
+    [
+        ("m6e", None, True),  # by default wherever the module can tell ...
+        ("micro", None, True),
+        ("nano", None, False),  # ... never on a Nano, which would say "not detected" forever
+        ("m6e", False, False),  # antennas without a DC path: switched off by configuration
+        ("nano", True, True),  # forced on: its answer is believed (every port lost)
+    ],
+)
+async def test_antenna_detection_follows_the_module_model(
+    model: str, setting: bool | None, detects: bool
+) -> None:
+    async with MercurySimulator("tcp", model=model, seed=41) as sim:  # type: ignore[arg-type]
+        ports = list(range(1, sim.antenna_count + 1))
+        async with running(sim, antennas=ports, detect_antennas=setting) as (driver, sink):
+            await sink.wait_for(lambda: driver.health.state == ReaderState.ONLINE)
+            connected = driver.health.antennas_connected
+            if not detects:
+                assert connected is None
+                assert sim.commands[0x61] == 0, "the agent asked a module that cannot tell"
+            elif model == "nano":
+                assert connected == frozenset()
+            else:
+                assert connected == frozenset(ports)
+
+
+async def test_an_antenna_pulled_while_connected_is_noticed() -> None:
+    async with (
+        MercurySimulator("tcp", model="m6e", antennas=4, seed=43) as sim,
+        running(sim, antennas=[1, 2, 3, 4]) as (driver, sink),
+    ):
+        await sink.wait_for(lambda: driver.health.antennas_connected == frozenset({1, 2, 3, 4}))
+        sim.set_antenna_connected(3, False)  # idle: the keepalive poll sees it
+        await sink.wait_for(lambda: driver.health.antennas_connected == frozenset({1, 2, 4}))
+        assert driver.health.state == ReaderState.ONLINE
+        sim.set_antenna_connected(3, True)
+        await sink.wait_for(lambda: driver.health.antennas_connected == frozenset({1, 2, 3, 4}))
+        # Pulled again, with a scan about to start: it is looked at before streaming.
+        sim.set_antenna_connected(2, False)
+        await driver.start_inventory()
+        await sink.wait_for(lambda: driver.health.state == ReaderState.INVENTORYING)
+        assert driver.health.antennas_connected == frozenset({1, 3, 4})
+        assert driver.health.session == 1

@@ -52,6 +52,13 @@ class CabinetDomainConfig(StrictModel):
     scan_min_ms: int = Field(3000, ge=0, le=600_000, description="shortest scan pass")
     scan_max_ms: int = Field(30_000, ge=100, le=3_600_000, description="hard limit of a pass")
     confirm_pass: bool = Field(True, description="confirm missing items with a second pass")
+    suspect_min_tags: int = Field(
+        2,
+        ge=0,
+        le=1_000_000,
+        description="a drawer that held this many tags and reads nothing at all makes the "
+        "pass suspect, never a mass check-out (0: off)",
+    )
     max_rescans: int = Field(2, ge=0, le=20, description="rescans after incomplete passes")
     max_tags: int = Field(50_000, ge=1, le=1_000_000, description="tag limit per scan pass")
     unlock_pulse_s: float = Field(5.0, gt=0, le=300, description="lock release pulse")

@@ -140,6 +140,8 @@ class _Verdict:
     inventory: dict[str, str]  # what the cabinet holds: the next baseline
     unknown: dict[str, str]  # steady unregistered tags not reported yet (item.unknown)
     arrivals: bool  # steady tags new to the cabinet: confirm before trusting them
+    suspect: dict[str, list[str]]  # blind drawers → the tags held there
+    vanished: dict[str, str]  # held tags gone once their drawer reads again → item.missing
 
 
 class EngineStateError(ValueError):
@@ -192,6 +194,7 @@ class CabinetEngine:
         # An incomplete session left the baseline unverified: inventory as soon as readers allow.
         self._verify = False
         self._unknown: dict[str, str] = {}  # unregistered tags reported and still present
+        self._held: dict[str, list[str]] = {}  # blind drawers → tags held there (not judged)
         self._last = now
         self._dirty = True
         self._started = False
@@ -369,6 +372,7 @@ class CabinetEngine:
             "access": self.access.snapshot(at),
             "baseline": self.baseline.to_dict(),
             "unknown": dict(sorted(self._unknown.items())),
+            "held": dict(sorted(self._held.items())),
             "session": None
             if s is None
             else {
@@ -439,6 +443,11 @@ class CabinetEngine:
                 )
             engine._verify = bool(state["verify"])
             engine._unknown = dict(Baseline.from_dict(state.get("unknown") or {}))
+            held = Baseline.from_dict(
+                {str(e): str(d) for d, es in dict(state.get("held") or {}).items() for e in es}
+            )
+            for epc, drawer in held.items():
+                engine._held.setdefault(drawer, []).append(epc)
             engine.access.restore(state["access"], base)
             s = state["session"]
             if s is not None:
@@ -862,7 +871,10 @@ class CabinetEngine:
             verdict = self._assess(result)
             d = diff(verdict.base, verdict.inventory)
             today = now.wall.date()
+            self._blind_drawers(verdict, "session", sid, now, out)
             for epc, drawer in d.missing.items():
+                if epc in verdict.vanished:
+                    continue  # reported as missing above: who took it cannot be known
                 asset = self.assets.get(epc) if self.assets is not None else None
                 checked_out += 1
                 out.events.append(
@@ -958,7 +970,10 @@ class CabinetEngine:
             merged = first.merge(result)
         verdict = self._assess(merged)
         d = diff(verdict.base, verdict.inventory)
+        self._blind_drawers(verdict, "background", None, now, out)
         for epc, drawer in d.missing.items():
+            if epc in verdict.vanished:
+                continue  # reported above
             asset = self.assets.get(epc) if self.assets is not None else None
             out.events.append(
                 self._event(
@@ -1068,15 +1083,86 @@ class CabinetEngine:
             elif epc in result.steady:
                 inventory[epc] = drawer
                 new = True
-        return _Verdict(base, inventory, unknown, new or bool(unknown))
+        # A drawer that held tags and reads nothing at all, not even a neighbour's tag under the
+        # floor, is more likely blind (an unplugged antenna its reader cannot report) than
+        # emptied at once: its tags are held, never checked out. A held drawer stays held until
+        # it reads again; then what is gone from it is missing, charged to nobody.
+        by_drawer: dict[str, list[str]] = {}
+        for epc, drawer in base.items():
+            by_drawer.setdefault(drawer, []).append(epc)
+        least = self.config.suspect_min_tags
+        # Only where the readers cannot tell: one that reports its antennas has made a pass
+        # with an unplugged one incomplete already.
+        undetected = {
+            drawer
+            for (reader, _port), drawer in self.antennas.items()
+            if (h := self.health.get(reader)) is None or h.antennas_connected is None
+        }
+        suspect: dict[str, list[str]] = {}
+        for drawer, epcs in sorted(by_drawer.items()):
+            if drawer in result.heard:
+                continue
+            if (least and len(epcs) >= least and drawer in undetected) or drawer in self._held:
+                suspect[drawer] = sorted(epcs)
+                for epc in epcs:
+                    inventory[epc] = drawer
+        vanished = {
+            e: drawer
+            for drawer, epcs in sorted(self._held.items())
+            if drawer not in suspect
+            for e in epcs
+            if e in base and e not in inventory
+        }
+        return _Verdict(base, inventory, unknown, new or bool(unknown), suspect, vanished)
 
     def _needs_confirmation(self, result: ScanResult) -> bool:
-        """A first pass that found items gone, or tags new to the cabinet, is confirmed by a
-        second one before anything is reported or joins the baseline."""
+        """A first pass that found items gone, tags new to the cabinet or a blind drawer is
+        confirmed by a second one before anything is reported or joins the baseline."""
+        verdict = self._assess(result)
+        if verdict.suspect:
+            return True  # a blind drawer is always confirmed, whatever confirm_pass says
         if not self.config.confirm_pass:
             return False
-        verdict = self._assess(result)
         return verdict.arrivals or bool(diff(verdict.base, verdict.inventory).missing)
+
+    def _blind_drawers(
+        self,
+        verdict: _Verdict,
+        purpose: ev.ScanPurpose,
+        session_id: UUID | None,
+        now: Now,
+        out: EngineOutput,
+    ) -> None:
+        """inventory.suspect per blind drawer, item.missing for what left a drawer while it was
+        blind; the holds carried to the next cycle."""
+        extra = {} if session_id is None else {"session_id": session_id}
+        for drawer, epcs in verdict.suspect.items():
+            out.events.append(
+                self._event(
+                    ev.InventorySuspect,
+                    now,
+                    purpose=purpose,
+                    drawer=drawer,
+                    held=len(epcs),
+                    first=drawer not in self._held,
+                    detail="no read from its antennas in two passes: unplugged antenna?",
+                    **extra,
+                )
+            )
+        for epc, drawer in sorted(verdict.vanished.items()):
+            asset = self.assets.get(epc) if self.assets is not None else None
+            out.events.append(
+                self._event(
+                    ev.ItemMissing,
+                    now,
+                    epc=epc,
+                    asset_id=asset.asset_id if asset else None,
+                    drawer=drawer,
+                )
+            )
+        if verdict.suspect != self._held:
+            self._held = dict(verdict.suspect)
+            self._dirty = True
 
     def _note_unknown(self, result: ScanResult, reported: Mapping[str, str]) -> None:
         """Remember the unregistered tags reported as item.unknown while they stay present (so

@@ -229,6 +229,23 @@ class InventoryIncomplete(EventBase):
     reasons: list[Detail] = Field(max_length=64)
 
 
+class InventorySuspect(EventBase):
+    """A drawer that held tags read nothing at all in two passes — an unplugged antenna the
+    reader could not report, more likely than a drawer emptied at once. Its tags are *held*:
+    not checked out (nor reported missing), kept in the baseline; once the drawer reads again,
+    a held tag that is gone is reported as ``item.missing`` (no actor: it cannot be known who
+    took it). Repeated at every door cycle or background inventory while the drawer stays blind.
+    """
+
+    type: Literal["inventory.suspect"] = "inventory.suspect"
+    purpose: ScanPurpose
+    session_id: UUID | None = None
+    drawer: Drawer
+    held: int = Field(ge=1, description="tags of that drawer held in the baseline")
+    first: bool = Field(description="true when the drawer has just turned blind")
+    detail: Detail = ""
+
+
 class InventorySnapshot(EventBase):
     """The cabinet's full contents after a complete background inventory."""
 
@@ -335,6 +352,7 @@ Event: TypeAlias = Annotated[
     | ItemMissing
     | ItemCalibrationOverdue
     | InventoryIncomplete
+    | InventorySuspect
     | InventorySnapshot
     | ReaderOffline
     | ReaderOnline
@@ -361,6 +379,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "item.missing",
     "item.calibration_overdue",
     "inventory.incomplete",
+    "inventory.suspect",
     "inventory.snapshot",
     "reader.offline",
     "reader.online",

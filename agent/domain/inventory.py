@@ -138,6 +138,9 @@ class ScanResult:
     # Only these may join an inventory they were not in (a weak, intermittent tag — a neighbour
     # cabinet's, read through the wall — may keep a known tag present, never add one).
     steady: frozenset[str] = frozenset()
+    # Drawers whose antennas reported any read at all (a tag, a neighbour, under the floor or
+    # not): a drawer that held tags and is not among them may be blind (an unplugged antenna).
+    heard: frozenset[str] = frozenset()
 
     def merge(self, other: ScanResult) -> ScanResult:
         """Union of two passes: a tag present in either is present; location by combined RSSI.
@@ -166,6 +169,7 @@ class ScanResult:
             passes=self.passes + other.passes,
             stats=MappingProxyType(stats),
             steady=self.steady & other.steady,
+            heard=self.heard | other.heard,
         )
 
 
@@ -196,6 +200,7 @@ class ScanAccumulator:
         self._first_read: float | None = None  # rounds count from the pass's first read
         self._active_rounds = 0  # rounds in which any configured antenna reported a read
         self._last_active = -1
+        self._heard: set[str] = set()
         self._antennas = {a: (drawer, config.rssi_floor(*a)) for a, drawer in antennas.items()}
         self._ports: dict[str, set[int]] = {}
         for reader, port in antennas:
@@ -250,6 +255,7 @@ class ScanAccumulator:
                     self._active_rounds += 1
                     self._last_active = round_no
             drawer, floor = ant
+            self._heard.add(drawer)
             rssi = read.peak_rssi_dbm
             measured = rssi is not None
             if rssi is None:
@@ -327,6 +333,7 @@ class ScanAccumulator:
             duration_ms=max(0, round((now - self.started) * 1000)),
             stats=MappingProxyType(stats),
             steady=frozenset(steady),
+            heard=frozenset(self._heard),
         )
 
     def _check(self, h: ReaderHealth) -> None:

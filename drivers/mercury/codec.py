@@ -522,6 +522,11 @@ def stop_continuous_read() -> Command:
 # --- responses ---------------------------------------------------------------------------
 
 MODEL_NAMES = {0x18: "M6e", 0x19: "M6e-I", 0x20: "M6e Micro", 0x30: "M6e Nano", 0x38: "M7e Pico"}
+# Models whose antenna ports can sense an attached antenna (GET_ANTENNA_PORT option 5): the M6e
+# family and the Micro (the Mercury API lets checkPort be enabled on both). The M6e Nano has no
+# detection circuit (it answers option 5 with its port "not detected" whatever is attached);
+# the M7e Pico and unknown models are not assumed to have one.
+ANTENNA_DETECTING_MODELS = frozenset({0x18, 0x19, 0x20})
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,6 +540,11 @@ class VersionInfo:
     @property
     def model(self) -> str:
         return MODEL_NAMES.get(self.hardware[0], f"model 0x{self.hardware[0]:02X}")
+
+    @property
+    def detects_antennas(self) -> bool:
+        """Whether the module can tell which ports have an antenna attached."""
+        return self.hardware[0] in ANTENNA_DETECTING_MODELS
 
     @property
     def supports_gen2(self) -> bool:

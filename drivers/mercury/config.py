@@ -41,8 +41,10 @@ class MercuryReaderConfig(ReaderConfigBase):
     read_power_dbm: float | None = Field(
         None, ge=0, le=31.5, description="read TX power; None keeps the module setting"
     )
-    detect_antennas: bool = Field(
-        False, description="ask the module which ports see an antenna (M6e; not the Nano)"
+    detect_antennas: bool | None = Field(
+        None,
+        description="ask the module which ports have an antenna; default (unset): yes on the "
+        "models that can tell (M6e, M6e-I, M6e Micro), no on the others (M6e Nano, M7e Pico)",
     )
     connect_timeout_s: float = Field(5.0, gt=0, le=120, description="opening the device")
     command_timeout_s: float = Field(2.0, gt=0, le=60, description="answer to one command")

@@ -76,6 +76,7 @@ class MercuryReader:
         self._delivering = False
         self._gpio_outputs: set[int] = set()
         self._antennas_connected: frozenset[int] | None = None
+        self._detect = False  # antenna detection this session (by model, or configured)
         self.version: VersionInfo | None = None
         self.tag_records = 0
         self.malformed_records = 0
@@ -234,6 +235,9 @@ class MercuryReader:
         while True:
             self._wake.clear()
             if self._want_inventory and not self._inventorying:
+                if self._detect:
+                    # Streaming hides an unplugged antenna: look right before every scan.
+                    await self._refresh_antennas()
                 await self._command(
                     codec.start_continuous_read(cycle_timeout_ms=cfg.cycle_timeout_ms)
                 )
@@ -261,6 +265,10 @@ class MercuryReader:
                     raise TransientError(f"no data for {quiet:.1f}s while reading")
             elif quiet >= cfg.keepalive_s:
                 await self._command(codec.version())
+                # With detection, the idle poll also notices an antenna pulled or plugged back
+                # while nobody scans.
+                if self._detect and await self._refresh_antennas():
+                    await self._publish(ReaderState.ONLINE, "antennas changed")
 
     async def _configure(self) -> None:
         cfg = self._cfg
@@ -290,18 +298,40 @@ class MercuryReader:
         if cfg.read_power_dbm is not None:
             await self._command(codec.set_read_power(cfg.read_power_dbm))
         self._antennas_connected = None
-        if cfg.detect_antennas:
-            answer = await self._command(codec.antenna_detect())
-            detected = codec.parse_antenna_detect(answer.data)
-            self._antennas_connected = frozenset(p for p, ok in detected.items() if ok)
+        # Decided by the module's own model (version answer), not assumed: a module swapped for
+        # another model is judged again at the next connect.
+        self._detect = info.detects_antennas if cfg.detect_antennas is None else cfg.detect_antennas
+        if self._detect:
+            await self._refresh_antennas()
         logger.info(
-            "%s: %s fw %s, region %s, antennas %s",
+            "%s: %s fw %s, region %s, antennas %s, antenna detection %s",
             self.reader_id,
             info.model,
             info.firmware,
             cfg.region,
             cfg.antennas,
+            ("on" if self._detect else "off")
+            + (" (configured)" if cfg.detect_antennas is not None else f" ({info.model})"),
         )
+
+    async def _refresh_antennas(self) -> bool:
+        """Ask which ports have an antenna; True if that changed."""
+        answer = await self._command(codec.antenna_detect())
+        detected = codec.parse_antenna_detect(answer.data)
+        connected = frozenset(p for p, ok in detected.items() if ok)
+        changed = connected != self._antennas_connected
+        if changed and self._antennas_connected is not None:
+            gone = sorted(set(self._antennas_connected) - connected)
+            back = sorted(connected - set(self._antennas_connected))
+            logger.warning(
+                "%s: antennas connected %s (lost %s, back %s)",
+                self.reader_id,
+                sorted(connected),
+                gone,
+                back,
+            )
+        self._antennas_connected = connected
+        return changed
 
     async def _command(
         self, cmd: Command, *, timeout_s: float | None = None, allow: tuple[int, ...] = ()

@@ -65,6 +65,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--cycle-ms", type=float, default=50.0, help="inventory cycle period")
     p.add_argument(
+        "--no-antenna-detection",
+        action="store_true",
+        help="a reader that cannot tell an unplugged antenna (no AntennaProperties, no event)",
+    )
+    p.add_argument(
         "--gpi-enabled",
         action="store_true",
         help="GPI ports start enabled (a real reader needs SET_READER_CONFIG first)",
@@ -136,6 +141,7 @@ async def _serve(args: argparse.Namespace, faults: list[tuple[str, str | None]])
         seed=args.seed,
         read_probability=args.read_probability,
         gpi_ports_enabled=args.gpi_enabled,
+        antenna_detection=not args.no_antenna_detection,
     )
     if args.tags:
         sim.add_random_tags(args.tags, seed=args.seed)

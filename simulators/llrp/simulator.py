@@ -458,6 +458,7 @@ class LlrpSimulator:
         notify_existing_on_reject: bool = True,
         max_message_len: int = 1 << 20,
         sensitivity_dbm: float = -84.0,
+        antenna_detection: bool = True,
     ) -> None:
         if isinstance(personality, str) and personality not in PERSONALITIES:
             raise ValueError(f"personality must be one of {sorted(PERSONALITIES)}")
@@ -481,6 +482,9 @@ class LlrpSimulator:
         self.notify_existing_on_reject = notify_existing_on_reject
         self.max_message_len = max_message_len
         self.sensitivity_dbm = sensitivity_dbm
+        # False: a reader that cannot tell an unplugged antenna: no AntennaProperties in its
+        # configuration, no AntennaEvent.
+        self.antenna_detection = antenna_detection
         self._gpi_default = gpi_ports_enabled
 
         self.tags = TagPopulation()
@@ -668,7 +672,8 @@ class LlrpSimulator:
             raise ValueError(f"antenna {ant} outside 1..{self.antennas}")
 
     def set_antenna_connected(self, antenna: int, connected: bool) -> None:
-        """Plug or unplug an antenna: it stops reading, and an AntennaEvent says so if enabled."""
+        """Plug or unplug an antenna: it stops reading, and an AntennaEvent says so if enabled
+        (never with ``antenna_detection=False``: that reader says nothing about its antennas)."""
         self._check_antenna(antenna)
         if self.antenna_connected[antenna] == connected:
             return
@@ -676,7 +681,7 @@ class LlrpSimulator:
         logger.info(
             "llrp-sim: antenna %d %s", antenna, "connected" if connected else "disconnected"
         )
-        if self.config.events.get(EventType.Antenna_Event):
+        if self.antenna_detection and self.config.events.get(EventType.Antenna_Event):
             self._event({"AntennaEvent": {"EventType": int(connected), "AntennaID": antenna}})
 
     # -- GPIO ----------------------------------------------------------------------------------
@@ -1044,7 +1049,7 @@ class LlrpSimulator:
         out: dict[str, Any] = {}
         if want_(GetConfigRequest.Identification):
             out["Identification"] = {"IDType": 0, "ReaderID": self.personality.reader_id}
-        if want_(GetConfigRequest.AntennaProperties):
+        if want_(GetConfigRequest.AntennaProperties) and self.antenna_detection:
             out["AntennaProperties"] = [
                 {"AntennaConnected": self.antenna_connected[a], "AntennaID": a, "AntennaGain": 0}
                 for a in ants

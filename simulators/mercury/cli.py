@@ -2,7 +2,7 @@
 
 Stdin lines drive it: ``add <epc> <antenna>``, ``neighbour <epc> <antenna> [rssi] [duty]``
 (a weak, intermittent tag of the next cabinet), ``random <n>``, ``remove <epc>``,
-``move <epc> <antenna>``, ``!garbage [n]``, ``!silence <s>``, ``!unplug <s>``,
+``move <epc> <antenna>``, ``antenna <port> <on|off>``, ``!garbage [n]``, ``!silence <s>``, ``!unplug <s>``,
 ``!trickle <delay_s>``, ``!clear``. EOF (or Ctrl-C) stops the simulator.
 """
 
@@ -109,6 +109,8 @@ def _command(sim: MercurySimulator, words: list[str]) -> None:
         sim.remove_tag(rest[0])
     elif verb == "move":
         sim.move_tag(rest[0], int(rest[1]))
+    elif verb == "antenna":
+        sim.set_antenna_connected(int(rest[0]), rest[1] in ("1", "on", "connected"))
     elif verb == "!garbage":
         sim.faults.garbage(int(rest[0]) if rest else 64)
     elif verb == "!silence":

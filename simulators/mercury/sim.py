@@ -422,6 +422,17 @@ class MercurySimulator:
             )
         return made
 
+    def set_antenna_connected(self, port: int, connected: bool) -> None:
+        """Plug or unplug the antenna of ``port``: unplugged, it reads nothing (and the M6e's
+        antenna detection reports it; the Nano's cannot)."""
+        if not 1 <= port <= self.antenna_count:
+            raise ValueError(f"antenna port {port} outside 1..{self.antenna_count}")
+        if connected:
+            self.antennas_present.add(port)
+        else:
+            self.antennas_present.discard(port)
+        self._notify()
+
     def remove_tag(self, epc: str | bytes) -> None:
         self.tags.pop(bytes.fromhex(epc) if isinstance(epc, str) else epc, None)
 
@@ -672,7 +683,10 @@ class MercurySimulator:
             return ST_INVALID_PARAMETER, b""
         out = bytearray([0x05])
         for port in range(1, self.antenna_count + 1):
-            out += bytes([port, 1 if port in self.antennas_present else 0])
+            # The Nano has no detection circuit: it answers, but reports every port undetected
+            # (as the URA log of a real M6e Nano shows).
+            seen = port in self.antennas_present and self.model != "nano"
+            out += bytes([port, 1 if seen else 0])
         return ST_OK, bytes(out)
 
     def _set_power(self, data: bytes) -> tuple[int, bytes]:
