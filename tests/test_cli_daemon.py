@@ -181,6 +181,8 @@ enabled = false
 [domain]
 drawers = {{ top = ["dock-1:1", "dock-1:2"], bottom = ["dock-1:3", "dock-1:4"] }}
 background_period_s = 0
+# The tests below make events with short reader reboots: report every outage at once.
+reader_offline_debounce_s = 0
 """
     if mqtt_port is not None:
         text += f"""
