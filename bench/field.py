@@ -95,6 +95,7 @@ SETTLE_TIMEOUT_S = 180.0
 EXACT_TYPES = ("access.", "door.", "session.", "item.")
 ITEM_OUT = ("item.checked_out", "item.missing")
 INFLIGHT_WINDOW = 20
+CHAOS_AFTERMATH_S = 5.0
 
 # Chaos is dealt from a shuffled deck (every kind comes up in each deck, so even a short run
 # sees most of them); the counts are how often each kind is in a deck.
@@ -312,6 +313,7 @@ class Chaos:
     clock_offset_s: int = 0
 
     def disturbed(self, start: float, end: float) -> bool:
+        """Chaos overlapped [start, end] (an action still under way counts to infinity)."""
         return any(s <= end and e >= start for s, e, _ in self.spans)
 
 
@@ -343,6 +345,7 @@ class World:
     comebacks: Counter[str] = field(default_factory=Counter)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one chaos action at a time
+    _last_round_start: float | None = None
     stop_chaos: asyncio.Event = field(default_factory=asyncio.Event)
 
     # -- the agent --------------------------------------------------------------------------
@@ -350,6 +353,13 @@ class World:
     async def restart_agent(self) -> None:
         self.agent.start()
         await self.agent.wait_ready(120.0)
+        # pyserial's socket:// open drains what arrives during its handshake: a card shown in
+        # the first instant after the agent connected would be lost (a real hand is slower).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(30.0):
+                while self.badge.clients < 1 or self.marker.clients < 1:
+                    await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
 
     async def agent_connected(self, timeout: float) -> None:
         """The agent runs and holds the reader and both badge readers."""
@@ -373,7 +383,15 @@ class World:
 
     async def chaos_loop(self) -> None:
         deck: list[str] = []
+        storm_ends = time.monotonic()  # it starts calm: the first rounds are compared exactly
         while not self.stop_chaos.is_set():
+            if time.monotonic() >= storm_ends:
+                # A calm spell: rounds played in it (and not spilled over) are compared exactly.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.opts.calm):
+                        await self.stop_chaos.wait()
+                storm_ends = time.monotonic() + self.opts.storm
+                continue
             pause = self.rng.uniform(self.opts.chaos_min, self.opts.chaos_max)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
@@ -385,10 +403,14 @@ class World:
                 self.rng.shuffle(deck)
             kind = deck.pop()
             async with self.lock:
+                # Recorded before it starts: a round that ends meanwhile must know about it.
+                span = len(self.chaos.spans)
                 start = time.monotonic()
+                self.chaos.spans.append((start, float("inf"), kind))
                 await getattr(self, f"_chaos_{kind}")()
                 self.chaos.done[kind] += 1
-                self.chaos.spans.append((start, time.monotonic() + 1.0, kind))
+                # Its effects outlast it a little (reconnects, a clock step's event, held writes).
+                self.chaos.spans[span] = (start, time.monotonic() + CHAOS_AFTERMATH_S, kind)
 
     async def _chaos_agent_kill(self) -> None:
         self.agent.kill9()
@@ -510,8 +532,12 @@ class World:
         location.update(runner.location)
         end_seq = await self.mark()
         ended = time.monotonic()
+        # What chaos did to the previous round can spill into this one (a verification
+        # inventory after an incomplete session reports what went missing then).
+        since = self._last_round_start if self._last_round_start is not None else started
+        self._last_round_start = started
         events = [e for e in self.backend.log.events if start_seq < int(e["seq"]) < end_seq]
-        disturbed = (not ok) or self.chaos.disturbed(started, ended)
+        disturbed = (not ok) or self.chaos.disturbed(since, ended)
         problems: list[str] = []
         if not disturbed:
             relevant = [e for e in events if str(e.get("type", "")).startswith(EXACT_TYPES)]
@@ -526,6 +552,9 @@ class World:
                 "events": len(events),
             }
         )
+        with (self.work / "rounds.jsonl").open("a") as f:  # for a post-mortem
+            detail = {**self.rounds[-1], "seqs": [start_seq, end_seq], "event_list": events}
+            f.write(json.dumps(detail, default=str) + "\n")
         return ok
 
     async def restore(self, location: dict[str, str | None]) -> None:
@@ -761,7 +790,7 @@ async def _run(world: World) -> int:
     for epc, where in location.items():
         if where is not None:
             world.comebacks[epc] += 1  # stocked by the installer: the first returns
-    await world.runner(location).commission(INSTALLER)
+    await world.restore(location)  # the installer's first cycle (retried like any restore)
     deadline = t0 + opts.seconds
     sampler_stop = asyncio.Event()
 
@@ -976,6 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
         "--chaos-min", type=float, default=4.0, help="shortest pause between actions"
     )
     parser.add_argument("--chaos-max", type=float, default=12.0, help="longest pause")
+    parser.add_argument("--storm", type=float, default=60.0, help="seconds of chaos ...")
+    parser.add_argument("--calm", type=float, default=30.0, help="... then this long without")
     parser.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="NORMAL")
     parser.add_argument("--no-registry", action="store_true", help="no asset registry installed")
     parser.add_argument("--disk-mib", type=int, default=96, help="size of the state disk (tmpfs)")
