@@ -292,3 +292,25 @@ async def test_a_second_agent_on_the_same_control_socket_is_one_line(tmp_path: P
             async with ControlClient(tmp_path / "control.sock", timeout_s=10) as client:
                 assert (await client.call("status"))["cabinet_id"] == "crib-07"
             assert await first.stop() == 0, first.text()
+
+
+async def test_a_small_order_signing_key_refuses_to_start(tmp_path: Path) -> None:
+    """An all-zero signing.pub would accept documents anyone can forge: exit 78, one line."""
+    from agent.privacy.keyfile import write_key_file
+    from agent.privacy.keys import KIND_SIGNING_PUBLIC
+
+    creds = provision(tmp_path)
+    (creds / "signing.pub").unlink()
+    write_key_file(creds / "signing.pub", KIND_SIGNING_PUBLIC, "sig1", bytes(32), secret=False)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(config_text(tmp_path, 9))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli.daemon", "run", "--config", str(cfg),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        _out, err = await proc.communicate()
+    assert proc.returncode == EX_CONFIG, err
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "anyone could forge documents" in lines[0]

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from agent.privacy.envelope import EnvelopeHeader, Opener, Sealer
-from agent.privacy.keyfile import KeyFileError
+from agent.privacy.keyfile import KeyFileError, write_key_file
 from agent.privacy.keys import (
+    KIND_HPKE_PUBLIC,
+    KIND_SIGNING_PUBLIC,
     BackendKeys,
     generate_backend_keys,
     load_backend_keys,
@@ -158,3 +160,57 @@ def _load_public(path: Path) -> object:
     if path.name == "signing.pub":
         return load_signing_public(path)
     return load_hpke_public(path)
+
+
+# -- weak public keys (hostile finding: an all-zero signing key accepted forged documents) ------
+
+_P = 2**255 - 19
+_SMALL_ORDER_ED25519 = {
+    "zero (order 4)": bytes(32),
+    "identity (order 1)": (1).to_bytes(32, "little"),
+    "(0, -1) (order 2)": (_P - 1).to_bytes(32, "little"),
+    "order 8": bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    "order 8, other": bytes.fromhex(
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"
+    ),
+    "non-canonical y = p": _P.to_bytes(32, "little"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SMALL_ORDER_ED25519))
+def test_small_order_signing_keys_are_refused(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "signing.pub"
+    write_key_file(path, KIND_SIGNING_PUBLIC, "sig1", _SMALL_ORDER_ED25519[name], secret=False)
+    with pytest.raises(KeyFileError, match="anyone could forge documents"):
+        load_signing_public(path)
+
+
+def test_an_all_zero_signing_key_would_verify_a_forged_signature() -> None:
+    """Why the check exists: R = identity, S = 0 needs no private key."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    key = Ed25519PublicKey.from_public_bytes(bytes(32))
+    forged = (1).to_bytes(32, "little") + bytes(32)
+    accepted = 0
+    for n in range(64):  # the cofactorless check passes for some messages
+        try:
+            key.verify(forged, f"allow-list v{n}".encode())
+            accepted += 1
+        except InvalidSignature:
+            pass
+    assert accepted > 0
+
+
+def test_small_order_hpke_keys_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "backend-hpke.pub"
+    write_key_file(path, KIND_HPKE_PUBLIC, "hpke1", bytes(32), secret=False)
+    with pytest.raises(KeyFileError, match="every event sealed to it could be read"):
+        load_hpke_public(path)
+
+
+def test_real_keys_still_load(tmp_path: Path) -> None:
+    keys = generate_backend_keys(tmp_path)
+    for _ in range(20):
+        assert load_signing_public(tmp_path / "signing.pub")[0] == keys.signing_kid
+    assert load_hpke_public(tmp_path / "backend-hpke.pub")[0] == keys.hpke_kid

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from agent.privacy.keyfile import read_key_file, write_key_file
+from agent.privacy.keyfile import KeyFileError, read_key_file, write_key_file
+from agent.privacy.weakkeys import ed25519_small_order, x25519_weak
 from agent.privacy.pseudonym import SITE_KEY_LEN, load_site_key, write_site_key
 
 __all__ = [
@@ -139,7 +140,12 @@ def load_backend_keys(dir: Path) -> BackendKeys:
 def load_hpke_public(path: Path) -> tuple[str, X25519PublicKey]:
     """The backend's HPKE public key and its key id (what a cabinet seals to)."""
     kid, raw = read_key_file(path, KIND_HPKE_PUBLIC, secret=False)
-    return kid, X25519PublicKey.from_public_bytes(raw)
+    key = X25519PublicKey.from_public_bytes(raw)
+    if x25519_weak(key):
+        raise KeyFileError(
+            f"{path}: not a usable X25519 public key (small order): every event sealed to it could be read"
+        )
+    return kid, key
 
 
 def load_hpke_private(path: Path) -> tuple[str, X25519PrivateKey]:
@@ -151,6 +157,11 @@ def load_hpke_private(path: Path) -> tuple[str, X25519PrivateKey]:
 def load_signing_public(path: Path) -> tuple[str, Ed25519PublicKey]:
     """The backend's document-signing public key and its key id."""
     kid, raw = read_key_file(path, KIND_SIGNING_PUBLIC, secret=False)
+    if ed25519_small_order(raw):
+        raise KeyFileError(
+            f"{path}: not a usable Ed25519 public key (small order or not a curve point): "
+            "anyone could forge documents for it"
+        )
     return kid, Ed25519PublicKey.from_public_bytes(raw)
 
 
