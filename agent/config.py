@@ -6,6 +6,8 @@ Raw dicts never travel past this module: everything downstream gets typed sectio
 from __future__ import annotations
 
 import json
+import os
+import stat
 import tomllib
 from datetime import date, datetime, time
 from pathlib import Path
@@ -161,10 +163,20 @@ def parse_config(data: dict[str, object], path: Path = Path("<memory>")) -> Agen
 def load_config(path: Path) -> AgentConfig:
     """Read and validate the config file; raise ConfigError with every problem found."""
     try:
-        with path.open("rb") as f:
+        # O_NONBLOCK: a FIFO in the config's place must be refused, not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as err:
+        raise ConfigError(path, [f"(file): cannot read {path}: {err.strerror}"]) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(path, [f"(file): {path} is not a regular file"])
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
         raise ConfigError(path, [f"(file): cannot read {path}: {err.strerror}"]) from None
+    finally:
+        os.close(fd)
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(path, [f"(file): larger than {MAX_CONFIG_BYTES} bytes"])
     try:

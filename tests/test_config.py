@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,16 +87,78 @@ def test_cli_exits_78_and_starts_nothing(tmp_path: Path, argv: list[str]) -> Non
     assert "Traceback" not in proc.stderr
 
 
-def test_config_check_accepts_example() -> None:
+def test_config_check_accepts_example(tmp_path: Path) -> None:
+    """The example passes once its TLS files exist; its systemd credential keys are noted (only
+    the service can read them), not failed."""
+    from tests.mqtt_fixtures import Pki
+
+    pki = Pki(tmp_path / "pki")
+    crt, key, _ = pki.issue("crib-07", server=False)
+    text = EXAMPLE.read_text()
+    for old, new in (
+        ("/etc/cabinet-agent/mqtt-ca.pem", str(pki.ca_file)),
+        ("/etc/cabinet-agent/mqtt-client.pem", str(crt)),
+        ("/etc/cabinet-agent/mqtt-client.key", str(key)),
+    ):
+        assert old in text
+        text = text.replace(old, new)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
     proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli.ctl", "config", "check", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout.lower()
+    assert "note: privacy.site_key: systemd credential site-key" in proc.stdout
+
+
+def test_config_check_refuses_what_the_daemon_would(tmp_path: Path) -> None:
+    """Key files, TLS files and the socket's place: the same refusals as ``run``, one line
+    each, exit 78 (the example's TLS files do not exist here)."""
+    from tests.daemon_rig import config_text, provision
+
+    creds = provision(tmp_path)
+    (creds / "signing.pub").chmod(0o666)
+    (tmp_path / "control.sock").mkdir()
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(config_text(tmp_path, 9))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli.ctl", "config", "check", "--json", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == EX_CONFIG, proc.stderr
+    problems = json.loads(proc.stdout)["problems"]
+    assert any(
+        p.startswith("privacy.signing_public_keys[0]:") and "chmod go-w" in p for p in problems
+    )
+    assert any(p.startswith("control.socket_path:") and "not a socket" in p for p in problems)
+    missing = subprocess.run(
         [sys.executable, "-m", "agent.cli.ctl", "config", "check", str(EXAMPLE)],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=ROOT,
     )
-    assert proc.returncode == 0, proc.stderr
-    assert "ok" in proc.stdout.lower()
+    assert missing.returncode == EX_CONFIG
+    assert "mqtt.tls:" in missing.stderr
+    assert "/etc/cabinet-agent/mqtt-ca.pem: file not found" in missing.stderr
+
+
+def test_a_fifo_in_place_of_the_config_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "agent.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError) as exc:
+        load_config(fifo)
+    assert exc.value.problems == [f"(file): {fifo} is not a regular file"]
 
 
 def test_drawers_must_name_configured_reader_antennas(tmp_path: Path) -> None:

@@ -214,3 +214,9 @@ def test_real_keys_still_load(tmp_path: Path) -> None:
     for _ in range(20):
         assert load_signing_public(tmp_path / "signing.pub")[0] == keys.signing_kid
     assert load_hpke_public(tmp_path / "backend-hpke.pub")[0] == keys.hpke_kid
+
+
+def test_a_fifo_planted_as_a_key_file_is_refused_not_waited_on(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "signing.pub")
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        load_signing_public(tmp_path / "signing.pub")

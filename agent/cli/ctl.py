@@ -7,28 +7,38 @@ import json
 import sys
 from pathlib import Path
 
-from agent.cli.common import DEFAULT_CONFIG, load_or_exit
+from agent.cli.common import DEFAULT_CONFIG, preflight
 from agent.config import EX_CONFIG, ConfigError, load_config
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    if args.json:
-        try:
-            cfg = load_config(args.path)
-        except ConfigError as err:
-            # Scripts read stdout: the problems go there too (and to stderr for people).
-            for line in err.problems:
-                print(f"{err.path}: {line}", file=sys.stderr)
-            doc = {"ok": False, "path": str(args.path), "problems": err.problems}
-            print(json.dumps(doc))
-            return EX_CONFIG
+    """The file, then what the daemon would refuse at start (keys, TLS files, socket place)."""
+    try:
+        cfg = load_config(args.path)
+    except ConfigError as err:
+        return _config_verdict(args, err.problems, [])
+    problems, notes = preflight(cfg)
+    return _config_verdict(args, problems, notes, readers=len(cfg.readers))
+
+
+def _config_verdict(
+    args: argparse.Namespace, problems: list[str], notes: list[str], readers: int = 0
+) -> int:
+    for line in problems:  # people read stderr, one line per problem
+        print(f"{args.path}: {line}", file=sys.stderr)
+    if args.json:  # scripts read stdout: the verdict and the problems
+        doc: dict[str, object] = {"ok": not problems, "path": str(args.path)}
+        doc.update({"problems": problems} if problems else {"readers": readers})
+        if notes:
+            doc["notes"] = notes
+        print(json.dumps(doc))
+    elif problems:
+        print(f"{args.path}: {len(problems)} problem(s); nothing started", file=sys.stderr)
     else:
-        cfg = load_or_exit(args.path)
-    if args.json:
-        print(json.dumps({"ok": True, "path": str(args.path), "readers": len(cfg.readers)}))
-    else:
-        print(f"{args.path}: ok ({len(cfg.readers)} reader(s))")
-    return 0
+        for line in notes:
+            print(f"{args.path}: note: {line}")
+        print(f"{args.path}: ok ({readers} reader(s))")
+    return EX_CONFIG if problems else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,8 @@ __all__ = [
 ]
 
 MAX_KEY_FILE_BYTES: Final = 4096
+# O_NONBLOCK: a FIFO planted as a key file must not hang the start (it is refused as not regular).
+_OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 KID_PATTERN: Final = r"[a-z0-9][a-z0-9_-]{0,15}"
 _KID_RE: Final = re.compile(KID_PATTERN)
 _KIND_RE: Final = re.compile(r"[a-z0-9-]{1,32}")
@@ -106,7 +108,7 @@ def check_trusted_file(path: Path, *, secret: bool = False) -> None:
     ``secret=True`` also when anyone else may read it.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
         raise KeyFileError(f"{path}: file not found") from None
     except OSError as err:
@@ -175,7 +177,7 @@ def _check_not_writable_by_others(fd: int, path: Path, st: os.stat_result) -> No
 
 def _read(path: Path, *, check_private: bool) -> str:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
         raise KeyFileError(f"{path}: key file not found") from None
     except OSError as err:

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from agent.privacy.keyfile import KeyFileError, read_key_file, write_key_file
-from agent.privacy.weakkeys import ed25519_small_order, x25519_weak
 from agent.privacy.pseudonym import SITE_KEY_LEN, load_site_key, write_site_key
+from agent.privacy.weakkeys import ed25519_small_order, x25519_weak
 
 __all__ = [
     "HPKE_PRIVATE_FILE",

@@ -30,10 +30,10 @@ def ed25519_small_order(encoded: bytes) -> bool:
     x = _recover_x(y, sign)
     if x is None:
         return True  # not on the curve: unusable as a key
-    # [8]P by three doublings in extended coordinates (X:Y:Z:T), a = -1.
-    px, py, pz, pt = x, y, 1, x * y % _P
+    # [8]P by three doublings in projective coordinates (X:Y:Z), a = -1.
+    px, py, pz = x, y, 1
     for _ in range(3):
-        px, py, pz, pt = _double(px, py, pz)
+        px, py, pz = _double(px, py, pz)
     return px % _P == 0 and (py - pz) % _P == 0
 
 
@@ -63,8 +63,8 @@ def _recover_x(y: int, sign: int) -> int | None:
     return x
 
 
-def _double(x: int, y: int, z: int) -> tuple[int, int, int, int]:
-    # dbl-2008-hwcd for a = -1
+def _double(x: int, y: int, z: int) -> tuple[int, int, int]:
+    # dbl-2008-hwcd for a = -1 (the T output is not needed to double again)
     a = x * x % _P
     b = y * y % _P
     c = 2 * z * z % _P
@@ -73,4 +73,4 @@ def _double(x: int, y: int, z: int) -> tuple[int, int, int, int]:
     g = (d + b) % _P
     f = (g - c) % _P
     h = (d - b) % _P
-    return e * f % _P, g * h % _P, f * g % _P, e * h % _P
+    return e * f % _P, g * h % _P, f * g % _P
