@@ -36,7 +36,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.mqtt.config import is_loopback_host
+from agent.mqtt.config import DEFAULT_MAX_COMMAND_BYTES, is_loopback_host
 from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener
 from agent.privacy.keys import (
     HPKE_PRIVATE_FILE,
@@ -527,6 +527,16 @@ def _cmd_sign(args: argparse.Namespace, kind: str) -> int:
     except (OSError, ValueError, KeyError, TypeError, tomllib.TOMLDecodeError, KeyFileError) as err:
         print(f"sign-{kind}: {err}", file=sys.stderr)
         return EX_DATAERR
+    if len(wire) > args.max_bytes:
+        # The broker drops (MQTT 5) or the cabinet refuses anything above the cabinet's
+        # [mqtt] max_command_bytes: the old document would silently stay until it expires.
+        print(
+            f"sign-{kind}: the signed document is {len(wire)} bytes, above --max-bytes "
+            f"{args.max_bytes} (the cabinets' [mqtt] max_command_bytes): raise that on the "
+            "cabinets and the broker's message size limit first, then pass --max-bytes",
+            file=sys.stderr,
+        )
+        return EX_DATAERR
     _write_doc(args, wire)
     return 0
 
@@ -609,6 +619,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("input", type=Path, help="site, cabinet, version, expires, entries/assets")
         s.add_argument("--keys", type=Path, required=True, help="backend key dir (signing.key)")
         s.add_argument("--out", type=Path, help="write here (default stdout)")
+        s.add_argument(
+            "--max-bytes",
+            type=int,
+            default=DEFAULT_MAX_COMMAND_BYTES,
+            help="refuse a larger document (the cabinets' [mqtt] max_command_bytes; "
+            f"default {DEFAULT_MAX_COMMAND_BYTES})",
+        )
         s.set_defaults(func=lambda a, kind=kind: _cmd_sign(a, kind))
 
     p = sub.add_parser("pseudonym", help="pseudonym of a badge id read from stdin")

@@ -273,3 +273,28 @@ async def test_shared_subscription_splits_the_stream(tmp_path: Path, mosquitto: 
     assert {e["event_id"] for e in lines} == {str(r.event_id) for r in rows}
     assert all(e["site"] == SITE and e["cabinet"] == CABINET for e in lines)
     assert sum(s["delivered"] for s in summaries) == 100
+
+
+def test_signing_refuses_a_document_the_cabinets_would_never_receive(tmp_path: Path) -> None:
+    """Above the cabinets' [mqtt] max_command_bytes the broker drops it (MQTT 5) or the cabinet
+    refuses it, and the old allow-list silently stays: the tool says so instead (exit 65)."""
+    keydir = tmp_path / "keys"
+    assert _cli("keygen", str(keydir)).returncode == 0
+    keys = load_backend_keys(keydir)
+    pseudo = Pseudonymizer(SITE, keys.site_kid, keys.site_key)
+    expires = (datetime.now(UTC) + timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    entries = "".join(f'"{pseudo.badge(f"{n:010X}")}" = ["user"]\n' for n in range(30_000))
+    (tmp_path / "big.toml").write_text(
+        f'site = "{SITE}"\ncabinet = "{CABINET}"\nversion = 5\nexpires = "{expires}"\n'
+        f"[entries]\n{entries}"
+    )
+    proc = _cli("sign-allow-list", str(tmp_path / "big.toml"), "--keys", str(keydir))
+    assert proc.returncode == 65
+    assert proc.stdout == ""
+    assert "above --max-bytes 1048576" in proc.stderr
+    ok = _cli(
+        "sign-allow-list", str(tmp_path / "big.toml"), "--keys", str(keydir),
+        "--max-bytes", str(4 * 1024 * 1024),
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert len(ok.stdout) > 1024 * 1024

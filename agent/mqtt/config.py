@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from agent.privacy.keyfile import check_trusted_file
 from drivers.config import BackoffConfig, StrictModel
 
+DEFAULT_MAX_COMMAND_BYTES = 1024 * 1024  # also the signing tool's default limit
 _PIN_RE = re.compile(r"^[0-9a-f]{64}$")
 _TOPIC_PART_RE = r"^[a-z0-9][a-z0-9_.-]{0,31}(/[a-z0-9][a-z0-9_.-]{0,31}){0,3}$"
 
@@ -90,7 +91,10 @@ class MqttConfig(StrictModel):
         description="pause after a refused publish (PUBACK reason >= 0x80)",
     )
     max_command_bytes: int = Field(
-        1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="larger cmd messages are rejected"
+        DEFAULT_MAX_COMMAND_BYTES,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="larger cmd messages are rejected",
     )
 
     @model_validator(mode="after")
