@@ -27,6 +27,7 @@ import logging
 import math
 import re
 import shlex
+import tempfile
 import tomllib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -918,7 +919,7 @@ def agent_config(
             "seal_public_key": str(key_dir / "backend-hpke.pub"),
             "signing_public_keys": [str(key_dir / "signing.pub")],
         },
-        "control": {"socket_path": str(state_dir / "ctl.sock")},
+        "control": {"socket_path": str(_control_socket(state_dir))},
         "metrics": {"enabled": False},
     }
     if mqtt_port is not None:
@@ -937,6 +938,15 @@ def agent_config(
         else:
             cfg[key] = value
     return cfg
+
+
+def _control_socket(state_dir: Path) -> Path:
+    """``state_dir/ctl.sock``, or a short private directory under /tmp when that path is too
+    long for a Unix socket (108 bytes on Linux; deep temporary directories exceed it)."""
+    path = state_dir / "ctl.sock"
+    if len(str(path).encode()) < 100:
+        return path
+    return Path(tempfile.mkdtemp(prefix="cabinet-ctl-", dir="/tmp")) / "ctl.sock"
 
 
 def cmd_topic(artefacts: AgentArtefacts, kind: str, prefix: str = "cabinets/v1") -> str:
