@@ -45,7 +45,7 @@ from agent.privacy.envelope import EnvelopeHeader, seal_batch
 from agent.privacy.signed import ALLOW_LIST, ASSET_REGISTRY, SignedDocument
 from agent.store.store import KEEP, Store
 from agent.store.types import BaselineEntry, OutboxRow, StoreAlert
-from agent.trusted_time import ClockStep, TrustedClock
+from agent.trusted_time import ClockStep, TrustedClock, read_boot_id
 from drivers.badge.reader import BadgeReader
 from drivers.door import Door, DoorCommandError
 from drivers.errors import CabinetError
@@ -150,9 +150,9 @@ class CabinetApp:
     ) -> None:
         self.cfg = cfg
         self.clock: Clock = clock or SystemClock()
-        # The engine, the store and every event get trusted time (DESIGN §7b); the drivers keep
-        # the plain clock (their timers are monotonic).
-        self.time = TrustedClock(self.clock)
+        # The engine, the store and every event get the agent's time (DESIGN §7b); the drivers
+        # keep the plain clock (their timers are monotonic).
+        self.time = TrustedClock(self.clock, boot_id=read_boot_id())
         self.site_id = cfg.cabinet.site_id
         self.cabinet_id = cfg.cabinet.cabinet_id
         # Key files are checked before anything starts (permissions, format): a bad key file
@@ -214,7 +214,10 @@ class CabinetApp:
     async def run(self) -> None:
         """Open state, start every part under one TaskGroup, stop in order on request."""
         self.store = await Store.open(
-            self.cfg.store, on_alert=self._on_store_alert, clock=self.time
+            self.cfg.store,
+            on_alert=self._on_store_alert,
+            clock=self.time,
+            age_clock=self.time.trusted_now,
         )
         try:
             await self._restore()
@@ -335,7 +338,7 @@ class CabinetApp:
                 async with asyncio.timeout(2.0):
                     await self.time.save(self.store)  # the floor: what has passed, for next start
             except (CabinetError, TimeoutError) as err:
-                logger.error("time floor not saved at shutdown: %s", err)
+                logger.error("time floor not saved at shutdown: %s", err or type(err).__name__)
             try:
                 await self.store.close()
             except CabinetError as err:
@@ -352,13 +355,23 @@ class CabinetApp:
         now = self.time.reading()
         self.started_at = now.wall
         if not now.trusted:
+            clock = self.time.snapshot()
             logger.warning(
-                "wall clock %s is behind the trusted time floor: keeping time from %s on the "
-                "monotonic clock; events say clock=untrusted until the clock is fixed",
-                self.time.snapshot()["wall"],
+                "wall clock %s disagrees with the agent's time %s (%s): keeping the agent's time "
+                "on the monotonic clock; events say clock=untrusted until the wall clock agrees "
+                "or a fresh signed document confirms it",
+                clock["wall"],
                 now.wall.isoformat(),
+                "its persisted floor, downtime not counted"
+                if clock["basis"] == "floor"
+                else "carried on from before the restart",
             )
         self.docs.log_in_force(now.wall)
+        try:
+            # Start-up pruning by age, now that the agent's time is known (and only if trusted).
+            await self.store.housekeeping()
+        except CabinetError as err:
+            logger.error("store housekeeping failed: %s", err)
         allow_list = _as(parsed[ALLOW_LIST], AllowList)
         assets = _as(parsed[ASSET_REGISTRY], AssetRegistry)
         state = await self.store.load_session()
@@ -709,24 +722,46 @@ class CabinetApp:
         while True:
             self.time.reading()  # notice a step even while nothing else reads the clock
             for step in self.time.take_steps():
-                log = logger.info if step.trusted and step.at_start else logger.warning
-                log(
-                    "clock step%s: wall clock moved %+.1f s (now %s); wall clock %s; time %s",
-                    " at start" if step.at_start else "",
-                    step.step_s,
-                    step.wall.isoformat(),
-                    "trusted" if step.trusted else "NOT trusted (behind what was already seen)",
-                    step.time.isoformat(),
-                )
+                log = logger.info if step.trusted else logger.warning
+                if step.cause == "document":
+                    log(
+                        "clock: wall clock %s confirmed by a fresh signed document; agent time "
+                        "moved %+.1f s to it; wall clock trusted",
+                        step.wall.isoformat(),
+                        step.step_s,
+                    )
+                elif step.at_start:
+                    log(
+                        "clock step at start: wall clock %s is %+.1f s from the agent's time %s;"
+                        " wall clock %s",
+                        step.wall.isoformat(),
+                        step.step_s,
+                        step.time.isoformat(),
+                        "trusted" if step.trusted else "NOT trusted",
+                    )
+                else:
+                    log(
+                        "clock step: wall clock moved %+.1f s (now %s); wall clock %s; agent "
+                        "time %s",
+                        step.step_s,
+                        step.wall.isoformat(),
+                        "trusted (agrees with the agent's time)"
+                        if step.trusted
+                        else "NOT trusted (disagrees with the agent's time)",
+                        step.time.isoformat(),
+                    )
                 if not step.trusted:
-                    self.alerts.append(f"clock: wall clock {step.wall.isoformat()} not trusted")
+                    self.alerts.append(
+                        f"clock: wall clock {step.wall.isoformat()} not trusted "
+                        f"(agent time {step.time.isoformat()})"
+                    )
                 # Committed through the engine loop: it is the outbox's only sequence writer.
                 await self.inputs.queue.put(step)
             if self.time.persist_due():
                 try:
                     await self.time.save(self.store)
                 except CabinetError as err:
-                    logger.error("time floor not saved: %s", err)
+                    logger.error("time floor not saved: %s", err or type(err).__name__)
             await asyncio.sleep(CLOCK_CHECK_S)
 
     def _clock_step_event(self, step: ClockStep, now: Now) -> ev.Event:
@@ -740,6 +775,7 @@ class CabinetApp:
             wall=step.wall,
             trusted=step.trusted,
             at_start=step.at_start,
+            cause=step.cause,
         )
 
     async def _housekeeping_loop(self) -> None:
@@ -765,7 +801,8 @@ class CabinetApp:
         alerts += [d["warning"] for d in documents.values() if "warning" in d]
         if not clock["trusted"]:
             alerts.append(
-                f"clock: wall clock {clock['wall']} is behind the trusted time {clock['time']}"
+                f"clock untrusted since {clock['since']}, wall clock reads {clock['wall']}, "
+                f"agent time {clock['time']}"
             )
         return {
             "version": __version__,

@@ -96,6 +96,7 @@ class AuditTrail:
                         "wall": e.wall.isoformat(),
                         "trusted": e.trusted,
                         "at_start": e.at_start,
+                        "cause": e.cause,
                     },
                 )
             elif isinstance(e, ev.DoorForced):

@@ -3,12 +3,15 @@
 DESIGN §7b. Everything inbound — even validly signed — is validated before it is used:
 
 - **Admission** (``verify``, the publisher's ``DocumentChecker``; runs in its worker thread):
-  signature and addressing, the persisted *version floor* (no rollback, whatever the clock
-  says), the validity window against trusted time (a lagging clock refuses nothing as "not yet
-  valid"), then the body with the very models the engine uses (``AllowList.from_body``,
-  ``AssetRegistry.from_body``). Any refusal is a ``DocumentError`` with a reason.
-- **Install** (``install``): re-checks the floor, stores the document then its floor, raises the
-  trusted-time floor with its ``issued_at``, applies it, audits it.
+  signature, addressing and sane times (``issued_at``/``expires_at`` within what this software
+  can have seen), the persisted *version floor* (no rollback, whatever the clock says), the
+  validity window against the agent's time (``DocumentVerifier.admit``: a newer version signed
+  "now" by the wall clock's reckoning corroborates an untrusted wall clock), then the body with
+  the very models the engine uses (``AllowList.from_body``, ``AssetRegistry.from_body``). Any
+  refusal is a ``DocumentError`` with a reason, before anything is stored.
+- **Install** (``install``): re-checks the floor; moves the agent's time (a corroborated wall
+  clock is trusted again, else ``issued_at`` minus the skew is evidence that time has passed)
+  and saves it; then stores the document, then its version floor; applies it, audits it.
 - **Refusal** (``rejected``): logged, audited (repeats of the same refusal are counted, not
   re-audited), kept for ``cabinetctl status``; the cabinet runs on with what it had.
 - **Start and SIGHUP** (``load``): stored documents are re-authenticated (signature, addressing,
@@ -32,6 +35,7 @@ from agent.domain.assets import AssetRegistry, AssetRegistryError
 from agent.privacy.signed import (
     ALLOW_LIST,
     ASSET_REGISTRY,
+    Admission,
     DocumentError,
     DocumentVerifier,
     SignedDocument,
@@ -40,7 +44,7 @@ from agent.privacy.signed import (
     format_time,
 )
 from agent.store.store import Store
-from agent.trusted_time import TrustedClock
+from agent.trusted_time import TrustedClock, plus
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +129,8 @@ class Documents:
         self.refusals: dict[str, Refusal] = {}
         self.rejected_total = 0
         self._live_raw: dict[str, bytes] = {}  # what installed() answers (swapped atomically)
-        self._parsed: dict[str, Parsed] = {}  # digest -> body parsed at admission
+        # digest -> what admission found: the parsed body, and whether it corroborates the clock
+        self._admitted: dict[str, tuple[Parsed, bool]] = {}
         self._installs = 0
 
     # -- start and SIGHUP -------------------------------------------------------------------
@@ -200,20 +205,24 @@ class Documents:
         *,
         current: bytes | None = None,
     ) -> SignedDocument:
-        """Every check an inbound document must pass before it may be installed."""
-        doc = self.verifier.verify(
+        """Every check an inbound document must pass before it may be installed.
+
+        Its times are judged against a fresh reading of the agent's clock (``now``, the
+        ``DocumentChecker`` argument, is that clock's time a moment earlier).
+        """
+        admission: Admission = self.verifier.admit(
             raw,
             kind,
-            now,
+            self.clock.view(),
             min_version,
             current=current,
             floor=self.floors.get(kind),
-            clock_trusted=self.clock.trusted(),
         )
+        doc = admission.doc
         body = parse_body(doc)
-        if len(self._parsed) >= MAX_PARSED_CACHE:
-            self._parsed.clear()
-        self._parsed[doc.digest] = body
+        if len(self._admitted) >= MAX_PARSED_CACHE:
+            self._admitted.clear()
+        self._admitted[doc.digest] = (body, admission.corroborates)
         return doc
 
     # -- DocumentSink (the publisher calls these on the loop) --------------------------------
@@ -229,14 +238,20 @@ class Documents:
         floor = self.floors.get(doc.kind)
         if floor is not None:
             check_floor(doc, floor)  # a newer one may have been installed since admission
-        body = self._parsed.pop(doc.digest, None)
-        if body is None:
-            body = parse_body(doc)
-        # Persist first (a live document must survive a restart), then the floor.
+        admitted = self._admitted.pop(doc.digest, None)
+        body, corroborates = (parse_body(doc), False) if admitted is None else admitted
+        # Every check has passed. The time it proves first: a crash after this leaves the
+        # agent's time raised by a valid document, never a stored document whose time
+        # was not taken into account.
+        skew = self.verifier.max_clock_skew.total_seconds()
+        moved = corroborates and self.clock.corroborate(doc.issued_at, skew)
+        if not moved:
+            moved = self.clock.raise_floor(self._proves(doc))
+        if moved:
+            await self.clock.save(store)
+        # Then the document (a live document must survive a restart), then its version floor.
         await store.kv_put(doc_key(doc.kind), raw)
         await self._save_floor(store, doc.kind, VersionFloor(doc.version, doc.digest))
-        if self.clock.raise_floor(self._proves(doc)):
-            await self.clock.save(store)
         self._apply(doc.kind, body)
         self.documents[doc.kind] = doc
         self._live_raw[doc.kind] = raw
@@ -294,7 +309,7 @@ class Documents:
 
     def _proves(self, doc: SignedDocument) -> datetime:
         # issued_at is the backend's clock: it may run up to the accepted skew ahead of ours.
-        return doc.issued_at - self.verifier.max_clock_skew
+        return plus(doc.issued_at, -self.verifier.max_clock_skew)
 
     def _refused(self, kind: str, reason: str, detail: str) -> None:
         detail = detail[:300]
@@ -347,4 +362,5 @@ def _human(delta: timedelta) -> str:
         return f"{seconds / 86_400:.1f} days"
     if seconds >= 2 * 3600:
         return f"{seconds / 3600:.1f} hours"
-    return f"{max(1, round(seconds / 60))} minutes"
+    minutes = max(1, round(seconds / 60))
+    return "1 minute" if minutes == 1 else f"{minutes} minutes"

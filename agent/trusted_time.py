@@ -1,18 +1,26 @@
-"""Trusted time: the best UTC time the agent knows, and whether the wall clock can be believed.
+"""Trusted time: the agent's own estimate of the time, and whether the wall clock agrees with it.
 
 DESIGN §7b. Cabinet controllers often have no RTC: the wall clock reads 1970 until NTP steps
-it, and may be stepped again later. Nothing here trusts it blindly:
+it, and a bad NTP server or GPS receiver may step it anywhere later. Nothing here trusts a
+wall-clock *step*:
 
-- The agent keeps a **floor**: a time it knows has passed. It is never earlier than what the
-  agent already handed out (every committed event is stamped with trusted time) nor than a
-  signed document it has verified (its ``issued_at`` minus the clock-skew allowance). The floor
-  is persisted in the store (``time.floor``) and survives restarts.
-- **Trusted time** ``T`` runs from the floor on the monotonic clock. While the wall clock is
-  not behind ``T`` (by more than ``STEP_TOLERANCE_S``) it is *trusted* and ``T`` follows it
-  (forward steps included); a wall clock that is behind is *untrusted*: ``T`` goes on from the
-  floor on the monotonic clock, never backwards, and every event says ``clock: "untrusted"``.
-- A **step** — the wall clock moving against the monotonic clock by more than the tolerance,
-  or its trust changing — is noticed once and reported once (:class:`ClockStep`).
+- The agent keeps an **estimate** ``E`` of the true time on the monotonic clock: an anchor
+  time carried on by the monotonic time elapsed since. While the wall clock ``W`` agrees with
+  ``E`` (within ``STEP_TOLERANCE_S``) it is *trusted* and ``E`` follows it, at most
+  ``SLEW_PPM`` fast (NTP's slewing is followed; a run of small steps is not: it soon disagrees).
+- A **step** — ``W`` moving away from ``E``, forward or backward, beyond the tolerance — is
+  reported once (:class:`ClockStep`) and makes the wall clock *untrusted*: ``E`` runs on,
+  events carry ``E`` with ``clock: "untrusted"``. Trust comes back when ``W`` agrees with ``E``
+  again, or when a fresh signed document corroborates ``W`` (:meth:`TrustedTime.corroborate`:
+  the backend signed it just now, by its own clock).
+- At start, ``E`` comes from the persisted **floor** (the agent's time when last saved, and
+  the newest verified ``issued_at`` minus the skew allowance). When the previous run saved it
+  in this same boot, the monotonic clock still runs from then, so ``E`` continues exactly
+  (basis ``clock``). After a reboot the downtime is unknown: the floor is only a lower bound
+  (basis ``floor``), any wall clock at or after it is plausible and trusted; one behind it
+  (no RTC: 1970) is not, and ``E`` runs on from the floor.
+- The floor is raised by ``E`` and by verified documents, never by an untrusted reading, and
+  never past ``LATEST_TIME``: no reading, document or stored record can overflow a datetime.
 
 ``TrustedTime`` is the pure state machine (fed ``(wall, mono)`` readings); ``TrustedClock`` wraps
 a real :class:`~drivers.types.Clock` with it (thread-safe: the store's thread reads it too) and
@@ -23,10 +31,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Protocol
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol
 
 from agent.domain.now import Now
 from drivers.types import Clock
@@ -35,29 +46,76 @@ logger = logging.getLogger(__name__)
 
 # No clock may read earlier than this build: the floor of a cabinet that never saw anything.
 BUILD_FLOOR: Final = datetime(2026, 1, 1, tzinfo=UTC)
-# Wall vs monotonic disagreement below this is jitter, not a step (NTP slews both alike).
+# No reading, signed time or stored floor after this is plausible for this software: such a
+# wall clock is never trusted, such a document is refused. It also keeps every computation on
+# these times far from datetime's year-9999 limit.
+LATEST_TIME: Final = datetime(2200, 1, 1, tzinfo=UTC)
+# A wall clock that cannot be read at all (past year 9999) stands for this reading.
+UNREADABLE_WALL: Final = datetime.max.replace(tzinfo=UTC)
+# Wall vs agent time disagreement below this is jitter or a small correction, not a step.
 STEP_TOLERANCE_S: Final = 2.0
-# The floor is written when it moved this far past the stored value (and at every stop).
+# How fast the agent's time follows a trusted wall clock that drifts from the monotonic clock.
+# On Linux both clocks are slewed alike by NTP, so they only part by steps: this absorbs a
+# small step (a leap second, timesyncd's >0.4 s corrections) in minutes, while a run of small
+# steps (a hostile time server creeping the clock) soon exceeds the tolerance.
+SLEW_PPM: Final = 500.0
+# The floor is written when it moved this far from the stored value (and at every stop).
 PERSIST_EVERY_S: Final = 60.0
 KV_KEY: Final = "time.floor"
+BOOT_ID_PATH: Final = Path("/proc/sys/kernel/random/boot_id")
+
+StepCause = Literal["wall", "document"]
+
+
+class Basis(StrEnum):
+    """What the agent's time rests on."""
+
+    CLOCK = "clock"  # a trusted wall-clock reading or a corroborating document, carried on
+    FLOOR = "floor"  # the persisted floor after a reboot: a lower bound (downtime not counted)
 
 
 @dataclass(frozen=True, slots=True)
 class ClockStep:
-    """The wall clock stepped (or its trust changed). Reported once."""
+    """The wall clock stepped, or its trust changed. Reported once."""
 
     step_s: float  # how far the wall clock moved against the monotonic clock (<0: backward)
     wall: datetime  # the wall clock after the step
-    time: datetime  # trusted time at that instant
+    time: datetime  # the agent's time at that instant
     trusted: bool  # whether the wall clock is trusted from now on
-    at_start: bool  # noticed at start, against the persisted floor (step_s includes downtime)
+    at_start: bool  # noticed at start (step_s: wall clock minus the agent's time)
+    # "document": a fresh signed document corroborated the wall clock; step_s is then how far
+    # the agent's time moved to it.
+    cause: StepCause = "wall"
+
+
+@dataclass(frozen=True, slots=True)
+class ClockView:
+    """What the agent knows of the time when it judges a signed document."""
+
+    time: datetime  # the agent's time E
+    trusted: bool = True  # whether the wall clock agrees with it
+    wall: datetime | None = None  # the wall clock (may be corroborated by a document)
+
+
+@dataclass(frozen=True, slots=True)
+class FloorRecord:
+    """What is persisted between runs (``time.floor`` in the store's kv)."""
+
+    floor: datetime  # the agent's time when saved
+    trusted: bool = True  # whether the wall clock was trusted then
+    basis: Basis = Basis.CLOCK
+    boot: str | None = None  # the kernel boot id then: same boot, same monotonic clock
+    mono: float | None = None  # the monotonic time of ``floor``
+    since: datetime | None = None  # when the wall clock stopped being trusted (agent time)
 
 
 class TrustedTime:
-    """Pure: feed it ``observe(wall, mono)``; it answers the trusted time and its trust.
+    """Pure: feed it ``observe(wall, mono)``; it answers the agent's time and the wall's trust.
 
-    ``floor`` is what is known to have passed; ``was_trusted`` is the trust persisted with it
-    (so a clock that was already untrusted before a restart is not reported again).
+    ``floor`` is the agent's time at monotonic ``mono`` (None: at the first reading); ``basis``
+    says whether that is an estimate carried on from a trusted reading (``CLOCK``) or only a
+    lower bound (``FLOOR``); ``was_trusted`` is the trust persisted with it (a clock already
+    untrusted before a restart is not reported again).
     """
 
     def __init__(
@@ -65,64 +123,125 @@ class TrustedTime:
         floor: datetime = BUILD_FLOOR,
         *,
         was_trusted: bool = True,
+        basis: Basis = Basis.FLOOR,
+        mono: float | None = None,
+        since: datetime | None = None,
         tolerance_s: float = STEP_TOLERANCE_S,
+        slew_ppm: float = SLEW_PPM,
     ) -> None:
         if floor.tzinfo is None:
             raise ValueError("floor must be timezone-aware")
         self._tolerance = tolerance_s
-        self._anchor = floor  # trusted time at monotonic _anchor_mono
-        self._anchor_mono: float | None = None  # set by the first reading
-        self._last = floor  # the latest trusted time handed out: never goes back
-        self._offset: float | None = None  # wall - mono at the last reading (seconds)
+        self._slew = slew_ppm / 1e6
+        self._time = _sane(floor)  # the agent's time E at monotonic _mono
+        self._mono = mono
+        self._basis = basis
         self._was_trusted = was_trusted
         self.trusted = was_trusted
+        self.untrusted_since: datetime | None = None if was_trusted else _sane(since or floor)
         self.last_wall: datetime | None = None
+        self._offset: float | None = None  # wall - mono at the last reading (seconds)
         self._steps: list[ClockStep] = []
 
     @property
     def floor(self) -> datetime:
-        """The latest trusted time handed out (what must be persisted)."""
-        return self._last
+        """The agent's time at the last reading (what is persisted)."""
+        return self._time
+
+    @property
+    def mono(self) -> float | None:
+        """The monotonic time of ``floor``."""
+        return self._mono
+
+    @property
+    def basis(self) -> Basis:
+        return self._basis
+
+    def estimate(self, mono: float) -> datetime:
+        """The agent's time at monotonic ``mono``, without reading the wall clock."""
+        if self._mono is None:
+            return self._time
+        return _plus(self._time, max(0.0, mono - self._mono))
 
     def observe(self, wall: datetime, mono: float) -> Now:
-        """One reading of both clocks: the trusted ``Now`` (``wall`` is trusted time)."""
+        """One reading of both clocks: the ``Now`` to stamp events with (``wall`` is E)."""
         if wall.tzinfo is None:
             raise ValueError("wall must be timezone-aware")
         wall = wall.astimezone(UTC)
-        if self._anchor_mono is None:
-            self._anchor_mono = mono
-        expected = self._anchor + timedelta(seconds=max(0.0, mono - self._anchor_mono))
-        trusted = (wall - expected).total_seconds() >= -self._tolerance
-        if trusted:
-            t = max(wall, self._last)
-            # Re-anchor on what was handed out, so a small backward step stalls T (never back).
-            self._anchor, self._anchor_mono = t, mono
+        if self._mono is None:
+            self._mono = mono
+        elapsed = max(0.0, mono - self._mono)
+        expected = _plus(self._time, elapsed)
+        gap = (wall - expected).total_seconds()  # timedelta arithmetic: never overflows
+        if wall >= LATEST_TIME:
+            agrees = False  # absurd: never trusted, not even after a reboot
+        elif self._basis is Basis.FLOOR:
+            agrees = gap >= -self._tolerance  # the downtime is unknown: any later time will do
         else:
-            t = max(expected, self._last)
-        offset = wall.timestamp() - mono
+            agrees = abs(gap) <= self._tolerance
+        if not agrees:
+            t = expected
+        elif self._basis is Basis.FLOOR:
+            t = max(expected, wall)
+            self._basis = Basis.CLOCK
+        else:
+            limit = self._slew * elapsed
+            t = _plus(expected, min(max(gap, -limit), limit))
+        offset = _timestamp(wall) - mono
         if self._offset is None:
-            if trusted != self._was_trusted:
-                # A restart that finds the wall clock behind the floor, or fixed meanwhile.
-                step = (wall - self._last).total_seconds()
-                self._steps.append(ClockStep(step, wall, t, trusted, at_start=True))
-        elif abs(offset - self._offset) > self._tolerance or trusted != self.trusted:
-            self._steps.append(ClockStep(offset - self._offset, wall, t, trusted, at_start=False))
+            if agrees != self._was_trusted:
+                # A restart that finds the wall clock disagreeing, or fixed meanwhile.
+                self._steps.append(ClockStep(gap, wall, t, agrees, at_start=True))
+        elif abs(offset - self._offset) > self._tolerance or agrees != self.trusted:
+            self._steps.append(ClockStep(offset - self._offset, wall, t, agrees, at_start=False))
+        if agrees:
+            self.untrusted_since = None
+        elif self.untrusted_since is None:
+            self.untrusted_since = t
         self._offset = offset
-        self.trusted = trusted
+        self.trusted = agrees
         self.last_wall = wall
-        self._last = t
-        return Now(t, mono, trusted)
+        self._time, self._mono = t, mono
+        return Now(t, mono, agrees)
 
     def raise_floor(self, at: datetime, mono: float) -> bool:
-        """Evidence that ``at`` has passed (a verified document); True if the floor moved."""
+        """Evidence that ``at`` has passed (a verified document); True if the agent's time moved.
+
+        Never past ``LATEST_TIME``; the basis stays (a lower bound stays a lower bound).
+        """
         if at.tzinfo is None:
             raise ValueError("at must be timezone-aware")
-        anchor_mono = mono if self._anchor_mono is None else self._anchor_mono
-        expected = self._anchor + timedelta(seconds=max(0.0, mono - anchor_mono))
-        if at <= max(expected, self._last):
+        at = _sane(at)
+        if self._mono is None:
+            self._mono = mono
+        elapsed = max(0.0, mono - self._mono)
+        if at <= _plus(self._time, elapsed):
             return False
-        self._anchor, self._anchor_mono = at, mono
-        self._last = max(self._last, at)
+        self._time, self._mono = at, mono
+        return True
+
+    def corroborate(self, wall: datetime, mono: float, issued_at: datetime, skew_s: float) -> bool:
+        """A fresh signed document issued at ``issued_at`` vouches for the wall clock ``wall``.
+
+        When the wall clock is untrusted and within ``skew_s`` of ``issued_at``, the backend
+        signed the document "now" by its own clock and the wall clock agrees: the agent's time
+        moves to the wall clock (backwards too, when it had gone wrong) and it is trusted again.
+        True if it was; the change is reported as a :class:`ClockStep` with cause "document".
+        """
+        wall = wall.astimezone(UTC)
+        if self.trusted or wall >= LATEST_TIME:
+            return False
+        if abs((issued_at - wall).total_seconds()) > skew_s:
+            return False
+        expected = self.estimate(mono)
+        step = (wall - expected).total_seconds()
+        self._steps.append(ClockStep(step, wall, wall, True, at_start=False, cause="document"))
+        self._time, self._mono = wall, mono
+        self._basis = Basis.CLOCK
+        self._offset = _timestamp(wall) - mono
+        self.trusted = True
+        self.untrusted_since = None
+        self.last_wall = wall
         return True
 
     def take_steps(self) -> list[ClockStep]:
@@ -140,18 +259,27 @@ class FloorStore(Protocol):
 
 
 class TrustedClock:
-    """A :class:`~drivers.types.Clock` whose ``now()`` is trusted time. Thread-safe.
+    """A :class:`~drivers.types.Clock` whose ``now()`` is the agent's time. Thread-safe.
 
     Until ``restore()`` it runs from ``BUILD_FLOOR``; ``restore()`` installs the persisted
-    floor (raised by the stored documents) before anything else reads the time.
+    floor (raised by the stored documents) before anything else reads the time. ``boot_id``
+    (:func:`read_boot_id`) tells a restart within the same boot, whose monotonic clock goes on.
     """
 
-    def __init__(self, source: Clock, *, tolerance_s: float = STEP_TOLERANCE_S) -> None:
+    def __init__(
+        self,
+        source: Clock,
+        *,
+        boot_id: str | None = None,
+        tolerance_s: float = STEP_TOLERANCE_S,
+    ) -> None:
         self.source = source
+        self.boot_id = boot_id
         self._tolerance = tolerance_s
         self._lock = threading.Lock()
         self._state = TrustedTime(tolerance_s=tolerance_s)
-        self._persisted: tuple[datetime, bool] | None = None
+        self._persisted: FloorRecord | None = None
+        self._restored = False
 
     # -- drivers.types.Clock ------------------------------------------------------------------
 
@@ -161,37 +289,60 @@ class TrustedClock:
     def monotonic(self) -> float:
         return self.source.monotonic()
 
-    # -- trusted time -------------------------------------------------------------------------
+    # -- the agent's time ---------------------------------------------------------------------
 
     def reading(self) -> Now:
-        """Read the clocks once: trusted time, monotonic time, and whether the wall is trusted."""
+        """Read the clocks once: the agent's time, monotonic time, and the wall clock's trust."""
         with self._lock:
-            return self._state.observe(self.source.now(), self.source.monotonic())
+            return self._state.observe(self._wall(), self.source.monotonic())
 
     def trusted(self) -> bool:
         with self._lock:
             return self._state.trusted
+
+    def view(self) -> ClockView:
+        """A fresh reading, with the wall clock, for judging a signed document."""
+        with self._lock:
+            now = self._state.observe(self._wall(), self.source.monotonic())
+            return ClockView(now.wall, now.trusted, self._state.last_wall)
+
+    def trusted_now(self) -> datetime | None:
+        """The agent's time while the wall clock is trusted; None before ``restore()`` and
+        while it is not (the store's age-based pruning waits then)."""
+        now = self.reading()
+        if not self._restored or not now.trusted:
+            return None
+        return now.wall
 
     def raise_floor(self, at: datetime) -> bool:
         """A verified signed document proves ``at`` has passed."""
         with self._lock:
             return self._state.raise_floor(at, self.source.monotonic())
 
+    def corroborate(self, issued_at: datetime, skew_s: float) -> bool:
+        """A fresh signed document issued at ``issued_at``: does it vouch for the wall clock?"""
+        with self._lock:
+            return self._state.corroborate(self._wall(), self.source.monotonic(), issued_at, skew_s)
+
     def take_steps(self) -> list[ClockStep]:
         with self._lock:
             return self._state.take_steps()
 
     def snapshot(self) -> dict[str, Any]:
-        """For ``cabinetctl status``: trusted time, wall clock, trust, persisted floor."""
+        """For ``cabinetctl status``: agent time, wall clock, trust, since when, basis, floor."""
         now = self.reading()
         with self._lock:
             wall = self._state.last_wall
+            since = self._state.untrusted_since
+            basis = self._state.basis
             persisted = self._persisted
         return {
             "time": now.wall.isoformat(),
             "wall": None if wall is None else wall.isoformat(),
             "trusted": now.trusted,
-            "floor": None if persisted is None else persisted[0].isoformat(),
+            "since": None if since is None else since.isoformat(),
+            "basis": str(basis),
+            "floor": None if persisted is None else persisted.floor.isoformat(),
         }
 
     # -- persistence --------------------------------------------------------------------------
@@ -199,53 +350,160 @@ class TrustedClock:
     async def load(self, store: FloorStore, evidence: list[datetime] | None = None) -> None:
         """Install the persisted floor, raised by ``evidence`` (stored documents' issue times)."""
         raw = await store.kv_get(KV_KEY)
-        floor, was_trusted = BUILD_FLOOR, True
+        record: FloorRecord | None = None
         if raw is not None:
             try:
-                floor, was_trusted = decode_floor(raw)
-                self._persisted = (floor, was_trusted)
+                record = decode_floor(raw)
+                self._persisted = record
             except ValueError as err:
                 logger.error("stored time floor unreadable (%s); starting from the build date", err)
-        self.restore(max([floor, *(evidence or [])]), was_trusted=was_trusted)
+        self.restore(record, evidence)
 
-    def restore(self, floor: datetime, *, was_trusted: bool = True) -> None:
+    def restore(self, record: FloorRecord | None, evidence: list[datetime] | None = None) -> None:
+        """Start from ``record``: continued exactly within the same boot, else a lower bound."""
         with self._lock:
-            floor = max(floor, self._state.floor, BUILD_FLOOR)
-            self._state = TrustedTime(floor, was_trusted=was_trusted, tolerance_s=self._tolerance)
+            mono = self.source.monotonic()
+            if (
+                record is not None
+                and record.boot is not None
+                and record.boot == self.boot_id
+                and record.mono is not None
+                and record.mono <= mono
+            ):
+                # The same boot: the monotonic clock ran on since the save, E continues.
+                state = TrustedTime(
+                    record.floor,
+                    was_trusted=record.trusted,
+                    basis=record.basis,
+                    mono=record.mono,
+                    since=record.since,
+                    tolerance_s=self._tolerance,
+                )
+            else:
+                floor = BUILD_FLOOR if record is None else max(record.floor, BUILD_FLOOR)
+                state = TrustedTime(
+                    floor,
+                    was_trusted=True if record is None else record.trusted,
+                    basis=Basis.FLOOR,
+                    since=None if record is None else record.since,
+                    tolerance_s=self._tolerance,
+                )
+            for at in evidence or []:
+                state.raise_floor(at, mono)
+            self._state = state
+            self._restored = True
 
     def persist_due(self) -> bool:
-        """The floor moved ``PERSIST_EVERY_S`` past the stored one, or the trust changed."""
+        """The floor moved ``PERSIST_EVERY_S`` from the stored one, or the trust changed."""
         with self._lock:
-            floor, trusted = self._state.floor, self._state.trusted
-        if self._persisted is None:
+            floor, trusted, basis = self._state.floor, self._state.trusted, self._state.basis
+        old = self._persisted
+        if old is None:
             return True
-        old_floor, old_trusted = self._persisted
-        return trusted != old_trusted or (floor - old_floor).total_seconds() >= PERSIST_EVERY_S
+        moved = abs((floor - old.floor).total_seconds())
+        return trusted != old.trusted or basis != old.basis or moved >= PERSIST_EVERY_S
 
     async def save(self, store: FloorStore) -> None:
-        """Write the floor (and the trust) to the store."""
+        """Write the floor (with the trust, basis and monotonic time) to the store."""
         with self._lock:
-            floor, trusted = self._state.floor, self._state.trusted
-        await store.kv_put(KV_KEY, encode_floor(floor, trusted))
-        self._persisted = (floor, trusted)
+            state = self._state
+            record = FloorRecord(
+                state.floor,
+                state.trusted,
+                state.basis,
+                self.boot_id,
+                state.mono,
+                state.untrusted_since,
+            )
+        await store.kv_put(KV_KEY, encode_floor(record))
+        self._persisted = record
+
+    def _wall(self) -> datetime:
+        try:
+            return self.source.now()
+        except (ValueError, OverflowError, OSError):
+            return UNREADABLE_WALL  # past year 9999: absurd, never trusted
 
 
-def encode_floor(floor: datetime, trusted: bool) -> bytes:
-    return json.dumps(
-        {"floor": floor.astimezone(UTC).isoformat(), "trusted": trusted},
-        sort_keys=True,
-        separators=(",", ":"),
-    ).encode()
+def read_boot_id(path: Path = BOOT_ID_PATH) -> str | None:
+    """The kernel's boot id (Linux), or None: a restart within one boot keeps its time."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if 0 < len(text) <= 64 else None
 
 
-def decode_floor(raw: bytes) -> tuple[datetime, bool]:
-    """Inverse of ``encode_floor``; ValueError if it is not that."""
+def encode_floor(record: FloorRecord) -> bytes:
+    data: dict[str, Any] = {
+        "floor": record.floor.astimezone(UTC).isoformat(),
+        "trusted": record.trusted,
+        "basis": str(record.basis),
+    }
+    if record.boot is not None and record.mono is not None:
+        data.update(boot=record.boot, mono=record.mono)
+    if record.since is not None:
+        data["since"] = record.since.astimezone(UTC).isoformat()
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode_floor(raw: bytes) -> FloorRecord:
+    """Inverse of ``encode_floor`` (older records hold only floor and trust); ValueError if
+    it is not that, or holds an absurd time."""
     try:
         data = json.loads(raw)
         floor = datetime.fromisoformat(data["floor"])
         trusted = data["trusted"]
-    except (ValueError, KeyError, TypeError) as err:
+        basis = Basis(data.get("basis", Basis.CLOCK))
+        boot = data.get("boot")
+        mono = data.get("mono")
+        since_raw = data.get("since")
+        since = None if since_raw is None else datetime.fromisoformat(since_raw)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{type(err).__name__}") from None
-    if floor.tzinfo is None or not isinstance(trusted, bool):
+    if not isinstance(trusted, bool):
         raise ValueError("malformed")
-    return floor.astimezone(UTC), trusted
+    for value in (floor, since):
+        if value is not None and (value.tzinfo is None or not value < LATEST_TIME):
+            raise ValueError("a time is not timezone-aware or is absurd")
+    if boot is not None and not isinstance(boot, str):
+        raise ValueError("malformed boot id")
+    if mono is not None and (
+        isinstance(mono, bool) or not isinstance(mono, int | float) or not math.isfinite(mono)
+    ):
+        raise ValueError("malformed monotonic time")
+    return FloorRecord(
+        floor.astimezone(UTC),
+        trusted,
+        basis,
+        boot,
+        None if mono is None else float(mono),
+        None if since is None else since.astimezone(UTC),
+    )
+
+
+def plus(at: datetime, delta: timedelta) -> datetime:
+    """``at + delta``, saturating at datetime's limits instead of raising OverflowError."""
+    try:
+        return at + delta
+    except OverflowError:
+        edge = datetime.max if delta > timedelta(0) else datetime.min
+        return edge.replace(tzinfo=at.tzinfo)
+
+
+def _plus(at: datetime, seconds: float) -> datetime:
+    try:
+        delta = timedelta(seconds=seconds)
+    except OverflowError:
+        delta = timedelta.max if seconds > 0 else timedelta.min
+    return plus(at, delta)
+
+
+def _sane(at: datetime) -> datetime:
+    """``at`` in UTC, held below ``LATEST_TIME`` (a floor or evidence never reaches past it)."""
+    at = at.astimezone(UTC)
+    return min(at, LATEST_TIME - timedelta(days=1))
+
+
+def _timestamp(at: datetime) -> float:
+    return (at - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()

@@ -12,6 +12,9 @@ from agent.trusted_time import (
     BUILD_FLOOR,
     KV_KEY,
     PERSIST_EVERY_S,
+    STEP_TOLERANCE_S,
+    Basis,
+    FloorRecord,
     TrustedClock,
     TrustedTime,
     decode_floor,
@@ -122,21 +125,35 @@ def test_steps_forward_and_backward_are_reported_once_each() -> None:
     [step] = tt.take_steps()
     assert step.trusted
     assert step.step_s == pytest.approx(3600.0)
-    # A forward step of a trusted clock is followed, and reported.
+    # A forward step is a step too: not followed (a bad time source), reported once.
+    before = tt.floor
     clock.wall += timedelta(minutes=10)
-    assert tt.observe(clock.wall, clock.mono).wall == clock.wall
+    ahead = tt.observe(clock.wall, clock.mono)
+    assert not ahead.trusted
+    assert ahead.wall == before
     [step] = tt.take_steps()
-    assert step.trusted
+    assert not step.trusted
     assert step.step_s == pytest.approx(600.0)
 
 
-def test_a_small_backward_step_stalls_time_instead_of_reversing_it() -> None:
+def test_a_small_step_is_absorbed_slowly_and_time_never_goes_backwards() -> None:
+    clock = FakeClock()
     tt = TrustedTime(REAL - timedelta(days=1))
-    tt.observe(REAL, 0.0)
-    back = tt.observe(REAL - timedelta(seconds=1.5), 0.5)  # within the tolerance: jitter
+    first = tt.observe(clock.wall, clock.mono).wall
+    clock.wall -= timedelta(seconds=1.5)  # within the tolerance: a small correction
+    clock.run(0.5)
+    back = tt.observe(clock.wall, clock.mono)
     assert back.trusted
-    assert back.wall == REAL, "never backwards"
-    assert tt.observe(REAL + timedelta(seconds=1), 3.0).wall == REAL + timedelta(seconds=1)
+    assert back.wall > first, "never backwards"
+    assert abs((back.wall - clock.wall).total_seconds()) <= STEP_TOLERANCE_S
+    last = back.wall
+    for _ in range(4000):  # the agent's time converges on the wall clock at SLEW_PPM
+        clock.run(1)
+        now = tt.observe(clock.wall, clock.mono)
+        assert now.trusted
+        assert now.wall > last
+        last = now.wall
+    assert last == clock.wall
     assert tt.take_steps() == []
 
 
@@ -163,13 +180,21 @@ def test_signed_evidence_raises_the_floor() -> None:
 
 
 def test_floor_encoding_round_trips_and_refuses_junk() -> None:
-    assert decode_floor(encode_floor(REAL, False)) == (REAL, False)
+    record = FloorRecord(REAL, False, Basis.FLOOR, "boot-a", 12.5, REAL - timedelta(hours=1))
+    assert decode_floor(encode_floor(record)) == record
+    assert decode_floor(encode_floor(FloorRecord(REAL, True))) == FloorRecord(REAL, True)
+    # A record of the previous agent (floor and trust only) is still read.
+    old = b'{"floor":"2026-11-30T09:00:00+00:00","trusted":false}'
+    assert decode_floor(old) == FloorRecord(REAL, False)
     for junk in (
         b"",
         b"{}",
         b'{"floor":"yesterday","trusted":true}',
         b'{"floor":"2026-01-01T00:00:00","trusted":true}',
         b'{"floor":"2026-01-01T00:00:00+00:00","trusted":1}',
+        b'{"floor":"9999-12-31T23:00:00+00:00","trusted":true}',
+        b'{"floor":"2026-01-01T00:00:00+00:00","trusted":true,"basis":"guess"}',
+        b'{"floor":"2026-01-01T00:00:00+00:00","trusted":true,"boot":"b","mono":"NaN"}',
     ):
         with pytest.raises(ValueError):
             decode_floor(junk)
@@ -183,7 +208,7 @@ async def test_trusted_clock_persists_its_floor_and_resumes_from_it() -> None:
     assert tc.reading().trusted
     assert tc.persist_due(), "nothing stored yet"
     await tc.save(store)
-    assert decode_floor(store.kv[KV_KEY]) == (REAL, True)
+    assert decode_floor(store.kv[KV_KEY]) == FloorRecord(REAL, True)
     clock.run(PERSIST_EVERY_S - 1)
     tc.reading()
     assert not tc.persist_due()
@@ -204,7 +229,8 @@ async def test_trusted_clock_persists_its_floor_and_resumes_from_it() -> None:
     assert tc2.now() == issued
     assert tc2.persist_due(), "the trust changed: persist it so a restart does not re-report"
     await tc2.save(store)
-    assert decode_floor(store.kv[KV_KEY]) == (issued, False)
+    saved = decode_floor(store.kv[KV_KEY])
+    assert (saved.floor, saved.trusted, saved.basis) == (issued, False, Basis.FLOOR)
     snap = tc2.snapshot()
     assert snap["trusted"] is False
     assert snap["wall"] == EPOCH.isoformat()

@@ -205,18 +205,28 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"  last      #{last['seq']} {last['type']} at {last['time']}")
     clock = st.get("clock")
     if clock is not None:
-        if clock["trusted"]:
-            print(f"  clock     {clock['time']} (wall clock trusted)")
-        else:
-            print(
-                f"  clock     {clock['time']} UNTRUSTED: wall clock reads {clock['wall']}; "
-                "time kept from the trusted floor on the monotonic clock"
-            )
+        print(f"  clock     {clock_line(clock)}")
     for kind, doc in (st.get("documents") or {}).items():
         print(f"  document  {_document_line(kind, doc)}")
     for alert in st.get("alerts", []):
         print(f"  alert     {alert}")
     return EX_OK
+
+
+def clock_line(clock: dict[str, Any]) -> str:
+    """The agent's time and whether the wall clock agrees with it, in one line."""
+    if clock.get("trusted"):
+        return f"{clock['time']} (wall clock trusted)"
+    if clock.get("basis") == "floor":
+        how = (
+            "from its persisted floor on the monotonic clock (a lower bound: downtime not counted)"
+        )
+    else:
+        how = "carried on the monotonic clock from the last trusted reading"
+    return (
+        f"UNTRUSTED since {clock.get('since') or '?'}: wall clock reads {clock.get('wall')}, "
+        f"agent time {clock['time']} ({how})"
+    )
 
 
 def _document_line(kind: str, doc: dict[str, Any]) -> str:

@@ -281,8 +281,14 @@ def check_clock(now: datetime | None = None) -> Check:
     return Check("PASS", "clock", f"{now.isoformat(timespec='seconds')} is plausible")
 
 
-def check_trusted_clock(status: Mapping[str, Any] | None) -> Check | None:
-    """The running agent's view: is the wall clock behind what it has already seen?"""
+def check_trusted_clock(status: Mapping[str, Any] | None, ntp: Check | None = None) -> Check | None:
+    """The running agent's view: does the wall clock agree with the agent's own time?
+
+    The advice depends on which of the two is likely wrong: a wall clock before this build is
+    (no RTC, no NTP yet); one that NTP says is synchronised while it disagrees with the agent's
+    time points at the agent's time instead (set from a wrong clock at an earlier start, or
+    from a signed document issued ahead) — a fresh signed document corrects that.
+    """
     clock = (status or {}).get("clock")
     if not isinstance(clock, Mapping):
         return None
@@ -290,12 +296,49 @@ def check_trusted_clock(status: Mapping[str, Any] | None) -> Check | None:
         return Check(
             "PASS", "trusted time", f"the agent trusts the wall clock ({clock.get('time')})"
         )
-    return Check(
-        "WARN",
-        "trusted time",
-        f"wall clock {clock.get('wall')} is behind what the agent already saw; it keeps time "
-        f"from its floor ({clock.get('time')}) and flags events clock=untrusted: fix NTP/RTC",
+    try:
+        wall = datetime.fromisoformat(str(clock.get("wall")))
+        agent = datetime.fromisoformat(str(clock.get("time")))
+    except ValueError:
+        return Check("WARN", "trusted time", f"the agent does not trust the wall clock: {clock}")
+    gap = (wall - agent).total_seconds()
+    head = (
+        f"wall clock {wall.isoformat(timespec='seconds')} is {_span(abs(gap))} "
+        f"{'ahead of' if gap > 0 else 'behind'} the agent's time "
+        f"{agent.isoformat(timespec='seconds')} (untrusted since {clock.get('since')}); events "
+        "say clock=untrusted"
     )
+    fresh_document = (
+        "publish a fresh signed allow-list: its issue time confirms the wall clock and the "
+        "agent trusts it again"
+    )
+    if wall < BUILD_DATE:
+        advice = "no RTC and no time sync yet: fix NTP/RTC"
+    elif ntp is not None and ntp.status == "PASS":
+        advice = (
+            "NTP reports the clock synchronised, so the agent's time may be the wrong one "
+            f"(taken from a wrong clock at an earlier start, or from a document issued ahead): "
+            f"check the wall clock against a reference; if it is right, {fresh_document}"
+        )
+    elif gap > 0:
+        advice = (
+            "the wall clock stepped forward (a bad NTP/GPS source?) or was set after the agent "
+            f"started: check the time source; if the wall clock is right, {fresh_document}"
+        )
+    else:
+        advice = (
+            "the wall clock stepped back or was not set: check NTP/RTC; it is trusted again "
+            "when it agrees with the agent's time"
+        )
+    return Check("WARN", "trusted time", f"{head}: {advice}")
+
+
+def _span(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds:.0f} s"
 
 
 def allow_list_verdict(
@@ -373,7 +416,7 @@ async def check_allow_list(cfg: AgentConfig, status: Mapping[str, Any] | None) -
     now = datetime.now(UTC)
     if floor_raw is not None:
         with contextlib.suppress(ValueError):
-            now = max(now, decode_floor(floor_raw)[0])
+            now = max(now, decode_floor(floor_raw).floor)
     if raw is None:
         return allow_list_verdict(None, now, cfg.domain)
     try:
@@ -527,7 +570,8 @@ async def run_selftest(
     checks = [Check("PASS", "config", f"{config_path} is valid ({len(cfg.readers)} reader(s))")]
     checks.append(check_keys(cfg))
     checks.append(check_clock())
-    checks.append(await asyncio.to_thread(check_ntp))
+    ntp = await asyncio.to_thread(check_ntp)
+    checks.append(ntp)
     checks.append(check_disk(cfg, min_free_pct))
     status = await daemon_status(cfg)
     if status is None:
@@ -536,7 +580,7 @@ async def run_selftest(
         )
     else:
         checks.append(Check("PASS", "agent", f"running, version {status.get('version')}"))
-    trusted = check_trusted_clock(status)
+    trusted = check_trusted_clock(status, ntp)
     if trusted is not None:
         checks.append(trusted)
     checks.extend(await check_readers(cfg, status, reader_timeout_s))

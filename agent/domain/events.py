@@ -54,9 +54,10 @@ class EventBase(BaseModel):
     time: datetime = Field(description="UTC time the agent observed the event")
     clock: Literal["trusted", "untrusted"] = Field(
         "trusted",
-        description="'untrusted': the wall clock was behind what the agent had already seen "
-        "(no RTC, before NTP); time is then the agent's own estimate (never earlier than "
-        "anything it committed or saw signed), not a wall-clock reading",
+        description="'untrusted': the wall clock disagreed with the agent's own time (it "
+        "stepped, or read earlier than what the agent had already seen: no RTC, before NTP); "
+        "time is then the agent's estimate carried on the monotonic clock (after a reboot "
+        "without RTC a lower bound: the downtime is not counted), not a wall-clock reading",
     )
     site_id: Name
     cabinet_id: Name
@@ -324,17 +325,24 @@ class AgentAlert(EventBase):
 class AgentClockStep(EventBase):
     """The wall clock stepped against the monotonic clock, or its trust changed (once per step).
 
-    While ``trusted`` is false the agent keeps its own time (from its persisted floor on the
-    monotonic clock) and every event says ``clock: "untrusted"``."""
+    While ``trusted`` is false the agent keeps its own time on the monotonic clock and every
+    event says ``clock: "untrusted"``."""
 
     type: Literal["agent.clock_step"] = "agent.clock_step"
     step_s: float = Field(
         description="how far the wall clock moved against the monotonic clock (negative: "
-        "backward); at start, wall clock minus the persisted time floor (includes downtime)"
+        "backward); at start, wall clock minus the agent's time (after a reboot: its persisted "
+        "floor, so it includes the downtime); cause 'document': how far the agent's time moved "
+        "to the confirmed wall clock"
     )
     wall: datetime = Field(description="what the wall clock read after the step")
     trusted: bool = Field(description="whether the wall clock is trusted from now on")
-    at_start: bool = Field(description="noticed at start, against the persisted time floor")
+    at_start: bool = Field(description="noticed at start, against the persisted agent time")
+    cause: Literal["wall", "document"] = Field(
+        "wall",
+        description="'wall': the wall clock moved (or agreed again); 'document': a fresh signed "
+        "document issued by the wall clock's reckoning confirmed the wall clock",
+    )
 
 
 Event: TypeAlias = Annotated[

@@ -47,6 +47,13 @@ class PrivacyConfig(StrictModel):
         le=86400,
         description="how far in the future a signed document's issued_at may be (no RTC)",
     )
+    max_document_ahead_days: float = Field(
+        366.0,
+        ge=1,
+        le=3660,
+        description="while the wall clock is untrusted, how far after the agent's own time a "
+        "signed document's issued_at may be (its time is then a lower bound, not a reading)",
+    )
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,9 @@ def load_cabinet_privacy(
         site_id,
         cabinet_id,
         max_clock_skew=timedelta(seconds=cfg.max_clock_skew_s),
+        max_ahead=max(
+            timedelta(days=cfg.max_document_ahead_days), timedelta(seconds=cfg.max_clock_skew_s)
+        ),
     )
     return CabinetPrivacy(
         pseudonymizer=pseudonymizer,

@@ -23,11 +23,14 @@ from agent.domain.access import AllowList
 from agent.domain.assets import AssetRegistry
 from agent.privacy.keyfile import KID_PATTERN
 from agent.privacy.pseudonym import is_pseudonym
+from agent.trusted_time import BUILD_FLOOR, LATEST_TIME, ClockView, plus
 
 __all__ = [
     "ALLOW_LIST",
     "ASSET_REGISTRY",
+    "EARLIEST_DOCUMENT_TIME",
     "KINDS",
+    "Admission",
     "DocumentChecker",
     "DocumentError",
     "DocumentVerifier",
@@ -49,6 +52,12 @@ MAX_DEPTH: Final = 16
 # Integers beyond this lose precision in JavaScript and other double-based JSON stacks.
 MAX_SAFE_INT: Final = (1 << 53) - 1
 DEFAULT_CLOCK_SKEW: Final = timedelta(minutes=5)
+# While the cabinet's wall clock is untrusted, how far after the agent's time a document may be
+# issued: its time is then only a lower bound (no RTC, a long storage), but not by centuries.
+DEFAULT_MAX_AHEAD: Final = timedelta(days=366)
+# No document can be issued before this (a year before this build) nor have a time after
+# LATEST_TIME: such times are absurd, and refused before anything computes with them.
+EARLIEST_DOCUMENT_TIME: Final = BUILD_FLOOR - timedelta(days=365)
 
 _DOC_FIELDS: Final = frozenset(
     {"kind", "site_id", "cabinet_id", "version", "issued_at", "expires_at", "body"}
@@ -95,6 +104,17 @@ class SignedDocument:
 
 
 @dataclass(frozen=True, slots=True)
+class Admission:
+    """A document that passed every check, and how its times were judged."""
+
+    doc: SignedDocument
+    at: datetime  # the time its validity window was judged against
+    # Its issued_at vouches for the untrusted wall clock (a newer version, signed "now"):
+    # the window was judged against the wall clock, which the agent may trust again.
+    corroborates: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class VersionFloor:
     """The highest version of a kind ever installed, and the digest of that document.
 
@@ -130,6 +150,7 @@ class DocumentVerifier:
         cabinet_id: str,
         *,
         max_clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
+        max_ahead: timedelta = DEFAULT_MAX_AHEAD,
     ) -> None:
         if not public_keys:
             raise ValueError("a verifier needs at least one public key")
@@ -138,10 +159,13 @@ class DocumentVerifier:
                 raise ValueError(f"signing key {kid!r} is not an Ed25519 public key")
         if max_clock_skew < timedelta(0):
             raise ValueError("max_clock_skew must not be negative")
+        if max_ahead < max_clock_skew:
+            raise ValueError("max_ahead must not be less than max_clock_skew")
         self._keys = dict(public_keys)
         self._site_id = site_id
         self._cabinet_id = cabinet_id
         self._skew = max_clock_skew
+        self._max_ahead = max_ahead
 
     @property
     def max_clock_skew(self) -> timedelta:
@@ -201,26 +225,66 @@ class DocumentVerifier:
         document as ``current`` to also refuse a lower version than its own and to accept
         an equal version only when the content is identical (idempotent re-delivery);
         ``floor`` does the same from the persisted highest installed version, which outlives
-        the document. With ``clock_trusted=False`` (the cabinet's wall clock is behind what it
-        has already seen) ``now`` is only a lower bound of the time: a document issued after
-        it is not refused as not yet valid, while expiry is still judged against ``now``.
+        the document. With ``clock_trusted=False`` ``now`` is the cabinet's own estimate of the
+        time while its wall clock is untrusted (see ``admit``).
         """
-        if now.tzinfo is None:
+        view = ClockView(now, clock_trusted)
+        return self.admit(raw, kind, view, min_version, current=current, floor=floor).doc
+
+    def admit(
+        self,
+        raw: bytes,
+        kind: str,
+        clock: ClockView,
+        min_version: int = 0,
+        *,
+        current: bytes | None = None,
+        floor: VersionFloor | None = None,
+    ) -> Admission:
+        """Every check of ``verify``, judging the validity window against ``clock``.
+
+        Trusted clock: ``issued_at`` may be at most the skew allowance ahead of it. Untrusted:
+        a newer version issued within the skew allowance of the wall clock corroborates the
+        wall clock (the backend signed it just now) and is judged against it; any other
+        document is judged against the agent's time, a lower bound of the true time, and may
+        be issued up to ``max_ahead`` after it. Expiry always holds.
+        """
+        if clock.time.tzinfo is None:
             raise ValueError("now must be timezone-aware")
         signed = self.authenticate(raw, kind)
-        self._check_version(signed, min_version, current, floor)
-        if clock_trusted and now + self._skew < signed.issued_at:
-            raise DocumentError(
-                DocumentError.NOT_YET_VALID,
-                f"{kind} v{signed.version} issued at {format_time(signed.issued_at)}, "
-                f"now is {format_time(now)}",
+        newest = self._check_version(signed, min_version, current, floor)
+        corroborates = False
+        at = clock.time
+        if clock.trusted:
+            if plus(at, self._skew) < signed.issued_at:
+                raise DocumentError(
+                    DocumentError.NOT_YET_VALID,
+                    f"{kind} v{signed.version} issued at {format_time(signed.issued_at)}, "
+                    f"now is {format_time(at)}",
+                )
+        else:
+            wall = clock.wall
+            corroborates = (
+                (newest is None or signed.version > newest)
+                and wall is not None
+                and wall < LATEST_TIME
+                and abs(signed.issued_at - wall) <= self._skew
             )
-        if now >= signed.expires_at:
+            if corroborates and wall is not None:
+                at = wall
+            elif plus(at, self._max_ahead) < signed.issued_at:
+                raise DocumentError(
+                    DocumentError.NOT_YET_VALID,
+                    f"{kind} v{signed.version} issued at {format_time(signed.issued_at)}, more "
+                    f"than {self._max_ahead.days} days after the cabinet's time "
+                    f"{format_time(at)} (its wall clock is not trusted)",
+                )
+        if at >= signed.expires_at:
             raise DocumentError(
                 DocumentError.EXPIRED,
                 f"{kind} v{signed.version} expired at {format_time(signed.expires_at)}",
             )
-        return signed
+        return Admission(signed, at, corroborates)
 
     @staticmethod
     def _check_version(
@@ -228,7 +292,8 @@ class DocumentVerifier:
         min_version: int,
         current: bytes | None,
         floor: VersionFloor | None,
-    ) -> None:
+    ) -> int | None:
+        """Refuse rollbacks and conflicts; the highest version already installed, if known."""
         if signed.version < min_version:
             raise DocumentError(
                 DocumentError.ROLLBACK,
@@ -237,7 +302,7 @@ class DocumentVerifier:
         if floor is not None:
             check_floor(signed, floor)
         if current is None:
-            return
+            return None if floor is None else floor.version
         try:
             cur_doc, _, _ = _parse_wire(current)
             cur_canonical = canonical_json(cur_doc)
@@ -249,6 +314,7 @@ class DocumentVerifier:
         if not isinstance(cur_version, int):
             raise DocumentError(DocumentError.MALFORMED, "the current document has no version")
         check_floor(signed, VersionFloor(cur_version, hashlib.sha256(cur_canonical).hexdigest()))
+        return cur_version if floor is None else max(cur_version, floor.version)
 
 
 def check_floor(signed: SignedDocument, floor: VersionFloor) -> None:
@@ -453,6 +519,17 @@ def _fields(doc: Mapping[str, Any], kid: str, canonical: bytes) -> SignedDocumen
         raise DocumentError(DocumentError.MALFORMED, str(err)) from None
     if expires_at <= issued_at:
         raise DocumentError(DocumentError.MALFORMED, "expires_at is not after issued_at")
+    if issued_at < EARLIEST_DOCUMENT_TIME:
+        raise DocumentError(
+            DocumentError.MALFORMED,
+            f"issued_at {doc['issued_at']} is before {format_time(EARLIEST_DOCUMENT_TIME)}: "
+            "no backend of this cabinet signed it then",
+        )
+    if expires_at >= LATEST_TIME:
+        raise DocumentError(
+            DocumentError.MALFORMED,
+            f"expires_at {doc['expires_at']} is not before {format_time(LATEST_TIME)}",
+        )
     body = _freeze(doc["body"])
     assert isinstance(body, Mapping)
     return SignedDocument(

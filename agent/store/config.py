@@ -81,6 +81,12 @@ class StoreConfig(StrictModel):
         10, ge=1, le=1_000_000, description="failed deliveries before a row is dead-lettered"
     )
     audit_retention_days: float = Field(365.0, gt=0, description="audit log retention")
+    housekeeping_interval_s: float = Field(
+        300.0,
+        ge=1,
+        le=86400,
+        description="how often age-based pruning and the page cap run (also at start)",
+    )
     group_commit_max_rows: int = Field(
         100, ge=1, le=100_000, description="outbox rows per group-commit transaction (1 disables)"
     )

@@ -659,9 +659,11 @@ class Database:
 
     # -- housekeeping -------------------------------------------------------------------------
 
-    def housekeeping(self, now_us: int) -> HousekeepingResult:
-        aged = self.prune_age(now_us)
-        pruned = self.prune_audit(now_us)
+    def housekeeping(self, now_us: int | None) -> HousekeepingResult:
+        """Age-prune the outbox and the audit log (not when ``now_us`` is None: the clock is
+        not trusted), re-fit the page cap."""
+        aged = 0 if now_us is None else self.prune_age(now_us)
+        pruned = 0 if now_us is None else self.prune_audit(now_us)
         pages = self.apply_page_limit()
         return HousekeepingResult(aged, pruned, pages)
 

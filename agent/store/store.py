@@ -96,8 +96,13 @@ class Store:
         *,
         on_alert: Callable[[StoreAlert], None] | None = None,
         clock: Clock | None = None,
+        age_clock: Callable[[], datetime | None] | None = None,
     ) -> Store:
-        """Open (creating, migrating or quarantining as needed) and start the database thread."""
+        """Open (creating, migrating or quarantining as needed) and start the database thread.
+
+        ``clock`` stamps records; ``age_clock`` (default: ``clock``) is the time age-based
+        pruning judges by, None while it is not to be trusted (the pruning then waits).
+        """
         loop = asyncio.get_running_loop()
         holder: list[Store] = []
         early: list[StoreAlert] = []
@@ -108,7 +113,7 @@ class Store:
             else:
                 early.append(alert)
 
-        worker = Worker(cfg, loop, clock or SystemClock(), sink)
+        worker = Worker(cfg, loop, clock or SystemClock(), sink, age_clock)
         worker.start()
         try:
             opened = await asyncio.wait_for(asyncio.shield(worker.opened), OPEN_TIMEOUT_S)
@@ -401,7 +406,7 @@ class Store:
         """Age-prune the outbox, prune the audit log, re-fit the page cap (also runs periodically)."""
 
         def job(d: dbmod.Database) -> HousekeepingResult:
-            return d.housekeeping(dbmod.to_us(self._worker_clock_now()))
+            return d.housekeeping(self._worker.age_us())
 
         result = await self._submit(job, write=True, ordered=True)
         assert isinstance(result, HousekeepingResult)

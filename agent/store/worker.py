@@ -50,7 +50,6 @@ _RETRYABLE = frozenset(
     {_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_NOMEM, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_PROTOCOL}
 )
 _FATAL = frozenset({_SQLITE_CORRUPT, _SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_NOTADB})
-_HOUSEKEEPING_S = 300.0
 
 
 def sqlite_code(err: BaseException) -> int:
@@ -97,11 +96,15 @@ class Worker(threading.Thread):
         loop: asyncio.AbstractEventLoop,
         clock: Clock,
         alert_sink: Callable[[StoreAlert], None],
+        age_clock: Callable[[], datetime | None] | None = None,
     ) -> None:
         super().__init__(name=f"store-db:{Path(cfg.path).name}", daemon=True)
         self.cfg = cfg
         self._loop = loop
         self.clock = clock
+        # The time age-based pruning judges by (None: not trusted now, the pruning waits).
+        self._age_clock = age_clock
+        self._age_postponed = False
         self._alert_sink = alert_sink
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()
@@ -236,7 +239,7 @@ class Worker(threading.Thread):
         self._settle_epoch(self.db, opening)
         self._open_housekeeping(self.db, opening.alerts)
         self._maintain_space()
-        self._housekeep_at = time.monotonic() + _HOUSEKEEPING_S
+        self._housekeep_at = time.monotonic() + self.cfg.housekeeping_interval_s
         result = OpenResult(self.db.next_seq(), opening.alerts, self.epoch)
         self._settle_future(self.opened, None, result)
         self._flush()
@@ -348,7 +351,7 @@ class Worker(threading.Thread):
     def _open_housekeeping(self, db: dbmod.Database, alerts: list[StoreAlert]) -> None:
         db.conn.execute("BEGIN IMMEDIATE")
         try:
-            db.housekeeping(self._now_us())
+            db.housekeeping(self.age_us(quiet=True))
             alerts.extend(db.alerts)
             db.alerts = []
             db.conn.execute("COMMIT")
@@ -396,6 +399,24 @@ class Worker(threading.Thread):
 
     def _now_us(self) -> int:
         return dbmod.to_us(self.clock.now())
+
+    def age_us(self, *, quiet: bool = False) -> int | None:
+        """The time age-based pruning judges by, or None while the age clock is not trusted
+        (the change is logged once, unless ``quiet``). Runs in the database thread."""
+        if self._age_clock is None:
+            return self._now_us()
+        at = self._age_clock()
+        if quiet:
+            return None if at is None else dbmod.to_us(at)
+        if at is None:
+            if not self._age_postponed:
+                logger.info("state store: age-based pruning postponed while the clock is untrusted")
+            self._age_postponed = True
+            return None
+        if self._age_postponed:
+            logger.info("state store: age-based pruning resumed (clock trusted)")
+        self._age_postponed = False
+        return dbmod.to_us(at)
 
     def _serve(self) -> None:
         work: deque[Job] = deque()
@@ -446,7 +467,11 @@ class Worker(threading.Thread):
 
     def _wait_timeout(self) -> float:
         now = time.monotonic()
-        due = self._retry_at if self._paused() else min(self._housekeep_at, now + _HOUSEKEEPING_S)
+        due = (
+            self._retry_at
+            if self._paused()
+            else min(self._housekeep_at, now + self.cfg.housekeeping_interval_s)
+        )
         if self._sync_at is not None:
             due = min(due, self._sync_at)
         return max(0.0, due - now)
@@ -792,8 +817,8 @@ class Worker(threading.Thread):
         self._maintain_space()
 
     def _housekeep(self) -> None:
-        self._housekeep_at = time.monotonic() + _HOUSEKEEPING_S
-        now_us = self._now_us()
+        self._housekeep_at = time.monotonic() + self.cfg.housekeeping_interval_s
+        now_us = self.age_us()
         job = Job(fn=lambda d: d.housekeeping(now_us), future=None, write=True, ordered=True)
         if not self._run_batch([job]):
             self._held.append(job)
