@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,11 +26,14 @@ from agent.privacy.signed import (
     DocumentVerifier,
     SignedDocument,
     allow_list_doc,
+    canonical_json,
     format_time,
     sign_document,
 )
 from agent.store import Store, StoreConfig
+from agent.trusted_time import KV_KEY as TIME_KEY
 from agent.trusted_time import TrustedClock
+from agent.trusted_time import decode_floor as decode_time_floor
 from tests.delivery_helpers import mqtt_cfg
 
 SITE, CABINET = "hangar-3", "crib-07"
@@ -310,3 +314,82 @@ async def test_a_reload_racing_an_install_keeps_the_newer_document(rig: Rig) -> 
     assert isinstance(parsed[ALLOW_LIST], AllowList)
     assert parsed[ALLOW_LIST].version == 4
     assert json.loads(rig.docs.installed(ALLOW_LIST) or b"{}")["doc"]["version"] == 4
+
+
+def hand_signed(issued_at: str, expires_at: str, version: int = 9) -> bytes:
+    """Signed with the real key, times as given (``sign_document`` refuses absurd ones)."""
+    doc = {
+        "kind": ALLOW_LIST,
+        "site_id": SITE,
+        "cabinet_id": CABINET,
+        "version": version,
+        "issued_at": issued_at,
+        "expires_at": expires_at,
+        "body": {"entries": {ALICE: ["user"]}},
+    }
+    canonical = canonical_json(doc)
+    sig = base64.b64encode(KEY.sign(canonical)).decode()
+    return canonical_json({"doc": doc, "kid": "k1", "sig": sig})
+
+
+@pytest.mark.parametrize(
+    ("issued", "expires"),
+    [
+        ("0001-01-01T00:00:00Z", "2027-12-31T23:59:59Z"),
+        ("9999-12-31T23:56:00Z", "9999-12-31T23:59:59Z"),
+    ],
+)
+async def test_an_absurd_document_is_refused_before_anything_is_stored(
+    rig: Rig, issued: str, expires: str
+) -> None:
+    """F2/F3: it used to be stored first, then crash the agent at every start."""
+    await admit(rig, allow_list(3))
+    floor_before = await rig.store.kv_get(TIME_KEY)
+    time_before = rig.docs.clock.reading().wall
+    pub = Publisher(
+        mqtt_cfg(1),
+        SITE,
+        CABINET,
+        rig.store,
+        verifier=rig.docs,
+        documents=rig.docs,
+        now=rig.docs.clock.now,
+    )
+    topic = f"cabinets/v1/{SITE}/{CABINET}/cmd/allow-list"
+    assert not await pub.handle_command(topic, hand_signed(issued, expires))
+    refusal = rig.docs.refusals[ALLOW_LIST]
+    assert refusal.reason == DocumentError.MALFORMED
+    assert issued[:4] in refusal.detail or expires[:4] in refusal.detail
+    assert rig.docs.documents[ALLOW_LIST].version == 3
+    assert await rig.store.kv_get(doc_key(ALLOW_LIST)) == allow_list(3)
+    assert await rig.store.kv_get(TIME_KEY) == floor_before
+    assert rig.docs.clock.reading().wall - time_before < timedelta(minutes=1)
+
+
+async def test_a_fresh_document_repairs_a_time_floor_set_by_a_wrong_clock(tmp_path: Path) -> None:
+    """Booted while the wall clock read 2028 (trusted on faith), then NTP put it right."""
+    store = await Store.open(StoreConfig(path=tmp_path / "state.db"))
+    try:
+        board = Clock(wall=datetime(2028, 1, 10, tzinfo=UTC), mono=3.0)
+        docs = make_docs(store, board, [])
+        await docs.load(store)
+        await docs.clock.load(store, evidence=docs.evidence())
+        assert docs.clock.reading().trusted
+        await docs.clock.save(store)
+        board.wall, board.mono = NOW, 10.0
+        assert not docs.clock.reading().trusted
+        raw = allow_list(4, issued=NOW - timedelta(seconds=30))
+        doc = docs.verify(raw, ALLOW_LIST, docs.clock.now())  # not expired: judged against NOW
+        await docs.install(doc, raw)
+        now = docs.clock.reading()
+        assert now.trusted
+        assert now.wall == NOW
+        stored = await store.kv_get(TIME_KEY)
+        assert stored is not None
+        assert decode_time_floor(stored).floor == NOW, "the 2028 floor is gone"
+        assert await store.kv_get(doc_key(ALLOW_LIST)) == raw
+        steps = docs.clock.take_steps()
+        assert [(s.cause, s.trusted) for s in steps] == [("wall", False), ("document", True)]
+        await docs.audit.flush()
+    finally:
+        await store.close()

@@ -167,6 +167,33 @@ async def test_age_bound_drops_old_droppable_rows_only(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_age_pruning_waits_while_the_age_clock_is_untrusted(tmp_path: Path) -> None:
+    """A stepped wall clock (2028) must neither age-drop fresh rows nor prune the audit log."""
+    clock = FakeClock()
+    trusted: list[datetime | None] = [None]  # the agent's age clock: None while untrusted
+    alerts = Alerts()
+    store = await Store.open(
+        cfg(tmp_path / "s.db", max_age_days=30, audit_retention_days=365),
+        on_alert=alerts,
+        clock=clock,
+        age_clock=lambda: trusted[0],
+    )
+    try:
+        await store.append_events(next_rows(store, 2, priority=2, created_at=T0))
+        await store.audit_append("system", "test.first", {})
+        clock.at = datetime(2028, 1, 10, tzinfo=UTC)  # what the (untrusted) wall clock says
+        result = await store.housekeeping()
+        assert (result.outbox_age_dropped, result.audit_pruned) == (0, 0)
+        assert (await store.stats()).depth == 2
+        # Trusted again, at a time that makes them old: now they go.
+        trusted[0] = T0 + timedelta(days=400)
+        result = await store.housekeeping()
+        assert (result.outbox_age_dropped, result.audit_pruned) == (2, 1)
+        assert alerts.of(AlertKind.AGE_DROPPED)
+    finally:
+        await store.close()
+
+
 async def _fill_until_blocked(
     store: Store, alerts: Alerts, size: int
 ) -> tuple[list[OutboxRow], asyncio.Future[CommitResult]]:
