@@ -9,6 +9,7 @@ and the clock is "fixed" by rewriting the faketime file while the agent runs, as
 from __future__ import annotations
 
 import asyncio
+import base64
 import glob
 import json
 import os
@@ -19,8 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from agent.control.client import ControlClient
-from agent.privacy.signed import allow_list_doc, sign_document
-from simulators.cabinet import Scenario, describe_event, describe_events, load_scenario
+from agent.privacy.signed import allow_list_doc, canonical_json, sign_document
+from agent.store import Store, StoreConfig
+from agent.trusted_time import KV_KEY as TIME_KEY
+from agent.trusted_time import FloorRecord
+from agent.trusted_time import decode_floor as decode_time_floor
+from agent.trusted_time import encode_floor as encode_time_floor
+from simulators.cabinet import (
+    Scenario,
+    ScenarioRunner,
+    describe_event,
+    describe_events,
+    load_scenario,
+)
+from simulators.faultproxy import FaultProxy
 from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401  (fixture)
 from tests.scenario_harness import TIMEOUT_S, Rig, cabinet_rig
 from tests.test_scenarios import SCENARIOS
@@ -212,3 +225,239 @@ async def test_expired_allow_list_grace_lets_a_supervisor_in_and_says_so(
         assert status["documents"]["allow-list"]["state"] == "expired"
         assert "EXPIRED" in status["documents"]["allow-list"]["warning"]
     assert json.dumps(status)  # plain JSON
+
+
+# ---- hostile report F1-F3: wall-clock glitches and absurd signed times ---------------------------
+
+
+def _hand_signed(rig: Rig, version: int, issued_at: str, expires_at: str) -> bytes:
+    """An allow-list validly signed with the backend's key, its times exactly as given."""
+    lay = rig.scenario.cabinet
+    entries = {rig.pseudonym(p.name): sorted(p.roles) for p in rig.scenario.people if p.listed}
+    doc = {
+        "kind": "allow-list",
+        "site_id": lay.site_id,
+        "cabinet_id": lay.cabinet_id,
+        "version": version,
+        "issued_at": issued_at,
+        "expires_at": expires_at,
+        "body": {"entries": entries},
+    }
+    canonical = canonical_json(doc)
+    sig = base64.b64encode(rig.keys.signing_private.sign(canonical)).decode()
+    return canonical_json({"doc": doc, "kid": rig.keys.signing_kid, "sig": sig})
+
+
+async def _door_cycle(rig: Rig, person: str = "alice") -> None:
+    """A listed person badges, the lock opens (granted), the door opens and closes; committed."""
+    steps = [f"badge {person}", "wait_unlock", "open", "close"]
+    cycle = rig.scenario.model_copy(update={"steps": steps, "expect": []})
+    closed = rig.agent.log_text().count("event session.closed")
+    await asyncio.sleep(0.35)  # a badge reader drops a card shown twice within 0.3 s
+    await ScenarioRunner(cycle, rig.llrp, rig.badge, rig.door, timeout_s=TIMEOUT_S).run()
+    await rig.agent.wait_log("event session.closed", count=closed + 1)
+
+
+async def _audit_verify(rig: Rig) -> dict[str, Any]:
+    async with ControlClient(rig.dir / "agent" / "ctl.sock", timeout_s=20.0) as client:
+        result: dict[str, Any] = await client.call("audit.verify")
+        return result
+
+
+def _opened_by(rig: Rig, person: str) -> list[dict[str, Any]]:
+    who = rig.pseudonym(person)
+    return rig.sink.log.find(
+        lambda e: e.get("type") == "session.opened" and who in e.get("actors", [])
+    )
+
+
+async def test_a_wall_clock_glitch_forward_and_back_locks_nobody_out_and_loses_nothing(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """F1: the wall clock jumps two years ahead (bad NTP/GPS) for a while, then is corrected.
+
+    Meanwhile the broker is unreachable, so the events wait in the outbox; housekeeping runs
+    every second. Before, the forward step was trusted: the allow-list expired, the outbox rows
+    were dropped as "older than 30 days", the audit log was pruned, and after the correction
+    the poisoned time floor refused every fresh allow-list as expired.
+    """
+    scenario = _scenario(
+        "plain-checkout", ["badge alice", "wait_unlock", "open", "close", "settle"]
+    )
+    clock_file = tmp_path / "faketime"
+    _set_wall(clock_file, None)
+    env = _faketime_env(clock_file)
+
+    def under_faketime(rig: Rig) -> None:
+        rig.agent.env = env
+
+    async with (
+        FaultProxy(mosquitto.port) as proxy,
+        cabinet_rig(
+            scenario,
+            tmp_path,
+            mosquitto,
+            before_start=under_faketime,
+            agent_extra={"mqtt": {"port": proxy.port}, "store": {"housekeeping_interval_s": 1}},
+        ) as rig,
+    ):
+        agent = rig.agent
+        await rig.mark()
+        # The broker goes out of reach: what follows waits in the outbox.
+        proxy.refuse(True)
+        proxy.cut()
+        await _door_cycle(rig)  # A: before the glitch
+        real_before = datetime.now(UTC)
+
+        _set_wall(clock_file, real_before + timedelta(days=730))
+        await agent.wait_log("NOT trusted (disagrees with the agent's time)")
+        await agent.wait_log("age-based pruning postponed while the clock is untrusted")
+        status = await _status(rig)
+        assert status["clock"]["trusted"] is False
+        assert datetime.fromisoformat(status["clock"]["wall"]).year >= real_before.year + 2
+        assert datetime.fromisoformat(status["clock"]["time"]) < datetime.now(UTC) + timedelta(
+            minutes=5
+        )
+        assert status["documents"]["allow-list"]["state"] == "valid"
+        assert any(a.startswith("clock untrusted since") for a in status["alerts"])
+        await _door_cycle(rig)  # B: during the glitch, alice is let in
+        during = datetime.now(UTC)
+
+        _set_wall(clock_file, None)  # NTP corrects it
+        await agent.wait_log("trusted (agrees with the agent's time)")
+        await agent.wait_log("age-based pruning resumed (clock trusted)")
+        proxy.refuse(False)
+        await rig.mark()  # everything committed so far is delivered, contiguously
+
+        steps = [e for e in rig.sink.log.events if e["type"] == "agent.clock_step"]
+        assert [(e["trusted"], e["at_start"], e["cause"]) for e in steps] == [
+            (False, False, "wall"),
+            (True, False, "wall"),
+        ]
+        opened = _opened_by(rig, "alice")
+        assert len(opened) == 2, "cycles A and B both granted, neither event dropped"
+        assert [e["clock"] for e in opened] == ["trusted", "untrusted"]
+        glitch_time = datetime.fromisoformat(opened[1]["time"])
+        assert real_before - timedelta(seconds=5) < glitch_time < during + timedelta(seconds=5)
+        alerts = [e for e in rig.sink.log.events if e["type"] == "agent.alert"]
+        assert not [a for a in alerts if a["kind"] == "store.age_dropped"], alerts
+        assert "age_dropped" not in agent.log_text()
+        audit = await _audit_verify(rig)
+        assert audit["ok"]
+        assert audit["anchor_seq"] == 0, "the audit log was not pruned"
+
+        # A fresh allow-list is installed after the correction, and alice is let in again.
+        rig.publish_document("allow-list", _signed_allow_list(rig, 2))
+        await agent.wait_log("installed allow-list version 2")
+        events = await rig.play()
+        assert [e["type"] for e in events] == ["session.opened", "session.closed"], events
+        assert {e["clock"] for e in events} == {"trusted"}
+        status = await _status(rig)
+        assert status["clock"]["trusted"] is True
+        assert status["documents"]["allow-list"]["version"] == 2
+
+
+async def test_a_signed_document_issued_in_year_1_is_refused_and_the_agent_runs_on(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """F2: it used to be stored, then crash the agent (OverflowError) at every start."""
+    scenario = _scenario(
+        "plain-checkout", ["badge alice", "wait_unlock", "open", "close", "settle"]
+    )
+    async with cabinet_rig(scenario, tmp_path, mosquitto) as rig:
+        bad = _hand_signed(rig, 2, "0001-01-01T00:00:00Z", "2027-12-31T23:59:59Z")
+        rig.publish_document("allow-list", bad)  # retained: it comes back at every start
+        await rig.agent.wait_log("refused allow-list document: malformed")
+        status = await _status(rig)
+        refused = status["documents"]["allow-list"]["refused"]
+        assert refused["reason"] == "malformed"
+        assert "issued_at 0001-01-01T00:00:00Z" in refused["detail"]
+        assert status["documents"]["allow-list"]["version"] == 1
+        events = await rig.play()
+        assert [e["type"] for e in events] == ["session.opened", "session.closed"], events
+
+        assert await rig.agent.stop() == 0
+        rig.agent.start()
+        await rig.agent.wait_log("refused allow-list document: malformed", count=2)
+        await rig.wait_connected()
+        for reader in (scenario.cabinet.badge_reader_id, "marker"):  # this start's connections
+            await rig.agent.wait_log(f"badge reader {reader}: connected", count=2)
+        events = await rig.play()
+        assert [e["type"] for e in events] == ["session.opened", "session.closed"], events
+        status = await _status(rig)
+        assert status["documents"]["allow-list"]["version"] == 1
+        assert status["documents"]["allow-list"]["refused"]["reason"] == "malformed"
+
+
+async def test_a_1970_boot_refuses_documents_from_the_far_future_and_keeps_its_time(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """F3: at 1970 a document issued in 9999 used to be accepted and to become the time floor;
+    minutes later the agent died of an OverflowError, and at every start after."""
+    scenario = _scenario(
+        "plain-checkout", ["badge alice", "wait_unlock", "open", "close", "settle"]
+    )
+    clock_file = tmp_path / "faketime"
+    env = _faketime_env(clock_file)
+    async with cabinet_rig(scenario, tmp_path, mosquitto) as rig:
+        assert await rig.agent.stop() == 0
+        # A reboot: the saved floor no longer continues on this boot's monotonic clock.
+        store = await Store.open(StoreConfig(path=tmp_path / "agent" / "state.db"))
+        try:
+            raw = await store.kv_get(TIME_KEY)
+            assert raw is not None
+            saved = decode_time_floor(raw)
+            await store.kv_put(TIME_KEY, encode_time_floor(FloorRecord(saved.floor, True)))
+        finally:
+            await store.close()
+        _set_wall(clock_file, BOOT_WALL)
+        rig.agent.env = env
+        rig.agent.start()
+        await rig.agent.wait_log("disagrees with the agent's time")
+        await rig.wait_connected()
+        for reader in (scenario.cabinet.badge_reader_id, "marker"):
+            await rig.agent.wait_log(f"badge reader {reader}: connected", count=2)
+        status = await _status(rig)
+        assert (status["clock"]["trusted"], status["clock"]["basis"]) == (False, "floor")
+
+        rig.publish_document(
+            "allow-list", _hand_signed(rig, 2, "9999-12-31T23:56:00Z", "9999-12-31T23:59:59Z")
+        )
+        await rig.agent.wait_log("refused allow-list document: malformed")
+        # Two years after the agent's time: more than max_document_ahead_days (366).
+        agent_time = datetime.fromisoformat(status["clock"]["time"])
+        far = allow_list_doc(
+            scenario.cabinet.site_id,
+            scenario.cabinet.cabinet_id,
+            3,
+            agent_time + timedelta(days=760),
+            {rig.pseudonym(p.name): list(p.roles) for p in scenario.people if p.listed},
+            issued_at=(agent_time + timedelta(days=730)).replace(microsecond=0),
+        )
+        rig.publish_document(
+            "allow-list", sign_document(rig.keys.signing_private, rig.keys.signing_kid, far)
+        )
+        await rig.agent.wait_log("refused allow-list document: not-yet-valid")
+        status = await _status(rig)
+        assert status["documents"]["allow-list"]["version"] == 1
+        assert "366 days" in status["documents"]["allow-list"]["refused"]["detail"]
+        assert datetime.fromisoformat(status["clock"]["time"]) < datetime.now(UTC) + timedelta(
+            hours=1
+        ), "the agent's time was not moved by either document"
+
+        events = await rig.play()  # alice is let in on the stored allow-list
+        assert [e["type"] for e in events] == ["session.opened", "session.closed"], events
+        assert {e["clock"] for e in events} == {"untrusted"}
+        assert max(datetime.fromisoformat(e["time"]) for e in events) < datetime.now(UTC)
+
+        # And it starts again cleanly, its time still sane.
+        assert await rig.agent.stop() == 0
+        rig.agent.start()
+        await rig.agent.wait_log("refused allow-list document: not-yet-valid", count=2)
+        await rig.wait_connected()
+        status = await _status(rig)
+        assert datetime.fromisoformat(status["clock"]["time"]) < datetime.now(UTC)
+        assert status["documents"]["allow-list"]["version"] == 1
+    text = rig.agent.log_text()
+    assert "OverflowError" not in text
+    assert "fatal:" not in text
