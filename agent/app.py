@@ -288,9 +288,7 @@ class CabinetApp:
                     async with asyncio.timeout(2.0):
                         await self.door.close()
                 except (CabinetError, TimeoutError) as err:
-                    logger.error(
-                        "could not lock the door on shutdown: %s", err or type(err).__name__
-                    )
+                    logger.error("could not lock the door on shutdown: %s", describe_error(err))
             # 4. everything else (readers close their sessions) is cancelled by the group.
             raise _Stop
 
@@ -329,7 +327,7 @@ class CabinetApp:
                 async with asyncio.timeout(2.0):
                     await self.door.close()
             except (DoorCommandError, TimeoutError) as err:
-                logger.error("could not lock the door on shutdown: %s", err or type(err).__name__)
+                logger.error("could not lock the door on shutdown: %s", describe_error(err))
         if self.store is not None:
             # Appends held by a full disk stay queued in the store (retried once more at
             # close): waiting for them would only spend the stop budget.
@@ -338,7 +336,7 @@ class CabinetApp:
                 async with asyncio.timeout(2.0):
                     await self.time.save(self.store)  # the floor: what has passed, for next start
             except (CabinetError, TimeoutError) as err:
-                logger.error("time floor not saved at shutdown: %s", err or type(err).__name__)
+                logger.error("time floor not saved at shutdown: %s", describe_error(err))
             try:
                 await self.store.close()
             except CabinetError as err:
@@ -761,7 +759,7 @@ class CabinetApp:
                 try:
                     await self.time.save(self.store)
                 except CabinetError as err:
-                    logger.error("time floor not saved: %s", err or type(err).__name__)
+                    logger.error("time floor not saved: %s", describe_error(err))
             await asyncio.sleep(CLOCK_CHECK_S)
 
     def _clock_step_event(self, step: ClockStep, now: Now) -> ev.Event:
@@ -846,6 +844,11 @@ class CabinetApp:
             "documents": documents,
             "alerts": alerts,
         }
+
+
+def describe_error(err: BaseException) -> str:
+    """An exception for a log line: its message, or its type when it has none (TimeoutError)."""
+    return str(err) or type(err).__name__
 
 
 def _as(value: object, cls: type[_T]) -> _T | None:

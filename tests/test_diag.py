@@ -11,7 +11,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from agent.cli.diag import check_clock, redact
+from agent.cli.control_cmd import clock_line
+from agent.cli.diag import Check, check_clock, check_trusted_clock, redact
 from agent.config import EX_CONFIG
 from simulators.badge import BadgeSimulator
 from simulators.llrp import LlrpSimulator
@@ -301,3 +302,50 @@ def test_allow_list_verdict_warns_before_expiry_and_fails_after() -> None:
     flagged = allow_list_verdict(doc(timedelta(days=30), refused=refused), now, domain)
     assert flagged.status == "WARN"
     assert "invalid-body" in flagged.reason
+
+
+def test_trusted_time_advice_blames_the_clock_that_is_likely_wrong() -> None:
+    def clock(wall: str, time: str, trusted: bool = False) -> dict[str, Any]:
+        return {
+            "clock": {
+                "time": time,
+                "wall": wall,
+                "trusted": trusted,
+                "since": "2026-12-01T10:00:00+00:00",
+                "basis": "clock",
+            }
+        }
+
+    agent_time = "2026-12-01T10:05:00+00:00"
+    ok = check_trusted_clock(clock(agent_time, agent_time, trusted=True))
+    assert ok is not None
+    assert ok.status == "PASS"
+    boot = check_trusted_clock(clock("1970-01-01T00:05:00+00:00", agent_time))
+    assert boot is not None
+    assert boot.status == "WARN"
+    assert "behind the agent's time" in boot.reason
+    assert "no RTC and no time sync yet: fix NTP/RTC" in boot.reason
+    synced = Check("PASS", "ntp", "clock synchronised")
+    # NTP is synchronised and the wall clock is behind: the agent's time is the suspect.
+    behind = check_trusted_clock(clock("2026-11-30T10:05:00+00:00", agent_time), synced)
+    assert behind is not None
+    assert "24.0 hours behind" in behind.reason
+    assert "the agent's time may be the wrong one" in behind.reason
+    assert "fix NTP" not in behind.reason
+    ahead = check_trusted_clock(clock("2028-12-01T10:05:00+00:00", agent_time))
+    assert ahead is not None
+    assert "ahead of the agent's time" in ahead.reason
+    assert "stepped forward" in ahead.reason
+    assert "publish a fresh signed allow-list" in ahead.reason
+
+
+def test_status_clock_line_says_since_when_what_the_wall_clock_reads_and_the_agent_time() -> None:
+    base = {"time": "2026-12-01T10:05:00+00:00", "wall": "2028-01-10T10:00:00+00:00"}
+    assert clock_line({**base, "trusted": True}) == "2026-12-01T10:05:00+00:00 (wall clock trusted)"
+    line = clock_line(
+        {**base, "trusted": False, "since": "2026-12-01T10:00:00+00:00", "basis": "clock"}
+    )
+    assert line.startswith("UNTRUSTED since 2026-12-01T10:00:00+00:00: wall clock reads 2028")
+    assert "agent time 2026-12-01T10:05:00+00:00" in line
+    floor = clock_line({**base, "trusted": False, "since": "x", "basis": "floor"})
+    assert "downtime not counted" in floor

@@ -13,8 +13,16 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.app import describe_error
 from agent.audit_trail import AuditTrail
-from agent.documents import Documents, Parsed, decode_floor, doc_key, floor_key
+from agent.documents import (
+    Documents,
+    Parsed,
+    decode_floor,
+    doc_key,
+    expiry_warning,
+    floor_key,
+)
 from agent.domain.access import AllowList
 from agent.domain.assets import AssetRegistry
 from agent.mqtt.publisher import Publisher
@@ -393,3 +401,15 @@ async def test_a_fresh_document_repairs_a_time_floor_set_by_a_wrong_clock(tmp_pa
         await docs.audit.flush()
     finally:
         await store.close()
+
+
+def test_small_wording() -> None:
+    """Hostile report F14: "expires in 1 minutes"; an empty reason after "not saved at shutdown:"."""
+    at = NOW + timedelta(seconds=61)
+    assert expiry_warning(ALLOW_LIST, at, NOW, 7) == (
+        f"allow-list expires in 1 minute (at {format_time(at)})"
+    )
+    later = NOW + timedelta(minutes=5)
+    assert "expires in 5 minutes" in (expiry_warning(ALLOW_LIST, later, NOW, 7) or "")
+    assert describe_error(TimeoutError()) == "TimeoutError"
+    assert describe_error(OSError("disk full")) == "disk full"

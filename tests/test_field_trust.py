@@ -258,6 +258,26 @@ async def _door_cycle(rig: Rig, person: str = "alice") -> None:
     await rig.agent.wait_log("event session.closed", count=closed + 1)
 
 
+async def _ctl(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent.cli.ctl",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 async def _audit_verify(rig: Rig) -> dict[str, Any]:
     async with ControlClient(rig.dir / "agent" / "ctl.sock", timeout_s=20.0) as client:
         result: dict[str, Any] = await client.call("audit.verify")
@@ -320,6 +340,21 @@ async def test_a_wall_clock_glitch_forward_and_back_locks_nobody_out_and_loses_n
         )
         assert status["documents"]["allow-list"]["state"] == "valid"
         assert any(a.startswith("clock untrusted since") for a in status["alerts"])
+        # What a technician sees: cabinetctl status and selftest against the running agent.
+        rc, out, _ = await _ctl("status", "--config", str(agent.config))
+        assert rc == 0
+        line = next(x for x in out.splitlines() if x.strip().startswith("clock"))
+        assert "UNTRUSTED since" in line, line
+        assert f"wall clock reads {real_before.year + 2}" in line, line
+        assert "agent time " in line, line
+        rc, out, _ = await _ctl(
+            "selftest", "--config", str(agent.config), "--json", "--timeout", "5"
+        )
+        checks = {c["check"]: c for c in json.loads(out)["checks"]}
+        trust = checks["trusted time"]
+        assert trust["status"] == "WARN"
+        assert "ahead of the agent's time" in trust["reason"], trust
+        assert "publish a fresh signed allow-list" in trust["reason"], trust
         await _door_cycle(rig)  # B: during the glitch, alice is let in
         during = datetime.now(UTC)
 
