@@ -25,6 +25,7 @@ from agent.privacy.signed import (
     format_time,
     sign_document,
 )
+from agent.trusted_time import ClockView
 
 SIGNER = Ed25519PrivateKey.generate()
 OTHER_SIGNER = Ed25519PrivateKey.generate()
@@ -402,3 +403,54 @@ def test_any_single_byte_change_is_refused(index: int, flip: int) -> None:
     tampered[index] ^= flip
     with pytest.raises(DocumentError):
         verifier().verify(bytes(tampered), ALLOW_LIST, NOW)
+
+
+def _hand_signed(issued_at: str, expires_at: str) -> bytes:
+    """Signed as given: ``sign_document`` itself refuses to sign absurd times."""
+    doc = {**allow_list(), "issued_at": issued_at, "expires_at": expires_at}
+    canonical = canonical_json(doc)
+    sig = base64.b64encode(SIGNER.sign(canonical)).decode()
+    return canonical_json({"doc": doc, "kid": "sig1", "sig": sig})
+
+
+@pytest.mark.parametrize(
+    ("issued", "expires"),
+    [
+        ("0001-01-01T00:00:00Z", "2026-12-01T00:00:00Z"),
+        ("2024-12-31T23:59:59Z", "2026-12-01T00:00:00Z"),
+        ("2026-11-29T11:00:00Z", "2200-01-01T00:00:00Z"),
+        ("9999-12-31T23:56:00Z", "9999-12-31T23:59:59Z"),
+    ],
+)
+def test_rule_4_absurd_times_are_malformed(issued: str, expires: str) -> None:
+    raw = _hand_signed(issued, expires)
+    assert reason(raw) == DocumentError.MALFORMED
+    assert reason(raw, clock_trusted=False) == DocumentError.MALFORMED
+    with pytest.raises(DocumentError):
+        verifier().authenticate(raw, ALLOW_LIST)
+    with pytest.raises(ValueError):
+        signed({**allow_list(), "issued_at": issued, "expires_at": expires})
+
+
+def test_rule_10_an_untrusted_clock_allows_max_ahead_not_more() -> None:
+    raw = signed(allow_list())
+    assert verifier().verify(raw, ALLOW_LIST, ISSUED - timedelta(days=366), clock_trusted=False)
+    assert (
+        reason(raw, now=ISSUED - timedelta(days=367), clock_trusted=False)
+        == DocumentError.NOT_YET_VALID
+    )
+
+
+def test_rule_10_a_newer_document_signed_by_the_wall_clocks_reckoning_corroborates_it() -> None:
+    """Untrusted wall clock at NOW, the agent's time a year ahead (set by a wrong clock)."""
+    wrong = ClockView(NOW + timedelta(days=365), trusted=False, wall=NOW)
+    fresh = signed(allow_list(issued_at=NOW - timedelta(minutes=1)))
+    admitted = verifier().admit(fresh, ALLOW_LIST, wrong)
+    assert admitted.corroborates
+    assert admitted.at == NOW, "judged against the wall clock: not expired"
+    with pytest.raises(DocumentError) as info:
+        # Not newer than the installed version: judged against the agent's time, expired.
+        verifier().admit(fresh, ALLOW_LIST, wrong, floor=VersionFloor(3, admitted.doc.digest))
+    assert info.value.reason == DocumentError.EXPIRED
+    old = signed(allow_list(version=4, issued_at=NOW - timedelta(hours=1)))
+    assert not verifier().admit(old, ALLOW_LIST, ClockView(NOW, False, NOW)).corroborates
