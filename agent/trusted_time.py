@@ -8,6 +8,7 @@ wall-clock *step*:
   time carried on by the monotonic time elapsed since. While the wall clock ``W`` agrees with
   ``E`` (within ``STEP_TOLERANCE_S``) it is *trusted* and ``E`` follows it, at most
   ``SLEW_PPM`` fast (NTP's slewing is followed; a run of small steps is not: it soon disagrees).
+  A small step (up to ``SLEW_LIMIT_S``) is absorbed at that rate, untrusted until absorbed.
 - A **step** — ``W`` moving away from ``E``, forward or backward, beyond the tolerance — is
   reported once (:class:`ClockStep`) and makes the wall clock *untrusted*: ``E`` runs on,
   events carry ``E`` with ``clock: "untrusted"``. Trust comes back when ``W`` agrees with ``E``
@@ -59,6 +60,10 @@ STEP_TOLERANCE_S: Final = 2.0
 # small step (a leap second, timesyncd's >0.4 s corrections) in minutes, while a run of small
 # steps (a hostile time server creeping the clock) soon exceeds the tolerance.
 SLEW_PPM: Final = 500.0
+# A wall clock within this of the agent's time but beyond the tolerance (an RTC a little off,
+# corrected by NTP after the agent started) is untrusted, yet the agent's time still slews
+# towards it at SLEW_PPM, and trusts it again once they agree. A larger step does not pull.
+SLEW_LIMIT_S: Final = 120.0
 # The floor is written when it moved this far from the stored value (and at every stop).
 PERSIST_EVERY_S: Final = 60.0
 KV_KEY: Final = "time.floor"
@@ -181,6 +186,9 @@ class TrustedTime:
             agrees = abs(gap) <= self._tolerance
         if not agrees:
             t = expected
+            if self._basis is Basis.CLOCK and abs(gap) <= SLEW_LIMIT_S and wall < LATEST_TIME:
+                limit = self._slew * elapsed
+                t = _plus(expected, min(max(gap, -limit), limit))
         elif self._basis is Basis.FLOOR:
             t = max(expected, wall)
             self._basis = Basis.CLOCK

@@ -24,6 +24,7 @@ from agent.trusted_time import (
     KV_KEY,
     LATEST_TIME,
     PERSIST_EVERY_S,
+    SLEW_LIMIT_S,
     STEP_TOLERANCE_S,
     Basis,
     FloorRecord,
@@ -577,3 +578,30 @@ async def test_no_clock_reading_or_evidence_can_overflow() -> None:
     assert far.wall <= datetime.max.replace(tzinfo=UTC)
     assert plus(datetime.max.replace(tzinfo=UTC), timedelta(days=1)).year == 9999
     assert plus(datetime.min.replace(tzinfo=UTC), -timedelta(days=1)).year == 1
+
+
+def test_a_small_step_is_untrusted_until_absorbed_and_a_large_one_does_not_pull() -> None:
+    """NTP corrects an RTC 10 s off after the agent started: trusted again in hours, alone."""
+    clock = FakeClock()
+    tt = TrustedTime(REAL - timedelta(days=1))
+    tt.observe(clock.wall, clock.mono)
+    clock.wall -= timedelta(seconds=10)
+    clock.run(1)
+    assert not tt.observe(clock.wall, clock.mono).trusted
+    last, hours = tt.floor, 0
+    while True:
+        clock.run(3600)
+        hours += 1
+        now = tt.observe(clock.wall, clock.mono)
+        assert now.wall > last, "never backwards"
+        last = now.wall
+        if now.trusted:
+            break
+        assert hours < 10
+    assert hours >= 4, "absorbed at 500 ppm, not at once"
+    assert [s.trusted for s in tt.take_steps()] == [False, True]
+    # A glitch beyond SLEW_LIMIT_S does not pull the agent's time at all.
+    before = tt.floor
+    clock.wall += timedelta(seconds=SLEW_LIMIT_S + 60)
+    clock.run(3600)
+    assert tt.observe(clock.wall, clock.mono).wall == before + timedelta(seconds=3600)
