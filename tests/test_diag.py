@@ -8,12 +8,14 @@ import json
 import re
 import sys
 import tarfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from agent.cli.control_cmd import clock_line
 from agent.cli.diag import Check, check_clock, check_trusted_clock, redact
 from agent.config import EX_CONFIG
+from agent.store import Store, StoreConfig
 from simulators.badge import BadgeSimulator
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import ROOT, AgentProcess, config_text, provision
@@ -26,6 +28,7 @@ from tests.mqtt_fixtures import (  # noqa: F401
     spki_sha256,
 )
 from tests.pii import assert_no_raw_ids
+from tests.store_helpers import next_rows
 
 CARDS = ["0A1B2C3D4E", "8000123456"]
 LINE_RE = re.compile(r"^(PASS|WARN|FAIL) [^:]+: .+$")
@@ -349,3 +352,24 @@ def test_status_clock_line_says_since_when_what_the_wall_clock_reads_and_the_age
     assert "agent time 2026-12-01T10:05:00+00:00" in line
     floor = clock_line({**base, "trusted": False, "since": "x", "basis": "floor"})
     assert "downtime not counted" in floor
+
+
+async def test_an_offline_selftest_never_prunes_the_outbox_by_age(tmp_path: Path) -> None:
+    """It opens the store to read it; pruning by the wall clock it is diagnosing lost events."""
+    provision(tmp_path)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(config_text(tmp_path, free_port()))
+    old = datetime.now(UTC) - timedelta(days=40)  # older than max_age_days (30)
+    store = await Store.open(StoreConfig(path=tmp_path / "state.db"), age_clock=lambda: None)
+    try:
+        await store.append_events(next_rows(store, 3, priority=2, created_at=old))
+    finally:
+        await store.close()
+    _rc, checks = await _selftest(cfg)
+    assert checks["store"]["status"] == "PASS", checks["store"]
+    assert "outbox depth 3" in checks["store"]["reason"]
+    store = await Store.open(StoreConfig(path=tmp_path / "state.db"), age_clock=lambda: None)
+    try:
+        assert (await store.stats()).depth == 3
+    finally:
+        await store.close()

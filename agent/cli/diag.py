@@ -405,7 +405,7 @@ async def check_allow_list(cfg: AgentConfig, status: Mapping[str, Any] | None) -
 
     try:
         privacy = load_cabinet_privacy(cfg.privacy, cfg.cabinet.site_id, cfg.cabinet.cabinet_id)
-        store = await Store.open(cfg.store)
+        store = await Store.open(cfg.store, age_clock=_no_age_pruning)
     except (CabinetError, OSError) as err:
         return Check("WARN", "allow-list", f"cannot read it: {err}")
     try:
@@ -428,6 +428,11 @@ async def check_allow_list(cfg: AgentConfig, status: Mapping[str, Any] | None) -
         now,
         cfg.domain,
     )
+
+
+def _no_age_pruning() -> None:
+    """A diagnostic opens the store to read it: no trusted time, so no pruning by age (the
+    wall clock it would judge by may be the very problem being diagnosed)."""
 
 
 def check_ntp(run: Any = subprocess.run) -> Check:
@@ -502,7 +507,7 @@ async def store_report(cfg: AgentConfig, status: Mapping[str, Any] | None) -> di
     from agent.store.store import Store
 
     try:
-        store = await Store.open(cfg.store)
+        store = await Store.open(cfg.store, age_clock=_no_age_pruning)
     except (CabinetError, OSError) as err:
         return {"source": "file", "error": str(err)}
     try:
