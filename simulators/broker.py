@@ -22,8 +22,40 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"  # Debian's path 
 START_TIMEOUT_S = 15.0
 
 
+# Ports handed out for servers that stop and start again on the same port (a broker restarted
+# in a test) come from below the kernel's ephemeral range (32768+ on Linux): a port the kernel
+# picks for bind(0) or for an outgoing connection's source can never be one of them. Parallel
+# test workers (pytest-xdist's gwN) each draw from their own slice (other processes from slice
+# 0); a process starts at a pid-dependent place in its slice and walks on, so two processes of
+# one slice rarely meet; each port is probed with bind() before it is handed out.
+_PORT_LOW = 20000
+_SLICE = 1000
+_SLICES = 12
+_next_port: list[int] = []
+
+
+def _slice_start() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    digits = worker.removeprefix("gw")
+    slot = 1 + int(digits) % (_SLICES - 1) if worker.startswith("gw") and digits.isdigit() else 0
+    return _PORT_LOW + slot * _SLICE
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback TCP port free now, not reused soon by this process nor by the kernel."""
+    start = _slice_start()
+    if not _next_port:
+        _next_port.append(start + (os.getpid() * 97) % _SLICE)
+    for _ in range(_SLICE):
+        port = _next_port[0]
+        _next_port[0] = start + (port + 1 - start) % _SLICE
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the whole slice busy: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
