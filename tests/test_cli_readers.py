@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 
 from simulators.llrp import LlrpSimulator
+from tests.daemon_rig import ctl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,22 +32,6 @@ inventory_deadline_s = 10.0
     return path
 
 
-async def _ctl(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent.cli.ctl",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    async with asyncio.timeout(timeout):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def _dead_port() -> int:
     srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port: int = srv.sockets[0].getsockname()[1]
@@ -60,7 +44,7 @@ async def test_ping_reports_ready_reader_and_advises_on_dead_one(tmp_path: Path)
     dead = await _dead_port()
     async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=1) as sim:
         cfg = _config(tmp_path, [("dock-1", sim.port), ("dock-2", dead)])
-        rc, out, err = await _ctl(
+        rc, out, err = await ctl(
             "readers", "ping", "--config", str(cfg), "--json", "--timeout", "8"
         )
     assert rc == 69, err
@@ -74,7 +58,7 @@ async def test_ping_reports_ready_reader_and_advises_on_dead_one(tmp_path: Path)
 async def test_ping_human_output_all_ok(tmp_path: Path) -> None:
     async with LlrpSimulator(personality="zebra", antennas=4, port=0, seed=1) as sim:
         cfg = _config(tmp_path, [("dock-1", sim.port)])
-        rc, out, _ = await _ctl("readers", "ping", "--config", str(cfg))
+        rc, out, _ = await ctl("readers", "ping", "--config", str(cfg))
     assert rc == 0
     assert out.startswith("dock-1: OK")
 
@@ -83,7 +67,7 @@ async def test_scan_lists_every_tag_with_its_antenna(tmp_path: Path) -> None:
     async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=4) as sim:
         tags = sim.add_random_tags(n=40, antennas=[1, 2, 3, 4], seed=9)
         cfg = _config(tmp_path, [("dock-1", sim.port)])
-        rc, out, err = await _ctl(
+        rc, out, err = await ctl(
             "readers", "scan", "--config", str(cfg), "--seconds", "3", "--json"
         )
     assert rc == 0, err
@@ -102,7 +86,7 @@ async def test_scan_table_without_terminal_and_failed_reader_exit_code(tmp_path:
     async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=4) as sim:
         sim.add_random_tags(n=3, antennas=[2], seed=1)
         cfg = _config(tmp_path, [("dock-1", sim.port), ("dock-9", dead)])
-        rc, out, err = await _ctl("readers", "scan", "--config", str(cfg), "--seconds", "2")
+        rc, out, err = await ctl("readers", "scan", "--config", str(cfg), "--seconds", "2")
     assert rc == 69
     assert "3 tags" in out
     assert "dock-9" in err

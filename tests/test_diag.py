@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
-import sys
 import tarfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +16,7 @@ from agent.config import EX_CONFIG
 from agent.store import Store, StoreConfig
 from simulators.badge import BadgeSimulator
 from simulators.llrp import LlrpSimulator
-from tests.daemon_rig import ROOT, AgentProcess, config_text, provision
+from tests.daemon_rig import AgentProcess, config_text, ctl, provision
 from tests.mqtt_fixtures import (  # noqa: F401
     BrokerTls,
     Mosquitto,
@@ -34,29 +32,8 @@ CARDS = ["0A1B2C3D4E", "8000123456"]
 LINE_RE = re.compile(r"^(PASS|WARN|FAIL) [^:]+: .+$")
 
 
-async def _ctl(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent.cli.ctl",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    try:
-        async with asyncio.timeout(60):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def _selftest(cfg: Path) -> tuple[int, dict[str, dict[str, Any]]]:
-    rc, out, err = await _ctl("selftest", "--config", str(cfg), "--json", "--timeout", "5")
+    rc, out, err = await ctl("selftest", "--config", str(cfg), "--json", "--timeout", "5")
     report = json.loads(out)
     assert report["exit_code"] == rc, err
     return rc, {c["check"]: c for c in report["checks"]}
@@ -88,7 +65,7 @@ async def test_selftest_names_unreachable_reader_and_broker_exit_69(tmp_path: Pa
     provision(tmp_path)
     cfg = tmp_path / "agent.toml"
     cfg.write_text(config_text(tmp_path, free_port(), extra=_mqtt(free_port())))
-    rc, out, _err = await _ctl("selftest", "--config", str(cfg), "--timeout", "5")
+    rc, out, _err = await ctl("selftest", "--config", str(cfg), "--timeout", "5")
     lines = out.splitlines()
     assert lines
     assert all(LINE_RE.match(line) for line in lines), out
@@ -109,7 +86,7 @@ async def test_selftest_config_problems_exit_78(tmp_path: Path) -> None:
     assert rc == EX_CONFIG
 
     cfg.write_text(config_text(tmp_path, free_port()) + "\n[bogus]\nx = 1\n")
-    rc, out, _err = await _ctl("selftest", "--config", str(cfg))
+    rc, out, _err = await ctl("selftest", "--config", str(cfg))
     assert rc == EX_CONFIG
     assert out.startswith("FAIL config: ")
     assert "bogus" in out
@@ -205,7 +182,7 @@ repeat_interval_s = 0
             assert "running agent" in checks["reader dock-1"]["reason"]
             assert checks["store"]["status"] == "PASS"
             live = tmp_path / "live.tar.gz"
-            rc, _out, err = await _ctl(
+            rc, _out, err = await ctl(
                 "bundle", "--config", str(cfg), "-o", str(live), "--log", str(log)
             )
             assert rc == 0, err
@@ -224,7 +201,7 @@ repeat_interval_s = 0
 
         # Daemon stopped: the bundle opens the store itself and verifies the audit chain.
         offline = tmp_path / "offline.tar.gz"
-        rc, _out, err = await _ctl(
+        rc, _out, err = await ctl(
             "bundle", "--config", str(cfg), "-o", str(offline), "--log", str(log)
         )
         assert rc == 0, err

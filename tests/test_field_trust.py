@@ -34,6 +34,7 @@ from simulators.cabinet import (
     load_scenario,
 )
 from simulators.faultproxy import FaultProxy
+from tests.daemon_rig import ctl
 from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401  (fixture)
 from tests.scenario_harness import TIMEOUT_S, Rig, cabinet_rig
 from tests.test_scenarios import SCENARIOS
@@ -258,26 +259,6 @@ async def _door_cycle(rig: Rig, person: str = "alice") -> None:
     await rig.agent.wait_log("event session.closed", count=closed + 1)
 
 
-async def _ctl(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent.cli.ctl",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(60):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def _audit_verify(rig: Rig) -> dict[str, Any]:
     async with ControlClient(rig.dir / "agent" / "ctl.sock", timeout_s=20.0) as client:
         result: dict[str, Any] = await client.call("audit.verify")
@@ -341,13 +322,13 @@ async def test_a_wall_clock_glitch_forward_and_back_locks_nobody_out_and_loses_n
         assert status["documents"]["allow-list"]["state"] == "valid"
         assert any(a.startswith("clock untrusted since") for a in status["alerts"])
         # What a technician sees: cabinetctl status and selftest against the running agent.
-        rc, out, _ = await _ctl("status", "--config", str(agent.config))
+        rc, out, _ = await ctl("status", "--config", str(agent.config))
         assert rc == 0
         line = next(x for x in out.splitlines() if x.strip().startswith("clock"))
         assert "UNTRUSTED since" in line, line
         assert f"wall clock reads {real_before.year + 2}" in line, line
         assert "agent time " in line, line
-        rc, out, _ = await _ctl(
+        rc, out, _ = await ctl(
             "selftest", "--config", str(agent.config), "--json", "--timeout", "5"
         )
         checks = {c["check"]: c for c in json.loads(out)["checks"]}
