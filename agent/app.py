@@ -1,9 +1,10 @@
 """The composition root: builds every part from the config and runs them as one task tree.
 
 Data flows one way (DESIGN §2): drivers deliver into ``Inputs`` (one bounded queue); the engine
-loop turns each input into events and commands; events are sealed, committed to the store
-(a door cycle atomically with its baseline and engine state) and only then are commands
-executed and the publisher woken. Nothing else wires parts together.
+loop turns each input into events and commands; events are sealed and submitted to the store
+(a door cycle atomically with its baseline and engine state), commands are executed once the
+commit is durable (or, while a full disk holds writes in memory, once it is accepted), and
+the publisher is woken when it is durable. Nothing else wires parts together.
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ from agent.privacy.config import CabinetPrivacy, load_cabinet_privacy
 from agent.privacy.envelope import EnvelopeHeader, seal_batch
 from agent.privacy.signed import ALLOW_LIST, ASSET_REGISTRY, SignedDocument
 from agent.store.store import KEEP, Store
-from agent.store.types import BaselineEntry, OutboxRow, StoreAlert
+from agent.store.types import (
+    BaselineEntry,
+    CommitResult,
+    OutboxRow,
+    StoreAlert,
+    StoreBackloggedError,
+)
 from agent.trusted_time import ClockStep, TrustedClock, read_boot_id
 from drivers.badge.reader import BadgeReader
 from drivers.door import Door, DoorCommandError
@@ -76,6 +83,10 @@ DOOR_STOP_S = 1.0
 TICK_S = 0.1
 SEAL_INLINE_MAX = 8  # up to this many events are sealed on the loop (~80 µs each)
 CLOCK_CHECK_S = 1.0
+# Commands follow the durable commit of their events when the store keeps up; the engine never
+# waits longer than this (nor at all while the store holds writes in memory on a full disk).
+COMMIT_WAIT_S = 2.0
+ROOM_WAIT_S = 1.0
 
 
 @dataclass
@@ -86,6 +97,15 @@ class RecentEvent:
     type: str
     time: datetime
     size: int
+
+
+@dataclass
+class _Commit:
+    """A write the engine submitted: its events are recorded once it is durable."""
+
+    future: asyncio.Future[CommitResult]
+    rows: Sequence[OutboxRow]
+    events: Sequence[ev.Event]
 
 
 @dataclass
@@ -205,6 +225,9 @@ class CabinetApp:
         self._lock_pending = False
         self._alert_ids = Uuid7Generator()
         self._committing = False
+        # The engine's writes in submission order, followed by _commit_loop until durable;
+        # bounded by the store's max_pending_writes (a write is refused beyond it).
+        self._commits: asyncio.Queue[_Commit] = asyncio.Queue()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -242,6 +265,7 @@ class CabinetApp:
             if self.publisher is not None:
                 publisher_task = self._spawn(tg, self.publisher.run(), name="mqtt-publisher")
             engine_task = self._spawn(tg, self._engine_loop(), name="engine")
+            self._spawn(tg, self._commit_loop(), name="commits")
             self._spawn(tg, self._store_alert_loop(), name="store-alerts")
             self._spawn(tg, self._housekeeping_loop(), name="store-housekeeping")
             self._spawn(tg, self._clock_loop(), name="trusted-time")
@@ -274,6 +298,12 @@ class CabinetApp:
             except TimeoutError:
                 logger.warning("engine did not finish in time; cancelling")
                 engine_task.cancel()
+            # 1b. its durable commits are recorded (log, audit) before the publisher goes;
+            #     writes a full disk holds are left to the store (committed at close if it can).
+            if self.store is not None and self.store.hold is None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(min(loop.time() + 1.0, door_at - 0.5)):
+                        await self._commits.join()
             # 2. publisher: flush acks, offline status, clean disconnect.
             if self.publisher is not None and publisher_task is not None:
                 self.publisher.stop()
@@ -506,10 +536,20 @@ class CabinetApp:
                 await self._feed_liveness(engine, now, heard)
 
     async def _apply(self, out: EngineOutput, now: Now) -> None:
-        """Seal and commit the output's events (atomically with baseline/state), then act."""
-        assert self.store is not None
+        """Seal and submit the output's events (atomically with baseline/state), then act.
+
+        The store accepts the write at once (its seqs are spent, its order is fixed). The
+        commands wait for it to be durable while the store keeps up, so that a crash cannot
+        lose the event of an unlock that happened; while the store holds writes in memory (a
+        full disk) they go ahead on acceptance: people keep opening the cabinet, and the
+        events follow in order once space returns (docs/store.md, "Disk full"). The events
+        are recorded (log, audit, listeners) and published only once durable (_commit_loop).
+        """
+        store = self.store
+        assert store is not None
         assert self.engine is not None
         rows = await self._seal(out.events, now)
+        submit: Callable[[], asyncio.Future[CommitResult]] | None = None
         if out.baseline is not None or out.session_state is not None:
             baseline = (
                 None
@@ -520,25 +560,75 @@ class CabinetApp:
                 }
             )
             state = out.session_state if out.session_state is not None else KEEP
-            self._committing = True
-            try:
-                await self.store.commit_cycle(rows, baseline, state)
-            finally:
-                self._committing = False
+
+            def submit() -> asyncio.Future[CommitResult]:
+                return store.submit_cycle(rows, baseline, state)
+
         elif rows:
+
+            def submit() -> asyncio.Future[CommitResult]:
+                return store.submit_events(rows)
+
+        if submit is not None:
+            fut = await self._accepted(submit)
+            self._commits.put_nowait(_Commit(fut, rows, out.events))
             self._committing = True
             try:
-                await self.store.append_events(rows)
+                await store.settle(fut, COMMIT_WAIT_S)
             finally:
                 self._committing = False
-        if rows:
-            self._record(rows, out.events)
-            if self.publisher is not None:
-                self.publisher.notify()
-            async with self.committed:
-                self.committed.notify_all()
         for cmd in out.commands:
             await self._execute(cmd)
+
+    async def _accepted(
+        self, submit: Callable[[], asyncio.Future[CommitResult]]
+    ) -> asyncio.Future[CommitResult]:
+        """Submit a write; while the store's in-memory hold is full, wait for room (the only
+        time the engine waits for the disk: memory stays bounded, and the store alerts)."""
+        store = self.store
+        assert store is not None
+        waited: float | None = None
+        while True:
+            try:
+                fut = submit()
+            except StoreBackloggedError as err:
+                if waited is None:
+                    waited = time.monotonic()
+                    logger.error("engine waits for the state store: %s", err)
+                self._committing = True
+                try:
+                    await store.wait_for_room(ROOM_WAIT_S)
+                finally:
+                    self._committing = False
+                continue
+            if waited is not None:
+                logger.warning(
+                    "engine goes on: the state store took a write after %.1f s",
+                    time.monotonic() - waited,
+                )
+            # Retrieved here too: at shutdown a write a full disk still holds fails unawaited.
+            fut.add_done_callback(_retrieve)
+            return fut
+
+    async def _commit_loop(self) -> None:
+        """Follow the engine's writes in order: once one is durable, record its events (log,
+        stats, audit, listeners) and wake the publisher. A failed write ends the task tree,
+        as it did when the engine awaited the commit itself."""
+        while True:
+            commit = await self._commits.get()
+            try:
+                fut = commit.future
+                while not fut.done():
+                    await asyncio.wait({fut}, timeout=5.0)
+                fut.result()
+                if commit.rows:
+                    self._record(commit.rows, commit.events)
+                    if self.publisher is not None:
+                        self.publisher.notify()
+                    async with self.committed:
+                        self.committed.notify_all()
+            finally:
+                self._commits.task_done()
 
     async def _seal(self, events: Sequence[ev.Event], now: Now) -> list[OutboxRow]:
         if not events:
@@ -596,8 +686,8 @@ class CabinetApp:
 
     def engine_alive(self) -> float:
         """Watchdog probe: when the engine last made progress, or now while it deliberately
-        waits for a durable commit on a full disk (the store holds the writes; restarting would
-        lose them)."""
+        waits for the store on a full disk (its in-memory hold is full; restarting would lose
+        the held writes)."""
         store = self.store
         if self._committing and store is not None and store.disk_full:
             return time.monotonic()
@@ -787,6 +877,19 @@ class CabinetApp:
 
     # -- status ----------------------------------------------------------------------------
 
+    def store_status(self) -> dict[str, Any] | None:
+        """Writes held in memory (a full disk): since when, why, how many."""
+        store = self.store
+        if store is None:
+            return None
+        hold = store.hold
+        return {
+            "held_since": None if hold is None else hold.since.isoformat(),
+            "held_reason": None if hold is None else hold.reason,
+            "held_detail": None if hold is None else hold.detail,
+            "held_writes": store.pending_writes if hold is not None else 0,
+        }
+
     def status(self) -> dict[str, Any]:
         """A snapshot for ``cabinetctl status`` (no personal data)."""
         engine = self.engine
@@ -829,6 +932,7 @@ class CabinetApp:
                 "fault": self.door.lock_fault,
             },
             "engine": None if engine is None else {"phase": str(engine.phase)},
+            "store": self.store_status(),
             "last_event": None
             if self.stats.last_event is None
             else {
@@ -849,6 +953,11 @@ class CabinetApp:
 def describe_error(err: BaseException) -> str:
     """An exception for a log line: its message, or its type when it has none (TimeoutError)."""
     return str(err) or type(err).__name__
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _as(value: object, cls: type[_T]) -> _T | None:

@@ -75,6 +75,7 @@ def register_handlers(server: ControlServer, daemon: Daemon) -> None:
             "next_seq": st.next_seq,
             "dropped": {str(k): v for k, v in st.dropped.items()},
             "disk_full": st.disk_full,
+            **(app.store_status() or {}),
             "broker": _broker(app),
         }
 

@@ -13,6 +13,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,11 @@ class Daemon:
                 line += f", broker unreachable for {_duration(down_for)}"
             if self._outbox_depth:
                 line += f", {self._outbox_depth} event(s) waiting"
+        store = app.store
+        hold = None if store is None else store.hold
+        if store is not None and hold is not None:
+            # What a technician must see first in `systemctl status`: events live in RAM.
+            line = f"{held_line(hold.reason, hold.since, store.pending_writes)}; {line}"
         return line
 
     async def _metrics_loop(self) -> None:
@@ -309,6 +315,11 @@ class Daemon:
 _DOMAIN_RESTART_FIELDS = frozenset(
     {"drawers", "door_id", "lockout_denials", "lockout_window_s", "lockout_duration_s"}
 )
+
+
+def held_line(reason: str, since: datetime, writes: int) -> str:
+    """``disk full since 2026-05-01 10:02:03Z, 12 writes held`` (status lines)."""
+    return f"{reason} since {since.strftime('%Y-%m-%d %H:%M:%SZ')}, {writes} writes held"
 
 
 def _duration(seconds: float) -> str:

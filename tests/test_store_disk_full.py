@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from simulators.cabinet import load_scenario
+from simulators.cabinet import ScenarioRunner, load_scenario
 from simulators.faultproxy import FaultProxy
+from tests.daemon_rig import NotifyListener, ctl
 from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
 from tests.scenario_harness import MARKER, TIMEOUT_S, Rig, cabinet_rig
 from tests.test_scenarios import SCENARIOS
@@ -193,4 +194,111 @@ async def test_sigterm_on_a_full_disk_stops_in_budget_and_keeps_what_it_held(
         proxy.refuse(False)
         agent.start()
         await until(lambda: len(marker_denials(rig)) >= shown_before + 4)
+    delivered_once(rig)
+
+
+async def test_people_keep_working_while_the_disk_is_full(
+    tmp_path: Path, mosquitto: Mosquitto, small_disk: Path
+) -> None:
+    """A full disk holds the events in memory; it does not lock people out of the cabinet.
+
+    Alice badges, takes the wrench and closes the door while nothing can be written: the door
+    unlocks, the scan runs, status says what is held; nothing of it is published before it is
+    durable. Once space is back, her session's events are delivered exactly as expected.
+    """
+    scenario = load_scenario(next(p for p in SCENARIOS if p.stem == "plain-checkout"))
+    db = small_disk / "state.db"
+    filler = small_disk / "filler"
+    notify = NotifyListener(tmp_path / "notify.sock")
+    notify.start()
+
+    def with_systemd(rig: Rig) -> None:
+        rig.agent.env.update(notify.env(10_000_000))
+
+    try:
+        async with cabinet_rig(
+            scenario,
+            tmp_path,
+            mosquitto,
+            agent_extra={"store": store_config(db, mosquitto.port)["store"]},
+            before_start=with_systemd,
+        ) as rig:
+            agent = rig.agent
+            start = await rig.mark()
+            rig.sink.log.mark(start)
+            fill(filler)
+            # Until a write meets the full disk (the WAL may still have room for a few).
+            async with asyncio.timeout(TIMEOUT_S):
+                while "store alert store.disk_full:" not in agent.log_text():
+                    await show_marker(rig, 1)
+            denied = len(marker_denials(rig))
+            # Alice's whole door cycle happens on the full disk, watched at the reader.
+            runner = ScenarioRunner(scenario, rig.llrp, rig.badge, rig.door, timeout_s=TIMEOUT_S)
+            await runner.run()
+            await until(
+                lambda: any("disk full since" in m.get("STATUS", "") for m in notify.messages)
+            )
+            status = next(
+                m["STATUS"] for m in notify.messages if "disk full" in m.get("STATUS", "")
+            )
+            assert "writes held" in status, status
+            rc, human, err = await ctl("status", "--socket", str(tmp_path / "agent" / "ctl.sock"))
+            assert rc == 0, err
+            assert "DISK FULL since" in human, human
+            assert "writes held in memory" in human, human
+            # Nothing above the durable watermark left the cabinet: the consumer has none of
+            # Alice's events, nor the marker denials held since the disk filled.
+            assert [e for e in rig.sink.log.since_mark() if e["type"] == "session.opened"] == []
+            assert len(marker_denials(rig)) == denied
+            assert agent.log_text().count(" ready:") == 1, "the agent never restarted"
+            filler.unlink()
+            await agent.wait_log("store.disk_full_cleared")
+            await asyncio.sleep(0.35)  # the marker reader drops a card shown twice within 0.3 s
+            end = await rig.mark()
+            events = rig.sink.log.since_mark(before_seq=end)
+            rig.check([e for e in events if not _marker_or_alert(rig, e)])
+            assert agent.log_text().count(" ready:") == 1, "the agent never restarted"
+    finally:
+        await notify.close()
+    delivered_once(rig)
+
+
+def _marker_or_alert(rig: Rig, event: dict[str, Any]) -> bool:
+    """The markers shown to find the full disk, and the store's own alerts about it."""
+    if event.get("type") == "agent.alert":
+        return True
+    return event.get("type") == "access.denied" and event.get("actor") == rig.pseudonym(MARKER.name)
+
+
+async def test_a_full_hold_makes_the_engine_wait_and_loses_nothing(
+    tmp_path: Path, mosquitto: Mosquitto, small_disk: Path
+) -> None:
+    """Memory stays bounded: once max_pending_writes are held the engine waits for the disk
+    (alerted), and every input it waited with is committed, in order, when space returns."""
+    scenario = load_scenario(next(p for p in SCENARIOS if p.stem == "plain-checkout"))
+    db = small_disk / "state.db"
+    filler = small_disk / "filler"
+    extra = store_config(db, mosquitto.port)["store"] | {"max_pending_writes": 10}
+    async with cabinet_rig(scenario, tmp_path, mosquitto, agent_extra={"store": extra}) as rig:
+        agent = rig.agent
+        await rig.mark()
+        before = len(marker_denials(rig))
+        seen = agent.log_text().count("badge presented at marker")
+        fill(filler)
+        shown = 0
+        async with asyncio.timeout(TIMEOUT_S):
+            while "store alert store.hold_full:" not in agent.log_text():
+                await asyncio.sleep(0.35)  # the marker reader drops a card shown twice in 0.3 s
+                await rig.marker.present(MARKER.badge)
+                shown += 1
+        for _ in range(3):  # read while the engine waits: queued, not lost
+            await asyncio.sleep(0.35)
+            await rig.marker.present(MARKER.badge)
+            shown += 1
+        # Every card reached the agent while its engine waited: queued there, not lost.
+        await agent.wait_log("badge presented at marker", count=seen + shown)
+        assert "engine waits for the state store" in agent.log_text()
+        filler.unlink()
+        await until(lambda: len(marker_denials(rig)) >= before + shown)
+        assert agent.log_text().count(" ready:") == 1, "the agent never restarted"
     delivered_once(rig)

@@ -195,6 +195,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if ob is not None:
         age = "-" if ob["oldest_age_s"] is None else f"{ob['oldest_age_s']:.0f}s"
         print(f"  outbox    {ob['depth']} event(s), {ob['bytes']} bytes, oldest {age}")
+    held = st.get("store") or {}
+    if held.get("held_since"):
+        print(f"  store     {held_text(held)}")
     broker = st.get("broker")
     if broker is None:
         print("  broker    not configured (no [mqtt] section)")
@@ -300,9 +303,20 @@ def _cmd_queue_stats(args: argparse.Namespace) -> int:
     print(f"dead-lettered: {st['dead']}   next seq: {st['next_seq']}")
     if st["dropped"]:
         print("dropped by policy: " + ", ".join(f"p{k}={v}" for k, v in st["dropped"].items()))
-    if st["disk_full"]:
-        print("DISK FULL: new events are refused until space is freed")
+    if st.get("held_since"):
+        print(held_text(st))
+    elif st["disk_full"]:
+        print("DISK FULL: new events are held in memory until space is freed")
     return EX_OK
+
+
+def held_text(held: dict[str, Any]) -> str:
+    """``DISK FULL since …, N writes held in memory — why`` (status, queue stats)."""
+    since = str(held["held_since"]).replace("+00:00", "Z")
+    return (
+        f"{str(held['held_reason']).upper()} since {since}, {held['held_writes']} writes held "
+        f"in memory (a power loss would lose them) — {held['held_detail']}"
+    )
 
 
 def _cmd_queue_drain(args: argparse.Namespace) -> int:

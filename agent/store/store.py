@@ -26,10 +26,12 @@ from agent.store import db as dbmod
 from agent.store.config import StoreConfig
 from agent.store.db import HousekeepingResult
 from agent.store.types import (
+    AlertKind,
     AuditRecord,
     AuditReport,
     BaselineEntry,
     CommitResult,
+    Hold,
     OutboxRow,
     OutboxStats,
     SeqConflictError,
@@ -84,6 +86,11 @@ class Store:
         self._closed = False
         self._pending_writes = 0
         self._pending_bytes = 0
+        self._hold: Hold | None = None
+        self._backlogged = False  # a write was refused: the in-memory hold is full
+        # Woken when the store starts holding writes, and when pending writes settle.
+        self._hold_waiters: set[asyncio.Future[None]] = set()
+        self._room_waiters: set[asyncio.Future[None]] = set()
         self.epoch: bytes = opened.epoch
         """This database incarnation's random id: sealed into every envelope header (v2)."""
         self.open_alerts: tuple[StoreAlert, ...] = tuple(opened.alerts)
@@ -113,7 +120,11 @@ class Store:
             else:
                 early.append(alert)
 
-        worker = Worker(cfg, loop, clock or SystemClock(), sink, age_clock)
+        def hold_sink(hold: Hold | None) -> None:
+            if holder:
+                holder[0]._on_hold(hold)
+
+        worker = Worker(cfg, loop, clock or SystemClock(), sink, age_clock, hold_sink)
         worker.start()
         try:
             opened = await asyncio.wait_for(asyncio.shield(worker.opened), OPEN_TIMEOUT_S)
@@ -296,6 +307,56 @@ class Store:
         """True while writes are held because the disk (or the database cap) is full."""
         return bool(self._worker.disk_full)
 
+    @property
+    def pending_writes(self) -> int:
+        """Writes accepted and not yet durable (all of them held while ``hold`` is set)."""
+        return self._pending_writes
+
+    @property
+    def hold(self) -> Hold | None:
+        """Why and since when accepted writes are held in memory (None: they are not)."""
+        return self._hold
+
+    async def settle(self, fut: asyncio.Future[Any], timeout_s: float) -> bool:
+        """Wait for a submitted write to be durable, but at most ``timeout_s`` and not while
+        the store holds writes in memory (a full disk): True once durable (a failed write
+        raises its error here), False if it is accepted and still pending -- it will be
+        committed in order, and its future says when."""
+        if not fut.done() and self._hold is None:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def wake(_: object) -> None:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+            self._hold_waiters.add(waiter)
+            fut.add_done_callback(wake)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await waiter
+            except TimeoutError:
+                pass
+            finally:
+                self._hold_waiters.discard(waiter)
+                fut.remove_done_callback(wake)
+        if not fut.done():
+            return False
+        fut.result()
+        return True
+
+    async def wait_for_room(self, timeout_s: float) -> None:
+        """After StoreBackloggedError: wait (at most ``timeout_s``) until a pending write
+        settles, so a new one may fit."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._room_waiters.add(waiter)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            self._room_waiters.discard(waiter)
+
     async def stats(self) -> OutboxStats:
         summary, dropped, next_seq = await self._submit(
             lambda d: (d.outbox_summary(), d.dropped_counts(), d.next_seq()),
@@ -317,6 +378,8 @@ class Store:
             pending_bytes=self._pending_bytes,
             disk_full=self._worker.disk_full,
             transactions=self._worker.transactions,
+            held_since=None if self._hold is None else self._hold.since,
+            held_reason="" if self._hold is None else self._hold.reason,
         )
 
     # -- baseline, session, kv -------------------------------------------------------------------
@@ -477,6 +540,18 @@ class Store:
             self._pending_writes + 1 > limit
             or (ordered and self._pending_bytes + nbytes > self.cfg.max_pending_bytes)
         ):
+            if ordered and self._hold is not None and not self._backlogged:
+                self._backlogged = True
+                why = "" if self._hold is None else f" ({self._hold.reason})"
+                self._dispatch_alert(
+                    StoreAlert(
+                        AlertKind.HOLD_FULL,
+                        f"{self._pending_writes} writes ({self._pending_bytes} bytes) are held "
+                        f"in memory waiting for the database{why}: the limit "
+                        "([store] max_pending_writes / max_pending_bytes) is reached, new "
+                        "events wait until the held ones are durable",
+                    )
+                )
             raise StoreBackloggedError(
                 f"{self._pending_writes} writes ({self._pending_bytes} bytes) are waiting for "
                 "the database; not accepting more until they are durable"
@@ -488,6 +563,9 @@ class Store:
             if write:
                 self._pending_writes -= 1
                 self._pending_bytes -= nbytes
+                self._wake(self._room_waiters)
+                if self._backlogged and self._pending_writes <= self.cfg.max_pending_writes // 2:
+                    self._backlogged = False
             if exc is not None and seq_bearing:
                 # The counter moved on at submit; the database did not. Resync before reuse.
                 self._seq_dirty = True
@@ -506,6 +584,17 @@ class Store:
             self._pending_writes += 1
             self._pending_bytes += nbytes
         return fut
+
+    def _on_hold(self, hold: Hold | None) -> None:
+        self._hold = hold
+        if hold is not None:
+            self._wake(self._hold_waiters)
+
+    @staticmethod
+    def _wake(waiters: set[asyncio.Future[None]]) -> None:
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _dispatch_alert(self, alert: StoreAlert) -> None:
         self.recent_alerts.append(alert)

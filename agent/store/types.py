@@ -63,6 +63,8 @@ class OutboxStats:
     pending_bytes: int
     disk_full: bool
     transactions: int  # write transactions committed since open
+    held_since: datetime | None = None  # writes are held in memory since (None: they are not)
+    held_reason: str = ""  # why: "disk full", the store's space limit, a failing write
 
 
 class AlertKind(enum.StrEnum):
@@ -79,6 +81,7 @@ class AlertKind(enum.StrEnum):
     SEQ_ROLLBACK = "store.seq_rollback"  # its counter is behind what may have been sent
     SEQ_STATE_LOST = "store.seq_state_lost"  # the sequence sidecar is unreadable
     FAILED = "store.failed"
+    HOLD_FULL = "store.hold_full"  # the in-memory hold is full: new writes wait
     AUDIT_PRUNED = "store.audit_pruned"
 
 
@@ -91,6 +94,15 @@ class StoreAlert:
     dropped: Mapping[int, int] = field(default_factory=dict)  # priority -> rows
     dropped_bytes: int = 0
     seqs: tuple[int, ...] = ()  # the rows concerned (dropped or dead-lettered)
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """The store holds accepted writes in memory: why, and since when (trusted time)."""
+
+    reason: str  # short: "disk full", "store space limit", "database size limit", ...
+    detail: str  # one line naming the numbers and the setting that bites
+    since: datetime
 
 
 @dataclass(frozen=True, slots=True)

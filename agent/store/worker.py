@@ -31,6 +31,7 @@ from agent.store.salvage import Salvage, salvage, wal_header_valid
 from agent.store.seqfile import SeqFile, SeqFileError, SeqState, fsync_dir, new_epoch, seq_path
 from agent.store.types import (
     AlertKind,
+    Hold,
     OutboxRow,
     StoreAlert,
     StoreClosedError,
@@ -97,6 +98,7 @@ class Worker(threading.Thread):
         clock: Clock,
         alert_sink: Callable[[StoreAlert], None],
         age_clock: Callable[[], datetime | None] | None = None,
+        hold_sink: Callable[[Hold | None], None] | None = None,
     ) -> None:
         super().__init__(name=f"store-db:{Path(cfg.path).name}", daemon=True)
         self.cfg = cfg
@@ -106,6 +108,9 @@ class Worker(threading.Thread):
         self._age_clock = age_clock
         self._age_postponed = False
         self._alert_sink = alert_sink
+        self._hold_sink = hold_sink
+        # Accepted writes are held in memory (disk full, space limit, failing writes): why, since.
+        self.hold: Hold | None = None
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()
         self._stopping = False
@@ -743,20 +748,25 @@ class Worker(threading.Thread):
 
     def _enter_retry(self, err: sqlite3.Error) -> None:
         full = sqlite_code(err) == _SQLITE_FULL
-        if full and self.db is not None and self.db.reserve.present():
-            free = dbmod.free_bytes(Path(self.cfg.path).parent)
-            if free is not None and free < self.db.reserve.size:
-                # The filesystem itself is full (not our page cap): something else filled it.
-                self._release_reserve("to checkpoint and delete acknowledged rows")
+        free = dbmod.free_bytes(Path(self.cfg.path).parent) if full else None
+        db = self.db
+        fs_full = free is not None and db is not None and free < db.reserve.size
+        if full and fs_full and db is not None and db.reserve.present():
+            # The filesystem itself is full (not our page cap): something else filled it.
+            self._release_reserve("to checkpoint and delete acknowledged rows")
         first = not self._held and not self._disk_full
         if first:
             self._retry_delay = self.cfg.retry_initial_s
             if full:
                 self._disk_full = True
+            reason, detail = self._full_reason(free) if full else ("writes failing", str(err))
+            self._set_hold(Hold(reason, detail, self.clock.now()))
             self._alert(
                 StoreAlert(
                     AlertKind.DISK_FULL if full else AlertKind.WRITE_RETRYING,
-                    f"write failed ({err}); keeping pending writes in memory and retrying",
+                    f"{detail}: new events are held in memory (in order, up to "
+                    f"{self.cfg.max_pending_writes} writes / {self.cfg.max_pending_bytes} bytes) "
+                    "and committed when it clears; a power loss before then loses them",
                 )
             )
             self._schedule_retry(backoff=False)
@@ -766,6 +776,33 @@ class Worker(threading.Thread):
             # Free space may have changed: move the page cap with it.
             with contextlib.suppress(sqlite3.Error):
                 self.db.apply_page_limit()
+
+    def _full_reason(self, free: int | None) -> tuple[str, str]:
+        """What SQLITE_FULL means here, short and in one line: the filesystem is full, or one
+        of the store's own limits (the page cap that keeps min_free_disk_bytes and the WAL
+        budget free, or max_db_bytes) stopped the database from growing while the disk still
+        has room -- never called "full" then."""
+        db = self.db
+        path = Path(self.cfg.path)
+        # ``free`` was measured before the reserve was given back, if it was.
+        if db is None or free is None or free < db.reserve.size:
+            where = path.parent
+            return "disk full", f"disk full: the filesystem of {where} has no space left"
+        if dbmod.file_size(path) + 64 * 1024 >= self.cfg.max_db_bytes:
+            return "database size limit", (
+                f"the database reached its size limit, [store] max_db_bytes = "
+                f"{_mib(self.cfg.max_db_bytes)} (the disk is not full: {_mib(free)} free)"
+            )
+        return "store space limit", (
+            f"the store's space limit is reached, the disk is not full: {_mib(free)} free, "
+            f"and the store keeps [store] min_free_disk_bytes ({_mib(self.cfg.min_free_disk_bytes)}) "
+            f"plus its WAL budget ({_mib(db.wal_budget)}) free"
+        )
+
+    def _set_hold(self, hold: Hold | None) -> None:
+        self.hold = hold
+        if self._hold_sink is not None:
+            self._call_soon(self._hold_sink, hold)
 
     def _schedule_retry(self, *, backoff: bool = True) -> None:
         if backoff:
@@ -805,6 +842,7 @@ class Worker(threading.Thread):
                 self._held.popleft()
         was_full = self._disk_full
         self._disk_full = False
+        self._set_hold(None)
         self._retry_delay = self.cfg.retry_initial_s
         spent = self.db is not None and not self.db.reserve.wanted
         why = " (on the disk reserve, while stopping)" if spent else " (disk space is back)"
@@ -866,6 +904,10 @@ class Worker(threading.Thread):
         except RuntimeError:
             # The loop is closed: nobody is left to wait for these results.
             logger.debug("event loop closed; dropping %d store callbacks", len(batch))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB"
 
 
 def _failed_alert(err: BaseException) -> StoreAlert:
