@@ -44,6 +44,7 @@ from agent.mqtt.config import check_tls_files
 from agent.privacy.config import CabinetPrivacy, load_cabinet_privacy
 from agent.privacy.envelope import EnvelopeHeader, seal_batch
 from agent.privacy.signed import ALLOW_LIST, ASSET_REGISTRY, SignedDocument
+from agent.store.location import check_location
 from agent.store.store import KEEP, Store
 from agent.store.types import (
     BaselineEntry,
@@ -182,6 +183,9 @@ class CabinetApp:
         )
         if cfg.mqtt is not None and cfg.mqtt.tls is not None:
             check_tls_files(cfg.mqtt.tls)
+        # Likewise a [store] path that cannot hold the store (a directory, /proc, a filesystem
+        # smaller than its reserves): one line, exit 78, before anything starts.
+        check_location(cfg.store)
         self.inputs = _Inputs(self)
         self.stats = AppStats()
         self.readers: list[ReaderDriver] = [

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent.cli.common import DEFAULT_CONFIG, preflight
 from agent.config import EX_CONFIG, ConfigError, load_config
+from agent.store.location import location_problems
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
@@ -17,7 +18,9 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         cfg = load_config(args.path)
     except ConfigError as err:
         return _config_verdict(args, err.problems, [])
+    # Where the store lives, then keys, TLS files and the socket's place.
     problems, notes = preflight(cfg)
+    problems = [*location_problems(cfg.store), *problems]
     return _config_verdict(args, problems, notes, readers=len(cfg.readers))
 
 

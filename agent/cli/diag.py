@@ -465,6 +465,11 @@ def check_ntp(run: Any = subprocess.run) -> Check:
 
 def check_disk(cfg: AgentConfig, min_free_pct: float) -> Check:
     """Free space (and write access) where the state database lives."""
+    from agent.store.location import location_problems
+
+    problems = location_problems(cfg.store)
+    if problems:
+        return Check("FAIL", "disk", problems[0], config_problem=True)
     directory = cfg.store.path.parent
     probe = directory
     while not probe.exists() and probe != probe.parent:
@@ -577,7 +582,8 @@ async def run_selftest(
     checks.append(check_clock())
     ntp = await asyncio.to_thread(check_ntp)
     checks.append(ntp)
-    checks.append(check_disk(cfg, min_free_pct))
+    disk = check_disk(cfg, min_free_pct)
+    checks.append(disk)
     status = await daemon_status(cfg)
     if status is None:
         checks.append(
@@ -590,7 +596,10 @@ async def run_selftest(
         checks.append(trusted)
     checks.extend(await check_readers(cfg, status, reader_timeout_s))
     checks.append(await check_broker(cfg, status))
-    checks.append(check_store(await store_report(cfg, status)))
+    if disk.config_problem:
+        checks.append(Check("WARN", "store", "not opened: [store] path is unusable (see disk)"))
+    else:
+        checks.append(check_store(await store_report(cfg, status)))
     checks.append(await check_allow_list(cfg, status))
     return checks
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from drivers.config import StrictModel
 
@@ -101,6 +101,20 @@ class StoreConfig(StrictModel):
     )
     retry_initial_s: float = Field(0.2, gt=0, le=60, description="first retry after a failed write")
     retry_max_s: float = Field(10.0, gt=0, le=3600, description="longest retry delay")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        # systemd starts the agent in / (WorkingDirectory=): a relative path would land there,
+        # or wherever a technician happened to start it by hand.
+        if not path.is_absolute():
+            raise ValueError(
+                "must be an absolute path (the agent's working directory is not where you "
+                "think, e.g. / under systemd): use e.g. /var/lib/cabinet-agent/state.db"
+            )
+        if path.name in ("", ".", ".."):
+            raise ValueError("must name the database file, e.g. /var/lib/cabinet-agent/state.db")
+        return path
 
     @model_validator(mode="after")
     def _ordered(self) -> StoreConfig:

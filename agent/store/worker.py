@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -27,6 +28,7 @@ from typing import Any
 
 from agent.store import db as dbmod
 from agent.store.config import StoreConfig
+from agent.store.location import StoreLocationError
 from agent.store.salvage import Salvage, salvage, wal_header_valid
 from agent.store.seqfile import SeqFile, SeqFileError, SeqState, fsync_dir, new_epoch, seq_path
 from agent.store.types import (
@@ -51,6 +53,18 @@ _RETRYABLE = frozenset(
     {_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_NOMEM, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_PROTOCOL}
 )
 _FATAL = frozenset({_SQLITE_CORRUPT, _SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_NOTADB})
+_LOCATION_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ENOENT,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+    }
+)
 
 
 def sqlite_code(err: BaseException) -> int:
@@ -201,8 +215,18 @@ class Worker(threading.Thread):
 
     def _open(self) -> None:
         path = Path(self.cfg.path)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._lock(path)
+        except OSError as err:
+            if err.errno in _LOCATION_ERRNOS:
+                # Where the store lives is a deployment problem, not a crash: one line, exit 78.
+                raise StoreLocationError(
+                    f"store.path: cannot use {path}: {err.strerror or err}"
+                ) from None
+            raise
+        if path.is_dir():
+            raise StoreLocationError(f"store.path: {path} is a directory; name a file in it")
         opening = _Opening(path)
         try:
             opening.remembered = self._seqfile.read()
