@@ -43,7 +43,10 @@ async def _refused_everywhere(tmp_path: Path, store_path: str, *needles: str) ->
     cfg.write_text(config_text(tmp_path, 9, store_path=Path(store_path)))
     agent = AgentProcess(cfg, tmp_path / "agent.log")
     await agent.start()
-    rc = await agent.wait_exit()
+    try:
+        rc = await agent.wait_exit()
+    finally:
+        await agent.stop()  # never leave an agent running if it did not exit by itself
     out = agent.text()
     assert rc == EX_CONFIG, out
     assert "Traceback" not in out
