@@ -89,7 +89,10 @@ def wal_header_valid(wal: Path) -> bool | None:
 
 
 def salvage(db: Path | None, wal: Path | None) -> Salvage:
-    """Every readable outbox row of a database file and/or its WAL (either may be missing)."""
+    """Every readable outbox row of a database file and/or its WAL (either may be missing).
+
+    WAL frames count up to the last commit SQLite would recover and, past a damaged frame,
+    every later transaction whose frames still verify (their rows are real committed rows)."""
     out = Salvage()
     db_fd = _open(db)
     wal_fd = _open(wal)
@@ -98,7 +101,7 @@ def salvage(db: Path | None, wal: Path | None) -> Salvage:
         db_header_ok = len(header) == 100 and header.startswith(_SQLITE_MAGIC)
         wal_info = _wal_header(wal_fd)
         page_size = _page_size(header if db_header_ok else b"", wal_info)
-        frames, wal_pages = _wal_frames(wal_fd, wal_info, page_size)
+        frames, wal_pages = _wal_frames(wal_fd, wal_info, page_size, past_damage=True)
         out.wal_frames = len(frames)
 
         def page(pno: int) -> bytes | None:
@@ -378,36 +381,136 @@ def _wal_header(fd: int | None) -> tuple[str, int, bytes, tuple[int, int]] | Non
     return None if fd is None else _parse_wal_header(_pread(fd, 0, _WAL_HEADER))
 
 
+@dataclass
+class WalScan:
+    """What a WAL holds, frame by frame, as SQLite's recovery would read it -- and beyond."""
+
+    frames: int = 0  # frames of the valid chain (salts and checksums), the last commit included
+    valid_bytes: int = _WAL_HEADER  # the header and every frame up to the chain's last commit
+    commits: int = 0  # commits in the valid chain
+    bad_frame: int | None = None  # the first frame (0-based) that breaks the chain
+    later_commits: int = 0  # commits after the one the bad frame cut short: SQLite drops them
+    total_frames: int = 0  # whole frames in the file, whatever they hold
+
+    @property
+    def damaged(self) -> bool:
+        """Mid-file damage: commits of this WAL follow the frame that breaks the chain. (A torn
+        tail -- the last transaction cut short -- breaks the chain with at most its own commit
+        frame after the break: normal after a crash, nothing committed is lost.)"""
+        return self.later_commits > 0
+
+
+def check_wal(wal: Path) -> WalScan | None:
+    """Scan a WAL the way recovery would, and past the first bad frame (None: no valid WAL)."""
+    fd = _open(wal)
+    if fd is None:
+        return None
+    try:
+        info = _wal_header(fd)
+        if info is None:
+            return None
+        _, scan = _scan_wal(fd, info, info[1], past_damage=False)
+        return scan
+    finally:
+        os.close(fd)
+
+
 def _wal_frames(
     fd: int | None,
     info: tuple[str, int, bytes, tuple[int, int]] | None,
     page_size: int,
+    *,
+    past_damage: bool = False,
 ) -> tuple[dict[int, int], int]:
     """{page number: offset of its newest committed image}, and the db size in pages."""
     if fd is None or info is None or info[1] != page_size:
         return {}, 0
+    (frames, pages), _ = _scan_wal(fd, info, page_size, past_damage=past_damage)
+    return frames, pages
+
+
+def _scan_wal(
+    fd: int,
+    info: tuple[str, int, bytes, tuple[int, int]],
+    page_size: int,
+    *,
+    past_damage: bool,
+) -> tuple[tuple[dict[int, int], int], WalScan]:
+    """Walk every frame. The valid chain (salts, cumulative checksums) is what SQLite
+    recovers, up to its last commit. Past the first bad frame SQLite stops; so does this scan
+    for salvage unless ``past_damage``: then each later transaction whose frames all verify
+    against their predecessor's stored checksum counts too (their pages are real committed
+    images). Commit frames of this WAL (its salts) after the transaction the bad frame cut
+    short are counted as ``later_commits`` either way (headers only)."""
     order, _, salts, cksum = info
+    scan = WalScan()
     committed: dict[int, int] = {}
     pending: dict[int, int] = {}
     db_pages = 0
     offset = _WAL_HEADER
     frame_len = _WAL_FRAME_HEADER + page_size
-    while True:
-        frame = _pread(fd, offset, frame_len)
-        if len(frame) != frame_len or frame[8:16] != salts:
+    broken = False
+    cut_ended = False  # past the break: the transaction it cut short has ended
+    local_ok = False  # past the break: every frame of the current transaction verified
+    prev: tuple[int, int] = cksum  # past the break: the previous frame's stored checksum
+    try:
+        size = os.fstat(fd).st_size
+    except OSError:
+        size = 0
+    while offset + frame_len <= size:
+        # Past the break only the headers matter, unless the pages are salvaged too.
+        need = frame_len if (not broken or past_damage) else _WAL_FRAME_HEADER
+        frame = _pread(fd, offset, need)
+        if len(frame) != need:
             break
-        cksum = _checksum(order, frame[:8], cksum)
-        cksum = _checksum(order, frame[_WAL_FRAME_HEADER:], cksum)
-        if cksum != struct.unpack_from(">II", frame, 16):
-            break
+        scan.total_frames += 1
         pno, size_after = struct.unpack_from(">II", frame, 0)
-        pending[pno] = offset + _WAL_FRAME_HEADER
-        if size_after:
-            committed.update(pending)
+        stored: tuple[int, int] = struct.unpack_from(">II", frame, 16)
+        salt_ok = frame[8:16] == salts
+        if not broken:
+            c = _checksum(order, frame[:8], cksum)
+            c = _checksum(order, frame[_WAL_FRAME_HEADER:], c)
+            if salt_ok and c == stored:
+                cksum = c
+                pending[pno] = offset + _WAL_FRAME_HEADER
+                scan.frames += 1
+                if size_after:
+                    committed.update(pending)
+                    pending.clear()
+                    db_pages = size_after
+                    scan.commits += 1
+                    scan.valid_bytes = offset + frame_len
+                offset += frame_len
+                continue
+            broken = True
+            scan.bad_frame = scan.total_frames - 1
             pending.clear()
-            db_pages = size_after
+            cut_ended = salt_ok and size_after != 0  # the bad frame was that commit itself
+            local_ok = cut_ended  # a transaction starts right after it
+            prev = stored
+            offset += frame_len
+            continue
+        if not salt_ok:
+            local_ok = False  # garbage or a stale frame: this transaction cannot be trusted
+        elif past_damage:
+            c = _checksum(order, frame[:8], prev)
+            c = _checksum(order, frame[_WAL_FRAME_HEADER:], c)
+            if c == stored and local_ok:
+                pending[pno] = offset + _WAL_FRAME_HEADER
+            else:
+                local_ok = False
+        if salt_ok and size_after:
+            if cut_ended:
+                scan.later_commits += 1
+                if past_damage and local_ok:
+                    committed.update(pending)
+                    db_pages = max(db_pages, size_after)
+            cut_ended = True
+            pending.clear()
+            local_ok = True  # the next transaction starts afresh
+        prev = stored
         offset += frame_len
-    return committed, db_pages
+    return (committed, db_pages), scan
 
 
 def _checksum(order: str, data: bytes, start: tuple[int, int]) -> tuple[int, int]:

@@ -94,6 +94,9 @@ class Store:
         self.epoch: bytes = opened.epoch
         """This database incarnation's random id: sealed into every envelope header (v2)."""
         self.open_alerts: tuple[StoreAlert, ...] = tuple(opened.alerts)
+        self.baseline_proven: bool = opened.baseline_proven
+        """False when the database was recovered from damage or loss: its baseline (and door
+        session) may be older or partial, and must be re-verified by an inventory before use."""
         self.recent_alerts: deque[StoreAlert] = deque(maxlen=100)
 
     @classmethod

@@ -29,7 +29,7 @@ from typing import Any
 from agent.store import db as dbmod
 from agent.store.config import StoreConfig
 from agent.store.location import StoreLocationError
-from agent.store.salvage import Salvage, salvage, wal_header_valid
+from agent.store.salvage import Salvage, SalvagedRow, WalScan, check_wal, salvage, wal_header_valid
 from agent.store.seqfile import SeqFile, SeqFileError, SeqState, fsync_dir, new_epoch, seq_path
 from agent.store.types import (
     AlertKind,
@@ -96,10 +96,13 @@ class Job:
 class OpenResult:
     """What the worker found when it opened the database."""
 
-    def __init__(self, next_seq: int, alerts: list[StoreAlert], epoch: bytes) -> None:
+    def __init__(
+        self, next_seq: int, alerts: list[StoreAlert], epoch: bytes, baseline_proven: bool = True
+    ) -> None:
         self.next_seq = next_seq
         self.alerts = alerts
         self.epoch = epoch
+        self.baseline_proven = baseline_proven
 
 
 class Worker(threading.Thread):
@@ -140,6 +143,9 @@ class Worker(threading.Thread):
         self._lock_fd: int | None = None
         self._outgoing: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self.failed: BaseException | None = None
+        # False when the database may be older or poorer than what the agent last committed
+        # (recovered from damage or loss): its baseline must be re-verified before use.
+        self.baseline_proven = True
         self.transactions = 0
         self.db: dbmod.Database | None = None
         self.epoch = b""
@@ -235,10 +241,12 @@ class Worker(threading.Thread):
         present = path.exists()
         existed = dbmod.file_size(path) > 0
         wal = dbmod.wal_path(path)
-        if _header_sound(path) and wal_header_valid(wal) is False:
+        sound = _header_sound(path)
+        if sound and wal_header_valid(wal) is False:
             # SQLite would silently ignore (and later overwrite) a WAL whose header it cannot
             # read, and with it every commit that lived there: keep it and say so.
             moved = quarantine_wal(path)
+            opening.stale = True
             opening.alerts.append(
                 StoreAlert(
                     AlertKind.WAL_QUARANTINED,
@@ -246,6 +254,14 @@ class Worker(threading.Thread):
                     f"{moved.name}; commits that were only in it are lost",
                 )
             )
+        elif sound and (scan := check_wal(wal)) is not None and scan.damaged:
+            # A damaged frame in the middle: SQLite's recovery stops there and silently drops
+            # every later commit (events that may have left, the counter that numbered them).
+            # Keep the WAL, salvage its readable rows, let SQLite recover the valid prefix.
+            found = salvage(path, wal)
+            moved = quarantine_wal(path)
+            kept = _put_back_prefix(moved, wal, scan.valid_bytes)
+            opening.wal_damage = _WalDamage(scan, moved, found, kept)
         if not existed and (wal.exists() or path.with_name(path.name + "-shm").exists()):
             # The database file is gone or empty but its WAL is not: never let SQLite replay
             # an orphan WAL onto a new file. Move it aside and read what rows it holds.
@@ -269,7 +285,9 @@ class Worker(threading.Thread):
         self._open_housekeeping(self.db, opening.alerts)
         self._maintain_space()
         self._housekeep_at = time.monotonic() + self.cfg.housekeeping_interval_s
-        result = OpenResult(self.db.next_seq(), opening.alerts, self.epoch)
+        result = OpenResult(
+            self.db.next_seq(), opening.alerts, self.epoch, baseline_proven=self.baseline_proven
+        )
         self._settle_future(self.opened, None, result)
         self._flush()
 
@@ -283,13 +301,31 @@ class Worker(threading.Thread):
         jump_to = next_seq
         recovery = False
         rescued = o.salvage or o.orphan
-        if o.corrupt is not None:
+        rows: list[SalvagedRow] = sorted(
+            (rescued.rows.values() if rescued is not None else ()), key=lambda r: r.seq
+        )
+        # Whether the baseline (and door session) are what the agent last committed: not when
+        # the database opens as of an earlier commit, was lost, or was replaced from damage.
+        proven = not o.stale
+        if o.wal_damage is not None:
             recovery = True
+            proven = False
+            found = o.wal_damage.found
+            jump_to = max(next_seq, *_counters(found, None, remembered))
+            # Rows the recovered prefix knew (below its counter) and lacks were acknowledged.
+            rows = sorted(
+                (r for r in found.rows.values() if r.seq >= next_seq), key=lambda r: r.seq
+            )
+            o.alerts.append(_wal_damage_alert(o.wal_damage, jump_to, rows))
+        elif o.corrupt is not None:
+            recovery = True
+            proven = False
             jump_to = max(next_seq, *_counters(o.salvage, o.sql_counter, remembered))
             o.alerts.append(_corrupt_alert(o.corrupt, jump_to, o.salvage))
         elif db.found_version == 0:
             if remembered is not None or o.sidecar_problem or o.orphan is not None:
                 recovery = True
+                proven = False
                 jump_to = max(next_seq, *_counters(o.orphan, None, remembered))
                 if remembered is None and o.sidecar_problem:
                     jump_to = max(jump_to, next_seq + block)
@@ -309,6 +345,7 @@ class Worker(threading.Thread):
                 logger.warning("sequence file %s was missing; recreated", self._seqfile.path)
         elif db_epoch != remembered.epoch:
             recovery = True
+            proven = False
             jump_to = max(next_seq, remembered.reserved + 1)
             o.alerts.append(
                 StoreAlert(
@@ -319,6 +356,7 @@ class Worker(threading.Thread):
             )
         elif next_seq - 1 < remembered.sent_floor:
             recovery = True
+            proven = False
             jump_to = remembered.reserved + 1
             o.alerts.append(
                 StoreAlert(
@@ -339,15 +377,15 @@ class Worker(threading.Thread):
                 "state store: new epoch %s, sequence continues at %d", epoch.hex(), jump_to
             )
         now_us = self._now_us()
-        if epoch != db_epoch or jump_to != next_seq or rescued:
+        if epoch != db_epoch or jump_to != next_seq or rows:
             db.conn.execute("BEGIN IMMEDIATE")
             try:
                 if epoch != db_epoch:
                     db.set_epoch(epoch, now_us)
                 if jump_to != next_seq:
                     db.set_next_seq(jump_to)
-                if rescued is not None and rescued.rows:
-                    db.insert_salvaged(sorted(rescued.rows.values(), key=lambda r: r.seq))
+                if rows:
+                    db.insert_salvaged(rows)
                 db.conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -363,6 +401,7 @@ class Worker(threading.Thread):
                 logger.error("cannot write the sequence file %s: %s", self._seqfile.path, err)
         self._seq_state = state if recovery or remembered is None else remembered
         self.epoch = epoch
+        self.baseline_proven = proven
         self._committed_seq = self._durable_seq = db.next_seq() - 1
 
     def _make_open_durable(self, db: dbmod.Database) -> None:
@@ -675,36 +714,41 @@ class Worker(threading.Thread):
     ) -> list[OutboxRow]:
         """Rows the publisher may send now (runs on this thread, as a read job).
 
-        Only rows whose commit is durable (a power cut cannot take them back), and only seqs
-        the sidecar already covers: before a row above ``reserved`` is handed out, the sidecar
-        reserves the next block.
+        Only rows whose commit is durable (a power cut cannot take them back), and only once
+        the sidecar records them: before rows above its ``sent_floor`` are handed out, the
+        floor is raised to the highest of them (one small in-place write per delivery read that
+        hands out new rows), and ``reserved`` moves a block ahead when it is reached. So a
+        database found behind the floor at the next start -- a lost or damaged WAL, a restored
+        copy -- is always detected (docs/store.md, "Epochs and the sequence sidecar"). If the
+        write fails, rows above ``reserved`` are held back until it works; below it they go
+        (the floor is then only as fine as the block).
         """
         if self._committed_seq > self._durable_seq:
             self._make_durable()  # someone is waiting for rows: no reason to wait for the timer
         rows = db.peek(limit, exclude, after_seq, live_first, max_seq=self._durable_seq)
         top = max((r.seq for r in rows), default=0)
         state = self._seq_state
-        if top > state.reserved:
-            grown = SeqState(
-                state.epoch,
-                max(state.sent_floor, top),
-                top + self.cfg.seq_reserve_block,
-            )
-            try:
-                self._seqfile.write(grown)
-            except OSError as err:
-                if not self._seq_write_failed:
-                    logger.error(
-                        "cannot update the sequence file %s (%s): holding back rows above "
-                        "seq %d until it works",
-                        self._seqfile.path.name,
-                        err,
-                        state.reserved,
-                    )
-                self._seq_write_failed = True
-                return [r for r in rows if r.seq <= state.reserved]
-            self._seq_write_failed = False
-            self._seq_state = grown
+        if top <= state.sent_floor:
+            return rows
+        reserved = state.reserved
+        if top > reserved:
+            reserved = top + self.cfg.seq_reserve_block
+        grown = SeqState(state.epoch, top, reserved)
+        try:
+            self._seqfile.write(grown)
+        except OSError as err:
+            if not self._seq_write_failed:
+                logger.error(
+                    "cannot update the sequence file %s (%s): holding back rows above "
+                    "seq %d until it works",
+                    self._seqfile.path.name,
+                    err,
+                    state.reserved,
+                )
+            self._seq_write_failed = True
+            return [r for r in rows if r.seq <= state.reserved]
+        self._seq_write_failed = False
+        self._seq_state = grown
         return rows
 
     @property
@@ -1003,6 +1047,44 @@ def _fsync_file(path: Path) -> None:
 
 
 @dataclass
+class _WalDamage:
+    """A WAL damaged in the middle, set aside at open."""
+
+    scan: WalScan
+    moved: Path  # where the damaged WAL now is
+    found: Salvage  # rows read from the database file and every readable transaction
+    kept: bool  # the valid prefix was put back for SQLite to recover
+
+
+def _put_back_prefix(moved: Path, wal: Path, nbytes: int) -> bool:
+    """Copy the valid prefix of a damaged WAL (header and whole transactions) back under the
+    WAL's name, durably, so SQLite recovers exactly what it would have; False if it cannot
+    (no room): the database then opens as of its last checkpoint."""
+    if nbytes <= 32:
+        return False
+    tmp = wal.with_name(wal.name + ".prefix")
+    try:
+        with moved.open("rb") as src:
+            data = src.read(nbytes)
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, wal)
+        fsync_dir(wal.parent)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        logger.error("cannot put back the valid part of the damaged WAL: %s", err)
+        return False
+    return True
+
+
+@dataclass
 class _Opening:
     """What open() found, for deciding the epoch."""
 
@@ -1014,6 +1096,8 @@ class _Opening:
     salvage: Salvage | None = None
     sql_counter: int | None = None
     orphan: Salvage | None = None
+    wal_damage: _WalDamage | None = None
+    stale: bool = False  # the database opens as of an earlier commit (its WAL was lost)
     alerts: list[StoreAlert] = field(default_factory=list)
 
 
@@ -1029,6 +1113,31 @@ def _counters(found: Salvage | None, sql_counter: int | None, seq: SeqState | No
     if seq is not None:
         out.append(seq.reserved + 1)
     return out
+
+
+def _wal_damage_alert(damage: _WalDamage, jump_to: int, rows: list[SalvagedRow]) -> StoreAlert:
+    scan = damage.scan
+    kept = (
+        f"the database keeps the {scan.commits} commit(s) before the damage"
+        if damage.kept
+        else "the database opens as of its last checkpoint (no room to keep the commits before "
+        "the damage)"
+    )
+    if rows:
+        live = sum(1 for r in rows if not r.dead)
+        saved = (
+            f"salvaged {live} undelivered event(s) written after it, seqs "
+            f"{rows[0].seq}..{rows[-1].seq}, which will be delivered"
+        )
+    else:
+        saved = "no event written after it could be salvaged"
+    return StoreAlert(
+        AlertKind.WAL_QUARANTINED,
+        f"write-ahead log damaged at frame {scan.bad_frame} of {scan.total_frames} "
+        f"({scan.later_commits} later commits SQLite would drop silently): {saved}; new epoch, "
+        f"sequence continues at {jump_to}; {kept}; moved to {damage.moved.name}",
+        seqs=tuple(r.seq for r in rows)[:1000],
+    )
 
 
 def _rescued(found: Salvage | None) -> str:
