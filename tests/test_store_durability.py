@@ -35,8 +35,8 @@ class PowerCut:
         self._lock = threading.Lock()
         real = workermod._fsync_file
 
-        def recording(path: Path) -> None:
-            real(path)
+        def recording(path: Path, held: int | None = None) -> None:
+            real(path, held)
             with self._lock:
                 self.calls += 1
                 self.synced[path.name] = path.read_bytes()

@@ -289,3 +289,60 @@ async def test_a_rollback_within_a_reservation_block_is_detected(
         slot = (d.header.epoch, d.header.seq)
         assert seen.setdefault(slot, d.header.event_id) == d.header.event_id, slot
     assert {d.header.epoch for d in rig.sink.delivered} - {old_epoch}, "a new epoch"
+
+
+async def test_a_database_deleted_while_the_agent_runs_is_rewritten_and_loses_nothing(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """``rm state.db`` under a running agent: rows already checkpointed into the file would be
+    lost at the next start. The agent notices within seconds, writes its open database back
+    under the name (a consistent copy through its connection), and a restart then finds every
+    undelivered event, in the same epoch."""
+    scenario = load_scenario(next(p for p in SCENARIOS if p.stem == "plain-checkout"))
+    db = tmp_path / "agent" / "state.db"
+    async with (
+        FaultProxy(mosquitto.port) as proxy,
+        cabinet_rig(
+            scenario, tmp_path, mosquitto, agent_extra={"mqtt": {"port": proxy.port}}
+        ) as rig,
+    ):
+        agent = rig.agent
+        await rig.mark()
+        (old_epoch,) = {d.header.epoch for d in rig.sink.delivered}
+        delivered_before = len(marker_denials(rig))
+        proxy.refuse(True)
+        proxy.cut()
+        committed = agent.log_text().count("event access.denied")
+        await show_marker(rig, 4)
+        await agent.wait_log("event access.denied", count=committed + 4)
+        # Fold the WAL into the file (as an autocheckpoint does): the 4 rows now live in
+        # state.db itself, and the next commit starts the WAL over.
+        conn = sqlite3.connect(db, timeout=10)
+        try:
+            assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        finally:
+            conn.close()
+        # The last connection to close deletes the WAL by name: the agent's connection holds
+        # its lock, so another process's session ending (an operator's sqlite3) leaves it be.
+        assert db.with_name("state.db-wal").exists(), "the agent's WAL survives our session"
+        await show_marker(rig, 1)
+        await agent.wait_log("event access.denied", count=committed + 5)
+        db.unlink()
+        await agent.wait_log("store alert store.database_deleted")
+        assert db.exists(), "the database is back under its name"
+        await show_marker(rig, 1)
+        await agent.wait_log("event access.denied", count=committed + 6)
+        # A restart (what used to lose the checkpointed rows) finds every one of them.
+        assert await agent.stop() == 0
+        proxy.refuse(False)
+        agent.start()
+        await agent.wait_log(" ready:", count=2)
+        await until(lambda: len(marker_denials(rig)) >= delivered_before + 6)
+        assert "store.database_lost" not in agent.log_text()
+        assert agent.log_text().count(" ready:") == 2
+        assert rig.sink.consumer is not None
+        assert rig.sink.consumer.decoder.stats.seq_conflicts == 0
+    epochs = {d.header.epoch for d in rig.sink.delivered}
+    assert epochs == {old_epoch}, "continuity is proven: the same epoch"
+    seqs = sorted({d.header.seq for d in rig.sink.delivered})
+    assert seqs == list(range(1, seqs[-1] + 1)), "no gap"

@@ -78,6 +78,7 @@ class AlertKind(enum.StrEnum):
     CORRUPT_QUARANTINED = "store.corrupt_quarantined"
     WAL_QUARANTINED = "store.wal_quarantined"  # an unreadable -wal moved aside at start
     DATABASE_LOST = "store.database_lost"  # a database that existed is missing or empty
+    DATABASE_DELETED = "store.database_deleted"  # deleted/replaced while running; rewritten
     SEQ_ROLLBACK = "store.seq_rollback"  # its counter is behind what may have been sent
     SEQ_STATE_LOST = "store.seq_state_lost"  # the sequence sidecar is unreadable
     FAILED = "store.failed"

@@ -53,6 +53,7 @@ _RETRYABLE = frozenset(
     {_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_NOMEM, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_PROTOCOL}
 )
 _FATAL = frozenset({_SQLITE_CORRUPT, _SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_NOTADB})
+_IDENTITY_CHECK_S = 5.0  # how often the path is checked to still name the open database
 _LOCATION_ERRNOS = frozenset(
     {
         errno.EACCES,
@@ -140,6 +141,16 @@ class Worker(threading.Thread):
         self._disk_full = False
         self._under_load = False
         self._housekeep_at = 0.0
+        self._identity_at = 0.0
+        # (st_dev, st_ino) of the open database file and of its WAL, by path.
+        self._identity: tuple[int, int] | None = None
+        self._wal_identity: tuple[int, int] | None = None
+        self.heals = 0
+        # A descriptor on the database file, held as long as the connection is open: fsyncs
+        # go through it. Closing *any* descriptor of the file drops every POSIX lock the
+        # process holds on it, SQLite's too -- and then another process (an operator's sqlite3
+        # session) that closes the database deletes our WAL by name under our feet.
+        self._db_fd: int | None = None
         self._lock_fd: int | None = None
         self._outgoing: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self.failed: BaseException | None = None
@@ -196,7 +207,7 @@ class Worker(threading.Thread):
         except BaseException as err:  # noqa: BLE001 -- every open failure goes to the awaiting loop
             if self.db is not None:
                 with contextlib.suppress(sqlite3.Error):
-                    self.db.conn.close()
+                    self._close_db()
             self._unlock()
             self._settle_future(self.opened, err, None)
             self._settle_future(self.finished, None, None)
@@ -212,7 +223,7 @@ class Worker(threading.Thread):
                 if self.failed is None:
                     self._close_cleanly()
                 try:
-                    self.db.conn.close()
+                    self._close_db()
                 except sqlite3.Error as err:
                     logger.error("closing the store database failed: %s", err)
             self._unlock()
@@ -280,11 +291,13 @@ class Worker(threading.Thread):
             opening.salvage = salvage(moved, moved.with_name(moved.name + "-wal"))
             opening.sql_counter = dbmod.salvage_next_seq(moved)
             self.db = dbmod.open_database(path, self.cfg)
+        self._db_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         opening.existed = present
         self._settle_epoch(self.db, opening)
         self._open_housekeeping(self.db, opening.alerts)
         self._maintain_space()
         self._housekeep_at = time.monotonic() + self.cfg.housekeeping_interval_s
+        self._remember_identity()
         result = OpenResult(
             self.db.next_seq(), opening.alerts, self.epoch, baseline_proven=self.baseline_proven
         )
@@ -411,9 +424,9 @@ class Worker(threading.Thread):
             db.checkpoint("TRUNCATE")
         except sqlite3.Error as err:  # a full disk: the WAL fsync below still makes it durable
             logger.warning("start-up checkpoint failed: %s", err)
-        for target in (dbmod.wal_path(path), path):
-            with contextlib.suppress(FileNotFoundError):
-                _fsync_file(target)
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_file(dbmod.wal_path(path))  # SQLite holds no lock on the WAL file itself
+        self._fsync_db()
         fsync_dir(path.parent)
 
     def _open_housekeeping(self, db: dbmod.Database, alerts: list[StoreAlert]) -> None:
@@ -507,6 +520,8 @@ class Worker(threading.Thread):
                     self._retry_held()
                 if not self._paused() and time.monotonic() >= self._housekeep_at:
                     self._housekeep()
+                if time.monotonic() >= self._identity_at:
+                    self._check_identity()
             except Fatal as err:
                 logger.error("state store failed: %s", err)
                 # The alert goes first so anyone woken by a failed future already sees it.
@@ -540,6 +555,7 @@ class Worker(threading.Thread):
             if self._paused()
             else min(self._housekeep_at, now + self.cfg.housekeeping_interval_s)
         )
+        due = min(due, self._identity_at)
         if self._sync_at is not None:
             due = min(due, self._sync_at)
         return max(0.0, due - now)
@@ -692,11 +708,17 @@ class Worker(threading.Thread):
         if target <= self._durable_seq:
             return
         path = Path(self.cfg.path)
+        what = self._moved()
+        if what is not None:
+            # Fsyncing by name would sync some other file (or none): the commits live only in
+            # the open, unlinked files. The rewrite fsyncs a whole copy.
+            self._heal(what)
+            return
         try:
             try:
                 _fsync_file(dbmod.wal_path(path))
             except FileNotFoundError:  # everything was checkpointed into the file itself
-                _fsync_file(path)
+                self._fsync_db()
         except OSError as err:
             # After a failed fsync the kernel may have dropped the dirty pages: nothing written
             # since the last good sync can be trusted. Stop; the restart re-checks everything.
@@ -725,6 +747,8 @@ class Worker(threading.Thread):
         """
         if self._committed_seq > self._durable_seq:
             self._make_durable()  # someone is waiting for rows: no reason to wait for the timer
+            assert self.db is not None
+            db = self.db  # a rewrite (``_heal``) may have reopened it
         rows = db.peek(limit, exclude, after_seq, live_first, max_seq=self._durable_seq)
         top = max((r.seq for r in rows), default=0)
         state = self._seq_state
@@ -924,12 +948,157 @@ class Worker(threading.Thread):
 
     def _housekeep(self) -> None:
         self._housekeep_at = time.monotonic() + self.cfg.housekeeping_interval_s
+        self._check_identity()
         now_us = self.age_us()
         job = Job(fn=lambda d: d.housekeeping(now_us), future=None, write=True, ordered=True)
         if not self._run_batch([job]):
             self._held.append(job)
             return
         self._maintain_space()
+
+    # -- the file under the open database ---------------------------------------------------
+
+    def _remember_identity(self) -> None:
+        path = Path(self.cfg.path)
+        self._identity = _fd_id(self._db_fd) if self._db_fd is not None else None
+        self._wal_identity = _file_id(dbmod.wal_path(path))
+        self._identity_at = time.monotonic() + _IDENTITY_CHECK_S
+
+    def _moved(self) -> str | None:
+        """How ``[store] path`` stopped naming the open database (None: it still does)."""
+        if self.db is None or self._identity is None:
+            return None
+        path = Path(self.cfg.path)
+        now = _file_id(path)
+        if now != self._identity:
+            return "deleted" if now is None else "replaced by another file"
+        if self._wal_identity is not None and _file_id(dbmod.wal_path(path)) != self._wal_identity:
+            # Commits would go on into an unlinked WAL, lost at the next crash.
+            return "left without its write-ahead log (deleted or replaced)"
+        return None
+
+    def _check_identity(self) -> None:
+        """Deleted or replaced while we run, every row checkpointed into the old file would be
+        lost at the next start (and the WAL, by name, replayed onto another file): heal now."""
+        self._identity_at = time.monotonic() + _IDENTITY_CHECK_S
+        what = self._moved()
+        if what is not None:
+            self._heal(what)
+
+    def _heal(self, what: str) -> None:
+        """Write the open database back under its name: the store's lock taken again by name
+        first (if another process holds it, the files under our names are its own: touch
+        none), whatever else sits under our names moved aside, a consistent copy through the
+        open connection (sqlite3 backup) fsynced, the old connection closed (its -wal/-shm go
+        with it, by name), the copy renamed into place, the directory fsynced, the copy
+        reopened. Same epoch, same counter, nothing lost. If it cannot be done, the store fails
+        (the agent exits and its restart salvages the WAL) rather than run on an unlinked file.
+        """
+        db = self.db
+        assert db is not None
+        path = Path(self.cfg.path)
+        wal = dbmod.wal_path(path)
+        logger.critical("the state database %s was %s while in use: rewriting it", path, what)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        tmp = path.with_name(path.name + ".heal")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._relock(path)
+            # Not ours (a copy put there by hand, a leftover): keep it, out of the way, and
+            # never let our connection's close delete someone else's WAL by name.
+            if _file_id(path) not in (None, self._identity):
+                path.rename(path.with_name(f"{path.name}.replaced-{stamp}"))
+            if _file_id(wal) not in (None, self._wal_identity):
+                wal.rename(wal.with_name(f"{wal.name}.replaced-{stamp}"))
+            tmp.unlink(missing_ok=True)
+            copy = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                db.conn.backup(copy)
+            finally:
+                copy.close()
+            _fsync_file(tmp)
+        except (OSError, sqlite3.Error, StoreError) as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self._abandon()
+            raise Fatal(
+                f"the state database was {what} while in use and could not be rewritten "
+                f"({err}); restarting to salvage what is left"
+            ) from err
+        try:
+            self._close_db()  # checkpoints into the old file and removes our -wal/-shm by name
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+            self.db = dbmod.open_database(path, self.cfg)
+            self._db_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (OSError, sqlite3.Error, StoreError) as err:
+            if tmp.exists():
+                logger.critical("a complete copy of the state database is left in %s", tmp)
+            raise Fatal(f"the state database could not be reopened after a rewrite: {err}") from err
+        if not self._seqfile.path.exists():
+            self._seqfile.write(self._seq_state)
+        # The copy was fsynced: everything committed is durable now.
+        self._durable_seq = self._committed_seq
+        self._sync_at = None
+        self.heals += 1
+        self._remember_identity()
+        self._maintain_space()
+        self._alert(
+            StoreAlert(
+                AlertKind.DATABASE_DELETED,
+                f"the state database file was {what} while the agent ran; rewritten from the "
+                "open database under its name (nothing lost, same epoch and sequence)",
+            )
+        )
+        logger.warning("state database %s rewritten from the open connection", path)
+
+    def _abandon(self) -> None:
+        """The heal failed: close the connection without letting SQLite delete the -wal/-shm
+        by name (ours: the restart finds the WAL beside a missing database and salvages it;
+        another process's: not ours to delete). They are moved aside for the close only."""
+        path = Path(self.cfg.path)
+        aside: list[tuple[Path, Path]] = []
+        for name in (dbmod.wal_path(path), path.with_name(path.name + "-shm")):
+            kept = name.with_name(name.name + ".kept")
+            with contextlib.suppress(OSError):
+                name.rename(kept)
+                aside.append((kept, name))
+        with contextlib.suppress(sqlite3.Error, OSError):
+            self._close_db()
+        for kept, name in aside:
+            with contextlib.suppress(OSError):
+                kept.rename(name)
+
+    def _relock(self, path: Path) -> None:
+        """The lock file may have gone with the database: take the lock on its name again."""
+        lock_path = path.with_name(path.name + ".lock")
+        if self._lock_fd is not None and _file_id(lock_path) == _fd_id(self._lock_fd):
+            return
+        old = self._lock_fd
+        self._lock_fd = None
+        try:
+            self._lock(path)  # StoreLockedError: another process has taken the store meanwhile
+        except BaseException:
+            self._lock_fd = old
+            raise
+        if old is not None:
+            os.close(old)
+
+    def _close_db(self) -> None:
+        """Close the connection, then the descriptor held beside it (never the other way)."""
+        db, fd = self.db, self._db_fd
+        self.db = None
+        self._db_fd = None
+        try:
+            if db is not None:
+                db.conn.close()
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _fsync_db(self) -> None:
+        if self._db_fd is not None:
+            _fsync_file(Path(self.cfg.path), self._db_fd)
 
     def _fail_everything(self, err: BaseException, *, alert: bool = True) -> None:
         with self._cv:
@@ -1037,7 +1206,27 @@ def _header_sound(path: Path) -> bool:
     return True
 
 
-def _fsync_file(path: Path) -> None:
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _fd_id(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _fsync_file(path: Path, held: int | None = None) -> None:
+    """Fsync ``path`` through ``held`` (a descriptor kept open on it), else through a new one."""
+    if held is not None:
+        os.fsync(held)
+        return
     # On Linux fsync flushes the file's dirty pages whichever descriptor wrote them.
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
