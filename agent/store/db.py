@@ -241,6 +241,17 @@ class Database:
     def set_next_seq(self, value: int) -> None:
         self.conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (value,))
 
+    def restore_state(self, state: SalvagedState) -> None:
+        """Put a quarantined file's baseline and kv state into this (fresh) database."""
+        if state.baseline is not None:
+            self.conn.execute("DELETE FROM baseline")
+            self.conn.executemany(
+                "INSERT INTO baseline (epc, location, last_seen_us) VALUES (?, ?, ?)",
+                state.baseline,
+            )
+        for key, value, at in state.kv:
+            self.kv_put(key, value, at)
+
     def epoch(self) -> bytes | None:
         raw = self.kv_get(EPOCH_KEY)
         return raw if raw is not None and len(raw) == 8 else None
@@ -699,6 +710,59 @@ def open_database(path: Path, cfg: StoreConfig) -> Database:
 
 class CorruptDatabaseError(StoreError):
     """PRAGMA quick_check found damage."""
+
+
+@dataclass(frozen=True, slots=True)
+class SalvagedState:
+    """What a quarantined file still tells by SQL, read in one snapshot."""
+
+    next_seq: int | None
+    epoch: bytes | None
+    # None: the table could not be read (whole) -- never half a baseline.
+    baseline: list[tuple[str, str, int]] | None
+    kv: list[tuple[str, bytes, int]]  # the agent's state (``store.*`` keys left out)
+
+
+def salvage_state(path: Path) -> SalvagedState | None:
+    """Best effort: the baseline and kv state of a quarantined file (and its WAL), if readable.
+
+    The store's own keys (epoch, audit head) stay behind: the new database has its own epoch
+    and audit chain. Rows that fail their type checks are skipped; a baseline that cannot be
+    read whole is not returned at all."""
+    try:
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=1.0)
+    except sqlite3.Error:
+        return None
+    try:
+        conn.execute("BEGIN")  # one snapshot: baseline, kv and counter of the same commit
+        next_seq: int | None = None
+        with contextlib.suppress(sqlite3.Error):
+            row = conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+            if row is not None and isinstance(row[0], int) and 1 <= row[0] < 2**62:
+                next_seq = row[0]
+        kv: list[tuple[str, bytes, int]] = []
+        epoch: bytes | None = None
+        with contextlib.suppress(sqlite3.Error):
+            for key, value, at in conn.execute("SELECT key, value, updated_us FROM kv"):
+                if not (isinstance(key, str) and isinstance(value, bytes) and isinstance(at, int)):
+                    continue
+                if key == EPOCH_KEY:
+                    epoch = value if len(value) == 8 else None
+                elif not key.startswith("store."):
+                    kv.append((key, value, at))
+        baseline: list[tuple[str, str, int]] | None = None
+        with contextlib.suppress(sqlite3.Error):
+            rows = conn.execute("SELECT epc, location, last_seen_us FROM baseline").fetchall()
+            if all(
+                isinstance(e, str) and isinstance(loc, str) and isinstance(at, int)
+                for e, loc, at in rows
+            ):
+                baseline = [(str(e), str(loc), int(at)) for e, loc, at in rows]
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return SalvagedState(next_seq, epoch, baseline, kv)
 
 
 def salvage_next_seq(path: Path) -> int | None:

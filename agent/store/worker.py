@@ -290,6 +290,7 @@ class Worker(threading.Thread):
             opening.corrupt = (str(err), moved)
             opening.salvage = salvage(moved, moved.with_name(moved.name + "-wal"))
             opening.sql_counter = dbmod.salvage_next_seq(moved)
+            opening.state = dbmod.salvage_state(moved)
             self.db = dbmod.open_database(path, self.cfg)
         self._db_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         opening.existed = present
@@ -332,9 +333,9 @@ class Worker(threading.Thread):
             o.alerts.append(_wal_damage_alert(o.wal_damage, jump_to, rows))
         elif o.corrupt is not None:
             recovery = True
-            proven = False
+            proven = _baseline_current(o.state, o.salvage, remembered)
             jump_to = max(next_seq, *_counters(o.salvage, o.sql_counter, remembered))
-            o.alerts.append(_corrupt_alert(o.corrupt, jump_to, o.salvage))
+            o.alerts.append(_corrupt_alert(o.corrupt, jump_to, o.salvage, o.state, proven))
         elif db.found_version == 0:
             if remembered is not None or o.sidecar_problem or o.orphan is not None:
                 recovery = True
@@ -390,9 +391,14 @@ class Worker(threading.Thread):
                 "state store: new epoch %s, sequence continues at %d", epoch.hex(), jump_to
             )
         now_us = self._now_us()
-        if epoch != db_epoch or jump_to != next_seq or rows:
+        restore = o.state if o.corrupt is not None else None
+        if epoch != db_epoch or jump_to != next_seq or rows or restore is not None:
             db.conn.execute("BEGIN IMMEDIATE")
             try:
+                if restore is not None:
+                    # Time floor, documents and their version floors, baseline: what the old
+                    # file still tells, in the same commit as the new epoch.
+                    db.restore_state(restore)
                 if epoch != db_epoch:
                     db.set_epoch(epoch, now_us)
                 if jump_to != next_seq:
@@ -1284,6 +1290,7 @@ class _Opening:
     corrupt: tuple[str, Path] | None = None
     salvage: Salvage | None = None
     sql_counter: int | None = None
+    state: dbmod.SalvagedState | None = None  # baseline and kv read from a quarantined file
     orphan: Salvage | None = None
     wal_damage: _WalDamage | None = None
     stale: bool = False  # the database opens as of an earlier commit (its WAL was lost)
@@ -1343,8 +1350,39 @@ def _rescued(found: Salvage | None) -> str:
     return text
 
 
-def _corrupt_alert(corrupt: tuple[str, Path], jump_to: int, found: Salvage | None) -> StoreAlert:
+def _baseline_current(
+    state: dbmod.SalvagedState | None, found: Salvage | None, remembered: SeqState | None
+) -> bool:
+    """Is the baseline read from a quarantined file the one last committed? Each door cycle
+    commits its baseline with its events: it is, when the snapshot it came from numbers every
+    seq there is evidence of (rows found on its pages, the sidecar's floor of what was handed
+    out) and is of the epoch the sidecar remembers."""
+    if state is None or state.baseline is None or state.next_seq is None or remembered is None:
+        return False
+    if state.epoch != remembered.epoch:
+        return False
+    highest = max(remembered.sent_floor, found.max_seq if found is not None else 0)
+    return state.next_seq - 1 >= highest
+
+
+def _corrupt_alert(
+    corrupt: tuple[str, Path],
+    jump_to: int,
+    found: Salvage | None,
+    state: dbmod.SalvagedState | None,
+    proven: bool,
+) -> StoreAlert:
     reason, moved = corrupt
+    if state is None or (state.baseline is None and not state.kv):
+        kept = "baseline and state unreadable"
+    else:
+        kept = f"{len(state.kv)} state entries (documents, floors) and " + (
+            "no baseline recovered"
+            if state.baseline is None
+            else f"the baseline ({len(state.baseline)} tags, "
+            + ("current" if proven else "maybe stale")
+            + ") recovered"
+        )
     return StoreAlert(
         AlertKind.CORRUPT_QUARANTINED,
         f"corrupt database ({reason}) moved to {moved.name}; started a fresh one; "
@@ -1353,7 +1391,7 @@ def _corrupt_alert(corrupt: tuple[str, Path], jump_to: int, found: Salvage | Non
             if jump_to > 1
             else "sequence counter could not be recovered and restarts at 1"
         )
-        + f"; {_rescued(found)}",
+        + f"; {_rescued(found)}; {kept}",
         seqs=tuple(sorted(found.rows))[:1000] if found is not None else (),
     )
 
