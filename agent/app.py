@@ -437,6 +437,13 @@ class CabinetApp:
                 allow_list=allow_list,
                 assets=assets,
             )
+        if not self.store.baseline_proven:
+            # The store was recovered from damage: its baseline may miss door cycles it lost.
+            logger.warning(
+                "the baseline may be stale (the store was recovered): the next complete "
+                "inventory re-establishes it; until then nobody is named for a difference"
+            )
+            engine.distrust_baseline(now)
         self.engine = engine
         if self.cfg.mqtt is not None:
             from agent.mqtt.publisher import Publisher

@@ -408,3 +408,42 @@ async def test_a_quarantine_keeps_the_baseline_and_the_document_version_floors(
         wrench = next(i.epc for i in scenario.items if i.name == "wrench")
         assert [(e["type"], e["epc"]) for e in items] == [("item.checked_out", wrench)], items
         assert (closed["checked_out"], closed["returned"]) == (1, 0)
+
+
+async def test_a_lost_database_makes_the_agent_reinventory_before_it_blames_anyone(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """The database is gone while the agent is stopped (a bad flash, an operator's ``rm``): its
+    baseline is empty, unproven. The agent inventories at once, without naming anyone for what
+    it finds, and only then holds people to it: the next session checks out the wrench and
+    returns nothing (before: every tool that never left was "returned" by whoever opened)."""
+    scenario = load_scenario(next(p for p in SCENARIOS if p.stem == "plain-checkout"))
+    db = tmp_path / "agent" / "state.db"
+    async with cabinet_rig(scenario, tmp_path, mosquitto) as rig:
+        agent = rig.agent
+        await rig.mark()
+        assert await agent.stop() == 0
+        for path in (db, db.with_name("state.db-wal"), db.with_name("state.db-shm")):
+            path.unlink(missing_ok=True)
+        log = rig.sink.log
+        log.mark()
+        agent.start()
+        await agent.wait_log(" ready:", count=2)
+        await agent.wait_log("store alert store.database_lost")
+        # The verification inventory, with nobody at the door.
+        await log.wait_for(lambda: log.count("inventory.snapshot") >= 1, TIMEOUT_S)
+        assert "the baseline may be stale" in agent.log_text()
+        (snapshot,) = [e for e in log.since_mark() if e["type"] == "inventory.snapshot"]
+        assert set(snapshot["items"]) == {i.epc for i in scenario.items}
+        assert not [e for e in log.since_mark() if e["type"] in _BLAME], log.since_mark()
+        log.mark()
+        await rig.runner().run()
+        await log.wait_for(lambda: log.count("session.closed") == 1, TIMEOUT_S)
+        (closed,) = [e for e in log.since_mark() if e["type"] == "session.closed"]
+        items = [e for e in log.since_mark() if e["type"].startswith("item.")]
+        wrench = next(i.epc for i in scenario.items if i.name == "wrench")
+        assert [(e["type"], e["epc"]) for e in items] == [("item.checked_out", wrench)], items
+        assert (closed["checked_out"], closed["returned"]) == (1, 0)
+
+
+_BLAME = {"item.checked_out", "item.returned"}

@@ -193,6 +193,9 @@ class CabinetEngine:
         self._bg_next = now.mono + config.background_period_s
         # An incomplete session left the baseline unverified: inventory as soon as readers allow.
         self._verify = False
+        # The baseline may be stale (the store recovered from damage): until a complete pass
+        # re-establishes it, differences are reported without blaming anyone (item.missing).
+        self._stale = False
         self._unknown: dict[str, str] = {}  # unregistered tags reported and still present
         self._held: dict[str, list[str]] = {}  # blind drawers → tags held there (not judged)
         self._last = now
@@ -226,6 +229,20 @@ class CabinetEngine:
         elif self._scan is None and self.phase in _BACKGROUND_SCANS:
             self._start_pass(Phase.BACKGROUND, now, out, first=True)
         return self._end(out)
+
+    def distrust_baseline(self, now: Now) -> None:
+        """The baseline cannot be proven current (the store was recovered from damage and may
+        have lost cycles): inventory as soon as the readers allow, and until a complete pass
+        has re-established it, attribute no difference to whoever opens the door."""
+        self._stale = True
+        self._verify = True
+        if self.phase is Phase.IDLE:
+            self._bg_next = min(self._bg_next, now.mono)
+        self._dirty = True
+
+    @property
+    def baseline_trusted(self) -> bool:
+        return not self._stale
 
     def tick(self, now: Now) -> EngineOutput:
         """Time passed: timers, scan settle, background inventory."""
@@ -369,6 +386,7 @@ class CabinetEngine:
                 if w.down_since is not None or w.short or w.flapping_since is not None
             },
             "verify": self._verify,
+            "stale": self._stale,
             "access": self.access.snapshot(at),
             "baseline": self.baseline.to_dict(),
             "unknown": dict(sorted(self._unknown.items())),
@@ -442,6 +460,7 @@ class CabinetEngine:
                     flap_outages=0 if flaps is None else int(flaps),
                 )
             engine._verify = bool(state["verify"])
+            engine._stale = bool(state.get("stale", False))  # absent in older states
             engine._unknown = dict(Baseline.from_dict(state.get("unknown") or {}))
             held = Baseline.from_dict(
                 {str(e): str(d) for d, es in dict(state.get("held") or {}).items() for e in es}
@@ -867,7 +886,12 @@ class CabinetEngine:
         actors = list(session.actors)
         sid = session.session_id
         checked_out = returned = 0
-        if result is not None:
+        if result is not None and self._stale:
+            # The baseline may be stale: what differs may have left or come back in a cycle the
+            # store lost, so nobody of this session is named for it.
+            self._reestablish(result, sid, now, out)
+            reads, tags = result.reads, len(self.baseline)
+        elif result is not None:
             verdict = self._assess(result)
             d = diff(verdict.base, verdict.inventory)
             today = now.wall.date()
@@ -968,9 +992,20 @@ class CabinetEngine:
             first = self._first_pass
             assert first is not None
             merged = first.merge(result)
-        verdict = self._assess(merged)
+        self._reestablish(merged, None, now, out)
+        self._finish_background(now, out, complete=True)
+
+    def _reestablish(
+        self, result: ScanResult, session_id: UUID | None, now: Now, out: EngineOutput
+    ) -> None:
+        """A complete pass nobody is accountable for (background, or a session while the
+        baseline is stale): what is gone is ``item.missing``, what arrived is placed, and the
+        pass becomes the baseline, published as ``inventory.snapshot``."""
+        verdict = self._assess(result)
         d = diff(verdict.base, verdict.inventory)
-        self._blind_drawers(verdict, "background", None, now, out)
+        self._blind_drawers(
+            verdict, "session" if session_id else "background", session_id, now, out
+        )
         for epc, drawer in d.missing.items():
             if epc in verdict.vanished:
                 continue  # reported above
@@ -984,10 +1019,11 @@ class CabinetEngine:
                     drawer=drawer,
                 )
             )
-        self._placement_events(d.new, d.moved, verdict.unknown, None, now, out)
-        self._note_unknown(merged, verdict.unknown)
+        self._placement_events(d.new, d.moved, verdict.unknown, session_id, now, out)
+        self._note_unknown(result, verdict.unknown)
         self.baseline = Baseline(verdict.inventory)
         out.baseline = self.baseline
+        self._stale = False
         out.events.append(
             self._event(
                 ev.InventorySnapshot,
@@ -997,7 +1033,6 @@ class CabinetEngine:
                 items=self.baseline.to_dict(),
             )
         )
-        self._finish_background(now, out, complete=True)
 
     def _finish_background(self, now: Now, out: EngineOutput, *, complete: bool) -> None:
         out.commands.append(StopScan())

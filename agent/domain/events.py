@@ -200,7 +200,8 @@ class ItemMisplaced(EventBase):
 
 
 class ItemMissing(EventBase):
-    """An item vanished without a door session (confirmed by a background inventory)."""
+    """An item vanished without a door session (confirmed by a background inventory), or
+    while the baseline could not be trusted (nobody can be named for it)."""
 
     type: Literal["item.missing"] = "item.missing"
     epc: Epc
