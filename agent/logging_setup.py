@@ -19,7 +19,10 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
+import unicodedata
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
@@ -108,7 +111,7 @@ class TextFormatter(logging.Formatter):
         parts = []
         if not self.journal:
             parts.append(_iso_time(record.created))
-        parts.append(f"{record.levelname:<7} {record.name}: {record.getMessage()}")
+        parts.append(f"{record.levelname:<7} {record.name}: {_visible(record.getMessage())}")
         for key, value in extra_fields(record).items():
             parts.append(f"{key}={_text_value(value)}")
         line = " ".join(parts)
@@ -132,7 +135,7 @@ class JsonFormatter(logging.Formatter):
             "time": _iso_time(record.created),
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _visible(record.getMessage()),
         }
         task = getattr(record, "task", None)
         if task:
@@ -151,7 +154,141 @@ def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
 
 
+def printable(text: object, limit: int = 200) -> str:
+    """``text`` from outside (a topic, a broker's reason string), safe for one log or status line.
+
+    Control and format characters (NUL, ESC, newlines, bidi overrides, lone surrogates) become
+    visible escapes (``\\x00``, ``\\u202e``), so a hostile peer can neither forge log lines nor
+    drive a technician's terminal; more than ``limit`` characters are cut (with a count).
+    """
+    s = str(text)
+    cut = len(s) - limit if limit > 0 and len(s) > limit else 0
+    if cut:
+        s = s[:limit]
+    out = "".join(_escape(c) if _unsafe(c) else c for c in s)
+    return f"{out}…(+{cut} chars)" if cut else out
+
+
+class ThrottledLog:
+    """One line per key and interval: repeats are counted and summed up in one line.
+
+    The first occurrence of a key is logged at once; repeats within ``interval_s`` are only
+    counted, and when the interval ends (or at ``close()``) one line reports the last of them
+    with the count (``… (repeated 4711 time(s) in the last 10 s)``). So a peer flooding us
+    with the same failure costs a line per interval, not a line per message. Counters for
+    status and metrics are the caller's: this only decides what reaches the log. Used on the
+    event loop (the summary is scheduled with ``call_later``); without a running loop the
+    summary waits for the key's next occurrence.
+    """
+
+    MAX_KEYS = 256
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = 10.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self.interval_s = interval_s
+        self._clock = clock
+        # key -> [window start, repeats not yet logged, level, msg, args]
+        self._keys: dict[Hashable, list[Any]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def log(self, level: int, key: Hashable, msg: str, *args: object) -> None:
+        """Log ``msg % args`` now, or count it as a repeat of ``key`` within the interval."""
+        now = self._clock()
+        entry = self._keys.get(key)
+        if entry is not None and now - entry[0] < self.interval_s:
+            entry[1] += 1
+            entry[2:] = [level, msg, args]
+            self._schedule(entry[0] + self.interval_s - now)
+            return
+        if entry is not None and entry[1]:
+            self._summary(entry)
+        self._logger.log(level, msg, *args)
+        if len(self._keys) >= self.MAX_KEYS and key not in self._keys:
+            self._prune(now)
+        self._keys[key] = [now, 0, level, msg, args]
+
+    def flush(self) -> None:
+        """Log the summary of every key whose interval is over (the timer calls this)."""
+        self._timer = None
+        now = self._clock()
+        pending = False
+        for entry in self._keys.values():
+            if not entry[1]:
+                continue
+            if now - entry[0] >= self.interval_s:
+                self._summary(entry)
+                entry[0], entry[1] = now, 0
+            else:
+                pending = True
+        if pending:
+            self._schedule(self.interval_s)
+
+    def close(self) -> None:
+        """Log what is still counted and stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for entry in self._keys.values():
+            if entry[1]:
+                self._summary(entry)
+                entry[1] = 0
+
+    def _summary(self, entry: list[Any]) -> None:
+        start, count, level, msg, args = entry
+        summary = f"{msg} (repeated %d time(s) in the last %.0f s)"
+        self._logger.log(level, summary, *args, count, self._clock() - start)
+
+    def _schedule(self, delay: float) -> None:
+        if self._timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._timer = loop.call_later(max(0.0, delay), self.flush)
+
+    def _prune(self, now: float) -> None:
+        for key, entry in list(self._keys.items()):
+            if now - entry[0] >= self.interval_s:
+                if entry[1]:
+                    self._summary(entry)
+                del self._keys[key]
+        while len(self._keys) >= self.MAX_KEYS:  # all recent: forget the oldest
+            oldest = min(self._keys, key=lambda k: self._keys[k][0])
+            entry = self._keys.pop(oldest)
+            if entry[1]:
+                self._summary(entry)
+
+
 # -- private -----------------------------------------------------------------------------------
+
+# Unicode categories a line must never carry raw: controls, format (bidi overrides, zero-width),
+# line/paragraph separators, surrogates (unencodable), private use.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co"})
+
+
+def _unsafe(c: str) -> bool:
+    return (c < " " or c >= "\x7f") and unicodedata.category(c) in _UNSAFE_CATEGORIES
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n <= 0xFF else f"\\u{n:04x}" if n <= 0xFFFF else f"\\U{n:08x}"
+
+
+def _visible(message: str) -> str:
+    """A log message with control characters escaped, except newlines and tabs (a formatter
+    keeps those its own way: escaped in text, JSON-escaped in JSON)."""
+    if message.isprintable():
+        return message
+    return "".join(_escape(c) if c not in "\n\t" and _unsafe(c) else c for c in message)
+
 
 _HANDLER_NAME = "cabinet-agent-stdout"
 

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.logging_setup import NOISY_LOGGERS, setup_logging, stream_is_journal
+from agent.logging_setup import (
+    NOISY_LOGGERS,
+    ThrottledLog,
+    printable,
+    setup_logging,
+    stream_is_journal,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -168,3 +174,81 @@ async def test_json_names_the_asyncio_task() -> None:
     first, second = (json.loads(line) for line in _lines(buf))
     assert first["task"] == "reader:r1"
     assert second.get("task") != "reader:r1"
+
+
+HOSTILE = "topic\x00\x1b[2J\u202egnp.exe\u2028FAKE\x7f\x85"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_control_characters_from_outside_never_reach_a_line_raw(fmt: str) -> None:
+    """Whatever a peer put in a string (NUL, ESC, bidi override, line separators, C1), a log
+    line carries it as a visible escape: no forged lines, no terminal tricks."""
+    buf = io.StringIO()
+    setup_logging("INFO", fmt, stream=buf, journal=False)  # type: ignore[arg-type]
+    logging.getLogger("agent.t").warning("message on %s", HOSTILE)
+    (line,) = _lines(buf)
+    msg = json.loads(line)["msg"] if fmt == "json" else line
+    for raw in ("\x00", "\x1b", "\u202e", "\u2028", "\x7f", "\x85"):
+        assert raw not in msg
+        assert raw not in line
+    assert "topic\\x00\\x1b[2J\\u202egnp.exe\\u2028FAKE\\x7f\\x85" in msg
+
+
+def test_printable_escapes_and_bounds() -> None:
+    assert printable("cabinets/v1/a/b/cmd/allow-list") == "cabinets/v1/a/b/cmd/allow-list"
+    assert printable("a\nb\tc\x00") == "a\\x0ab\\x09c\\x00"
+    assert printable("é ü 🔑") == "é ü 🔑"  # printable text stays as it is
+    assert printable("x" * 300, 10) == "x" * 10 + "…(+290 chars)"
+    assert printable("\ud800") == "\\ud800"  # a lone surrogate could not even be written
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_throttled_log_says_a_repeat_once_per_interval_with_a_count() -> None:
+    buf = io.StringIO()
+    setup_logging("INFO", "text", stream=buf, journal=True)
+    clock = _Clock()
+    throttle = ThrottledLog(logging.getLogger("agent.t"), 10.0, clock=clock)
+    for i in range(1000):
+        throttle.log(logging.WARNING, "full", "queue full; dropped %d", i + 1)
+    throttle.log(logging.WARNING, "other", "another kind")
+    assert _lines(buf) == [
+        "<4>WARNING agent.t: queue full; dropped 1",
+        "<4>WARNING agent.t: another kind",
+    ]
+    clock.t += 9.9
+    throttle.flush()  # the interval is not over yet
+    assert len(_lines(buf)) == 2
+    clock.t += 0.1
+    throttle.flush()
+    assert _lines(buf)[2:] == [
+        "<4>WARNING agent.t: queue full; dropped 1000 (repeated 999 time(s) in the last 10 s)"
+    ]
+    # The flood goes on: one more line per interval; what is left is said at close.
+    throttle.log(logging.WARNING, "full", "queue full; dropped %d", 1001)
+    clock.t += 3
+    throttle.close()
+    assert _lines(buf)[3:] == [
+        "<4>WARNING agent.t: queue full; dropped 1001 (repeated 1 time(s) in the last 3 s)"
+    ]
+    # Quiet for an interval: the next one is logged at once.
+    clock.t += 60
+    throttle.log(logging.WARNING, "full", "queue full; dropped %d", 1002)
+    assert _lines(buf)[4:] == ["<4>WARNING agent.t: queue full; dropped 1002"]
+
+
+def test_throttled_log_keys_are_bounded() -> None:
+    buf = io.StringIO()
+    setup_logging("INFO", "text", stream=buf, journal=True)
+    clock = _Clock()
+    throttle = ThrottledLog(logging.getLogger("agent.t"), 10.0, clock=clock)
+    for i in range(ThrottledLog.MAX_KEYS * 4):
+        throttle.log(logging.WARNING, ("refused", i), "refused %d", i)
+    assert len(throttle._keys) <= ThrottledLog.MAX_KEYS
+    assert len(_lines(buf)) == ThrottledLog.MAX_KEYS * 4
