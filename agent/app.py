@@ -100,6 +100,15 @@ class RecentEvent:
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class _PartAlert:
+    """An alert from a part other than the store (the publisher: session taken over, command
+    subscriptions refused), raised once per episode; goes out as an ``agent.alert`` event."""
+
+    kind: str
+    detail: str
+
+
 @dataclass
 class _Commit:
     """A write the engine submitted: its events are recorded once it is durable."""
@@ -457,6 +466,7 @@ class CabinetApp:
                 verifier=self.docs,
                 documents=self.docs,
                 now=self.time.now,
+                on_alert=self._part_alert,
             )
         else:
             logger.warning("no [mqtt] section: events are kept in the outbox, not delivered")
@@ -539,6 +549,8 @@ class CabinetApp:
                 out = EngineOutput(events=[self._alert_event(item, now)])
             elif isinstance(item, ClockStep):
                 out = EngineOutput(events=[self._clock_step_event(item, now)])
+            elif isinstance(item, _PartAlert):
+                out = EngineOutput(events=[self._part_alert_event(item, now)])
             else:  # pragma: no cover - only the sinks above put items here
                 logger.error("engine loop: unexpected input %s", type(item).__name__)
                 continue
@@ -798,6 +810,26 @@ class CabinetApp:
                 if mono - last_sent.get(kind, float("-inf")) >= ALERT_INTERVAL_S:
                     last_sent[kind] = mono
                     await self.inputs.queue.put(pending.pop(kind))
+
+    def _part_alert(self, kind: str, detail: str) -> None:
+        """A part reports a problem (once per episode): status, log, and the backend."""
+        self.alerts.append(f"{kind}: {detail}")
+        try:
+            # Committed through the engine loop: it is the outbox's only sequence writer.
+            self.inputs.queue.put_nowait(_PartAlert(kind, detail))
+        except asyncio.QueueFull:
+            logger.error("alert %s not sent to the backend: the input queue is full", kind)
+
+    def _part_alert_event(self, alert: _PartAlert, now: Now) -> ev.Event:
+        return ev.AgentAlert(
+            event_id=self._alert_ids(now.wall),
+            time=now.wall,
+            clock=now.clock,
+            site_id=self.site_id,
+            cabinet_id=self.cabinet_id,
+            kind=alert.kind,
+            detail=alert.detail[:200],
+        )
 
     def _alert_event(self, alert: StoreAlert, now: Now) -> ev.Event:
         return ev.AgentAlert(

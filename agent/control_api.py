@@ -411,21 +411,41 @@ def _broker(app: CabinetApp) -> dict[str, Any] | None:
     down_for = st.unreachable_for()
     since = st.unreachable_since
     up_since = st.connected_since
+    no_ack_for = st.not_acknowledging_for()
+    no_ack_since = st.not_acknowledging_since
+    taken_for = st.taken_over_for()
+    taken_since = st.taken_over_since
     return {
         "connected": bool(st.connected),
-        # connected | unreachable | connecting (no attempt has failed yet)
-        "state": "connected"
-        if st.connected
-        else ("unreachable" if down_for is not None else "connecting"),
+        # connected | not_acknowledging | taken_over | unreachable | connecting
+        "state": str(st.state),
         "unreachable_since": None if since is None else since.isoformat(),
         "unreachable_for_s": None if down_for is None else round(down_for, 1),
         "connected_since": None if up_since is None else up_since.isoformat(),
+        "not_acknowledging_since": None if no_ack_since is None else no_ack_since.isoformat(),
+        "not_acknowledging_for_s": None if no_ack_for is None else round(no_ack_for, 1),
+        "taken_over_since": None if taken_since is None else taken_since.isoformat(),
+        "taken_over_for_s": None if taken_for is None else round(taken_for, 1),
+        "takeovers": st.takeovers,
+        "takeovers_total": st.takeovers_total,
+        "takeover_evidence": st.takeover_evidence,
+        "client_id": pub.client_id,
         "last_error": st.last_error,
         "connect_attempts": st.connect_attempts,
         "failed_attempts": st.connect_failures,
         "published": st.published,
         "acked": st.acked,
         "reconnects": st.reconnects,
+        "commands": {
+            # not_yet | subscribing | subscribed | refused
+            "state": str(st.commands),
+            "refused": dict(st.commands_refused),
+            "filter": pub.command_filter,
+            "refusals": st.commands_refusals,
+            "accepted": st.commands_accepted,
+            "rejected": st.commands_rejected,
+            "dropped": st.commands_dropped,
+        },
     }
 
 

@@ -232,11 +232,20 @@ class Daemon:
         line = f"{online}/{len(app.readers)} readers online, engine {phase}"
         pub = app.publisher
         if pub is not None:
-            down_for = pub.stats.unreachable_for()
-            if pub.stats.connected:
+            st = pub.stats
+            state = st.state
+            down_for = st.unreachable_for()
+            no_ack_for = st.not_acknowledging_for()
+            if state == "taken_over":
+                line += ", MQTT session taken over by another client (cloned cabinet?)"
+            elif state == "not_acknowledging" and no_ack_for is not None:
+                line += f", broker not acknowledging for {_duration(no_ack_for)}"
+            elif st.connected:
                 line += ", broker connected"
             elif down_for is not None:
                 line += f", broker unreachable for {_duration(down_for)}"
+            if st.commands == "refused":
+                line += ", commands refused by the broker"
             if self._outbox_depth:
                 line += f", {self._outbox_depth} event(s) waiting"
         store = app.store
@@ -254,7 +263,8 @@ class Daemon:
         seen_sessions: dict[str, int] = {}
         seen_dropped: dict[int, int] = {}
         seen_cycles: dict[str, int] = {}
-        seen = {"mqtt_reconnects": 0, "acked": 0}
+        seen = {"mqtt_reconnects": 0, "acked": 0, "takeovers": 0}
+        seen_commands = {"accepted": 0, "rejected": 0, "dropped": 0}
         while True:
             await asyncio.sleep(METRICS_REFRESH_S)
             for key, total in list(app.stats.reads_by_antenna.items()):
@@ -295,6 +305,24 @@ class Daemon:
                     self.metrics.published(stats.last_publish_latency_s)
                     seen["acked"] = stats.acked
                 self.metrics.broker(stats.connected, stats.unreachable_for())
+                self.metrics.broker_link(
+                    str(stats.state),
+                    stats.not_acknowledging_for(),
+                    stats.commands == "subscribed",
+                )
+                if stats.takeovers_total > seen["takeovers"]:
+                    self.metrics.mqtt_takeovers_total.inc(stats.takeovers_total - seen["takeovers"])
+                    seen["takeovers"] = stats.takeovers_total
+                for outcome, total in (
+                    ("accepted", stats.commands_accepted),
+                    ("rejected", stats.commands_rejected),
+                    ("dropped", stats.commands_dropped),
+                ):
+                    if total > seen_commands[outcome]:
+                        self.metrics.mqtt_commands_total.labels(outcome).inc(
+                            total - seen_commands[outcome]
+                        )
+                        seen_commands[outcome] = total
             if app.store is not None:
                 try:
                     st = await app.store.stats()

@@ -28,6 +28,7 @@ from prometheus_client import (
 from pydantic import Field
 
 from agent import __version__
+from agent.mqtt.states import BrokerState
 from drivers.config import StrictModel
 from drivers.errors import TransientError
 from drivers.types import ReaderState
@@ -125,6 +126,37 @@ class Metrics:
             "How long the broker has been unreachable (0 while it is reachable)",
             registry=r,
         )
+        self.mqtt_state = Enum(
+            "cabinet_mqtt_broker_state",
+            "The broker link (1 for the current state): connected, not_acknowledging (CONNACK "
+            "but no PUBACK), taken_over (another client with our client id), unreachable, "
+            "connecting",
+            states=[s.value for s in BrokerState],
+            registry=r,
+        )
+        self.mqtt_not_acknowledging = Gauge(
+            "cabinet_mqtt_broker_not_acknowledging_seconds",
+            "How long the broker has acknowledged no publish while accepting connections "
+            "(0 while it acknowledges)",
+            registry=r,
+        )
+        self.mqtt_takeovers_total = Counter(
+            "cabinet_mqtt_session_takeovers",
+            "Connections ended by another client with our client id (reported or probable)",
+            registry=r,
+        )
+        self.mqtt_commands_subscribed = Gauge(
+            "cabinet_mqtt_commands_subscribed",
+            "1 while the broker has granted our cmd-topic subscriptions, else 0",
+            registry=r,
+        )
+        self.mqtt_commands_total = Counter(
+            "cabinet_mqtt_commands",
+            "Inbound command messages: accepted, rejected (refused documents), dropped (queue "
+            "full)",
+            ["outcome"],
+            registry=r,
+        )
         self.events_dropped_total = Counter(
             "cabinet_events_dropped",
             "Events dropped before delivery by an explicit overflow/retention policy",
@@ -166,6 +198,14 @@ class Metrics:
         """The broker connection's state: connected, or unreachable for how long."""
         self.mqtt_connected.set(1 if connected else 0)
         self.mqtt_unreachable.set(0.0 if unreachable_for_s is None else unreachable_for_s)
+
+    def broker_link(
+        self, state: str, not_acknowledging_for_s: float | None, commands_subscribed: bool
+    ) -> None:
+        """The broker link beyond up/down: its state, a no-PUBACK episode, our subscriptions."""
+        self.mqtt_state.state(state)
+        self.mqtt_not_acknowledging.set(not_acknowledging_for_s or 0.0)
+        self.mqtt_commands_subscribed.set(1 if commands_subscribed else 0)
 
     def mqtt_reconnect(self) -> None:
         """The MQTT session came back."""

@@ -25,6 +25,13 @@ class Backoff:
         self.attempts += 1
         return max(self.floor_s, self.rng.uniform(0, cap))
 
+    def next_delay_growing(self) -> float:
+        """Like ``next_delay`` but at least half the current bound, so the delay surely grows
+        (a peer we must not fight, e.g. a clone taking our MQTT session over)."""
+        cap = min(self.max_s, self.initial_s * (2 ** min(self.attempts, 30)))
+        self.attempts += 1
+        return max(self.floor_s, self.rng.uniform(cap / 2, cap))
+
     def longest(self) -> float:
         """Jump straight to the longest delay (permanent-looking errors: busy, auth)."""
         self.attempts = 31

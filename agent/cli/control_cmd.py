@@ -203,6 +203,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print("  broker    not configured (no [mqtt] section)")
     else:
         print(f"  broker    {broker_line(broker, ob)}")
+        commands = broker.get("commands")
+        if isinstance(commands, dict):
+            print(f"  commands  {commands_line(commands)}")
     last = st.get("last_event")
     if last is not None:
         print(f"  last      #{last['seq']} {last['type']} at {last['time']}")
@@ -250,15 +253,54 @@ def broker_line(broker: dict[str, Any], outbox: dict[str, Any] | None) -> str:
     """One line on the broker connection: ``UNREACHABLE since …, N events waiting — why``."""
     waiting = "" if outbox is None else f", {outbox['depth']} event(s) waiting"
     state = broker.get("state") or ("connected" if broker.get("connected") else "connecting")
+    why = f" — {broker['last_error']}" if broker.get("last_error") else ""
     if state == "connected":
         return f"connected, {broker['acked']} acked, {broker['reconnects']} reconnects{waiting}"
+    if state == "not_acknowledging":
+        since = broker.get("not_acknowledging_since") or "?"
+        span = _span_of(broker.get("not_acknowledging_for_s"))
+        return (
+            f"connected but NOT ACKNOWLEDGING since {since}{span}{waiting} — the broker accepts "
+            f"the connection but acknowledges no publish (last: {broker.get('last_error')})"
+        )
+    if state == "taken_over":
+        since = broker.get("taken_over_since") or "?"
+        span = _span_of(broker.get("taken_over_for_s"))
+        return (
+            f"TAKEN OVER since {since}{span} — session taken over by another client with our "
+            f"client id (cloned cabinet?): {broker.get('client_id', '?')}, "
+            f"{broker.get('takeovers', 0)} takeover(s){waiting}; {broker.get('takeover_evidence')}"
+        )
     if state == "unreachable":
         since = broker.get("unreachable_since") or "?"
-        down = broker.get("unreachable_for_s")
-        span = "" if down is None else f" ({_span(float(down))})"
-        why = f" — {broker['last_error']}" if broker.get("last_error") else ""
+        span = _span_of(broker.get("unreachable_for_s"))
         return f"UNREACHABLE since {since}{span}{waiting}{why}"
     return f"connecting{waiting}"
+
+
+def commands_line(commands: dict[str, Any]) -> str:
+    """The cmd-topic subscription: ``subscribed`` or ``not subscribed (broker refused: …)``."""
+    counts = (
+        f"{commands.get('accepted', 0)} accepted, {commands.get('rejected', 0)} refused, "
+        f"{commands.get('dropped', 0)} dropped"
+    )
+    state = commands.get("state")
+    if state == "refused":
+        reasons = ", ".join(sorted(set((commands.get("refused") or {}).values()))) or "?"
+        return (
+            f"not subscribed (broker refused: {reasons}) — the cabinet cannot receive "
+            f"allow-lists or asset registries; check the broker ACL for "
+            f"{commands.get('filter', 'cmd/#')}; {counts}"
+        )
+    if state == "subscribed":
+        return f"subscribed; {counts}"
+    if state == "subscribing":
+        return f"subscribing (no SUBACK yet); {counts}"
+    return "not subscribed yet (no connection so far)"
+
+
+def _span_of(seconds: object) -> str:
+    return "" if not isinstance(seconds, int | float) else f" ({_span(float(seconds))})"
 
 
 def _span(seconds: float) -> str:

@@ -233,9 +233,43 @@ async def check_broker(cfg: AgentConfig, status: Mapping[str, Any] | None = None
     assert status is not None
     outbox = status.get("outbox")
     agent_says = broker_line(dict(daemon_view), outbox if isinstance(outbox, dict) else None)
-    if daemon_view.get("state") == "unreachable":
+    state = daemon_view.get("state")
+    if state == "unreachable":
         return Check("FAIL", "broker", f"agent: broker {agent_says}; from here: {own.reason}")
+    if state == "not_acknowledging":
+        return Check(
+            "FAIL",
+            "broker",
+            f"agent: broker {agent_says}; from here: {own.reason}; check the broker's log, its "
+            "queue and in-flight limits, and that its ACL lets this cabinet publish its events",
+        )
+    if state == "taken_over":
+        return Check(
+            "FAIL",
+            "broker",
+            f"agent: broker {agent_says}; find and stop the other client with client id "
+            f"{daemon_view.get('client_id')} (a cloned SD card, a second agent), or give each "
+            "cabinet its own site_id/cabinet_id",
+        )
     return Check(own.status, "broker", f"{own.reason}; agent: {agent_says}", own.config_problem)
+
+
+def check_commands(status: Mapping[str, Any] | None) -> Check | None:
+    """The running agent's subscription to its cmd topics (None without a daemon or broker):
+    a cabinet the broker refuses them can never receive an allow-list."""
+    broker = status.get("broker") if status is not None else None
+    commands = broker.get("commands") if isinstance(broker, Mapping) else None
+    if not isinstance(commands, Mapping):
+        return None
+    from agent.cli.control_cmd import commands_line
+
+    line = commands_line(dict(commands))
+    state = commands.get("state")
+    if state == "refused":
+        return Check("FAIL", "commands", line)
+    if state == "subscribed":
+        return Check("PASS", "commands", line)
+    return Check("WARN", "commands", line)
 
 
 async def _try_broker(cfg: AgentConfig) -> Check:
@@ -596,6 +630,9 @@ async def run_selftest(
         checks.append(trusted)
     checks.extend(await check_readers(cfg, status, reader_timeout_s))
     checks.append(await check_broker(cfg, status))
+    commands = check_commands(status)
+    if commands is not None:
+        checks.append(commands)
     if disk.config_problem:
         checks.append(Check("WARN", "store", "not opened: [store] path is unusable (see disk)"))
     else:

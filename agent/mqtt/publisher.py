@@ -18,19 +18,23 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from agent.logging_setup import ThrottledLog
 from agent.mqtt.config import MqttConfig
 from agent.mqtt.session import (
     FAILURE_THRESHOLD,
     ConnectionLost,
     ConnectRefused,
+    EndKind,
     Inbound,
     MqttSession,
+    SubscribeResult,
     build_tls_context,
 )
+from agent.mqtt.states import BrokerState, CommandsState
 from agent.privacy.signed import (
     ALLOW_LIST,
     ASSET_REGISTRY,
@@ -53,6 +57,18 @@ ACK_RETRY_S = 1.0
 SHUTDOWN_FLUSH_S = 3.0
 # A bounded wait counts as progress until its own deadline plus this (scheduling slack).
 WAIT_GRACE_S = 2.0
+# A takeover without a reason code (MQTT 3.1.1, or a v5 broker that just closes the socket):
+# this many connections in a row closed by the broker within QUICK_CLOSE_S of their CONNACK.
+QUICK_CLOSE_S = 10.0
+QUICK_CLOSES = 3
+# A session that lasts this long ends a takeover episode (at least; see Publisher._stable_s).
+STABLE_MIN_S = 10.0
+# While an episode (takeover, no acknowledgements, refused subscription) lasts, its per-cycle
+# lines go to DEBUG and one WARNING says it still lasts this often.
+REMIND_S = 600.0
+LOST_LOG_INTERVAL_S = 60.0
+ALERT_TAKEN_OVER = "mqtt.session_taken_over"
+ALERT_COMMANDS_REFUSED = "mqtt.commands_refused"
 
 
 class Outbox(Protocol):
@@ -113,13 +129,50 @@ class PublisherStats:
     unreachable_since: datetime | None = None
     unreachable_since_mono: float | None = None
     connected_since: datetime | None = None
+    # The broker accepts connections but acknowledges no publish: since the first publish left
+    # unacknowledged after the last PUBACK. Survives reconnects; the next PUBACK clears it.
+    not_acknowledging_since: datetime | None = None
+    not_acknowledging_since_mono: float | None = None
+    # Another client with our client id keeps taking the session over (one episode): since
+    # when, how many takeovers in it, and what told us (a reason code, or the pattern).
+    taken_over_since: datetime | None = None
+    taken_over_since_mono: float | None = None
+    takeovers: int = 0
+    takeovers_total: int = 0
+    takeover_evidence: str | None = None
+    commands: CommandsState = CommandsState.NOT_YET
+    commands_refused: dict[str, str] = field(default_factory=dict)  # topic -> broker's reason
+    commands_refusals: int = 0  # SUBACKs that refused a cmd topic
 
     def unreachable_for(self, now_mono: float | None = None) -> float | None:
         """Seconds the broker has been unreachable, or None while it is not."""
-        if self.unreachable_since_mono is None:
-            return None
-        now = time.monotonic() if now_mono is None else now_mono
-        return max(0.0, now - self.unreachable_since_mono)
+        return _age(self.unreachable_since_mono, now_mono)
+
+    def not_acknowledging_for(self, now_mono: float | None = None) -> float | None:
+        """Seconds since the first publish the broker left unacknowledged, or None."""
+        return _age(self.not_acknowledging_since_mono, now_mono)
+
+    def taken_over_for(self, now_mono: float | None = None) -> float | None:
+        """Seconds since the takeover episode began, or None."""
+        return _age(self.taken_over_since_mono, now_mono)
+
+    @property
+    def state(self) -> BrokerState:
+        """One word for the link: a failing connect first, then the episodes, then up/down."""
+        if self.unreachable_since_mono is not None:
+            return BrokerState.UNREACHABLE
+        if self.taken_over_since_mono is not None:
+            return BrokerState.TAKEN_OVER
+        if self.not_acknowledging_since_mono is not None:
+            return BrokerState.NOT_ACKNOWLEDGING
+        return BrokerState.CONNECTED if self.connected else BrokerState.CONNECTING
+
+
+def _age(since_mono: float | None, now_mono: float | None) -> float | None:
+    if since_mono is None:
+        return None
+    now = time.monotonic() if now_mono is None else now_mono
+    return max(0.0, now - since_mono)
 
 
 class TokenBucket:
@@ -163,14 +216,17 @@ class Publisher:
         verifier: DocumentChecker | None = None,
         documents: DocumentSink | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_alert: Callable[[str, str], None] | None = None,
     ) -> None:
         self._cfg = cfg
         self._outbox = outbox
         self._verifier = verifier
         self._documents = documents
         self._now = now
+        self._on_alert = on_alert
         base = f"{cfg.topic_prefix}/{site_id}/{cabinet_id}"
         self.client_id = f"cabinet-{site_id}-{cabinet_id}"
+        self.command_filter = f"{base}/cmd/#"  # what a broker ACL must let us read
         self.events_topic = f"{base}/events"
         self.status_topic = f"{base}/status"
         self.command_topics = {f"{base}/cmd/{kind}": kind for kind in COMMAND_KINDS}
@@ -192,6 +248,12 @@ class Publisher:
         self._pause_until = 0.0
         self._inbound: asyncio.Queue[Inbound] = asyncio.Queue(INBOUND_QUEUE)
         self._alive_until = 0.0  # inside a bounded wait: alive until this monotonic time
+        self._failed_connects = 0  # connect attempts failed since the last CONNACK
+        self._quick_closes = 0  # connections in a row the broker closed soon after CONNACK
+        self._ack_episode_reconnects = 0  # reconnects when the no-PUBACK episode began
+        self._reminded: dict[str, float] = {}  # episode -> monotonic time of its last WARNING
+        self._waiting: int | str = "?"  # outbox depth at the last session end (log lines)
+        self._lost_log = ThrottledLog(logger, LOST_LOG_INTERVAL_S)
         # Owned worker threads (connect + TLS handshake, signature checks), shut down by run().
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mqtt-worker")
 
@@ -228,6 +290,7 @@ class Publisher:
         except* _SessionEnded:
             pass
         finally:
+            self._lost_log.close()
             try:
                 await self._final_flush()
             finally:
@@ -260,12 +323,16 @@ class Publisher:
                     connack = await session.connect()
             except ConnectRefused as err:
                 self._unreachable(str(err), attempt_wall, attempt_mono)
+                self._failed_connects += 1
+                self._quick_closes = 0
                 delay = backoff.longest()
                 logger.warning("MQTT connect refused: %s; retry in %.1f s", err, delay)
                 await self._sleep_unless_stopping(delay)
                 continue
             except TransientError as err:
                 self._unreachable(str(err), attempt_wall, attempt_mono)
+                self._failed_connects += 1
+                self._quick_closes = 0
                 delay = backoff.next_delay()
                 log = logger.warning if self.stats.connect_failures <= 1 else logger.info
                 log("MQTT connect failed: %s; retry in %.1f s", err, delay)
@@ -273,16 +340,18 @@ class Publisher:
                 continue
             self._beat()
             down_for = self.stats.unreachable_for()
-            if down_for is not None:
+            if down_for is not None and self._failed_connects:
                 logger.warning(
                     "MQTT broker reachable again after %.0f s (%d failed attempt(s))",
                     down_for,
                     self.stats.connect_failures,
                 )
+            elif down_for is not None:  # a lost connection, back at the first attempt
+                logger.info("MQTT reconnected after %.1f s", down_for)
+            self._failed_connects = 0
             self.stats.unreachable_since = self.stats.unreachable_since_mono = None
             self.stats.connect_failures = 0
             self.stats.connected_since = self._now()
-            started = time.monotonic()
             acked_before = self.stats.acked
             try:
                 await self._serve(session, connack.receive_maximum)
@@ -297,13 +366,201 @@ class Publisher:
                 session.abort(reason)
             if self._stopping.is_set():
                 return
-            self._unreachable(reason, self._now(), time.monotonic())
-            # A connection that carried traffic or lived long was healthy: start over gently.
-            if self.stats.acked > acked_before or time.monotonic() - started > 30:
-                backoff.reset()
-            delay = backoff.next_delay()
-            logger.warning("MQTT connection lost (%s); reconnect in %.1f s", reason, delay)
+            try:
+                self._waiting = (await self._outbox.stats()).depth
+            except CabinetError:
+                self._waiting = "?"
+            delay = self._session_ended(session, reason, backoff, self.stats.acked > acked_before)
             await self._sleep_unless_stopping(delay)
+
+    def _session_ended(
+        self, session: MqttSession, reason: str, backoff: Backoff, carried: bool
+    ) -> float:
+        """Account for a connection that ended; the delay before the next attempt.
+
+        Three endings are episodes rather than outages, reported once with a "since" that
+        survives the reconnects (and whose per-cycle lines are quiet): the broker takes the
+        session over (another client with our client id), or it stops acknowledging publishes.
+        Anything else is a lost connection, as before.
+        """
+        st = self.stats
+        st.last_error = reason
+        kind = session.end_kind or EndKind.LOCAL
+        now_mono = time.monotonic()
+        connack_at = session.connack_at if session.connack_at is not None else now_mono
+        lived = now_mono - connack_at
+        if self._is_takeover(kind, lived):
+            # Never start over after a takeover, even if the session carried traffic: the
+            # clone reconnects too, and two clients at full speed would hammer the broker.
+            delay = backoff.next_delay_growing()
+            self._taken_over(kind, reason, delay)
+            return delay
+        if (
+            kind in (EndKind.NO_ACK, EndKind.KEEPALIVE) and session.unanswered_since is not None
+        ) or (st.not_acknowledging_since_mono is not None and session.acks == 0):
+            delay = backoff.next_delay()
+            self._not_acknowledging(session, reason, delay)
+            return delay
+        self._unreachable(reason, self._now(), now_mono)
+        # A connection that carried traffic or lived long was healthy: start over gently.
+        if carried or lived > 30:
+            backoff.reset()
+        delay = backoff.next_delay()
+        # A flapping link costs a line per interval (with a count), not one per reconnect.
+        self._lost_log.log(
+            logging.WARNING, "lost", "MQTT connection lost (%s); reconnect in %.1f s", reason, delay
+        )
+        return delay
+
+    def _is_takeover(self, kind: EndKind, lived: float) -> bool:
+        """Does this ending start or continue a takeover episode?
+
+        MQTT v5 brokers may say so (DISCONNECT 0x8E). Without a reason code (3.1.1, or a v5
+        broker that just closes the socket, as mosquitto 2.0 does) the pattern tells: the
+        broker closes the connection soon after CONNACK, several times in a row. A reset link
+        (RST rather than FIN) is neutral: a busy takeover can end that way too.
+        """
+        if kind is EndKind.TAKEN_OVER:
+            return True
+        quick = lived < QUICK_CLOSE_S
+        if self.stats.taken_over_since_mono is not None:
+            # Backoffs grow during the episode, so sessions get longer: short of stable, it goes on.
+            return kind in (EndKind.CLOSED, EndKind.LINK) and lived < self._stable_s()
+        if kind is EndKind.CLOSED and quick:
+            self._quick_closes += 1
+            return self._quick_closes >= QUICK_CLOSES
+        if not (kind is EndKind.LINK and quick):
+            self._quick_closes = 0
+        return False
+
+    def _taken_over(self, kind: EndKind, reason: str, delay: float) -> None:
+        st = self.stats
+        st.takeovers_total += 1
+        if st.taken_over_since_mono is not None:
+            st.takeovers += 1
+            self._episode_line(
+                "takeover",
+                "MQTT session still taken over by another client with our client id %s "
+                "(since %s, %d takeover(s)); next attempt in %.1f s",
+                self.client_id,
+                _label(st.taken_over_since),
+                st.takeovers,
+                delay,
+            )
+            return
+        if kind is EndKind.TAKEN_OVER:
+            st.takeovers = 1
+            st.takeover_evidence = "the broker said so (DISCONNECT reason 0x8E)"
+            hint = ""
+        else:
+            st.takeovers = self._quick_closes
+            st.takeover_evidence = (
+                f"probable: the broker closed the connection {self._quick_closes} times in a "
+                f"row within {QUICK_CLOSE_S:g} s of CONNACK without saying why"
+            )
+            hint = " (an MQTT 3.1.1 broker may also close a connection for an ACL refusal)"
+        st.taken_over_since = self._now()
+        st.taken_over_since_mono = time.monotonic()
+        self._reminded["takeover"] = st.taken_over_since_mono
+        logger.warning(
+            "MQTT session taken over by another client with our client id (cloned cabinet? a "
+            "second agent?): %s; %s%s; reconnecting ever more slowly while it lasts "
+            "(next in %.1f s)",
+            self.client_id,
+            st.takeover_evidence,
+            hint,
+            delay,
+        )
+        self._alert(
+            ALERT_TAKEN_OVER,
+            f"session taken over by another client with our client id (cloned cabinet?); "
+            f"{st.takeover_evidence}",
+        )
+
+    def _takeover_check(self, connack_at: float | None) -> None:
+        """A session that has lasted ``_stable_s`` ends the takeover episode."""
+        st = self.stats
+        if st.taken_over_since_mono is None or connack_at is None:
+            return
+        lived = time.monotonic() - connack_at
+        if lived < self._stable_s():
+            return
+        logger.warning(
+            "MQTT session no longer taken over: connected for %.0f s without interference "
+            "(%d takeover(s) since %s)",
+            lived,
+            st.takeovers,
+            _label(st.taken_over_since),
+        )
+        st.taken_over_since = st.taken_over_since_mono = None
+        st.takeovers = 0
+        st.takeover_evidence = None
+        self._quick_closes = 0
+
+    def _stable_s(self) -> float:
+        """How long a session must last to show that no clone is fighting for it: longer than
+        the clone's longest reconnect delay (it has our config) plus a connect."""
+        cfg = self._cfg
+        return max(STABLE_MIN_S, 2 * cfg.backoff.max_s + cfg.connect_timeout_s)
+
+    def _not_acknowledging(self, session: MqttSession, reason: str, delay: float) -> None:
+        st = self.stats
+        if st.not_acknowledging_since_mono is not None:
+            self._episode_line(
+                "no-ack",
+                "MQTT broker still acknowledges no publish (since %s, %d reconnect(s)); "
+                "%s event(s) waiting; next attempt in %.1f s",
+                _label(st.not_acknowledging_since),
+                st.reconnects - self._ack_episode_reconnects,
+                self._waiting,
+                delay,
+            )
+            return
+        now_mono = time.monotonic()
+        since_mono = session.unanswered_since
+        if since_mono is None:
+            since_mono = now_mono
+        st.not_acknowledging_since_mono = since_mono
+        st.not_acknowledging_since = self._now() - timedelta(seconds=now_mono - since_mono)
+        self._reminded["no-ack"] = now_mono
+        self._ack_episode_reconnects = st.reconnects
+        logger.warning(
+            "MQTT broker accepts connections but does not acknowledge publishes (%s; first "
+            "unacknowledged publish at %s); %s event(s) waiting; next attempt in %.1f s",
+            reason,
+            _label(st.not_acknowledging_since),
+            self._waiting,
+            delay,
+        )
+
+    def _acknowledged(self) -> None:
+        """A PUBACK arrived (whatever its reason code): the broker acknowledges again."""
+        st = self.stats
+        if st.not_acknowledging_since_mono is None:
+            return
+        logger.warning(
+            "MQTT broker acknowledging publishes again after %.0f s (%d reconnect(s))",
+            time.monotonic() - st.not_acknowledging_since_mono,
+            st.reconnects - self._ack_episode_reconnects,
+        )
+        st.not_acknowledging_since = st.not_acknowledging_since_mono = None
+
+    def _episode_line(self, episode: str, msg: str, *args: object) -> None:
+        """A per-cycle line of an episode already reported: DEBUG, a WARNING every REMIND_S."""
+        now = time.monotonic()
+        if now - self._reminded.get(episode, now) >= REMIND_S:
+            self._reminded[episode] = now
+            logger.warning(msg, *args)
+        else:
+            logger.debug(msg, *args)
+
+    def _in_episode(self) -> bool:
+        st = self.stats
+        return st.taken_over_since_mono is not None or st.not_acknowledging_since_mono is not None
+
+    def _alert(self, kind: str, detail: str) -> None:
+        if self._on_alert is not None:
+            self._on_alert(kind, detail)
 
     def _unreachable(self, reason: str, since: datetime, since_mono: float) -> None:
         """A connect attempt failed or the connection was lost: the broker is unreachable."""
@@ -321,15 +578,21 @@ class Publisher:
             stats = await self._outbox.stats()
             self.stats.backlog_mark = stats.next_seq - 1
             self.stats.connected = True
-            logger.info(
+            # Once per connection is a line per cycle during an episode: quiet then.
+            log = logger.debug if self._in_episode() else logger.info
+            log(
                 "MQTT connected as %s (window %d, %d row(s) waiting)",
                 self.client_id,
                 self._window,
                 stats.depth,
             )
-            session.subscribe(list(self.command_topics))
-            # The birth message is not an outbox row: its PUBACK is not awaited.
-            session.publish(self.status_topic, self._status("online"), retain=True)
+            if self.stats.commands is not CommandsState.REFUSED:
+                self.stats.commands = CommandsState.SUBSCRIBING
+            session.subscribe(list(self.command_topics)).add_done_callback(self._on_suback)
+            # The birth message is not an outbox row: its PUBACK is not awaited, but it proves
+            # that the broker acknowledges.
+            birth = session.publish(self.status_topic, self._status("online"), retain=True)
+            birth.add_done_callback(self._on_birth_ack)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._drain(session), name="mqtt-drain")
                 tg.create_task(self._watch(session), name="mqtt-session-watch")
@@ -343,11 +606,61 @@ class Publisher:
         stop = asyncio.create_task(self._stopping.wait(), name="mqtt-stop-wait")
         waiters: list[asyncio.Future[Any]] = [session.closed, stop]
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                # Bounded, to notice a session that has lasted long enough to end a takeover.
+                done, _ = await asyncio.wait(
+                    waiters, timeout=STABLE_MIN_S / 2, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    break
+                self._takeover_check(session.connack_at)
         finally:
             stop.cancel()
             await asyncio.wait([stop])
         raise _SessionEnded
+
+    def _on_birth_ack(self, fut: asyncio.Future[int]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self._acknowledged()
+
+    def _on_suback(self, fut: asyncio.Future[SubscribeResult]) -> None:
+        """The broker answered our command subscriptions: refused ones are an episode."""
+        if fut.cancelled() or fut.exception() is not None:
+            return  # the connection ended first: the next one subscribes again
+        result = fut.result()
+        st = self.stats
+        if not result.refused:
+            if st.commands is CommandsState.REFUSED:
+                logger.warning("broker granted the command subscription(s) again")
+            st.commands = CommandsState.SUBSCRIBED
+            st.commands_refused = {}
+            return
+        st.commands_refusals += 1
+        refused = dict(result.refused)
+        reasons = ", ".join(sorted(set(refused.values())))
+        if st.commands is CommandsState.REFUSED and refused == st.commands_refused:
+            self._episode_line(
+                "commands",
+                "broker still refuses the command subscription(s) (%s)",
+                reasons,
+            )
+            return
+        st.commands = CommandsState.REFUSED
+        st.commands_refused = refused
+        self._reminded["commands"] = time.monotonic()
+        logger.warning(
+            "broker refused the command subscription(s) %s (%s): this cabinet cannot receive "
+            "allow-lists or asset registries; check the broker ACL: it must let this cabinet "
+            "read %s",
+            ", ".join(sorted(refused)),
+            reasons,
+            self.command_filter,
+        )
+        self._alert(
+            ALERT_COMMANDS_REFUSED,
+            f"commands: not subscribed (broker refused: {reasons}); check the broker ACL for "
+            f"{self.command_filter}",
+        )
 
     async def _say_goodbye(self, session: MqttSession) -> None:
         """Retained offline status, then a polite DISCONNECT (bounded)."""
@@ -474,6 +787,7 @@ class Publisher:
         if fut.cancelled() or fut.exception() is not None:
             return  # connection lost: the row stays in the outbox and is sent again
         reason = fut.result()
+        self._acknowledged()
         now = time.monotonic()
         if sent is not None:
             self.stats.last_publish_latency_s = now - sent
@@ -650,6 +964,10 @@ class Publisher:
             self._beat()
 
 
+def _label(when: datetime | None) -> str:
+    return "?" if when is None else when.isoformat(timespec="seconds")
+
+
 async def _wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     """Wait for ``event`` at most ``timeout_s``; True if it is set.
 
@@ -666,6 +984,8 @@ async def _wait_event(event: asyncio.Event, timeout_s: float) -> bool:
 
 __all__ = [
     "AGENT_VERSION",
+    "BrokerState",
+    "CommandsState",
     "DocumentSink",
     "Outbox",
     "Publisher",

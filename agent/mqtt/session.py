@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import hmac
 import logging
@@ -35,6 +36,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent.logging_setup import printable
 from agent.mqtt.config import MqttConfig, TlsConfig
 from drivers.errors import PermanentError, TransientError
 
@@ -53,6 +55,20 @@ READ_CHUNK = 256 * 1024
 # Bytes of an oversize PUBLISH discarded per wake-up before the loop gets a turn.
 DISCARD_PER_CALL = 4 * 1024 * 1024
 _PUBLISH = 0x30
+# MQTT v5 DISCONNECT reason: another connection with our client id took the session over.
+SESSION_TAKEN_OVER = 0x8E
+
+
+class EndKind(enum.StrEnum):
+    """Who or what ended a connection (``MqttSession.end_kind``)."""
+
+    LOCAL = "local"  # we ended it: stop, a local refusal, an outbox error
+    NO_ACK = "no-ack"  # our PUBACK deadline passed: the broker does not acknowledge publishes
+    KEEPALIVE = "keepalive"  # no PINGRESP within the keepalive: the broker does not answer
+    TAKEN_OVER = "taken-over"  # DISCONNECT 0x8E: another client with our client id
+    BROKER = "broker"  # another DISCONNECT from the broker (server shutting down, …)
+    CLOSED = "closed"  # the far end closed the connection without a DISCONNECT (EOF)
+    LINK = "link"  # reset, I/O error, undecodable or oversize packet
 
 
 class ConnectionLost(TransientError):
@@ -71,6 +87,14 @@ class PinMismatch(ConnectRefused):
 class ConnackInfo:
     session_present: bool
     receive_maximum: int | None  # MQTT v5: how many QoS 1 publishes the broker accepts in flight
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeResult:
+    """The broker's answer to our command subscriptions (SUBACK)."""
+
+    granted: tuple[str, ...]
+    refused: tuple[tuple[str, str], ...]  # (topic, the broker's reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +137,22 @@ class _BoundedClient(mqtt.Client):
         self.max_packet = max_packet
         self.oversize: int | None = None  # announced size of the PUBLISH being discarded
         self.refusal: str | None = None  # why the connection was ended from here
+        self.eof = False  # the far end closed the connection (a read returned nothing)
+        self.read_error: OSError | None = None
 
     def _sock_recv(self, bufsize: int) -> bytes:
+        try:
+            data = self._bounded_recv(bufsize)
+        except (BlockingIOError, InterruptedError):
+            raise
+        except OSError as err:
+            self.read_error = err
+            raise
+        if not data and bufsize > 0:
+            self.eof = True
+        return data
+
+    def _bounded_recv(self, bufsize: int) -> bytes:
         packet = self._in_packet
         if not packet["have_remaining"] or packet["remaining_length"] <= self.max_packet:
             return super()._sock_recv(min(bufsize, READ_CHUNK))
@@ -225,7 +263,13 @@ class MqttSession:
         self._writer_added = False
         self._connack: asyncio.Future[ConnackInfo] = self._loop.create_future()
         self.closed: asyncio.Future[str] = self._loop.create_future()
+        self.end_kind: EndKind | None = None  # set with ``closed``
+        self.connack_at: float | None = None  # time.monotonic() of a successful CONNACK
+        self.acks = 0  # PUBACKs received on this connection (any reason code)
+        # When ``closed`` resolved: time.monotonic() the oldest unacknowledged publish was sent.
+        self.unanswered_since: float | None = None
         self._pending: dict[int, tuple[asyncio.Future[int], float]] = {}
+        self._subscribing: dict[int, tuple[list[str], asyncio.Future[SubscribeResult]]] = {}
         self._misc_handle: asyncio.TimerHandle | None = None
         self._ack_timeout_s = float(cfg.keepalive_s)
 
@@ -310,10 +354,10 @@ class MqttSession:
             self.abort("connect aborted")
             raise
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, kind: EndKind = EndKind.LOCAL) -> None:
         """Drop the connection now (no DISCONNECT: the will is published)."""
         self._close_socket()
-        self._finish(reason)
+        self._finish(reason, kind)
 
     async def disconnect(self, timeout_s: float = 2.0) -> None:
         """Polite DISCONNECT (the broker discards the will), bounded; abort if it stalls."""
@@ -343,14 +387,24 @@ class MqttSession:
         self._pending[info.mid] = (fut, time.monotonic())
         return fut
 
-    def subscribe(self, topics: Sequence[str]) -> None:
-        """QoS 1 subscriptions (fire and forget: a refusal is logged by ``_on_subscribe``)."""
+    def subscribe(self, topics: Sequence[str]) -> asyncio.Future[SubscribeResult]:
+        """QoS 1 subscriptions; the future resolves with the broker's SUBACK (which topics it
+        granted, which it refused and why), or fails with ConnectionLost."""
+        fut: asyncio.Future[SubscribeResult] = self._loop.create_future()
         if not topics:
-            return
+            fut.set_result(SubscribeResult((), ()))
+            return fut
+        if self.closed.done():
+            raise ConnectionLost(f"connection closed: {self.closed.result()}")
         if self._v5:
-            self._client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
+            rc, mid = self._client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
         else:
-            self._client.subscribe([(t, 1) for t in topics])
+            rc, mid = self._client.subscribe([(t, 1) for t in topics])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            self.abort(f"subscribe refused locally ({mqtt.error_string(rc)})")
+            raise ConnectionLost(f"subscribe refused locally: {mqtt.error_string(rc)}")
+        self._subscribing[mid] = (list(topics), fut)
+        return fut
 
     @property
     def in_flight(self) -> int:
@@ -377,10 +431,14 @@ class MqttSession:
             except Exception as err:  # noqa: BLE001 -- a packet paho cannot decode
                 # (a truncated field raises struct.error, an invalid topic UnicodeDecodeError):
                 # the broker is broken or hostile; this connection ends, the agent goes on.
-                self.abort(f"undecodable packet from broker ({type(err).__name__}: {err})")
+                self.abort(
+                    f"undecodable packet from broker ({type(err).__name__}: {printable(err)})",
+                    EndKind.LINK,
+                )
                 return
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._client.socket() is None:
-                self._finish(self._client.refusal or f"read ended ({mqtt.error_string(rc)})")
+                # Normally on_disconnect has already said why; this covers the rest.
+                self._finish(self._client.refusal or self._lost_reason(), self._lost_kind())
                 return
             # TLS may hold decrypted bytes the kernel no longer reports as readable.
             pending = getattr(sock, "pending", None)
@@ -411,7 +469,7 @@ class MqttSession:
     def _writable(self) -> None:
         rc = self._client.loop_write()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self._finish(f"write failed ({mqtt.error_string(rc)})")
+            self._finish(f"write failed ({mqtt.error_string(rc)})", EndKind.LINK)
 
     def _misc(self) -> None:
         self._misc_handle = None
@@ -419,13 +477,13 @@ class MqttSession:
             return
         rc = self._client.loop_misc()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self._finish(f"keepalive failed ({mqtt.error_string(rc)})")
+            self._finish(f"keepalive failed ({mqtt.error_string(rc)})", EndKind.KEEPALIVE)
             return
         if self._pending:
             oldest = min(sent for _fut, sent in self._pending.values())
             if time.monotonic() - oldest > self._ack_timeout_s:
                 # A link that swallows bytes (dead NAT) keeps TCP up for minutes: give up early.
-                self.abort(f"no PUBACK for {self._ack_timeout_s:.0f} s")
+                self.abort(f"no PUBACK for {self._ack_timeout_s:.0f} s", EndKind.NO_ACK)
                 return
         self._misc_handle = self._loop.call_later(MISC_PERIOD_S, self._misc)
 
@@ -448,7 +506,7 @@ class MqttSession:
         self._attached = False
         self._writer_added = False
 
-    def _finish(self, reason: str) -> None:
+    def _finish(self, reason: str, kind: EndKind = EndKind.LOCAL) -> None:
         if self._misc_handle is not None:
             self._misc_handle.cancel()
             self._misc_handle = None
@@ -456,6 +514,9 @@ class MqttSession:
             self._connack.set_exception(ConnectionLost(reason))
             self._connack.exception()  # retrieved: nobody may be waiting any more
         if not self.closed.done():
+            self.end_kind = kind
+            if self._pending:
+                self.unanswered_since = min(sent for _fut, sent in self._pending.values())
             self.closed.set_result(reason)
         pending = list(self._pending.values())
         self._pending.clear()
@@ -463,6 +524,24 @@ class MqttSession:
             if not fut.done():
                 fut.set_exception(ConnectionLost(reason))
                 fut.exception()  # consumers may already be gone; never "never retrieved"
+        subscribing = list(self._subscribing.values())
+        self._subscribing.clear()
+        for _topics, sub in subscribing:
+            if not sub.done():
+                sub.set_exception(ConnectionLost(reason))
+                sub.exception()
+
+    def _lost_reason(self) -> str:
+        """Why the link ended, when the broker did not say (no DISCONNECT packet)."""
+        if self._client.eof:
+            return "connection closed by the broker"
+        err = self._client.read_error
+        if err is not None:
+            return f"connection lost: {printable(err.strerror or err)}"
+        return "connection lost"
+
+    def _lost_kind(self) -> EndKind:
+        return EndKind.CLOSED if self._client.eof else EndKind.LINK
 
     # ------------------------------------------------------------------ paho callbacks
 
@@ -508,6 +587,7 @@ class MqttSession:
             self._connack.set_exception(ConnectRefused(f"broker refused CONNECT: {reason}"))
             return
         receive_max = getattr(properties, "ReceiveMaximum", None) if properties else None
+        self.connack_at = time.monotonic()
         self._connack.set_result(
             ConnackInfo(bool(flags.session_present), int(receive_max) if receive_max else None)
         )
@@ -520,8 +600,26 @@ class MqttSession:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        who = "broker" if flags.is_disconnect_packet_from_server else "link"
-        self._finish(f"{who}: {reason}")
+        if flags.is_disconnect_packet_from_server:
+            # MQTT v5: the broker says why. Its optional reason string is its own text: shown,
+            # made printable and short.
+            said = getattr(properties, "ReasonString", None) if properties else None
+            detail = f" ({printable(said, 120)})" if said else ""
+            if reason.value == SESSION_TAKEN_OVER:
+                self._finish(f"broker: session taken over{detail}", EndKind.TAKEN_OVER)
+            else:
+                self._finish(f"broker: {reason}{detail}", EndKind.BROKER)
+        elif reason.value == 0:  # our own DISCONNECT went out
+            self._finish("disconnected", EndKind.LOCAL)
+        elif reason.value == 0x8D:  # paho's "Keep alive timeout": no PINGRESP in time
+            self._finish(
+                f"no answer from the broker within the keepalive ({self._cfg.keepalive_s} s)",
+                EndKind.KEEPALIVE,
+            )
+        elif self._client.refusal is not None:
+            self._finish(self._client.refusal, EndKind.LINK)
+        else:
+            self._finish(self._lost_reason(), self._lost_kind())
 
     def _on_publish(
         self,
@@ -534,6 +632,7 @@ class MqttSession:
         entry = self._pending.pop(mid, None)
         if entry is None:
             return
+        self.acks += 1
         fut, _sent = entry
         if not fut.done():
             fut.set_result(int(reason.value))
@@ -561,9 +660,25 @@ class MqttSession:
         reasons: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
-        refused = [str(r) for r in reasons if r.is_failure]
-        if refused:
-            logger.warning("broker refused command subscription(s): %s", ", ".join(refused))
+        entry = self._subscribing.pop(mid, None)
+        if entry is None:
+            return
+        topics, fut = entry
+        granted: list[str] = []
+        refused: list[tuple[str, str]] = []
+        for i, topic in enumerate(topics):
+            # A SUBACK with fewer codes than topics is the broker's fault: a refusal.
+            code = reasons[i] if i < len(reasons) else None
+            if code is None:
+                refused.append((topic, "no answer for this topic in the SUBACK"))
+            elif code.is_failure:
+                # MQTT 3.1.1 has one failure code (0x80) and no reason: say so, not "Unspecified".
+                why = printable(code, 80) if self._v5 else "refused (MQTT 3.1.1 gives no reason)"
+                refused.append((topic, why))
+            else:
+                granted.append(topic)
+        if not fut.done():
+            fut.set_result(SubscribeResult(tuple(granted), tuple(refused)))
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
