@@ -32,6 +32,7 @@ from typing import Any, Final, TypeAlias
 from agent.audit_trail import AuditTrail
 from agent.domain.access import AllowList, AllowListError
 from agent.domain.assets import AssetRegistry, AssetRegistryError
+from agent.logging_setup import ThrottledLog
 from agent.privacy.signed import (
     ALLOW_LIST,
     ASSET_REGISTRY,
@@ -128,6 +129,8 @@ class Documents:
         self.floors: dict[str, VersionFloor] = {}
         self.refusals: dict[str, Refusal] = {}
         self.rejected_total = 0
+        # A flood of bad commands costs a line per kind, reason and interval (with a count).
+        self._refusal_log = ThrottledLog(logger)
         self._live_raw: dict[str, bytes] = {}  # what installed() answers (swapped atomically)
         # digest -> what admission found: the parsed body, and whether it corroborates the clock
         self._admitted: dict[str, tuple[Parsed, bool]] = {}
@@ -267,7 +270,9 @@ class Documents:
     def rejected(self, kind: str, reason: str, detail: str) -> None:
         """A document was refused (never applied): count, keep for status, audit, log."""
         self.rejected_total += 1
-        logger.warning("backend %s refused (%s): %s", kind, reason, detail)
+        self._refusal_log.log(
+            logging.WARNING, (kind, reason), "backend %s refused (%s): %s", kind, reason, detail
+        )
         self._refused(kind, reason, detail)
         if self._on_refused is not None:
             self._on_refused(kind, reason)

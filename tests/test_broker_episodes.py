@@ -1,8 +1,8 @@
-"""What the broker link really is, said once and truthfully (issue 9, hostile report F10).
+"""What the broker link really is, said once and truthfully (issue 9, hostile report F10, F14).
 
 Each test runs the real ``cabinet-agent run`` (with the LLRP simulator) against a broker on
 loopback: a fake one for what real brokers do not do on demand (``simulators/fakebroker.py``:
-CONNACK but no PUBACK, DISCONNECT 0x8E), real mosquitto for the rest
+CONNACK but no PUBACK, DISCONNECT 0x8E, a flood, a NUL in a topic), real mosquitto for the rest
 (a second agent with the same client id, an ACL refusing the cmd topics).
 
 - A broker that accepts connections but acknowledges no publish is "not acknowledging since
@@ -11,6 +11,8 @@ CONNACK but no PUBACK, DISCONNECT 0x8E), real mosquitto for the rest
 - Another client with our client id (a cloned cabinet) takes the session over: status and log
   say so, one alert per episode, and the reconnect delay grows instead of fighting at full speed.
 - A SUBACK that refuses the cmd topics: status, selftest, a metric and one alert.
+- A flood of bad commands costs a line per interval, not a line per message; a topic from the
+  network never reaches the log raw.
 """
 
 from __future__ import annotations
@@ -456,3 +458,66 @@ async def test_a_cloned_cabinet_is_a_probable_takeover_and_the_clones_slow_down(
             60,
         )
         assert await agents[0].stop() == 0, agents[0].text()
+
+
+# -- what the network sends never floods or forges the log --------------------------------------
+
+
+async def test_a_command_flood_costs_a_line_per_interval_and_topics_reach_the_log_escaped(
+    tmp_path: Path,
+) -> None:
+    """A broker (hostile, or relaying a broken backend) floods the cmd topic with small invalid
+    messages, then sends a topic with NUL, ESC and a newline in it."""
+    provision(tmp_path)
+    cfg = tmp_path / "agent.toml"
+    flood = 20_000
+    async with (
+        FakeBroker() as broker,
+        LlrpSimulator(personality="impinj", antennas=4, port=0, seed=34) as sim,
+    ):
+        cfg.write_text(config_text(tmp_path, sim.port, extra=_mqtt(broker.port)))
+        async with AgentProcess(cfg, tmp_path / "agent.log") as agent:
+            metrics_port = await _metrics_port(agent)
+            await _until_status(cfg, lambda s: s["broker"]["commands"]["state"] == "subscribed")
+            started = time.monotonic()
+            assert await broker.inject(CMD_TOPIC.encode(), b'{"doc":1}', count=flood) == 1
+
+            def accounted(s: dict[str, Any]) -> bool:
+                c = s["broker"]["commands"]
+                return bool(c["accepted"] + c["rejected"] + c["dropped"] == flood)
+
+            st = await _until_status(cfg, accounted, 120)
+            commands = st["broker"]["commands"]
+            assert commands["dropped"] > 0
+            assert commands["rejected"] > 0
+            # Every repeat is counted, and said in one summary line once its interval is over.
+            await agent.wait_log(r"command queue full; .* time\(s\) in the last", timeout=30)
+            elapsed = time.monotonic() - started
+            log = agent.text()
+            lines_allowed = 2 * (int(elapsed / 10) + 2)
+            for text in (
+                "command queue full",
+                "refused allow-list document",
+                "backend allow-list refused",
+            ):
+                assert 1 <= log.count(text) <= lines_allowed, (text, log.count(text))
+            assert len(log) < 200_000
+            async with asyncio.timeout(30):
+                while (await asyncio.to_thread(_scrape, metrics_port)).get(
+                    'cabinet_mqtt_commands_total{outcome="dropped"}'
+                ) != float(commands["dropped"]):
+                    await asyncio.sleep(0.5)
+
+            # A topic no broker should relay: it reaches the log escaped, on one line.
+            evil = (
+                CMD_TOPIC.encode() + b"\x00\x1b[31m\nFAKE CRITICAL forged line" + "\u202e".encode()
+            )
+            await broker.inject(evil, b"{}")
+            await agent.wait_log(r"message on unexpected topic .*ignored")
+            assert await agent.stop() == 0, agent.text()
+    raw = (tmp_path / "agent.log").read_bytes()
+    assert b"\x00" not in raw
+    assert b"\x1b" not in raw
+    assert "\u202e".encode() not in raw
+    assert not [line for line in raw.splitlines() if line.startswith(b"FAKE")]
+    assert b"cmd/allow-list\\x00\\x1b[31m\\x0aFAKE CRITICAL forged line" in raw

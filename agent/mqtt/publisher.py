@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from agent.logging_setup import ThrottledLog
+from agent.logging_setup import ThrottledLog, printable
 from agent.mqtt.config import MqttConfig
 from agent.mqtt.session import (
     FAILURE_THRESHOLD,
@@ -66,6 +66,8 @@ STABLE_MIN_S = 10.0
 # While an episode (takeover, no acknowledgements, refused subscription) lasts, its per-cycle
 # lines go to DEBUG and one WARNING says it still lasts this often.
 REMIND_S = 600.0
+# Repeated log lines about inbound messages (queue full, refusals): one per key and interval.
+INBOUND_LOG_INTERVAL_S = 10.0
 LOST_LOG_INTERVAL_S = 60.0
 ALERT_TAKEN_OVER = "mqtt.session_taken_over"
 ALERT_COMMANDS_REFUSED = "mqtt.commands_refused"
@@ -254,6 +256,7 @@ class Publisher:
         self._reminded: dict[str, float] = {}  # episode -> monotonic time of its last WARNING
         self._waiting: int | str = "?"  # outbox depth at the last session end (log lines)
         self._lost_log = ThrottledLog(logger, LOST_LOG_INTERVAL_S)
+        self._inbound_log = ThrottledLog(logger, INBOUND_LOG_INTERVAL_S)
         # Owned worker threads (connect + TLS handshake, signature checks), shut down by run().
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mqtt-worker")
 
@@ -290,6 +293,7 @@ class Publisher:
         except* _SessionEnded:
             pass
         finally:
+            self._inbound_log.close()
             self._lost_log.close()
             try:
                 await self._final_flush()
@@ -862,8 +866,15 @@ class Publisher:
             self._inbound.put_nowait(msg)
         except asyncio.QueueFull:
             # Documents are retained on the broker: the newest comes back at the next subscribe.
+            # A flood costs a line per interval (with a count), not a line per message.
             self.stats.commands_dropped += 1
-            logger.warning("command queue full; dropped a message on %s", msg.topic)
+            self._inbound_log.log(
+                logging.WARNING,
+                "queue-full",
+                "command queue full; dropped a message on %s (%d dropped so far)",
+                printable(msg.topic),
+                self.stats.commands_dropped,
+            )
 
     async def _command_worker(self) -> None:
         while True:
@@ -878,7 +889,12 @@ class Publisher:
         """
         kind = self.command_topics.get(topic)
         if kind is None:
-            logger.warning("message on unexpected topic %s ignored", topic)
+            self._inbound_log.log(
+                logging.WARNING,
+                "unexpected-topic",
+                "message on unexpected topic %s ignored",
+                printable(topic),
+            )
             return False
         size = len(payload) if size is None else size
         if size > self._cfg.max_command_bytes:
@@ -920,7 +936,17 @@ class Publisher:
 
     def _reject(self, kind: str, reason: str, detail: str) -> None:
         self.stats.commands_rejected += 1
-        logger.warning("refused %s document: %s (%s)", kind, reason, detail)
+        # The detail may quote the document (the broker's bytes): printable before it reaches
+        # a log line or status.
+        detail = printable(detail, 300)
+        self._inbound_log.log(
+            logging.WARNING,
+            ("refused", kind, reason),
+            "refused %s document: %s (%s)",
+            kind,
+            reason,
+            detail,
+        )
         if self._documents is not None:
             self._documents.rejected(kind, reason, detail)
 

@@ -643,7 +643,7 @@ class MqttSession:
             logger.warning(
                 "inbound message of %d bytes on %s exceeds the limit of %d: discarded unread",
                 oversize,
-                message.topic,
+                printable(message.topic),
                 self.max_packet,
             )
             if self._on_inbound is not None:
