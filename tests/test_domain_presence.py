@@ -55,6 +55,24 @@ def test_a_pass_shorter_than_a_round_judges_by_the_margin_only() -> None:
     assert acc.result(0.5).steady == {"aa"}
 
 
+def test_a_peak_over_many_reads_is_one_observation_and_few_are_not_enough() -> None:
+    """A report of n reads carries their *peak* RSSI: a neighbour's tag read through the wall
+    at -68 dBm on average peaks higher the more reads a report aggregates (a slow or busy
+    reader). Counted n times, two lucky peaks 6.5 dB above the floor made it "steady"; as two
+    observations, their mean's noise does not clear the margin. A tag in the cabinet, read
+    well above the floor, is steady however its reads are aggregated."""
+    acc = _acc()
+    for k in range(4):  # one report per round, in each of four rounds
+        now = 1.0 + k
+        neighbour = [TagRead("dock-1", "ee", 1, -63.5, T0, seen_count=12)] if k in (0, 3) else []
+        acc.add([*neighbour, TagRead("dock-1", "aa", 1, -50.0, T0, seen_count=12)], now)
+        if k in (1, 2):  # the neighbour also answers weakly in the other rounds
+            acc.add([TagRead("dock-1", "ee", 1, -69.0, T0)], now + 0.5)
+    res = acc.result(5.05)
+    assert set(res.present) == {"aa", "ee"}
+    assert res.steady == {"aa"}
+
+
 def _with_neighbours(**cfg: object) -> Cabinet:
     config = domain_config(background_period_s=60, **cfg)
     c = Cabinet(config=config, tags={epc(0): Tag("top"), epc(1): Tag("bottom")})

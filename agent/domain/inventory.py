@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,9 @@ from agent.domain.config import Antenna, CabinetDomainConfig
 from drivers.types import ReaderHealth, TagRead
 
 _EPC_RE = re.compile(r"(?:[0-9a-f]{2}){1,64}")
+# The least spread assumed of a tag's RSSI observations (dB): readers report whole dBm, and
+# two or three reads that happen to agree say little about the next one.
+_MIN_SPREAD_DB = 1.0
 _DRAWER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_PROBLEMS = 32
 
@@ -104,15 +108,33 @@ def diff(baseline: Mapping[str, str], scan: Mapping[str, str]) -> Diff:
 
 
 class _TagStats:
-    __slots__ = ("by_drawer", "count", "excess", "last_round", "rounds", "with_rssi")
+    __slots__ = ("by_drawer", "count", "excess", "excess_sq", "last_round", "rounds", "with_rssi")
 
     def __init__(self) -> None:
         self.count = 0
         self.by_drawer: dict[str, list[float]] = {}  # drawer → [reads, rssi sum]
         self.rounds = 0  # read rounds with at least one qualifying read
         self.last_round = -1
-        self.with_rssi = 0  # qualifying reads that carried an RSSI ...
-        self.excess = 0.0  # ... and the sum of their dB above the antenna's floor
+        # Qualifying reports that carried an RSSI, one observation each (a report of n reads
+        # carries their *peak*: counting it n times would inflate the mean) ...
+        self.with_rssi = 0
+        self.excess = 0.0  # ... the sum of their dB above the antenna's floor ...
+        self.excess_sq = 0.0  # ... and of its squares (the spread of the observations)
+
+    def clearly_above(self, margin: float) -> bool:
+        """Is the mean RSSI above the floor by ``margin`` dB, beyond the noise of few reads?
+
+        The mean's lower bound (two standard errors, the spread taken as at least
+        ``_MIN_SPREAD_DB``) must clear the margin: a weak tag read a handful of times (a
+        neighbour's, through the wall) cannot pass by luck; a tag in the cabinet, read dozens
+        of times well above the floor, passes as before."""
+        k = self.with_rssi
+        if k == 0:
+            return True  # the readers report no RSSI: the rounds alone decide
+        mean = self.excess / k
+        var = max(0.0, self.excess_sq / k - mean * mean) * k / (k - 1) if k > 1 else 0.0
+        spread = max(math.sqrt(var), _MIN_SPREAD_DB)
+        return mean - 2.0 * spread / math.sqrt(k) >= margin
 
 
 def _strongest(by_drawer: Mapping[str, Sequence[float]]) -> str:
@@ -281,8 +303,9 @@ class ScanAccumulator:
                 stats.rounds += 1
                 stats.last_round = round_no
             if measured:
-                stats.with_rssi += n
-                stats.excess += (rssi - floor) * n
+                stats.with_rssi += 1
+                stats.excess += rssi - floor
+                stats.excess_sq += (rssi - floor) ** 2
             if before < min_reads <= stats.count:
                 self._present += 1
                 self.last_new = now
@@ -321,9 +344,7 @@ class ScanAccumulator:
                 present[epc] = _strongest(s.by_drawer)
                 stats[epc] = s.by_drawer  # handed over, not copied: the pass is over
                 rounds = whole + (1 if s.last_round >= current else 0)
-                if s.rounds >= self._min_ratio * rounds and (
-                    s.with_rssi == 0 or s.excess / s.with_rssi >= self._margin
-                ):
+                if s.rounds >= self._min_ratio * rounds and s.clearly_above(self._margin):
                     steady.add(epc)
         return ScanResult(
             present=MappingProxyType(dict(sorted(present.items()))),
