@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 from simulators.llrp.codec import HEADER, ConnectionAttemptStatus
 
 if TYPE_CHECKING:
-    from simulators.llrp.simulator import LlrpSimulator
+    from simulators.llrp.server import ReaderServer
 
 Target = Literal["current", "next"]
 GarbageKind = Literal["bad_version", "absurd_length", "random"]
@@ -42,15 +42,15 @@ class Faults:
     """Fault switches. ``target="current"`` hits the connected client (or, if none, the next one);
     ``target="next"`` waits for the next accepted connection."""
 
-    def __init__(self, sim: LlrpSimulator) -> None:
-        self._sim = sim
+    def __init__(self, server: ReaderServer) -> None:
+        self._server = server
         self.pending = FaultState()
         self.flap_up_s: float | None = (
             None  # flap mode: every session ends this long after it began
         )
 
     def _state(self, target: Target) -> FaultState:
-        conn = self._sim._current
+        conn = self._server.current
         if target == "current" and conn is not None and not conn.closing:
             return conn.faults
         return self.pending
@@ -68,7 +68,7 @@ class Faults:
         state = self._state(target)
         state.garbage = kind
         if state is not self.pending:
-            self._sim._inject_garbage()
+            self._server.inject_garbage()
 
     def trickle(self, delay_s: float = 0.01, *, target: Target = "current") -> None:
         """Send every byte on its own, ``delay_s`` apart."""
@@ -92,18 +92,18 @@ class Faults:
         if not 0 < up_s <= 3600:
             raise ValueError("up_s must be within (0, 3600]")
         self.flap_up_s = up_s
-        conn = self._sim._current
+        conn = self._server.current
         if conn is not None and not conn.closing:
-            self._sim._spawn(self._sim._flap(conn, up_s), f"llrp-sim-flap-{conn.conn_id}")
+            self._server.spawn(self._server.flap(conn, up_s), f"llrp-sim-flap-{conn.conn_id}")
 
     def reboot(self, down_s: float = 1.0) -> None:
         """Close every connection, refuse connections for ``down_s``, forget ROSpecs and config."""
-        self._sim._start_reboot(down_s)
+        self._server.start_reboot(down_s)
 
     def clear(self) -> None:
         """Disarm everything (pending, on the current connection, flap mode)."""
         self.pending = FaultState()
         self.flap_up_s = None
-        conn = self._sim._current
+        conn = self._server.current
         if conn is not None:
             conn.faults = FaultState()
