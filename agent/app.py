@@ -53,7 +53,7 @@ from agent.store.types import (
     StoreAlert,
     StoreBackloggedError,
 )
-from agent.trusted_time import ClockStep, TrustedClock, read_boot_id
+from agent.trusted_time import ClockStep, TrustedClock, read_boot_id, sync_source
 from drivers.badge.reader import BadgeReader
 from drivers.door import Door, DoorCommandError
 from drivers.errors import CabinetError
@@ -182,7 +182,9 @@ class CabinetApp:
         self.clock: Clock = clock or SystemClock()
         # The engine, the store and every event get the agent's time (DESIGN §7b); the drivers
         # keep the plain clock (their timers are monotonic).
-        self.time = TrustedClock(self.clock, boot_id=read_boot_id())
+        self.time = TrustedClock(
+            self.clock, boot_id=read_boot_id(), sync=sync_source(cfg.time.sync_source)
+        )
         self.site_id = cfg.cabinet.site_id
         self.cabinet_id = cfg.cabinet.cabinet_id
         # Key files are checked before anything starts (permissions, format): a bad key file
@@ -395,7 +397,18 @@ class CabinetApp:
         await self.time.load(self.store, evidence=self.docs.evidence())
         now = self.time.reading()
         self.started_at = now.wall
-        if not now.trusted:
+        if self.time.provisional():
+            clock = self.time.snapshot()
+            logger.warning(
+                "wall clock %s taken provisionally (no time sync yet, %s; the last proven time "
+                "is %s): events say clock=untrusted, nothing is pruned or dropped by age and "
+                "expiry is judged by the proven time until time sync, a fresh signed document "
+                "or agreement proves it",
+                clock["wall"],
+                f"time source {clock['sync_source']}",
+                clock["proven"],
+            )
+        elif not now.trusted:
             clock = self.time.snapshot()
             logger.warning(
                 "wall clock %s disagrees with the agent's time %s (%s): keeping the agent's time "
@@ -407,7 +420,7 @@ class CabinetApp:
                 if clock["basis"] == "floor"
                 else "carried on from before the restart",
             )
-        self.docs.log_in_force(now.wall)
+        self.docs.log_in_force(now.judged)
         try:
             # Start-up pruning by age, now that the agent's time is known (and only if trusted).
             await self.store.housekeeping()
@@ -854,7 +867,23 @@ class CabinetApp:
             self.time.reading()  # notice a step even while nothing else reads the clock
             for step in self.time.take_steps():
                 log = logger.info if step.trusted else logger.warning
-                if step.cause == "document":
+                if step.cause == "sync":
+                    log(
+                        "clock: time synchronised (%s); wall clock %s proven, agent time moved "
+                        "%+.1f s to it; wall clock trusted",
+                        self.time.sync.name,
+                        step.wall.isoformat(),
+                        step.step_s,
+                    )
+                elif step.provisional and step.at_start:
+                    log(
+                        "clock jump at start: wall clock %s is %+.1f s past the agent's proven "
+                        "time; taken provisionally, NOT trusted until time sync or a fresh "
+                        "signed document proves it",
+                        step.wall.isoformat(),
+                        step.step_s,
+                    )
+                elif step.cause == "document":
                     log(
                         "clock: wall clock %s confirmed by a fresh signed document; agent time "
                         "moved %+.1f s to it; wall clock trusted",
@@ -886,6 +915,11 @@ class CabinetApp:
                         f"clock: wall clock {step.wall.isoformat()} not trusted "
                         f"(agent time {step.time.isoformat()})"
                     )
+                else:
+                    # Resolved: the clock alerts go.
+                    kept = [a for a in self.alerts if not a.startswith("clock: ")]
+                    self.alerts.clear()
+                    self.alerts.extend(kept)
                 # Committed through the engine loop: it is the outbox's only sequence writer.
                 await self.inputs.queue.put(step)
             if self.time.persist_due():
@@ -937,7 +971,8 @@ class CabinetApp:
         """A snapshot for ``cabinetctl status`` (no personal data)."""
         engine = self.engine
         clock = self.time.snapshot()
-        now = datetime.fromisoformat(clock["time"])
+        # Expiry as the engine judges it: by the proven time while the wall clock is provisional.
+        now = datetime.fromisoformat(clock["proven"])
         domain = engine.config if engine is not None else self.cfg.domain
         warn_days = domain.allow_list_expiry_warning_days
         documents = self.docs.status(now, warn_days)
@@ -945,8 +980,8 @@ class CabinetApp:
         alerts += [d["warning"] for d in documents.values() if "warning" in d]
         if not clock["trusted"]:
             alerts.append(
-                f"clock untrusted since {clock['since']}, wall clock reads {clock['wall']}, "
-                f"agent time {clock['time']}"
+                f"clock untrusted since {clock['since']} ({clock['reason']}), wall clock reads "
+                f"{clock['wall']}, agent time {clock['time']}"
             )
         return {
             "version": __version__,

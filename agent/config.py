@@ -40,6 +40,17 @@ class LoggingSection(StrictModel):
     format: Literal["text", "json"] = "text"
 
 
+class TimeSection(StrictModel):
+    sync_source: str = Field(
+        "kernel",
+        pattern=r"^(kernel|none|file:/.+)$",
+        description="what says the wall clock is synchronised to a time server (NTP): 'kernel' "
+        "(adjtimex: systemd-timesyncd, chrony, ntpd), 'none', or 'file:<absolute path>' "
+        "(synchronised while that file exists); a synchronised wall clock proves the agent's "
+        "time, one taken at boot without it is provisional",
+    )
+
+
 class AgentConfig(StrictModel):
     cabinet: CabinetSection
     logging: LoggingSection = LoggingSection()
@@ -52,6 +63,7 @@ class AgentConfig(StrictModel):
     door: DoorConfig | None = None
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
+    time: TimeSection = TimeSection()
 
     @model_validator(mode="after")
     def _reader_ids_unique(self) -> AgentConfig:

@@ -183,6 +183,7 @@ class Daemon:
                     "cabinet",
                     "control",
                     "metrics",
+                    "time",
                 )
                 if getattr(new, name) != getattr(self.cfg, name)
             ]
@@ -292,6 +293,7 @@ class Daemon:
                     if before is not None and health.session > before:
                         self.metrics.reader_reconnect(reader.reader_id)
                     seen_sessions[reader.reader_id] = health.session
+            self._clock_metrics()
             pub = app.publisher
             if pub is not None:
                 stats = pub.stats
@@ -337,6 +339,20 @@ class Daemon:
                         self.metrics.dropped(f"overflow-priority-{priority}", delta)
                         seen_dropped[priority] = total
             self.notifier.status(self._status_line())
+
+    def _clock_metrics(self) -> None:
+        """The agent's time for /metrics: a fleet alerts on a cabinet untrusted for long."""
+        clock = self.app.time.snapshot()
+        now = datetime.fromisoformat(clock["time"])
+        since, wall = clock["since"], clock["wall"]
+        untrusted_for = 0.0 if since is None else (now - datetime.fromisoformat(since))
+        offset = 0.0 if wall is None else (datetime.fromisoformat(wall) - now).total_seconds()
+        self.metrics.clock(
+            bool(clock["trusted"]),
+            bool(clock["provisional"]),
+            untrusted_for if isinstance(untrusted_for, float) else untrusted_for.total_seconds(),
+            offset,
+        )
 
 
 # Domain settings derived into state at start (antenna map, lock-out counters, door name).

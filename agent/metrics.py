@@ -157,6 +157,27 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.clock_trusted = Gauge(
+            "cabinet_clock_trusted",
+            "1 while the wall clock is trusted (proven: agrees with the agent's time, time sync, "
+            "or a fresh signed document), else 0",
+            registry=r,
+        )
+        self.clock_provisional = Gauge(
+            "cabinet_clock_provisional",
+            "1 while the wall clock was taken at start on faith (no time sync yet), else 0",
+            registry=r,
+        )
+        self.clock_untrusted = Gauge(
+            "cabinet_clock_untrusted_seconds",
+            "How long the wall clock has not been trusted (0 while it is)",
+            registry=r,
+        )
+        self.clock_offset = Gauge(
+            "cabinet_clock_wall_offset_seconds",
+            "The wall clock minus the agent's own time (0 while they agree)",
+            registry=r,
+        )
         self.events_dropped_total = Counter(
             "cabinet_events_dropped",
             "Events dropped before delivery by an explicit overflow/retention policy",
@@ -210,6 +231,15 @@ class Metrics:
     def mqtt_reconnect(self) -> None:
         """The MQTT session came back."""
         self.mqtt_reconnects_total.inc()
+
+    def clock(
+        self, trusted: bool, provisional: bool, untrusted_for_s: float, offset_s: float
+    ) -> None:
+        """The agent's time: trusted, provisional, untrusted for how long, wall minus agent."""
+        self.clock_trusted.set(1 if trusted else 0)
+        self.clock_provisional.set(1 if provisional else 0)
+        self.clock_untrusted.set(untrusted_for_s)
+        self.clock_offset.set(offset_s)
 
     def dropped(self, reason: str, count: int = 1) -> None:
         """Events dropped by policy (never silently: also alerted)."""

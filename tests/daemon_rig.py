@@ -21,8 +21,10 @@ TIMEOUT_S = 30.0
 
 
 def provision(tmp: Path) -> Path:
-    """Backend keys in ``tmp/backend``; the cabinet's three key files in ``tmp/creds``."""
+    """Backend keys in ``tmp/backend``; the cabinet's three key files in ``tmp/creds``; the
+    time source of ``config_text`` (``tmp/time-synced``) says synchronised."""
     generate_backend_keys(tmp / "backend")
+    (tmp / "time-synced").touch()  # config_text's time source: synchronised
     creds = tmp / "creds"
     creds.mkdir()
     for name in ("backend-hpke.pub", "signing.pub", "site.key"):
@@ -84,6 +86,9 @@ group = "root"
 
 [metrics]
 port = 0
+
+[time]
+sync_source = "file:{tmp}/time-synced"
 
 [domain]
 drawers = {{ top = ["dock-1:1", "dock-1:2"], bottom = ["dock-1:3", "dock-1:4"] }}

@@ -187,6 +187,12 @@ class Rig:
     _last_mark: float = -1e9  # time.monotonic() of the last marker card shown
 
     @property
+    def time_synced(self) -> Path:
+        """The agent's time source (``[time] sync_source = "file:…"``): synchronised while this
+        file exists. Present from the start; a test removes it to play a board before NTP."""
+        return self.dir / "agent" / "time-synced"
+
+    @property
     def raw_ids(self) -> list[str]:
         return [p.badge for p in (*self.scenario.people, INSTALLER, MARKER)]
 
@@ -338,6 +344,9 @@ async def cabinet_rig(
             ],
             extra=agent_extra,
         )
+        # The time source is the test's, not this machine's NTP state (Rig.time_synced).
+        cfg.setdefault("time", {"sync_source": f"file:{agent_dir / 'time-synced'}"})
+        (agent_dir / "time-synced").touch()
         if reader:
             cfg["readers"][0].update(reader)  # the LLRP reader's section
         if config_hook is not None:

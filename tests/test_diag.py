@@ -319,6 +319,54 @@ def test_trusted_time_advice_blames_the_clock_that_is_likely_wrong() -> None:
     assert "publish a fresh signed allow-list" in ahead.reason
 
 
+def test_selftest_advice_for_a_provisional_clock_and_a_signer_ahead() -> None:
+    """Hostile report 2, F3/F7: advice that can end the state, and the backend's clock named."""
+    agent_time = "2026-12-01T10:05:00+00:00"
+    provisional = check_trusted_clock(
+        {
+            "clock": {
+                "time": "2028-06-01T12:00:00+00:00",
+                "wall": "2028-06-01T12:00:00+00:00",
+                "proven": agent_time,
+                "trusted": False,
+                "provisional": True,
+                "sync_source": "kernel",
+                "since": agent_time,
+                "basis": "provisional",
+            }
+        }
+    )
+    assert provisional is not None
+    assert provisional.status == "WARN"
+    assert "taken at start on faith" in provisional.reason
+    assert f"judged by the proven time {agent_time}" in provisional.reason
+    assert "enable time sync" in provisional.reason
+    refused = {"refused": {"reason": "not-yet-valid", "detail": "x", "at": agent_time, "count": 1}}
+    ahead = check_trusted_clock(
+        {
+            "clock": {"time": agent_time, "wall": agent_time, "trusted": True},
+            "documents": {"allow-list": {"state": "valid", **refused}},
+        }
+    )
+    assert ahead is not None
+    assert ahead.status == "WARN"
+    assert "the backend's (signer's) clock may run ahead" in ahead.reason
+    synced_behind = check_trusted_clock(
+        {
+            "clock": {
+                "time": agent_time,
+                "wall": "2026-12-01T09:05:00+00:00",
+                "trusted": False,
+                "synced": True,
+                "since": agent_time,
+                "basis": "clock",
+            }
+        }
+    )
+    assert synced_behind is not None
+    assert "backend's (signer's) clock may run ahead" in synced_behind.reason
+
+
 def test_status_clock_line_says_since_when_what_the_wall_clock_reads_and_the_agent_time() -> None:
     base = {"time": "2026-12-01T10:05:00+00:00", "wall": "2028-01-10T10:00:00+00:00"}
     assert clock_line({**base, "trusted": True}) == "2026-12-01T10:05:00+00:00 (wall clock trusted)"
@@ -329,6 +377,22 @@ def test_status_clock_line_says_since_when_what_the_wall_clock_reads_and_the_age
     assert "agent time 2026-12-01T10:05:00+00:00" in line
     floor = clock_line({**base, "trusted": False, "since": "x", "basis": "floor"})
     assert "downtime not counted" in floor
+    why = clock_line(
+        {**base, "trusted": False, "since": "x", "basis": "floor", "reason": "no time source yet"}
+    )
+    assert why.startswith("UNTRUSTED since x (no time source yet): wall clock reads 2028"), why
+    provisional = clock_line(
+        {
+            **base,
+            "trusted": False,
+            "provisional": True,
+            "since": "x",
+            "proven": "2026-12-01T10:00:00+00:00",
+            "sync_source": "kernel",
+        }
+    )
+    assert provisional.startswith("PROVISIONAL since x: wall clock reads 2028"), provisional
+    assert "expiry judged by the proven time 2026-12-01T10:00:00+00:00" in provisional
 
 
 async def test_an_offline_selftest_never_prunes_the_outbox_by_age(tmp_path: Path) -> None:

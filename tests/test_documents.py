@@ -374,16 +374,24 @@ async def test_an_absurd_document_is_refused_before_anything_is_stored(
     assert rig.docs.clock.reading().wall - time_before < timedelta(minutes=1)
 
 
-async def test_a_fresh_document_repairs_a_time_floor_set_by_a_wrong_clock(tmp_path: Path) -> None:
-    """Booted while the wall clock read 2028 (trusted on faith), then NTP put it right."""
+async def test_a_reboot_into_a_wrong_clock_persists_nothing_and_a_fresh_document_proves_time(
+    tmp_path: Path,
+) -> None:
+    """Booted while the wall clock read 2028 (no time sync): taken provisionally, so neither the
+    persisted floor nor expiry follows it; NTP puts it right, a fresh document proves it."""
     store = await Store.open(StoreConfig(path=tmp_path / "state.db"))
     try:
         board = Clock(wall=datetime(2028, 1, 10, tzinfo=UTC), mono=3.0)
         docs = make_docs(store, board, [])
         await docs.load(store)
         await docs.clock.load(store, evidence=docs.evidence())
-        assert docs.clock.reading().trusted
+        first = docs.clock.reading()
+        assert (first.wall.year, first.trusted) == (2028, False)
+        assert docs.clock.provisional()
         await docs.clock.save(store)
+        stored = await store.kv_get(TIME_KEY)
+        assert stored is not None
+        assert decode_time_floor(stored).floor.year == 2026, "2028 was never proven"
         board.wall, board.mono = NOW, 10.0
         assert not docs.clock.reading().trusted
         raw = allow_list(4, issued=NOW - timedelta(seconds=30))
@@ -394,7 +402,7 @@ async def test_a_fresh_document_repairs_a_time_floor_set_by_a_wrong_clock(tmp_pa
         assert now.wall == NOW
         stored = await store.kv_get(TIME_KEY)
         assert stored is not None
-        assert decode_time_floor(stored).floor == NOW, "the 2028 floor is gone"
+        assert decode_time_floor(stored).floor == NOW
         assert await store.kv_get(doc_key(ALLOW_LIST)) == raw
         steps = docs.clock.take_steps()
         assert [(s.cause, s.trusted) for s in steps] == [("wall", False), ("document", True)]

@@ -477,3 +477,120 @@ async def test_a_1970_boot_refuses_documents_from_the_far_future_and_keeps_its_t
     text = rig.agent.log_text()
     assert "OverflowError" not in text
     assert "fatal:" not in text
+
+
+async def _as_if_rebooted(rig: Rig) -> None:
+    """The agent is stopped; make its saved time floor look saved in an earlier boot (a fresh
+    kernel boot id is what tells the agent a reboot from a restart: its monotonic clock then
+    no longer continues the saved one)."""
+    store = await Store.open(StoreConfig(path=rig.dir / "agent" / "state.db"))
+    try:
+        raw = await store.kv_get(TIME_KEY)
+        assert raw is not None
+        saved = decode_time_floor(raw)
+        assert saved.boot is not None
+        await store.kv_put(TIME_KEY, encode_time_floor(FloorRecord(saved.floor, saved.trusted)))
+    finally:
+        await store.close()
+
+
+async def test_a_reboot_into_a_wrong_forward_clock_is_provisional_and_destroys_nothing(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Hostile report 2, F1: the board reboots while its RTC (or a time source) reads two years
+    ahead, before NTP has synchronised. Before, that reading was trusted on faith: undelivered
+    rows were dropped by age, the audit log pruned, the allow-list expired (everyone locked
+    out), no clock step reported, and after NTP's correction the agent's time stayed in 2028."""
+    scenario = _scenario(
+        "plain-checkout", ["badge alice", "wait_unlock", "open", "close", "settle"]
+    )
+    clock_file = tmp_path / "faketime"
+    _set_wall(clock_file, None)
+    env = _faketime_env(clock_file)
+
+    def under_faketime(rig: Rig) -> None:
+        rig.agent.env = env
+
+    async with (
+        FaultProxy(mosquitto.port) as proxy,
+        cabinet_rig(
+            scenario,
+            tmp_path,
+            mosquitto,
+            before_start=under_faketime,
+            agent_extra={"mqtt": {"port": proxy.port}, "store": {"housekeeping_interval_s": 1}},
+        ) as rig,
+    ):
+        agent = rig.agent
+        await rig.mark()
+        proxy.refuse(True)
+        proxy.cut()
+        await _door_cycle(rig)  # A: waits in the outbox
+        assert await agent.stop() == 0
+
+        # Reboot: the RTC reads two years ahead and NTP has not synchronised yet.
+        await _as_if_rebooted(rig)
+        rig.time_synced.unlink()
+        glitch = datetime.now(UTC) + timedelta(days=730)
+        _set_wall(clock_file, glitch)
+        agent.start()
+        await agent.wait_log("clock jump at start: wall clock")
+        await agent.wait_log("taken provisionally (no time sync yet")
+        await agent.wait_log("age-based pruning postponed while the clock is untrusted")
+        await rig.wait_connected()
+        for reader in (scenario.cabinet.badge_reader_id, "marker"):
+            await agent.wait_log(f"badge reader {reader}: connected", count=2)
+        status = await _status(rig)
+        clock = status["clock"]
+        assert (clock["trusted"], clock["provisional"]) == (False, True), clock
+        assert datetime.fromisoformat(clock["time"]).year == glitch.year
+        assert datetime.fromisoformat(clock["proven"]) < datetime.now(UTC), "the proven floor"
+        assert status["documents"]["allow-list"]["state"] == "valid"
+        rc, out, _ = await ctl("status", "--config", str(agent.config))
+        assert rc == 0
+        line = next(x for x in out.splitlines() if x.strip().startswith("clock"))
+        assert "PROVISIONAL since" in line, line
+        assert "no time sync yet" in line, line
+        await _door_cycle(rig)  # B: alice is let in, whatever the provisional clock says
+
+        # NTP steps the clock back to the truth, then reports it synchronised.
+        _set_wall(clock_file, None)
+        await agent.wait_log("clock step: wall clock moved")
+        rig.time_synced.touch()
+        await agent.wait_log("clock: time synchronised (file:")
+        await agent.wait_log("age-based pruning resumed (clock trusted)")
+        status = await _status(rig)
+        assert status["clock"]["trusted"] is True
+        assert abs(datetime.fromisoformat(status["clock"]["time"]) - datetime.now(UTC)) < (
+            timedelta(seconds=30)
+        ), "the agent's time is not stuck in 2028"
+        assert not [a for a in status["alerts"] if a.startswith("clock")], status["alerts"]
+        proxy.refuse(False)
+        await rig.mark()  # everything committed so far is delivered, contiguously
+
+        steps = [e for e in rig.sink.log.events if e["type"] == "agent.clock_step"]
+        assert [(e["at_start"], e["trusted"], e["cause"]) for e in steps] == [
+            (True, False, "wall"),  # the jump at boot, reported at once
+            (False, False, "wall"),  # NTP's step back
+            (False, True, "sync"),  # synchronised: proven
+        ], steps
+        assert steps[0]["step_s"] > 700 * 86400
+        opened = _opened_by(rig, "alice")
+        assert len(opened) == 2, "cycles A and B both granted, neither event dropped"
+        assert [e["clock"] for e in opened] == ["trusted", "untrusted"]
+        alerts = [e for e in rig.sink.log.events if e["type"] == "agent.alert"]
+        assert not [a for a in alerts if a["kind"] == "store.age_dropped"], alerts
+        assert "age_dropped" not in agent.log_text()
+        audit = await _audit_verify(rig)
+        assert audit["ok"]
+        assert audit["anchor_seq"] == 0, "the audit log was not pruned"
+        # The floor saved meanwhile never held 2028.
+        events = await rig.play()
+        assert [e["type"] for e in events] == ["session.opened", "session.closed"], events
+    store = await Store.open(StoreConfig(path=tmp_path / "agent" / "state.db"))
+    try:
+        raw = await store.kv_get(TIME_KEY)
+        assert raw is not None
+        assert decode_time_floor(raw).floor < datetime.now(UTC) + timedelta(minutes=5)
+    finally:
+        await store.close()

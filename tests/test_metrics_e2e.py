@@ -154,3 +154,27 @@ async def test_metrics_show_delivery_to_the_broker(tmp_path: Path, mosquitto: Mo
             assert drained[("cabinet_mqtt_reconnects_total", ())] == 0.0
             rc = await agent.stop()
         assert rc == 0, agent.text()
+
+
+async def test_metrics_show_the_clock_provisional_then_trusted_after_time_sync(
+    tmp_path: Path,
+) -> None:
+    """Hostile report 2, F7: a fleet can alert on a cabinet whose clock is not trusted."""
+    provision(tmp_path)
+    (tmp_path / "time-synced").unlink()  # the board booted, NTP has not synchronised yet
+    cfg = tmp_path / "agent.toml"
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=11) as sim:
+        cfg.write_text(config_text(tmp_path, sim.port))
+        async with AgentProcess(cfg, tmp_path / "agent.log") as agent:
+            port = int((await agent.wait_log(r"metrics on http://127\.0\.0\.1:(\d+)/")).group(1))
+            early = await _until(port, lambda s: s.get(("cabinet_clock_provisional", ())) == 1.0)
+            assert early[("cabinet_clock_trusted", ())] == 0.0
+            assert early[("cabinet_clock_untrusted_seconds", ())] >= 0.0
+            (tmp_path / "time-synced").touch()
+            later = await _until(port, lambda s: s.get(("cabinet_clock_trusted", ())) == 1.0)
+            assert later[("cabinet_clock_provisional", ())] == 0.0
+            assert later[("cabinet_clock_untrusted_seconds", ())] == 0.0
+            assert abs(later[("cabinet_clock_wall_offset_seconds", ())]) <= 2.0
+            await agent.wait_log("clock: time synchronised")
+            rc = await agent.stop()
+        assert rc == 0, agent.text()

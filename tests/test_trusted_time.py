@@ -6,10 +6,15 @@ import base64
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.domain.access import AccessControl, AllowList
+from agent.domain.config import CabinetDomainConfig
+from agent.domain.now import Now
+from agent.privacy.pseudonym import Pseudonymizer
 from agent.privacy.signed import (
     ALLOW_LIST,
     Admission,
@@ -33,6 +38,7 @@ from agent.trusted_time import (
     decode_floor,
     encode_floor,
     plus,
+    sync_source,
 )
 
 REAL = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
@@ -57,6 +63,17 @@ class FakeClock:
         self.mono += seconds
 
 
+@dataclass
+class Sync:
+    """A time source the test switches: synchronised or not (the kernel's NTP state)."""
+
+    on: bool = True
+    name: str = "test"
+
+    def synchronised(self) -> bool:
+        return self.on
+
+
 class KvStore:
     def __init__(self) -> None:
         self.kv: dict[str, bytes] = {}
@@ -69,13 +86,32 @@ class KvStore:
         self.kv[key] = value
 
 
-def test_a_credible_wall_clock_is_followed_and_trusted() -> None:
+def test_a_synchronised_wall_clock_is_followed_and_trusted() -> None:
     tt = TrustedTime(REAL - timedelta(days=2))
-    now = tt.observe(REAL, 10.0)
+    now = tt.observe(REAL, 10.0, synced=True)
     assert (now.wall, now.mono, now.trusted) == (REAL, 10.0, True)
     later = tt.observe(REAL + timedelta(seconds=5), 15.0)
     assert later.wall == REAL + timedelta(seconds=5)
     assert tt.take_steps() == []
+
+
+def test_a_credible_wall_clock_at_boot_is_provisional_until_time_sync_proves_it() -> None:
+    floor = REAL - timedelta(days=2)
+    tt = TrustedTime(floor)
+    now = tt.observe(REAL, 10.0)
+    assert (now.wall, now.trusted, now.proven) == (REAL, False, floor), "on faith: unproven"
+    assert now.judged == floor
+    assert tt.provisional
+    assert tt.floor == floor, "what is persisted is what was proven"
+    assert tt.take_steps() == [], "two days after the floor: a downtime, not reported"
+    later = tt.observe(REAL + timedelta(seconds=5), 15.0)
+    assert (later.wall, later.trusted) == (REAL + timedelta(seconds=5), False)
+    synced = tt.observe(REAL + timedelta(seconds=6), 16.0, synced=True)
+    assert synced.trusted
+    assert synced.proven is None
+    [step] = tt.take_steps()
+    assert (step.trusted, step.cause, step.at_start) == (True, "sync", False)
+    assert tt.floor == REAL + timedelta(seconds=6)
 
 
 def test_a_wall_clock_behind_the_floor_is_untrusted_and_time_runs_from_the_floor() -> None:
@@ -102,7 +138,7 @@ def test_a_restart_still_untrusted_is_not_reported_again() -> None:
 
 def test_a_clock_fixed_while_down_is_reported_at_start() -> None:
     tt = TrustedTime(REAL - timedelta(hours=2), was_trusted=False)
-    assert tt.observe(REAL, 1.0).trusted
+    assert tt.observe(REAL, 1.0, synced=True).trusted
     [step] = tt.take_steps()
     assert step.at_start
     assert step.trusted
@@ -112,7 +148,7 @@ def test_a_clock_fixed_while_down_is_reported_at_start() -> None:
 def test_steps_forward_and_backward_are_reported_once_each() -> None:
     clock = FakeClock()
     tt = TrustedTime(REAL - timedelta(days=1))
-    tt.observe(clock.wall, clock.mono)
+    tt.observe(clock.wall, clock.mono, synced=True)
     clock.run(10)
     tt.observe(clock.wall, clock.mono)
     assert tt.take_steps() == []
@@ -153,7 +189,7 @@ def test_steps_forward_and_backward_are_reported_once_each() -> None:
 def test_a_small_step_is_absorbed_slowly_and_time_never_goes_backwards() -> None:
     clock = FakeClock()
     tt = TrustedTime(REAL - timedelta(days=1))
-    first = tt.observe(clock.wall, clock.mono).wall
+    first = tt.observe(clock.wall, clock.mono, synced=True).wall
     clock.wall -= timedelta(seconds=1.5)  # within the tolerance: a small correction
     clock.run(0.5)
     back = tt.observe(clock.wall, clock.mono)
@@ -179,7 +215,7 @@ def test_time_handed_out_never_decreases_whatever_the_wall_clock_does() -> None:
     for i, jump in enumerate(walls):
         clock.wall += timedelta(seconds=jump)
         clock.run(0.7)
-        t = tt.observe(clock.wall, clock.mono).wall
+        t = tt.observe(clock.wall, clock.mono, synced=i == 0).wall
         assert last is None or t >= last, i
         last = t
 
@@ -217,7 +253,7 @@ def test_floor_encoding_round_trips_and_refuses_junk() -> None:
 async def test_trusted_clock_persists_its_floor_and_resumes_from_it() -> None:
     store = KvStore()
     clock = FakeClock()
-    tc = TrustedClock(clock)
+    tc = TrustedClock(clock, sync=Sync())
     await tc.load(store)
     assert tc.reading().trusted
     assert tc.persist_due(), "nothing stored yet"
@@ -316,10 +352,11 @@ def judge(clock: TrustedClock, raw: bytes, floor: int | None = None) -> Admissio
 
 
 async def started(
-    wall: datetime, store: KvStore, boot: str, mono: float = 10.0
+    wall: datetime, store: KvStore, boot: str, mono: float = 10.0, sync: Sync | None = None
 ) -> tuple[FakeClock, TrustedClock]:
+    """A board started at ``wall``; its time source synchronised unless ``sync`` says."""
     board = FakeClock(wall=wall, mono=mono)
-    tc = TrustedClock(board, boot_id=boot)
+    tc = TrustedClock(board, boot_id=boot, sync=sync or Sync(wall >= BUILD_FLOOR))
     await tc.load(store)
     return board, tc
 
@@ -409,7 +446,8 @@ async def test_a_board_without_rtc_boots_at_1970_then_ntp_sets_the_clock() -> No
     assert (saved.boot, saved.mono, saved.basis) == ("boot-a", 5100.0, Basis.CLOCK)
 
     # Power cut; two hours later the board boots (another boot, its monotonic clock restarts).
-    board, tc2 = await started(EPOCH, store, "boot-b", mono=8.0)
+    ntp = Sync(False)
+    board, tc2 = await started(EPOCH, store, "boot-b", mono=8.0, sync=ntp)
     now = tc2.reading()
     assert not now.trusted
     assert now.wall == saved.floor, "the downtime is unknown: the floor is a lower bound"
@@ -418,14 +456,15 @@ async def test_a_board_without_rtc_boots_at_1970_then_ntp_sets_the_clock() -> No
     assert tc2.snapshot()["basis"] == "floor"
     board.run(30)
     assert tc2.reading().wall == saved.floor + timedelta(seconds=30)
-    # NTP sets the clock, two hours after the floor: plausible after a power-off, trusted.
+    # NTP sets the clock, two hours after the floor, and says it is synchronised: trusted.
     board.wall = saved.floor + timedelta(hours=2, seconds=31)
     board.run(1)
+    ntp.on = True
     fixed = tc2.reading()
     assert fixed.trusted
     assert fixed.wall == board.wall
     [step] = tc2.take_steps()
-    assert (step.at_start, step.trusted) == (False, True)
+    assert (step.at_start, step.trusted, step.cause) == (False, True, "sync")
     assert tc2.snapshot()["basis"] == "clock"
 
 
@@ -465,20 +504,23 @@ async def test_a_restart_within_the_same_boot_keeps_the_glitch_untrusted() -> No
     # A record from another boot, or a monotonic clock that went back, is not continued.
     tc3 = TrustedClock(FakeClock(wall=glitch, mono=999.0), boot_id="boot-a")
     await tc3.load(store)
-    assert tc3.reading().trusted, "monotonic time went back: a reboot, the floor is a bound"
+    now = tc3.reading()
+    assert not now.trusted
+    assert tc3.provisional(), "monotonic time went back: a reboot, 2028 only on faith"
+    assert now.proven == REAL + timedelta(seconds=5), "the floor is the proven bound"
 
 
 async def test_a_fresh_document_corroborates_the_wall_clock_when_the_agent_time_went_wrong() -> (
     None
 ):
-    """A reboot while the wall clock read 2028: trusted on faith, then NTP corrects it."""
+    """A reboot while a bad time server had the clock at 2028 and said it was synchronised."""
     store = KvStore()
     _, tc = await started(REAL, store, "boot-a")
     tc.reading()
     await tc.save(store)
     glitch = datetime(2028, 1, 10, tzinfo=UTC)
     board, tc2 = await started(glitch, store, "boot-b", mono=3.0)
-    assert tc2.reading().trusted, "after a reboot any later wall clock is plausible"
+    assert tc2.reading().trusted, "a synchronised clock is taken when nothing proves otherwise"
     await tc2.save(store)
     board.wall = REAL + timedelta(hours=1)  # NTP puts it right: behind the agent's time now
     board.run(1)
@@ -584,7 +626,7 @@ def test_a_small_step_is_untrusted_until_absorbed_and_a_large_one_does_not_pull(
     """NTP corrects an RTC 10 s off after the agent started: trusted again in hours, alone."""
     clock = FakeClock()
     tt = TrustedTime(REAL - timedelta(days=1))
-    tt.observe(clock.wall, clock.mono)
+    tt.observe(clock.wall, clock.mono, synced=True)
     clock.wall -= timedelta(seconds=10)
     clock.run(1)
     assert not tt.observe(clock.wall, clock.mono).trusted
@@ -605,3 +647,219 @@ def test_a_small_step_is_untrusted_until_absorbed_and_a_large_one_does_not_pull(
     clock.wall += timedelta(seconds=SLEW_LIMIT_S + 60)
     clock.run(3600)
     assert tt.observe(clock.wall, clock.mono).wall == before + timedelta(seconds=3600)
+
+
+# ---- provisional time at boot, time sync (hostile report 2) -------------------------------------
+
+
+async def test_a_reboot_into_a_wrong_forward_clock_is_provisional_and_moves_nothing() -> None:
+    """F1: the board reboots with its RTC (or a time source) at 2028, no time sync yet."""
+    store = KvStore()
+    clock, tc = await started(REAL, store, "boot-a")
+    clock.run(60)
+    tc.reading()
+    await tc.save(store)
+    listed = allow_list(1, REAL - timedelta(hours=1), days=7)
+    glitch = datetime(2028, 6, 1, 12, 0, tzinfo=UTC)
+    ntp = Sync(False)
+    board, tc2 = await started(glitch, store, "boot-b", mono=3.0, sync=ntp)
+    now = tc2.reading()
+    assert (now.wall, now.trusted) == (glitch, False), "events carry it, marked untrusted"
+    assert tc2.provisional()
+    assert now.judged == REAL + timedelta(seconds=60), "expiry is judged by the proven floor"
+    assert tc2.trusted_now() is None, "no age-based drop or pruning on a reading taken on faith"
+    [step] = tc2.take_steps()
+    assert (step.at_start, step.trusted, step.provisional) == (True, False, True)
+    assert step.step_s > 365 * 86400, "the jump is reported at once"
+    assert judge(tc2, listed).at == now.judged, "the allow-list in force is not expired"
+    for _ in range(3):
+        board.run(60)
+        tc2.reading()
+        await tc2.save(store)
+        saved = decode_floor(store.kv[KV_KEY])
+        assert saved.floor < REAL + timedelta(hours=1), "nothing beyond the proven time persists"
+        assert (saved.trusted, saved.basis) == (False, Basis.PROVISIONAL)
+    snap = tc2.snapshot()
+    assert snap["provisional"] is True
+    assert "no time sync yet" in snap["reason"]
+    # NTP corrects it backwards, to after the floor: simply taken (still provisional).
+    board.wall = REAL + timedelta(hours=2)
+    board.run(1)
+    back = tc2.reading()
+    assert (back.wall, back.trusted) == (board.wall, False)
+    [step] = tc2.take_steps()
+    assert step.step_s < -365 * 86400
+    # Then it says it is synchronised: proven, trusted, reported once.
+    ntp.on = True
+    board.run(1)
+    synced = tc2.reading()
+    assert (synced.wall, synced.trusted, synced.proven) == (board.wall, True, None)
+    [step] = tc2.take_steps()
+    assert (step.cause, step.trusted) == ("sync", True)
+    assert tc2.trusted_now() == board.wall
+
+
+async def test_a_provisional_restart_in_the_same_boot_stays_provisional() -> None:
+    store = KvStore()
+    clock, tc = await started(REAL, store, "boot-a", mono=100.0, sync=Sync(False))
+    assert tc.provisional()
+    await tc.save(store)
+    clock.run(30)
+    tc2 = TrustedClock(clock, boot_id="boot-a", sync=Sync(False))
+    await tc2.load(store)
+    now = tc2.reading()
+    assert (now.wall, now.trusted) == (clock.wall, False)
+    assert tc2.provisional()
+
+
+async def test_time_sync_overrides_an_estimate_that_documents_pushed_ahead() -> None:
+    """F3: booted at 1970, a backend an hour ahead pushed the agent's time; NTP then syncs."""
+    ntp = Sync(False)
+    board, tc = await started(EPOCH, KvStore(), "boot-a", sync=ntp)
+    assert not tc.reading().trusted
+    assert tc.raise_floor(REAL + timedelta(minutes=55))  # issued_at now+1 h, minus the skew
+    board.wall = REAL
+    board.run(1)
+    assert not tc.reading().trusted, "behind the pushed floor, no sync: not trusted"
+    ntp.on = True
+    board.run(1)
+    now = tc.reading()
+    assert (now.wall, now.trusted) == (board.wall, True), "the synchronised clock wins"
+    [*_, step] = tc.take_steps()
+    assert (step.cause, step.trusted) == ("sync", True)
+    assert step.step_s == pytest.approx(-55 * 60 + 1, abs=2)
+
+
+async def test_time_sync_does_not_excuse_a_step_of_a_proven_time_but_a_fresh_sync_does() -> None:
+    ntp = Sync(True)
+    clock, tc = await started(REAL, KvStore(), "boot-a", sync=ntp)
+    assert tc.reading().trusted
+    clock.wall += timedelta(days=700)  # a bad time server, still "synchronised"
+    clock.run(2)
+    assert not tc.reading().trusted, "a proven time is not given up on the kernel's word"
+    clock.wall -= timedelta(days=700)
+    clock.run(2)
+    assert tc.reading().trusted
+    # NTP loses sync (unreachable for hours), then steps the clock 3 minutes as it syncs again.
+    ntp.on = False
+    clock.run(2)
+    tc.reading()
+    clock.wall += timedelta(minutes=3)
+    ntp.on = True
+    clock.run(2)
+    now = tc.reading()
+    assert (now.wall, now.trusted) == (clock.wall, True), "NTP's first step after sync is taken"
+
+
+async def test_a_slow_rtc_corrected_by_ntp_after_boot_is_trusted() -> None:
+    """F2: fake-hwclock 3 minutes behind; NTP steps it forward after the agent started."""
+    store = KvStore()
+    clock, tc = await started(REAL, store, "boot-a")
+    clock.run(10)
+    tc.reading()
+    await tc.save(store)
+    ntp = Sync(False)
+    board, tc2 = await started(REAL + timedelta(minutes=20), store, "boot-b", sync=ntp)
+    assert tc2.provisional()
+    board.wall += timedelta(minutes=3)
+    ntp.on = True
+    board.run(1)
+    now = tc2.reading()
+    assert (now.wall, now.trusted) == (board.wall, True)
+
+
+async def test_a_proven_time_gives_documents_only_the_skew() -> None:
+    """F5: a proven time glitched by the wall clock is not a lower bound: no 366-day allowance."""
+    clock, tc = await started(REAL, KvStore(), "boot-a")
+    tc.reading()
+    clock.wall = EPOCH
+    clock.run(1)
+    assert not tc.reading().trusted
+    assert not tc.view().lower_bound
+    for ahead in (timedelta(days=300), timedelta(minutes=10)):
+        with pytest.raises(DocumentError) as info:
+            judge(tc, allow_list(2, REAL + ahead, days=30), floor=1)
+        assert info.value.reason == DocumentError.NOT_YET_VALID
+    assert judge(tc, allow_list(2, REAL, days=30), floor=1).doc.version == 2
+    # After a reboot without proof the time is a lower bound, and the allowance applies.
+    _, lower = await started(EPOCH, KvStore(), "boot-b")
+    assert lower.view().lower_bound
+    issued = BUILD_FLOOR + timedelta(days=300)
+    assert judge(lower, allow_list(2, issued, days=30)).doc.version == 2
+
+
+def test_a_creeping_time_server_is_reported_once() -> None:
+    """F7: +2 s every 2 s with jitter: trust goes once, the creep is not re-reported."""
+    clock = FakeClock()
+    tt = TrustedTime(REAL - timedelta(days=1))
+    tt.observe(clock.wall, clock.mono, synced=True)
+    for i in range(200):
+        clock.wall += timedelta(seconds=2.0 + (0.3 if i % 3 == 0 else -0.2))
+        clock.run(2)
+        tt.observe(clock.wall, clock.mono)
+    steps = tt.take_steps()
+    assert [s.trusted for s in steps] == [False]
+
+
+def test_trust_comes_back_only_well_within_the_tolerance() -> None:
+    clock = FakeClock()
+    tt = TrustedTime(REAL - timedelta(days=1))
+    tt.observe(clock.wall, clock.mono, synced=True)
+    clock.wall += timedelta(seconds=STEP_TOLERANCE_S + 0.5)
+    clock.run(1)
+    assert not tt.observe(clock.wall, clock.mono).trusted
+    clock.wall -= timedelta(seconds=1.0)  # now 1.5 s off: within the tolerance, not within half
+    clock.run(1)
+    assert not tt.observe(clock.wall, clock.mono).trusted
+    clock.wall -= timedelta(seconds=1.0)
+    clock.run(1)
+    assert tt.observe(clock.wall, clock.mono).trusted
+    assert [s.trusted for s in tt.take_steps()] == [False, True]
+
+
+async def test_the_floor_is_never_written_past_what_the_loader_accepts() -> None:
+    """F1 (2199): a trusted wall clock just before 2200 runs on past it."""
+    store = KvStore()
+    wall = datetime(2199, 12, 31, 23, 59, 30, tzinfo=UTC)
+    clock, tc = await started(wall, store, "boot-a")
+    clock.run(120)
+    tc.reading()
+    await tc.save(store)
+    assert decode_floor(store.kv[KV_KEY]).floor < LATEST_TIME
+    assert decode_floor(encode_floor(FloorRecord(datetime.max.replace(tzinfo=UTC)))).floor < (
+        LATEST_TIME
+    )
+
+
+async def test_after_a_reboot_untrusted_since_is_this_runs_start_and_says_why() -> None:
+    """F7: not "since 2026-01-01" (the build date) after a 1970 boot."""
+    store = KvStore()
+    store.kv[KV_KEY] = encode_floor(FloorRecord(REAL, False, since=BUILD_FLOOR))
+    _, tc = await started(EPOCH, store, "boot-b")
+    now = tc.reading()
+    snap = tc.snapshot()
+    assert snap["since"] == now.wall.isoformat()
+    assert snap["reason"].startswith("no time source yet")
+
+
+def test_time_sources_never_raise(tmp_path: Path) -> None:
+    kernel = sync_source("kernel")
+    assert kernel.synchronised() in (True, False)  # whatever this machine's NTP says
+    flag = tmp_path / "synced"
+    source = sync_source(f"file:{flag}")
+    assert not source.synchronised()
+    flag.write_text("")
+    assert source.synchronised()
+    assert not sync_source("none").synchronised()
+    with pytest.raises(ValueError):
+        sync_source("ntp")
+
+
+def test_an_expired_looking_provisional_clock_locks_nobody_out() -> None:
+    """The engine judges the allow-list by the proven time while the wall clock is provisional."""
+    alice = Pseudonymizer("hangar-3", "s1", bytes(32)).badge("12ab")
+    al = AllowList.from_body(1, REAL + timedelta(days=7), {"entries": {alice: ["user"]}})
+    access = AccessControl(CabinetDomainConfig(), al)
+    glitch = datetime(2028, 6, 1, tzinfo=UTC)
+    assert not access.badge("b1", alice, Now(glitch, 1.0, False)).granted
+    assert access.badge("b1", alice, Now(glitch, 2.0, False, REAL)).granted

@@ -223,6 +223,13 @@ def clock_line(clock: dict[str, Any]) -> str:
     """The agent's time and whether the wall clock agrees with it, in one line."""
     if clock.get("trusted"):
         return f"{clock['time']} (wall clock trusted)"
+    why = f" ({clock['reason']})" if clock.get("reason") else ""
+    if clock.get("provisional"):
+        return (
+            f"PROVISIONAL since {clock.get('since') or '?'}{why}: wall clock reads "
+            f"{clock.get('wall')}, taken on faith, NOT trusted; expiry judged by the proven "
+            f"time {clock.get('proven')} (time source {clock.get('sync_source')})"
+        )
     if clock.get("basis") == "floor":
         how = (
             "from its persisted floor on the monotonic clock (a lower bound: downtime not counted)"
@@ -230,7 +237,7 @@ def clock_line(clock: dict[str, Any]) -> str:
     else:
         how = "carried on the monotonic clock from the last trusted reading"
     return (
-        f"UNTRUSTED since {clock.get('since') or '?'}: wall clock reads {clock.get('wall')}, "
+        f"UNTRUSTED since {clock.get('since') or '?'}{why}: wall clock reads {clock.get('wall')}, "
         f"agent time {clock['time']} ({how})"
     )
 

@@ -326,9 +326,25 @@ def check_trusted_clock(status: Mapping[str, Any] | None, ntp: Check | None = No
     clock = (status or {}).get("clock")
     if not isinstance(clock, Mapping):
         return None
+    signer_ahead = (
+        "signed documents are issued ahead of the cabinet's clock: the backend's (signer's) "
+        "clock may run ahead — check its NTP; the cabinet refuses them as not yet valid and "
+        "installs them when their time comes"
+    )
     if clock.get("trusted"):
+        if _refused_not_yet_valid(status):
+            return Check("WARN", "trusted time", f"the wall clock is trusted, but {signer_ahead}")
         return Check(
             "PASS", "trusted time", f"the agent trusts the wall clock ({clock.get('time')})"
+        )
+    if clock.get("provisional"):
+        return Check(
+            "WARN",
+            "trusted time",
+            f"wall clock {clock.get('wall')} taken at start on faith (time source "
+            f"{clock.get('sync_source')} not synchronised): events say clock=untrusted, nothing "
+            f"is pruned by age, expiry is judged by the proven time {clock.get('proven')}; "
+            "enable time sync (systemd-timesyncd or chrony) or publish a fresh signed allow-list",
         )
     try:
         wall = datetime.fromisoformat(str(clock.get("wall")))
@@ -348,11 +364,12 @@ def check_trusted_clock(status: Mapping[str, Any] | None, ntp: Check | None = No
     )
     if wall < BUILD_DATE:
         advice = "no RTC and no time sync yet: fix NTP/RTC"
-    elif ntp is not None and ntp.status == "PASS":
+    elif clock.get("synced") or (ntp is not None and ntp.status == "PASS"):
         advice = (
             "NTP reports the clock synchronised, so the agent's time may be the wrong one "
-            f"(taken from a wrong clock at an earlier start, or from a document issued ahead): "
-            f"check the wall clock against a reference; if it is right, {fresh_document}"
+            "(moved by a signed document issued ahead: the backend's (signer's) clock may run "
+            "ahead — check its NTP): check the wall clock against a reference; if it is right, "
+            f"{fresh_document} from a backend whose clock is right"
         )
     elif gap > 0:
         advice = (
@@ -365,6 +382,18 @@ def check_trusted_clock(status: Mapping[str, Any] | None, ntp: Check | None = No
             "when it agrees with the agent's time"
         )
     return Check("WARN", "trusted time", f"{head}: {advice}")
+
+
+def _refused_not_yet_valid(status: Mapping[str, Any] | None) -> bool:
+    documents = (status or {}).get("documents")
+    if not isinstance(documents, Mapping):
+        return False
+    return any(
+        isinstance(doc, Mapping)
+        and isinstance(doc.get("refused"), Mapping)
+        and doc["refused"].get("reason") == "not-yet-valid"
+        for doc in documents.values()
+    )
 
 
 def _span(seconds: float) -> str:

@@ -192,7 +192,7 @@ class AccessControl:
 
     def badge(self, badge_reader: str, pseudonym: str, now: Now) -> AccessOutcome:
         """Decide one badge at ``badge_reader``, updating denial windows and lock-outs."""
-        decision = self.decide(pseudonym, now.wall)
+        decision = self.decide(pseudonym, now.judged)
         lock = self._lockouts.get(badge_reader)
         if lock is not None:
             if decision.granted and decision.roles & CLEAR_LOCKOUT_ROLES:

@@ -442,7 +442,7 @@ class CabinetEngine:
             # Timers were saved as "remaining at saved_at": re-base them on the instant the
             # state was saved, so time spent since (staleness, downtime) counts against them.
             down = _downtime(datetime.fromisoformat(state["saved_at"]), now.wall)
-            base = Now(now.wall, now.mono - down, now.trusted)
+            base = Now(now.wall, now.mono - down, now.trusted, now.proven)
             engine.phase = Phase(state["phase"])
             engine.door_open = bool(state["door_open"])
             engine._pending = [_actor(a) for a in state["pending"]]
@@ -583,7 +583,7 @@ class CabinetEngine:
         """Run every timer due by ``now`` before handling the input that carries it."""
         if now.mono < self._last.mono:
             # A monotonic clock never goes back; treat it as "no time passed".
-            now = Now(now.wall, self._last.mono, now.trusted)
+            now = Now(now.wall, self._last.mono, now.trusted, now.proven)
         self._last = now
         out = EngineOutput()
         for change in self.access.tick(now):
@@ -894,7 +894,7 @@ class CabinetEngine:
         elif result is not None:
             verdict = self._assess(result)
             d = diff(verdict.base, verdict.inventory)
-            today = now.wall.date()
+            today = now.judged.date()  # a due date is a validity window: proven time
             self._blind_drawers(verdict, "session", sid, now, out)
             for epc, drawer in d.missing.items():
                 if epc in verdict.vanished:

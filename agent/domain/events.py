@@ -54,10 +54,11 @@ class EventBase(BaseModel):
     time: datetime = Field(description="UTC time the agent observed the event")
     clock: Literal["trusted", "untrusted"] = Field(
         "trusted",
-        description="'untrusted': the wall clock disagreed with the agent's own time (it "
-        "stepped, or read earlier than what the agent had already seen: no RTC, before NTP); "
-        "time is then the agent's estimate carried on the monotonic clock (after a reboot "
-        "without RTC a lower bound: the downtime is not counted), not a wall-clock reading",
+        description="'untrusted': the wall clock is not proven right: it disagreed with the "
+        "agent's own time (it stepped, or read earlier than what the agent had already seen: "
+        "no RTC, before NTP) and time is then the agent's estimate carried on the monotonic "
+        "clock (after a reboot without RTC a lower bound: the downtime is not counted); or, "
+        "after a reboot before time sync, the wall clock was taken on faith (provisional)",
     )
     site_id: Name
     cabinet_id: Name
@@ -339,10 +340,12 @@ class AgentClockStep(EventBase):
     wall: datetime = Field(description="what the wall clock read after the step")
     trusted: bool = Field(description="whether the wall clock is trusted from now on")
     at_start: bool = Field(description="noticed at start, against the persisted agent time")
-    cause: Literal["wall", "document"] = Field(
+    cause: Literal["wall", "document", "sync"] = Field(
         "wall",
         description="'wall': the wall clock moved (or agreed again); 'document': a fresh signed "
-        "document issued by the wall clock's reckoning confirmed the wall clock",
+        "document issued by the wall clock's reckoning confirmed the wall clock; 'sync': the "
+        "kernel (or the configured time source) reports the wall clock synchronised to a time "
+        "server, which proved it (step_s: how far the agent's time moved to it)",
     )
 
 

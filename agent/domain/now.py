@@ -17,17 +17,23 @@ class Now:
 
     Timers use the monotonic clock so a wall-clock step (NTP on a board without RTC) neither
     fires nor stalls them. The agent passes trusted time as ``wall`` (``agent.trusted_time``);
-    ``trusted`` is False while the system's wall clock is behind it, and every event then says
-    so (``clock: "untrusted"``).
+    ``trusted`` is False while the system's wall clock is not proven right, and every event
+    then says so (``clock: "untrusted"``). ``proven``: while ``wall`` is a wall-clock reading
+    taken on faith at boot (provisional), the best proven time, a lower bound; validity windows
+    (an allow-list's expiry) are judged by it (``judged``), so such a reading never locks
+    anyone out by itself.
     """
 
     wall: datetime
     mono: float
     trusted: bool = True
+    proven: datetime | None = None
 
     def __post_init__(self) -> None:
         if self.wall.tzinfo is None or self.wall.utcoffset() is None:
             raise ValueError("Now.wall must be timezone-aware")
+        if self.proven is not None and self.proven.tzinfo is None:
+            raise ValueError("Now.proven must be timezone-aware")
 
     @classmethod
     def of(cls, clock: Clock) -> Now:
@@ -36,7 +42,14 @@ class Now:
 
     def after(self, seconds: float) -> Now:
         """The instant ``seconds`` later on both clocks."""
-        return Now(self.wall + timedelta(seconds=seconds), self.mono + seconds, self.trusted)
+        step = timedelta(seconds=seconds)
+        proven = None if self.proven is None else self.proven + step
+        return Now(self.wall + step, self.mono + seconds, self.trusted, proven)
+
+    @property
+    def judged(self) -> datetime:
+        """The time validity windows are judged by: the proven time, else ``wall``."""
+        return self.wall if self.proven is None else min(self.wall, self.proven)
 
     @property
     def clock(self) -> ClockTrust:

@@ -172,6 +172,11 @@ class DocumentVerifier:
         """How far in the future a document's ``issued_at`` may be (our clock may lag)."""
         return self._skew
 
+    @property
+    def max_document_ahead(self) -> timedelta:
+        """How far after a cabinet time that is only a lower bound ``issued_at`` may be."""
+        return self._max_ahead
+
     def authenticate(self, raw: bytes, kind: str) -> SignedDocument:
         """Signature, field types, kind and addressing only: no version, no clock.
 
@@ -228,7 +233,7 @@ class DocumentVerifier:
         the document. With ``clock_trusted=False`` ``now`` is the cabinet's own estimate of the
         time while its wall clock is untrusted (see ``admit``).
         """
-        view = ClockView(now, clock_trusted)
+        view = ClockView(now, clock_trusted, lower_bound=not clock_trusted)
         return self.admit(raw, kind, view, min_version, current=current, floor=floor).doc
 
     def admit(
@@ -246,8 +251,10 @@ class DocumentVerifier:
         Trusted clock: ``issued_at`` may be at most the skew allowance ahead of it. Untrusted:
         a newer version issued within the skew allowance of the wall clock corroborates the
         wall clock (the backend signed it just now) and is judged against it; any other
-        document is judged against the agent's time, a lower bound of the true time, and may
-        be issued up to ``max_ahead`` after it. Expiry always holds.
+        document is judged against the agent's time: while that is only a lower bound of the
+        true time (``clock.lower_bound``: after a reboot without proof) it may be issued up to
+        ``max_ahead`` after it, else (a proven time carried on) the skew holds. Expiry always
+        holds.
         """
         if clock.time.tzinfo is None:
             raise ValueError("now must be timezone-aware")
@@ -272,6 +279,15 @@ class DocumentVerifier:
             )
             if corroborates and wall is not None:
                 at = wall
+            elif not clock.lower_bound and plus(at, self._skew) < signed.issued_at:
+                # The agent's time is carried on exactly from a proven reading: a wall-clock
+                # glitch does not make it a mere lower bound, the skew holds as if trusted.
+                raise DocumentError(
+                    DocumentError.NOT_YET_VALID,
+                    f"{kind} v{signed.version} issued at {format_time(signed.issued_at)}, "
+                    f"now is {format_time(at)} (the cabinet's own time: its wall clock is "
+                    "not trusted)",
+                )
             elif plus(at, self._max_ahead) < signed.issued_at:
                 raise DocumentError(
                     DocumentError.NOT_YET_VALID,
