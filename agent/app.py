@@ -496,6 +496,8 @@ class CabinetApp:
         parsed = await self.docs.load(self.store)
         self.engine.set_allow_list(_as(parsed[ALLOW_LIST], AllowList))
         self.engine.set_assets(_as(parsed[ASSET_REGISTRY], AssetRegistry))
+        # A document refused as not yet valid is judged again (the operator's nudge).
+        await self.docs.reconsider()
         return [f"{kind} v{doc.version}" for kind, doc in sorted(self.documents.items())]
 
     @property
@@ -916,10 +918,11 @@ class CabinetApp:
                         f"(agent time {step.time.isoformat()})"
                     )
                 else:
-                    # Resolved: the clock alerts go.
+                    # Resolved: the clock alerts go, and so do refusals judged by the old time.
                     kept = [a for a in self.alerts if not a.startswith("clock: ")]
                     self.alerts.clear()
                     self.alerts.extend(kept)
+                    self.docs.clock_changed()
                 # Committed through the engine loop: it is the outbox's only sequence writer.
                 await self.inputs.queue.put(step)
             if self.time.persist_due():
@@ -927,6 +930,9 @@ class CabinetApp:
                     await self.time.save(self.store)
                 except CabinetError as err:
                     logger.error("time floor not saved: %s", describe_error(err))
+            due = self.docs.deferred_due()
+            if due:
+                await self.docs.reconsider(due)
             await asyncio.sleep(CLOCK_CHECK_S)
 
     def _clock_step_event(self, step: ClockStep, now: Now) -> ev.Event:

@@ -22,6 +22,7 @@ DESIGN §7b. Everything inbound — even validly signed — is validated before 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from agent.privacy.signed import (
 )
 from agent.store.store import Store
 from agent.trusted_time import TrustedClock, plus
+from drivers.errors import CabinetError
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,19 @@ def doc_key(kind: str) -> str:
 def floor_key(kind: str) -> str:
     """The store kv key of the version floor of ``kind`` (outlives the document)."""
     return f"doc-floor:{kind}"
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """The latest document of a kind refused only as not yet valid: judged again later."""
+
+    raw: bytes  # as received (already within MAX_DOCUMENT_BYTES: it authenticated)
+    version: int
+    issued_at: datetime
+
+
+# Refusals judged by the clock: stale once the clock's trust changes.
+TIME_REFUSALS: Final = frozenset({DocumentError.EXPIRED, DocumentError.NOT_YET_VALID})
 
 
 @dataclass
@@ -135,6 +150,10 @@ class Documents:
         # digest -> what admission found: the parsed body, and whether it corroborates the clock
         self._admitted: dict[str, tuple[Parsed, bool]] = {}
         self._installs = 0
+        # kind -> the latest document refused only as not yet valid (one per kind, bounded by
+        # the document size limit): re-judged when its time comes, and on SIGHUP.
+        self.deferred: dict[str, Deferred] = {}
+        self._install_lock = asyncio.Lock()
 
     # -- start and SIGHUP -------------------------------------------------------------------
 
@@ -213,14 +232,19 @@ class Documents:
         Its times are judged against a fresh reading of the agent's clock (``now``, the
         ``DocumentChecker`` argument, is that clock's time a moment earlier).
         """
-        admission: Admission = self.verifier.admit(
-            raw,
-            kind,
-            self.clock.view(),
-            min_version,
-            current=current,
-            floor=self.floors.get(kind),
-        )
+        try:
+            admission: Admission = self.verifier.admit(
+                raw,
+                kind,
+                self.clock.view(),
+                min_version,
+                current=current,
+                floor=self.floors.get(kind),
+            )
+        except DocumentError as err:
+            if err.reason == DocumentError.NOT_YET_VALID:
+                self._defer(raw, kind)
+            raise
         doc = admission.doc
         body = parse_body(doc)
         if len(self._admitted) >= MAX_PARSED_CACHE:
@@ -235,6 +259,12 @@ class Documents:
 
     async def install(self, doc: SignedDocument, raw: bytes) -> None:
         """Store and apply an admitted document. DocumentError if it may not be installed."""
+        # One at a time: the publisher and a deferred document judged again may both install;
+        # the floor check and the writes must not interleave (an older one written last).
+        async with self._install_lock:
+            await self._install(doc, raw)
+
+    async def _install(self, doc: SignedDocument, raw: bytes) -> None:
         store = self._store
         if store is None:
             raise DocumentError("not-ready", "the state store is not open yet")
@@ -260,6 +290,9 @@ class Documents:
         self._live_raw[doc.kind] = raw
         self._installs += 1
         self.refusals.pop(doc.kind, None)
+        deferred = self.deferred.get(doc.kind)
+        if deferred is not None and deferred.version <= doc.version:
+            del self.deferred[doc.kind]
         self.audit.record(
             "backend",
             "document.installed",
@@ -276,6 +309,58 @@ class Documents:
         self._refused(kind, reason, detail)
         if self._on_refused is not None:
             self._on_refused(kind, reason)
+
+    # -- documents refused as not yet valid ---------------------------------------------------
+
+    def deferred_due(self) -> list[str]:
+        """Kinds whose deferred document the time rules may now admit (its time has come, or
+        the wall clock it may corroborate is now the one to judge by)."""
+        if not self.deferred:
+            return []
+        view = self.clock.view()
+        skew = self.verifier.max_clock_skew
+        ahead = self.verifier.max_document_ahead if view.lower_bound and not view.trusted else skew
+        due = []
+        for kind, doc in self.deferred.items():
+            wall = view.wall
+            corroborates = (
+                not view.trusted and wall is not None and abs(doc.issued_at - wall) <= skew
+            )
+            if corroborates or doc.issued_at <= plus(view.time, ahead):
+                due.append(kind)
+        return due
+
+    async def reconsider(self, kinds: list[str] | None = None) -> None:
+        """Judge deferred documents again (``kinds``; None: all, as on SIGHUP): installed if
+        they now pass every check, refused again (with the reason) if not."""
+        for kind in list(self.deferred) if kinds is None else kinds:
+            deferred = self.deferred.pop(kind, None)
+            if deferred is None:
+                continue
+            current = self.installed(kind)
+            logger.info(
+                "judging again %s version %d, refused earlier as not yet valid",
+                kind,
+                deferred.version,
+            )
+            try:
+                # Off the loop: a signature check and a body of up to the document size limit.
+                doc = await asyncio.to_thread(
+                    self.verify, deferred.raw, kind, self.clock.now(), current=current
+                )
+                if current == deferred.raw:
+                    continue
+                await self.install(doc, deferred.raw)
+            except DocumentError as err:
+                self.rejected(kind, err.reason, err.detail)
+            except CabinetError as err:
+                self.rejected(kind, "install-failed", str(err))
+
+    def clock_changed(self) -> None:
+        """The wall clock became trusted: refusals judged by the old time are stale."""
+        for kind, refusal in list(self.refusals.items()):
+            if refusal.reason in TIME_REFUSALS and kind not in self.deferred:
+                del self.refusals[kind]
 
     # -- status ------------------------------------------------------------------------------
 
@@ -315,6 +400,17 @@ class Documents:
     def _proves(self, doc: SignedDocument) -> datetime:
         # issued_at is the backend's clock: it may run up to the accepted skew ahead of ours.
         return plus(doc.issued_at, -self.verifier.max_clock_skew)
+
+    def _defer(self, raw: bytes, kind: str) -> None:
+        """Keep the latest document of ``kind`` refused as not yet valid (runs in the
+        admission thread: one dict assignment)."""
+        try:
+            doc = self.verifier.authenticate(raw, kind)
+        except DocumentError:
+            return
+        old = self.deferred.get(kind)
+        if old is None or doc.version >= old.version:
+            self.deferred[kind] = Deferred(raw, doc.version, doc.issued_at)
 
     def _refused(self, kind: str, reason: str, detail: str) -> None:
         detail = detail[:300]

@@ -39,8 +39,8 @@ from agent.privacy.signed import (
     sign_document,
 )
 from agent.store import Store, StoreConfig
+from agent.trusted_time import BUILD_FLOOR, TrustedClock
 from agent.trusted_time import KV_KEY as TIME_KEY
-from agent.trusted_time import TrustedClock
 from agent.trusted_time import decode_floor as decode_time_floor
 from tests.delivery_helpers import mqtt_cfg
 
@@ -421,3 +421,41 @@ def test_small_wording() -> None:
     assert "expires in 5 minutes" in (expiry_warning(ALLOW_LIST, later, NOW, 7) or "")
     assert describe_error(TimeoutError()) == "TimeoutError"
     assert describe_error(OSError("disk full")) == "disk full"
+
+
+async def test_documents_refused_as_not_yet_valid_are_kept_one_per_kind_and_judged_again(
+    rig: Rig,
+) -> None:
+    """Hostile report 2, F4: the latest such document per kind, installed once its time comes."""
+    # A fresh cabinet without time sync: its time is a lower bound (the build date), and a
+    # document may be issued up to 366 days after it; these are a little more.
+    ahead = BUILD_FLOOR + timedelta(days=370)
+
+    def refused(raw: bytes) -> None:
+        with pytest.raises(DocumentError) as info:
+            rig.docs.verify(raw, ALLOW_LIST, rig.docs.clock.now())
+        assert info.value.reason == DocumentError.NOT_YET_VALID
+
+    refused(allow_list(5, issued=ahead))
+    refused(allow_list(6, issued=ahead + timedelta(days=1)))
+    refused(allow_list(4, issued=ahead))  # older: the newest refused one is kept
+    assert list(rig.docs.deferred) == [ALLOW_LIST]
+    assert rig.docs.deferred[ALLOW_LIST].version == 6
+    assert rig.docs.deferred_due() == []
+    await rig.docs.reconsider([])  # nothing due: nothing happens
+    assert rig.docs.documents == {}
+    rig.clock.mono += 6 * 86400.0  # six days pass on the monotonic clock
+    assert rig.docs.deferred_due() == [ALLOW_LIST]
+    await rig.docs.reconsider(rig.docs.deferred_due())
+    assert rig.docs.documents[ALLOW_LIST].version == 6
+    assert rig.docs.deferred == {}
+    assert ALLOW_LIST not in rig.docs.refusals
+
+
+async def test_refusals_judged_by_an_old_clock_leave_status_once_it_is_trusted(rig: Rig) -> None:
+    """Hostile report 2, F7: "REFUSED … expired" stayed next to a document valid again."""
+    rig.docs.rejected(ALLOW_LIST, DocumentError.EXPIRED, "allow-list v1 expired at …")
+    rig.docs.rejected(ASSET_REGISTRY, DocumentError.ROLLBACK, "asset-registry v1 is older")
+    rig.docs.clock_changed()
+    assert ALLOW_LIST not in rig.docs.refusals
+    assert rig.docs.refusals[ASSET_REGISTRY].reason == DocumentError.ROLLBACK, "not a clock's"

@@ -13,6 +13,7 @@ import base64
 import glob
 import json
 import os
+import signal
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -594,3 +595,51 @@ async def test_a_reboot_into_a_wrong_forward_clock_is_provisional_and_destroys_n
         assert decode_time_floor(raw).floor < datetime.now(UTC) + timedelta(minutes=5)
     finally:
         await store.close()
+
+
+async def test_a_document_refused_as_not_yet_valid_is_installed_when_its_time_comes(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Hostile report 2, F4: the backend's clock runs 12 s beyond the accepted skew. Before, the
+    retained document stayed refused until the next MQTT reconnect (days on a healthy link)."""
+    scenario = _scenario(
+        "plain-checkout", ["badge alice", "wait_unlock", "open", "close", "settle"]
+    )
+    async with cabinet_rig(scenario, tmp_path, mosquitto) as rig:
+        agent = rig.agent
+        now = datetime.now(UTC).replace(microsecond=0)
+        lay = scenario.cabinet
+        entries = {rig.pseudonym(p.name): list(p.roles) for p in scenario.people if p.listed}
+
+        def signed(version: int, issued_at: datetime) -> bytes:
+            doc = allow_list_doc(
+                lay.site_id,
+                lay.cabinet_id,
+                version,
+                issued_at + timedelta(days=30),
+                entries,
+                issued_at=issued_at,
+            )
+            return sign_document(rig.keys.signing_private, rig.keys.signing_kid, doc)
+
+        rig.publish_document("allow-list", signed(2, now + timedelta(seconds=312)))
+        await agent.wait_log("refused allow-list document: not-yet-valid")
+        status = await _status(rig)
+        assert status["documents"]["allow-list"]["version"] == 1
+        await agent.wait_log("judging again allow-list version 2")
+        await agent.wait_log("installed allow-list version 2")
+        assert datetime.now(UTC) >= now + timedelta(seconds=11), "not before its time"
+        status = await _status(rig)
+        assert status["documents"]["allow-list"]["version"] == 2
+        assert "refused" not in status["documents"]["allow-list"], status["documents"]
+
+        # An hour ahead: judged again at once on SIGHUP (and refused again, with the reason).
+        rig.publish_document("allow-list", signed(3, now + timedelta(hours=1)))
+        await agent.wait_log("refused allow-list document: not-yet-valid", count=2)
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGHUP)
+        await agent.wait_log("judging again allow-list version 3")
+        await agent.wait_log("reload: documents re-verified")
+        status = await _status(rig)
+        assert status["documents"]["allow-list"]["version"] == 2
+        assert status["documents"]["allow-list"]["refused"]["reason"] == "not-yet-valid"
