@@ -226,3 +226,17 @@ def test_config_check_json_reports_problems_on_stdout(tmp_path: Path) -> None:
     doc = json.loads(proc.stdout)
     assert doc["ok"] is False
     assert any("readers[0].port" in line for line in doc["problems"]), doc
+
+
+def test_an_unknown_time_source_is_named(tmp_path: Path) -> None:
+    base = '[cabinet]\nsite_id="s"\ncabinet_id="c"\n[[readers]]\ntype="llrp"\nid="x"\nhost="h"\n'
+    p = tmp_path / "bad.toml"
+    for bad in ("ntp", "file:", "file:relative/path"):
+        p.write_text(base + f'[time]\nsync_source = "{bad}"\n')
+        with pytest.raises(ConfigError) as exc:
+            load_config(p)
+        [problem] = exc.value.problems
+        assert problem.startswith("time.sync_source:"), problem
+    for good in ("kernel", "none", "file:/run/time-synced"):
+        p.write_text(base + f'[time]\nsync_source = "{good}"\n')
+        assert load_config(p).time.sync_source == good
