@@ -675,6 +675,10 @@ async def soak(opts: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(opts.seed)
     loop = asyncio.get_running_loop()
+    # SIGTERM as Ctrl-C: cancel, so that every process, mount and temp dir is cleaned up.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
     print(f"field soak: {opts.seconds:g} s, seed {opts.seed}, work dir {work}", flush=True)
     with tmpfs(work / "disk", opts.disk_mib) as disk_root:
         pfs = PowerLossFs(disk_root / "pfs")
@@ -1016,7 +1020,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("field soak: needs root (tmpfs and FUSE mounts)", file=sys.stderr)
         return 77
-    return asyncio.run(soak(opts))
+    try:
+        return asyncio.run(soak(opts))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("field soak: interrupted (everything it started is stopped)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
