@@ -21,7 +21,8 @@ from drivers.llrp.framing import (
     encode_header,
 )
 from drivers.llrp.reader import LlrpReader
-from drivers.types import QueueSink, TagRead
+from drivers.sinks import QueueSink
+from drivers.types import TagRead
 from tests.conftest import CAPTURES, ROOT
 
 _message = st.tuples(

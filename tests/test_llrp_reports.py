@@ -11,7 +11,8 @@ from sllurp.llrp import LLRPMessage
 from drivers.llrp.config import LlrpReaderConfig
 from drivers.llrp.reader import LlrpReader
 from drivers.llrp.reports import decode_report
-from drivers.types import QueueSink, TagRead
+from drivers.sinks import QueueSink
+from drivers.types import TagRead
 from simulators.llrp.codec import Bits, encode_message
 from tests.conftest import CAPTURES
 
