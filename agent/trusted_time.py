@@ -76,6 +76,9 @@ SLEW_LIMIT_S: Final = 120.0
 # At a boot without proof, a wall clock further than this past the floor is reported at once
 # (agent.clock_step at_start, provisional): more likely a glitch than the downtime of a reboot.
 BOOT_JUMP_REPORT_S: Final = 7 * 86_400.0
+# The most that the first step of a just-synchronised clock may move an already proven time
+# (an RTC's drift since the proof): beyond it, the time source is the glitch.
+FIRST_SYNC_STEP_S: Final = 600.0
 # The floor is written when it moved this far from the stored value (and at every stop).
 PERSIST_EVERY_S: Final = 60.0
 KV_KEY: Final = "time.floor"
@@ -237,7 +240,11 @@ class TrustedTime:
         newly_synced = synced and self._synced is False
         self._synced = synced
         basis = self._basis
-        if synced and sane and (basis is not Basis.CLOCK or newly_synced):
+        # Sync proves a wall clock the agent has no proof against. Its first step after being
+        # acquired may also correct a proven time — by what a clock drifts, not by a day: a
+        # source that flaps off and on again must not launder a glitch (hostile re-test N1).
+        first_step = newly_synced and abs(gap) <= FIRST_SYNC_STEP_S
+        if synced and sane and (basis is not Basis.CLOCK or first_step):
             self._accept_synced(wall, mono, gap, at_start)
             return Now(self._time, mono, True)
         provisional = False

@@ -751,6 +751,32 @@ async def test_time_sync_does_not_excuse_a_step_of_a_proven_time_but_a_fresh_syn
     assert (now.wall, now.trusted) == (clock.wall, True), "NTP's first step after sync is taken"
 
 
+async def test_a_sync_source_flapping_off_and_on_does_not_launder_a_glitch() -> None:
+    """Hostile re-test N1: a proven time refuses a wall clock a day (or 400 days) ahead; the
+    time source then drops sync and regains it. Its "first step" must not carry the glitch in
+    (before: the agent's time jumped +400 days, documents expired, the audit log was pruned)."""
+    for ahead in (timedelta(days=1), timedelta(days=400), timedelta(minutes=11)):
+        ntp = Sync(True)
+        clock, tc = await started(REAL, KvStore(), "boot-a", sync=ntp)
+        assert tc.reading().trusted
+        proven = tc.reading().wall
+        clock.wall += ahead
+        clock.run(2)
+        assert not tc.reading().trusted
+        ntp.on = False
+        clock.run(2)
+        tc.reading()
+        ntp.on = True
+        clock.run(2)
+        now = tc.reading()
+        assert not now.trusted, ahead
+        assert now.wall - proven < timedelta(seconds=10), ("the agent's time held", ahead)
+        # Once the wall clock is right again, it is trusted again.
+        clock.wall -= ahead
+        clock.run(2)
+        assert tc.reading().trusted, ahead
+
+
 async def test_a_slow_rtc_corrected_by_ntp_after_boot_is_trusted() -> None:
     """F2: fake-hwclock 3 minutes behind; NTP steps it forward after the agent started."""
     store = KvStore()
