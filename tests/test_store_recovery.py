@@ -291,6 +291,36 @@ async def test_a_rollback_within_a_reservation_block_is_detected(
     assert {d.header.epoch for d in rig.sink.delivered} - {old_epoch}, "a new epoch"
 
 
+async def test_a_close_right_after_the_database_was_deleted_rewrites_it_first(
+    tmp_path: Path,
+) -> None:
+    """``rm state.db`` and a stop at once (hostile re-test N3: SIGTERM within a second of the
+    ``rm``, before the periodic check): with nothing left to make durable, the close went
+    straight to its final checkpoint, folding every undelivered row into the unlinked file.
+    The close looks first, and writes the database back under its name."""
+    from agent.store import Store, StoreConfig
+    from tests.store_helpers import next_rows
+
+    path = tmp_path / "state.db"
+    store = await Store.open(StoreConfig(path=path), age_clock=lambda: None)
+    await store.append_events(next_rows(store, 5))
+    conn = sqlite3.connect(path, timeout=10)  # the rows move into the file itself
+    try:
+        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    finally:
+        conn.close()
+    path.unlink()
+    await store.close()
+    assert path.exists(), "the close wrote the database back under its name"
+    store = await Store.open(StoreConfig(path=path), age_clock=lambda: None)
+    try:
+        stats = await store.stats()
+        assert (stats.depth, stats.next_seq) == (5, 6)
+        assert not [a for a in store.open_alerts if a.kind == "store.database_lost"]
+    finally:
+        await store.close()
+
+
 async def test_a_database_deleted_while_the_agent_runs_is_rewritten_and_loses_nothing(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:

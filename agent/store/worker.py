@@ -453,6 +453,11 @@ class Worker(threading.Thread):
         """Last commits durable, the WAL folded in, and the sidecar's floor raised to them."""
         assert self.db is not None
         try:
+            # Deleted or replaced since the last look (a stop right after an `rm`): the
+            # checkpoint below would fold every commit into a file nobody can open again.
+            self._check_identity()
+            if self.db is None:
+                return
             self._make_durable()
             with contextlib.suppress(sqlite3.Error):
                 self.db.checkpoint("TRUNCATE")
