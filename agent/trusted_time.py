@@ -183,6 +183,8 @@ class TrustedTime:
         # Since when *this run* (or this boot, across restarts) has been untrusted: a record
         # from before a reboot passes no ``since``, and the first reading sets it.
         self.untrusted_since = None if was_trusted or since is None else _sane(since)
+        # The monotonic time it started in this run (None: before this run, or trusted).
+        self.untrusted_mono: float | None = None
         self.last_wall: datetime | None = None
         self._offset: float | None = None  # wall - mono at the last reading (seconds)
         self._synced: bool | None = None  # the time source's answer at the last reading
@@ -300,10 +302,12 @@ class TrustedTime:
                 )
         if agrees:
             self.untrusted_since = None
+            self.untrusted_mono = None
             self.reason = None
         else:
             if self.untrusted_since is None:
                 self.untrusted_since = t
+                self.untrusted_mono = mono
             self.reason = _untrusted_reason(self._basis, wall)
         self._offset = offset
         self.trusted = agrees
@@ -324,6 +328,7 @@ class TrustedTime:
         self._offset = _timestamp(wall) - mono
         self.trusted = True
         self.untrusted_since = None
+        self.untrusted_mono = None
         self.reason = None
         self.last_wall = wall
 
@@ -367,6 +372,7 @@ class TrustedTime:
         self._offset = _timestamp(wall) - mono
         self.trusted = True
         self.untrusted_since = None
+        self.untrusted_mono = None
         self.reason = None
         self.last_wall = wall
         return True
@@ -573,6 +579,7 @@ class TrustedClock:
             state = self._state
             wall = state.last_wall
             since = state.untrusted_since
+            since_mono = state.untrusted_mono
             reason = state.reason
             basis = state.basis
             persisted = self._persisted
@@ -584,6 +591,8 @@ class TrustedClock:
             "trusted": now.trusted,
             "provisional": basis is Basis.PROVISIONAL,
             "since": None if since is None else since.isoformat(),
+            # How long, on the monotonic clock, in this run (None: since before this run).
+            "for_s": None if since_mono is None else round(max(0.0, now.mono - since_mono)),
             "reason": reason,
             "basis": str(basis),
             "floor": None if persisted is None else persisted.floor.isoformat(),

@@ -371,16 +371,26 @@ def test_status_clock_line_says_since_when_what_the_wall_clock_reads_and_the_age
     base = {"time": "2026-12-01T10:05:00+00:00", "wall": "2028-01-10T10:00:00+00:00"}
     assert clock_line({**base, "trusted": True}) == "2026-12-01T10:05:00+00:00 (wall clock trusted)"
     line = clock_line(
-        {**base, "trusted": False, "since": "2026-12-01T10:00:00+00:00", "basis": "clock"}
+        {
+            **base,
+            "trusted": False,
+            "since": "2026-12-01T10:00:00+00:00",
+            "for_s": 200,
+            "basis": "clock",
+        }
     )
-    assert line.startswith("UNTRUSTED since 2026-12-01T10:00:00+00:00: wall clock reads 2028")
+    assert line.startswith(
+        "UNTRUSTED for 3 min 20 s (since agent time 2026-12-01T10:00:00+00:00): wall clock reads"
+    ), line
     assert "agent time 2026-12-01T10:05:00+00:00" in line
     floor = clock_line({**base, "trusted": False, "since": "x", "basis": "floor"})
     assert "downtime not counted" in floor
     why = clock_line(
         {**base, "trusted": False, "since": "x", "basis": "floor", "reason": "no time source yet"}
     )
-    assert why.startswith("UNTRUSTED since x (no time source yet): wall clock reads 2028"), why
+    assert why.startswith(
+        "UNTRUSTED (since agent time x) (no time source yet): wall clock reads 2028"
+    ), why
     provisional = clock_line(
         {
             **base,
@@ -391,7 +401,7 @@ def test_status_clock_line_says_since_when_what_the_wall_clock_reads_and_the_age
             "sync_source": "kernel",
         }
     )
-    assert provisional.startswith("PROVISIONAL since x: wall clock reads 2028"), provisional
+    assert provisional.startswith("PROVISIONAL (since agent time x): wall clock reads"), provisional
     assert "expiry judged by the proven time 2026-12-01T10:00:00+00:00" in provisional
 
 

@@ -13,6 +13,7 @@ import base64
 import glob
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -326,7 +327,7 @@ async def test_a_wall_clock_glitch_forward_and_back_locks_nobody_out_and_loses_n
         rc, out, _ = await ctl("status", "--config", str(agent.config))
         assert rc == 0
         line = next(x for x in out.splitlines() if x.strip().startswith("clock"))
-        assert "UNTRUSTED since" in line, line
+        assert re.search(r"UNTRUSTED for \d+ s \(since agent time ", line), line
         assert f"wall clock reads {real_before.year + 2}" in line, line
         assert "agent time " in line, line
         rc, out, _ = await ctl(
@@ -550,7 +551,7 @@ async def test_a_reboot_into_a_wrong_forward_clock_is_provisional_and_destroys_n
         rc, out, _ = await ctl("status", "--config", str(agent.config))
         assert rc == 0
         line = next(x for x in out.splitlines() if x.strip().startswith("clock"))
-        assert "PROVISIONAL since" in line, line
+        assert re.search(r"PROVISIONAL for \d+ s \(since agent time ", line), line
         assert "no time sync yet" in line, line
         await _door_cycle(rig)  # B: alice is let in, whatever the provisional clock says
 

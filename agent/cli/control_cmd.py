@@ -219,14 +219,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _for(seconds: object) -> str:
+    """``for 3 min 20 s`` (this run, on the monotonic clock), or nothing when unknown."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return ""
+    s = int(seconds)
+    if s < 60:
+        text = f"{s} s"
+    elif s < 3600:
+        text = f"{s // 60} min {s % 60} s"
+    else:
+        text = f"{s // 3600} h {s % 3600 // 60} min"
+    return f" for {text}"
+
+
 def clock_line(clock: dict[str, Any]) -> str:
-    """The agent's time and whether the wall clock agrees with it, in one line."""
+    """The agent's time and whether the wall clock agrees with it, in one line. How long it
+    has been so comes from the monotonic clock: "since" is in the agent's time, which after a
+    boot at 1970 is the build date carried on — read alone, it looks like an old fault."""
     if clock.get("trusted"):
         return f"{clock['time']} (wall clock trusted)"
     why = f" ({clock['reason']})" if clock.get("reason") else ""
+    since = f"{_for(clock.get('for_s'))} (since agent time {clock.get('since') or '?'})"
     if clock.get("provisional"):
         return (
-            f"PROVISIONAL since {clock.get('since') or '?'}{why}: wall clock reads "
+            f"PROVISIONAL{since}{why}: wall clock reads "
             f"{clock.get('wall')}, taken on faith, NOT trusted; expiry judged by the proven "
             f"time {clock.get('proven')} (time source {clock.get('sync_source')})"
         )
@@ -237,7 +254,7 @@ def clock_line(clock: dict[str, Any]) -> str:
     else:
         how = "carried on the monotonic clock from the last trusted reading"
     return (
-        f"UNTRUSTED since {clock.get('since') or '?'}{why}: wall clock reads {clock.get('wall')}, "
+        f"UNTRUSTED{since}{why}: wall clock reads {clock.get('wall')}, "
         f"agent time {clock['time']} ({how})"
     )
 
