@@ -54,6 +54,7 @@ _RETRYABLE = frozenset(
 )
 _FATAL = frozenset({_SQLITE_CORRUPT, _SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_NOTADB})
 _IDENTITY_CHECK_S = 5.0  # how often the path is checked to still name the open database
+_HEAL_BACKUP_S = 10.0  # the most a rewrite's copy may take (it runs on the store's thread)
 _LOCATION_ERRNOS = frozenset(
     {
         errno.EACCES,
@@ -1024,7 +1025,17 @@ class Worker(threading.Thread):
             tmp.unlink(missing_ok=True)
             copy = sqlite3.connect(tmp, isolation_level=None)
             try:
-                db.conn.backup(copy)
+                # sqlite3's backup retries a busy or locked database without end: bounded here
+                # (the callback runs after every step, busy ones too; raising aborts it).
+                give_up = time.monotonic() + _HEAL_BACKUP_S
+
+                def bounded(_status: int, _remaining: int, _total: int) -> None:
+                    if time.monotonic() > give_up:
+                        raise sqlite3.OperationalError(
+                            f"the copy did not complete within {_HEAL_BACKUP_S:g} s (busy)"
+                        )
+
+                db.conn.backup(copy, pages=256, progress=bounded, sleep=0.05)
             finally:
                 copy.close()
             _fsync_file(tmp)
