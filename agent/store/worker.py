@@ -1356,14 +1356,24 @@ def _rescued(found: Salvage | None) -> str:
     if found is None or not found.rows:
         return "no undelivered event could be salvaged"
     live = sum(1 for r in found.rows.values() if not r.dead)
-    text = (
-        f"salvaged {live} undelivered event(s), seqs {min(found.rows)}..{found.max_seq}, "
-        "which will be delivered"
+    if found.freelist_known:
+        text = (
+            f"salvaged {live} undelivered event(s), seqs {min(found.rows)}..{found.max_seq}, "
+            "which will be delivered"
+        )
+        missing = found.missing_within()
+        if missing:
+            text += f"; {missing} seq(s) in that range could not be read"
+        return text
+    # Page 1 unreadable: which pages were free is unknown, so rows already delivered (their
+    # pages freed, not yet reused) come back with the undelivered ones, and a seq not found
+    # may as well have been delivered long ago. Say so rather than count losses.
+    return (
+        f"salvaged {live} event(s), seqs {min(found.rows)}..{found.max_seq}, which will be "
+        "(re)delivered: the free-page list was unreadable, so some may have been delivered "
+        "before (the backend drops those duplicates by event id) and seqs not found in that "
+        "range may be delivered ones rather than lost"
     )
-    missing = found.missing_within()
-    if missing:
-        text += f"; {missing} seq(s) in that range could not be read"
-    return text
 
 
 def _baseline_current(
