@@ -511,6 +511,12 @@ class CabinetApp:
 
     def _apply_document(self, kind: str, parsed: Parsed | None) -> None:
         assert self.engine is not None
+        # A document of this kind is in force now: earlier refusals are history, not alerts.
+        stale = f"{kind} refused: "
+        if any(a.startswith(stale) for a in self.alerts):
+            kept = [a for a in self.alerts if not a.startswith(stale)]
+            self.alerts.clear()
+            self.alerts.extend(kept)
         if kind == ALLOW_LIST:
             self.engine.set_allow_list(_as(parsed, AllowList))
         elif kind == ASSET_REGISTRY:

@@ -633,6 +633,8 @@ async def test_a_document_refused_as_not_yet_valid_is_installed_when_its_time_co
         status = await _status(rig)
         assert status["documents"]["allow-list"]["version"] == 2
         assert "refused" not in status["documents"]["allow-list"], status["documents"]
+        stale = [a for a in status["alerts"] if a.startswith("allow-list refused")]
+        assert not stale, "the refusal is history once a document is in force"
 
         # An hour ahead: judged again at once on SIGHUP (and refused again, with the reason).
         rig.publish_document("allow-list", signed(3, now + timedelta(hours=1)))
