@@ -53,9 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.consumer import Consumer, ConsumerOptions, Delivered, EventDecoder
 from agent.privacy.envelope import EnvelopeError, Opener, parse_header
-from agent.privacy.keys import BackendKeys, generate_backend_keys
+from backend.consumer import Consumer, ConsumerOptions, Delivered, EventDecoder
+from backend.keys import BackendKeys, generate_backend_keys
 from simulators.badge import BadgeSimulator
 from simulators.broker import Mosquitto
 from simulators.cabinet import (

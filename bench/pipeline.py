@@ -132,8 +132,8 @@ async def seal_and_commit(
     from datetime import UTC, datetime
 
     from agent.privacy.envelope import EnvelopeHeader, Sealer
-    from agent.privacy.keys import generate_backend_keys
     from agent.store import OutboxRow, Store, StoreConfig
+    from backend.keys import generate_backend_keys
 
     keys = generate_backend_keys(db.parent / "keys")
     sealer = Sealer(keys.hpke_public, keys.hpke_kid)

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent.privacy.envelope import EnvelopeHeader, Opener, Sealer, seal_batch
 from agent.privacy.pseudonym import Pseudonymizer
-from agent.privacy.signed import DocumentVerifier, allow_list_doc, sign_document
+from agent.privacy.signed import DocumentVerifier
+from backend.signing import allow_list_doc, sign_document
 
 EVENT_BYTES = 300
 

@@ -183,7 +183,7 @@ async def _serve(scenario: Scenario, args: argparse.Namespace) -> int:
 def _write_config(
     scenario: Scenario, args: argparse.Namespace, llrp_port: int, badge_url: str
 ) -> AgentArtefacts:
-    from agent.privacy.keys import generate_backend_keys, load_backend_keys
+    from backend.keys import generate_backend_keys, load_backend_keys
 
     out: Path = args.write_config.resolve()
     key_dir = out / "keys"
@@ -231,20 +231,16 @@ def _write_config(
 def _start_consumer(
     args: argparse.Namespace, art: AgentArtefacts, events: EventLog, loop: asyncio.AbstractEventLoop
 ) -> Any:
-    from agent.consumer import Consumer, ConsumerOptions, Delivered, EventDecoder
-    from agent.privacy.envelope import Opener
-    from agent.privacy.keys import load_hpke_private
+    from backend.consumer import Consumer, ConsumerOptions, Delivered, EventDecoder, load_opener
 
-    kid, key = load_hpke_private(args.write_config.resolve() / "keys" / "backend-hpke.key")
+    opener = load_opener([args.write_config.resolve() / "keys" / "backend-hpke.key"])
 
     def on_event(delivered: Delivered) -> None:
         event = json.loads(delivered.plaintext)
         loop.call_soon_threadsafe(_print_event, event, art)
         events.add_threadsafe(loop, event)
 
-    consumer = Consumer(
-        ConsumerOptions(port=args.mqtt_port), EventDecoder(Opener({kid: key})), on_event
-    )
+    consumer = Consumer(ConsumerOptions(port=args.mqtt_port), EventDecoder(opener), on_event)
     consumer.start()
     return consumer
 

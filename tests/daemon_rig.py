@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from agent.privacy.keys import generate_backend_keys
+from backend.keys import generate_backend_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 30.0

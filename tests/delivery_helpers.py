@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.consumer import Consumer, ConsumerOptions, Delivered, EventDecoder
 from agent.mqtt.config import MqttConfig
 from agent.mqtt.publisher import Publisher
 from agent.privacy.envelope import EnvelopeHeader, Opener, Sealer
-from agent.privacy.keys import BackendKeys, generate_backend_keys
 from agent.store import OutboxRow, Store, StoreAlert, StoreConfig
+from backend.consumer import Consumer, ConsumerOptions, Delivered, EventDecoder
+from backend.keys import BackendKeys, generate_backend_keys
 
 SITE = "site1"
 CABINET = "cab1"

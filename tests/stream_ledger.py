@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.consumer import Consumer, ConsumerOptions, Delivered, EventDecoder
 from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener, parse_header
-from agent.privacy.keys import BackendKeys
+from backend.consumer import Consumer, ConsumerOptions, Delivered, EventDecoder
+from backend.keys import BackendKeys
 
 Epoch = bytes | int | None
 Key = tuple[Epoch, int]

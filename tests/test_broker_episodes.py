@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from agent.privacy.envelope import Opener
-from agent.privacy.keys import load_backend_keys
+from backend.keys import load_backend_keys
 from simulators.broker import Mosquitto
 from simulators.fakebroker import FakeBroker
 from simulators.llrp import LlrpSimulator

@@ -15,8 +15,8 @@ import pytest
 
 from agent.config import parse_config
 from agent.domain import events as ev
-from agent.privacy.keys import generate_backend_keys
 from agent.privacy.signed import DocumentVerifier
+from backend.keys import generate_backend_keys
 from simulators.badge import BadgeSimulator
 from simulators.cabinet import (
     INSTALLER,

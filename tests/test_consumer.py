@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from agent.consumer import EventDecoder, SeqTracker
 from agent.mqtt.publisher import Publisher
 from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener
-from agent.privacy.keys import load_backend_keys
 from agent.privacy.pseudonym import Pseudonymizer
 from agent.privacy.signed import ALLOW_LIST, ASSET_REGISTRY, DocumentVerifier
+from backend.consumer import EventDecoder, SeqTracker
+from backend.keys import load_backend_keys
 from tests.delivery_helpers import (
     CABINET,
     SITE,
@@ -41,7 +41,7 @@ TOPIC = f"cabinets/v1/{SITE}/{CABINET}/events"
 
 def _cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.consumer", *args],
+        [sys.executable, "-m", "backend.consumer", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -229,7 +229,7 @@ async def test_shared_subscription_splits_the_stream(tmp_path: Path, mosquitto: 
         await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "agent.consumer",
+            "backend.consumer",
             "consume",
             "--port",
             str(mosquitto.port),

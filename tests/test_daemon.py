@@ -143,8 +143,8 @@ async def test_reload_reverifies_stored_documents(tmp_path: Path) -> None:
     """SIGHUP path: a stored allow-list that no longer verifies is dropped (nobody let in)."""
     from datetime import UTC, datetime, timedelta
 
-    from agent.privacy.keys import load_backend_keys
-    from agent.privacy.signed import allow_list_doc, sign_document
+    from backend.keys import load_backend_keys
+    from backend.signing import allow_list_doc, sign_document
 
     creds = provision(tmp_path)
     backend = load_backend_keys(tmp_path / "backend")
@@ -188,7 +188,7 @@ async def test_corrupt_database_is_quarantined_and_reported_to_the_backend(tmp_p
     import json as _json
 
     from agent.privacy.envelope import Opener
-    from agent.privacy.keys import load_backend_keys
+    from backend.keys import load_backend_keys
 
     creds = provision(tmp_path)
     backend = load_backend_keys(tmp_path / "backend")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.mqtt.publisher import Publisher
-from agent.privacy.keys import BackendKeys
 from agent.store import StoreAlert
+from backend.keys import BackendKeys
 from tests.delivery_helpers import (
     CABINET,
     SITE,

@@ -18,16 +18,10 @@ from agent.config import ConfigError, parse_config
 from agent.mqtt.config import MqttConfig
 from agent.mqtt.documents import StoreDocuments
 from agent.mqtt.publisher import Publisher
-from agent.privacy.keys import BackendKeys
 from agent.privacy.pseudonym import Pseudonymizer
-from agent.privacy.signed import (
-    ALLOW_LIST,
-    DocumentVerifier,
-    SignedDocument,
-    allow_list_doc,
-    canonical_json,
-    sign_document,
-)
+from agent.privacy.signed import ALLOW_LIST, DocumentVerifier, SignedDocument, canonical_json
+from backend.keys import BackendKeys
+from backend.signing import allow_list_doc, sign_document
 from tests.delivery_helpers import (
     CABINET,
     SITE,

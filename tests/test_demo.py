@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.demo import EX_USAGE, NO_MOSQUITTO_ENV, find_mosquitto, run_demo
 from simulators.cabinet import INSTALLER, find_scenario, load_scenario
+from simulators.demo import EX_USAGE, NO_MOSQUITTO_ENV, find_mosquitto, run_demo
 from tests.pii import assert_no_raw_ids, find_raw_ids
 
 ROOT = Path(__file__).resolve().parent.parent

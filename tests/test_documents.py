@@ -33,15 +33,14 @@ from agent.privacy.signed import (
     DocumentError,
     DocumentVerifier,
     SignedDocument,
-    allow_list_doc,
     canonical_json,
     format_time,
-    sign_document,
 )
 from agent.store import Store, StoreConfig
 from agent.trusted_time import BUILD_FLOOR, TrustedClock
 from agent.trusted_time import KV_KEY as TIME_KEY
 from agent.trusted_time import decode_floor as decode_time_floor
+from backend.signing import allow_list_doc, sign_document
 from tests.delivery_helpers import mqtt_cfg
 
 SITE, CABINET = "hangar-3", "crib-07"

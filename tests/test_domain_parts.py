@@ -17,14 +17,8 @@ from agent.domain.config import CabinetDomainConfig
 from agent.domain.inventory import Baseline, ScanAccumulator, diff
 from agent.domain.now import Now
 from agent.privacy.pseudonym import Pseudonymizer
-from agent.privacy.signed import (
-    ALLOW_LIST,
-    ASSET_REGISTRY,
-    DocumentVerifier,
-    allow_list_doc,
-    asset_registry_doc,
-    sign_document,
-)
+from agent.privacy.signed import ALLOW_LIST, ASSET_REGISTRY, DocumentVerifier
+from backend.signing import allow_list_doc, asset_registry_doc, sign_document
 from drivers.types import ReaderHealth, ReaderState, SystemClock, TagRead
 from tests.domain_harness import ALICE, AUDITOR, BOB, MALLORY, SUPER, T0, allow_list
 

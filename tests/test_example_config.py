@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from agent.config import AgentConfig, load_config
-from agent.privacy.keys import load_backend_keys
+from backend.keys import load_backend_keys
 from simulators.badge import BadgeSimulator
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, provision

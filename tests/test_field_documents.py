@@ -25,9 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.control.client import ControlClient
-from agent.privacy.keys import BackendKeys, load_backend_keys
 from agent.privacy.pseudonym import Pseudonymizer
-from agent.privacy.signed import format_time, sign_document
+from agent.privacy.signed import format_time
+from backend.keys import BackendKeys, load_backend_keys
+from backend.signing import sign_document
 from simulators.cabinet import publish_retained
 from tests.daemon_rig import ROOT, config_text, provision
 from tests.mqtt_fixtures import Mosquitto, free_port

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.control.client import ControlClient
-from agent.privacy.signed import allow_list_doc, canonical_json, sign_document
+from agent.privacy.signed import canonical_json
 from agent.store import Store, StoreConfig
 from agent.trusted_time import KV_KEY as TIME_KEY
 from agent.trusted_time import FloorRecord
 from agent.trusted_time import decode_floor as decode_time_floor
 from agent.trusted_time import encode_floor as encode_time_floor
+from backend.signing import allow_list_doc, sign_document
 from simulators.cabinet import (
     Scenario,
     ScenarioRunner,

@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.daemon_rig import ROOT
 
 LINT = Path(sys.executable).parent / "lint-imports"
-PACKAGES = ("agent", "drivers", "simulators", "tests")
+PACKAGES = ("agent", "backend", "drivers", "simulators", "tests")
 
 
 def _lint(root: Path) -> subprocess.CompletedProcess[str]:
@@ -62,3 +62,25 @@ def test_a_driver_importing_the_store_breaks_its_contract(tmp_path: Path) -> Non
     done = _lint(root)
     assert done.returncode == 1, done.stdout
     assert "drivers never reach into the agent" in done.stdout
+
+
+def test_the_agent_importing_the_backend_breaks_its_contract(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    app = root / "agent" / "audit_trail.py"
+    app.write_text(app.read_text() + "\nfrom backend.signing import sign_document  # noqa: E402\n")
+    done = _lint(root)
+    assert done.returncode == 1, done.stdout
+    assert "the edge agent imports no backend or simulator code" in done.stdout
+    assert "agent.audit_trail -> backend.signing" in done.stdout
+
+
+def test_a_simulator_importing_the_agent_breaks_its_contract(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    badge = root / "simulators" / "badge.py"
+    badge.write_text(
+        badge.read_text() + "\nfrom agent.privacy.envelope import Opener  # noqa: E402\n"
+    )
+    done = _lint(root)
+    assert done.returncode == 1, done.stdout
+    assert "simulators import the backend, never the agent" in done.stdout
+    assert "simulators.badge -> agent.privacy.envelope" in done.stdout

@@ -17,8 +17,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.privacy.keys import load_backend_keys
-from agent.privacy.signed import allow_list_doc, sign_document
+from backend.keys import load_backend_keys
+from backend.signing import allow_list_doc, sign_document
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, config_text, provision
 from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from agent.privacy.keys import BackendKeys, generate_backend_keys
+from backend.keys import BackendKeys, generate_backend_keys
 from simulators.llrp import LlrpSimulator, SimTag
 from simulators.llrp.codec import ROSpecState
 from simulators.mercury import MercurySimulator

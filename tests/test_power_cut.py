@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.privacy.keys import load_backend_keys
+from backend.keys import load_backend_keys
 from simulators.badge import BadgeSimulator
 from simulators.llrp import LlrpSimulator
 from simulators.powerfs import PowerLossFs

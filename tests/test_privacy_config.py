@@ -12,9 +12,9 @@ import pytest
 from agent.privacy.config import PrivacyConfig, load_cabinet_privacy
 from agent.privacy.envelope import EnvelopeHeader, Opener
 from agent.privacy.keyfile import KeyFileError
-from agent.privacy.keys import BackendKeys, generate_backend_keys
 from agent.privacy.pseudonym import Pseudonymizer
-from agent.privacy.signed import allow_list_doc, sign_document
+from backend.keys import BackendKeys, generate_backend_keys
+from backend.signing import allow_list_doc, sign_document
 
 
 @pytest.fixture

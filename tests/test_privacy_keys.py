@@ -16,14 +16,13 @@ from agent.privacy.keyfile import KeyFileError, write_key_file
 from agent.privacy.keys import (
     KIND_HPKE_PUBLIC,
     KIND_SIGNING_PUBLIC,
-    BackendKeys,
-    generate_backend_keys,
-    load_backend_keys,
     load_hpke_public,
     load_signing_public,
 )
 from agent.privacy.pseudonym import Pseudonymizer
-from agent.privacy.signed import DocumentVerifier, allow_list_doc, sign_document
+from agent.privacy.signed import DocumentVerifier
+from backend.keys import BackendKeys, generate_backend_keys, load_backend_keys
+from backend.signing import allow_list_doc, sign_document
 
 FILES = {
     "backend-hpke.key": 0o600,

@@ -19,13 +19,11 @@ from agent.privacy.signed import (
     DocumentError,
     DocumentVerifier,
     VersionFloor,
-    allow_list_doc,
-    asset_registry_doc,
     canonical_json,
     format_time,
-    sign_document,
 )
 from agent.trusted_time import ClockView
+from backend.signing import allow_list_doc, asset_registry_doc, sign_document
 
 SIGNER = Ed25519PrivateKey.generate()
 OTHER_SIGNER = Ed25519PrivateKey.generate()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.privacy.signed import allow_list_doc, sign_document
+from backend.signing import allow_list_doc, sign_document
 from simulators.cabinet import (
     Scenario,
     bundled_scenarios,

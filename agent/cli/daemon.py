@@ -64,7 +64,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from simulators.demo import run_demo
 
     return run_demo(
         seconds=args.seconds,

@@ -1,36 +1,32 @@
-"""Backend key material for demos and tests: generate, write (0600 for secrets), load back.
+"""The key files a cabinet reads: the backend's public keys and the site key.
 
 A cabinet is provisioned with three files only: ``backend-hpke.pub``, ``signing.pub`` and
-``site.key``. The private HPKE and signing keys stay with the backend.
+``site.key``. The private HPKE and signing keys stay with the backend (``backend.keys``
+generates and loads them); the file names and kinds here are the contract both sides share.
 """
 
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from agent.privacy.keyfile import KeyFileError, read_key_file, write_key_file
-from agent.privacy.pseudonym import SITE_KEY_LEN, load_site_key, write_site_key
+from agent.privacy.keyfile import KeyFileError, read_key_file
 from agent.privacy.weakkeys import ed25519_small_order, x25519_weak
 
 __all__ = [
     "HPKE_PRIVATE_FILE",
     "HPKE_PUBLIC_FILE",
+    "KIND_HPKE_PRIVATE",
+    "KIND_HPKE_PUBLIC",
+    "KIND_SIGNING_PRIVATE",
+    "KIND_SIGNING_PUBLIC",
     "SIGNING_PRIVATE_FILE",
     "SIGNING_PUBLIC_FILE",
     "SITE_KEY_FILE",
-    "BackendKeys",
-    "generate_backend_keys",
-    "load_backend_keys",
-    "load_hpke_private",
     "load_hpke_public",
-    "load_signing_private",
     "load_signing_public",
 ]
 
@@ -45,97 +41,6 @@ KIND_HPKE_PUBLIC: Final = "x25519-hpke-public"
 KIND_SIGNING_PRIVATE: Final = "ed25519-signing-private"
 KIND_SIGNING_PUBLIC: Final = "ed25519-signing-public"
 
-_RAW: Final = serialization.Encoding.Raw
-
-
-@dataclass
-class BackendKeys:
-    """Everything a demo backend holds. ``repr`` never shows key material."""
-
-    hpke_private: X25519PrivateKey = field(repr=False)
-    hpke_kid: str
-    signing_private: Ed25519PrivateKey = field(repr=False)
-    signing_kid: str
-    site_key: bytes = field(repr=False)
-    site_kid: str
-
-    @property
-    def hpke_public(self) -> X25519PublicKey:
-        return self.hpke_private.public_key()
-
-    @property
-    def signing_public(self) -> Ed25519PublicKey:
-        return self.signing_private.public_key()
-
-
-def generate_backend_keys(
-    out_dir: Path,
-    *,
-    hpke_kid: str = "hpke1",
-    signing_kid: str = "sig1",
-    site_kid: str = "s1",
-) -> BackendKeys:
-    """Generate fresh keys and write the five key files into ``out_dir`` (created 0700)."""
-    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    keys = BackendKeys(
-        hpke_private=X25519PrivateKey.generate(),
-        hpke_kid=hpke_kid,
-        signing_private=Ed25519PrivateKey.generate(),
-        signing_kid=signing_kid,
-        site_key=secrets.token_bytes(SITE_KEY_LEN),
-        site_kid=site_kid,
-    )
-    write_backend_keys(out_dir, keys)
-    return keys
-
-
-def write_backend_keys(out_dir: Path, keys: BackendKeys) -> None:
-    """Write the five key files (secrets 0600, public keys 0644)."""
-    write_key_file(
-        out_dir / HPKE_PRIVATE_FILE,
-        KIND_HPKE_PRIVATE,
-        keys.hpke_kid,
-        _private_raw(keys.hpke_private),
-        secret=True,
-    )
-    write_key_file(
-        out_dir / HPKE_PUBLIC_FILE,
-        KIND_HPKE_PUBLIC,
-        keys.hpke_kid,
-        keys.hpke_public.public_bytes_raw(),
-        secret=False,
-    )
-    write_key_file(
-        out_dir / SIGNING_PRIVATE_FILE,
-        KIND_SIGNING_PRIVATE,
-        keys.signing_kid,
-        _private_raw(keys.signing_private),
-        secret=True,
-    )
-    write_key_file(
-        out_dir / SIGNING_PUBLIC_FILE,
-        KIND_SIGNING_PUBLIC,
-        keys.signing_kid,
-        keys.signing_public.public_bytes_raw(),
-        secret=False,
-    )
-    write_site_key(out_dir / SITE_KEY_FILE, keys.site_kid, keys.site_key)
-
-
-def load_backend_keys(dir: Path) -> BackendKeys:
-    """Load what ``generate_backend_keys`` wrote; secret files must still be 0600."""
-    hpke_kid, hpke_private = load_hpke_private(dir / HPKE_PRIVATE_FILE)
-    signing_kid, signing_private = load_signing_private(dir / SIGNING_PRIVATE_FILE)
-    site_kid, site_key = load_site_key(dir / SITE_KEY_FILE)
-    return BackendKeys(
-        hpke_private=hpke_private,
-        hpke_kid=hpke_kid,
-        signing_private=signing_private,
-        signing_kid=signing_kid,
-        site_key=site_key,
-        site_kid=site_kid,
-    )
-
 
 def load_hpke_public(path: Path) -> tuple[str, X25519PublicKey]:
     """The backend's HPKE public key and its key id (what a cabinet seals to)."""
@@ -148,12 +53,6 @@ def load_hpke_public(path: Path) -> tuple[str, X25519PublicKey]:
     return kid, key
 
 
-def load_hpke_private(path: Path) -> tuple[str, X25519PrivateKey]:
-    """The backend's HPKE private key (backend side only)."""
-    kid, raw = read_key_file(path, KIND_HPKE_PRIVATE, secret=True)
-    return kid, X25519PrivateKey.from_private_bytes(raw)
-
-
 def load_signing_public(path: Path) -> tuple[str, Ed25519PublicKey]:
     """The backend's document-signing public key and its key id."""
     kid, raw = read_key_file(path, KIND_SIGNING_PUBLIC, secret=False)
@@ -163,13 +62,3 @@ def load_signing_public(path: Path) -> tuple[str, Ed25519PublicKey]:
             "anyone could forge documents for it"
         )
     return kid, Ed25519PublicKey.from_public_bytes(raw)
-
-
-def load_signing_private(path: Path) -> tuple[str, Ed25519PrivateKey]:
-    """The backend's document-signing private key (backend side only)."""
-    kid, raw = read_key_file(path, KIND_SIGNING_PRIVATE, secret=True)
-    return kid, Ed25519PrivateKey.from_private_bytes(raw)
-
-
-def _private_raw(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())

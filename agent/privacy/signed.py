@@ -10,19 +10,16 @@ import binascii
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.domain.access import AllowList
-from agent.domain.assets import AssetRegistry
 from agent.privacy.keyfile import KID_PATTERN
-from agent.privacy.pseudonym import is_pseudonym
 from agent.trusted_time import BUILD_FLOOR, LATEST_TIME, ClockView, plus
 
 __all__ = [
@@ -36,11 +33,10 @@ __all__ = [
     "DocumentVerifier",
     "SignedDocument",
     "VersionFloor",
-    "allow_list_doc",
-    "asset_registry_doc",
     "canonical_json",
+    "check_fields",
     "format_time",
-    "sign_document",
+    "parse_time",
 ]
 
 ALLOW_LIST: Final = "allow-list"
@@ -64,7 +60,6 @@ _DOC_FIELDS: Final = frozenset(
 )
 _TIME_RE: Final = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?Z")
 _KID_RE: Final = re.compile(KID_PATTERN)  # the one key-id rule (docs/privacy.md, "Key files")
-_ROLE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,31}")
 
 
 class DocumentError(ValueError):
@@ -348,73 +343,12 @@ def check_floor(signed: SignedDocument, floor: VersionFloor) -> None:
         )
 
 
-def sign_document(private_key: Ed25519PrivateKey, kid: str, doc: Mapping[str, Any]) -> bytes:
-    """The wire form ``{"doc": ..., "kid": ..., "sig": ...}`` (canonical JSON, UTF-8)."""
+def check_fields(canonical: bytes, kid: str) -> SignedDocument:
+    """What the verifier makes of a canonical document signed under ``kid``, without the
+    signature: a signer refuses to sign what every cabinet would refuse."""
     if not isinstance(kid, str) or _KID_RE.fullmatch(kid) is None:
         raise ValueError(f"kid must match {_KID_RE.pattern}, got {kid!r}")
-    canonical = canonical_json(doc)
-    # Refuse to sign what the verifier would refuse: fail at the backend, not in the field.
-    _fields(json.loads(canonical), kid, canonical)
-    sig = base64.b64encode(private_key.sign(canonical)).decode("ascii")
-    return canonical_json({"doc": doc, "kid": kid, "sig": sig})
-
-
-def allow_list_doc(
-    site_id: str,
-    cabinet_id: str,
-    version: int,
-    expires_at: datetime,
-    entries: Mapping[str, Sequence[str]],
-    issued_at: datetime | None = None,
-) -> dict[str, Any]:
-    """An unsigned allow-list document: pseudonym -> sorted roles.
-
-    The body is checked with the cabinet's own model (``AllowList.from_body``), so the backend
-    cannot sign an allow-list the cabinet would refuse; roles must also match the role pattern.
-    """
-    body: dict[str, list[str]] = {}
-    for pseudonym, roles in entries.items():
-        if not is_pseudonym(pseudonym):
-            raise ValueError("allow-list keys must be badge pseudonyms (p1.<kid>.<base32>)")
-        if isinstance(roles, str):
-            raise ValueError(f"roles of {pseudonym} must be a list of strings, not one string")
-        bad = [r for r in roles if not isinstance(r, str) or _ROLE_RE.fullmatch(r) is None]
-        if bad:
-            raise ValueError(f"roles of {pseudonym} must match {_ROLE_RE.pattern}: {bad!r}")
-        body[pseudonym] = sorted(set(roles))
-    doc = _doc(ALLOW_LIST, site_id, cabinet_id, version, expires_at, issued_at, {"entries": body})
-    AllowList.from_body(version, expires_at, doc["body"])  # AllowListError is a ValueError
-    return doc
-
-
-def asset_registry_doc(
-    site_id: str,
-    cabinet_id: str,
-    version: int,
-    expires_at: datetime,
-    assets: Sequence[Mapping[str, Any]],
-    issued_at: datetime | None = None,
-) -> dict[str, Any]:
-    """An unsigned asset-registry document, checked with the cabinet's own model.
-
-    Every asset needs a unique lower-case hex ``epc`` and an ``asset_id``; ``name``,
-    ``home_drawer`` and ``calibration_due`` are optional (``AssetRegistry.from_body``), other
-    fields are carried along unread.
-    """
-    out: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for i, asset in enumerate(assets):
-        if not isinstance(asset, Mapping):
-            raise ValueError(f"asset [{i}] must be a mapping")
-        epc = asset.get("epc")
-        if isinstance(epc, str):
-            if epc in seen:
-                raise ValueError(f"asset [{i}]: epc {epc} appears twice")
-            seen.add(epc)
-        out.append(dict(asset))
-    doc = _doc(ASSET_REGISTRY, site_id, cabinet_id, version, expires_at, issued_at, {"assets": out})
-    AssetRegistry.from_body(doc["body"])  # AssetRegistryError is a ValueError
-    return doc
+    return _fields(json.loads(canonical), kid, canonical)
 
 
 def canonical_json(value: Any) -> bytes:
@@ -444,31 +378,6 @@ def parse_time(text: str) -> datetime:
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
     micro = int((m.group(7) or "0").ljust(6, "0"))
     return datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
-
-
-def _doc(
-    kind: str,
-    site_id: str,
-    cabinet_id: str,
-    version: int,
-    expires_at: datetime,
-    issued_at: datetime | None,
-    body: dict[str, Any],
-) -> dict[str, Any]:
-    issued = issued_at if issued_at is not None else datetime.now(UTC).replace(microsecond=0)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        raise ValueError("version must be a non-negative int")
-    if expires_at <= issued:
-        raise ValueError("expires_at must be after issued_at")
-    return {
-        "kind": kind,
-        "site_id": site_id,
-        "cabinet_id": cabinet_id,
-        "version": version,
-        "issued_at": format_time(issued),
-        "expires_at": format_time(expires_at),
-        "body": body,
-    }
 
 
 def _parse_wire(raw: bytes) -> tuple[dict[str, Any], str, bytes]:

@@ -81,15 +81,19 @@ def build_artefacts(
 
     ``extra_people`` (an installer, a test's marker badge) join the scenario's people.
     """
-    from agent.privacy.pseudonym import Pseudonymizer
-    from agent.privacy.signed import allow_list_doc, asset_registry_doc, sign_document
+    from backend.signing import (
+        allow_list_doc,
+        asset_registry_doc,
+        badge_pseudonyms,
+        sign_document,
+    )
 
     lay = scenario.cabinet
     issued = (now or datetime.now(UTC)).replace(microsecond=0)
-    pseudo = Pseudonymizer(lay.site_id, site_kid, site_key)
     people = [*scenario.people, *extra_people]
-    names = {pseudo.badge(p.badge): p.name for p in people}
-    entries = {pseudo.badge(p.badge): list(p.roles) for p in people if p.listed}
+    pseudo = badge_pseudonyms(lay.site_id, site_kid, site_key, (p.badge for p in people))
+    names = {pseudo[p.badge]: p.name for p in people}
+    entries = {pseudo[p.badge]: list(p.roles) for p in people if p.listed}
     expires = allow_list_expires_at or issued + timedelta(seconds=scenario.allow_list.expires_in_s)
     version = scenario.allow_list.version if allow_list_version is None else allow_list_version
     allow = allow_list_doc(lay.site_id, lay.cabinet_id, version, expires, entries, issued_at=issued)

@@ -23,13 +23,14 @@ import time
 import tomllib
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -38,21 +39,11 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.mqtt.config import DEFAULT_MAX_COMMAND_BYTES, is_loopback_host
 from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener
-from agent.privacy.keys import (
-    HPKE_PRIVATE_FILE,
-    SIGNING_PRIVATE_FILE,
-    SITE_KEY_FILE,
-    generate_backend_keys,
-    load_hpke_private,
-    load_signing_private,
-)
+from agent.privacy.keys import HPKE_PRIVATE_FILE, SIGNING_PRIVATE_FILE, SITE_KEY_FILE
 from agent.privacy.pseudonym import KeyFileError, Pseudonymizer
-from agent.privacy.signed import (
-    allow_list_doc,
-    asset_registry_doc,
-    parse_time,
-    sign_document,
-)
+from agent.privacy.signed import parse_time
+from backend.keys import generate_backend_keys, load_hpke_private, load_signing_private
+from backend.signing import allow_list_doc, asset_registry_doc, sign_document
 
 logger = logging.getLogger(__name__)
 
@@ -389,8 +380,17 @@ class Consumer:
 # ---------------------------------------------------------------------- CLI
 
 
+def load_opener(files: Iterable[Path]) -> Opener:
+    """An ``Opener`` for the backend's HPKE private key files (more than one across a key
+    rotation: each envelope names its key id)."""
+    keys: dict[str, X25519PrivateKey] = {}
+    for f in files:
+        kid, key = load_hpke_private(f)
+        keys[kid] = key
+    return Opener(keys)
+
+
 def _cmd_consume(args: argparse.Namespace) -> int:
-    keys: dict[str, Any] = {}
     files = list(args.hpke_key or [])
     if args.keys is not None:
         files.insert(0, args.keys / HPKE_PRIVATE_FILE)
@@ -398,9 +398,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
         print("consume: give --keys DIR or --hpke-key FILE", file=sys.stderr)
         return EX_USAGE
     try:
-        for f in files:
-            kid, key = load_hpke_private(f)
-            keys[kid] = key
+        opener = load_opener(files)
     except (KeyFileError, OSError, ValueError) as err:
         print(f"consume: {err}", file=sys.stderr)
         return EX_NOINPUT
@@ -437,7 +435,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
         key_file=args.key,
         allow_plaintext=args.allow_plaintext,
     )
-    decoder = EventDecoder(Opener(keys), dedup_capacity=args.dedup_capacity, on_gap=on_gap)
+    decoder = EventDecoder(opener, dedup_capacity=args.dedup_capacity, on_gap=on_gap)
     try:
         consumer = Consumer(opts, decoder, on_event)
     except ValueError as err:

@@ -36,8 +36,8 @@ from rich.text import Text
 
 if TYPE_CHECKING:  # the simulators are imported only when the demo runs
     from agent.app import CabinetApp
-    from agent.consumer import Consumer
-    from agent.privacy.keys import BackendKeys
+    from backend.consumer import Consumer
+    from backend.keys import BackendKeys
     from simulators.badge import BadgeSimulator
     from simulators.cabinet import AgentArtefacts, EventLog, Scenario, Step
     from simulators.door import SimulatedDoor
@@ -170,7 +170,7 @@ class _Demo:
     ) -> int:
         from agent.app import CabinetApp
         from agent.config import ConfigError, load_config
-        from agent.privacy.keys import generate_backend_keys
+        from backend.keys import generate_backend_keys
         from drivers.errors import CabinetError
         from simulators.cabinet import (
             INSTALLER,
@@ -432,8 +432,8 @@ class _BackendFeed:
         app: CabinetApp,
         broker: _Broker | None,
     ) -> None:
-        from agent.consumer import EventDecoder
         from agent.privacy.envelope import Opener
+        from backend.consumer import EventDecoder
 
         self.demo = demo
         self.art = art
@@ -445,7 +445,7 @@ class _BackendFeed:
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        from agent.consumer import Consumer, ConsumerOptions, Delivered
+        from backend.consumer import Consumer, ConsumerOptions, Delivered
         from simulators.cabinet import publish_documents
 
         loop = asyncio.get_running_loop()
