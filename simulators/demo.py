@@ -36,7 +36,7 @@ from rich.text import Text
 
 if TYPE_CHECKING:  # the simulators are imported only when the demo runs
     from agent.app import CabinetApp
-    from backend.consumer import Consumer
+    from backend.feed import EventFeed
     from backend.keys import BackendKeys
     from simulators.badge import BadgeSimulator
     from simulators.cabinet import AgentArtefacts, EventLog, Scenario, Step
@@ -439,29 +439,26 @@ class _BackendFeed:
         self.art = art
         self.app = app
         self.broker = broker
-        self.decoder = EventDecoder(Opener({keys.hpke_kid: keys.hpke_private}))
+        self.opener = Opener({keys.hpke_kid: keys.hpke_private})
+        self.decoder = EventDecoder(self.opener)
         self.topic = f"cabinets/v1/{art.site_id}/{art.cabinet_id}/events"
-        self.consumer: Consumer | None = None
+        self.feed: EventFeed | None = None
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        from backend.consumer import Consumer, ConsumerOptions, Delivered
+        from backend.feed import EventFeed
         from simulators.cabinet import publish_documents
 
-        loop = asyncio.get_running_loop()
         if self.broker is None:
             self.task = asyncio.create_task(self._outbox(), name="demo:outbox-reader")
             return
 
-        def on_event(delivered: Delivered) -> None:
-            event = json.loads(delivered.plaintext)
-            loop.call_soon_threadsafe(self.demo.show, event, self.art.items)
+        def on_event(event: dict[str, Any]) -> None:
+            self.demo.show(event, self.art.items)
 
-        self.consumer = Consumer(ConsumerOptions(port=self.broker.port), self.decoder, on_event)
-        self.consumer.start()
+        self.feed = EventFeed(self.opener, on_event, port=self.broker.port)
         # Subscribed before the agent publishes anything: the first events are not missed.
-        if not await asyncio.to_thread(self.consumer.subscribed.wait, READY_TIMEOUT_S):
-            raise RuntimeError("the backend consumer could not subscribe to the broker")
+        await self.feed.start(READY_TIMEOUT_S)
         # The backend's documents wait for the agent on its cmd topics (retained).
         await asyncio.to_thread(publish_documents, self.art, port=self.broker.port)
 
@@ -485,8 +482,8 @@ class _BackendFeed:
     async def stop(self) -> None:
         if self.task is not None:
             await _finish(self.task)
-        if self.consumer is not None:
-            await asyncio.to_thread(self.consumer.stop)
+        if self.feed is not None:
+            await self.feed.stop()
 
     async def _outbox(self) -> None:
         """Open each committed row of the agent's outbox, then delete it as a PUBACK would."""
