@@ -749,8 +749,8 @@ class CabinetApp:
         for reader in self.readers:
             if not queue.empty():
                 return  # reads arrived while we applied: consume them first
-            at = getattr(reader, "last_frame", None)
-            if isinstance(at, float) and at > heard.get(reader.reader_id, 0.0):
+            at = reader.last_frame
+            if at > heard.get(reader.reader_id, 0.0):
                 heard[reader.reader_id] = at
                 await self._apply(engine.on_alive(reader.reader_id, at, now), now)
 

@@ -323,7 +323,6 @@ def _reader_rows(app: CabinetApp) -> list[dict[str, Any]]:
     rows = []
     for r in app.readers:
         h = r.health
-        progress = getattr(r, "last_progress", None)
         reads = sum(
             n for (rid, _ant), n in app.stats.reads_by_antenna.items() if rid == r.reader_id
         )
@@ -338,9 +337,7 @@ def _reader_rows(app: CabinetApp) -> list[dict[str, Any]]:
                 if h.antennas_connected is None
                 else sorted(h.antennas_connected),
                 # Driver progress is on time.monotonic() (SystemClock in the daemon).
-                "last_progress_age_s": round(now - progress, 3)
-                if isinstance(progress, float)
-                else None,
+                "last_progress_age_s": round(now - r.last_progress, 3),
                 "reads": reads,
             }
         )

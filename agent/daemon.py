@@ -34,6 +34,7 @@ from agent.logging_setup import setup_logging
 from agent.metrics import Metrics, MetricsServer
 from agent.sdnotify import Notifier, WatchdogGate, run_watchdog
 from drivers.errors import CabinetError
+from drivers.types import ReaderDriver
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +86,7 @@ class Daemon:
         def _on_ready() -> None:
             gate.register("engine", app.engine_alive, kind="time")
             for reader in app.readers:
-                if isinstance(getattr(reader, "last_progress", None), float):
-                    gate.register(
-                        f"reader:{reader.reader_id}", _progress_probe(reader), kind="time"
-                    )
+                gate.register(f"reader:{reader.reader_id}", _progress_probe(reader), kind="time")
             if app.publisher is not None:
                 # Alive while its loop turns (retrying an unreachable broker is its job).
                 gate.register("publisher", app.publisher.alive_at, kind="time")
@@ -389,9 +387,9 @@ class _Stopped(Exception):
     """Unwinds the daemon's task group after an orderly stop."""
 
 
-def _progress_probe(reader: object) -> Callable[[], float]:
+def _progress_probe(reader: ReaderDriver) -> Callable[[], float]:
     def probe() -> float:
-        return float(getattr(reader, "last_progress", 0.0))
+        return reader.last_progress
 
     return probe
 

@@ -108,6 +108,19 @@ class ReaderDriver(Protocol):
     @property
     def health(self) -> ReaderHealth: ...
 
+    @property
+    def last_progress(self) -> float:
+        """Monotonic time the driver's loop last did its job: an attempt to connect, a turn of
+        its session loop, or now while it deliberately waits out a backoff. A loop stuck on an
+        unbounded wait stops it; the systemd watchdog gate watches it."""
+
+    @property
+    def last_frame(self) -> float:
+        """Monotonic time the last frames from the reader were fully handled (0.0: never).
+
+        Stamped only after their reads reached the sink: the engine's liveness barrier relies
+        on "heard at T" implying "every read before T is already delivered"."""
+
     async def run(self) -> None:
         """Connect, keep connected (reconnecting with backoff) until cancelled."""
 

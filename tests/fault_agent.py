@@ -12,6 +12,9 @@ parts that no real input can provoke on purpose:
   finishes unwinding.
 - ``outbox-hangs``: once the file ``$CABINET_TEST_FLAG`` exists, every outbox read the
   publisher makes waits forever (a wedged store under a live event loop).
+- ``mercury-hangs``: once the file ``$CABINET_TEST_FLAG`` exists, every command a Mercury
+  reader sends waits forever for its answer (an unbounded wait: the driver's loop is wedged
+  while the link and the simulator are fine).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def install(faults: set[str]) -> None:
     from agent.daemon import Daemon
     from agent.mqtt.publisher import Publisher
     from agent.store.store import Store
+    from drivers.mercury.reader import MercuryReader
 
     if faults & {"command-raises", "stuck-pool-thread", "stuck-default-thread"}:
 
@@ -74,6 +78,17 @@ def install(faults: set[str]) -> None:
             return await peek(self, *args, **kwargs)
 
         Store.peek = hanging_peek  # type: ignore[method-assign]
+
+    if "mercury-hangs" in faults:
+        mercury_flag = Path(os.environ["CABINET_TEST_FLAG"])
+        command = MercuryReader._command
+
+        async def hanging_command(self: MercuryReader, *args: Any, **kwargs: Any) -> Any:
+            if mercury_flag.exists():
+                await asyncio.Event().wait()
+            return await command(self, *args, **kwargs)
+
+        MercuryReader._command = hanging_command  # type: ignore[method-assign]
 
 
 def main() -> int:

@@ -73,6 +73,8 @@ class MercuryReader:
         self._cmd_lock = asyncio.Lock()
         self._last_rx = 0.0
         self.last_frame = 0.0  # monotonic time the last frame was fully handled
+        self._last_progress = self._clock.monotonic()
+        self._alive_until = 0.0  # monotonic end of the bounded wait the driver is in
         self._delivering = False
         self._gpio_outputs: set[int] = set()
         self._antennas_connected: frozenset[int] | None = None
@@ -92,6 +94,18 @@ class MercuryReader:
     @property
     def health(self) -> ReaderHealth:
         return self._health
+
+    @property
+    def last_progress(self) -> float:
+        """Monotonic time the driver last did its job, or now while it sits in a bounded wait.
+
+        Every wait of the driver's loops is bounded (opening the device, a command's answer, a
+        turn of the session loop, a backoff); while one lasts the driver is doing its job,
+        however long the module stays away. A loop stuck on an unbounded wait stops it, and the
+        agent's watchdog gate says so.
+        """
+        now = self._clock.monotonic()
+        return now if now <= self._alive_until else self._last_progress
 
     @property
     def link_stats(self) -> DecoderStats:
@@ -136,6 +150,7 @@ class MercuryReader:
                         self.retries,
                     )
                 await self._publish(ReaderState.OFFLINE, reason)
+                self._waiting(delay)
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:
             self._health = replace(
@@ -189,6 +204,7 @@ class MercuryReader:
     # --- session ------------------------------------------------------------------------
 
     async def _run_session(self) -> None:
+        self._waiting(self._cfg.connect_timeout_s)
         conn = await SerialConnection.open(self._target, timeout_s=self._cfg.connect_timeout_s)
         self._decoder = ResponseDecoder()
         self._last_rx = self._clock.monotonic()
@@ -254,6 +270,7 @@ class MercuryReader:
                 self._inventorying = False
                 await self._publish(ReaderState.ONLINE, "idle")
                 continue
+            self._waiting(tick)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(tick):
                     await self._wake.wait()
@@ -345,6 +362,7 @@ class MercuryReader:
             fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
             self._pending[cmd.opcode] = fut
             try:
+                self._waiting(wait)
                 await conn.write(codec.encode(cmd))
                 try:
                     async with asyncio.timeout(wait):
@@ -419,6 +437,12 @@ class MercuryReader:
                 seen_count=max(1, event.read_count),
             )
         )
+
+    def _waiting(self, seconds: float) -> None:
+        """The loop turned and now waits at most ``seconds`` (the watchdog's progress)."""
+        now = self._clock.monotonic()
+        self._last_progress = now
+        self._alive_until = max(self._alive_until, now + seconds)
 
     async def _publish(self, state: ReaderState, detail: str) -> None:
         healthy = state in (ReaderState.ONLINE, ReaderState.INVENTORYING)
