@@ -1,44 +1,41 @@
-"""Reader types: a new reader type is a new module plus one line here."""
+"""Reader types: a new reader type is a new driver package, its config in the union below and
+one case in ``make_reader``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any, Union
+from typing import Annotated, Final, Union, assert_never
 
 from pydantic import Field
 
+from drivers.config import ReaderConfigBase
 from drivers.llrp.config import LlrpReaderConfig
 from drivers.mercury.config import MercuryReaderConfig
 from drivers.types import Clock, ReaderDriver, ReaderSink
 
+# Every reader config section the agent accepts.
+AnyReaderConfig = Union[LlrpReaderConfig, MercuryReaderConfig]  # noqa: UP007  (grows per type)
 
-def _make_llrp(cfg: Any, sink: ReaderSink, clock: Clock) -> ReaderDriver:
-    from drivers.llrp.reader import LlrpReader
+# What the config loader parses a [[readers]] entry into (picked by its ``type``).
+ReaderConfig = Annotated[AnyReaderConfig, Field(discriminator="type")]
 
-    return LlrpReader(cfg, sink, clock=clock)
-
-
-def _make_mercury(cfg: Any, sink: ReaderSink, clock: Clock) -> ReaderDriver:
-    from drivers.mercury.reader import MercuryReader
-
-    return MercuryReader(cfg, sink, clock=clock)
-
-
-# type name → (config section model, factory). Imports of the drivers stay lazy so the
-# config checker does not pull in every transport.
-READER_TYPES: dict[str, tuple[type[Any], Callable[[Any, ReaderSink, Clock], ReaderDriver]]] = {
-    "llrp": (LlrpReaderConfig, _make_llrp),
-    "mercury": (MercuryReaderConfig, _make_mercury),
+# type name → its config section model (error messages name the type).
+READER_TYPES: Final[dict[str, type[ReaderConfigBase]]] = {
+    "llrp": LlrpReaderConfig,
+    "mercury": MercuryReaderConfig,
 }
 
-ReaderConfig = Annotated[
-    Union[LlrpReaderConfig, MercuryReaderConfig],  # noqa: UP007  (grows with READER_TYPES)
-    Field(discriminator="type"),
-]
 
+def make_reader(cfg: AnyReaderConfig, sink: ReaderSink, clock: Clock) -> ReaderDriver:
+    """Build the driver for one configured reader.
 
-def make_reader(cfg: Any, sink: ReaderSink, clock: Clock) -> ReaderDriver:
-    """Build the driver for one configured reader."""
-    _, factory = READER_TYPES[cfg.type]
-    driver: ReaderDriver = factory(cfg, sink, clock)
-    return driver
+    The driver imports stay lazy so that the config checker does not pull in every transport.
+    """
+    if isinstance(cfg, LlrpReaderConfig):
+        from drivers.llrp.reader import LlrpReader
+
+        return LlrpReader(cfg, sink, clock=clock)
+    if isinstance(cfg, MercuryReaderConfig):
+        from drivers.mercury.reader import MercuryReader
+
+        return MercuryReader(cfg, sink, clock=clock)
+    assert_never(cfg)
