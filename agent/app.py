@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent import __version__
 from agent.audit_trail import AuditTrail
@@ -69,6 +69,10 @@ from drivers.types import (
     SystemClock,
     TagRead,
 )
+
+if TYPE_CHECKING:
+    # Imported at run time only when a broker is configured (it pulls in paho).
+    from agent.mqtt.publisher import Publisher
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -213,7 +217,7 @@ class CabinetApp:
             self.door = Door(cfg.door, door_reader.set_gpo, self.inputs)
         self.store: Store | None = None
         self.engine: CabinetEngine | None = None
-        self.publisher: Any = None
+        self.publisher: Publisher | None = None
         self.alerts: deque[str] = deque(maxlen=50)
         self.started_at = self.time.now()
         self.engine_progress = time.monotonic()
