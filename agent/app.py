@@ -60,6 +60,7 @@ from drivers.errors import CabinetError
 from drivers.registry import make_reader
 from drivers.types import (
     BadgeRead,
+    BadgeReaderDriver,
     Clock,
     DoorEdge,
     GpiEdge,
@@ -206,7 +207,7 @@ class CabinetApp:
         self.readers: list[ReaderDriver] = [
             make_reader(rc, self.inputs, self.clock) for rc in cfg.readers
         ]
-        self.badge_readers = [
+        self.badge_readers: list[BadgeReaderDriver] = [
             BadgeReader(bc, self.inputs, self.privacy.pseudonymizer.badge, clock=self.clock)
             for bc in cfg.badge_readers
         ]

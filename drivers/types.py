@@ -134,6 +134,24 @@ class ReaderDriver(Protocol):
         """Drive a general-purpose output (the lock). Raises if the reader is not online."""
 
 
+@runtime_checkable
+class BadgeReaderDriver(Protocol):
+    """What the agent uses of a badge reader driver (its reads and health go to a BadgeSink).
+
+    No progress stamp: an idle badge reader sends nothing until a card comes, so its loop waits
+    on the link without bound by design (docs/badge-and-door.md); it is not a watchdog source.
+    """
+
+    @property
+    def reader_id(self) -> str: ...
+
+    @property
+    def health(self) -> ReaderHealth: ...
+
+    async def run(self) -> None:
+        """Connect, deliver pseudonymized reads, reconnect with backoff; until cancelled."""
+
+
 class Clock(Protocol):
     """Injected time source: wall clock (UTC) for timestamps, monotonic for durations."""
 
