@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import logging
 import time
 from collections import deque
@@ -19,7 +20,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar, assert_never
 
 from agent import __version__
 from agent.audit_trail import AuditTrail
@@ -79,7 +80,13 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 INPUT_QUEUE = 4096
-_STOP_ENGINE = object()  # queued by the shutdown sequence: the engine loop returns on it
+
+
+class _Sentinel(enum.Enum):
+    STOP_ENGINE = "stop-engine"  # queued by the shutdown sequence: the engine loop returns on it
+
+
+_STOP_ENGINE: Final = _Sentinel.STOP_ENGINE
 # A store that failed for good cannot take the alert event either: those are only logged.
 # OVER_CAP and WRITE_RETRYING repeat on every write while they last: status and logs show them.
 _ALERTS_NOT_SENT = frozenset({"store.failed", "store.over_cap", "store.write_retrying"})
@@ -134,12 +141,26 @@ class AppStats:
     documents_rejected: int = 0
 
 
+# What the engine loop consumes: the drivers' values (through _Inputs), the store's and the
+# parts' alerts, clock steps, and the shutdown sentinel.
+EngineInput = (
+    tuple[TagRead, ...]
+    | ReaderHealth
+    | BadgeRead
+    | DoorEdge
+    | StoreAlert
+    | ClockStep
+    | _PartAlert
+    | _Sentinel
+)
+
+
 class _Inputs:
     """The sink every driver delivers into: a ReaderSink, BadgeSink and DoorSink at once."""
 
     def __init__(self, app: CabinetApp) -> None:
         self._app = app
-        self.queue: asyncio.Queue[Any] = asyncio.Queue(INPUT_QUEUE)
+        self.queue: asyncio.Queue[EngineInput] = asyncio.Queue(INPUT_QUEUE)
 
     async def tag_reads(self, reads: Sequence[TagRead]) -> None:
         stats = self._app.stats.reads_by_antenna
@@ -577,9 +598,8 @@ class CabinetApp:
                 out = EngineOutput(events=[self._clock_step_event(item, now)])
             elif isinstance(item, _PartAlert):
                 out = EngineOutput(events=[self._part_alert_event(item, now)])
-            else:  # pragma: no cover - only the sinks above put items here
-                logger.error("engine loop: unexpected input %s", type(item).__name__)
-                continue
+            else:
+                assert_never(item)
             await self._apply(out, now)
             if queue.empty():
                 await self._feed_liveness(engine, now, heard)
