@@ -279,4 +279,5 @@ async def run_watchdog(
             notifier.status(f"stalled: {', '.join(stalled)}")
         stalled_before = stalled
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop_event.wait(), timeout=period)
+            async with asyncio.timeout(period):
+                await stop_event.wait()

@@ -81,7 +81,8 @@ class SerialConnection:
             )
 
         try:
-            port = await asyncio.wait_for(asyncio.to_thread(_open), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                port = await asyncio.to_thread(_open)
         except TimeoutError:
             raise TransientError(f"opening {target.url} timed out after {timeout_s:g}s") from None
         except (serial.SerialException, OSError, ValueError) as err:

@@ -82,10 +82,10 @@ class ControlClient:
     async def connect(self) -> None:
         """Open the connection (raises DaemonNotRunningError / ControlPermissionError)."""
         try:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(self.path), limit=MAX_REPLY_BYTES),
-                timeout=self.timeout_s,
-            )
+            async with asyncio.timeout(self.timeout_s):
+                self._reader, self._writer = await asyncio.open_unix_connection(
+                    str(self.path), limit=MAX_REPLY_BYTES
+                )
         except TimeoutError:
             raise ControlTimeoutError(
                 f"cabinet-agent did not accept a connection on {self.path} within "
@@ -100,7 +100,8 @@ class ControlClient:
         if writer is not None:
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), timeout=self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):
+                    await writer.wait_closed()
 
     async def __aenter__(self) -> ControlClient:
         await self.connect()
@@ -134,20 +135,23 @@ class ControlClient:
         wait = timeout_s if timeout_s is not None else self.timeout_s
         try:
             self._writer.write(_request_line(request_id, cmd, args))
-            await asyncio.wait_for(self._writer.drain(), timeout=wait)
+            async with asyncio.timeout(wait):
+                await self._writer.drain()
         except TimeoutError:
             raise ControlTimeoutError(f"cabinet-agent is not reading requests ({cmd})") from None
         except OSError as err:
             # The daemon may have refused us and hung up before our request went out: its
             # refusal line is still waiting to be read and says more than EPIPE does.
             with contextlib.suppress(OSError, TimeoutError, ValueError):
-                said = await asyncio.wait_for(self._reader.readline(), timeout=wait)
+                async with asyncio.timeout(wait):
+                    said = await self._reader.readline()
                 if said:
                     interpret_reply(said, request_id, self.group)
             raise ControlClientError(f"connection to cabinet-agent lost: {err}") from None
         while True:
             try:
-                line = await asyncio.wait_for(self._reader.readline(), timeout=wait)
+                async with asyncio.timeout(wait):
+                    line = await self._reader.readline()
             except TimeoutError:
                 raise ControlTimeoutError(
                     f"cabinet-agent did not answer {cmd} within {wait:g} s"

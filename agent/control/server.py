@@ -213,7 +213,8 @@ class ControlServer:
                 await asyncio.wait(pending, timeout=grace_s)
         if server is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), timeout=grace_s)
+                async with asyncio.timeout(grace_s):
+                    await server.wait_closed()
 
     async def __aenter__(self) -> ControlServer:
         await self.start()
@@ -293,9 +294,8 @@ class ControlServer:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.setblocking(False)
         try:
-            await asyncio.wait_for(
-                asyncio.get_running_loop().sock_connect(probe, str(path)), timeout=2.0
-            )
+            async with asyncio.timeout(2.0):
+                await asyncio.get_running_loop().sock_connect(probe, str(path))
         except (ConnectionRefusedError, FileNotFoundError, TimeoutError):
             logger.info("control: removing stale socket %s", path)
             with contextlib.suppress(FileNotFoundError):
@@ -340,7 +340,8 @@ class ControlServer:
         finally:
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), timeout=_SHUTDOWN_WRITE_S)
+                async with asyncio.timeout(_SHUTDOWN_WRITE_S):
+                    await writer.wait_closed()
 
 
 class _TokenBucket:
@@ -587,9 +588,8 @@ class _Connection:
         async with self.write_lock:
             try:
                 self.writer.write(line)
-                await asyncio.wait_for(
-                    self.writer.drain(), timeout=timeout_s or self.cfg.write_timeout_s
-                )
+                async with asyncio.timeout(timeout_s or self.cfg.write_timeout_s):
+                    await self.writer.drain()
             except TimeoutError as err:
                 # A client that stops reading must not pin memory: drop it.
                 self.broken = True

@@ -130,7 +130,8 @@ class Store:
         worker = Worker(cfg, loop, clock or SystemClock(), sink, age_clock, hold_sink)
         worker.start()
         try:
-            opened = await asyncio.wait_for(asyncio.shield(worker.opened), OPEN_TIMEOUT_S)
+            async with asyncio.timeout(OPEN_TIMEOUT_S):
+                opened = await asyncio.shield(worker.opened)
         except BaseException:
             worker.stop()
             await asyncio.wait({worker.finished}, timeout=CLOSE_TIMEOUT_S)
