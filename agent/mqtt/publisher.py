@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from agent import __version__
 from agent.logging_setup import ThrottledLog, printable
 from agent.mqtt.config import MqttConfig
 from agent.mqtt.session import (
@@ -48,7 +49,7 @@ from drivers.errors import CabinetError, TransientError
 
 logger = logging.getLogger(__name__)
 
-AGENT_VERSION = "0.1.0"
+AGENT_VERSION = __version__  # the package version, announced in the status message
 COMMAND_KINDS = (ALLOW_LIST, ASSET_REGISTRY)
 PREFETCH = 256
 MAX_UNCOMMITTED_ACKS = 4096
