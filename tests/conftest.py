@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Real R420 messages, vendored with their Apache-2.0 licence (tests/data/llrp-captures/README.md).
 CAPTURES = ROOT / "tests" / "data" / "llrp-captures"
 
+# Shared fixtures (mosquitto, pki, powerfs) for every test module, instead of importing them.
+pytest_plugins = ["tests.mqtt_fixtures", "tests.powerfs.fixture"]
+
 
 class _FormatCheckingHandler(logging.Handler):
     """Formats every record, so a wrong %-argument count fails the test that logged it."""

@@ -1,7 +1,8 @@
 """Real mosquitto brokers for tests: free port, generated conf, ACL, TLS/mTLS, CRL, kill -9.
 
-Import the fixtures in a test module (``from tests.mqtt_fixtures import mosquitto_fixture``; the
-fixture is named ``mosquitto``) or use ``Mosquitto`` directly. Every broker is stopped at teardown; a leaked process fails loudly.
+Its fixtures (``mosquitto``, ``pki``) reach every test module through ``pytest_plugins`` in
+tests/conftest.py; or use ``Mosquitto`` directly. Every broker is stopped at teardown; a leaked
+process fails loudly.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import pytest
 
 from simulators.cabinet import Item, bundled_scenarios, describe_events, load_scenario
 from simulators.mercury import MercurySimulator
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401  (fixture)
+from tests.mqtt_fixtures import Mosquitto
 from tests.scenario_harness import TIMEOUT_S, Rig, cabinet_rig
 
 TOOLS = {  # the bottom drawer

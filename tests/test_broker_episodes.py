@@ -36,7 +36,6 @@ from simulators.fakebroker import FakeBroker
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, NotifyListener, config_text, ctl, provision
 from tests.delivery_helpers import Collector
-from tests.mqtt_fixtures import mosquitto_fixture  # noqa: F401 -- fixture
 
 WATCHDOG_USEC = 2_000_000
 BUSY_DOMAIN = "background_period_s = 0.5\nscan_min_ms = 200\nstable_ms = 300"

@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.privacy.envelope import parse_header
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, NotifyListener, config_text, ctl, provision
-from tests.mqtt_fixtures import Mosquitto, free_port, mosquitto_fixture  # noqa: F401
+from tests.mqtt_fixtures import Mosquitto, free_port
 
 EVENTS_TOPIC = "cabinets/v1/hangar-3/crib-07/events"
 WATCHDOG_USEC = 2_000_000  # pings every 1 s; systemd would kill after 2 s without one

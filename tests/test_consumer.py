@@ -33,7 +33,7 @@ from tests.delivery_helpers import (
     sealer_for,
     until,
 )
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
+from tests.mqtt_fixtures import Mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = f"cabinets/v1/{SITE}/{CABINET}/events"

@@ -21,7 +21,7 @@ from tests.delivery_helpers import (
     sealer_for,
     until,
 )
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
+from tests.mqtt_fixtures import Mosquitto
 
 
 class FakeClock:

@@ -37,7 +37,6 @@ from tests.mqtt_fixtures import (
     BrokerTls,
     Mosquitto,
     Pki,
-    mosquitto_fixture,  # noqa: F401 -- fixture
     spki_sha256,
 )
 

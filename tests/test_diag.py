@@ -17,12 +17,11 @@ from agent.store import Store, StoreConfig
 from simulators.badge import BadgeSimulator
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, config_text, ctl, provision
-from tests.mqtt_fixtures import (  # noqa: F401
+from tests.mqtt_fixtures import (
     BrokerTls,
     Mosquitto,
     Pki,
     free_port,
-    mosquitto_fixture,
     spki_sha256,
 )
 from tests.pii import assert_no_raw_ids

@@ -38,7 +38,7 @@ from simulators.cabinet import (
 )
 from simulators.faultproxy import FaultProxy
 from tests.daemon_rig import ctl
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401  (fixture)
+from tests.mqtt_fixtures import Mosquitto
 from tests.scenario_harness import TIMEOUT_S, Rig, cabinet_rig
 from tests.test_scenarios import SCENARIOS
 

@@ -21,7 +21,7 @@ from backend.keys import load_backend_keys
 from backend.signing import allow_list_doc, sign_document
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, config_text, provision
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
+from tests.mqtt_fixtures import Mosquitto
 
 CMD_TOPIC = "cabinets/v1/hangar-3/crib-07/cmd/allow-list"
 MIB = 1024 * 1024

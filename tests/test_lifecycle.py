@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.lifecycle import EX_SOFTWARE
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, config_text, provision
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
+from tests.mqtt_fixtures import Mosquitto
 
 CMD_TOPIC = "cabinets/v1/hangar-3/crib-07/cmd/allow-list"
 

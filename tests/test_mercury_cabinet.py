@@ -27,7 +27,7 @@ from simulators.llrp import LlrpSimulator, SimTag
 from simulators.llrp.codec import ROSpecState
 from simulators.mercury import MercurySimulator
 from tests.daemon_rig import AgentProcess
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401  (fixture)
+from tests.mqtt_fixtures import Mosquitto
 from tests.pii import assert_no_raw_ids
 from tests.scenario_harness import EventSink
 

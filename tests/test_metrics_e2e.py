@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, config_text, provision
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401
+from tests.mqtt_fixtures import Mosquitto
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

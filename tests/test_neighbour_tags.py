@@ -15,7 +15,7 @@ from pathlib import Path
 
 from simulators.mercury import MercurySimulator
 from tests.daemon_rig import AgentProcess
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401  (fixture)
+from tests.mqtt_fixtures import Mosquitto
 from tests.scenario_harness import EventSink
 from tests.test_mercury_cabinet import _provision
 

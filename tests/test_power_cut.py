@@ -38,8 +38,7 @@ from simulators.badge import BadgeSimulator
 from simulators.llrp import LlrpSimulator
 from simulators.powerfs import PowerLossFs
 from tests.daemon_rig import ROOT, AgentProcess, config_text, provision
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
-from tests.powerfs.fixture import powerfs_fixture  # noqa: F401 -- fixture
+from tests.mqtt_fixtures import Mosquitto
 from tests.stream_ledger import StreamLedger, epoch_name
 
 CUTS = 15

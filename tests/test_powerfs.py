@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from simulators.powerfs import PowerLossFs, is_mounted
-from tests.powerfs.fixture import powerfs_fixture, require_powerfs  # noqa: F401 -- fixture
+from tests.powerfs.fixture import require_powerfs
 
 ROOT = Path(__file__).resolve().parent.parent
 

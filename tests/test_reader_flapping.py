@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from simulators.cabinet import bundled_scenarios, describe_events, load_scenario
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401  (fixture)
+from tests.mqtt_fixtures import Mosquitto
 from tests.scenario_harness import TIMEOUT_S, cabinet_rig
 
 FLAPS = 12

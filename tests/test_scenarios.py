@@ -26,7 +26,7 @@ from simulators.cabinet import (
     describe_events,
     load_scenario,
 )
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401  (fixture)
+from tests.mqtt_fixtures import Mosquitto
 from tests.pii import assert_no_raw_ids
 from tests.scenario_harness import TIMEOUT_S, AgentProcess, Rig, cabinet_rig
 

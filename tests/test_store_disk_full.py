@@ -25,7 +25,7 @@ import pytest
 from simulators.cabinet import ScenarioRunner, load_scenario
 from simulators.faultproxy import FaultProxy
 from tests.daemon_rig import NotifyListener, ctl
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
+from tests.mqtt_fixtures import Mosquitto
 from tests.scenario_harness import MARKER, TIMEOUT_S, Rig, cabinet_rig
 from tests.test_scenarios import SCENARIOS
 

@@ -20,7 +20,7 @@ import pytest
 
 from simulators.cabinet import load_scenario
 from simulators.faultproxy import FaultProxy
-from tests.mqtt_fixtures import Mosquitto, mosquitto_fixture  # noqa: F401 -- fixture
+from tests.mqtt_fixtures import Mosquitto
 from tests.scenario_harness import MARKER, TIMEOUT_S, Rig, cabinet_rig
 from tests.test_scenarios import SCENARIOS
 
