@@ -1009,16 +1009,7 @@ class CabinetEngine:
         for epc, drawer in d.missing.items():
             if epc in verdict.vanished:
                 continue  # reported above
-            asset = self.assets.get(epc) if self.assets is not None else None
-            out.events.append(
-                self._event(
-                    ev.ItemMissing,
-                    now,
-                    epc=epc,
-                    asset_id=asset.asset_id if asset else None,
-                    drawer=drawer,
-                )
-            )
+            out.events.append(self._item_missing(epc, drawer, now))
         self._placement_events(d.new, d.moved, verdict.unknown, session_id, now, out)
         self._note_unknown(result, verdict.unknown)
         self.baseline = Baseline(verdict.inventory)
@@ -1048,6 +1039,13 @@ class CabinetEngine:
             period = 3600.0
         self._bg_next = now.mono + period
         self._dirty = True
+
+    def _item_missing(self, epc: str, drawer: str, now: Now) -> ev.Event:
+        """``item.missing``: gone, and nobody can be named for it."""
+        asset = self.assets.get(epc) if self.assets is not None else None
+        return self._event(
+            ev.ItemMissing, now, epc=epc, asset_id=asset.asset_id if asset else None, drawer=drawer
+        )
 
     def _placement_events(
         self,
@@ -1185,16 +1183,7 @@ class CabinetEngine:
                 )
             )
         for epc, drawer in sorted(verdict.vanished.items()):
-            asset = self.assets.get(epc) if self.assets is not None else None
-            out.events.append(
-                self._event(
-                    ev.ItemMissing,
-                    now,
-                    epc=epc,
-                    asset_id=asset.asset_id if asset else None,
-                    drawer=drawer,
-                )
-            )
+            out.events.append(self._item_missing(epc, drawer, now))
         if verdict.suspect != self._held:
             self._held = dict(verdict.suspect)
             self._dirty = True
