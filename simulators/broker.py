@@ -9,11 +9,13 @@ touches a system broker.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +82,10 @@ class Mosquitto:
     persistence: bool = True
     # Users for the ACL file: with mTLS the certificate CN is the user name.
     extra_conf: str = ""
+    binary: str = MOSQUITTO
+    # Its own process group (a terminal's Ctrl-C reaches only its parent, which can then stop
+    # its clients first) and SIGTERM when the parent dies, even by SIGKILL (Linux): the demo.
+    detached: bool = False
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -141,10 +147,12 @@ class Mosquitto:
                 self.port = free_port()
             self.write_conf()
             self.proc = subprocess.Popen(
-                [MOSQUITTO, "-c", str(self.conf_file)],
+                [self.binary, "-c", str(self.conf_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                process_group=0 if self.detached else None,
+                preexec_fn=_die_with_parent if self.detached else None,  # before any thread
             )
             self.starts += 1
             if self._wait_accepting():
@@ -207,3 +215,12 @@ class Mosquitto:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return "(no log)"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies, even by SIGKILL (Linux)."""
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)

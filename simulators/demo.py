@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import tomllib
@@ -33,6 +29,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console
 from rich.text import Text
+
+from simulators.broker import Mosquitto
 
 if TYPE_CHECKING:  # the simulators are imported only when the demo runs
     from agent.app import CabinetApp
@@ -58,7 +56,6 @@ ROUND_PAUSE_S = 2.0
 STEP_TIMEOUT_S = 60.0  # generous: a loaded machine slows everything down
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
-BROKER_START_TIMEOUT_S = 10.0
 EVENTS_KEPT = 1000
 CABINET_FILES = ("backend-hpke.pub", "signing.pub", "site.key")
 _STYLE = {
@@ -89,7 +86,7 @@ def run_demo(
         return EX_USAGE
     workdir = Path(tempfile.mkdtemp(prefix="cabinet-demo-"))
     close_log: Callable[[], None] | None = None
-    broker: _Broker | None = None
+    broker: Mosquitto | None = None
     rc = EX_FAILED
     try:
         close_log = _log_to_file(workdir / "agent.log")
@@ -124,7 +121,7 @@ class _Options:
     antennas: int
     rounds: int
     workdir: Path
-    broker: _Broker | None
+    broker: Mosquitto | None
     broker_note: str
 
 
@@ -430,7 +427,7 @@ class _BackendFeed:
         keys: BackendKeys,
         art: AgentArtefacts,
         app: CabinetApp,
-        broker: _Broker | None,
+        broker: Mosquitto | None,
     ) -> None:
         from agent.privacy.envelope import Opener
         from backend.consumer import EventDecoder
@@ -695,105 +692,26 @@ def find_mosquitto(environ: Mapping[str, str] = os.environ) -> Path | None:
     return MOSQUITTO_FALLBACK if os.access(MOSQUITTO_FALLBACK, os.X_OK) else None
 
 
-@dataclass
-class _Broker:
-    """A private mosquitto on a free loopback port, stopped with the demo."""
-
-    binary: Path
-    dir: Path
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> bool:
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for _attempt in range(3):
-            self.port = _free_port()
-            conf = self.dir / "mosquitto.conf"
-            conf.write_text(
-                "\n".join(
-                    [
-                        # As root it would switch to the mosquitto user and lose the work dir.
-                        "user root" if os.geteuid() == 0 else "",
-                        f"listener {self.port} 127.0.0.1",
-                        "allow_anonymous true",
-                        "persistence false",
-                        f"log_dest file {self.dir / 'mosquitto.log'}",
-                        "",
-                    ]
-                ),
-                encoding="utf-8",
-            )
-            self.proc = subprocess.Popen(  # noqa: S603 -- fixed argv, our own config file
-                [str(self.binary), "-c", str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                # Its own process group: Ctrl-C reaches the demo only, which stops the agent
-                # (a clean MQTT disconnect) before the broker.
-                process_group=0,
-                preexec_fn=_die_with_parent,  # safe: called before any thread exists
-            )
-            if self._accepting():
-                return True
-            self.stop()  # the port was taken between the probe and the bind: try another
-        return False
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT_S)
-
-    def _accepting(self) -> bool:
-        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                return False
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1.0),
-            ):
-                return True
-            time.sleep(0.05)
-        return False
-
-
-def _start_broker(directory: Path) -> tuple[_Broker | None, str]:
+def _start_broker(directory: Path) -> tuple[Mosquitto | None, str]:
     binary = find_mosquitto()
     if binary is None:
         return None, (
             "mosquitto not installed: showing events straight from the sealed outbox — "
             "apt-get install mosquitto for the full path"
         )
-    broker = _Broker(binary, directory)
-    if broker.start():
-        return broker, ""
-    return None, (
-        f"mosquitto did not start (log: {directory / 'mosquitto.log'}): showing events "
-        "straight from the sealed outbox"
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the demo dies, even by SIGKILL (Linux)."""
-    if sys.platform != "linux":
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    # Persistence off; as root it runs as root (it would switch to the mosquitto user and lose
+    # the work dir); its own process group, so Ctrl-C stops the agent (a clean MQTT disconnect)
+    # before the broker.
+    broker = Mosquitto(directory, binary=str(binary), persistence=False, detached=True)
+    try:
+        broker.start()
+    except (RuntimeError, OSError):
+        broker.stop()
+        return None, (
+            f"mosquitto did not start (log: {directory / 'mosquitto.log'}): showing events "
+            "straight from the sealed outbox"
+        )
+    return broker, ""
 
 
 __all__ = ["find_mosquitto", "run_demo"]
