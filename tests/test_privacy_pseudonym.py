@@ -279,3 +279,12 @@ def test_acl_granting_anyone_else_is_refused(
     with pytest.raises(KeyFileError, match=who) as info:
         load_site_key(path)
     assert f"setfacl -b {path} && chmod 600 {path}" in str(info.value)
+
+
+def test_the_pseudonym_shape_uses_the_key_id_rule_of_the_key_files() -> None:
+    """One pseudonym shape (agent.domain.events) for the engine, the events and the privacy
+    layer; its key-id part is the key files' rule, so a kid one accepts the other does too."""
+    from agent.domain.events import PSEUDONYM_BODY
+    from agent.privacy.keyfile import KID_PATTERN
+
+    assert rf"p1\.{KID_PATTERN}\.[a-z2-7]{{26}}" == PSEUDONYM_BODY

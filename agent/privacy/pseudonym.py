@@ -16,6 +16,7 @@ from typing import Final
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from agent.domain.events import PSEUDONYM_BODY
 from agent.privacy.keyfile import KID_PATTERN, KeyFileError, read_key_file, write_key_file
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ _HMAC_PREFIX: Final = b"badge/v1\0"
 _HKDF_SALT_PREFIX: Final = b"cabinet-agent/site\0"
 _KID_RE: Final = re.compile(KID_PATTERN)
 _SITE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
-# 16 bytes -> 26 base32 characters once the padding is removed.
-_PSEUDONYM_RE: Final = re.compile(rf"p1\.({KID_PATTERN})\.([a-z2-7]{{26}})")
+# "p1.<kid>.<16 bytes in base32, 26 characters once the padding is removed>".
+_PSEUDONYM_RE: Final = re.compile(PSEUDONYM_BODY)
 # Separators some readers put between bytes; anything else that is not hex is an error.
 _SEPARATORS: Final = str.maketrans("", "", " :-_")
 
