@@ -93,6 +93,9 @@ class Phase(enum.StrEnum):
 _SESSION_SCANS = (Phase.SCANNING, Phase.CONFIRMING)
 _BACKGROUND_SCANS = (Phase.BACKGROUND, Phase.BACKGROUND_CONFIRM)
 _OFFLINE_STATES = (ReaderState.OFFLINE, ReaderState.STOPPED)
+# An unverified baseline with no periodic background inventory: the verification pass is
+# retried this often (and at once when a reader comes back).
+_UNVERIFIED_RETRY_S = 3600.0
 
 
 @dataclass
@@ -972,7 +975,7 @@ class CabinetEngine:
         period = self.config.background_period_s
         if self._verify:
             # Re-check at once if the readers are fine, else when they are back (on_health).
-            period = 0.0 if self._readers_ready() else (period or 3600.0)
+            period = 0.0 if self._readers_ready() else (period or _UNVERIFIED_RETRY_S)
         self._bg_next = now.mono + period
         self._dirty = True
 
@@ -1036,7 +1039,7 @@ class CabinetEngine:
             self._verify = False
         elif self._verify and period == 0:
             # Still unverified: try again in an hour, or sooner when a reader comes back.
-            period = 3600.0
+            period = _UNVERIFIED_RETRY_S
         self._bg_next = now.mono + period
         self._dirty = True
 

@@ -58,6 +58,8 @@ ACK_RETRY_S = 1.0
 SHUTDOWN_FLUSH_S = 3.0
 # A bounded wait counts as progress until its own deadline plus this (scheduling slack).
 WAIT_GRACE_S = 2.0
+# A connection that lived this long (or carried traffic) was healthy: the backoff starts over.
+HEALTHY_SESSION_S = 30.0
 # A takeover without a reason code (MQTT 3.1.1, or a v5 broker that just closes the socket):
 # this many connections in a row closed by the broker within QUICK_CLOSE_S of their CONNACK.
 QUICK_CLOSE_S = 10.0
@@ -408,7 +410,7 @@ class Publisher:
             return delay
         self._unreachable(reason, self._now(), now_mono)
         # A connection that carried traffic or lived long was healthy: start over gently.
-        if carried or lived > 30:
+        if carried or lived > HEALTHY_SESSION_S:
             backoff.reset()
         delay = backoff.next_delay()
         # A flapping link costs a line per interval (with a count), not one per reconnect.
