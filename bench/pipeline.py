@@ -203,7 +203,7 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from tests.mqtt_fixtures import Mosquitto
+    from simulators.broker import Mosquitto
 
     n = args.events
     with tempfile.TemporaryDirectory(prefix="cabinet-bench-") as tmp:

@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from simulators.broker import Mosquitto  # noqa: E402
 from simulators.llrp import LlrpSimulator  # noqa: E402
 from tests.daemon_rig import AgentProcess, config_text, provision  # noqa: E402
-from tests.mqtt_fixtures import Mosquitto  # noqa: E402
 
 MIB = 1024 * 1024
 
