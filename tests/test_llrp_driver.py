@@ -56,6 +56,17 @@ class RecordingSink:
         return {r.epc for r in self.reads}
 
 
+async def keepalive_round_trip(sim: LlrpSimulator) -> None:
+    """Wait until the driver has answered a keepalive the simulator sends after this call.
+
+    The driver handles frames in order and hands a report's reads to the sink before it reads
+    the next frame: once this returns, everything the simulator sent before that keepalive has
+    reached the sink. The event a "nothing (more) arrived" assertion needs, not a fixed sleep.
+    """
+    sent = sim.stats.keepalives_sent
+    await sim.wait_until(lambda: sim.stats.keepalive_acks > sent, timeout=HEAL_BOUND_S)
+
+
 def _cfg(port: int, **kw: object) -> LlrpReaderConfig:
     base: dict[str, object] = {
         "id": "dock-1",
@@ -131,12 +142,15 @@ async def test_stop_and_start_inventory_on_command() -> None:
         await sink.until(lambda: len(sink.epcs()) == 10)
         await reader.stop_inventory()
         await sink.until(lambda: reader.health.state == ReaderState.ONLINE)
-        # Reads buffered before the reader confirmed the stop may still arrive; after a full
-        # keepalive period nothing more may.
-        await asyncio.sleep(KEEPALIVE_S)
+        # Reads buffered before the reader confirmed the stop may still arrive: once the driver
+        # has answered a keepalive sent after the confirmation, they all have. After one more
+        # keepalive period nothing more may, at the reader or in the sink.
+        await keepalive_round_trip(sim)
         settled = len(sink.reads)
-        await asyncio.sleep(KEEPALIVE_S)
+        reports = sim.stats.reports_sent
+        await keepalive_round_trip(sim)
         assert len(sink.reads) == settled
+        assert sim.stats.reports_sent == reports
         sim.add_tag(SimTag(epc="e2801160600002084a5f3c11", antenna=2, rssi_mean=-50.0))
         await reader.start_inventory()
         await sink.until(lambda: "e2801160600002084a5f3c11" in sink.epcs())
@@ -144,10 +158,11 @@ async def test_stop_and_start_inventory_on_command() -> None:
 
 
 async def test_online_without_inventory_reads_nothing() -> None:
-    async with sim_and_reader(n_tags=5) as (_sim, reader, sink):
+    async with sim_and_reader(n_tags=5) as (sim, reader, sink):
         await sink.until(lambda: reader.health.state == ReaderState.ONLINE)
-        await asyncio.sleep(KEEPALIVE_S)
+        await keepalive_round_trip(sim)
         assert sink.reads == []
+        assert sim.stats.inventory_cycles == 0
 
 
 async def test_gpi_change_becomes_an_edge_and_gpo_write_reaches_the_reader() -> None:
