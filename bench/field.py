@@ -82,6 +82,7 @@ from simulators.door import SimulatedDoor
 from simulators.faultproxy import FaultProxy, MqttAckTap
 from simulators.llrp import LlrpSimulator
 from simulators.powerfs import PowerLossFs, unavailable_reason
+from simulators.tmpfs import tmpfs
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = Person(name="marker", badge="6A2D7F0C55", listed=False)
@@ -653,19 +654,6 @@ def soak_scenario(registry: bool) -> Scenario:
     return base.model_copy(update={"neighbours": neighbours, "asset_registry": registry})
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size_mib: int) -> Any:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0700", "tmpfs", str(path)],
-        check=True,
-    )
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 async def soak(opts: argparse.Namespace) -> int:
     reason = unavailable_reason()
     if reason is not None:
@@ -680,7 +668,7 @@ async def soak(opts: argparse.Namespace) -> int:
     assert main_task is not None
     loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
     print(f"field soak: {opts.seconds:g} s, seed {opts.seed}, work dir {work}", flush=True)
-    with tmpfs(work / "disk", opts.disk_mib) as disk_root:
+    with tmpfs(work / "disk", opts.disk_mib * 1024 * 1024) as disk_root:
         pfs = PowerLossFs(disk_root / "pfs")
         pfs.mount()
         try:

@@ -6,7 +6,6 @@ import asyncio
 import errno
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +24,7 @@ from agent.store import (
     StoreClosedError,
     StoreConfig,
 )
+from simulators.tmpfs import tmpfs
 from tests.store_helpers import T0, FakeClock, next_rows
 
 KiB = 1024
@@ -319,17 +319,8 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 1 MiB tmpfs: the filesystem itself runs out of space (ENOSPC)."""
     if not _can_mount_tmpfs():
         pytest.skip("needs root and mount(8) to create a 1 MiB tmpfs")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)],
-        check=True,
-        timeout=30,
-    )
-    try:
+    with tmpfs(tmp_path / "tiny", 1024 * 1024) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
 
 
 async def test_full_filesystem_holds_writes_alerts_and_resumes(tiny_fs: Path) -> None:

@@ -14,7 +14,6 @@ import asyncio
 import errno
 import os
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 
 from simulators.cabinet import ScenarioRunner, load_scenario
 from simulators.faultproxy import FaultProxy
+from simulators.tmpfs import tmpfs
 from tests.daemon_rig import NotifyListener, ctl
 from tests.mqtt_fixtures import Mosquitto
 from tests.scenario_harness import MARKER, TIMEOUT_S, Rig, cabinet_rig
@@ -37,17 +37,8 @@ WAL_BUDGET = DISK // 8  # max_wal_bytes (8 MiB) capped at 1/8 of the filesystem
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 24 MiB tmpfs mounted for the test (root only, as CI runs)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK},mode=0700", "tmpfs", str(mnt)],
-        check=True,
-        timeout=30,
-    )
-    try:
+    with tmpfs(tmp_path / "disk", DISK) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
 
 
 def fill(path: Path) -> None:

@@ -7,13 +7,13 @@ this test mounts.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.config import EX_CONFIG
+from simulators.tmpfs import tmpfs
 from tests.daemon_rig import AgentProcess, config_text, ctl, provision
 
 MiB = 1024 * 1024
@@ -22,17 +22,8 @@ MiB = 1024 * 1024
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs: smaller than the store's default reserves (16 MiB kept free)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={8 * MiB},mode=0700", "tmpfs", str(mnt)],
-        check=True,
-        timeout=30,
-    )
-    try:
+    with tmpfs(tmp_path / "tiny", 8 * MiB) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
 
 
 async def _refused_everywhere(tmp_path: Path, store_path: str, *needles: str) -> str:

@@ -132,12 +132,8 @@ async def test_the_agent_recovers_from_a_broken_database(
         agent.start()
         await agent.wait_log(" ready:", count=2)
 
-        def alerts() -> list[dict[str, Any]]:
-            events = rig.sink.log.events
-            return [e for e in events if e["type"] == "agent.alert" and e["kind"] == kind]
-
-        await until(lambda: bool(alerts()))
-        (alert,) = alerts()
+        await until(lambda: bool(_alerts(rig, kind)))
+        (alert,) = _alerts(rig, kind)
         # The agent runs on: a new event is committed and delivered under the new epoch.
         await show_marker(rig, 1)
         await until(lambda: len(marker_denials(rig)) >= 1 + (4 if all_back else 0) + 1)
@@ -199,16 +195,8 @@ async def test_a_damaged_frame_in_the_middle_of_the_wal_loses_nothing_silently(
         agent.start()
         await agent.wait_log(" ready:", count=2)
 
-        def alerts() -> list[dict[str, Any]]:
-            events = rig.sink.log.events
-            return [
-                e
-                for e in events
-                if e["type"] == "agent.alert" and e["kind"] == "store.wal_quarantined"
-            ]
-
-        await until(lambda: bool(alerts()))
-        (alert,) = alerts()
+        await until(lambda: bool(_alerts(rig, "store.wal_quarantined")))
+        (alert,) = _alerts(rig, "store.wal_quarantined")
         assert "damaged at frame" in alert["detail"], alert
         assert alert["seqs"], alert
         assert "salvaged" in alert["detail"], alert
@@ -271,15 +259,7 @@ async def test_a_rollback_within_a_reservation_block_is_detected(
         agent.start()
         await agent.wait_log(" ready:", count=2)
 
-        def rollbacks() -> list[dict[str, Any]]:
-            events = rig.sink.log.events
-            return [
-                e
-                for e in events
-                if e["type"] == "agent.alert" and e["kind"] == "store.seq_rollback"
-            ]
-
-        await until(lambda: bool(rollbacks()))
+        await until(lambda: bool(_alerts(rig, "store.seq_rollback")))
         await show_marker(rig, 1)
         await until(lambda: len(marker_denials(rig)) >= delivered_before + 3 + 1)
         assert rig.sink.consumer is not None
@@ -477,3 +457,8 @@ async def test_a_lost_database_makes_the_agent_reinventory_before_it_blames_anyo
 
 
 _BLAME = {"item.checked_out", "item.returned"}
+
+
+def _alerts(rig: Rig, kind: str) -> list[dict[str, Any]]:
+    """The ``agent.alert`` events of ``kind`` the backend has received."""
+    return [e for e in rig.sink.log.events if e["type"] == "agent.alert" and e["kind"] == kind]
