@@ -293,6 +293,48 @@ async def test_stop_and_start_inventory_on_command() -> None:
             assert driver.health.session == 1
 
 
+async def test_a_scan_that_follows_at_once_never_gets_the_last_ones_records() -> None:
+    """A quick door cycle: the pass ends (stop) and the next begins (start) at once. What the
+    module still streams until it confirms the stop was read for the old pass: it is dropped,
+    and the new pass's reads come from a fresh read cycle only."""
+    async with MercurySimulator("tcp", antennas=1, seed=23) as sim:
+        sim.add_tag("e2801160600002000000c001", 1, read_probability=1.0)
+        async with running(sim) as (driver, sink):
+            timeline: list[str] = []
+            deliver, report = sink.tag_reads, sink.reader_health
+
+            async def reads(batch: Sequence[TagRead]) -> None:
+                timeline.append("reads")
+                await deliver(batch)
+
+            async def health(h: ReaderHealth) -> None:
+                timeline.append(h.state.value)
+                await report(h)
+
+            sink.tag_reads, sink.reader_health = reads, health  # type: ignore[method-assign]
+            await driver.start_inventory()
+            await sink.wait_for(lambda: len(sink.reads) >= 3)
+            started = sim.commands[0x2F]
+            mark = len(timeline)
+            await driver.stop_inventory()
+            await driver.start_inventory()
+            await sink.wait_for(
+                lambda: (
+                    "online" in timeline[mark:]
+                    and "inventorying" in timeline[timeline.index("online", mark) :]
+                )
+            )
+            await sink.wait_for(lambda: "reads" in timeline[timeline.index("online", mark) :])
+            after = timeline[mark:]
+            # The module was really stopped and started again (stop and start tag ops)...
+            assert sim.commands[0x2F] >= started + 2
+            # ...its last cycle's records arrived and were dropped...
+            assert driver.drained_records >= 1
+            # ...and no read reached the sink between the stop and its confirmation.
+            assert "reads" not in after[: after.index("online")], after
+            assert driver.health.state == ReaderState.INVENTORYING
+
+
 async def test_tags_moved_and_removed_while_reading() -> None:
     async with MercurySimulator("tcp", antennas=4, seed=23) as sim:
         a = sim.add_tag("e280689400005000000000aa", 1, read_probability=1.0)

@@ -69,6 +69,7 @@ class LlrpStats:
     gpi_events: int = 0
     keepalives: int = 0
     fast_reports: int = 0  # reports decoded by the fast path (the rest went through sllurp)
+    drained_tags: int = 0  # tags reported while a ROSpec was being disabled: an ended pass's
     closes_acknowledged: int = 0  # sessions the reader closed with CLOSE_CONNECTION_RESPONSE
     errors: dict[str, int] = field(default_factory=dict)
     last_error: str = ""
@@ -493,10 +494,22 @@ class LlrpReader:
                 TransientError(f"reader {self.reader_id} refused GPO write (status {status})")
             )
 
+    def _draining(self, tags: int) -> bool:
+        """Inventory is being paused: what the reader still reports until it confirms
+        (its end-of-ROSpec report) was read for a scan pass that has ended. A pass that begins
+        meanwhile must not count it: the reader resumes once the pause is confirmed."""
+        sess = self._session
+        if sess is None or sess.client.state != _S.STATE_PAUSING:
+            return False
+        self.stats.drained_tags += tags
+        return True
+
     async def _on_report(self, body: Mapping[str, Any]) -> None:
         tags = body.get("TagReportData") or []
         if isinstance(tags, dict):
             tags = [tags]
+        if self._draining(len(tags)):
+            return
         now = self._clock.now()
         reads: list[TagRead] = []
         for tag in tags:
@@ -509,6 +522,8 @@ class LlrpReader:
             await self._sink.tag_reads(reads)
 
     async def _on_raw_report(self, tags: list[RawTag]) -> None:
+        if self._draining(len(tags)):
+            return
         now = self._clock.now()
         now_us = int(now.timestamp() * 1_000_000)
         hi_us = now_us + _DAY_US

@@ -62,6 +62,10 @@ class MercuryReader:
         )
         self._want_inventory = False
         self._inventorying = False
+        # Asked to stop: the records still streaming belong to a read cycle nobody wants any
+        # more. They are dropped, and the stop is carried out even if a start follows at once,
+        # so a new scan pass never counts a read made before it began.
+        self._draining = False
         self._online = False
         self._online_at: float | None = None  # monotonic; None: this session never got online
         self.retries = 0  # sessions ended since the last stable one
@@ -82,6 +86,7 @@ class MercuryReader:
         self.version: VersionInfo | None = None
         self.tag_records = 0
         self.malformed_records = 0
+        self.drained_records = 0  # records of a read cycle already asked to stop
         self.epc_crc_mismatches = 0
         self.unexpected_frames = 0
 
@@ -183,8 +188,11 @@ class MercuryReader:
         self._wake.set()
 
     async def stop_inventory(self) -> None:
-        """Stop continuous reading; the connection stays up."""
+        """Stop continuous reading; the connection stays up. What the module still streams
+        until it confirms the stop is dropped: it was read for a scan pass that has ended."""
         self._want_inventory = False
+        if self._inventorying:
+            self._draining = True
         self._wake.set()
 
     async def set_gpo(self, port: int, high: bool) -> None:
@@ -221,6 +229,7 @@ class MercuryReader:
             was_reading = self._inventorying
             self._online = False
             self._inventorying = False
+            self._draining = False
             self._conn = None
             for task in (rx, ctl):
                 task.cancel()
@@ -258,16 +267,19 @@ class MercuryReader:
                     codec.start_continuous_read(cycle_timeout_ms=cfg.cycle_timeout_ms)
                 )
                 self._inventorying = True
+                if not self._want_inventory:
+                    self._draining = True  # the scan ended while the start was on its way
                 self._last_rx = self._clock.monotonic()
                 await self._publish(ReaderState.INVENTORYING, "continuous read")
                 continue
-            if not self._want_inventory and self._inventorying:
+            if (self._draining or not self._want_inventory) and self._inventorying:
                 # The module finishes its search cycle first: allow for it.
                 await self._command(
                     codec.stop_continuous_read(),
                     timeout_s=cfg.command_timeout_s + cfg.cycle_timeout_ms / 1000,
                 )
                 self._inventorying = False
+                self._draining = False
                 await self._publish(ReaderState.ONLINE, "idle")
                 continue
             self._waiting(tick)
@@ -424,6 +436,9 @@ class MercuryReader:
                 )
             return
         self.tag_records += 1
+        if self._draining:
+            self.drained_records += 1
+            return
         if not event.epc_crc_ok:
             self.epc_crc_mismatches += 1
         antenna = event.antenna or self._cfg.antennas[0]
