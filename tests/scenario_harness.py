@@ -203,7 +203,8 @@ class Rig:
         publish_retained(self.broker.port, cmd_topic(self.artefacts, kind), wire)
 
     async def wait_connected(self) -> None:
-        """The agent holds the reader's LLRP session and both badge readers' sockets."""
+        """The agent holds the reader's LLRP session (configured, online) and both badge
+        readers' sockets."""
         await self.llrp.wait_until(lambda: self.llrp.connections.active == 1, TIMEOUT_S)
         await self.badge.wait_for_client(TIMEOUT_S)
         await self.marker.wait_for_client(TIMEOUT_S)
@@ -211,6 +212,9 @@ class Rig:
         # before the driver says "connected" may vanish (a real reader is not that quick).
         for rid in (self.scenario.cabinet.badge_reader_id, MARKER_READER):
             await self.agent.wait_log(f"badge reader {rid}: connected")
+        # Connected is not configured: the door's lock is driven through the reader, so a card
+        # shown before the reader is online gets a failed unlock (and no session).
+        await self.agent.wait_log(f"reader {self.scenario.cabinet.reader_id}: connecting -> online")
 
     async def commission(self) -> None:
         """Stock the cabinet: the installer's door cycle makes the agent's first baseline."""
