@@ -1,4 +1,4 @@
-"""Trusted time (agent/trusted_time.py): floor, trust, steps, persistence — with fake clocks."""
+"""Trusted time (agent/trusted_time/): floor, trust, steps, persistence — with fake clocks."""
 
 from __future__ import annotations
 
