@@ -6,19 +6,19 @@ placed at antennas, each with a mean RSSI, a spread and a per-cycle read probabi
 
 Fault switches (``sim.faults``): garbage bytes, silence, unplug (pty closed / TCP closed
 and refused for N seconds), trickle (one byte at a time).
+
+This is the harness: the tag population, the fault switches, the cable (``link``) and the
+I/O loops; the module's firmware and its search cycles are ``module.MercuryModule``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import os
 import random
 import tempfile
 import time
-import tty
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,66 +26,14 @@ from pathlib import Path
 from typing import Literal
 
 from simulators.mercury import wire
+from simulators.mercury.link import Link, PtyLink, TcpLink
+from simulators.mercury.module import MercuryModule, Model, SimTag
+
+__all__ = ["Faults", "MercurySimulator", "SimTag"]
 
 logger = logging.getLogger(__name__)
 
-VERSION_OPCODE = 0x03
-BOOT_FIRMWARE = 0x04
-GET_CURRENT_PROGRAM = 0x0C
-READ_TAG_ID_MULTIPLE = 0x22
-MULTI_PROTOCOL_TAG_OP = 0x2F
-GET_ANTENNA_PORT = 0x61
-GET_REGION = 0x67
-SET_ANTENNA_PORT = 0x91
-SET_READ_TX_POWER = 0x92
-SET_TAG_PROTOCOL = 0x93
-SET_GPIO = 0x96
-SET_REGION = 0x97
-
-ST_OK = 0x0000
-ST_WRONG_DATA = 0x0100
-ST_INVALID_OPCODE = 0x0101
-ST_POWER_TOO_HIGH = 0x0103
-ST_INVALID_PARAMETER = 0x0105
-ST_POWER_TOO_LOW = 0x0106
-ST_INVALID_REGION = 0x010B
-ST_NO_TAGS_FOUND = 0x0400
-ST_NO_PROTOCOL = 0x0401
-ST_INVALID_PROTOCOL = 0x0402
-ST_AFE_NOT_ON = 0x0405
-ST_INVALID_ANTENNA_CONFIG = 0x0507
-
-MODELS = {"m6e": (0x18, 4, 3150), "nano": (0x30, 1, 2700), "micro": (0x20, 2, 3000)}
-REGIONS = {0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0xFF}
 _OUT_QUEUE = 1024
-
-
-@dataclass
-class SimTag:
-    """A tag somewhere in the cabinet. ``duty`` < 1: intermittent — it can answer only in that
-    share of the search cycles, in runs of ``burst_rounds`` cycles on average (a neighbour
-    cabinet's tag drifting in and out of a fade)."""
-
-    epc: bytes
-    antenna: int
-    rssi_mean: float = -55.0
-    rssi_spread: float = 3.0
-    read_probability: float = 0.9
-    duty: float = 1.0
-    burst_rounds: float = 1.0
-    reachable: bool = True
-
-    def next_round(self, rng: random.Random) -> bool:
-        """Advance the fade (two-state Markov chain); whether it can answer this cycle."""
-        if self.duty >= 1.0:
-            return True
-        if self.reachable:
-            self.reachable = rng.random() >= 1.0 / self.burst_rounds
-        else:
-            self.reachable = rng.random() < min(
-                1.0, self.duty / ((1.0 - self.duty) * self.burst_rounds)
-            )
-        return self.reachable
 
 
 @dataclass
@@ -139,102 +87,6 @@ class Faults:
         return 0.0
 
 
-class _Link:
-    """Where bytes go: one pty master or one TCP connection."""
-
-    async def read(self) -> bytes:
-        raise NotImplementedError
-
-    async def write(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class _PtyLink(_Link):
-    def __init__(self, link_path: Path) -> None:
-        self.master, self.slave = os.openpty()
-        # Raw on both ends: no echo, no CR/LF translation, no signals on 0x03.
-        tty.setraw(self.slave)
-        os.set_blocking(self.master, False)
-        self.slave_name = os.ttyname(self.slave)
-        self._path = link_path
-        with contextlib.suppress(FileNotFoundError):
-            link_path.unlink()
-        link_path.symlink_to(self.slave_name)
-        self._loop = asyncio.get_running_loop()
-        self._closed = False
-
-    async def _wait(self, add: Callable[..., None], remove: Callable[[int], object]) -> None:
-        fut: asyncio.Future[None] = self._loop.create_future()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        add(self.master, ready)
-        try:
-            await fut
-        finally:
-            remove(self.master)
-
-    async def read(self) -> bytes:
-        while not self._closed:
-            try:
-                return os.read(self.master, 4096)
-            except BlockingIOError:
-                await self._wait(self._loop.add_reader, self._loop.remove_reader)
-            except OSError as err:
-                if err.errno == errno.EIO:  # no slave open right now: nothing to read
-                    await asyncio.sleep(0.05)
-                    continue
-                raise
-        return b""
-
-    async def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view and not self._closed:
-            try:
-                sent = os.write(self.master, view)
-            except BlockingIOError:
-                await self._wait(self._loop.add_writer, self._loop.remove_writer)
-                continue
-            view = view[sent:]
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
-        for fd in (self.master, self.slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-class _TcpLink(_Link):
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-
-    async def read(self) -> bytes:
-        try:
-            return await self._reader.read(4096)
-        except (ConnectionError, OSError):
-            return b""
-
-    async def write(self, data: bytes) -> None:
-        if self._writer.is_closing():
-            return
-        self._writer.write(data)
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._writer.drain()
-
-    def close(self) -> None:
-        self._writer.close()
-
-
 class MercurySimulator:
     """A simulated module. ``await start()``, point the driver at ``url``, ``await stop()``."""
 
@@ -243,7 +95,7 @@ class MercurySimulator:
         transport: Literal["pty", "tcp"] = "pty",
         *,
         antennas: int | None = None,
-        model: Literal["m6e", "nano", "micro"] = "m6e",
+        model: Model = "m6e",
         seed: int | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -257,28 +109,17 @@ class MercurySimulator:
             raise ValueError("the simulator listens on loopback only")
         self.transport = transport
         self.model = model
-        self._hw, default_ports, self._max_power = MODELS[model]
-        self.antenna_count = antennas if antennas is not None else default_ports
         self._rng = random.Random(seed)
+        self.module = MercuryModule(
+            model, antennas, rng=self._rng, start_in_bootloader=start_in_bootloader
+        )
+        self.antenna_count = self.module.antenna_count
         self._host = host
         self._port = port
         self.cycle_s = cycle_s
         self.keepalive_s = keepalive_s
-        self._start_in_bootloader = start_in_bootloader
         self.faults = Faults(self)
         self.tags: dict[bytes, SimTag] = {}
-        self.antennas_present: set[int] = set(range(1, self.antenna_count + 1))
-        # module state
-        self.in_bootloader = start_in_bootloader
-        self.region = 0
-        self.protocol = 0
-        self.search_list: list[int] = []
-        self.read_power_centi = 3000
-        self.gpio: dict[int, bool] = {}
-        self.reading = False
-        self._metadata = 0x01FF
-        self._read_started = 0.0
-        self._stop_pending = False
         # bookkeeping visible to tests
         self.commands: Counter[int] = Counter()
         self.connections = 0
@@ -287,7 +128,7 @@ class MercurySimulator:
         self.unplugged = False
         self._changed = asyncio.Event()
         self._out: asyncio.Queue[bytes] = asyncio.Queue(_OUT_QUEUE)
-        self._link: _Link | None = None
+        self._link: Link | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._link_tasks: set[asyncio.Task[None]] = set()
@@ -308,7 +149,46 @@ class MercurySimulator:
     @property
     def pty_slave(self) -> str | None:
         """The current /dev/pts/N behind the stable ``url`` symlink (pty transport)."""
-        return self._link.slave_name if isinstance(self._link, _PtyLink) else None
+        return self._link.slave_name if isinstance(self._link, PtyLink) else None
+
+    # --- the module's state, as tests read it -------------------------------------------
+
+    @property
+    def antennas_present(self) -> set[int]:
+        """The ports with an antenna plugged in (assign to rewire them)."""
+        return self.module.antennas_present
+
+    @antennas_present.setter
+    def antennas_present(self, ports: set[int]) -> None:
+        self.module.antennas_present = ports
+
+    @property
+    def in_bootloader(self) -> bool:
+        return self.module.in_bootloader
+
+    @property
+    def region(self) -> int:
+        return self.module.region
+
+    @property
+    def protocol(self) -> int:
+        return self.module.protocol
+
+    @property
+    def search_list(self) -> list[int]:
+        return self.module.search_list
+
+    @property
+    def read_power_centi(self) -> int:
+        return self.module.read_power_centi
+
+    @property
+    def gpio(self) -> dict[int, bool]:
+        return self.module.gpio
+
+    @property
+    def reading(self) -> bool:
+        return self.module.reading
 
     async def start(self) -> None:
         if self._started:
@@ -428,9 +308,9 @@ class MercurySimulator:
         if not 1 <= port <= self.antenna_count:
             raise ValueError(f"antenna port {port} outside 1..{self.antenna_count}")
         if connected:
-            self.antennas_present.add(port)
+            self.module.antennas_present.add(port)
         else:
-            self.antennas_present.discard(port)
+            self.module.antennas_present.discard(port)
         self._notify()
 
     def remove_tag(self, epc: str | bytes) -> None:
@@ -457,10 +337,10 @@ class MercurySimulator:
         task.add_done_callback(bucket.discard)
 
     async def _plug(self) -> None:
-        self._power_cycle()
+        self.module.power_cycle()
         if self.transport == "pty":
             assert self._pty_path is not None
-            link = _PtyLink(self._pty_path)
+            link = PtyLink(self._pty_path)
             self._attach(link)
         else:
             self._server = await asyncio.start_server(self._accept, self._host, self._port)
@@ -468,7 +348,7 @@ class MercurySimulator:
         self.unplugged = False
         self._notify()
 
-    def _attach(self, link: _Link) -> None:
+    def _attach(self, link: Link) -> None:
         old, self._link = self._link, link
         if old is not None:
             old.close()
@@ -478,7 +358,7 @@ class MercurySimulator:
         self._notify()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._attach(_TcpLink(reader, writer))
+        self._attach(TcpLink(reader, writer))
 
     def _unplug(self, seconds: float) -> None:
         self.unplugged = True  # output stops now; the link is torn down on the next turn
@@ -510,18 +390,9 @@ class MercurySimulator:
             self._out.get_nowait()
         self._notify()
 
-    def _power_cycle(self) -> None:
-        self.in_bootloader = self._start_in_bootloader
-        self.region = 0
-        self.protocol = 0
-        self.search_list = []
-        self.reading = False
-        self._stop_pending = False
-        self.gpio = {}
-
     # --- I/O loops ----------------------------------------------------------------------
 
-    async def _reader_loop(self, link: _Link) -> None:
+    async def _reader_loop(self, link: Link) -> None:
         while True:
             data = await link.read()
             if not data:
@@ -534,7 +405,7 @@ class MercurySimulator:
                 continue
             for cmd in self._scanner.feed(data):
                 self.commands[cmd.opcode] += 1
-                answer = self._handle(cmd)
+                answer = self.module.handle(cmd)
                 if answer is not None:
                     self._enqueue(answer)
                 self._notify()
@@ -565,31 +436,18 @@ class MercurySimulator:
                 continue  # the link went away under us; the reader loop notices
 
     async def _stream_loop(self) -> None:
+        module = self.module
         last_record = time.monotonic()
         while True:
             await asyncio.sleep(self.cycle_s)
-            if not self.reading:
-                if self._stop_pending:
+            if not module.reading:
+                if module.stop_pending:
                     self._finish_stop()
                 continue
             now = time.monotonic()
             chunk = bytearray()
-            for tag in list(self.tags.values()):
-                if tag.antenna not in self.search_list or tag.antenna not in self.antennas_present:
-                    continue
-                if not tag.next_round(self._rng) or self._rng.random() >= tag.read_probability:
-                    continue
-                rssi = round(self._rng.gauss(tag.rssi_mean, tag.rssi_spread))
-                record = wire.tag_record(
-                    epc=tag.epc,
-                    metadata=self._metadata,
-                    read_count=1,
-                    rssi=max(-127, min(-1, rssi)),
-                    antenna=tag.antenna,
-                    frequency_khz=self._rng.randrange(902750, 927250, 500),
-                    timestamp_ms=int((now - self._read_started) * 1000),
-                )
-                chunk += wire.response(READ_TAG_ID_MULTIPLE, ST_OK, record)
+            for tag, frame in module.search_round(list(self.tags.values()), now):
+                chunk += frame
                 self.records_sent += 1
                 self.records_by_epc[tag.epc] += 1
             if chunk:
@@ -597,140 +455,14 @@ class MercurySimulator:
                 self._enqueue(bytes(chunk))
             elif now - last_record >= self.keepalive_s:
                 last_record = now
-                self._enqueue(wire.response(READ_TAG_ID_MULTIPLE, ST_NO_TAGS_FOUND))
-            if self._stop_pending:
+                self._enqueue(module.no_tags())
+            if module.stop_pending:
                 self._finish_stop()
 
     def _finish_stop(self) -> None:
-        self.reading = False
-        self._stop_pending = False
-        self._enqueue(wire.response(READ_TAG_ID_MULTIPLE, ST_NO_TAGS_FOUND))
-        self._enqueue(wire.response(MULTI_PROTOCOL_TAG_OP, ST_OK, b"\x02"))
+        for frame in self.module.finish_stop():
+            self._enqueue(frame)
         self._notify()
 
     def _notify(self) -> None:
         self._changed.set()
-
-    # --- commands -----------------------------------------------------------------------
-
-    def _version_data(self) -> bytes:
-        return (
-            bytes([0x14, 0x12, 0x08, 0x00, self._hw, 0x00, 0x00, 0x02])
-            + bytes([0x20, 0x15, 0x03, 0x10, 0x01, 0x03, 0x01, 0x47])
-            + (0x10).to_bytes(4, "big")  # protocol 5 (Gen2) supported
-        )
-
-    def _handle(self, cmd: wire.HostCommand) -> bytes | None:
-        op, data = cmd.opcode, cmd.data
-        if op == VERSION_OPCODE:
-            return wire.response(op, ST_OK, self._version_data())
-        if op == GET_CURRENT_PROGRAM:
-            return wire.response(op, ST_OK, bytes([0x11 if self.in_bootloader else 0x12]))
-        if op == BOOT_FIRMWARE:
-            if not self.in_bootloader:
-                return wire.response(op, ST_INVALID_OPCODE)
-            self.in_bootloader = False
-            return wire.response(op, ST_OK, self._version_data())
-        if self.in_bootloader:
-            return wire.response(op, ST_INVALID_OPCODE)
-        handler = {
-            SET_REGION: self._set_region,
-            GET_REGION: lambda d: (ST_OK, bytes([self.region])),
-            SET_TAG_PROTOCOL: self._set_protocol,
-            SET_ANTENNA_PORT: self._set_antennas,
-            GET_ANTENNA_PORT: self._get_antennas,
-            SET_READ_TX_POWER: self._set_power,
-            SET_GPIO: self._set_gpio,
-        }.get(op)
-        if op == MULTI_PROTOCOL_TAG_OP:
-            return self._tag_op(data)
-        if handler is None:
-            return wire.response(op, ST_INVALID_OPCODE)
-        status, payload = handler(data)
-        return wire.response(op, status, payload)
-
-    def _set_region(self, data: bytes) -> tuple[int, bytes]:
-        if len(data) != 1:
-            return ST_WRONG_DATA, b""
-        if data[0] not in REGIONS:
-            return ST_INVALID_REGION, b""
-        self.region = data[0]
-        return ST_OK, b""
-
-    def _set_protocol(self, data: bytes) -> tuple[int, bytes]:
-        if len(data) != 2:
-            return ST_WRONG_DATA, b""
-        if int.from_bytes(data, "big") != 0x0005:
-            return ST_INVALID_PROTOCOL, b""
-        self.protocol = 5
-        return ST_OK, b""
-
-    def _set_antennas(self, data: bytes) -> tuple[int, bytes]:
-        if len(data) == 2:  # plain tx, rx
-            pairs = [(data[0], data[1])]
-        elif len(data) >= 3 and data[0] == 0x02 and len(data) % 2 == 1:
-            pairs = [(data[k], data[k + 1]) for k in range(1, len(data), 2)]
-        else:
-            return ST_INVALID_PARAMETER, b""
-        ports = [tx for tx, rx in pairs]
-        if any(tx != rx or not 1 <= tx <= self.antenna_count for tx, rx in pairs):
-            return ST_INVALID_ANTENNA_CONFIG, b""
-        self.search_list = ports
-        return ST_OK, b""
-
-    def _get_antennas(self, data: bytes) -> tuple[int, bytes]:
-        if data != b"\x05":
-            return ST_INVALID_PARAMETER, b""
-        out = bytearray([0x05])
-        for port in range(1, self.antenna_count + 1):
-            # The Nano has no detection circuit: it answers, but reports every port undetected
-            # (as the URA log of a real M6e Nano shows).
-            seen = port in self.antennas_present and self.model != "nano"
-            out += bytes([port, 1 if seen else 0])
-        return ST_OK, bytes(out)
-
-    def _set_power(self, data: bytes) -> tuple[int, bytes]:
-        if len(data) != 2:
-            return ST_WRONG_DATA, b""
-        centi = int.from_bytes(data, "big", signed=True)
-        if centi > self._max_power:
-            return ST_POWER_TOO_HIGH, b""
-        if centi < 0:
-            return ST_POWER_TOO_LOW, b""
-        self.read_power_centi = centi
-        return ST_OK, b""
-
-    def _set_gpio(self, data: bytes) -> tuple[int, bytes]:
-        if len(data) == 4 and data[0] == 0x01:  # direction: option, pin, output, level
-            pin, level = data[1], bool(data[3])
-        elif len(data) == 2:
-            pin, level = data[0], bool(data[1])
-        else:
-            return ST_WRONG_DATA, b""
-        if not 1 <= pin <= 4:
-            return ST_INVALID_PARAMETER, b""
-        self.gpio[pin] = level
-        return ST_OK, b""
-
-    def _tag_op(self, data: bytes) -> bytes | None:
-        if len(data) >= 3 and data[2] == 0x02:  # stop continuous reading
-            if self.reading:
-                self._stop_pending = True  # answered after the current search cycle
-                return None
-            return wire.response(MULTI_PROTOCOL_TAG_OP, ST_OK, b"\x02")
-        if len(data) < 8 or data[2] != 0x01 or data[3] != READ_TAG_ID_MULTIPLE:
-            return wire.response(MULTI_PROTOCOL_TAG_OP, ST_INVALID_PARAMETER)
-        if self.region == 0:
-            return wire.response(MULTI_PROTOCOL_TAG_OP, ST_AFE_NOT_ON)
-        if self.protocol != 5 or data[6] != 0x05:
-            return wire.response(MULTI_PROTOCOL_TAG_OP, ST_NO_PROTOCOL)
-        sub = data[8:]
-        if len(sub) != data[7] + 1 or len(sub) < 8 or sub[0] != READ_TAG_ID_MULTIPLE:
-            return wire.response(MULTI_PROTOCOL_TAG_OP, ST_INVALID_PARAMETER)
-        self._metadata = int.from_bytes(sub[6:8], "big") & 0x01FF
-        if not self.search_list:
-            self.search_list = [1]
-        self.reading = True
-        self._stop_pending = False
-        self._read_started = time.monotonic()
-        return wire.response(MULTI_PROTOCOL_TAG_OP, ST_OK, bytes([0x01, 0x22, 0x00, 0x00]))
