@@ -247,6 +247,41 @@ async def test_selftest_broker_check_uses_the_configured_tls(tmp_path: Path) -> 
         broker.stop()
 
 
+async def test_selftest_names_unusable_tls_files_as_a_config_problem(tmp_path: Path) -> None:
+    """A missing or unloadable [mqtt.tls] file is what `run` refuses at start: one FAIL line
+    naming the field, exit 78 — never a traceback."""
+    provision(tmp_path)
+    pki = Pki(tmp_path / "pki")
+    client_crt, client_key, _ = pki.issue("cabinet-good", server=False)
+    cfg = tmp_path / "agent.toml"
+
+    def write(ca_file: Path) -> None:
+        tls = (
+            f'[mqtt.tls]\nca_file = "{ca_file}"\ncert_file = "{client_crt}"\n'
+            f'key_file = "{client_key}"\n'
+        )
+        cfg.write_text(config_text(tmp_path, free_port(), extra=_mqtt(free_port()) + tls))
+
+    missing = tmp_path / "pki" / "no-such-ca.pem"
+    write(missing)
+    rc, checks = await _selftest(cfg)
+    assert checks["broker"]["status"] == "FAIL", checks["broker"]
+    assert "mqtt.tls" in checks["broker"]["reason"]
+    assert str(missing) in checks["broker"]["reason"]
+    assert checks["broker"]["config_problem"] is True
+    assert rc == EX_CONFIG
+
+    garbage = tmp_path / "pki" / "garbage-ca.pem"
+    garbage.write_text(
+        "-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n"
+    )
+    write(garbage)
+    rc, out, err = await ctl("selftest", "--config", str(cfg), "--timeout", "5")
+    assert "Traceback" not in err, err
+    assert any(line.startswith("FAIL broker: mqtt.tls") for line in out.splitlines()), out
+    assert rc == EX_CONFIG
+
+
 def test_allow_list_verdict_warns_before_expiry_and_fails_after() -> None:
     """Issue 9 item 11: status and selftest warn days before the allow-list expires."""
     from datetime import UTC, datetime, timedelta

@@ -171,15 +171,21 @@ def check_commands(status: Mapping[str, Any] | None) -> Check | None:
 
 async def _try_broker(cfg: AgentConfig) -> Check:
     assert cfg.mqtt is not None
+    from agent.mqtt.config import check_tls_files
     from agent.mqtt.session import MqttSession, build_tls_context
 
     # A clean, separate session: never take over (or leave state in) the agent's own.
     mqtt_cfg = cfg.mqtt.model_copy(update={"persistent_session": False})
     where = f"{mqtt_cfg.host}:{mqtt_cfg.effective_port}"
-    try:
-        tls = build_tls_context(mqtt_cfg.tls) if mqtt_cfg.tls is not None else None
-    except (OSError, ValueError) as err:
-        return Check("FAIL", "broker", f"TLS files unusable: {err}", config_problem=True)
+    tls = None
+    if mqtt_cfg.tls is not None:
+        # What `run` refuses at start (a missing, unsafe or unloadable file) is the operator's
+        # configuration: exit 78, the field named.
+        try:
+            check_tls_files(mqtt_cfg.tls)
+            tls = build_tls_context(mqtt_cfg.tls)
+        except (CabinetError, OSError, ValueError) as err:
+            return Check("FAIL", "broker", f"mqtt.tls: {err}", config_problem=True)
     client_id = f"cabinet-{cfg.cabinet.site_id}-{cfg.cabinet.cabinet_id}-selftest-{os.getpid()}"
     session = MqttSession(mqtt_cfg, client_id, will=None, tls_context=tls)
     try:
