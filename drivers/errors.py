@@ -19,5 +19,9 @@ class ProtocolError(TransientError):
     """The peer sent bytes that break the protocol; the session ends and reconnects."""
 
 
-class ReaderBusyError(TransientError):
+class RefusedError(TransientError):
+    """The peer refused us (busy, credentials, certificate): retry, but at the longest delay."""
+
+
+class ReaderBusyError(RefusedError):
     """The reader refused the connection because another client holds it."""

@@ -68,7 +68,8 @@ class ReaderState(enum.StrEnum):
     ONLINE = "online"  # configured and ready; not necessarily inventorying
     INVENTORYING = "inventorying"
     OFFLINE = "offline"
-    STOPPED = "stopped"
+    STOPPED = "stopped"  # cancelled (shutdown)
+    FAILED = "failed"  # stopped for a permanent error (detail says why); not retried
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +123,8 @@ class ReaderDriver(Protocol):
         on "heard at T" implying "every read before T is already delivered"."""
 
     async def run(self) -> None:
-        """Connect, keep connected (reconnecting with backoff) until cancelled."""
+        """Connect, keep connected (reconnecting with backoff) until cancelled; returns after a
+        permanent error, reported as FAILED (``drivers/supervisor.py``)."""
 
     async def start_inventory(self) -> None:
         """Begin (or keep) reading tags; takes effect once the reader is online."""
@@ -149,7 +151,8 @@ class BadgeReaderDriver(Protocol):
     def health(self) -> ReaderHealth: ...
 
     async def run(self) -> None:
-        """Connect, deliver pseudonymized reads, reconnect with backoff; until cancelled."""
+        """Connect, deliver pseudonymized reads, reconnect with backoff; until cancelled (or a
+        permanent error, reported as FAILED)."""
 
 
 class Clock(Protocol):

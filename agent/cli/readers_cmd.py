@@ -94,7 +94,7 @@ async def _ping(cfg: AgentConfig, only: list[str] | None, timeout_s: float) -> l
                     if h.antennas_connected is not None
                     else None,
                 }
-            if h.state == ReaderState.OFFLINE and h.session >= 1:
+            if h.state in (ReaderState.OFFLINE, ReaderState.FAILED) and h.session >= 1:
                 return {"reader": d.reader_id, "ok": False, "detail": h.detail}
         return None
 

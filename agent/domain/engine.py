@@ -92,7 +92,7 @@ class Phase(enum.StrEnum):
 
 _SESSION_SCANS = (Phase.SCANNING, Phase.CONFIRMING)
 _BACKGROUND_SCANS = (Phase.BACKGROUND, Phase.BACKGROUND_CONFIRM)
-_OFFLINE_STATES = (ReaderState.OFFLINE, ReaderState.STOPPED)
+_OFFLINE_STATES = (ReaderState.OFFLINE, ReaderState.STOPPED, ReaderState.FAILED)
 # An unverified baseline with no periodic background inventory: the verification pass is
 # retried this often (and at once when a reader comes back).
 _UNVERIFIED_RETRY_S = 3600.0

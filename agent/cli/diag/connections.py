@@ -89,7 +89,7 @@ async def _ping_readers(cfg: AgentConfig, timeout_s: float) -> list[Check]:
                                 f"connected and configured in {time.monotonic() - started:.1f}s",
                             )
                             break
-                        if h.state == ReaderState.OFFLINE and h.session >= 1:
+                        if h.state in (ReaderState.OFFLINE, ReaderState.FAILED) and h.session >= 1:
                             verdicts[d.reader_id] = Check(
                                 "FAIL",
                                 f"reader {d.reader_id}",
