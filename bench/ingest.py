@@ -30,7 +30,8 @@ from sllurp.llrp import LLRPMessage  # noqa: E402
 
 import drivers.llrp.reader as reader_mod  # noqa: E402
 from drivers.llrp.config import LlrpReaderConfig  # noqa: E402
-from drivers.llrp.reader import LlrpReader, _Session  # noqa: E402
+from drivers.llrp.reader import LlrpReader  # noqa: E402
+from drivers.llrp.session import LlrpSession  # noqa: E402
 from drivers.types import GpiEdge, ReaderHealth, ReaderState, TagRead  # noqa: E402
 
 
@@ -55,7 +56,7 @@ class RecordingReader(LlrpReader):
     recording = False
     frames: list[bytes]
 
-    async def _handle(self, sess: _Session, data: bytes, msg_type: int, msg_id: int) -> None:
+    async def _handle(self, sess: LlrpSession, data: bytes, msg_type: int, msg_id: int) -> None:
         if self.recording and msg_type == 61:
             self.frames.append(data)
         await super()._handle(sess, data, msg_type, msg_id)

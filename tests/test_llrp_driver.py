@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 import pytest
 
 from drivers.backoff import Backoff
 from drivers.llrp.config import LlrpReaderConfig
 from drivers.llrp.reader import LlrpReader
+from drivers.supervisor import WAIT_GRACE_S
 from drivers.types import GpiEdge, ReaderHealth, ReaderState, TagRead
 from simulators.llrp import LlrpSimulator, SimTag
 
@@ -450,3 +453,71 @@ async def test_a_stable_session_starts_the_delays_over() -> None:
             # Each session stayed configured for longer than stable_s: never more than one step.
             assert backoff.attempts == 1
             assert reader.retries == 1
+
+
+# -- the supervisor through a real reader ----------------------------------------------------
+
+
+async def test_a_configuration_the_reader_cannot_do_fails_the_reader_for_good() -> None:
+    """Eight antennas asked of a four-port reader: sllurp's capability check refuses it. No
+    reconnect can change that, so the reader is reported FAILED once and never retried."""
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=1) as sim:
+        sink = RecordingSink()
+        reader = LlrpReader(_cfg(sim.port, antennas=list(range(1, 9))), sink)
+        task = asyncio.create_task(reader.run(), name="reader-under-test")
+        try:
+            async with asyncio.timeout(HEAL_BOUND_S):
+                await asyncio.wait([task])  # run() returns: the supervisor gave it up
+        finally:
+            task.cancel()
+        assert task.exception() is None
+        assert reader.health.state == ReaderState.FAILED
+        assert "cannot do what its configuration asks" in reader.health.detail
+        assert "available=1,2,3,4" in reader.health.detail
+        assert [h.state for h in sink.health] == [ReaderState.CONNECTING, ReaderState.FAILED]
+        assert reader.stats.sessions == 1
+        assert reader.stats.errors == {"PermanentError": 1}
+        assert len(sim.connections.established_at) == 1
+        # The session was closed politely, and nothing came back to try again.
+        await sim.wait_until(lambda: sim.connections.active == 0, timeout=HEAL_BOUND_S)
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.mono = 500.0
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return self.mono
+
+
+async def test_a_pending_connect_longer_than_the_watchdog_window_is_not_a_stall() -> None:
+    """A connect bounded by connect_timeout_s = 60 s is waiting as designed, not stuck: the
+    driver's progress stays current until its deadline (the daemon's window is 20 s)."""
+    # A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
+    # stays pending (nobody accepts, nothing refuses).
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    filler = socket.create_connection(srv.getsockname())
+    try:
+        clock = _FakeClock()
+        sink = RecordingSink()
+        reader = LlrpReader(
+            _cfg(srv.getsockname()[1], connect_timeout_s=60.0, inventory_deadline_s=90.0),
+            sink,
+            clock=clock,
+        )
+        async with running(reader):
+            await sink.until(lambda: reader.health.state == ReaderState.CONNECTING)
+            started = clock.mono
+            clock.mono = started + 30.0
+            assert reader.last_progress == clock.mono
+            clock.mono = started + 60.0 + WAIT_GRACE_S + 1.0
+            assert reader.last_progress == started  # past its own bound: that would be stuck
+            assert reader.health.state == ReaderState.CONNECTING
+    finally:
+        filler.close()
+        srv.close()

@@ -6,17 +6,27 @@ only of TagReportData with the standard fields are decoded here directly; anythi
 (custom vendor parameters, access-spec results, RF survey data, an unknown type) returns None
 and the caller falls back to sllurp, so correctness never depends on this fast path. Tests
 check both paths agree on real captures and on generated reports.
+
+Both paths end here as ``TagRead``s (``tag_reads_from_raw``, ``tag_read_from_dict``).
 """
 
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
+
+from drivers.types import TagRead
 
 _TLV = struct.Struct("!HH")
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
 _I8 = struct.Struct("!b")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_OLDEST_PLAUSIBLE_US = int(datetime(2015, 1, 1, tzinfo=UTC).timestamp()) * 1_000_000
+_DAY_US = 86_400 * 1_000_000
 
 _TAG_REPORT_DATA = 240
 _EPC_DATA = 241
@@ -110,4 +120,68 @@ def _tag_report(buf: bytes, pos: int, end: int) -> RawTag | None:
     return RawTag(epc, antenna, rssi, first, count)
 
 
-__all__ = ["RawTag", "decode_report"]
+def tag_reads_from_raw(reader_id: str, tags: list[RawTag], now: datetime) -> list[TagRead]:
+    """The fast path's tags as TagReads; a tag without an antenna is dropped."""
+    now_us = int(now.timestamp() * 1_000_000)
+    hi_us = now_us + _DAY_US
+    reads: list[TagRead] = []
+    append = reads.append
+    for t in tags:
+        if t.antenna is None or t.antenna <= 0:
+            continue
+        us = t.first_seen_utc_us
+        first = (
+            _EPOCH + timedelta(microseconds=us)
+            if us is not None and _OLDEST_PLAUSIBLE_US <= us <= hi_us
+            else now
+        )
+        count = t.seen_count
+        append(
+            TagRead(
+                reader_id,
+                t.epc,
+                t.antenna,
+                None if t.peak_rssi is None else float(t.peak_rssi),
+                first,
+                count if count else 1,
+            )
+        )
+    return reads
+
+
+def tag_read_from_dict(reader_id: str, tag: Mapping[str, Any], now: datetime) -> TagRead | None:
+    """One TagReportData as sllurp decoded it, or None without an EPC or an antenna."""
+    epc = tag.get("EPC") or tag.get("EPC-96")
+    if isinstance(epc, (bytes, bytearray)):
+        epc_hex = epc.decode("ascii", "replace").lower()
+    elif isinstance(epc, str):
+        epc_hex = epc.lower()
+    else:
+        return None
+    antenna = tag.get("AntennaID")
+    if not isinstance(antenna, int) or antenna <= 0:
+        return None
+    rssi = tag.get("PeakRSSI")
+    count = tag.get("TagSeenCount", 1)
+    if isinstance(count, dict):
+        count = count.get("TagCount", 1)
+    first_us = tag.get("FirstSeenTimestampUTC")
+    first_seen = now
+    # A reader without a set clock reports uptime; keep our clock then. Bounds are checked on
+    # the integer first: a hostile value (2**63) would overflow datetime arithmetic.
+    if (
+        isinstance(first_us, int)
+        and _OLDEST_PLAUSIBLE_US <= first_us <= int(now.timestamp() * 1_000_000) + _DAY_US
+    ):
+        first_seen = _EPOCH + timedelta(microseconds=first_us)
+    return TagRead(
+        reader_id=reader_id,
+        epc=epc_hex,
+        antenna=antenna,
+        peak_rssi_dbm=float(rssi) if isinstance(rssi, (int, float)) else None,
+        first_seen=first_seen,
+        seen_count=int(count) if isinstance(count, int) and count > 0 else 1,
+    )
+
+
+__all__ = ["RawTag", "decode_report", "tag_read_from_dict", "tag_reads_from_raw"]
