@@ -375,16 +375,28 @@ async def test_set_gpo_drives_the_module_gpio() -> None:
                 await task
 
 
-async def test_module_refusing_a_setting_is_reported_and_retried_slowly() -> None:
-    async with (
-        MercurySimulator("tcp", model="nano", seed=31) as sim,
-        running(sim, read_power_dbm=30.0) as (driver, sink),
-    ):
-        await sink.wait_for(lambda: sum(h.state == ReaderState.OFFLINE for h in sink.health) >= 2)
-        offline = [h for h in sink.health if h.state == ReaderState.OFFLINE]
-        assert all("power above the module maximum" in h.detail for h in offline)
+async def test_module_refusing_a_setting_is_reported_failed_and_not_retried() -> None:
+    """A permanent error (the module refuses the configured power) stops the reader: reported
+    FAILED with the module's reason once, never retried (a reconnect cannot change it)."""
+    async with MercurySimulator("tcp", model="nano", seed=31) as sim:
+        sink = RecordingSink()
+        driver = MercuryReader(make_cfg(sim, read_power_dbm=30.0), sink)
+        task = asyncio.create_task(driver.run(), name="test-mercury-driver")
+        try:
+            async with asyncio.timeout(WAIT_S):
+                await asyncio.wait([task])  # run() returns: the supervisor gave the reader up
+        finally:
+            task.cancel()
+        assert task.exception() is None
+        assert driver.health.state == ReaderState.FAILED
+        assert "power above the module maximum" in driver.health.detail
+        failed = [h for h in sink.health if h.state == ReaderState.FAILED]
+        assert len(failed) == 1
+        assert failed[0] is driver.health
         assert ReaderState.ONLINE not in sink.states_since(0)
-        assert offline[1].session > offline[0].session
+        assert ReaderState.OFFLINE not in sink.states_since(0)
+        assert {h.session for h in sink.health} == {1}
+        assert sim.commands[0x92] == 1  # the refused SET_READ_TX_POWER was sent once
         assert driver.version is not None
         assert driver.version.model == "M6e Nano"
 

@@ -6,7 +6,6 @@ The raw card number lives only between the codec's ``RawBadge`` and the
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -15,8 +14,9 @@ from typing import Protocol, runtime_checkable
 from drivers.backoff import Backoff
 from drivers.badge.codec import CodecStats, RawBadge, make_codec
 from drivers.badge.config import BadgeReaderConfig
-from drivers.errors import TransientError
+from drivers.errors import PermanentError
 from drivers.serialio import SerialConnection
+from drivers.supervisor import Retry, Supervisor
 from drivers.types import BadgeRead, Clock, ReaderHealth, ReaderState, SystemClock
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ class BadgeReader:
         self._sink = sink
         self._pseudonymize = pseudonymize
         self._clock: Clock = clock or SystemClock()
-        self._backoff = backoff or Backoff(initial_s=cfg.backoff.initial_s, max_s=cfg.backoff.max_s)
         self._codec = make_codec(cfg.protocol, cfg.pattern, cfg.max_line, cfg.id_base)
         self._health = ReaderHealth(cfg.id, ReaderState.STOPPED, self._clock.now())
         self._session = 0
@@ -74,6 +73,17 @@ class BadgeReader:
         # Only the last delivered pseudonym is remembered: a reader sees one card at a time.
         self._last_pseudonym: str | None = None
         self._last_at = 0.0
+        # stable_s=0: every connection that opened starts the delays over (a badge reader is
+        # idle most of the time; only failing to open it backs off).
+        self._sv = Supervisor(
+            self._run_session,
+            backoff=backoff or Backoff(initial_s=cfg.backoff.initial_s, max_s=cfg.backoff.max_s),
+            stable_s=0.0,
+            on_retry=self._offline,
+            on_failed=self._failed,
+            on_stopped=self._stopped,
+            clock=self._clock.monotonic,
+        )
 
     @property
     def reader_id(self) -> str:
@@ -99,36 +109,41 @@ class BadgeReader:
         )
 
     async def run(self) -> None:
-        """Connect, read badges, reconnect with jittered backoff; until cancelled."""
+        """Connect, read badges, reconnect with jittered backoff; until cancelled (or a
+        permanent error: the badge reader is then reported FAILED)."""
+        await self._sv.run()
+
+    async def _run_session(self) -> None:
         target = self._cfg.target()
+        if self._health.state == ReaderState.STOPPED:
+            await self._set_health(ReaderState.CONNECTING, "")
+        conn = await SerialConnection.open(target, self._cfg.open_timeout_s)
         try:
-            while True:
-                if self._health.state == ReaderState.STOPPED:
-                    await self._set_health(ReaderState.CONNECTING, "")
-                try:
-                    conn = await SerialConnection.open(target, self._cfg.open_timeout_s)
-                except TransientError as err:
-                    await self._set_health(ReaderState.OFFLINE, str(err))
-                    await self._pause()
-                    continue
-                self._session += 1
-                self._codec.reset()
-                self._backoff.reset()
-                logger.info("badge reader %s: connected to %s", self.reader_id, target.url)
-                try:
-                    await self._set_health(ReaderState.ONLINE, "")
-                    await self._pump(conn)
-                except TransientError as err:
-                    await self._set_health(ReaderState.OFFLINE, str(err))
-                finally:
-                    await conn.close()
-                await self._pause()
-        except asyncio.CancelledError:
-            # No sink call here: a full queue must not block shutdown.
-            self._health = replace(
-                self._health, state=ReaderState.STOPPED, at=self._clock.now(), detail="stopped"
-            )
-            raise
+            self._session += 1
+            self._codec.reset()
+            self._sv.up()
+            logger.info("badge reader %s: connected to %s", self.reader_id, target.url)
+            await self._set_health(ReaderState.ONLINE, "")
+            await self._pump(conn)
+        finally:
+            await conn.close()
+
+    async def _offline(self, retry: Retry, delay: float) -> None:
+        await self._set_health(ReaderState.OFFLINE, retry.reason)
+
+    async def _failed(self, err: PermanentError) -> None:
+        logger.error(
+            "badge reader %s: %s; not retried: fix its configuration and restart",
+            self.reader_id,
+            err,
+        )
+        await self._set_health(ReaderState.FAILED, str(err))
+
+    async def _stopped(self) -> None:
+        self._health = replace(
+            self._health, state=ReaderState.STOPPED, at=self._clock.now(), detail="stopped"
+        )
+        await self._sink.badge_reader_health(self._health)
 
     async def _pump(self, conn: SerialConnection) -> None:
         while True:
@@ -160,9 +175,6 @@ class BadgeReader:
         self._reads += 1
         logger.debug("badge reader %s: badge read", self.reader_id)
         await self._sink.badge_read(BadgeRead(self.reader_id, pseudonym, self._clock.now()))
-
-    async def _pause(self) -> None:
-        await asyncio.sleep(self._backoff.next_delay())
 
     async def _set_health(self, state: ReaderState, detail: str) -> None:
         if state == self._health.state and detail == self._health.detail:

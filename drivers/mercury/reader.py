@@ -2,8 +2,10 @@
 
 One session = one open device: stop any stream left running, boot the application if
 the module sits in its bootloader, set region / protocol / antennas / power, then stream
-tags while asked to. Any error, a lost device or a silent link ends the session; the
-driver then waits a jittered backoff and opens the device again, until cancelled.
+tags while asked to. Any error, a lost device or a silent link ends the session;
+``drivers.supervisor`` then waits a jittered backoff and opens the device again, until
+cancelled -- or stops the reader for good when the module cannot do what its configuration asks
+(a ``PermanentError``: a region or power it refuses, no EPC Gen2).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from drivers.mercury.codec import (
 )
 from drivers.mercury.config import MercuryReaderConfig
 from drivers.serialio import SerialConnection, SerialTarget
+from drivers.supervisor import Retry, Supervisor
 from drivers.types import Clock, ReaderHealth, ReaderSink, ReaderState, SystemClock, TagRead
 
 logger = logging.getLogger(__name__)
@@ -67,8 +70,6 @@ class MercuryReader:
         # so a new scan pass never counts a read made before it began.
         self._draining = False
         self._online = False
-        self._online_at: float | None = None  # monotonic; None: this session never got online
-        self.retries = 0  # sessions ended since the last stable one
         self._wake = asyncio.Event()
         self._conn: SerialConnection | None = None
         self._decoder = ResponseDecoder()
@@ -77,8 +78,6 @@ class MercuryReader:
         self._cmd_lock = asyncio.Lock()
         self._last_rx = 0.0
         self.last_frame = 0.0  # monotonic time the last frame was fully handled
-        self._last_progress = self._clock.monotonic()
-        self._alive_until = 0.0  # monotonic end of the bounded wait the driver is in
         self._delivering = False
         self._gpio_outputs: set[int] = set()
         self._antennas_connected: frozenset[int] | None = None
@@ -89,6 +88,17 @@ class MercuryReader:
         self.drained_records = 0  # records of a read cycle already asked to stop
         self.epc_crc_mismatches = 0
         self.unexpected_frames = 0
+        # Only a session online for backoff.stable_s starts the delays over (a module that
+        # configures and drops again at once backs off).
+        self._sv = Supervisor(
+            self._one_session,
+            backoff=self._backoff,
+            stable_s=cfg.backoff.stable_s,
+            on_retry=self._offline,
+            on_failed=self._failed,
+            on_stopped=self._stopped,
+            clock=self._clock.monotonic,
+        )
 
     # --- ReaderDriver -------------------------------------------------------------------
 
@@ -109,8 +119,12 @@ class MercuryReader:
         however long the module stays away. A loop stuck on an unbounded wait stops it, and the
         agent's watchdog gate says so.
         """
-        now = self._clock.monotonic()
-        return now if now <= self._alive_until else self._last_progress
+        return self._sv.last_progress
+
+    @property
+    def retries(self) -> int:
+        """Sessions ended since the last stable one."""
+        return self._sv.retries
 
     @property
     def link_stats(self) -> DecoderStats:
@@ -124,63 +138,45 @@ class MercuryReader:
         )
 
     async def run(self) -> None:
-        """Connect and keep connected, reconnecting with backoff, until cancelled."""
-        try:
-            while True:
-                self._session += 1
-                await self._publish(ReaderState.CONNECTING, f"opening {self._target.url}")
-                try:
-                    await self._run_session()
-                except PermanentError as err:
-                    delay = self._next_delay(longest=True)
-                    reason = str(err)
-                    # Log the text, not the exception: a retained record would pin the
-                    # traceback's frames (and the dead port they reference).
-                    logger.error(
-                        "%s: %s; retrying in %.1fs (retry %d)",
-                        self.reader_id,
-                        reason,
-                        delay,
-                        self.retries,
-                    )
-                except TransientError as err:
-                    delay = self._next_delay(longest=False)
-                    reason = str(err)
-                    # The offline transition below is the warning; this line adds the delay.
-                    logger.info(
-                        "%s: %s; retrying in %.1fs (retry %d)",
-                        self.reader_id,
-                        reason,
-                        delay,
-                        self.retries,
-                    )
-                await self._publish(ReaderState.OFFLINE, reason)
-                self._waiting(delay)
-                await asyncio.sleep(delay)
-        except asyncio.CancelledError:
-            self._health = replace(
-                self._health,
-                state=ReaderState.STOPPED,
-                at=self._clock.now(),
-                detail="stopped",
-                antennas_connected=None,
-            )
-            # Best effort: a sink nobody drains must not hang shutdown.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self._sink.reader_health(self._health)
-            raise
+        """Connect and keep connected, reconnecting with backoff, until cancelled; returns
+        after a permanent error, with the reader reported FAILED."""
+        await self._sv.run()
 
-    def _next_delay(self, *, longest: bool) -> float:
-        """The wait before the next attempt; only a session online for ``backoff.stable_s``
-        starts the delays over (a module that configures and drops again at once backs off)."""
-        at = self._online_at
-        self._online_at = None
-        if at is not None and self._clock.monotonic() - at >= self._cfg.backoff.stable_s:
-            self._backoff.reset()
-            self.retries = 0
-        self.retries += 1
-        return self._backoff.longest() if longest else self._backoff.next_delay()
+    async def _one_session(self) -> None:
+        self._session += 1
+        await self._publish(ReaderState.CONNECTING, f"opening {self._target.url}")
+        await self._run_session()
+
+    async def _offline(self, retry: Retry, delay: float) -> None:
+        # The offline transition below is the warning; this line adds the delay.
+        logger.info(
+            "%s: %s; retrying in %.1fs (retry %d)",
+            self.reader_id,
+            retry.reason,
+            delay,
+            self.retries,
+        )
+        await self._publish(ReaderState.OFFLINE, retry.reason)
+
+    async def _failed(self, err: PermanentError) -> None:
+        # Log the text, not the exception: a retained record would pin the traceback's frames
+        # (and the dead port they reference).
+        logger.error(
+            "%s: %s; not retried: fix its configuration (or the module) and restart",
+            self.reader_id,
+            str(err),
+        )
+        await self._publish(ReaderState.FAILED, str(err))
+
+    async def _stopped(self) -> None:
+        self._health = replace(
+            self._health,
+            state=ReaderState.STOPPED,
+            at=self._clock.now(),
+            detail="stopped",
+            antennas_connected=None,
+        )
+        await self._sink.reader_health(self._health)
 
     async def start_inventory(self) -> None:
         """Begin (or keep) continuous reading; applied as soon as the module is online."""
@@ -212,8 +208,8 @@ class MercuryReader:
     # --- session ------------------------------------------------------------------------
 
     async def _run_session(self) -> None:
-        self._waiting(self._cfg.connect_timeout_s)
-        conn = await SerialConnection.open(self._target, timeout_s=self._cfg.connect_timeout_s)
+        with self._sv.bounded(self._cfg.connect_timeout_s):
+            conn = await SerialConnection.open(self._target, timeout_s=self._cfg.connect_timeout_s)
         self._decoder = ResponseDecoder()
         self._last_rx = self._clock.monotonic()
         self._gpio_outputs.clear()
@@ -251,7 +247,7 @@ class MercuryReader:
         self._conn = conn
         await self._configure()
         self._online = True
-        self._online_at = self._clock.monotonic()
+        self._sv.up()
         info = self.version
         detail = f"{info.model} fw {info.firmware}" if info else "online"
         await self._publish(ReaderState.ONLINE, detail)
@@ -282,8 +278,7 @@ class MercuryReader:
                 self._draining = False
                 await self._publish(ReaderState.ONLINE, "idle")
                 continue
-            self._waiting(tick)
-            with contextlib.suppress(TimeoutError):
+            with self._sv.bounded(tick), contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(tick):
                     await self._wake.wait()
             if self._delivering:
@@ -374,15 +369,15 @@ class MercuryReader:
             fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
             self._pending[cmd.opcode] = fut
             try:
-                self._waiting(wait)
-                await conn.write(codec.encode(cmd))
-                try:
-                    async with asyncio.timeout(wait):
-                        resp = await fut
-                except TimeoutError:
-                    raise TransientError(
-                        f"no answer to opcode 0x{cmd.opcode:02X} within {wait:g}s"
-                    ) from None
+                with self._sv.bounded(wait):
+                    await conn.write(codec.encode(cmd))
+                    try:
+                        async with asyncio.timeout(wait):
+                            resp = await fut
+                    except TimeoutError:
+                        raise TransientError(
+                            f"no answer to opcode 0x{cmd.opcode:02X} within {wait:g}s"
+                        ) from None
             finally:
                 if self._pending.get(cmd.opcode) is fut:
                     del self._pending[cmd.opcode]
@@ -452,12 +447,6 @@ class MercuryReader:
                 seen_count=max(1, event.read_count),
             )
         )
-
-    def _waiting(self, seconds: float) -> None:
-        """The loop turned and now waits at most ``seconds`` (the watchdog's progress)."""
-        now = self._clock.monotonic()
-        self._last_progress = now
-        self._alive_until = max(self._alive_until, now + seconds)
 
     async def _publish(self, state: ReaderState, detail: str) -> None:
         healthy = state in (ReaderState.ONLINE, ReaderState.INVENTORYING)
