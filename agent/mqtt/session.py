@@ -38,7 +38,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.logging_setup import printable
 from agent.mqtt.config import MqttConfig, TlsConfig
-from drivers.errors import PermanentError, TransientError
+from drivers.errors import PermanentError, RefusedError, TransientError
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ConnectionLost(TransientError):
     """The connection ended before the operation completed."""
 
 
-class ConnectRefused(TransientError):
+class ConnectRefused(RefusedError):
     """The broker (or the TLS layer) refused us; retry, but with the longest backoff."""
 
 
