@@ -150,8 +150,8 @@ class Supervisor:
     ) -> None:
         self.backoff = backoff
         self.stable_s = stable_s
-        self.progress = progress or Progress(clock)
-        self.stopping = stopping or asyncio.Event()
+        self.progress = Progress(clock) if progress is None else progress
+        self.stopping = asyncio.Event() if stopping is None else stopping
         self.retries = 0  # sessions ended since the last healthy one
         self.last_delay_s = 0.0
         self.failure: str | None = None  # why the part stopped for good
