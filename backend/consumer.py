@@ -1,7 +1,12 @@
 """cabinet-consumer: the reference backend for sealed cabinet events (docs/delivery.md).
 
 Sub-commands:
-  consume           subscribe, open envelopes, drop duplicates, report seq gaps, print JSON lines
+  consume           subscribe, open envelopes, record each event once (SQLite or PostgreSQL),
+                    report seq gaps and refusals, print JSON lines
+  holdings          who holds which item since when (--missing, --all)
+  history           item events of an item, a pseudonym or a cabinet
+  alerts            open alerts, items missing, calibration overdue (--ack EVENT_ID)
+  gaps, refused     seqs missing from the record; messages it refused
   keygen DIR        generate backend key material (HPKE, signing, site pseudonym key)
   sign-allow-list   signed allow-list document from a JSON/TOML list of pseudonyms and roles
   sign-registry     signed asset-registry document from a JSON/TOML list of assets
@@ -16,7 +21,6 @@ import json
 import logging
 import os
 import signal
-import ssl
 import sys
 import threading
 import time
@@ -31,23 +35,33 @@ from typing import IO, Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.mqtt.config import DEFAULT_MAX_COMMAND_BYTES, is_loopback_host
+from agent.mqtt.config import DEFAULT_MAX_COMMAND_BYTES
 from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener
 from agent.privacy.keys import HPKE_PRIVATE_FILE, SIGNING_PRIVATE_FILE, SITE_KEY_FILE
 from agent.privacy.pseudonym import KeyFileError, Pseudonymizer
 from agent.privacy.signed import parse_time
 from backend.keys import generate_backend_keys, load_hpke_private, load_signing_private
+from backend.record import RecordUnavailable
+from backend.record import queries as record_queries
+from backend.record.cli import add_db_options, add_record_commands, open_from_args
+from backend.record.consume import RecordingConsumer
+from backend.record.recorder import Admitted, Outcome, Recorder
 from backend.signing import allow_list_doc, asset_registry_doc, sign_document
+from backend.subscriber import DEFAULT_TOPIC, ConsumerOptions, MqttSubscriber, check_transport
+
+__all__ = [
+    "Consumer",
+    "ConsumerOptions",
+    "Delivered",
+    "EventDecoder",
+    "SeqTracker",
+    "load_opener",
+]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TOPIC = "cabinets/v1/+/+/events"
+DEFAULT_SESSION_EXPIRY_S = 86_400
 DEFAULT_DEDUP_CAPACITY = 1_000_000
 MAX_OUT_OF_ORDER = 100_000  # seqs held above a gap before the gap is declared lost
 EX_USAGE = 64
@@ -253,29 +267,9 @@ def _check_body(header: EnvelopeHeader, plaintext: bytes, site: str) -> None:
 # ---------------------------------------------------------------------- network
 
 
-@dataclass
-class ConsumerOptions:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    topic: str = DEFAULT_TOPIC
-    share_group: str | None = None
-    client_id: str | None = None
-    session_expiry_s: int = 0
-    protocol: str = "5"
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    allow_plaintext: bool = False
-
-    @property
-    def subscription(self) -> str:
-        if self.share_group:
-            return f"$share/{self.share_group}/{self.topic}"
-        return self.topic
-
-
-class Consumer:
-    """A paho subscriber (its own network thread) feeding an EventDecoder."""
+class Consumer(MqttSubscriber):
+    """A paho subscriber (its own network thread) feeding an EventDecoder (in memory: no
+    record; the test rigs and the demo's live view)."""
 
     def __init__(
         self,
@@ -283,54 +277,10 @@ class Consumer:
         decoder: EventDecoder,
         on_event: Callable[[Delivered], None],
     ) -> None:
-        if opts.ca_file is None and not opts.allow_plaintext and not is_loopback_host(opts.host):
-            raise ValueError(
-                f"plaintext MQTT to {opts.host!r} refused: give --tls-ca or --allow-plaintext"
-            )
-        self.opts = opts
+        super().__init__(opts)
         self.decoder = decoder
         self._on_event = on_event
         self._lock = threading.Lock()
-        self.connected = threading.Event()
-        self.subscribed = threading.Event()
-        self.last_message = time.monotonic()
-        v5 = opts.protocol == "5"
-        client_id = opts.client_id or f"cabinet-consumer-{uuid.uuid4().hex[:12]}"
-        kwargs: dict[str, Any] = {}
-        if not v5:
-            kwargs["clean_session"] = opts.session_expiry_s == 0
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            **kwargs,
-        )
-        self._v5 = v5
-        self._client.reconnect_delay_set(1, 5)
-        if opts.ca_file is not None:
-            ctx = ssl.create_default_context(cafile=str(opts.ca_file))
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            if opts.cert_file is not None:
-                ctx.load_cert_chain(str(opts.cert_file), str(opts.key_file or opts.cert_file))
-            self._client.tls_set_context(ctx)
-        self._client.on_connect = self._on_connect
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_disconnect = self._on_disconnect
-
-    def start(self) -> None:
-        kwargs: dict[str, Any] = {"keepalive": 30}
-        if self._v5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = self.opts.session_expiry_s
-            kwargs["clean_start"] = self.opts.session_expiry_s == 0
-            kwargs["properties"] = props
-        self._client.connect_async(self.opts.host, self.opts.port, **kwargs)
-        self._client.loop_start()
-
-    def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
     def __enter__(self) -> Consumer:
         self.start()
@@ -339,34 +289,7 @@ class Consumer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
-    ) -> None:
-        if reason.is_failure:
-            logger.error("broker refused the consumer: %s", reason)
-            return
-        self.connected.set()
-        if self._v5:
-            client.subscribe([(self.opts.subscription, SubscribeOptions(qos=1))])
-        else:
-            client.subscribe([(self.opts.subscription, 1)])
-
-    def _on_subscribe(
-        self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Any
-    ) -> None:
-        if any(r.is_failure for r in reasons):
-            logger.error("subscription refused: %s", [str(r) for r in reasons])
-            return
-        self.subscribed.set()
-
-    def _on_disconnect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
-    ) -> None:
-        self.connected.clear()
-        self.subscribed.clear()
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.last_message = time.monotonic()
+    def handle(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
             try:
                 delivered = self.decoder.handle(msg.topic, bytes(msg.payload))
@@ -397,50 +320,68 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     if not files:
         print("consume: give --keys DIR or --hpke-key FILE", file=sys.stderr)
         return EX_USAGE
+    if args.share and not args.client_id:
+        # Without a stable id and a persistent session, the broker drops what it had sent this
+        # member but not yet had acknowledged when it dies: events lost for the whole group.
+        print(
+            "consume: --share needs --client-id (a persistent session per member)",
+            file=sys.stderr,
+        )
+        return EX_USAGE
     try:
         opener = load_opener(files)
     except (KeyFileError, OSError, ValueError) as err:
         print(f"consume: {err}", file=sys.stderr)
         return EX_NOINPUT
-    out: IO[str]
-    out = open(args.out, "a", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
-    count = 0
-    done = threading.Event()
-
-    def on_gap(cabinet: str, first: int, last: int) -> None:
-        print(
-            json.dumps({"type": "gap", "cabinet": cabinet, "first": first, "last": last}),
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def on_event(ev: Delivered) -> None:
-        nonlocal count
-        out.write(json.dumps(ev.to_json(), separators=(",", ":")) + "\n")
-        out.flush()
-        count += 1
-        if args.max_events and count >= args.max_events:
-            done.set()
-
+    client_id = args.client_id or f"cabinet-consumer-{uuid.uuid4().hex[:12]}"
+    expiry = args.session_expiry
+    if expiry is None:
+        expiry = DEFAULT_SESSION_EXPIRY_S if args.client_id else 0
     opts = ConsumerOptions(
         host=args.host,
         port=args.port or (8883 if args.tls_ca else 1883),
         topic=args.topic,
         share_group=args.share,
-        client_id=args.client_id,
-        session_expiry_s=args.session_expiry,
+        client_id=client_id,
+        session_expiry_s=expiry,
         protocol=args.protocol,
         ca_file=args.tls_ca,
         cert_file=args.cert,
         key_file=args.key,
         allow_plaintext=args.allow_plaintext,
     )
-    decoder = EventDecoder(opener, dedup_capacity=args.dedup_capacity, on_gap=on_gap)
     try:
-        consumer = Consumer(opts, decoder, on_event)
+        check_transport(opts)
     except ValueError as err:
         print(f"consume: {err}", file=sys.stderr)
         return EX_USAGE
+    db = open_from_args(args, "consume")
+    if isinstance(db, int):
+        return db
+    out: IO[str] | None = None
+    if not args.quiet:
+        out = open(args.out, "a", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
+    count = 0
+    done = threading.Event()
+
+    def on_outcome(outcome: Outcome) -> None:
+        nonlocal count
+        for stream, first, last in outcome.gaps_opened:
+            _stderr_json({"type": "gap", "cabinet": stream, "first": first, "last": last})
+        if outcome.status == "refused":
+            _stderr_json({"type": "refused", "reason": outcome.reason})
+        if outcome.status != "recorded" or outcome.admitted is None:
+            return
+        if out is not None:
+            out.write(json.dumps(_event_line(outcome.admitted), separators=(",", ":")) + "\n")
+            out.flush()
+        count += 1
+        if args.max_events and count >= args.max_events:
+            done.set()
+
+    consumer = RecordingConsumer(
+        opts, Recorder(db, opener, client_id), stop=done, on_outcome=on_outcome
+    )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     consumer.start()
@@ -450,16 +391,43 @@ def _cmd_consume(args: argparse.Namespace) -> int:
             if args.idle_exit and consumer.subscribed.is_set() and idle >= args.idle_exit:
                 break
     finally:
+        done.set()  # a message being retried gives up (unacknowledged) so the thread can end
         consumer.stop()
-        if out is not sys.stdout:
+        if out is not None and out is not sys.stdout:
             out.close()
+    try:
+        open_gaps = record_queries.gaps(db)
+    except RecordUnavailable:
+        open_gaps = []
+    finally:
+        db.close()
     summary = {
         "type": "summary",
-        **vars(decoder.stats),
-        "gaps": {k: [list(g) for g in v] for k, v in decoder.gaps().items()},
+        "client_id": client_id,
+        **vars(consumer.stats),
+        "open_gaps": [
+            {k: g[k] for k in ("site_id", "cabinet_id", "epoch", "first_seq", "last_seq")}
+            for g in open_gaps[:100]
+        ],
     }
-    print(json.dumps(summary), file=sys.stderr, flush=True)
+    _stderr_json(summary)
     return 0
+
+
+def _event_line(a: Admitted) -> dict[str, Any]:
+    return {
+        "site": a.site,
+        "cabinet": a.cabinet,
+        "epoch": a.epoch or None,
+        "seq": a.header.seq,
+        "event_id": str(a.header.event_id),
+        "key_id": a.header.key_id,
+        "event": json.loads(a.plaintext),
+    }
+
+
+def _stderr_json(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), file=sys.stderr, flush=True)
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -577,14 +545,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("consume", help="receive, open, de-duplicate and print events")
+    c = sub.add_parser(
+        "consume", help="receive, open, record (once) and print events (docs/backend.md)"
+    )
     c.add_argument("--host", default="127.0.0.1")
     c.add_argument("--port", type=int, default=None, help="default 8883 with TLS, else 1883")
     c.add_argument("--topic", default=DEFAULT_TOPIC)
-    c.add_argument("--share", metavar="GROUP", help="MQTT v5 shared subscription group")
-    c.add_argument("--client-id", help="stable id (needed for a persistent session)")
     c.add_argument(
-        "--session-expiry", type=int, default=0, help="seconds the broker keeps our session"
+        "--share", metavar="GROUP", help="MQTT v5 shared subscription group (needs --client-id)"
+    )
+    c.add_argument("--client-id", help="stable id: the broker keeps this consumer's session")
+    c.add_argument(
+        "--session-expiry",
+        type=int,
+        default=None,
+        help="seconds the broker keeps our session while we are away (default "
+        f"{DEFAULT_SESSION_EXPIRY_S} with --client-id, else 0)",
     )
     c.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
     c.add_argument("--keys", type=Path, help=f"backend key dir (reads {HPKE_PRIVATE_FILE})")
@@ -595,8 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cert", type=Path)
     c.add_argument("--key", type=Path)
     c.add_argument("--allow-plaintext", action="store_true")
+    add_db_options(c)
     c.add_argument("--out", type=Path, help="append JSON lines to this file (default stdout)")
-    c.add_argument("--dedup-capacity", type=int, default=DEFAULT_DEDUP_CAPACITY)
+    c.add_argument("--quiet", action="store_true", help="record only, print no event lines")
     c.add_argument("--max-events", type=int, default=0, help="exit after N new events")
     c.add_argument("--idle-exit", type=float, default=0, help="exit after S idle seconds")
     c.set_defaults(func=_cmd_consume)
@@ -631,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site-key", type=Path)
     p.add_argument("--keys", type=Path, help="backend key dir (site.key)")
     p.set_defaults(func=_cmd_pseudonym)
+
+    add_record_commands(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CAPTURES = ROOT / "tests" / "data" / "llrp-captures"
 
 # Shared fixtures (mosquitto, pki, powerfs) for every test module, instead of importing them.
-pytest_plugins = ["tests.mqtt_fixtures", "tests.powerfs.fixture"]
+pytest_plugins = ["tests.mqtt_fixtures", "tests.pg_fixtures", "tests.powerfs.fixture"]
 
 
 class _FormatCheckingHandler(logging.Handler):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -14,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from agent.mqtt.publisher import Publisher
 from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener
 from agent.privacy.pseudonym import Pseudonymizer
 from agent.privacy.signed import ALLOW_LIST, ASSET_REGISTRY, DocumentVerifier
@@ -23,17 +20,11 @@ from backend.keys import load_backend_keys
 from tests.delivery_helpers import (
     CABINET,
     SITE,
-    append_sealed,
     backend,
-    mqtt_cfg,
-    open_store,
     plaintext_for,
-    running,
     sealed_rows,
     sealer_for,
-    until,
 )
-from tests.mqtt_fixtures import Mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = f"cabinets/v1/{SITE}/{CABINET}/events"
@@ -219,60 +210,6 @@ def test_consume_refuses_plaintext_off_box(tmp_path: Path) -> None:
     proc = _cli("consume", "--host", "10.9.8.7", "--keys", str(tmp_path / "keys"))
     assert proc.returncode != 0
     assert "plaintext" in proc.stderr
-
-
-async def test_shared_subscription_splits_the_stream(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    keys = backend(tmp_path / "keys")
-    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "backend.consumer",
-            "consume",
-            "--port",
-            str(mosquitto.port),
-            "--keys",
-            str(tmp_path / "keys"),
-            "--share",
-            "backend",
-            "--out",
-            str(out),
-            "--idle-exit",
-            "3",
-            cwd=ROOT,
-            env=env,
-            stderr=subprocess.PIPE,
-        )
-        for out in outs
-    ]
-    try:
-        # Both members must be subscribed before the stream starts.
-        assert await until(lambda: mosquitto.log_tail(400).count("$share/backend/") >= 2, 30)
-        async with open_store(tmp_path / "state.db") as store:
-            rows = await append_sealed(store, sealer_for(keys), 100)
-            pub = Publisher(mqtt_cfg(mosquitto.port), SITE, CABINET, store)
-            async with running(pub):
-                assert await until(lambda: pub.stats.acked == 100)
-        summaries = []
-        for p in procs:
-            async with asyncio.timeout(60):
-                _, err = await p.communicate()
-            assert p.returncode == 0, err
-            summaries.append(json.loads(err.decode().strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.returncode is None:
-                p.kill()
-                await p.wait()
-    lines = [json.loads(line) for out in outs for line in out.read_text().splitlines()]
-    per_member = [len(out.read_text().splitlines()) for out in outs]
-    assert all(n > 0 for n in per_member), f"each member gets a share: {per_member}"
-    assert sorted(e["seq"] for e in lines) == [r.seq for r in rows]
-    assert {e["event_id"] for e in lines} == {str(r.event_id) for r in rows}
-    assert all(e["site"] == SITE and e["cabinet"] == CABINET for e in lines)
-    assert sum(s["delivered"] for s in summaries) == 100
 
 
 def test_signing_refuses_a_document_the_cabinets_would_never_receive(tmp_path: Path) -> None:

@@ -1,0 +1,106 @@
+"""The recording consumer: each broker message is committed to the record, then acknowledged.
+
+The PUBACK leaves only after the commit (paho ``manual_ack``), so a consumer killed at any
+point loses nothing: what it had not acknowledged stays in its broker session and comes again
+(to it when it reconnects with its client id, or to another member where the broker re-routes
+a shared subscription's messages) and the record takes it once (event ids). While the database
+cannot take a write, the message is neither recorded nor acknowledged: the consumer retries
+with a growing pause and the broker holds the rest of the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+
+from backend.record.db import RecordUnavailable
+from backend.record.recorder import Outcome, Recorder
+from backend.subscriber import ConsumerOptions, MqttSubscriber
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RecordStats", "RecordingConsumer"]
+
+RETRY_INITIAL_S = 0.5
+RETRY_MAX_S = 30.0
+
+
+@dataclass
+class RecordStats:
+    received: int = 0
+    recorded: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    gaps_opened: int = 0
+    gaps_filled: int = 0
+    seq_conflicts: int = 0
+    retries: int = 0
+
+    def count(self, outcome: Outcome) -> None:
+        if outcome.status == "recorded":
+            self.recorded += 1
+        elif outcome.status == "duplicate":
+            self.duplicates += 1
+        else:
+            self.refused += 1
+        self.gaps_opened += len(outcome.gaps_opened)
+        self.gaps_filled += len(outcome.gaps_closed)
+        self.seq_conflicts += int(outcome.seq_conflict)
+
+
+class RecordingConsumer(MqttSubscriber):
+    """Subscribes (QoS 1, manual acknowledgement) and records every message it gets."""
+
+    def __init__(
+        self,
+        opts: ConsumerOptions,
+        recorder: Recorder,
+        *,
+        stop: threading.Event,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        super().__init__(opts, manual_ack=True)
+        self._recorder = recorder
+        self._stop = stop
+        self._on_outcome = on_outcome
+        self.stats = RecordStats()
+
+    def handle(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        self.stats.received += 1
+        outcome = self._record(msg.topic, bytes(msg.payload))
+        if outcome is None:
+            return  # stopping before it was recorded: unacknowledged, the broker keeps it
+        client.ack(msg.mid, msg.qos)
+        self.stats.count(outcome)
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
+
+    def _record(self, topic: str, payload: bytes) -> Outcome | None:
+        delay = RETRY_INITIAL_S
+        while not self._stop.is_set():
+            try:
+                return self._recorder.record(topic, payload, stop=self._stop)
+            except RecordUnavailable as err:
+                if self._stop.is_set():
+                    return None
+                logger.error(
+                    "the record cannot take a message (%s): not acknowledged, retrying in %.1f s",
+                    err,
+                    delay,
+                )
+            except Exception:
+                # A fault of ours on this message (the hostile ones are refused by admission):
+                # keep it, sealed, among the refused and go on with the stream.
+                logger.exception("recording a message on %s failed", topic)
+                try:
+                    return self._recorder.refuse(topic, payload, "recording failed: internal error")
+                except RecordUnavailable as err:
+                    logger.error("the record cannot take a refusal either (%s)", err)
+            self.stats.retries += 1
+            self._stop.wait(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+        return None
