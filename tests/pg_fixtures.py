@@ -66,17 +66,19 @@ class PostgresServer:
             ]  # fmt: skip
 
     def start(self) -> None:
-        subprocess.run(
-            [
-                *self._as_user, pg_bin("initdb"), "-D", str(self.data), "-U", "postgres",
-                "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )  # fmt: skip
-        self.port = free_port()
-        with self.log.open("wb") as out:
+        """Start (a restart keeps the data and the port)."""
+        if not self.data.exists():
+            subprocess.run(
+                [
+                    *self._as_user, pg_bin("initdb"), "-D", str(self.data), "-U", "postgres",
+                    "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )  # fmt: skip
+        self.port = self.port or free_port()
+        with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [
                     *self._as_user, pg_bin("postgres"), "-D", str(self.data),
@@ -97,7 +99,7 @@ class PostgresServer:
                     return
             except psycopg.OperationalError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
+                    self.stop(remove=True)
                     raise RuntimeError(
                         "PostgreSQL did not start:\n" + self.log.read_text(errors="replace")
                     ) from None
@@ -113,7 +115,8 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.dsn(name)
 
-    def stop(self) -> None:
+    def stop(self, *, remove: bool = True) -> None:
+        """Fast shutdown; ``remove=False`` keeps the data for a restart."""
         proc = self.proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # "fast" shutdown: disconnects clients
@@ -123,7 +126,8 @@ class PostgresServer:
                 proc.kill()
                 proc.wait(10)
         self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if remove:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", name="postgres_server")

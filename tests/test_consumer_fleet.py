@@ -27,6 +27,7 @@ from backend.record import open_record
 from backend.record import queries as q
 from tests.delivery_helpers import mqtt_cfg, open_store, running, until
 from tests.mqtt_fixtures import Mosquitto
+from tests.pg_fixtures import PostgresServer
 from tests.record_helpers import SITE, CabinetStream, pseudonym
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,3 +193,53 @@ async def test_shared_consumers_record_every_event_once_through_a_kill_9(
             assert all(s["refused"] == 0 for s in summaries)
         finally:
             db.close()
+
+
+async def test_a_record_that_goes_away_holds_the_acknowledgements(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """PostgreSQL stops mid-stream: the consumer keeps the message in hand unacknowledged and
+    retries; once the server is back the record has every event exactly once."""
+    server = PostgresServer()  # its own server: this test stops it
+    server.start()
+    try:
+        target = {"dsn": server.create_database("outage")}
+        keys = generate_backend_keys(tmp_path / "keys")
+        member = ConsumerProcess(
+            "backend-a", mosquitto, tmp_path / "keys", target, tmp_path / "a.log"
+        )
+        async with consumers(member), open_store(tmp_path / "crib-00.db") as store:
+            await member.start()
+            assert await until(lambda: "$share/backend/" in mosquitto.log_tail(400), 30)
+            rows = await _cabinet_rows(keys, store, "crib-00")
+            first, rest = rows[:30], rows[30:]
+            db = open_record(**target)
+            try:
+                pub = Publisher(mqtt_cfg(mosquitto.port), SITE, "crib-00", store)
+                async with running(pub):
+                    await store.append_events(first)
+                    assert await until(lambda: _count(db) == len(first), TIMEOUT_S)
+                    db.close()
+                    server.stop(remove=False)
+                    await store.append_events(rest)
+                    # The broker took them all; the consumer has one in hand and cannot commit.
+                    assert await until(lambda: pub.stats.acked == len(rows), TIMEOUT_S)
+                    assert await until(
+                        lambda: "not acknowledged, retrying" in member.log.read_text(), TIMEOUT_S
+                    )
+                    server.start()
+                    db = open_record(**target)
+                    assert await until(lambda: _count(db) == len(rows), TIMEOUT_S)
+                summary = await member.stop()
+                _, recorded = db.query("SELECT event_id FROM events")
+                assert sorted(r[0] for r in recorded) == sorted(str(r.event_id) for r in rows)
+                assert summary["recorded"] == len(rows)
+                assert summary["refused"] == 0
+            finally:
+                db.close()
+    finally:
+        server.stop()
+
+
+def _count(db: Any) -> int:
+    return int(db.query("SELECT count(*) FROM events")[1][0][0])

@@ -31,10 +31,12 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-# Transient failures are retried this often within one transaction() call; beyond it the
-# caller sees RecordUnavailable (and the consumer does not acknowledge the message).
+# Contention (PostgreSQL deadlock or serialization failure) is retried this often within one
+# transaction() call; beyond it, and at once for a database that is away, the caller sees
+# RecordUnavailable (the consumer then does not acknowledge the message and tries again later).
 TRANSIENT_ATTEMPTS = 20
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+SQLITE_BUSY_ATTEMPTS = 3  # each one already waits up to the busy timeout for the write lock
 
 
 class RecordUnavailable(RuntimeError):
@@ -164,26 +166,23 @@ class _SqliteDb:
             raise RecordUnavailable(f"cannot open the record {path}: {err}") from err
 
     def transaction(self, body: Callable[[Tx], T], *, stop: threading.Event | None = None) -> T:
-        for attempt in range(TRANSIENT_ATTEMPTS):
+        for attempt in range(SQLITE_BUSY_ATTEMPTS):
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = body(_SqliteTx(self._conn))
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
             except sqlite3.OperationalError as err:
-                _pause_or_give_up(attempt, stop, err)
-                continue
-            try:
-                result = body(_SqliteTx(self._conn))
-                self._conn.execute("COMMIT")
-            except sqlite3.OperationalError as err:
-                self._rollback()
                 if not _sqlite_transient(err):
+                    # Disk full, I/O error, read-only file...: the caller retries later.
                     raise RecordUnavailable(f"{self.where}: {err}") from err
-                _pause_or_give_up(attempt, stop, err)
+                _pause(attempt, stop, err)
                 continue
-            except BaseException:
-                self._rollback()
-                raise
             return result
-        raise RecordUnavailable(f"{self.where}: still busy after {TRANSIENT_ATTEMPTS} attempts")
+        raise RecordUnavailable(f"{self.where}: still locked after {SQLITE_BUSY_ATTEMPTS} attempts")
 
     def query(
         self, sql: str, params: Sequence[Any] = ()
@@ -264,22 +263,24 @@ class _PostgresDb:
         errors = self._psycopg.errors
         transient = (errors.DeadlockDetected, errors.SerializationFailure)
         for attempt in range(TRANSIENT_ATTEMPTS):
+            if self._conn is None or self._conn.closed:
+                self._connect()  # RecordUnavailable while the server is away
             try:
-                if self._conn is None or self._conn.closed:
-                    self._connect()
                 with self._conn.transaction():
                     return body(_PgTx(self._conn))
             except transient as err:
-                _pause_or_give_up(attempt, stop, err)
+                _pause(attempt, stop, err)
             except self._psycopg.OperationalError as err:
-                # The server went away (restart, network): reconnect on the next attempt.
+                # The server went away (restart, network): the caller tries again later and
+                # this connection is reopened then. A commit whose answer was lost may have
+                # landed: the retry finds a duplicate, which changes nothing.
                 with contextlib.suppress(Exception):
                     self._conn.close()
                 self._conn = None
-                _pause_or_give_up(attempt, stop, err)
-            except RecordUnavailable as err:
-                _pause_or_give_up(attempt, stop, err)
-        raise RecordUnavailable(f"{self.where}: unavailable after {TRANSIENT_ATTEMPTS} attempts")
+                raise RecordUnavailable(f"{self.where}: {_pg_reason(err)}") from err
+        raise RecordUnavailable(
+            f"{self.where}: still contended after {TRANSIENT_ATTEMPTS} attempts"
+        )
 
     def query(
         self, sql: str, params: Sequence[Any] = ()
@@ -315,12 +316,10 @@ def _pg_reason(err: Exception) -> str:
 # ---------------------------------------------------------------------- retries
 
 
-def _pause_or_give_up(attempt: int, stop: threading.Event | None, err: Exception) -> None:
-    """Sleep before the next attempt (bounded, growing); stop early when asked to."""
-    if attempt + 1 >= TRANSIENT_ATTEMPTS:
-        return
-    delay = min(0.01 * (2**attempt), 2.0)
-    logger.info("record busy (%s); retrying in %.2f s", _pg_reason(err), delay)
+def _pause(attempt: int, stop: threading.Event | None, err: Exception) -> None:
+    """Sleep before the next attempt (short, growing); stop early when asked to."""
+    delay = min(0.01 * (2**attempt), 1.0)
+    logger.info("record contended (%s); retrying in %.2f s", _pg_reason(err), delay)
     if stop is not None:
         if stop.wait(delay):
             raise RecordUnavailable("stopping") from err
