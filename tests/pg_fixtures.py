@@ -10,7 +10,6 @@ and SQL, not about PostgreSQL's own crash safety.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import itertools
 import os
@@ -143,6 +142,4 @@ def postgres_server_fixture() -> Iterator[PostgresServer]:
 @pytest.fixture(name="pg_dsn")
 def pg_dsn_fixture(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> str:
     """A DSN to an empty database of its own on the worker's PostgreSQL server."""
-    with contextlib.suppress(AttributeError):
-        return postgres_server.create_database(request.node.name)
-    return postgres_server.create_database()
+    return postgres_server.create_database(request.node.name)

@@ -51,7 +51,11 @@ class ConsumerProcess:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(
-        self, *, module: str = "backend.consumer", env: dict[str, str] | None = None
+        self,
+        *,
+        module: str = "backend.consumer",
+        env: dict[str, str] | None = None,
+        out: Path | None = None,
     ) -> None:
         where = ["--db", str(self.target["db"])] if "db" in self.target else []
         full_env = {**os.environ, **(env or {})}
@@ -61,7 +65,8 @@ class ConsumerProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", module, "consume",
                 "--port", str(self.mosquitto.port), "--keys", str(self.keys_dir),
-                "--share", "backend", "--client-id", self.name, "--quiet", *where,
+                "--share", "backend", "--client-id", self.name, *where,
+                *(["--out", str(out)] if out is not None else ["--quiet"]),
                 cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=err,
             )  # fmt: skip
 
@@ -209,7 +214,7 @@ async def test_a_record_that_goes_away_holds_the_acknowledgements(
             "backend-a", mosquitto, tmp_path / "keys", target, tmp_path / "a.log"
         )
         async with consumers(member), open_store(tmp_path / "crib-00.db") as store:
-            await member.start()
+            await member.start(out=tmp_path / "events.jsonl")
             assert await until(lambda: "$share/backend/" in mosquitto.log_tail(400), 30)
             rows = await _cabinet_rows(keys, store, "crib-00")
             first, rest = rows[:30], rows[30:]
@@ -235,6 +240,13 @@ async def test_a_record_that_goes_away_holds_the_acknowledgements(
                 assert sorted(r[0] for r in recorded) == sorted(str(r.event_id) for r in rows)
                 assert summary["recorded"] == len(rows)
                 assert summary["refused"] == 0
+                # Each newly recorded event was also printed once, as a JSON line.
+                lines = [
+                    json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()
+                ]
+                assert sorted(x["seq"] for x in lines) == [r.seq for r in rows]
+                assert all(x["event"]["event_id"] == x["event_id"] for x in lines)
+                assert {x["epoch"] for x in lines} == {store.epoch.hex() if store.epoch else None}
             finally:
                 db.close()
     finally:
