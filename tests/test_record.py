@@ -286,6 +286,10 @@ def test_broken_bodies_are_refused_with_a_reason_and_the_stream_goes_on(
         (sealed({**spoiled, RAW_BADGE: 1}), cab.topic, "unexpected field"),
         (sealed({**valid, "seq": 999}), cab.topic, "seq"),
         (sealed({**valid, "site_id": "elsewhere"}), cab.topic, "site_id"),
+        # Valid JSON that no database column can hold.
+        (sealed({**valid, "detail": "a\u0000b"}), cab.topic, "NUL"),
+        (sealed({**valid, "detail": "\ud800"}), cab.topic, "body: "),  # pydantic: not JSON
+        (sealed({**valid, "seq": 1 << 63}, seq=1 << 63), cab.topic, "seq beyond"),
         (good.payload[:-1] + bytes([good.payload[-1] ^ 1]), cab.topic, "authentication"),
         (good.payload, f"cabinets/v1/{SITE}/crib-99/events", "crib-99"),
         (good.payload, "cabinets/v1/x/events", "topic"),

@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Outcome", "Recorder", "Refusal", "admit", "iso"]
 
-ITEM_STATES = ("in", "out", "missing")
+MAX_SEQ = (1 << 63) - 1  # a signed 64-bit column on both databases
 
 
 def iso(value: datetime) -> str:
@@ -126,10 +126,15 @@ def admit(opener: Opener, topic: str, payload: bytes) -> Admitted:
         raise Refusal(f"envelope of cabinet {header.cabinet_id!r} on {cabinet!r}'s topic", header)
     if header.seq < 1:
         raise Refusal("seq 0 is never published", header)
+    if header.seq > MAX_SEQ:
+        raise Refusal("seq beyond what the record can hold", header)
     try:
         event = event_adapter.validate_json(plaintext)
     except ValidationError as err:
         raise Refusal(f"body: {_validation_reason(err)}", header) from None
+    if not _storable(json.loads(plaintext)):
+        # Valid JSON, but neither database's text (nor PostgreSQL's JSONB) can hold it.
+        raise Refusal("body: a string holds NUL or an unpaired surrogate", header)
     mismatches = [
         name
         for name, ok in (
@@ -144,6 +149,23 @@ def admit(opener: Opener, topic: str, payload: bytes) -> Admitted:
         where = "header or topic"
         raise Refusal(f"body: {', '.join(mismatches)} differ(s) from the {where}", header)
     return Admitted(site, cabinet, header, event, plaintext)
+
+
+def _storable(value: Any) -> bool:
+    """No NUL and no lone surrogate in any string, key or value."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_storable(k) and _storable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_storable(v) for v in value)
+    return True
 
 
 def _field_names() -> frozenset[str]:
@@ -230,7 +252,7 @@ class Recorder:
             _printable(topic, 300),
             h.cabinet_id if h is not None else None,
             None if h is None or h.epoch is None else h.epoch.hex(),
-            h.seq if h is not None else None,
+            h.seq if h is not None and h.seq <= MAX_SEQ else None,
             str(h.event_id) if h is not None else None,
             h.key_id if h is not None else None,
             refusal.reason,
