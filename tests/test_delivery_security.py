@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,19 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.audit_trail import AuditTrail
 from agent.config import ConfigError, parse_config
+from agent.documents import Documents, Parsed, doc_key
+from agent.domain.access import AllowList
 from agent.mqtt.config import MqttConfig
-from agent.mqtt.documents import StoreDocuments
 from agent.mqtt.publisher import Publisher
 from agent.privacy.pseudonym import Pseudonymizer
-from agent.privacy.signed import ALLOW_LIST, DocumentVerifier, SignedDocument, canonical_json
+from agent.privacy.signed import ALLOW_LIST, DocumentError, DocumentVerifier, canonical_json
+from agent.store import Store
+from agent.trusted_time import TrustedClock, sync_source
 from backend.keys import BackendKeys
 from backend.signing import allow_list_doc, sign_document
+from drivers.types import SystemClock
 from tests.delivery_helpers import (
     CABINET,
     SITE,
@@ -214,28 +218,50 @@ def _allow_list(keys: BackendKeys, version: int, *, expires_in: timedelta, badge
     return sign_document(keys.signing_private, keys.signing_kid, doc)
 
 
+@dataclass
+class Installed:
+    """What the production document sink (``agent.documents.Documents``) did, as the app sees it."""
+
+    applied: list[tuple[str, Parsed | None]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # reasons, in order
+
+
+async def _documents(store: Store, keys: BackendKeys, seen: Installed, synced: Path) -> Documents:
+    """The sink the app installs documents through, loaded from ``store`` as at start (with a
+    time source that says synchronised, so the wall clock judges expiry)."""
+    verifier = DocumentVerifier({keys.signing_kid: keys.signing_public}, SITE, CABINET)
+    synced.touch()
+    docs = Documents(
+        verifier,
+        TrustedClock(SystemClock(), sync=sync_source(f"file:{synced}")),
+        AuditTrail(lambda: store),
+        apply=lambda kind, parsed: seen.applied.append((kind, parsed)),
+        on_refused=lambda kind, reason: seen.refused.append(reason),
+    )
+    await docs.load(store)
+    await docs.clock.load(store, evidence=docs.evidence())
+    return docs
+
+
 async def test_signed_allow_list_over_cmd_topic(tmp_path: Path, mosquitto: Mosquitto) -> None:
     keys = backend(tmp_path / "backend")
-    verifier = DocumentVerifier({keys.signing_kid: keys.signing_public}, SITE, CABINET)
-    applied: list[SignedDocument] = []
-    applied_event = threading.Event()
-
-    async def on_install(doc: SignedDocument) -> None:
-        applied.append(doc)
-        applied_event.set()
-
+    seen = Installed()
     topic = f"cabinets/v1/{SITE}/{CABINET}/cmd/allow-list"
     async with open_store(tmp_path / "state.db") as store:
-        docs = await StoreDocuments.load(store, on_install=on_install)
+        docs = await _documents(store, keys, seen, tmp_path / "time-synced")
         pub = Publisher(
-            mqtt_cfg(mosquitto.port), SITE, CABINET, store, verifier=verifier, documents=docs
+            mqtt_cfg(mosquitto.port), SITE, CABINET, store, verifier=docs, documents=docs
         )
         v2 = _allow_list(keys, 2, expires_in=timedelta(days=1), badge="04A1B2C3D4")
         async with running(pub):
             assert await until(lambda: pub.stats.connected)
             raw_publish(mosquitto.port, topic, v2)
-            assert await until(lambda: len(applied) == 1)
-            assert applied[0].version == 2
+            assert await until(lambda: len(seen.applied) == 1)
+            kind, parsed = seen.applied[0]
+            assert kind == ALLOW_LIST
+            assert isinstance(parsed, AllowList)
+            assert parsed.version == 2
+            assert docs.documents[ALLOW_LIST].version == 2
             assert docs.installed(ALLOW_LIST) == v2
 
             # Tampered: one role changed after signing.
@@ -250,40 +276,46 @@ async def test_signed_allow_list_over_cmd_topic(tmp_path: Path, mosquitto: Mosqu
             for payload in (tampered, v1, v3_expired):
                 raw_publish(mosquitto.port, topic, payload)
             assert await until(lambda: pub.stats.commands_rejected >= 3)
-        reasons = [r.reason for r in docs.rejections]
-        assert reasons == ["bad-signature", "rollback", "expired"], reasons
-        assert len(applied) == 1, "a refused document must never be applied"
+        assert seen.refused == ["bad-signature", "rollback", "expired"], seen.refused
+        assert len(seen.applied) == 1, "a refused document must never be applied"
         assert docs.installed(ALLOW_LIST) == v2
-        assert await store.kv_get("doc/allow-list") == v2
+        assert await store.kv_get(doc_key(ALLOW_LIST)) == v2
+        await docs.audit.flush()
         # The retained v2 copy is never what is refused; a restart keeps the rollback floor.
-        docs2 = await StoreDocuments.load(store)
+        docs2 = await _documents(store, keys, Installed(), tmp_path / "time-synced")
         assert docs2.installed(ALLOW_LIST) == v2
+        with pytest.raises(DocumentError) as refused:
+            docs2.verify(v1, ALLOW_LIST, docs2.clock.now(), current=docs2.installed(ALLOW_LIST))
+        assert refused.value.reason == DocumentError.ROLLBACK
 
 
 async def test_command_limits_and_missing_verifier(tmp_path: Path) -> None:
     keys = backend(tmp_path / "backend")
     topic = f"cabinets/v1/{SITE}/{CABINET}/cmd/allow-list"
     doc = _allow_list(keys, 1, expires_in=timedelta(days=1), badge="04A1B2C3D4")
+    seen = Installed()
     async with open_store(tmp_path / "state.db") as store:
-        docs = await StoreDocuments.load(store)
+        docs = await _documents(store, keys, seen, tmp_path / "time-synced")
         # No verifier configured: documents are refused, never applied unverified.
         bare = Publisher(mqtt_cfg(1), SITE, CABINET, store, documents=docs)
         assert not await bare.handle_command(topic, doc)
-        verifier = DocumentVerifier({keys.signing_kid: keys.signing_public}, SITE, CABINET)
         pub = Publisher(
             mqtt_cfg(1, max_command_bytes=1024),
             SITE,
             CABINET,
             store,
-            verifier=verifier,
+            verifier=docs,
             documents=docs,
         )
         assert not await pub.handle_command(topic, b"{" + b" " * 2000 + b"}")
         assert not await pub.handle_command(f"cabinets/v1/{SITE}/{CABINET}/cmd/other", doc)
         assert not await pub.handle_command(topic, b"")  # cleared retained message: ignored
-        assert [r.reason for r in docs.rejections] == ["no-verifier", "malformed"]
+        assert seen.refused == ["no-verifier", "malformed"]
+        assert seen.applied == []
         assert docs.installed(ALLOW_LIST) is None
         assert await pub.handle_command(topic, doc)
         assert docs.installed(ALLOW_LIST) == doc
         assert await pub.handle_command(topic, doc), "re-delivery of the installed doc is fine"
         assert pub.stats.commands_accepted == 1
+        assert len(seen.applied) == 1
+        await docs.audit.flush()
