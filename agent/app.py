@@ -308,7 +308,6 @@ class CabinetApp:
             engine_task = self._spawn(tg, self._engine_loop(), name="engine")
             self._spawn(tg, self._commit_loop(), name="commits")
             self._spawn(tg, self._store_alert_loop(), name="store-alerts")
-            self._spawn(tg, self._housekeeping_loop(), name="store-housekeeping")
             self._spawn(tg, self._clock_loop(), name="trusted-time")
             for hook in self.on_ready:
                 hook()
@@ -448,7 +447,9 @@ class CabinetApp:
             )
         self.docs.log_in_force(now.judged)
         try:
-            # Start-up pruning by age, now that the agent's time is known (and only if trusted).
+            # Pruning by age now that the agent's time is known (only if trusted): the store's
+            # own run at open could not judge age yet; from here on its worker runs it every
+            # [store] housekeeping_interval_s.
             await self.store.housekeeping()
         except CabinetError as err:
             logger.error("store housekeeping failed: %s", err)
@@ -824,7 +825,7 @@ class CabinetApp:
             self.stats.commands_failed += 1
             logger.error("command %s failed: %s", type(cmd).__name__, err)
 
-    # -- store alerts and housekeeping --------------------------------------------------------
+    # -- store alerts --------------------------------------------------------
 
     def _on_store_alert(self, alert: StoreAlert) -> None:
         self.alerts.append(f"{alert.kind}: {alert.detail}")
@@ -979,15 +980,6 @@ class CabinetApp:
             at_start=step.at_start,
             cause=step.cause,
         )
-
-    async def _housekeeping_loop(self) -> None:
-        assert self.store is not None
-        while True:
-            await asyncio.sleep(3600)
-            try:
-                await self.store.housekeeping()
-            except CabinetError as err:
-                logger.error("store housekeeping failed: %s", err)
 
     # -- status ----------------------------------------------------------------------------
 
