@@ -14,10 +14,11 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from agent.app import CabinetApp, RecentEvent
+from agent.app import CabinetApp
 from agent.control.protocol import BUSY, INVALID_ARGS, CommandError
 from agent.control.server import ControlServer, RequestContext
 from agent.domain.engine import Phase
+from agent.engine_runner import RecentEvent
 from drivers.door import DoorCommandError
 from drivers.errors import CabinetError
 from drivers.types import ReaderState, TagRead

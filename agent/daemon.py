@@ -84,7 +84,7 @@ class Daemon:
         metrics_server = MetricsServer(self.cfg.metrics, self.metrics.registry)
 
         def _on_ready() -> None:
-            gate.register("engine", app.engine_alive, kind="time")
+            gate.register("engine", app.runner.engine_alive, kind="time")
             for reader in app.readers:
                 gate.register(f"reader:{reader.reader_id}", _progress_probe(reader), kind="time")
             if app.publisher is not None:

@@ -47,6 +47,11 @@ def exit_code_for(exc: BaseException) -> int:
     )
 
 
+def describe_error(err: BaseException) -> str:
+    """An exception for a log line: its message, or its type when it has none (TimeoutError)."""
+    return str(err) or type(err).__name__
+
+
 def describe(exc: BaseException) -> str:
     """One line for an exception (or a group of them): type, message, where it was raised."""
     all_leaves = leaves(exc)

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.app import describe_error
 from agent.audit_trail import AuditTrail
 from agent.documents import (
     Documents,
@@ -25,6 +24,7 @@ from agent.documents import (
 )
 from agent.domain.access import AllowList
 from agent.domain.assets import AssetRegistry
+from agent.lifecycle import describe_error
 from agent.mqtt.publisher import Publisher
 from agent.privacy.pseudonym import Pseudonymizer
 from agent.privacy.signed import (

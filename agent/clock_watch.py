@@ -1,0 +1,137 @@
+"""The agent's time at run time (DESIGN §7b): each clock step reported once (log, status, an
+``agent.clock_step`` event), the persisted time floor kept fresh, and documents refused as not
+yet valid judged again when their time comes. The rules themselves are in
+``agent/trusted_time.py``; this is the loop that applies them while the agent runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from agent.alerts import AlertLines
+from agent.documents import Documents
+from agent.domain.now import Now
+from agent.lifecycle import describe_error
+from agent.store.store import Store
+from agent.trusted_time import ClockStep, TrustedClock
+from drivers.errors import CabinetError
+
+logger = logging.getLogger(__name__)
+
+CLOCK_CHECK_S = 1.0
+
+
+class ClockWatch:
+    """Reports clock steps and keeps the floor fresh. ``put`` enqueues a step for the engine
+    loop, which commits it as an event (it is the outbox's only sequence writer)."""
+
+    def __init__(
+        self,
+        clock: TrustedClock,
+        lines: AlertLines,
+        docs: Documents,
+        put: Callable[[ClockStep], Awaitable[None]],
+    ) -> None:
+        self.clock = clock
+        self.lines = lines
+        self.docs = docs
+        self._put = put
+
+    async def run(self, store: Store) -> None:
+        while True:
+            self.clock.reading()  # notice a step even while nothing else reads the clock
+            for step in self.clock.take_steps():
+                self._log(step)
+                if not step.trusted:
+                    self.lines.add(
+                        f"clock: wall clock {step.wall.isoformat()} not trusted "
+                        f"(agent time {step.time.isoformat()})"
+                    )
+                else:
+                    # Resolved: the clock alerts go, and so do refusals judged by the old time.
+                    self.lines.resolve("clock: ")
+                    self.docs.clock_changed()
+                await self._put(step)
+            if self.clock.persist_due():
+                try:
+                    await self.clock.save(store)
+                except CabinetError as err:
+                    logger.error("time floor not saved: %s", describe_error(err))
+            due = self.docs.deferred_due()
+            if due:
+                await self.docs.reconsider(due)
+            await asyncio.sleep(CLOCK_CHECK_S)
+
+    def _log(self, step: ClockStep) -> None:
+        log = logger.info if step.trusted else logger.warning
+        if step.cause == "sync":
+            log(
+                "clock: time synchronised (%s); wall clock %s proven, agent time moved "
+                "%+.1f s to it; wall clock trusted",
+                self.clock.sync.name,
+                step.wall.isoformat(),
+                step.step_s,
+            )
+        elif step.provisional and step.at_start:
+            log(
+                "clock jump at start: wall clock %s is %+.1f s past the agent's proven "
+                "time; taken provisionally, NOT trusted until time sync or a fresh "
+                "signed document proves it",
+                step.wall.isoformat(),
+                step.step_s,
+            )
+        elif step.cause == "document":
+            log(
+                "clock: wall clock %s confirmed by a fresh signed document; agent time "
+                "moved %+.1f s to it; wall clock trusted",
+                step.wall.isoformat(),
+                step.step_s,
+            )
+        elif step.at_start:
+            log(
+                "clock step at start: wall clock %s is %+.1f s from the agent's time %s;"
+                " wall clock %s",
+                step.wall.isoformat(),
+                step.step_s,
+                step.time.isoformat(),
+                "trusted" if step.trusted else "NOT trusted",
+            )
+        else:
+            log(
+                "clock step: wall clock moved %+.1f s (now %s); wall clock %s; agent time %s",
+                step.step_s,
+                step.wall.isoformat(),
+                "trusted (agrees with the agent's time)"
+                if step.trusted
+                else "NOT trusted (disagrees with the agent's time)",
+                step.time.isoformat(),
+            )
+
+
+def log_time_at_start(clock: TrustedClock, now: Now) -> None:
+    """Say at start when the wall clock is not (yet) the agent's time, and why."""
+    if clock.provisional():
+        snap = clock.snapshot()
+        logger.warning(
+            "wall clock %s taken provisionally (no time sync yet, %s; the last proven time "
+            "is %s): events say clock=untrusted, nothing is pruned or dropped by age and "
+            "expiry is judged by the proven time until time sync, a fresh signed document "
+            "or agreement proves it",
+            snap["wall"],
+            f"time source {snap['sync_source']}",
+            snap["proven"],
+        )
+    elif not now.trusted:
+        snap = clock.snapshot()
+        logger.warning(
+            "wall clock %s disagrees with the agent's time %s (%s): keeping the agent's time "
+            "on the monotonic clock; events say clock=untrusted until the wall clock agrees "
+            "or a fresh signed document confirms it",
+            snap["wall"],
+            now.wall.isoformat(),
+            "its persisted floor, downtime not counted"
+            if snap["basis"] == "floor"
+            else "carried on from before the restart",
+        )
