@@ -147,6 +147,7 @@ class CabinetApp:
         self.on_ready: list[Callable[[], None]] = []
         # Told (task name, exception) when a task of the tree fails: the tree is coming down.
         self.on_fatal: list[Callable[[str, BaseException], None]] = []
+        self._door_closed = False
 
     # -- what the daemon, the control socket and the demo read -------------------------------
 
@@ -304,8 +305,9 @@ class CabinetApp:
 
     async def _lock_door(self) -> None:
         """Lock the door on the way out, once: in the stop sequence while its reader is still
-        connected, or in the final shutdown when the tree came down before that step."""
-        if self.door is None:
+        connected, or in the final shutdown when the tree came down before that step (it may
+        fail then: the readers are gone, and the error says the door may be left released)."""
+        if self.door is None or self._door_closed:
             return
         self._door_closed = True
         try:

@@ -258,6 +258,51 @@ async def test_start_up_lock_waits_quietly_for_the_door_reader(tmp_path: Path) -
     assert any("lock waits for reader dock-1" in m for m in messages[:online])
 
 
+async def test_the_door_is_locked_once_on_the_way_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stop sequence locks the door while its reader is still connected; the final
+    shutdown does not try again (it used to: a second write to a reader already gone, and a
+    second error for the same lock)."""
+    from agent.app import CabinetApp
+    from simulators.door import SimulatedDoor
+
+    creds = provision(tmp_path)
+    door_cfg = '[door]\nreader = "dock-1"\nsensor_gpi = 1\nlock_gpo = 2\n'
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=8) as sim:
+        sim_door = SimulatedDoor(
+            sim.set_gpi, sensor_port=1, sensor_open_when_high=True, lock_port=2, locked=True
+        )
+        sim.gpo_listeners.append(sim_door.on_gpo)
+        cfg = parse_config(_toml(config_text(tmp_path, sim.port, extra=door_cfg)))
+        app = CabinetApp(cfg, credentials_dir=creds)
+        task = asyncio.create_task(app.run(), name="app-under-test")
+        try:
+            door = app.door
+            assert door is not None
+            async with asyncio.timeout(30):
+                await app.ready.wait()
+                while door.locked is not True:  # the start-up lock, once the reader is online
+                    await asyncio.sleep(0.05)
+            await door.unlock(600.0)  # released, its re-lock far away
+            assert not sim_door.locked
+            # The door's reader goes away: the lock on the way out cannot be written.
+            await sim.stop()
+            async with asyncio.timeout(10):
+                while app.readers[0].health.healthy:
+                    await asyncio.sleep(0.05)
+            app.request_stop()
+            async with asyncio.timeout(10):
+                await task
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    tries = [r.getMessage() for r in caplog.records if "could not lock on close" in r.getMessage()]
+    assert len(tries) == 1, tries
+    assert door.locked is None  # unknown: the write failed (and status says so)
+
+
 async def test_a_second_agent_on_the_same_control_socket_is_one_line(tmp_path: Path) -> None:
     """The second agent exits 78 with one line; the first keeps its socket and answers."""
     from agent.control.client import ControlClient
