@@ -11,20 +11,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.app import CabinetApp
+from agent.audit_trail import AuditTrail
 from agent.control.protocol import BUSY, INVALID_ARGS, CommandError
 from agent.control.server import ControlServer, RequestContext
-from agent.domain.engine import Phase
-from agent.engine_runner import RecentEvent
-from drivers.door import DoorCommandError
+from agent.domain.engine import CabinetEngine, Phase
+from agent.engine_runner import AppStats, RecentEvent
+from agent.store.store import Store
+from agent.store.types import OutboxStats
+from drivers.door import Door, DoorCommandError
 from drivers.errors import CabinetError
-from drivers.types import ReaderState, TagRead
+from drivers.types import ReaderDriver, ReaderState, TagRead
 
 if TYPE_CHECKING:
-    from agent.daemon import Daemon
+    # Only for types: the publisher (and paho) is loaded only when a broker is configured.
+    from agent.mqtt.publisher import Publisher
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +48,48 @@ UNKNOWN_READER = "unknown_reader"
 STORE_FAILED = "store_failed"
 
 
-def register_handlers(server: ControlServer, daemon: Daemon) -> None:
-    """Register every command on ``server``."""
-    app = daemon.app
+class ControlledAgent(Protocol):
+    """What the commands read and drive in the running agent (``CabinetApp`` provides it)."""
+
+    @property
+    def store(self) -> Store | None: ...
+
+    @property
+    def publisher(self) -> Publisher | None: ...
+
+    @property
+    def engine(self) -> CabinetEngine | None: ...
+
+    @property
+    def readers(self) -> Sequence[ReaderDriver]: ...
+
+    @property
+    def door(self) -> Door | None: ...
+
+    @property
+    def audit(self) -> AuditTrail: ...
+
+    @property
+    def stats(self) -> AppStats: ...
+
+    @property
+    def committed(self) -> asyncio.Condition: ...
+
+    @property
+    def tag_taps(self) -> list[Callable[[Sequence[TagRead]], None]]: ...
+
+    def status(self) -> dict[str, object]: ...
+
+    def store_status(self) -> dict[str, object] | None: ...
+
+
+def register_handlers(
+    server: ControlServer, app: ControlledAgent, *, reloads: Callable[[], int]
+) -> None:
+    """Register every command on ``server``; ``reloads()`` counts the SIGHUP reloads so far."""
     scan_lock = asyncio.Lock()
 
-    async def status(ctx: RequestContext) -> Any:
+    async def status(ctx: RequestContext) -> dict[str, object]:
         result = app.status()
         if app.store is not None:
             st = await _store_stats(app)
@@ -63,10 +102,10 @@ def register_handlers(server: ControlServer, daemon: Daemon) -> None:
                 "disk_full": st.disk_full,
             }
         result["broker"] = _broker(app)
-        result["reloads"] = daemon.reloads
+        result["reloads"] = reloads()
         return result
 
-    async def queue_stats(ctx: RequestContext) -> Any:
+    async def queue_stats(ctx: RequestContext) -> dict[str, object]:
         st = await _store_stats(app)
         return {
             "depth": st.depth,
@@ -80,17 +119,17 @@ def register_handlers(server: ControlServer, daemon: Daemon) -> None:
             "broker": _broker(app),
         }
 
-    async def readers_status(ctx: RequestContext) -> Any:
+    async def readers_status(ctx: RequestContext) -> dict[str, object]:
         return {"readers": _reader_rows(app), "badge_readers": app.status()["badge_readers"]}
 
-    async def readers_ping(ctx: RequestContext) -> Any:
+    async def readers_ping(ctx: RequestContext) -> dict[str, object]:
         only = _reader_ids(app, ctx.args.get("readers"))
         rows = [r for r in _reader_rows(app) if not only or r["id"] in only]
         for row in rows:
             row["ok"] = row["state"] in (ReaderState.ONLINE, ReaderState.INVENTORYING)
         return {"readers": rows}
 
-    async def readers_scan(ctx: RequestContext) -> Any:
+    async def readers_scan(ctx: RequestContext) -> dict[str, object]:
         seconds = _number(ctx.args.get("seconds", 5.0), "seconds", 0.1, SCAN_MAX_S)
         only = _reader_ids(app, ctx.args.get("readers"))
         if scan_lock.locked():
@@ -149,7 +188,7 @@ def register_handlers(server: ControlServer, daemon: Daemon) -> None:
                 "interrupted": interrupted,
             }
 
-    async def door_command(ctx: RequestContext) -> Any:
+    async def door_command(ctx: RequestContext) -> dict[str, object]:
         unlock = ctx.cmd == "door.unlock"
         if ctx.args.get("confirm") is not True:
             raise CommandError(
@@ -178,7 +217,7 @@ def register_handlers(server: ControlServer, daemon: Daemon) -> None:
         seq = await _audit_now(app, actor, ctx.cmd, {**details, "ok": True})
         return {"door_id": door.door_id, "locked": door.locked, "audit_seq": seq, "pulse_s": pulse}
 
-    async def queue_drain(ctx: RequestContext) -> Any:
+    async def queue_drain(ctx: RequestContext) -> dict[str, object]:
         timeout = _number(ctx.args.get("timeout_s", 60.0), "timeout_s", 0.0, DRAIN_MAX_S)
         pub = app.publisher
         if pub is None:
@@ -214,7 +253,7 @@ def register_handlers(server: ControlServer, daemon: Daemon) -> None:
             "broker": _broker(app),
         }
 
-    async def events_tail(ctx: RequestContext) -> Any:
+    async def events_tail(ctx: RequestContext) -> dict[str, object]:
         n = int(_number(ctx.args.get("n", 20), "n", 0, TAIL_MAX))
         follow = bool(ctx.args.get("follow", False))
         backlog = list(app.stats.recent)[-n:] if n else []
@@ -234,7 +273,7 @@ def register_handlers(server: ControlServer, daemon: Daemon) -> None:
                 await ctx.emit(_event_meta(e))
                 last = e.seq
 
-    async def audit_verify(ctx: RequestContext) -> Any:
+    async def audit_verify(ctx: RequestContext) -> dict[str, object]:
         store = _store(app)
         try:
             report = await store.audit_verify()
@@ -249,7 +288,7 @@ def register_handlers(server: ControlServer, daemon: Daemon) -> None:
             "problems": list(report.problems),
         }
 
-    async def audit_tail(ctx: RequestContext) -> Any:
+    async def audit_tail(ctx: RequestContext) -> dict[str, object]:
         n = int(_number(ctx.args.get("n", 20), "n", 1, AUDIT_TAIL_MAX))
         store = _store(app)
         try:
@@ -319,7 +358,7 @@ class _TagTable:
         )
 
 
-def _reader_rows(app: CabinetApp) -> list[dict[str, Any]]:
+def _reader_rows(app: ControlledAgent) -> list[dict[str, Any]]:
     now = time.monotonic()
     rows = []
     for r in app.readers:
@@ -345,7 +384,7 @@ def _reader_rows(app: CabinetApp) -> list[dict[str, Any]]:
     return rows
 
 
-def _reader_ids(app: CabinetApp, value: object) -> set[str]:
+def _reader_ids(app: ControlledAgent, value: object) -> set[str]:
     if value is None:
         return set()
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -360,7 +399,7 @@ def _reader_ids(app: CabinetApp, value: object) -> set[str]:
     return set(value)
 
 
-def _require_idle(app: CabinetApp, what: str) -> None:
+def _require_idle(app: ControlledAgent, what: str) -> None:
     engine = app.engine
     if engine is None:
         raise CommandError(BUSY, f"cannot {what}: the agent is still starting")
@@ -380,20 +419,20 @@ def _number(value: object, name: str, low: float, high: float) -> float:
     return float(value)
 
 
-def _store(app: CabinetApp) -> Any:
+def _store(app: ControlledAgent) -> Store:
     if app.store is None:
         raise CommandError(BUSY, "the state store is not open yet; retry in a moment")
     return app.store
 
 
-async def _store_stats(app: CabinetApp) -> Any:
+async def _store_stats(app: ControlledAgent) -> OutboxStats:
     try:
         return await _store(app).stats()
     except CabinetError as err:
         raise CommandError(STORE_FAILED, f"cannot read the outbox: {err}") from None
 
 
-async def _audit_now(app: CabinetApp, actor: str, action: str, details: dict[str, Any]) -> int:
+async def _audit_now(app: ControlledAgent, actor: str, action: str, details: dict[str, Any]) -> int:
     try:
         return await app.audit.append(actor, action, details)
     except (CabinetError, ValueError) as err:
@@ -401,7 +440,7 @@ async def _audit_now(app: CabinetApp, actor: str, action: str, details: dict[str
         return -1
 
 
-def _broker(app: CabinetApp) -> dict[str, Any] | None:
+def _broker(app: ControlledAgent) -> dict[str, Any] | None:
     pub = app.publisher
     if pub is None:
         return None

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from agent.app import CabinetApp
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.control.server import ControlServer, PeerCred
+from agent.control_api import register_handlers
 from agent.lifecycle import (
     EX_SOFTWARE,
     FATAL_EXIT_S,
@@ -77,10 +78,8 @@ class Daemon:
         gate = WatchdogGate(WATCHDOG_WINDOW_S)
         control: ControlServer | None = None
         if self.cfg.control.enabled:
-            from agent.control_api import register_handlers
-
             control = ControlServer(self.cfg.control, audit=self._audit_cli)
-            register_handlers(control, self)
+            register_handlers(control, self.app, reloads=lambda: self.reloads)
         metrics_server = MetricsServer(self.cfg.metrics, self.metrics.registry)
 
         def _on_ready() -> None:

@@ -55,6 +55,27 @@ def test_the_engine_importing_sqlite_breaks_its_contract(tmp_path: Path) -> None
     assert "agent.domain.engine -> sqlite3" in done.stdout
 
 
+def test_the_control_commands_importing_the_daemon_break_the_layers(tmp_path: Path) -> None:
+    """The control handlers get the agent passed in; reaching back for the daemon (the cycle
+    agent/control_api.py once hid behind TYPE_CHECKING) breaks the layering."""
+    root = _copy(tmp_path)
+    api = root / "agent" / "control_api.py"
+    api.write_text(api.read_text() + "\nfrom agent.daemon import Daemon  # noqa: E402\n")
+    done = _lint(root)
+    assert done.returncode == 1, done.stdout
+    assert "the process wraps the app" in done.stdout
+    assert "agent.control_api -> agent.daemon" in done.stdout
+
+
+def test_a_part_importing_the_composition_root_breaks_the_layers(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    runner = root / "agent" / "engine_runner.py"
+    runner.write_text(runner.read_text() + "\nfrom agent.app import CabinetApp  # noqa: E402\n")
+    done = _lint(root)
+    assert done.returncode == 1, done.stdout
+    assert "agent.engine_runner -> agent.app" in done.stdout
+
+
 def test_a_driver_importing_the_store_breaks_its_contract(tmp_path: Path) -> None:
     root = _copy(tmp_path)
     types = root / "drivers" / "types.py"
