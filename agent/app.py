@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.alerts import AgentEvents, AlertLines, Alerts
-from agent.audit_trail import AuditTrail
+from agent.audit_policy import AuditTrail
 from agent.clock_watch import ClockWatch, log_time_at_start
 from agent.config import AgentConfig
 from agent.documents import Documents, Parsed

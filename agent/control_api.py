@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.audit_trail import AuditTrail
+from agent.audit_policy import AuditTrail
 from agent.control.protocol import BUSY, INVALID_ARGS, CommandError
 from agent.control.server import ControlServer, RequestContext
 from agent.domain.engine import CabinetEngine, Phase

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, TypeAlias
 
-from agent.audit_trail import AuditTrail
+from agent.audit_policy import AuditTrail
 from agent.domain.access import AllowList, AllowListError
 from agent.domain.assets import AssetRegistry, AssetRegistryError
 from agent.logging_setup import ThrottledLog

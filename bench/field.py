@@ -229,7 +229,7 @@ class Agent:
         }
         env.pop("WATCHDOG_PID", None)
         cli = Path(sys.executable).parent / "cabinet-agent"
-        cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "agent.cli.daemon"]
+        cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "agent.cli.cabinet_agent"]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [*cmd, "run", "--config", str(self.config)],

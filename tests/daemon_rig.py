@@ -98,7 +98,7 @@ drawers = {{ top = ["dock-1:1", "dock-1:2"], bottom = ["dock-1:3", "dock-1:4"] }
 
 
 class AgentProcess:
-    """``python -m agent.cli.daemon run --config CFG`` with stdout+stderr into ``log``.
+    """``python -m agent.cli.cabinet_agent run --config CFG`` with stdout+stderr into ``log``.
 
     ``module`` runs another entry point with the same arguments (``tests.fault_agent``: the
     same daemon with test-only faults injected).
@@ -110,7 +110,7 @@ class AgentProcess:
         log: Path,
         env: Mapping[str, str] | None = None,
         *,
-        module: str = "agent.cli.daemon",
+        module: str = "agent.cli.cabinet_agent",
     ) -> None:
         self.cfg = cfg
         self.log = log

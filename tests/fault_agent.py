@@ -93,7 +93,7 @@ def install(faults: set[str]) -> None:
 
 def main() -> int:
     install({f for f in os.environ.get("CABINET_TEST_FAULTS", "").split(",") if f})
-    from agent.cli.daemon import main as agent_main
+    from agent.cli.cabinet_agent import main as agent_main
 
     return agent_main()
 

@@ -66,7 +66,7 @@ _CLI = Path(sys.executable).parent / "cabinet-agent"
 AGENT_COMMAND = (
     (str(_CLI), "run", "--config")
     if _CLI.exists()
-    else (sys.executable, "-m", "agent.cli.daemon", "run", "--config")
+    else (sys.executable, "-m", "agent.cli.cabinet_agent", "run", "--config")
 )
 
 

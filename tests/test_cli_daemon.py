@@ -221,7 +221,7 @@ async def daemon(
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "agent.cli.daemon",
+            "agent.cli.cabinet_agent",
             "run",
             "--config",
             str(config),

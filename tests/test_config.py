@@ -73,7 +73,7 @@ def test_toml_syntax_error_is_one_line(tmp_path: Path) -> None:
     "argv",
     [
         [sys.executable, "-m", "agent.cli.ctl", "config", "check"],
-        [sys.executable, "-m", "agent.cli.daemon", "run", "--config"],
+        [sys.executable, "-m", "agent.cli.cabinet_agent", "run", "--config"],
     ],
 )
 def test_cli_exits_78_and_starts_nothing(tmp_path: Path, argv: list[str]) -> None:
@@ -193,7 +193,7 @@ def test_drawers_must_name_configured_reader_antennas(tmp_path: Path) -> None:
     "argv",
     [
         [sys.executable, "-m", "agent.cli.ctl", "config", "check"],
-        [sys.executable, "-m", "agent.cli.daemon", "run", "--config"],
+        [sys.executable, "-m", "agent.cli.cabinet_agent", "run", "--config"],
     ],
 )
 def test_hostile_values_are_one_line_and_exit_78(

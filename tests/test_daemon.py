@@ -41,7 +41,7 @@ async def test_daemon_process_stops_cleanly_within_budget(tmp_path: Path, sig: i
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "agent.cli.daemon",
+                "agent.cli.cabinet_agent",
                 "run",
                 "--config",
                 str(cfg),
@@ -92,7 +92,7 @@ async def test_loose_key_file_permissions_refuse_to_start(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "agent.cli.daemon",
+        "agent.cli.cabinet_agent",
         "run",
         "--config",
         str(cfg),
@@ -324,7 +324,7 @@ async def test_a_second_agent_on_the_same_control_socket_is_one_line(tmp_path: P
         async with AgentProcess(first_cfg, tmp_path / "first.log") as first:
             await first.wait_log("ready: site")
             second = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent.cli.daemon", "run", "--config", str(second_cfg),
+                sys.executable, "-m", "agent.cli.cabinet_agent", "run", "--config", str(second_cfg),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
             )  # fmt: skip
             async with asyncio.timeout(30):
@@ -350,7 +350,7 @@ async def test_a_small_order_signing_key_refuses_to_start(tmp_path: Path) -> Non
     cfg = tmp_path / "agent.toml"
     cfg.write_text(config_text(tmp_path, 9))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent.cli.daemon", "run", "--config", str(cfg),
+        sys.executable, "-m", "agent.cli.cabinet_agent", "run", "--config", str(cfg),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
     async with asyncio.timeout(30):

@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.audit_trail import AuditTrail
+from agent.audit_policy import AuditTrail
 from agent.config import ConfigError, parse_config
 from agent.documents import Documents, Parsed, doc_key
 from agent.domain.access import AllowList

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.audit_trail import AuditTrail
+from agent.audit_policy import AuditTrail
 from agent.documents import (
     Documents,
     Parsed,

@@ -159,7 +159,7 @@ class Agent:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli.daemon", "run", "--config", str(self.cfg)],
+                [sys.executable, "-m", "agent.cli.cabinet_agent", "run", "--config", str(self.cfg)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,

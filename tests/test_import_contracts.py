@@ -87,12 +87,12 @@ def test_a_driver_importing_the_store_breaks_its_contract(tmp_path: Path) -> Non
 
 def test_the_agent_importing_the_backend_breaks_its_contract(tmp_path: Path) -> None:
     root = _copy(tmp_path)
-    app = root / "agent" / "audit_trail.py"
+    app = root / "agent" / "audit_policy.py"
     app.write_text(app.read_text() + "\nfrom backend.signing import sign_document  # noqa: E402\n")
     done = _lint(root)
     assert done.returncode == 1, done.stdout
     assert "the edge agent imports no backend or simulator code" in done.stdout
-    assert "agent.audit_trail -> backend.signing" in done.stdout
+    assert "agent.audit_policy -> backend.signing" in done.stdout
 
 
 def test_a_simulator_importing_the_agent_breaks_its_contract(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """A cabinet whose only RFID reader is a Mercury module tells the same story as an LLRP one.
 
 The Mercury simulator (TCP, or a real pseudo-terminal) and, as the reference, the LLRP simulator
-run in this process; ``python -m agent.cli.daemon run --config`` runs as a child process; sealed
+run in this process; ``python -m agent.cli.cabinet_agent run --config`` runs as a child process; sealed
 events go through a real mosquitto to a real consumer that opens them with the backend key. The
 story: first background inventory, a tag leaves (``item.missing`` after the confirmation pass),
 the module is unplugged mid-pass and replugged (``reader.offline``, ``inventory.incomplete``,

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.store import audit, schema
+from agent.store import audit_chain, schema
 from agent.store.config import StoreConfig
 from agent.store.salvage import SalvagedRow
 from agent.store.types import (
@@ -552,14 +552,14 @@ class Database:
 
     def _anchor(self) -> tuple[int, bytes]:
         row = self.conn.execute("SELECT seq, hash FROM audit_anchor WHERE id = 1").fetchone()
-        return (0, audit.GENESIS) if row is None else (int(row[0]), bytes(row[1]))
+        return (0, audit_chain.GENESIS) if row is None else (int(row[0]), bytes(row[1]))
 
     def audit_append(self, actor: str, action: str, details_json: str, now_us: int) -> int:
         # The head (not the last row) is the chain's tip, so a truncated tail stays visible
         # as a gap even after new records are appended.
         head_seq, head_hash = self.audit_head()
         seq = head_seq + 1
-        digest = audit.record_hash(seq, now_us, actor, action, details_json, head_hash)
+        digest = audit_chain.record_hash(seq, now_us, actor, action, details_json, head_hash)
         self.conn.execute(
             "INSERT INTO audit (seq, at_us, actor, action, details, prev_hash, hash) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -593,7 +593,7 @@ class Database:
         if raw is not None and len(raw) == 40:
             head = (int(struct.unpack(">Q", raw[:8])[0]), raw[8:])
         with contextlib.closing(self.audit_rows()) as rows:
-            checked, first, last, problems = audit.verify_chain(
+            checked, first, last, problems = audit_chain.verify_chain(
                 rows, anchor_seq=anchor_seq, anchor_hash=anchor_hash, head=head
             )
         if head is None and checked:

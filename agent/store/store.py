@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any, Final, TypeVar
 
 from agent.privacy.pseudonym import is_pseudonym
-from agent.store import audit
+from agent.store import audit_chain
 from agent.store import db as dbmod
 from agent.store.config import StoreConfig
 from agent.store.db import HousekeepingResult
@@ -432,7 +432,7 @@ class Store:
         if not action or len(action) > 128:
             raise ValueError("action is 1..128 characters")
         try:
-            text = audit.canonical_details(details)
+            text = audit_chain.canonical_details(details)
         except (TypeError, ValueError) as err:
             raise ValueError(f"audit details must be plain JSON values: {err}") from None
 

@@ -1,9 +1,11 @@
-"""The audit trail (DESIGN §5): who did what to the cabinet, hash-chained in the state store.
+"""The audit policy (DESIGN §5): what goes into the audit trail, who did what to the cabinet.
 
-Badge decisions (pseudonyms only; grants under the expired-allow-list grace policy), lock-outs,
-forced doors, clock steps, documents installed or refused, door commands, config reloads and
-every control-socket command end up here. Appends never block the caller: each is a named task
-in a supervised set, and ``flush()`` awaits them before the store closes.
+The records are hash-chained in the state store (``agent/store/audit_chain.py``: canonical
+bytes and verification; ``Store.audit_append`` writes them). Badge decisions (pseudonyms only;
+grants under the expired-allow-list grace policy), lock-outs, forced doors, clock steps,
+documents installed or refused, door commands, config reloads and every control-socket command
+end up here. Appends never block the caller: each is a named task in a supervised set, and
+``flush()`` awaits them before the store closes.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from uuid import uuid4
 
-from agent.audit_trail import AuditTrail
+from agent.audit_policy import AuditTrail
 from agent.domain import events as ev
 from agent.domain.ids import uuid7_from
 from agent.privacy.pseudonym import Pseudonymizer

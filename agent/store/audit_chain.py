@@ -1,4 +1,6 @@
-"""Hash chain of the audit log: canonical record bytes and chain verification (pure)."""
+"""Hash chain of the audit log: canonical record bytes and chain verification (pure).
+
+What is recorded, and when, is decided in ``agent/audit_policy.py``."""
 
 from __future__ import annotations
 
