@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Final, TypeAlias
+from typing import Final, TypeAlias
 
 from agent.audit_policy import AuditTrail
 from agent.domain.access import AllowList, AllowListError
@@ -364,12 +364,12 @@ class Documents:
 
     # -- status ------------------------------------------------------------------------------
 
-    def status(self, now: datetime, warn_days: float) -> dict[str, Any]:
+    def status(self, now: datetime, warn_days: float) -> dict[str, dict[str, object]]:
         """Per kind: what is in force and until when, warnings, the last refusal."""
-        out: dict[str, Any] = {}
+        out: dict[str, dict[str, object]] = {}
         for kind in DOC_KINDS:
             doc = self.documents.get(kind)
-            entry: dict[str, Any] = {}
+            entry: dict[str, object] = {}
             if doc is not None:
                 left = (doc.expires_at - now).total_seconds()
                 entry.update(

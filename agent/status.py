@@ -63,7 +63,7 @@ class StatusView:
         domain = engine.config if engine is not None else self.domain
         documents = self.docs.status(now, domain.allow_list_expiry_warning_days)
         alerts = self.lines.recent(ALERTS_SHOWN)
-        alerts += [d["warning"] for d in documents.values() if "warning" in d]
+        alerts += [w for d in documents.values() if isinstance(w := d.get("warning"), str)]
         if not clock["trusted"]:
             alerts.append(
                 f"clock untrusted since {clock['since']} ({clock['reason']}), wall clock reads "
