@@ -22,7 +22,6 @@ from agent.audit_policy import AuditTrail
 from agent.clock_watch import ClockWatch, log_time_at_start
 from agent.config import AgentConfig
 from agent.documents import Documents, Parsed
-from agent.domain import events as ev
 from agent.domain.engine import CabinetEngine
 from agent.engine_runner import AppStats, EngineRunner, Inputs
 from agent.lifecycle import describe_error
@@ -159,10 +158,6 @@ class CabinetApp:
     def committed(self) -> asyncio.Condition:
         """Notified after each durable commit (``cabinetctl events tail --follow``)."""
         return self.runner.committed
-
-    @property
-    def on_committed(self) -> list[Callable[[Sequence[ev.Event]], None]]:
-        return self.runner.on_committed
 
     @property
     def tag_taps(self) -> list[Callable[[Sequence[TagRead]], None]]:

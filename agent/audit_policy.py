@@ -59,7 +59,7 @@ class AuditTrail:
         return await store.audit_append(actor, action, details)
 
     def on_events(self, events: Sequence[ev.Event]) -> None:
-        """CabinetApp.on_committed listener: the events that concern people and the door."""
+        """EngineRunner.on_committed listener: the events that concern people and the door."""
         for e in events:
             if isinstance(e, ev.AccessDenied):
                 self.record(
