@@ -1,7 +1,7 @@
 """The agent's time at run time (DESIGN §7b): each clock step reported once (log, status, an
 ``agent.clock_step`` event), the persisted time floor kept fresh, and documents refused as not
 yet valid judged again when their time comes. The rules themselves are in
-``agent/trusted_time.py``; this is the loop that applies them while the agent runs.
+``agent/trusted_time/``; this is the loop that applies them while the agent runs.
 """
 
 from __future__ import annotations
