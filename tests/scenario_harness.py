@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +245,7 @@ class Rig:
         return seq
 
     def runner(self, **kw: Any) -> ScenarioRunner:
+        kw.setdefault("badge_read", self.badge_read)
         return ScenarioRunner(
             self.scenario,
             self.llrp,
@@ -255,6 +256,14 @@ class Rig:
             allow_list_expires_at=self.artefacts.allow_list_expires_at,
             **kw,
         )
+
+    async def badge_read(self, present: Callable[[], Awaitable[object]]) -> None:
+        """Present a card at the cabinet's badge reader; return once the agent has read it
+        (its log says so: one line per read, never the card or its pseudonym)."""
+        needle = f"badge presented at {self.scenario.cabinet.badge_reader_id}\n"
+        before = self.agent.log_text().count(needle)
+        await present()
+        await self.agent.wait_log(needle, count=before + 1)
 
     async def play(self) -> list[dict[str, Any]]:
         """Marker, the scenario's steps, marker: the scenario's events in seq order."""

@@ -136,6 +136,11 @@ class ScenarioRunner:
     fallback_wait_s: float = 3.0
     allow_list_expires_at: datetime | None = None
     on_step: Callable[[Step], None] | None = None
+    # Presents a card (the coroutine function given) and returns once the agent has read it:
+    # the person keeps the card at the reader until it beeps. The agent's pseudonyms are
+    # memory-hard (tens of ms per read), so "badge bob, open" must not open the door before
+    # Bob's read is in. None: return as soon as the card is presented.
+    badge_read: Callable[[Callable[[], Awaitable[object]]], Awaitable[None]] | None = None
     location: dict[str, str | None] = field(default_factory=dict)  # epc → drawer (None: out)
     _seen: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _last_badge: dict[str, float] = field(default_factory=dict, init=False, repr=False)
@@ -195,7 +200,10 @@ class ScenarioRunner:
             # A real card is taken away and shown again; readers drop instant repeats.
             await asyncio.sleep(self.badge_gap_s - (loop.time() - last))
         await self.badge.wait_for_client(self.timeout_s)
-        await self.badge.present(person.badge)
+        if self.badge_read is None:
+            await self.badge.present(person.badge)
+        else:
+            await self.badge_read(lambda: self.badge.present(person.badge))
         self._last_badge[person.name] = loop.time()
 
     async def _op_wait_unlock(self, step: Step) -> None:
