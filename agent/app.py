@@ -91,7 +91,7 @@ class CabinetApp:
             make_reader(rc, self.inputs, self.clock) for rc in cfg.readers
         ]
         self.badge_readers: list[BadgeReaderDriver] = [
-            BadgeReader(bc, self.inputs, self.privacy.pseudonymizer.badge, clock=self.clock)
+            BadgeReader(bc, self.inputs, self._pseudonymize, clock=self.clock)
             for bc in cfg.badge_readers
         ]
         self.door: Door | None = None
@@ -347,6 +347,13 @@ class CabinetApp:
         # A document refused as not yet valid is judged again (the operator's nudge).
         await self.docs.reconsider()
         return [f"{kind} v{doc.version}" for kind, doc in sorted(self.docs.documents.items())]
+
+    async def _pseudonymize(self, raw_id: str) -> str:
+        """A badge reader's card → its pseudonym, under the live site key the allow-list uses."""
+        engine = self.runner.engine
+        allow_list = engine.access.allow_list if engine is not None else None
+        listed = allow_list.prefixes if allow_list is not None else frozenset[str]()
+        return await self.privacy.pseudonyms.badge(raw_id, listed)
 
     def _document_installed(self, kind: str, parsed: Parsed | None) -> None:
         # A document of this kind is in force now: earlier refusals are history, not alerts.

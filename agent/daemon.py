@@ -176,7 +176,6 @@ class Daemon:
                     "door",
                     "mqtt",
                     "store",
-                    "privacy",
                     "cabinet",
                     "control",
                     "metrics",
@@ -184,6 +183,7 @@ class Daemon:
                 )
                 if getattr(new, name) != getattr(self.cfg, name)
             ]
+            restart += self._reload_site_keys(new, applied, live)
             if "readers" in restart:
                 old_readers = {r.id: r for r in self.cfg.readers}
                 changed = [r.id for r in new.readers if old_readers.get(r.id) != r]
@@ -209,6 +209,28 @@ class Daemon:
                 )
         finally:
             self.notifier.ready(self._status_line())
+
+    def _reload_site_keys(
+        self, new: AgentConfig, applied: list[str], live: dict[str, Any]
+    ) -> list[str]:
+        """Re-read the site key files (a rotation replaces one or names another): the next badge
+        read uses them. What else changed in ``[privacy]`` needs a restart (returned)."""
+        keys = {"site_key", "previous_site_key"}
+        old_rest = self.cfg.privacy.model_dump(exclude=keys)
+        restart = ["privacy"] if new.privacy.model_dump(exclude=keys) != old_rest else []
+        try:
+            prefixes = self.app.privacy.reload_site_keys(new.privacy)
+        except CabinetError as err:
+            logger.error("reload: site keys kept as they were: %s", err)
+            return restart
+        applied.append("site keys " + ", ".join(prefixes))
+        live["privacy"] = self.cfg.privacy.model_copy(
+            update={
+                "site_key": new.privacy.site_key,
+                "previous_site_key": new.privacy.previous_site_key,
+            }
+        )
+        return restart
 
     async def _reload_documents(self) -> None:
         docs = await self.app.reload_documents()

@@ -103,7 +103,8 @@ class StatusView:
             else {"seq": last.seq, "type": last.type, "time": last.time.isoformat()},
             "keys": {
                 "seal_key_id": self.privacy.seal_key_id,
-                "pseudonym_kid": self.privacy.pseudonymizer.kid,
+                "pseudonym_kid": self.privacy.pseudonyms.kid,
+                "pseudonym_keys": list(self.privacy.pseudonyms.prefixes),
                 "signing_kids": list(self.privacy.signing_kids),
             },
             "documents": documents,

@@ -10,6 +10,7 @@ Sub-commands:
   keygen DIR        generate backend key material (HPKE, signing, site pseudonym key)
   sign-allow-list   signed allow-list document from a JSON/TOML list of pseudonyms and roles
   sign-registry     signed asset-registry document from a JSON/TOML list of assets
+  site-key FILE     a new site key (the next key of a rotation; Argon2id cost chosen here)
   pseudonym         a badge's pseudonym from the site key (raw id read from stdin, never printed)
 """
 
@@ -39,9 +40,16 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.mqtt.config import DEFAULT_MAX_COMMAND_BYTES
 from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener
 from agent.privacy.keys import HPKE_PRIVATE_FILE, SIGNING_PRIVATE_FILE, SITE_KEY_FILE
-from agent.privacy.pseudonym import KeyFileError, Pseudonymizer
+from agent.privacy.pseudonym import ARGON2_BOUNDS, KeyFileError, Pseudonymizer
 from agent.privacy.signed import parse_time
-from backend.keys import generate_backend_keys, load_hpke_private, load_signing_private
+from backend.keys import (
+    P2_DEFAULT,
+    Argon2Params,
+    generate_backend_keys,
+    generate_site_key,
+    load_hpke_private,
+    load_signing_private,
+)
 from backend.record import RecordUnavailable
 from backend.record import queries as record_queries
 from backend.record.cli import add_db_options, add_record_commands, open_from_args
@@ -507,13 +515,37 @@ def _cmd_sign(args: argparse.Namespace, kind: str) -> int:
     return 0
 
 
+def _cmd_site_key(args: argparse.Namespace) -> int:
+    out: Path = args.file
+    if out.exists() and not args.force:
+        print(f"site-key: {out} exists (use --force to replace it)", file=sys.stderr)
+        return EX_USAGE
+    try:
+        argon2 = (
+            None
+            if args.p1
+            else Argon2Params(
+                memory_kib=args.memory_kib, iterations=args.iterations, lanes=args.lanes
+            )
+        )
+        site = generate_site_key(out, args.kid, argon2)
+    except (OSError, ValueError) as err:
+        print(f"site-key: {err}", file=sys.stderr)
+        return EX_USAGE
+    print(
+        f"wrote site key {site.kid} ({site.scheme}) to {out}: list every person under both "
+        "keys while the cabinets change over (docs/privacy.md, rotation)"
+    )
+    return 0
+
+
 def _cmd_pseudonym(args: argparse.Namespace) -> int:
-    key_file = args.site_key or (args.keys / SITE_KEY_FILE if args.keys else None)
-    if key_file is None:
+    key_files: list[Path] = args.site_key or ([args.keys / SITE_KEY_FILE] if args.keys else [])
+    if not key_files:
         print("pseudonym: give --site-key FILE or --keys DIR", file=sys.stderr)
         return EX_USAGE
     try:
-        pseudonymizer = Pseudonymizer.from_key_file(args.site, key_file)
+        pseudonymizers = [Pseudonymizer.from_key_file(args.site, f) for f in key_files]
     except (KeyFileError, ValueError) as err:
         print(f"pseudonym: {err}", file=sys.stderr)
         return EX_NOINPUT
@@ -524,7 +556,7 @@ def _cmd_pseudonym(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         try:
-            print(pseudonymizer.badge(line))
+            print(" ".join(p.badge(line) for p in pseudonymizers))
         except ValueError as err:
             # The message never contains the input (canonical_badge_id guarantees it).
             print(f"pseudonym: line {n}: {err}", file=sys.stderr)
@@ -603,9 +635,33 @@ def build_parser() -> argparse.ArgumentParser:
         )
         s.set_defaults(func=lambda a, kind=kind: _cmd_sign(a, kind))
 
+    sk = sub.add_parser("site-key", help="write a new site key FILE (0600)")
+    sk.add_argument("file", type=Path)
+    sk.add_argument("--kid", required=True, help="its key id (new: pseudonyms name it)")
+    for name, default in (
+        ("memory_kib", P2_DEFAULT.memory_kib),
+        ("iterations", P2_DEFAULT.iterations),
+        ("lanes", P2_DEFAULT.lanes),
+    ):
+        low, high = ARGON2_BOUNDS[name]
+        sk.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=default,
+            help=f"Argon2id {name} ({low}..{high}, default {default})",
+        )
+    sk.add_argument("--p1", action="store_true", help="a legacy HMAC (p1) key: tests only")
+    sk.add_argument("--force", action="store_true")
+    sk.set_defaults(func=_cmd_site_key)
+
     p = sub.add_parser("pseudonym", help="pseudonym of a badge id read from stdin")
     p.add_argument("--site", required=True)
-    p.add_argument("--site-key", type=Path)
+    p.add_argument(
+        "--site-key",
+        type=Path,
+        action="append",
+        help="site key file; twice (old, new) prints both pseudonyms of each badge on one line",
+    )
     p.add_argument("--keys", type=Path, help="backend key dir (site.key)")
     p.set_defaults(func=_cmd_pseudonym)
 

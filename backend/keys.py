@@ -28,11 +28,22 @@ from agent.privacy.keys import (
     SIGNING_PUBLIC_FILE,
     SITE_KEY_FILE,
 )
-from agent.privacy.pseudonym import SITE_KEY_LEN, load_site_key, write_site_key
+from agent.privacy.pseudonym import (
+    P2_DEFAULT,
+    SITE_KEY_LEN,
+    Argon2Params,
+    SiteKey,
+    load_site_key,
+    write_site_key,
+)
 
 __all__ = [
+    "P2_DEFAULT",
+    "Argon2Params",
     "BackendKeys",
+    "SiteKey",
     "generate_backend_keys",
+    "generate_site_key",
     "load_backend_keys",
     "load_hpke_private",
     "load_signing_private",
@@ -52,6 +63,12 @@ class BackendKeys:
     signing_kid: str
     site_key: bytes = field(repr=False)
     site_kid: str
+    site_argon2: Argon2Params | None = P2_DEFAULT  # None: a legacy p1 (HMAC) site key
+
+    @property
+    def site(self) -> SiteKey:
+        """The site key as the cabinets load it (id, bytes, pseudonym scheme)."""
+        return SiteKey(self.site_kid, self.site_key, self.site_argon2)
 
     @property
     def hpke_public(self) -> X25519PublicKey:
@@ -68,8 +85,13 @@ def generate_backend_keys(
     hpke_kid: str = "hpke1",
     signing_kid: str = "sig1",
     site_kid: str = "s1",
+    site_argon2: Argon2Params | None = P2_DEFAULT,
 ) -> BackendKeys:
-    """Generate fresh keys and write the five key files into ``out_dir`` (created 0700)."""
+    """Generate fresh keys and write the five key files into ``out_dir`` (created 0700).
+
+    The site key derives p2 pseudonyms with ``site_argon2``; ``None`` makes a legacy p1 key
+    (only to rehearse a p1 → p2 migration).
+    """
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keys = BackendKeys(
         hpke_private=X25519PrivateKey.generate(),
@@ -78,9 +100,17 @@ def generate_backend_keys(
         signing_kid=signing_kid,
         site_key=secrets.token_bytes(SITE_KEY_LEN),
         site_kid=site_kid,
+        site_argon2=site_argon2,
     )
     write_backend_keys(out_dir, keys)
     return keys
+
+
+def generate_site_key(path: Path, kid: str, argon2: Argon2Params | None = P2_DEFAULT) -> SiteKey:
+    """A fresh site key written to ``path`` (0600): the new key of a rotation."""
+    site = SiteKey(kid, secrets.token_bytes(SITE_KEY_LEN), argon2)
+    write_site_key(path, site.kid, site.key, site.argon2)
+    return site
 
 
 def write_backend_keys(out_dir: Path, keys: BackendKeys) -> None:
@@ -113,21 +143,22 @@ def write_backend_keys(out_dir: Path, keys: BackendKeys) -> None:
         keys.signing_public.public_bytes_raw(),
         secret=False,
     )
-    write_site_key(out_dir / SITE_KEY_FILE, keys.site_kid, keys.site_key)
+    write_site_key(out_dir / SITE_KEY_FILE, keys.site_kid, keys.site_key, keys.site_argon2)
 
 
 def load_backend_keys(dir: Path) -> BackendKeys:
     """Load what ``generate_backend_keys`` wrote; secret files must still be 0600."""
     hpke_kid, hpke_private = load_hpke_private(dir / HPKE_PRIVATE_FILE)
     signing_kid, signing_private = load_signing_private(dir / SIGNING_PRIVATE_FILE)
-    site_kid, site_key = load_site_key(dir / SITE_KEY_FILE)
+    site = load_site_key(dir / SITE_KEY_FILE)
     return BackendKeys(
         hpke_private=hpke_private,
         hpke_kid=hpke_kid,
         signing_private=signing_private,
         signing_kid=signing_kid,
-        site_key=site_key,
-        site_kid=site_kid,
+        site_key=site.key,
+        site_kid=site.kid,
+        site_argon2=site.argon2,
     )
 
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.domain.access import AllowList
 from agent.domain.assets import AssetRegistry
 from agent.privacy.keyfile import KID_PATTERN
-from agent.privacy.pseudonym import Pseudonymizer, is_pseudonym
+from agent.privacy.pseudonym import Pseudonymizer, SiteKey, is_pseudonym
 from agent.privacy.signed import (
     ALLOW_LIST,
     ASSET_REGISTRY,
@@ -34,12 +34,10 @@ _KID_RE: Final = re.compile(KID_PATTERN)
 _ROLE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,31}")  # allow-list roles
 
 
-def badge_pseudonyms(
-    site_id: str, site_kid: str, site_key: bytes, badges: Iterable[str]
-) -> dict[str, str]:
-    """Badge id -> pseudonym, as the cabinets of ``site_id`` compute it: an allow-list names
-    people only by these."""
-    pseudo = Pseudonymizer(site_id, site_kid, site_key)
+def badge_pseudonyms(site_id: str, site: SiteKey, badges: Iterable[str]) -> dict[str, str]:
+    """Badge id -> pseudonym, as the cabinets of ``site_id`` compute it under ``site``: an
+    allow-list names people only by these (one derivation each: p2 costs tens of ms)."""
+    pseudo = Pseudonymizer.from_site_key(site_id, site)
     return {badge: pseudo.badge(badge) for badge in badges}
 
 
@@ -70,7 +68,7 @@ def allow_list_doc(
     body: dict[str, list[str]] = {}
     for pseudonym, roles in entries.items():
         if not is_pseudonym(pseudonym):
-            raise ValueError("allow-list keys must be badge pseudonyms (p1.<kid>.<base32>)")
+            raise ValueError("allow-list keys must be badge pseudonyms (p1|p2.<kid>.<base32>)")
         if isinstance(roles, str):
             raise ValueError(f"roles of {pseudonym} must be a list of strings, not one string")
         bad = [r for r in roles if not isinstance(r, str) or _ROLE_RE.fullmatch(r) is None]

@@ -715,8 +715,7 @@ async def _soak_mounted(
             populate(scenario, llrp)
             art = build_artefacts(
                 scenario,
-                site_key=keys.site_key,
-                site_kid=keys.site_kid,
+                site=keys.site,
                 signing_key=keys.signing_private,
                 signing_kid=keys.signing_kid,
                 extra_people=[INSTALLER, MARKER],

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,7 +17,13 @@ import pytest_asyncio
 from pydantic import ValidationError
 
 from agent.config import ConfigError, load_config, parse_config
-from agent.privacy.pseudonym import Pseudonymizer, is_pseudonym
+from agent.privacy.pseudonym import (
+    P2_DEFAULT,
+    BadgePseudonyms,
+    Pseudonymizer,
+    SiteKey,
+    is_pseudonym,
+)
 from drivers.backoff import Backoff
 from drivers.badge.config import BadgeReaderConfig
 from drivers.badge.reader import BadgeReader, BadgeSink
@@ -27,7 +33,22 @@ from tests.pii import assert_no_raw_ids
 
 TIMEOUT_S = 15.0
 ROOT = Path(__file__).resolve().parent.parent
-PSEUDONYMIZER = Pseudonymizer("site-test", "k1", bytes(range(32)))
+SITE_KEY = SiteKey("k1", bytes(range(32)), P2_DEFAULT)
+# What the reads must carry, computed here on the test's thread.
+PSEUDONYMIZER = Pseudonymizer.from_site_key("site-test", SITE_KEY)
+
+
+class CountingPseudonyms:
+    """The agent's pseudonymizer (p2, derived in a worker thread), counting its derivations."""
+
+    def __init__(self) -> None:
+        self.ring = BadgePseudonyms("site-test", SITE_KEY)
+        self.calls = 0
+
+    async def __call__(self, raw_id: str) -> str:
+        self.calls += 1
+        return await self.ring.badge(raw_id)
+
 
 TRANSPORTS = ["pty", "tcp"]
 
@@ -95,15 +116,17 @@ class Rig:
     reader: BadgeReader
     sink: RecordingSink
     clock: FakeClock
+    derivations: CountingPseudonyms
 
 
 @asynccontextmanager
 async def rig(
     transport: str,
     protocol: str = "em4100",
-    pseudonymize: Callable[[str], str] = PSEUDONYMIZER.badge,
+    pseudonymize: Callable[[str], Awaitable[str]] | None = None,
     **cfg: object,
 ) -> AsyncIterator[Rig]:
+    counting = CountingPseudonyms()
     sim = BadgeSimulator(transport=transport, protocol=protocol, seed=7)  # type: ignore[arg-type]
     async with sim:
         config = BadgeReaderConfig.model_validate(
@@ -114,7 +137,7 @@ async def rig(
         reader = BadgeReader(
             config,
             sink,
-            pseudonymize,
+            pseudonymize or counting,
             clock=clock,
             backoff=Backoff(initial_s=0.05, max_s=0.2, floor_s=0.02),
         )
@@ -122,7 +145,7 @@ async def rig(
         try:
             await sink.wait_online(session=1)
             await sim.wait_for_client()
-            yield Rig(sim, reader, sink, clock)
+            yield Rig(sim, reader, sink, clock, counting)
         finally:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -131,10 +154,16 @@ async def rig(
 
 
 async def present_and_wait(r: Rig, card: str, **kw: float) -> int:
-    """Present a card and wait until the driver has decoded every frame sent."""
-    before = r.reader.stats.frames
+    """Present a card and wait until the driver has handled every frame sent (delivered it,
+    dropped it as a repeat, or failed to pseudonymize it)."""
+
+    def handled() -> int:
+        st = r.reader.stats
+        return st.reads + st.repeats_suppressed + st.pseudonymizer_failures
+
+    before = handled()
     sent = await r.sim.present(card, **kw)
-    await eventually(lambda: r.reader.stats.frames >= before + sent)
+    await eventually(lambda: handled() >= before + sent)
     return sent
 
 
@@ -145,6 +174,8 @@ async def test_held_card_yields_one_read_per_interval(transport: str) -> None:
         assert sent > 1
         assert len(r.sink.reads) == 1
         assert r.reader.stats.repeats_suppressed == sent - 1
+        # Repeats are recognised before the (memory-hard) derivation: one per read.
+        assert r.derivations.calls == 1
 
         # Still held, half an interval later: still one read.
         r.clock.mono += 1.0
@@ -159,6 +190,7 @@ async def test_held_card_yields_one_read_per_interval(transport: str) -> None:
         # Another card is read at once, interval or not.
         await present_and_wait(r, "00000000FF")
         assert len(r.sink.reads) == 3
+        assert r.derivations.calls == 3
 
         first, second, other = r.sink.reads
         assert first.pseudonym == second.pseudonym == PSEUDONYMIZER.badge("0A1B2C3D4E")
@@ -214,10 +246,10 @@ async def test_unplug_goes_offline_then_recovers(transport: str) -> None:
         assert r.reader.stats.connects == 2
 
 
-def _hostile_pseudonymizer(raw_id: str) -> str:
+async def _hostile_pseudonymizer(raw_id: str) -> str:
     if raw_id.startswith("BAD"):
         raise ValueError(f"cannot pseudonymize {raw_id}")
-    return PSEUDONYMIZER.badge(raw_id)
+    return await BadgePseudonyms("site-test", SITE_KEY).badge(raw_id)
 
 
 async def test_raw_badge_id_appears_nowhere(
@@ -259,7 +291,7 @@ async def test_raw_badge_id_appears_nowhere(
 async def test_unreachable_device_reports_offline_with_reason() -> None:
     sink = RecordingSink()
     cfg = BadgeReaderConfig(id="badge-1", url="/nonexistent/ttyBADGE")
-    reader = BadgeReader(cfg, sink, PSEUDONYMIZER.badge, backoff=Backoff(0.05, 0.1, 0.02))
+    reader = BadgeReader(cfg, sink, CountingPseudonyms(), backoff=Backoff(0.05, 0.1, 0.02))
     task = asyncio.create_task(reader.run(), name="badge-reader-offline")
     try:
         await sink.wait(lambda: any(h.state == ReaderState.OFFLINE for h in sink.health))
@@ -367,7 +399,7 @@ async def test_simulator_cli_presents_cards_from_stdin(where: list[str]) -> None
             banner = (await proc.stdout.readline()).decode()
         url = banner.rsplit(" at ", 1)[1].strip()
         cfg = BadgeReaderConfig(id="badge-cli", url=url, repeat_interval_s=0)
-        reader = BadgeReader(cfg, sink, PSEUDONYMIZER.badge, backoff=Backoff(0.05, 0.2, 0.02))
+        reader = BadgeReader(cfg, sink, CountingPseudonyms(), backoff=Backoff(0.05, 0.2, 0.02))
         task = asyncio.create_task(reader.run(), name="badge-reader-cli")
         await sink.wait_online(session=1)
         # The simulator may not have accepted the TCP client yet: resend until a read lands.

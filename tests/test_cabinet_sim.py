@@ -81,8 +81,7 @@ def _keys(tmp_path: Path) -> Any:
 def _artefacts(scenario: Scenario, keys: Any, **kw: Any) -> Any:
     return build_artefacts(
         scenario,
-        site_key=keys.site_key,
-        site_kid=keys.site_kid,
+        site=keys.site,
         signing_key=keys.signing_private,
         signing_kid=keys.signing_kid,
         **kw,
@@ -194,7 +193,7 @@ def test_artefacts_hold_pseudonyms_signed_documents_and_drawers(tmp_path: Path) 
     entries = dict(allow.body["entries"])
     assert sorted(art.names[p] for p in entries) == ["alice", "installer"]  # mallory unlisted
     assert sorted(art.names.values()) == ["alice", "installer", "mallory"]
-    assert all(p.startswith("p1.s1.") for p in art.names)
+    assert all(p.startswith("p2.s1.") for p in art.names)
     registry = verifier.verify(art.asset_registry, "asset-registry", now)
     (asset,) = registry.body["assets"]  # the unregistered tag stays out
     assert dict(asset) == {

@@ -156,7 +156,7 @@ async def test_reload_reverifies_stored_documents(tmp_path: Path) -> None:
             async with asyncio.timeout(30):
                 await daemon.app.ready.wait()
             app = daemon.app
-            pseudonym = app.privacy.pseudonymizer.badge("0012AB34CD")
+            pseudonym = app.privacy.pseudonyms.badge_now("0012AB34CD")
             doc = allow_list_doc(
                 "hangar-3",
                 "crib-07",

@@ -205,7 +205,7 @@ def raw_publish(port: int, topic: str, payload: bytes, *, retain: bool = True) -
 
 
 def _allow_list(keys: BackendKeys, version: int, *, expires_in: timedelta, badge: str) -> bytes:
-    pseudonym = Pseudonymizer(SITE, keys.site_kid, keys.site_key).badge(badge)
+    pseudonym = Pseudonymizer.from_site_key(SITE, keys.site).badge(badge)
     now = datetime.now(UTC).replace(microsecond=0)
     doc = allow_list_doc(
         SITE,

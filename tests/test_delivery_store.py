@@ -94,7 +94,7 @@ async def test_no_raw_badge_id_in_db_logs_or_mqtt(
 ) -> None:
     keys = backend(tmp_path / "backend")
     sealer = sealer_for(keys)
-    pseudonymizer = Pseudonymizer(SITE, keys.site_kid, keys.site_key)
+    pseudonymizer = Pseudonymizer.from_site_key(SITE, keys.site)
     sniffer = Collector(mosquitto.port, keys, extra_opts={"topic": "#"}).start()
     try:
         with caplog.at_level(logging.DEBUG):

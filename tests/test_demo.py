@@ -21,8 +21,8 @@ from tests.pii import assert_no_raw_ids, find_raw_ids
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = (sys.executable, "-m", "agent.cli.cabinet_agent", "demo")
 RUN_TIMEOUT_S = 120.0
-CHECKED_OUT = re.compile(r"item\.checked_out\s+p1\.\w+\.\w+")
-RETURNED = re.compile(r"item\.returned\s+p1\.\w+\.\w+")
+CHECKED_OUT = re.compile(r"item\.checked_out\s+p[12]\.\w+\.\w+")
+RETURNED = re.compile(r"item\.returned\s+p[12]\.\w+\.\w+")
 
 
 def _raw_ids() -> list[str]:

@@ -233,7 +233,7 @@ def test_signed_documents_with_any_body_are_installed_or_refused_never_fatal(
     cfg.write_text(config_text(tmp_path, free_port(), extra=mqtt))  # no reader: not needed here
     agent = Agent(cfg, tmp_path / "agent.log")
     sock = tmp_path / "control.sock"
-    people = People(Pseudonymizer(SITE, keys.site_kid, keys.site_key))
+    people = People(Pseudonymizer.from_site_key(SITE, keys.site))
     versions = {"allow-list": 0, "asset-registry": 0}
     installed: dict[str, int] = {}
     outcomes: dict[tuple[str, bool], int] = {}

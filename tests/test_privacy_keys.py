@@ -87,7 +87,11 @@ def test_repr_shows_no_key_material(tmp_path: Path) -> None:
     text = repr(keys)
     assert keys.site_key.hex() not in text
     assert "site_key" not in text
-    assert text == "BackendKeys(hpke_kid='hpke1', signing_kid='sig1', site_kid='s1')"
+    assert text == (
+        "BackendKeys(hpke_kid='hpke1', signing_kid='sig1', site_kid='s1', "
+        "site_argon2=Argon2Params(memory_kib=19456, iterations=2, lanes=1))"
+    )
+    assert keys.site.key.hex() not in repr(keys.site)
     assert isinstance(keys, BackendKeys)
 
 

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from agent.privacy.pseudonym import (
     KeyFileError,
     Pseudonymizer,
+    SiteKey,
     canonical_badge_id,
     is_pseudonym,
     load_site_key,
@@ -152,7 +153,7 @@ def test_non_string_badge_is_a_type_error(pseudo: Pseudonymizer) -> None:
     "s",
     [
         "p1.s1.abc",
-        "p2.s1.abcdefghijklmnopqrstuvwxyz",
+        "p3.s1.abcdefghijklmnopqrstuvwxyz",
         "p1.S1.abcdefghijklmnopqrstuvwxyz",
         "p1.s1.abcdefghijklmnopqrstuvwxy1",
         "p1..abcdefghijklmnopqrstuvwxyz",
@@ -180,7 +181,7 @@ def test_key_file_round_trip_with_mode_0600(tmp_path: Path) -> None:
     path = tmp_path / "site.key"
     write_site_key(path, "s7", KEY)
     assert path.stat().st_mode & 0o777 == 0o600
-    assert load_site_key(path) == ("s7", KEY)
+    assert load_site_key(path) == SiteKey("s7", KEY)
     pseudo = Pseudonymizer.from_key_file("hangar-3", path)
     assert pseudo.kid == "s7"
     assert pseudo.badge("0012ab") == Pseudonymizer("hangar-3", "s7", KEY).badge("12ab")
@@ -200,7 +201,7 @@ def test_key_file_open_to_others_is_refused_with_chmod_advice(tmp_path: Path, mo
     assert isinstance(info.value, PermanentError)
     assert isinstance(info.value, CabinetError)
     os.chmod(path, 0o600)
-    assert load_site_key(path) == ("s1", KEY)
+    assert load_site_key(path) == SiteKey("s1", KEY)
 
 
 def test_key_file_problems_are_named_without_key_material(tmp_path: Path) -> None:
@@ -254,7 +255,7 @@ def test_systemd_credential_acl_for_this_user_is_accepted(tmp_path: Path) -> Non
     os.chmod(path, 0o400)
     _set_acl(path, (0x02, 0o4, os.geteuid()), (0x04, 0, 0xFFFFFFFF))
     assert path.stat().st_mode & 0o777 == 0o440
-    assert load_site_key(path) == ("s1", KEY)
+    assert load_site_key(path) == SiteKey("s1", KEY)
 
 
 @pytest.mark.parametrize(
@@ -287,4 +288,4 @@ def test_the_pseudonym_shape_uses_the_key_id_rule_of_the_key_files() -> None:
     from agent.domain.events import PSEUDONYM_BODY
     from agent.privacy.keyfile import KID_PATTERN
 
-    assert rf"p1\.{KID_PATTERN}\.[a-z2-7]{{26}}" == PSEUDONYM_BODY
+    assert rf"p[12]\.{KID_PATTERN}\.[a-z2-7]{{26}}" == PSEUDONYM_BODY

@@ -389,8 +389,7 @@ async def test_a_quarantine_keeps_the_baseline_and_the_document_version_floors(
         await rig.mark()
         newer = build_artefacts(
             scenario,
-            site_key=rig.keys.site_key,
-            site_kid=rig.keys.site_kid,
+            site=rig.keys.site,
             signing_key=rig.keys.signing_private,
             signing_kid=rig.keys.signing_kid,
             allow_list_version=scenario.allow_list.version + 1,

@@ -44,6 +44,11 @@ def preflight(
     creds = environ.get(CREDENTIALS_ENV)
     keys = [
         ("privacy.site_key", cfg.privacy.site_key, load_site_key),
+        *(
+            [("privacy.previous_site_key", cfg.privacy.previous_site_key, load_site_key)]
+            if cfg.privacy.previous_site_key is not None
+            else []
+        ),
         ("privacy.seal_public_key", cfg.privacy.seal_public_key, load_hpke_public),
         *(
             (f"privacy.signing_public_keys[{i}]", path, load_signing_public)

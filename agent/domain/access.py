@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any, Protocol
 
 from agent.domain.config import CabinetDomainConfig
@@ -102,6 +103,12 @@ class AllowList:
     def roles(self, pseudonym: str) -> frozenset[Role]:
         """The roles of a pseudonym (empty if unknown)."""
         return self.entries.get(pseudonym, frozenset())
+
+    @cached_property
+    def prefixes(self) -> frozenset[str]:
+        """``<scheme>.<kid>`` of the entries: which site keys (and schemes) the list names
+        people by. The cabinet derives a badge under the live key the list uses."""
+        return frozenset(p.rsplit(".", 1)[0] for p in self.entries)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ import stat
 import struct
 import tomllib
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from drivers.errors import PermanentError
 
@@ -26,6 +26,7 @@ __all__ = [
     "KeyFileError",
     "check_trusted_file",
     "read_key_file",
+    "read_key_table",
     "read_private_file",
     "write_key_file",
 ]
@@ -52,6 +53,14 @@ class KeyFileError(PermanentError):
 
 def read_key_file(path: Path, kind: str, *, secret: bool, length: int = 32) -> tuple[str, bytes]:
     """Return ``(kid, raw key)`` from a key file of ``kind``; secret files must be 0600."""
+    kid, key, _ = read_key_table(path, kind, secret=secret, length=length)
+    return kid, key
+
+
+def read_key_table(
+    path: Path, kind: str, *, secret: bool, length: int = 32
+) -> tuple[str, bytes, dict[str, Any]]:
+    """``(kid, raw key, the whole TOML table)``: for key files that carry parameters too."""
     text = read_private_file(path) if secret else _read_public_file(path)
     try:
         data = tomllib.loads(text)
@@ -72,11 +81,16 @@ def read_key_file(path: Path, kind: str, *, secret: bool, length: int = 32) -> t
         raise KeyFileError(f"{path}: key is not valid base64") from None
     if len(key) != length:
         raise KeyFileError(f"{path}: key must be {length} bytes, found {len(key)}")
-    return kid, key
+    return kid, key, data
 
 
-def write_key_file(path: Path, kind: str, kid: str, key: bytes, *, secret: bool) -> None:
-    """Write a key file atomically; secret files get mode 0600, public ones 0644."""
+def write_key_file(
+    path: Path, kind: str, kid: str, key: bytes, *, secret: bool, extra: str = ""
+) -> None:
+    """Write a key file atomically; secret files get mode 0600, public ones 0644.
+
+    ``extra`` is TOML appended after the key (parameters that belong to the key).
+    """
     if _KIND_RE.fullmatch(kind) is None:
         raise ValueError(f"bad key file kind {kind!r}")
     if not isinstance(kid, str) or _KID_RE.fullmatch(kid) is None:
@@ -87,6 +101,7 @@ def write_key_file(path: Path, kind: str, kid: str, key: bytes, *, secret: bool)
         f'kind = "{kind}"\n'
         f'kid = "{kid}"\n'
         f'key = "{base64.b64encode(key).decode("ascii")}"\n'
+        f"{extra}"
     )
     _write_atomic(path, text.encode("utf-8"), 0o600 if secret else 0o644)
 

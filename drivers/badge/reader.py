@@ -2,12 +2,21 @@
 
 The raw card number lives only between the codec's ``RawBadge`` and the
 ``pseudonymize()`` call; what leaves this module is a :class:`BadgeRead` with a pseudonym.
+
+``pseudonymize`` is a coroutine: the agent's is memory-hard (tens of milliseconds of a worker
+thread), so a card held to the reader, which repeats its frame ~10 times a second, is recognised
+as a repeat *before* it is derived again. The driver remembers only a keyed digest of the last
+card under a random key that lives in this object's memory alone (never written, never logged):
+enough to say "same card as a moment ago", useless to anyone who later reads the disk.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
@@ -21,7 +30,7 @@ from drivers.types import BadgeRead, Clock, ReaderHealth, ReaderState, SystemClo
 
 logger = logging.getLogger(__name__)
 
-Pseudonymize = Callable[[str], str]
+Pseudonymize = Callable[[str], Awaitable[str]]
 
 
 @runtime_checkable
@@ -70,8 +79,10 @@ class BadgeReader:
         self._reads = 0
         self._suppressed = 0
         self._pseudonymizer_failures = 0
-        # Only the last delivered pseudonym is remembered: a reader sees one card at a time.
-        self._last_pseudonym: str | None = None
+        # Only the last delivered card is remembered, as a digest under a key of this process's
+        # memory alone: a reader sees one card at a time.
+        self._repeat_key = os.urandom(32)
+        self._last_card: bytes | None = None
         self._last_at = 0.0
         # stable_s=0: every connection that opened starts the delays over (a badge reader is
         # idle most of the time; only failing to open it backs off).
@@ -152,8 +163,17 @@ class BadgeReader:
                 await self._deliver(raw)
 
     async def _deliver(self, raw: RawBadge) -> None:
+        card = hmac.digest(self._repeat_key, raw.reveal().encode("utf-8"), hashlib.sha256)
+        now = self._clock.monotonic()
+        if (
+            self._last_card is not None
+            and hmac.compare_digest(card, self._last_card)
+            and now - self._last_at < self._cfg.repeat_interval_s
+        ):
+            self._suppressed += 1
+            return
         try:
-            pseudonym = self._pseudonymize(raw.reveal())
+            pseudonym = await self._pseudonymize(raw.reveal())
         except Exception as err:  # noqa: BLE001  the message may quote the raw id: type only
             self._pseudonymizer_failures += 1
             n = self._pseudonymizer_failures
@@ -166,11 +186,7 @@ class BadgeReader:
                     n,
                 )
             return
-        now = self._clock.monotonic()
-        if pseudonym == self._last_pseudonym and now - self._last_at < self._cfg.repeat_interval_s:
-            self._suppressed += 1
-            return
-        self._last_pseudonym = pseudonym
+        self._last_card = card
         self._last_at = now
         self._reads += 1
         logger.debug("badge reader %s: badge read", self.reader_id)

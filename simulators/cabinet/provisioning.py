@@ -16,6 +16,8 @@ from simulators.cabinet.scenario import Person, Scenario, ScenarioError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from backend.keys import SiteKey
+
 # Short timers so a whole door cycle takes about a second: tests and demos, not production.
 FAST_DOMAIN: dict[str, Any] = {
     "min_reads": 2,
@@ -67,8 +69,7 @@ class AgentArtefacts:
 def build_artefacts(
     scenario: Scenario,
     *,
-    site_key: bytes,
-    site_kid: str,
+    site: SiteKey,
     signing_key: Ed25519PrivateKey,
     signing_kid: str,
     now: datetime | None = None,
@@ -91,7 +92,7 @@ def build_artefacts(
     lay = scenario.cabinet
     issued = (now or datetime.now(UTC)).replace(microsecond=0)
     people = [*scenario.people, *extra_people]
-    pseudo = badge_pseudonyms(lay.site_id, site_kid, site_key, (p.badge for p in people))
+    pseudo = badge_pseudonyms(lay.site_id, site, (p.badge for p in people))
     names = {pseudo[p.badge]: p.name for p in people}
     entries = {pseudo[p.badge]: list(p.roles) for p in people if p.listed}
     expires = allow_list_expires_at or issued + timedelta(seconds=scenario.allow_list.expires_in_s)

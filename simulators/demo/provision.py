@@ -52,8 +52,7 @@ def provision_cabinet(
     (creds / "site.key").chmod(0o600)
     art = build_artefacts(
         scenario,
-        site_key=keys.site_key,
-        site_kid=keys.site_kid,
+        site=keys.site,
         signing_key=keys.signing_private,
         signing_kid=keys.signing_kid,
         extra_people=[INSTALLER],
