@@ -29,7 +29,7 @@ from typing import Any
 
 from agent.privacy.envelope import Opener
 from backend.consumer import Consumer, ConsumerOptions, Delivered, EventDecoder
-from backend.keys import BackendKeys, generate_backend_keys
+from backend.keys import P2_DEFAULT, Argon2Params, BackendKeys, generate_backend_keys
 from simulators.badge import BadgeSimulator
 from simulators.cabinet import (
     INSTALLER,
@@ -185,6 +185,7 @@ class Rig:
     agent: AgentProcess
     start_seq: int = 0
     _last_mark: float = -1e9  # time.monotonic() of the last marker card shown
+    _last_badge: dict[str, float] = field(default_factory=dict)  # runners' cards (loop time)
 
     @property
     def time_synced(self) -> Path:
@@ -223,10 +224,11 @@ class Rig:
     async def mark(self) -> int:
         """Present the marker card; the seq of its ``access.denied``."""
         log = self.sink.log
-        who = self.pseudonym(MARKER.name)
+        # Every pseudonym the marker has (during a site-key rotation, one per key).
+        who = {p for p, n in self.artefacts.names.items() if n == MARKER.name}
 
         def denials() -> list[dict[str, Any]]:
-            return log.find(lambda e: e.get("type") == "access.denied" and e.get("actor") == who)
+            return log.find(lambda e: e.get("type") == "access.denied" and e.get("actor") in who)
 
         before = len(denials())
         await self.marker.wait_for_client(TIMEOUT_S)
@@ -246,6 +248,7 @@ class Rig:
 
     def runner(self, **kw: Any) -> ScenarioRunner:
         kw.setdefault("badge_read", self.badge_read)
+        kw.setdefault("last_badge", self._last_badge)
         return ScenarioRunner(
             self.scenario,
             self.llrp,
@@ -308,15 +311,16 @@ async def cabinet_rig(
     config_hook: Callable[[dict[str, Any]], None] | None = None,
     before_start: Callable[[Rig], None] | None = None,
     agent_extra: Mapping[str, Any] | None = None,
+    site_argon2: Argon2Params | None = P2_DEFAULT,
 ) -> AsyncIterator[Rig]:
     """Start everything for ``scenario``; the agent has its documents and a first baseline.
 
     ``agent_extra`` is merged into the agent's config (a section's keys into that section);
     ``domain`` overrides keys of the agent's ``[domain]``, ``reader`` of its LLRP reader;
     ``llrp_options`` go to the LLRP simulator; ``config_hook`` edits the whole agent config
-    (as a dict) last, e.g. to add a reader.
+    (as a dict) last, e.g. to add a reader. ``site_argon2=None`` provisions a legacy p1 site key.
     """
-    keys = generate_backend_keys(tmp / "keys")
+    keys = generate_backend_keys(tmp / "keys", site_argon2=site_argon2)
     agent_dir = tmp / "agent"
     agent_dir.mkdir()
     cab = scenario.cabinet

@@ -143,7 +143,9 @@ class ScenarioRunner:
     badge_read: Callable[[Callable[[], Awaitable[object]]], Awaitable[None]] | None = None
     location: dict[str, str | None] = field(default_factory=dict)  # epc → drawer (None: out)
     _seen: dict[str, int] = field(default_factory=dict, init=False, repr=False)
-    _last_badge: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    # When each person last showed their card (loop time): share it between the runners of one
+    # cabinet, or a runner may show a card again within the reader's repeat interval.
+    last_badge: dict[str, float] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.location:
@@ -174,7 +176,7 @@ class ScenarioRunner:
         """Stock the cabinet: one door cycle by ``installer`` makes the agent's first baseline."""
         await self.badge.wait_for_client(self.timeout_s)
         await self.badge.present(installer.badge)
-        self._last_badge[installer.name] = asyncio.get_running_loop().time()
+        self.last_badge[installer.name] = asyncio.get_running_loop().time()
         await self._lock_state(locked=False)
         await self.door.open()
         await self.door.close()
@@ -195,7 +197,7 @@ class ScenarioRunner:
     async def _op_badge(self, step: Step) -> None:
         person = self.scenario.person(step.args[0])
         loop = asyncio.get_running_loop()
-        last = self._last_badge.get(person.name)
+        last = self.last_badge.get(person.name)
         if last is not None and loop.time() - last < self.badge_gap_s:
             # A real card is taken away and shown again; readers drop instant repeats.
             await asyncio.sleep(self.badge_gap_s - (loop.time() - last))
@@ -204,7 +206,7 @@ class ScenarioRunner:
             await self.badge.present(person.badge)
         else:
             await self.badge_read(lambda: self.badge.present(person.badge))
-        self._last_badge[person.name] = loop.time()
+        self.last_badge[person.name] = loop.time()
 
     async def _op_wait_unlock(self, step: Step) -> None:
         await self._lock_state(locked=False)
