@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener
-from agent.privacy.pseudonym import Pseudonymizer
+from agent.privacy.pseudonym import Argon2Params, Pseudonymizer, load_site_key
 from agent.privacy.signed import ALLOW_LIST, ASSET_REGISTRY, DocumentVerifier
 from backend.consumer import EventDecoder, SeqTracker
 from backend.keys import load_backend_keys
@@ -137,6 +137,38 @@ def test_seq_tracker_bounds_and_abandons() -> None:
 
 
 # ---------------------------------------------------------------- CLI
+
+
+def test_site_key_for_a_rotation_and_both_pseudonyms_of_a_badge(tmp_path: Path) -> None:
+    """The next key of a rotation (p2, chosen cost) and a badge's old and new pseudonyms on one
+    line, to list every person under both keys while the cabinets change over."""
+    keydir = tmp_path / "keys"
+    assert _cli("keygen", str(keydir)).returncode == 0
+    new_key = keydir / "site-s2.key"
+    proc = _cli("site-key", str(new_key), "--kid", "s2", "--memory-kib", "8192")
+    assert proc.returncode == 0, proc.stderr
+    assert "s2 (p2)" in proc.stdout
+    assert new_key.stat().st_mode & 0o077 == 0
+    site = load_site_key(new_key)
+    assert (site.kid, site.argon2) == ("s2", Argon2Params(8192, 2, 1))
+    assert _cli("site-key", str(new_key), "--kid", "s3").returncode != 0, "never overwrites"
+    bad = _cli("site-key", str(tmp_path / "x.key"), "--kid", "s3", "--memory-kib", "19")
+    assert bad.returncode != 0
+    assert "argon2id.memory_kib" in bad.stderr
+    assert not (tmp_path / "x.key").exists()
+
+    raw = "04A1B2C3D4"
+    old_key = keydir / "site.key"
+    proc = _cli(
+        "pseudonym", "--site", SITE, "--site-key", str(old_key), "--site-key", str(new_key),
+        stdin=f"{raw}\n",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    old_p, new_p = proc.stdout.split()
+    assert old_p == Pseudonymizer.from_key_file(SITE, old_key).badge(raw)
+    assert new_p == Pseudonymizer.from_key_file(SITE, new_key).badge(raw)
+    assert (old_p[:6], new_p[:6]) == ("p2.s1.", "p2.s2.")
+    assert raw not in proc.stdout + proc.stderr
 
 
 def test_keygen_pseudonym_and_signing(tmp_path: Path) -> None:

@@ -11,10 +11,12 @@ import asyncio
 import base64
 import hashlib
 import os
+import signal
 import sys
 import threading
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.config import EX_CONFIG, parse_config
+from agent.control.client import ControlClient
 from agent.privacy.config import PrivacyConfig, load_cabinet_privacy
 from agent.privacy.keyfile import KeyFileError, write_key_file
 from agent.privacy.pseudonym import (
@@ -34,7 +37,8 @@ from agent.privacy.pseudonym import (
     load_site_key,
     write_site_key,
 )
-from tests.daemon_rig import config_text, provision
+from simulators.llrp import LlrpSimulator
+from tests.daemon_rig import AgentProcess, config_text, provision
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = bytes(range(32))
@@ -193,6 +197,12 @@ async def test_the_daemon_refuses_bad_p2_parameters_with_one_line_and_exit_78(
 # --- live keys: the current one and, during a rotation, the previous one -----------------------
 
 
+async def _status(tmp: Path) -> dict[str, Any]:
+    async with ControlClient(tmp / "control.sock", timeout_s=20.0) as client:
+        result: dict[str, Any] = await client.call("status")
+        return result
+
+
 def _ring(previous: SiteKey | None = None) -> BadgePseudonyms:
     return BadgePseudonyms("hangar-3", SiteKey("s2", KEY, LOW), previous)
 
@@ -304,3 +314,63 @@ def test_backend_and_cabinet_agree_on_p2(tmp_path: Path) -> None:
     listed = badge_pseudonyms("hangar-3", keys.site, ["00000012AB"])
     assert cab.pseudonyms.prefixes == ("p2.s1",)
     assert cab.pseudonyms.badge_now("12ab") == listed["00000012AB"]
+
+
+async def test_sighup_rereads_the_site_keys_and_keeps_them_if_a_file_is_bad(
+    tmp_path: Path,
+) -> None:
+    """The reload path of a rotation: a bad key file is refused with its field named and the
+    live keys stay; a good one goes live without a restart; other [privacy] changes still
+    need one."""
+    creds = provision(tmp_path)
+    cfg = tmp_path / "agent.toml"
+    old = creds / "site-old.key"
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=3) as sim:
+        base = config_text(tmp_path, sim.port)
+        cfg.write_text(base)
+        async with AgentProcess(cfg, tmp_path / "agent.log") as agent:
+            await agent.wait_log(r"cabinet-agent \S+ ready")
+            assert (await _status(tmp_path))["keys"]["pseudonym_keys"] == ["p2.s1"]
+
+            with_old = base.replace(
+                f'site_key = "{creds}/site.key"',
+                f'site_key = "{creds}/site.key"\nprevious_site_key = "{old}"',
+            )
+            write_key_file(
+                old, "site-key", "s0", OTHER_KEY, secret=True, extra=P2_HEAD + "argon2id = 3\n"
+            )
+            cfg.write_text(with_old)
+            agent.signal(signal.SIGHUP)
+            kept = await agent.wait_log(r"reload: site keys kept as they were: (.*)")
+            assert f"{old}: argon2id must be a table" in kept.group(1)
+            assert (await _status(tmp_path))["keys"]["pseudonym_keys"] == ["p2.s1"]
+
+            old.unlink()
+            write_site_key(old, "s0", OTHER_KEY)  # the legacy p1 key being retired
+            agent.signal(signal.SIGHUP)
+            await agent.wait_log(r"reload applied: .*site keys p2\.s1, p1\.s0")
+            status = await _status(tmp_path)
+            assert status["keys"]["pseudonym_keys"] == ["p2.s1", "p1.s0"]
+            assert status["keys"]["pseudonym_kid"] == "s1"
+
+            cfg.write_text(with_old.replace("[privacy]", "[privacy]\nmax_clock_skew_s = 60.0"))
+            agent.signal(signal.SIGHUP)
+            restart = await agent.wait_log(r"reload: changes to (.*) need a restart")
+            assert restart.group(1) == "privacy"
+            assert await agent.stop() == 0
+
+
+def test_config_check_loads_the_previous_site_key_too(tmp_path: Path) -> None:
+    """``cabinetctl config check`` refuses what the daemon would: a bad previous key names its
+    field."""
+    from agent.cli.common import preflight
+
+    creds = provision(tmp_path)
+    old = creds / "site-old.key"
+    write_key_file(old, "site-key", "s0", OTHER_KEY, secret=True, extra='scheme = "p9"\n')
+    text = config_text(tmp_path, 9).replace(
+        f'site_key = "{creds}/site.key"',
+        f'site_key = "{creds}/site.key"\nprevious_site_key = "{old}"',
+    )
+    problems, _ = preflight(parse_config(tomllib.loads(text)))
+    assert problems == [f'privacy.previous_site_key: {old}: scheme must be "p1" or "p2"']
