@@ -15,8 +15,7 @@ from typing import Any, Literal
 
 import pytest
 
-from agent.store import Store, StoreConfig
-from agent.store import worker as workermod
+from agent.store import Store, StoreConfig, dbfile
 from agent.store.seqfile import SeqFile, SeqState, seq_path
 from tests.store_helpers import FakeClock, next_rows
 
@@ -33,7 +32,7 @@ class PowerCut:
         self.synced: dict[str, bytes] = {}
         self.calls = 0
         self._lock = threading.Lock()
-        real = workermod._fsync_file
+        real = dbfile.fsync_file
 
         def recording(path: Path, held: int | None = None) -> None:
             real(path, held)
@@ -41,7 +40,7 @@ class PowerCut:
                 self.calls += 1
                 self.synced[path.name] = path.read_bytes()
 
-        monkeypatch.setattr(workermod, "_fsync_file", recording)
+        monkeypatch.setattr(dbfile, "fsync_file", recording)
 
     def rebuild(self, directory: Path, name: str = "state.db") -> Path:
         """The database as the synced bytes describe it, in ``directory``."""

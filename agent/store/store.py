@@ -25,6 +25,7 @@ from agent.store import audit_chain
 from agent.store import db as dbmod
 from agent.store.config import StoreConfig
 from agent.store.db import HousekeepingResult
+from agent.store.handoff import Request
 from agent.store.types import (
     AlertKind,
     AuditRecord,
@@ -39,8 +40,10 @@ from agent.store.types import (
     StoreBackloggedError,
     StoreClosedError,
     StoreError,
+    from_us,
+    to_us,
 )
-from agent.store.worker import Job, OpenResult, Worker
+from agent.store.worker import OpenResult, Worker
 from drivers.types import Clock, SystemClock
 
 logger = logging.getLogger(__name__)
@@ -172,8 +175,9 @@ class Store:
         """The seq the next submitted row must carry."""
         if self._seq_dirty:
             # A seq-bearing write failed: ask the database, behind every queued write.
-            value = await self._submit(lambda d: d.next_seq(), write=False, ordered=True)
-            self._next_seq = int(value)
+            self._next_seq = await self._submit(
+                lambda d: d.outbox.next_seq(), write=False, ordered=True
+            )
             self._seq_dirty = False
         return self._next_seq
 
@@ -213,8 +217,8 @@ class Store:
         self._check_rows(rows)
 
         def job(d: dbmod.Database) -> CommitResult:
-            d.insert_rows(rows)
-            return CommitResult(tuple(d.alerts))
+            d.outbox.insert_rows(rows)
+            return CommitResult(tuple(d.outbox.alerts))
 
         return self._submit_seq(job, rows)
 
@@ -246,13 +250,13 @@ class Store:
             raise TypeError("session must be bytes, None or KEEP")
 
         def job(d: dbmod.Database) -> CommitResult:
-            now_us = dbmod.to_us(self._worker_clock_now())
-            d.insert_rows(rows)
+            now_us = to_us(self._worker_clock_now())
+            d.outbox.insert_rows(rows)
             if snapshot is not None:
                 d.replace_baseline(snapshot)
             if not isinstance(session, Keep):
                 d.save_session(session, now_us)
-            return CommitResult(tuple(d.alerts))
+            return CommitResult(tuple(d.outbox.alerts))
 
         extra = sum(len(k) + len(v.location) + 16 for k, v in (snapshot or {}).items())
         extra += len(session) if isinstance(session, bytes) else 0
@@ -276,12 +280,11 @@ class Store:
             raise ValueError("limit must be >= 1")
         excl = frozenset(exclude)
         worker = self._worker
-        rows: list[OutboxRow] = await self._submit(
+        return await self._submit(
             lambda d: worker.deliverable(d, limit, excl, after_seq, live_first),
             write=False,
             ordered=False,
         )
-        return rows
 
     @property
     def durable_seq(self) -> int:
@@ -293,18 +296,18 @@ class Store:
         chosen = sorted({int(s) for s in seqs})
         if not chosen:
             return 0
-        return int(await self._submit(lambda d: d.ack(chosen), write=True, ordered=False))
+        return await self._submit(lambda d: d.outbox.ack(chosen), write=True, ordered=False)
 
     async def mark_failed(self, seq: int, reason: str) -> bool:
         """Count a failed delivery; True if the row was dead-lettered by this call."""
-        return bool(
-            await self._submit(lambda d: d.mark_failed(seq, reason), write=True, ordered=False)
+        return await self._submit(
+            lambda d: d.outbox.mark_failed(seq, reason), write=True, ordered=False
         )
 
     async def revive_dead(self, seqs: Sequence[int] | None = None) -> int:
         """Make dead-lettered rows deliverable again (all when seqs is None)."""
         chosen = None if seqs is None else sorted(set(seqs))
-        return int(await self._submit(lambda d: d.revive_dead(chosen), write=True, ordered=False))
+        return await self._submit(lambda d: d.outbox.revive_dead(chosen), write=True, ordered=False)
 
     @property
     def disk_full(self) -> bool:
@@ -321,7 +324,7 @@ class Store:
         """Why and since when accepted writes are held in memory (None: they are not)."""
         return self._hold
 
-    async def settle(self, fut: asyncio.Future[Any], timeout_s: float) -> bool:
+    async def settle(self, fut: asyncio.Future[T], timeout_s: float) -> bool:
         """Wait for a submitted write to be durable, but at most ``timeout_s`` and not while
         the store holds writes in memory (a full disk): True once durable (a failed write
         raises its error here), False if it is accepted and still pending -- it will be
@@ -363,20 +366,20 @@ class Store:
 
     async def stats(self) -> OutboxStats:
         summary, dropped, next_seq = await self._submit(
-            lambda d: (d.outbox_summary(), d.dropped_counts(), d.next_seq()),
+            lambda d: (d.outbox.summary(), d.outbox.dropped_counts(), d.outbox.next_seq()),
             write=False,
             ordered=False,
         )
         depth, nbytes, oldest_us, dead = summary
         now = self._worker_clock_now()
-        oldest = None if oldest_us is None else dbmod.from_us(oldest_us)
+        oldest = None if oldest_us is None else from_us(oldest_us)
         return OutboxStats(
             depth=depth,
             bytes=nbytes,
             oldest_created_at=oldest,
             oldest_age_s=None if oldest is None else max(0.0, (now - oldest).total_seconds()),
             dead=dead,
-            next_seq=int(next_seq),
+            next_seq=next_seq,
             dropped=dropped,
             pending_writes=self._pending_writes,
             pending_bytes=self._pending_bytes,
@@ -389,11 +392,10 @@ class Store:
     # -- baseline, session, kv -------------------------------------------------------------------
 
     async def load_baseline(self) -> dict[str, BaselineEntry]:
-        return dict(await self._submit(lambda d: d.load_baseline(), write=False, ordered=False))
+        return await self._submit(lambda d: d.load_baseline(), write=False, ordered=False)
 
     async def load_session(self) -> bytes | None:
-        result = await self._submit(lambda d: d.load_session(), write=False, ordered=False)
-        return None if result is None else bytes(result)
+        return await self._submit(lambda d: d.load_session(), write=False, ordered=False)
 
     async def save_session(self, session: bytes | None) -> None:
         """Persist the open door session on its own (None: no session open)."""
@@ -401,14 +403,13 @@ class Store:
             raise TypeError("session must be bytes or None")
 
         def job(d: dbmod.Database) -> None:
-            d.save_session(session, dbmod.to_us(self._worker_clock_now()))
+            d.save_session(session, to_us(self._worker_clock_now()))
 
         await self._submit(job, write=True, ordered=True, nbytes=len(session or b""))
 
     async def kv_get(self, key: str) -> bytes | None:
         _check_key(key)
-        result = await self._submit(lambda d: d.kv_get(key), write=False, ordered=False)
-        return None if result is None else bytes(result)
+        return await self._submit(lambda d: d.kv_get(key), write=False, ordered=False)
 
     async def kv_put(self, key: str, value: bytes | None) -> None:
         """Store a small named blob (None deletes it)."""
@@ -420,7 +421,7 @@ class Store:
                 raise ValueError(f"kv value too large: {len(value)} > {MAX_KV_BYTES} bytes")
 
         def job(d: dbmod.Database) -> None:
-            d.kv_put(key, value, dbmod.to_us(self._worker_clock_now()))
+            d.kv_put(key, value, to_us(self._worker_clock_now()))
 
         await self._submit(job, write=True, ordered=True, nbytes=len(value or b""))
 
@@ -437,35 +438,29 @@ class Store:
             raise ValueError(f"audit details must be plain JSON values: {err}") from None
 
         def job(d: dbmod.Database) -> int:
-            return d.audit_append(actor, action, text, dbmod.to_us(self._worker_clock_now()))
+            return d.audit.append(actor, action, text, to_us(self._worker_clock_now()))
 
-        return int(await self._submit(job, write=True, ordered=True, nbytes=len(text)))
+        return await self._submit(job, write=True, ordered=True, nbytes=len(text))
 
     async def audit_verify(self) -> AuditReport:
         """Walk the whole chain: edits, deletions, reordering and a truncated tail show up."""
-        result = await self._submit(lambda d: d.audit_verify(), write=False, ordered=False)
-        assert isinstance(result, AuditReport)
-        return result
+        return await self._submit(lambda d: d.audit.verify(), write=False, ordered=False)
 
     async def audit_tail(self, limit: int = 50) -> list[AuditRecord]:
         """The newest records, oldest first."""
-        rows = await self._submit(lambda d: d.audit_records(limit), write=False, ordered=False)
+        rows = await self._submit(lambda d: d.audit.records(limit), write=False, ordered=False)
         return [
-            AuditRecord(seq, dbmod.from_us(at), actor, action, json.loads(det), prev, digest)
+            AuditRecord(seq, from_us(at), actor, action, json.loads(det), prev, digest)
             for seq, at, actor, action, det, prev, digest in rows
         ]
 
     async def audit_head(self) -> tuple[int, bytes]:
         """(seq, hash) of the chain's tip: publish it to make truncation detectable off-box."""
-        seq, digest = await self._submit(lambda d: d.audit_head(), write=False, ordered=False)
-        return int(seq), bytes(digest)
+        return await self._submit(lambda d: d.audit.head(), write=False, ordered=False)
 
     async def diagnostics(self) -> dict[str, int | str]:
         """Pragmas, schema version and file sizes, for cabinetctl and support bundles."""
-        result: dict[str, int | str] = await self._submit(
-            lambda d: d.diagnostics(), write=False, ordered=False
-        )
-        return result
+        return await self._submit(lambda d: d.diagnostics(), write=False, ordered=False)
 
     # -- maintenance ------------------------------------------------------------------------------
 
@@ -475,9 +470,7 @@ class Store:
         def job(d: dbmod.Database) -> HousekeepingResult:
             return d.housekeeping(self._worker.age_us())
 
-        result = await self._submit(job, write=True, ordered=True)
-        assert isinstance(result, HousekeepingResult)
-        return result
+        return await self._submit(job, write=True, ordered=True)
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -534,7 +527,8 @@ class Store:
         weight: int = 1,
         nbytes: int = 0,
         seq_bearing: bool = False,
-    ) -> asyncio.Future[Any]:
+    ) -> asyncio.Future[T]:
+        """Hand ``fn`` to the database thread; the future resolves with what it returns."""
         if self._closed:
             raise StoreClosedError("the store is closed")
         # Acks and failure marks are tiny and free space, so they are never refused for a
@@ -561,7 +555,7 @@ class Store:
                 "the database; not accepting more until they are durable"
             )
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
+        fut: asyncio.Future[T] = loop.create_future()
 
         def on_done(exc: BaseException | None) -> None:
             if write:
@@ -574,7 +568,7 @@ class Store:
                 # The counter moved on at submit; the database did not. Resync before reuse.
                 self._seq_dirty = True
 
-        job = Job(
+        job = Request(
             fn=fn,
             future=fut,
             write=write,

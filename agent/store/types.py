@@ -1,4 +1,4 @@
-"""Value types and errors of the state store."""
+"""Value types and errors of the state store, and how it stores time."""
 
 from __future__ import annotations
 
@@ -6,9 +6,25 @@ import enum
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from drivers.errors import CabinetError, PermanentError, TransientError
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+# Before this the wall clock is not trustworthy (boards without RTC boot in 1970):
+# never prune anything by age on such a clock.
+SANE_CLOCK_US = 1_577_836_800_000_000  # 2020-01-01T00:00:00Z
+
+
+def to_us(dt: datetime) -> int:
+    """Microseconds since the Unix epoch (exact integer arithmetic)."""
+    return (dt - _EPOCH) // _US
+
+
+def from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
 
 PRIORITY_CRITICAL = 0  # check-outs, returns, door.forced
 PRIORITY_NORMAL = 1

@@ -1,0 +1,134 @@
+"""The audit table: a hash-chained log whose head lives in ``kv`` and whose pruned prefix
+leaves an anchor. The chain's rules are agent/store/audit_chain.py; only the store's worker
+thread calls these."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import struct
+from collections.abc import Generator
+from typing import Protocol
+
+from agent.store import audit_chain
+from agent.store.config import StoreConfig
+from agent.store.types import SANE_CLOCK_US, AuditReport
+
+HEAD_KEY = "store.audit_head"
+
+
+class _KeyValues(Protocol):
+    def kv_get(self, key: str) -> bytes | None: ...
+
+    def kv_put(self, key: str, value: bytes | None, now_us: int) -> None: ...
+
+
+class AuditTable:
+    """The audit chain behind one connection; its head is a ``kv`` entry of the same database."""
+
+    def __init__(self, conn: sqlite3.Connection, cfg: StoreConfig, kv: _KeyValues) -> None:
+        self.conn = conn
+        self.cfg = cfg
+        self._kv = kv
+
+    def head(self) -> tuple[int, bytes]:
+        raw = self._kv.kv_get(HEAD_KEY)
+        if raw is not None and len(raw) == 40:
+            (seq,) = struct.unpack(">Q", raw[:8])
+            return int(seq), raw[8:]
+        return self._anchor()
+
+    def _anchor(self) -> tuple[int, bytes]:
+        row = self.conn.execute("SELECT seq, hash FROM audit_anchor WHERE id = 1").fetchone()
+        return (0, audit_chain.GENESIS) if row is None else (int(row[0]), bytes(row[1]))
+
+    def append(self, actor: str, action: str, details_json: str, now_us: int) -> int:
+        # The head (not the last row) is the chain's tip, so a truncated tail stays visible
+        # as a gap even after new records are appended.
+        head_seq, head_hash = self.head()
+        seq = head_seq + 1
+        digest = audit_chain.record_hash(seq, now_us, actor, action, details_json, head_hash)
+        self.conn.execute(
+            "INSERT INTO audit (seq, at_us, actor, action, details, prev_hash, hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (seq, now_us, actor, action, details_json, head_hash, digest),
+        )
+        self._kv.kv_put(HEAD_KEY, struct.pack(">Q", seq) + digest, now_us)
+        return seq
+
+    def rows(self) -> Generator[tuple[int, int, str, str, str, bytes, bytes]]:
+        cur = self.conn.execute(
+            "SELECT seq, at_us, actor, action, details, prev_hash, hash FROM audit ORDER BY seq"
+        )
+        try:
+            for seq, at_us, actor, action, details, prev, digest in cur:
+                yield (
+                    int(seq),
+                    int(at_us),
+                    str(actor),
+                    str(action),
+                    str(details),
+                    bytes(prev),
+                    bytes(digest),
+                )
+        finally:
+            cur.close()
+
+    def verify(self) -> AuditReport:
+        anchor_seq, anchor_hash = self._anchor()
+        raw = self._kv.kv_get(HEAD_KEY)
+        head = None
+        if raw is not None and len(raw) == 40:
+            head = (int(struct.unpack(">Q", raw[:8])[0]), raw[8:])
+        with contextlib.closing(self.rows()) as rows:
+            checked, first, last, problems = audit_chain.verify_chain(
+                rows, anchor_seq=anchor_seq, anchor_hash=anchor_hash, head=head
+            )
+        if head is None and checked:
+            problems.append("audit head record is missing")
+        return AuditReport(
+            ok=not problems,
+            checked=checked,
+            first_seq=first,
+            last_seq=last,
+            anchor_seq=anchor_seq,
+            problems=tuple(problems),
+        )
+
+    def records(self, limit: int) -> list[tuple[int, int, str, str, str, bytes, bytes]]:
+        rows = self.conn.execute(
+            "SELECT seq, at_us, actor, action, details, prev_hash, hash FROM audit "
+            "ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            (int(a), int(b), str(c), str(d), str(e), bytes(f), bytes(g))
+            for a, b, c, d, e, f, g in reversed(rows)
+        ]
+
+    def prune(self, now_us: int) -> int:
+        """Delete the prefix older than retention, keeping its last hash as the anchor."""
+        if now_us < SANE_CLOCK_US:
+            return 0
+        cutoff = now_us - int(self.cfg.audit_retention_days * 86_400 * 1_000_000)
+        # Only a contiguous prefix: a record with a skewed clock must not punch a hole.
+        row = self.conn.execute("SELECT min(seq) FROM audit WHERE at_us >= ?", (cutoff,)).fetchone()
+        if row[0] is None:
+            top = self.conn.execute("SELECT max(seq) FROM audit").fetchone()[0]
+            if top is None:
+                return 0
+            last = int(top)
+        else:
+            last = int(row[0]) - 1
+        anchor_seq, _ = self._anchor()
+        if last <= anchor_seq:
+            return 0
+        hit = self.conn.execute("SELECT hash FROM audit WHERE seq = ?", (last,)).fetchone()
+        if hit is None:
+            return 0
+        self.conn.execute(
+            "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+            (last, bytes(hit[0])),
+        )
+        return int(self.conn.execute("DELETE FROM audit WHERE seq <= ?", (last,)).rowcount)
