@@ -9,11 +9,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from agent.domain.config import CabinetDomainConfig
+from agent.domain import events as ev
+from agent.domain.config import CabinetDomainConfig, GraceRole
 from agent.domain.events import PSEUDONYM_PATTERN, DenyReason
 from agent.domain.now import Now
+from agent.domain.stamp import EventStamp, Stamper
 
 _PSEUDONYM_RE = re.compile(PSEUDONYM_PATTERN)
 MAX_ENTRIES = 100_000
@@ -27,6 +29,7 @@ class Role(enum.StrEnum):
 
 _ROLE_VALUES = frozenset(r.value for r in Role)
 OPEN_ROLES = frozenset({Role.USER, Role.SUPERVISOR})
+_OPEN_ROLE_NAMES: dict[Role, GraceRole] = {Role.USER: "user", Role.SUPERVISOR: "supervisor"}
 CLEAR_LOCKOUT_ROLES = frozenset({Role.SUPERVISOR})
 
 
@@ -116,20 +119,34 @@ class LockoutChange:
     """A lock-out started, was cleared by a supervisor, or ran out."""
 
     badge_reader: str
-    state: str  # "locked" | "cleared" | "expired"
+    state: Literal["locked", "cleared", "expired"]
     denials: int
     until: datetime | None = None
     actor: str | None = None
+
+    def event(self, stamp: EventStamp) -> ev.AccessLockout:
+        return ev.AccessLockout(
+            **stamp,
+            badge_reader=self.badge_reader,
+            state=self.state,
+            denials=self.denials,
+            until=self.until,
+            actor=self.actor,
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class GraceGrant:
     """A grant under the expired-allow-list grace policy: the backend must hear of each one."""
 
-    roles: frozenset[Role]  # the actor's roles the policy admitted
+    roles: frozenset[Role]  # the actor's roles the policy admitted (roles that open)
     allow_list_version: int
     expired_at: datetime
     grace_until: datetime
+
+    def role_names(self) -> list[GraceRole]:
+        """The admitted roles by name, sorted."""
+        return sorted(_OPEN_ROLE_NAMES[r] for r in self.roles)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +158,34 @@ class AccessOutcome:
     roles: frozenset[Role]
     lockout: LockoutChange | None = None
     grace: GraceGrant | None = None  # set when only the grace policy let this badge in
+
+    def events(self, actor: str, badge_reader: str, stamp: Stamper, now: Now) -> list[ev.Event]:
+        """What the backend hears of this badge: a denial and the lock-out it started, or the
+        lock-out it cleared and the grace it was let in under."""
+        out: list[ev.Event] = []
+        if not self.granted:
+            assert self.reason is not None
+            out.append(
+                ev.AccessDenied(
+                    **stamp(now), actor=actor, badge_reader=badge_reader, reason=self.reason
+                )
+            )
+        if self.lockout is not None:
+            out.append(self.lockout.event(stamp(now)))
+        if self.granted and self.grace is not None:
+            grace = self.grace
+            out.append(
+                ev.AccessGraceGranted(
+                    **stamp(now),
+                    actor=actor,
+                    badge_reader=badge_reader,
+                    roles=grace.role_names(),
+                    allow_list_version=grace.allow_list_version,
+                    expired_at=grace.expired_at,
+                    grace_until=grace.grace_until,
+                )
+            )
+        return out
 
 
 @dataclass

@@ -1,0 +1,112 @@
+"""One scan pass at a time: when it may start counting, and when it is over.
+
+A pass counts only once every reader (and each of its antennas the engine uses) is healthy. It
+ends when no new EPC has shown up for ``stable_ms`` (between ``scan_min_ms`` and ``scan_max_ms``),
+and only after every reader that reports liveness was heard from since: a reader whose socket
+stays open but which sends nothing makes the pass incomplete, not empty (docs/domain.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from agent.domain.config import Antenna, CabinetDomainConfig
+from agent.domain.inventory import ScanAccumulator, ScanResult
+from drivers.types import ReaderHealth, TagRead
+
+
+class ScanPass:
+    """The pass in progress, if any, and what its end waits for."""
+
+    def __init__(
+        self,
+        config: CabinetDomainConfig,
+        antennas: Mapping[Antenna, str],
+        health: Mapping[str, ReaderHealth],
+    ) -> None:
+        self.config = config
+        self._antennas = antennas
+        self._health = health  # the engine's, kept current by it
+        ports: dict[str, set[int]] = {}
+        for reader, port in antennas:
+            ports.setdefault(reader, set()).add(port)
+        self._ports = {r: frozenset(p) for r, p in sorted(ports.items())}
+        self._scan: ScanAccumulator | None = None
+        self._waiting = False  # the pass waits for every reader to be healthy before it counts
+        self._alive: dict[str, float] = {}  # reader → monotonic time it was last heard from
+        self._end_candidate: float | None = None  # when the pass first met its end conditions
+
+    @property
+    def running(self) -> bool:
+        return self._scan is not None
+
+    def ready(self) -> bool:
+        """Every reader healthy, with every antenna the cabinet uses connected (where it says)."""
+        for reader, ports in self._ports.items():
+            h = self._health.get(reader)
+            if h is None or not h.healthy:
+                return False
+            if h.antennas_connected is not None and not ports <= h.antennas_connected:
+                return False
+        return True
+
+    def start(self, now: float) -> None:
+        """A new pass (replacing any running one)."""
+        self._scan = ScanAccumulator(self.config, self._antennas, self._health, now)
+        self._waiting = not self.ready()
+        self._end_candidate = None
+
+    def stop(self) -> None:
+        self._scan = None
+
+    def alive(self, reader_id: str, heard: float) -> None:
+        """The reader was heard from at monotonic ``heard``."""
+        if heard > self._alive.get(reader_id, float("-inf")):
+            self._alive[reader_id] = heard
+
+    def tags(self, reads: Sequence[TagRead], now: float) -> None:
+        if self._scan is not None:
+            self._scan.add(reads, now)
+
+    def health(self, health: ReaderHealth, now: float) -> None:
+        """A reader's health changed (the engine's health map has it already)."""
+        if self._scan is None:
+            return
+        self._scan.health(health)
+        if self._waiting and self.ready():
+            # Start counting only now: a pass begun with a reader down could never be complete.
+            self._waiting = False
+            self._scan = ScanAccumulator(self.config, self._antennas, self._health, now)
+
+    def finished(self, now: float) -> ScanResult | None:
+        """The result of the running pass once it is over at ``now`` (the pass then ends)."""
+        scan = self._scan
+        assert scan is not None
+        cfg = self.config
+        elapsed_ms = (now - scan.started) * 1000
+        quiet_ms = (now - scan.last_new) * 1000
+        if elapsed_ms < cfg.scan_max_ms and (
+            self._waiting or elapsed_ms < cfg.scan_min_ms or quiet_ms < cfg.stable_ms
+        ):
+            return None
+        if self._end_candidate is None:
+            self._end_candidate = now
+        # Only readers that look healthy are waited for: an unhealthy one already made the
+        # pass incomplete; a healthy one that has not been heard from may be silently dead.
+        silent = [
+            r
+            for r in self._ports
+            if r in self._alive
+            and self._alive[r] < self._end_candidate
+            and (h := self._health.get(r)) is not None
+            and h.healthy
+        ]
+        if silent and elapsed_ms < cfg.scan_max_ms:
+            return None  # wait for word from every reader that it is still alive
+        for reader in silent:
+            scan.fail(f"{reader} silent")
+        self._end_candidate = None
+        self._waiting = False
+        result = scan.result(now)
+        self._scan = None
+        return result
