@@ -28,7 +28,7 @@ from agent.mqtt.config import is_loopback_host
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TOPIC", "ConsumerOptions", "MqttSubscriber", "check_transport"]
+__all__ = ["DEFAULT_TOPIC", "ConsumerOptions", "MqttSubscriber", "check_transport", "stop_client"]
 
 DEFAULT_TOPIC = "cabinets/v1/+/+/events"
 
@@ -60,6 +60,19 @@ def check_transport(opts: ConsumerOptions) -> None:
         raise ValueError(
             f"plaintext MQTT to {opts.host!r} refused: give --tls-ca or --allow-plaintext"
         )
+
+
+def stop_client(client: mqtt.Client) -> None:
+    """Disconnect a client started with ``loop_start()``, stop its thread and close its sockets.
+
+    paho keeps loop_start's wake-up socket pair open until the client is garbage-collected
+    (eclipse-paho/paho.mqtt.python#627), and a client whose callbacks refer back to their owner
+    (or whose thread refers back to it) waits for the cyclic collector: ``reinitialise()`` closes
+    every socket of the client now.
+    """
+    client.disconnect()
+    client.loop_stop()
+    client.reinitialise()
 
 
 class MqttSubscriber:
@@ -107,8 +120,7 @@ class MqttSubscriber:
         self._client.loop_start()
 
     def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        stop_client(self._client)
 
     def handle(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         """One message, on the network thread (subclasses)."""

@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.privacy.envelope import parse_header
+from backend.subscriber import stop_client
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, NotifyListener, config_text, ctl, provision
 from tests.mqtt_fixtures import Mosquitto, free_port
@@ -54,8 +55,7 @@ class _Backend:
             return set(self.seqs)
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        stop_client(self.client)
 
 
 async def _status(cfg: Path) -> dict[str, object]:

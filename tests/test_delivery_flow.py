@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.mqtt.publisher import Publisher, TokenBucket
+from backend.subscriber import stop_client
 from simulators.faultproxy import FaultProxy
 from tests.delivery_helpers import (
     CABINET,
@@ -163,8 +164,7 @@ def _retained(port: int, topic: str, keys: object) -> dict[str, object]:
     try:
         assert done.wait(10), f"no retained message on {topic}"
     finally:
-        client.disconnect()
-        client.loop_stop()
+        stop_client(client)
     value = json.loads(got[0])
     assert isinstance(value, dict)
     return value

@@ -25,6 +25,7 @@ from agent.store import Store
 from agent.trusted_time import TrustedClock, sync_source
 from backend.keys import BackendKeys
 from backend.signing import allow_list_doc, sign_document
+from backend.subscriber import stop_client
 from drivers.types import SystemClock
 from tests.delivery_helpers import (
     CABINET,
@@ -200,8 +201,7 @@ def raw_publish(port: int, topic: str, payload: bytes, *, retain: bool = True) -
         info.wait_for_publish(10)
         assert info.is_published()
     finally:
-        client.disconnect()
-        client.loop_stop()
+        stop_client(client)
 
 
 def _allow_list(keys: BackendKeys, version: int, *, expires_in: timedelta, badge: str) -> bytes:

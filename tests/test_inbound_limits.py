@@ -19,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from backend.keys import load_backend_keys
 from backend.signing import allow_list_doc, sign_document
+from backend.subscriber import stop_client
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, config_text, provision
 from tests.mqtt_fixtures import Mosquitto
@@ -53,8 +54,7 @@ def _publish(port: int, payloads: list[bytes], protocol: MQTTProtocolVersion) ->
         for payload in payloads:
             client.publish(CMD_TOPIC, payload, qos=1).wait_for_publish(120)
     finally:
-        client.loop_stop()
-        client.disconnect()
+        stop_client(client)
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

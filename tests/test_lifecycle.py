@@ -17,6 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.lifecycle import EX_SOFTWARE
+from backend.subscriber import stop_client
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, config_text, provision
 from tests.mqtt_fixtures import Mosquitto
@@ -31,8 +32,7 @@ def _publish(port: int, topic: str, payload: bytes) -> None:
     try:
         client.publish(topic, payload, qos=1).wait_for_publish(10)
     finally:
-        client.loop_stop()
-        client.disconnect()
+        stop_client(client)
 
 
 @pytest.mark.parametrize(

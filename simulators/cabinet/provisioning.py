@@ -232,6 +232,8 @@ def publish_retained(
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+    from backend.subscriber import stop_client
+
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
     client.connect(host, port)
     client.loop_start()
@@ -241,8 +243,7 @@ def publish_retained(
         if not info.is_published():
             raise ScenarioError(f"the broker did not acknowledge {topic} in {timeout:g}s")
     finally:
-        client.disconnect()
-        client.loop_stop()
+        stop_client(client)
 
 
 def publish_documents(artefacts: AgentArtefacts, *, port: int, host: str = "127.0.0.1") -> None:
