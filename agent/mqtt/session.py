@@ -180,9 +180,21 @@ class _BoundedClient(mqtt.Client):
         return super()._sock_recv(1)
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """Closes itself when its handshake fails (paho drops it unclosed, to the collector)."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
 def build_tls_context(tls: TlsConfig) -> ssl.SSLContext:
     """Client TLS context: private CA only, hostname checked, TLS 1.3 unless configured 1.2."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.sslsocket_class = _ClosingSSLSocket
     ctx.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     )
