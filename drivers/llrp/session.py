@@ -112,13 +112,15 @@ class LlrpSession:
             if not writer.is_closing():
                 writer.write(encode_close_connection(self.next_msg_id()))
                 asked = True
-        if asked:
-            with contextlib.suppress(OSError, TimeoutError, FramingError):
-                # Bounded: a dead peer must not hold up shutdown or the reconnect loop.
-                async with asyncio.timeout(CLOSE_WAIT_S):
-                    if await self._await_close_response():
-                        stats.closes_acknowledged += 1
-        writer.close()
+        try:
+            if asked:
+                with contextlib.suppress(OSError, TimeoutError, FramingError):
+                    # Bounded: a dead peer must not hold up shutdown or the reconnect loop.
+                    async with asyncio.timeout(CLOSE_WAIT_S):
+                        if await self._await_close_response():
+                            stats.closes_acknowledged += 1
+        finally:
+            writer.close()  # cancelled while waiting for the answer too: never left open
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(1.0):
                 await writer.wait_closed()
