@@ -1,4 +1,5 @@
-"""Autouse guards: no leaked asyncio tasks, no leaked threads, no badly formatted log calls."""
+"""Autouse guards: no leaked asyncio tasks, threads or sockets (tests/socket_guard.py), no
+badly formatted log calls."""
 
 from __future__ import annotations
 
@@ -15,8 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # Real R420 messages, vendored with their Apache-2.0 licence (tests/data/llrp-captures/README.md).
 CAPTURES = ROOT / "tests" / "data" / "llrp-captures"
 
-# Shared fixtures (mosquitto, pki, powerfs) for every test module, instead of importing them.
-pytest_plugins = ["tests.mqtt_fixtures", "tests.pg_fixtures", "tests.powerfs.fixture"]
+# Shared fixtures (mosquitto, postgres, pki, powerfs) for every test module, instead of
+# importing them; the socket-leak guard; pytester, for the tests of the guards themselves.
+pytest_plugins = [
+    "tests.mqtt_fixtures",
+    "tests.pg_fixtures",
+    "tests.powerfs.fixture",
+    "tests.socket_guard",
+    "pytester",
+]
 
 
 class _FormatCheckingHandler(logging.Handler):
