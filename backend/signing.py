@@ -68,7 +68,7 @@ def allow_list_doc(
     body: dict[str, list[str]] = {}
     for pseudonym, roles in entries.items():
         if not is_pseudonym(pseudonym):
-            raise ValueError("allow-list keys must be badge pseudonyms (p1|p2.<kid>.<base32>)")
+            raise ValueError("allow-list keys must be badge pseudonyms (p1|p2|p3.<kid>.<base32>)")
         if isinstance(roles, str):
             raise ValueError(f"roles of {pseudonym} must be a list of strings, not one string")
         bad = [r for r in roles if not isinstance(r, str) or _ROLE_RE.fullmatch(r) is None]

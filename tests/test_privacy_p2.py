@@ -146,7 +146,7 @@ P2_HEAD = 'scheme = "p2"\n'
         (P2_HEAD + "[argon2id]\nmemory_kib = 19456\niterations = 2\nlanes = 1\nthreads = 4\n", "argon2id.threads"),
         (P2_HEAD, "argon2id.memory_kib is missing"),
         (P2_HEAD + "argon2id = 3\n", "argon2id must be a table"),
-        ('scheme = "p3"\n', "scheme"),
+        ('scheme = "p9"\n', "scheme"),
         ("[argon2id]\nmemory_kib = 19456\niterations = 2\nlanes = 1\n", "argon2id given"),
         (P2_HEAD + "[argon2]\nmemory_kib = 19456\n", "argon2 is not a site key field"),
     ],
@@ -373,4 +373,4 @@ def test_config_check_loads_the_previous_site_key_too(tmp_path: Path) -> None:
         f'site_key = "{creds}/site.key"\nprevious_site_key = "{old}"',
     )
     problems, _ = preflight(parse_config(tomllib.loads(text)))
-    assert problems == [f'privacy.previous_site_key: {old}: scheme must be "p1" or "p2"']
+    assert problems == [f'privacy.previous_site_key: {old}: scheme must be "p1", "p2" or "p3"']

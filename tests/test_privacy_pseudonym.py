@@ -153,7 +153,7 @@ def test_non_string_badge_is_a_type_error(pseudo: Pseudonymizer) -> None:
     "s",
     [
         "p1.s1.abc",
-        "p3.s1.abcdefghijklmnopqrstuvwxyz",
+        "p4.s1.abcdefghijklmnopqrstuvwxyz",
         "p1.S1.abcdefghijklmnopqrstuvwxyz",
         "p1.s1.abcdefghijklmnopqrstuvwxy1",
         "p1..abcdefghijklmnopqrstuvwxyz",
@@ -288,4 +288,4 @@ def test_the_pseudonym_shape_uses_the_key_id_rule_of_the_key_files() -> None:
     from agent.domain.events import PSEUDONYM_BODY
     from agent.privacy.keyfile import KID_PATTERN
 
-    assert rf"p[12]\.{KID_PATTERN}\.[a-z2-7]{{26}}" == PSEUDONYM_BODY
+    assert rf"p[123]\.{KID_PATTERN}\.[a-z2-7]{{26}}" == PSEUDONYM_BODY

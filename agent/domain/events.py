@@ -22,11 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 SCHEMA_VERSION = 1
 
 # A pseudonym from agent/privacy: "p<scheme>.<key id>.<base32 of 16 bytes>" -- p1 (HMAC-SHA256,
-# legacy) or p2 (Argon2id). A raw card number (decimal or hex digits) can never match: it has no
-# "p1."/"p2." prefix. Exactly what agent.privacy.pseudonym.Pseudonymizer.badge() produces.
+# legacy), p2 (Argon2id) or p3 (Argon2id over a TPM's HMAC). A raw card number (decimal or hex
+# digits) can never match: it has no "p1."/"p2."/"p3." prefix. Exactly what agent.privacy.pseudonym.Pseudonymizer.badge() produces.
 # The one definition (agent.privacy.pseudonym checks pseudonyms with it too); the key id part
 # is agent.privacy.keyfile.KID_PATTERN (tests/test_privacy_pseudonym.py keeps them equal).
-PSEUDONYM_BODY = r"p[12]\.[a-z0-9][a-z0-9_-]{0,15}\.[a-z2-7]{26}"
+PSEUDONYM_BODY = r"p[123]\.[a-z0-9][a-z0-9_-]{0,15}\.[a-z2-7]{26}"
 PSEUDONYM_PATTERN = rf"^{PSEUDONYM_BODY}$"
 UNKNOWN_ACTOR = "unknown"
 ACTOR_PATTERN = rf"^(?:{UNKNOWN_ACTOR}|{PSEUDONYM_BODY})$"

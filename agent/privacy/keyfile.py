@@ -27,8 +27,10 @@ __all__ = [
     "check_trusted_file",
     "read_key_file",
     "read_key_table",
+    "read_key_toml",
     "read_private_file",
     "write_key_file",
+    "write_key_text",
 ]
 
 MAX_KEY_FILE_BYTES: Final = 4096
@@ -61,14 +63,7 @@ def read_key_table(
     path: Path, kind: str, *, secret: bool, length: int = 32
 ) -> tuple[str, bytes, dict[str, Any]]:
     """``(kid, raw key, the whole TOML table)``: for key files that carry parameters too."""
-    text = read_private_file(path) if secret else _read_public_file(path)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
-        # The decoder quotes the offending line, which may be key material: never repeat it.
-        raise KeyFileError(f"{path}: not a valid TOML key file") from None
-    if data.get("kind") != kind:
-        raise KeyFileError(f"{path}: expected kind = {kind!r}, found {data.get('kind')!r}")
+    data = read_key_toml(path, kind, secret=secret)
     kid = data.get("kid")
     if not isinstance(kid, str) or _KID_RE.fullmatch(kid) is None:
         raise KeyFileError(f"{path}: kid must match {KID_PATTERN}")
@@ -82,6 +77,24 @@ def read_key_table(
     if len(key) != length:
         raise KeyFileError(f"{path}: key must be {length} bytes, found {len(key)}")
     return kid, key, data
+
+
+def read_key_toml(path: Path, kind: str, *, secret: bool) -> dict[str, Any]:
+    """The TOML table of a key file of ``kind`` (permissions checked as ``read_key_table``)."""
+    text = read_private_file(path) if secret else _read_public_file(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        # The decoder quotes the offending line, which may be key material: never repeat it.
+        raise KeyFileError(f"{path}: not a valid TOML key file") from None
+    if data.get("kind") != kind:
+        raise KeyFileError(f"{path}: expected kind = {kind!r}, found {data.get('kind')!r}")
+    return data
+
+
+def write_key_text(path: Path, text: str, *, secret: bool) -> None:
+    """Write a whole key file's text atomically (0600 if ``secret``, else 0644)."""
+    _write_atomic(path, text.encode("utf-8"), 0o600 if secret else 0o644)
 
 
 def write_key_file(
