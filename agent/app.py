@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 STOP_BUDGET_S = 4.0  # systemd's stop timeout is 5 s; the rest is process exit
 DOOR_STOP_S = 1.0
+SITE_KEY_ALERT = "privacy.site_key_unavailable"
 DOOR_LOCK_S = 2.0
 
 
@@ -75,16 +76,16 @@ class CabinetApp:
         )
         self.site_id = cfg.cabinet.site_id
         self.cabinet_id = cfg.cabinet.cabinet_id
-        # Key files are checked before anything starts (permissions, format): a bad key file
-        # is a configuration problem and the caller exits 78.
+        if cfg.mqtt is not None and cfg.mqtt.tls is not None:
+            check_tls_files(cfg.mqtt.tls)
+        # A [store] path that cannot hold the store (a directory, /proc, a filesystem smaller
+        # than its reserves): one line, exit 78, before anything starts.
+        check_location(cfg.store)
+        # Likewise key files (permissions, format; a site key held in a TPM: the TPM loads
+        # it), last because a TPM key stays open until _shutdown closes it.
         self.privacy: CabinetPrivacy = load_cabinet_privacy(
             cfg.privacy, self.site_id, self.cabinet_id, credentials_dir=credentials_dir
         )
-        if cfg.mqtt is not None and cfg.mqtt.tls is not None:
-            check_tls_files(cfg.mqtt.tls)
-        # Likewise a [store] path that cannot hold the store (a directory, /proc, a filesystem
-        # smaller than its reserves): one line, exit 78, before anything starts.
-        check_location(cfg.store)
         self.stats = AppStats()
         self.inputs = Inputs(self.stats)
         self.readers: list[ReaderDriver] = [
@@ -118,6 +119,7 @@ class CabinetApp:
         self.alerts = Alerts(
             self.alert_lines, put=self.inputs.queue.put, put_nowait=self.inputs.queue.put_nowait
         )
+        self.privacy.pseudonyms.on_device_problem = self._site_key_problem
         self.audit = AuditTrail(lambda: self.store)
         self.runner.on_committed.append(self.audit.on_events)
         self.docs = Documents(
@@ -326,6 +328,9 @@ class CabinetApp:
                 await self.store.close()
             except CabinetError as err:
                 logger.error("state store close failed: %s", err)
+        # A TPM-held site key: flush it, close the connection (a thread: it talks to the TPM,
+        # and waits for a read's command still in flight, bounded by the key's own lock).
+        await asyncio.to_thread(self.privacy.close)
 
     # -- documents ------------------------------------------------------------------------
 
@@ -354,6 +359,14 @@ class CabinetApp:
         allow_list = engine.access.allow_list if engine is not None else None
         listed = allow_list.prefixes if allow_list is not None else frozenset[str]()
         return await self.privacy.pseudonyms.badge(raw_id, listed)
+
+    def _site_key_problem(self, prefix: str, reason: str | None) -> None:
+        """A TPM-held site key stopped answering (reads fail: the door stays shut) or answers
+        again: status, log, and once per episode the backend."""
+        line = f"{SITE_KEY_ALERT}: site key {prefix}: "
+        self.alert_lines.resolve(line)
+        if reason is not None:
+            self.alerts.part_alert(SITE_KEY_ALERT, f"site key {prefix}: {reason}")
 
     def _document_installed(self, kind: str, parsed: Parsed | None) -> None:
         # A document of this kind is in force now: earlier refusals are history, not alerts.

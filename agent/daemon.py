@@ -33,6 +33,7 @@ from agent.lifecycle import (
 )
 from agent.logging_setup import setup_logging
 from agent.metrics import Metrics, MetricsServer
+from agent.privacy.config import PrivacyConfig
 from agent.sdnotify import Notifier, WatchdogGate, run_watchdog
 from drivers.errors import CabinetError
 from drivers.types import ReaderDriver
@@ -68,6 +69,7 @@ class Daemon:
         self.reloads = 0
         self._outbox_depth = 0  # last sampled by the metrics loop
         self._background: set[asyncio.Task[None]] = set()  # owned; cancelled with the loop
+        self._site_keys_lock = asyncio.Lock()
 
     def request_stop(self) -> None:
         self.app.request_stop()
@@ -183,19 +185,14 @@ class Daemon:
                 )
                 if getattr(new, name) != getattr(self.cfg, name)
             ]
-            restart += self._reload_site_keys(new, applied, live)
+            restart += self._reload_site_keys(new)
             if "readers" in restart:
                 old_readers = {r.id: r for r in self.cfg.readers}
                 changed = [r.id for r in new.readers if old_readers.get(r.id) != r]
                 gone = [i for i in old_readers if i not in {r.id for r in new.readers}]
                 restart[restart.index("readers")] = f"readers ({', '.join(changed + gone)})"
             # Signed documents are re-read from the store and re-verified in the background.
-            task = asyncio.get_running_loop().create_task(
-                self._reload_documents(), name="reload-documents"
-            )
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            task.add_done_callback(_log_task_failure)
+            self._in_background(self._reload_documents(), "reload-documents")
             # Only what was applied: a section still waiting for a restart is reported again.
             self.cfg = self.cfg.model_copy(update=live)
             logger.info("reload applied: %s", ", ".join(applied))
@@ -210,27 +207,49 @@ class Daemon:
         finally:
             self.notifier.ready(self._status_line())
 
-    def _reload_site_keys(
-        self, new: AgentConfig, applied: list[str], live: dict[str, Any]
-    ) -> list[str]:
-        """Re-read the site key files (a rotation replaces one or names another): the next badge
-        read uses them. What else changed in ``[privacy]`` needs a restart (returned)."""
-        keys = {"site_key", "previous_site_key"}
+    def _reload_site_keys(self, new: AgentConfig) -> list[str]:
+        """Re-read the site key files (a rotation replaces one or names another) in the
+        background: reading a TPM key talks to the TPM, never on the loop. The next badge read
+        after ``reload: site keys …`` uses them. What else changed in ``[privacy]`` needs a
+        restart (returned)."""
+        keys = {"site_key", "previous_site_key", "tpm_tcti"}
         old_rest = self.cfg.privacy.model_dump(exclude=keys)
         restart = ["privacy"] if new.privacy.model_dump(exclude=keys) != old_rest else []
-        try:
-            prefixes = self.app.privacy.reload_site_keys(new.privacy)
-        except CabinetError as err:
-            logger.error("reload: site keys kept as they were: %s", err)
-            return restart
-        applied.append("site keys " + ", ".join(prefixes))
-        live["privacy"] = self.cfg.privacy.model_copy(
-            update={
-                "site_key": new.privacy.site_key,
-                "previous_site_key": new.privacy.previous_site_key,
-            }
-        )
+        self._in_background(self._apply_site_keys(new.privacy), "reload-site-keys")
         return restart
+
+    async def _apply_site_keys(self, cfg: PrivacyConfig) -> None:
+        async with self._site_keys_lock:  # two quick SIGHUPs apply in order
+            privacy = self.app.privacy
+            try:
+                current, previous = await asyncio.to_thread(privacy.load_site_keys, cfg)
+            except CabinetError as err:
+                logger.error("reload: site keys kept as they were: %s", err)
+                self._audit("system", "site_keys.reload", {"ok": False})
+                return
+            unused = privacy.apply_site_keys(current, previous)
+            self.cfg = self.cfg.model_copy(
+                update={
+                    "privacy": self.cfg.privacy.model_copy(
+                        update={
+                            "site_key": cfg.site_key,
+                            "previous_site_key": cfg.previous_site_key,
+                            "tpm_tcti": cfg.tpm_tcti,
+                        }
+                    )
+                }
+            )
+            prefixes = list(privacy.pseudonyms.prefixes)
+            logger.info("reload: site keys %s", ", ".join(prefixes))
+            self._audit("system", "site_keys.reload", {"ok": True, "keys": prefixes})
+            for device in unused:  # a TPM connection no live key uses any more
+                await asyncio.to_thread(device.close)
+
+    def _in_background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_task_failure)
 
     async def _reload_documents(self) -> None:
         docs = await self.app.reload_documents()

@@ -105,6 +105,8 @@ class StatusView:
                 "seal_key_id": self.privacy.seal_key_id,
                 "pseudonym_kid": self.privacy.pseudonyms.kid,
                 "pseudonym_keys": list(self.privacy.pseudonyms.prefixes),
+                # A TPM-held key whose TPM did not answer the latest read: why (else empty).
+                "site_key_problems": self.privacy.pseudonyms.device_problems,
                 "signing_kids": list(self.privacy.signing_kids),
             },
             "documents": documents,

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.mqtt.config import DEFAULT_MAX_COMMAND_BYTES
 from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener
 from agent.privacy.keys import HPKE_PRIVATE_FILE, SIGNING_PRIVATE_FILE, SITE_KEY_FILE
-from agent.privacy.pseudonym import ARGON2_BOUNDS, KeyFileError, Pseudonymizer
+from agent.privacy.pseudonym import ARGON2_BOUNDS, KeyFileError, Pseudonymizer, load_site_key
 from agent.privacy.signed import parse_time
 from backend.keys import (
     P2_DEFAULT,
@@ -520,21 +520,55 @@ def _cmd_site_key(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         print(f"site-key: {out} exists (use --force to replace it)", file=sys.stderr)
         return EX_USAGE
+    scheme = "p1" if args.p1 else args.scheme
     try:
         argon2 = (
             None
-            if args.p1
+            if scheme == "p1"
             else Argon2Params(
                 memory_kib=args.memory_kib, iterations=args.iterations, lanes=args.lanes
             )
         )
-        site = generate_site_key(out, args.kid, argon2)
+        site = generate_site_key(out, args.kid, argon2, tpm=scheme == "p3")
     except (OSError, ValueError) as err:
         print(f"site-key: {err}", file=sys.stderr)
         return EX_USAGE
+    also = (
+        "; wrap it for each cabinet's TPM (cabinet-consumer tpm-wrap, docs/privacy.md §5)"
+        if site.tpm
+        else ""
+    )
     print(
         f"wrote site key {site.kid} ({site.scheme}) to {out}: list every person under both "
-        "keys while the cabinets change over (docs/privacy.md, rotation)"
+        f"keys while the cabinets change over (docs/privacy.md, rotation){also}"
+    )
+    return 0
+
+
+def _cmd_tpm_wrap(args: argparse.Namespace) -> int:
+    """The site key's p3 HMAC key, wrapped for one cabinet's TPM (its storage key)."""
+    from agent.privacy.enrolment import (
+        read_storage_key,
+        wrap_for_cabinet,
+        write_site_key_import,
+    )
+    from agent.privacy.tpm import TpmError
+
+    out: Path = args.out
+    if out.exists() and not args.force:
+        print(f"tpm-wrap: {out} exists (use --force to replace it)", file=sys.stderr)
+        return EX_USAGE
+    try:
+        site = load_site_key(args.site_key)
+        storage_key = read_storage_key(args.storage_key)
+        imp = wrap_for_cabinet(args.site, site, storage_key)
+    except (KeyFileError, TpmError, ValueError) as err:
+        print(f"tpm-wrap: {err}", file=sys.stderr)
+        return EX_DATAERR
+    write_site_key_import(out, imp)
+    print(
+        f"wrote site key {imp.prefix} of site {imp.site_id}, wrapped for the TPM of "
+        f"{args.storage_key}, to {out}: on that cabinet, cabinetctl tpm import {out.name}"
     )
     return 0
 
@@ -650,9 +684,30 @@ def build_parser() -> argparse.ArgumentParser:
             default=default,
             help=f"Argon2id {name} ({low}..{high}, default {default})",
         )
+    sk.add_argument(
+        "--scheme",
+        choices=["p2", "p3"],
+        default="p2",
+        help="p2: the cabinets hold the key file; p3: they hold it in a TPM (docs/privacy.md §5)",
+    )
     sk.add_argument("--p1", action="store_true", help="a legacy HMAC (p1) key: tests only")
     sk.add_argument("--force", action="store_true")
     sk.set_defaults(func=_cmd_site_key)
+
+    tw = sub.add_parser(
+        "tpm-wrap", help="wrap a p3 site key for one cabinet's TPM (cabinetctl tpm import)"
+    )
+    tw.add_argument("--site-key", type=Path, required=True, help="the p3 site key file")
+    tw.add_argument("--site", required=True, help="the site id the key serves")
+    tw.add_argument(
+        "--storage-key",
+        type=Path,
+        required=True,
+        help="the cabinet's TPM storage key (cabinetctl tpm storage-key)",
+    )
+    tw.add_argument("-o", "--out", type=Path, required=True)
+    tw.add_argument("--force", action="store_true")
+    tw.set_defaults(func=_cmd_tpm_wrap)
 
     p = sub.add_parser("pseudonym", help="pseudonym of a badge id read from stdin")
     p.add_argument("--site", required=True)

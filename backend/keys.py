@@ -64,11 +64,12 @@ class BackendKeys:
     site_key: bytes = field(repr=False)
     site_kid: str
     site_argon2: Argon2Params | None = P2_DEFAULT  # None: a legacy p1 (HMAC) site key
+    site_tpm: bool = False  # p3: the cabinets hold its HMAC key in their TPMs
 
     @property
     def site(self) -> SiteKey:
-        """The site key as the cabinets load it (id, bytes, pseudonym scheme)."""
-        return SiteKey(self.site_kid, self.site_key, self.site_argon2)
+        """The site key as the backend computes with it (id, bytes, pseudonym scheme)."""
+        return SiteKey(self.site_kid, self.site_key, self.site_argon2, tpm=self.site_tpm)
 
     @property
     def hpke_public(self) -> X25519PublicKey:
@@ -86,11 +87,13 @@ def generate_backend_keys(
     signing_kid: str = "sig1",
     site_kid: str = "s1",
     site_argon2: Argon2Params | None = P2_DEFAULT,
+    site_tpm: bool = False,
 ) -> BackendKeys:
     """Generate fresh keys and write the five key files into ``out_dir`` (created 0700).
 
-    The site key derives p2 pseudonyms with ``site_argon2``; ``None`` makes a legacy p1 key
-    (only to rehearse a p1 → p2 migration).
+    The site key derives p2 pseudonyms with ``site_argon2`` (p3 with ``site_tpm``: the cabinets
+    hold it in their TPMs, docs/privacy.md §5); ``None`` makes a legacy p1 key (only to rehearse
+    a p1 → p2 migration).
     """
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keys = BackendKeys(
@@ -101,15 +104,19 @@ def generate_backend_keys(
         site_key=secrets.token_bytes(SITE_KEY_LEN),
         site_kid=site_kid,
         site_argon2=site_argon2,
+        site_tpm=site_tpm,
     )
     write_backend_keys(out_dir, keys)
     return keys
 
 
-def generate_site_key(path: Path, kid: str, argon2: Argon2Params | None = P2_DEFAULT) -> SiteKey:
-    """A fresh site key written to ``path`` (0600): the new key of a rotation."""
-    site = SiteKey(kid, secrets.token_bytes(SITE_KEY_LEN), argon2)
-    write_site_key(path, site.kid, site.key, site.argon2)
+def generate_site_key(
+    path: Path, kid: str, argon2: Argon2Params | None = P2_DEFAULT, *, tpm: bool = False
+) -> SiteKey:
+    """A fresh site key written to ``path`` (0600): the new key of a rotation (p3 with ``tpm``:
+    the cabinets get it wrapped for their TPMs, ``cabinet-consumer tpm-wrap``)."""
+    site = SiteKey(kid, secrets.token_bytes(SITE_KEY_LEN), argon2, tpm=tpm)
+    write_site_key(path, site.kid, site.key, site.argon2, tpm=site.tpm)
     return site
 
 
@@ -143,7 +150,9 @@ def write_backend_keys(out_dir: Path, keys: BackendKeys) -> None:
         keys.signing_public.public_bytes_raw(),
         secret=False,
     )
-    write_site_key(out_dir / SITE_KEY_FILE, keys.site_kid, keys.site_key, keys.site_argon2)
+    write_site_key(
+        out_dir / SITE_KEY_FILE, keys.site_kid, keys.site_key, keys.site_argon2, tpm=keys.site_tpm
+    )
 
 
 def load_backend_keys(dir: Path) -> BackendKeys:
@@ -159,6 +168,7 @@ def load_backend_keys(dir: Path) -> BackendKeys:
         site_key=site.key,
         site_kid=site.kid,
         site_argon2=site.argon2,
+        site_tpm=site.tpm,
     )
 
 

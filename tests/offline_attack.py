@@ -21,7 +21,7 @@ from pathlib import Path
 from agent.privacy.pseudonym import Pseudonymizer, SiteKey, load_site_key
 
 # The pseudonym shape (agent.domain.events.PSEUDONYM_BODY), as bytes, for any file.
-PSEUDONYM_BYTES = re.compile(rb"p[12]\.[a-z0-9][a-z0-9_-]{0,15}\.[a-z2-7]{26}")
+PSEUDONYM_BYTES = re.compile(rb"p[123]\.[a-z0-9][a-z0-9_-]{0,15}\.[a-z2-7]{26}")
 _HOUR = 3600.0
 _YEAR = 365.25 * 24 * _HOUR
 

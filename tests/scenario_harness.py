@@ -309,18 +309,20 @@ async def cabinet_rig(
     reader: Mapping[str, Any] | None = None,
     llrp_options: Mapping[str, Any] | None = None,
     config_hook: Callable[[dict[str, Any]], None] | None = None,
-    before_start: Callable[[Rig], None] | None = None,
+    before_start: Callable[[Rig], Awaitable[None] | None] | None = None,
     agent_extra: Mapping[str, Any] | None = None,
     site_argon2: Argon2Params | None = P2_DEFAULT,
+    site_tpm: bool = False,
 ) -> AsyncIterator[Rig]:
     """Start everything for ``scenario``; the agent has its documents and a first baseline.
 
     ``agent_extra`` is merged into the agent's config (a section's keys into that section);
     ``domain`` overrides keys of the agent's ``[domain]``, ``reader`` of its LLRP reader;
     ``llrp_options`` go to the LLRP simulator; ``config_hook`` edits the whole agent config
-    (as a dict) last, e.g. to add a reader. ``site_argon2=None`` provisions a legacy p1 site key.
+    (as a dict) last, e.g. to add a reader. ``site_argon2=None`` provisions a legacy p1 site key,
+    ``site_tpm`` a p3 key (the test enrols a TPM in ``before_start``, which may be async).
     """
-    keys = generate_backend_keys(tmp / "keys", site_argon2=site_argon2)
+    keys = generate_backend_keys(tmp / "keys", site_argon2=site_argon2, site_tpm=site_tpm)
     agent_dir = tmp / "agent"
     agent_dir.mkdir()
     cab = scenario.cabinet
@@ -378,7 +380,9 @@ async def cabinet_rig(
         sink.start()  # before the agent runs: nothing on the loop needs serving yet
         try:
             if before_start is not None:
-                before_start(rig)
+                pending = before_start(rig)
+                if pending is not None:
+                    await pending
             agent.start()
             await agent.wait_log("installed allow-list")
             if art.registry_installed:

@@ -308,3 +308,19 @@ def _force_lockout(tpm: SwTpm) -> None:
             assert info.value.error == t.TPM2_RC.LOCKOUT, "the TPM is not in lockout"
         finally:
             esapi.flush_context(handle)
+
+
+def test_a_bad_tcti_is_a_config_error_naming_the_field() -> None:
+    import tomllib
+
+    from agent.config import ConfigError, parse_config
+    from tests.daemon_rig import config_text
+
+    text = config_text(Path("/tmp/x"), 9).replace(
+        "[privacy]\n", '[privacy]\ntpm_tcti = "device /dev/tpmrm0; rm -rf"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(tomllib.loads(text))
+    (problem,) = info.value.problems
+    assert problem.startswith("privacy.tpm_tcti: ")
+    assert "TPM TCTI must match" in problem

@@ -10,6 +10,7 @@ the tests. ``stop()`` and ``start()`` again on the same state directory is a pow
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -93,6 +94,19 @@ class SwTpm:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(STOP_TIMEOUT_S)
+
+    def transient_objects(self) -> int:
+        """How many transient objects the TPM holds: whatever a program loaded and left.
+
+        Without a resource manager nothing flushes them but their owner, and a TPM has only a
+        few slots: a program that leaks one per start stops working after a few restarts.
+        """
+        os.environ.setdefault("TSS2_LOG", "all+NONE")
+        import tpm2_pytss as t
+
+        with t.ESAPI(self.tcti) as esapi:
+            _, data = esapi.get_capability(t.TPM2_CAP.HANDLES, t.TPM2_HT.TRANSIENT << 24, 64)
+            return len(data.data.handles)
 
     def __enter__(self) -> SwTpm:
         self.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from agent.config import EX_CONFIG, AgentConfig, ConfigError, load_config
@@ -35,14 +35,20 @@ def preflight(
     outside the service: they are noted, not failed.
     """
     from agent.mqtt.config import check_tls_files
-    from agent.privacy.config import CREDENTIALS_ENV
+    from agent.privacy.config import CREDENTIALS_ENV, open_site_key
     from agent.privacy.keys import load_hpke_public, load_signing_public
-    from agent.privacy.pseudonym import load_site_key
+    from agent.privacy.pseudonym import Pseudonymizer
+
+    def load_site_key(path: Path) -> None:
+        # A key held in a TPM: the TPM must load it (this TPM, this site); then let it go.
+        key = open_site_key(path, cfg.privacy.tpm_tcti, cfg.cabinet.site_id)
+        if isinstance(key, Pseudonymizer) and key.device is not None:
+            key.device.close()
 
     problems: list[str] = []
     notes: list[str] = []
     creds = environ.get(CREDENTIALS_ENV)
-    keys = [
+    keys: list[tuple[str, Path, Callable[[Path], object]]] = [
         ("privacy.site_key", cfg.privacy.site_key, load_site_key),
         *(
             [("privacy.previous_site_key", cfg.privacy.previous_site_key, load_site_key)]

@@ -13,16 +13,25 @@ from datetime import timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from agent.privacy.envelope import Sealer
 from agent.privacy.keyfile import KeyFileError
 from agent.privacy.keys import load_hpke_public, load_signing_public
-from agent.privacy.pseudonym import BadgePseudonyms, SiteKey, load_site_key
+from agent.privacy.pseudonym import (
+    BadgePseudonyms,
+    KeyDevice,
+    LiveKey,
+    Pseudonymizer,
+    SiteKey,
+    TpmSiteKey,
+    load_cabinet_site_key,
+)
 from agent.privacy.signed import DocumentVerifier
+from agent.privacy.tpm import DEFAULT_TCTI, TpmError, TpmHmacKey, check_tcti
 from drivers.config import StrictModel
 
-__all__ = ["CabinetPrivacy", "PrivacyConfig", "load_cabinet_privacy"]
+__all__ = ["CabinetPrivacy", "PrivacyConfig", "load_cabinet_privacy", "open_site_key"]
 
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 
@@ -36,6 +45,11 @@ class PrivacyConfig(StrictModel):
         None,
         description="the site key being retired during a rotation: a badge is derived under it "
         "while the allow-list names people only by its pseudonyms (docs/privacy.md)",
+    )
+    tpm_tcti: str = Field(
+        DEFAULT_TCTI,
+        description='where the TPM is, for a site key file held in a TPM (source = "tpm"); '
+        "tpm2-tools TCTI syntax: device:/dev/tpmrm0, swtpm:host=…,port=…",
     )
     seal_public_key: Path = Field(
         Path("backend-seal.pub"), description="backend HPKE public key events are sealed to"
@@ -60,6 +74,11 @@ class PrivacyConfig(StrictModel):
         "signed document's issued_at may be (its time is then a lower bound, not a reading)",
     )
 
+    @field_validator("tpm_tcti")
+    @classmethod
+    def _tcti(cls, value: str) -> str:
+        return check_tcti(value)
+
 
 @dataclass(frozen=True)
 class CabinetPrivacy:
@@ -75,32 +94,97 @@ class CabinetPrivacy:
     def seal_key_id(self) -> str:
         return self.sealer.key_id
 
-    def reload_site_keys(self, cfg: PrivacyConfig) -> tuple[str, ...]:
-        """SIGHUP: re-read the site key files of ``cfg`` and make them the live keys.
+    def load_site_keys(self, cfg: PrivacyConfig) -> tuple[LiveKey, LiveKey | None]:
+        """SIGHUP, first half (blocking: a worker thread): read the site key files of ``cfg``,
+        opening a TPM only for a TPM key that is not live already. KeyFileError names the file."""
+        site_id = self.pseudonyms.live[0].site_id
+        return load_site_keys(cfg, self.credentials_dir, site_id, live=self.pseudonyms.live)
 
-        Returns their ``<scheme>.<kid>`` prefixes, current first. On KeyFileError the live keys
-        stay as they were.
-        """
-        current, previous = load_site_keys(cfg, self.credentials_dir)
-        self.pseudonyms.replace(current, previous)
-        return self.pseudonyms.prefixes
+    def apply_site_keys(self, current: LiveKey, previous: LiveKey | None) -> list[KeyDevice]:
+        """SIGHUP, second half (on the loop): make them the live keys. Returns the devices
+        no longer used, for the caller to close off the loop."""
+        return self.pseudonyms.replace(current, previous)
+
+    def close(self) -> None:
+        """Release the live keys' devices (a TPM connection); the agent is stopping."""
+        self.pseudonyms.close()
 
 
 def load_site_keys(
-    cfg: PrivacyConfig, credentials_dir: Path | None
-) -> tuple[SiteKey, SiteKey | None]:
-    """The current site key and the previous one (if configured); KeyFileError names the file."""
-    current = load_site_key(_resolve(cfg.site_key, credentials_dir))
+    cfg: PrivacyConfig,
+    credentials_dir: Path | None,
+    site_id: str,
+    *,
+    live: tuple[Pseudonymizer, ...] = (),
+) -> tuple[LiveKey, LiveKey | None]:
+    """The current site key and the previous one (if configured); KeyFileError names the file.
+
+    A TPM key file is opened in its TPM (``cfg.tpm_tcti``) unless one of ``live`` is that very
+    key already; any TPM problem is a KeyFileError naming the file and the reason.
+    """
+    path = _resolve(cfg.site_key, credentials_dir)
+    current = open_site_key(path, cfg.tpm_tcti, site_id, live=live)
     if cfg.previous_site_key is None:
         return current, None
     path = _resolve(cfg.previous_site_key, credentials_dir)
-    previous = load_site_key(path)
-    if previous.prefix == current.prefix:
-        raise KeyFileError(
-            f"{path}: privacy.previous_site_key has the id and scheme of privacy.site_key "
-            f"({current.prefix}): give the retiring key, or remove previous_site_key"
-        )
+    try:
+        previous = open_site_key(path, cfg.tpm_tcti, site_id, live=live)
+        if previous.prefix == current.prefix:
+            raise KeyFileError(
+                f"{path}: privacy.previous_site_key has the id and scheme of privacy.site_key "
+                f"({current.prefix}): give the retiring key, or remove previous_site_key"
+            )
+    except BaseException:
+        _close_new(current, live)
+        raise
     return current, previous
+
+
+def open_site_key(
+    path: Path, tcti: str, site_id: str, *, live: tuple[Pseudonymizer, ...] = ()
+) -> LiveKey:
+    """A cabinet's site key from its file: the key (p1/p2), or its TPM-held key bound to the
+    TPM at ``tcti`` (p3). KeyFileError, one line naming the file, for anything that will not
+    work: a p3 key in a file (it belongs in a TPM), a blob for another TPM or site, no TPM, no
+    bindings."""
+    key = load_cabinet_site_key(path)
+    if isinstance(key, SiteKey):
+        if key.tpm:
+            raise KeyFileError(
+                f"{path}: a p3 site key belongs in the cabinet's TPM, not in a file on its disk: "
+                "enrol it with cabinetctl tpm import (docs/privacy.md §5)"
+            )
+        return key
+    return _open_tpm_key(path, key, tcti, site_id, live)
+
+
+def _open_tpm_key(
+    path: Path, key: TpmSiteKey, tcti: str, site_id: str, live: tuple[Pseudonymizer, ...]
+) -> Pseudonymizer:
+    if key.site_id != site_id:
+        raise KeyFileError(
+            f"{path}: the TPM key was made for site {key.site_id!r}, this cabinet is in {site_id!r}"
+        )
+    for pseudonymizer in live:
+        device = pseudonymizer.device
+        if (
+            isinstance(device, TpmHmacKey)
+            and device.tcti == tcti
+            and device.blob == key.blob
+            and pseudonymizer.prefix == key.prefix
+            and pseudonymizer.argon2 == key.argon2
+        ):
+            return pseudonymizer  # already open: a reload that keeps it opens nothing
+    try:
+        device = TpmHmacKey(tcti, key.blob)
+    except TpmError as err:
+        raise KeyFileError(f"{path}: site key {key.prefix} held in a TPM: {err}") from None
+    return Pseudonymizer.held_in(site_id, key.kid, key.argon2, device)
+
+
+def _close_new(key: LiveKey, live: tuple[Pseudonymizer, ...]) -> None:
+    if isinstance(key, Pseudonymizer) and key.device is not None and key not in live:
+        key.device.close()
 
 
 def _resolve(path: Path, credentials_dir: Path | None) -> Path:
@@ -129,15 +213,22 @@ def load_cabinet_privacy(
     def resolve(path: Path) -> Path:
         return _resolve(path, credentials_dir)
 
-    current, previous = load_site_keys(cfg, credentials_dir)
-    pseudonyms = BadgePseudonyms(site_id, current, previous)
-    seal_kid, seal_key = load_hpke_public(resolve(cfg.seal_public_key))
-    signing: dict[str, Ed25519PublicKey] = {}
-    for path in cfg.signing_public_keys:
-        kid, key = load_signing_public(resolve(path))
-        if kid in signing:
-            raise KeyFileError(f"{resolve(path)}: signing key id {kid!r} appears twice")
-        signing[kid] = key
+    current, previous = load_site_keys(cfg, credentials_dir, site_id)
+    try:
+        pseudonyms = BadgePseudonyms(site_id, current, previous)
+        seal_kid, seal_key = load_hpke_public(resolve(cfg.seal_public_key))
+        signing: dict[str, Ed25519PublicKey] = {}
+        for path in cfg.signing_public_keys:
+            kid, key = load_signing_public(resolve(path))
+            if kid in signing:
+                raise KeyFileError(f"{resolve(path)}: signing key id {kid!r} appears twice")
+            signing[kid] = key
+    except BaseException:
+        # A site key held in a TPM opened a connection to it: nothing may leave it behind.
+        for live_key in (current, previous):
+            if live_key is not None:
+                _close_new(live_key, ())
+        raise
     verifier = DocumentVerifier(
         signing,
         site_id,

@@ -268,7 +268,7 @@ class TpmHmacKey:
             self._lock.release()
 
     def __repr__(self) -> str:
-        return f"TpmHmacKey(tcti={self.tcti!r}, parent={self.blob.parent.hex()[:16]}…)"
+        return f"TpmHmacKey(tcti={self.tcti!r}, parent={self.blob.parent.hex()[8:24]}…)"
 
     def _hmac(self, data: bytes) -> bytes:
         tpm = self._tpm
@@ -339,7 +339,7 @@ def _open(tpm: ModuleType, tcti: str) -> Any:
     try:
         return tpm.ESAPI(tcti)
     except tpm.TSS2_Exception as err:
-        raise TpmError(f"cannot reach the TPM at {tcti}: {_describe(tpm, err)}") from None
+        raise TpmError(f"cannot reach the TPM at {tcti}: {err}") from None
     except RuntimeError as err:  # TCTILdr's own parsing
         raise TpmError(f"cannot reach the TPM at {tcti}: {err}") from None
 
@@ -434,8 +434,8 @@ def _unmarshal(tpm: ModuleType, cls: Any, raw: bytes, what: str) -> Any:
 
 def _another_tpm(expected: bytes, found: bytes, verb: str) -> str:
     return (
-        f"{verb} another TPM: its storage key is {expected.hex()[4:20]}…, this TPM's is "
-        f"{found.hex()[4:20]}… (a copied disk, a replaced board, or a TPM cleared since); "
+        f"{verb} another TPM: its storage key is {expected.hex()[8:24]}…, this TPM's is "
+        f"{found.hex()[8:24]}… (a copied disk, a replaced board, or a TPM cleared since); "
         "enrol this TPM (docs/privacy.md §5)"
     )
 

@@ -26,6 +26,7 @@ def check_keys(cfg: AgentConfig) -> Check:
         privacy = load_cabinet_privacy(cfg.privacy, cfg.cabinet.site_id, cfg.cabinet.cabinet_id)
     except CabinetError as err:
         return Check("FAIL", "keys", str(err), config_problem=True)
+    privacy.close()  # a site key held in a TPM loaded there: that was the check
     return Check(
         "PASS",
         "keys",
