@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 STOP_BUDGET_S = 4.0  # systemd's stop timeout is 5 s; the rest is process exit
 DOOR_STOP_S = 1.0
 SITE_KEY_ALERT = "privacy.site_key_unavailable"
+PRIVACY_CLOSE_S = 1.0
 DOOR_LOCK_S = 2.0
 
 
@@ -329,8 +330,13 @@ class CabinetApp:
             except CabinetError as err:
                 logger.error("state store close failed: %s", err)
         # A TPM-held site key: flush it, close the connection (a thread: it talks to the TPM,
-        # and waits for a read's command still in flight, bounded by the key's own lock).
-        await asyncio.to_thread(self.privacy.close)
+        # and waits for a read's command still in flight). Bounded: a TPM that hangs must not
+        # hold up the stop; the kernel's resource manager flushes what a process leaves.
+        try:
+            async with asyncio.timeout(PRIVACY_CLOSE_S):
+                await asyncio.to_thread(self.privacy.close)
+        except TimeoutError:
+            logger.warning("the site key's TPM did not answer at stop; its connection is dropped")
 
     # -- documents ------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from agent.privacy.keyfile import KeyFileError
 from agent.privacy.pseudonym import Argon2Params
 from backend.keys import generate_site_key
 from backend.signing import badge_pseudonyms
+from simulators.badge import BadgeSimulator
 from simulators.cabinet import Scenario, describe_events, load_scenario, to_toml
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, config_text, provision
@@ -321,3 +322,47 @@ async def test_without_the_tpm_bindings_the_agent_runs_p2_and_refuses_a_tpm_key(
             await agent.wait_log(r"cabinet-agent \S+ ready")
             assert (await _status(tmp_path / "control.sock"))["keys"]["pseudonym_keys"] == ["p2.s1"]
             assert await agent.stop() == 0
+
+
+async def test_a_hung_tpm_fails_the_read_in_bounded_time_and_does_not_hold_up_the_stop(
+    tmp_path: Path, tpm_a: SwTpm
+) -> None:
+    """The TPM stops answering mid-command (here: swtpm frozen): the read fails after the
+    bound, with the reason; SIGTERM still stops the agent cleanly, without waiting for it."""
+    creds = provision(tmp_path)
+    backend_p3 = tmp_path / "backend" / "site-s3.key"
+    generate_site_key(backend_p3, "s3", LOW, tpm=True)
+    tpm_key = creds / "site-s3.tpm"
+    await _enrol(tpm_a, backend_p3, "hangar-3", tpm_key, tmp_path)
+    cfg = tmp_path / "agent.toml"
+    async with (
+        LlrpSimulator(personality="impinj", antennas=4, port=0, seed=3) as sim,
+        BadgeSimulator(transport="tcp") as badge,
+    ):
+        reader = (
+            f'[[badge_readers]]\nid = "badge-1"\nurl = "{badge.url}"\n'
+            "backoff = { initial_s = 0.05, max_s = 0.5 }\n"
+        )
+        cfg.write_text(
+            config_text(tmp_path, sim.port, extra=reader).replace(
+                f'site_key = "{creds}/site.key"',
+                f'site_key = "{tpm_key}"\ntpm_tcti = "{tpm_a.tcti}"',
+            )
+        )
+        async with AgentProcess(cfg, tmp_path / "agent.log") as agent:
+            await agent.wait_log(r"cabinet-agent \S+ ready")
+            await agent.wait_log("badge reader badge-1: connected")
+            assert tpm_a.proc is not None
+            os.kill(tpm_a.proc.pid, signal.SIGSTOP)
+            try:
+                await badge.present("C0FFEE1234")
+                await agent.wait_log(
+                    r"site key p3\.s3: badge reads fail: the TPM did not answer within 5 s"
+                )
+                status = await _status(tmp_path / "control.sock")
+                assert "did not answer" in status["keys"]["site_key_problems"]["p3.s3"]
+                assert await agent.stop() == 0
+                await agent.wait_log("the site key's TPM did not answer at stop")
+            finally:
+                os.kill(tpm_a.proc.pid, signal.SIGCONT)
+        assert "C0FFEE1234" not in agent.text()
