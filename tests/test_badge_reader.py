@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import traceback
@@ -402,12 +403,16 @@ async def test_simulator_cli_presents_cards_from_stdin(where: list[str]) -> None
         reader = BadgeReader(cfg, sink, CountingPseudonyms(), backoff=Backoff(0.05, 0.2, 0.02))
         task = asyncio.create_task(reader.run(), name="badge-reader-cli")
         await sink.wait_online(session=1)
-        # The simulator may not have accepted the TCP client yet: resend until a read lands.
+        # The simulator may not have accepted the TCP client yet: resend until a read lands,
+        # giving each card time to be read (a p2 derivation per read: resending at the echo's
+        # pace would queue hundreds of cards ahead of the unplug below).
         async with asyncio.timeout(TIMEOUT_S):
             while not sink.reads:
                 proc.stdin.write(b"0102030405\n")
                 await proc.stdin.drain()
                 assert b"presented" in await proc.stdout.readline()
+                with contextlib.suppress(TimeoutError):
+                    await sink.wait(lambda: bool(sink.reads), timeout_s=1.0)
         proc.stdin.write(b"!unplug 0.2\n")
         await proc.stdin.drain()
         await sink.wait(lambda: any(h.state == ReaderState.OFFLINE for h in sink.health))
