@@ -400,8 +400,13 @@ class World:
             if self.stop_chaos.is_set():
                 return
             if not deck:
-                deck = [kind for kind, n in ACTIONS.items() for _ in range(n)]
-                self.rng.shuffle(deck)
+                # Every kind once before any repeats (popped from the end: the repeats go first
+                # in the list), so even a short run sees as many kinds as it has actions.
+                once = list(ACTIONS)
+                again = [kind for kind, n in ACTIONS.items() for _ in range(n - 1)]
+                self.rng.shuffle(once)
+                self.rng.shuffle(again)
+                deck = again + once
             kind = deck.pop()
             async with self.lock:
                 # Recorded before it starts: a round that ends meanwhile must know about it.
@@ -796,7 +801,9 @@ async def _run(world: World) -> int:
         chaos = tg.create_task(world.chaos_loop(), name="chaos")
         tg.create_task(sample(), name="rss-sampler")
         index = 0
-        while time.monotonic() < deadline:
+        # A loaded machine plays fewer chaos actions in the same time: --min-actions extends
+        # the run (storms and calm spells alike) until that many were played.
+        while time.monotonic() < deadline or sum(world.chaos.done.values()) < opts.min_actions:
             index += 1
             ok = await world.play_round(index, location)
             last = world.rounds[-1]
@@ -997,6 +1004,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--chaos-max", type=float, default=12.0, help="longest pause")
     parser.add_argument("--storm", type=float, default=60.0, help="seconds of chaos ...")
+    parser.add_argument(
+        "--min-actions",
+        type=int,
+        default=0,
+        help="go on past --seconds until this many chaos actions",
+    )
     parser.add_argument("--calm", type=float, default=30.0, help="... then this long without")
     parser.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="NORMAL")
     parser.add_argument("--no-registry", action="store_true", help="no asset registry installed")
