@@ -184,6 +184,10 @@ def test_drawers_must_name_configured_reader_antennas(tmp_path: Path) -> None:
         ("port = " + "9" * 5000, "(file): unusable value"),
         ("port = 5084\nx = " + "[" * 5000 + "]" * 5000, "(file): nested too deeply"),
         (
+            "port = 5084\n[store]\naudit_retention_days = 366",
+            "store.audit_retention_days: Value error, at most 365 days",
+        ),
+        (
             'port = 5084\nkeepalive_s = "2"',
             "readers[0].keepalive_s: Input should be a valid number",
         ),

@@ -10,6 +10,8 @@ from pydantic import Field, field_validator, model_validator
 from drivers.config import StrictModel
 
 MiB = 1024 * 1024
+# The privacy notice: security/audit records are kept at most 12 months (docs/privacy.md).
+AUDIT_RETENTION_CAP_DAYS = 365.0
 
 
 class OverflowPolicy(StrictModel):
@@ -80,7 +82,12 @@ class StoreConfig(StrictModel):
     dead_letter_after: int = Field(
         10, ge=1, le=1_000_000, description="failed deliveries before a row is dead-lettered"
     )
-    audit_retention_days: float = Field(365.0, gt=0, description="audit log retention")
+    audit_retention_days: float = Field(
+        AUDIT_RETENTION_CAP_DAYS,
+        gt=0,
+        description="audit log retention in days: at most 365 (the privacy notice promises "
+        "security records are kept no longer than 12 months); lower it per customer",
+    )
     housekeeping_interval_s: float = Field(
         300.0,
         ge=1,
@@ -115,6 +122,16 @@ class StoreConfig(StrictModel):
         if path.name in ("", ".", ".."):
             raise ValueError("must name the database file, e.g. /var/lib/cabinet-agent/state.db")
         return path
+
+    @field_validator("audit_retention_days")
+    @classmethod
+    def _capped(cls, days: float) -> float:
+        if days > AUDIT_RETENTION_CAP_DAYS:
+            raise ValueError(
+                f"at most {AUDIT_RETENTION_CAP_DAYS:g} days: the privacy notice keeps "
+                "security records no longer than 12 months (lower is allowed)"
+            )
+        return days
 
     @model_validator(mode="after")
     def _ordered(self) -> StoreConfig:
