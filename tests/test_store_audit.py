@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -224,3 +225,44 @@ async def test_actor_must_not_look_like_a_raw_badge_id(tmp_path: Path) -> None:
         assert (await store.audit_verify()).checked == 5
     finally:
         await store.close()
+
+
+def _raw_bytes(path: Path) -> bytes:
+    """The database, its WAL and its shared-memory index as an attacker who copies them sees."""
+    out = b""
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            out += Path(str(path) + suffix).read_bytes()
+    return out
+
+
+async def test_pruned_records_are_gone_from_the_file_the_wal_and_free_pages(
+    tmp_path: Path,
+) -> None:
+    """Retention is a promise about bytes, not rows: a pruned record's content must not
+    survive in a freed page, in an old WAL frame or in the -shm index."""
+    path = tmp_path / "s.db"
+    clock = FakeClock()
+    store = await Store.open(StoreConfig(path=path, audit_retention_days=90), clock=clock)
+    pad = "x" * 300  # a few records per page: whole pages are freed, not just cells
+    try:
+        for i in range(120):
+            await store.audit_append("system", "old", {"mark": f"OLD-MARK-{i:04d}", "pad": pad})
+        clock.advance(timedelta(days=60))
+        for i in range(5):
+            await store.audit_append("system", "kept", {"mark": f"NEW-MARK-{i:04d}"})
+        clock.advance(timedelta(days=60))  # the old ones are 120 days old, the new 60
+        raw = _raw_bytes(path)
+        assert b"OLD-MARK-0000" in raw
+        assert b"NEW-MARK-0000" in raw
+        assert (await store.housekeeping()).audit_pruned == 120
+        # While the agent runs: neither the file nor the WAL holds a pruned record.
+        raw = _raw_bytes(path)
+        assert raw.count(b"OLD-MARK-") == 0
+        assert b"NEW-MARK-0004" in raw
+        assert (await store.audit_verify()).ok
+    finally:
+        await store.close()
+    raw = _raw_bytes(path)
+    assert raw.count(b"OLD-MARK-") == 0
+    assert b"NEW-MARK-0004" in raw

@@ -131,4 +131,17 @@ class AuditTable:
             "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
             (last, bytes(hit[0])),
         )
-        return int(self.conn.execute("DELETE FROM audit WHERE seq <= ?", (last,)).rowcount)
+        with secure_delete(self.conn):
+            return int(self.conn.execute("DELETE FROM audit WHERE seq <= ?", (last,)).rowcount)
+
+
+@contextlib.contextmanager
+def secure_delete(conn: sqlite3.Connection) -> Generator[None]:
+    """Deletes that zero every byte they free, freed pages included (the connection's
+    ``secure_delete=FAST`` leaves whole freed pages as they were). The old content still sits
+    in WAL frames until a TRUNCATE checkpoint (``Database.scrub_pending``)."""
+    conn.execute("PRAGMA secure_delete=ON")
+    try:
+        yield
+    finally:
+        conn.execute("PRAGMA secure_delete=FAST")

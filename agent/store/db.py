@@ -171,6 +171,9 @@ class Database:
         self.cfg = cfg
         self.found_version = found_version  # schema version before migrating (0: empty file)
         self.max_page_count = 0
+        # Personal data was deleted (retention, erasure): its old versions still sit in WAL
+        # frames until a TRUNCATE checkpoint succeeds (Space.maintain retries it).
+        self.scrub_pending = False
         path = Path(cfg.path)
         self.wal_budget = wal_budget(path, cfg)
         self.reserve = Reserve(path.with_name(path.name + ".reserve"), self.wal_budget // 2)
@@ -217,6 +220,16 @@ class Database:
         finally:
             self.conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
         return int(busy) == 0
+
+    def scrub(self) -> None:
+        """Deleted personal data out of the WAL: a TRUNCATE checkpoint copies the zeroed pages
+        into the file and cuts the WAL (its old frames held the deleted rows) to nothing. With a
+        reader in the way it stays pending and is retried after the next write or housekeeping."""
+        try:
+            if self.checkpoint("TRUNCATE"):
+                self.scrub_pending = False
+        except sqlite3.Error as err:
+            logger.warning("checkpoint to scrub deleted records from the WAL failed: %s", err)
 
     def wal_bytes(self) -> int:
         return file_size(wal_path(Path(self.cfg.path)))
@@ -318,6 +331,8 @@ class Database:
         not trusted), re-fit the page cap."""
         aged = 0 if now_us is None else self.outbox.prune_age(now_us)
         pruned = 0 if now_us is None else self.audit.prune(now_us)
+        if pruned:
+            self.scrub_pending = True
         pages = self.apply_page_limit()
         return HousekeepingResult(aged, pruned, pages)
 

@@ -55,7 +55,9 @@ class Space:
 
     def maintain(self, db: dbmod.Database) -> None:
         """After start, housekeeping and a full disk: WAL back under budget, reserve in place."""
-        if db.wal_bytes() > db.wal_budget // 2:
+        if db.scrub_pending:
+            db.scrub()
+        elif db.wal_bytes() > db.wal_budget // 2:
             try:
                 db.checkpoint("TRUNCATE")
             except sqlite3.Error as err:

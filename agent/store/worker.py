@@ -424,6 +424,9 @@ class Worker(threading.Thread):
                 self._mailbox.post(job.fail(failure))
             raise Fatal(str(err)) from err
         self.transactions += 1
+        if self.db.scrub_pending:
+            # Before anyone hears "done": the deleted personal data leaves the WAL too.
+            self.db.scrub()
         if any(job.ordered for job in batch):  # acks, failure marks: no seq moved
             self.mark.advance(self.db.outbox.next_seq() - 1)
         for job, settle in done:
