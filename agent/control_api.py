@@ -286,6 +286,8 @@ def register_handlers(
             "last_seq": report.last_seq,
             "anchor_seq": report.anchor_seq,
             "problems": list(report.problems),
+            "redacted": report.redacted,
+            "redacted_v1": report.redacted_v1,
         }
 
     async def audit_tail(ctx: RequestContext) -> dict[str, object]:
@@ -304,6 +306,7 @@ def register_handlers(
                     "action": r.action,
                     "details": dict(r.details),
                     "hash": r.hash.hex(),
+                    "redacted": r.redacted,
                 }
                 for r in records
             ]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.privacy.pseudonym import Pseudonymizer
-from agent.store import Store, StoreConfig
+from agent.store import Store, StoreConfig, audit_chain, schema
 from agent.store.db import to_us
 from tests.store_helpers import T0, FakeClock
 
@@ -62,21 +62,26 @@ async def test_hash_follows_the_documented_canonical_form(tmp_path: Path) -> Non
     await _log(path, 2)
     conn = sqlite3.connect(path)
     rows = conn.execute(
-        "SELECT seq, at_us, actor, action, details, prev_hash, hash FROM audit ORDER BY seq"
+        "SELECT seq, at_us, actor, action, details, prev_hash, hash, v, salt, personal "
+        "FROM audit ORDER BY seq"
     ).fetchall()
     conn.close()
     prev = bytes(32)
-    for seq, at_us, actor, action, details, prev_hash, digest in rows:
+    for seq, at_us, actor, action, details, prev_hash, digest, v, salt, personal in rows:
+        assert (v, len(salt)) == (2, 16)
         assert prev_hash == prev
         assert json.loads(details) == {"version": seq - 1, "entries": [seq - 1, "x"]}
+        fields = json.dumps([actor, details], separators=(",", ":"), ensure_ascii=False).encode()
+        assert (
+            personal == hashlib.sha256(b"cabinet-agent/audit/personal\0" + salt + fields).digest()
+        )
         body = json.dumps(
-            [seq, at_us, actor, action, details, prev_hash.hex()],
-            separators=(",", ":"),
-            ensure_ascii=False,
+            [seq, at_us, action, personal.hex(), prev_hash.hex()], separators=(",", ":")
         ).encode()
-        assert digest == hashlib.sha256(b"cabinet-agent/audit/v1\0" + body).digest()
+        assert digest == hashlib.sha256(b"cabinet-agent/audit/v2\0" + body).digest()
         prev = digest
     assert rows[0][1] == to_us(T0)
+    assert rows[0][8] != rows[1][8]  # a fresh salt per record
 
 
 @pytest.mark.parametrize(
@@ -266,3 +271,103 @@ async def test_pruned_records_are_gone_from_the_file_the_wal_and_free_pages(
     raw = _raw_bytes(path)
     assert raw.count(b"OLD-MARK-") == 0
     assert b"NEW-MARK-0004" in raw
+
+
+def _pseudonym(n: int) -> str:
+    return Pseudonymizer("hangar-3", "s1", bytes(32)).badge(f"00{n:08X}")
+
+
+async def test_redaction_erases_a_person_and_the_chain_still_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    gone, kept = _pseudonym(1), _pseudonym(2)
+    store = await Store.open(StoreConfig(path=path), clock=FakeClock())
+    try:
+        await store.audit_append(gone, "access.granted", {"door_id": "d1"})
+        await store.audit_append(kept, "access.granted", {"door_id": "d1"})
+        await store.audit_append("backend", "note", {"who": gone, "pad": "x" * 200})
+        await store.audit_append(gone, "access.denied", {"reason": "not-listed"})
+        await store.audit_append("system", "door.forced", {"door_id": "d1"})
+        assert gone.encode() in _raw_bytes(path)
+        assert await store.audit_redact([gone]) == 3
+        assert await store.audit_redact([gone]) == 0  # nothing left to erase
+        report = await store.audit_verify()
+        assert report.ok, report.problems
+        assert (report.checked, report.redacted, report.redacted_v1) == (5, 3, 0)
+        tail = await store.audit_tail(5)
+        assert [(r.seq, r.redacted, r.action) for r in tail if r.redacted] == [
+            (1, True, "access.granted"),
+            (3, True, "note"),
+            (4, True, "access.denied"),
+        ]
+        assert all(r.actor == "" and dict(r.details) == {} for r in tail if r.redacted)
+        assert tail[1].actor == kept
+        raw = _raw_bytes(path)
+        assert raw.count(gone.encode()) == 0
+        assert raw.count(kept.encode()) > 0
+        await store.audit_append("system", "after", {})
+        assert (await store.audit_verify()).ok
+    finally:
+        await store.close()
+    # A redacted record's remaining fields are still covered by the chain.
+    _tamper(path, "UPDATE audit SET action = 'access.forged' WHERE seq = 1")
+    ok, problems, _ = await _verify(path)
+    assert not ok
+    assert "record 1: content does not match its hash (edited)" in problems
+    # And un-redacting with made-up content does not verify either.
+    _tamper(
+        path,
+        "UPDATE audit SET action = 'access.granted' WHERE seq = 1",
+        f"UPDATE audit SET redacted = 0, actor = '{kept}', details = '{{}}', salt = zeroblob(16) "
+        "WHERE seq = 1",
+    )
+    ok, problems, _ = await _verify(path)
+    assert "record 1: content does not match its hash (edited)" in problems
+
+
+def _schema_2_database(path: Path, actors: list[str]) -> None:
+    """A database as an agent before schema 3 left it: v1 records (every field hashed)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_us INTEGER NOT NULL) "
+        "STRICT"
+    )
+    for version, statements in schema.MIGRATIONS[:2]:
+        for statement in statements:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
+    prev = bytes(32)
+    for seq, actor in enumerate(actors, 1):
+        at = to_us(T0) + seq
+        digest = audit_chain.record_hash(seq, at, actor, "access.granted", "{}", prev)
+        conn.execute(
+            "INSERT INTO audit (seq, at_us, actor, action, details, prev_hash, hash) "
+            "VALUES (?, ?, ?, 'access.granted', '{}', ?, ?)",
+            (seq, at, actor, prev, digest),
+        )
+        prev = digest
+    conn.execute(
+        "INSERT INTO kv (key, value, updated_us) VALUES ('store.audit_head', ?, 0)",
+        (len(actors).to_bytes(8, "big") + prev,),
+    )
+    conn.close()
+
+
+async def test_a_v1_chain_migrates_in_place_and_can_be_redacted(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    gone = _pseudonym(7)
+    _schema_2_database(path, [_pseudonym(6), gone, _pseudonym(8)])
+    store = await Store.open(StoreConfig(path=path), clock=FakeClock())
+    try:
+        report = await store.audit_verify()
+        assert report.ok, report.problems
+        assert report.checked == 3
+        seq = await store.audit_append("system", "after-upgrade", {})
+        assert seq == 4  # the v2 record chains onto the v1 head
+        assert await store.audit_redact([gone]) == 1
+        report = await store.audit_verify()
+        assert report.ok, report.problems
+        assert (report.checked, report.redacted, report.redacted_v1) == (4, 1, 1)
+        assert _raw_bytes(path).count(gone.encode()) == 0
+    finally:
+        await store.close()

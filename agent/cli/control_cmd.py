@@ -480,6 +480,11 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
             else f"records {report['first_seq']}..{report['last_seq']}"
         )
         print(f"audit log intact: {report['checked']} record(s) checked ({span})")
+        redacted = int(report.get("redacted", 0))
+        if redacted:
+            v1 = int(report.get("redacted_v1", 0))
+            older = f"; {v1} written before v2 are kept as links only" if v1 else ""
+            print(f"  {redacted} record(s) redacted on an erasure request (chain intact{older})")
     else:
         print("AUDIT LOG DAMAGED — keep this box as it is and tell the backend team:")
         for problem in report["problems"]:
@@ -494,6 +499,9 @@ def _cmd_audit_tail(args: argparse.Namespace) -> int:
         return EX_OK
     for r in records:
         details = json.dumps(r["details"], sort_keys=True, separators=(",", ":"))
+        if r.get("redacted"):
+            r = {**r, "actor": "[redacted]"}
+            details = "[redacted]"
         print(f"#{r['seq']:<6} {r['at']}  {r['actor']:<16} {r['action']:<20} {details}")
     return EX_OK
 

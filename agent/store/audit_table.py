@@ -5,10 +5,12 @@ thread calls these."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sqlite3
 import struct
-from collections.abc import Generator
-from typing import Protocol
+from collections.abc import Collection, Generator
+from typing import Any, Protocol
 
 from agent.store import audit_chain
 from agent.store.config import StoreConfig
@@ -47,32 +49,40 @@ class AuditTable:
         # as a gap even after new records are appended.
         head_seq, head_hash = self.head()
         seq = head_seq + 1
-        digest = audit_chain.record_hash(seq, now_us, actor, action, details_json, head_hash)
+        salt = os.urandom(audit_chain.SALT_BYTES)
+        personal = audit_chain.personal_digest(salt, actor, details_json)
+        digest = audit_chain.record_hash_v2(seq, now_us, action, personal, head_hash)
         self.conn.execute(
-            "INSERT INTO audit (seq, at_us, actor, action, details, prev_hash, hash) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (seq, now_us, actor, action, details_json, head_hash, digest),
+            "INSERT INTO audit (seq, at_us, actor, action, details, prev_hash, hash, v, salt, "
+            "personal) VALUES (?, ?, ?, ?, ?, ?, ?, 2, ?, ?)",
+            (seq, now_us, actor, action, details_json, head_hash, digest, salt, personal),
         )
         self._kv.kv_put(HEAD_KEY, struct.pack(">Q", seq) + digest, now_us)
         return seq
 
-    def rows(self) -> Generator[tuple[int, int, str, str, str, bytes, bytes]]:
-        cur = self.conn.execute(
-            "SELECT seq, at_us, actor, action, details, prev_hash, hash FROM audit ORDER BY seq"
-        )
+    def rows(self) -> Generator[audit_chain.ChainRow]:
+        cur = self.conn.execute(f"SELECT {_COLUMNS} FROM audit ORDER BY seq")  # noqa: S608 -- constant
         try:
-            for seq, at_us, actor, action, details, prev, digest in cur:
-                yield (
-                    int(seq),
-                    int(at_us),
-                    str(actor),
-                    str(action),
-                    str(details),
-                    bytes(prev),
-                    bytes(digest),
-                )
+            for raw in cur:
+                yield _row(raw)
         finally:
             cur.close()
+
+    def redact(self, pseudonyms: Collection[str]) -> int:
+        """Erase the personal fields of every record naming one of ``pseudonyms`` (as actor or
+        as a JSON string in its details); the chain keeps their digests. Returns how many."""
+        total = 0
+        with secure_delete(self.conn):
+            for p in pseudonyms:
+                quoted = json.dumps(p, ensure_ascii=False)  # as a JSON string value: quoted
+                total += int(
+                    self.conn.execute(
+                        "UPDATE audit SET actor = '', details = '', salt = NULL, redacted = 1 "
+                        "WHERE redacted = 0 AND (actor = ? OR instr(details, ?) > 0)",
+                        (p, quoted),
+                    ).rowcount
+                )
+        return total
 
     def verify(self) -> AuditReport:
         anchor_seq, anchor_hash = self._anchor()
@@ -81,30 +91,29 @@ class AuditTable:
         if raw is not None and len(raw) == 40:
             head = (int(struct.unpack(">Q", raw[:8])[0]), raw[8:])
         with contextlib.closing(self.rows()) as rows:
-            checked, first, last, problems = audit_chain.verify_chain(
+            found = audit_chain.verify_chain(
                 rows, anchor_seq=anchor_seq, anchor_hash=anchor_hash, head=head
             )
-        if head is None and checked:
+        problems = found.problems
+        if head is None and found.checked:
             problems.append("audit head record is missing")
         return AuditReport(
             ok=not problems,
-            checked=checked,
-            first_seq=first,
-            last_seq=last,
+            checked=found.checked,
+            first_seq=found.first,
+            last_seq=found.last,
             anchor_seq=anchor_seq,
             problems=tuple(problems),
+            redacted=found.redacted,
+            redacted_v1=found.opaque,
         )
 
-    def records(self, limit: int) -> list[tuple[int, int, str, str, str, bytes, bytes]]:
+    def records(self, limit: int) -> list[audit_chain.ChainRow]:
         rows = self.conn.execute(
-            "SELECT seq, at_us, actor, action, details, prev_hash, hash FROM audit "
-            "ORDER BY seq DESC LIMIT ?",
+            f"SELECT {_COLUMNS} FROM audit ORDER BY seq DESC LIMIT ?",  # noqa: S608 -- constant
             (limit,),
         ).fetchall()
-        return [
-            (int(a), int(b), str(c), str(d), str(e), bytes(f), bytes(g))
-            for a, b, c, d, e, f, g in reversed(rows)
-        ]
+        return [_row(r) for r in reversed(rows)]
 
     def prune(self, now_us: int) -> int:
         """Delete the prefix older than retention, keeping its last hash as the anchor."""
@@ -145,3 +154,24 @@ def secure_delete(conn: sqlite3.Connection) -> Generator[None]:
         yield
     finally:
         conn.execute("PRAGMA secure_delete=FAST")
+
+
+_COLUMNS = "seq, at_us, actor, action, details, prev_hash, hash, v, salt, personal, redacted"
+
+
+def _row(raw: tuple[Any, ...]) -> audit_chain.ChainRow:
+    seq, at_us, actor, action, details, prev, digest, v, salt, personal, redacted = raw
+    gone = bool(redacted)
+    return audit_chain.ChainRow(
+        seq=int(seq),
+        at_us=int(at_us),
+        actor=None if gone else str(actor),
+        action=str(action),
+        details=None if gone else str(details),
+        prev_hash=bytes(prev),
+        hash=bytes(digest),
+        v=int(v),
+        salt=None if salt is None else bytes(salt),
+        personal=None if personal is None else bytes(personal),
+        redacted=gone,
+    )

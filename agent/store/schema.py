@@ -81,6 +81,19 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                END""",
         ),
     ),
+    (
+        3,
+        (
+            # Audit records v2 (docs/store.md, "Audit log"): the personal fields enter the hash
+            # through a salted digest, so erasure can delete them without breaking the chain.
+            # Records written before stay v1 and verify as before.
+            "ALTER TABLE audit ADD COLUMN v INTEGER NOT NULL DEFAULT 1 CHECK (v IN (1, 2))",
+            "ALTER TABLE audit ADD COLUMN salt BLOB",
+            "ALTER TABLE audit ADD COLUMN personal BLOB",
+            "ALTER TABLE audit ADD COLUMN redacted INTEGER NOT NULL DEFAULT 0 "
+            "CHECK (redacted IN (0, 1))",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -450,9 +450,30 @@ class Store:
         """The newest records, oldest first."""
         rows = await self._submit(lambda d: d.audit.records(limit), write=False, ordered=False)
         return [
-            AuditRecord(seq, from_us(at), actor, action, json.loads(det), prev, digest)
-            for seq, at, actor, action, det, prev, digest in rows
+            AuditRecord(
+                r.seq,
+                from_us(r.at_us),
+                r.actor or "",
+                r.action,
+                {} if r.details is None else json.loads(r.details),
+                r.prev_hash,
+                r.hash,
+                r.redacted,
+            )
+            for r in rows
         ]
+
+    async def audit_redact(self, pseudonyms: Collection[str]) -> int:
+        """Erase the personal fields of every audit record naming one of ``pseudonyms``; the
+        bytes leave the file and the WAL before this returns (docs/privacy.md §5)."""
+
+        def job(d: dbmod.Database) -> int:
+            n = d.audit.redact(pseudonyms)
+            if n:
+                d.scrub_pending = True
+            return n
+
+        return await self._submit(job, write=True, ordered=True)
 
     async def audit_head(self) -> tuple[int, bytes]:
         """(seq, hash) of the chain's tip: publish it to make truncation detectable off-box."""

@@ -133,11 +133,12 @@ class CommitResult:
 class AuditRecord:
     seq: int
     at: datetime
-    actor: str
+    actor: str  # "" once redacted
     action: str
-    details: Mapping[str, object]
+    details: Mapping[str, object]  # {} once redacted
     prev_hash: bytes
     hash: bytes
+    redacted: bool = False  # the personal fields were erased (the chain still verifies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +149,8 @@ class AuditReport:
     last_seq: int | None
     anchor_seq: int  # records up to this seq were pruned by retention (0: none)
     problems: tuple[str, ...] = ()
+    redacted: int = 0  # records whose personal fields were erased on request
+    redacted_v1: int = 0  # of those, v1 records (written before schema 3): only linked
 
 
 class StoreError(CabinetError):
