@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final, TypeAlias
@@ -34,9 +34,11 @@ from agent.audit_policy import AuditTrail
 from agent.domain.access import AllowList, AllowListError
 from agent.domain.assets import AssetRegistry, AssetRegistryError
 from agent.logging_setup import ThrottledLog
+from agent.privacy.erasure import ErasureError, ErasureRequest
 from agent.privacy.signed import (
     ALLOW_LIST,
     ASSET_REGISTRY,
+    ERASURE,
     Admission,
     DocumentError,
     DocumentVerifier,
@@ -53,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 DOC_KINDS: Final = (ALLOW_LIST, ASSET_REGISTRY)
 MAX_PARSED_CACHE = 4
-Parsed: TypeAlias = AllowList | AssetRegistry
+Parsed: TypeAlias = AllowList | AssetRegistry | ErasureRequest
 
 
 def doc_key(kind: str) -> str:
@@ -96,7 +98,9 @@ def parse_body(doc: SignedDocument) -> Parsed:
             return AllowList.from_document(doc)
         if doc.kind == ASSET_REGISTRY:
             return AssetRegistry.from_body(doc.body)
-    except (AllowListError, AssetRegistryError) as err:
+        if doc.kind == ERASURE:
+            return ErasureRequest.from_body(doc.body)
+    except (AllowListError, AssetRegistryError, ErasureError) as err:
         raise DocumentError(DocumentError.INVALID_BODY, str(err)[:300]) from None
     raise DocumentError(DocumentError.WRONG_KIND, f"no model for {doc.kind!r} documents")
 
@@ -196,6 +200,8 @@ class Documents:
             documents[kind] = doc
             raws[kind] = raw
             parsed[kind] = body
+        # Erasures are never stored, only their floor: a replayed one must not apply again.
+        await self._load_floor(store, ERASURE)
         self.documents = documents
         self._live_raw = raws
         return parsed
@@ -282,6 +288,9 @@ class Documents:
             moved = self.clock.raise_floor(self._proves(doc))
         if moved:
             await self.clock.save(store)
+        if isinstance(body, ErasureRequest):
+            await self._erase(store, doc, body)
+            return
         # Then the document (a live document must survive a restart), then its version floor.
         await store.kv_put(doc_key(doc.kind), raw)
         await self._save_floor(store, doc.kind, VersionFloor(doc.version, doc.digest))
@@ -299,6 +308,47 @@ class Documents:
             {"kind": doc.kind, "version": doc.version, "digest": doc.digest},
         )
         logger.info("installed %s version %d", doc.kind, doc.version)
+
+    async def _erase(self, store: Store, doc: SignedDocument, request: ErasureRequest) -> None:
+        """Apply an erasure (docs/privacy.md §6): the audit records naming them are redacted
+        and their bytes scrubbed. The document itself is never stored (it names them): only its
+        version floor is, so a replay or an older one is refused."""
+        done = self.floors.get(doc.kind)
+        if done is not None and (done.version, done.digest) == (doc.version, doc.digest):
+            return  # the retained message again, at a reconnect: applied already
+        listed = self.documents.get(ALLOW_LIST)
+        if listed is not None:
+            entries = listed.body.get("entries")
+            still = len(request.pseudonyms & set(entries)) if isinstance(entries, Mapping) else 0
+            if still:
+                raise DocumentError(
+                    "still-listed",
+                    f"allow-list version {listed.version} still lists {still} of the "
+                    f"{len(request.pseudonyms)} pseudonyms: publish an allow-list without "
+                    "them first, then the erasure again",
+                )
+        redacted = await store.audit_redact(request.pseudonyms)
+        await self._save_floor(store, doc.kind, VersionFloor(doc.version, doc.digest))
+        self._installs += 1
+        self.refusals.pop(doc.kind, None)
+        self.deferred.pop(doc.kind, None)
+        # Counts only: the record must not name whom it erased.
+        await self.audit.append(
+            "backend",
+            "erasure.applied",
+            {
+                "version": doc.version,
+                "digest": doc.digest,
+                "pseudonyms": len(request.pseudonyms),
+                "audit_records_redacted": redacted,
+            },
+        )
+        logger.info(
+            "erasure version %d applied: %d pseudonym(s), %d audit record(s) redacted",
+            doc.version,
+            len(request.pseudonyms),
+            redacted,
+        )
 
     def rejected(self, kind: str, reason: str, detail: str) -> None:
         """A document was refused (never applied): count, keep for status, audit, log."""

@@ -10,6 +10,7 @@ Sub-commands:
   keygen DIR        generate backend key material (HPKE, signing, site pseudonym key)
   sign-allow-list   signed allow-list document from a JSON/TOML list of pseudonyms and roles
   sign-registry     signed asset-registry document from a JSON/TOML list of assets
+  sign-erasure      signed erasure document from a JSON/TOML list of pseudonyms
   site-key FILE     a new site key (the next key of a rotation; Argon2id cost chosen here)
   pseudonym         a badge's pseudonym from the site key (raw id read from stdin, never printed)
 """
@@ -55,7 +56,7 @@ from backend.record import queries as record_queries
 from backend.record.cli import add_db_options, add_record_commands, open_from_args
 from backend.record.consume import RecordingConsumer
 from backend.record.recorder import Admitted, Outcome, Recorder
-from backend.signing import allow_list_doc, asset_registry_doc, sign_document
+from backend.signing import allow_list_doc, asset_registry_doc, erasure_doc, sign_document
 from backend.subscriber import DEFAULT_TOPIC, ConsumerOptions, MqttSubscriber, check_transport
 
 __all__ = [
@@ -495,6 +496,11 @@ def _cmd_sign(args: argparse.Namespace, kind: str) -> int:
         common = (str(data["site"]), str(data.get("cabinet", "*")), int(data["version"]))
         if kind == "allow-list":
             doc = allow_list_doc(*common, _expiry(data), _entries(data))
+        elif kind == "erasure":
+            raw = data["pseudonyms"]
+            if not isinstance(raw, list):
+                raise ValueError("pseudonyms must be a list")
+            doc = erasure_doc(*common, _expiry(data), [str(p) for p in raw])
         else:
             doc = asset_registry_doc(*common, _expiry(data), list(data.get("assets", [])))
         wire = sign_document(key, kid, doc)
@@ -655,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind, what in (
         ("sign-allow-list", "allow-list", "pseudonyms and roles"),
         ("sign-registry", "asset-registry", "assets (epc + attributes)"),
+        ("sign-erasure", "erasure", "pseudonyms to erase (after an allow-list without them)"),
     ):
         s = sub.add_parser(name, help=f"sign a {kind} document from JSON/TOML {what}")
         s.add_argument("input", type=Path, help="site, cabinet, version, expires, entries/assets")

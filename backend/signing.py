@@ -1,4 +1,4 @@
-"""Signing the backend's documents for cabinets: the allow-list and the asset registry.
+"""Signing the backend's documents for cabinets: the allow-list, the asset registry, erasures.
 
 The wire format, canonical JSON and the acceptance rules belong to the cabinet
 (``agent.privacy.signed``, specified in ``docs/privacy.md``); this module only builds and signs,
@@ -18,17 +18,25 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.domain.access import AllowList
 from agent.domain.assets import AssetRegistry
+from agent.privacy.erasure import ErasureRequest
 from agent.privacy.keyfile import KID_PATTERN
 from agent.privacy.pseudonym import Pseudonymizer, SiteKey, is_pseudonym
 from agent.privacy.signed import (
     ALLOW_LIST,
     ASSET_REGISTRY,
+    ERASURE,
     canonical_json,
     check_fields,
     format_time,
 )
 
-__all__ = ["allow_list_doc", "asset_registry_doc", "badge_pseudonyms", "sign_document"]
+__all__ = [
+    "allow_list_doc",
+    "asset_registry_doc",
+    "badge_pseudonyms",
+    "erasure_doc",
+    "sign_document",
+]
 
 _KID_RE: Final = re.compile(KID_PATTERN)
 _ROLE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,31}")  # allow-list roles
@@ -107,6 +115,25 @@ def asset_registry_doc(
         out.append(dict(asset))
     doc = _doc(ASSET_REGISTRY, site_id, cabinet_id, version, expires_at, issued_at, {"assets": out})
     AssetRegistry.from_body(doc["body"])  # AssetRegistryError is a ValueError
+    return doc
+
+
+def erasure_doc(
+    site_id: str,
+    cabinet_id: str,
+    version: int,
+    expires_at: datetime,
+    pseudonyms: Sequence[str],
+    issued_at: datetime | None = None,
+) -> dict[str, Any]:
+    """An unsigned erasure document (docs/privacy.md §6): the cabinets erase every trace of
+    these pseudonyms they hold. Publish an allow-list without them first (a cabinet refuses an
+    erasure of someone its allow-list still lists). Checked with the cabinet's own model."""
+    body = {"pseudonyms": sorted(set(pseudonyms))}
+    if len(body["pseudonyms"]) != len(pseudonyms):
+        raise ValueError("pseudonyms must not repeat")
+    doc = _doc(ERASURE, site_id, cabinet_id, version, expires_at, issued_at, body)
+    ErasureRequest.from_body(doc["body"])  # ErasureError is a ValueError
     return doc
 
 

@@ -37,7 +37,7 @@ from agent.mqtt.session import (
     build_tls_context,
 )
 from agent.mqtt.states import BrokerState, CommandsState
-from agent.privacy.signed import ALLOW_LIST, ASSET_REGISTRY, DocumentChecker
+from agent.privacy.signed import ALLOW_LIST, ASSET_REGISTRY, ERASURE, DocumentChecker
 from agent.store.types import OutboxRow, OutboxStats
 from drivers.backoff import Backoff
 from drivers.errors import CabinetError, PermanentError, TransientError
@@ -46,7 +46,7 @@ from drivers.supervisor import Progress, Retry, Supervisor
 logger = logging.getLogger(__name__)
 
 AGENT_VERSION = __version__  # the package version, announced in the status message
-COMMAND_KINDS = (ALLOW_LIST, ASSET_REGISTRY)
+COMMAND_KINDS = (ALLOW_LIST, ASSET_REGISTRY, ERASURE)
 PREFETCH = 256
 MAX_UNCOMMITTED_ACKS = 4096
 ACK_RETRY_S = 1.0

@@ -26,6 +26,7 @@ __all__ = [
     "ALLOW_LIST",
     "ASSET_REGISTRY",
     "EARLIEST_DOCUMENT_TIME",
+    "ERASURE",
     "KINDS",
     "Admission",
     "DocumentChecker",
@@ -41,7 +42,9 @@ __all__ = [
 
 ALLOW_LIST: Final = "allow-list"
 ASSET_REGISTRY: Final = "asset-registry"
-KINDS: Final = frozenset({ALLOW_LIST, ASSET_REGISTRY})
+# A request to erase people (docs/privacy.md §6): applied once, never stored (it names them).
+ERASURE: Final = "erasure"
+KINDS: Final = frozenset({ALLOW_LIST, ASSET_REGISTRY, ERASURE})
 ANY_CABINET: Final = "*"
 MAX_DOCUMENT_BYTES: Final = 4 * 1024 * 1024
 MAX_DEPTH: Final = 16
