@@ -154,6 +154,19 @@ class AgentEvents:
             detail=alert.detail[:200],
         )
 
+    def audit_anchor(self, links: tuple[tuple[int, bytes, bytes], ...], now: Now) -> ev.Event:
+        seq, _prev, head = links[-1]
+        return ev.AuditAnchor(
+            event_id=self._ids(now.wall),
+            time=now.wall,
+            clock=now.clock,
+            site_id=self.site_id,
+            cabinet_id=self.cabinet_id,
+            head_seq=seq,
+            head_hash=head.hex(),
+            links=[ev.AuditLink(seq=s, prev_hash=p.hex(), hash=h.hex()) for s, p, h in links],
+        )
+
     def clock_step(self, step: ClockStep, now: Now) -> ev.Event:
         return ev.AgentClockStep(
             event_id=self._ids(now.wall),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.alerts import AgentEvents, AlertLines, Alerts
+from agent.audit_anchor import AuditAnchoring
 from agent.audit_policy import AuditTrail
 from agent.clock_watch import ClockWatch, log_time_at_start
 from agent.config import AgentConfig
@@ -253,6 +254,10 @@ class CabinetApp:
             self._spawn(tg, self.runner.run_commits(), name="commits")
             self._spawn(tg, self.alerts.run(), name="store-alerts")
             self._spawn(tg, self.clock_watch.run(store), name="trusted-time")
+            anchoring = AuditAnchoring(
+                store, self.inputs.queue.put, self.cfg.store.audit_anchor_interval_s
+            )
+            self._spawn(tg, anchoring.run(), name="audit-anchor")
             for hook in self.on_ready:
                 hook()
             self.ready.set()

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Final, TypeVar, assert_never
 
 from agent.alerts import AgentEvents, PartAlert
+from agent.audit_anchor import AnchorRequest
 from agent.documents import Parsed
 from agent.domain import events as ev
 from agent.domain.access import AllowList
@@ -112,6 +113,7 @@ EngineInput = (
     | StoreAlert
     | ClockStep
     | PartAlert
+    | AnchorRequest
     | StopEngine
 )
 
@@ -323,6 +325,8 @@ class EngineRunner:
                     out = EngineOutput(events=[self.agent_events.clock_step(item, now)])
                 case PartAlert():
                     out = EngineOutput(events=[self.agent_events.part_alert(item, now)])
+                case AnchorRequest():
+                    out = EngineOutput(events=[self.agent_events.audit_anchor(item.links, now)])
                 case _:
                     assert_never(item)
             await self._apply(out, now)

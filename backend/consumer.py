@@ -43,6 +43,7 @@ from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener
 from agent.privacy.keys import HPKE_PRIVATE_FILE, SIGNING_PRIVATE_FILE, SITE_KEY_FILE
 from agent.privacy.pseudonym import ARGON2_BOUNDS, KeyFileError, Pseudonymizer, load_site_key
 from agent.privacy.signed import parse_time
+from backend.anchors import AnchorBook
 from backend.keys import (
     P2_DEFAULT,
     Argon2Params,
@@ -160,6 +161,7 @@ class DecoderStats:
     invalid: int = 0
     gaps_opened: int = 0
     seq_conflicts: int = 0  # one (cabinet, epoch, seq) seen with two event ids: a broken cabinet
+    anchor_problems: int = 0  # audit anchors that do not extend the previous one (rewritten)
 
 
 class EventDecoder:
@@ -184,6 +186,7 @@ class EventDecoder:
         self._trackers: dict[str, SeqTracker] = {}
         self._on_gap = on_gap
         self.stats = DecoderStats()
+        self.anchors = AnchorBook()
 
     def handle(self, topic: str, payload: bytes) -> Delivered | None:
         """The opened event, or None for a duplicate; EnvelopeError for anything invalid."""
@@ -224,7 +227,23 @@ class EventDecoder:
                 self._by_seq.popitem(last=False)
             self._track(stream, header.seq)
         self.stats.delivered += 1
+        self._check_anchor(f"{site}/{cabinet}", plaintext)
         return Delivered(site, cabinet, header, plaintext)
+
+    def _check_anchor(self, cabinet: str, plaintext: bytes) -> None:
+        """An ``audit.anchor`` must extend the cabinet's previous one (docs/privacy.md §8)."""
+        if b'"audit.anchor"' not in plaintext:
+            return
+        try:
+            event = json.loads(plaintext)
+            if event.get("type") != "audit.anchor":
+                return
+            problems = self.anchors.check(cabinet, event)
+        except (ValueError, KeyError, TypeError) as err:
+            problems = [f"unreadable audit anchor ({type(err).__name__})"]
+        for problem in problems:
+            self.stats.anchor_problems += 1
+            logger.error("%s: %s", cabinet, problem)
 
     def gaps(self) -> dict[str, list[tuple[int, int]]]:
         """Outstanding missing seq ranges per ``site/cabinet`` (``site/cabinet@epoch`` from

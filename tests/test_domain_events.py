@@ -100,6 +100,15 @@ def _one_of_each(gen: Uuid7Generator) -> list[ev.Event]:
             trusted=False,
             at_start=True,
         ),
+        ev.AuditAnchor(
+            **c(gen),
+            head_seq=2,
+            head_hash="b" * 64,
+            links=[
+                ev.AuditLink(seq=1, prev_hash="0" * 64, hash="a" * 64),
+                ev.AuditLink(seq=2, prev_hash="a" * 64, hash="b" * 64),
+            ],
+        ),
     ]
 
 
@@ -124,9 +133,10 @@ def test_priorities() -> None:
         "access.grace_granted",
         "agent.alert",
         "agent.clock_step",
+        "audit.anchor",
     }
     assert {t for t, p in by_type.items() if p == 2} == {"inventory.snapshot"}
-    assert sum(1 for p in by_type.values() if p == 1) == len(ev.EVENT_TYPES) - 8
+    assert sum(1 for p in by_type.values() if p == 1) == len(ev.EVENT_TYPES) - 9
 
 
 @pytest.mark.parametrize(

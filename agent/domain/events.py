@@ -352,6 +352,35 @@ class AgentClockStep(EventBase):
     )
 
 
+HashHex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256, hex")]
+MAX_ANCHOR_LINKS = 500
+
+
+class AuditLink(BaseModel):
+    """One audit record as the chain links it: no content, only its place and hashes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq: int = Field(ge=1)
+    prev_hash: HashHex
+    hash: HashHex
+
+
+class AuditAnchor(EventBase):
+    """The audit chain's head, published so the backend holds what the device cannot rewrite
+    alone (docs/privacy.md §8): ``links`` are the records since the previous anchor, the first
+    one's ``prev_hash`` being the previous anchor's ``head_hash``. No personal data: hashes."""
+
+    type: Literal["audit.anchor"] = "audit.anchor"
+    head_seq: int = Field(ge=1, description="the chain's last record")
+    head_hash: HashHex
+    links: list[AuditLink] = Field(
+        min_length=1,
+        max_length=MAX_ANCHOR_LINKS,
+        description="records after the previous anchor, in order, up to head_seq",
+    )
+
+
 Event: TypeAlias = Annotated[
     ItemCheckedOut
     | ItemReturned
@@ -373,7 +402,8 @@ Event: TypeAlias = Annotated[
     | ReaderOnline
     | ReaderFlapping
     | AgentAlert
-    | AgentClockStep,
+    | AgentClockStep
+    | AuditAnchor,
     Field(discriminator="type"),
 ]
 
@@ -401,6 +431,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "reader.flapping",
     "agent.alert",
     "agent.clock_step",
+    "audit.anchor",
 )
 
 PRIORITY_CRITICAL = 0
@@ -415,6 +446,7 @@ _CRITICAL = frozenset(
         "access.grace_granted",
         "agent.alert",
         "agent.clock_step",
+        "audit.anchor",
     }
 )
 _ROUTINE = frozenset({"inventory.snapshot"})

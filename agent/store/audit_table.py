@@ -68,6 +68,15 @@ class AuditTable:
         finally:
             cur.close()
 
+    def links(self, from_seq: int, limit: int) -> list[tuple[int, bytes, bytes]]:
+        """(seq, prev_hash, hash) of the records from ``from_seq`` on (the oldest kept one if
+        that was pruned), at most ``limit``."""
+        rows = self.conn.execute(
+            "SELECT seq, prev_hash, hash FROM audit WHERE seq >= ? ORDER BY seq LIMIT ?",
+            (from_seq, limit),
+        ).fetchall()
+        return [(int(s), bytes(p), bytes(h)) for s, p, h in rows]
+
     def redact(self, pseudonyms: Collection[str]) -> int:
         """Erase the personal fields of every record naming one of ``pseudonyms`` (as actor or
         as a JSON string in its details); the chain keeps their digests. Returns how many."""

@@ -88,6 +88,13 @@ class StoreConfig(StrictModel):
         description="audit log retention in days: at most 365 (the privacy notice promises "
         "security records are kept no longer than 12 months); lower it per customer",
     )
+    audit_anchor_interval_s: float = Field(
+        3600.0,
+        ge=1,
+        le=86400,
+        description="how often the audit chain's new records are published as an audit.anchor "
+        "event (only when there are new ones), so the backend can tell a rewritten chain",
+    )
     housekeeping_interval_s: float = Field(
         300.0,
         ge=1,

@@ -463,6 +463,12 @@ class Store:
             for r in rows
         ]
 
+    async def audit_links(self, from_seq: int, limit: int) -> list[tuple[int, bytes, bytes]]:
+        """(seq, prev_hash, hash) of the audit records from ``from_seq`` on: an anchor's links."""
+        return await self._submit(
+            lambda d: d.audit.links(from_seq, limit), write=False, ordered=False
+        )
+
     async def audit_redact(self, pseudonyms: Collection[str]) -> int:
         """Erase the personal fields of every audit record naming one of ``pseudonyms``; the
         bytes leave the file and the WAL before this returns (docs/privacy.md §5)."""

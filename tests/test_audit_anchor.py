@@ -1,0 +1,111 @@
+"""Issue 11, item 6: the audit chain's head is published as sealed ``audit.anchor`` events, and
+the backend's consumer reports a chain rewritten or truncated on the device between anchors.
+
+The real ``cabinet-agent run`` process, a real mosquitto and the real consumer
+(tests/scenario_harness.py). The chain is changed on disk while the agent is stopped, the way
+someone holding the controller would: consistently re-hashed, so the device's own
+``audit verify`` finds nothing wrong; only the anchor the backend already holds tells.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.store import audit_chain
+from simulators.cabinet import Scenario, load_scenario
+from tests.mqtt_fixtures import Mosquitto
+from tests.scenario_harness import TIMEOUT_S, Rig, cabinet_rig
+from tests.test_scenarios import SCENARIOS
+
+CYCLE = ["wait_locked", "badge alice", "wait_unlock", "open", "close", "settle"]
+
+
+def _scenario() -> Scenario:
+    base = load_scenario(next(p for p in SCENARIOS if p.stem == "plain-checkout"))
+    return base.model_copy(update={"steps": CYCLE, "expect": []})
+
+
+def _anchors(rig: Rig) -> list[dict[str, Any]]:
+    return rig.sink.log.find(lambda e: e.get("type") == "audit.anchor")
+
+
+def _problems(rig: Rig) -> int:
+    assert rig.sink.consumer is not None
+    return rig.sink.consumer.decoder.stats.anchor_problems
+
+
+def _rewrite(db: Path, seq: int) -> None:
+    """Change record ``seq``'s action and re-hash everything after it, head included."""
+    conn = sqlite3.connect(db)
+    try:
+        rows = conn.execute(
+            "SELECT seq, at_us, action, personal, prev_hash FROM audit WHERE seq >= ? ORDER BY seq",
+            (seq,),
+        ).fetchall()
+        prev = bytes(rows[0][4])
+        digest = prev
+        for s, at_us, action, personal, _ in rows:
+            if s == seq:
+                action = "note.rewritten"
+            digest = audit_chain.record_hash_v2(s, at_us, action, bytes(personal), prev)
+            conn.execute(
+                "UPDATE audit SET action = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                (action, prev, digest, s),
+            )
+            prev = digest
+        conn.execute(
+            "UPDATE kv SET value = ? WHERE key = 'store.audit_head'",
+            (struct.pack(">Q", rows[-1][0]) + digest,),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _truncate(db: Path, keep: int) -> None:
+    """Keep records up to ``keep``; the head says so (the tail looks as if never written)."""
+    conn = sqlite3.connect(db)
+    try:
+        (digest,) = conn.execute("SELECT hash FROM audit WHERE seq = ?", (keep,)).fetchone()
+        conn.execute("DELETE FROM audit WHERE seq > ?", (keep,))
+        conn.execute(
+            "UPDATE kv SET value = ? WHERE key = 'store.audit_head'",
+            (struct.pack(">Q", keep) + bytes(digest),),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("attack", ["rewrite", "truncate"])
+async def test_the_consumer_reports_a_chain_changed_between_anchors(
+    tmp_path: Path, mosquitto: Mosquitto, attack: str
+) -> None:
+    extra = {"store": {"audit_anchor_interval_s": 1}}
+    async with cabinet_rig(_scenario(), tmp_path, mosquitto, agent_extra=extra) as rig:
+        await rig.play()  # a door cycle: records for the chain
+        log = rig.sink.log
+        # Anchors follow the chain as it grows; none of them is a problem.
+        head = int(rig.agent.log_text().count("audit anchor: records"))
+        await rig.agent.wait_log("audit anchor: records", count=head + 1)
+        await log.wait_for(lambda: len(_anchors(rig)) >= 1, TIMEOUT_S)
+        assert _problems(rig) == 0
+        anchored = int(_anchors(rig)[-1]["head_seq"])
+        assert anchored >= 3
+
+        assert await rig.agent.stop() == 0
+        db = rig.dir / "agent" / "state.db"
+        if attack == "rewrite":
+            _rewrite(db, anchored - 1)
+        else:
+            _truncate(db, anchored - 2)
+        before = len(_anchors(rig))
+        rig.agent.start()
+        await log.wait_for(lambda: len(_anchors(rig)) > before, TIMEOUT_S)
+        await log.wait_for(lambda: _problems(rig) > 0, TIMEOUT_S)
+        assert _problems(rig) == 1
