@@ -1,4 +1,4 @@
-"""Publishing the audit chain's head (issue 11 item 6, docs/privacy.md §8).
+"""Publishing the audit chain's head (issue 11 item 6, docs/privacy.md §9).
 
 Every ``[store] audit_anchor_interval_s`` the records appended since the last anchor are sent as
 an ``audit.anchor`` event: their ``(seq, prev_hash, hash)`` links, starting with the previous

@@ -310,7 +310,7 @@ class Documents:
         logger.info("installed %s version %d", doc.kind, doc.version)
 
     async def _erase(self, store: Store, doc: SignedDocument, request: ErasureRequest) -> None:
-        """Apply an erasure (docs/privacy.md §6): the audit records naming them are redacted
+        """Apply an erasure (docs/privacy.md §7): the audit records naming them are redacted
         and their bytes scrubbed. The document itself is never stored (it names them): only its
         version floor is, so a replay or an older one is refused."""
         done = self.floors.get(doc.kind)

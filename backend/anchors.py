@@ -1,4 +1,4 @@
-"""The backend's side of the audit anchors (docs/privacy.md §8): each new ``audit.anchor`` of a
+"""The backend's side of the audit anchors (docs/privacy.md §9): each new ``audit.anchor`` of a
 cabinet must extend the chain its previous anchor showed. A rewritten or truncated chain is
 reported, never silently adopted as the new normal without a report."""
 

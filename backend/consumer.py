@@ -231,7 +231,7 @@ class EventDecoder:
         return Delivered(site, cabinet, header, plaintext)
 
     def _check_anchor(self, cabinet: str, plaintext: bytes) -> None:
-        """An ``audit.anchor`` must extend the cabinet's previous one (docs/privacy.md §8)."""
+        """An ``audit.anchor`` must extend the cabinet's previous one (docs/privacy.md §9)."""
         if b'"audit.anchor"' not in plaintext:
             return
         try:

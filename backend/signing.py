@@ -126,7 +126,7 @@ def erasure_doc(
     pseudonyms: Sequence[str],
     issued_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """An unsigned erasure document (docs/privacy.md §6): the cabinets erase every trace of
+    """An unsigned erasure document (docs/privacy.md §7): the cabinets erase every trace of
     these pseudonyms they hold. Publish an allow-list without them first (a cabinet refuses an
     erasure of someone its allow-list still lists). Checked with the cabinet's own model."""
     body = {"pseudonyms": sorted(set(pseudonyms))}

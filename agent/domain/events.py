@@ -368,7 +368,7 @@ class AuditLink(BaseModel):
 
 class AuditAnchor(EventBase):
     """The audit chain's head, published so the backend holds what the device cannot rewrite
-    alone (docs/privacy.md §8): ``links`` are the records since the previous anchor, the first
+    alone (docs/privacy.md §9): ``links`` are the records since the previous anchor, the first
     one's ``prev_hash`` being the previous anchor's ``head_hash``. No personal data: hashes."""
 
     type: Literal["audit.anchor"] = "audit.anchor"

@@ -1,6 +1,6 @@
 """The body of a signed erasure document: the pseudonyms whose traces the cabinet erases.
 
-docs/privacy.md §6. Checked like every inbound body, even validly signed: a bounded list of
+docs/privacy.md §7. Checked like every inbound body, even validly signed: a bounded list of
 distinct, well-formed pseudonyms, nothing else."""
 
 from __future__ import annotations

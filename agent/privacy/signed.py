@@ -42,7 +42,7 @@ __all__ = [
 
 ALLOW_LIST: Final = "allow-list"
 ASSET_REGISTRY: Final = "asset-registry"
-# A request to erase people (docs/privacy.md §6): applied once, never stored (it names them).
+# A request to erase people (docs/privacy.md §7): applied once, never stored (it names them).
 ERASURE: Final = "erasure"
 KINDS: Final = frozenset({ALLOW_LIST, ASSET_REGISTRY, ERASURE})
 ANY_CABINET: Final = "*"

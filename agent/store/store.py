@@ -471,7 +471,7 @@ class Store:
 
     async def audit_redact(self, pseudonyms: Collection[str]) -> int:
         """Erase the personal fields of every audit record naming one of ``pseudonyms``; the
-        bytes leave the file and the WAL before this returns (docs/privacy.md §5)."""
+        bytes leave the file and the WAL before this returns (docs/privacy.md §6)."""
 
         def job(d: dbmod.Database) -> int:
             n = d.audit.redact(pseudonyms)
