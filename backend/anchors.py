@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+MAX_RECENT = 100
+
 
 @dataclass
 class AnchorBook:
@@ -16,6 +18,7 @@ class AnchorBook:
 
     heads: dict[str, tuple[int, str]] = field(default_factory=dict)
     problems: int = 0
+    recent: list[str] = field(default_factory=list)  # the last MAX_RECENT problems reported
 
     def check(self, cabinet: str, anchor: Mapping[str, Any]) -> list[str]:
         """Problems with this anchor (empty: it extends the previous one); the cabinet's head
@@ -50,4 +53,5 @@ class AnchorBook:
                 )
         self.heads[cabinet] = head
         self.problems += bool(found)
+        self.recent = [*self.recent, *found][-MAX_RECENT:]
         return found

@@ -108,4 +108,10 @@ async def test_the_consumer_reports_a_chain_changed_between_anchors(
         rig.agent.start()
         await log.wait_for(lambda: len(_anchors(rig)) > before, TIMEOUT_S)
         await log.wait_for(lambda: _problems(rig) > 0, TIMEOUT_S)
-        assert _problems(rig) == 1
+        assert rig.sink.consumer is not None
+        reported = rig.sink.consumer.decoder.anchors.recent
+        # Records appended at the restart may reuse the truncated seqs: then the next anchor
+        # shows the anchored record with another hash, which is reported as rewritten.
+        want = ("rewritten",) if attack == "rewrite" else ("truncated", "rewritten")
+        assert reported, reported
+        assert any(w in reported[0] for w in want), reported
