@@ -325,7 +325,7 @@ async def test_refused_command_subscription_is_shown_alerted_once_and_cleared(
                 commands = st["broker"]["commands"]
                 assert commands["refused"] == {
                     f"cabinets/v1/hangar-3/crib-07/cmd/{k}": "Not authorized"
-                    for k in ("allow-list", "asset-registry")
+                    for k in ("allow-list", "asset-registry", "erasure")
                 }
                 text = await _status_text(cfg)
                 line = next(x for x in text.splitlines() if x.strip().startswith("commands"))
