@@ -382,22 +382,10 @@ class LlrpReader:
                 TransientError(f"reader {self.reader_id} refused GPO write (status {status})")
             )
 
-    def _draining(self, tags: int) -> bool:
-        """Inventory is being paused: what the reader still reports until it confirms
-        (its end-of-ROSpec report) was read for a scan pass that has ended. A pass that begins
-        meanwhile must not count it: the reader resumes once the pause is confirmed."""
-        sess = self._session
-        if sess is None or sess.client.state != _S.STATE_PAUSING:
-            return False
-        self.stats.drained_tags += tags
-        return True
-
     async def _on_report(self, body: Mapping[str, Any]) -> None:
         tags = body.get("TagReportData") or []
         if isinstance(tags, dict):
             tags = [tags]
-        if self._draining(len(tags)):
-            return
         now = self._clock.now()
         reads: list[TagRead] = []
         for tag in tags:
@@ -407,8 +395,6 @@ class LlrpReader:
         await self._deliver(reads)
 
     async def _on_raw_report(self, tags: list[RawTag]) -> None:
-        if self._draining(len(tags)):
-            return
         await self._deliver(tag_reads_from_raw(self.reader_id, tags, self._clock.now()))
 
     async def _deliver(self, reads: list[TagRead]) -> None:

@@ -41,7 +41,6 @@ class LlrpStats:
     gpi_events: int = 0
     keepalives: int = 0
     fast_reports: int = 0  # reports decoded by the fast path (the rest went through sllurp)
-    drained_tags: int = 0  # tags reported while a ROSpec was being disabled: an ended pass's
     closes_acknowledged: int = 0  # sessions the reader closed with CLOSE_CONNECTION_RESPONSE
     errors: dict[str, int] = field(default_factory=dict)
     last_error: str = ""
