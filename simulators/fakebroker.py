@@ -13,7 +13,10 @@ changed at any time while it runs:
 - ``inject(topic, payload, count)``: PUBLISH (QoS 0) to every connected client, as fast as the
   socket takes it (a flood, or a topic no real broker would let through).
 
-Everything a client publishes is kept in ``publishes`` (topic, payload), and each connection's
+A publish it acknowledges is also routed (QoS 0) to the clients subscribed to its topic (exact
+topics and a trailing ``#``), the publisher included, as MQTT 3.1.1 brokers do: the agent
+confirms its events by that echo on 3.1.1. Everything a client publishes is kept in
+``publishes`` (topic, payload), and each connection's
 CONNACK time in ``connects`` (``time.monotonic()``). Used by the tests and the hostile repros.
 """
 
@@ -49,6 +52,7 @@ class _Client:
     writer: asyncio.StreamWriter
     v5: bool = True
     connected_at: float = 0.0
+    filters: set[str] = field(default_factory=set)  # granted subscriptions
 
 
 @dataclass
@@ -145,6 +149,12 @@ class FakeBroker:
             self.publishes.append((topic, body[at:]))
             if qos and self.ack_publishes:
                 w.write(b"\x40\x02" + pid)
+            if self.ack_publishes:
+                # Routed to the subscribers (QoS 0), the publisher included: MQTT 3.1.1 has no
+                # "no local", and the agent confirms its events by their echo there.
+                for other in list(self._clients):
+                    if any(_matches(f, topic) for f in other.filters):
+                        other.writer.write(publish_packet(topic.encode(), body[at:], v5=other.v5))
         elif kind == 8 and self.ack_publishes:  # SUBSCRIBE
             pid = body[:2]
             at = 2
@@ -154,8 +164,11 @@ class FakeBroker:
             codes = bytearray()
             while at < len(body):
                 (n,) = struct.unpack_from("!H", body, at)
+                topic_filter = body[at + 2 : at + 2 + n].decode("utf-8", "replace")
                 at += 2 + n + 1
                 code = self.suback_code
+                if code < 0x80:
+                    client.filters.add(topic_filter)
                 codes.append(code if client.v5 or code < 0x80 else 0x80)
             var = pid + (b"\x00" if client.v5 else b"") + bytes(codes)
             w.write(b"\x90" + encode_length(len(var)) + var)
@@ -171,6 +184,13 @@ class FakeBroker:
             client.writer.write(DISCONNECT_SESSION_TAKEN_OVER)
         self._clients.discard(client)
         client.writer.close()
+
+
+def _matches(topic_filter: str, topic: str) -> bool:
+    """Exact topics and a trailing ``#`` (all this broker needs)."""
+    if topic_filter.endswith("/#"):
+        return topic.startswith(topic_filter[:-1]) or topic == topic_filter[:-2]
+    return topic_filter == topic
 
 
 async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:

@@ -1,6 +1,6 @@
 """Subprocess driver for the kill -9 test: append a sealed stream and publish it.
 
-Usage: python -m tests.publisher_driver DB PORT HPKE_PUB TOTAL
+Usage: python -m tests.publisher_driver DB PORT HPKE_PUB TOTAL [PROTOCOL]
 
 Appends events (seq 1..TOTAL, sealed to HPKE_PUB) in small committed batches while a Publisher
 drains the same store to the broker at 127.0.0.1:PORT. Prints "ready" once the store is open,
@@ -23,12 +23,12 @@ BATCH = 3
 PACE_S = 0.02  # a stream, not a burst: kills must land mid-stream
 
 
-async def main(db: Path, port: int, hpke_pub: Path, total: int) -> int:
+async def main(db: Path, port: int, hpke_pub: Path, total: int, protocol: str = "5") -> int:
     kid, public = load_hpke_public(hpke_pub)
     sealer = Sealer(public, kid)
     store = await Store.open(StoreConfig(path=db, synchronous="FULL"))
     print("ready", flush=True)
-    pub = Publisher(mqtt_cfg(port), SITE, CABINET, store)
+    pub = Publisher(mqtt_cfg(port, protocol=protocol), SITE, CABINET, store)
     task = asyncio.create_task(pub.run(), name="driver-publisher")
     try:
         while (first := store.next_seq_nowait()) <= total:
@@ -48,5 +48,13 @@ async def main(db: Path, port: int, hpke_pub: Path, total: int) -> int:
 
 if __name__ == "__main__":
     sys.exit(
-        asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])))
+        asyncio.run(
+            main(
+                Path(sys.argv[1]),
+                int(sys.argv[2]),
+                Path(sys.argv[3]),
+                int(sys.argv[4]),
+                *sys.argv[5:6],
+            )
+        )
     )

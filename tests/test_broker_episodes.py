@@ -35,7 +35,7 @@ from simulators.broker import Mosquitto
 from simulators.fakebroker import FakeBroker
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, NotifyListener, config_text, ctl, provision
-from tests.delivery_helpers import Collector
+from tests.delivery_helpers import PROTOCOLS, Collector
 
 WATCHDOG_USEC = 2_000_000
 BUSY_DOMAIN = "background_period_s = 0.5\nscan_min_ms = 200\nstable_ms = 300"
@@ -95,8 +95,9 @@ def _max_gap(times: list[float]) -> float:
     return max(b - a for a, b in itertools.pairwise(times))
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_a_broker_that_never_acknowledges_is_one_episode_with_a_stable_since(
-    tmp_path: Path,
+    tmp_path: Path, protocol: str
 ) -> None:
     provision(tmp_path)
     cfg = tmp_path / "agent.toml"
@@ -109,7 +110,12 @@ async def test_a_broker_that_never_acknowledges_is_one_episode_with_a_stable_sin
         ):
             sim.add_random_tags(6, seed=8)
             cfg.write_text(
-                config_text(tmp_path, sim.port, domain=BUSY_DOMAIN, extra=_mqtt(broker.port))
+                config_text(
+                    tmp_path,
+                    sim.port,
+                    domain=BUSY_DOMAIN,
+                    extra=_mqtt(broker.port, protocol=protocol),
+                )
             )
             async with AgentProcess(
                 cfg, tmp_path / "agent.log", env=listener.env(WATCHDOG_USEC)
@@ -299,9 +305,12 @@ def _dynsec_broker(dir: Path, *, refuse_commands: bool) -> Mosquitto:
     )
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_refused_command_subscription_is_shown_alerted_once_and_cleared(
-    tmp_path: Path,
+    tmp_path: Path, protocol: str
 ) -> None:
+    # MQTT 3.1.1's SUBACK has one failure code and no reason.
+    why = "Not authorized" if protocol == "5" else "refused (MQTT 3.1.1 gives no reason)"
     provision(tmp_path)
     keys = load_backend_keys(tmp_path / "backend")
     cfg = tmp_path / "agent.toml"
@@ -314,7 +323,9 @@ async def test_refused_command_subscription_is_shown_alerted_once_and_cleared(
         ).start()
         async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=33) as sim:
             sim.add_random_tags(4, seed=8)
-            cfg.write_text(config_text(tmp_path, sim.port, extra=_mqtt(broker.port)))
+            cfg.write_text(
+                config_text(tmp_path, sim.port, extra=_mqtt(broker.port, protocol=protocol))
+            )
             async with AgentProcess(cfg, tmp_path / "agent.log") as agent:
                 metrics_port = await _metrics_port(agent)
                 st = await _until_status(
@@ -324,12 +335,12 @@ async def test_refused_command_subscription_is_shown_alerted_once_and_cleared(
                 assert st["broker"]["state"] == "connected"
                 commands = st["broker"]["commands"]
                 assert commands["refused"] == {
-                    f"cabinets/v1/hangar-3/crib-07/cmd/{k}": "Not authorized"
+                    f"cabinets/v1/hangar-3/crib-07/cmd/{k}": why
                     for k in ("allow-list", "asset-registry", "erasure")
                 }
                 text = await _status_text(cfg)
                 line = next(x for x in text.splitlines() if x.strip().startswith("commands"))
-                assert "not subscribed (broker refused: Not authorized)" in line, text
+                assert f"not subscribed (broker refused: {why})" in line, text
                 checks = await _selftest(cfg)
                 assert checks["commands"]["status"] == "FAIL"
                 assert (
@@ -354,8 +365,8 @@ async def test_refused_command_subscription_is_shown_alerted_once_and_cleared(
                 st = await _status(cfg)
                 assert st["broker"]["commands"]["state"] == "refused"
                 assert [a for a in st["alerts"] if a.startswith("mqtt.commands_refused")] == [
-                    "mqtt.commands_refused: commands: not subscribed (broker refused: Not "
-                    "authorized); check the broker ACL for cabinets/v1/hangar-3/crib-07/cmd/#"
+                    f"mqtt.commands_refused: commands: not subscribed (broker refused: {why}); "
+                    "check the broker ACL for cabinets/v1/hangar-3/crib-07/cmd/#"
                 ]
                 assert agent.text().count("broker refused the command subscription(s)") == 1
 

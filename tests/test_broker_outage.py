@@ -17,12 +17,14 @@ import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.privacy.envelope import parse_header
 from backend.subscriber import stop_client
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, NotifyListener, config_text, ctl, provision
+from tests.delivery_helpers import PROTOCOLS
 from tests.mqtt_fixtures import Mosquitto, free_port
 
 EVENTS_TOPIC = "cabinets/v1/hangar-3/crib-07/events"
@@ -79,8 +81,9 @@ def _max_gap(times: list[float]) -> float:
     return max(b - a for a, b in itertools.pairwise(times))
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_broker_outage_keeps_the_watchdog_fed_and_events_are_delivered_after(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto, protocol: str
 ) -> None:
     provision(tmp_path)
     cfg = tmp_path / "agent.toml"
@@ -92,7 +95,7 @@ async def test_broker_outage_keeps_the_watchdog_fed_and_events_are_delivered_aft
             sim.add_random_tags(6, seed=8)
             # The default backoff (up to 30 s between attempts, longer than the 20 s window).
             mqtt_section = (
-                f'[mqtt]\nhost = "127.0.0.1"\nport = {mosquitto.port}\n'
+                f'[mqtt]\nhost = "127.0.0.1"\nport = {mosquitto.port}\nprotocol = "{protocol}"\n'
                 "keepalive_s = 5\nconnect_timeout_s = 3\n"
             )
             cfg.write_text(config_text(tmp_path, sim.port, domain=BUSY_DOMAIN, extra=mqtt_section))

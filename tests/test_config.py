@@ -244,3 +244,41 @@ def test_an_unknown_time_source_is_named(tmp_path: Path) -> None:
     for good in ("kernel", "none", "file:/run/time-synced"):
         p.write_text(base + f'[time]\nsync_source = "{good}"\n')
         assert load_config(p).time.sync_source == good
+
+
+def _example_with(mqtt: str) -> str:
+    """The example config with its ``protocol = "5"`` line replaced."""
+    text = EXAMPLE.read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith('protocol = "5"'))
+    return text.replace(line, mqtt.rstrip("\n"))
+
+
+@pytest.mark.parametrize(
+    ("mqtt", "field"),
+    [
+        ('protocol = "3"', "mqtt.protocol"),
+        ("protocol = 5", "mqtt.protocol"),
+        ('protocol = "3.1.1"', "mqtt"),  # with the example's session_expiry_s
+    ],
+)
+def test_mqtt_protocol_problems_are_one_line_naming_the_field_exit_78(
+    tmp_path: Path, mqtt: str, field: str
+) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(_example_with(mqtt))
+    argv = [sys.executable, "-m", "agent.cli.daemon", "run", "--config", str(p)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == EX_CONFIG, proc.stderr
+    problems = [ln for ln in proc.stderr.splitlines() if ln.strip() and "nothing started" not in ln]
+    assert len(problems) == 1, proc.stderr
+    assert problems[0].split(": ")[1] == field, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_mqtt_311_is_a_valid_protocol(tmp_path: Path) -> None:
+    p = tmp_path / "ok.toml"
+    text = _example_with('protocol = "3.1.1"')
+    p.write_text(text.replace("\nsession_expiry_s = 86400", "\n# session_expiry_s = 86400"))
+    cfg = load_config(p)
+    assert cfg.mqtt is not None
+    assert cfg.mqtt.protocol == "3.1.1"

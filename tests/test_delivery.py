@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from agent.mqtt.publisher import Publisher
+from agent.mqtt.states import BrokerState
 from agent.store import StoreAlert
 from backend.keys import BackendKeys
 from tests.delivery_helpers import (
     CABINET,
+    PROTOCOLS,
     SITE,
     Collector,
     append_sealed,
@@ -32,15 +34,17 @@ def keys(tmp_path: Path) -> BackendKeys:
     return backend(tmp_path / "backend")
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_events_arrive_exactly_with_content(
-    tmp_path: Path, mosquitto: Mosquitto, keys: BackendKeys
+    tmp_path: Path, mosquitto: Mosquitto, keys: BackendKeys, protocol: str
 ) -> None:
     collector = Collector(mosquitto.port, keys).start()
     try:
         async with open_store(tmp_path / "state.db") as store:
             sealer = sealer_for(keys)
             rows = await append_sealed(store, sealer, 150)
-            pub = Publisher(mqtt_cfg(mosquitto.port), SITE, CABINET, store, key_ids=["hpke1"])
+            cfg = mqtt_cfg(mosquitto.port, protocol=protocol)
+            pub = Publisher(cfg, SITE, CABINET, store, key_ids=["hpke1"])
             async with running(pub):
                 more = await append_sealed(store, sealer, 50)
                 pub.notify()
@@ -55,8 +59,9 @@ async def test_events_arrive_exactly_with_content(
         collector.stop()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_broker_killed_and_restarted_mid_stream(
-    tmp_path: Path, mosquitto: Mosquitto, keys: BackendKeys
+    tmp_path: Path, mosquitto: Mosquitto, keys: BackendKeys, protocol: str
 ) -> None:
     # Persistent consumer session: the broker keeps its subscription and queue across restarts.
     collector = Collector(mosquitto.port, keys, client_id="backend-1", session_expiry_s=3600)
@@ -71,7 +76,7 @@ async def test_broker_killed_and_restarted_mid_stream(
             # A paced stream keeps the broker's per-subscriber queue empty: what mosquitto has
             # acknowledged but not yet forwarded or autosaved dies with a kill -9 (broker
             # durability, not ours). Everything the publisher had in flight must survive.
-            cfg = mqtt_cfg(mosquitto.port, replay_rate=400, replay_burst=5)
+            cfg = mqtt_cfg(mosquitto.port, replay_rate=400, replay_burst=5, protocol=protocol)
             pub = Publisher(cfg, SITE, CABINET, store)
             async with running(pub):
                 assert await until(lambda: pub.stats.acked >= 50)
@@ -118,14 +123,46 @@ async def test_acl_denied_publish_is_not_delivered(
         broker.stop()
 
 
+async def test_acl_denied_publish_on_mqtt_311_is_kept_and_shown(
+    tmp_path: Path, keys: BackendKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MQTT 3.1.1 has no PUBACK reason code: mosquitto acknowledges a publish its ACL refuses
+    and drops it (only its log says so). The agent must not take that PUBACK for delivery."""
+    acl = f"topic read #\ntopic write cabinets/v1/{SITE}/{CABINET}/status\n"
+    broker = Mosquitto(tmp_path / "broker", acl=acl)
+    broker.start()
+    try:
+        async with open_store(tmp_path / "state.db", dead_letter_after=3) as store:
+            rows = await append_sealed(store, sealer_for(keys), 2)
+            cfg = mqtt_cfg(broker.port, protocol="3.1.1", keepalive_s=5)
+            pub = Publisher(cfg, SITE, CABINET, store)
+            with caplog.at_level(logging.WARNING):
+                async with running(pub):
+                    # The broker acknowledged the publishes (that is what mosquitto does)...
+                    assert await until(
+                        lambda: pub.stats.state is BrokerState.NOT_ACKNOWLEDGING, 60
+                    ), pub.stats
+                    assert await until(lambda: pub.stats.reconnects >= 2, 60), pub.stats
+            stats = await store.stats()
+            # ...but never delivered them: they are still in the outbox, nothing dead-lettered.
+            assert pub.stats.acked == 0, "a PUBACK alone is no delivery on MQTT 3.1.1"
+            assert stats.depth == len(rows), stats
+            assert stats.dead == 0, stats
+            assert "not delivered back" in caplog.text
+            assert "does not acknowledge publishes" in caplog.text
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_cancelled_publisher_cleans_up_and_a_successor_finishes(
-    tmp_path: Path, mosquitto: Mosquitto, keys: BackendKeys
+    tmp_path: Path, mosquitto: Mosquitto, keys: BackendKeys, protocol: str
 ) -> None:
     collector = Collector(mosquitto.port, keys).start()
     try:
         async with open_store(tmp_path / "state.db") as store:
             rows = await append_sealed(store, sealer_for(keys), 300)
-            cfg = mqtt_cfg(mosquitto.port, replay_rate=300, replay_burst=5)
+            cfg = mqtt_cfg(mosquitto.port, replay_rate=300, replay_burst=5, protocol=protocol)
             first = Publisher(cfg, SITE, CABINET, store)
             task = asyncio.create_task(first.run(), name="doomed-publisher")
             assert await until(lambda: first.stats.acked >= 20)
@@ -133,7 +170,7 @@ async def test_cancelled_publisher_cleans_up_and_a_successor_finishes(
             done, _ = await asyncio.wait([task], timeout=20)
             assert done, "cancellation must end run() promptly"
             assert task.cancelled(), "CancelledError must propagate, not be swallowed"
-            second = Publisher(mqtt_cfg(mosquitto.port), SITE, CABINET, store)
+            second = Publisher(cfg, SITE, CABINET, store)
             async with running(second):
                 assert await until(lambda: len(collector.events) >= len(rows), 60)
             assert (await store.stats()).depth == 0

@@ -17,6 +17,7 @@ from agent.privacy.keys import HPKE_PUBLIC_FILE
 from simulators.faultproxy import FaultProxy, MqttPublishTap
 from tests.delivery_helpers import (
     CABINET,
+    PROTOCOLS,
     SITE,
     Collector,
     append_sealed,
@@ -34,7 +35,10 @@ from tests.mqtt_fixtures import Mosquitto
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_link_cut_repeatedly_loses_nothing(tmp_path: Path, mosquitto: Mosquitto) -> None:
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_link_cut_repeatedly_loses_nothing(
+    tmp_path: Path, mosquitto: Mosquitto, protocol: str
+) -> None:
     keys = backend(tmp_path / "backend")
     window = 10
     tap = MqttPublishTap()
@@ -45,7 +49,13 @@ async def test_link_cut_repeatedly_loses_nothing(tmp_path: Path, mosquitto: Mosq
             open_store(tmp_path / "state.db") as store,
         ):
             rows = await append_sealed(store, sealer_for(keys), 600)
-            cfg = mqtt_cfg(proxy.port, inflight_window=window, replay_rate=600, replay_burst=20)
+            cfg = mqtt_cfg(
+                proxy.port,
+                inflight_window=window,
+                replay_rate=600,
+                replay_burst=20,
+                protocol=protocol,
+            )
             pub = Publisher(cfg, SITE, CABINET, store)
             async with running(pub):
                 for step in range(1, 7):
@@ -68,8 +78,9 @@ async def test_link_cut_repeatedly_loses_nothing(tmp_path: Path, mosquitto: Mosq
         collector.stop()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_blackholed_link_is_detected_and_recovered(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto, protocol: str
 ) -> None:
     keys = backend(tmp_path / "backend")
     collector = Collector(mosquitto.port, keys).start()
@@ -77,7 +88,7 @@ async def test_blackholed_link_is_detected_and_recovered(
         async with FaultProxy(mosquitto.port) as proxy, open_store(tmp_path / "state.db") as store:
             sealer = sealer_for(keys)
             rows = await append_sealed(store, sealer, 20)
-            cfg = mqtt_cfg(proxy.port, keepalive_s=5, connect_timeout_s=3)
+            cfg = mqtt_cfg(proxy.port, keepalive_s=5, connect_timeout_s=3, protocol=protocol)
             pub = Publisher(cfg, SITE, CABINET, store)
             async with running(pub):
                 assert await until(lambda: pub.stats.acked >= 20)
@@ -97,10 +108,11 @@ async def test_blackholed_link_is_detected_and_recovered(
         collector.stop()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_publisher_killed_at_random_points_loses_nothing(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto, protocol: str
 ) -> None:
-    await _kill_loop(tmp_path, mosquitto, total=1000, kills=20, seed=1234)
+    await _kill_loop(tmp_path, mosquitto, total=1000, kills=20, seed=1234, protocol=protocol)
 
 
 @pytest.mark.soak
@@ -109,7 +121,7 @@ async def test_publisher_kill_soak(tmp_path: Path, mosquitto: Mosquitto) -> None
 
 
 async def _kill_loop(
-    tmp_path: Path, mosquitto: Mosquitto, *, total: int, kills: int, seed: int
+    tmp_path: Path, mosquitto: Mosquitto, *, total: int, kills: int, seed: int, protocol: str = "5"
 ) -> None:
     """Run the driver, SIGKILL it at random points ``kills`` times, then let it finish."""
     keys = backend(tmp_path / "backend")
@@ -122,6 +134,7 @@ async def _kill_loop(
         str(mosquitto.port),
         str(tmp_path / "backend" / HPKE_PUBLIC_FILE),
         str(total),
+        protocol,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rng = random.Random(seed)

@@ -62,7 +62,9 @@ class MqttConfig(StrictModel):
     host: str = Field(min_length=1, description="broker host name or address")
     port: int | None = Field(None, ge=1, le=65535, description="default 8883 with TLS, else 1883")
     protocol: Literal["5", "3.1.1"] = Field(
-        "5", description="MQTT version; only v5 reports refused publishes (PUBACK reason codes)"
+        "5",
+        description="MQTT version; on 3.1.1 (no PUBACK reason codes) an event counts as taken "
+        "once the broker has acknowledged it and delivered it back on its own topic",
     )
     tls: TlsConfig | None = None
     allow_plaintext: bool = Field(
@@ -103,6 +105,16 @@ class MqttConfig(StrictModel):
             raise ValueError(
                 f"plaintext MQTT to non-loopback broker {self.host!r} refused: "
                 "configure [mqtt.tls] or set allow_plaintext = true"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_session_expiry_on_311(self) -> MqttConfig:
+        if self.protocol == "3.1.1" and "session_expiry_s" in self.model_fields_set:
+            raise ValueError(
+                "session_expiry_s is MQTT 5 only: on 3.1.1 the broker decides how long it keeps "
+                "a persistent session (mosquitto persistent_client_expiration, RabbitMQ "
+                'mqtt.subscription_ttl); remove it or use protocol = "5"'
             )
         return self
 

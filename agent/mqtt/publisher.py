@@ -32,6 +32,7 @@ from agent.mqtt.link import HEALTHY_SESSION_S, STABLE_MIN_S, LinkWatch, Publishe
 from agent.mqtt.session import (
     FAILURE_THRESHOLD,
     ConnectionLost,
+    EndKind,
     MqttSession,
     SubscribeResult,
     build_tls_context,
@@ -119,6 +120,9 @@ class Publisher:
         self.events_topic = f"{base}/events"
         self.status_topic = f"{base}/status"
         self.command_topics = {f"{base}/cmd/{kind}": kind for kind in COMMAND_KINDS}
+        # MQTT 3.1.1: an event is taken once acknowledged *and* delivered back to us on its
+        # own topic (no PUBACK reason codes; see MqttSession). The ACL must let us read it.
+        self._echo_topic = self.events_topic if cfg.protocol == "3.1.1" else None
         self._key_ids = sorted(key_ids)
         self.stats = PublisherStats()
         self._tls = build_tls_context(cfg.tls) if cfg.tls is not None else None
@@ -229,6 +233,7 @@ class Publisher:
             tls_context=self._tls,
             on_inbound=self._commands.on_inbound,
             executor=self._executor,
+            echo_topic=self._echo_topic,
         )
         self.stats.connect_attempts += 1
         attempt_wall, attempt_mono = self._now(), time.monotonic()
@@ -289,11 +294,17 @@ class Publisher:
             )
             if self.stats.commands is not CommandsState.REFUSED:
                 self.stats.commands = CommandsState.SUBSCRIBING
-            session.subscribe(list(self.command_topics)).add_done_callback(self._on_suback)
+            topics = list(self.command_topics)
+            if self._echo_topic is not None:
+                topics.append(self._echo_topic)
+            suback = session.subscribe(topics)
+            suback.add_done_callback(functools.partial(self._on_suback, session))
             # The birth message is not an outbox row: its PUBACK is not awaited, but it proves
-            # that the broker acknowledges.
+            # that the broker acknowledges (on MQTT 3.1.1 only a confirmed event proves that
+            # the broker takes events: a refusing broker acknowledges too).
             birth = session.publish(self.status_topic, self._status("online"), retain=True)
-            birth.add_done_callback(self._on_birth_ack)
+            if self._echo_topic is None:
+                birth.add_done_callback(self._on_birth_ack)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._drain(session), name="mqtt-drain")
                 tg.create_task(self._watch(session), name="mqtt-session-watch")
@@ -324,10 +335,25 @@ class Publisher:
         if not fut.cancelled() and fut.exception() is None:
             self._link.acknowledged()
 
-    def _on_suback(self, fut: asyncio.Future[SubscribeResult]) -> None:
+    def _on_suback(self, session: MqttSession, fut: asyncio.Future[SubscribeResult]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return  # the connection ended first: the next one subscribes again
-        self._link.subscribed(fut.result())
+        result = fut.result()
+        echo = dict(result.refused).get(self._echo_topic or "")
+        if echo is not None:
+            # Nothing could ever be confirmed on this connection: end it as a broker that
+            # does not acknowledge (the events stay in the outbox).
+            session.abort(
+                f"broker refused our subscription to {self._echo_topic} ({echo}); on MQTT 3.1.1 "
+                "an event counts as taken only once delivered back there: the ACL must let "
+                "this cabinet read it",
+                EndKind.NO_ACK,
+            )
+        commands = SubscribeResult(
+            tuple(t for t in result.granted if t in self.command_topics),
+            tuple(r for r in result.refused if r[0] in self.command_topics),
+        )
+        self._link.subscribed(commands)
 
     async def _say_goodbye(self, session: MqttSession) -> None:
         """Retained offline status, then a polite DISCONNECT (bounded)."""
@@ -434,7 +460,7 @@ class Publisher:
                 await _wait_event(self._progress, self._cfg.poll_interval_s)
 
     def _send(self, session: MqttSession, row: OutboxRow) -> None:
-        fut = session.publish(self.events_topic, row.envelope)
+        fut = session.publish(self.events_topic, row.envelope, confirm=True)
         self._inflight[row.seq] = (fut, time.monotonic())
         self.stats.published += 1
         self.stats.in_flight = len(self._inflight)

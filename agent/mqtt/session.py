@@ -230,12 +230,19 @@ class MqttSession:
         tls_context: ssl.SSLContext | None,
         on_inbound: Callable[[Inbound], None] | None = None,
         executor: Executor | None = None,
+        echo_topic: str | None = None,
     ) -> None:
         self._cfg = cfg
         self._executor = executor
         self._loop = asyncio.get_running_loop()
         self._on_inbound = on_inbound
         self._v5 = cfg.protocol == "5"
+        # MQTT 3.1.1 has no PUBACK reason code: a broker that refuses a publish (mosquitto's
+        # ACL) still acknowledges it and drops the message. A publish with ``confirm=True`` is
+        # therefore done only once its PUBACK *and* its copy, delivered back to us on
+        # ``echo_topic`` (which the caller subscribes), have arrived: the broker took it and
+        # routed it. None (MQTT v5): the PUBACK's reason code says it.
+        self.echo_topic = echo_topic
         kwargs: dict[str, Any] = {}
         if not self._v5:
             kwargs["clean_session"] = not cfg.persistent_session
@@ -277,10 +284,14 @@ class MqttSession:
         self.closed: asyncio.Future[str] = self._loop.create_future()
         self.end_kind: EndKind | None = None  # set with ``closed``
         self.connack_at: float | None = None  # time.monotonic() of a successful CONNACK
-        self.acks = 0  # PUBACKs received on this connection (any reason code)
+        # Publishes done on this connection: PUBACK (any reason code), and the echo where one
+        # is awaited.
+        self.acks = 0
         # When ``closed`` resolved: time.monotonic() the oldest unacknowledged publish was sent.
         self.unanswered_since: float | None = None
-        self._pending: dict[int, tuple[asyncio.Future[int], float]] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._by_digest: dict[bytes, int] = {}  # payload digest -> mid, for publishes to echo
+        self.echoes = 0  # our own publishes delivered back (MQTT 3.1.1 confirmation)
         self._subscribing: dict[int, tuple[list[str], asyncio.Future[SubscribeResult]]] = {}
         self._misc_handle: asyncio.TimerHandle | None = None
         self._ack_timeout_s = float(cfg.keepalive_s)
@@ -386,17 +397,30 @@ class MqttSession:
 
     # ------------------------------------------------------------------ operations
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> asyncio.Future[int]:
-        """QoS 1 publish; the future resolves with the PUBACK reason code (0 on MQTT 3.1.1)."""
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, confirm: bool = False
+    ) -> asyncio.Future[int]:
+        """QoS 1 publish; the future resolves with the PUBACK reason code (0 on MQTT 3.1.1).
+
+        ``confirm`` (with an ``echo_topic``, on ``topic`` == ``echo_topic``): resolve only once
+        the broker has also delivered the message back to us (MQTT 3.1.1, see __init__).
+        """
         if self.closed.done():
             raise ConnectionLost(f"connection closed: {self.closed.result()}")
+        digest: bytes | None = None
+        if confirm and self.echo_topic is not None:
+            if topic != self.echo_topic:
+                raise ValueError(f"cannot confirm a publish on {topic}: the echo topic is another")
+            digest = hashlib.sha256(payload).digest()
         info = self._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             # NO_CONN / QUEUE_SIZE: the connection is unusable or we broke our own bound.
             self.abort(f"publish refused locally ({mqtt.error_string(info.rc)})")
             raise ConnectionLost(f"publish refused locally: {mqtt.error_string(info.rc)}")
         fut: asyncio.Future[int] = self._loop.create_future()
-        self._pending[info.mid] = (fut, time.monotonic())
+        self._pending[info.mid] = _Pending(fut, time.monotonic(), digest)
+        if digest is not None:
+            self._by_digest[digest] = info.mid
         return fut
 
     def subscribe(self, topics: Sequence[str]) -> asyncio.Future[SubscribeResult]:
@@ -492,10 +516,20 @@ class MqttSession:
             self._finish(f"keepalive failed ({mqtt.error_string(rc)})", EndKind.KEEPALIVE)
             return
         if self._pending:
-            oldest = min(sent for _fut, sent in self._pending.values())
-            if time.monotonic() - oldest > self._ack_timeout_s:
+            oldest = min(self._pending.values(), key=lambda p: p.sent)
+            if time.monotonic() - oldest.sent > self._ack_timeout_s:
                 # A link that swallows bytes (dead NAT) keeps TCP up for minutes: give up early.
-                self.abort(f"no PUBACK for {self._ack_timeout_s:.0f} s", EndKind.NO_ACK)
+                if oldest.code is None:
+                    why = f"no PUBACK for {self._ack_timeout_s:.0f} s"
+                else:
+                    # Acknowledged but never routed back to us: the broker dropped it.
+                    why = (
+                        f"publish acknowledged but not delivered back within "
+                        f"{self._ack_timeout_s:.0f} s (MQTT 3.1.1 confirmation): the broker "
+                        f"dropped it (an ACL refusing {self.echo_topic}, or our read access "
+                        "to it?)"
+                    )
+                self.abort(why, EndKind.NO_ACK)
                 return
         self._misc_handle = self._loop.call_later(MISC_PERIOD_S, self._misc)
 
@@ -528,11 +562,15 @@ class MqttSession:
         if not self.closed.done():
             self.end_kind = kind
             if self._pending:
-                self.unanswered_since = min(sent for _fut, sent in self._pending.values())
+                self.unanswered_since = min(p.sent for p in self._pending.values())
+            elif kind is EndKind.NO_ACK:  # nothing could be confirmed (a refused echo topic)
+                self.unanswered_since = self.connack_at or time.monotonic()
             self.closed.set_result(reason)
         pending = list(self._pending.values())
         self._pending.clear()
-        for fut, _sent in pending:
+        self._by_digest.clear()
+        for entry in pending:
+            fut = entry.fut
             if not fut.done():
                 fut.set_exception(ConnectionLost(reason))
                 fut.exception()  # consumers may already be gone; never "never retrieved"
@@ -641,16 +679,39 @@ class MqttSession:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        entry = self._pending.pop(mid, None)
+        entry = self._pending.get(mid)
         if entry is None:
             return
+        entry.code = int(reason.value)
+        if entry.digest is None or entry.echoed:
+            self._complete(mid, entry)
+
+    def _complete(self, mid: int, entry: _Pending) -> None:
+        """The publish is done: acknowledged (and, where confirmed, delivered back)."""
+        del self._pending[mid]
+        if entry.digest is not None:
+            self._by_digest.pop(entry.digest, None)
         self.acks += 1
-        fut, _sent = entry
-        if not fut.done():
-            fut.set_result(int(reason.value))
+        if not entry.fut.done():
+            entry.fut.set_result(entry.code or 0)
+
+    def _echoed(self, payload: bytes) -> None:
+        """One of our publishes came back on the echo topic: the broker routed it."""
+        mid = self._by_digest.get(hashlib.sha256(payload).digest())
+        if mid is None:
+            return  # a redelivery, a copy from an earlier connection, or not ours
+        entry = self._pending[mid]
+        entry.echoed = True
+        self.echoes += 1
+        if entry.code is not None:
+            self._complete(mid, entry)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         oversize, self._client.oversize = self._client.oversize, None
+        if self.echo_topic is not None and message.topic == self.echo_topic:
+            if oversize is None:
+                self._echoed(bytes(message.payload))
+            return  # never a command
         if oversize is not None:
             logger.warning(
                 "inbound message of %d bytes on %s exceeds the limit of %d: discarded unread",
@@ -691,6 +752,17 @@ class MqttSession:
                 granted.append(topic)
         if not fut.done():
             fut.set_result(SubscribeResult(tuple(granted), tuple(refused)))
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A publish awaiting its PUBACK (and, when ``digest`` is set, its echo)."""
+
+    fut: asyncio.Future[int]
+    sent: float  # time.monotonic()
+    digest: bytes | None  # SHA-256 of the payload, for a publish confirmed by its echo
+    code: int | None = None  # the PUBACK's reason code, once it came
+    echoed: bool = False
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
