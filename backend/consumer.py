@@ -43,6 +43,7 @@ from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener
 from agent.privacy.keys import HPKE_PRIVATE_FILE, SIGNING_PRIVATE_FILE, SITE_KEY_FILE
 from agent.privacy.pseudonym import ARGON2_BOUNDS, KeyFileError, Pseudonymizer, load_site_key
 from agent.privacy.signed import parse_time
+from backend.amqp import DEFAULT_QUEUE, AmqpRecordingConsumer, check_amqp_url
 from backend.anchors import AnchorBook
 from backend.keys import (
     P2_DEFAULT,
@@ -380,6 +381,8 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     )
     try:
         check_transport(opts)
+        for url in args.amqp or []:
+            check_amqp_url(url, allow_plaintext=args.allow_plaintext)
     except ValueError as err:
         print(f"consume: {err}", file=sys.stderr)
         return EX_USAGE
@@ -407,9 +410,22 @@ def _cmd_consume(args: argparse.Namespace) -> int:
         if args.max_events and count >= args.max_events:
             done.set()
 
-    consumer = RecordingConsumer(
-        opts, Recorder(db, opener, client_id), stop=done, on_outcome=on_outcome
-    )
+    consumer: RecordingConsumer | AmqpRecordingConsumer
+    if args.amqp:
+        # A RabbitMQ cluster: competing consumers on one replicated queue (backend/amqp.py).
+        consumer = AmqpRecordingConsumer(
+            args.amqp,
+            args.queue,
+            args.topic,
+            Recorder(db, opener, client_id),
+            stop=done,
+            on_outcome=on_outcome,
+            name=client_id,
+        )
+    else:
+        consumer = RecordingConsumer(
+            opts, Recorder(db, opener, client_id), stop=done, on_outcome=on_outcome
+        )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     consumer.start()
@@ -665,6 +681,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_db_options(c)
     c.add_argument("--out", type=Path, help="append JSON lines to this file (default stdout)")
     c.add_argument("--quiet", action="store_true", help="record only, print no event lines")
+    c.add_argument(
+        "--amqp",
+        action="append",
+        metavar="URL",
+        help="read the fleet's replicated queue on a RabbitMQ cluster instead of subscribing "
+        "over MQTT (amqp://user:pass@host:5672/vhost; repeat for each node: the next one is "
+        "tried when one is lost); consumers on one queue share it",
+    )
+    c.add_argument(
+        "--queue",
+        default=DEFAULT_QUEUE,
+        help=f"the quorum queue bound to --topic (with --amqp; default {DEFAULT_QUEUE})",
+    )
     c.add_argument("--max-events", type=int, default=0, help="exit after N new events")
     c.add_argument("--idle-exit", type=float, default=0, help="exit after S idle seconds")
     c.set_defaults(func=_cmd_consume)

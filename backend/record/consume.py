@@ -23,7 +23,7 @@ from backend.subscriber import ConsumerOptions, MqttSubscriber
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RecordStats", "RecordingConsumer"]
+__all__ = ["RecordStats", "RecordingConsumer", "record_with_retry"]
 
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 30.0
@@ -80,27 +80,35 @@ class RecordingConsumer(MqttSubscriber):
             self._on_outcome(outcome)
 
     def _record(self, topic: str, payload: bytes) -> Outcome | None:
-        delay = RETRY_INITIAL_S
-        while not self._stop.is_set():
+        return record_with_retry(self._recorder, topic, payload, self._stop, self.stats)
+
+
+def record_with_retry(
+    recorder: Recorder, topic: str, payload: bytes, stop: threading.Event, stats: RecordStats
+) -> Outcome | None:
+    """Record one message, retrying with a growing pause while the record cannot take it;
+    None once ``stop`` is set first (the message stays unacknowledged: the broker keeps it)."""
+    delay = RETRY_INITIAL_S
+    while not stop.is_set():
+        try:
+            return recorder.record(topic, payload, stop=stop)
+        except RecordUnavailable as err:
+            if stop.is_set():
+                return None
+            logger.error(
+                "the record cannot take a message (%s): not acknowledged, retrying in %.1f s",
+                err,
+                delay,
+            )
+        except Exception:
+            # A fault of ours on this message (the hostile ones are refused by admission):
+            # keep it, sealed, among the refused and go on with the stream.
+            logger.exception("recording a message on %s failed", topic)
             try:
-                return self._recorder.record(topic, payload, stop=self._stop)
+                return recorder.refuse(topic, payload, "recording failed: internal error")
             except RecordUnavailable as err:
-                if self._stop.is_set():
-                    return None
-                logger.error(
-                    "the record cannot take a message (%s): not acknowledged, retrying in %.1f s",
-                    err,
-                    delay,
-                )
-            except Exception:
-                # A fault of ours on this message (the hostile ones are refused by admission):
-                # keep it, sealed, among the refused and go on with the stream.
-                logger.exception("recording a message on %s failed", topic)
-                try:
-                    return self._recorder.refuse(topic, payload, "recording failed: internal error")
-                except RecordUnavailable as err:
-                    logger.error("the record cannot take a refusal either (%s)", err)
-            self.stats.retries += 1
-            self._stop.wait(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
-        return None
+                logger.error("the record cannot take a refusal either (%s)", err)
+        stats.retries += 1
+        stop.wait(delay)
+        delay = min(delay * 2, RETRY_MAX_S)
+    return None
