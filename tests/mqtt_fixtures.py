@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from simulators.broker import MOSQUITTO, BrokerTls, Mosquitto, free_port
 
-__all__ = ["MOSQUITTO", "BrokerTls", "Mosquitto", "Pki", "free_port"]
+__all__ = ["MOSQUITTO", "BrokerTls", "Mosquitto", "Pki", "dynsec_broker", "free_port"]
 
 # ---------------------------------------------------------------- certificates
 
@@ -175,3 +176,33 @@ def mosquitto_fixture(tmp_path: Path) -> Iterator[Mosquitto]:
 @pytest.fixture(name="pki")
 def pki_fixture(tmp_path: Path) -> Pki:
     return Pki(tmp_path / "pki")
+
+
+def dynsec_broker(dir: Path, *, deny_subscribe: list[str]) -> Mosquitto:
+    """Real mosquitto whose dynamic-security plugin refuses subscriptions to ``deny_subscribe``
+    (patterns): mosquitto's plain acl_file grants any SUBSCRIBE and filters at delivery, so only
+    a plugin makes it answer a SUBACK with a refusal as production brokers do."""
+    plugin = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))
+    assert plugin, "mosquitto's dynamic security plugin is missing (Debian package mosquitto)"
+    dir.mkdir(parents=True, exist_ok=True)
+    acls = [{"acltype": "subscribePattern", "topic": t, "allow": False} for t in deny_subscribe]
+    (dir / "dynsec.json").write_text(
+        json.dumps(
+            {
+                "defaultACLAccess": {
+                    "publishClientSend": True,
+                    "publishClientReceive": True,
+                    "subscribe": True,
+                    "unsubscribe": True,
+                },
+                "clients": [],
+                "groups": [{"groupname": "anonymous", "roles": [{"rolename": "cabinets"}]}],
+                "roles": [{"rolename": "cabinets", "acls": acls}],
+                "anonymousGroup": "anonymous",
+            }
+        )
+    )
+    return Mosquitto(
+        dir,
+        extra_conf=f"plugin {plugin[0]}\nplugin_opt_config_file {dir / 'dynsec.json'}\n",
+    )

@@ -36,6 +36,7 @@ from simulators.fakebroker import FakeBroker
 from simulators.llrp import LlrpSimulator
 from tests.daemon_rig import AgentProcess, NotifyListener, config_text, ctl, provision
 from tests.delivery_helpers import PROTOCOLS, Collector
+from tests.mqtt_fixtures import dynsec_broker
 
 WATCHDOG_USEC = 2_000_000
 BUSY_DOMAIN = "background_period_s = 0.5\nscan_min_ms = 200\nstable_ms = 300"
@@ -272,37 +273,7 @@ async def test_session_taken_over_by_reason_code_is_said_alerted_once_and_backs_
 
 
 def _dynsec_broker(dir: Path, *, refuse_commands: bool) -> Mosquitto:
-    """Real mosquitto whose dynamic-security plugin refuses (or not) subscriptions to cmd/#:
-    mosquitto's plain acl_file grants any SUBSCRIBE and filters at delivery, so only a plugin
-    makes it answer a SUBACK with 0x87 as production brokers do."""
-    plugin = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))
-    assert plugin, "mosquitto's dynamic security plugin is missing (Debian package mosquitto)"
-    dir.mkdir(parents=True, exist_ok=True)
-    acls = (
-        [{"acltype": "subscribePattern", "topic": "cabinets/v1/+/+/cmd/#", "allow": False}]
-        if refuse_commands
-        else []
-    )
-    (dir / "dynsec.json").write_text(
-        json.dumps(
-            {
-                "defaultACLAccess": {
-                    "publishClientSend": True,
-                    "publishClientReceive": True,
-                    "subscribe": True,
-                    "unsubscribe": True,
-                },
-                "clients": [],
-                "groups": [{"groupname": "anonymous", "roles": [{"rolename": "cabinets"}]}],
-                "roles": [{"rolename": "cabinets", "acls": acls}],
-                "anonymousGroup": "anonymous",
-            }
-        )
-    )
-    return Mosquitto(
-        dir,
-        extra_conf=f"plugin {plugin[0]}\nplugin_opt_config_file {dir / 'dynsec.json'}\n",
-    )
+    return dynsec_broker(dir, deny_subscribe=["cabinets/v1/+/+/cmd/#"] if refuse_commands else [])
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -26,7 +26,7 @@ from tests.delivery_helpers import (
     sealer_for,
     until,
 )
-from tests.mqtt_fixtures import Mosquitto
+from tests.mqtt_fixtures import Mosquitto, dynsec_broker
 
 
 @pytest.fixture
@@ -150,6 +150,32 @@ async def test_acl_denied_publish_on_mqtt_311_is_kept_and_shown(
             assert stats.dead == 0, stats
             assert "not delivered back" in caplog.text
             assert "does not acknowledge publishes" in caplog.text
+    finally:
+        broker.stop()
+
+
+async def test_a_refused_echo_subscription_on_mqtt_311_keeps_the_events_and_says_why(
+    tmp_path: Path, keys: BackendKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On 3.1.1 the cabinet must read its own events topic to confirm its events; a broker that
+    refuses that subscription (SUBACK 0x80) can never confirm one: nothing is deleted."""
+    broker = dynsec_broker(tmp_path / "broker", deny_subscribe=["cabinets/v1/+/+/events"])
+    broker.start()
+    try:
+        async with open_store(tmp_path / "state.db") as store:
+            rows = await append_sealed(store, sealer_for(keys), 3)
+            pub = Publisher(mqtt_cfg(broker.port, protocol="3.1.1"), SITE, CABINET, store)
+            with caplog.at_level(logging.WARNING):
+                async with running(pub):
+                    assert await until(
+                        lambda: pub.stats.state is BrokerState.NOT_ACKNOWLEDGING, 60
+                    ), pub.stats
+                    assert await until(lambda: pub.stats.reconnects >= 2, 60), pub.stats
+            assert pub.stats.acked == 0
+            assert (await store.stats()).depth == len(rows)
+            assert "broker refused our subscription to cabinets/v1/site1/cab1/events" in caplog.text
+            # The command subscriptions were granted: they are not what is reported refused.
+            assert pub.stats.commands_refused == {}
     finally:
         broker.stop()
 

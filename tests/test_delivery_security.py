@@ -29,6 +29,7 @@ from backend.subscriber import stop_client
 from drivers.types import SystemClock
 from tests.delivery_helpers import (
     CABINET,
+    PROTOCOLS,
     SITE,
     append_sealed,
     backend,
@@ -243,15 +244,17 @@ async def _documents(store: Store, keys: BackendKeys, seen: Installed, synced: P
     return docs
 
 
-async def test_signed_allow_list_over_cmd_topic(tmp_path: Path, mosquitto: Mosquitto) -> None:
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_signed_allow_list_over_cmd_topic(
+    tmp_path: Path, mosquitto: Mosquitto, protocol: str
+) -> None:
     keys = backend(tmp_path / "backend")
     seen = Installed()
     topic = f"cabinets/v1/{SITE}/{CABINET}/cmd/allow-list"
     async with open_store(tmp_path / "state.db") as store:
         docs = await _documents(store, keys, seen, tmp_path / "time-synced")
-        pub = Publisher(
-            mqtt_cfg(mosquitto.port), SITE, CABINET, store, verifier=docs, documents=docs
-        )
+        cfg = mqtt_cfg(mosquitto.port, protocol=protocol)
+        pub = Publisher(cfg, SITE, CABINET, store, verifier=docs, documents=docs)
         v2 = _allow_list(keys, 2, expires_in=timedelta(days=1), badge="04A1B2C3D4")
         async with running(pub):
             assert await until(lambda: pub.stats.connected)
