@@ -266,7 +266,7 @@ def test_mqtt_protocol_problems_are_one_line_naming_the_field_exit_78(
 ) -> None:
     p = tmp_path / "bad.toml"
     p.write_text(_example_with(mqtt))
-    argv = [sys.executable, "-m", "agent.cli.daemon", "run", "--config", str(p)]
+    argv = [sys.executable, "-m", "agent.cli.cabinet_agent", "run", "--config", str(p)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == EX_CONFIG, proc.stderr
     problems = [ln for ln in proc.stderr.splitlines() if ln.strip() and "nothing started" not in ln]
