@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ class FleetCabinet:
         rows = []
         for _ in range(n):
             k = self.stream.seq + 1
-            epc = f"e2801160{k % 65536:04x}{hash(self.cabinet) % 65536:04x}"
+            epc = f"e2801160{k % 65536:04x}{zlib.crc32(self.cabinet.encode()) % 65536:04x}"
             if k % 3 == 0:
                 m = self.stream.next(ReaderOnline, reader_id="dock-1", connection=k)
             elif k % 3 == 1:
