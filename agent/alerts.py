@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from agent.domain import events as ev
 from agent.domain.ids import Uuid7Generator
 from agent.domain.now import Now
+from agent.domain.stamp import Stamper
 from agent.store.types import StoreAlert
 from agent.trusted_time import ClockStep
 
@@ -127,15 +128,11 @@ class AgentEvents:
     def __init__(self, site_id: str, cabinet_id: str) -> None:
         self.site_id = site_id
         self.cabinet_id = cabinet_id
-        self._ids = Uuid7Generator()
+        self._stamp = Stamper(site_id, cabinet_id, Uuid7Generator())
 
     def store_alert(self, alert: StoreAlert, now: Now) -> ev.Event:
         return ev.AgentAlert(
-            event_id=self._ids(now.wall),
-            time=now.wall,
-            clock=now.clock,
-            site_id=self.site_id,
-            cabinet_id=self.cabinet_id,
+            **self._stamp(now),
             kind=str(alert.kind),
             detail=alert.detail[:200],
             dropped={str(k): v for k, v in alert.dropped.items()},
@@ -145,11 +142,7 @@ class AgentEvents:
 
     def part_alert(self, alert: PartAlert, now: Now) -> ev.Event:
         return ev.AgentAlert(
-            event_id=self._ids(now.wall),
-            time=now.wall,
-            clock=now.clock,
-            site_id=self.site_id,
-            cabinet_id=self.cabinet_id,
+            **self._stamp(now),
             kind=alert.kind,
             detail=alert.detail[:200],
         )
@@ -157,11 +150,7 @@ class AgentEvents:
     def audit_anchor(self, links: tuple[tuple[int, bytes, bytes], ...], now: Now) -> ev.Event:
         seq, _prev, head = links[-1]
         return ev.AuditAnchor(
-            event_id=self._ids(now.wall),
-            time=now.wall,
-            clock=now.clock,
-            site_id=self.site_id,
-            cabinet_id=self.cabinet_id,
+            **self._stamp(now),
             head_seq=seq,
             head_hash=head.hex(),
             links=[ev.AuditLink(seq=s, prev_hash=p.hex(), hash=h.hex()) for s, p, h in links],
@@ -169,11 +158,7 @@ class AgentEvents:
 
     def clock_step(self, step: ClockStep, now: Now) -> ev.Event:
         return ev.AgentClockStep(
-            event_id=self._ids(now.wall),
-            time=now.wall,
-            clock=now.clock,
-            site_id=self.site_id,
-            cabinet_id=self.cabinet_id,
+            **self._stamp(now),
             step_s=round(step.step_s, 3),
             wall=step.wall,
             trusted=step.trusted,
