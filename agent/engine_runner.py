@@ -157,7 +157,10 @@ class Inputs:
     async def badge_reader_health(self, health: ReaderHealth) -> None:
         self.badge_health[health.reader_id] = health
         log = logger.warning if health.state == ReaderState.OFFLINE else logger.info
-        log("badge reader %s: %s %s", health.reader_id, health.state, health.detail)
+        if health.detail and health.detail != health.state:
+            log("badge reader %s: %s (%s)", health.reader_id, health.state, health.detail)
+        else:
+            log("badge reader %s: %s", health.reader_id, health.state)
 
 
 @dataclass

@@ -121,6 +121,11 @@ async def test_a_reader_refusing_its_configuration_fails_alone_and_the_agent_run
                 assert "available=1,2,3,4" in rows["dock-1"]["detail"]
                 assert rows["dock-1"]["session"] == 1
                 assert rows["dock-2"]["ok"] is True
+                # The advice fits the fault: the reader answered, its configuration is wrong.
+                rc, out, err = await ctl("readers", "ping", "--config", str(cfg))
+                line = next(x for x in out.splitlines() if x.startswith("dock-1:"))
+                assert "fix its configuration and restart the agent" in line, out
+                assert "check power" not in line
                 # systemd's status line counts it out too (refreshed by the metrics loop).
                 async with asyncio.timeout(TIMEOUT_S):
                     while not any(
@@ -132,5 +137,16 @@ async def test_a_reader_refusing_its_configuration_fails_alone_and_the_agent_run
                 await agent.wait_log(r"event reader\.offline seq=\d+ committed")
                 # The rest of the agent runs on, and stops cleanly.
                 assert await agent.stop() == 0, agent.text()
+                # sllurp's own line about the refusal is kept, its traceback is not.
+                assert "Capabilities mismatch" in agent.text()
+                assert "Traceback" not in agent.text()
+            # With the daemon stopped, the CLI connects itself: the same verdict, one line on
+            # stderr at most, no traceback.
+            rc, out, err = await ctl(
+                "readers", "ping", "--reader", "dock-1", "--config", str(cfg), "--timeout", "20"
+            )
+            assert rc == EX_UNAVAILABLE, out + err
+            assert "fix its configuration and restart the agent" in out, out
+            assert "Traceback" not in err, err
     finally:
         await listener.close()

@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.cli import control_cmd
 from agent.cli.common import DEFAULT_CONFIG, load_or_exit
+from agent.cli.diag.connections import reader_advice
 from agent.config import AgentConfig
 from agent.control.client import StreamEvent
 from drivers.registry import make_reader
@@ -95,7 +96,11 @@ async def _ping(cfg: AgentConfig, only: list[str] | None, timeout_s: float) -> l
                     else None,
                 }
             if h.state in (ReaderState.OFFLINE, ReaderState.FAILED) and h.session >= 1:
-                return {"reader": d.reader_id, "ok": False, "detail": h.detail}
+                return {
+                    "reader": d.reader_id,
+                    "ok": False,
+                    "detail": f"{h.detail}; {reader_advice(h.state)}",
+                }
         return None
 
     async with asyncio.TaskGroup() as tg:
@@ -225,11 +230,14 @@ def _ping_via_daemon(args: argparse.Namespace) -> int | None:
     else:
         for r in rows:
             age = r["last_progress_age_s"]
-            progress = f", last progress {age:.1f}s ago" if age is not None else ""
+            # Clamped: a progress mark taken after the status (clocks read in other tasks) is
+            # "now", not "-0.0s ago".
+            progress = f", last progress {max(0.0, age):.1f}s ago" if age is not None else ""
             verdict = "OK" if r["ok"] else "FAILED"
             print(
                 f"{r['reader']}: {verdict} ({r['state']}, session {r['session']}{progress}"
-                f"{'' if r['ok'] else ' — ' + r['detail']}) [via cabinet-agent]"
+                f"{'' if r['ok'] else ' — ' + r['detail'] + '; ' + reader_advice(r['state'])})"
+                " [via cabinet-agent]"
             )
     return EX_OK if all(r["ok"] for r in rows) else EX_UNAVAILABLE
 

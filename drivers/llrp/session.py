@@ -8,14 +8,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sllurp.llrp import LLRPClient, LLRPReaderConfig, LLRPReaderState
+from sllurp.llrp import LLRPClient, LLRPReaderConfig, LLRPReaderState, ReaderConfigurationError
 
 from drivers.llrp.config import LlrpReaderConfig
 from drivers.llrp.framing import FramingError, LlrpFramer, encode_close_connection
+
+
+class _OneLineConfigErrors(logging.Filter):
+    """sllurp logs a reader that refuses our configuration with ``logger.exception`` (a
+    traceback on stderr and in the journal at every attempt) and then raises it to us; the
+    driver reports it once as the reader's ``failed`` detail. Keep sllurp's line, drop the
+    traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ReaderConfigurationError):
+            record.msg = f"{record.getMessage()}: {exc}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+logging.getLogger("sllurp.llrp").addFilter(_OneLineConfigErrors())
 
 MSG_CLOSE_CONNECTION_RESPONSE = 4
 MSG_GET_READER_CAPABILITIES_RESPONSE = 11

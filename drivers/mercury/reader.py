@@ -61,7 +61,7 @@ class MercuryReader:
         )
         self._session = 0
         self._health = ReaderHealth(
-            cfg.id, ReaderState.STOPPED, self._clock.now(), detail="not started"
+            cfg.id, ReaderState.OFFLINE, self._clock.now(), detail="not started"
         )
         self._want_inventory = False
         self._inventorying = False

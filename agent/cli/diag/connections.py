@@ -19,6 +19,16 @@ if TYPE_CHECKING:
 
 READER_TIMEOUT_S = 10.0
 
+_CHECK_LINK = "check power, cable and address"
+# A reader in state "failed" answered and refused what the agent asked of it (a permanent
+# error: drivers/supervisor.py); power, cable and address are fine.
+_FIX_CONFIG = "fix its configuration and restart the agent"
+
+
+def reader_advice(state: object) -> str:
+    """What a technician should do about a reader that is not online."""
+    return _FIX_CONFIG if str(state) == "failed" else _CHECK_LINK
+
 
 async def check_readers(
     cfg: AgentConfig, status: Mapping[str, Any] | None, timeout_s: float
@@ -39,7 +49,7 @@ async def check_readers(
                         "FAIL",
                         f"reader {rc.id}",
                         f"{r.get('state')} in the running agent ({r.get('detail') or 'no detail'}); "
-                        "check power, cable and address",
+                        + reader_advice(r.get("state")),
                     )
                 )
         return out
@@ -93,7 +103,7 @@ async def _ping_readers(cfg: AgentConfig, timeout_s: float) -> list[Check]:
                             verdicts[d.reader_id] = Check(
                                 "FAIL",
                                 f"reader {d.reader_id}",
-                                f"{h.detail or 'offline'}; check power, cable and address",
+                                f"{h.detail or 'offline'}; {reader_advice(h.state)}",
                             )
                             break
                 sink.changed.clear()
@@ -109,7 +119,7 @@ async def _ping_readers(cfg: AgentConfig, timeout_s: float) -> list[Check]:
             Check(
                 "FAIL",
                 f"reader {d.reader_id}",
-                f"no answer within {timeout_s:g}s; check power, cable and address",
+                f"no answer within {timeout_s:g}s; {_CHECK_LINK}",
             ),
         )
         for d in drivers
