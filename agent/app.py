@@ -116,6 +116,7 @@ class CabinetApp:
             door=self.door,
             door_reader=None if cfg.door is None else cfg.door.reader,
             agent_events=AgentEvents(self.site_id, self.cabinet_id),
+            timezone=cfg.cabinet.zone(),
         )
         self.alert_lines = AlertLines()
         self.alerts = Alerts(
@@ -144,6 +145,7 @@ class CabinetApp:
             docs=self.docs,
             lines=self.alert_lines,
             runner=self.runner,
+            timezone=cfg.cabinet.zone(),
         )
         self.stop_event = asyncio.Event()
         self.ready = asyncio.Event()

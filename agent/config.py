@@ -9,14 +9,15 @@ import json
 import os
 import stat
 import tomllib
-from datetime import date, datetime, time
+from datetime import date, datetime, time, tzinfo
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from agent.control.config import ControlConfig
 from agent.domain.config import CabinetDomainConfig
+from agent.domain.localtime import zone
 from agent.metrics import MetricsConfig
 from agent.mqtt.config import MqttConfig
 from agent.privacy.config import PrivacyConfig
@@ -33,6 +34,21 @@ MAX_CONFIG_BYTES = 1024 * 1024
 class CabinetSection(StrictModel):
     site_id: str = Field(pattern=READER_ID_PATTERN, description="site (hangar, lab) identifier")
     cabinet_id: str = Field(pattern=READER_ID_PATTERN, description="cabinet identifier")
+    timezone: str = Field(
+        "UTC",
+        description="the site's IANA time zone ('Europe/Paris'): date rules (calibration due, "
+        "night hours, expiry warnings) are judged in it; events stay in UTC",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        zone(value)  # TimeZoneError is a ValueError: one config line naming the field
+        return value
+
+    def zone(self) -> tzinfo:
+        """The site's time zone."""
+        return zone(self.timezone)
 
 
 class LoggingSection(StrictModel):

@@ -27,12 +27,13 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Final, TypeAlias
 
 from agent.audit_policy import AuditTrail
 from agent.domain.access import AllowList, AllowListError
 from agent.domain.assets import AssetRegistry, AssetRegistryError
+from agent.domain.localtime import site_time, warning_start
 from agent.logging_setup import ThrottledLog
 from agent.privacy.erasure import ErasureError, ErasureRequest
 from agent.privacy.signed import (
@@ -414,8 +415,11 @@ class Documents:
 
     # -- status ------------------------------------------------------------------------------
 
-    def status(self, now: datetime, warn_days: float) -> dict[str, dict[str, object]]:
-        """Per kind: what is in force and until when, warnings, the last refusal."""
+    def status(
+        self, now: datetime, warn_days: float, tz: tzinfo = UTC
+    ) -> dict[str, dict[str, object]]:
+        """Per kind: what is in force and until when, warnings (from the start of the site's
+        day in ``tz``), the last refusal."""
         out: dict[str, dict[str, object]] = {}
         for kind in DOC_KINDS:
             doc = self.documents.get(kind)
@@ -429,7 +433,7 @@ class Documents:
                     expires_in_s=round(left),
                     state="expired" if left <= 0 else "valid",
                 )
-                warning = expiry_warning(kind, doc.expires_at, now, warn_days)
+                warning = expiry_warning(kind, doc.expires_at, now, warn_days, tz)
                 if warning is not None:
                     entry["warning"] = warning
             else:
@@ -497,13 +501,18 @@ class Documents:
         self.floors[kind] = floor
 
 
-def expiry_warning(kind: str, expires_at: datetime, now: datetime, warn_days: float) -> str | None:
-    """A one-line warning when ``kind`` expires within ``warn_days`` (or has expired)."""
+def expiry_warning(
+    kind: str, expires_at: datetime, now: datetime, warn_days: float, tz: tzinfo = UTC
+) -> str | None:
+    """A one-line warning when ``kind`` has expired, or expires within ``warn_days`` — from the
+    start of that day at the site (``tz``), with the site's time beside UTC."""
     left = expires_at - now
+    local = site_time(expires_at, tz)
+    at = format_time(expires_at) + (f", {local} site time" if local else "")
     if left <= timedelta(0):
-        return f"{kind} EXPIRED at {format_time(expires_at)}"
-    if left <= timedelta(days=warn_days):
-        return f"{kind} expires in {_human(left)} (at {format_time(expires_at)})"
+        return f"{kind} EXPIRED at {at}"
+    if now >= warning_start(expires_at, warn_days, tz):
+        return f"{kind} expires in {_human(left)} (at {at})"
     return None
 
 

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Final, TypeVar, assert_never
 
 from agent.alerts import AgentEvents, PartAlert
@@ -190,8 +190,10 @@ class EngineRunner:
         door: Door | None,
         door_reader: str | None,
         agent_events: AgentEvents,
+        timezone: tzinfo = UTC,
     ) -> None:
         self.site_id = site_id
+        self.timezone = timezone  # the site's: date rules are judged in it
         self.cabinet_id = cabinet_id
         self.domain = domain
         self.antennas = antennas
@@ -238,6 +240,7 @@ class EngineRunner:
                     readers=readers,
                     allow_list=allow_list,
                     assets=assets,
+                    timezone=self.timezone,
                 )
                 logger.info("resumed engine state (phase %s)", engine.phase)
             except EngineStateError as err:
@@ -255,6 +258,7 @@ class EngineRunner:
                 baseline=baseline,
                 allow_list=allow_list,
                 assets=assets,
+                timezone=self.timezone,
             )
         if not store.baseline_proven:
             # The store was recovered from damage: its baseline may miss door cycles it lost.

@@ -4,7 +4,7 @@ never a raw badge id (pseudonym key ids and document versions are not personal d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 
 from agent import __version__
 from agent.alerts import AlertLines
@@ -37,8 +37,10 @@ class StatusView:
         docs: Documents,
         lines: AlertLines,
         runner: EngineRunner,
+        timezone: tzinfo = UTC,
     ) -> None:
         self.site_id = site_id
+        self.timezone = timezone
         self.cabinet_id = cabinet_id
         self.clock = clock
         self.domain = domain  # until the engine runs: then its own (reloadable) config
@@ -61,7 +63,7 @@ class StatusView:
         # Expiry as the engine judges it: by the proven time while the wall clock is provisional.
         now = datetime.fromisoformat(clock["proven"])
         domain = engine.config if engine is not None else self.domain
-        documents = self.docs.status(now, domain.allow_list_expiry_warning_days)
+        documents = self.docs.status(now, domain.allow_list_expiry_warning_days, self.timezone)
         alerts = self.lines.recent(ALERTS_SHOWN)
         alerts += [w for d in documents.values() if isinstance(w := d.get("warning"), str)]
         if not clock["trusted"]:

@@ -11,7 +11,7 @@ import hashlib
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 from agent.domain import events as ev
@@ -134,9 +134,12 @@ class Cabinet:
     scanning: bool = False
     scan_steps: int = 0
     ticks: int = 0  # 100 ms steps since T0: exact times, no float drift
+    t0: datetime = T0  # the wall time at tick 0
+    timezone: tzinfo | None = None  # the site's zone (None: the engine's default, UTC)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+        self.now = Now(self.t0 + timedelta(milliseconds=100 * self.ticks), self.now.mono)
         self.engine = CabinetEngine(
             self.config,
             site_id="hangar-3",
@@ -146,6 +149,7 @@ class Cabinet:
             allow_list=self.al,
             assets=self.assets,
             ids=Uuid7Generator(random.Random(self.seed).randbytes),
+            timezone=self.timezone,
         )
         self.readers = {r: ReaderSim(antennas=ports) for r, ports in READER_PORTS.items()}
         self._apply(self.engine.start(self.now))
@@ -231,6 +235,7 @@ class Cabinet:
             allow_list=self.al,
             assets=self.assets,
             ids=Uuid7Generator(random.Random(self.seed + 1).randbytes),
+            timezone=self.timezone,
         )
         self._apply(self.engine.start(self.now))
         for rid in sorted(self.readers):
@@ -248,7 +253,7 @@ class Cabinet:
 
     def _step(self, n: int) -> None:
         self.ticks += n
-        self.now = Now(T0 + timedelta(milliseconds=100 * self.ticks), MONO0 + self.ticks / 10)
+        self.now = Now(self.t0 + timedelta(milliseconds=100 * self.ticks), MONO0 + self.ticks / 10)
 
     def _health(self, rid: str) -> ReaderHealth:
         sim = self.readers[rid]

@@ -282,3 +282,50 @@ def test_mqtt_311_is_a_valid_protocol(tmp_path: Path) -> None:
     cfg = load_config(p)
     assert cfg.mqtt is not None
     assert cfg.mqtt.protocol == "3.1.1"
+
+
+def test_the_site_time_zone_is_an_iana_name(tmp_path: Path) -> None:
+    base = '[[readers]]\ntype="llrp"\nid="x"\nhost="h"\n'
+    p = tmp_path / "tz.toml"
+    p.write_text('[cabinet]\nsite_id="s"\ncabinet_id="c"\ntimezone="Europe/Paris"\n' + base)
+    cfg = load_config(p)
+    assert str(cfg.cabinet.zone()) == "Europe/Paris"
+    p.write_text('[cabinet]\nsite_id="s"\ncabinet_id="c"\n' + base)
+    assert load_config(p).cabinet.timezone == "UTC"  # the default
+    for bad in ("Europe/Pariss", "CET+1", "../../etc/passwd", ""):
+        p.write_text(f'[cabinet]\nsite_id="s"\ncabinet_id="c"\ntimezone="{bad}"\n' + base)
+        with pytest.raises(ConfigError) as exc:
+            load_config(p)
+        [problem] = exc.value.problems
+        assert problem.startswith("cabinet.timezone:"), problem
+        assert "time zone" in problem
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [sys.executable, "-m", "agent.cli.ctl", "config", "check"],
+        [sys.executable, "-m", "agent.cli.cabinet_agent", "run", "--config"],
+    ],
+)
+def test_an_unknown_time_zone_is_one_line_exit_78(tmp_path: Path, argv: list[str]) -> None:
+    p = tmp_path / "bad.toml"
+    text = EXAMPLE.read_text()
+    assert 'timezone = "UTC"' in text
+    p.write_text(text.replace('timezone = "UTC"', 'timezone = "Europe/Pariss"', 1))
+    proc = subprocess.run([*argv, str(p)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == EX_CONFIG, proc.stderr
+    assert "Traceback" not in proc.stderr
+    problems = [ln for ln in proc.stderr.splitlines() if "cabinet.timezone" in ln]
+    assert len(problems) == 1, proc.stderr
+    assert "Europe/Pariss" in problems[0]
+
+
+def test_night_hours_are_times_of_day(tmp_path: Path) -> None:
+    base = '[cabinet]\nsite_id="s"\ncabinet_id="c"\n[[readers]]\ntype="llrp"\nid="x"\nhost="h"\n'
+    p = tmp_path / "night.toml"
+    p.write_text(base + '[domain]\nnight_left_open_s = 60.0\nnight_start = "24:00"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    [problem] = exc.value.problems
+    assert problem.startswith("domain.night_start:"), problem

@@ -458,3 +458,24 @@ async def test_an_offline_selftest_never_prunes_the_outbox_by_age(tmp_path: Path
         assert (await store.stats()).depth == 3
     finally:
         await store.close()
+
+
+def test_allow_list_verdict_warns_from_the_start_of_the_sites_day() -> None:
+    from datetime import UTC, datetime
+
+    from agent.cli.diag import allow_list_verdict
+    from agent.domain.config import CabinetDomainConfig
+    from agent.domain.localtime import zone
+
+    tokyo = zone("Asia/Tokyo")
+    domain = CabinetDomainConfig(allow_list_expiry_warning_days=1)
+    doc = {"version": 3, "state": "valid", "expires_at": "2026-12-02T12:00:00+00:00"}
+    # One day ahead is 1 December 12:00 UTC = 21:00 JST: in Tokyo the warning starts with
+    # that day, at 00:00 JST (30 November, 15:00 UTC).
+    early = datetime(2026, 11, 30, 20, 0, tzinfo=UTC)  # 05:00 JST on the 1st
+    assert allow_list_verdict(doc, early, domain).status == "PASS"  # UTC: from 1 Dec 00:00 UTC
+    verdict = allow_list_verdict(doc, early, domain, tokyo)
+    assert verdict.status == "WARN"
+    assert "2026-12-02 21:00 JST site time" in verdict.reason
+    before = datetime(2026, 11, 30, 14, 59, tzinfo=UTC)  # 23:59 JST on the 30th
+    assert allow_list_verdict(doc, before, domain, tokyo).status == "PASS"

@@ -458,3 +458,24 @@ async def test_refusals_judged_by_an_old_clock_leave_status_once_it_is_trusted(r
     rig.docs.clock_changed()
     assert ALLOW_LIST not in rig.docs.refusals
     assert rig.docs.refusals[ASSET_REGISTRY].reason == DocumentError.ROLLBACK, "not a clock's"
+
+
+def test_the_expiry_warning_starts_with_the_sites_day_and_shows_its_time() -> None:
+    from agent.domain.localtime import zone
+
+    paris = zone("Europe/Paris")
+    expires = datetime(2026, 12, 12, 10, 0, tzinfo=UTC)  # 11:00 CET
+    # Seven days ahead falls on 5 December, 11:00 CET; the warning starts with that day in
+    # Paris (4 December, 23:00 UTC), not at 10:00 UTC on the 5th in the middle of a shift.
+    assert (
+        expiry_warning(ALLOW_LIST, expires, datetime(2026, 12, 4, 22, 59, tzinfo=UTC), 7, paris)
+        is None
+    )
+    warned = expiry_warning(ALLOW_LIST, expires, datetime(2026, 12, 4, 23, 0, tzinfo=UTC), 7, paris)
+    assert warned is not None
+    assert "2026-12-12 11:00 CET site time" in warned
+    assert format_time(expires) in warned
+    # Judged in UTC, the same instant is no warning yet.
+    assert expiry_warning(ALLOW_LIST, expires, datetime(2026, 12, 4, 23, 0, tzinfo=UTC), 7) is None
+    gone = expiry_warning(ALLOW_LIST, expires, expires, 7, paris)
+    assert gone == f"allow-list EXPIRED at {format_time(expires)}, 2026-12-12 11:00 CET site time"

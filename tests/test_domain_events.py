@@ -63,6 +63,17 @@ def _one_of_each(gen: Uuid7Generator) -> list[ev.Event]:
             asset_id="A-1",
             calibration_due=date(2026, 1, 1),
         ),
+        ev.ItemOverdue(
+            **c(gen),
+            session_id=SID,
+            held_by=[ALICE],
+            epc="abcd",
+            asset_id="A-1",
+            drawer="top",
+            checked_out_at=datetime(2026, 3, 2, 8, 0, tzinfo=UTC),
+            limit_s=43_200.0,
+            out_s=43_200.5,
+        ),
         ev.InventoryIncomplete(
             **c(gen), purpose="session", attempt=1, will_retry=True, reasons=["dock-1 offline"]
         ),

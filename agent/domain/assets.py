@@ -1,4 +1,5 @@
-"""Asset registry (optional): EPC → asset id, name, home drawer, calibration due date."""
+"""Asset registry (optional): EPC → asset id, name, home drawer, calibration due date, how long
+it may stay out."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 _EPC_RE = re.compile(r"(?:[0-9a-f]{2}){1,64}")
 _DRAWER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_ASSETS = 200_000
+MAX_OVERDUE_AFTER_S = 366 * 86_400
 
 
 class AssetRegistryError(ValueError):
@@ -24,6 +26,8 @@ class Asset:
     name: str = ""
     home_drawer: str | None = None
     calibration_due: date | None = None
+    # Seconds this item may stay out before item.overdue (0: never); None: the [domain] default.
+    overdue_after_s: float | None = None
 
     def calibration_overdue(self, today: date) -> bool:
         """Overdue once the due date has passed (the due day itself is still fine)."""
@@ -46,7 +50,8 @@ class AssetRegistry:
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> AssetRegistry:
-        """Interpret ``{"assets": [{epc, asset_id, name?, home_drawer?, calibration_due?}]}``."""
+        """Interpret ``{"assets": [{epc, asset_id, name?, home_drawer?, calibration_due?,
+        overdue_after_s?}]}``."""
         raw = body.get("assets") if isinstance(body, Mapping) else None
         if isinstance(raw, str | bytes) or not isinstance(raw, Sequence):
             raise AssetRegistryError("asset registry body needs an 'assets' list")
@@ -89,4 +94,17 @@ def _asset(i: int, item: object) -> Asset:
             due = date.fromisoformat(due_raw)
         except ValueError:
             raise AssetRegistryError(f"asset [{i}] 'calibration_due' must be YYYY-MM-DD") from None
-    return Asset(epc, asset_id, name, home, due)
+    limit_raw = item.get("overdue_after_s")
+    limit: float | None = None
+    if limit_raw is not None:
+        if (
+            isinstance(limit_raw, bool)
+            or not isinstance(limit_raw, int | float)
+            or not 0 <= limit_raw <= MAX_OVERDUE_AFTER_S
+        ):
+            raise AssetRegistryError(
+                f"asset [{i}] 'overdue_after_s' must be a number of seconds within "
+                f"0..{MAX_OVERDUE_AFTER_S}"
+            )
+        limit = float(limit_raw)
+    return Asset(epc, asset_id, name, home, due, limit)

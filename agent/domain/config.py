@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from agent.domain.localtime import TIME_OF_DAY_PATTERN
 from drivers.config import READER_ID_PATTERN, StrictModel
 
 ALIAS_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,31}:[1-9][0-9]?$"
@@ -105,6 +106,29 @@ class CabinetDomainConfig(StrictModel):
         gt=0,
         le=86_400,
         description="flap window; a flapping reader healthy this long is stable again",
+    )
+
+    night_left_open_s: float = Field(
+        0.0,
+        ge=0,
+        le=86_400,
+        description="door.left_open period during the night hours (night_start..night_end, the "
+        "site's local time, [cabinet] timezone); 0: no night rule, left_open_s all day",
+    )
+    night_start: str = Field(
+        "22:00", pattern=TIME_OF_DAY_PATTERN, description="night hours begin (local HH:MM)"
+    )
+    night_end: str = Field(
+        "06:00",
+        pattern=TIME_OF_DAY_PATTERN,
+        description="night hours end (local HH:MM); before night_start: over midnight",
+    )
+    overdue_after_s: float = Field(
+        43_200.0,
+        ge=0,
+        le=366 * 86_400,
+        description="item.overdue once an item has been out this long (the asset registry's "
+        "overdue_after_s of an asset wins); 0: only assets with a limit of their own",
     )
 
     @model_validator(mode="after")

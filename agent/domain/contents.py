@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, tzinfo
 from typing import Any
 from uuid import UUID
 
@@ -19,6 +20,7 @@ from agent.domain import events as ev
 from agent.domain.assets import AssetRegistry
 from agent.domain.config import Antenna, CabinetDomainConfig
 from agent.domain.inventory import Baseline, ScanResult, diff
+from agent.domain.localtime import local_date
 from agent.domain.now import Now
 from agent.domain.stamp import Stamper
 from drivers.types import ReaderHealth
@@ -41,6 +43,8 @@ class Verdict:
 class Contents:
     """The baseline, the asset registry and the trust rules' memory; ``changed`` when the
     persisted part of that memory changed (the baseline is committed with the cycle)."""
+
+    timezone: tzinfo = UTC  # the site's (the engine sets it): calibration dates are judged in it
 
     def __init__(
         self,
@@ -85,7 +89,9 @@ class Contents:
         checked_out = returned = 0
         verdict = self._assess(result)
         d = diff(verdict.base, verdict.inventory)
-        today = now.judged.date()  # a due date is a validity window: proven time
+        # A due date is a validity window (proven time), and a date at the site: due "on the
+        # 10th" lasts until midnight where the cabinet stands, not in Greenwich.
+        today = local_date(now.judged, self.timezone)
         self._blind_drawers(verdict, "session", session_id, now, events)
         for epc, drawer in d.missing.items():
             if epc in verdict.vanished:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping, Sequence
+from datetime import UTC, tzinfo
 from typing import Any, Literal
 from uuid import UUID
 
@@ -47,8 +48,10 @@ from agent.domain.commands import (
 )
 from agent.domain.config import Antenna, CabinetDomainConfig
 from agent.domain.contents import Contents
+from agent.domain.holdings import Holdings
 from agent.domain.ids import Uuid7Generator
 from agent.domain.inventory import Baseline, ScanResult
+from agent.domain.localtime import in_daily_window, time_of_day
 from agent.domain.now import Now
 from agent.domain.readers import ReaderOutages
 from agent.domain.resume import EngineStateError
@@ -102,8 +105,11 @@ class CabinetEngine:
         allow_list: AllowList | None = None,
         assets: AssetRegistry | None = None,
         ids: Uuid7Generator | None = None,
+        timezone: tzinfo | None = None,
     ) -> None:
         self._config = config
+        # The site's zone: date rules (calibration due, night hours) are judged in it.
+        self.timezone: tzinfo = timezone if timezone is not None else UTC
         self.site_id = site_id
         self.cabinet_id = cabinet_id
         self.antennas: dict[Antenna, str] = config.antenna_map(readers)
@@ -120,6 +126,8 @@ class CabinetEngine:
             baseline if baseline is not None else Baseline(),
             assets,
         )
+        self._contents.timezone = self.timezone
+        self._holdings = Holdings(self._stamp)
         self.phase = Phase.IDLE
         self.door_open = False
         self._session: Session | None = None
@@ -295,6 +303,7 @@ class CabinetEngine:
             "access": self.access.snapshot(at),
             **self._contents.snapshot(),
             "session": None if s is None else s.snapshot(self._last),
+            **self._holdings.snapshot(at),
         }
         return resume.dump(state, self._last)
 
@@ -311,6 +320,7 @@ class CabinetEngine:
         allow_list: AllowList | None = None,
         assets: AssetRegistry | None = None,
         ids: Uuid7Generator | None = None,
+        timezone: tzinfo | None = None,
     ) -> CabinetEngine:
         """Rebuild an engine from ``to_bytes``; call ``start(now)`` next. Raises EngineStateError."""
         try:
@@ -325,6 +335,7 @@ class CabinetEngine:
                 allow_list=allow_list,
                 assets=assets,
                 ids=ids,
+                timezone=timezone,
             )
             # Timers were saved as "remaining at saved_at": re-base them on the instant the
             # state was saved, so time spent since (staleness, downtime) counts against them.
@@ -342,6 +353,11 @@ class CabinetEngine:
             s = state["session"]
             if s is not None:
                 engine._session = Session.restore(s, base)
+                if "left_open_due_s" not in s:  # states written before the night rule
+                    engine._session.left_open_due_s = (
+                        engine._session.left_open_alerts * config.left_open_s
+                    )
+            engine._holdings.restore(state, base.mono)
         except EngineStateError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -367,6 +383,7 @@ class CabinetEngine:
             self._stop_pass(out)
             session.door_opened_mono = now.mono
             session.left_open_alerts = 0
+            session.left_open_due_s = 0.0
             self.phase = Phase.OPEN
             grace = self.config.reopen_grace_s
             if not session.unlocked_after_close and now.mono - session.door_closed_mono > grace:
@@ -449,6 +466,7 @@ class CabinetEngine:
             out.events.append(change.event(self._stamp(now)))
             self._dirty = True
         self._readers.timers(now, out.events)
+        self._holdings.timers(now, out.events)
         phase = self.phase
         if phase is Phase.UNLOCKED and now.mono >= self._unlock_deadline:
             self._pending = []
@@ -470,9 +488,16 @@ class CabinetEngine:
         return out
 
     def _end(self, out: EngineOutput) -> EngineOutput:
-        if self._dirty or self.access.changed or self._readers.changed or self._contents.changed:
+        if (
+            self._dirty
+            or self.access.changed
+            or self._readers.changed
+            or self._contents.changed
+            or self._holdings.changed
+        ):
             out.session_state = self.to_bytes()
             self._dirty = False
+            self._holdings.changed = False
             self.access.changed = False
             self._readers.changed = False
             self._contents.changed = False
@@ -481,12 +506,17 @@ class CabinetEngine:
     def _left_open(self, now: Now, out: EngineOutput) -> None:
         session = self._session
         assert session is not None
-        period = self.config.left_open_s
+        night = self._night(now)
+        period = self.config.night_left_open_s if night else self.config.left_open_s
         open_s = now.mono - session.door_opened_mono
-        due = int(open_s // period)
-        if due > session.left_open_alerts:
+        # The next alert is one period (the one in force now: night hours are stricter) after
+        # the previous one fell due; all day long that is every left_open_s of the opening.
+        last = session.left_open_due_s
+        if open_s >= last + period:
             # One alert per input even after a long silence; the count says how many periods.
-            session.left_open_alerts = due
+            periods = int((open_s - last) // period)
+            session.left_open_alerts += periods
+            session.left_open_due_s = last + periods * period
             self._dirty = True
             out.events.append(
                 ev.DoorLeftOpen(
@@ -495,9 +525,18 @@ class CabinetEngine:
                     door_id=self.config.door_id,
                     actors=list(session.actors),
                     open_s=round(open_s, 3),
-                    alert=due,
+                    alert=session.left_open_alerts,
+                    night=night,
                 )
             )
+
+    def _night(self, now: Now) -> bool:
+        """Whether the night rule is on and the site's clocks read night hours."""
+        cfg = self.config
+        if cfg.night_left_open_s <= 0:
+            return False
+        start, end = time_of_day(cfg.night_start), time_of_day(cfg.night_end)
+        return in_daily_window(now.wall, self.timezone, start, end)
 
     # ---- scanning ----------------------------------------------------------------------------
 
@@ -599,9 +638,14 @@ class CabinetEngine:
             self._reestablish(result, sid, now, out)
             reads, tags = result.reads, len(self.baseline)
         elif result is not None:
+            first = len(out.events)
             checked_out, returned = self._contents.close_session(
                 result, sid, actors, now, out.events
             )
+            out.events[first:] = self._holdings.after_session(
+                out.events[first:], self.assets, self.config.overdue_after_s, now
+            )
+            self._holdings.back(self.baseline)
             reads, tags = result.reads, len(self.baseline)
             out.baseline = self.baseline
         out.events.append(
@@ -659,6 +703,7 @@ class CabinetEngine:
         """A complete pass nobody is accountable for (background, or a session while the
         baseline is stale) becomes the baseline (``Contents.reestablish``): trusted again."""
         self._contents.reestablish(result, session_id, now, out.events)
+        self._holdings.back(self.baseline)
         out.baseline = self.baseline
         self._stale = False
 

@@ -101,6 +101,14 @@ class ItemReturned(EventBase):
     epc: Epc
     asset_id: AssetId | None = None
     drawer: Drawer = Field(description="where the item was found")
+    held_by: list[Actor] | None = Field(
+        None,
+        description="returned by someone other than its holder: who checked it out (the "
+        "actors of that session); absent when a holder returned it or the holder is not known",
+    )
+    returned_by: list[Actor] | None = Field(
+        None, description="with held_by: who returned it (this session's actors)"
+    )
 
 
 class SessionOpened(EventBase):
@@ -181,6 +189,11 @@ class DoorLeftOpen(EventBase):
     actors: Actors
     open_s: float = Field(ge=0)
     alert: int = Field(ge=1, description="1 for the first alert of this opening, then 2, 3, …")
+    night: bool = Field(
+        False,
+        description="the night period was in force ([domain] night_left_open_s during the "
+        "night hours, the site's local time)",
+    )
 
 
 class ItemUnknown(EventBase):
@@ -222,6 +235,28 @@ class ItemCalibrationOverdue(EventBase):
     epc: Epc
     asset_id: AssetId
     calibration_due: date
+
+
+class ItemOverdue(EventBase):
+    """An item has been out longer than its limit (the asset registry's ``overdue_after_s``,
+    else ``[domain] overdue_after_s``): raised once per check-out, by the cabinet itself."""
+
+    type: Literal["item.overdue"] = "item.overdue"
+    session_id: UUID = Field(description="the session that checked it out")
+    held_by: Actors = Field(description="who checked it out (that session's actors)")
+    epc: Epc
+    asset_id: AssetId | None = None
+    drawer: Drawer | None = Field(None, description="where it was before it was taken")
+    checked_out_at: datetime = Field(description="UTC time of the check-out")
+    limit_s: float = Field(gt=0, description="the limit it exceeded")
+    out_s: float = Field(ge=0, description="how long it has been out")
+
+    @field_validator("checked_out_at")
+    @classmethod
+    def _utc_checkout(cls, value: datetime) -> datetime:
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("checked_out_at must be timezone-aware")
+        return value.astimezone(UTC)
 
 
 class InventoryIncomplete(EventBase):
@@ -403,7 +438,8 @@ Event: TypeAlias = Annotated[
     | ReaderFlapping
     | AgentAlert
     | AgentClockStep
-    | AuditAnchor,
+    | AuditAnchor
+    | ItemOverdue,
     Field(discriminator="type"),
 ]
 
@@ -432,6 +468,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "agent.alert",
     "agent.clock_step",
     "audit.anchor",
+    "item.overdue",
 )
 
 PRIORITY_CRITICAL = 0

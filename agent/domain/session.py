@@ -21,6 +21,7 @@ class Session:
     since_mono: float
     door_opened_mono: float = 0.0
     left_open_alerts: int = 0
+    left_open_due_s: float = 0.0  # door open time at which the last left-open alert fell due
     door_closed_mono: float = 0.0
     unlocked_after_close: bool = False  # a holder badged during the scan
     passes: int = 0
@@ -46,6 +47,7 @@ class Session:
             "elapsed_s": self.elapsed(now),
             "door_open_s": max(0.0, at - self.door_opened_mono),
             "left_open_alerts": self.left_open_alerts,
+            "left_open_due_s": self.left_open_due_s,
             "door_closed_s": max(0.0, at - self.door_closed_mono),
             "unlocked_after_close": self.unlocked_after_close,
             "passes": self.passes,
@@ -64,6 +66,7 @@ class Session:
             since_mono=base.mono,
             door_opened_mono=base.mono - float(s["door_open_s"]),
             left_open_alerts=int(s["left_open_alerts"]),
+            left_open_due_s=max(0.0, float(s.get("left_open_due_s", 0.0))),
             door_closed_mono=base.mono - float(s["door_closed_s"]),
             unlocked_after_close=bool(s["unlocked_after_close"]),
             passes=int(s["passes"]),

@@ -7,12 +7,13 @@ import contextlib
 import os
 import shutil
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 from agent.cli.diag.check import Check, Status, daemon_call
 from agent.config import AgentConfig
 from agent.domain.config import CabinetDomainConfig
+from agent.domain.localtime import site_time, warning_start
 from drivers.errors import CabinetError
 
 DEFAULT_MIN_FREE_PCT = 10.0
@@ -36,9 +37,13 @@ def check_keys(cfg: AgentConfig) -> Check:
 
 
 def allow_list_verdict(
-    doc: Mapping[str, Any] | None, now: datetime, domain: CabinetDomainConfig
+    doc: Mapping[str, Any] | None,
+    now: datetime,
+    domain: CabinetDomainConfig,
+    tz: tzinfo = UTC,
 ) -> Check:
-    """The allow-list's health: none, expired (grace?), expiring soon, or fine."""
+    """The allow-list's health: none, expired (grace?), expiring soon (from the start of that
+    day at the site, ``tz``), or fine."""
     if doc is None or doc.get("state") == "none":
         refused = (doc or {}).get("refused")
         why = f"; the last one was refused: {refused['reason']}" if refused else ""
@@ -70,12 +75,14 @@ def allow_list_verdict(
             f"backend publishes a new one{also}",
         )
     left = expires - now
-    if left <= timedelta(days=domain.allow_list_expiry_warning_days):
+    if now >= warning_start(expires, domain.allow_list_expiry_warning_days, tz):
         days = left.total_seconds() / 86_400
+        local = site_time(expires, tz)
         return Check(
             "WARN",
             "allow-list",
-            f"v{version} expires in {days:.1f} days (at {expires.isoformat()}): the backend "
+            f"v{version} expires in {days:.1f} days (at {expires.isoformat()}"
+            f"{f', {local} site time' if local else ''}): the backend "
             f"must publish a new one before then{also}",
         )
     status: Status = "WARN" if refused else "PASS"
@@ -87,7 +94,9 @@ async def check_allow_list(cfg: AgentConfig, status: Mapping[str, Any] | None) -
     if status is not None and isinstance(status.get("documents"), Mapping):
         clock = status.get("clock") or {}
         now = datetime.fromisoformat(str(clock.get("time") or datetime.now(UTC).isoformat()))
-        return allow_list_verdict(status["documents"].get("allow-list"), now, cfg.domain)
+        return allow_list_verdict(
+            status["documents"].get("allow-list"), now, cfg.domain, cfg.cabinet.zone()
+        )
     path = cfg.store.path
     if not path.exists():
         return Check("WARN", "allow-list", f"none: {path} does not exist (never started?)")
@@ -112,7 +121,7 @@ async def check_allow_list(cfg: AgentConfig, status: Mapping[str, Any] | None) -
         with contextlib.suppress(ValueError):
             now = max(now, decode_floor(floor_raw).floor)
     if raw is None:
-        return allow_list_verdict(None, now, cfg.domain)
+        return allow_list_verdict(None, now, cfg.domain, cfg.cabinet.zone())
     try:
         doc = privacy.verifier.authenticate(raw, "allow-list")
     except DocumentError as err:
@@ -121,6 +130,7 @@ async def check_allow_list(cfg: AgentConfig, status: Mapping[str, Any] | None) -
         {"version": doc.version, "expires_at": doc.expires_at.isoformat(), "state": "valid"},
         now,
         cfg.domain,
+        cfg.cabinet.zone(),
     )
 
 
