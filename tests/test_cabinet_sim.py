@@ -455,3 +455,22 @@ async def test_cli_exit_code_says_whether_the_round_matched(
     assert sim.returncode == rc, text
     assert ("✓ 1 events as expected" in text) == (rc == 0), text
     assert ("events differ" in text) == (rc == 1), text
+
+
+def test_a_scenario_at_night_gets_the_night_hours_around_now_on_the_sites_clocks(
+    tmp_path: Path,
+) -> None:
+    from simulators.cabinet.provisioning import night_window
+
+    # 10:30 UTC is 16:15 in Kathmandu (UTC+05:45).
+    at = datetime(2026, 12, 5, 10, 30, tzinfo=UTC)
+    assert night_window(at, "Asia/Kathmandu") == {"night_start": "15:15", "night_end": "17:15"}
+    # Over midnight on the site's clocks: the window wraps (the agent reads end < start so).
+    late = datetime(2026, 12, 5, 18, 0, tzinfo=UTC)  # 23:45 in Kathmandu
+    assert night_window(late, "Asia/Kathmandu") == {"night_start": "22:45", "night_end": "00:45"}
+    keys = _keys(tmp_path)
+    scenario = _scenario(domain={"night_left_open_s": 2.0}, at_night=True)
+    art = _artefacts(scenario, keys)
+    assert {"night_start", "night_end"} <= set(art.domain)
+    with pytest.raises(ScenarioError, match="at_night"):
+        _scenario(at_night=True, domain={"night_start": "22:00"})

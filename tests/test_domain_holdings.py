@@ -263,7 +263,7 @@ def test_a_state_without_holdings_still_loads() -> None:
     assert engine.baseline == {}
 
 
-@pytest.mark.parametrize("bad", [-1, "60", True, float("nan"), 10**9])
+@pytest.mark.parametrize("bad", [-1, "60", True, 1.5, float("nan"), 10**9])
 def test_a_registry_limit_must_be_sane_seconds(bad: object) -> None:
     with pytest.raises(AssetRegistryError, match="overdue_after_s"):
         AssetRegistry.from_body(

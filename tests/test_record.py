@@ -23,6 +23,7 @@ from agent.domain.events import (
     ItemCalibrationOverdue,
     ItemCheckedOut,
     ItemMissing,
+    ItemOverdue,
     ItemReturned,
     ReaderOffline,
     ReaderOnline,
@@ -457,3 +458,50 @@ def test_a_record_that_cannot_be_opened_is_an_exit_69_not_a_traceback(tmp_path: 
     assert proc.returncode == 69
     assert "Traceback" not in proc.stderr
     assert "record" in proc.stderr
+
+
+def test_an_overdue_item_is_an_open_alert_until_it_comes_back(
+    keys: BackendKeys, connect: Callable[[], RecordDb]
+) -> None:
+    """Issue 13 item 5: item.overdue (the cabinet's own alert) opens item.overdue:<epc>; the
+    return — by someone else here, held_by/returned_by in its body — clears it."""
+    a = CabinetStream(keys, "crib-07")
+    s1, s2 = uuid.uuid4(), uuid.uuid4()
+    taken = a.next(
+        ItemCheckedOut, session_id=s1, actors=[ALICE], epc=TW1, asset_id="TW-0001", drawer="top"
+    )
+    late = a.next(
+        ItemOverdue,
+        session_id=s1,
+        held_by=[ALICE],
+        epc=TW1,
+        asset_id="TW-0001",
+        drawer="top",
+        checked_out_at=taken.event.time,
+        limit_s=43_200.0,
+        out_s=43_201.0,
+    )
+    back = a.next(
+        ItemReturned,
+        session_id=s2,
+        actors=[BOB],
+        epc=TW1,
+        drawer="top",
+        held_by=[ALICE],
+        returned_by=[BOB],
+    )
+    rec = _recorder(connect(), keys)
+    for m in (taken, late):
+        assert rec.record(m.topic, m.payload).status == "recorded"
+    [alert] = q.alerts(rec.db)["open_alerts"]
+    assert alert["alert_key"] == f"item.overdue:{TW1}"
+    assert alert["type"] == "item.overdue"
+    assert "TW-0001 out since" in alert["detail"]
+    assert rec.record(back.topic, back.payload).status == "recorded"
+    assert q.alerts(rec.db)["open_alerts"] == []
+    history = q.history(rec.db, item="TW-0001")
+    assert [(r["type"], r["actors"]) for r in history] == [
+        ("item.returned", [BOB]),
+        ("item.overdue", [ALICE]),
+        ("item.checked_out", [ALICE]),
+    ]

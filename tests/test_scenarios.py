@@ -263,3 +263,42 @@ async def test_the_lock_is_engaged_at_start_up(tmp_path: Path, mosquitto: Mosqui
             await rig.llrp.wait_until(lambda: rig.door.locked, 8.0)
         except TimeoutError:
             raise AssertionError("the lock is still released after start-up") from None
+
+
+async def test_item_overdue_is_raised_once_across_kill_9(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Issue 13 item 5: the cabinet raises item.overdue itself, after a kill -9 that came before
+    it was due (the timer is persisted), and never again after a kill -9 that came after."""
+    base = _variant(
+        "item-overdue", ["badge alice", "wait_unlock", "open", "take wrench", "close", "settle"]
+    )
+    items = [
+        i.model_copy(update={"overdue_after_s": 6}) if i.name == "wrench" else i for i in base.items
+    ]
+    scenario = base.model_copy(update={"items": items})
+    async with cabinet_rig(scenario, tmp_path, mosquitto) as rig:
+        log = rig.sink.log
+        start = await rig.mark()
+        log.mark(start)
+        await rig.runner().run()  # the check-out is committed: session.closed was published
+        rig.agent.kill9()  # well before the 6 s limit
+        rig.agent.start()
+        await rig.agent.wait_log("ready:", count=2)
+        await log.wait_count("item.overdue", 1, TIMEOUT_S)
+        rig.agent.kill9()  # after it was committed: a restart must not repeat it
+        rig.agent.start()
+        await rig.agent.wait_log("ready:", count=3)
+        await rig.agent.wait_log("reader dock-1 configured", count=3)
+        # The restarted engine ticks at once; the marker's denial is committed after that tick,
+        # so a repeated item.overdue would have a lower seq and be among these events.
+        end = await rig.mark()
+        events = log.since_mark(before_seq=end)
+    late = [e for e in events if e["type"] == "item.overdue"]
+    assert len(late) == 1, describe_events(events, rig.artefacts)
+    [out] = [e for e in events if e["type"] == "item.checked_out"]
+    assert late[0]["session_id"] == out["session_id"]
+    assert late[0]["checked_out_at"] == out["time"]
+    assert [rig.artefacts.name_of(a) for a in late[0]["held_by"]] == ["alice"]
+    assert late[0]["out_s"] >= 6
+    rig.assert_no_pii()

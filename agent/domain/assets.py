@@ -97,13 +97,14 @@ def _asset(i: int, item: object) -> Asset:
     limit_raw = item.get("overdue_after_s")
     limit: float | None = None
     if limit_raw is not None:
+        # Whole seconds: signed documents carry no floats (canonical JSON).
         if (
             isinstance(limit_raw, bool)
-            or not isinstance(limit_raw, int | float)
+            or not isinstance(limit_raw, int)
             or not 0 <= limit_raw <= MAX_OVERDUE_AFTER_S
         ):
             raise AssetRegistryError(
-                f"asset [{i}] 'overdue_after_s' must be a number of seconds within "
+                f"asset [{i}] 'overdue_after_s' must be whole seconds within "
                 f"0..{MAX_OVERDUE_AFTER_S}"
             )
         limit = float(limit_raw)

@@ -42,6 +42,7 @@ from agent.domain.events import (
     ItemCheckedOut,
     ItemMisplaced,
     ItemMissing,
+    ItemOverdue,
     ItemReturned,
     ItemUnknown,
     ReaderFlapping,
@@ -481,7 +482,9 @@ def _project_item(tx: Tx, a: Admitted) -> None:
             "UPDATE item_state SET asset_id = ? WHERE site_id = ? AND epc = ? AND asset_id IS NULL",
             (asset_id, a.site, epc),
         )
-    actors = getattr(ev, "actors", None)
+    # An overdue item's history row names who holds it (the cabinet's own memory of the
+    # check-out); a return by someone else keeps both in its event_log body.
+    actors = ev.held_by if isinstance(ev, ItemOverdue) else getattr(ev, "actors", None)
     session_id = getattr(ev, "session_id", None)
     tx.execute(
         "INSERT INTO item_event (event_id, site_id, cabinet_id, seq, time, type, epc, asset_id, "
@@ -631,6 +634,17 @@ def _misplaced(ev: ItemMisplaced, r: list[tuple[str, str]], c: list[str]) -> Non
 
 def _item_left(ev: ItemCheckedOut | ItemMissing | ItemReturned, r: Any, c: list[str]) -> None:
     c.append(f"item.misplaced:{ev.epc}")
+    c.append(f"item.overdue:{ev.epc}")  # back, gone or out again: that check-out is over
+
+
+def _overdue(ev: ItemOverdue, r: list[tuple[str, str]], c: list[str]) -> None:
+    r.append(
+        (
+            f"item.overdue:{ev.epc}",
+            f"{ev.asset_id or ev.epc} out since {iso(ev.checked_out_at)} "
+            f"(limit {ev.limit_s:.0f} s)",
+        )
+    )
 
 
 def _calibration(ev: ItemCalibrationOverdue, r: list[tuple[str, str]], c: list[str]) -> None:
@@ -674,6 +688,7 @@ _ALERT_RULES: dict[type, _Rule] = {
     ItemMissing: _item_left,
     ItemReturned: _item_left,
     ItemCalibrationOverdue: _calibration,
+    ItemOverdue: _overdue,
     AgentAlert: _agent_alert,
     AgentClockStep: _clock,
 }

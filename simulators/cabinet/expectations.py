@@ -22,7 +22,7 @@ def describe_event(event: Mapping[str, Any], artefacts: AgentArtefacts) -> dict[
     for key, value in event.items():
         if key in _VOLATILE:
             continue
-        if key == "actors" and isinstance(value, list):
+        if key in ("actors", "held_by", "returned_by") and isinstance(value, list):
             out[key] = [artefacts.name_of(a) for a in value]
         elif key == "actor" and isinstance(value, str):
             out[key] = artefacts.name_of(value)

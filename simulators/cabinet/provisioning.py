@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 from simulators.cabinet.scenario import Person, Scenario, ScenarioError
 
@@ -107,6 +108,8 @@ def build_artefacts(
             asset["home_drawer"] = item.home_drawer
         if item.calibration_due is not None:
             asset["calibration_due"] = item.calibration_due.isoformat()
+        if item.overdue_after_s is not None:
+            asset["overdue_after_s"] = item.overdue_after_s
         assets.append(asset)
     registry = asset_registry_doc(
         lay.site_id, lay.cabinet_id, 1, issued + timedelta(days=365), assets, issued_at=issued
@@ -117,6 +120,8 @@ def build_artefacts(
         "drawers": scenario.aliases(),
         "door_id": lay.door_id,
     }
+    if scenario.at_night:
+        domain.update(night_window(issued, lay.timezone))
     return AgentArtefacts(
         site_id=lay.site_id,
         cabinet_id=lay.cabinet_id,
@@ -128,6 +133,15 @@ def build_artefacts(
         items={i.epc: i.name for i in scenario.items},
         registry_installed=scenario.asset_registry,
     )
+
+
+def night_window(at: datetime, timezone: str) -> dict[str, str]:
+    """``night_start``/``night_end``: the two hours around ``at`` on the clocks of
+    ``timezone`` (so a scenario plays at night whenever it runs; the agent must judge the
+    window in that zone, not in UTC, to see it)."""
+    local = at.astimezone(ZoneInfo(timezone))
+    start, end = local - timedelta(hours=1), local + timedelta(hours=1)
+    return {"night_start": f"{start:%H:%M}", "night_end": f"{end:%H:%M}"}
 
 
 def agent_config(
@@ -148,7 +162,11 @@ def agent_config(
     key_dir = key_dir.resolve()
     state_dir = state_dir.resolve()
     cfg: dict[str, Any] = {
-        "cabinet": {"site_id": lay.site_id, "cabinet_id": lay.cabinet_id},
+        "cabinet": {
+            "site_id": lay.site_id,
+            "cabinet_id": lay.cabinet_id,
+            "timezone": lay.timezone,
+        },
         "logging": {"level": "INFO"},
         "readers": [
             {

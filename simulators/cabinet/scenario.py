@@ -59,6 +59,9 @@ class Item(_Model):
     asset_id: str | None = Field(None, min_length=1, max_length=128)
     home_drawer: str | None = None
     calibration_due: date | None = None
+    overdue_after_s: int | None = Field(
+        None, ge=0, le=366 * 86400, description="the registry's limit out (0: never overdue)"
+    )
     registered: bool = Field(True, description="false: not in the asset registry")
     read_probability: float = Field(1.0, gt=0, le=1)
     rssi_dbm: float = Field(-55.0, ge=-100, le=0)
@@ -108,6 +111,7 @@ class Layout(_Model):
     lock_gpo: int = Field(1, ge=1, le=4)
     badge_reader_id: str = Field("badge-1", pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$")
     door_id: str = Field("door", pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+    timezone: str = Field("UTC", min_length=1, max_length=64, description="IANA zone of the site")
 
 
 class AllowListSpec(_Model):
@@ -183,6 +187,11 @@ class Scenario(_Model):
     items: list[Item] = Field(default_factory=list)
     neighbours: list[Neighbour] = Field(default_factory=list)
     asset_registry: bool = Field(True, description="false: the agent gets no asset registry")
+    at_night: bool = Field(
+        False,
+        description="the scenario plays during the night hours: [domain] night_start/night_end "
+        "are set to the two hours around the moment it is provisioned, on the site's clocks",
+    )
     steps: list[str] = Field(min_length=1)
     expect: list[Expected] = Field(default_factory=list)
 
@@ -216,6 +225,8 @@ class Scenario(_Model):
         for key in self.domain:
             if key == "drawers":
                 raise ValueError("domain.drawers comes from [drawers]; do not set it here")
+            if self.at_night and key in ("night_start", "night_end"):
+                raise ValueError(f"domain.{key} comes from at_night; do not set it here")
         self.parsed_steps()  # raises on the first bad step
         return self
 
