@@ -474,3 +474,21 @@ def test_a_scenario_at_night_gets_the_night_hours_around_now_on_the_sites_clocks
     assert {"night_start", "night_end"} <= set(art.domain)
     with pytest.raises(ScenarioError, match="at_night"):
         _scenario(at_night=True, domain={"night_start": "22:00"})
+
+
+def test_calibration_due_in_days_counts_from_the_date_at_the_site(tmp_path: Path) -> None:
+    import json as _json
+
+    keys = _keys(tmp_path)
+    wrench = {"name": "wrench", "epc": "e2801160600002000000a001", "drawer": "top"}
+    scenario = _scenario(
+        items=[{**wrench, "calibration_due_in_days": -1}],
+        cabinet={"timezone": "Pacific/Kiritimati"},
+    )
+    # 10:30 UTC on 5 December is 00:30 on the 6th in Kiritimati (UTC+14): "yesterday" there
+    # is the 5th, UTC's today.
+    art = _artefacts(scenario, keys, now=datetime(2026, 12, 5, 10, 30, tzinfo=UTC))
+    body = _json.loads(art.asset_registry)["doc"]["body"]
+    assert body["assets"][0]["calibration_due"] == "2026-12-05"
+    with pytest.raises(ScenarioError, match="not both"):
+        _scenario(items=[{**wrench, "calibration_due": "2020-01-31", "calibration_due_in_days": 1}])

@@ -108,6 +108,10 @@ def build_artefacts(
             asset["home_drawer"] = item.home_drawer
         if item.calibration_due is not None:
             asset["calibration_due"] = item.calibration_due.isoformat()
+        elif item.calibration_due_in_days is not None:
+            site_today = issued.astimezone(ZoneInfo(lay.timezone)).date()
+            due = site_today + timedelta(days=item.calibration_due_in_days)
+            asset["calibration_due"] = due.isoformat()
         if item.overdue_after_s is not None:
             asset["overdue_after_s"] = item.overdue_after_s
         assets.append(asset)

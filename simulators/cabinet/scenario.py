@@ -59,6 +59,13 @@ class Item(_Model):
     asset_id: str | None = Field(None, min_length=1, max_length=128)
     home_drawer: str | None = None
     calibration_due: date | None = None
+    calibration_due_in_days: int | None = Field(
+        None,
+        ge=-3650,
+        le=3650,
+        description="instead of calibration_due: that many days from the date at the site "
+        "([cabinet] timezone) when the scenario is provisioned (-1: due yesterday there)",
+    )
     overdue_after_s: int | None = Field(
         None, ge=0, le=366 * 86400, description="the registry's limit out (0: never overdue)"
     )
@@ -77,6 +84,12 @@ class Item(_Model):
     @property
     def asset(self) -> str:
         return self.asset_id or self.name
+
+    @model_validator(mode="after")
+    def _one_due_date(self) -> Item:
+        if self.calibration_due is not None and self.calibration_due_in_days is not None:
+            raise ValueError("give calibration_due or calibration_due_in_days, not both")
+        return self
 
 
 class Neighbour(_Model):
