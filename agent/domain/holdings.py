@@ -11,6 +11,7 @@ restart neither loses nor repeats it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ class Holdings:
     def __init__(self, stamp: Stamper) -> None:
         self._stamp = stamp
         self._by_epc: dict[str, Holding] = {}
+        # The earliest deadline still to fire: the engine ticks ten times a second, so most
+        # ticks must not walk every holding.
+        self._next_due = math.inf
         self.changed = False
 
     def __len__(self) -> int:
@@ -103,9 +107,12 @@ class Holdings:
         for epc in [e for e in self._by_epc if e in present]:
             del self._by_epc[epc]
             self.changed = True
+        self._reschedule()
 
     def timers(self, now: Now, events: list[ev.Event]) -> None:
         """``item.overdue`` for every holding whose limit ran out, once each."""
+        if now.mono < self._next_due:
+            return
         for epc, h in self._by_epc.items():
             if h.overdue_reported or h.limit_s <= 0 or now.mono < h.deadline_mono:
                 continue
@@ -124,6 +131,7 @@ class Holdings:
                     out_s=round(h.limit_s + (now.mono - h.deadline_mono), 3),
                 )
             )
+        self._reschedule()
 
     def snapshot(self, at: float) -> dict[str, Any]:
         """The persisted part: ``holdings``, each timer as the time left at ``at``."""
@@ -168,6 +176,7 @@ class Holdings:
                     overdue_reported=bool(h["reported"]),
                 ),
             )
+        self._reschedule()
         self.changed = False
 
     def _add(self, epc: str, holding: Holding) -> None:
@@ -176,7 +185,20 @@ class Holdings:
         if len(self._by_epc) > MAX_HOLDINGS:
             oldest = min(self._by_epc, key=lambda e: self._by_epc[e].checked_out_at)
             del self._by_epc[oldest]
+        if holding.limit_s > 0 and not holding.overdue_reported:
+            # Earlier is harmless (a tick walks the holdings and reschedules), later never.
+            self._next_due = min(self._next_due, holding.deadline_mono)
         self.changed = True
+
+    def _reschedule(self) -> None:
+        self._next_due = min(
+            (
+                h.deadline_mono
+                for h in self._by_epc.values()
+                if not h.overdue_reported and h.limit_s > 0
+            ),
+            default=math.inf,
+        )
 
 
 _EPC_RE = re.compile(ev.EPC_PATTERN)
