@@ -3,7 +3,11 @@ around the date boundary and daylight-saving changes, with the engine's fake clo
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -221,3 +225,21 @@ def test_zones_and_times_of_day() -> None:
     for bad in ("6:30", "24:00", "12:60", "noon"):
         with pytest.raises(ValueError):
             time_of_day(bad)
+
+
+def test_zones_resolve_without_the_systems_zone_data(tmp_path: Path) -> None:
+    """A board without /usr/share/zoneinfo: the tzdata package (a dependency) answers."""
+    empty = tmp_path / "no-zoneinfo"
+    empty.mkdir()
+    code = (
+        f"import zoneinfo; assert zoneinfo.TZPATH == ({str(empty)!r},), zoneinfo.TZPATH\n"
+        "from datetime import UTC, datetime\n"
+        "from agent.domain.localtime import local_date, zone\n"
+        "print(local_date(datetime(2026, 3, 10, 23, 30, tzinfo=UTC), zone('Europe/Paris')))\n"
+    )
+    env = {**os.environ, "PYTHONTZPATH": str(empty)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "2026-03-11"
