@@ -243,3 +243,21 @@ def test_zones_resolve_without_the_systems_zone_data(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "2026-03-11"
+
+
+def test_a_state_saved_before_the_night_rule_keeps_its_left_open_count() -> None:
+    import json
+
+    c = Cabinet(tags={epc(0): Tag("top")})  # left_open_s 60, no night rule
+    c.badge(ALICE)
+    c.open()
+    c.advance(125)
+    assert [a.alert for a in _left_open(c)] == [1, 2]
+    state = json.loads(c.states[-1])
+    del state["session"]["left_open_due_s"]  # as an older agent wrote it
+    c.states.append(json.dumps(state).encode())
+    c.restart()
+    c.advance(54)
+    assert [a.alert for a in _left_open(c)] == [1, 2]
+    c.advance(2)
+    assert [a.alert for a in _left_open(c)] == [1, 2, 3]
