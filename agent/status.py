@@ -10,8 +10,11 @@ from agent import __version__
 from agent.alerts import AlertLines
 from agent.documents import Documents
 from agent.domain.config import CabinetDomainConfig
+from agent.domain.holdings import Holding
+from agent.domain.localtime import site_time
 from agent.engine_runner import EngineRunner
 from agent.privacy.config import CabinetPrivacy
+from agent.privacy.signed import format_time
 from agent.store.store import Store
 from agent.trusted_time import TrustedClock
 from drivers.door import Door
@@ -66,6 +69,9 @@ class StatusView:
         documents = self.docs.status(now, domain.allow_list_expiry_warning_days, self.timezone)
         alerts = self.lines.recent(ALERTS_SHOWN)
         alerts += [w for d in documents.values() if isinstance(w := d.get("warning"), str)]
+        if engine is not None:
+            # The cabinet's own alert, for the technician at a crib whose backend is away.
+            alerts += overdue_lines(engine.overdue(), self.timezone)
         if not clock["trusted"]:
             alerts.append(
                 f"clock untrusted since {clock['since']} ({clock['reason']}), wall clock reads "
@@ -127,3 +133,29 @@ def store_status(store: Store | None) -> dict[str, object] | None:
         "held_detail": None if hold is None else hold.detail,
         "held_writes": store.pending_writes if hold is not None else 0,
     }
+
+
+OVERDUE_SHOWN = 10
+
+
+def overdue_lines(late: Sequence[tuple[str, Holding]], tz: tzinfo) -> list[str]:
+    """One status line per item out past its limit (no pseudonym: who holds it is in the
+    event), at most ``OVERDUE_SHOWN`` and a count of the rest."""
+    lines = []
+    for epc, h in late[:OVERDUE_SHOWN]:
+        local = site_time(h.checked_out_at, tz)
+        since = format_time(h.checked_out_at) + (f", {local} site time" if local else "")
+        lines.append(
+            f"item overdue: {h.asset_id or epc} out since {since} (limit {_duration(h.limit_s)})"
+        )
+    if len(late) > OVERDUE_SHOWN:
+        lines.append(f"item overdue: {len(late) - OVERDUE_SHOWN} more")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 120:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"

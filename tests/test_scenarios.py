@@ -26,6 +26,7 @@ from simulators.cabinet import (
     describe_events,
     load_scenario,
 )
+from tests.daemon_rig import ctl
 from tests.mqtt_fixtures import Mosquitto
 from tests.pii import assert_no_raw_ids
 from tests.scenario_harness import TIMEOUT_S, AgentProcess, Rig, cabinet_rig
@@ -294,6 +295,11 @@ async def test_item_overdue_is_raised_once_across_kill_9(
         # so a repeated item.overdue would have a lower seq and be among these events.
         end = await rig.mark()
         events = log.since_mark(before_seq=end)
+        # The technician at the crib sees it too, without the backend.
+        rc, out_text, err = await ctl("status", "--json", "--config", str(rig.agent.config))
+        assert rc == 0, err
+        alerts = json.loads(out_text)["alerts"]
+        assert any(a.startswith("item overdue: TW-0001 out since") for a in alerts), alerts
     late = [e for e in events if e["type"] == "item.overdue"]
     assert len(late) == 1, describe_events(events, rig.artefacts)
     [out] = [e for e in events if e["type"] == "item.checked_out"]

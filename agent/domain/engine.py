@@ -48,7 +48,7 @@ from agent.domain.commands import (
 )
 from agent.domain.config import Antenna, CabinetDomainConfig
 from agent.domain.contents import Contents
-from agent.domain.holdings import Holdings
+from agent.domain.holdings import Holding, Holdings
 from agent.domain.ids import Uuid7Generator
 from agent.domain.inventory import Baseline, ScanResult
 from agent.domain.localtime import in_daily_window, time_of_day
@@ -167,6 +167,10 @@ class CabinetEngine:
     @property
     def assets(self) -> AssetRegistry | None:
         return self._contents.assets
+
+    def overdue(self) -> list[tuple[str, Holding]]:
+        """Items out past their limit (``item.overdue`` raised), oldest check-out first."""
+        return self._holdings.overdue()
 
     # ---- inputs ----------------------------------------------------------------------------
 

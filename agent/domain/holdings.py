@@ -59,6 +59,11 @@ class Holdings:
     def get(self, epc: str) -> Holding | None:
         return self._by_epc.get(epc)
 
+    def overdue(self) -> list[tuple[str, Holding]]:
+        """The items out past their limit (``item.overdue`` raised), oldest check-out first."""
+        late = [(e, h) for e, h in self._by_epc.items() if h.overdue_reported]
+        return sorted(late, key=lambda item: (item[1].checked_out_at, item[0]))
+
     def after_session(
         self,
         events: Sequence[ev.Event],
