@@ -229,6 +229,8 @@ def test_persisted_holdings_are_validated() -> None:
         {"held_by": ["3F7A21C90B"]},  # not a pseudonym: never restored into an event
         {"at": "2026-03-02T08:00:00"},  # naive
         {"session": "nope"},
+        {"remaining_s": float("nan")},
+        {"limit_s": float("inf")},
     ):
         broken = json.loads(c.states[-1])
         broken["holdings"][epc(0)].update(bad)

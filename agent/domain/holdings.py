@@ -168,6 +168,9 @@ class Holdings:
             if at.tzinfo is None:
                 raise resume.EngineStateError("engine state holds a naive check-out time")
             asset_id, drawer = h.get("asset_id"), h.get("drawer")
+            limit, remaining = float(h["limit_s"]), float(h["remaining_s"])
+            if not (math.isfinite(limit) and math.isfinite(remaining)):
+                raise resume.EngineStateError("engine state holds a timer that is not a number")
             self._add(
                 epc,
                 Holding(
@@ -176,8 +179,8 @@ class Holdings:
                     checked_out_at=at,
                     asset_id=None if asset_id is None else str(asset_id),
                     drawer=None if drawer is None else str(drawer),
-                    limit_s=max(0.0, float(h["limit_s"])),
-                    deadline_mono=base_mono + float(h["remaining_s"]),
+                    limit_s=max(0.0, limit),
+                    deadline_mono=base_mono + remaining,
                     overdue_reported=bool(h["reported"]),
                 ),
             )
