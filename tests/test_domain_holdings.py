@@ -277,3 +277,18 @@ def test_a_registry_limit_must_be_sane_seconds(bad: object) -> None:
     asset = ok.get("abcd")
     assert asset is not None
     assert asset.overdue_after_s == 90.0
+
+
+def test_an_item_in_the_baseline_is_never_overdue_whatever_brought_it_back() -> None:
+    """Defence in depth: a path that puts an item back into the baseline without ending its
+    holding (a future re-baseline) must not make the cabinet cry wolf."""
+    from agent.domain.inventory import Baseline
+
+    c = Cabinet(tags=stock("top", "bottom"), config=domain_config(overdue_after_s=60))
+    c.cycle(ALICE, take=[epc(0)])
+    c.engine._contents.baseline = Baseline({epc(0): "top", epc(1): "bottom"})
+    c.advance(120)
+    assert overdue(c) == []
+    assert c.engine.overdue() == []
+    assert "holdings" in json.loads(c.states[-1])
+    assert json.loads(c.states[-1])["holdings"] == {}

@@ -470,7 +470,7 @@ class CabinetEngine:
             out.events.append(change.event(self._stamp(now)))
             self._dirty = True
         self._readers.timers(now, out.events)
-        self._holdings.timers(now, out.events)
+        self._holdings.timers(now, out.events, self.baseline)
         phase = self.phase
         if phase is Phase.UNLOCKED and now.mono >= self._unlock_deadline:
             self._pending = []

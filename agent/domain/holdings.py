@@ -114,10 +114,14 @@ class Holdings:
             self.changed = True
         self._reschedule()
 
-    def timers(self, now: Now, events: list[ev.Event]) -> None:
-        """``item.overdue`` for every holding whose limit ran out, once each."""
+    def timers(self, now: Now, events: list[ev.Event], present: Mapping[str, str]) -> None:
+        """``item.overdue`` for every holding whose limit ran out, once each — unless the item
+        is in the cabinet (``present``: the baseline) after all, whichever way it came back."""
         if now.mono < self._next_due:
             return
+        for epc in [e for e, h in self._by_epc.items() if e in present]:
+            del self._by_epc[epc]
+            self.changed = True
         for epc, h in self._by_epc.items():
             if h.overdue_reported or h.limit_s <= 0 or now.mono < h.deadline_mono:
                 continue
