@@ -10,6 +10,8 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.domain import events as ev
 from agent.domain.assets import Asset, AssetRegistry
@@ -261,3 +263,32 @@ def test_a_state_saved_before_the_night_rule_keeps_its_left_open_count() -> None
     assert [a.alert for a in _left_open(c)] == [1, 2]
     c.advance(2)
     assert [a.alert for a in _left_open(c)] == [1, 2, 3]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    period=st.sampled_from([1.0, 7.5, 60.0]),
+    gaps=st.lists(st.floats(min_value=0.05, max_value=400.0), min_size=1, max_size=40),
+)
+def test_without_a_night_rule_door_left_open_is_what_it_always_was(
+    period: float, gaps: list[float]
+) -> None:
+    """All day long, the new rule (one period after the last due point) raises exactly the
+    alerts of the old one (one per input when ``open_s // period`` grew, numbered by it),
+    whatever the spacing of the engine's inputs."""
+    c = Cabinet(tags={epc(0): Tag("top")}, config=domain_config(left_open_s=period))
+    c.badge(ALICE)
+    c.open()
+    opened = c.now
+    expected: list[int] = []
+    last = 0
+    t = 0.0
+    for gap in gaps:
+        t += gap
+        now = opened.after(t)
+        c._apply(c.engine.tick(now))
+        due = int((now.mono - opened.mono) // period)  # open_s, as the engine computes it
+        if due > last:
+            expected.append(due)
+            last = due
+    assert [a.alert for a in _left_open(c)] == expected
