@@ -25,6 +25,7 @@ from agent.config import AgentConfig
 from agent.documents import Documents, Parsed
 from agent.domain.engine import CabinetEngine
 from agent.engine_runner import AppStats, EngineRunner, Inputs
+from agent.hub import BadgeClient, CabinetHardware
 from agent.lifecycle import describe_error
 from agent.mqtt.config import check_tls_files
 from agent.privacy.config import CabinetPrivacy, load_cabinet_privacy
@@ -40,6 +41,7 @@ from drivers.registry import make_reader
 from drivers.types import (
     BadgeReaderDriver,
     Clock,
+    DoorState,
     ReaderDriver,
     ReaderHealth,
     SystemClock,
@@ -68,6 +70,7 @@ class CabinetApp:
         *,
         clock: Clock | None = None,
         credentials_dir: Path | None = None,
+        hardware: CabinetHardware | None = None,
     ) -> None:
         self.cfg = cfg
         self.clock: Clock = clock or SystemClock()
@@ -90,14 +93,26 @@ class CabinetApp:
         )
         self.stats = AppStats()
         self.inputs = Inputs(self.stats)
-        self.readers: list[ReaderDriver] = [
-            make_reader(rc, self.inputs, self.clock) for rc in cfg.readers
-        ]
-        self.badge_readers: list[BadgeReaderDriver] = [
-            BadgeReader(bc, self.inputs, self._pseudonymize, clock=self.clock)
-            for bc in cfg.badge_readers
-        ]
-        self.door: Door | None = None
+        # One cabinet of several on this controller: the devices are the controller's, built
+        # and run once (agent/hub.py); this cabinet gets its share of them.
+        self.owns_devices = hardware is None
+        self.door: Door | None = None  # built once its reader is (below)
+        self.readers: list[ReaderDriver]
+        self.badge_readers: list[BadgeReaderDriver]
+        if hardware is None:
+            self.readers = [make_reader(rc, self.inputs, self.clock) for rc in cfg.readers]
+            self.badge_readers = [
+                BadgeReader(bc, self.inputs, self._pseudonymize, clock=self.clock)
+                for bc in cfg.badge_readers
+            ]
+        else:
+            self.readers = hardware.readers(cfg.readers, self.inputs)
+            self.badge_readers = hardware.badge_readers(
+                cfg.badge_readers,
+                BadgeClient(
+                    self.inputs, self.listed_prefixes, self._pseudonymize_with, self._door_open
+                ),
+            )
         if cfg.door is not None:
             door_reader = next(r for r in self.readers if r.reader_id == cfg.door.reader)
             self.door = Door(cfg.door, door_reader.set_gpo, self.inputs)
@@ -245,10 +260,11 @@ class CabinetApp:
 
     async def _task_tree(self, store: Store) -> None:
         async with asyncio.TaskGroup() as tg:
-            for reader in self.readers:
-                self._spawn(tg, reader.run(), name=f"reader:{reader.reader_id}")
-            for badge in self.badge_readers:
-                self._spawn(tg, badge.run(), name=f"badge:{badge.reader_id}")
+            if self.owns_devices:
+                for reader in self.readers:
+                    self._spawn(tg, reader.run(), name=f"reader:{reader.reader_id}")
+                for badge in self.badge_readers:
+                    self._spawn(tg, badge.run(), name=f"badge:{badge.reader_id}")
             publisher_task = None
             if self.publisher is not None:
                 publisher_task = self._spawn(tg, self.publisher.run(), name="mqtt-publisher")
@@ -368,10 +384,19 @@ class CabinetApp:
 
     async def _pseudonymize(self, raw_id: str) -> str:
         """A badge reader's card → its pseudonym, under the live site key the allow-list uses."""
+        return await self._pseudonymize_with(raw_id, self.listed_prefixes())
+
+    async def _pseudonymize_with(self, raw_id: str, listed: frozenset[str]) -> str:
+        return await self.privacy.pseudonyms.badge(raw_id, listed)
+
+    def _door_open(self) -> bool:
+        return self.door is not None and self.door.state == DoorState.OPEN
+
+    def listed_prefixes(self) -> frozenset[str]:
+        """The pseudonym prefixes (site keys) the allow-list in force uses."""
         engine = self.runner.engine
         allow_list = engine.access.allow_list if engine is not None else None
-        listed = allow_list.prefixes if allow_list is not None else frozenset[str]()
-        return await self.privacy.pseudonyms.badge(raw_id, listed)
+        return allow_list.prefixes if allow_list is not None else frozenset[str]()
 
     def _site_key_problem(self, prefix: str, reason: str | None) -> None:
         """A TPM-held site key stopped answering (reads fail: the door stays shut) or answers

@@ -11,7 +11,7 @@ import stat
 import tomllib
 from datetime import date, datetime, time, tzinfo
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -26,6 +26,9 @@ from drivers.badge.config import BadgeReaderConfig
 from drivers.config import READER_ID_PATTERN, StrictModel
 from drivers.door import DoorConfig
 from drivers.registry import READER_TYPES, ReaderConfig
+
+if TYPE_CHECKING:
+    from agent.controller_config import ControllerConfig
 
 EX_CONFIG = 78  # sysexits.h EX_CONFIG
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -188,8 +191,43 @@ def parse_config(data: dict[str, object], path: Path = Path("<memory>")) -> Agen
     return cfg
 
 
-def load_config(path: Path) -> AgentConfig:
-    """Read and validate the config file; raise ConfigError with every problem found."""
+def load_config(path: Path, cabinet: str | None = None) -> AgentConfig:
+    """Read and validate the config file; raise ConfigError with every problem found.
+
+    A multi-cabinet file (``[[cabinets]]``) gives the config of the cabinet named ``cabinet``
+    (what one cabinet's commands, checks and control socket use); without a name it is refused
+    with the names to choose from. A single-cabinet file answers to its own cabinet id or none.
+    """
+    data = read_document(path)
+    if "cabinets" not in data:
+        cfg = parse_config(data, path)
+        if cabinet is not None and cabinet != cfg.cabinet.cabinet_id:
+            raise ConfigError(
+                path,
+                [
+                    f"cabinet.cabinet_id: this file configures {cfg.cabinet.cabinet_id!r}, "
+                    f"not {cabinet!r}"
+                ],
+            )
+        return cfg
+    from agent.controller_config import parse_controller
+
+    ctrl = parse_controller(data, path)
+    return ctrl.select(cabinet)
+
+
+def load_controller(path: Path) -> ControllerConfig:
+    """Read and validate the config file as the whole controller (one cabinet or several)."""
+    from agent.controller_config import ControllerConfig, parse_controller
+
+    data = read_document(path)
+    if "cabinets" not in data:
+        return ControllerConfig.single(parse_config(data, path), path)
+    return parse_controller(data, path)
+
+
+def read_document(path: Path) -> dict[str, object]:
+    """The config file's TOML document (size, type and encoding checked); ConfigError if not."""
     try:
         # O_NONBLOCK: a FIFO in the config's place must be refused, not wait for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -217,7 +255,7 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(path, ["(file): nested too deeply"]) from None
     except ValueError as err:  # e.g. an integer of more digits than Python converts
         raise ConfigError(path, [f"(file): unusable value: {_first_sentence(err)}"]) from None
-    return parse_config(data, path)
+    return data
 
 
 def _first_sentence(err: Exception) -> str:

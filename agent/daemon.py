@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -23,6 +23,7 @@ from agent.app import CabinetApp
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.control.server import ControlServer, PeerCred
 from agent.control_api import register_handlers
+from agent.hub import CabinetHardware
 from agent.lifecycle import (
     EX_SOFTWARE,
     FATAL_EXIT_S,
@@ -55,15 +56,24 @@ class Daemon:
         credentials_dir: Path | None = None,
         notifier: Notifier | None = None,
         guard: ExitGuard | None = None,
+        hardware: CabinetHardware | None = None,
+        gate: WatchdogGate | None = None,
     ) -> None:
         self.cfg = cfg
         self.guard = guard
         self.failure: str | None = None  # one line: why the task tree came down
         self.exit_code = 0  # what the process exits with after that failure
         self.config_path = config_path
-        self.app = CabinetApp(cfg, credentials_dir=credentials_dir)
+        # One cabinet of several in this process (agent/controller.py): the controller owns the
+        # devices, the systemd notifications and the watchdog gate; the config file is read
+        # back (SIGHUP) as this cabinet's part of it.
+        self.unit = hardware is not None
+        self.cabinet = cfg.cabinet.cabinet_id if self.unit else None
+        self.on_failure: list[Callable[[Daemon], None]] = []
+        self.app = CabinetApp(cfg, credentials_dir=credentials_dir, hardware=hardware)
         self.app.on_fatal.append(self.fatal)
         self.notifier = notifier or Notifier.from_env()
+        self._gate = gate
         self.metrics = Metrics()
         self.stop_event = self.app.stop_event
         self.reloads = 0
@@ -77,7 +87,8 @@ class Daemon:
     async def run(self) -> None:
         """Run until stopped; then report STOPPING=1 and unwind the task tree."""
         app = self.app
-        gate = WatchdogGate(WATCHDOG_WINDOW_S)
+        gate = self._gate or WatchdogGate(WATCHDOG_WINDOW_S)
+        prefix = f"{self.cabinet}:" if self.unit else ""
         control: ControlServer | None = None
         if self.cfg.control.enabled:
             control = ControlServer(self.cfg.control, audit=self._audit_cli)
@@ -85,12 +96,14 @@ class Daemon:
         metrics_server = MetricsServer(self.cfg.metrics, self.metrics.registry)
 
         def _on_ready() -> None:
-            gate.register("engine", app.runner.engine_alive, kind="time")
+            gate.register(f"{prefix}engine", app.runner.engine_alive, kind="time")
             for reader in app.readers:
-                gate.register(f"reader:{reader.reader_id}", _progress_probe(reader), kind="time")
+                gate.register(
+                    f"{prefix}reader:{reader.reader_id}", _progress_probe(reader), kind="time"
+                )
             if app.publisher is not None:
                 # Alive while its loop turns (retrying an unreachable broker is its job).
-                gate.register("publisher", app.publisher.alive_at, kind="time")
+                gate.register(f"{prefix}publisher", app.publisher.alive_at, kind="time")
             self.notifier.ready(self._status_line())
 
         app.on_ready.append(_on_ready)
@@ -101,7 +114,10 @@ class Daemon:
                     self._spawn(tg, control.serve(self.stop_event), "control-socket")
                 if self.cfg.metrics.enabled:
                     self._spawn(tg, metrics_server.serve(self.stop_event), "metrics")
-                self._spawn(tg, run_watchdog(self.notifier, gate, self.stop_event), "sd-watchdog")
+                if not self.unit:
+                    self._spawn(
+                        tg, run_watchdog(self.notifier, gate, self.stop_event), "sd-watchdog"
+                    )
                 self._spawn(tg, self._metrics_loop(), "metrics-refresh")
                 await self.stop_event.wait()
                 self.notifier.stopping("stopping")
@@ -128,6 +144,8 @@ class Daemon:
         if self.guard is not None:
             self.guard.arm(FATAL_EXIT_S, self.exit_code, self.failure)
         self.request_stop()
+        for hook in self.on_failure:
+            hook(self)
 
     def _spawn(
         self, tg: asyncio.TaskGroup, coro: Coroutine[Any, Any, None], name: str
@@ -150,7 +168,7 @@ class Daemon:
                 logger.warning("reload: no config path known; nothing to reload")
                 return
             try:
-                new = load_config(self.config_path)
+                new = load_config(self.config_path, self.cabinet)
             except ConfigError as err:
                 for line in err.problems:
                     logger.error("reload refused: %s", line)
@@ -263,6 +281,10 @@ class Daemon:
     def _audit(self, actor: str, action: str, details: dict[str, object]) -> None:
         """Append to the audit chain without blocking the caller (a signal handler, say)."""
         self.app.audit.record(actor, action, details)
+
+    def status_line(self) -> str:
+        """The one-line state ``systemctl status`` shows (``STATUS=``)."""
+        return self._status_line()
 
     def _status_line(self) -> str:
         app = self.app
@@ -434,7 +456,19 @@ def _progress_probe(reader: ReaderDriver) -> Callable[[], float]:
     return probe
 
 
-async def run_until_signalled(daemon: Daemon) -> None:
+class Runnable(Protocol):
+    """What ``run_until_signalled`` drives: a Daemon, or a Controller of several cabinets."""
+
+    guard: ExitGuard | None
+
+    async def run(self) -> None: ...
+
+    def request_stop(self) -> None: ...
+
+    def reload(self) -> None: ...
+
+
+async def run_until_signalled(daemon: Runnable) -> None:
     """Run the daemon; SIGTERM/SIGINT stop it, SIGHUP reloads. Bounded shutdown."""
     loop = asyncio.get_running_loop()
     stop_started: list[float] = []

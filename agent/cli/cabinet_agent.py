@@ -8,17 +8,18 @@ import sys
 from pathlib import Path
 
 from agent import __version__
-from agent.cli.common import DEFAULT_CONFIG, load_or_exit
+from agent.cli.common import DEFAULT_CONFIG, load_controller_or_exit
 from agent.config import EX_CONFIG
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_or_exit(args.config)
+    ctrl = load_controller_or_exit(args.config)
     from agent.logging_setup import setup_logging
 
-    setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
+    setup_logging(args.log_level or ctrl.logging.level, ctrl.logging.format)
     import logging
 
+    from agent.controller import Controller
     from agent.daemon import Daemon, run_until_signalled
     from agent.lifecycle import (
         EX_SOFTWARE,
@@ -31,14 +32,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from drivers.errors import PermanentError
 
     guard = ExitGuard()
-    daemons: list[Daemon] = []
+    daemons: list[Daemon | Controller] = []
 
     async def _main() -> None:
         # asyncio.run would otherwise wait for the default executor's threads without a bound.
         asyncio.get_running_loop().set_default_executor(
             NonWaitingExecutor(thread_name_prefix="asyncio-worker")
         )
-        daemon = Daemon(cfg, config_path=args.config, guard=guard)
+        daemon: Daemon | Controller
+        if ctrl.multi:  # several cabinets on this controller: one process for all of them
+            daemon = Controller(ctrl, config_path=args.config, guard=guard)
+        else:
+            daemon = Daemon(ctrl.cabinets[0], config_path=args.config, guard=guard)
         daemons.append(daemon)
         await run_until_signalled(daemon)
 

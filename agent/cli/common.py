@@ -7,22 +7,45 @@ import stat
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NoReturn
 
-from agent.config import EX_CONFIG, AgentConfig, ConfigError, load_config
+from agent.config import EX_CONFIG, AgentConfig, ConfigError, load_config, load_controller
+from agent.controller_config import ControllerConfig
 from drivers.errors import CabinetError
 
 DEFAULT_CONFIG = Path("/etc/cabinet-agent/agent.toml")
 
 
+# ``cabinetctl --cabinet NAME``: which cabinet of a multi-cabinet config the command is about.
+selected_cabinet: str | None = None
+
+
+def load_selected(path: Path) -> AgentConfig:
+    """The config of the cabinet ``--cabinet`` names (any cabinet of a one-cabinet file)."""
+    return load_config(path, selected_cabinet)
+
+
 def load_or_exit(path: Path) -> AgentConfig:
     """Load the config; on any problem print one line each to stderr and exit 78."""
     try:
-        return load_config(path)
+        return load_selected(path)
     except ConfigError as err:
-        for line in err.problems:
-            print(f"{err.path}: {line}", file=sys.stderr)
-        print(f"{err.path}: {len(err.problems)} problem(s); nothing started", file=sys.stderr)
-        raise SystemExit(EX_CONFIG) from None
+        _exit_config(err)
+
+
+def load_controller_or_exit(path: Path) -> ControllerConfig:
+    """Load the whole file (every cabinet); on any problem one line each, exit 78."""
+    try:
+        return load_controller(path)
+    except ConfigError as err:
+        _exit_config(err)
+
+
+def _exit_config(err: ConfigError) -> NoReturn:
+    for line in err.problems:
+        print(f"{err.path}: {line}", file=sys.stderr)
+    print(f"{err.path}: {len(err.problems)} problem(s); nothing started", file=sys.stderr)
+    raise SystemExit(EX_CONFIG) from None
 
 
 def preflight(

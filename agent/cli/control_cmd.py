@@ -91,6 +91,10 @@ def socket_path(args: argparse.Namespace) -> Path:
                 "control_disabled",
             )
         return cfg.control.socket_path
+    from agent.cli.common import selected_cabinet
+
+    if selected_cabinet is not None:  # no config file: the packaged per-cabinet default
+        return DEFAULT_SOCKET_PATH.parent / f"{selected_cabinet}.sock"
     return DEFAULT_SOCKET_PATH
 
 

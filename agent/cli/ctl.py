@@ -7,31 +7,48 @@ import json
 import sys
 from pathlib import Path
 
+from agent.cli import common
 from agent.cli.common import DEFAULT_CONFIG, preflight
-from agent.config import EX_CONFIG, ConfigError, load_config
+from agent.config import EX_CONFIG, ConfigError, load_controller
 from agent.store.location import location_problems
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     """The file, then what the daemon would refuse at start (keys, TLS files, socket place)."""
     try:
-        cfg = load_config(args.path)
+        ctrl = load_controller(args.path)
+        chosen = [common.load_selected(args.path)] if common.selected_cabinet else ctrl.cabinets
     except ConfigError as err:
         return _config_verdict(args, err.problems, [])
-    # Where the store lives, then keys, TLS files and the socket's place.
-    problems, notes = preflight(cfg)
-    problems = [*location_problems(cfg.store), *problems]
-    return _config_verdict(args, problems, notes, readers=len(cfg.readers))
+    problems: list[str] = []
+    notes: list[str] = []
+    for cfg in chosen:
+        # Where the store lives, then keys, TLS files and the socket's place.
+        found, noted = preflight(cfg)
+        found = [*location_problems(cfg.store), *found]
+        if ctrl.multi:  # each line names the cabinet it is about
+            at = f"cabinets[{ctrl.names.index(cfg.cabinet.cabinet_id)}]."
+            found = [at + line for line in found]
+        problems += found
+        notes += [n for n in noted if n not in notes]
+    cabinets = [c.cabinet.cabinet_id for c in chosen] if ctrl.multi else []
+    return _config_verdict(args, problems, notes, readers=len(ctrl.readers), cabinets=cabinets)
 
 
 def _config_verdict(
-    args: argparse.Namespace, problems: list[str], notes: list[str], readers: int = 0
+    args: argparse.Namespace,
+    problems: list[str],
+    notes: list[str],
+    readers: int = 0,
+    cabinets: list[str] | None = None,
 ) -> int:
     for line in problems:  # people read stderr, one line per problem
         print(f"{args.path}: {line}", file=sys.stderr)
     if args.json:  # scripts read stdout: the verdict and the problems
         doc: dict[str, object] = {"ok": not problems, "path": str(args.path)}
         doc.update({"problems": problems} if problems else {"readers": readers})
+        if cabinets and not problems:
+            doc["cabinets"] = cabinets
         if notes:
             doc["notes"] = notes
         print(json.dumps(doc))
@@ -40,12 +57,20 @@ def _config_verdict(
     else:
         for line in notes:
             print(f"{args.path}: note: {line}")
-        print(f"{args.path}: ok ({readers} reader(s))")
+        what = f"{readers} reader(s)"
+        if cabinets:
+            what += f", {len(cabinets)} cabinet(s): {', '.join(cabinets)}"
+        print(f"{args.path}: ok ({what})")
     return EX_CONFIG if problems else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cabinetctl", description=__doc__)
+    parser.add_argument(
+        "--cabinet",
+        metavar="NAME",
+        help="the cabinet (cabinet_id) to talk to when one controller drives several",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     config = sub.add_parser("config", help="configuration file checks")
@@ -74,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    common.selected_cabinet = args.cabinet
     rc: int = args.func(args)
     return rc
 

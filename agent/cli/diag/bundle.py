@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.cli.common import load_selected
 from agent.cli.diag.check import COMMAND_TIMEOUT_S, EX_OK, daemon_status
 from agent.cli.diag.connections import READER_TIMEOUT_S
 from agent.cli.diag.selftest import run_selftest
 from agent.cli.diag.state import store_report
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config import AgentConfig, ConfigError
 
 LOG_LINES = 2000
 _REDACTED = "<redacted>"
@@ -135,7 +136,7 @@ async def build_bundle(
     checks = await run_selftest(config_path, reader_timeout_s=reader_timeout_s)
     members["selftest.txt"] = "".join(c.line() + "\n" for c in checks).encode()
     try:
-        cfg: AgentConfig | None = load_config(config_path)
+        cfg: AgentConfig | None = load_selected(config_path)
     except ConfigError:
         cfg = None
     if cfg is not None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from agent.cli import common
 from agent.cli.diag.check import Check, daemon_status, exit_code
 from agent.cli.diag.clock import check_clock, check_ntp, check_trusted_clock
 from agent.cli.diag.connections import (
@@ -24,7 +25,7 @@ from agent.cli.diag.state import (
     check_store,
     store_report,
 )
-from agent.config import ConfigError, load_config
+from agent.config import AgentConfig, ConfigError, load_controller
 
 
 async def run_selftest(
@@ -33,14 +34,29 @@ async def run_selftest(
     reader_timeout_s: float = READER_TIMEOUT_S,
     min_free_pct: float = DEFAULT_MIN_FREE_PCT,
 ) -> list[Check]:
-    """Every check, in the order a technician would fix them."""
+    """Every check, in the order a technician would fix them; with several cabinets and none
+    chosen (``cabinetctl --cabinet``), each cabinet's checks in turn, named ``<cabinet>/…``."""
     try:
-        cfg = load_config(config_path)
+        ctrl = load_controller(config_path)
+        if ctrl.multi and common.selected_cabinet is None:
+            checks: list[Check] = []
+            for cfg in ctrl.cabinets:
+                name = cfg.cabinet.cabinet_id
+                for c in await _cabinet_selftest(config_path, cfg, reader_timeout_s, min_free_pct):
+                    checks.append(replace(c, check=f"{name}/{c.check}"))
+            return checks
+        cfg = common.load_selected(config_path)
     except ConfigError as err:
         return [
             Check("FAIL", "config", f"{config_path}: {p}", config_problem=True)
             for p in err.problems
         ]
+    return await _cabinet_selftest(config_path, cfg, reader_timeout_s, min_free_pct)
+
+
+async def _cabinet_selftest(
+    config_path: Path, cfg: AgentConfig, reader_timeout_s: float, min_free_pct: float
+) -> list[Check]:
     checks = [Check("PASS", "config", f"{config_path} is valid ({len(cfg.readers)} reader(s))")]
     checks.append(check_keys(cfg))
     checks.append(check_clock())

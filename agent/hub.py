@@ -1,0 +1,155 @@
+"""The controller's hardware when it drives several cabinets: each reader and badge reader is
+built and connected once, and every cabinet gets its share (``CabinetHardware``).
+
+Readers: a :class:`drivers.shared.SharedReader` per reader, split by antenna port. Badge
+readers: a :class:`BadgeBank` per badge reader; a card shown at a reader in front of several
+cabinets goes to every one of them, and each judges it by its own allow-list (the door opened
+within the unlock window is the session; the others relock). docs/domain.md, "Several cabinets".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+
+from drivers.badge.config import BadgeReaderConfig
+from drivers.badge.reader import BadgeReader, BadgeSink
+from drivers.registry import AnyReaderConfig, make_reader
+from drivers.shared import SharedReader
+from drivers.types import (
+    BadgeRead,
+    BadgeReaderDriver,
+    Clock,
+    ReaderDriver,
+    ReaderHealth,
+    ReaderSink,
+)
+
+logger = logging.getLogger(__name__)
+
+# raw badge id, the pseudonym prefixes the cabinet's allow-list uses -> pseudonym
+PseudonymizeWith = Callable[[str, frozenset[str]], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class BadgeClient:
+    """A cabinet behind a shared badge reader: where its reads go, and how it names people."""
+
+    sink: BadgeSink
+    listed: Callable[[], frozenset[str]]  # prefixes its allow-list uses (key rotation)
+    pseudonymize: PseudonymizeWith
+    door_open: Callable[[], bool] = lambda: False  # its door is open now (sensor says so)
+
+
+class BadgeBank:
+    """One badge reader in front of one or more cabinets (a bank): every read goes to each."""
+
+    def __init__(self, cfg: BadgeReaderConfig, clock: Clock) -> None:
+        self.clients: list[BadgeClient] = []
+        self.skipped_reads = 0  # cards shown while every door of the bank stood open
+        self.driver = BadgeReader(cfg, self, self._pseudonymize, clock=clock)
+
+    @property
+    def reader_id(self) -> str:
+        return self.driver.reader_id
+
+    @property
+    def health(self) -> ReaderHealth:
+        return self.driver.health
+
+    async def run(self) -> None:
+        await self.driver.run()
+
+    async def badge_read(self, read: BadgeRead) -> None:
+        # The card is for a door that is still shut: someone at a bank badges to open one.
+        # A cabinet standing open already has its people, and a bank reader cannot tell who
+        # stands where, so passing it on would make them a holder of a session they are not at.
+        closed = [c for c in self.clients if not c.door_open()]
+        if not closed:
+            self.skipped_reads += 1
+            logger.info("badge presented at %s: every door of its bank is open", read.reader_id)
+        for client in closed:
+            await client.sink.badge_read(read)
+
+    async def badge_reader_health(self, health: ReaderHealth) -> None:
+        for client in self.clients:
+            await client.sink.badge_reader_health(health)
+
+    async def _pseudonymize(self, raw_id: str) -> str:
+        # The cabinets of one controller share the site and its keys ([privacy] is not per
+        # cabinet), so one pseudonym serves them all; during a key rotation it is made under
+        # the key any of their allow-lists already uses.
+        listed: frozenset[str] = frozenset().union(*(c.listed() for c in self.clients))
+        return await self.clients[0].pseudonymize(raw_id, listed)
+
+
+class BadgeView:
+    """A cabinet's handle on a bank's badge reader (the bank's driver runs once)."""
+
+    def __init__(self, bank: BadgeBank) -> None:
+        self._bank = bank
+
+    @property
+    def reader_id(self) -> str:
+        return self._bank.reader_id
+
+    @property
+    def health(self) -> ReaderHealth:
+        return self._bank.health
+
+    async def run(self) -> None:
+        raise RuntimeError(f"badge reader {self.reader_id} is shared: run its BadgeBank")
+
+
+class Hardware:
+    """Every reader and badge reader of the controller, each with one connection."""
+
+    def __init__(
+        self,
+        readers: Sequence[AnyReaderConfig],
+        badge_readers: Sequence[BadgeReaderConfig],
+        clock: Clock,
+    ) -> None:
+        self.readers: dict[str, SharedReader] = {}
+        for rc in readers:
+            self.readers[rc.id] = SharedReader(
+                lambda sink, rc=rc: make_reader(rc, sink, clock)  # type: ignore[misc]
+            )
+        self.banks = {bc.id: BadgeBank(bc, clock) for bc in badge_readers}
+
+    def drivers(self) -> list[tuple[str, Callable[[], Coroutine[object, object, None]]]]:
+        """(task name, run) of every device: the process runs each once."""
+        out: list[tuple[str, Callable[[], Coroutine[object, object, None]]]] = [
+            (f"reader:{rid}", shared.run) for rid, shared in self.readers.items()
+        ]
+        out += [(f"badge:{bid}", bank.run) for bid, bank in self.banks.items()]
+        return out
+
+    def reader_drivers(self) -> list[ReaderDriver]:
+        return [shared.driver for shared in self.readers.values()]
+
+    def for_cabinet(self, cabinet_id: str) -> CabinetHardware:
+        return CabinetHardware(self, cabinet_id)
+
+
+class CabinetHardware:
+    """What one cabinet's app is given instead of building its own drivers."""
+
+    def __init__(self, hub: Hardware, cabinet_id: str) -> None:
+        self._hub = hub
+        self.cabinet_id = cabinet_id
+
+    def readers(self, configs: Sequence[AnyReaderConfig], sink: ReaderSink) -> list[ReaderDriver]:
+        """The cabinet's ports on its readers (``configs`` carry its own antenna ports)."""
+        return [self._hub.readers[rc.id].port(self.cabinet_id, rc.antennas, sink) for rc in configs]
+
+    def badge_readers(
+        self, configs: Sequence[BadgeReaderConfig], client: BadgeClient
+    ) -> list[BadgeReaderDriver]:
+        views: list[BadgeReaderDriver] = []
+        for bc in configs:
+            bank = self._hub.banks[bc.id]
+            bank.clients.append(client)
+            views.append(BadgeView(bank))
+        return views

@@ -1,0 +1,306 @@
+"""Two cabinets on one controller, end to end: one LLRP reader whose antenna ports are split
+between them (each door on its own GPI/GPO of that reader), one badge reader in front of the
+bank, one ``cabinet-agent run`` process, a real mosquitto and consumer.
+
+Each cabinet's events carry its own cabinet id and sequence, and its list is compared exactly;
+the reader sees exactly one LLRP client for the whole run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backend.keys import BackendKeys, generate_backend_keys
+from simulators.badge import BadgeSimulator
+from simulators.cabinet import (
+    INSTALLER,
+    AgentArtefacts,
+    Person,
+    Scenario,
+    agent_config,
+    build_artefacts,
+    cmd_topic,
+    describe_events,
+    match_events,
+    publish_retained,
+    to_toml,
+    wire_door,
+)
+from simulators.cabinet.runner import tag_for
+from simulators.cabinet.scenario import Expected, Layout
+from simulators.door import SimulatedDoor
+from simulators.llrp import LlrpSimulator
+from tests.mqtt_fixtures import Mosquitto
+from tests.pii import assert_no_raw_ids
+from tests.scenario_harness import TIMEOUT_S, AgentProcess, EventSink
+
+BANK = "bank"
+READER = "dock-1"
+ALICE = Person(name="alice", badge="3F7A21C90B")
+BOB = Person(name="bob", badge="5D0E4B8812")
+MARKER = Person(name="marker", badge="6A2D7F0C55", listed=False)
+# Short unlock windows: a door nobody opens relocks quickly (the bank's other cabinets).
+TIMERS = {"unlock_pulse_s": 1.5, "relock_after_s": 1.5}
+
+
+def _cabinet(cabinet_id: str, gpio: int, ports: list[int], item: dict[str, str]) -> Scenario:
+    return Scenario.model_validate(
+        {
+            "name": cabinet_id,
+            "cabinet": Layout(
+                cabinet_id=cabinet_id,
+                reader_id=READER,
+                sensor_gpi=gpio,
+                lock_gpo=gpio,
+                badge_reader_id=BANK,
+            ),
+            "drawers": {"top": [ports[0]], "bottom": [ports[1]]},
+            "domain": TIMERS,
+            "people": [ALICE, BOB],
+            "items": [{**item, "home_drawer": "top", "drawer": "top"}],
+            "steps": ["open"],
+        }
+    )
+
+
+CAB_A = _cabinet("crib-a", 1, [1, 2], {"name": "wrench", "epc": "e2801160600002000000a001"})
+CAB_B = _cabinet("crib-b", 2, [3, 4], {"name": "drill", "epc": "e2801160600002000000a002"})
+
+
+@dataclass
+class Bank:
+    """The simulators, the agent and the consumer around the two cabinets."""
+
+    llrp: LlrpSimulator
+    badge: BadgeSimulator
+    doors: dict[str, SimulatedDoor]
+    arts: dict[str, AgentArtefacts]
+    sink: EventSink
+    agent: AgentProcess
+
+    def events(self, cabinet: str) -> list[dict[str, Any]]:
+        return sorted(
+            (e for e in self.sink.log.events if e["cabinet_id"] == cabinet),
+            key=lambda e: int(e["seq"]),
+        )
+
+    def count(self, cabinet: str, type_: str, actor: str | None = None) -> int:
+        return sum(
+            1
+            for e in self.events(cabinet)
+            if e["type"] == type_
+            and (actor is None or self.arts[cabinet].name_of(str(e.get("actor"))) == actor)
+        )
+
+    async def wait_count(self, cabinet: str, type_: str, n: int, actor: str | None = None) -> None:
+        await self.sink.log.wait_for(lambda: self.count(cabinet, type_, actor) >= n, TIMEOUT_S)
+
+    async def wait_lock(self, cabinet: str, *, locked: bool) -> None:
+        door = self.doors[cabinet]
+        await self.llrp.wait_until(lambda: door.locked == locked, TIMEOUT_S)
+
+    async def present(self, person: Person, receivers: int) -> None:
+        """Show a card at the bank's reader; back once ``receivers`` cabinets have it."""
+        needle = f"badge presented at {BANK}\n"
+        before = self.agent.log_text().count(needle)
+        await self.badge.present(person.badge)
+        await self.agent.wait_log(needle, count=before + receivers)
+        await asyncio.sleep(0.35)  # the reader's repeat interval: the next card is a new one
+
+    async def mark(self) -> dict[str, int]:
+        """The marker card (not listed) at the bank, both doors shut: each cabinet's seq of its
+        ``access.denied``, with everything before it delivered."""
+        before = {c: self.count(c, "access.denied", "marker") for c in self.doors}
+        await self.present(MARKER, receivers=2)
+        seqs: dict[str, int] = {}
+        for cab in self.doors:
+            await self.wait_count(cab, "access.denied", before[cab] + 1, "marker")
+            denied = [e for e in self.events(cab) if e["type"] == "access.denied"]
+            seqs[cab] = int(denied[-1]["seq"])
+            await self.sink.log.wait_for(
+                lambda cab=cab: _contiguous(self.events(cab), seqs[cab]), TIMEOUT_S
+            )
+        return seqs
+
+    def between(self, cabinet: str, start: int, end: int) -> list[dict[str, Any]]:
+        return [e for e in self.events(cabinet) if start < int(e["seq"]) < end]
+
+    async def commission(self, cabinet: str) -> None:
+        """The installer stocks one cabinet: badge, open, close; the other door relocks."""
+        other = next(c for c in self.doors if c != cabinet)
+        closed = self.count(cabinet, "session.closed")
+        await self.present(INSTALLER, receivers=2)
+        await self.wait_lock(cabinet, locked=False)
+        await self.doors[cabinet].open()
+        await self.doors[cabinet].close()
+        await self.wait_count(cabinet, "session.closed", closed + 1)
+        await self.wait_lock(cabinet, locked=True)
+        await self.wait_lock(other, locked=True)
+
+
+def _contiguous(events: list[dict[str, Any]], upto: int) -> bool:
+    seqs = {int(e["seq"]) for e in events}
+    return bool(seqs) and all(s in seqs for s in range(min(seqs), upto + 1))
+
+
+def _config(
+    tmp: Path, llrp: LlrpSimulator, badge: BadgeSimulator, broker: Mosquitto, arts: dict[str, Any]
+) -> dict[str, Any]:
+    """The multi-cabinet file: the reader and the badge reader once, two [[cabinets]]."""
+    agent_dir = tmp / "agent"
+    one = agent_config(
+        CAB_A,
+        arts["crib-a"],
+        llrp_port=llrp.port,
+        badge_url=badge.url,
+        key_dir=tmp / "keys",
+        state_dir=agent_dir,
+        mqtt_port=broker.port,
+    )
+    reader = {**one["readers"][0], "antennas": [1, 2, 3, 4], "gpi_ports": [1, 2]}
+    cabinets = []
+    for scen in (CAB_A, CAB_B):
+        lay = scen.cabinet
+        cabinets.append(
+            {
+                "cabinet_id": lay.cabinet_id,
+                "readers": {READER: scen.antennas_in_use()},
+                "badge_readers": [BANK],
+                "door": {**one["door"], "sensor_gpi": lay.sensor_gpi, "lock_gpo": lay.lock_gpo},
+                "domain": arts[lay.cabinet_id].domain,
+            }
+        )
+    socket_dir = Path(one["control"]["socket_path"]).parent
+    return {
+        "cabinet": {"site_id": CAB_A.cabinet.site_id},
+        "logging": {"level": "INFO"},
+        "readers": [reader],
+        "badge_readers": one["badge_readers"],
+        "privacy": one["privacy"],
+        "mqtt": one["mqtt"],
+        "metrics": {"enabled": False},
+        "store": {"path": str(agent_dir / "state.db"), "synchronous": "NORMAL"},
+        "control": {"socket_path": str(socket_dir / "control.sock"), "group": "root"},
+        "time": {"sync_source": f"file:{agent_dir / 'time-synced'}"},
+        "cabinets": cabinets,
+    }
+
+
+@contextlib.asynccontextmanager
+async def bank_rig(tmp: Path, broker: Mosquitto) -> AsyncIterator[Bank]:
+    keys: BackendKeys = generate_backend_keys(tmp / "keys")
+    agent_dir = tmp / "agent"
+    agent_dir.mkdir()
+    (agent_dir / "time-synced").touch()
+    async with (
+        LlrpSimulator(antennas=4, seed=7) as llrp,
+        BadgeSimulator(transport="tcp") as badge,
+    ):
+        doors = {s.cabinet.cabinet_id: wire_door(s, llrp) for s in (CAB_A, CAB_B)}
+        arts = {}
+        for scen in (CAB_A, CAB_B):
+            for item in scen.items:
+                llrp.add_tag(tag_for(scen, item.epc, "top", item))
+            arts[scen.cabinet.cabinet_id] = build_artefacts(
+                scen,
+                site=keys.site,
+                signing_key=keys.signing_private,
+                signing_kid=keys.signing_kid,
+                extra_people=[INSTALLER, MARKER],
+            )
+        config = agent_dir / "agent.toml"
+        config.write_text(to_toml(_config(tmp, llrp, badge, broker, arts)))
+        for art in arts.values():
+            publish_retained(broker.port, cmd_topic(art, "allow-list"), art.allow_list)
+            publish_retained(broker.port, cmd_topic(art, "asset-registry"), art.asset_registry)
+        sink = EventSink(broker.port, keys, asyncio.get_running_loop())
+        agent = AgentProcess(config, agent_dir / "agent.log")
+        sink.start()
+        bank = Bank(llrp, badge, doors, arts, sink, agent)
+        try:
+            agent.start()
+            await agent.wait_log("installed allow-list", count=2)
+            await agent.wait_log("installed asset-registry", count=2)
+            await llrp.wait_until(lambda: llrp.server.connections.active == 1, TIMEOUT_S)
+            await badge.wait_for_client(TIMEOUT_S)
+            await agent.wait_log(f"badge reader {BANK}: connected")
+            await agent.wait_log(f"reader {READER}: connecting -> online")
+            for cab in doors:
+                await bank.commission(cab)
+            yield bank
+        except BaseException:
+            print(agent.log_tail(120))  # shown by pytest with the failure
+            raise
+        finally:
+            try:
+                rc = await agent.stop()
+            finally:
+                sink.stop()
+            assert rc == 0, f"agent exit code {rc}:\n{agent.log_tail()}"
+
+
+def _expect(person: str, item: str) -> list[Expected]:
+    return [
+        Expected(type="session.opened", actors=[person], trigger="badge"),
+        Expected(type="item.checked_out", item=item, drawer="top", actors=[person]),
+        Expected(
+            type="session.closed", actors=[person], quality="complete", checked_out=1, returned=0
+        ),
+    ]
+
+
+async def test_two_cabinets_share_one_reader_and_one_badge_reader(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    async with bank_rig(tmp_path, mosquitto) as bank:
+        a, b = bank.doors["crib-a"], bank.doors["crib-b"]
+        start = await bank.mark()
+        # Alice badges at the bank: both doors release; she opens A, B relocks unopened.
+        await bank.present(ALICE, receivers=2)
+        await bank.wait_lock("crib-a", locked=False)
+        await bank.wait_lock("crib-b", locked=False)
+        await a.open()
+        await bank.wait_lock("crib-b", locked=True)
+        # Bob badges while A stands open: the card is for B only (A's door is open).
+        await bank.present(BOB, receivers=1)
+        await bank.wait_lock("crib-b", locked=False)
+        await b.open()
+        bank.llrp.remove_tag(CAB_B.item("drill").epc)
+        bank.llrp.remove_tag(CAB_A.item("wrench").epc)
+        await b.close()
+        # B's settle scan runs on the shared reader while A is still open; A closes during it,
+        # and B's end of scan must not end A's.
+        await bank.llrp.wait_inventorying(TIMEOUT_S)
+        await a.close()
+        await bank.wait_count("crib-b", "session.closed", 2)
+        await bank.wait_count("crib-a", "session.closed", 2)
+        end = await bank.mark()
+        for cab, (person, item) in {
+            "crib-a": ("alice", "wrench"),
+            "crib-b": ("bob", "drill"),
+        }.items():
+            got = bank.between(cab, start[cab], end[cab])
+            problems = match_events(_expect(person, item), got, bank.arts[cab])
+            assert not problems, (
+                f"{cab}:\n"
+                + "\n".join(problems)
+                + "\n--- got:\n"
+                + (describe_events(got, bank.arts[cab]))
+            )
+        # Every event names its own cabinet, and each cabinet numbers its own events.
+        for cab in bank.doors:
+            events = bank.events(cab)
+            assert {e["cabinet_id"] for e in events} == {cab}
+            assert _contiguous(events, int(events[-1]["seq"]))
+        # One LLRP client for the whole run: one accepted connection, never a second one.
+        conns = bank.llrp.server.connections
+        assert (conns.total, conns.active, conns.rejected) == (1, 1, 0)
+        assert_no_raw_ids(
+            [tmp_path / "agent", mosquitto.dir],
+            [p.badge for p in (ALICE, BOB, MARKER, INSTALLER)],
+        )
