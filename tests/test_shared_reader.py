@@ -1,0 +1,94 @@
+"""A reader shared by two cabinets (drivers/shared.py): the real LLRP driver against the LLRP
+simulator over a real socket, its antenna ports split between two ports of the SharedReader."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from drivers.llrp.reader import LlrpReader
+from drivers.shared import ReaderPort, SharedReader
+from drivers.types import ReaderState
+from simulators.llrp import LlrpSimulator, SimTag
+from tests.test_llrp_driver import HEAL_BOUND_S, RecordingSink, _cfg, keepalive_round_trip
+
+TAG_A = "e2801160600002000000a001"  # on antenna 1: cabinet A's
+TAG_B = "e2801160600002000000a002"  # on antenna 3: cabinet B's
+
+
+@asynccontextmanager
+async def shared_reader() -> AsyncIterator[
+    tuple[
+        LlrpSimulator,
+        SharedReader,
+        tuple[ReaderPort, RecordingSink],
+        tuple[ReaderPort, RecordingSink],
+    ]
+]:
+    async with LlrpSimulator(antennas=4, seed=3) as sim:
+        sim.add_tag(SimTag(epc=TAG_A, antenna=1, rssi_mean=-50.0))
+        sim.add_tag(SimTag(epc=TAG_B, antenna=3, rssi_mean=-50.0))
+        shared = SharedReader(lambda sink: LlrpReader(_cfg(sim.port, gpi_ports=[1, 2]), sink))
+        sink_a, sink_b = RecordingSink(), RecordingSink()
+        port_a = shared.port("crib-a", [1, 2], sink_a)
+        port_b = shared.port("crib-b", [3, 4], sink_b)
+        task = asyncio.create_task(shared.run(), name="shared-reader-under-test")
+        try:
+            await sink_a.until(lambda: port_a.health.state == ReaderState.ONLINE)
+            yield sim, shared, (port_a, sink_a), (port_b, sink_b)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+
+async def test_reads_go_to_the_cabinet_owning_the_antenna_and_health_to_both() -> None:
+    async with shared_reader() as (sim, _shared, (a, sink_a), (b, sink_b)):
+        await a.start_inventory()
+        await b.start_inventory()
+        await sink_a.until(lambda: TAG_A in sink_a.epcs())
+        await sink_b.until(lambda: TAG_B in sink_b.epcs())
+        assert {r.antenna for r in sink_a.reads} <= {1, 2}
+        assert {r.antenna for r in sink_b.reads} <= {3, 4}
+        assert sink_a.epcs() == {TAG_A} and sink_b.epcs() == {TAG_B}
+        # One connection, whose health both cabinets hear.
+        assert sim.server.connections.total == 1
+        assert [h.state for h in sink_a.health] == [h.state for h in sink_b.health]
+        assert sink_a.health[-1].state == ReaderState.INVENTORYING
+
+
+async def test_one_cabinet_ending_its_scan_does_not_end_the_others() -> None:
+    async with shared_reader() as (sim, shared, (a, sink_a), (b, sink_b)):
+        await a.start_inventory()
+        await b.start_inventory()
+        await sink_b.until(lambda: TAG_B in sink_b.epcs())
+        await b.stop_inventory()
+        # B's stop reached nobody: the reader keeps inventorying for A, and A keeps reading.
+        await keepalive_round_trip(sim)
+        held_b = len(sink_b.reads)
+        dropped = shared.dropped_reads
+        seen_a = len(sink_a.reads)
+        await sink_a.until(lambda: len(sink_a.reads) > seen_a)
+        await sink_a.until(lambda: shared.dropped_reads > dropped)  # B's tag read, not passed
+        assert a.health.state == ReaderState.INVENTORYING
+        assert len(sink_b.reads) == held_b
+        # A's stop is the last one: now the reader stops.
+        await a.stop_inventory()
+        await sink_a.until(lambda: a.health.state == ReaderState.ONLINE, HEAL_BOUND_S)
+
+
+async def test_gpi_edges_reach_every_cabinet_of_the_reader() -> None:
+    async with shared_reader() as (sim, _shared, (_a, sink_a), (_b, sink_b)):
+        sim.set_gpi(2, True)
+        await sink_a.until(lambda: any(e.port == 2 and e.high for e in sink_a.gpi))
+        await sink_b.until(lambda: any(e.port == 2 and e.high for e in sink_b.gpi))
+
+
+def test_an_antenna_belongs_to_one_cabinet() -> None:
+    shared = SharedReader(lambda sink: LlrpReader(_cfg(1), sink))
+    shared.port("crib-a", [1, 2], RecordingSink())
+    with pytest.raises(ValueError, match=r"antennas \[2\] already owned"):
+        shared.port("crib-b", [2, 3], RecordingSink())
