@@ -12,6 +12,7 @@ devices they share cannot be handed over safely to a half-stopped process.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Coroutine
 from pathlib import Path
@@ -21,6 +22,7 @@ from agent.controller_config import ControllerConfig
 from agent.daemon import METRICS_REFRESH_S, WATCHDOG_WINDOW_S, Daemon
 from agent.hub import Hardware
 from agent.lifecycle import FATAL_EXIT_S, ExitGuard, describe, exit_code_for
+from agent.logging_setup import CABINET
 from agent.sdnotify import Notifier, WatchdogGate, run_watchdog
 from drivers.types import SystemClock
 
@@ -76,7 +78,10 @@ class Controller:
         door) while the devices are still connected, then the devices close."""
         try:
             async with asyncio.TaskGroup() as tg:
-                units = [self._spawn(tg, u.run(), f"cabinet:{u.cabinet}") for u in self.units]
+                units = [
+                    self._spawn(tg, u.run(), f"cabinet:{u.cabinet}", cabinet=u.cabinet)
+                    for u in self.units
+                ]
                 for name, run in self.hardware.drivers():
                     self._spawn(tg, run(), name)
                 self._spawn(
@@ -122,9 +127,17 @@ class Controller:
         self.request_stop()
 
     def _spawn(
-        self, tg: asyncio.TaskGroup, coro: Coroutine[Any, Any, None], name: str
+        self,
+        tg: asyncio.TaskGroup,
+        coro: Coroutine[Any, Any, None],
+        name: str,
+        *,
+        cabinet: str | None = None,
     ) -> asyncio.Task[None]:
-        task = tg.create_task(coro, name=name)
+        # A cabinet's tree runs in a context naming it: every line it logs says which cabinet.
+        context = contextvars.copy_context()
+        context.run(CABINET.set, cabinet)
+        task = tg.create_task(coro, name=name, context=context)
         task.add_done_callback(self._task_done)
         return task
 

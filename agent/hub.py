@@ -9,10 +9,13 @@ within the unlock window is the session; the others relock). docs/domain.md, "Se
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import cast
 
+from agent.logging_setup import CABINET
 from drivers.badge.config import BadgeReaderConfig
 from drivers.badge.reader import BadgeReader, BadgeSink
 from drivers.registry import AnyReaderConfig, make_reader
@@ -21,9 +24,11 @@ from drivers.types import (
     BadgeRead,
     BadgeReaderDriver,
     Clock,
+    GpiEdge,
     ReaderDriver,
     ReaderHealth,
     ReaderSink,
+    TagRead,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,6 +107,43 @@ class BadgeView:
         raise RuntimeError(f"badge reader {self.reader_id} is shared: run its BadgeBank")
 
 
+class _Tagged:
+    """A cabinet's sink, called from a shared device's task: what it logs names the cabinet."""
+
+    def __init__(self, cabinet_id: str, sink: ReaderSink | BadgeSink) -> None:
+        self._cabinet = cabinet_id
+        self._sink = sink
+
+    async def tag_reads(self, reads: Sequence[TagRead]) -> None:
+        with _cabinet(self._cabinet):
+            await cast(ReaderSink, self._sink).tag_reads(reads)
+
+    async def reader_health(self, health: ReaderHealth) -> None:
+        with _cabinet(self._cabinet):
+            await cast(ReaderSink, self._sink).reader_health(health)
+
+    async def gpi_edge(self, edge: GpiEdge) -> None:
+        with _cabinet(self._cabinet):
+            await cast(ReaderSink, self._sink).gpi_edge(edge)
+
+    async def badge_read(self, read: BadgeRead) -> None:
+        with _cabinet(self._cabinet):
+            await cast(BadgeSink, self._sink).badge_read(read)
+
+    async def badge_reader_health(self, health: ReaderHealth) -> None:
+        with _cabinet(self._cabinet):
+            await cast(BadgeSink, self._sink).badge_reader_health(health)
+
+
+@contextlib.contextmanager
+def _cabinet(cabinet_id: str) -> Iterator[None]:
+    token = CABINET.set(cabinet_id)
+    try:
+        yield
+    finally:
+        CABINET.reset(token)
+
+
 class Hardware:
     """Every reader and badge reader of the controller, each with one connection."""
 
@@ -142,7 +184,10 @@ class CabinetHardware:
 
     def readers(self, configs: Sequence[AnyReaderConfig], sink: ReaderSink) -> list[ReaderDriver]:
         """The cabinet's ports on its readers (``configs`` carry its own antenna ports)."""
-        return [self._hub.readers[rc.id].port(self.cabinet_id, rc.antennas, sink) for rc in configs]
+        tagged = _Tagged(self.cabinet_id, sink)
+        return [
+            self._hub.readers[rc.id].port(self.cabinet_id, rc.antennas, tagged) for rc in configs
+        ]
 
     def badge_readers(
         self, configs: Sequence[BadgeReaderConfig], client: BadgeClient
@@ -150,6 +195,6 @@ class CabinetHardware:
         views: list[BadgeReaderDriver] = []
         for bc in configs:
             bank = self._hub.banks[bc.id]
-            bank.clients.append(client)
+            bank.clients.append(replace(client, sink=_Tagged(self.cabinet_id, client.sink)))
             views.append(BadgeView(bank))
         return views

@@ -23,6 +23,7 @@ import time
 import traceback
 import unicodedata
 from collections.abc import Callable, Hashable
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
@@ -45,6 +46,10 @@ _SYSLOG_PRIORITY = {
 }
 
 # Every attribute a plain LogRecord has; anything else on a record came from ``extra=``.
+# The cabinet a line is about when one process drives several (agent/controller.py runs each
+# cabinet's task tree in a context where this is set); None: the process, or its only cabinet.
+CABINET: ContextVar[str | None] = ContextVar("cabinet", default=None)
+
 _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
     "asctime",
@@ -302,6 +307,9 @@ class _TaskNameFilter(logging.Filter):
         except RuntimeError:  # no running loop in this thread
             task = None
         record.task = task.get_name() if task is not None else None
+        cabinet = CABINET.get()
+        if cabinet is not None and not hasattr(record, "cabinet"):
+            record.cabinet = cabinet  # shown as an extra field: cabinet=crib-a
         return True
 
 

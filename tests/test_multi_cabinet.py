@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.config import EX_CONFIG
 from backend.keys import BackendKeys, generate_backend_keys
 from simulators.badge import BadgeSimulator
 from simulators.cabinet import (
@@ -35,6 +37,7 @@ from simulators.cabinet.runner import tag_for
 from simulators.cabinet.scenario import Expected, Layout
 from simulators.door import SimulatedDoor
 from simulators.llrp import LlrpSimulator
+from tests.daemon_rig import ctl
 from tests.mqtt_fixtures import Mosquitto
 from tests.pii import assert_no_raw_ids
 from tests.scenario_harness import TIMEOUT_S, AgentProcess, EventSink
@@ -45,6 +48,7 @@ ALICE = Person(name="alice", badge="3F7A21C90B")
 BOB = Person(name="bob", badge="5D0E4B8812")
 MARKER = Person(name="marker", badge="6A2D7F0C55", listed=False)
 # Short unlock windows: a door nobody opens relocks quickly (the bank's other cabinets).
+BOTH = ("crib-a", "crib-b")
 TIMERS = {"unlock_pulse_s": 1.5, "relock_after_s": 1.5}
 
 
@@ -104,19 +108,22 @@ class Bank:
         door = self.doors[cabinet]
         await self.llrp.wait_until(lambda: door.locked == locked, TIMEOUT_S)
 
-    async def present(self, person: Person, receivers: int) -> None:
-        """Show a card at the bank's reader; back once ``receivers`` cabinets have it."""
-        needle = f"badge presented at {BANK}\n"
-        before = self.agent.log_text().count(needle)
+    async def present(self, person: Person, receivers: tuple[str, ...]) -> None:
+        """Show a card at the bank's reader; back once the ``receivers`` have it (each
+        cabinet's log lines name it)."""
+        text = self.agent.log_text()
+        needles = {c: f"badge presented at {BANK} cabinet={c}\n" for c in receivers}
+        before = {c: text.count(n) for c, n in needles.items()}
         await self.badge.present(person.badge)
-        await self.agent.wait_log(needle, count=before + receivers)
+        for cab, needle in needles.items():
+            await self.agent.wait_log(needle, count=before[cab] + 1)
         await asyncio.sleep(0.35)  # the reader's repeat interval: the next card is a new one
 
     async def mark(self) -> dict[str, int]:
         """The marker card (not listed) at the bank, both doors shut: each cabinet's seq of its
         ``access.denied``, with everything before it delivered."""
         before = {c: self.count(c, "access.denied", "marker") for c in self.doors}
-        await self.present(MARKER, receivers=2)
+        await self.present(MARKER, receivers=BOTH)
         seqs: dict[str, int] = {}
         for cab in self.doors:
             await self.wait_count(cab, "access.denied", before[cab] + 1, "marker")
@@ -134,7 +141,7 @@ class Bank:
         """The installer stocks one cabinet: badge, open, close; the other door relocks."""
         other = next(c for c in self.doors if c != cabinet)
         closed = self.count(cabinet, "session.closed")
-        await self.present(INSTALLER, receivers=2)
+        await self.present(INSTALLER, receivers=BOTH)
         await self.wait_lock(cabinet, locked=False)
         await self.doors[cabinet].open()
         await self.doors[cabinet].close()
@@ -261,13 +268,13 @@ async def test_two_cabinets_share_one_reader_and_one_badge_reader(
         a, b = bank.doors["crib-a"], bank.doors["crib-b"]
         start = await bank.mark()
         # Alice badges at the bank: both doors release; she opens A, B relocks unopened.
-        await bank.present(ALICE, receivers=2)
+        await bank.present(ALICE, receivers=BOTH)
         await bank.wait_lock("crib-a", locked=False)
         await bank.wait_lock("crib-b", locked=False)
         await a.open()
         await bank.wait_lock("crib-b", locked=True)
         # Bob badges while A stands open: the card is for B only (A's door is open).
-        await bank.present(BOB, receivers=1)
+        await bank.present(BOB, receivers=("crib-b",))
         await bank.wait_lock("crib-b", locked=False)
         await b.open()
         bank.llrp.remove_tag(CAB_B.item("drill").epc)
@@ -297,6 +304,20 @@ async def test_two_cabinets_share_one_reader_and_one_badge_reader(
             events = bank.events(cab)
             assert {e["cabinet_id"] for e in events} == {cab}
             assert _contiguous(events, int(events[-1]["seq"]))
+        # cabinetctl picks a cabinet by name: its status and its self-test (through its socket).
+        cfg = str(bank.agent.config)
+        for cab in BOTH:
+            rc, out, err = await ctl("--cabinet", cab, "status", "--config", cfg, "--json")
+            assert rc == 0, err
+            status = json.loads(out)
+            assert (status["cabinet_id"], status["engine"]["phase"]) == (cab, "idle"), status
+            rc, out, err = await ctl("--cabinet", cab, "selftest", "--config", cfg, "--json")
+            checks = {c["check"]: c for c in json.loads(out)["checks"]}
+            assert checks["agent"]["status"] == "PASS", checks
+            assert checks[f"reader {READER}"]["status"] == "PASS", checks
+        rc, out, err = await ctl("status", "--config", cfg)
+        assert rc == EX_CONFIG
+        assert "2 cabinets (crib-a, crib-b): choose one (--cabinet NAME)" in err
         # One LLRP client for the whole run: one accepted connection, never a second one.
         conns = bank.llrp.server.connections
         assert (conns.total, conns.active, conns.rejected) == (1, 1, 0)

@@ -53,7 +53,8 @@ async def test_reads_go_to_the_cabinet_owning_the_antenna_and_health_to_both() -
         await sink_b.until(lambda: TAG_B in sink_b.epcs())
         assert {r.antenna for r in sink_a.reads} <= {1, 2}
         assert {r.antenna for r in sink_b.reads} <= {3, 4}
-        assert sink_a.epcs() == {TAG_A} and sink_b.epcs() == {TAG_B}
+        assert sink_a.epcs() == {TAG_A}
+        assert sink_b.epcs() == {TAG_B}
         # One connection, whose health both cabinets hear.
         assert sim.server.connections.total == 1
         assert [h.state for h in sink_a.health] == [h.state for h in sink_b.health]
