@@ -142,6 +142,7 @@ def parse_controller(data: dict[str, object], path: Path) -> ControllerConfig:
     raw_entries = _dicts(data.get("cabinets"))
     problems = refused + _cross_checks(top)
     cabinets: list[AgentConfig] = []
+    indexed: list[tuple[int, AgentConfig]] = []
     for i, (entry, raw) in enumerate(zip(top.cabinets, raw_entries, strict=True)):
         if any(p.startswith(f"cabinets[{i}].") for p in problems):
             continue  # its wiring is wrong already: the derived config would only repeat it
@@ -158,7 +159,8 @@ def parse_controller(data: dict[str, object], path: Path) -> ControllerConfig:
             for line in cfg.domain.check_readers({r.id: list(r.antennas) for r in cfg.readers})
         ]
         cabinets.append(cfg)
-    problems += _distinct_places(cabinets, [c.cabinet_id for c in top.cabinets])
+        indexed.append((i, cfg))
+    problems += _distinct_places(indexed)
     if problems:
         raise ConfigError(path, problems)
     return ControllerConfig(path, cabinets, list(top.readers), list(top.badge_readers), multi=True)
@@ -195,8 +197,8 @@ def _cross_checks(top: ControllerFile) -> list[str]:
                     )
                 elif (rid, port) in owner:
                     problems.append(
-                        f"{at}.readers.{rid}: antenna {port} is already cabinet "
-                        f"{owner[rid, port]!r}'s (a port belongs to one cabinet)"
+                        f"{at}.readers.{rid}: antenna {port} already belongs to cabinet "
+                        f"{owner[rid, port]!r} (a port belongs to one cabinet)"
                     )
                 else:
                     owner[rid, port] = c.cabinet_id
@@ -264,12 +266,11 @@ def _cabinet_document(
     return doc
 
 
-def _distinct_places(cabinets: list[AgentConfig], order: list[str]) -> list[str]:
+def _distinct_places(cabinets: list[tuple[int, AgentConfig]]) -> list[str]:
     """Two cabinets must not share a database, a control socket or a metrics port."""
     problems: list[str] = []
     seen: dict[tuple[str, str], str] = {}
-    for cfg in cabinets:
-        i = order.index(cfg.cabinet.cabinet_id)
+    for i, cfg in cabinets:
         places = [("store.path", str(cfg.store.path))]
         if cfg.control.enabled:
             places.append(("control.socket_path", str(cfg.control.socket_path)))
