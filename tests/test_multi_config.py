@@ -252,3 +252,21 @@ def test_one_cabinet_files_are_read_as_before(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(EXAMPLE, "other")
     assert err.value.problems == [f"cabinet.cabinet_id: this file configures {name!r}, not 'other'"]
+
+
+def test_selftest_without_a_name_checks_every_cabinet(tmp_path: Path) -> None:
+    path = _multi(tmp_path)
+    argv = ["selftest", "--config", str(path), "--json", "--timeout", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli.ctl", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    checks = [c["check"] for c in json.loads(proc.stdout)["checks"]]
+    for cab in ("crib-a", "crib-b"):
+        assert f"{cab}/config" in checks, checks
+        assert f"{cab}/agent" in checks, checks
+        assert f"{cab}/reader dock-1" in checks, checks
+    assert all(c.split("/", 1)[0] in ("crib-a", "crib-b") for c in checks), checks
