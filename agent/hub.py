@@ -67,10 +67,13 @@ class BadgeBank:
         await self.driver.run()
 
     async def badge_read(self, read: BadgeRead) -> None:
-        # The card is for a door that is still shut: someone at a bank badges to open one.
+        # A reader of one cabinet is that cabinet's, open door or not. At a bank the card is
+        # for a door that is still shut: someone at a bank badges to open one.
         # A cabinet standing open already has its people, and a bank reader cannot tell who
         # stands where, so passing it on would make them a holder of a session they are not at.
-        closed = [c for c in self.clients if not c.door_open()]
+        closed = self.clients
+        if len(self.clients) > 1:
+            closed = [c for c in self.clients if not c.door_open()]
         if not closed:
             self.skipped_reads += 1
             logger.info("badge presented at %s: every door of its bank is open", read.reader_id)
