@@ -22,7 +22,7 @@ from agent.controller_config import ControllerConfig
 from agent.daemon import METRICS_REFRESH_S, WATCHDOG_WINDOW_S, Daemon
 from agent.hub import Hardware
 from agent.lifecycle import FATAL_EXIT_S, ExitGuard, describe, exit_code_for
-from agent.logging_setup import CABINET
+from agent.logging_setup import CABINET, cabinet_context
 from agent.sdnotify import Notifier, WatchdogGate, run_watchdog
 from drivers.types import SystemClock
 
@@ -70,7 +70,8 @@ class Controller:
         """SIGHUP: each cabinet re-reads its part of the file (docs/deployment.md)."""
         self.notifier.reloading("reloading")
         for unit in self.units:
-            unit.reload()
+            with cabinet_context(unit.cabinet):  # its lines and background work name it
+                unit.reload()
         self.notifier.ready(self._status_line())
 
     async def run(self) -> None:

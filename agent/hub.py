@@ -9,13 +9,12 @@ within the unlock window is the session; the others relock). docs/domain.md, "Se
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import cast
 
-from agent.logging_setup import CABINET
+from agent.logging_setup import cabinet_context
 from drivers.badge.config import BadgeReaderConfig
 from drivers.badge.reader import BadgeReader, BadgeSink
 from drivers.registry import AnyReaderConfig, make_reader
@@ -118,33 +117,24 @@ class _Tagged:
         self._sink = sink
 
     async def tag_reads(self, reads: Sequence[TagRead]) -> None:
-        with _cabinet(self._cabinet):
+        with cabinet_context(self._cabinet):
             await cast(ReaderSink, self._sink).tag_reads(reads)
 
     async def reader_health(self, health: ReaderHealth) -> None:
-        with _cabinet(self._cabinet):
+        with cabinet_context(self._cabinet):
             await cast(ReaderSink, self._sink).reader_health(health)
 
     async def gpi_edge(self, edge: GpiEdge) -> None:
-        with _cabinet(self._cabinet):
+        with cabinet_context(self._cabinet):
             await cast(ReaderSink, self._sink).gpi_edge(edge)
 
     async def badge_read(self, read: BadgeRead) -> None:
-        with _cabinet(self._cabinet):
+        with cabinet_context(self._cabinet):
             await cast(BadgeSink, self._sink).badge_read(read)
 
     async def badge_reader_health(self, health: ReaderHealth) -> None:
-        with _cabinet(self._cabinet):
+        with cabinet_context(self._cabinet):
             await cast(BadgeSink, self._sink).badge_reader_health(health)
-
-
-@contextlib.contextmanager
-def _cabinet(cabinet_id: str) -> Iterator[None]:
-    token = CABINET.set(cabinet_id)
-    try:
-        yield
-    finally:
-        CABINET.reset(token)
 
 
 class Hardware:

@@ -15,6 +15,7 @@ would garble diagnostics and still promise a guarantee it cannot keep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import sys
 import time
 import traceback
 import unicodedata
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
@@ -49,6 +50,17 @@ _SYSLOG_PRIORITY = {
 # The cabinet a line is about when one process drives several (agent/controller.py runs each
 # cabinet's task tree in a context where this is set); None: the process, or its only cabinet.
 CABINET: ContextVar[str | None] = ContextVar("cabinet", default=None)
+
+
+@contextlib.contextmanager
+def cabinet_context(cabinet: str | None) -> Iterator[None]:
+    """Log lines (and tasks started) inside this block name ``cabinet``."""
+    token = CABINET.set(cabinet)
+    try:
+        yield
+    finally:
+        CABINET.reset(token)
+
 
 _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",

@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import signal
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +52,7 @@ BOB = Person(name="bob", badge="5D0E4B8812")
 MARKER = Person(name="marker", badge="6A2D7F0C55", listed=False)
 # Short unlock windows: a door nobody opens relocks quickly (the bank's other cabinets).
 BOTH = ("crib-a", "crib-b")
-TIMERS = {"unlock_pulse_s": 1.5, "relock_after_s": 1.5}
+TIMERS = {"unlock_pulse_s": 2.5, "relock_after_s": 2.5}
 
 
 def _cabinet(cabinet_id: str, gpio: int, ports: list[int], item: dict[str, str]) -> Scenario:
@@ -199,7 +202,9 @@ def _config(
 
 
 @contextlib.asynccontextmanager
-async def bank_rig(tmp: Path, broker: Mosquitto) -> AsyncIterator[Bank]:
+async def bank_rig(
+    tmp: Path, broker: Mosquitto, env: dict[str, str] | None = None
+) -> AsyncIterator[Bank]:
     keys: BackendKeys = generate_backend_keys(tmp / "keys")
     agent_dir = tmp / "agent"
     agent_dir.mkdir()
@@ -227,6 +232,7 @@ async def bank_rig(tmp: Path, broker: Mosquitto) -> AsyncIterator[Bank]:
             publish_retained(broker.port, cmd_topic(art, "asset-registry"), art.asset_registry)
         sink = EventSink(broker.port, keys, asyncio.get_running_loop())
         agent = AgentProcess(config, agent_dir / "agent.log")
+        agent.env = dict(env or {})
         sink.start()
         bank = Bank(llrp, badge, doors, arts, sink, agent)
         try:
@@ -251,6 +257,36 @@ async def bank_rig(tmp: Path, broker: Mosquitto) -> AsyncIterator[Bank]:
             assert rc == 0, f"agent exit code {rc}:\n{agent.log_tail()}"
 
 
+class _NotifyListener:
+    """The systemd side: every notification, received as it comes (a full socket buffer would
+    make the agent drop some)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[dict[str, str]] = []
+        self._changed = asyncio.Event()
+
+    async def pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(self.sock, 4096)
+            lines = data.decode().splitlines()
+            self.messages.append(dict(line.split("=", 1) for line in lines if "=" in line))
+            self._changed.set()
+
+    async def wait_for(self, key: str, value: str, count: int = 1) -> dict[str, str]:
+        """Until ``count`` messages say ``key=value``; the last of them."""
+        async with asyncio.timeout(TIMEOUT_S):
+            while True:
+                hits = [m for m in self.messages if m.get(key) == value]
+                if len(hits) >= count:
+                    return hits[-1]
+                self._changed.clear()
+                await self._changed.wait()
+
+
 def _expect(person: str, item: str) -> list[Expected]:
     return [
         Expected(type="session.opened", actors=[person], trigger="badge"),
@@ -264,7 +300,30 @@ def _expect(person: str, item: str) -> list[Expected]:
 async def test_two_cabinets_share_one_reader_and_one_badge_reader(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    async with bank_rig(tmp_path, mosquitto) as bank:
+    systemd = _NotifyListener(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"}
+    pump = asyncio.create_task(systemd.pump(), name="systemd-notify")
+    try:
+        await _play_bank(tmp_path, mosquitto, env, systemd)
+    finally:
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
+        systemd.sock.close()
+
+
+async def _play_bank(
+    tmp_path: Path, mosquitto: Mosquitto, env: dict[str, str], systemd: _NotifyListener
+) -> None:
+    async with bank_rig(tmp_path, mosquitto, env) as bank:
+        # The process speaks to systemd for both cabinets: one READY=1, a status part each.
+        ready = await systemd.wait_for("READY", "1")
+        assert re.fullmatch(
+            r"crib-a: \d/1 readers online, [^;]*; crib-b: \d/1 readers online, [^;]*",
+            ready["STATUS"],
+        ), ready
+        pings = sum(1 for m in systemd.messages if "WATCHDOG" in m)
+        await systemd.wait_for("WATCHDOG", "1", count=pings + 2)
         a, b = bank.doors["crib-a"], bank.doors["crib-b"]
         start = await bank.mark()
         # Alice badges at the bank: both doors release; she opens A, B relocks unopened.
@@ -318,6 +377,14 @@ async def test_two_cabinets_share_one_reader_and_one_badge_reader(
         rc, out, err = await ctl("status", "--config", cfg)
         assert rc == EX_CONFIG
         assert "2 cabinets (crib-a, crib-b): choose one (--cabinet NAME)" in err
+        # SIGHUP: each cabinet re-reads its part of the file.
+        assert bank.agent.proc is not None
+        bank.agent.proc.send_signal(signal.SIGHUP)
+        await systemd.wait_for("RELOADING", "1")
+        await systemd.wait_for("READY", "1", count=2)
+        await bank.agent.wait_log("reload applied: ", count=2)
+        for cab in BOTH:
+            assert re.search(rf"reload applied: .* cabinet={cab}\n", bank.agent.log_text())
         # One LLRP client for the whole run: one accepted connection, never a second one.
         conns = bank.llrp.server.connections
         assert (conns.total, conns.active, conns.rejected) == (1, 1, 0)
