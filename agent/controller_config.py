@@ -220,6 +220,10 @@ def _cross_checks(top: ControllerFile) -> list[str]:
                     )
                 else:
                     gpio[key] = c.cabinet_id
+    listed = {b for c in top.cabinets for b in c.badge_readers}
+    for badge in top.badge_readers:
+        if badge.id not in listed:
+            problems.append(f"badge_readers: badge reader {badge.id!r} belongs to no cabinet")
     for reader in top.readers:
         sharers = users.get(reader.id, [])
         if not sharers:

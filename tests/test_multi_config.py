@@ -174,8 +174,12 @@ def test_a_cabinets_own_sections_are_checked_by_the_one_cabinet_rules(tmp_path: 
 
 def test_only_llrp_readers_are_split_and_every_reader_has_a_cabinet(tmp_path: Path) -> None:
     extra = '\n[[readers]]\ntype = "llrp"\nid = "spare"\nhost = "127.0.0.1"\n'
+    extra += '\n[[badge_readers]]\nid = "lobby"\nurl = "/dev/ttyUSB1"\n'
     problems = _problems(_multi(tmp_path, extra=extra))
-    assert problems == ["readers: reader 'spare' belongs to no cabinet"]
+    assert problems == [
+        "badge_readers: badge reader 'lobby' belongs to no cabinet",
+        "readers: reader 'spare' belongs to no cabinet",
+    ]
     text = MULTI.format(tmp=tmp_path, extra="").replace(
         'type = "llrp"\nid = "dock-1"\nhost = "127.0.0.1"\nantennas = [1, 2, 3, 4]\n'
         "gpi_ports = [1, 2]",
