@@ -14,6 +14,7 @@ import json
 import re
 import signal
 import socket
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ class Bank:
     arts: dict[str, AgentArtefacts]
     sink: EventSink
     agent: AgentProcess
+    config: dict[str, Any]
 
     def events(self, cabinet: str) -> list[dict[str, Any]]:
         return sorted(
@@ -158,6 +160,12 @@ def _contiguous(events: list[dict[str, Any]], upto: int) -> bool:
     return bool(seqs) and all(s in seqs for s in range(min(seqs), upto + 1))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _config(
     tmp: Path, llrp: LlrpSimulator, badge: BadgeSimulator, broker: Mosquitto, arts: dict[str, Any]
 ) -> dict[str, Any]:
@@ -183,6 +191,7 @@ def _config(
                 "badge_readers": [BANK],
                 "door": {**one["door"], "sensor_gpi": lay.sensor_gpi, "lock_gpo": lay.lock_gpo},
                 "domain": arts[lay.cabinet_id].domain,
+                "metrics": {"port": _free_port()},
             }
         )
     socket_dir = Path(one["control"]["socket_path"]).parent
@@ -193,7 +202,6 @@ def _config(
         "badge_readers": one["badge_readers"],
         "privacy": one["privacy"],
         "mqtt": one["mqtt"],
-        "metrics": {"enabled": False},
         "store": {"path": str(agent_dir / "state.db"), "synchronous": "NORMAL"},
         "control": {"socket_path": str(socket_dir / "control.sock"), "group": "root"},
         "time": {"sync_source": f"file:{agent_dir / 'time-synced'}"},
@@ -226,7 +234,8 @@ async def bank_rig(
                 extra_people=[INSTALLER, MARKER],
             )
         config = agent_dir / "agent.toml"
-        config.write_text(to_toml(_config(tmp, llrp, badge, broker, arts)))
+        cfg = _config(tmp, llrp, badge, broker, arts)
+        config.write_text(to_toml(cfg))
         for art in arts.values():
             publish_retained(broker.port, cmd_topic(art, "allow-list"), art.allow_list)
             publish_retained(broker.port, cmd_topic(art, "asset-registry"), art.asset_registry)
@@ -234,7 +243,7 @@ async def bank_rig(
         agent = AgentProcess(config, agent_dir / "agent.log")
         agent.env = dict(env or {})
         sink.start()
-        bank = Bank(llrp, badge, doors, arts, sink, agent)
+        bank = Bank(llrp, badge, doors, arts, sink, agent, cfg)
         try:
             agent.start()
             await agent.wait_log("installed allow-list", count=2)
@@ -285,6 +294,21 @@ class _NotifyListener:
                     return hits[-1]
                 self._changed.clear()
                 await self._changed.wait()
+
+
+async def _scrape_until(port: int, needle: str) -> str:
+    """GET /metrics until it shows ``needle`` (refreshed every 2 s); the text."""
+    async with asyncio.timeout(TIMEOUT_S):
+        while True:
+            text = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+            if needle in text:
+                return text
+            await asyncio.sleep(0.5)
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode())
 
 
 def _expect(person: str, item: str) -> list[Expected]:
@@ -377,6 +401,11 @@ async def _play_bank(
         rc, out, err = await ctl("status", "--config", cfg)
         assert rc == EX_CONFIG
         assert "2 cabinets (crib-a, crib-b): choose one (--cabinet NAME)" in err
+        # Each cabinet's own metrics port counts the reads of its own antennas only.
+        for cab, mine, theirs in (("crib-a", "1", "3"), ("crib-b", "3", "1")):
+            port = bank.config["cabinets"][BOTH.index(cab)]["metrics"]["port"]
+            text = await _scrape_until(port, f'antenna="{mine}"')
+            assert f'antenna="{theirs}"' not in text, text
         # SIGHUP: each cabinet re-reads its part of the file.
         assert bank.agent.proc is not None
         bank.agent.proc.send_signal(signal.SIGHUP)
