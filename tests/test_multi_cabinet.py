@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import EX_CONFIG
+from agent.lifecycle import EX_SOFTWARE
 from backend.keys import BackendKeys, generate_backend_keys
 from simulators.badge import BadgeSimulator
 from simulators.cabinet import (
@@ -41,6 +42,7 @@ from simulators.cabinet.runner import tag_for
 from simulators.cabinet.scenario import Expected, Layout
 from simulators.door import SimulatedDoor
 from simulators.llrp import LlrpSimulator
+from tests import daemon_rig
 from tests.daemon_rig import ctl
 from tests.mqtt_fixtures import Mosquitto
 from tests.pii import assert_no_raw_ids
@@ -421,3 +423,92 @@ async def _play_bank(
             [tmp_path / "agent", mosquitto.dir],
             [p.badge for p in (ALICE, BOB, MARKER, INSTALLER)],
         )
+
+
+async def test_a_failing_cabinet_stops_the_process_with_every_door_locked(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """A bug escaping one cabinet's task tree ends the process (exit 70, systemd restarts every
+    cabinet): each cabinet stops in order and locks its door while the shared reader is still
+    connected; each store is closed."""
+    creds = daemon_rig.provision(tmp_path)
+    async with LlrpSimulator(antennas=4, seed=5) as llrp:
+        doors = {s.cabinet.cabinet_id: wire_door(s, llrp) for s in (CAB_A, CAB_B)}
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text(
+            to_toml(
+                {
+                    "cabinet": {"site_id": "hangar-3"},
+                    "readers": [
+                        {
+                            "type": "llrp",
+                            "id": READER,
+                            "host": "127.0.0.1",
+                            "port": llrp.port,
+                            "antennas": [1, 2, 3, 4],
+                            "gpi_ports": [1, 2],
+                            "keepalive_s": 1.0,
+                            "backoff": {"initial_s": 0.05, "max_s": 0.5},
+                        }
+                    ],
+                    "privacy": {
+                        "site_key": str(creds / "site.key"),
+                        "seal_public_key": str(creds / "backend-hpke.pub"),
+                        "signing_public_keys": [str(creds / "signing.pub")],
+                    },
+                    "mqtt": {"host": "127.0.0.1", "port": mosquitto.port},
+                    "store": {"path": str(tmp_path / "state.db")},
+                    "control": {"socket_path": str(tmp_path / "control.sock"), "group": "root"},
+                    "metrics": {"enabled": False},
+                    "time": {"sync_source": f"file:{tmp_path / 'time-synced'}"},
+                    "cabinets": [
+                        {
+                            "cabinet_id": s.cabinet.cabinet_id,
+                            "readers": {READER: s.antennas_in_use()},
+                            "door": {
+                                "reader": READER,
+                                "sensor_gpi": s.cabinet.sensor_gpi,
+                                "lock_gpo": s.cabinet.lock_gpo,
+                            },
+                            "domain": {"drawers": s.aliases()},
+                        }
+                        for s in (CAB_A, CAB_B)
+                    ],
+                }
+            )
+        )
+        agent = daemon_rig.AgentProcess(
+            cfg,
+            tmp_path / "agent.log",
+            env={"CABINET_TEST_FAULTS": "command-raises"},
+            module="tests.fault_agent",
+        )
+        async with agent:
+            for cab in BOTH:
+                await agent.wait_log(rf"MQTT connected as cabinet-hangar-3-{cab}")
+                await agent.wait_log(rf"lock \(GPO \d -> low\) done cabinet={cab}")
+            # A technician holds crib-a's lock released when crib-b fails.
+            rc, _out, err = await ctl(
+                "--cabinet", "crib-a", "door", "unlock", "--yes-i-am-on-site", "--pulse", "120",
+                "--config", str(cfg),
+            )  # fmt: skip
+            assert rc == 0, err
+            await llrp.wait_gpo(1, True, timeout=TIMEOUT_S)
+            writes = len(doors["crib-a"].gpo_writes)
+            topic = "cabinets/v1/hangar-3/crib-b/cmd/allow-list"
+            await asyncio.to_thread(publish_retained, mosquitto.port, topic, b"anything")
+            rc = await agent.wait_exit(timeout=60.0)
+    log = agent.text()
+    assert rc == EX_SOFTWARE, log
+    fatal = re.findall(r"CRITICAL agent\.daemon: fatal: .*", log)
+    assert len(fatal) == 1, log
+    assert "task mqtt-publisher failed: RuntimeError: injected fault" in fatal[0], log
+    assert fatal[0].endswith("cabinet=crib-b"), log
+    # crib-a locked its door on the way out, through the reader both cabinets share.
+    assert doors["crib-a"].gpo_writes[writes:] == [(1, False)], doors["crib-a"].gpo_writes
+    assert doors["crib-a"].locked
+    assert doors["crib-b"].locked
+    assert "could not lock" not in log
+    for cab in BOTH:
+        assert (tmp_path / cab / "state.db").exists()
+        assert not (tmp_path / cab / "state.db-wal").exists(), log
