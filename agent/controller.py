@@ -62,6 +62,7 @@ class Controller:
             unit.on_failure.append(self._unit_failed)
             self.units.append(unit)
         self.stop_event = asyncio.Event()
+        self._unit_errors: list[Exception] = []
 
     def request_stop(self) -> None:
         self.stop_event.set()
@@ -80,7 +81,7 @@ class Controller:
         try:
             async with asyncio.TaskGroup() as tg:
                 units = [
-                    self._spawn(tg, u.run(), f"cabinet:{u.cabinet}", cabinet=u.cabinet)
+                    self._spawn(tg, self._run_unit(u), f"cabinet:{u.cabinet}", cabinet=u.cabinet)
                     for u in self.units
                 ]
                 for name, run in self.hardware.drivers():
@@ -102,11 +103,29 @@ class Controller:
                     unit.request_stop()
                 for task in units:
                     await asyncio.wait([task])
+                if self._unit_errors:
+                    # Only now, with every cabinet stopped in order: the group then closes
+                    # the devices, and the error decides the exit code (78 for a deployment
+                    # problem, 70 for a bug), as it does for one cabinet.
+                    raise BaseExceptionGroup("a cabinet failed", self._unit_errors)
                 raise _Stopped
         except* _Stopped:
             pass
         finally:
             self.notifier.close()
+
+    async def _run_unit(self, unit: Daemon) -> None:
+        """One cabinet's daemon. Its failure is held, not raised: raised here, the task group
+        would cancel the other cabinets in the middle of their orderly stop (a store left
+        open, a door left released) and the devices they still need to lock their doors."""
+        try:
+            await unit.run()
+        except Exception as err:  # noqa: BLE001 -- re-raised by run() after the others stop
+            self._unit_errors.append(err)
+            if self.failure is None:
+                self.failure = f"cabinet {unit.cabinet}: {unit.failure or describe(err)}"
+                self.exit_code = unit.exit_code if unit.failure else exit_code_for(err)
+            self.request_stop()
 
     async def _report(self) -> None:
         """READY=1 once every cabinet is ready; then the STATUS= line, refreshed."""

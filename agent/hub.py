@@ -146,11 +146,7 @@ class Hardware:
         badge_readers: Sequence[BadgeReaderConfig],
         clock: Clock,
     ) -> None:
-        self.readers: dict[str, SharedReader] = {}
-        for rc in readers:
-            self.readers[rc.id] = SharedReader(
-                lambda sink, rc=rc: make_reader(rc, sink, clock)  # type: ignore[misc]
-            )
+        self.readers = {rc.id: SharedReader(_builder(rc, clock)) for rc in readers}
         self.banks = {bc.id: BadgeBank(bc, clock) for bc in badge_readers}
 
     def drivers(self) -> list[tuple[str, Callable[[], Coroutine[object, object, None]]]]:
@@ -161,11 +157,15 @@ class Hardware:
         out += [(f"badge:{bid}", bank.run) for bid, bank in self.banks.items()]
         return out
 
-    def reader_drivers(self) -> list[ReaderDriver]:
-        return [shared.driver for shared in self.readers.values()]
-
     def for_cabinet(self, cabinet_id: str) -> CabinetHardware:
         return CabinetHardware(self, cabinet_id)
+
+
+def _builder(cfg: AnyReaderConfig, clock: Clock) -> Callable[[ReaderSink], ReaderDriver]:
+    def build(sink: ReaderSink) -> ReaderDriver:
+        return make_reader(cfg, sink, clock)
+
+    return build
 
 
 class CabinetHardware:
