@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import Field, ValidationError
 
 from agent.config import (
     AgentConfig,
+    CabinetSection,
     ConfigError,
     LoggingSection,
     TimeSection,
@@ -35,14 +36,11 @@ from drivers.config import READER_ID_PATTERN, StrictModel
 from drivers.door import DoorConfig
 from drivers.registry import AnyReaderConfig, ReaderConfig
 
+_PLACEHOLDER = "each-cabinet"  # [cabinet] cabinet_id while the shared part is validated
 # Sections every cabinet inherits as they are (one site, one broker, one set of keys).
 _SHARED = ("logging", "mqtt", "privacy", "time")
 # Sections a cabinet entry may override key by key (its own database, socket, port, drawers).
 _PER_CABINET = ("store", "control", "metrics", "domain")
-
-
-class SiteSection(StrictModel):
-    site_id: str = Field(pattern=READER_ID_PATTERN, description="site (hangar, lab) identifier")
 
 
 class CabinetEntry(StrictModel):
@@ -63,7 +61,7 @@ class CabinetEntry(StrictModel):
 class ControllerFile(StrictModel):
     """The whole multi-cabinet file; shared sections are validated here once."""
 
-    cabinet: SiteSection
+    cabinet: CabinetSection  # its cabinet_id is a placeholder: each entry has its own
     logging: LoggingSection = LoggingSection()
     readers: list[ReaderConfig] = Field(min_length=1)
     badge_readers: list[BadgeReaderConfig] = Field(default_factory=list)
@@ -121,9 +119,12 @@ def parse_controller(data: dict[str, object], path: Path) -> ControllerConfig:
     refused: list[str] = []
     data = dict(data)
     site = data.get("cabinet")
-    if isinstance(site, dict) and "cabinet_id" in site:
-        data["cabinet"] = {k: v for k, v in site.items() if k != "cabinet_id"}
-        refused.append("cabinet.cabinet_id: not allowed beside [[cabinets]] (each has its own)")
+    if isinstance(site, dict):
+        if "cabinet_id" in site:
+            refused.append("cabinet.cabinet_id: not allowed beside [[cabinets]] (each has its own)")
+        # The rest of [cabinet] (site, time zone…) is every cabinet's: checked here once.
+        site = {k: v for k, v in site.items() if k != "cabinet_id"}
+        data["cabinet"] = {**site, "cabinet_id": _PLACEHOLDER}
     if "door" in data:
         del data["door"]
         refused.append("door: not allowed beside [[cabinets]] (each cabinet entry has its own)")
@@ -248,7 +249,7 @@ def _cabinet_document(
     """The one-cabinet document of ``entry``: shared sections, its readers cut to its ports, and
     its own store, socket and metrics port (derived from the shared ones unless it names them)."""
     doc: dict[str, Any] = {k: data[k] for k in _SHARED if k in data}
-    doc["cabinet"] = {"site_id": top.cabinet.site_id, "cabinet_id": entry.cabinet_id}
+    doc["cabinet"] = {**cast(dict[str, Any], data["cabinet"]), "cabinet_id": entry.cabinet_id}
     doc["readers"] = [
         {**raw_readers[rid], "antennas": ports} for rid, ports in entry.readers.items()
     ]

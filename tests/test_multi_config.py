@@ -274,3 +274,13 @@ def test_selftest_without_a_name_checks_every_cabinet(tmp_path: Path) -> None:
         assert f"{cab}/agent" in checks, checks
         assert f"{cab}/reader dock-1" in checks, checks
     assert all(c.split("/", 1)[0] in ("crib-a", "crib-b") for c in checks), checks
+
+
+def test_the_cabinet_section_beside_cabinets_is_every_cabinets(tmp_path: Path) -> None:
+    text = MULTI.format(tmp=tmp_path, extra="")
+    text = text.replace('site_id = "hangar-3"', 'site_id = "hangar-3"\ntimezone = "Europe/Paris"')
+    ctrl = load_controller(_write(tmp_path, text))
+    assert [c.cabinet.timezone for c in ctrl.cabinets] == ["Europe/Paris", "Europe/Paris"]
+    problems = _problems(_write(tmp_path, text.replace("Europe/Paris", "Mars/Olympus")))
+    assert len(problems) == 1, problems  # said once, not once per cabinet
+    assert problems[0].startswith("cabinet.timezone: "), problems
