@@ -120,6 +120,34 @@ def _one_of_each(gen: Uuid7Generator) -> list[ev.Event]:
                 ev.AuditLink(seq=2, prev_hash="a" * 64, hash="b" * 64),
             ],
         ),
+        ev.TechnicianOpened(
+            **c(gen),
+            session_id=SID,
+            technician="uid:1000",
+            via="cli",
+            reason="restock gloves",
+            door_id="door",
+        ),
+        ev.TechnicianClosed(
+            **c(gen),
+            session_id=SID,
+            technician=ALICE,
+            via="badge",
+            ended="scanned",
+            quality="complete",
+            duration_s=30.0,
+            restocked=2,
+            removed=1,
+            actors=[ALICE],
+        ),
+        ev.ItemRestocked(
+            **c(gen), session_id=SID, technician="uid:0", epc="abcd", sku="GLOVE-M", drawer="top"
+        ),
+        ev.ItemRemoved(**c(gen), session_id=SID, technician="uid:1000", epc="abcd", drawer="top"),
+        ev.ItemConsumed(**c(gen), actors=[ALICE], epc="abcd", sku="GLOVE-M", drawer="top"),
+        ev.InventoryRebaselined(
+            **c(gen), technician="uid:1000", reason="recount", added=1, removed=2, tags=9
+        ),
     ]
 
 
@@ -145,9 +173,12 @@ def test_priorities() -> None:
         "agent.alert",
         "agent.clock_step",
         "audit.anchor",
+        "technician.opened",
+        "item.removed",
+        "inventory.rebaselined",
     }
     assert {t for t, p in by_type.items() if p == 2} == {"inventory.snapshot"}
-    assert sum(1 for p in by_type.values() if p == 1) == len(ev.EVENT_TYPES) - 9
+    assert sum(1 for p in by_type.values() if p == 1) == len(ev.EVENT_TYPES) - 12
 
 
 @pytest.mark.parametrize(
@@ -243,3 +274,31 @@ def test_every_event_type_is_documented() -> None:
     text = (ROOT / "docs" / "events.md").read_text(encoding="utf-8")
     for name in ev.EVENT_TYPES:
         assert f"`{name}`" in text, name
+
+
+@pytest.mark.parametrize(
+    "technician", ["root", "uid:", "uid:-1", "uid:12345678901", "04001234ab", "unknown"]
+)
+def test_a_technician_is_a_local_uid_or_a_pseudonym(technician: str) -> None:
+    with pytest.raises(ValidationError):
+        ev.TechnicianOpened(
+            **_common(Uuid7Generator()),
+            session_id=SID,
+            technician=technician,
+            via="cli",
+            reason="x",
+            door_id="door",
+        )
+
+
+@pytest.mark.parametrize("reason", ["", "line\nbreak", "x" * 201, "tab\there"])
+def test_a_technician_reason_is_short_printable_text(reason: str) -> None:
+    with pytest.raises(ValidationError):
+        ev.InventoryRebaselined(
+            **_common(Uuid7Generator()),
+            technician="uid:1",
+            reason=reason,
+            added=0,
+            removed=0,
+            tags=0,
+        )

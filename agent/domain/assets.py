@@ -1,5 +1,6 @@
 """Asset registry (optional): EPC → asset id, name, home drawer, calibration due date, how long
-it may stay out."""
+it may stay out, and whether the tag marks a consumable (one unit or pack of a SKU: used up,
+never expected back)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class Asset:
     calibration_due: date | None = None
     # Seconds this item may stay out before item.overdue (0: never); None: the [domain] default.
     overdue_after_s: float | None = None
+    consumable: bool = False
+    sku: str | None = None  # set for every consumable
 
     def calibration_overdue(self, today: date) -> bool:
         """Overdue once the due date has passed (the due day itself is still fine)."""
@@ -51,7 +54,7 @@ class AssetRegistry:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> AssetRegistry:
         """Interpret ``{"assets": [{epc, asset_id, name?, home_drawer?, calibration_due?,
-        overdue_after_s?}]}``."""
+        overdue_after_s?, consumable?, sku?}]}`` (a consumable needs its ``sku``)."""
         raw = body.get("assets") if isinstance(body, Mapping) else None
         if isinstance(raw, str | bytes) or not isinstance(raw, Sequence):
             raise AssetRegistryError("asset registry body needs an 'assets' list")
@@ -108,4 +111,21 @@ def _asset(i: int, item: object) -> Asset:
                 f"0..{MAX_OVERDUE_AFTER_S}"
             )
         limit = float(limit_raw)
-    return Asset(epc, asset_id, name, home, due, limit)
+    consumable = item.get("consumable", False)
+    if not isinstance(consumable, bool):
+        raise AssetRegistryError(f"asset [{i}] 'consumable' must be true or false")
+    sku = item.get("sku")
+    if sku is not None and (not isinstance(sku, str) or not _DRAWER_RE.fullmatch(sku)):
+        raise AssetRegistryError(f"asset [{i}] 'sku' must be 1-64 of [A-Za-z0-9_.-]")
+    if consumable and sku is None:
+        raise AssetRegistryError(f"asset [{i}] is consumable: it needs its 'sku'")
+    return Asset(
+        epc,
+        asset_id,
+        name,
+        home,
+        due,
+        overdue_after_s=limit,
+        consumable=consumable,
+        sku=sku,
+    )

@@ -64,6 +64,9 @@ class Contents:
         self._unknown: dict[str, str] = {}  # unregistered tags reported and still present
         self._held: dict[str, list[str]] = {}  # blind drawers → tags held there (not judged)
         self.changed = False
+        # Consumables taken and put in by the last close_session (for session.closed).
+        self.consumed = 0
+        self.restocked = 0
 
     def needs_confirmation(self, result: ScanResult) -> bool:
         """A first pass that found items gone, tags new to the cabinet or a blind drawer is
@@ -84,9 +87,11 @@ class Contents:
         events: list[ev.Event],
     ) -> tuple[int, int]:
         """The complete pass that closes a door session, against a trusted baseline: what left
-        is checked out and what arrived is returned, by the session's actors; the pass becomes
-        the baseline. Returns (checked out, returned)."""
+        is checked out and what arrived is returned, by the session's actors (consumables:
+        consumed and restocked, counted in ``consumed``/``restocked``); the pass becomes the
+        baseline. Returns (checked out, returned)."""
         checked_out = returned = 0
+        self.consumed = self.restocked = 0
         verdict = self._assess(result)
         d = diff(verdict.base, verdict.inventory)
         # A due date is a validity window (proven time), and a date at the site: due "on the
@@ -97,6 +102,10 @@ class Contents:
             if epc in verdict.vanished:
                 continue  # reported as missing above: who took it cannot be known
             asset = self.assets.get(epc) if self.assets is not None else None
+            if asset is not None and asset.consumable:
+                self.consumed += 1
+                events.append(self._consumed(epc, drawer, session_id, actors, now))
+                continue
             checked_out += 1
             events.append(
                 ev.ItemCheckedOut(
@@ -124,6 +133,10 @@ class Contents:
             if epc in self._unknown:
                 continue  # inside all along, registered since: not returned by anyone
             asset = self.assets.get(epc) if self.assets is not None else None
+            if asset is not None and asset.consumable:
+                self.restocked += 1
+                events.append(self._restocked(epc, drawer, session_id, None, actors, now))
+                continue
             returned += 1
             events.append(
                 ev.ItemReturned(
@@ -154,17 +167,98 @@ class Contents:
         for epc, drawer in d.missing.items():
             if epc in verdict.vanished:
                 continue  # reported above
+            asset = self.assets.get(epc) if self.assets is not None else None
+            if asset is not None and asset.consumable:
+                # Used up: never missing, whoever took it.
+                events.append(self._consumed(epc, drawer, session_id, [], now))
+                continue
             events.append(self._item_missing(epc, drawer, now))
         self._placement_events(d.new, d.moved, verdict.unknown, session_id, now, events)
         self._note_unknown(result, verdict.unknown)
         self.baseline = Baseline(verdict.inventory)
-        events.append(
-            ev.InventorySnapshot(
-                **self._stamp(now),
-                tags=len(self.baseline),
-                by_drawer=self.baseline.by_drawer(),
-                items=self.baseline.to_dict(),
+        events.append(self.inventory_snapshot(now))
+
+    def close_technician(
+        self,
+        result: ScanResult,
+        session_id: UUID,
+        technician: str,
+        actors: list[str],
+        now: Now,
+        events: list[ev.Event],
+    ) -> tuple[int, int]:
+        """The complete pass that closes a technician session: what left is ``item.removed``,
+        what arrived is ``item.restocked`` (by the technician); nobody checks anything out. The
+        pass becomes the baseline. Returns (restocked, removed)."""
+        verdict = self._assess(result)
+        d = diff(verdict.base, verdict.inventory)
+        self._blind_drawers(verdict, "session", session_id, now, events)
+        removed = restocked = 0
+        for epc, drawer in d.missing.items():
+            if epc in verdict.vanished:
+                continue
+            asset = self.assets.get(epc) if self.assets is not None else None
+            removed += 1
+            events.append(
+                ev.ItemRemoved(
+                    **self._stamp(now),
+                    session_id=session_id,
+                    technician=technician,
+                    epc=epc,
+                    asset_id=asset.asset_id if asset else None,
+                    sku=asset.sku if asset else None,
+                    drawer=drawer,
+                )
             )
+        for epc, drawer in d.new.items():
+            if epc in self._unknown:
+                continue
+            restocked += 1
+            events.append(self._restocked(epc, drawer, session_id, technician, actors, now))
+        self._placement_events(d.new, d.moved, verdict.unknown, session_id, now, events)
+        self._note_unknown(result, verdict.unknown)
+        self.baseline = Baseline(verdict.inventory)
+        return restocked, removed
+
+    def rebaseline(
+        self, result: ScanResult, technician: str, reason: str, now: Now, events: list[ev.Event]
+    ) -> None:
+        """A technician's re-baseline: the complete pass *is* the cabinet's contents; what
+        differs is counted in ``inventory.rebaselined``, not reported item by item (neither
+        checked out nor missing). Unregistered and misplaced tags are reported as usual."""
+        verdict = self._assess(result)
+        d = diff(verdict.base, verdict.inventory)
+        self._blind_drawers(verdict, "background", None, now, events)
+        self._placement_events(d.new, d.moved, verdict.unknown, None, now, events)
+        self._note_unknown(result, verdict.unknown)
+        self.baseline = Baseline(verdict.inventory)
+        events.append(
+            ev.InventoryRebaselined(
+                **self._stamp(now),
+                technician=technician,
+                reason=reason,
+                added=len(d.new),
+                removed=len([e for e in d.missing if e not in verdict.vanished]),
+                tags=len(self.baseline),
+            )
+        )
+        events.append(self.inventory_snapshot(now))
+
+    def inventory_snapshot(self, now: Now) -> ev.InventorySnapshot:
+        """``inventory.snapshot`` of the baseline, with the consumables counted per SKU."""
+        skus: dict[str, int] = {}
+        registry = self.assets
+        if registry is not None:
+            for epc in self.baseline:
+                asset = registry.get(epc)
+                if asset is not None and asset.consumable and asset.sku is not None:
+                    skus[asset.sku] = skus.get(asset.sku, 0) + 1
+        return ev.InventorySnapshot(
+            **self._stamp(now),
+            tags=len(self.baseline),
+            by_drawer=self.baseline.by_drawer(),
+            items=self.baseline.to_dict(),
+            skus=dict(sorted(skus.items())),
         )
 
     def snapshot(self) -> dict[str, Any]:
@@ -292,6 +386,41 @@ class Contents:
             self.changed = True
 
     # ---- reports --------------------------------------------------------------------------
+
+    def _consumed(
+        self, epc: str, drawer: str, session_id: UUID | None, actors: list[str], now: Now
+    ) -> ev.ItemConsumed:
+        asset = self.assets.get(epc) if self.assets is not None else None
+        return ev.ItemConsumed(
+            **self._stamp(now),
+            session_id=session_id,
+            actors=list(actors),
+            epc=epc,
+            asset_id=asset.asset_id if asset else None,
+            sku=asset.sku if asset else None,
+            drawer=drawer,
+        )
+
+    def _restocked(
+        self,
+        epc: str,
+        drawer: str,
+        session_id: UUID | None,
+        technician: str | None,
+        actors: list[str],
+        now: Now,
+    ) -> ev.ItemRestocked:
+        asset = self.assets.get(epc) if self.assets is not None else None
+        return ev.ItemRestocked(
+            **self._stamp(now),
+            session_id=session_id,
+            technician=technician,
+            actors=list(actors),
+            epc=epc,
+            asset_id=asset.asset_id if asset else None,
+            sku=asset.sku if asset else None,
+            drawer=drawer,
+        )
 
     def _item_missing(self, epc: str, drawer: str, now: Now) -> ev.ItemMissing:
         """``item.missing``: gone, and nobody can be named for it."""

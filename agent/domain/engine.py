@@ -36,7 +36,7 @@ from uuid import UUID
 
 from agent.domain import events as ev
 from agent.domain import resume
-from agent.domain.access import AccessControl, AllowList
+from agent.domain.access import AccessControl, AllowList, Role
 from agent.domain.assets import AssetRegistry
 from agent.domain.commands import (
     Command,
@@ -58,6 +58,17 @@ from agent.domain.resume import EngineStateError
 from agent.domain.scanning import ScanPass
 from agent.domain.session import Session
 from agent.domain.stamp import Stamper
+from agent.domain.technician import (
+    MAX_BADGE_WAIT_S,
+    TECHNICIAN_RE,
+    BadgeWait,
+    Rebaseline,
+    RebaselineState,
+    Technician,
+    TechnicianRefused,
+    check_reason,
+    check_technician,
+)
 from drivers.types import BadgeRead, DoorEdge, DoorState, ReaderHealth, TagRead
 
 __all__ = [
@@ -69,6 +80,7 @@ __all__ = [
     "Relock",
     "StartScan",
     "StopScan",
+    "TechnicianRefused",
     "Unlock",
 ]
 
@@ -145,6 +157,14 @@ class CabinetEngine:
         self._last = now
         self._dirty = True
         self._started = False
+        # Technician work (agent/domain/technician.py): the technician session from its
+        # unlock to its closing scan, a pending wait for a supervisor's badge, a re-baseline.
+        self._tech: Technician | None = None
+        self._tech_wait: BadgeWait | None = None
+        self._rebase: Rebaseline | None = None
+        self.rebaseline_state: RebaselineState | None = None
+        self.rebaselines = 0  # re-baselines requested so far (cabinetctl waits for its own)
+        self.rebaseline_result: ev.InventoryRebaselined | None = None
 
     @property
     def config(self) -> CabinetDomainConfig:
@@ -251,6 +271,18 @@ class CabinetEngine:
         if not outcome.granted:
             return self._end(out)
         phase = self.phase
+        wait = self._tech_wait
+        if (
+            wait is not None
+            and phase in (Phase.IDLE, *_BACKGROUND_SCANS)
+            and Role.SUPERVISOR in outcome.roles
+        ):
+            # cabinetctl asked for a supervisor's badge: this one opens the technician session.
+            self._tech_wait = None
+            if phase is not Phase.IDLE:
+                self._abort_background(out)
+            self._open_technician(actor, "badge", wait.reason, now, out)
+            return self._end(out)
         if phase in (Phase.IDLE, *_BACKGROUND_SCANS):
             if phase is not Phase.IDLE:
                 self._abort_background(out)
@@ -289,6 +321,148 @@ class CabinetEngine:
         """Install a newly verified asset registry."""
         self._contents.assets = assets
 
+    # ---- technician work (docs/domain.md, "Technician sessions") ------------------------------
+
+    @property
+    def technician(self) -> Technician | None:
+        """The technician session in progress (unlocked, door open, or its closing scan)."""
+        return self._tech
+
+    @property
+    def awaiting_supervisor(self) -> bool:
+        """True while a ``technician open --badge`` waits for a supervisor's badge."""
+        return self._tech_wait is not None
+
+    def open_technician(self, technician: str, reason: str, now: Now) -> EngineOutput:
+        """Open a technician session for ``uid:<n>`` (cabinetctl): unlock, no forced opening.
+
+        Raises TechnicianRefused unless the cabinet is idle (a background inventory is
+        abandoned, as for a badge)."""
+        out = self._begin(now)
+        if not TECHNICIAN_RE.fullmatch(technician):
+            raise TechnicianRefused("not a technician id")
+        text = check_reason(reason)
+        self._require_idle("open a technician session")
+        if self.phase is not Phase.IDLE:
+            self._abort_background(out)
+        self._tech_wait = None
+        self._open_technician(technician, "cli", text, now, out)
+        return self._end(out)
+
+    def await_supervisor(
+        self, requested_by: str, reason: str, wait_s: float, now: Now
+    ) -> EngineOutput:
+        """The next supervisor badge within ``wait_s`` opens a technician session (the
+        supervisor is its technician); other badges work as usual meanwhile."""
+        out = self._begin(now)
+        if not TECHNICIAN_RE.fullmatch(requested_by):
+            raise TechnicianRefused("not a technician id")
+        text = check_reason(reason)
+        self._require_idle("wait for a supervisor badge")
+        wait_s = min(max(wait_s, 1.0), MAX_BADGE_WAIT_S)
+        self._tech_wait = BadgeWait(text, requested_by, now.mono + wait_s)
+        self._dirty = True
+        return self._end(out)
+
+    def close_technician(self, now: Now) -> EngineOutput:
+        """Close a technician session whose door has not opened (cabinetctl): relock. Once
+        the door opened, the session ends with its closing scan instead."""
+        out = self._begin(now)
+        if self._tech_wait is not None and self._tech is None:
+            self._tech_wait = None
+            self._dirty = True
+            return self._end(out)
+        tech = self._tech
+        if tech is None:
+            raise TechnicianRefused("no technician session is open")
+        if self.phase is not Phase.UNLOCKED:
+            raise TechnicianRefused(
+                "the door has opened: the session ends by itself once the door is closed and "
+                "the closing scan is over"
+            )
+        self._pending = []
+        self.phase = Phase.IDLE
+        out.commands.append(Relock())
+        self._end_technician(now, out, "cancelled")
+        return self._end(out)
+
+    def rebaseline(self, technician: str, reason: str, now: Now) -> EngineOutput:
+        """Inventory now and make what is found the baseline (cabinetctl inventory
+        rebaseline): differences are counted in ``inventory.rebaselined``, nobody is charged,
+        nothing is missing. ``rebaseline_state`` follows it; a badge interrupts it."""
+        out = self._begin(now)
+        if not TECHNICIAN_RE.fullmatch(technician):
+            raise TechnicianRefused("not a technician id")
+        text = check_reason(reason)
+        if self.phase is not Phase.IDLE or self.door_open:
+            raise TechnicianRefused(
+                f"cannot re-baseline now: the cabinet is {self.phase}"
+                f"{' with the door open' if self.door_open else ''}; try again when it is idle"
+            )
+        self._rebase = Rebaseline(technician, text)
+        self.rebaseline_state = "running"
+        self.rebaselines += 1
+        self._bg_attempts = 0
+        self._start_pass(Phase.BACKGROUND, now, out, first=True)
+        return self._end(out)
+
+    def _require_idle(self, what: str) -> None:
+        if self.door_open or self.phase not in (Phase.IDLE, *_BACKGROUND_SCANS):
+            raise TechnicianRefused(
+                f"cannot {what} now: the cabinet is {self.phase}"
+                f"{' with the door open' if self.door_open else ''}; try again when it is idle"
+            )
+        if self._rebase is not None:
+            raise TechnicianRefused(f"cannot {what} now: a re-baseline is running")
+
+    def _open_technician(
+        self, who: str, via: ev.TechnicianVia, reason: str, now: Now, out: EngineOutput
+    ) -> None:
+        tech = Technician(self._ids(now.wall), who, via, reason, now.mono)
+        self._tech = tech
+        self._pending = []
+        self._unlock(now, out, enter=True)
+        out.events.append(
+            ev.TechnicianOpened(
+                **self._stamp(now),
+                session_id=tech.session_id,
+                technician=who,
+                via=via,
+                reason=reason,
+                door_id=self.config.door_id,
+            )
+        )
+
+    def _end_technician(
+        self,
+        now: Now,
+        out: EngineOutput,
+        ended: Literal["scanned", "not_opened", "cancelled"],
+        *,
+        quality: Literal["complete", "incomplete", "none"] = "none",
+        restocked: int = 0,
+        removed: int = 0,
+        actors: Sequence[str] = (),
+    ) -> None:
+        tech = self._tech
+        assert tech is not None
+        self._tech = None
+        self._dirty = True
+        out.events.append(
+            ev.TechnicianClosed(
+                **self._stamp(now),
+                session_id=tech.session_id,
+                technician=tech.who,
+                via=tech.via,
+                ended=ended,
+                quality=quality,
+                duration_s=round(tech.elapsed(now.mono), 3),
+                restocked=restocked,
+                removed=removed,
+                actors=[a for a in actors if a != ev.UNKNOWN_ACTOR or ended == "scanned"],
+            )
+        )
+
     # ---- resume ------------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
@@ -308,6 +482,11 @@ class CabinetEngine:
             **self._contents.snapshot(),
             "session": None if s is None else s.snapshot(self._last),
             **self._holdings.snapshot(at),
+            "technician": None if self._tech is None else self._tech.snapshot(at),
+            "technician_wait": None if self._tech_wait is None else self._tech_wait.snapshot(at),
+            "rebaseline": None
+            if self._rebase is None
+            else {"who": self._rebase.who, "reason": self._rebase.reason},
         }
         return resume.dump(state, self._last)
 
@@ -362,13 +541,29 @@ class CabinetEngine:
                         engine._session.left_open_alerts * config.left_open_s
                     )
             engine._holdings.restore(state, base.mono)
+            # Absent in states written before technician sessions existed.
+            if (t := state.get("technician")) is not None:
+                engine._tech = Technician.restore(t, base.mono)
+            if (w := state.get("technician_wait")) is not None:
+                engine._tech_wait = BadgeWait.restore(w, base.mono)
+            if (r := state.get("rebaseline")) is not None:
+                engine._rebase = Rebaseline(check_technician(r["who"]), check_reason(r["reason"]))
+                engine.rebaseline_state = "running"
         except EngineStateError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError, TechnicianRefused) as err:
             raise EngineStateError(f"engine state is malformed ({type(err).__name__})") from None
         needs_session = engine.phase in (Phase.OPEN, *_SESSION_SCANS)
         if needs_session != (engine._session is not None):
             raise EngineStateError("engine state is inconsistent (session vs phase)")
+        if engine._tech is not None and engine.phase not in (
+            Phase.UNLOCKED,
+            Phase.OPEN,
+            *_SESSION_SCANS,
+        ):
+            raise EngineStateError("engine state is inconsistent (technician vs phase)")
+        if engine._rebase is not None and engine.phase not in _BACKGROUND_SCANS:
+            raise EngineStateError("engine state is inconsistent (re-baseline vs phase)")
         return engine
 
     # ---- door -------------------------------------------------------------------------------
@@ -403,11 +598,28 @@ class CabinetEngine:
         if phase in _BACKGROUND_SCANS:
             self._abort_background(out)
             phase = Phase.IDLE
+        tech = self._tech if phase is Phase.UNLOCKED else None
+        if tech is not None:
+            # A technician's opening: not forced, no session.opened (technician.opened said it).
+            self._session = Session(
+                session_id=tech.session_id,
+                actors=list(self._pending),
+                opened_wall=now.wall,
+                elapsed_base=0.0,
+                since_mono=now.mono,
+                door_opened_mono=now.mono,
+            )
+            self._pending = []
+            self.phase = Phase.OPEN
+            return
         trigger: Literal["badge", "forced"]
         if phase is Phase.UNLOCKED:
             actors, trigger = list(self._pending), "badge"
         else:
             actors, trigger = [ev.UNKNOWN_ACTOR], "forced"
+            if self._tech is not None:
+                # Unreachable: a technician session is UNLOCKED until its door opens.
+                self._tech = None
         self._pending = []
         session_id = self._ids(now.wall)
         self._session = Session(
@@ -472,11 +684,16 @@ class CabinetEngine:
         self._readers.timers(now, out.events)
         self._holdings.timers(now, out.events, self.baseline)
         phase = self.phase
+        if self._tech_wait is not None and now.mono >= self._tech_wait.until_mono:
+            self._tech_wait = None  # nobody badged: cabinetctl says so
+            self._dirty = True
         if phase is Phase.UNLOCKED and now.mono >= self._unlock_deadline:
             self._pending = []
             self.phase = Phase.IDLE
             self._dirty = True
             out.commands.append(Relock())
+            if self._tech is not None:
+                self._end_technician(now, out, "not_opened")
         elif phase is Phase.OPEN:
             self._left_open(now, out)
         elif self._pass.running:
@@ -510,6 +727,8 @@ class CabinetEngine:
     def _left_open(self, now: Now, out: EngineOutput) -> None:
         session = self._session
         assert session is not None
+        if self._tech is not None:
+            return  # maintenance keeps the door open; the technician session is audited
         night = self._night(now)
         period = self.config.night_left_open_s if night else self.config.left_open_s
         open_s = now.mono - session.door_opened_mono
@@ -558,6 +777,9 @@ class CabinetEngine:
         out.commands.append(StopScan())
 
     def _abort_background(self, out: EngineOutput) -> None:
+        if self._rebase is not None:
+            self._rebase = None
+            self.rebaseline_state = "interrupted"
         self._stop_pass(out)
         self.phase = Phase.IDLE
         self._bg_next = self._last.mono + self.config.background_period_s
@@ -635,7 +857,10 @@ class CabinetEngine:
         assert session is not None
         actors = list(session.actors)
         sid = session.session_id
-        checked_out = returned = 0
+        checked_out = returned = consumed = restocked = 0
+        if self._tech is not None:
+            self._close_technician_session(now, out, result, reads=reads, tags=tags)
+            return
         if result is not None and self._stale:
             # The baseline may be stale: what differs may have left or come back in a cycle the
             # store lost, so nobody of this session is named for it.
@@ -650,6 +875,7 @@ class CabinetEngine:
                 out.events[first:], self.assets, self.config.overdue_after_s, now
             )
             self._holdings.back(self.baseline)
+            consumed, restocked = self._contents.consumed, self._contents.restocked
             reads, tags = result.reads, len(self.baseline)
             out.baseline = self.baseline
         out.events.append(
@@ -665,8 +891,41 @@ class CabinetEngine:
                 passes=session.passes,
                 checked_out=checked_out,
                 returned=returned,
+                consumed=consumed,
+                restocked=restocked,
             )
         )
+        self._after_session(now, out, result)
+
+    def _close_technician_session(
+        self, now: Now, out: EngineOutput, result: ScanResult | None, *, reads: int, tags: int
+    ) -> None:
+        """A technician session's closing scan: restocks and removals, never check-outs."""
+        session, tech = self._session, self._tech
+        assert session is not None
+        assert tech is not None
+        restocked = removed = 0
+        if result is not None and self._stale:
+            self._reestablish(result, session.session_id, now, out)
+        elif result is not None:
+            restocked, removed = self._contents.close_technician(
+                result, session.session_id, tech.who, list(session.actors), now, out.events
+            )
+            # An item someone holds, put back by the technician: its holding ends (no return).
+            self._holdings.back(self.baseline)
+            out.baseline = self.baseline
+        self._end_technician(
+            now,
+            out,
+            "scanned",
+            quality="complete" if result is not None else "incomplete",
+            restocked=restocked,
+            removed=removed,
+            actors=session.actors,
+        )
+        self._after_session(now, out, result)
+
+    def _after_session(self, now: Now, out: EngineOutput, result: ScanResult | None) -> None:
         out.commands.append(StopScan())
         # Idempotent; also covers an Unlock a holder asked for during the scan but never used.
         out.commands.append(Relock())
@@ -698,7 +957,20 @@ class CabinetEngine:
             first = self._first_pass
             assert first is not None
             merged = first.merge(result)
-        self._reestablish(merged, None, now, out)
+        rebase = self._rebase
+        if rebase is not None:
+            mark = len(out.events)
+            self._contents.rebaseline(merged, rebase.who, rebase.reason, now, out.events)
+            self._holdings.back(self.baseline)
+            self.rebaseline_result = next(
+                e for e in out.events[mark:] if isinstance(e, ev.InventoryRebaselined)
+            )
+            out.baseline = self.baseline
+            self._stale = False
+            self._rebase = None
+            self.rebaseline_state = "done"
+        else:
+            self._reestablish(merged, None, now, out)
         self._finish_background(now, out, complete=True)
 
     def _reestablish(
@@ -712,6 +984,9 @@ class CabinetEngine:
         self._stale = False
 
     def _finish_background(self, now: Now, out: EngineOutput, *, complete: bool) -> None:
+        if self._rebase is not None:  # incomplete: the baseline stays as it was
+            self._rebase = None
+            self.rebaseline_state = "incomplete"
         out.commands.append(StopScan())
         self._first_pass = None
         self._pass.stop()

@@ -135,6 +135,8 @@ class SessionClosed(EventBase):
     passes: int = Field(ge=0, description="scan passes run, including rescans")
     checked_out: int = Field(ge=0)
     returned: int = Field(ge=0)
+    consumed: int = Field(0, ge=0, description="consumables taken (item.consumed)")
+    restocked: int = Field(0, ge=0, description="consumables put in (item.restocked)")
 
 
 class AccessDenied(EventBase):
@@ -294,6 +296,9 @@ class InventorySnapshot(EventBase):
     tags: int = Field(ge=0)
     by_drawer: dict[Drawer, int]
     items: dict[Epc, Drawer] = Field(description="EPC → drawer")
+    skus: dict[Sku, int] = Field(
+        default_factory=dict, description="consumables present, counted per SKU"
+    )
 
 
 ShortOutages = Annotated[
@@ -416,6 +421,122 @@ class AuditAnchor(EventBase):
     )
 
 
+# ---- technician sessions and consumables (issue 13, items 1 and 2) --------------------------
+
+# Who does a technician's work: the local account that ran cabinetctl ("uid:<n>", read by the
+# kernel from the control socket, SO_PEERCRED) or a supervisor's badge pseudonym. A uid is kept
+# as a local uid, not pseudonymized (docs/privacy.md §10): it names an account of this
+# controller, and only the controller's account database links it to a person.
+TECHNICIAN_PATTERN = rf"^(?:uid:[0-9]{{1,10}}|{PSEUDONYM_BODY})$"
+TechnicianId = Annotated[
+    str,
+    Field(
+        pattern=TECHNICIAN_PATTERN,
+        description="'uid:<n>': the controller's local account that opened it with cabinetctl; "
+        "or the supervisor's badge pseudonym",
+    ),
+]
+TechnicianVia = Literal["cli", "badge"]
+Reason = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="the technician's reason, free text (no control characters)",
+    ),
+]
+Sku = Annotated[str, Field(pattern=NAME_PATTERN, description="stock-keeping unit of a consumable")]
+PassiveActors = Annotated[
+    list[Actor], Field(description="badges presented during the session (may be empty)")
+]
+
+
+class TechnicianOpened(EventBase):
+    """A technician session was opened (cabinetctl, or a supervisor badge after cabinetctl asked
+    for one): the door is unlocked for maintenance; its opening is not forced and what moves
+    during it is a restock or a removal, not a check-out."""
+
+    type: Literal["technician.opened"] = "technician.opened"
+    session_id: UUID
+    technician: TechnicianId
+    via: TechnicianVia
+    reason: Reason
+    door_id: Name
+
+
+class TechnicianClosed(EventBase):
+    """A technician session ended: after the closing scan (``scanned``), or without the door
+    having opened (``not_opened``: the unlock window ran out; ``cancelled``: cabinetctl)."""
+
+    type: Literal["technician.closed"] = "technician.closed"
+    session_id: UUID
+    technician: TechnicianId
+    via: TechnicianVia
+    ended: Literal["scanned", "not_opened", "cancelled"]
+    quality: Literal["complete", "incomplete", "none"] = Field(
+        description="the closing scan's; 'none' when the door never opened"
+    )
+    duration_s: float = Field(ge=0)
+    restocked: int = Field(ge=0)
+    removed: int = Field(ge=0)
+    actors: PassiveActors = Field(default_factory=list)
+
+
+class ItemRestocked(EventBase):
+    """A tag appeared that nobody is to be credited with a return for: a consumable put in (in
+    any session), or any item put in during a technician session."""
+
+    type: Literal["item.restocked"] = "item.restocked"
+    session_id: UUID | None = None
+    technician: TechnicianId | None = None
+    actors: PassiveActors = Field(default_factory=list)
+    epc: Epc
+    asset_id: AssetId | None = None
+    sku: Sku | None = None
+    drawer: Drawer
+
+
+class ItemRemoved(EventBase):
+    """An item left the cabinet during a technician session: taken out of stock, not checked
+    out (nobody holds it; it is not expected back)."""
+
+    type: Literal["item.removed"] = "item.removed"
+    session_id: UUID
+    technician: TechnicianId
+    epc: Epc
+    asset_id: AssetId | None = None
+    sku: Sku | None = None
+    drawer: Drawer | None = Field(None, description="where the item was before the session")
+
+
+class ItemConsumed(EventBase):
+    """A consumable (asset registry: ``consumable``) left the cabinet: used up, never expected
+    back, never missing. ``actors`` empty: it left outside a door session (background
+    inventory)."""
+
+    type: Literal["item.consumed"] = "item.consumed"
+    session_id: UUID | None = None
+    actors: PassiveActors = Field(default_factory=list)
+    epc: Epc
+    asset_id: AssetId | None = None
+    sku: Sku | None = None
+    drawer: Drawer | None = Field(None, description="where it was taken from")
+
+
+class InventoryRebaselined(EventBase):
+    """A technician replaced the baseline with what a complete inventory found (cabinetctl
+    inventory rebaseline): what differed is neither checked out nor missing. An
+    ``inventory.snapshot`` follows."""
+
+    type: Literal["inventory.rebaselined"] = "inventory.rebaselined"
+    technician: TechnicianId
+    reason: Reason
+    added: int = Field(ge=0, description="tags in the new baseline that the old one lacked")
+    removed: int = Field(ge=0, description="tags of the old baseline no longer found")
+    tags: int = Field(ge=0)
+
+
 Event: TypeAlias = Annotated[
     ItemCheckedOut
     | ItemReturned
@@ -439,7 +560,13 @@ Event: TypeAlias = Annotated[
     | AgentAlert
     | AgentClockStep
     | AuditAnchor
-    | ItemOverdue,
+    | ItemOverdue
+    | TechnicianOpened
+    | TechnicianClosed
+    | ItemRestocked
+    | ItemRemoved
+    | ItemConsumed
+    | InventoryRebaselined,
     Field(discriminator="type"),
 ]
 
@@ -469,6 +596,12 @@ EVENT_TYPES: tuple[str, ...] = (
     "agent.clock_step",
     "audit.anchor",
     "item.overdue",
+    "technician.opened",
+    "technician.closed",
+    "item.restocked",
+    "item.removed",
+    "item.consumed",
+    "inventory.rebaselined",
 )
 
 PRIORITY_CRITICAL = 0
@@ -484,6 +617,9 @@ _CRITICAL = frozenset(
         "agent.alert",
         "agent.clock_step",
         "audit.anchor",
+        "technician.opened",
+        "item.removed",
+        "inventory.rebaselined",
     }
 )
 _ROUTINE = frozenset({"inventory.snapshot"})
