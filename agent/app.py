@@ -23,8 +23,10 @@ from agent.audit_policy import AuditTrail
 from agent.clock_watch import ClockWatch, log_time_at_start
 from agent.config import AgentConfig
 from agent.documents import Documents, Parsed
-from agent.domain.engine import CabinetEngine
-from agent.engine_runner import AppStats, EngineRunner, Inputs
+from agent.domain import events as ev
+from agent.domain.engine import CabinetEngine, EngineOutput
+from agent.domain.now import Now
+from agent.engine_runner import AppStats, EngineCall, EngineRunner, Inputs
 from agent.hub import BadgeClient, CabinetHardware
 from agent.lifecycle import describe_error
 from agent.mqtt.config import check_tls_files
@@ -199,6 +201,16 @@ class CabinetApp:
 
     def store_status(self) -> dict[str, object] | None:
         return self.view.store()
+
+    async def engine_call(
+        self, call: Callable[[CabinetEngine, Now], EngineOutput], timeout_s: float = 10.0
+    ) -> list[ev.Event]:
+        """Run ``call`` on the engine loop; the events it produced, once committed. Raises
+        TechnicianRefused (the engine's answer) or TimeoutError."""
+        done: asyncio.Future[list[ev.Event]] = asyncio.get_running_loop().create_future()
+        async with asyncio.timeout(timeout_s):
+            await self.inputs.queue.put(EngineCall(call, done))
+            return await done
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -72,6 +72,19 @@ class AuditTrail:
                     "access.granted" if e.trigger == "badge" else "session.forced",
                     {"door_id": e.door_id, "session_id": str(e.session_id)},
                 )
+            elif isinstance(e, ev.TechnicianOpened | ev.TechnicianClosed):
+                details: dict[str, Any] = {"session_id": str(e.session_id), "via": e.via}
+                if isinstance(e, ev.TechnicianOpened):
+                    details["reason"] = e.reason
+                else:
+                    details.update(ended=e.ended, restocked=e.restocked, removed=e.removed)
+                self.record(e.technician, e.type, details)
+            elif isinstance(e, ev.InventoryRebaselined):
+                self.record(
+                    e.technician,
+                    e.type,
+                    {"reason": e.reason, "added": e.added, "removed": e.removed, "tags": e.tags},
+                )
             elif isinstance(e, ev.AccessLockout):
                 self.record(
                     e.actor or "system",

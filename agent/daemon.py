@@ -24,6 +24,7 @@ from agent.config import AgentConfig, ConfigError, load_config
 from agent.control.server import ControlServer, PeerCred
 from agent.control_api import register_handlers
 from agent.hub import CabinetHardware
+from agent.control_tech import register_technician_handlers
 from agent.lifecycle import (
     EX_SOFTWARE,
     FATAL_EXIT_S,
@@ -93,6 +94,7 @@ class Daemon:
         if self.cfg.control.enabled:
             control = ControlServer(self.cfg.control, audit=self._audit_cli)
             register_handlers(control, self.app, reloads=lambda: self.reloads)
+            register_technician_handlers(control, self.app)
         metrics_server = MetricsServer(self.cfg.metrics, self.metrics.registry)
 
         def _on_ready() -> None:

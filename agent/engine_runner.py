@@ -36,6 +36,7 @@ from agent.domain.engine import (
     Relock,
     StartScan,
     StopScan,
+    TechnicianRefused,
     Unlock,
 )
 from agent.domain.inventory import Baseline
@@ -103,6 +104,17 @@ class AppStats:
     recent: deque[RecentEvent] = field(default_factory=lambda: deque(maxlen=200))
 
 
+@dataclass(frozen=True)
+class EngineCall:
+    """An operator's request to the engine (technician session, re-baseline: cabinetctl), run
+    on the engine loop like any input, since it is the outbox's only sequence writer. ``done``
+    gets the events it produced once they are committed, or the engine's refusal
+    (``TechnicianRefused``)."""
+
+    call: Callable[[CabinetEngine, Now], EngineOutput]
+    done: asyncio.Future[list[ev.Event]]
+
+
 # What the engine loop consumes: the drivers' values (through Inputs), the store's and the
 # parts' alerts, clock steps, and the shutdown sentinel.
 EngineInput = (
@@ -114,6 +126,7 @@ EngineInput = (
     | ClockStep
     | PartAlert
     | AnchorRequest
+    | EngineCall
     | StopEngine
 )
 
@@ -334,6 +347,17 @@ class EngineRunner:
                     out = EngineOutput(events=[self.agent_events.part_alert(item, now)])
                 case AnchorRequest():
                     out = EngineOutput(events=[self.agent_events.audit_anchor(item.links, now)])
+                case EngineCall():
+                    try:
+                        out = item.call(engine, now)
+                    except TechnicianRefused as err:
+                        if not item.done.done():
+                            item.done.set_exception(err)
+                        continue
+                    await self._apply(out, now)
+                    if not item.done.done():
+                        item.done.set_result(list(out.events))
+                    continue
                 case _:
                     assert_never(item)
             await self._apply(out, now)

@@ -58,6 +58,10 @@ _CODE_EXITS = {
     "store_failed": EX_TEMPFAIL,
     "no_door": EX_CONFIG,
     "no_publisher": EX_CONFIG,
+    # agent/control_tech.py: the engine refused (busy), no supervisor badge, still starting
+    "refused": EX_TEMPFAIL,
+    "no_badge": EX_TEMPFAIL,
+    "not_started": EX_TEMPFAIL,
 }
 
 
@@ -551,6 +555,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         if name == "unlock":
             p.add_argument("--pulse", type=float, help="seconds before it re-locks")
         p.set_defaults(func=guarded(_cmd_door))
+    from agent.cli import technician_cmd
+
+    technician_cmd.register_door_test(dsub)
 
     queue = sub.add_parser("queue", help="the outbox of events waiting for the broker")
     qsub = queue.add_subparsers(dest="queue_command", required=True)

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.cli import control_cmd
 
     control_cmd.register(sub)
+    from agent.cli import technician_cmd
+
+    technician_cmd.register(sub)
     from agent.cli import tpm_cmd
 
     tpm_cmd.register(sub)

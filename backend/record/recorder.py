@@ -43,6 +43,7 @@ from agent.domain.events import (
     ItemMisplaced,
     ItemMissing,
     ItemOverdue,
+    ItemRestocked,
     ItemReturned,
     ItemUnknown,
     ReaderFlapping,
@@ -460,7 +461,7 @@ def _project_item(tx: Tx, a: Admitted) -> None:
     rows: list[tuple[Any, ...]] = []
     if isinstance(ev, ItemCheckedOut):
         rows.append(_item_row(a, ev.epc, ev.asset_id, "out", ev.drawer, ev.actors, ev.session_id))
-    elif isinstance(ev, ItemReturned | ItemMisplaced):
+    elif isinstance(ev, ItemReturned | ItemMisplaced | ItemRestocked):
         rows.append(_item_row(a, ev.epc, ev.asset_id, "in", ev.drawer, None, ev.session_id))
     elif isinstance(ev, ItemMissing):
         rows.append(_item_row(a, ev.epc, ev.asset_id, "missing", ev.drawer, None, None))

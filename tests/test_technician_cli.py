@@ -1,0 +1,128 @@
+"""cabinetctl's technician commands against a running daemon (real LLRP simulator, door on its
+GPI/GPO): ``technician open|close|status``, ``inventory rebaseline``, ``door test``."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from simulators.llrp import LlrpSimulator
+from tests.test_cli_daemon import TAGS, WAIT_S, _events, _until_event, ctl, daemon
+from tests.test_cli_daemon import sockdir as sockdir  # the fixture
+
+
+async def test_help_lists_the_technician_commands() -> None:
+    top = await ctl("--help")
+    assert top.rc == 0
+    for name in ("technician", "inventory"):
+        assert name in top.out
+    door = await ctl("door", "--help")
+    assert "test" in door.out
+    tech = await ctl("technician", "--help")
+    assert all(w in tech.out for w in ("open", "close", "status"))
+    inv = await ctl("inventory", "--help")
+    assert "rebaseline" in inv.out
+
+
+async def test_a_technician_session_door_test_and_rebaseline_through_the_daemon(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    async with (
+        LlrpSimulator(
+            personality="impinj", antennas=4, port=0, seed=9, gpi_ports_enabled=True
+        ) as sim,
+        daemon(tmp_path, sockdir, sim) as d,
+    ):
+        sock = str(d.sock)
+        for tag in TAGS:
+            sim.add_tag(tag)
+
+        # The door test: every step PASS, the lock moved three times.
+        refused = await ctl("door", "test", "--json", "--socket", sock)
+        assert refused.rc == 64
+        writes = len(sim.gpo_history)
+        test = await ctl("door", "test", "--yes-i-am-on-site", "--socket", sock)
+        assert test.rc == 0, test.err
+        lines = test.out.strip().splitlines()
+        assert [line.split()[:2] for line in lines[:-1]] == [
+            ["PASS", "sensor"],
+            ["PASS", "lock"],
+            ["PASS", "unlock"],
+            ["PASS", "relock"],
+            ["PASS", "sensor"],
+        ], test.out
+        assert lines[-1].startswith("PASS  door door")
+        moves = [w[:2] for w in sim.gpo_history[writes:]]
+        assert (1, True) in moves
+        assert moves[-1] == (1, False), "the test leaves the door locked"
+
+        # The daemon starts with no baseline: the first re-baseline takes stock.
+        first = await ctl(
+            "inventory", "rebaseline", "--reason", "stock", "--json", "--socket", sock
+        )
+        assert first.rc == 0, first.err
+        assert (first.doc()["state"], first.doc()["added"], first.doc()["tags"]) == ("done", 3, 3)
+
+        # A reason is required.
+        blank = await ctl("technician", "open", "--reason", "  ", "--json", "--socket", sock)
+        assert blank.rc == 64, blank.err
+        nothing = await ctl("technician", "close", "--json", "--socket", sock)
+        assert nothing.rc == 75
+        assert "no technician session" in nothing.err
+
+        # The technician session: unlocked, opened (not forced), a tag taken out, closed.
+        opened = await ctl(
+            "technician", "open", "--reason", "swap the meter", "--json", "--socket", sock
+        )
+        assert opened.rc == 0, opened.err
+        doc = opened.doc()
+        assert doc["technician"] == "uid:0"
+        assert doc["via"] == "cli"
+        assert sim.gpo_history[-1][:2] == (1, True), "lock released"
+        status = (await ctl("technician", "status", "--json", "--socket", sock)).doc()
+        assert status["session"]["reason"] == "swap the meter"
+        start = max((e["seq"] for e in await _events(d.sock)), default=0)
+        sim.set_gpi(1, True)
+        async with asyncio.timeout(WAIT_S):  # the agent has seen the door open
+            while (await ctl("technician", "status", "--json", "--socket", sock)).doc()[
+                "phase"
+            ] != "open":
+                await asyncio.sleep(0.1)
+        sim.remove_tag(TAGS[2].epc)
+        busy = await ctl("technician", "close", "--json", "--socket", sock)
+        assert busy.rc == 75
+        assert "the door has opened" in busy.err
+        sim.set_gpi(1, False)
+        closed = await _until_event(d.sock, "technician.closed", start)
+        kinds = [e["type"] for e in await _events(d.sock) if start < e["seq"] <= closed["seq"]]
+        assert "door.forced" not in kinds
+        assert "session.opened" not in kinds
+        assert kinds == ["item.removed", "technician.closed"]
+
+        # Re-baseline: the inventory becomes the baseline.
+        sim.remove_tag(TAGS[1].epc)
+        rebase = await ctl(
+            "inventory", "rebaseline", "--reason", "monthly count", "--json", "--socket", sock
+        )
+        assert rebase.rc == 0, rebase.err
+        assert rebase.doc()["state"] == "done"
+        assert (rebase.doc()["tags"], rebase.doc()["added"], rebase.doc()["removed"]) == (1, 0, 1)
+
+        # The audit trail names the caller's uid, gid and reason.
+        async with asyncio.timeout(WAIT_S):
+            while True:
+                tail = await ctl("audit", "tail", "-n", "200", "--json", "--socket", sock)
+                records = tail.doc()["records"]
+                actions = {r["action"]: r for r in records}
+                if "inventory.rebaselined" in actions and "technician.closed" in actions:
+                    break
+                await asyncio.sleep(0.2)
+        assert actions["technician.open"]["actor"] == "cli:uid=0"
+        assert actions["technician.open"]["details"]["reason"] == "swap the meter"
+        assert actions["technician.open"]["details"]["gid"] == 0
+        assert actions["technician.opened"]["actor"] == "uid:0"
+        assert actions["technician.closed"]["details"]["removed"] == 1
+        assert actions["door.test"]["details"]["ok"] is True
+        assert actions["inventory.rebaseline"]["details"]["reason"] == "monthly count"
+        assert actions["inventory.rebaselined"]["details"]["removed"] == 1
+        assert (await ctl("audit", "verify", "--json", "--socket", sock)).doc()["ok"] is True
