@@ -40,6 +40,7 @@ from simulators.cabinet import (
     ScenarioRunner,
     agent_config,
     build_artefacts,
+    cabinetctl,
     cmd_topic,
     describe_events,
     match_events,
@@ -186,6 +187,7 @@ class Rig:
     start_seq: int = 0
     _last_mark: float = -1e9  # time.monotonic() of the last marker card shown
     _last_badge: dict[str, float] = field(default_factory=dict)  # runners' cards (loop time)
+    control_socket: Path | None = None  # the agent's control socket (cabinetctl steps)
 
     @property
     def time_synced(self) -> Path:
@@ -249,6 +251,8 @@ class Rig:
     def runner(self, **kw: Any) -> ScenarioRunner:
         kw.setdefault("badge_read", self.badge_read)
         kw.setdefault("last_badge", self._last_badge)
+        if self.control_socket is not None:
+            kw.setdefault("ctl", cabinetctl(self.control_socket))
         return ScenarioRunner(
             self.scenario,
             self.llrp,
@@ -374,6 +378,8 @@ async def cabinet_rig(
         sink = EventSink(broker.port, keys, asyncio.get_running_loop())
         agent = AgentProcess(config_path, agent_dir / "agent.log")
         rig = Rig(scenario, tmp, broker, keys, llrp, badge, marker, door, art, sink, agent)
+        if cfg.get("control", {}).get("enabled", True):
+            rig.control_socket = Path(cfg["control"]["socket_path"])
         rig.publish_document("allow-list", art.allow_list)
         if art.registry_installed:
             rig.publish_document("asset-registry", art.asset_registry)

@@ -23,6 +23,7 @@ simulators), ``provisioning`` (signed documents, agent config, retained MQTT del
 ``expectations`` (matching events against the expected list), ``toml_writer``.
 """
 
+from simulators.cabinet.control import Ctl, cabinetctl, cabinetctl_command
 from simulators.cabinet.expectations import describe_event, describe_events, match_events
 from simulators.cabinet.provisioning import (
     FAST_DOMAIN,
@@ -68,6 +69,7 @@ __all__ = [
     "INSTALLER",
     "AgentArtefacts",
     "AllowListSpec",
+    "Ctl",
     "EventFeed",
     "EventLog",
     "Expected",
@@ -82,6 +84,8 @@ __all__ = [
     "agent_config",
     "build_artefacts",
     "bundled_scenarios",
+    "cabinetctl",
+    "cabinetctl_command",
     "cmd_topic",
     "describe_event",
     "describe_events",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from typing import Any
@@ -24,8 +25,10 @@ def describe_event(event: Mapping[str, Any], artefacts: AgentArtefacts) -> dict[
             continue
         if key in ("actors", "held_by", "returned_by") and isinstance(value, list):
             out[key] = [artefacts.name_of(a) for a in value]
-        elif key == "actor" and isinstance(value, str):
-            out[key] = artefacts.name_of(value)
+        elif key in ("actor", "technician") and isinstance(value, str):
+            # A technician is a pseudonym (a supervisor's badge) or the local account that ran
+            # cabinetctl: this process's own uid reads "uid:self", whoever runs the tests.
+            out[key] = "uid:self" if value == f"uid:{os.getuid()}" else artefacts.name_of(value)
         elif key == "epc" and isinstance(value, str):
             out["epc"] = value
             if value in artefacts.items:

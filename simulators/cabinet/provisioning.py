@@ -114,6 +114,8 @@ def build_artefacts(
             asset["calibration_due"] = due.isoformat()
         if item.overdue_after_s is not None:
             asset["overdue_after_s"] = item.overdue_after_s
+        if item.consumable:
+            asset.update(consumable=True, sku=item.sku)
         assets.append(asset)
     registry = asset_registry_doc(
         lay.site_id, lay.cabinet_id, 1, issued + timedelta(days=365), assets, issued_at=issued

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -141,11 +141,18 @@ class ScenarioRunner:
     # memory-hard (tens of ms per read), so "badge bob, open" must not open the door before
     # Bob's read is in. None: return as soon as the card is presented.
     badge_read: Callable[[Callable[[], Awaitable[object]]], Awaitable[None]] | None = None
+    # Runs cabinetctl against the agent (simulators.cabinet.control.cabinetctl), for the
+    # technician's steps; None: a scenario with such steps cannot be played.
+    ctl: Callable[[Sequence[str]], Coroutine[Any, Any, dict[str, Any]]] | None = None
     location: dict[str, str | None] = field(default_factory=dict)  # epc → drawer (None: out)
     _seen: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     # When each person last showed their card (loop time): share it between the runners of one
     # cabinet, or a runner may show a card again within the reader's repeat interval.
     last_badge: dict[str, float] = field(default_factory=dict, repr=False)
+    # cabinetctl commands still running (``technician open_by_badge`` waits for the badge).
+    _background: list[asyncio.Task[dict[str, Any]]] = field(
+        default_factory=list, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if not self.location:
@@ -157,20 +164,31 @@ class ScenarioRunner:
         ``wait_event`` counts the feed's events since its mark: mark it right before.
         """
         self._seen = {}
-        for step in self.scenario.parsed_steps():
-            if self.on_step is not None:
-                self.on_step(step)
-            logger.info("scenario %s: %s", self.scenario.name, step.where())
-            try:
-                await self._play(step)
-            except TimeoutError:
-                raise ScenarioError(
-                    f"{self.scenario.name}: {step.where()} timed out after {self.timeout_s:g}s"
-                ) from None
-            except DoorLockedError:
-                raise ScenarioError(
-                    f"{self.scenario.name}: {step.where()}: the door is locked"
-                ) from None
+        try:
+            for step in self.scenario.parsed_steps():
+                if self.on_step is not None:
+                    self.on_step(step)
+                logger.info("scenario %s: %s", self.scenario.name, step.where())
+                try:
+                    await self._play(step)
+                except TimeoutError:
+                    raise ScenarioError(
+                        f"{self.scenario.name}: {step.where()} timed out after {self.timeout_s:g}s"
+                    ) from None
+                except DoorLockedError:
+                    raise ScenarioError(
+                        f"{self.scenario.name}: {step.where()}: the door is locked"
+                    ) from None
+            # A cabinetctl still waiting (for a badge) must have succeeded by the end.
+            async with asyncio.timeout(self.timeout_s):
+                for task in self._background:
+                    await task
+        finally:
+            for task in self._background:
+                task.cancel()
+            if self._background:
+                await asyncio.wait(self._background)
+            self._background = []
 
     async def commission(self, installer: Person = INSTALLER) -> None:
         """Stock the cabinet: one door cycle by ``installer`` makes the agent's first baseline."""
@@ -336,7 +354,45 @@ class ScenarioRunner:
         if remaining > 0:
             await asyncio.sleep(remaining + 0.2)
 
+    async def _op_technician(self, step: Step) -> None:
+        ctl = self._ctl(step)
+        what, reason = step.args[0], " ".join(step.args[1:])
+        if what == "close":
+            await ctl(["technician", "close"])
+        elif what == "open":
+            await ctl(["technician", "open", "--reason", reason])
+        else:
+            # cabinetctl waits for the supervisor's badge: the next steps present it.
+            wait = f"{self.timeout_s:g}"
+            self._background.append(
+                asyncio.create_task(
+                    ctl(["technician", "open", "--badge", "--wait", wait, "--reason", reason]),
+                    name=f"scenario:{step.where()}",
+                )
+            )
+            async with asyncio.timeout(self.timeout_s):
+                while not (await ctl(["technician", "status"]))["awaiting_supervisor"]:
+                    if self._background[-1].done():
+                        await self._background[-1]  # it failed: say why
+                    await asyncio.sleep(0.1)
+
+    async def _op_rebaseline(self, step: Step) -> None:
+        await self._ctl(step)(["inventory", "rebaseline", "--reason", " ".join(step.args)])
+
+    async def _op_door_test(self, step: Step) -> None:
+        result = await self._ctl(step)(["door", "test", "--yes-i-am-on-site"])
+        if not result.get("ok"):
+            raise ScenarioError(f"{self.scenario.name}: {step.where()}: {result.get('steps')}")
+
     # -- helpers ------------------------------------------------------------------------------
+
+    def _ctl(self, step: Step) -> Callable[[Sequence[str]], Coroutine[Any, Any, dict[str, Any]]]:
+        if self.ctl is None:
+            raise ScenarioError(
+                f"{self.scenario.name}: {step.where()}: this runner cannot run cabinetctl "
+                "(no control socket)"
+            )
+        return self.ctl
 
     def _need_open(self, step: Step) -> None:
         if not self.door.is_open:

@@ -72,6 +72,8 @@ class Item(_Model):
     registered: bool = Field(True, description="false: not in the asset registry")
     read_probability: float = Field(1.0, gt=0, le=1)
     rssi_dbm: float = Field(-55.0, ge=-100, le=0)
+    consumable: bool = Field(False, description="a consumable unit or pack (needs its sku)")
+    sku: str | None = Field(None, pattern=_NAME_RE)
 
     @field_validator("epc")
     @classmethod
@@ -80,6 +82,12 @@ class Item(_Model):
         if not _EPC_RE.fullmatch(epc):
             raise ValueError("epc must be lower-case hex, whole 16-bit words (4..124 digits)")
         return epc
+
+    @model_validator(mode="after")
+    def _sku(self) -> Item:
+        if self.consumable and self.sku is None:
+            raise ValueError(f"item {self.name!r} is consumable: it needs its sku")
+        return self
 
     @property
     def asset(self) -> str:
@@ -179,7 +187,12 @@ _OPS: dict[str, tuple[int, int | None]] = {
     "reader_recover": (0, 0),
     "reader_fault": (1, 1),
     "wait_allow_list_expired": (0, 0),
+    # cabinetctl, run by the technician at the cabinet (the runner's ``ctl``)
+    "technician": (1, None),
+    "rebaseline": (1, None),
+    "door_test": (0, 0),
 }
+_TECHNICIAN_OPS = ("open", "open_by_badge", "close")
 
 
 # LLRP simulator fault switches on the agent's current connection.
@@ -335,6 +348,11 @@ class Scenario(_Model):
                 raise ValueError(f"{step.where()}: seconds must be within 0..3600")
         if op == "reader_fault" and args[0] not in _READER_FAULTS:
             raise ValueError(f"{step.where()}: faults are {', '.join(_READER_FAULTS)}")
+        if op == "technician":
+            if args[0] not in _TECHNICIAN_OPS:
+                raise ValueError(f"{step.where()}: technician {' | '.join(_TECHNICIAN_OPS)}")
+            if (args[0] == "close") != (len(args) == 1):
+                raise ValueError(f"{step.where()}: open needs a reason, close takes none")
         if op == "wait_event" and len(args) == 2 and not args[1].isdigit():
             raise ValueError(f"{step.where()}: the count must be a positive integer")
         return step
