@@ -22,6 +22,7 @@ from simulators.badge import BadgeSimulator
 from simulators.cabinet import (
     INSTALLER,
     AgentArtefacts,
+    Ctl,
     EventLog,
     Scenario,
     ScenarioError,
@@ -29,6 +30,7 @@ from simulators.cabinet import (
     agent_config,
     build_artefacts,
     bundled_scenarios,
+    cabinetctl,
     describe_event,
     find_scenario,
     load_scenario,
@@ -124,10 +126,12 @@ async def _serve(scenario: Scenario, args: argparse.Namespace) -> int:
             f"(high releases); drawers {json.dumps(scenario.aliases())}"
         )
         art: AgentArtefacts | None = None
+        ctl: Ctl | None = None
         consumer: Any = None
         events: EventLog | None = None
         if args.write_config is not None:
-            art = _write_config(scenario, args, llrp.port, badge.url)
+            art, control_socket = _write_config(scenario, args, llrp.port, badge.url)
+            ctl = cabinetctl(control_socket)  # the technician's steps
             if args.mqtt_port is not None:
                 events = EventLog()
                 consumer = _start_consumer(args, art, events, loop)
@@ -148,6 +152,7 @@ async def _serve(scenario: Scenario, args: argparse.Namespace) -> int:
                 timeout_s=args.step_timeout,
                 allow_list_expires_at=art.allow_list_expires_at if art else None,
                 on_step=lambda step: _say(f"  {step.index:>2}. {step.text}"),
+                ctl=ctl,
             )
             if art is not None and not args.no_commission:
                 _say("commissioning: the installer stocks the cabinet")
@@ -182,7 +187,8 @@ async def _serve(scenario: Scenario, args: argparse.Namespace) -> int:
 
 def _write_config(
     scenario: Scenario, args: argparse.Namespace, llrp_port: int, badge_url: str
-) -> AgentArtefacts:
+) -> tuple[AgentArtefacts, Path]:
+    """Keys, signed documents and the agent config; the artefacts and the control socket."""
     from backend.keys import generate_backend_keys, load_backend_keys
 
     out: Path = args.write_config.resolve()
@@ -224,7 +230,7 @@ def _write_config(
         publish_documents(art, port=args.mqtt_port)
         what = "both documents" if art.registry_installed else "the allow-list"
         _say(f"published {what} (retained) to the broker on port {args.mqtt_port}")
-    return art
+    return art, Path(cfg["control"]["socket_path"])
 
 
 def _start_consumer(

@@ -26,7 +26,7 @@ RETURNED = re.compile(r"item\.returned\s+p[12]\.\w+\.\w+")
 
 
 def _raw_ids() -> list[str]:
-    scenario = load_scenario(find_scenario("demo-loop"))
+    scenario = load_scenario(find_scenario("demo-shift"))
     return [p.badge for p in (*scenario.people, INSTALLER)]
 
 
@@ -96,7 +96,11 @@ def test_demo_with_mosquitto_plays_a_round_end_to_end(tmp_path: Path) -> None:
     assert "mosquitto on 127.0.0.1:" in out
     assert CHECKED_OUT.search(out), out
     assert RETURNED.search(out), out
-    assert "round 1: ✓ exactly the 8 events the scenario expects" in out, out
+    assert "round 1: ✓ exactly the 12 events the scenario expects" in out, out
+    # The technician session and the consumable (docs/domain.md).
+    assert "technician.opened" in out, out
+    assert "item.consumed" in out, out
+    assert "item.restocked" in out, out
     (tmp_path / "stdout").write_text(out + result.stderr)
     assert find_raw_ids([tmp_path / "stdout"], _raw_ids()) == []
     _assert_left_nothing(tmp_path)

@@ -2,7 +2,9 @@
 
 Everything runs from embedded defaults in a temporary directory: backend keys are generated and
 the cabinet is given only the three files a real one gets (``backend-hpke.pub``, ``signing.pub``,
-``site.key``); the bundled ``demo-loop`` scenario plays people badging, taking and returning tools
+``site.key``); the bundled ``demo-shift`` scenario plays people badging, taking and returning tools
+(and a consumable), and a technician restocking in a technician session (``cabinetctl`` on the
+control socket the demo serves for its in-process agent),
 on the LLRP reader, badge reader and door simulators; the agent (``CabinetApp``, in this process)
 seals every event to the backend's key and publishes it through a local mosquitto; the backend
 side opens the envelopes and prints them. Without mosquitto the backend side opens the envelopes

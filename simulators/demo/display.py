@@ -24,6 +24,12 @@ _STYLE = {
     "session.closed": "cyan",
     "access.denied": "magenta",
     "access.lockout": "bold magenta",
+    "item.consumed": "yellow",
+    "item.restocked": "green",
+    "item.removed": "yellow",
+    "technician.opened": "blue",
+    "technician.closed": "blue",
+    "inventory.rebaselined": "blue",
 }
 _HIDDEN = frozenset(
     {"type", "seq", "time", "event_id", "site_id", "cabinet_id", "schema_version", "session_id"}
@@ -147,7 +153,16 @@ def _story_line(op: str, args: tuple[str, ...]) -> str:
         "open": "opens the door",
         "close": "closes the door",
         "settle": "the agent scans the drawers",
+        "door_test": "a technician runs: cabinetctl door test",
     }
+    reason = " ".join(args[1:] if op == "technician" else args)
+    if op == "technician":
+        what = "close" if args[0] == "close" else f"open --reason {reason!r}"
+        return f"a technician runs: cabinetctl technician {what}"
+    if op == "wait_event" and args[:1] == ("technician.closed",):
+        return "the agent scans the drawers"
+    if op == "rebaseline":
+        return f"a technician runs: cabinetctl inventory rebaseline --reason {reason!r}"
     return fixed.get(op, " ".join((op, *args)))
 
 
@@ -163,7 +178,7 @@ def _actor_of(event: Mapping[str, Any]) -> str:
     actors = event.get("actors")
     if isinstance(actors, list) and actors:
         return ",".join(_short_actor(str(a)) for a in actors)
-    actor = event.get("actor")
+    actor = event.get("actor") or event.get("technician")
     return _short_actor(str(actor)) if isinstance(actor, str) else "-"
 
 
@@ -182,10 +197,19 @@ def _what(event: Mapping[str, Any], items: Mapping[str, str]) -> str:
     if kind == "session.closed":
         return (
             f"checked out {event.get('checked_out', 0)}, returned {event.get('returned', 0)}, "
-            f"scan {event.get('quality', '?')}"
+            + (f"consumed {event['consumed']}, " if event.get("consumed") else "")
+            + (f"restocked {event['restocked']}, " if event.get("restocked") else "")
+            + f"scan {event.get('quality', '?')}"
         )
     if kind == "session.opened":
         return f"door unlocked ({event.get('trigger', '?')})"
+    if kind == "technician.opened":
+        return f"door unlocked for maintenance: {event.get('reason', '')}"
+    if kind == "technician.closed":
+        return (
+            f"restocked {event.get('restocked', 0)}, removed {event.get('removed', 0)}, "
+            f"scan {event.get('quality', '?')}"
+        )
     rest = {k: v for k, v in event.items() if k not in _HIDDEN and k not in ("actor", "actors")}
     return json.dumps(rest, default=str, separators=(", ", "=")) if rest else ""
 

@@ -1,4 +1,4 @@
-"""What the demo sets up before its story: a broker (when mosquitto is there), the demo-loop
+"""What the demo sets up before its story: a broker (when mosquitto is there), the demo-shift
 scenario at the requested size, the backend's keys, and a cabinet given only the files a real one
 gets, with its agent config written out."""
 
@@ -20,9 +20,11 @@ if TYPE_CHECKING:  # the simulators are imported only when the demo runs
 
 NO_MOSQUITTO_ENV = "CABINET_DEMO_NO_MOSQUITTO"  # set (non-empty): behave as if not installed
 MOSQUITTO_FALLBACK = Path("/usr/sbin/mosquitto")  # Debian's path, often not on a user's PATH
-SCENARIO = "demo-loop"
-DRAWERS = ("top", "middle", "bottom")  # the demo-loop scenario's drawers
-MIN_TAGS, MAX_TAGS = 3, 1000
+# demo-loop plus a consumable and a technician session (demo-loop itself stays as it is: the
+# field soak and `cabinet-sim cabinet` without a control socket play it).
+SCENARIO = "demo-shift"
+DRAWERS = ("top", "middle", "bottom")  # the demo scenario's drawers
+MIN_TAGS, MAX_TAGS = 4, 1000
 MIN_ANTENNAS, MAX_ANTENNAS = len(DRAWERS), 8
 CABINET_FILES = ("backend-hpke.pub", "signing.pub", "site.key")
 
@@ -72,7 +74,7 @@ def provision_cabinet(
 
 
 def demo_scenario(tags: int, antennas: int) -> Scenario:
-    """The bundled demo-loop scenario, with ``antennas`` ports and ``tags`` tools in total."""
+    """The bundled demo scenario, with ``antennas`` ports and ``tags`` tools in total."""
     from simulators.cabinet import find_scenario, parse_scenario
 
     path = find_scenario(SCENARIO)
@@ -114,7 +116,7 @@ def check_arguments(seconds: float, tags: int, antennas: int, rounds: int) -> st
     if rounds < 0:
         return "--rounds must be 0 (no limit) or more"
     if not MIN_TAGS <= tags <= MAX_TAGS:
-        return f"--tags must be within {MIN_TAGS}..{MAX_TAGS} (the scenario has three tools)"
+        return f"--tags must be within {MIN_TAGS}..{MAX_TAGS} (the scenario has four tagged items)"
     if not MIN_ANTENNAS <= antennas <= MAX_ANTENNAS:
         return f"--antennas must be within {MIN_ANTENNAS}..{MAX_ANTENNAS} (one or more per drawer)"
     return None

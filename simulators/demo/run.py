@@ -134,6 +134,8 @@ class _Demo:
     ) -> int:
         from agent.app import CabinetApp
         from agent.config import ConfigError, load_config
+        from agent.control.server import ControlServer
+        from agent.control_tech import register_technician_handlers
         from drivers.errors import CabinetError
         from simulators.cabinet import ScenarioError
 
@@ -181,8 +183,15 @@ class _Demo:
             await feed.stop()
             return EX_FAILED
         app_task = asyncio.create_task(app.run(), name="demo:agent")
+        # The technician's cabinetctl needs the control socket the daemon would serve: the
+        # technician commands on it (the demo's agent runs in this process, not as a daemon).
+        control = ControlServer(app.cfg.control)
+        register_technician_handlers(control, app)
+        control_stop = asyncio.Event()
+        control_task = asyncio.create_task(control.serve(control_stop), name="demo:control")
         story_task = asyncio.create_task(
-            self._story(scenario, llrp, badge, door, art, app, feed), name="demo:story"
+            self._story(scenario, llrp, badge, door, art, app, feed, control.path),
+            name="demo:story",
         )
         stop_task = asyncio.create_task(stop.wait(), name="demo:stop")
         rc = EX_OK
@@ -199,6 +208,11 @@ class _Demo:
                     rc = EX_FAILED
                 elif self.rounds_differing:
                     rc = EX_FAILED
+            if control_task.done() and not control_task.cancelled():
+                failure = control_task.exception()
+                if failure is not None:
+                    say(f"the control socket failed: {failure}", style="bold red")
+                    rc = EX_FAILED
             if app_task in done and not app_task.cancelled():
                 failure = app_task.exception()
                 why = "on its own" if failure is None else f"with an error: {failure}"
@@ -207,6 +221,11 @@ class _Demo:
         finally:
             say("stopping: the cabinet, then the agent (it commits and disconnects)")
             await finish(story_task)
+            control_stop.set()
+            with contextlib.suppress(Exception):  # reported above
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await asyncio.shield(control_task)
+            await finish(control_task)
             app.request_stop()
             try:
                 async with asyncio.timeout(STOP_TIMEOUT_S):
@@ -230,10 +249,11 @@ class _Demo:
         art: AgentArtefacts,
         app: CabinetApp,
         feed: BackendSide,
+        control_socket: Path,
     ) -> None:
         """Wait for the agent, stock the cabinet, then play the scenario round after round."""
         from drivers.types import ReaderState
-        from simulators.cabinet import INSTALLER, ScenarioRunner, match_events
+        from simulators.cabinet import INSTALLER, ScenarioRunner, cabinetctl, match_events
 
         say = self.screen.say
         await app.ready.wait()
@@ -256,6 +276,7 @@ class _Demo:
             timeout_s=STEP_TIMEOUT_S,
             allow_list_expires_at=art.allow_list_expires_at,
             on_step=self.screen.step,
+            ctl=cabinetctl(control_socket),
         )
         say(
             "commissioning: the installer opens and closes the door once; the agent's first "
