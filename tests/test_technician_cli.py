@@ -126,3 +126,36 @@ async def test_a_technician_session_door_test_and_rebaseline_through_the_daemon(
         assert actions["inventory.rebaseline"]["details"]["reason"] == "monthly count"
         assert actions["inventory.rebaselined"]["details"]["removed"] == 1
         assert (await ctl("audit", "verify", "--json", "--socket", sock)).doc()["ok"] is True
+
+
+async def test_the_door_test_says_fail_for_each_step_that_fails() -> None:
+    from agent.control_tech import _door_steps
+    from drivers.door import Door, DoorConfig
+    from drivers.errors import CabinetError
+
+    class Sink:
+        async def door_edge(self, edge: object) -> None:
+            return None
+
+    async def gpo_refuses_release(port: int, high: bool) -> None:
+        if high:
+            raise CabinetError("GPO write refused by the reader")
+
+    door = Door(
+        DoorConfig.model_validate({"reader": "dock-1", "sensor_gpi": 1, "lock_gpo": 1}),
+        gpo_refuses_release,
+        Sink(),
+    )
+    try:
+        steps = await _door_steps(door)  # the sensor never reported
+    finally:
+        await door.close()
+    assert [(s["step"], s["ok"]) for s in steps] == [
+        ("sensor", False),
+        ("lock", True),
+        ("unlock", False),
+        ("relock", True),
+        ("sensor after", False),
+    ]
+    assert "has not reported" in steps[0]["detail"]
+    assert "refused" in steps[2]["detail"]
