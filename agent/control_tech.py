@@ -231,7 +231,7 @@ def _session_reply(engine: CabinetEngine, session_id: object, via: str, who: str
         "technician": who,
         "via": via,
         "phase": str(engine.phase),
-        "relock_after_s": engine.config.relock_after_s,
+        "unlock_s": engine.config.technician_unlock_s,
     }
 
 

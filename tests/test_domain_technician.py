@@ -52,7 +52,7 @@ def test_a_technician_session_reports_restocks_and_removals_never_check_outs() -
     c = Cabinet(tags=stock("top", "top", "bottom"))
     start = len(c.events)
     c._apply(c.engine.open_technician(TECH, "restock and swap drawer 2", c.now))
-    assert c.commands[-1] == Unlock(5.0)
+    assert c.commands[-1] == Unlock(120.0)  # technician_unlock_s: time to reach the door
     assert c.engine.phase is Phase.UNLOCKED
     c.advance(1.0)
     c.open()  # not forced
@@ -89,7 +89,9 @@ def test_a_technician_session_whose_door_never_opens_ends_not_opened_or_cancelle
     c = Cabinet(tags=stock("top"))
     start = len(c.events)
     c._apply(c.engine.open_technician(TECH, "check the lock", c.now))
-    c.advance(11.0)  # relock_after_s = 10
+    c.advance(119.0)  # technician_unlock_s = 120, not relock_after_s = 10
+    assert c.engine.phase is Phase.UNLOCKED
+    c.advance(1.0)
     assert c.engine.phase is Phase.IDLE
     assert c.commands[-1] == Relock()
     c._apply(c.engine.open_technician(TECH, "check the lock again", c.now))

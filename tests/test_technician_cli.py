@@ -79,25 +79,26 @@ async def test_a_technician_session_door_test_and_rebaseline_through_the_daemon(
         assert doc["technician"] == "uid:0"
         assert doc["via"] == "cli"
         assert sim.gpo_history[-1][:2] == (1, True), "lock released"
-        status = (await ctl("technician", "status", "--json", "--socket", sock)).doc()
-        assert status["session"]["reason"] == "swap the meter"
-        start = max((e["seq"] for e in await _events(d.sock)), default=0)
+        # Opened at once: the unlock window (relock_after_s, 10 s) runs from the unlock, and a
+        # cabinetctl on a loaded machine can take seconds to start.
         sim.set_gpi(1, True)
         async with asyncio.timeout(WAIT_S):  # the agent has seen the door open
-            while (await ctl("technician", "status", "--json", "--socket", sock)).doc()[
-                "phase"
-            ] != "open":
+            while True:
+                status = (await ctl("technician", "status", "--json", "--socket", sock)).doc()
+                if status["phase"] == "open":
+                    break
                 await asyncio.sleep(0.1)
+        assert status["session"]["reason"] == "swap the meter"
         sim.remove_tag(TAGS[2].epc)
         busy = await ctl("technician", "close", "--json", "--socket", sock)
         assert busy.rc == 75
         assert "the door has opened" in busy.err
         sim.set_gpi(1, False)
-        closed = await _until_event(d.sock, "technician.closed", start)
-        kinds = [e["type"] for e in await _events(d.sock) if start < e["seq"] <= closed["seq"]]
-        assert "door.forced" not in kinds
-        assert "session.opened" not in kinds
-        assert kinds == ["item.removed", "technician.closed"]
+        closed = await _until_event(d.sock, "technician.closed")
+        events = await _events(d.sock)
+        began = next(e["seq"] for e in events if e["type"] == "technician.opened")
+        kinds = [e["type"] for e in events if began < e["seq"] <= closed["seq"]]
+        assert kinds == ["item.removed", "technician.closed"]  # no forced door, no check-out
 
         # Re-baseline: the inventory becomes the baseline.
         sim.remove_tag(TAGS[1].epc)

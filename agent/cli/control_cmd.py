@@ -362,6 +362,11 @@ def _cmd_door(args: argparse.Namespace) -> int:
     elif args.door_command == "unlock":
         pulse = f" for {result['pulse_s']:g}s" if result.get("pulse_s") else ""
         print(f"door {result['door_id']}: unlocked{pulse} (audit #{result['audit_seq']})")
+        print(
+            "note: the cabinet reports an opening now as a forced door; for maintenance, "
+            "open a technician session: cabinetctl technician open --reason …",
+            file=sys.stderr,
+        )
     else:
         print(f"door {result['door_id']}: locked (audit #{result['audit_seq']})")
     return EX_OK

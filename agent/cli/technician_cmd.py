@@ -41,7 +41,7 @@ def _cmd_open(args: argparse.Namespace) -> int:
     audit = f" (audit #{result['audit_seq']})" if "audit_seq" in result else ""
     print(
         f"technician session {result['session_id']} open by {by}{audit}: the door is unlocked "
-        f"for {result['relock_after_s']:g} s; what you take out or put in is reported as "
+        f"for {result['unlock_s']:g} s; what you take out or put in is reported as "
         "removed/restocked; the session ends once the door is closed and the scan is over"
     )
     return EX_OK

@@ -107,6 +107,13 @@ class CabinetDomainConfig(StrictModel):
         le=86_400,
         description="flap window; a flapping reader healthy this long is stable again",
     )
+    technician_unlock_s: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="a technician session keeps the lock released this long for the door to "
+        "be opened (from the terminal to the cabinet); not opened by then: ended, relocked",
+    )
 
     night_left_open_s: float = Field(
         0.0,

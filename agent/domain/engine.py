@@ -421,7 +421,12 @@ class CabinetEngine:
         tech = Technician(self._ids(now.wall), who, via, reason, now.mono)
         self._tech = tech
         self._pending = []
-        self._unlock(now, out, enter=True)
+        # Time to reach the door (a terminal, a laptop): the lock stays released that long.
+        window = self.config.technician_unlock_s
+        out.commands.append(Unlock(window))
+        self._unlock_deadline = now.mono + window
+        self.phase = Phase.UNLOCKED
+        self._dirty = True
         out.events.append(
             ev.TechnicianOpened(
                 **self._stamp(now),
