@@ -104,7 +104,15 @@ class StatusView:
                 "locked": self.door.locked,
                 "fault": self.door.lock_fault,
             },
-            "engine": None if engine is None else {"phase": str(engine.phase)},
+            "engine": None
+            if engine is None
+            else {
+                "phase": str(engine.phase),
+                # A technician session in progress (who: a local uid or a pseudonym).
+                "technician": None
+                if engine.technician is None
+                else {"technician": engine.technician.who, "via": engine.technician.via},
+            },
             "store": self.store(),
             "last_event": None
             if last is None

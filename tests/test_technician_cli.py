@@ -89,6 +89,8 @@ async def test_a_technician_session_door_test_and_rebaseline_through_the_daemon(
                     break
                 await asyncio.sleep(0.1)
         assert status["session"]["reason"] == "swap the meter"
+        engine = (await ctl("status", "--json", "--socket", sock)).doc()["engine"]
+        assert engine["technician"] == {"technician": "uid:0", "via": "cli"}
         sim.remove_tag(TAGS[2].epc)
         busy = await ctl("technician", "close", "--json", "--socket", sock)
         assert busy.rc == 75

@@ -187,7 +187,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"cabinet-agent {st['version']}  site {st['site_id']}  cabinet {st['cabinet_id']}")
     print(f"  started   {st['started_at']}   reloads {st.get('reloads', 0)}")
     engine = st.get("engine") or {}
-    print(f"  engine    {engine.get('phase', 'starting')}")
+    tech = engine.get("technician")
+    during = f" — technician session by {tech['technician']} ({tech['via']})" if tech else ""
+    print(f"  engine    {engine.get('phase', 'starting')}{during}")
     door = st.get("door")
     if door is not None:
         locked = {True: "locked", False: "released", None: "unknown"}[door["locked"]]
