@@ -291,3 +291,52 @@ def test_a_consumable_needs_its_sku() -> None:
     assert asset is not None
     assert asset.consumable
     assert asset.sku == "GLOVE-M"
+
+
+def test_an_incomplete_closing_scan_changes_nothing_and_is_verified_later() -> None:
+    from drivers.types import ReaderState
+
+    c = Cabinet(tags=stock("top", "side"))
+    start = len(c.events)
+    c._apply(c.engine.open_technician(TECH, "swap", c.now))
+    c.advance(1.0)
+    c.open()
+    c.advance(1.0)
+    del c.tags[epc(0)]
+    c.set_reader("dock-2", ReaderState.OFFLINE)  # down for the whole closing scan
+    c.close()
+    c.settle()
+    types = [e.type for e in c.events[start:]]
+    assert types[0] == "technician.opened"
+    assert "item.removed" not in types
+    closed = c.events[-1]
+    assert isinstance(closed, ev.TechnicianClosed)
+    assert (closed.ended, closed.quality, closed.removed) == ("scanned", "incomplete", 0)
+    assert c.engine.baseline == {epc(0): "top", epc(1): "side"}
+    # Back: the verification inventory reports what left, charged to nobody.
+    mark = len(c.events)
+    c.set_reader("dock-2", ReaderState.INVENTORYING, reconnect=True)
+    c.advance(0.1)
+    c.settle()
+    assert [e.type for e in c.events[mark:] if e.type.startswith("item.")] == ["item.missing"]
+
+
+def test_a_supervisor_wait_and_a_rebaseline_survive_a_restart() -> None:
+    c = Cabinet(tags=stock("top", "bottom"))
+    c._apply(c.engine.await_supervisor(TECH, "recount", 60.0, c.now))
+    c.restart(downtime_s=5.0)
+    assert c.engine.awaiting_supervisor
+    c.advance(56.0)
+    assert not c.engine.awaiting_supervisor  # 60 s from the request, downtime included
+
+    del c.tags[epc(1)]
+    c._apply(c.engine.rebaseline(TECH, "recount", c.now))
+    c.advance(0.5)
+    c.restart(downtime_s=1.0)
+    assert c.engine.rebaseline_state == "running"
+    start = len(c.events)
+    c.settle()
+    assert brief(c, start) == [
+        "inventory.rebaselined +0 -1 =1 uid:1000",
+        "inventory.snapshot 1 {}",
+    ]
