@@ -115,6 +115,13 @@ def test_technician_requests_are_refused_while_busy_or_malformed() -> None:
         c.engine.open_technician(TECH, "bad\nreason", c.now)
     with pytest.raises(TechnicianRefused, match="technician id"):
         c.engine.open_technician("root", "x", c.now)
+    for badge_like in ("found card 3F7A21C90B", "badge 12345678 left inside"):
+        with pytest.raises(TechnicianRefused, match="long number") as info:
+            c.engine.open_technician(TECH, badge_like, c.now)
+        assert badge_like.split()[-1] not in str(info.value)
+        assert badge_like.split()[1] not in str(info.value)
+    c._apply(c.engine.open_technician(TECH, "replace TW-0001, 3 packs of GLOVE-M", c.now))
+    c._apply(c.engine.close_technician(c.now))
     c.badge(ALICE)
     with pytest.raises(TechnicianRefused, match="unlocked"):
         c.engine.open_technician(TECH, "restock", c.now)

@@ -21,6 +21,9 @@ from agent.domain import events as ev
 
 TECHNICIAN_RE = re.compile(ev.TECHNICIAN_PATTERN)
 _REASON_RE = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
+# A badge number (EM4100: 10 hex digits; Wiegand and others: long decimals) must never be
+# recorded: a reason is free text that reaches the audit log and the backend.
+_LONG_NUMBER_RE = re.compile(r"[0-9A-Fa-f]{8,}")
 MAX_REASON = 200
 # How long a ``technician open --badge`` waits for a supervisor's badge, at most.
 MAX_BADGE_WAIT_S = 300.0
@@ -37,6 +40,12 @@ def check_reason(reason: object) -> str:
     text = reason.strip()
     if not _REASON_RE.fullmatch(text):
         raise TechnicianRefused("the reason must be 1-200 characters without control characters")
+    if any(any(c.isdigit() for c in m.group()) for m in _LONG_NUMBER_RE.finditer(text)):
+        # Never echo it: it may be a badge number.
+        raise TechnicianRefused(
+            "the reason must not contain a long number (8 or more digits): a badge number must "
+            "never be recorded; name tools by asset id"
+        )
     return text
 
 
