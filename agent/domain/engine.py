@@ -464,7 +464,7 @@ class CabinetEngine:
                 duration_s=round(tech.elapsed(now.mono), 3),
                 restocked=restocked,
                 removed=removed,
-                actors=[a for a in actors if a != ev.UNKNOWN_ACTOR or ended == "scanned"],
+                actors=list(actors),
             )
         )
 
@@ -622,9 +622,9 @@ class CabinetEngine:
             actors, trigger = list(self._pending), "badge"
         else:
             actors, trigger = [ev.UNKNOWN_ACTOR], "forced"
-            if self._tech is not None:
-                # Unreachable: a technician session is UNLOCKED until its door opens.
-                self._tech = None
+            # A technician session is UNLOCKED until its door opens: none can be pending here
+            # (defensive: a stale one must never relabel this forced opening).
+            self._tech = None
         self._pending = []
         session_id = self._ids(now.wall)
         self._session = Session(
@@ -864,7 +864,7 @@ class CabinetEngine:
         sid = session.session_id
         checked_out = returned = consumed = restocked = 0
         if self._tech is not None:
-            self._close_technician_session(now, out, result, reads=reads, tags=tags)
+            self._close_technician_session(now, out, result)
             return
         if result is not None and self._stale:
             # The baseline may be stale: what differs may have left or come back in a cycle the
@@ -903,7 +903,7 @@ class CabinetEngine:
         self._after_session(now, out, result)
 
     def _close_technician_session(
-        self, now: Now, out: EngineOutput, result: ScanResult | None, *, reads: int, tags: int
+        self, now: Now, out: EngineOutput, result: ScanResult | None
     ) -> None:
         """A technician session's closing scan: restocks and removals, never check-outs."""
         session, tech = self._session, self._tech
