@@ -139,7 +139,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="unlock for maintenance: items moved are restocked/removed, the opening is not forced",
     )
     add_connection_args(p)
-    p.add_argument("--reason", required=True, help="why (1-200 characters; recorded, audited)")
+    p.add_argument(
+        "--reason",
+        required=True,
+        help="why (1-200 characters; recorded, audited, sent to the backend: name tools, not people)",
+    )
     p.add_argument(
         "--badge",
         action="store_true",
@@ -161,7 +165,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="inventory now and make it the baseline: nobody charged, nothing missing (audited)",
     )
     add_connection_args(p)
-    p.add_argument("--reason", required=True, help="why (1-200 characters; recorded, audited)")
+    p.add_argument(
+        "--reason",
+        required=True,
+        help="why (1-200 characters; recorded, audited, sent to the backend: name tools, not people)",
+    )
     p.set_defaults(func=guarded(_cmd_rebaseline))
 
 
