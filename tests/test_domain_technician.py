@@ -347,3 +347,24 @@ def test_a_supervisor_wait_and_a_rebaseline_survive_a_restart() -> None:
         "inventory.rebaselined +0 -1 =1 uid:1000",
         "inventory.snapshot 1 {}",
     ]
+
+
+def test_a_held_item_restocked_by_a_technician_is_no_longer_held() -> None:
+    from tests.domain_harness import domain_config
+
+    c = Cabinet(config=domain_config(overdue_after_s=600), tags=stock("top", "bottom"))
+    c.cycle(ALICE, take=[epc(0)])
+    start = len(c.events)
+    c._apply(c.engine.open_technician(TECH, "found it in the hangar", c.now))
+    c.advance(1.0)
+    c.open()
+    c.tags[epc(0)] = Tag("top")
+    c.close()
+    c.settle()
+    c.advance(700.0)  # past Alice's limit: she does not hold it any more
+    assert c.engine.overdue() == []
+    assert [e.type for e in c.events[start:]] == [
+        "technician.opened",
+        "item.restocked",
+        "technician.closed",
+    ]
