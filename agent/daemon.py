@@ -23,8 +23,8 @@ from agent.app import CabinetApp
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.control.server import ControlServer, PeerCred
 from agent.control_api import register_handlers
-from agent.hub import CabinetHardware
 from agent.control_tech import register_technician_handlers
+from agent.hub import CabinetHardware
 from agent.lifecycle import (
     EX_SOFTWARE,
     FATAL_EXIT_S,
