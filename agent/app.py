@@ -148,6 +148,7 @@ class CabinetApp:
             self.audit,
             apply=self._document_installed,
             on_refused=self._document_refused,
+            erase_engine=self.runner.erase,
         )
         self.clock_watch = ClockWatch(self.time, self.alert_lines, self.docs, self.inputs.queue.put)
         self.view = StatusView(

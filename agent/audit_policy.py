@@ -119,6 +119,12 @@ class AuditTrail:
                     "system", "door.forced", {"door_id": e.door_id, "session_id": str(e.session_id)}
                 )
 
+    async def settle(self, timeout_s: float) -> None:
+        """Wait (bounded, cancelling nothing) until the appends in flight now are written."""
+        pending = list(self._pending)
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
     async def flush(self, timeout_s: float = 2.0) -> None:
         """Wait (bounded) for the appends in flight; called before the store closes."""
         pending = list(self._pending)

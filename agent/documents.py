@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Final, TypeAlias
@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 DOC_KINDS: Final = (ALLOW_LIST, ASSET_REGISTRY)
 MAX_PARSED_CACHE = 4
+ERASE_AUDIT_WAIT_S = 5.0  # an erasure waits this long for the audit appends already on their way
 Parsed: TypeAlias = AllowList | AssetRegistry | ErasureRequest
 
 
@@ -138,8 +139,10 @@ class Documents:
         audit: AuditTrail,
         apply: Callable[[str, Parsed | None], None],
         on_refused: Callable[[str, str], None] | None = None,
+        erase_engine: Callable[[frozenset[str]], Awaitable[int]] | None = None,
     ) -> None:
         self.verifier = verifier
+        self._erase_engine = erase_engine
         self.clock = clock
         self.audit = audit
         self._apply = apply
@@ -328,6 +331,20 @@ class Documents:
                     f"{len(request.pseudonyms)} pseudonyms: publish an allow-list without "
                     "them first, then the erasure again",
                 )
+        # The engine state first (an open session, a badge in the unlock window): "erased"
+        # stands in for them there. Then every audit record naming them, the ones the commits
+        # before this point are still appending included; then the store scrubs the old
+        # versions of all of it from the file's free pages and the WAL.
+        in_engine = 0
+        if self._erase_engine is not None:
+            try:
+                in_engine = await self._erase_engine(request.pseudonyms)
+            except TimeoutError:
+                raise DocumentError(
+                    "not-ready",
+                    "the engine did not take the erasure in time: publish it again",
+                ) from None
+        await self.audit.settle(ERASE_AUDIT_WAIT_S)
         redacted = await store.audit_redact(request.pseudonyms)
         await self._save_floor(store, doc.kind, VersionFloor(doc.version, doc.digest))
         self._installs += 1
@@ -342,13 +359,16 @@ class Documents:
                 "digest": doc.digest,
                 "pseudonyms": len(request.pseudonyms),
                 "audit_records_redacted": redacted,
+                "engine_state_redacted": in_engine,
             },
         )
         logger.info(
-            "erasure version %d applied: %d pseudonym(s), %d audit record(s) redacted",
+            "erasure version %d applied: %d pseudonym(s), %d audit record(s) redacted, "
+            "%d place(s) in the engine state",
             doc.version,
             len(request.pseudonyms),
             redacted,
+            in_engine,
         )
 
     def rejected(self, kind: str, reason: str, detail: str) -> None:

@@ -115,6 +115,18 @@ class EngineCall:
     done: asyncio.Future[list[ev.Event]]
 
 
+ERASE_WAIT_S = 10.0  # an erasure waits this long for the engine loop and the commits before it
+
+
+@dataclass(frozen=True, slots=True)
+class EraseRequest:
+    """An engine input: the backend erased these people (docs/privacy.md §7); ``done`` gets
+    how many places of the engine state named them."""
+
+    pseudonyms: frozenset[str]
+    done: asyncio.Future[int]
+
+
 # What the engine loop consumes: the drivers' values (through Inputs), the store's and the
 # parts' alerts, clock steps, and the shutdown sentinel.
 EngineInput = (
@@ -127,6 +139,7 @@ EngineInput = (
     | PartAlert
     | AnchorRequest
     | EngineCall
+    | EraseRequest
     | StopEngine
 )
 
@@ -358,11 +371,31 @@ class EngineRunner:
                     if not item.done.done():
                         item.done.set_result(list(out.events))
                     continue
+                case EraseRequest():
+                    changed, erased = engine.on_erasure(item.pseudonyms, now)
+                    # The state without them is submitted before the caller goes on: the
+                    # store's ordered writes put the audit redaction and its scrub after it.
+                    await self._apply(erased, now)
+                    if not item.done.done():
+                        item.done.set_result(changed)
+                    out = EngineOutput()
                 case _:
                     assert_never(item)
             await self._apply(out, now)
             if queue.empty():
                 await self._feed_liveness(engine, now, heard)
+
+    async def erase(self, pseudonyms: frozenset[str], timeout_s: float = ERASE_WAIT_S) -> int:
+        """Take these people out of the engine state, in order with the engine's other inputs
+        (docs/privacy.md §7). On return the state that named them has been replaced in the
+        store's write order and the events of every earlier commit were recorded (so their
+        audit records are on their way). TimeoutError if the engine does not get to it."""
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        async with asyncio.timeout(timeout_s):
+            await self.inputs.queue.put(EraseRequest(pseudonyms, done))
+            changed = await done
+            await self._commits.join()
+        return changed
 
     def engine_alive(self) -> float:
         """Watchdog probe: when the engine last made progress, or now while it deliberately

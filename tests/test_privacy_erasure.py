@@ -10,7 +10,10 @@ without her is in force. Then her pseudonym is in no byte of the database, its W
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import sqlite3
 import sys
 import tomllib
 from datetime import UTC, datetime, timedelta
@@ -42,16 +45,67 @@ def _raw(rig: Rig) -> bytes:
     return out
 
 
+def _every_file(rig: Rig) -> dict[str, bytes]:
+    """Every regular file the agent has (database, WAL, -shm, log, config, reserve, ...)."""
+    agent_dir = rig.dir / "agent"
+    return {
+        str(p.relative_to(agent_dir)): p.read_bytes()
+        for p in sorted(agent_dir.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def _where(files: dict[str, bytes], needle: bytes) -> list[str]:
+    """``file@offset`` of every occurrence (names no person: the needle is a pseudonym)."""
+    found = []
+    for name, data in files.items():
+        at = data.find(needle)
+        while at >= 0:
+            found.append(f"{name}@{at}")
+            at = data.find(needle, at + 1)
+    return found
+
+
+def _engine_state(rig: Rig, into: Path) -> dict[str, object]:
+    """The persisted engine state, read from a copy of the database and its WAL (the running
+    agent's files are not touched)."""
+    into.mkdir(exist_ok=True)
+    db = rig.dir / "agent" / "state.db"
+    for suffix in ("", "-wal"):
+        src = Path(str(db) + suffix)
+        if src.exists():
+            Path(str(into / "state.db") + suffix).write_bytes(src.read_bytes())
+    conn = sqlite3.connect(into / "state.db")
+    try:
+        (blob,) = conn.execute("SELECT blob FROM session WHERE id = 1").fetchone()
+    finally:
+        conn.close()
+    state: dict[str, object] = json.loads(blob)
+    return state
+
+
+def _fillers(rig: Rig, n: int) -> dict[str, list[str]]:
+    """``n`` made-up pseudonyms under the site's key id: an allow-list of a real site's size."""
+    prefix = rig.pseudonym("alice").rsplit(".", 1)[0]
+    return {
+        f"{prefix}.{base64.b32encode(os.urandom(16)).decode().rstrip('=').lower()}": ["user"]
+        for _ in range(n)
+    }
+
+
 def _sign(rig: Rig, doc: dict[str, object]) -> bytes:
     return sign_document(rig.keys.signing_private, rig.keys.signing_kid, doc)
 
 
-def _allow_list_without(rig: Rig, version: int, gone: str) -> bytes:
+def _allow_list_without(
+    rig: Rig, version: int, gone: str, extra: dict[str, list[str]] | None = None
+) -> bytes:
     lay = rig.scenario.cabinet
     people = [p for p in (*rig.scenario.people, INSTALLER) if p.listed]
     entries = {
         rig.pseudonym(p.name): list(p.roles) for p in people if rig.pseudonym(p.name) != gone
     }
+    entries.update(extra or {})
     now = datetime.now(UTC).replace(microsecond=0)
     return _sign(
         rig,
@@ -146,3 +200,58 @@ async def test_an_erasure_document_erases_a_person_from_the_running_cabinet(
         assert applied[0]["details"]["audit_records_redacted"] == report["redacted"]
     # Stopped cleanly (the rig checks the exit code): nothing came back at shutdown.
     assert _raw(rig).count(alice.encode()) == 0
+
+
+async def test_an_erasure_reaches_an_open_session_and_the_pages_freed_before_it(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Issue 11 item 5 (a)-(c): alice is erased while her door session is open and she holds
+    the wrench. The engine state names "erased" instead of her from then on (the session goes
+    on: its check-out and close are attributed to "erased"); and the older versions of what
+    named her -- a large allow-list that listed her (its pages freed when a smaller one
+    replaced it), the engine state of her open session -- are in no byte of any file the
+    agent has, neither while it runs nor after it stopped."""
+    steps = ["wait_locked", "badge alice", "wait_unlock", "open", "take wrench"]
+    async with cabinet_rig(_scenario(steps), tmp_path, mosquitto) as rig:
+        alice, bob = rig.pseudonym("alice"), rig.pseudonym("bob")
+        # A site-sized allow-list naming her (its body spills over several database pages).
+        rig.publish_document("allow-list", _allow_list_without(rig, 2, "", _fillers(rig, 400)))
+        await rig.agent.wait_log("installed allow-list version 2")
+        events = await rig.play()
+        opened = [e for e in events if e["type"] == "session.opened"]
+        assert [e["actors"] for e in opened] == [[alice]], describe_events(events, rig.artefacts)
+        state = _engine_state(rig, tmp_path / "copy1")
+        assert state["session"]["actors"] == [alice]  # type: ignore[index]
+
+        # The backend's order: an allow-list without her (small: the large one's pages are
+        # freed, not reused), then the erasure -- while her session is still open.
+        rig.publish_document("allow-list", _allow_list_without(rig, 3, alice))
+        await rig.agent.wait_log("installed allow-list version 3")
+        rig.publish_document("erasure", _erasure(rig, 1, alice))
+        await rig.agent.wait_log("erasure version 1 applied: 1 pseudonym(s)")
+        assert "redacted, 1 place(s) in the engine state" in rig.agent.log_text()
+        files = _every_file(rig)
+        assert _where(files, alice.encode()) == [], "the erased pseudonym is still in the files"
+        assert _where(files, bob.encode()), "the scan does see pseudonyms"
+        state = _engine_state(rig, tmp_path / "copy2")
+        assert state["session"]["actors"] == ["erased"]  # type: ignore[index]
+
+        # The session goes on; what it reports names "erased", never her again.
+        rig.scenario = _scenario(["close", "settle"])
+        events = await rig.play()
+        kinds = {e["type"]: e for e in events}
+        assert kinds["item.checked_out"]["actors"] == ["erased"], events
+        assert kinds["session.closed"]["actors"] == ["erased"], events
+        assert kinds["session.closed"]["session_id"] == opened[0]["session_id"]
+        assert _where(_every_file(rig), alice.encode()) == []
+        code, out, _ = await _ctl(rig, "audit", "verify", "--json")
+        assert code == 0, out
+        applied = [
+            r
+            for r in json.loads((await _ctl(rig, "audit", "tail", "--json", "-n", "200"))[1])[
+                "records"
+            ]
+            if r["action"] == "erasure.applied"
+        ]
+        assert [r["details"]["engine_state_redacted"] for r in applied] == [1]
+    assert _where(_every_file(rig), alice.encode()) == []

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, tzinfo
 from typing import Any, Literal
 from uuid import UUID
@@ -303,6 +303,27 @@ class CabinetEngine:
                 self._dirty = True
                 self._unlock(now, out, enter=False)
         return self._end(out)
+
+    def on_erasure(self, pseudonyms: Collection[str], now: Now) -> tuple[int, EngineOutput]:
+        """The backend erased these people (docs/privacy.md §7): wherever the state names one
+        of them (the badges of the unlock window, the holders of the open session) the
+        ``"erased"`` actor stands in, so the session goes on and its later events stay
+        consistent without naming them. Returns how many places changed, and the output
+        (the new state to persist, if any changed)."""
+        out = self._begin(now)
+        changed = 0
+        for actors in (self._pending, *(() if self._session is None else (self._session.actors,))):
+            kept: list[str] = []
+            for actor in actors:
+                if actor in pseudonyms:
+                    changed += 1
+                    actor = ev.ERASED_ACTOR
+                if actor not in kept:
+                    kept.append(actor)
+            actors[:] = kept
+        if changed:
+            self._dirty = True
+        return changed, self._end(out)
 
     def on_door(self, edge: DoorEdge, now: Now) -> EngineOutput:
         """The door opened or closed."""

@@ -4,7 +4,8 @@ Every event carries ``schema_version``, a UUIDv7 ``event_id`` (consumers drop du
 ``seq`` (per-cabinet, monotonic; 0 until the state store assigns it at commit), ``time`` (UTC),
 ``clock`` (whether that time came from a trusted wall clock), ``site_id``, ``cabinet_id`` and a
 ``type`` discriminator. People appear only as pseudonyms
-(``p1.<kid>.<b32>``) or ``"unknown"``: a raw badge id cannot pass validation.
+(``p1.<kid>.<b32>``), ``"unknown"`` (a forced door) or ``"erased"`` (someone the backend
+erased while their session was open, docs/privacy.md §7): a raw badge id cannot pass validation.
 
 Regenerate the published schema with ``python -m agent.domain.events > docs/events.schema.json``.
 """
@@ -29,11 +30,17 @@ SCHEMA_VERSION = 1
 PSEUDONYM_BODY = r"p[123]\.[a-z0-9][a-z0-9_-]{0,15}\.[a-z2-7]{26}"
 PSEUDONYM_PATTERN = rf"^{PSEUDONYM_BODY}$"
 UNKNOWN_ACTOR = "unknown"
-ACTOR_PATTERN = rf"^(?:{UNKNOWN_ACTOR}|{PSEUDONYM_BODY})$"
+# Stands for a person erased on the backend's request while the engine state still named them
+# (an open session, a badge in the unlock window): later events of that session stay consistent
+# (the same session, its holders) without naming them again.
+ERASED_ACTOR = "erased"
+ACTOR_PATTERN = rf"^(?:{UNKNOWN_ACTOR}|{ERASED_ACTOR}|{PSEUDONYM_BODY})$"
 EPC_PATTERN = r"^(?:[0-9a-f]{2}){1,64}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
-Actor = Annotated[str, Field(pattern=ACTOR_PATTERN, description="badge pseudonym or 'unknown'")]
+Actor = Annotated[
+    str, Field(pattern=ACTOR_PATTERN, description="badge pseudonym, 'unknown' or 'erased'")
+]
 Pseudonym = Annotated[str, Field(pattern=PSEUDONYM_PATTERN, description="badge pseudonym")]
 Epc = Annotated[str, Field(pattern=EPC_PATTERN, description="tag EPC, lower-case hex")]
 Drawer = Annotated[str, Field(pattern=NAME_PATTERN, description="drawer (antenna group) name")]

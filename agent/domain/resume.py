@@ -52,7 +52,7 @@ def downtime(saved_at: datetime, now: datetime) -> float:
 
 
 def actor(value: object) -> str:
-    """A persisted actor: a pseudonym or "unknown", never anything else."""
+    """A persisted actor: a pseudonym, "unknown" or "erased", never anything else."""
     if not isinstance(value, str) or not _ACTOR_RE.fullmatch(value):
         raise EngineStateError("engine state holds an actor that is not a pseudonym")
     return value

@@ -158,11 +158,13 @@ def secure_delete(conn: sqlite3.Connection) -> Generator[None]:
     """Deletes that zero every byte they free, freed pages included (the connection's
     ``secure_delete=FAST`` leaves whole freed pages as they were). The old content still sits
     in WAL frames until a TRUNCATE checkpoint (``Database.scrub_pending``)."""
+    (before,) = conn.execute("PRAGMA secure_delete").fetchone()
     conn.execute("PRAGMA secure_delete=ON")
     try:
         yield
     finally:
-        conn.execute("PRAGMA secure_delete=FAST")
+        # The setting in force before (FAST on the agent's connection): nested uses stay ON.
+        conn.execute(f"PRAGMA secure_delete={int(before)}")
 
 
 _COLUMNS = "seq, at_us, actor, action, details, prev_hash, hash, v, salt, personal, redacted"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.store import schema
-from agent.store.audit_table import AuditTable
+from agent.store.audit_table import AuditTable, secure_delete
 from agent.store.config import StoreConfig
 from agent.store.outbox import Outbox
 from agent.store.types import BaselineEntry, StoreError, from_us, to_us
@@ -272,6 +272,12 @@ class Database:
         }
 
     def save_session(self, blob: bytes | None, now_us: int) -> None:
+        # The engine state names people (pseudonyms): its replaced versions are zeroed, the
+        # pages they free included (docs/privacy.md §6), not left in the free list.
+        with secure_delete(self.conn):
+            self._save_session(blob, now_us)
+
+    def _save_session(self, blob: bytes | None, now_us: int) -> None:
         if blob is None:
             self.conn.execute("DELETE FROM session")
         else:
@@ -292,6 +298,12 @@ class Database:
         return None if row is None else bytes(row[0])
 
     def kv_put(self, key: str, value: bytes | None, now_us: int) -> None:
+        # Documents (an allow-list names people) live here: a replaced version is zeroed,
+        # the pages it frees included, not left in the free list.
+        with secure_delete(self.conn):
+            self._kv_put(key, value, now_us)
+
+    def _kv_put(self, key: str, value: bytes | None, now_us: int) -> None:
         if value is None:
             self.conn.execute("DELETE FROM kv WHERE key = ?", (key,))
             return

@@ -471,12 +471,13 @@ class Store:
 
     async def audit_redact(self, pseudonyms: Collection[str]) -> int:
         """Erase the personal fields of every audit record naming one of ``pseudonyms``; the
-        bytes leave the file and the WAL before this returns (docs/privacy.md §6)."""
+        bytes leave the file and the WAL before this returns (docs/privacy.md §6, §7). The
+        WAL is cut even if no record named them: it still holds the old versions of what
+        the writes before this one replaced (the engine state, the allow-list)."""
 
         def job(d: dbmod.Database) -> int:
             n = d.audit.redact(pseudonyms)
-            if n:
-                d.scrub_pending = True
+            d.scrub_pending = True
             return n
 
         return await self._submit(job, write=True, ordered=True)
