@@ -174,6 +174,7 @@ class Database:
         # Personal data was deleted (retention, erasure): its old versions still sit in WAL
         # frames until a TRUNCATE checkpoint succeeds (Space.maintain retries it).
         self.scrub_pending = False
+        self.scrub_why: list[str] = []  # what was deleted, for the log line once it is gone
         path = Path(cfg.path)
         self.wal_budget = wal_budget(path, cfg)
         self.reserve = Reserve(path.with_name(path.name + ".reserve"), self.wal_budget // 2)
@@ -221,6 +222,11 @@ class Database:
             self.conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
         return int(busy) == 0
 
+    def deleted_personal_data(self, why: str) -> None:
+        """Personal data was deleted (retention, erasure): cut the WAL after this commit."""
+        self.scrub_pending = True
+        self.scrub_why.append(why)
+
     def scrub(self) -> None:
         """Deleted personal data out of the WAL: a TRUNCATE checkpoint copies the zeroed pages
         into the file and cuts the WAL (its old frames held the deleted rows) to nothing. With a
@@ -228,6 +234,12 @@ class Database:
         try:
             if self.checkpoint("TRUNCATE"):
                 self.scrub_pending = False
+                if self.scrub_why:
+                    logger.info(
+                        "state store: %s: gone from the file, its free pages and the WAL",
+                        "; ".join(self.scrub_why),
+                    )
+                self.scrub_why = []
         except sqlite3.Error as err:
             logger.warning("checkpoint to scrub deleted records from the WAL failed: %s", err)
 
@@ -344,7 +356,9 @@ class Database:
         aged = 0 if now_us is None else self.outbox.prune_age(now_us)
         pruned = 0 if now_us is None else self.audit.prune(now_us)
         if pruned:
-            self.scrub_pending = True
+            self.deleted_personal_data(
+                f"{pruned} audit record(s) older than {self.cfg.audit_retention_days:g} days pruned"
+            )
         pages = self.apply_page_limit()
         return HousekeepingResult(aged, pruned, pages)
 

@@ -477,7 +477,7 @@ class Store:
 
         def job(d: dbmod.Database) -> int:
             n = d.audit.redact(pseudonyms)
-            d.scrub_pending = True
+            d.deleted_personal_data(f"erasure: {n} audit record(s) redacted")
             return n
 
         return await self._submit(job, write=True, ordered=True)
