@@ -3,6 +3,7 @@ holdings, alerts, hostile bodies refused, concurrent writers, the read commands.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -18,6 +19,7 @@ import pytest
 
 from agent.domain.events import (
     AgentAlert,
+    AuditAnchor,
     DoorForced,
     InventorySnapshot,
     ItemCalibrationOverdue,
@@ -505,3 +507,53 @@ def test_an_overdue_item_is_an_open_alert_until_it_comes_back(
         ("item.overdue", [ALICE]),
         ("item.checked_out", [ALICE]),
     ]
+
+def _chain(n: int, tag: str) -> list[str]:
+    """Hashes of records 0..n of an audit chain (0: what record 1 links back to)."""
+    return [hashlib.sha256(f"{tag}/{i}".encode()).hexdigest() for i in range(n + 1)]
+
+
+def _anchor(cab: CabinetStream, chain: list[str], first: int, last: int) -> Message:
+    links = [
+        {"seq": s, "prev_hash": chain[s - 1], "hash": chain[s]} for s in range(first, last + 1)
+    ]
+    return cab.next(AuditAnchor, head_seq=last, head_hash=chain[last], links=links)
+
+
+@pytest.mark.parametrize("attack", ["rewrite", "truncate", "none"])
+def test_a_consumer_restarted_between_anchors_still_reports_a_changed_chain(
+    connect: Callable[[], RecordDb], keys: BackendKeys, attack: str
+) -> None:
+    """Issue 11 item 6: the last anchored head of each cabinet lives in the record, so the
+    consumer that records the next anchor after a restart judges it against the one before."""
+    cab = CabinetStream(keys, "crib-07")
+    honest = _chain(6, "honest")
+    db = connect()
+    first = _recorder(db, keys, "consumer-1").record(*_message(_anchor(cab, honest, 1, 3)))
+    assert (first.status, first.anchor_problems) == ("recorded", [])
+    db.close()  # the consumer stops; another run (or another consumer) goes on
+
+    db = connect()
+    recorder = _recorder(db, keys, "consumer-2")
+    if attack == "rewrite":  # record 3 changed on the device, every later hash recomputed
+        forged = honest[:3] + _chain(6, "forged")[3:]
+        message = _anchor(cab, forged, 3, 5)
+        want = "audit chain rewritten: record 3 no longer has the hash the previous anchor showed"
+    elif attack == "truncate":  # the tail from record 3 on deleted, the head reset
+        message = _anchor(cab, honest, 1, 2)
+        want = "audit chain truncated: head went back from record 3 to 2"
+    else:
+        message = _anchor(cab, honest, 3, 5)
+        want = ""
+    outcome = recorder.record(*_message(message))
+    assert outcome.status == "recorded"
+    assert outcome.anchor_problems == ([want] if want else [])
+    stored = [(r["cabinet_id"], r["seq"], r["problem"]) for r in q.anchor_problems(db)]
+    assert stored == ([("crib-07", message.event.seq, want)] if want else [])  # type: ignore[union-attr]
+    # Redelivered, the anchor is a duplicate: judged once, reported once.
+    assert recorder.record(*_message(message)).status == "duplicate"
+    assert len(q.anchor_problems(db)) == (1 if want else 0)
+
+
+def _message(m: Message) -> tuple[str, bytes]:
+    return m.topic, m.payload

@@ -81,6 +81,13 @@ def gaps(db: RecordDb) -> list[Row]:
     return _rows(db, "SELECT * FROM seq_gaps ORDER BY site_id, cabinet_id, epoch, first_seq")
 
 
+def anchor_problems(db: RecordDb) -> list[Row]:
+    """Audit anchors that did not extend their cabinet's previous one (docs/privacy.md §9)."""
+    return _rows(
+        db, "SELECT * FROM audit_anchor_problems ORDER BY site_id, cabinet_id, seq, problem"
+    )
+
+
 def refused(db: RecordDb, *, limit: int = 50) -> list[Row]:
     """Refused messages, newest first."""
     return _rows(db, "SELECT * FROM refused_events ORDER BY refused_at DESC LIMIT ?", [limit])

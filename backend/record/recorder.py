@@ -32,6 +32,7 @@ from agent.domain.events import (
     AccessLockout,
     AgentAlert,
     AgentClockStep,
+    AuditAnchor,
     DoorForced,
     DoorLeftOpen,
     Event,
@@ -59,6 +60,7 @@ from agent.privacy.envelope import (
     Opener,
     parse_header,
 )
+from backend.anchors import judge
 from backend.record.db import RecordDb, Tx
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ class Outcome:
     gaps_opened: list[tuple[str, int, int]] = field(default_factory=list)
     gaps_closed: list[tuple[str, int]] = field(default_factory=list)  # (stream, seq that filled)
     seq_conflict: bool = False
+    anchor_problems: list[str] = field(default_factory=list)  # docs/privacy.md §9
 
 
 # ---------------------------------------------------------------------- admission
@@ -312,7 +315,44 @@ class Recorder:
         self._track_seq(tx, a, outcome)
         _project_item(tx, a)
         _project_alerts(tx, a)
+        if isinstance(ev, AuditAnchor):
+            outcome.anchor_problems = self._check_anchor(tx, a, ev)
         return outcome
+
+    def _check_anchor(self, tx: Tx, a: Admitted, ev: AuditAnchor) -> list[str]:
+        """An anchor must extend the head the cabinet's previous one showed, as the record
+        keeps it (a consumer restart forgets nothing). Anchors are ordered by their event seq:
+        one that arrives after a newer one (a late redelivery) is recorded, but judged against
+        nothing and moves nothing."""
+        key = (a.site, a.cabinet)
+        tx.execute(
+            "INSERT INTO audit_anchor_head (site_id, cabinet_id, anchor_seq, head_seq, "
+            "head_hash, event_id, time) VALUES (?, ?, 0, 0, '', '', ?) "
+            "ON CONFLICT (site_id, cabinet_id) DO NOTHING",
+            (*key, iso(ev.time)),
+        )
+        lock = self.db.dialect.lock_row  # the cabinet's row stays ours until commit
+        sql = "SELECT anchor_seq, head_seq, head_hash FROM audit_anchor_head WHERE site_id = ? "
+        row = tx.one(sql + "AND cabinet_id = ?" + lock, key)
+        assert row is not None
+        anchor_seq, head_seq, head_hash = int(row[0]), int(row[1]), str(row[2])
+        if ev.seq <= anchor_seq:
+            return []
+        prev = None if anchor_seq == 0 else (head_seq, head_hash)
+        head, problems = judge(prev, ev.model_dump(mode="json"))
+        tx.execute(
+            "UPDATE audit_anchor_head SET anchor_seq = ?, head_seq = ?, head_hash = ?, "
+            "event_id = ?, time = ? WHERE site_id = ? AND cabinet_id = ?",
+            (ev.seq, head[0], head[1], str(ev.event_id), iso(ev.time), *key),
+        )
+        for n, problem in enumerate(problems):
+            tx.execute(
+                "INSERT INTO audit_anchor_problem (event_id, n, site_id, cabinet_id, seq, time, "
+                "problem) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id, n) DO NOTHING",
+                (str(ev.event_id), n, *key, ev.seq, iso(ev.time), problem),
+            )
+            logger.error("%s/%s: %s", a.site, a.cabinet, problem)
+        return problems
 
     def _track_seq(self, tx: Tx, a: Admitted, outcome: Outcome) -> None:
         key = (a.site, a.cabinet, a.epoch)

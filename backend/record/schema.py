@@ -124,6 +124,28 @@ def _tables(d: Dialect) -> list[str]:
             time {ts} NOT NULL,
             PRIMARY KEY (event_id, alert_key))""",
         "CREATE INDEX IF NOT EXISTS alert_cleared_key ON alert_cleared (site_id, cabinet_id, alert_key, seq)",
+        # Per cabinet: the audit chain's head its newest audit.anchor showed (docs/privacy.md
+        # §9), so that the next anchor is judged against it after a consumer restart too;
+        # anchor_seq orders anchors (a late, older one is recorded but judges nothing).
+        f"""CREATE TABLE IF NOT EXISTS audit_anchor_head (
+            site_id TEXT NOT NULL,
+            cabinet_id TEXT NOT NULL,
+            anchor_seq {big} NOT NULL,
+            head_seq {big} NOT NULL,
+            head_hash TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            time {ts} NOT NULL,
+            PRIMARY KEY (site_id, cabinet_id))""",
+        # What an anchor showed wrong: a chain rewritten or truncated on the device.
+        f"""CREATE TABLE IF NOT EXISTS audit_anchor_problem (
+            event_id TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            site_id TEXT NOT NULL,
+            cabinet_id TEXT NOT NULL,
+            seq {big} NOT NULL,
+            time {ts} NOT NULL,
+            problem TEXT NOT NULL,
+            PRIMARY KEY (event_id, n))""",
         # The newest "checked out while calibration overdue" per item.
         f"""CREATE TABLE IF NOT EXISTS calibration_flag (
             site_id TEXT NOT NULL,
@@ -182,6 +204,9 @@ VIEWS: dict[str, str] = {
         SELECT site_id, cabinet_id, epoch, first_seq, last_seq,
                last_seq - first_seq + 1 AS missing, opened_at
         FROM seq_gap""",
+    "audit_anchor_problems": """
+        SELECT site_id, cabinet_id, time, seq, problem, event_id
+        FROM audit_anchor_problem""",
     "refused_events": """
         SELECT refused_at, topic, site_id, cabinet_id, epoch, seq, event_id, key_id, reason,
                digest, refused_by
