@@ -9,6 +9,13 @@ size of a badge space: what it costs whoever holds the site key to test every ba
 (docs/privacy.md, "Stolen controller"). ``--memory-kib`` etc. time other parameters (the
 defaults are the site key's, ``P2_DEFAULT``): run it on the target board to choose them.
 
+The p3 rows (the site key held in a TPM, docs/privacy.md §5) run against a software TPM
+(``swtpm``, started here on loopback ports with its own state directory, as the tests do): one
+p3 derivation (the TPM's HMAC, then Argon2id) and the TPM's HMAC alone, the part an attacker
+holding the powered device must ask that very chip for, one guess at a time. swtpm answers
+far faster than a discrete TPM (milliseconds per command). Without swtpm or tpm2-pytss the
+bench says so and prints no p3 row.
+
 The last rows time a read as the agent does it (derived in a worker thread, off the event
 loop) and the longest the event loop waited meanwhile (its timer lag).
 """
@@ -17,14 +24,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from agent.privacy.pseudonym import (
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.privacy.pseudonym import (  # noqa: E402
     P2_DEFAULT,
     Argon2Params,
     BadgePseudonyms,
@@ -124,6 +138,7 @@ def main(argv: list[str]) -> int:
 
     projected = " ".join(f"{human(bare * size):>26}" for size in SPACES.values())
     print(f"{'  p1 bare HMAC (an attacker loop)':<40} {bare * 1e3:>9.4f} {'':>9} {projected}")
+    _p3_rows(key, chosen, args.n, baseline)
     ring = BadgePseudonyms(SITE, SiteKey("s1", key, chosen))
     read, lag = asyncio.run(_off_loop(ring, args.n))
     _, idle_lag = asyncio.run(_off_loop(None, args.n))
@@ -131,6 +146,58 @@ def main(argv: list[str]) -> int:
     print(f"{'  worst event-loop lag meanwhile':<40} {lag * 1e3:>9.3f}")
     print(f"{'  worst event-loop lag, loop idle':<40} {idle_lag * 1e3:>9.3f}")
     return 0
+
+
+def _p3_rows(key: bytes, params: Argon2Params, n: int, baseline: float) -> None:
+    """The p3 rows against a software TPM, or one line saying why there are none."""
+    why = _no_tpm_reason()
+    if why is not None:
+        print(f"p3 (site key in a TPM): no row: {why}")
+        return
+    from agent.privacy.enrolment import import_into, wrap_for_cabinet
+    from agent.privacy.tpm import TpmHmacKey, storage_parent
+
+    site = SiteKey("s3", key, params, tpm=True)
+    with _software_tpm() as tcti:
+        held = import_into(tcti, wrap_for_cabinet(SITE, site, storage_parent(tcti)))
+        device = TpmHmacKey(tcti, held.blob)
+        try:
+            p3 = Pseudonymizer.held_in(SITE, held.kid, held.argon2, device)
+            # The same pseudonyms as the backend computes in software (docs/privacy.md §5).
+            assert p3.badge("12AB") == Pseudonymizer.from_site_key(SITE, site).badge("12AB")
+            cost = per_op(lambda i: p3.badge(f"{i:010X}"), n)
+            mac = per_op(lambda i: device.mac(b"badge/v3\0%X" % i), n * 10)
+        finally:
+            device.close()
+    name = f"p3 swtpm HMAC + {_name(params)[3:]}"
+    projected = " ".join(f"{human(cost * size):>26}" for size in SPACES.values())
+    print(f"{name:<40} {cost * 1e3:>9.3f} {cost / baseline:>9,.0f} {projected}")
+    # Serial on the one chip: chip time, not core time, whatever the attacker's hardware.
+    projected = " ".join(
+        f"{human(mac * size):>26}".replace("core-", "chip-") for size in SPACES.values()
+    )
+    print(f"{'  p3 TPM HMAC alone (swtpm, one chip)':<40} {mac * 1e3:>9.4f} {'':>9} {projected}")
+
+
+def _no_tpm_reason() -> str | None:
+    """Why no software TPM can be used here (None: it can)."""
+    if shutil.which("swtpm") is None:
+        return "swtpm is not installed (apt-get install swtpm)"
+    try:
+        import tpm2_pytss  # noqa: F401
+    except ImportError as err:
+        return f"tpm2-pytss is not importable ({err}; pip install '.[tpm]')"
+    return None
+
+
+@contextlib.contextmanager
+def _software_tpm() -> Iterator[str]:
+    """A swtpm of its own (loopback ports, a temporary state directory); its TCTI string."""
+    from tests.tpm_fixtures import SwTpm
+
+    os.environ.setdefault("TSS2_LOG", "all+NONE")
+    with tempfile.TemporaryDirectory(prefix="bench-swtpm-") as tmp, SwTpm(Path(tmp) / "tpm") as tpm:
+        yield tpm.tcti
 
 
 def _name(p: Argon2Params) -> str:
