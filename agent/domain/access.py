@@ -77,16 +77,17 @@ class AllowList:
             raise AllowListError(f"allow-list has more than {MAX_ENTRIES} entries")
         entries: dict[str, frozenset[Role]] = {}
         unknown: set[str] = set()
-        for pseudonym, roles in entries_raw.items():
+        # Entries are named by their position, never quoted: a key may be a raw badge id, and
+        # a pseudonym in a refusal (logged, audited as free text) is one an erasure cannot find.
+        for i, (pseudonym, roles) in enumerate(entries_raw.items()):
             if not isinstance(pseudonym, str) or not _PSEUDONYM_RE.fullmatch(pseudonym):
-                # Never echo the key: if it is a raw badge id, it must not reach a log.
-                raise AllowListError("allow-list key is not a badge pseudonym")
+                raise AllowListError(f"allow-list entry [{i}]: the key is not a badge pseudonym")
             if isinstance(roles, str | bytes) or not isinstance(roles, Sequence):
-                raise AllowListError(f"roles of {pseudonym} must be a list of strings")
+                raise AllowListError(f"allow-list entry [{i}]: roles must be a list of strings")
             known: set[Role] = set()
             for role in roles:
                 if not isinstance(role, str):
-                    raise AllowListError(f"roles of {pseudonym} must be strings")
+                    raise AllowListError(f"allow-list entry [{i}]: roles must be strings")
                 if role in _ROLE_VALUES:
                     known.add(Role(role))
                 else:

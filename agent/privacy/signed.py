@@ -377,7 +377,10 @@ def parse_time(text: str) -> datetime:
     """Parse the RFC 3339 UTC form ``format_time`` writes (``Z`` suffix required)."""
     m = _TIME_RE.fullmatch(text)
     if m is None:
-        raise ValueError(f"not an RFC 3339 UTC time (YYYY-MM-DDTHH:MM:SS[.ffffff]Z): {text!r}")
+        # The text is not quoted: a document's field may hold anything, a badge number too.
+        raise ValueError(
+            f"not an RFC 3339 UTC time (YYYY-MM-DDTHH:MM:SS[.ffffff]Z), {len(text)} characters"
+        )
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
     micro = int((m.group(7) or "0").ljust(6, "0"))
     return datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
@@ -484,12 +487,12 @@ def _check_json(value: Any, depth: int) -> None:
         return
     if isinstance(value, int):
         if abs(value) > MAX_SAFE_INT:
-            raise ValueError(f"integer {value} is outside ±(2**53-1)")
+            raise ValueError("an integer is outside ±(2**53-1)")  # not quoted: a card number?
         return
     if isinstance(value, Mapping):
         for k, v in value.items():
             if not isinstance(k, str) or not k.isascii():  # ASCII: one sort order everywhere
-                raise ValueError(f"object keys must be ASCII strings, got {k!r}")
+                raise ValueError("object keys must be ASCII strings")  # the key is not quoted
             _check_json(v, depth + 1)
         return
     if isinstance(value, list | tuple):
@@ -528,10 +531,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"duplicate key {k!r}")
+            raise ValueError("duplicate key in an object")  # not quoted: it may be a badge id
         out[k] = v
     return out
 
 
 def _no_float(text: str) -> Any:
-    raise ValueError(f"non-integer number {text} is not allowed")
+    raise ValueError("a number with a fraction or exponent is not allowed")  # not quoted
