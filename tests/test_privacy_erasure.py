@@ -212,7 +212,13 @@ async def test_an_erasure_reaches_an_open_session_and_the_pages_freed_before_it(
     replaced it), the engine state of her open session -- are in no byte of any file the
     agent has, neither while it runs nor after it stopped."""
     steps = ["wait_locked", "badge alice", "wait_unlock", "open", "take wrench"]
-    async with cabinet_rig(_scenario(steps), tmp_path, mosquitto) as rig:
+
+    def damaged_copy(rig: Rig) -> None:
+        # A database once found damaged and moved aside (docs/store.md): it names her too.
+        aside = rig.dir / "agent" / "state.db.corrupt-20260101T000000.000000Z"
+        aside.write_bytes(b"SQLite format 3\x00" + rig.pseudonym("alice").encode())
+
+    async with cabinet_rig(_scenario(steps), tmp_path, mosquitto, before_start=damaged_copy) as rig:
         alice, bob = rig.pseudonym("alice"), rig.pseudonym("bob")
         # A site-sized allow-list naming her (its body spills over several database pages).
         rig.publish_document("allow-list", _allow_list_without(rig, 2, "", _fillers(rig, 400)))

@@ -9,9 +9,10 @@ trusts it). ``[store] audit_retention_days = 2``:
 - run 2 (day 1.5): bob opens and closes the door;
 - run 3 (day 3): housekeeping at start prunes what is older than 2 days -- run 1's records.
 
-Then the bytes of every file the agent has (database, WAL, -shm, log, config, reserve) hold
-no marker of run 1's records (each record's salt and salted digest as stored, mallory's
-pseudonym, the session id in alice's records) and still hold run 2's.
+Then the bytes of every file the agent has (database, WAL, -shm, log, config, reserve,
+quarantined copies of a damaged database) hold no marker of run 1's records (each record's
+salt and salted digest as stored, mallory's pseudonym, the session id in alice's records, a
+copy quarantined on day 0) and still hold run 2's.
 """
 
 from __future__ import annotations
@@ -179,11 +180,22 @@ async def test_audit_records_past_retention_leave_every_file_the_agent_has(
             "bob's session id": json.dumps(bob_session).encode(),
         }
 
+        # Damaged database files moved aside for forensics (docs/store.md) on day 0 and day
+        # 1.5: copies of the audit log, under the same bound.
+        for day, tag in ((0.0, b"day-0 quarantined"), (1.5, b"day-1.5 quarantined")):
+            stamp = (day0 + timedelta(days=day)).strftime("%Y%m%dT%H%M%S.%fZ")
+            (rig.dir / "agent" / f"state.db.corrupt-{stamp}").write_bytes(tag + b" copy")
+        old["a quarantined copy of day 0"] = b"day-0 quarantined copy"
+        new["a quarantined copy of day 1.5"] = b"day-1.5 quarantined copy"
+
         # Day 3: housekeeping at start prunes day 0, and says so once the bytes are gone.
         await _reboot(rig, clock_file, day0 + timedelta(days=3), starts=3)
         await rig.agent.wait_log(
             f"audit record(s) older than {RETENTION_DAYS} days pruned: gone from the file, "
             "its free pages and the WAL"
+        )
+        await rig.agent.wait_log(
+            f"1 quarantined file(s) deleted (older than {RETENTION_DAYS} days)"
         )
         files = _every_file(rig)
         assert _found(files, old) == [], "records past the retention bound are still on disk"

@@ -10,6 +10,7 @@ import os
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from agent.store import schema
 from agent.store.audit_table import AuditTable, secure_delete
 from agent.store.config import StoreConfig
 from agent.store.outbox import Outbox
+from agent.store.seqfile import fsync_dir
 from agent.store.types import BaselineEntry, StoreError, from_us, to_us
 
 if TYPE_CHECKING:
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EPOCH_KEY = "store.epoch"
+# How a quarantined file's name says when it was moved aside (UTC): quarantine.py writes it.
+QUARANTINE_STAMP = "%Y%m%dT%H%M%S.%fZ"
 RESERVED_KV_PREFIX = "store."
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _MIN_WAL_BYTES = 128 * 1024
@@ -222,6 +226,28 @@ class Database:
             self.conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
         return int(busy) == 0
 
+    def forget_quarantined(self, why: str, before_us: int | None = None) -> int:
+        """Delete the quarantined copies of damaged database files (moved aside before
+        ``before_us``; None: all). They hold what the database held — the audit chain, the
+        allow-list, the engine state — so they are kept for forensics only as long as the
+        audit log itself, and an erasure takes them (docs/privacy.md §6, §7)."""
+        gone = 0
+        for path, at in quarantined_files(Path(self.cfg.path)):
+            if before_us is not None and (at is None or at >= before_us):
+                continue
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                logger.warning("quarantined file %s could not be deleted: %s", path.name, err)
+                continue
+            gone += 1
+        if gone:
+            fsync_dir(Path(self.cfg.path).parent)
+            logger.info("state store: %d quarantined file(s) deleted (%s)", gone, why)
+        return gone
+
     def deleted_personal_data(self, why: str) -> None:
         """Personal data was deleted (retention, erasure): cut the WAL after this commit."""
         self.scrub_pending = True
@@ -351,16 +377,37 @@ class Database:
     # -- housekeeping -------------------------------------------------------------------------
 
     def housekeeping(self, now_us: int | None) -> HousekeepingResult:
-        """Age-prune the outbox and the audit log (not when ``now_us`` is None: the clock is
-        not trusted), re-fit the page cap."""
+        """Age-prune the outbox, the audit log and quarantined files (not when ``now_us`` is
+        None: the clock is not trusted), re-fit the page cap."""
         aged = 0 if now_us is None else self.outbox.prune_age(now_us)
         pruned = 0 if now_us is None else self.audit.prune(now_us)
         if pruned:
             self.deleted_personal_data(
                 f"{pruned} audit record(s) older than {self.cfg.audit_retention_days:g} days pruned"
             )
+        if now_us is not None:
+            cutoff = now_us - int(self.cfg.audit_retention_days * 86_400 * 1_000_000)
+            self.forget_quarantined(f"older than {self.cfg.audit_retention_days:g} days", cutoff)
         pages = self.apply_page_limit()
         return HousekeepingResult(aged, pruned, pages)
+
+
+def quarantined_files(path: Path) -> list[tuple[Path, int | None]]:
+    """The files quarantine.py moved aside next to database ``path``, each with the time (µs)
+    its name says it was moved aside (None: the name says no time this code reads)."""
+    found: list[tuple[Path, int | None]] = []
+    for prefix in (f"{path.name}.corrupt-", f"{path.name}-wal.corrupt-"):
+        for candidate in path.parent.glob(prefix + "*"):
+            stamp = candidate.name[len(prefix) :]
+            for tail in ("-wal", "-shm"):
+                stamp = stamp.removesuffix(tail)
+            try:
+                at = datetime.strptime(stamp, QUARANTINE_STAMP).replace(tzinfo=UTC)
+            except ValueError:
+                found.append((candidate, None))
+                continue
+            found.append((candidate, to_us(at)))
+    return sorted(found)
 
 
 def check_header(path: Path) -> None:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.store.db import EPOCH_KEY
+from agent.store.db import EPOCH_KEY, QUARANTINE_STAMP
 from agent.store.seqfile import fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 def quarantine(path: Path) -> Path:
     """Move a damaged database and its -wal/-shm aside; return the new database path."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = datetime.now(UTC).strftime(QUARANTINE_STAMP)
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
     for suffix in ("-wal", "-shm", ""):
         src = path.with_name(path.name + suffix)
@@ -36,7 +36,7 @@ def quarantine(path: Path) -> Path:
 
 def quarantine_wal(path: Path) -> Path:
     """Move an unreadable -wal (and the -shm indexing it) aside; return the WAL's new path."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = datetime.now(UTC).strftime(QUARANTINE_STAMP)
     target = path.with_name(f"{path.name}-wal.corrupt-{stamp}")
     path.with_name(path.name + "-wal").rename(target)
     shm = path.with_name(path.name + "-shm")

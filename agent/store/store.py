@@ -478,6 +478,8 @@ class Store:
         def job(d: dbmod.Database) -> int:
             n = d.audit.redact(pseudonyms)
             d.deleted_personal_data(f"erasure: {n} audit record(s) redacted")
+            # Copies of damaged files may name them too, and cannot be edited: they go.
+            d.forget_quarantined("erasure")
             return n
 
         return await self._submit(job, write=True, ordered=True)
