@@ -21,6 +21,7 @@ from typing import Any
 
 from agent.control.client import ControlClient
 from agent.privacy.signed import canonical_json
+from backend.signing import allow_list_doc, erasure_doc, sign_document
 from simulators.cabinet import Scenario, load_scenario
 from tests.mqtt_fixtures import Mosquitto
 from tests.pii import assert_no_raw_ids
@@ -105,3 +106,53 @@ async def test_refused_documents_quote_no_badge_number_and_no_pseudonym(
     for path in (rig.dir / "agent").rglob("*"):
         if path.is_file():
             assert DECIMAL_CARD.encode() not in path.read_bytes(), path
+
+
+async def test_the_log_names_nobody_even_at_debug(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """The log (journald: kept by the host's rules, out of reach of retention and erasure)
+    holds no pseudonym and no badge number at DEBUG either: a refused card, a door cycle with
+    a check-out, an allow-list installed, someone erased."""
+    steps = ["badge mallory", "badge alice", "wait_unlock", "open", "take wrench", "close"]
+    scenario = _scenario().model_copy(update={"steps": [*steps, "settle"]})
+    extra = {"logging": {"level": "DEBUG"}}
+    async with cabinet_rig(scenario, tmp_path, mosquitto, agent_extra=extra) as rig:
+        events = await rig.play()
+        assert {"access.denied", "session.opened", "item.checked_out"} <= {
+            e["type"] for e in events
+        }
+        bob = rig.pseudonym("bob")
+        lay = rig.scenario.cabinet
+        now = datetime.now(UTC).replace(microsecond=0)
+        entries = {
+            rig.pseudonym(p.name): list(p.roles)
+            for p in rig.scenario.people
+            if p.listed and p.name != "bob"
+        }
+        rig.publish_document(
+            "allow-list",
+            sign_document(
+                rig.keys.signing_private,
+                rig.keys.signing_kid,
+                allow_list_doc(
+                    lay.site_id, lay.cabinet_id, 2, now + timedelta(days=3), entries, issued_at=now
+                ),
+            ),
+        )
+        await rig.agent.wait_log("installed allow-list version 2")
+        rig.publish_document(
+            "erasure",
+            sign_document(
+                rig.keys.signing_private,
+                rig.keys.signing_kid,
+                erasure_doc(
+                    lay.site_id, lay.cabinet_id, 1, now + timedelta(days=3), [bob], issued_at=now
+                ),
+            ),
+        )
+        await rig.agent.wait_log("erasure version 1 applied")
+        log = rig.agent.log_text()
+        assert " DEBUG " in log, "the log is not at DEBUG: the check would prove little"
+        named = [p.name for p in (*rig.scenario.people,) if p.listed or p.name == "mallory"]
+        leaked = [n for n in named if rig.pseudonym(n) in log]
+        assert leaked == [], f"the log names {leaked} by pseudonym"
+    assert_no_raw_ids([rig.dir / "agent" / "agent.log"], rig.raw_ids)
