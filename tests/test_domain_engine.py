@@ -724,3 +724,42 @@ def test_events_say_when_the_clock_is_not_trusted() -> None:
     untrusted = Now(c.now.wall + timedelta(seconds=1), c.now.mono + 1, trusted=False)
     c._apply(c.engine.on_badge(BadgeRead("front", MALLORY, untrusted.wall), untrusted))
     assert [e.clock for e in c.events] == ["trusted", "untrusted"]
+
+
+def test_an_erasure_replaces_the_person_in_the_open_session_and_its_later_events() -> None:
+    c = Cabinet(tags=stock("top", "side"))
+    c.badge(ALICE)
+    c.open()
+    c.badge(BOB)
+    changed, out = c.engine.on_erasure(frozenset({ALICE, MALLORY}), c.now)
+    c._apply(out)
+    assert changed == 1
+    assert ALICE.encode() not in c.states[-1]  # the state to persist no longer names her
+    c.restart()  # from that persisted state
+    del c.tags[epc(1)]
+    c.close()
+    c.settle()
+    assert c.brief() == [
+        "session.opened badge alice",  # before the erasure: already on its way
+        "item.checked_out 001 side erased,bob",
+        "session.closed complete out=1 in=0 erased,bob",
+    ]
+    assert ALICE.encode() not in c.states[-1]
+
+
+def test_an_erasure_in_the_unlock_window_opens_the_session_as_erased() -> None:
+    c = Cabinet(tags=stock("top"))
+    c.badge(ALICE)
+    c.badge(BOB)
+    changed, out = c.engine.on_erasure(frozenset({ALICE, BOB}), c.now)
+    c._apply(out)
+    assert changed == 2
+    nothing, out = c.engine.on_erasure(frozenset({ALICE}), c.now)
+    assert (nothing, out.session_state) == (0, None)  # nothing left to change, nothing written
+    c.open()
+    c.close()
+    c.settle()
+    assert c.brief() == [
+        "session.opened badge erased",
+        "session.closed complete out=0 in=0 erased",
+    ]
