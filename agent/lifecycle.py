@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import sys
 import threading
 import time
@@ -33,6 +34,13 @@ EX_SOFTWARE = 70  # sysexits.h: internal software error (systemd restarts us: Re
 FATAL_EXIT_S = 10.0  # from the first failure to the end of the process, at most
 STOP_EXIT_S = 30.0  # an orderly stop (SIGTERM) ends within this; systemd's TimeoutStopSec is 45
 THREAD_JOIN_S = 2.0  # how long the last step waits for threads that are still finishing
+
+
+def forbid_core_dumps() -> None:
+    """A crash must not write the process's memory to disk: a badge number being read, the
+    site key, the allow-list (docs/privacy.md §4). RLIMIT_CORE 0 for this process and its
+    children; systemd-coredump honours it too (the unit also says ``LimitCORE=0``)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -111,7 +111,8 @@ async def test_refused_documents_quote_no_badge_number_and_no_pseudonym(
 async def test_the_log_names_nobody_even_at_debug(tmp_path: Path, mosquitto: Mosquitto) -> None:
     """The log (journald: kept by the host's rules, out of reach of retention and erasure)
     holds no pseudonym and no badge number at DEBUG either: a refused card, a door cycle with
-    a check-out, an allow-list installed, someone erased."""
+    a check-out, an allow-list installed, someone erased. And the agent cannot dump core (its
+    memory holds the badge being read and the site key)."""
     steps = ["badge mallory", "badge alice", "wait_unlock", "open", "take wrench", "close"]
     scenario = _scenario().model_copy(update={"steps": [*steps, "settle"]})
     extra = {"logging": {"level": "DEBUG"}}
@@ -150,6 +151,11 @@ async def test_the_log_names_nobody_even_at_debug(tmp_path: Path, mosquitto: Mos
             ),
         )
         await rig.agent.wait_log("erasure version 1 applied")
+        # A crash would not write its memory (a badge being read, the site key) to disk.
+        assert rig.agent.proc is not None
+        limits = Path(f"/proc/{rig.agent.proc.pid}/limits").read_text().splitlines()
+        core = next(line for line in limits if line.startswith("Max core file size"))
+        assert core.split()[4:6] == ["0", "0"], core
         log = rig.agent.log_text()
         assert " DEBUG " in log, "the log is not at DEBUG: the check would prove little"
         named = [p.name for p in (*rig.scenario.people,) if p.listed or p.name == "mallory"]

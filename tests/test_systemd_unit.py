@@ -115,6 +115,8 @@ def test_unit_keeps_the_design_contract() -> None:
     # Memory limits (sized in docs/deployment.md): a soft bound that reclaims, then a hard one.
     high, hard = _bytes(d["MemoryHigh"][0]), _bytes(d["MemoryMax"][0])
     assert 0 < high < hard
+    # No core dump of a process holding badge numbers and the site key (docs/privacy.md §4).
+    assert d["LimitCORE"] == ["0"]
     creds = {v.split(":", 1)[0] for v in d["LoadCredential"]}
     assert creds == {"site-key", "backend-seal.pub", "backend-sign.pub", "mqtt-client.key"}
 

@@ -13,6 +13,9 @@ from agent.config import EX_CONFIG
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from agent.lifecycle import forbid_core_dumps
+
+    forbid_core_dumps()  # before any key or badge is in memory
     ctrl = load_controller_or_exit(args.config)
     from agent.logging_setup import setup_logging
 
