@@ -64,6 +64,7 @@ async def test_connection_pragmas(tmp_path: Path, synchronous: str, level: int) 
     assert diag["journal_mode"] == "wal"
     assert diag["synchronous"] == level
     assert diag["foreign_keys"] == 1
+    assert diag["temp_store"] == 2  # memory: no page of the database in a temp file
     assert diag["schema_version"] == LATEST
     assert isinstance(diag["max_page_count"], int)
     assert isinstance(diag["page_size"], int)

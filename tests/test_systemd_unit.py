@@ -117,6 +117,7 @@ def test_unit_keeps_the_design_contract() -> None:
     assert 0 < high < hard
     # No core dump of a process holding badge numbers and the site key (docs/privacy.md §4).
     assert d["LimitCORE"] == ["0"]
+    assert d["MemorySwapMax"] == ["0"]  # nor swapped to the flash
     creds = {v.split(":", 1)[0] for v in d["LoadCredential"]}
     assert creds == {"site-key", "backend-seal.pub", "backend-sign.pub", "mqtt-client.key"}
 

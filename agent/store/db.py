@@ -107,6 +107,10 @@ def connect(path: Path, cfg: StoreConfig) -> sqlite3.Connection:
         conn.execute(f"PRAGMA wal_autocheckpoint={max(16, budget // 2 // (page_size + 24))}")
         conn.execute(f"PRAGMA journal_size_limit={budget // 2}")
         conn.execute("PRAGMA secure_delete=FAST")  # deleted rows do not linger in free pages
+        # Savepoint sub-journals and temporary tables stay in memory: spilled to a temp file
+        # they would put the old versions of pages (pseudonyms: an allow-list being replaced,
+        # audit rows being redacted) on the disk outside the database (docs/privacy.md §6).
+        conn.execute("PRAGMA temp_store=MEMORY")
     except BaseException:
         conn.close()
         raise
@@ -359,6 +363,7 @@ class Database:
             "journal_mode",
             "synchronous",
             "foreign_keys",
+            "temp_store",
             "page_size",
             "page_count",
             "freelist_count",
