@@ -14,7 +14,7 @@ import pytest
 
 from agent.privacy.pseudonym import Pseudonymizer
 from agent.store import Store, StoreConfig, audit_chain, schema
-from agent.store.db import to_us
+from agent.store.db import open_database, to_us
 from tests.store_helpers import T0, FakeClock
 
 
@@ -371,3 +371,36 @@ async def test_a_v1_chain_migrates_in_place_and_can_be_redacted(tmp_path: Path) 
         assert _raw_bytes(path).count(gone.encode()) == 0
     finally:
         await store.close()
+
+
+def test_an_erasure_of_many_people_is_one_pass_over_the_audit_log(tmp_path: Path) -> None:
+    """An erasure names up to 1000 pseudonyms: one statement per pseudonym scanned the whole
+    table each time (seconds per 20,000 records, every write of the cabinet waiting). One
+    pass finds every record naming any of them, as actor, JSON value or JSON key."""
+    db = open_database(tmp_path / "s.db", StoreConfig(path=tmp_path / "s.db"))
+    try:
+        people = [_pseudonym(n) for n in range(1000)]
+        kept = _pseudonym(5000)
+        rows = [
+            (people[3], {"door_id": "d1"}),
+            ("backend", {"who": people[999]}),
+            ("backend", {"by": {people[500]: ["user"]}}),
+            (kept, {"door_id": "d1"}),
+            ("backend", {"note": f"{people[7]} in free text is not a JSON string"}),
+        ]
+        db.conn.execute("BEGIN")
+        for i, (actor, details) in enumerate(rows):
+            db.audit.append(actor, "test", audit_chain.canonical_details(details), to_us(T0) + i)
+        db.conn.execute("COMMIT")
+        statements: list[str] = []
+        db.conn.set_trace_callback(statements.append)
+        db.conn.execute("BEGIN")
+        assert db.audit.redact(people) == 3
+        db.conn.execute("COMMIT")
+        db.conn.set_trace_callback(None)
+        assert len([s for s in statements if s.lstrip().upper().startswith("UPDATE")]) == 1
+        left = db.conn.execute("SELECT seq FROM audit WHERE redacted = 0 ORDER BY seq").fetchall()
+        assert [seq for (seq,) in left] == [4, 5]
+        assert db.audit.verify().ok
+    finally:
+        db.conn.close()

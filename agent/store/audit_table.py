@@ -5,13 +5,14 @@ thread calls these."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import re
 import sqlite3
 import struct
 from collections.abc import Collection, Generator
 from typing import Any, Protocol
 
+from agent.domain.events import PSEUDONYM_BODY
 from agent.store import audit_chain
 from agent.store.config import StoreConfig
 from agent.store.types import SANE_CLOCK_US, AuditReport
@@ -79,19 +80,31 @@ class AuditTable:
 
     def redact(self, pseudonyms: Collection[str]) -> int:
         """Erase the personal fields of every record naming one of ``pseudonyms`` (as actor or
-        as a JSON string in its details); the chain keeps their digests. Returns how many."""
-        total = 0
-        with secure_delete(self.conn):
-            for p in pseudonyms:
-                quoted = json.dumps(p, ensure_ascii=False)  # as a JSON string value: quoted
-                total += int(
+        as a JSON string in its details); the chain keeps their digests. Returns how many.
+
+        One pass over the table whatever the number of pseudonyms (an erasure names up to
+        1000): a query per pseudonym kept the store's thread busy for seconds per 20,000
+        records, every write of the cabinet waiting behind it."""
+        erased = frozenset(pseudonyms)
+
+        def names_erased(actor: object, details: object) -> int:
+            if actor in erased:
+                return 1
+            if isinstance(details, str) and '"p' in details:
+                return int(any(m[1] in erased for m in _QUOTED_PSEUDONYM.finditer(details)))
+            return 0
+
+        self.conn.create_function("names_erased", 2, names_erased, deterministic=True)
+        try:
+            with secure_delete(self.conn):
+                return int(
                     self.conn.execute(
                         "UPDATE audit SET actor = '', details = '', salt = NULL, redacted = 1 "
-                        "WHERE redacted = 0 AND (actor = ? OR instr(details, ?) > 0)",
-                        (p, quoted),
+                        "WHERE redacted = 0 AND names_erased(actor, details)"
                     ).rowcount
                 )
-        return total
+        finally:
+            self.conn.create_function("names_erased", 2, None)
 
     def verify(self) -> AuditReport:
         anchor_seq, anchor_hash = self._anchor()
@@ -168,6 +181,8 @@ def secure_delete(conn: sqlite3.Connection) -> Generator[None]:
 
 
 _COLUMNS = "seq, at_us, actor, action, details, prev_hash, hash, v, salt, personal, redacted"
+# A pseudonym as a JSON string (a value or a key) in a record's details.
+_QUOTED_PSEUDONYM = re.compile(rf'"({PSEUDONYM_BODY})"')
 
 
 def _row(raw: tuple[Any, ...]) -> audit_chain.ChainRow:
