@@ -403,6 +403,9 @@ def _cmd_consume(args: argparse.Namespace) -> int:
             _stderr_json({"type": "refused", "reason": outcome.reason})
         if outcome.status != "recorded" or outcome.admitted is None:
             return
+        for problem in outcome.anchor_problems:  # docs/privacy.md §9
+            cabinet = f"{outcome.admitted.site}/{outcome.admitted.cabinet}"
+            _stderr_json({"type": "audit-anchor", "cabinet": cabinet, "problem": problem})
         if out is not None:
             out.write(json.dumps(_event_line(outcome.admitted), separators=(",", ":")) + "\n")
             out.flush()

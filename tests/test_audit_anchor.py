@@ -9,8 +9,14 @@ someone holding the controller would: consistently re-hashed, so the device's ow
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import re
+import signal
 import sqlite3
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,7 @@ from tests.mqtt_fixtures import Mosquitto
 from tests.scenario_harness import TIMEOUT_S, Rig, cabinet_rig
 from tests.test_scenarios import SCENARIOS
 
+ROOT = Path(__file__).resolve().parents[1]
 CYCLE = ["wait_locked", "badge alice", "wait_unlock", "open", "close", "settle"]
 
 
@@ -115,3 +122,79 @@ async def test_the_consumer_reports_a_chain_changed_between_anchors(
         want = ("rewritten",) if attack == "rewrite" else ("truncated", "rewritten")
         assert reported, reported
         assert any(w in reported[0] for w in want), reported
+
+
+async def _consume(rig: Rig, db: Path, log: Path) -> asyncio.subprocess.Process:
+    """``cabinet-consumer consume`` recording into ``db``: a persistent session under one client
+    id, so what is published while it is down waits for it at the broker."""
+    with log.open("ab") as err:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "backend.consumer", "consume",
+            "--port", str(rig.broker.port), "--keys", str(rig.dir / "keys"),
+            "--client-id", "record-1", "--session-expiry", "300", "--db", str(db), "--quiet",
+            cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(TIMEOUT_S):
+        assert await proc.wait() == 0
+
+
+async def _poll(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` on the record once there are some (bounded)."""
+    async with asyncio.timeout(TIMEOUT_S):
+        while True:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                try:
+                    rows = conn.execute(sql).fetchall()
+                except sqlite3.OperationalError:  # not created yet
+                    rows = []
+            if rows:
+                return rows
+            await asyncio.sleep(0.1)
+
+
+async def test_the_recording_consumer_restarted_between_anchors_reports_a_rewritten_chain(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """The recording consumer keeps the last anchored head in the record: stopped after one
+    anchor and started again (a new process) before the next, it still reports the chain
+    the device rewrote meanwhile."""
+    extra = {"store": {"audit_anchor_interval_s": 1}}
+    record, log = tmp_path / "record.db", tmp_path / "consumer.log"
+    async with cabinet_rig(_scenario(), tmp_path, mosquitto, agent_extra=extra) as rig:
+        consumer = await _consume(rig, record, log)
+        try:
+            await rig.play()
+            head = rig.agent.log_text().count("audit anchor: records")
+            await rig.agent.wait_log("audit anchor: records", count=head + 1)
+            last = rig.agent.log_text().rsplit("audit anchor: records ", 1)[1]
+            anchored = int(last.split("..", 1)[1].split()[0])
+            await _poll(record, f"SELECT 1 FROM audit_anchor_head WHERE head_seq >= {anchored}")
+        finally:
+            await _stop(consumer)
+        assert await rig.agent.stop() == 0
+        _rewrite(rig.dir / "agent" / "state.db", anchored - 1)
+
+        consumer = await _consume(rig, record, log)  # another run: nothing in its memory
+        try:
+            rig.agent.start()
+            rows = await _poll(record, "SELECT problem FROM audit_anchor_problems")
+            # The record the last anchor before the rewrite showed (an anchor the agent sent
+            # meanwhile may have moved it past the log line read above).
+            found = re.fullmatch(
+                r"audit chain rewritten: record (\d+) no longer has the hash the previous "
+                r"anchor showed",
+                rows[0][0],
+            )
+            assert found is not None, rows
+            assert int(found[1]) >= anchored, rows
+            assert len(rows) == 1, rows
+        finally:
+            await _stop(consumer)
+    reports = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert [r["problem"] for r in reports if r["type"] == "audit-anchor"] == [rows[0][0]]
+    assert reports[-1]["type"] == "summary"
+    assert reports[-1]["anchor_problems"] == 1

@@ -38,6 +38,7 @@ class RecordStats:
     gaps_opened: int = 0
     gaps_filled: int = 0
     seq_conflicts: int = 0
+    anchor_problems: int = 0  # audit anchors showing a chain rewritten on its cabinet
     retries: int = 0
 
     def count(self, outcome: Outcome) -> None:
@@ -50,6 +51,7 @@ class RecordStats:
         self.gaps_opened += len(outcome.gaps_opened)
         self.gaps_filled += len(outcome.gaps_closed)
         self.seq_conflicts += int(outcome.seq_conflict)
+        self.anchor_problems += len(outcome.anchor_problems)
 
 
 class RecordingConsumer(MqttSubscriber):
