@@ -46,6 +46,7 @@ from agent.privacy.signed import (
     SignedDocument,
     VersionFloor,
     check_floor,
+    floor_digest,
     format_time,
 )
 from agent.store.store import Store
@@ -317,8 +318,9 @@ class Documents:
         """Apply an erasure (docs/privacy.md §7): the audit records naming them are redacted
         and their bytes scrubbed. The document itself is never stored (it names them): only its
         version floor is, so a replay or an older one is refused."""
+        mark = floor_digest(doc)  # not the document's digest: it would confirm whom it named
         done = self.floors.get(doc.kind)
-        if done is not None and (done.version, done.digest) == (doc.version, doc.digest):
+        if done is not None and (done.version, done.digest) == (doc.version, mark):
             return  # the retained message again, at a reconnect: applied already
         listed = self.documents.get(ALLOW_LIST)
         if listed is not None:
@@ -346,7 +348,7 @@ class Documents:
                 ) from None
         await self.audit.settle(ERASE_AUDIT_WAIT_S)
         redacted = await store.audit_redact(request.pseudonyms)
-        await self._save_floor(store, doc.kind, VersionFloor(doc.version, doc.digest))
+        await self._save_floor(store, doc.kind, VersionFloor(doc.version, mark))
         self._installs += 1
         self.refusals.pop(doc.kind, None)
         self.deferred.pop(doc.kind, None)
@@ -356,7 +358,7 @@ class Documents:
             "erasure.applied",
             {
                 "version": doc.version,
-                "digest": doc.digest,
+                "floor": mark,
                 "pseudonyms": len(request.pseudonyms),
                 "audit_records_redacted": redacted,
                 "engine_state_redacted": in_engine,

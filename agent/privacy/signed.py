@@ -331,6 +331,26 @@ class DocumentVerifier:
         return cur_version if floor is None else max(cur_version, floor.version)
 
 
+def floor_digest(signed: SignedDocument) -> str:
+    """What a version floor keeps of a document to recognise it: its digest; for an erasure,
+    the digest of everything but its body. The floor outlives the erasure on the cabinet's
+    disk, and a digest over the pseudonyms would let whoever holds the site key confirm a
+    guess of whom it erased (docs/privacy.md §7). Two erasures of one version and one
+    validity window that name different people are not told apart: the second counts as
+    applied (a backend that reuses a version number for another erasure has a bug)."""
+    if signed.kind != ERASURE:
+        return signed.digest
+    meta = {
+        "kind": signed.kind,
+        "site_id": signed.site_id,
+        "cabinet_id": signed.cabinet_id,
+        "version": signed.version,
+        "issued_at": format_time(signed.issued_at),
+        "expires_at": format_time(signed.expires_at),
+    }
+    return hashlib.sha256(b"erasure-floor\x00" + canonical_json(meta)).hexdigest()
+
+
 def check_floor(signed: SignedDocument, floor: VersionFloor) -> None:
     """Refuse a version below ``floor`` (rollback) or equal to it with other content (conflict)."""
     if signed.version < floor.version:
@@ -338,7 +358,7 @@ def check_floor(signed: SignedDocument, floor: VersionFloor) -> None:
             DocumentError.ROLLBACK,
             f"{signed.kind} v{signed.version} is older than the installed v{floor.version}",
         )
-    if signed.version == floor.version and signed.digest != floor.digest:
+    if signed.version == floor.version and floor_digest(signed) != floor.digest:
         raise DocumentError(
             DocumentError.CONFLICT,
             f"{signed.kind} v{signed.version} differs from the installed document "
