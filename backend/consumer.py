@@ -432,8 +432,13 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     consumer.start()
+    told_subscribed = False
     try:
         while not done.wait(0.2):
+            if not told_subscribed and consumer.subscribed.is_set():
+                # From here on nothing published is missed: scripts (and tests) wait for it.
+                told_subscribed = True
+                _stderr_json({"type": "subscribed", "client_id": client_id})
             idle = time.monotonic() - consumer.last_message
             if args.idle_exit and consumer.subscribed.is_set() and idle >= args.idle_exit:
                 break

@@ -136,10 +136,18 @@ async def _consume(rig: Rig, db: Path, log: Path) -> asyncio.subprocess.Process:
         )  # fmt: skip
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
+async def _subscribed(log: Path, count: int) -> None:
+    """Until the consumer said ``count`` times that its subscription is in place."""
+    async with asyncio.timeout(TIMEOUT_S):
+        while log.read_text(errors="replace").count('"type": "subscribed"') < count:
+            await asyncio.sleep(0.05)
+
+
+async def _stop(proc: asyncio.subprocess.Process, log: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     async with asyncio.timeout(TIMEOUT_S):
-        assert await proc.wait() == 0
+        rc = await proc.wait()
+    assert rc == 0, log.read_text(errors="replace")[-3000:]
 
 
 async def _poll(db: Path, sql: str) -> list[tuple[Any, ...]]:
@@ -167,6 +175,7 @@ async def test_the_recording_consumer_restarted_between_anchors_reports_a_rewrit
     async with cabinet_rig(_scenario(), tmp_path, mosquitto, agent_extra=extra) as rig:
         consumer = await _consume(rig, record, log)
         try:
+            await _subscribed(log, 1)
             await rig.play()
             head = rig.agent.log_text().count("audit anchor: records")
             await rig.agent.wait_log("audit anchor: records", count=head + 1)
@@ -174,12 +183,13 @@ async def test_the_recording_consumer_restarted_between_anchors_reports_a_rewrit
             anchored = int(last.split("..", 1)[1].split()[0])
             await _poll(record, f"SELECT 1 FROM audit_anchor_head WHERE head_seq >= {anchored}")
         finally:
-            await _stop(consumer)
+            await _stop(consumer, log)
         assert await rig.agent.stop() == 0
         _rewrite(rig.dir / "agent" / "state.db", anchored - 1)
 
         consumer = await _consume(rig, record, log)  # another run: nothing in its memory
         try:
+            await _subscribed(log, 2)
             rig.agent.start()
             rows = await _poll(record, "SELECT problem FROM audit_anchor_problems")
             # The record the last anchor before the rewrite showed (an anchor the agent sent
@@ -193,7 +203,7 @@ async def test_the_recording_consumer_restarted_between_anchors_reports_a_rewrit
             assert int(found[1]) >= anchored, rows
             assert len(rows) == 1, rows
         finally:
-            await _stop(consumer)
+            await _stop(consumer, log)
     reports = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert [r["problem"] for r in reports if r["type"] == "audit-anchor"] == [rows[0][0]]
     assert reports[-1]["type"] == "summary"
