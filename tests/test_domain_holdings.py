@@ -292,3 +292,28 @@ def test_an_item_in_the_baseline_is_never_overdue_whatever_brought_it_back() -> 
     assert c.engine.overdue() == []
     assert "holdings" in json.loads(c.states[-1])
     assert json.loads(c.states[-1])["holdings"] == {}
+
+
+# ---- erasure ------------------------------------------------------------------------------------
+
+
+def test_an_erased_holder_is_replaced_in_the_holding_and_what_it_reports_later() -> None:
+    """docs/privacy.md §7: the backend erases alice while she holds the wrench. The persisted
+    state names her nowhere; the item stays out, its limit runs on, and the overdue alert and
+    the return by someone else name "erased" as the holder."""
+    c = Cabinet(tags=stock("top", "bottom"), config=domain_config(overdue_after_s=3600))
+    c.cycle(ALICE, take=[epc(0)])
+    changed, out = c.engine.on_erasure(frozenset({ALICE}), c.now)
+    c._apply(out)
+    assert changed == 1
+    assert out.session_state is not None
+    assert ALICE.encode() not in out.session_state
+    c.restart()  # from the persisted state
+    mark = len(c.events)
+    c.advance(3600)
+    [late] = overdue(c, mark)
+    assert late.held_by == [ev.ERASED_ACTOR]
+    c.cycle(BOB, put={epc(0): "top"})
+    [back] = returns(c, mark)
+    assert (back.held_by, back.returned_by) == ([ev.ERASED_ACTOR], [BOB])
+    assert all(ALICE.encode() not in state for state in c.states[-3:])

@@ -508,6 +508,7 @@ def test_an_overdue_item_is_an_open_alert_until_it_comes_back(
         ("item.checked_out", [ALICE]),
     ]
 
+
 def _chain(n: int, tag: str) -> list[str]:
     """Hashes of records 0..n of an audit chain (0: what record 1 links back to)."""
     return [hashlib.sha256(f"{tag}/{i}".encode()).hexdigest() for i in range(n + 1)]

@@ -306,23 +306,17 @@ class CabinetEngine:
 
     def on_erasure(self, pseudonyms: Collection[str], now: Now) -> tuple[int, EngineOutput]:
         """The backend erased these people (docs/privacy.md §7): wherever the state names one
-        of them (the badges of the unlock window, the holders of the open session) the
-        ``"erased"`` actor stands in, so the session goes on and its later events stay
-        consistent without naming them. Returns how many places changed, and the output
-        (the new state to persist, if any changed)."""
+        of them (the badges of the unlock window, the holders of the open session, the
+        holders of items still out) the ``"erased"`` actor stands in, so the session goes on
+        and later events (a return, ``item.overdue``) stay consistent without naming them.
+        Returns how many places changed, and the output (the new state to persist, if any)."""
         out = self._begin(now)
-        changed = 0
-        for actors in (self._pending, *(() if self._session is None else (self._session.actors,))):
-            kept: list[str] = []
-            for actor in actors:
-                if actor in pseudonyms:
-                    changed += 1
-                    actor = ev.ERASED_ACTOR
-                if actor not in kept:
-                    kept.append(actor)
-            actors[:] = kept
+        changed = ev.erase_actors(self._pending, pseudonyms)
+        if self._session is not None:
+            changed += ev.erase_actors(self._session.actors, pseudonyms)
         if changed:
             self._dirty = True
+        changed += self._holdings.erase(pseudonyms)
         return changed, self._end(out)
 
     def on_door(self, edge: DoorEdge, now: Now) -> EngineOutput:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Collection
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal, TypeAlias
 from uuid import UUID
@@ -35,6 +36,23 @@ UNKNOWN_ACTOR = "unknown"
 # (the same session, its holders) without naming them again.
 ERASED_ACTOR = "erased"
 ACTOR_PATTERN = rf"^(?:{UNKNOWN_ACTOR}|{ERASED_ACTOR}|{PSEUDONYM_BODY})$"
+
+
+def erase_actors(actors: list[str], erased: Collection[str]) -> int:
+    """Replace, in place, each of ``actors`` that is ``erased`` by ``ERASED_ACTOR`` (once:
+    the list stays one entry per holder); how many were replaced."""
+    kept: list[str] = []
+    changed = 0
+    for actor in actors:
+        if actor in erased:
+            changed += 1
+            actor = ERASED_ACTOR
+        if actor not in kept:
+            kept.append(actor)
+    actors[:] = kept
+    return changed
+
+
 EPC_PATTERN = r"^(?:[0-9a-f]{2}){1,64}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -105,6 +105,14 @@ class Holdings:
                         )
             out.append(event)
         return out
+
+    def erase(self, erased: Collection[str]) -> int:
+        """The backend erased these people: ``"erased"`` holds what they held (the item is
+        still out, its limit still runs); how many holdings changed."""
+        changed = sum(ev.erase_actors(h.held_by, erased) > 0 for h in self._by_epc.values())
+        if changed:
+            self.changed = True
+        return changed
 
     def back(self, present: Mapping[str, str]) -> None:
         """Items found in the cabinet again without a session's return (a background
