@@ -368,3 +368,29 @@ def test_a_held_item_restocked_by_a_technician_is_no_longer_held() -> None:
         "item.restocked",
         "technician.closed",
     ]
+
+
+def test_an_erased_supervisor_leaves_the_technician_session_as_erased() -> None:
+    """docs/privacy.md §7: the supervisor who opened the session with their badge is erased
+    while it is open; the persisted state names them nowhere, the session goes on and what
+    it reports later names "erased"."""
+    c = Cabinet(tags=stock("top", "bottom"))
+    start = len(c.events)
+    c._apply(c.engine.await_supervisor(TECH, "quarterly recount", 30.0, c.now))
+    c.badge(SUPER)
+    c.advance(1.0)
+    c.open()
+    changed, out = c.engine.on_erasure(frozenset({SUPER}), c.now)
+    c._apply(out)
+    assert changed == 1
+    assert out.session_state is not None
+    assert SUPER.encode() not in out.session_state
+    c.restart()  # from the persisted state
+    del c.tags[epc(0)]
+    c.close()
+    c.settle()
+    assert brief(c, start) == [
+        "technician.opened super",  # before the erasure: already on its way
+        "item.removed 000 erased",
+        "technician.closed scanned complete +0 -1 erased",
+    ]

@@ -307,13 +307,19 @@ class CabinetEngine:
     def on_erasure(self, pseudonyms: Collection[str], now: Now) -> tuple[int, EngineOutput]:
         """The backend erased these people (docs/privacy.md §7): wherever the state names one
         of them (the badges of the unlock window, the holders of the open session, the
-        holders of items still out) the ``"erased"`` actor stands in, so the session goes on
+        holders of items still out, a supervisor's technician session) the ``"erased"`` actor
+        stands in, so the session goes on
         and later events (a return, ``item.overdue``) stay consistent without naming them.
         Returns how many places changed, and the output (the new state to persist, if any)."""
         out = self._begin(now)
         changed = ev.erase_actors(self._pending, pseudonyms)
         if self._session is not None:
             changed += ev.erase_actors(self._session.actors, pseudonyms)
+        # A technician session opened with a supervisor's badge, and what it asked for.
+        for work in (self._tech, self._rebase):
+            if work is not None and work.who in pseudonyms:
+                work.who = ev.ERASED_ACTOR
+                changed += 1
         if changed:
             self._dirty = True
         changed += self._holdings.erase(pseudonyms)

@@ -452,13 +452,14 @@ class AuditAnchor(EventBase):
 # kernel from the control socket, SO_PEERCRED) or a supervisor's badge pseudonym. A uid is kept
 # as a local uid, not pseudonymized (docs/privacy.md §10): it names an account of this
 # controller, and only the controller's account database links it to a person.
-TECHNICIAN_PATTERN = rf"^(?:uid:[0-9]{{1,10}}|{PSEUDONYM_BODY})$"
+# "erased": the supervisor was erased on the backend's request while their session was open.
+TECHNICIAN_PATTERN = rf"^(?:uid:[0-9]{{1,10}}|{ERASED_ACTOR}|{PSEUDONYM_BODY})$"
 TechnicianId = Annotated[
     str,
     Field(
         pattern=TECHNICIAN_PATTERN,
         description="'uid:<n>': the controller's local account that opened it with cabinetctl; "
-        "or the supervisor's badge pseudonym",
+        "or the supervisor's badge pseudonym ('erased' once the backend erased them)",
     ),
 ]
 TechnicianVia = Literal["cli", "badge"]
