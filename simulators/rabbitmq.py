@@ -7,7 +7,8 @@ directory and ``RABBITMQ_*`` environment, all sharing an Erlang cookie of their 
 ``HOME``). The nodes find each other at boot (``classic_config`` peer discovery), so a cluster
 is up in the time one node takes to boot. ``kill(i)`` is SIGKILL of one node, ``start_node(i)``
 brings it back on the same ports and data; ``kill_all()`` / ``start_all()`` restart the whole
-cluster; ``stop()`` shuts everything down, epmd included. It never touches the package's system
+cluster (restarting each node's MQTT client-id tracker early, as an operator would, see
+``RESTART_TRACKER``); ``stop()`` shuts everything down, epmd included. It never touches the package's system
 service or its files (``/etc/rabbitmq``, ``/var/lib/rabbitmq``): every path and port is its own.
 """
 
@@ -33,6 +34,21 @@ SERVER = RABBITMQ_HOME / "bin" / "rabbitmq-server"
 CTL = RABBITMQ_HOME / "bin" / "rabbitmqctl"
 EPMD = shutil.which("epmd") or "/usr/bin/epmd"
 BOOT_TIMEOUT_S = 120.0  # three nodes booting at once on two shared cores
+# After a whole-cluster restart, each node's MQTT plugin (3.10) asks its peers' client-id
+# tracker members (a Raft cluster, ``mqtt_node``) for the membership *before* restarting its
+# own member, with a 100 s timeout: the first node to get past that has a member that cannot
+# elect a leader alone, and every later node waits the full 100 s on it. Restarting each
+# node's member as soon as its Raft system runs gives them a quorum at once; it is what the
+# plugin does itself right after that wait, so doing it early is idempotent (docs/decisions.md).
+RESTART_TRACKER = "ra:restart_server(coordination, mqtt_node:server_id())."
+# Ra keeps which Raft members a node runs in a dets table saved every 500 ms: a quorum queue
+# declared less than that before *every* node dies (kill -9) may come back without a quorum
+# (seen: a cabinet's subscription queue, declared at its first connect, never elected a leader
+# again). ``sync()`` saves it now on every node, so a test's whole-cluster kill tests our side.
+SYNC_RAFT_DIRECTORY = (
+    "[dets:sync(T) || S <- [quorum_queues, coordination],"
+    " #{names := #{directory_rev := T}} <- [ra_system:fetch(S)]]."
+)
 
 
 @dataclass
@@ -46,6 +62,7 @@ class RabbitNode:
     mqtt_port: int
     dist_port: int
     proc: subprocess.Popen[bytes] | None = None
+    log_mark: int = 0  # size of the log when this VM was started: what it wrote comes after
 
     @property
     def running(self) -> bool:
@@ -63,7 +80,7 @@ class RabbitNode:
 class RabbitCluster:
     """``with RabbitCluster(dir) as cluster:`` — N clustered nodes, MQTT on each."""
 
-    def __init__(self, dir: Path, nodes: int = 3) -> None:
+    def __init__(self, dir: Path, nodes: int = 3, *, extra_conf: str = "") -> None:
         if not SERVER.exists():
             raise RuntimeError(
                 f"{SERVER} is missing: install Debian's rabbitmq-server "
@@ -71,6 +88,7 @@ class RabbitCluster:
             )
         self.dir = dir
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.extra_conf = extra_conf  # more rabbitmq.conf lines, for every node
         tag = secrets.token_hex(3)
         self.cookie = secrets.token_hex(16)
         self.home = dir / "home"
@@ -114,16 +132,56 @@ class RabbitCluster:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """epmd, then every node at once; returns when all run as one cluster."""
-        self._start_epmd()
-        self.start_all()
+        """epmd, then the nodes one after the other; returns when all run as one cluster whose
+        MQTT client-id tracker has every node as a member.
 
-    def start_all(self) -> None:
+        One after the other, not at once: each node's MQTT plugin (3.10) joins the tracker's
+        Raft cluster by asking its leader to add it, and a leader refuses a second membership
+        change while one is in progress (``cluster_change_not_permitted``, which the plugin
+        logs and ignores). A node started together with another was often left outside the
+        tracker for good: every MQTT connection through it timed out ("client ID registration
+        timed out"), and with one of the two real members killed the tracker lost its quorum,
+        so no node accepted MQTT connections any more.
+        """
+        self._start_epmd()
+        for node in self.nodes:
+            self._spawn(node)
+            self._wait_booted(node)
+        self.wait_clustered()
+        self.check_tracker()
+
+    def sync(self) -> None:
+        """Save every running node's Raft directory to disk now (``SYNC_RAFT_DIRECTORY``)."""
+        running = [n for n in self.nodes if n.running]
+        with ThreadPoolExecutor(len(running) or 1) as pool:
+            outs = list(
+                pool.map(lambda n: self.ctl("eval", SYNC_RAFT_DIRECTORY, node=n.index), running)
+            )
+        bad = [o for o in outs if o.strip() != "[ok,ok]"]
+        if bad:
+            raise RuntimeError(f"Raft directory not synced: {bad}")
+
+    def check_tracker(self) -> None:
+        """Raise unless every node is a member of the MQTT client-id tracker (``mqtt_node``)."""
+        out = self.ctl("eval", "ra:members(mqtt_node:server_id()).")
+        missing = [n.name for n in self.nodes if f"'{n.name}'" not in out]
+        if missing:
+            raise RuntimeError(f"not members of the MQTT client-id tracker: {missing}: {out}")
+
+    def start_all(self, *, restart_tracker: bool = True) -> None:
+        """Every node that is down; returns when all run as one cluster, MQTT served.
+
+        ``restart_tracker=False`` leaves the MQTT plugin to itself (a whole-cluster restart
+        then takes some 100 s more, see ``RESTART_TRACKER``)."""
+        restarting = [n for n in self.nodes if restart_tracker and not n.running and _has_data(n)]
         for node in self.nodes:
             if not node.running:
                 self._spawn(node)
-        with ThreadPoolExecutor(len(self.nodes)) as pool:
+        with ThreadPoolExecutor(2 * len(self.nodes)) as pool:
+            trackers = [pool.submit(self._restart_tracker, n) for n in restarting]
             list(pool.map(self._wait_booted, self.nodes))
+            for t in trackers:
+                t.result()
         self.wait_clustered()
 
     def start_node(self, i: int) -> None:
@@ -263,7 +321,10 @@ class RabbitCluster:
             "log.console = false\n"
             "log.file.level = info\n"
             "cluster_formation.peer_discovery_backend = classic_config\n"
+            # The first node starts alone (start()): no point in waiting 5 s for peers.
+            "cluster_formation.discovery_retry_limit = 2\n"
             f"{peers}\n"
+            f"{self.extra_conf}"
         )
         (node.dir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
         (node.dir / "rabbitmq-env.conf").write_text("")
@@ -289,6 +350,10 @@ class RabbitCluster:
         }
 
     def _spawn(self, node: RabbitNode) -> None:
+        try:
+            node.log_mark = node.log_file.stat().st_size
+        except OSError:
+            node.log_mark = 0
         out = (node.dir / "stdout.log").open("ab")
         try:
             node.proc = subprocess.Popen(
@@ -304,6 +369,22 @@ class RabbitCluster:
         finally:
             out.close()
 
+    def _restart_tracker(self, node: RabbitNode) -> None:
+        """``RESTART_TRACKER`` on ``node`` once its Raft system runs (bounded; best effort:
+        without it the cluster still comes up, ~100 s later)."""
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        while time.monotonic() < deadline and node.running:
+            if _wait_port(node.mqtt_port, 0.1):
+                return  # the plugin got there first
+            if "ra system 'coordination' running" in _read(node.log_file, node.log_mark):
+                try:
+                    out = self.ctl("eval", RESTART_TRACKER, node=node.index, timeout_s=30)
+                except (RuntimeError, subprocess.TimeoutExpired):
+                    out = ""  # the node is not up for the CLI yet
+                if "system_not_started" not in out and out.strip():
+                    return  # ok, or already started, or no member here: nothing to restart
+            time.sleep(0.5)
+
     def _wait_booted(self, node: RabbitNode) -> None:
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -315,6 +396,19 @@ class RabbitCluster:
                 return
             time.sleep(0.2)
         raise RuntimeError(f"{node.name} did not boot:\n{self.log_tail(node.index)}")
+
+
+def _has_data(node: RabbitNode) -> bool:
+    return any((node.dir / "mnesia").glob("*/coordination"))
+
+
+def _read(path: Path, offset: int = 0) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _wait_port(port: int, timeout_s: float) -> bool:
