@@ -476,6 +476,8 @@ def _broker(app: ControlledAgent) -> dict[str, Any] | None:
         "published": st.published,
         "acked": st.acked,
         "reconnects": st.reconnects,
+        # one event at a time, to find one the broker refuses silently (docs/delivery.md §2)
+        "isolating": st.isolating,
         "commands": {
             # not_yet | subscribing | subscribed | refused
             "state": str(st.commands),

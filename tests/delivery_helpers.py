@@ -32,7 +32,9 @@ def backend(dir: Path) -> BackendKeys:
     return generate_backend_keys(dir)
 
 
-def plaintext_for(cabinet: str, seq: int, event_id: uuid.UUID, n: int | None = None) -> bytes:
+def plaintext_for(
+    cabinet: str, seq: int, event_id: uuid.UUID, n: int | None = None, pad: int = 64
+) -> bytes:
     """The event body the tests seal; content is compared at the consumer."""
     return json.dumps(
         {
@@ -41,16 +43,22 @@ def plaintext_for(cabinet: str, seq: int, event_id: uuid.UUID, n: int | None = N
             "seq": seq,
             "event_id": str(event_id),
             "n": seq if n is None else n,
-            "pad": "x" * 64,
+            "pad": "x" * pad,
         },
         separators=(",", ":"),
     ).encode()
 
 
 def sealed_rows(
-    sealer: Sealer, first_seq: int, n: int, *, cabinet: str = CABINET, priority: int = 1
+    sealer: Sealer,
+    first_seq: int,
+    n: int,
+    *,
+    cabinet: str = CABINET,
+    priority: int = 1,
+    pad: int = 64,
 ) -> list[OutboxRow]:
-    """n sealed rows continuing at ``first_seq``."""
+    """n sealed rows continuing at ``first_seq`` (``pad``: filler bytes in each body)."""
     rows = []
     now = datetime.now(UTC)
     for seq in range(first_seq, first_seq + n):
@@ -63,7 +71,7 @@ def sealed_rows(
                 priority=priority,
                 kind="test.event",
                 created_at=now,
-                envelope=sealer.seal(header, plaintext_for(cabinet, seq, eid)),
+                envelope=sealer.seal(header, plaintext_for(cabinet, seq, eid, pad=pad)),
             )
         )
     return rows

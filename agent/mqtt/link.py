@@ -55,6 +55,8 @@ class PublisherStats:
     in_flight: int = 0
     peak_in_flight: int = 0
     window: int = 0  # effective in-flight window (config, capped by the broker's Receive Maximum)
+    # Sending one event at a time to find one the broker refuses silently (isolate.py).
+    isolating: bool = False
     last_publish_latency_s: float | None = None
     backlog_mark: int = 0  # rows with seq <= this were waiting when we connected
     commands_accepted: int = 0

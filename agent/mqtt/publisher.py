@@ -4,7 +4,10 @@ Contract (docs/delivery.md): at-least-once. A row leaves the outbox only once th
 acknowledged it with a success reason code; a refusal (reason >= 0x80) is recorded with
 ``mark_failed`` (dead-lettered by the store after N tries, with an alert). At most
 ``inflight_window`` publishes are unacknowledged. After a (re)connect, rows appended since the
-connect ("live") go first; the older backlog is replayed through a token bucket.
+connect ("live") go first; the older backlog is replayed through a token bucket. An event the
+broker refuses without a reason code (it ends the connection, or never confirms the event) is
+found by sending one event at a time (``agent/mqtt/isolate.py``) and dead-lettered like a
+refusal.
 
 One connection is one session of ``drivers.supervisor`` (reconnects, backoff by how the last
 one ended, the watchdog's progress); ``agent/mqtt/link.py`` keeps the link's outages and
@@ -28,6 +31,7 @@ from typing import Any, Protocol
 from agent import __version__
 from agent.mqtt.commands import Commands, DocumentSink
 from agent.mqtt.config import MqttConfig
+from agent.mqtt.isolate import Isolation
 from agent.mqtt.link import HEALTHY_SESSION_S, STABLE_MIN_S, LinkWatch, PublisherStats
 from agent.mqtt.session import (
     FAILURE_THRESHOLD,
@@ -91,6 +95,11 @@ class TokenBucket:
         return (1.0 - self._tokens) / self.rate
 
 
+# How a connection ended when the broker's side ended it: it closed the socket or sent a
+# DISCONNECT, the link broke, or a publish was never confirmed (agent/mqtt/isolate.py).
+BROKER_ENDS = frozenset({EndKind.NO_ACK, EndKind.CLOSED, EndKind.LINK, EndKind.BROKER})
+
+
 class _SessionEnded(Exception):
     """Control flow inside run(); never escapes."""
 
@@ -133,6 +142,9 @@ class Publisher:
         # seq -> (PUBACK future, monotonic send time); the future identifies the attempt.
         self._inflight: dict[int, tuple[asyncio.Future[int], float]] = {}
         self._uncommitted: set[int] = set()  # PUBACKed, delete not yet committed
+        self._lost: set[int] = set()  # rows whose publish died with this connection
+        self._isolation = Isolation()
+        self._rewind = False  # a struck event counted: read the backlog from the start again
         self._to_ack: list[int] = []
         self._to_fail: list[tuple[int, str]] = []
         self._ack_ready = asyncio.Event()
@@ -249,14 +261,19 @@ class Publisher:
         self._alive.beat()
         self._link.connected()
         acked_before = self.stats.acked
+        self._lost = set()
         try:
             await self._serve(session, connack.receive_maximum)
         finally:
             self.stats.connected = False
             self.stats.connected_since = None
+            lost = self._lost | set(self._inflight)
             self._inflight.clear()
             self.stats.in_flight = 0
             reason = session.closed.result() if session.closed.done() else "stopping"
+            if not self._stopping.is_set():
+                self._isolation.session_ended(lost, session.end_kind in BROKER_ENDS, reason)
+                self.stats.isolating = self._isolation.active
             if self._stopping.is_set():
                 await self._say_goodbye(session)
             session.abort(reason)
@@ -389,6 +406,18 @@ class Publisher:
             while True:
                 self._alive.beat()
                 await self._wait_for_slot(session)
+                if self._rewind and not live:
+                    # The event just struck is older than the cursor: probe it again next,
+                    # not after the rest of the backlog (one at a time, that can be long).
+                    self._rewind = False
+                    if prefetch is not None:
+                        prefetch.cancel()
+                        await asyncio.wait([prefetch])
+                        prefetch = None
+                    backlog.clear()
+                    backlog_cursor = None
+                    backlog_done = False
+                    mark = max(mark, live_cursor)
                 now = time.monotonic()
                 if not live and (
                     self._wake.is_set() or now - last_live_check >= self._cfg.poll_interval_s
@@ -428,7 +457,9 @@ class Publisher:
                     continue
                 # Caught up. Re-scan from the start now and then: a row refused earlier in this
                 # session, or one below the cursors (a restored database), must not be stranded.
-                await self._sleep_or_wake(self._cfg.poll_interval_s)
+                # Rows set aside by the isolation go again once nothing else is left.
+                if self._inflight or not self._isolation.nothing_else_to_send():
+                    await self._sleep_or_wake(self._cfg.poll_interval_s)
                 if self._rescan_due():
                     backlog_cursor = None
                     backlog_done = False
@@ -442,7 +473,12 @@ class Publisher:
         return not self._inflight
 
     def _busy(self) -> set[int]:
-        return set(self._inflight) | self._uncommitted | {s for s, _ in self._to_fail}
+        return (
+            set(self._inflight)
+            | self._uncommitted
+            | {s for s, _ in self._to_fail}
+            | set(self._isolation.set_aside)
+        )
 
     async def _wait_for_slot(self, session: MqttSession) -> None:
         while True:
@@ -452,7 +488,8 @@ class Publisher:
             if pause > 0:
                 await self._sleep_unless_stopping(pause)
                 continue
-            if len(self._inflight) < self._window and len(self._uncommitted) < MAX_UNCOMMITTED_ACKS:
+            window = self._isolation.window(self._window)
+            if len(self._inflight) < window and len(self._uncommitted) < MAX_UNCOMMITTED_ACKS:
                 return
             self._progress.clear()
             # Bounded: a connection whose PUBACKs stop is aborted by the session (ack timeout).
@@ -478,6 +515,8 @@ class Publisher:
         self.stats.in_flight = len(self._inflight)
         self._progress.set()
         if fut.cancelled() or fut.exception() is not None:
+            if sent is not None:
+                self._lost.add(seq)
             return  # connection lost: the row stays in the outbox and is sent again
         reason = fut.result()
         self._link.acknowledged()
@@ -500,6 +539,13 @@ class Publisher:
             self._alive.beat()
             self._uncommitted.add(seq)
             self._to_ack.append(seq)
+            for struck, why in self._isolation.confirmed(seq):
+                # Refused alone while another event went through: a failure, as a v5
+                # PUBACK refusal is (dead-lettered after [store] dead_letter_after).
+                self.stats.failed += 1
+                logger.warning("broker refused event seq %d: %s", struck, why)
+                self._to_fail.append((struck, why))
+            self.stats.isolating = self._isolation.active
         self._ack_ready.set()
 
     # ------------------------------------------------------------------ ack writer
@@ -537,6 +583,10 @@ class Publisher:
                 if dead:
                     self.stats.dead_lettered += 1
                     logger.error("event seq %d dead-lettered: %s", seq, reason)
+                    self._isolation.dead_lettered(seq)
+                    self.stats.isolating = self._isolation.active
+                elif self._isolation.active:
+                    self._rewind = True
 
     async def _final_flush(self) -> None:
         """Commit what the broker already acknowledged, so a restart re-sends less (bounded)."""
