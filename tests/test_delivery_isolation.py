@@ -7,6 +7,7 @@ cut twice).
 
 from __future__ import annotations
 
+from agent.cli.control_cmd import broker_line
 from agent.mqtt.isolate import CLEAR_AFTER, Isolation
 
 
@@ -92,3 +93,10 @@ def test_the_isolation_ends_after_many_clean_confirmations_anyway() -> None:
     assert iso.active
     iso.confirmed(1000)
     assert not iso.active
+
+
+def test_status_says_the_publisher_isolates() -> None:
+    broker = {"state": "connected", "acked": 7, "reconnects": 3, "isolating": True}
+    line = broker_line(broker, {"depth": 4})
+    assert line.startswith("connected, 7 acked, 3 reconnects, 4 event(s) waiting; ISOLATING")
+    assert "ISOLATING" not in broker_line({**broker, "isolating": False}, {"depth": 4})

@@ -289,7 +289,13 @@ def broker_line(broker: dict[str, Any], outbox: dict[str, Any] | None) -> str:
     state = broker.get("state") or ("connected" if broker.get("connected") else "connecting")
     why = f" — {broker['last_error']}" if broker.get("last_error") else ""
     if state == "connected":
-        return f"connected, {broker['acked']} acked, {broker['reconnects']} reconnects{waiting}"
+        line = f"connected, {broker['acked']} acked, {broker['reconnects']} reconnects{waiting}"
+        if broker.get("isolating"):
+            line += (
+                "; ISOLATING: one event at a time, the broker keeps refusing one without saying "
+                "which (see the log)"
+            )
+        return line
     if state == "not_acknowledging":
         since = broker.get("not_acknowledging_since") or "?"
         span = _span_of(broker.get("not_acknowledging_for_s"))
