@@ -179,10 +179,13 @@ class AmqpRecordingConsumer:
         outcome = record_with_retry(self._recorder, topic, bytes(body), self._stop, self.stats)
         if outcome is None:
             return  # stopping before it was recorded: unacknowledged, the queue keeps it
-        channel.basic_ack(method.delivery_tag)
+        # Committed: counted (and reported) now. The ack may fail with the connection (a node
+        # killed); the queue then hands the message to another consumer, which finds it
+        # recorded: a duplicate there, so every event is counted recorded exactly once.
         self.stats.count(outcome)
         if self._on_outcome is not None:
             self._on_outcome(outcome)
+        channel.basic_ack(method.delivery_tag)
 
 
 def _where(params: Any) -> str:

@@ -558,3 +558,43 @@ def test_a_consumer_restarted_between_anchors_still_reports_a_changed_chain(
 
 def _message(m: Message) -> tuple[str, bytes]:
     return m.topic, m.payload
+
+
+def test_an_amqp_ack_lost_with_its_node_still_counts_the_committed_event_once(
+    tmp_path: Path, keys: BackendKeys
+) -> None:
+    """A node killed between a consumer's commit and its ack: the event is in the record and
+    counted recorded by that consumer; the queue redelivers it to another, which finds it a
+    duplicate (the fleet test sums both consumers' counts)."""
+    from pika.exceptions import StreamLostError
+
+    from backend.amqp import AmqpRecordingConsumer
+
+    class LostChannel:
+        def basic_ack(self, delivery_tag: int) -> None:
+            raise StreamLostError("Stream connection lost: ConnectionResetError(104)")
+
+    class Method:
+        routing_key = f"cabinets.v1.{SITE}.crib-07.events"
+        delivery_tag = 1
+
+    stream = CabinetStream(keys, "crib-07")
+    msg = stream.next(ReaderOnline, reader_id="dock-1", connection=1)
+    db, other_db = open_record(db=tmp_path / "r.db"), open_record(db=tmp_path / "r.db")
+    try:
+        stop = threading.Event()
+        first = AmqpRecordingConsumer(["amqp://x"], "q", "#", _recorder(db, keys, "a"), stop=stop)
+        second = AmqpRecordingConsumer(
+            ["amqp://x"], "q", "#", _recorder(other_db, keys, "b"), stop=stop
+        )
+        with pytest.raises(StreamLostError):
+            first._on_message(LostChannel(), Method(), None, msg.payload)
+        assert (first.stats.received, first.stats.recorded) == (1, 1)
+        acked: list[int] = []
+        channel = type("Channel", (), {"basic_ack": lambda self, tag: acked.append(tag)})()
+        second._on_message(channel, Method(), None, msg.payload)
+        assert (second.stats.recorded, second.stats.duplicates, acked) == (0, 1, [1])
+        assert db.query("SELECT count(*) FROM events")[1][0][0] == 1
+    finally:
+        db.close()
+        other_db.close()
