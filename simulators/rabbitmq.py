@@ -374,28 +374,39 @@ class RabbitCluster:
         without it the cluster still comes up, ~100 s later)."""
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         while time.monotonic() < deadline and node.running:
-            if _wait_port(node.mqtt_port, 0.1):
+            if "started MQTT TCP listener" in _read(node.log_file, node.log_mark):
                 return  # the plugin got there first
             if "ra system 'coordination' running" in _read(node.log_file, node.log_mark):
                 try:
                     out = self.ctl("eval", RESTART_TRACKER, node=node.index, timeout_s=30)
-                except (RuntimeError, subprocess.TimeoutExpired):
-                    out = ""  # the node is not up for the CLI yet
-                if "system_not_started" not in out and out.strip():
-                    return  # ok, or already started, or no member here: nothing to restart
-            time.sleep(0.5)
+                except (RuntimeError, subprocess.TimeoutExpired) as err:
+                    out = f"({err})"  # the node is not up for the CLI yet
+                with (node.dir / "tracker.log").open("a") as log:
+                    log.write(f"{time.strftime('%H:%M:%S')} {out.strip()}\n")
+                if out.strip() == "ok" or "already_started" in out:
+                    return
+                # Not yet: the Raft system still loading its members (name_not_registered,
+                # system_not_started), or the CLI not in. A node with no member at all gets
+                # there by the plugin (its listener starts), or the deadline passes.
+            time.sleep(1.0)
 
     def _wait_booted(self, node: RabbitNode) -> None:
+        """Until the node says it has started (its listeners are up): an open port alone may
+        be another process's (a node that could not bind it dies soon after)."""
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         while time.monotonic() < deadline:
             if node.proc is None or node.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{node.name} exited while booting:\n{self.log_tail(node.index)}"
-                )
-            if _wait_port(node.mqtt_port, 0.5) and _wait_port(node.amqp_port, 0.5):
-                return
+                raise RuntimeError(f"{node.name} exited while booting:\n{self._why(node)}")
+            if "Server startup complete" in _read(node.log_file, node.log_mark):
+                if _wait_port(node.mqtt_port, 5.0) and _wait_port(node.amqp_port, 5.0):
+                    return
+                raise RuntimeError(f"{node.name} started without its listeners:\n{self._why(node)}")
             time.sleep(0.2)
-        raise RuntimeError(f"{node.name} did not boot:\n{self.log_tail(node.index)}")
+        raise RuntimeError(f"{node.name} did not boot:\n{self._why(node)}")
+
+    def _why(self, node: RabbitNode) -> str:
+        stdout = _read(node.dir / "stdout.log")[-2000:]
+        return f"{self.log_tail(node.index)}\n-- stdout --\n{stdout}"
 
 
 def _has_data(node: RabbitNode) -> bool:
