@@ -394,3 +394,26 @@ def test_an_erased_supervisor_leaves_the_technician_session_as_erased() -> None:
         "item.removed 000 erased",
         "technician.closed scanned complete +0 -1 erased",
     ]
+
+
+def test_a_door_held_open_by_a_technician_alerts_on_its_own_longer_limit() -> None:
+    """Maintenance is not timed like a check-out, but a cabinet a technician walked away from
+    is not left open unnoticed: door.left_open every technician_left_open_s."""
+    c = Cabinet(tags=stock("top"))
+    c._apply(c.engine.open_technician(TECH, "swap drawer 2", c.now))
+    c.advance(1.0)
+    c.open()
+    mark = len(c.events)
+    c.advance(c.engine.config.left_open_s * 3)  # a user's limit, thrice: still working
+    assert [e.type for e in c.events[mark:]] == []
+    c.advance(c.engine.config.technician_left_open_s)
+    alerts = [e for e in c.events[mark:] if isinstance(e, ev.DoorLeftOpen)]
+    assert [a.alert for a in alerts] == [1]
+    assert alerts[0].open_s >= c.engine.config.technician_left_open_s
+    assert alerts[0].night is False
+    assert alerts[0].technician == TECH
+    c.advance(c.engine.config.technician_left_open_s)
+    assert [e.alert for e in c.events[mark:] if isinstance(e, ev.DoorLeftOpen)] == [1, 2]
+    c.close()
+    c.settle()
+    assert c.events[-1].type == "technician.closed"

@@ -114,6 +114,13 @@ class CabinetDomainConfig(StrictModel):
         description="a technician session keeps the lock released this long for the door to "
         "be opened (from the terminal to the cabinet); not opened by then: ended, relocked",
     )
+    technician_left_open_s: float = Field(
+        1800.0,
+        ge=0,
+        le=86_400,
+        description="door.left_open during a technician session: every this many seconds the "
+        "door stays open (maintenance takes longer than a check-out; 0: off)",
+    )
 
     night_left_open_s: float = Field(
         0.0,

@@ -754,9 +754,15 @@ class CabinetEngine:
         session = self._session
         assert session is not None
         if self._tech is not None:
-            return  # maintenance keeps the door open; the technician session is audited
-        night = self._night(now)
-        period = self.config.night_left_open_s if night else self.config.left_open_s
+            # Maintenance keeps the door open longer than a check-out, but a technician who
+            # walks away from an open cabinet must still be noticed: a limit of its own.
+            night = False
+            period = self.config.technician_left_open_s
+            if period <= 0:
+                return
+        else:
+            night = self._night(now)
+            period = self.config.night_left_open_s if night else self.config.left_open_s
         open_s = now.mono - session.door_opened_mono
         # The next alert is one period (the one in force now: night hours are stricter) after
         # the previous one fell due; all day long that is every left_open_s of the opening.
@@ -773,6 +779,7 @@ class CabinetEngine:
                     session_id=session.session_id,
                     door_id=self.config.door_id,
                     actors=list(session.actors),
+                    technician=self._tech.who if self._tech is not None else None,
                     open_s=round(open_s, 3),
                     alert=session.left_open_alerts,
                     night=night,

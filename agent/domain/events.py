@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal, TypeAlias
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -67,6 +67,16 @@ AssetId = Annotated[str, Field(min_length=1, max_length=128)]
 Detail = Annotated[str, Field(max_length=200, description="short human reason, no personal data")]
 Actors = Annotated[list[Actor], Field(min_length=1, description="every holder of the session")]
 
+# "erased": the supervisor was erased on the backend's request while their session was open.
+TECHNICIAN_PATTERN = rf"^(?:uid:[0-9]{{1,10}}|{ERASED_ACTOR}|{PSEUDONYM_BODY})$"
+TechnicianId = Annotated[
+    str,
+    Field(
+        pattern=TECHNICIAN_PATTERN,
+        description="'uid:<n>': the controller's local account that opened it with cabinetctl; "
+        "or the supervisor's badge pseudonym ('erased' once the backend erased them)",
+    ),
+]
 DenyReason = Literal["unknown badge", "role", "allow-list expired", "no allow-list", "locked out"]
 ScanPurpose = Literal["session", "background"]
 
@@ -213,7 +223,13 @@ class DoorLeftOpen(EventBase):
     type: Literal["door.left_open"] = "door.left_open"
     session_id: UUID
     door_id: Name
-    actors: Actors
+    actors: list[Actor] = Field(
+        description="every holder of the session; in a technician session, whoever badged "
+        "into it (possibly nobody: `technician` holds the door then)"
+    )
+    technician: TechnicianId | None = Field(
+        None, description="set when the door is held open in a technician session"
+    )
     open_s: float = Field(ge=0)
     alert: int = Field(ge=1, description="1 for the first alert of this opening, then 2, 3, …")
     night: bool = Field(
@@ -221,6 +237,12 @@ class DoorLeftOpen(EventBase):
         description="the night period was in force ([domain] night_left_open_s during the "
         "night hours, the site's local time)",
     )
+
+    @model_validator(mode="after")
+    def _someone_holds_the_door(self) -> DoorLeftOpen:
+        if not self.actors and self.technician is None:
+            raise ValueError("actors: at least one, outside a technician session")
+        return self
 
 
 class ItemUnknown(EventBase):
@@ -452,16 +474,6 @@ class AuditAnchor(EventBase):
 # kernel from the control socket, SO_PEERCRED) or a supervisor's badge pseudonym. A uid is kept
 # as a local uid, not pseudonymized (docs/privacy.md §10): it names an account of this
 # controller, and only the controller's account database links it to a person.
-# "erased": the supervisor was erased on the backend's request while their session was open.
-TECHNICIAN_PATTERN = rf"^(?:uid:[0-9]{{1,10}}|{ERASED_ACTOR}|{PSEUDONYM_BODY})$"
-TechnicianId = Annotated[
-    str,
-    Field(
-        pattern=TECHNICIAN_PATTERN,
-        description="'uid:<n>': the controller's local account that opened it with cabinetctl; "
-        "or the supervisor's badge pseudonym ('erased' once the backend erased them)",
-    ),
-]
 TechnicianVia = Literal["cli", "badge"]
 Reason = Annotated[
     str,
