@@ -63,6 +63,13 @@ async def test_events_arrive_exactly_with_content(
 async def test_broker_killed_and_restarted_mid_stream(
     tmp_path: Path, mosquitto: Mosquitto, keys: BackendKeys, protocol: str
 ) -> None:
+    # What mosquitto holds for a subscriber beyond its in-flight window lives in its memory until
+    # the subscriber acknowledges earlier messages: a collector slowed by a loaded machine then
+    # leaves acknowledged events in the broker's queue, and a kill -9 loses them (broker
+    # durability, not ours; CI saw it once). Unlimited in flight puts each on the socket at once.
+    mosquitto.stop()
+    mosquitto.extra_conf += "max_inflight_messages 0\n"  # later lines win over the defaults
+    mosquitto.start()
     # Persistent consumer session: the broker keeps its subscription and queue across restarts.
     collector = Collector(mosquitto.port, keys, client_id="backend-1", session_expiry_s=3600)
     collector.start()

@@ -154,7 +154,7 @@ def test_driver_fulfils_the_protocol_and_is_registered() -> None:
     assert isinstance(driver, MercuryReader)
     assert isinstance(driver, ReaderDriver)
     assert driver.reader_id == "m1"
-    assert driver.health.state == ReaderState.STOPPED
+    assert driver.health.state == ReaderState.OFFLINE  # not started: like LLRP
 
 
 @pytest.mark.parametrize("transport", ["pty", "tcp"])
