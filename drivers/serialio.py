@@ -3,9 +3,11 @@
 ``/dev/ttyUSB0?baud=115200`` opens a local port; any pyserial URL (``socket://host:port``,
 ``rfc2217://…``, ``loop://``) works too, which is how simulators stand in for hardware.
 
-pyserial is blocking. One reader thread per open port does short blocking reads and hands
-bytes to the loop with ``call_soon_threadsafe``; writes go through ``asyncio.to_thread``.
-This works for every URL scheme alike (not all of them expose a pollable fd).
+pyserial is blocking. A port with a pollable fd (a local tty, ``socket://``: the cases a
+cabinet has) is read by the event loop itself: ``add_reader`` on the fd, a non-blocking read
+when it is readable, so an idle port costs no thread and no wake-up. A scheme without an fd
+(``rfc2217://``, ``loop://``) gets one reader thread doing short blocking reads instead. Writes
+go through ``asyncio.to_thread`` either way.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from drivers.errors import PermanentError, TransientError
 logger = logging.getLogger(__name__)
 
 _READ_CHUNK = 4096
-_POLL_S = 0.05
+_POLL_S = 0.05  # the thread reader's read timeout (ports without an fd only)
+_MAX_CHUNKS = 256
 _CLOSE_S = 2.0
 
 
@@ -66,10 +69,20 @@ class SerialConnection:
         self._port = port
         self._name = name
         self._loop = asyncio.get_running_loop()
-        self._chunks: asyncio.Queue[bytes | BaseException] = asyncio.Queue(maxsize=256)
+        self._chunks: asyncio.Queue[bytes | BaseException] = asyncio.Queue(maxsize=_MAX_CHUNKS)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pump, name=f"serial-rx:{name}", daemon=True)
-        self._thread.start()
+        self._fd = _pollable_fd(port)
+        self._thread: threading.Thread | None = None
+        self._reading = False
+        if self._fd is not None:
+            # Reads never block now: they take what the kernel holds, when the loop says so.
+            port.timeout = 0
+            self._resume()
+        else:
+            self._thread = threading.Thread(
+                target=self._pump, name=f"serial-rx:{name}", daemon=True
+            )
+            self._thread.start()
 
     @classmethod
     async def open(cls, target: SerialTarget, timeout_s: float = 5.0) -> SerialConnection:
@@ -88,6 +101,43 @@ class SerialConnection:
         except (serial.SerialException, OSError, ValueError) as err:
             raise TransientError(f"cannot open {target.url}: {err}") from None
         return cls(port, target.url)
+
+    async def read(self) -> bytes:
+        """The next chunk of bytes. Raises TransientError when the device goes away."""
+        item = await self._chunks.get()
+        self._resume()
+        if isinstance(item, BaseException):
+            raise TransientError(f"{self._name}: device lost: {item}") from None
+        return item
+
+    # -- the loop reader (ports with an fd) ----------------------------------------------------
+
+    def _resume(self) -> None:
+        if self._fd is not None and not self._reading and not self._stop.is_set():
+            self._loop.add_reader(self._fd, self._readable)
+            self._reading = True
+
+    def _pause(self) -> None:
+        if self._fd is not None and self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def _readable(self) -> None:
+        """The fd is readable: take what is there (never blocks: the port's timeout is 0)."""
+        try:
+            data = self._port.read(_READ_CHUNK)
+        except (serial.SerialException, OSError, TypeError, AttributeError) as err:
+            # A vanished device reads as "ready, but no data" (pyserial raises): the end.
+            self._stop.set()
+            self._pause()
+            self._chunks.put_nowait(err)  # there is room: reading pauses one chunk early
+            return
+        if data:
+            self._chunks.put_nowait(bytes(data))
+            if self._chunks.qsize() >= _MAX_CHUNKS - 1:
+                self._pause()  # the consumer is behind: the kernel buffers (backpressure)
+
+    # -- the thread reader (ports without an fd) -----------------------------------------------
 
     def _hand_over(self, item: bytes | BaseException) -> bool:
         """Queue ``item`` on the loop, blocking this thread while the queue is full."""
@@ -118,12 +168,7 @@ class SerialConnection:
             if data and not self._hand_over(bytes(data)):
                 return
 
-    async def read(self) -> bytes:
-        """The next chunk of bytes. Raises TransientError when the device goes away."""
-        item = await self._chunks.get()
-        if isinstance(item, BaseException):
-            raise TransientError(f"{self._name}: device lost: {item}") from None
-        return item
+    # -- both ----------------------------------------------------------------------------------
 
     async def write(self, data: bytes) -> None:
         try:
@@ -132,14 +177,16 @@ class SerialConnection:
             raise TransientError(f"{self._name}: write failed: {err}") from None
 
     async def close(self) -> None:
-        """Stop the reader thread and close the port (bounded); safe to call twice.
+        """Stop reading and close the port (bounded); safe to call twice.
 
         ``close()`` blocks (pyserial's socket:// handler sleeps 0.3 s in it): never on the loop.
         It runs in its own daemon thread, awaited at most ``_CLOSE_S``, so a close that hangs
         can neither stall the loop nor keep the process alive at exit.
         """
         self._stop.set()
-        await asyncio.to_thread(self._thread.join, _CLOSE_S)
+        self._pause()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, _CLOSE_S)
         closer = threading.Thread(
             target=self._close_port, name=f"serial-close:{self._name}", daemon=True
         )
@@ -151,3 +198,12 @@ class SerialConnection:
     def _close_port(self) -> None:
         with contextlib.suppress(serial.SerialException, OSError):
             self._port.close()
+
+
+def _pollable_fd(port: serial.SerialBase) -> int | None:
+    """The fd the loop can watch for ``port`` (a local tty, a ``socket://`` URL), else None."""
+    try:
+        fd = port.fileno()
+    except (AttributeError, NotImplementedError, OSError, serial.SerialException):
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
