@@ -185,6 +185,7 @@ class Daemon:
                 # Thresholds are read from engine.config when used; the rest (antenna map,
                 # lock-out counters) was derived at start and needs a restart.
                 self.app.engine.config = new.domain
+                self.app.runner.nudge()  # its timers may have moved: the engine loop re-arms
                 applied.append("domain " + ", ".join(domain_changes))
                 live = {"logging": new.logging, "domain": new.domain}
             else:

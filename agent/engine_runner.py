@@ -84,6 +84,13 @@ class StopEngine(enum.Enum):
 STOP_ENGINE: Final = StopEngine.STOP
 
 
+class Nudge(enum.Enum):
+    TIMERS = "timers-changed"  # the engine's timers changed from outside (a reload): re-arm
+
+
+NUDGE: Final = Nudge.TIMERS
+
+
 @dataclass
 class RecentEvent:
     """Metadata of a committed event (never its contents): for the CLI and status."""
@@ -141,6 +148,7 @@ EngineInput = (
     | EngineCall
     | EraseRequest
     | StopEngine
+    | Nudge
 )
 
 
@@ -239,6 +247,7 @@ class EngineRunner:
         self.on_committed: list[Callable[[Sequence[ev.Event]], None]] = []
         self._lock_pending = False
         self._committing = False
+        self._parked = False  # the engine loop waits for an input
         # The engine's writes in submission order, followed by run_commits until durable;
         # bounded by the store's max_pending_writes (a write is refused beyond it).
         self._commits: asyncio.Queue[_Commit] = asyncio.Queue()
@@ -321,10 +330,14 @@ class EngineRunner:
         while True:
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a racing cancel.
-                async with asyncio.timeout(TICK_S):
+                # Asleep until an input or the engine's next timer: nothing polls while idle.
+                async with asyncio.timeout(self._wait_s(engine)):
+                    self._parked = True
                     item = await queue.get()
             except TimeoutError:
                 item = None
+            finally:
+                self._parked = False
             now = self.clock.reading()
             self.engine_progress = time.monotonic()
             if item is None or now.mono - last_tick >= TICK_S:
@@ -337,6 +350,8 @@ class EngineRunner:
             match item:
                 case StopEngine.STOP:
                     return
+                case Nudge.TIMERS:
+                    continue  # ticked above if due; the wait is re-armed from the new timers
                 case tuple():
                     out = engine.on_tags(item, now)
                 case ReaderHealth():
@@ -397,10 +412,27 @@ class EngineRunner:
             await self._commits.join()
         return changed
 
+    def nudge(self) -> None:
+        """The engine's timers changed from outside (its config was reloaded): the engine
+        loop, perhaps asleep until an input, re-arms its wait."""
+        with contextlib.suppress(asyncio.QueueFull):  # a full queue: the loop is awake anyway
+            self.inputs.queue.put_nowait(NUDGE)
+
+    def _wait_s(self, engine: CabinetEngine) -> float | None:
+        """How long the engine loop may wait for an input: until the engine's next timer (at
+        least TICK_S, the timers' granularity; TICK_S while a scan pass runs), or for ever."""
+        deadline = engine.next_deadline()
+        if deadline is None:
+            return None
+        return max(deadline - self.clock.monotonic(), TICK_S)
+
     def engine_alive(self) -> float:
-        """Watchdog probe: when the engine last made progress, or now while it deliberately
-        waits for the store on a full disk (its in-memory hold is full; restarting would lose
-        the held writes)."""
+        """Watchdog probe: when the engine last made progress, or now while it waits for an
+        input with none queued (idle: nothing to do is not being stuck), or while it
+        deliberately waits for the store on a full disk (its in-memory hold is full;
+        restarting would lose the held writes)."""
+        if self._parked and self.inputs.queue.empty():
+            return time.monotonic()
         store = self.store
         if self._committing and store is not None and store.disk_full:
             return time.monotonic()

@@ -13,6 +13,7 @@ def _runner(*, committing: bool, disk_full: bool, progress: float) -> EngineRunn
     runner = object.__new__(EngineRunner)
     runner.store = SimpleNamespace(disk_full=disk_full)  # type: ignore[assignment]
     runner._committing = committing
+    runner._parked = False
     runner.engine_progress = progress
     return runner
 

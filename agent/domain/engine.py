@@ -228,6 +228,28 @@ class CabinetEngine:
         """Time passed: timers, scan settle, background inventory."""
         return self._end(self._begin(now))
 
+    def next_deadline(self) -> float | None:
+        """Monotonic time by which ``tick()`` must run next, or None while no timer is armed
+        (then only an input can change anything). While a scan pass runs (or a scan phase
+        waits for one) it is the last time seen: a pass is judged on every tick."""
+        if self._pass.running or self.phase in (*_SESSION_SCANS, *_BACKGROUND_SCANS):
+            return self._last.mono
+        due = [self.access.next_deadline(), self._readers.next_deadline()]
+        if self.phase is Phase.UNLOCKED:
+            due.append(self._unlock_deadline)
+        elif self.phase is Phase.OPEN and self._session is not None:
+            period = self.config.left_open_s
+            due.append(
+                self._session.door_opened_mono + (self._session.left_open_alerts + 1) * period
+            )
+        if (
+            self.phase is Phase.IDLE
+            and not self.door_open
+            and (self._verify or self.config.background_period_s > 0)
+        ):
+            due.append(self._bg_next)
+        return min((d for d in due if d is not None), default=None)
+
     def on_alive(self, reader_id: str, heard_mono: float, now: Now) -> EngineOutput:
         """The reader was heard from at monotonic ``heard_mono`` (any frame, keepalives too).
 

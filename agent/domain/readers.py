@@ -106,6 +106,20 @@ class ReaderOutages:
                 w.down_since = None
                 self.changed = True
 
+    def next_deadline(self) -> float | None:
+        """Monotonic time of the next outage debounce or flapping episode end (``timers``)."""
+        cfg = self.config
+        due: list[float] = []
+        for rid, w in self._watch.items():
+            if w.down_since is not None and rid not in self._offline:
+                debounce = cfg.reader_offline_debounce_s
+                if w.flapping_since is not None:
+                    debounce = max(debounce, cfg.reader_flap_window_s)
+                due.append(w.down_since + debounce)
+            if w.flapping_since is not None and w.healthy_since is not None:
+                due.append(w.healthy_since + cfg.reader_flap_window_s)
+        return min(due, default=None)
+
     def timers(self, now: Now, events: list[ev.Event]) -> None:
         """Publish outages that outlasted the debounce; end flapping episodes that calmed down."""
         cfg = self.config
