@@ -1,7 +1,8 @@
 """Prometheus metrics on loopback: what a fleet dashboard needs to see from one cabinet.
 
-prometheus-client provides the exposition format and the HTTP server (one thread plus one short
-thread per scrape); everything lives in our own registry, not the library's global one, so tests
+prometheus-client provides the exposition format and the WSGI app; the standard library's WSGI
+server serves it, its listening socket watched by the event loop (no thread waits for a scrape:
+each accepted scrape gets one short thread); everything lives in our own registry, not the library's global one, so tests
 and reloads never collide. Label values are reader ids, antenna ports, event types and drop
 reasons: bounded sets from config and code, never tag EPCs or badge pseudonyms.
 """
@@ -10,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
-from wsgiref.simple_server import WSGIServer
+import socket
+from socketserver import ThreadingMixIn
+from typing import Any, Literal
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,7 +24,7 @@ from prometheus_client import (
     Histogram,
     Info,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 from pydantic import Field
 
@@ -256,8 +257,7 @@ class MetricsServer:
     def __init__(self, cfg: MetricsConfig, registry: CollectorRegistry) -> None:
         self.cfg = cfg
         self.registry = registry
-        self._httpd: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._httpd: _ScrapeServer | None = None
         self.started = asyncio.Event()  # serve() made its start attempt (bound, off or failed)
 
     @property
@@ -269,39 +269,34 @@ class MetricsServer:
         """Bind and serve; a no-op when disabled. Raises MetricsServerError if the port is taken."""
         if not self.cfg.enabled or self._httpd is not None:
             return
+        family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
+        server = type("_ScrapeServerFamily", (_ScrapeServer,), {"address_family": family})
         try:
-            httpd, thread = start_http_server(self.cfg.port, self.cfg.host, self.registry)
+            httpd: _ScrapeServer = make_server(
+                self.cfg.host,
+                self.cfg.port,
+                make_wsgi_app(self.registry),
+                server_class=server,
+                handler_class=_QuietHandler,
+            )
         except OSError as err:
             raise MetricsServerError(
                 f"metrics endpoint {self.cfg.host}:{self.cfg.port} unavailable: {err.strerror or err}"
             ) from err
-        thread.name = "metrics-http"
-        self._httpd, self._thread = httpd, thread
+        # Accepting never blocks the loop (a client gone before accept() is an OSError the
+        # server ignores); the scrape itself runs on its own short thread (ThreadingMixIn).
+        httpd.socket.setblocking(False)
+        asyncio.get_running_loop().add_reader(httpd.fileno(), httpd.handle_request)
+        self._httpd = httpd
         logger.info("metrics on http://%s:%d/metrics", self.cfg.host, self.port)
 
     async def stop(self) -> None:
-        """Stop serving, close the socket and join the server thread."""
-        httpd, thread = self._httpd, self._thread
-        self._httpd = self._thread = None
-        if httpd is None or thread is None:
+        """Stop accepting and close the socket (a scrape under way finishes on its thread)."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
             return
-        # shutdown() blocks until serve_forever notices (up to its 0.5 s poll): off the loop,
-        # on a private executor that is gone when we return (the default one would linger).
-        # Never joined from the loop (a `with` block would): a stuck thread must not block it.
-        loop = asyncio.get_running_loop()
-        pool = ThreadPoolExecutor(1, thread_name_prefix="metrics-stop")
-        try:
-            async with asyncio.timeout(_STOP_TIMEOUT_S):
-                await loop.run_in_executor(pool, httpd.shutdown)
-            httpd.server_close()
-            async with asyncio.timeout(_STOP_TIMEOUT_S + 1):
-                await loop.run_in_executor(pool, thread.join, _STOP_TIMEOUT_S)
-        except TimeoutError:
-            pass
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-        if thread.is_alive():
-            logger.warning("metrics server thread did not stop")
+        asyncio.get_running_loop().remove_reader(httpd.fileno())
+        httpd.server_close()
 
     async def serve(self, stop_event: asyncio.Event) -> None:
         """Run until ``stop_event`` (for the daemon's TaskGroup); a failed bind is logged, not
@@ -315,3 +310,23 @@ class MetricsServer:
             await stop_event.wait()
         finally:
             await self.stop()
+
+
+class _ScrapeServer(ThreadingMixIn, WSGIServer):
+    """One short daemon thread per scrape; accepted sockets block (the listener does not)."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        sock.setblocking(True)
+        sock.settimeout(_STOP_TIMEOUT_S)  # a client that never sends cannot hold its thread
+        return sock, addr
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr (the agent's log is for the cabinet, not for scrapes)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None

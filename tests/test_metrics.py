@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -124,6 +125,22 @@ async def test_server_binds_loopback_only_and_stops_cleanly() -> None:
     with pytest.raises(OSError):
         await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT_S)
     await server.stop()  # idempotent
+
+
+async def test_an_unscraped_server_keeps_no_thread_waiting() -> None:
+    """The listening socket is watched by the loop: no thread wakes to poll for a scrape, and
+    the one a scrape gets ends with it."""
+    before = set(threading.enumerate())
+    server = MetricsServer(MetricsConfig(port=0), Metrics().registry)
+    await server.start()
+    try:
+        assert set(threading.enumerate()) == before
+        assert server.port is not None
+        status, _, body = await _http_get(server.port)
+        assert status == 200
+        assert "cabinet_agent" in body
+    finally:
+        await server.stop()
 
 
 async def test_disabled_serves_nothing() -> None:
