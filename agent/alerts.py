@@ -106,8 +106,14 @@ class Alerts:
         last_sent: dict[str, float] = {}
         while True:
             alert: StoreAlert | None = None
+            # Asleep until an alert comes or a merged one may go: nothing to send, no timer.
+            due = min(
+                (last_sent.get(kind, float("-inf")) + ALERT_INTERVAL_S for kind in pending),
+                default=None,
+            )
+            wait = None if due is None else max(0.0, due - time.monotonic())
             try:
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(wait):
                     alert = await self._store_alerts.get()
             except TimeoutError:
                 pass
