@@ -522,7 +522,9 @@ async def phase_idle_and_cycles(args: argparse.Namespace, work: Path, res: Resul
                         cab.llrp.add_tag(tag_for(cab.scenario, wrench.epc, "top", wrench))
 
                 n = len(cab.acks)
-                person = "alice" if i % 4 < 2 else "bob"
+                # Alice takes the wrench, Bob brings it back: a card is shown again only
+                # after a whole cycle (the reader drops repeats within repeat_interval_s).
+                person = "alice" if inside else "bob"
                 closed = await cab.door_cycle(agent, person, change)
                 acked = await cab.wait_ack(lambda e: e["type"] == "session.closed", n)
                 event = next(e for _, e in cab.acks[n:] if e["type"] == "session.closed")
@@ -536,6 +538,9 @@ async def phase_idle_and_cycles(args: argparse.Namespace, work: Path, res: Resul
                 f"max {max(lat):.1f} ms",
                 f"(scan itself: p50 {statistics.median(scans):.0f} ms)",
             )
+        except BaseException:
+            print(f"--- agent log (end):\n{agent.text()[-4000:]}", file=sys.stderr)
+            raise
         finally:
             await agent.stop()
 
