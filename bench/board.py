@@ -123,6 +123,15 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return rss / 1024, hwm / 1024
 
 
+def rss_split_mb(pid: int) -> tuple[float, float]:
+    """(RssAnon, RssFile) of ``pid`` in MiB: private memory vs mapped files (shared libraries,
+    reclaimable by the kernel)."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    anon = int(re.search(r"^RssAnon:\s+(\d+)", text, re.M)[1])  # type: ignore[index]
+    files = int(re.search(r"^RssFile:\s+(\d+)", text, re.M)[1])  # type: ignore[index]
+    return anon / 1024, files / 1024
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -483,6 +492,7 @@ async def phase_idle_and_cycles(args: argparse.Namespace, work: Path, res: Resul
                 a1, b1 = threads(agent.pid), threads(bare.pid)
                 span = time.monotonic() - t0
                 pings = len(agent.pings) - pings0
+                idle_rss = memory_mb(bare.pid)[0]
             finally:
                 stop_bare_idle(bare)
             ac, bc = idle_cost(a0, a1, span), idle_cost(b0, b1, span)
@@ -506,7 +516,12 @@ async def phase_idle_and_cycles(args: argparse.Namespace, work: Path, res: Resul
                 for tid, name, ticks, sw in ac.per_thread:
                     print(f"    tid {tid:>7} {name:<16} {ticks:>4} ticks {sw / span:>7.2f} wake/s")
             rss, hwm = memory_mb(agent.pid)
-            res.add("RSS at rest (VmRSS / VmHWM so far)", f"{rss:.1f} / {hwm:.1f} MiB")
+            anon, files = rss_split_mb(agent.pid)
+            res.add(
+                "RSS at rest (VmRSS / VmHWM so far)",
+                f"{rss:.1f} / {hwm:.1f} MiB (anon {anon:.1f}, files {files:.1f})",
+                f"bare paho VmRSS {idle_rss:.1f} MiB",
+            )
 
             # -- door cycles
             wrench = cab.scenario.item("wrench")
@@ -643,6 +658,7 @@ async def phase_drain(args: argparse.Namespace, work: Path, res: Results) -> Non
             t0 = time.monotonic()
             await agent.wait_log(r"reader dock-1: connecting -> online")
             await agent.wait_log(r"badge reader badge-1: connected")
+            await agent.wait_log("installed allow-list")  # else the card is denied
             cycle = asyncio.create_task(
                 cab.door_cycle(agent, "alice", lambda: None), name="drain-door-cycle"
             )
@@ -654,12 +670,15 @@ async def phase_drain(args: argparse.Namespace, work: Path, res: Results) -> Non
                     depth = await asyncio.to_thread(outbox_depth, state / "state.db")
                     if depth == 0 and done_at is None:
                         done_at = time.monotonic()
+                    if cycle.done() and cycle.exception() is not None:
+                        await cycle  # the door cycle failed: say why
                     if done_at is not None and cycle.done() and "session.closed" in agent.text():
                         break
                     await asyncio.sleep(0.5)
             await cycle
             await agent.wait_log(r"event session\.closed seq=\d+ committed")
             rss, hwm = memory_mb(agent.pid)
+            anon, files = rss_split_mb(agent.pid)
             drain_rate = n / (done_at - t0)
         finally:
             await agent.stop()
@@ -671,7 +690,8 @@ async def phase_drain(args: argparse.Namespace, work: Path, res: Results) -> Non
     )
     res.add(
         "RSS while draining (+ a door cycle over every tag)",
-        f"VmHWM {hwm:.1f} MiB (VmRSS max sampled {peak_rss:.1f}, end {rss:.1f})",
+        f"VmHWM {hwm:.1f} MiB (VmRSS max {peak_rss:.1f}, end {rss:.1f}: "
+        f"anon {anon:.1f}, files {files:.1f})",
         f"bare paho VmHWM {bare['vmhwm_kb'] / 1024:.1f} MiB",
         "≤ 45 MB",
     )
