@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 from agent.domain import events as ev
-from agent.domain.engine import Phase, Relock
+from agent.domain.engine import CabinetEngine, Phase, Relock
+from agent.domain.localtime import zone
 from agent.domain.now import Now
 from agent.engine_runner import NUDGE, EngineRunner
 from drivers.types import ReaderState
-from tests.domain_harness import ALICE, T0, Cabinet, domain_config
+from tests.domain_harness import ALICE, T0, Cabinet, Tag, domain_config, epc
 
 
 def _at(mono: float) -> Now:
@@ -63,6 +64,51 @@ def test_a_reader_outage_is_reported_at_its_debounce_deadline() -> None:
     assert cab.engine.next_deadline() == down + 10
     out = cab.engine.tick(_at(down + 10))
     assert [e.reader_id for e in out.events if isinstance(e, ev.ReaderOffline)] == ["dock-2"]
+
+
+def _tick_at(engine: CabinetEngine, now: Now, mono: float) -> list[ev.Event]:
+    """One tick at monotonic ``mono`` (the wall clock moved as much)."""
+    return engine.tick(Now(now.wall + timedelta(seconds=mono - now.mono), mono)).events
+
+
+def test_an_overdue_check_out_is_a_timer_of_the_idle_cabinet() -> None:
+    cab = Cabinet(tags={epc(0): Tag("top")}, config=domain_config(overdue_after_s=3600))
+    cab.cycle(ALICE, take=[epc(0)])
+    assert cab.engine.phase is Phase.IDLE
+    deadline = cab.engine.next_deadline()
+    assert deadline is not None
+    assert cab.now.mono < deadline <= cab.now.mono + 3600
+    assert not any(
+        isinstance(e, ev.ItemOverdue) for e in _tick_at(cab.engine, cab.now, deadline - 0.01)
+    )
+    late = [e for e in _tick_at(cab.engine, cab.now, deadline) if isinstance(e, ev.ItemOverdue)]
+    assert [e.epc for e in late] == [epc(0)]
+    assert cab.engine.next_deadline() is None
+
+
+def test_a_door_open_by_day_wakes_the_engine_when_the_night_begins() -> None:
+    # 20:58:30 UTC = 21:58:30 in Paris; the night (60 s periods) starts at 22:00 Paris.
+    night = {"left_open_s": 600.0, "night_left_open_s": 60.0, "night_start": "22:00"}
+    t0 = datetime(2026, 3, 10, 20, 58, 30, tzinfo=UTC)
+    paris = zone("Europe/Paris")
+    cab = Cabinet(config=domain_config(**night), t0=t0, timezone=paris)
+    cab.badge(ALICE)
+    cab.open()
+    now = cab.now
+    night_starts = datetime(2026, 3, 10, 21, 0, tzinfo=UTC)
+    # Only ticks at the engine's own deadlines, as the engine loop does when nothing comes.
+    alerts: list[ev.DoorLeftOpen] = []
+    ticks = 0
+    while not alerts:
+        deadline = cab.engine.next_deadline()
+        assert deadline is not None
+        ticks += 1
+        assert ticks < 10
+        alerts = [e for e in _tick_at(cab.engine, now, deadline) if isinstance(e, ev.DoorLeftOpen)]
+    [first] = alerts
+    assert first.night is True
+    assert first.time == night_starts  # on time: the deadline was the night's start
+    assert first.alert == 1  # one night period (90 s open), as when ticking every 100 ms
 
 
 def test_a_running_scan_is_judged_on_every_tick() -> None:

@@ -51,7 +51,7 @@ from agent.domain.contents import Contents
 from agent.domain.holdings import Holding, Holdings
 from agent.domain.ids import Uuid7Generator
 from agent.domain.inventory import Baseline, ScanResult
-from agent.domain.localtime import in_daily_window, time_of_day
+from agent.domain.localtime import in_daily_window, next_local_time, time_of_day
 from agent.domain.now import Now
 from agent.domain.readers import ReaderOutages
 from agent.domain.resume import EngineStateError
@@ -100,6 +100,9 @@ _BACKGROUND_SCANS = (Phase.BACKGROUND, Phase.BACKGROUND_CONFIRM)
 # An unverified baseline with no periodic background inventory: the verification pass is
 # retried this often (and at once when a reader comes back).
 _UNVERIFIED_RETRY_S = 3600.0
+# While a door stands open by day under a night rule, next_deadline() also looks again this
+# often for the night hours (a wall-clock boundary: the monotonic clock cannot name it).
+_NIGHT_CHECK_S = 60.0
 
 
 class CabinetEngine:
@@ -234,14 +237,28 @@ class CabinetEngine:
         waits for one) it is the last time seen: a pass is judged on every tick."""
         if self._pass.running or self.phase in (*_SESSION_SCANS, *_BACKGROUND_SCANS):
             return self._last.mono
-        due = [self.access.next_deadline(), self._readers.next_deadline()]
+        due = [
+            self.access.next_deadline(),
+            self._readers.next_deadline(),
+            self._holdings.next_deadline(),
+        ]
         if self.phase is Phase.UNLOCKED:
             due.append(self._unlock_deadline)
         elif self.phase is Phase.OPEN and self._session is not None:
-            period = self.config.left_open_s
-            due.append(
-                self._session.door_opened_mono + (self._session.left_open_alerts + 1) * period
-            )
+            # The next door.left_open, with the period in force now (_left_open's rule).
+            night = self._night(self._last)
+            cfg = self.config
+            period = cfg.night_left_open_s if night else cfg.left_open_s
+            session = self._session
+            due.append(session.door_opened_mono + session.left_open_due_s + period)
+            if cfg.night_left_open_s > 0 and not night:
+                # The night hours may begin before then, with their shorter period: be there
+                # when the site's clocks read night_start (and look again now and then: a
+                # wall-clock boundary, which a daylight-saving gap or a clock step can move).
+                last = self._last
+                night_at = next_local_time(last.wall, self.timezone, time_of_day(cfg.night_start))
+                due.append(last.mono + max(0.0, (night_at - last.wall).total_seconds()))
+                due.append(last.mono + _NIGHT_CHECK_S)
         if (
             self.phase is Phase.IDLE
             and not self.door_open

@@ -48,8 +48,8 @@ class Holdings:
     def __init__(self, stamp: Stamper) -> None:
         self._stamp = stamp
         self._by_epc: dict[str, Holding] = {}
-        # The earliest deadline still to fire: the engine ticks ten times a second, so most
-        # ticks must not walk every holding.
+        # The earliest deadline still to fire: a tick before it walks no holding, and the
+        # engine loop sleeps until it (next_deadline).
         self._next_due = math.inf
         self.changed = False
 
@@ -121,6 +121,10 @@ class Holdings:
             del self._by_epc[epc]
             self.changed = True
         self._reschedule()
+
+    def next_deadline(self) -> float | None:
+        """Monotonic time of the earliest ``item.overdue`` still to fire (None: none)."""
+        return None if math.isinf(self._next_due) else self._next_due
 
     def timers(self, now: Now, events: list[ev.Event], present: Mapping[str, str]) -> None:
         """``item.overdue`` for every holding whose limit ran out, once each — unless the item

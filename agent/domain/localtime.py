@@ -69,6 +69,21 @@ def in_daily_window(instant: datetime, tz: tzinfo, start: time, end: time) -> bo
     return clock >= start or clock < end
 
 
+def next_local_time(instant: datetime, tz: tzinfo, at: time) -> datetime:
+    """The first instant (UTC) after ``instant`` at which the site's clocks read ``at``.
+
+    A time the clocks skip (a daylight-saving gap) is read with the offset in force before the
+    change (PEP 495, fold 0), like ``start_of_local_day``: close to, not exactly, the instant
+    the clock face passes it; callers that must not be late look again now and then.
+    """
+    day = local_date(instant, tz)
+    for offset in range(3):
+        candidate = datetime.combine(day + timedelta(days=offset), at, tzinfo=tz).astimezone(UTC)
+        if candidate > instant:
+            return candidate
+    raise AssertionError("unreachable: a later day always reads that time")  # pragma: no cover
+
+
 def start_of_local_day(instant: datetime, tz: tzinfo) -> datetime:
     """The first instant (UTC) of the site's calendar day that contains ``instant``.
 
