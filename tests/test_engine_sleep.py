@@ -111,6 +111,17 @@ def test_a_door_open_by_day_wakes_the_engine_when_the_night_begins() -> None:
     assert first.alert == 1  # one night period (90 s open), as when ticking every 100 ms
 
 
+def test_a_supervisor_wait_lapses_at_its_deadline() -> None:
+    cab = Cabinet()
+    cab._apply(cab.engine.await_supervisor("uid:1000", "recount", 30.0, cab.now))
+    assert cab.engine.awaiting_supervisor
+    deadline = cab.engine.next_deadline()
+    assert deadline == cab.now.mono + 30.0
+    _tick_at(cab.engine, cab.now, deadline)
+    assert not cab.engine.awaiting_supervisor
+    assert cab.engine.next_deadline() is None
+
+
 def test_a_running_scan_is_judged_on_every_tick() -> None:
     cab = Cabinet()
     cab.badge(ALICE)

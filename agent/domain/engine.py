@@ -241,6 +241,7 @@ class CabinetEngine:
             self.access.next_deadline(),
             self._readers.next_deadline(),
             self._holdings.next_deadline(),
+            None if self._tech_wait is None else self._tech_wait.until_mono,
         ]
         if self.phase is Phase.UNLOCKED:
             due.append(self._unlock_deadline)
