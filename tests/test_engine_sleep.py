@@ -122,6 +122,19 @@ def test_a_supervisor_wait_lapses_at_its_deadline() -> None:
     assert cab.engine.next_deadline() is None
 
 
+def test_a_technicians_open_door_is_due_on_the_technicians_limit() -> None:
+    cab = Cabinet()
+    cab._apply(cab.engine.open_technician("uid:1000", "restock", cab.now))
+    cab.open()
+    limit = cab.config.technician_left_open_s
+    deadline = cab.engine.next_deadline()
+    assert deadline == cab.now.mono + limit
+    out = _tick_at(cab.engine, cab.now, deadline)
+    [alert] = [e for e in out if isinstance(e, ev.DoorLeftOpen)]
+    assert alert.technician == "uid:1000"
+    assert cab.engine.next_deadline() == deadline + limit
+
+
 def test_a_running_scan_is_judged_on_every_tick() -> None:
     cab = Cabinet()
     cab.badge(ALICE)

@@ -247,11 +247,16 @@ class CabinetEngine:
             due.append(self._unlock_deadline)
         elif self.phase is Phase.OPEN and self._session is not None:
             # The next door.left_open, with the period in force now (_left_open's rule).
-            night = self._night(self._last)
             cfg = self.config
-            period = cfg.night_left_open_s if night else cfg.left_open_s
             session = self._session
-            due.append(session.door_opened_mono + session.left_open_due_s + period)
+            if self._tech is not None:
+                night = True  # a technician's limit of its own: no night rule to wait for
+                period = cfg.technician_left_open_s
+            else:
+                night = self._night(self._last)
+                period = cfg.night_left_open_s if night else cfg.left_open_s
+            if period > 0:
+                due.append(session.door_opened_mono + session.left_open_due_s + period)
             if cfg.night_left_open_s > 0 and not night:
                 # The night hours may begin before then, with their shorter period: be there
                 # when the site's clocks read night_start (and look again now and then: a
