@@ -23,6 +23,9 @@ class TagRead:
     peak_rssi_dbm: float | None
     first_seen: datetime  # UTC; the reader's clock when it reports one, else ours
     seen_count: int = 1
+    # The tag's TID (lower-case hex, whole 16-bit words) when the reader read it with this
+    # inventory (LLRP AccessSpec, Mercury embedded read; drivers/tid.py); None: not read.
+    tid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

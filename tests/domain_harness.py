@@ -295,7 +295,7 @@ def describe(e: ev.Event) -> str:
     """A short, stable line per event for exact-list assertions."""
     d = e.model_dump()
     who = ""
-    if "actors" in d:
+    if d.get("actors") is not None:
         who = " " + ",".join(NAMES.get(a, a) for a in d["actors"])
     elif d.get("actor"):
         who = " " + NAMES.get(d["actor"], d["actor"])
@@ -304,6 +304,8 @@ def describe(e: ev.Event) -> str:
             return f"{e.type} {d['epc'][-3:]} {d['drawer']}{who}"
         case "item.unknown":
             return f"{e.type} {d['epc'][-3:]} {d['drawer']}"
+        case "item.counterfeit":
+            return f"{e.type} {d['epc'][-3:]} {d['drawer']} tid={d['tid'][-4:]}{who}"
         case "item.misplaced":
             return f"{e.type} {d['epc'][-3:]} {d['drawer']}≠{d['home_drawer']}"
         case "item.calibration_overdue":

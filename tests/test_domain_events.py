@@ -55,6 +55,15 @@ def _one_of_each(gen: Uuid7Generator) -> list[ev.Event]:
         ev.ItemUnknown(**c(gen), epc="abcd", drawer="top"),
         ev.ItemMisplaced(**c(gen), epc="abcd", asset_id="A-1", drawer="top", home_drawer="bottom"),
         ev.ItemMissing(**c(gen), epc="abcd", drawer="top"),
+        ev.ItemCounterfeit(
+            **c(gen),
+            epc="abcd",
+            asset_id="A-1",
+            tid="e2801160200074cf0a6b0a12",
+            drawer="top",
+            session_id=SID,
+            actors=[ALICE],
+        ),
         ev.ItemCalibrationOverdue(
             **c(gen),
             session_id=SID,
@@ -168,6 +177,7 @@ def test_priorities() -> None:
         "item.checked_out",
         "item.returned",
         "door.forced",
+        "item.counterfeit",
         "access.lockout",
         "access.grace_granted",
         "agent.alert",
@@ -178,7 +188,7 @@ def test_priorities() -> None:
         "inventory.rebaselined",
     }
     assert {t for t, p in by_type.items() if p == 2} == {"inventory.snapshot"}
-    assert sum(1 for p in by_type.values() if p == 1) == len(ev.EVENT_TYPES) - 12
+    assert sum(1 for p in by_type.values() if p == 1) == len(ev.EVENT_TYPES) - 13
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Asset registry (optional): EPC → asset id, name, home drawer, calibration due date, how long
 it may stay out, and whether the tag marks a consumable (one unit or pack of a SKU: used up,
-never expected back)."""
+never expected back), and the TID that pins an item to its tag."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any
 
 _EPC_RE = re.compile(r"(?:[0-9a-f]{2}){1,64}")
 _DRAWER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# A pinned TID: lower-case hex, 2..32 whole 16-bit words (drivers/tid.py reads up to 32).
+_TID_RE = re.compile(r"(?:[0-9a-f]{4}){2,32}")
 MAX_ASSETS = 200_000
 MAX_OVERDUE_AFTER_S = 366 * 86_400
 
@@ -31,6 +33,25 @@ class Asset:
     overdue_after_s: float | None = None
     consumable: bool = False
     sku: str | None = None  # set for every consumable
+    tid: str | None = None  # pinned: the TID of the one tag that may carry this EPC
+
+    def tid_verdict(self, tids: Iterable[str]) -> TidVerdict:
+        """Judge the TIDs read with this asset's EPC against its pin (docs/domain.md, "TIDs").
+
+        A read TID is the pinned tag's when it starts with the pin (a reader may read more
+        words than were pinned); one that differs within their common length is another tag's.
+        A read shorter than the pin that agrees with it proves nothing either way."""
+        pin = self.tid
+        genuine = False
+        foreign: list[str] = []
+        if pin is not None:
+            for tid in sorted(set(tids)):
+                n = min(len(tid), len(pin))
+                if tid[:n] != pin[:n]:
+                    foreign.append(tid)
+                elif len(tid) >= len(pin):
+                    genuine = True
+        return TidVerdict(genuine, tuple(foreign))
 
     def calibration_overdue(self, today: date) -> bool:
         """Overdue once the due date has passed (the due day itself is still fine)."""
@@ -41,20 +62,35 @@ class Asset:
         return self.home_drawer is not None and drawer != self.home_drawer
 
 
+@dataclass(frozen=True, slots=True)
+class TidVerdict:
+    """What the TIDs read with a pinned asset's EPC say: the pinned tag answered, and the TIDs
+    of other tags that carry its EPC (clones)."""
+
+    genuine: bool
+    foreign: tuple[str, ...]
+
+
 class AssetRegistry:
     """Lookup by EPC. Built from the body of a verified asset-registry document."""
 
     def __init__(self, assets: Iterable[Asset] = ()) -> None:
         self._by_epc: dict[str, Asset] = {}
+        pinned: set[str] = set()
         for asset in assets:
             if asset.epc in self._by_epc:
                 raise AssetRegistryError(f"epc {asset.epc} appears twice")
+            if asset.tid is not None:
+                # A TID is one chip's: two assets pinned to it cannot both be right.
+                if asset.tid in pinned:
+                    raise AssetRegistryError(f"tid {asset.tid} is pinned twice")
+                pinned.add(asset.tid)
             self._by_epc[asset.epc] = asset
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> AssetRegistry:
         """Interpret ``{"assets": [{epc, asset_id, name?, home_drawer?, calibration_due?,
-        overdue_after_s?, consumable?, sku?}]}`` (a consumable needs its ``sku``)."""
+        overdue_after_s?, consumable?, sku?, tid?}]}`` (a consumable needs its ``sku``)."""
         raw = body.get("assets") if isinstance(body, Mapping) else None
         if isinstance(raw, str | bytes) or not isinstance(raw, Sequence):
             raise AssetRegistryError("asset registry body needs an 'assets' list")
@@ -119,6 +155,11 @@ def _asset(i: int, item: object) -> Asset:
         raise AssetRegistryError(f"asset [{i}] 'sku' must be 1-64 of [A-Za-z0-9_.-]")
     if consumable and sku is None:
         raise AssetRegistryError(f"asset [{i}] is consumable: it needs its 'sku'")
+    tid = item.get("tid")
+    if tid is not None and (not isinstance(tid, str) or not _TID_RE.fullmatch(tid)):
+        raise AssetRegistryError(
+            f"asset [{i}] 'tid' must be lower-case hex of 2-32 whole 16-bit words"
+        )
     return Asset(
         epc,
         asset_id,
@@ -128,4 +169,5 @@ def _asset(i: int, item: object) -> Asset:
         overdue_after_s=limit,
         consumable=consumable,
         sku=sku,
+        tid=tid,
     )

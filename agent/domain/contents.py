@@ -2,7 +2,8 @@
 
 The inventory trust rules (docs/domain.md): with an asset registry only registered tags are
 inventory; a tag new to the cabinet joins only if it was steady in every pass; a drawer that
-held tags and reads nothing at all is held as blind rather than emptied. ``Contents`` judges a
+held tags and reads nothing at all is held as blind rather than emptied; a registered item pinned to a TID is only itself when its
+TID is not contradicted (a clone is ``item.counterfeit``). ``Contents`` judges a
 pass by them, reports what it finds (check-outs, returns, missing, unknown, misplaced items)
 and carries what they remember from one cycle to the next: the drawers held as blind and the
 unregistered tags already reported.
@@ -10,8 +11,9 @@ unregistered tags already reported.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from typing import Any
 from uuid import UUID
@@ -25,7 +27,10 @@ from agent.domain.now import Now
 from agent.domain.stamp import Stamper
 from drivers.types import ReaderHealth
 
+_EPC_RE = re.compile(r"(?:[0-9a-f]{2}){1,64}")
+_TID_RE = re.compile(r"(?:[0-9a-f]{4}){2,32}")
 MAX_UNKNOWN_TRACKED = 1000
+MAX_COUNTERFEIT_TRACKED = 1000
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class Verdict:
     arrivals: bool  # steady tags new to the cabinet: confirm before trusting them
     suspect: dict[str, list[str]]  # blind drawers → the tags held there
     vanished: dict[str, str]  # held tags gone once their drawer reads again → item.missing
+    # Clones not reported yet: (EPC, TID) → drawer, for TIDs that contradict the pinned one.
+    counterfeit: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 class Contents:
@@ -63,6 +70,7 @@ class Contents:
         self.assets = assets
         self._unknown: dict[str, str] = {}  # unregistered tags reported and still present
         self._held: dict[str, list[str]] = {}  # blind drawers → tags held there (not judged)
+        self._clones: dict[str, list[str]] = {}  # EPC → clone TIDs reported and still present
         self.changed = False
         # Consumables taken and put in by the last close_session (for session.closed).
         self.consumed = 0
@@ -149,7 +157,9 @@ class Contents:
                 )
             )
         self._placement_events(d.new, d.moved, verdict.unknown, session_id, now, events)
+        self._counterfeit_events(verdict, session_id, actors, now, events)
         self._note_unknown(result, verdict.unknown)
+        self._note_clones(result, verdict)
         self.baseline = Baseline(verdict.inventory)
         return checked_out, returned
 
@@ -174,7 +184,9 @@ class Contents:
                 continue
             events.append(self._item_missing(epc, drawer, now))
         self._placement_events(d.new, d.moved, verdict.unknown, session_id, now, events)
+        self._counterfeit_events(verdict, session_id, None, now, events)
         self._note_unknown(result, verdict.unknown)
+        self._note_clones(result, verdict)
         self.baseline = Baseline(verdict.inventory)
         events.append(self.inventory_snapshot(now))
 
@@ -262,11 +274,12 @@ class Contents:
         )
 
     def snapshot(self) -> dict[str, Any]:
-        """The persisted part: ``baseline``, ``unknown`` and ``held``."""
+        """The persisted part: ``baseline``, ``unknown``, ``held`` and ``clones``."""
         return {
             "baseline": self.baseline.to_dict(),
             "unknown": dict(sorted(self._unknown.items())),
             "held": dict(sorted(self._held.items())),
+            "clones": dict(sorted(self._clones.items())),
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -278,6 +291,7 @@ class Contents:
         )
         for epc, drawer in held.items():
             self._held.setdefault(drawer, []).append(epc)
+        self._clones = _clones_from(state.get("clones") or {})
 
     # ---- the trust rules --------------------------------------------------------------------
 
@@ -298,8 +312,25 @@ class Contents:
             base = {e: d for e, d in self.baseline.items() if e in registry}
         inventory: dict[str, str] = {}
         unknown: dict[str, str] = {}
+        counterfeit: dict[tuple[str, str], str] = {}
         new = False
         for epc, drawer in result.present.items():
+            tids = result.tids.get(epc) if registry is not None else None
+            if tids:
+                # A registered item pinned to a TID (docs/domain.md, "TIDs"): a TID read with
+                # its EPC that contradicts the pin is another tag, a clone, reported once while
+                # it stays; unless the pinned tag answered too, the EPC is not the item here.
+                assert registry is not None
+                asset = registry.get(epc)
+                verdict = asset.tid_verdict(tids) if asset is not None else None
+                if verdict is not None and verdict.foreign:
+                    reported = self._clones.get(epc, ())
+                    if epc in result.steady:
+                        for tid in verdict.foreign:
+                            if tid not in reported:
+                                counterfeit[(epc, tid)] = drawer
+                    if not verdict.genuine:
+                        continue
             if registry is not None and epc not in registry:
                 # Reported when it arrives; one the baseline already held (from before the
                 # registry knew better) did not arrive.
@@ -340,7 +371,15 @@ class Contents:
             for e in epcs
             if e in base and e not in inventory
         }
-        return Verdict(base, inventory, unknown, new or bool(unknown), suspect, vanished)
+        return Verdict(
+            base,
+            inventory,
+            unknown,
+            new or bool(unknown) or bool(counterfeit),
+            suspect,
+            vanished,
+            counterfeit,
+        )
 
     def _blind_drawers(
         self,
@@ -383,6 +422,26 @@ class Contents:
                 kept[epc] = drawer
         if kept != self._unknown:
             self._unknown = kept
+            self.changed = True
+
+    def _note_clones(self, result: ScanResult, verdict: Verdict) -> None:
+        """Remember the clones reported as item.counterfeit while they stay: their EPC present
+        and their TID still among those read with it (or no TID read at all this time)."""
+        kept: dict[str, list[str]] = {}
+        count = 0
+        pairs = [(e, t) for e, ts in self._clones.items() for t in ts]
+        for epc, tid in sorted({*pairs, *verdict.counterfeit}):
+            read = result.tids.get(epc)
+            # Forgotten once its EPC is gone, or read with TIDs that no longer include it.
+            if (
+                epc in result.present
+                and (not read or tid in read)
+                and count < MAX_COUNTERFEIT_TRACKED
+            ):
+                kept.setdefault(epc, []).append(tid)
+                count += 1
+        if kept != self._clones:
+            self._clones = kept
             self.changed = True
 
     # ---- reports --------------------------------------------------------------------------
@@ -429,6 +488,33 @@ class Contents:
             **self._stamp(now), epc=epc, asset_id=asset.asset_id if asset else None, drawer=drawer
         )
 
+    def _counterfeit_events(
+        self,
+        verdict: Verdict,
+        session_id: UUID | None,
+        actors: list[str] | None,
+        now: Now,
+        events: list[ev.Event],
+    ) -> None:
+        """item.counterfeit per clone found (by EPC, then TID)."""
+        registry = self.assets
+        if registry is None:
+            return
+        for (epc, tid), drawer in sorted(verdict.counterfeit.items()):
+            asset = registry.get(epc)
+            assert asset is not None
+            events.append(
+                ev.ItemCounterfeit(
+                    **self._stamp(now),
+                    epc=epc,
+                    asset_id=asset.asset_id,
+                    tid=tid,
+                    drawer=drawer,
+                    session_id=session_id,
+                    actors=None if actors is None else list(actors),
+                )
+            )
+
     def _placement_events(
         self,
         new: Mapping[str, str],
@@ -467,3 +553,19 @@ class Contents:
                         session_id=session_id,
                     )
                 )
+
+
+def _clones_from(data: object) -> dict[str, list[str]]:
+    """Validate the persisted clone memory (EPC → TIDs): untrusted like any stored state."""
+    if not isinstance(data, Mapping):
+        raise ValueError("clones must be an object of EPC → TIDs")
+    out: dict[str, list[str]] = {}
+    for epc, tids in data.items():
+        if not isinstance(epc, str) or not _EPC_RE.fullmatch(epc):
+            raise ValueError(f"clone EPC {epc!r} is not lower-case hex")
+        if not isinstance(tids, list) or not all(
+            isinstance(t, str) and _TID_RE.fullmatch(t) for t in tids
+        ):
+            raise ValueError(f"clones of {epc} must be a list of TIDs")
+        out[str(epc)] = [str(t) for t in tids]
+    return out

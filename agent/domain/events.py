@@ -265,6 +265,29 @@ class ItemMisplaced(EventBase):
     session_id: UUID | None = None
 
 
+TidHex = Annotated[
+    str,
+    Field(pattern=r"^(?:[0-9a-f]{4}){2,32}$", description="tag TID, lower-case hex, whole words"),
+]
+
+
+class ItemCounterfeit(EventBase):
+    """A tag carrying a registered item's EPC answered with a TID other than the one the asset
+    registry pins the item to: a cloned tag. It is not the item: never returned, never in the
+    inventory; if the item itself is gone, that is reported as ever (``item.checked_out``).
+    Reported once per TID while the tag stays in the cabinet."""
+
+    type: Literal["item.counterfeit"] = "item.counterfeit"
+    epc: Epc
+    asset_id: AssetId
+    tid: TidHex = Field(description="the TID the tag answered with (not the pinned one)")
+    drawer: Drawer = Field(description="where the tag was found")
+    session_id: UUID | None = None
+    actors: list[Actor] | None = Field(
+        None, description="the door session's holders (None: found by a background inventory)"
+    )
+
+
 class ItemMissing(EventBase):
     """An item vanished without a door session (confirmed by a background inventory), or
     while the baseline could not be trusted (nobody can be named for it)."""
@@ -588,6 +611,7 @@ Event: TypeAlias = Annotated[
     | ItemUnknown
     | ItemMisplaced
     | ItemMissing
+    | ItemCounterfeit
     | ItemCalibrationOverdue
     | InventoryIncomplete
     | InventorySuspect
@@ -623,6 +647,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "item.unknown",
     "item.misplaced",
     "item.missing",
+    "item.counterfeit",
     "item.calibration_overdue",
     "inventory.incomplete",
     "inventory.suspect",
@@ -650,6 +675,7 @@ _CRITICAL = frozenset(
         "item.checked_out",
         "item.returned",
         "door.forced",
+        "item.counterfeit",
         "access.lockout",
         "access.grace_granted",
         "agent.alert",

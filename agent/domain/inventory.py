@@ -14,11 +14,15 @@ from agent.domain.config import Antenna, CabinetDomainConfig
 from drivers.types import ReaderHealth, TagRead
 
 _EPC_RE = re.compile(r"(?:[0-9a-f]{2}){1,64}")
+_TID_RE = re.compile(r"(?:[0-9a-f]{4}){2,32}")
 # The least spread assumed of a tag's RSSI observations (dB): readers report whole dBm, and
 # two or three reads that happen to agree say little about the next one.
 _MIN_SPREAD_DB = 1.0
 _DRAWER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_PROBLEMS = 32
+# TIDs remembered per EPC in one pass: the genuine tag and a clone or two. More distinct TIDs
+# for one EPC are not more evidence, only memory an attacker could make us spend.
+MAX_TIDS_PER_EPC = 4
 
 
 class Baseline(Mapping[str, str]):
@@ -163,6 +167,8 @@ class ScanResult:
     # Drawers whose antennas reported any read at all (a tag, a neighbour, under the floor or
     # not): a drawer that held tags and is not among them may be blind (an unplugged antenna).
     heard: frozenset[str] = frozenset()
+    # Present tags whose readers read a TID with them: EPC → the TIDs read (drivers/tid.py).
+    tids: Mapping[str, frozenset[str]] = field(default_factory=dict, repr=False)
 
     def merge(self, other: ScanResult) -> ScanResult:
         """Union of two passes: a tag present in either is present; location by combined RSSI.
@@ -192,7 +198,20 @@ class ScanResult:
             stats=MappingProxyType(stats),
             steady=self.steady & other.steady,
             heard=self.heard | other.heard,
+            tids=_merge_tids(self.tids, other.tids),
         )
+
+
+def _merge_tids(
+    a: Mapping[str, frozenset[str]], b: Mapping[str, frozenset[str]]
+) -> Mapping[str, frozenset[str]]:
+    if not b:
+        return a
+    out = dict(a)
+    for epc, tids in b.items():
+        mine = out.get(epc)
+        out[epc] = tids if mine is None else frozenset(sorted(mine | tids)[:MAX_TIDS_PER_EPC])
+    return MappingProxyType(out)
 
 
 class ScanAccumulator:
@@ -232,6 +251,7 @@ class ScanAccumulator:
         self.reads = 0  # qualifying reads counted
         self.ignored = 0  # reads from unconfigured antennas, below the floor, or malformed
         self._tags: dict[str, _TagStats] = {}
+        self._tids: dict[str, set[str]] = {}  # EPC → TIDs read with it (counted reads only)
         self._present = 0
         self._problems: list[str] = []
         self._closed = False
@@ -309,6 +329,11 @@ class ScanAccumulator:
             if before < min_reads <= stats.count:
                 self._present += 1
                 self.last_new = now
+            tid = read.tid
+            if tid is not None and _TID_RE.fullmatch(tid):
+                known = self._tids.setdefault(read.epc, set())
+                if len(known) < MAX_TIDS_PER_EPC:
+                    known.add(tid)
             cell = stats.by_drawer.get(drawer)
             if cell is None:
                 stats.by_drawer[drawer] = [n, rssi * n]
@@ -355,6 +380,7 @@ class ScanAccumulator:
             stats=MappingProxyType(stats),
             steady=frozenset(steady),
             heard=frozenset(self._heard),
+            tids=MappingProxyType({e: frozenset(t) for e, t in self._tids.items() if e in present}),
         )
 
     def _check(self, h: ReaderHealth) -> None:
