@@ -229,4 +229,5 @@ def test_registry_refuses_one_tid_pinned_twice() -> None:
         AssetRegistry.from_body(body)
     ok = AssetRegistry.from_body({"assets": [body["assets"][0]]})
     asset = ok.get(epc(0))
-    assert asset is not None and asset.tid == TID_TQ
+    assert asset is not None
+    assert asset.tid == TID_TQ

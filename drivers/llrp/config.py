@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from drivers.config import ReaderConfigBase
+from drivers.tid import DEFAULT_TID_WORDS, MAX_TID_WORDS, MIN_TID_WORDS
 
 
 class LlrpReaderConfig(ReaderConfigBase):
@@ -33,6 +34,17 @@ class LlrpReaderConfig(ReaderConfigBase):
         4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="larger frames end the session"
     )
     gpi_ports: list[int] = Field(default=[], description="GPI ports to enable (door sensor)")
+    read_tid: bool = Field(
+        False,
+        description="read each tag's TID with the inventory (an AccessSpec with a C1G2Read of "
+        "bank 2); a reader that refuses it keeps reading EPCs only",
+    )
+    tid_words: int = Field(
+        DEFAULT_TID_WORDS,
+        ge=MIN_TID_WORDS,
+        le=MAX_TID_WORDS,
+        description="TID words to read (a result of any other size is refused)",
+    )
 
     def gpi_inputs(self) -> list[int] | None:
         return list(self.gpi_ports)

@@ -24,9 +24,17 @@ from drivers.backoff import Backoff
 from drivers.errors import PermanentError, ProtocolError, ReaderBusyError, TransientError
 from drivers.llrp.config import LlrpReaderConfig
 from drivers.llrp.framing import FramingError, encode_get_gpi_state, encode_gpo_write
-from drivers.llrp.reports import RawTag, decode_report, tag_read_from_dict, tag_reads_from_raw
+from drivers.llrp.reports import (
+    RawTag,
+    TidCheck,
+    decode_report,
+    tag_read_from_dict,
+    tag_reads_from_raw,
+)
 from drivers.llrp.session import (
     CLOSE_WAIT_S,
+    MSG_ADD_ACCESSSPEC_RESPONSE,
+    MSG_ENABLE_ACCESSSPEC_RESPONSE,
     MSG_ERROR_MESSAGE,
     MSG_GET_READER_CAPABILITIES_RESPONSE,
     MSG_GET_READER_CONFIG_RESPONSE,
@@ -34,10 +42,13 @@ from drivers.llrp.session import (
     MSG_RO_ACCESS_REPORT,
     MSG_SET_READER_CONFIG_RESPONSE,
     READ_CHUNK,
+    TID_OP_SPEC_ID,
     LlrpSession,
     LlrpStats,
     antennas_from_config,
     describe_error,
+    encode_enable_access_spec,
+    encode_tid_access_spec,
     sllurp_config,
 )
 from drivers.supervisor import Retry, Supervisor, retry_for
@@ -78,6 +89,12 @@ class LlrpReader:
         self._health = ReaderHealth(cfg.id, ReaderState.OFFLINE, self._clock.now(), "not started")
         self._health_changed = asyncio.Event()
         self.stats = LlrpStats()
+        # TIDs read with the inventory (``read_tid``): what became of each read result.
+        self.tids: TidCheck | None = (
+            TidCheck(TID_OP_SPEC_ID, cfg.tid_words) if cfg.read_tid else None
+        )
+        self.tid_active = False  # the reader accepted and enabled the TID AccessSpec
+        self._tid_refusals_logged = 0
         self.last_frame = 0.0  # monotonic time the last batch of frames was fully handled
         # Only a *stable* session (configured for backoff.stable_s) starts the delays over: a
         # reader that configures and drops again at once is reconnected ever more slowly.
@@ -285,6 +302,9 @@ class LlrpReader:
         if msg_type == MSG_SET_READER_CONFIG_RESPONSE and msg_id in sess.pending_gpo:
             self._resolve_gpo(sess, msg_id, data)
             return
+        if msg_id in sess.tid_requests:
+            self._on_tid_answer(sess, msg_id, msg_type, data)
+            return
         if msg_id in sess.stale_ids:
             sess.stale_ids.discard(msg_id)  # a late answer to our own request: not sllurp's
             return
@@ -340,6 +360,13 @@ class LlrpReader:
             raise ProtocolError(f"reader configuration failed: {err}") from None
         if was_settling and sess.configured:
             sess.antennas_connected = antennas_from_config(sess.client.reader_config)
+            if self.tids is not None:
+                # Every AccessSpec was deleted while configuring (reset_on_connect): ours is
+                # added again, answered outside sllurp's state machine (by message id).
+                self.tid_active = False
+                add_id = sess.next_msg_id()
+                sess.tid_requests[add_id] = "add"
+                sess.writer.write(encode_tid_access_spec(add_id, self._cfg.tid_words))
             if self._cfg.gpi_ports:
                 # The door may have changed while we were away: ask for the current levels
                 # now that the ports are enabled, and report them as edges.
@@ -369,6 +396,34 @@ class LlrpReader:
                 self.stats.gpi_events += 1
                 await self._sink.gpi_edge(GpiEdge(self.reader_id, port, level == 1, now))
 
+    def _on_tid_answer(self, sess: LlrpSession, msg_id: int, msg_type: int, data: bytes) -> None:
+        """ADD_/ENABLE_ACCESSSPEC answered: enable it once added; a refusal (a reader without
+        access specs, or without memory reads) leaves the reader reading EPCs only."""
+        step = sess.tid_requests.pop(msg_id)
+        status = int.from_bytes(data[14:16], "big") if len(data) >= 16 else -1
+        expected = MSG_ADD_ACCESSSPEC_RESPONSE if step == "add" else MSG_ENABLE_ACCESSSPEC_RESPONSE
+        if msg_type != expected or status != 0:
+            logger.warning(
+                "reader %s refused the TID AccessSpec (%s: message type %d, status %d): "
+                "reading EPCs only, pinned items are judged by EPC",
+                self.reader_id,
+                step,
+                msg_type,
+                status,
+            )
+            return
+        if step == "add":
+            enable_id = sess.next_msg_id()
+            sess.tid_requests[enable_id] = "enable"
+            sess.writer.write(encode_enable_access_spec(enable_id))
+            return
+        self.tid_active = True
+        logger.info(
+            "reader %s reads TIDs (%d words) with the inventory",
+            self.reader_id,
+            self._cfg.tid_words,
+        )
+
     def _resolve_gpo(self, sess: LlrpSession, msg_id: int, data: bytes) -> None:
         fut = sess.pending_gpo.get(msg_id)
         if fut is None or fut.done():
@@ -389,15 +444,29 @@ class LlrpReader:
         now = self._clock.now()
         reads: list[TagRead] = []
         for tag in tags:
-            read = tag_read_from_dict(self.reader_id, tag, now)
+            read = tag_read_from_dict(self.reader_id, tag, now, self.tids)
             if read is not None:
                 reads.append(read)
         await self._deliver(reads)
 
     async def _on_raw_report(self, tags: list[RawTag]) -> None:
-        await self._deliver(tag_reads_from_raw(self.reader_id, tags, self._clock.now()))
+        await self._deliver(tag_reads_from_raw(self.reader_id, tags, self._clock.now(), self.tids))
 
     async def _deliver(self, reads: list[TagRead]) -> None:
+        tids = self.tids
+        if tids is not None and tids.refused > self._tid_refusals_logged:
+            # Refused TID results are counted; logged at the 1st, 10th, 100th… so a reader
+            # sending nothing but bad results cannot flood the journal.
+            before = self._tid_refusals_logged
+            if before == 0 or len(str(tids.refused)) > len(str(before)):
+                logger.warning(
+                    "reader %s: TID read result refused (%s); the tag is kept as a plain "
+                    "read (%d refused so far)",
+                    self.reader_id,
+                    tids.last_refusal,
+                    tids.refused,
+                )
+            self._tid_refusals_logged = tids.refused
         self.stats.reports += 1
         self.stats.tags += len(reads)
         if reads:

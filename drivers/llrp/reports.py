@@ -2,10 +2,14 @@
 
 sllurp decodes every message generically (a dict per parameter, recursion per TV field): about
 6 µs per tag, which is most of the driver's CPU under a full-rate report stream. Reports made
-only of TagReportData with the standard fields are decoded here directly; anything else
-(custom vendor parameters, access-spec results, RF survey data, an unknown type) returns None
-and the caller falls back to sllurp, so correctness never depends on this fast path. Tests
-check both paths agree on real captures and on generated reports.
+only of TagReportData with the standard fields (and the C1G2ReadOpSpecResult of the TID
+AccessSpec, ``drivers/llrp/session.py``) are decoded here directly; anything else (custom
+vendor parameters, other op-spec results, RF survey data, an unknown type) returns None and the
+caller falls back to sllurp, so correctness never depends on this fast path. Tests check both
+paths agree on real captures and on generated reports.
+
+A read result that is malformed (its word count and its data disagree), of the wrong size, or
+not our op spec's, is refused with a reason (``TidCheck``) and the tag kept as a plain read.
 
 Both paths end here as ``TagRead``s (``tag_reads_from_raw``, ``tag_read_from_dict``).
 """
@@ -14,9 +18,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
+from drivers.tid import TidRefused, tid_hex
 from drivers.types import TagRead
 
 _TLV = struct.Struct("!HH")
@@ -30,6 +36,8 @@ _DAY_US = 86_400 * 1_000_000
 
 _TAG_REPORT_DATA = 240
 _EPC_DATA = 241
+_C1G2_READ_OP_SPEC_RESULT = 349
+_READ_RESULT_HEAD = struct.Struct("!BHH")  # Result, OpSpecID, ReadDataWordCount
 
 # TV parameter type → value length (LLRP 1.0.1 §16.2.7.3.x, §17.2.7.x). Only these may
 # appear in a TagReportData handled by the fast path.
@@ -60,6 +68,53 @@ class RawTag(NamedTuple):
     peak_rssi: int | None
     first_seen_utc_us: int | None
     seen_count: int | None
+    # The C1G2ReadOpSpecResult with the tag, if any: (Result, OpSpecID, ReadData), or why it
+    # could not be taken apart.
+    read: tuple[int, int, bytes] | None = None
+    read_problem: str = ""
+
+
+@dataclass
+class TidCheck:
+    """Turns the C1G2ReadOpSpecResult of our TID AccessSpec into a TID, and counts the outcome.
+
+    ``failed``: the reader could not read the tag's TID this time (Result ≠ 0: a weak tag, a
+    tag that left the field mid-access) — no TID, nobody's fault. ``refused``: the result itself
+    is unusable (malformed, wrong size, several results, another op spec's) — refused, reason in
+    ``last_refusal`` (sizes and numbers only, never tag data)."""
+
+    op_spec_id: int
+    words: int
+    read: int = 0
+    failed: int = 0
+    refused: int = 0
+    last_refusal: str = ""
+
+    def tid(self, read: tuple[int, int, bytes] | None, problem: str = "") -> str | None:
+        """The TID of one tag report, or None (read kept as a plain read)."""
+        if problem:
+            self._refuse(problem)
+            return None
+        if read is None:
+            return None
+        result, op_spec_id, data = read
+        if op_spec_id != self.op_spec_id:
+            self._refuse(f"read result of op spec {op_spec_id}, not ours")
+            return None
+        if result != 0:
+            self.failed += 1
+            return None
+        try:
+            tid = tid_hex(data, self.words)
+        except TidRefused as err:
+            self._refuse(str(err))
+            return None
+        self.read += 1
+        return tid
+
+    def _refuse(self, reason: str) -> None:
+        self.refused += 1
+        self.last_refusal = reason[:200]
 
 
 def decode_report(frame: bytes) -> list[RawTag] | None:
@@ -86,6 +141,8 @@ def decode_report(frame: bytes) -> list[RawTag] | None:
 def _tag_report(buf: bytes, pos: int, end: int) -> RawTag | None:
     epc: str | None = None
     antenna = rssi = first = count = None
+    read: tuple[int, int, bytes] | None = None
+    problem = ""
     while pos < end:
         first_byte = buf[pos]
         if first_byte & 0x80:  # TV: 1 type byte, fixed-length value
@@ -107,8 +164,15 @@ def _tag_report(buf: bytes, pos: int, end: int) -> RawTag | None:
             pos = v + n
             continue
         ptype, plen = _TLV.unpack_from(buf, pos)
+        if (ptype & 0x3FF) == _C1G2_READ_OP_SPEC_RESULT and plen >= 4 and pos + plen <= end:
+            if read is not None or problem:
+                problem = "several read results for one tag"
+            else:
+                read, problem = _read_result(buf, pos + 4, pos + plen)
+            pos += plen
+            continue
         if (ptype & 0x3FF) != _EPC_DATA or plen < 6 or pos + plen > end:
-            return None  # custom parameters, op-spec results…: let sllurp decode it
+            return None  # custom parameters, other op-spec results…: let sllurp decode it
         nbits = _U16.unpack_from(buf, pos + 4)[0]
         nbytes = (nbits + 7) // 8
         if 6 + nbytes > plen:
@@ -117,11 +181,25 @@ def _tag_report(buf: bytes, pos: int, end: int) -> RawTag | None:
         pos += plen
     if epc is None or pos != end:
         return None
-    return RawTag(epc, antenna, rssi, first, count)
+    return RawTag(epc, antenna, rssi, first, count, None if problem else read, problem)
 
 
-def tag_reads_from_raw(reader_id: str, tags: list[RawTag], now: datetime) -> list[TagRead]:
-    """The fast path's tags as TagReads; a tag without an antenna is dropped."""
+def _read_result(buf: bytes, pos: int, end: int) -> tuple[tuple[int, int, bytes] | None, str]:
+    """A C1G2ReadOpSpecResult's body: (Result, OpSpecID, ReadData), or why it is malformed."""
+    if end - pos < _READ_RESULT_HEAD.size:
+        return None, "read result shorter than its fixed fields"
+    result, op_spec_id, words = _READ_RESULT_HEAD.unpack_from(buf, pos)
+    data = buf[pos + _READ_RESULT_HEAD.size : end]
+    if len(data) != 2 * words:
+        return None, f"read result says {words} words but carries {len(data)} bytes"
+    return (result, op_spec_id, bytes(data)), ""
+
+
+def tag_reads_from_raw(
+    reader_id: str, tags: list[RawTag], now: datetime, tids: TidCheck | None = None
+) -> list[TagRead]:
+    """The fast path's tags as TagReads; a tag without an antenna is dropped. With ``tids``,
+    their read results become ``TagRead.tid`` (without it, any read result is ignored)."""
     now_us = int(now.timestamp() * 1_000_000)
     hi_us = now_us + _DAY_US
     reads: list[TagRead] = []
@@ -136,6 +214,11 @@ def tag_reads_from_raw(reader_id: str, tags: list[RawTag], now: datetime) -> lis
             else now
         )
         count = t.seen_count
+        tid = (
+            tids.tid(t.read, t.read_problem)
+            if tids is not None and (t.read is not None or t.read_problem)
+            else None
+        )
         append(
             TagRead(
                 reader_id,
@@ -144,12 +227,15 @@ def tag_reads_from_raw(reader_id: str, tags: list[RawTag], now: datetime) -> lis
                 None if t.peak_rssi is None else float(t.peak_rssi),
                 first,
                 count if count else 1,
+                tid,
             )
         )
     return reads
 
 
-def tag_read_from_dict(reader_id: str, tag: Mapping[str, Any], now: datetime) -> TagRead | None:
+def tag_read_from_dict(
+    reader_id: str, tag: Mapping[str, Any], now: datetime, tids: TidCheck | None = None
+) -> TagRead | None:
     """One TagReportData as sllurp decoded it, or None without an EPC or an antenna."""
     epc = tag.get("EPC") or tag.get("EPC-96")
     if isinstance(epc, (bytes, bytearray)):
@@ -181,7 +267,34 @@ def tag_read_from_dict(reader_id: str, tag: Mapping[str, Any], now: datetime) ->
         peak_rssi_dbm=float(rssi) if isinstance(rssi, (int, float)) else None,
         first_seen=first_seen,
         seen_count=int(count) if isinstance(count, int) and count > 0 else 1,
+        tid=_tid_from_dict(tag, tids) if tids is not None else None,
     )
 
 
-__all__ = ["RawTag", "decode_report", "tag_read_from_dict", "tag_reads_from_raw"]
+def _tid_from_dict(tag: Mapping[str, Any], tids: TidCheck) -> str | None:
+    """The C1G2ReadOpSpecResult sllurp decoded, checked like the fast path's (sllurp does not
+    check that ReadData holds the words its count announces)."""
+    res = tag.get("C1G2ReadOpSpecResult")
+    if res is None:
+        return None
+    if isinstance(res, list):
+        if len(res) != 1:
+            return tids.tid(None, "several read results for one tag")
+        res = res[0]
+    if not isinstance(res, Mapping):
+        return tids.tid(None, "read result is not a parameter")
+    result, op_spec_id = res.get("Result"), res.get("OpSpecID")
+    words, data = res.get("ReadDataWordCount"), res.get("ReadData")
+    if not (
+        isinstance(result, int)
+        and isinstance(op_spec_id, int)
+        and isinstance(words, int)
+        and isinstance(data, bytes | bytearray)
+    ):
+        return tids.tid(None, "read result shorter than its fixed fields")
+    if len(data) != 2 * words:
+        return tids.tid(None, f"read result says {words} words but carries {len(data)} bytes")
+    return tids.tid((result, op_spec_id, bytes(data)))
+
+
+__all__ = ["RawTag", "TidCheck", "decode_report", "tag_read_from_dict", "tag_reads_from_raw"]

@@ -13,10 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sllurp.llrp import LLRPClient, LLRPReaderConfig, LLRPReaderState, ReaderConfigurationError
+from sllurp.llrp import (
+    LLRPClient,
+    LLRPMessage,
+    LLRPReaderConfig,
+    LLRPReaderState,
+    ReaderConfigurationError,
+)
 
 from drivers.llrp.config import LlrpReaderConfig
 from drivers.llrp.framing import FramingError, LlrpFramer, encode_close_connection
+from drivers.tid import TID_BANK
 
 
 class _OneLineConfigErrors(logging.Filter):
@@ -41,6 +48,8 @@ MSG_CLOSE_CONNECTION_RESPONSE = 4
 MSG_GET_READER_CAPABILITIES_RESPONSE = 11
 MSG_GET_READER_CONFIG_RESPONSE = 12
 MSG_SET_READER_CONFIG_RESPONSE = 13
+MSG_ADD_ACCESSSPEC_RESPONSE = 50
+MSG_ENABLE_ACCESSSPEC_RESPONSE = 52
 MSG_RO_ACCESS_REPORT = 61
 MSG_READER_EVENT_NOTIFICATION = 63
 MSG_ERROR_MESSAGE = 100
@@ -95,6 +104,7 @@ class LlrpSession:
         self.ready_by = 0.0  # loop time by which a requested inventory change must settle
         self.stale_ids: set[int] = set()  # our requests whose answer came too late: drop them
         self.antennas_connected: frozenset[int] | None = None
+        self.tid_requests: dict[int, str] = {}  # msg id → "add" / "enable" (the TID AccessSpec)
 
     def _tx(self, data: bytes) -> None:
         self.writer.write(data)
@@ -199,6 +209,58 @@ def sllurp_config(cfg: LlrpReaderConfig, *, start_inventory: bool) -> LLRPReader
     if cfg.impinj_search_mode is not None:
         values["impinj_search_mode"] = _SEARCH_MODES[cfg.impinj_search_mode]
     return LLRPReaderConfig(values)
+
+
+# The TID AccessSpec (LLRP 1.0.1 §12): ours, by these ids; every AccessSpec on the reader is
+# deleted when a session configures it (reset_on_connect), so it is added again per session.
+TID_ACCESS_SPEC_ID = 0x7D1
+TID_OP_SPEC_ID = 0x7D1
+_C1G2 = 1  # AirProtocols: EPCGlobalClass1Gen2
+
+
+def encode_tid_access_spec(msg_id: int, words: int) -> bytes:
+    """ADD_ACCESSSPEC (sllurp's encoder): read ``words`` words of the TID bank of every tag
+    the ROSpec singulates, results reported with its tag reports (AccessReportTrigger 0)."""
+    spec = {
+        "AccessSpecID": TID_ACCESS_SPEC_ID,
+        "AntennaID": 0,  # every antenna
+        "ProtocolID": _C1G2,
+        "CurrentState": False,  # enabled by ENABLE_ACCESSSPEC once added
+        "ROSpecID": 0,  # every ROSpec
+        "AccessSpecStopTrigger": {"AccessSpecStopTriggerType": 0, "OperationCountValue": 0},
+        "AccessCommand": {
+            # One target with an empty mask: matches every tag.
+            "TagSpecParameter": {
+                "C1G2TagSpec": {
+                    "C1G2TargetTag": [{"MB": 1, "M": 1, "Pointer": 0, "TagMask": "", "TagData": ""}]
+                }
+            },
+            "OpSpecParameter": [
+                {
+                    "C1G2Read": {
+                        "OpSpecID": TID_OP_SPEC_ID,
+                        "AccessPassword": 0,
+                        "MB": TID_BANK,
+                        "WordPtr": 0,
+                        "WordCount": words,
+                    }
+                }
+            ],
+        },
+        # 0: results ride with the ROSpec's own tag reports (1 would send a report per access).
+        "AccessReportSpec": {"AccessReportTrigger": 0},
+    }
+    return bytes(
+        LLRPMessage(msgdict={"ADD_ACCESSSPEC": {"ID": msg_id, "AccessSpec": spec}}).msgbytes
+    )
+
+
+def encode_enable_access_spec(msg_id: int) -> bytes:
+    return bytes(
+        LLRPMessage(
+            msgdict={"ENABLE_ACCESSSPEC": {"ID": msg_id, "AccessSpecID": TID_ACCESS_SPEC_ID}}
+        ).msgbytes
+    )
 
 
 def antennas_from_config(reader_config: Mapping[str, Any]) -> frozenset[int] | None:

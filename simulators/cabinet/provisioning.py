@@ -116,6 +116,8 @@ def build_artefacts(
             asset["overdue_after_s"] = item.overdue_after_s
         if item.consumable:
             asset.update(consumable=True, sku=item.sku)
+        if item.tid is not None:
+            asset["tid"] = item.tid
         assets.append(asset)
     registry = asset_registry_doc(
         lay.site_id, lay.cabinet_id, 1, issued + timedelta(days=365), assets, issued_at=issued
@@ -187,6 +189,7 @@ def agent_config(
                 "report_timeout_ms": 100,
                 "gpi_ports": [lay.sensor_gpi],
                 "backoff": {"initial_s": 0.05, "max_s": 0.5},
+                **({"read_tid": True} if lay.read_tid else {}),
             }
         ],
         "badge_readers": [

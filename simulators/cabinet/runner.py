@@ -32,6 +32,7 @@ def tag_for(scenario: Scenario, epc: str, drawer: str, item: Item | None = None)
         antenna=antenna,
         rssi_mean=item.rssi_dbm,
         read_probability=item.read_probability,
+        tid=item.tid,
     )
 
 
@@ -40,6 +41,8 @@ def populate(scenario: Scenario, llrp: LlrpSimulator) -> None:
     cabinet's tags where the drawers' antennas hear them (and nothing else)."""
     for tag in list(llrp.tags):
         llrp.remove_tag(tag.epc)
+    for tag in llrp.tags.clones():
+        llrp.remove_clone(tag.epc)
     for item in scenario.items:
         if item.drawer is not None:
             llrp.add_tag(tag_for(scenario, item.epc, item.drawer, item))
@@ -300,6 +303,23 @@ class ScenarioRunner:
         epc, drawer = step.args[0].lower(), step.args[-1]
         self.llrp.add_tag(tag_for(self.scenario, epc, drawer))
         self.location[epc] = drawer
+
+    async def _op_add_clone(self, step: Step) -> None:
+        # Another chip programmed with the item's EPC, answering with its own TID.
+        self._need_open(step)
+        item = self.scenario.item(step.args[0])
+        antenna = self.scenario.drawers[step.args[-1]][0]
+        self.llrp.add_clone(SimTag(epc=item.epc, antenna=antenna, tid=step.args[1].lower()))
+
+    async def _op_remove_clone(self, step: Step) -> None:
+        self._need_open(step)
+        item = self.scenario.item(step.args[0])
+        try:
+            self.llrp.remove_clone(item.epc)
+        except KeyError:
+            raise ScenarioError(
+                f"{self.scenario.name}: {step.where()}: no clone of {item.name} inside"
+            ) from None
 
     async def _op_wait(self, step: Step) -> None:
         await asyncio.sleep(float(step.args[0]))

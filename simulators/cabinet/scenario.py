@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _EPC_RE = re.compile(r"(?:[0-9a-f]{4}){1,31}")
+_TID_RE = re.compile(r"(?:[0-9a-f]{4}){2,32}")
 
 
 class ScenarioError(Exception):
@@ -74,6 +75,10 @@ class Item(_Model):
     rssi_dbm: float = Field(-55.0, ge=-100, le=0)
     consumable: bool = Field(False, description="a consumable unit or pack (needs its sku)")
     sku: str | None = Field(None, pattern=_NAME_RE)
+    tid: str | None = Field(
+        None,
+        description="the tag's TID; the asset registry pins the item to it (unless unregistered)",
+    )
 
     @field_validator("epc")
     @classmethod
@@ -88,6 +93,16 @@ class Item(_Model):
         if self.consumable and self.sku is None:
             raise ValueError(f"item {self.name!r} is consumable: it needs its sku")
         return self
+
+    @field_validator("tid")
+    @classmethod
+    def _tid(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        tid = value.strip().lower()
+        if not _TID_RE.fullmatch(tid):
+            raise ValueError("tid must be lower-case hex, 2..32 whole 16-bit words")
+        return tid
 
     @property
     def asset(self) -> str:
@@ -133,6 +148,7 @@ class Layout(_Model):
     badge_reader_id: str = Field("badge-1", pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$")
     door_id: str = Field("door", pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$")
     timezone: str = Field("UTC", min_length=1, max_length=64, description="IANA zone of the site")
+    read_tid: bool = Field(False, description="the agent reads TIDs with the inventory")
 
 
 class AllowListSpec(_Model):
@@ -179,6 +195,8 @@ _OPS: dict[str, tuple[int, int | None]] = {
     "move": (3, 3),
     "vanish": (1, None),
     "add_unknown_tag": (2, 3),
+    "add_clone": (3, 4),
+    "remove_clone": (1, 1),
     "wait": (1, 1),
     "wait_event": (1, 2),
     "settle": (0, 0),
@@ -337,6 +355,18 @@ class Scenario(_Model):
             if len(args) == 3 and args[1] != "to":
                 raise ValueError(f"{step.where()}: expected 'add_unknown_tag EPC [to] DRAWER'")
             need_drawer(args[-1])
+        if op == "add_clone":
+            need_item(args[0])
+            tid = args[1].lower()
+            if not _TID_RE.fullmatch(tid):
+                raise ValueError(f"{step.where()}: {args[1]!r} is not a TID (hex, whole words)")
+            if tid == self.item(args[0]).tid:
+                raise ValueError(f"{step.where()}: a clone's TID is not the item's own")
+            if len(args) == 4 and args[2] != "to":
+                raise ValueError(f"{step.where()}: expected 'add_clone ITEM TID [to] DRAWER'")
+            need_drawer(args[-1])
+        if op == "remove_clone":
+            need_item(args[0])
         if op in ("wait", "reader_fail") and args:
             try:
                 seconds = float(args[0])

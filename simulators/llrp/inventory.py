@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from simulators.llrp.access import read_ops
 from simulators.llrp.codec import (
     Bits,
     EventType,
@@ -26,8 +27,10 @@ logger = logging.getLogger(__name__)
 
 _IMPINJ_DUAL_TARGET = 2
 
-# (epc, antenna, channel, spec index, parameter spec id): None where the selector merges them.
-EntryKey = tuple[str, int | None, int | None, int | None, int | None]
+# (epc, antenna, channel, spec index, parameter spec id): None where the selector merges them;
+# then the answering tag's TID when an AccessSpec read its memory (a clone sharing the EPC is
+# another tag: its own TagReportData with its own results), else None.
+EntryKey = tuple[str, int | None, int | None, int | None, int | None, str | None]
 
 
 @dataclass
@@ -43,12 +46,15 @@ class Entry:
     count: int
     spec_index: int
     ips_id: int
+    # C1G2Read results of the AccessSpecs run on the tag: (OpSpecID, Result, words).
+    reads: tuple[tuple[int, int, list[int]], ...] = ()
 
 
 class InventoryHost(Protocol):
     """What an inventory run needs of the reader it runs on."""
 
     accum: dict[int, dict[EntryKey, Entry]]  # ROSpec id -> what is not reported yet
+    access_specs: dict[int, dict[str, Any]]  # AccessSpec id -> the spec as added
 
     @property
     def tags(self) -> TagPopulation: ...
@@ -254,13 +260,16 @@ class InventoryRun:
         spec = self.host.report_spec(rs)
         sel = spec.get("TagReportContentSelector", {})
         acc = self.host.accum.setdefault(rs.spec_id, {})
+        specs = self.host.access_specs
         for o in seen:
+            ops = read_ops(specs, rs.spec_id, o.antenna, o.tag) if specs and o.tag else []
             key: EntryKey = (
                 o.epc,
                 o.antenna if sel.get("EnableAntennaID") else None,
                 o.channel if sel.get("EnableChannelIndex") else None,
                 ai.index if sel.get("EnableSpecIndex") else None,
                 ai.ips_id if sel.get("EnableInventoryParameterSpecID") else None,
+                o.tag.tid_bytes.hex() if ops and o.tag else None,
             )
             e = acc.get(key)
             if e is None:
@@ -274,6 +283,7 @@ class InventoryRun:
                     1,
                     ai.index,
                     ai.ips_id,
+                    tuple((op.op_spec_id, *op.run(o.tag)) for op in ops if o.tag is not None),
                 )
             else:
                 e.count += 1
@@ -366,6 +376,11 @@ def tag_report(
         out["C1G2_CRC"] = gen2_crc16(pc.to_bytes(2, "big") + epc)
     if sel.get("EnableAccessSpecID"):
         out["AccessSpecID"] = 0
+    if e.reads:
+        out["C1G2ReadOpSpecResult"] = [
+            {"Result": result, "OpSpecID": op_spec_id, "ReadData": words}
+            for op_spec_id, result, words in e.reads
+        ]
     impinj = spec.get("ImpinjTagReportContentSelector")
     if impinj and personality.impinj_extensions:
         if (impinj.get("ImpinjEnablePeakRSSI") or {}).get("PeakRSSIMode") == 1:

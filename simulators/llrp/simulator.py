@@ -300,6 +300,15 @@ class LlrpSimulator:
     def remove_tag(self, epc: str) -> SimTag:
         return self.tags.remove(epc)
 
+    def add_clone(self, tag: SimTag) -> SimTag:
+        """A cloned tag: ``tag.epc`` (maybe another tag's) on a chip with its own ``tag.tid``."""
+        self.reader.check_antenna(tag.antenna)
+        self.tags.add_clone(tag)
+        return tag
+
+    def remove_clone(self, epc: str) -> SimTag:
+        return self.tags.remove_clone(epc)
+
     def move_tag(
         self, epc: str, antenna: int, also_at: Mapping[int, float] | None = None
     ) -> SimTag:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,9 @@ class SimTag:
     also_at: Mapping[int, float] = field(default_factory=dict)
     duty: float = 1.0
     burst_rounds: float = 1.0
+    # The TID bank (hex, whole 16-bit words). None: a TID derived from the EPC (every Gen2 chip
+    # has one); a clone is a tag with the same EPC and another TID.
+    tid: str | None = None
 
     def __post_init__(self) -> None:
         epc = self.epc.lower()
@@ -45,6 +49,20 @@ class SimTag:
             raise ValueError("burst_rounds must be >= 1")
         object.__setattr__(self, "epc", epc)
         object.__setattr__(self, "also_at", MappingProxyType(dict(self.also_at)))
+        if self.tid is not None:
+            tid = self.tid.lower()
+            try:
+                raw_tid = bytes.fromhex(tid)
+            except ValueError as err:
+                raise ValueError(f"TID must be hex: {self.tid!r}") from err
+            if not raw_tid or len(raw_tid) % 2 or len(raw_tid) > 64:
+                raise ValueError(f"TID must be 1..32 whole 16-bit words: {self.tid!r}")
+            object.__setattr__(self, "tid", tid)
+
+    @property
+    def tid_bytes(self) -> bytes:
+        """The tag's TID bank: its own, or one derived from its EPC."""
+        return bytes.fromhex(self.tid) if self.tid is not None else default_tid(self.epc)
 
     @property
     def epc_bytes(self) -> bytes:
@@ -77,6 +95,7 @@ class Observation:
     rssi: int
     channel: int
     utc_us: int
+    tag: SimTag | None = None  # the tag that answered (a clone shares its EPC, not its TID)
 
 
 class TagPopulation:
@@ -84,6 +103,7 @@ class TagPopulation:
 
     def __init__(self) -> None:
         self._tags: dict[str, SimTag] = {}
+        self._clones: dict[str, SimTag] = {}  # EPC → a second tag carrying it (other TID)
         self._reachable: dict[str, bool] = {}  # intermittent tags: can answer this round
 
     def __len__(self) -> int:
@@ -118,7 +138,23 @@ class TagPopulation:
 
     def clear(self) -> None:
         self._tags.clear()
+        self._clones.clear()
         self._reachable.clear()
+
+    def add_clone(self, tag: SimTag) -> None:
+        """A second tag with an EPC already in use (or not), answering with its own TID."""
+        if tag.tid is None:
+            raise ValueError("a clone needs its own TID")
+        self._clones[tag.epc] = tag
+
+    def remove_clone(self, epc: str) -> SimTag:
+        try:
+            return self._clones.pop(epc.lower())
+        except KeyError:
+            raise KeyError(f"no clone of {epc}") from None
+
+    def clones(self) -> list[SimTag]:
+        return list(self._clones.values())
 
     def cycle(
         self,
@@ -138,8 +174,10 @@ class TagPopulation:
         wanted = set(antennas)
         offsets = power_offset or {}
         seen: list[Observation] = []
-        for tag in self._tags.values():
-            if tag.duty < 1.0:
+        tags = [(t, False) for t in self._tags.values()]
+        tags += [(t, True) for t in self._clones.values()]
+        for tag, clone in tags:
+            if tag.duty < 1.0 and not clone:  # clones answer every round (no fade model)
                 was = self._reachable.get(tag.epc, rng.random() < tag.duty)
                 now_on = self._reachable[tag.epc] = tag.next_reachable(was, rng)
                 if not now_on:
@@ -159,6 +197,7 @@ class TagPopulation:
                         max(-128, min(127, rssi)),
                         rng.randint(1, channels),
                         utc_us,
+                        tag,
                     )
                 )
         return seen
@@ -183,6 +222,12 @@ def neighbour_tag(
         duty=duty,
         burst_rounds=burst_rounds,
     )
+
+
+def default_tid(epc: str) -> bytes:
+    """A 96-bit TID for a tag that was given none: class E2, a made-up maker and model, and a
+    48-bit serial derived from the EPC (stable from run to run)."""
+    return bytes.fromhex("e2801100") + hashlib.sha256(bytes.fromhex(epc)).digest()[:8]
 
 
 def random_epc96(rng: random.Random) -> str:
