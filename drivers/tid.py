@@ -9,6 +9,8 @@ read is kept as a plain read (``tid=None``), never dropped and never given a hal
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 TID_BANK = 2
 MIN_TID_WORDS = 2  # class identifier + mask designer + model: less identifies no chip
 MAX_TID_WORDS = 32  # 512 bits: every serialised (XTID) layout fits
@@ -31,11 +33,57 @@ def tid_hex(data: bytes, words: int) -> str:
     return data.hex()
 
 
+@dataclass
+class TidTally:
+    """What became of a reader's TID results, for its stats and its log.
+
+    ``read``: TIDs handed on. ``failed``: the reader could not read the tag's TID this time (a
+    weak tag, one that left mid-access) — no TID, nobody's fault. ``refused``: the result was
+    unusable (malformed, wrong size, …) — the read is kept plain; ``last_refusal`` says why
+    (sizes and numbers only, never tag data)."""
+
+    words: int
+    read: int = 0
+    failed: int = 0
+    refused: int = 0
+    last_refusal: str = ""
+    _logged: int = field(default=0, repr=False)
+
+    def accept(self, data: bytes) -> str | None:
+        """The TID in ``data`` (exactly ``words`` words), or None after refusing it."""
+        try:
+            tid = tid_hex(data, self.words)
+        except TidRefused as err:
+            self.refuse(str(err))
+            return None
+        self.read += 1
+        return tid
+
+    def fail(self) -> None:
+        self.failed += 1
+
+    def refuse(self, reason: str) -> None:
+        self.refused += 1
+        self.last_refusal = reason[:200]
+
+    def refusal_to_log(self) -> str | None:
+        """The reason to log, at the 1st, 10th, 100th… refusal (a reader sending nothing but
+        bad results cannot flood the journal), else None."""
+        before = self._logged
+        if self.refused == before:
+            return None
+        self._logged = self.refused
+        if before == 0 or len(str(self.refused)) > len(str(before)):
+            return self.last_refusal
+        return None
+
+
 __all__ = [
     "DEFAULT_TID_WORDS",
     "MAX_TID_WORDS",
     "MIN_TID_WORDS",
     "TID_BANK",
     "TidRefused",
+    "TidTally",
     "tid_hex",
 ]

@@ -42,16 +42,16 @@ class Asset:
         words than were pinned); one that differs within their common length is another tag's.
         A read shorter than the pin that agrees with it proves nothing either way."""
         pin = self.tid
-        genuine = False
+        own: str | None = None
         foreign: list[str] = []
         if pin is not None:
             for tid in sorted(set(tids)):
                 n = min(len(tid), len(pin))
                 if tid[:n] != pin[:n]:
                     foreign.append(tid)
-                elif len(tid) >= len(pin):
-                    genuine = True
-        return TidVerdict(genuine, tuple(foreign))
+                elif len(tid) >= len(pin) and own is None:
+                    own = tid
+        return TidVerdict(own, tuple(foreign))
 
     def calibration_overdue(self, today: date) -> bool:
         """Overdue once the due date has passed (the due day itself is still fine)."""
@@ -67,8 +67,12 @@ class TidVerdict:
     """What the TIDs read with a pinned asset's EPC say: the pinned tag answered, and the TIDs
     of other tags that carry its EPC (clones)."""
 
-    genuine: bool
+    own: str | None  # the TID read that is the pinned tag's (None: it did not answer)
     foreign: tuple[str, ...]
+
+    @property
+    def genuine(self) -> bool:
+        return self.own is not None
 
 
 class AssetRegistry:

@@ -328,9 +328,10 @@ class Contents:
                     if epc in result.steady:
                         for tid in verdict.foreign:
                             if tid not in reported:
-                                counterfeit[(epc, tid)] = drawer
-                    if not verdict.genuine:
+                                counterfeit[(epc, tid)] = tids[tid]  # where the clone is
+                    if verdict.own is None:
                         continue
+                    drawer = tids[verdict.own]  # the item is where its own tag is
             if registry is not None and epc not in registry:
                 # Reported when it arrives; one the baseline already held (from before the
                 # registry knew better) did not arrive.

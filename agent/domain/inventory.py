@@ -167,8 +167,9 @@ class ScanResult:
     # Drawers whose antennas reported any read at all (a tag, a neighbour, under the floor or
     # not): a drawer that held tags and is not among them may be blind (an unplugged antenna).
     heard: frozenset[str] = frozenset()
-    # Present tags whose readers read a TID with them: EPC → the TIDs read (drivers/tid.py).
-    tids: Mapping[str, frozenset[str]] = field(default_factory=dict, repr=False)
+    # Present tags whose readers read a TID with them: EPC → TID read → the drawer where the
+    # tag answering with that TID read strongest (a clone shares the EPC, not the place).
+    tids: Mapping[str, Mapping[str, str]] = field(default_factory=dict, repr=False)
 
     def merge(self, other: ScanResult) -> ScanResult:
         """Union of two passes: a tag present in either is present; location by combined RSSI.
@@ -203,14 +204,15 @@ class ScanResult:
 
 
 def _merge_tids(
-    a: Mapping[str, frozenset[str]], b: Mapping[str, frozenset[str]]
-) -> Mapping[str, frozenset[str]]:
+    a: Mapping[str, Mapping[str, str]], b: Mapping[str, Mapping[str, str]]
+) -> Mapping[str, Mapping[str, str]]:
+    """TIDs of either pass (a TID's drawer as the later pass found it)."""
     if not b:
         return a
     out = dict(a)
     for epc, tids in b.items():
-        mine = out.get(epc)
-        out[epc] = tids if mine is None else frozenset(sorted(mine | tids)[:MAX_TIDS_PER_EPC])
+        merged = {**out.get(epc, {}), **tids}
+        out[epc] = MappingProxyType(dict(sorted(merged.items())[:MAX_TIDS_PER_EPC]))
     return MappingProxyType(out)
 
 
@@ -251,7 +253,8 @@ class ScanAccumulator:
         self.reads = 0  # qualifying reads counted
         self.ignored = 0  # reads from unconfigured antennas, below the floor, or malformed
         self._tags: dict[str, _TagStats] = {}
-        self._tids: dict[str, set[str]] = {}  # EPC → TIDs read with it (counted reads only)
+        # EPC → TID read with it → drawer → [reads, RSSI sum] (counted reads only).
+        self._tids: dict[str, dict[str, dict[str, list[float]]]] = {}
         self._present = 0
         self._problems: list[str] = []
         self._closed = False
@@ -331,9 +334,17 @@ class ScanAccumulator:
                 self.last_new = now
             tid = read.tid
             if tid is not None and _TID_RE.fullmatch(tid):
-                known = self._tids.setdefault(read.epc, set())
-                if len(known) < MAX_TIDS_PER_EPC:
-                    known.add(tid)
+                known = self._tids.setdefault(read.epc, {})
+                cells = known.get(tid)
+                if cells is None and len(known) < MAX_TIDS_PER_EPC:
+                    cells = known[tid] = {}
+                if cells is not None:
+                    tcell = cells.get(drawer)
+                    if tcell is None:
+                        cells[drawer] = [n, rssi * n]
+                    else:
+                        tcell[0] += n
+                        tcell[1] += rssi * n
             cell = stats.by_drawer.get(drawer)
             if cell is None:
                 stats.by_drawer[drawer] = [n, rssi * n]
@@ -380,7 +391,13 @@ class ScanAccumulator:
             stats=MappingProxyType(stats),
             steady=frozenset(steady),
             heard=frozenset(self._heard),
-            tids=MappingProxyType({e: frozenset(t) for e, t in self._tids.items() if e in present}),
+            tids=MappingProxyType(
+                {
+                    e: MappingProxyType({t: _strongest(c) for t, c in sorted(ts.items())})
+                    for e, ts in self._tids.items()
+                    if e in present
+                }
+            ),
         )
 
     def _check(self, h: ReaderHealth) -> None:

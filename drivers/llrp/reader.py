@@ -91,10 +91,9 @@ class LlrpReader:
         self.stats = LlrpStats()
         # TIDs read with the inventory (``read_tid``): what became of each read result.
         self.tids: TidCheck | None = (
-            TidCheck(TID_OP_SPEC_ID, cfg.tid_words) if cfg.read_tid else None
+            TidCheck(cfg.tid_words, op_spec_id=TID_OP_SPEC_ID) if cfg.read_tid else None
         )
         self.tid_active = False  # the reader accepted and enabled the TID AccessSpec
-        self._tid_refusals_logged = 0
         self.last_frame = 0.0  # monotonic time the last batch of frames was fully handled
         # Only a *stable* session (configured for backoff.stable_s) starts the delays over: a
         # reader that configures and drops again at once is reconnected ever more slowly.
@@ -453,20 +452,16 @@ class LlrpReader:
         await self._deliver(tag_reads_from_raw(self.reader_id, tags, self._clock.now(), self.tids))
 
     async def _deliver(self, reads: list[TagRead]) -> None:
-        tids = self.tids
-        if tids is not None and tids.refused > self._tid_refusals_logged:
-            # Refused TID results are counted; logged at the 1st, 10th, 100th… so a reader
-            # sending nothing but bad results cannot flood the journal.
-            before = self._tid_refusals_logged
-            if before == 0 or len(str(tids.refused)) > len(str(before)):
-                logger.warning(
-                    "reader %s: TID read result refused (%s); the tag is kept as a plain "
-                    "read (%d refused so far)",
-                    self.reader_id,
-                    tids.last_refusal,
-                    tids.refused,
-                )
-            self._tid_refusals_logged = tids.refused
+        reason = self.tids.refusal_to_log() if self.tids is not None else None
+        if reason is not None:
+            assert self.tids is not None
+            logger.warning(
+                "reader %s: TID read result refused (%s); the tag is kept as a plain read "
+                "(%d refused so far)",
+                self.reader_id,
+                reason,
+                self.tids.refused,
+            )
         self.stats.reports += 1
         self.stats.tags += len(reads)
         if reads:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from drivers.tid import TidRefused, tid_hex
+from drivers.tid import TidTally
 from drivers.types import TagRead
 
 _TLV = struct.Struct("!HH")
@@ -75,46 +75,27 @@ class RawTag(NamedTuple):
 
 
 @dataclass
-class TidCheck:
-    """Turns the C1G2ReadOpSpecResult of our TID AccessSpec into a TID, and counts the outcome.
+class TidCheck(TidTally):
+    """Turns the C1G2ReadOpSpecResult of our TID AccessSpec into a TID (``TidTally``: the
+    counts): a result of another op spec is refused, Result ≠ 0 is a failed read."""
 
-    ``failed``: the reader could not read the tag's TID this time (Result ≠ 0: a weak tag, a
-    tag that left the field mid-access) — no TID, nobody's fault. ``refused``: the result itself
-    is unusable (malformed, wrong size, several results, another op spec's) — refused, reason in
-    ``last_refusal`` (sizes and numbers only, never tag data)."""
-
-    op_spec_id: int
-    words: int
-    read: int = 0
-    failed: int = 0
-    refused: int = 0
-    last_refusal: str = ""
+    op_spec_id: int = 0
 
     def tid(self, read: tuple[int, int, bytes] | None, problem: str = "") -> str | None:
         """The TID of one tag report, or None (read kept as a plain read)."""
         if problem:
-            self._refuse(problem)
+            self.refuse(problem)
             return None
         if read is None:
             return None
         result, op_spec_id, data = read
         if op_spec_id != self.op_spec_id:
-            self._refuse(f"read result of op spec {op_spec_id}, not ours")
+            self.refuse(f"read result of op spec {op_spec_id}, not ours")
             return None
         if result != 0:
-            self.failed += 1
+            self.fail()
             return None
-        try:
-            tid = tid_hex(data, self.words)
-        except TidRefused as err:
-            self._refuse(str(err))
-            return None
-        self.read += 1
-        return tid
-
-    def _refuse(self, reason: str) -> None:
-        self.refused += 1
-        self.last_refusal = reason[:200]
+        return self.accept(data)
 
 
 def decode_report(frame: bytes) -> list[RawTag] | None:

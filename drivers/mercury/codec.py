@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from drivers.errors import PermanentError, ProtocolError, TransientError
+from drivers.tid import TID_BANK
 
 SOF = 0xFF
 MAX_DATA_LEN = 255  # the length field is one byte
@@ -32,6 +33,7 @@ class Opcode(enum.IntEnum):
     BOOT_FIRMWARE = 0x04
     GET_CURRENT_PROGRAM = 0x0C
     READ_TAG_ID_MULTIPLE = 0x22
+    READ_TAG_DATA = 0x28
     MULTI_PROTOCOL_TAG_OP = 0x2F
     GET_ANTENNA_PORT = 0x61
     GET_READ_TX_POWER = 0x62
@@ -429,6 +431,7 @@ META_DEFAULT = META_KNOWN
 
 # Search flags of the embedded read (TMR_SR_SearchFlag).
 SEARCH_CONFIGURED_LIST = 0x0003
+SEARCH_EMBEDDED_COMMAND = 0x0004
 SEARCH_TAG_STREAMING = 0x0008
 SEARCH_LARGE_TAG_POPULATION = 0x0010
 SINGULATION_OPTION_METADATA = 0x10
@@ -493,16 +496,32 @@ def set_gpo(pin: int, high: bool) -> Command:
     return Command(Opcode.SET_USER_GPIO_OUTPUTS, bytes((pin, 1 if high else 0)))
 
 
-def start_continuous_read(metadata: int = META_DEFAULT, cycle_timeout_ms: int = 1000) -> Command:
-    """Multi-protocol tag op, continuous: an embedded Gen2 read-multiple that streams."""
+def start_continuous_read(
+    metadata: int = META_DEFAULT, cycle_timeout_ms: int = 1000, tid_words: int = 0
+) -> Command:
+    """Multi-protocol tag op, continuous: an embedded Gen2 read-multiple that streams.
+
+    ``tid_words`` > 0 embeds a tag op in it (search flag 0x0004, then the command count and
+    length, then READ_TAG_DATA 0x28 of bank 2 from word 0): every streamed record then carries
+    that many TID words as its embedded data (``META_DATA``), or none when the read failed."""
+    search = SEARCH_CONFIGURED_LIST | SEARCH_TAG_STREAMING | SEARCH_LARGE_TAG_POPULATION
+    if tid_words:
+        if not 1 <= tid_words <= 0xFF:
+            raise ValueError(f"TID word count out of range: {tid_words}")
+        search |= SEARCH_EMBEDDED_COMMAND
     sub = struct.pack(
         ">BBHHH",
         Opcode.READ_TAG_ID_MULTIPLE,
         SINGULATION_OPTION_METADATA,
-        SEARCH_CONFIGURED_LIST | SEARCH_TAG_STREAMING | SEARCH_LARGE_TAG_POPULATION,
+        search,
         cycle_timeout_ms,
         metadata,
     )
+    if tid_words:
+        # READ_TAG_DATA as the Mercury API embeds it (TMR_SR_msgAddGEN2DataRead without
+        # metadata): opcode, timeout (0: the search's), option 0, bank, word address (4), count.
+        op = struct.pack(">BHBBIB", Opcode.READ_TAG_DATA, 0, 0, TID_BANK, 0, tid_words)
+        sub += bytes((1, len(op) - 1)) + op  # one embedded command; its length excludes opcode
     head = struct.pack(
         ">HBBHBB",
         0,  # timeout: zero for continuous reading
@@ -597,6 +616,10 @@ class TagRecord:
     timestamp_ms: int | None
     protocol: int | None
     epc_crc_ok: bool
+    # Embedded data (META_DATA): what the embedded tag op read, e.g. the TID; None when the
+    # record carries no such field, b"" when the op read nothing (it failed on this tag).
+    data: bytes | None = None
+    data_bits: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -651,9 +674,15 @@ def parse_tag_record(d: bytes) -> TagRecord:
         if flags & META_PROTOCOL:
             protocol = d[i]
             i += 1
+        data: bytes | None = None
+        data_bits = 0
         if flags & META_DATA:
-            bits = (d[i] << 8) | d[i + 1]
-            i += 2 + (bits + 7) // 8
+            data_bits = (d[i] << 8) | d[i + 1]
+            nbytes = (data_bits + 7) // 8
+            data = bytes(d[i + 2 : i + 2 + nbytes])
+            if len(data) != nbytes:
+                raise MalformedMessage("tag record truncated")
+            i += 2 + nbytes
         if flags & META_GPIO:
             i += 1
         epc_bits = (d[i] << 8) | d[i + 1]
@@ -678,6 +707,8 @@ def parse_tag_record(d: bytes) -> TagRecord:
         timestamp_ms=timestamp,
         protocol=protocol,
         epc_crc_ok=gen2_crc16(body) == crc,
+        data=data,
+        data_bits=data_bits,
     )
 
 

@@ -10,6 +10,7 @@ from drivers.config import ReaderConfigBase
 from drivers.errors import PermanentError
 from drivers.mercury.codec import REGIONS
 from drivers.serialio import SerialTarget
+from drivers.tid import DEFAULT_TID_WORDS, MAX_TID_WORDS, MIN_TID_WORDS
 
 RegionName = Literal[
     "NA",
@@ -57,6 +58,17 @@ class MercuryReaderConfig(ReaderConfigBase):
     )
     cycle_timeout_ms: int = Field(
         1000, ge=50, le=65535, description="search cycle length inside continuous reading"
+    )
+    read_tid: bool = Field(
+        False,
+        description="read each tag's TID with the inventory (an embedded READ_TAG_DATA of "
+        "bank 2 in the continuous read)",
+    )
+    tid_words: int = Field(
+        DEFAULT_TID_WORDS,
+        ge=MIN_TID_WORDS,
+        le=MAX_TID_WORDS,
+        description="TID words to read (a result of any other size is refused)",
     )
 
     @field_validator("url")

@@ -28,11 +28,13 @@ from drivers.mercury.codec import (
     ResponseDecoder,
     Status,
     StreamStatus,
+    TagRecord,
     VersionInfo,
 )
 from drivers.mercury.config import MercuryReaderConfig
 from drivers.serialio import SerialConnection, SerialTarget
 from drivers.supervisor import Retry, Supervisor
+from drivers.tid import TidTally
 from drivers.types import Clock, ReaderHealth, ReaderSink, ReaderState, SystemClock, TagRead
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,8 @@ class MercuryReader:
         self.version: VersionInfo | None = None
         self.tag_records = 0
         self.malformed_records = 0
+        # TIDs read with the inventory (``read_tid``): what became of each embedded read.
+        self.tids: TidTally | None = TidTally(cfg.tid_words) if cfg.read_tid else None
         self.drained_records = 0  # records of a read cycle already asked to stop
         self.epc_crc_mismatches = 0
         self.unexpected_frames = 0
@@ -260,7 +264,10 @@ class MercuryReader:
                     # Streaming hides an unplugged antenna: look right before every scan.
                     await self._refresh_antennas()
                 await self._command(
-                    codec.start_continuous_read(cycle_timeout_ms=cfg.cycle_timeout_ms)
+                    codec.start_continuous_read(
+                        cycle_timeout_ms=cfg.cycle_timeout_ms,
+                        tid_words=cfg.tid_words if cfg.read_tid else 0,
+                    )
                 )
                 self._inventorying = True
                 if not self._want_inventory:
@@ -445,8 +452,34 @@ class MercuryReader:
                 peak_rssi_dbm=float(event.rssi_dbm) if event.rssi_dbm is not None else None,
                 first_seen=self._clock.now(),
                 seen_count=max(1, event.read_count),
+                tid=self._tid(event) if self.tids is not None else None,
             )
         )
+
+    def _tid(self, record: TagRecord) -> str | None:
+        """The TID of the record's embedded read; a failed read is no TID, an unusable one is
+        refused with a reason (counted, logged sparingly) and the read kept plain."""
+        tids = self.tids
+        assert tids is not None
+        tid: str | None = None
+        if record.data is None:
+            tids.refuse("tag record without the embedded read's data")
+        elif record.data_bits == 0:
+            tids.fail()
+        elif record.data_bits % 16:
+            tids.refuse(f"TID of {record.data_bits} bits is not whole 16-bit words")
+        else:
+            tid = tids.accept(record.data)
+        reason = tids.refusal_to_log()
+        if reason is not None:
+            logger.warning(
+                "%s: TID read result refused (%s); the tag is kept as a plain read "
+                "(%d refused so far)",
+                self.reader_id,
+                reason,
+                tids.refused,
+            )
+        return tid
 
     async def _publish(self, state: ReaderState, detail: str) -> None:
         healthy = state in (ReaderState.ONLINE, ReaderState.INVENTORYING)

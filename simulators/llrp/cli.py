@@ -226,13 +226,18 @@ def _command(sim: LlrpSimulator, words: list[str]) -> None:
     verb, rest = words[0], words[1:]
     if verb == "add":
         rssi = float(rest[2]) if len(rest) > 2 else -55.0
-        sim.add_tag(SimTag(epc=rest[0], antenna=int(rest[1]), rssi_mean=rssi))
+        tid = rest[3] if len(rest) > 3 else None
+        sim.add_tag(SimTag(epc=rest[0], antenna=int(rest[1]), rssi_mean=rssi, tid=tid))
     elif verb == "neighbour":
         rssi = float(rest[2]) if len(rest) > 2 else -79.0
         duty = float(rest[3]) if len(rest) > 3 else 0.3
         sim.add_tag(neighbour_tag(rest[0], int(rest[1]), rssi_mean=rssi, duty=duty))
     elif verb == "remove":
         sim.remove_tag(rest[0])
+    elif verb == "clone":
+        sim.add_clone(SimTag(epc=rest[0], antenna=int(rest[1]), tid=rest[2]))
+    elif verb == "unclone":
+        sim.remove_clone(rest[0])
     elif verb == "move":
         sim.move_tag(rest[0], int(rest[1]))
     elif verb == "random":

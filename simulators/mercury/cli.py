@@ -94,7 +94,11 @@ def _command(sim: MercurySimulator, words: list[str]) -> None:
         return
     verb, rest = words[0], words[1:]
     if verb == "add":
-        sim.add_tag(rest[0], int(rest[1]))
+        sim.add_tag(rest[0], int(rest[1]), tid=rest[2] if len(rest) > 2 else None)
+    elif verb == "clone":
+        sim.add_clone(rest[0], int(rest[1]), rest[2])
+    elif verb == "unclone":
+        sim.remove_clone(rest[0])
     elif verb == "neighbour":
         sim.add_neighbour_tag(
             rest[0],

@@ -4,6 +4,7 @@ front of its antennas. Bytes in, bytes out; the simulator carries them over a li
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ VERSION_OPCODE = 0x03
 BOOT_FIRMWARE = 0x04
 GET_CURRENT_PROGRAM = 0x0C
 READ_TAG_ID_MULTIPLE = 0x22
+READ_TAG_DATA = 0x28
 MULTI_PROTOCOL_TAG_OP = 0x2F
 GET_ANTENNA_PORT = 0x61
 GET_REGION = 0x67
@@ -58,6 +60,15 @@ class SimTag:
     duty: float = 1.0
     burst_rounds: float = 1.0
     reachable: bool = True
+    # The TID bank: the tag's own, or (None) one derived from the EPC; a clone is a tag with
+    # another's EPC and a TID of its own.
+    tid: bytes | None = None
+
+    @property
+    def tid_bank(self) -> bytes:
+        if self.tid is not None:
+            return self.tid
+        return b"\xe2\x80\x11\x30" + hashlib.blake2s(self.epc, digest_size=8).digest()
 
     def next_round(self, rng: random.Random) -> bool:
         """Advance the fade (two-state Markov chain); whether it can answer this cycle."""
@@ -102,6 +113,10 @@ class MercuryModule:
         # A stop of continuous reading was asked: answered after the current search cycle.
         self.stop_pending = False
         self._metadata = 0x01FF
+        self._search_flags = 0x001B
+        # The embedded tag op of the continuous read: READ_TAG_DATA (bank, word address,
+        # word count), or None.
+        self.embedded_read: tuple[int, int, int] | None = None
         self._read_started = 0.0
 
     def power_cycle(self) -> None:
@@ -124,6 +139,8 @@ class MercuryModule:
                 continue
             rssi = round(self._rng.gauss(tag.rssi_mean, tag.rssi_spread))
             record = wire.tag_record(
+                search_flags=self._search_flags,
+                data=self._embedded_read(tag),
                 epc=tag.epc,
                 metadata=self._metadata,
                 read_count=1,
@@ -134,6 +151,21 @@ class MercuryModule:
             )
             answers.append((tag, wire.response(READ_TAG_ID_MULTIPLE, ST_OK, record)))
         return answers
+
+    def _embedded_read(self, tag: SimTag) -> bytes:
+        """What the embedded READ_TAG_DATA read on ``tag`` (empty: nothing, or it failed: a
+        bank the simulated tags lack, or words past the end of the bank)."""
+        if self.embedded_read is None:
+            return b""
+        bank, address, words = self.embedded_read
+        if bank == 2:
+            memory = tag.tid_bank
+        elif bank == 1:
+            memory = b"\x00\x00" + ((len(tag.epc) // 2) << 11).to_bytes(2, "big") + tag.epc
+        else:
+            return b""
+        start, end = 2 * address, 2 * (address + words)
+        return memory[start:end] if end <= len(memory) else b""
 
     def no_tags(self) -> bytes:
         """What a reading module sends after a cycle without a tag (a keepalive)."""
@@ -263,7 +295,18 @@ class MercuryModule:
         sub = data[8:]
         if len(sub) != data[7] + 1 or len(sub) < 8 or sub[0] != READ_TAG_ID_MULTIPLE:
             return wire.response(MULTI_PROTOCOL_TAG_OP, ST_INVALID_PARAMETER)
+        search = int.from_bytes(sub[2:4], "big")
+        embedded: tuple[int, int, int] | None = None
+        if search & 0x0004:
+            # count (1), length (1, excludes the opcode), READ_TAG_DATA: timeout (2),
+            # option (1), bank (1), word address (4), word count (1).
+            op = sub[8:]
+            if len(op) != 12 or op[0] != 1 or op[1] != 9 or op[2] != READ_TAG_DATA or not op[11]:
+                return wire.response(MULTI_PROTOCOL_TAG_OP, ST_INVALID_PARAMETER)
+            embedded = (op[6], int.from_bytes(op[7:11], "big"), op[11])
         self._metadata = int.from_bytes(sub[6:8], "big") & 0x01FF
+        self._search_flags = search
+        self.embedded_read = embedded
         if not self.search_list:
             self.search_list = [1]
         self.reading = True

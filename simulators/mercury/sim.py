@@ -120,6 +120,7 @@ class MercurySimulator:
         self.keepalive_s = keepalive_s
         self.faults = Faults(self)
         self.tags: dict[bytes, SimTag] = {}
+        self.clones: dict[bytes, SimTag] = {}  # EPC → a second tag carrying it (its own TID)
         # bookkeeping visible to tests
         self.commands: Counter[int] = Counter()
         self.connections = 0
@@ -232,15 +233,46 @@ class MercurySimulator:
         read_probability: float = 0.9,
         duty: float = 1.0,
         burst_rounds: float = 1.0,
+        tid: str | bytes | None = None,
+    ) -> SimTag:
+        """A tag at ``antenna``; ``tid`` its TID bank (hex), default one derived from the EPC."""
+        tag = self._make_tag(
+            epc, antenna, rssi_mean, rssi_spread, read_probability, duty, burst_rounds, tid
+        )
+        self.tags[tag.epc] = tag
+        return tag
+
+    def add_clone(self, epc: str | bytes, antenna: int, tid: str | bytes) -> SimTag:
+        """A cloned tag: ``epc`` (maybe another tag's) on a chip with its own ``tid``."""
+        tag = self._make_tag(epc, antenna, -55.0, 3.0, 0.9, 1.0, 1.0, tid)
+        self.clones[tag.epc] = tag
+        return tag
+
+    def remove_clone(self, epc: str | bytes) -> None:
+        self.clones.pop(bytes.fromhex(epc) if isinstance(epc, str) else epc, None)
+
+    def _make_tag(
+        self,
+        epc: str | bytes,
+        antenna: int,
+        rssi_mean: float,
+        rssi_spread: float,
+        read_probability: float,
+        duty: float,
+        burst_rounds: float,
+        tid: str | bytes | None,
     ) -> SimTag:
         raw = bytes.fromhex(epc) if isinstance(epc, str) else bytes(epc)
+        raw_tid = bytes.fromhex(tid) if isinstance(tid, str) else tid
+        if raw_tid is not None and (not raw_tid or len(raw_tid) % 2 or len(raw_tid) > 64):
+            raise ValueError("TID must be 1..32 whole 16-bit words")
         if not raw or len(raw) % 2 or len(raw) > 62:
             raise ValueError("EPC must be a whole number of 16-bit words (≤ 496 bits)")
         if not 1 <= antenna <= 15:
             raise ValueError("antenna ports are 1..15")
         if not 0.0 < duty <= 1.0 or burst_rounds < 1.0:
             raise ValueError("duty must be within (0, 1] and burst_rounds >= 1")
-        tag = SimTag(
+        return SimTag(
             raw,
             antenna,
             rssi_mean,
@@ -249,9 +281,8 @@ class MercurySimulator:
             duty,
             burst_rounds,
             reachable=self._rng.random() < duty,
+            tid=raw_tid,
         )
-        self.tags[raw] = tag
-        return tag
 
     def add_neighbour_tag(
         self,
@@ -446,7 +477,8 @@ class MercurySimulator:
                 continue
             now = time.monotonic()
             chunk = bytearray()
-            for tag, frame in module.search_round(list(self.tags.values()), now):
+            present = [*self.tags.values(), *self.clones.values()]
+            for tag, frame in module.search_round(present, now):
                 chunk += frame
                 self.records_sent += 1
                 self.records_by_epc[tag.epc] += 1

@@ -88,12 +88,16 @@ def tag_record(
     antenna: int,
     frequency_khz: int,
     timestamp_ms: int,
+    search_flags: int = 0x001B,
+    data: bytes = b"",
 ) -> bytes:
-    """The data of one streamed READ_TAG_ID_MULTIPLE frame, honouring the requested flags."""
+    """The data of one streamed READ_TAG_ID_MULTIPLE frame, honouring the requested flags;
+    ``data``: what an embedded tag op read (empty: none, or it failed)."""
     pc = (len(epc) // 2) << 11  # EPC length in words, in the PC's top five bits
     body = pc.to_bytes(2, "big") + epc
     tag = body + gen2_crc16(body).to_bytes(2, "big")
-    out = bytearray([0x10, 0x00, 0x1B]) + metadata.to_bytes(2, "big") + b"\x01"
+    out = bytearray([0x10]) + search_flags.to_bytes(2, "big") + metadata.to_bytes(2, "big")
+    out.append(0x01)  # tag count
     if metadata & 0x0001:
         out.append(read_count & 0xFF)
     if metadata & 0x0002:
@@ -109,7 +113,7 @@ def tag_record(
     if metadata & 0x0040:
         out.append(0x05)  # Gen2
     if metadata & 0x0080:
-        out += b"\x00\x00"  # no embedded tag data
+        out += (len(data) * 8).to_bytes(2, "big") + data  # embedded tag op data (bits)
     if metadata & 0x0100:
         out.append(0x0F)  # GPIO levels
     out += (len(tag) * 8).to_bytes(2, "big") + tag
