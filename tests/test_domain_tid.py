@@ -9,6 +9,7 @@ import pytest
 
 from agent.domain import events as ev
 from agent.domain.assets import Asset, AssetRegistry, AssetRegistryError
+from backend.record.recorder import alert_effects
 from drivers.types import TagRead
 from tests.domain_harness import ALICE, BOB, DRAWER_ANTENNA, Cabinet, Tag, epc
 
@@ -234,3 +235,18 @@ def test_registry_refuses_one_tid_pinned_twice() -> None:
     asset = ok.get(epc(0))
     assert asset is not None
     assert asset.tid == TID_TQ
+
+
+def test_the_backend_record_raises_an_alert_per_clone() -> None:
+    c = _cabinet()
+    c.clones[epc(0)] = ("bottom", TID_CLONE)
+    c.cycle(BOB)
+    (fake,) = [e for e in c.events if isinstance(e, ev.ItemCounterfeit)]
+    raised, cleared = alert_effects(fake)
+    assert raised == [
+        (
+            f"item.counterfeit:{epc(0)}:{TID_CLONE}",
+            f"a tag with TQ-100's EPC but TID {TID_CLONE} in drawer bottom",
+        )
+    ]
+    assert cleared == []

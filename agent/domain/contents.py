@@ -2,11 +2,11 @@
 
 The inventory trust rules (docs/domain.md): with an asset registry only registered tags are
 inventory; a tag new to the cabinet joins only if it was steady in every pass; a drawer that
-held tags and reads nothing at all is held as blind rather than emptied; a registered item pinned to a TID is only itself when its
-TID is not contradicted (a clone is ``item.counterfeit``). ``Contents`` judges a
-pass by them, reports what it finds (check-outs, returns, missing, unknown, misplaced items)
-and carries what they remember from one cycle to the next: the drawers held as blind and the
-unregistered tags already reported.
+held tags and reads nothing at all is held as blind rather than emptied; an item pinned to its
+tag's TID is not a tag whose TID contradicts the pin (a clone: ``item.counterfeit``).
+``Contents`` judges a pass by them, reports what it finds (check-outs, returns, missing,
+unknown, misplaced, counterfeit items) and carries what they remember from one cycle to the
+next: the drawers held as blind, the unregistered tags and the clones already reported.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from agent.domain.events import (
     InventorySuspect,
     ItemCalibrationOverdue,
     ItemCheckedOut,
+    ItemCounterfeit,
     ItemMisplaced,
     ItemMissing,
     ItemOverdue,
@@ -673,6 +674,15 @@ def _misplaced(ev: ItemMisplaced, r: list[tuple[str, str]], c: list[str]) -> Non
     )
 
 
+def _counterfeit(ev: ItemCounterfeit, r: list[tuple[str, str]], c: list[str]) -> None:
+    r.append(
+        (
+            f"item.counterfeit:{ev.epc}:{ev.tid}",
+            f"a tag with {ev.asset_id}'s EPC but TID {ev.tid} in drawer {ev.drawer}",
+        )
+    )
+
+
 def _item_left(ev: ItemCheckedOut | ItemMissing | ItemReturned, r: Any, c: list[str]) -> None:
     c.append(f"item.misplaced:{ev.epc}")
     c.append(f"item.overdue:{ev.epc}")  # back, gone or out again: that check-out is over
@@ -725,6 +735,7 @@ _ALERT_RULES: dict[type, _Rule] = {
     InventorySnapshot: _snapshot,
     ItemUnknown: _unknown,
     ItemMisplaced: _misplaced,
+    ItemCounterfeit: _counterfeit,
     ItemCheckedOut: _item_left,
     ItemMissing: _item_left,
     ItemReturned: _item_left,

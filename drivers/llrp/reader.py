@@ -286,6 +286,7 @@ class LlrpReader:
                             await writer.drain()
         finally:
             self._session = None
+            self.tid_active = False
             sess.fail_pending(TransientError(f"reader {self.reader_id} session ended"))
             with sv.bounded(CLOSE_WAIT_S + 1.0):
                 await sess.close(self.stats)
