@@ -99,8 +99,9 @@ def asset_registry_doc(
     """An unsigned asset-registry document, checked with the cabinet's own model.
 
     Every asset needs a unique lower-case hex ``epc`` and an ``asset_id``; ``name``,
-    ``home_drawer``, ``calibration_due``, ``consumable`` and ``sku`` (required for a consumable)
-    are optional (``AssetRegistry.from_body``), other fields are carried along unread.
+    ``home_drawer``, ``calibration_due``, ``consumable`` and ``sku`` (required for a consumable),
+    and ``tid`` (the TID that pins the item to its tag, unique) are optional
+    (``AssetRegistry.from_body``), other fields are carried along unread.
     """
     out: list[dict[str, Any]] = []
     seen: set[str] = set()

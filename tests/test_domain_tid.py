@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from agent.domain import events as ev
 from agent.domain.assets import Asset, AssetRegistry, AssetRegistryError
 from backend.record.recorder import alert_effects
+from backend.signing import asset_registry_doc
 from drivers.types import TagRead
 from tests.domain_harness import ALICE, BOB, DRAWER_ANTENNA, Cabinet, Tag, epc
 
@@ -250,3 +252,17 @@ def test_the_backend_record_raises_an_alert_per_clone() -> None:
         )
     ]
     assert cleared == []
+
+
+def test_the_backend_cannot_sign_a_registry_the_cabinet_refuses() -> None:
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+    pinned = [
+        {"epc": epc(0), "asset_id": "TQ-100", "tid": TID_TQ},
+        {"epc": epc(1), "asset_id": "CAL-7", "tid": TID_TQ},  # one chip, two items
+    ]
+    with pytest.raises(ValueError, match="pinned twice"):
+        asset_registry_doc("hangar-3", "crib-07", 1, now + timedelta(days=1), pinned, issued_at=now)
+    doc = asset_registry_doc(
+        "hangar-3", "crib-07", 1, now + timedelta(days=1), pinned[:1], issued_at=now
+    )
+    assert doc["body"]["assets"][0]["tid"] == TID_TQ

@@ -50,7 +50,11 @@ async def test_tids_read_with_the_inventory_and_a_clone_is_another_tag() -> None
             assert {r.antenna for r in sink.reads if r.tid == TID_CLONE} == {3}
             assert reader.tid_active
             # Once the AccessSpec is enabled every read carries its tag's TID (reads in the
-            # moment between the ROSpec's start and the AccessSpec's are plain).
+            # moment between the ROSpec's start and the AccessSpec's are plain). Two reports
+            # after the enabling, what was read before it has been reported (each AISpec's end
+            # flushes every tag it holds); a keepalive round trip, and it has reached the sink.
+            enabled_at = sim.stats.reports_sent
+            await sim.wait_until(lambda: sim.stats.reports_sent >= enabled_at + 2, timeout=30.0)
             await keepalive_round_trip(sim)
             sink.reads.clear()
             await sink.until(lambda: {(r.epc, r.tid) for r in sink.reads} >= want)
