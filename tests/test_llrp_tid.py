@@ -8,6 +8,7 @@ import logging
 import struct
 from dataclasses import replace
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 from sllurp.llrp import LLRPMessage
@@ -305,3 +306,15 @@ async def test_refusals_are_logged_sparingly(caplog: pytest.LogCaptureFixture) -
     assert reader.tids is not None
     assert reader.tids.refused == 150
     assert caplog.text.count("TID read result refused") == 3  # the 1st, 10th and 100th
+
+
+async def test_a_report_numbered_like_a_pending_access_spec_request_is_still_a_report() -> None:
+    # The reader numbers its own messages in the same id space as our requests: only an
+    # ADD_/ENABLE_ACCESSSPEC answer (or ERROR_MESSAGE) with that id is the answer.
+    reader, sink = _reader()
+    sess = SimpleNamespace(pending_gpo={}, tid_requests={1: "add"}, stale_ids=set())
+    frame = _with_result(_result(0, TID_OP_SPEC_ID, bytes.fromhex(TID_A)))
+    assert struct.unpack_from("!I", frame, 6)[0] == 1
+    await reader._handle(sess, frame, 61, 1)  # type: ignore[arg-type]
+    assert [r.tid for r in (sink.queue.get_nowait() for _ in range(sink.queue.qsize()))] == [TID_A]
+    assert sess.tid_requests == {1: "add"}

@@ -65,6 +65,7 @@ from drivers.types import (
 logger = logging.getLogger(__name__)
 
 _S = LLRPReaderState
+_TID_ANSWERS = (MSG_ADD_ACCESSSPEC_RESPONSE, MSG_ENABLE_ACCESSSPEC_RESPONSE, MSG_ERROR_MESSAGE)
 
 __all__ = ["CLOSE_WAIT_S", "LlrpReader", "LlrpStats"]
 
@@ -302,7 +303,8 @@ class LlrpReader:
         if msg_type == MSG_SET_READER_CONFIG_RESPONSE and msg_id in sess.pending_gpo:
             self._resolve_gpo(sess, msg_id, data)
             return
-        if msg_id in sess.tid_requests:
+        if msg_id in sess.tid_requests and msg_type in _TID_ANSWERS:
+            # By type too: the reader numbers its own messages (reports) in the same id space.
             self._on_tid_answer(sess, msg_id, msg_type, data)
             return
         if msg_id in sess.stale_ids:
