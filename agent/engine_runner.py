@@ -295,6 +295,7 @@ class EngineRunner:
                 assets=assets,
                 timezone=self.timezone,
             )
+        self._check_pins(assets)
         if not store.baseline_proven:
             # The store was recovered from damage: its baseline may miss door cycles it lost.
             logger.warning(
@@ -317,6 +318,18 @@ class EngineRunner:
             self.engine.set_allow_list(_as(parsed, AllowList))
         elif kind == ASSET_REGISTRY:
             self.engine.set_assets(_as(parsed, AssetRegistry))
+            self._check_pins(_as(parsed, AssetRegistry))
+
+    def _check_pins(self, assets: AssetRegistry | None) -> None:
+        """Say so when the registry pins items to TIDs and no reader reads TIDs: those items
+        are then judged by EPC alone (docs/domain.md, "TIDs"), and a clone passes for them."""
+        pinned = assets.pinned() if assets is not None else 0
+        if pinned and not any(getattr(r, "tids", None) is not None for r in self.readers):
+            logger.warning(
+                "the asset registry pins %d items to their TIDs but no reader reads TIDs "
+                "(read_tid): a cloned tag passes for them",
+                pinned,
+            )
 
     # -- the engine loop ----------------------------------------------------------------------
 

@@ -109,6 +109,10 @@ class AssetRegistry:
     def __contains__(self, epc: object) -> bool:
         return epc in self._by_epc
 
+    def pinned(self) -> int:
+        """How many assets are pinned to a TID."""
+        return sum(1 for a in self._by_epc.values() if a.tid is not None)
+
     def __len__(self) -> int:
         return len(self._by_epc)
 
