@@ -266,3 +266,35 @@ def test_the_backend_cannot_sign_a_registry_the_cabinet_refuses() -> None:
         "hangar-3", "crib-07", 1, now + timedelta(days=1), pinned[:1], issued_at=now
     )
     assert doc["body"]["assets"][0]["tid"] == TID_TQ
+
+
+def test_a_clone_put_in_during_a_technician_session_is_counterfeit_not_a_restock() -> None:
+    c = _cabinet(with_wrench=False)
+    start = len(c.events)
+    c._apply(c.engine.open_technician("uid:1000", "restock drawer 1", c.now))
+    c.advance(1.0)
+    c.open()
+    c.advance(2.0)
+    c.clones[epc(0)] = ("top", TID_CLONE)
+    c.close()
+    c.settle()
+    types = c.types(start)
+    assert "item.restocked" not in types
+    assert types.count("item.counterfeit") == 1
+    (fake,) = [e for e in c.events[start:] if isinstance(e, ev.ItemCounterfeit)]
+    assert (fake.epc, fake.tid, fake.drawer, fake.actors) == (epc(0), TID_CLONE, "top", None)
+    assert epc(0) not in c.engine.baseline
+
+
+def test_a_rebaseline_reports_a_clone_and_keeps_it_out_of_the_baseline() -> None:
+    c = _cabinet(with_wrench=False)
+    c.clones[epc(0)] = ("top", TID_CLONE)
+    start = len(c.events)
+    c._apply(c.engine.rebaseline("uid:1000", "recount", c.now))
+    c.settle()
+    assert c.types(start).count("item.counterfeit") == 1
+    assert epc(0) not in c.engine.baseline
+    # Remembered: the next door cycle does not report it again.
+    start = len(c.events)
+    c.cycle(ALICE)
+    assert "item.counterfeit" not in c.types(start)

@@ -228,7 +228,10 @@ class Contents:
             restocked += 1
             events.append(self._restocked(epc, drawer, session_id, technician, actors, now))
         self._placement_events(d.new, d.moved, verdict.unknown, session_id, now, events)
+        # A clone is no restock: reported as anywhere else (no badge holder put it in).
+        self._counterfeit_events(verdict, session_id, None, now, events)
         self._note_unknown(result, verdict.unknown)
+        self._note_clones(result, verdict)
         self.baseline = Baseline(verdict.inventory)
         return restocked, removed
 
@@ -242,7 +245,9 @@ class Contents:
         d = diff(verdict.base, verdict.inventory)
         self._blind_drawers(verdict, "background", None, now, events)
         self._placement_events(d.new, d.moved, verdict.unknown, None, now, events)
+        self._counterfeit_events(verdict, None, None, now, events)
         self._note_unknown(result, verdict.unknown)
+        self._note_clones(result, verdict)
         self.baseline = Baseline(verdict.inventory)
         events.append(
             ev.InventoryRebaselined(
