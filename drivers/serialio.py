@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import termios
 import threading
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
@@ -98,7 +99,10 @@ class SerialConnection:
                 port = await asyncio.to_thread(_open)
         except TimeoutError:
             raise TransientError(f"opening {target.url} timed out after {timeout_s:g}s") from None
-        except (serial.SerialException, OSError, ValueError) as err:
+        except (serial.SerialException, OSError, ValueError, termios.error) as err:
+            # termios.error (not an OSError): pyserial configures the port with tcsetattr after
+            # opening it, unwrapped; a device that vanishes in between (a pty whose other side
+            # closed, a USB reader pulled) fails there with EIO.
             raise TransientError(f"cannot open {target.url}: {err}") from None
         return cls(port, target.url)
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import logging
 import struct
+import termios
 from typing import Any
 
 import pytest
 
+from drivers.errors import TransientError
 from drivers.mercury import codec
 from drivers.mercury.codec import CommandDecoder, ResponseDecoder, TagRecord
 from drivers.mercury.config import MercuryReaderConfig
 from drivers.mercury.reader import MercuryReader
+from drivers.serialio import SerialConnection, SerialTarget
 from drivers.types import TagRead
 from simulators.mercury import MercurySimulator, wire
 from tests.test_mercury_driver import RecordingSink, running
@@ -180,3 +183,16 @@ async def test_without_read_tid_the_documented_read_and_no_tid() -> None:
             assert {r.tid for r in sink.reads} == {None}
             assert sim.module.embedded_read is None
             assert driver.tids is None
+
+
+async def test_a_device_vanishing_while_it_is_configured_is_a_transient_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Seen under load with the simulator's unplug fault: the pty opens, then pyserial's
+    # tcsetattr fails with EIO (termios.error, not an OSError) and killed the reader's loop.
+    def vanished(*_args: object, **_kw: object) -> None:
+        raise termios.error(5, "Input/output error")
+
+    monkeypatch.setattr("serial.serial_for_url", vanished)
+    with pytest.raises(TransientError, match="cannot open"):
+        await SerialConnection.open(SerialTarget.parse("/dev/ttyUSB9"), timeout_s=2.0)
