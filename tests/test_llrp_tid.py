@@ -318,3 +318,15 @@ async def test_a_report_numbered_like_a_pending_access_spec_request_is_still_a_r
     await reader._handle(sess, frame, 61, 1)  # type: ignore[arg-type]
     assert [r.tid for r in (sink.queue.get_nowait() for _ in range(sink.queue.qsize()))] == [TID_A]
     assert sess.tid_requests == {1: "add"}
+
+
+async def test_a_report_numbered_like_a_gpo_write_that_timed_out_is_still_a_report() -> None:
+    # A GPO write whose answer came too late leaves its id in stale_ids so the late answer is
+    # not handed to sllurp; a tag report the reader happens to number alike is not that answer.
+    reader, sink = _reader()
+    sess = SimpleNamespace(pending_gpo={}, tid_requests={}, stale_ids={1})
+    frame = _with_result(_result(0, TID_OP_SPEC_ID, bytes.fromhex(TID_A)))
+    assert struct.unpack_from("!I", frame, 6)[0] == 1
+    await reader._handle(sess, frame, 61, 1)  # type: ignore[arg-type]
+    assert [r.tid for r in (sink.queue.get_nowait() for _ in range(sink.queue.qsize()))] == [TID_A]
+    assert sess.stale_ids == {1}  # still waiting for the real late answer

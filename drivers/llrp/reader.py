@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 _S = LLRPReaderState
 _TID_ANSWERS = (MSG_ADD_ACCESSSPEC_RESPONSE, MSG_ENABLE_ACCESSSPEC_RESPONSE, MSG_ERROR_MESSAGE)
+_GPO_ANSWERS = (MSG_SET_READER_CONFIG_RESPONSE, MSG_ERROR_MESSAGE)
 
 __all__ = ["CLOSE_WAIT_S", "LlrpReader", "LlrpStats"]
 
@@ -307,8 +308,10 @@ class LlrpReader:
             # By type too: the reader numbers its own messages (reports) in the same id space.
             self._on_tid_answer(sess, msg_id, msg_type, data)
             return
-        if msg_id in sess.stale_ids:
-            sess.stale_ids.discard(msg_id)  # a late answer to our own request: not sllurp's
+        if msg_type in _GPO_ANSWERS and msg_id in sess.stale_ids:
+            # A late answer to our own GPO write: not sllurp's. By type too: the reader numbers
+            # its reports in the same id space, and a report is never an answer.
+            sess.stale_ids.discard(msg_id)
             return
         if msg_type == MSG_GET_READER_CONFIG_RESPONSE and msg_id == sess.gpi_query_id:
             sess.gpi_query_id = None
