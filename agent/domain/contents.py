@@ -21,7 +21,7 @@ from uuid import UUID
 from agent.domain import events as ev
 from agent.domain.assets import AssetRegistry
 from agent.domain.config import Antenna, CabinetDomainConfig
-from agent.domain.inventory import Baseline, ScanResult, diff
+from agent.domain.inventory import Baseline, Diff, ScanResult, diff
 from agent.domain.localtime import local_date
 from agent.domain.now import Now
 from agent.domain.stamp import Stamper
@@ -156,11 +156,7 @@ class Contents:
                     drawer=drawer,
                 )
             )
-        self._placement_events(d.new, d.moved, verdict.unknown, session_id, now, events)
-        self._counterfeit_events(verdict, session_id, actors, now, events)
-        self._note_unknown(result, verdict.unknown)
-        self._note_clones(result, verdict)
-        self.baseline = Baseline(verdict.inventory)
+        self._adopt(result, verdict, d, session_id, actors, now, events)
         return checked_out, returned
 
     def reestablish(
@@ -183,11 +179,7 @@ class Contents:
                 events.append(self._consumed(epc, drawer, session_id, [], now))
                 continue
             events.append(self._item_missing(epc, drawer, now))
-        self._placement_events(d.new, d.moved, verdict.unknown, session_id, now, events)
-        self._counterfeit_events(verdict, session_id, None, now, events)
-        self._note_unknown(result, verdict.unknown)
-        self._note_clones(result, verdict)
-        self.baseline = Baseline(verdict.inventory)
+        self._adopt(result, verdict, d, session_id, None, now, events)
         events.append(self.inventory_snapshot(now))
 
     def close_technician(
@@ -227,12 +219,8 @@ class Contents:
                 continue
             restocked += 1
             events.append(self._restocked(epc, drawer, session_id, technician, actors, now))
-        self._placement_events(d.new, d.moved, verdict.unknown, session_id, now, events)
         # A clone is no restock: reported as anywhere else (no badge holder put it in).
-        self._counterfeit_events(verdict, session_id, None, now, events)
-        self._note_unknown(result, verdict.unknown)
-        self._note_clones(result, verdict)
-        self.baseline = Baseline(verdict.inventory)
+        self._adopt(result, verdict, d, session_id, None, now, events)
         return restocked, removed
 
     def rebaseline(
@@ -244,11 +232,7 @@ class Contents:
         verdict = self._assess(result)
         d = diff(verdict.base, verdict.inventory)
         self._blind_drawers(verdict, "background", None, now, events)
-        self._placement_events(d.new, d.moved, verdict.unknown, None, now, events)
-        self._counterfeit_events(verdict, None, None, now, events)
-        self._note_unknown(result, verdict.unknown)
-        self._note_clones(result, verdict)
-        self.baseline = Baseline(verdict.inventory)
+        self._adopt(result, verdict, d, None, None, now, events)
         events.append(
             ev.InventoryRebaselined(
                 **self._stamp(now),
@@ -429,6 +413,24 @@ class Contents:
         if kept != self._unknown:
             self._unknown = kept
             self.changed = True
+
+    def _adopt(
+        self,
+        result: ScanResult,
+        verdict: Verdict,
+        d: Diff,
+        session_id: UUID | None,
+        actors: list[str] | None,
+        now: Now,
+        events: list[ev.Event],
+    ) -> None:
+        """The end of every complete pass: placements and clones reported, unknown tags and
+        clones remembered, and the pass becomes the baseline."""
+        self._placement_events(d.new, d.moved, verdict.unknown, session_id, now, events)
+        self._counterfeit_events(verdict, session_id, actors, now, events)
+        self._note_unknown(result, verdict.unknown)
+        self._note_clones(result, verdict)
+        self.baseline = Baseline(verdict.inventory)
 
     def _note_clones(self, result: ScanResult, verdict: Verdict) -> None:
         """Remember the clones reported as item.counterfeit while they stay: their EPC present
