@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import re
 import signal
@@ -208,3 +209,44 @@ async def test_the_recording_consumer_restarted_between_anchors_reports_a_rewrit
     assert [r["problem"] for r in reports if r["type"] == "audit-anchor"] == [rows[0][0]]
     assert reports[-1]["type"] == "summary"
     assert reports[-1]["anchor_problems"] == 1
+
+
+async def test_a_full_anchor_is_followed_at_once_by_the_rest(tmp_path: Path) -> None:
+    """More records than one anchor holds (a busy shift, a badge spammer): the next anchor
+    follows at once, not an interval later -- else the chain the backend has seen falls
+    further behind every interval and the window for an undetected rewrite has no bound."""
+    from agent.audit_anchor import AnchorRequest, AuditAnchoring
+    from agent.domain.events import MAX_ANCHOR_LINKS
+    from agent.store import Store, StoreConfig
+    from tests.store_helpers import FakeClock
+
+    store = await Store.open(StoreConfig(path=tmp_path / "s.db"), clock=FakeClock())
+    try:
+        n = 2 * MAX_ANCHOR_LINKS + 10
+        for i in range(n):
+            await store.audit_append("system", "badge.denied", {"i": i})
+        got: list[AnchorRequest] = []
+        reached = asyncio.Event()
+
+        async def put(req: AnchorRequest) -> None:
+            got.append(req)
+            if req.links[-1][0] == n:
+                reached.set()
+
+        # An interval no test waits out: only "at once" can reach the head.
+        anchoring = AuditAnchoring(store, put, interval_s=86400.0)
+        task = asyncio.create_task(anchoring.run())
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                await reached.wait()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Contiguous: each anchor starts with the previous one's head record.
+        assert got[0].links[0][0] == 1
+        for before, after in itertools.pairwise(got):
+            assert after.links[0][0] == before.links[-1][0]
+        assert all(len(r.links) <= MAX_ANCHOR_LINKS for r in got)
+    finally:
+        await store.close()
