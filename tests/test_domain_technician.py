@@ -115,11 +115,23 @@ def test_technician_requests_are_refused_while_busy_or_malformed() -> None:
         c.engine.open_technician(TECH, "bad\nreason", c.now)
     with pytest.raises(TechnicianRefused, match="technician id"):
         c.engine.open_technician("root", "x", c.now)
-    for badge_like in ("found card 3F7A21C90B", "badge 12345678 left inside"):
+    # Characters that rearrange or hide text on an operator's terminal (a bidi override, a C1
+    # control, a line separator, a zero-width space) are control characters too.
+    for hidden in ("\u202eevil", "a\x9b2Jb", "one\u2028two", "zero\u200bwidth"):
+        with pytest.raises(TechnicianRefused, match="control characters"):
+            c.engine.open_technician(TECH, hidden, c.now)
+    for badge_like in (
+        "found card 3F7A21C90B",
+        "badge 12345678 left inside",
+        "found card \uff10\uff10\uff11\uff12\uff13\uff14\uff15\uff16\uff17\uff18",
+        "badge \u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668",
+    ):
         with pytest.raises(TechnicianRefused, match="long number") as info:
             c.engine.open_technician(TECH, badge_like, c.now)
         assert badge_like.split()[-1] not in str(info.value)
         assert badge_like.split()[1] not in str(info.value)
+    c._apply(c.engine.open_technician(TECH, "réparer le tiroir 2 (工具)", c.now))
+    c._apply(c.engine.close_technician(c.now))
     c._apply(c.engine.open_technician(TECH, "replace TW-0001, 3 packs of GLOVE-M", c.now))
     c._apply(c.engine.close_technician(c.now))
     c.badge(ALICE)

@@ -12,6 +12,7 @@ left is ``item.removed``. Pure: the engine owns the state machine, this module t
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -33,14 +34,30 @@ class TechnicianRefused(ValueError):
     """The engine cannot do that now (busy, bad reason, nothing to close); says why."""
 
 
+def _unprintable(c: str) -> bool:
+    """A control (C0 and C1), format (bidi overrides, zero-width), private-use, surrogate or
+    unassigned character, or a line/paragraph separator: what would let a reason rearrange or
+    hide text on the terminal of whoever reads ``technician status`` or ``audit tail``."""
+    category = unicodedata.category(c)
+    return category[0] == "C" or category in ("Zl", "Zp")
+
+
+def _ascii_digits(text: str) -> str:
+    """``text`` with every decimal digit of any script (fullwidth, Arabic-Indic, ...) and
+    fullwidth letters as their ASCII forms: a badge number typed in them is still one."""
+    folded = unicodedata.normalize("NFKC", text)
+    return "".join(str(d) if (d := unicodedata.decimal(c, None)) is not None else c for c in folded)
+
+
 def check_reason(reason: object) -> str:
-    """A reason as events carry it: 1-200 characters, no control characters."""
+    """A reason as events carry it: 1-200 characters, no control or format characters."""
     if not isinstance(reason, str):
         raise TechnicianRefused("a reason is required (1-200 characters)")
     text = reason.strip()
-    if not _REASON_RE.fullmatch(text):
+    if not _REASON_RE.fullmatch(text) or any(_unprintable(c) for c in text):
         raise TechnicianRefused("the reason must be 1-200 characters without control characters")
-    if any(any(c.isdigit() for c in m.group()) for m in _LONG_NUMBER_RE.finditer(text)):
+    folded = _ascii_digits(text)
+    if any(any(c.isdigit() for c in m.group()) for m in _LONG_NUMBER_RE.finditer(folded)):
         # Never echo it: it may be a badge number.
         raise TechnicianRefused(
             "the reason must not contain a long number (8 or more digits): a badge number must "
