@@ -70,10 +70,16 @@ def register_technician_handlers(server: ControlServer, app: TechnicianAgent) ->
             await _call(app, lambda e, now: e.await_supervisor(who, reason, wait_s, now))
             await _audit(app, ctx, "technician.await_badge", {**caller, "reason": reason})
             # The supervisor's technician.opened is a commit; the wait's lapse is not (the
-            # timeout, a second longer than the engine's, covers it).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s + 1.0), app.committed:
-                    await app.committed.wait_for(lambda: not engine.awaiting_supervisor)
+            # timeout, a second longer than the engine's, covers it). Every second the caller
+            # is told it still waits: a caller gone (cabinetctl interrupted) ends the wait,
+            # else the next supervisor's badge would open a session nobody asked for any more.
+            try:
+                await _await_supervisor(app, ctx, engine, wait_s)
+            except Exception:  # the caller gone; a cancel (the daemon stopping) keeps the wait
+                if engine.awaiting_supervisor:
+                    with contextlib.suppress(CommandError):
+                        await _call(app, lambda e, now: e.cancel_supervisor_wait(now))
+                raise
             tech = engine.technician
             if tech is None or tech.via != "badge":
                 raise CommandError(
@@ -260,6 +266,27 @@ def _engine(app: TechnicianAgent) -> CabinetEngine:
     if engine is None:
         raise CommandError(NOT_STARTED, "the agent is still starting; retry in a moment")
     return engine
+
+
+async def _await_supervisor(
+    app: TechnicianAgent, ctx: RequestContext, engine: CabinetEngine, wait_s: float
+) -> None:
+    """Until the supervisor's badge opened the session or ``wait_s`` (plus a second) passed;
+    a progress line to the caller every second (raises once the caller is gone)."""
+    started = time.monotonic()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait_s + 1.0):
+            while engine.awaiting_supervisor:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0), app.committed:
+                        await app.committed.wait_for(lambda: not engine.awaiting_supervisor)
+                if engine.awaiting_supervisor:
+                    await ctx.emit(
+                        {
+                            "awaiting_supervisor": True,
+                            "elapsed_s": round(time.monotonic() - started),
+                        }
+                    )
 
 
 async def _call(

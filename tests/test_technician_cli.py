@@ -4,10 +4,12 @@ GPI/GPO): ``technician open|close|status``, ``inventory rebaseline``, ``door tes
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 from pathlib import Path
 
 from simulators.llrp import LlrpSimulator
-from tests.test_cli_daemon import TAGS, WAIT_S, _events, _until_event, ctl, daemon
+from tests.test_cli_daemon import ROOT, TAGS, WAIT_S, _events, _until_event, ctl, daemon
 from tests.test_cli_daemon import sockdir as sockdir  # the fixture
 
 
@@ -162,3 +164,49 @@ async def test_the_door_test_says_fail_for_each_step_that_fails() -> None:
     ]
     assert "has not reported" in steps[0]["detail"]
     assert "refused" in steps[2]["detail"]
+
+
+async def _awaiting_supervisor(sock: str) -> bool:
+    status = await ctl("technician", "status", "--json", "--socket", sock)
+    assert status.rc == 0, status.err
+    return bool(status.doc()["awaiting_supervisor"])
+
+
+async def test_an_interrupted_badge_wait_is_forgotten(tmp_path: Path, sockdir: Path) -> None:
+    """``technician open --badge`` interrupted (Ctrl-C): the wait ends with it. Else the next
+    supervisor badging within the wait (here 300 s) would open a technician session nobody
+    attends, and what they take would be ``item.removed``, charged to nobody."""
+    async with (
+        LlrpSimulator(
+            personality="impinj", antennas=4, port=0, seed=9, gpi_ports_enabled=True
+        ) as sim,
+        daemon(tmp_path, sockdir, sim) as d,
+    ):
+        sock = str(d.sock)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.cli.ctl",
+            "technician",
+            "open",
+            "--badge",
+            "--wait",
+            "300",
+            "--reason",
+            "swap the meter",
+            "--socket",
+            sock,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            async with asyncio.timeout(WAIT_S):
+                while not await _awaiting_supervisor(sock):
+                    await asyncio.sleep(0.2)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            await proc.wait()
+        async with asyncio.timeout(WAIT_S):  # far less than the 300 s the wait asked for
+            while await _awaiting_supervisor(sock):
+                await asyncio.sleep(0.2)

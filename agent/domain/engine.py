@@ -430,6 +430,16 @@ class CabinetEngine:
         self._dirty = True
         return self._end(out)
 
+    def cancel_supervisor_wait(self, now: Now) -> EngineOutput:
+        """Forget a supervisor-badge wait whose requester has gone (cabinetctl interrupted):
+        a supervisor badging later must get the door session they came for, not a technician
+        session nobody attends. A session the badge already opened is left alone."""
+        out = self._begin(now)
+        if self._tech_wait is not None:
+            self._tech_wait = None
+            self._dirty = True
+        return self._end(out)
+
     def close_technician(self, now: Now) -> EngineOutput:
         """Close a technician session whose door has not opened (cabinetctl): relock. Once
         the door opened, the session ends with its closing scan instead."""
