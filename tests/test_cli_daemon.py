@@ -587,3 +587,47 @@ async def test_daemon_down_says_how_to_start_it(sockdir: Path) -> None:
         r = await ctl(*argv, "--socket", sock)
         assert r.rc == 69, (argv, r.err)
         assert "systemctl start cabinet-agent" in r.err
+
+
+async def test_sigterm_with_a_client_connected_stops_without_an_error(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    """An operator's ``events tail --follow`` is connected when systemd stops the daemon: the
+    connection ends (the client says why), and the journal gets no ERROR with a traceback
+    (Python 3.11's stream callback logs a connection task that ends cancelled as one)."""
+    async with LlrpSimulator(personality="impinj", antennas=4, port=0, seed=7) as sim:
+        for tag in TAGS:
+            sim.add_tag(tag)
+        async with daemon(tmp_path, sockdir, sim) as d:
+            sock = str(d.sock)
+            stock = await ctl("inventory", "rebaseline", "--reason", "stock", "--socket", sock)
+            assert stock.rc == 0, stock.err  # an event for the follower to show first
+            follow = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "agent.cli.ctl",
+                "events",
+                "tail",
+                "--follow",
+                "--socket",
+                sock,
+                cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            try:
+                assert follow.stdout is not None
+                async with asyncio.timeout(WAIT_S):  # its first line: it is connected
+                    assert await follow.stdout.readline()
+                d.proc.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(WAIT_S):
+                    assert await d.proc.wait() == 0
+                    _, err = await follow.communicate()
+            finally:
+                if follow.returncode is None:
+                    follow.kill()
+                    await follow.wait()
+            assert follow.returncode == 75, err
+            log = d.text()
+            assert "Traceback" not in log, log
+            assert " ERROR " not in log, log

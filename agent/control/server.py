@@ -328,6 +328,13 @@ class ControlServer:
         self._connections.add(task)
         try:
             await self._serve_connection(reader, writer)
+        except asyncio.CancelledError:
+            if not self._closing or task.cancelling() > 1:
+                raise
+            # stop() ended it (the client was told): it ends here. Ended cancelled, Python
+            # 3.11's stream callback would log it as an ERROR with a traceback at every stop
+            # with a cabinetctl connected (`events tail --follow`).
+            task.uncancel()
         finally:
             self._connections.discard(task)
 
