@@ -317,3 +317,24 @@ def test_an_erased_holder_is_replaced_in_the_holding_and_what_it_reports_later()
     [back] = returns(c, mark)
     assert (back.held_by, back.returned_by) == ([ev.ERASED_ACTOR], [BOB])
     assert all(ALICE.encode() not in state for state in c.states[-3:])
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("asset_id", "TW-\u202e1000"),  # a bidi override: the operator reads another id
+        ("asset_id", "TW\x1b[2J"),
+        ("asset_id", "TW\x9b2J"),  # a C1 control
+        ("name", "wrench\u2028line two"),
+        ("name", "w" * 201),
+    ],
+)
+def test_a_registry_asset_id_and_name_are_printable_text(field: str, bad: str) -> None:
+    """Shown as is by ``cabinetctl status`` (an overdue item's asset id) and in events: a
+    signed registry still cannot put terminal controls in front of the operator."""
+    with pytest.raises(AssetRegistryError, match=field):
+        AssetRegistry.from_body({"assets": [{"epc": "abcd", "asset_id": "A", field: bad}]})
+    ok = AssetRegistry.from_body(
+        {"assets": [{"epc": "abcd", "asset_id": "Clé dynamométrique 工具", "name": "Zange"}]}
+    )
+    assert ok.get("abcd") is not None

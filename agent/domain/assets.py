@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
+from agent.domain.events import unprintable
+
 _EPC_RE = re.compile(r"(?:[0-9a-f]{2}){1,64}")
 _DRAWER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # A pinned TID: lower-case hex, 2..32 whole 16-bit words (drivers/tid.py reads up to 32).
 _TID_RE = re.compile(r"(?:[0-9a-f]{4}){2,32}")
 MAX_ASSETS = 200_000
 MAX_OVERDUE_AFTER_S = 366 * 86_400
+MAX_NAME = 200
 
 
 class AssetRegistryError(ValueError):
@@ -124,11 +127,17 @@ def _asset(i: int, item: object) -> Asset:
     if not isinstance(epc, str) or not _EPC_RE.fullmatch(epc):
         raise AssetRegistryError(f"asset [{i}] needs an 'epc' of lower-case hex")
     asset_id = item.get("asset_id")
-    if not isinstance(asset_id, str) or not 1 <= len(asset_id) <= 128:
-        raise AssetRegistryError(f"asset [{i}] needs an 'asset_id' of 1-128 characters")
+    # Shown as is by cabinetctl (status: overdue items) and in events: printable text only.
+    if not isinstance(asset_id, str) or not 1 <= len(asset_id) <= 128 or unprintable(asset_id):
+        raise AssetRegistryError(
+            f"asset [{i}] needs an 'asset_id' of 1-128 characters without control characters"
+        )
     name = item.get("name", "")
-    if not isinstance(name, str):
-        raise AssetRegistryError(f"asset [{i}] 'name' must be a string")
+    if not isinstance(name, str) or len(name) > MAX_NAME or unprintable(name):
+        raise AssetRegistryError(
+            f"asset [{i}] 'name' must be a string of at most {MAX_NAME} characters without "
+            "control characters"
+        )
     home = item.get("home_drawer")
     if home is not None and (not isinstance(home, str) or not _DRAWER_RE.fullmatch(home)):
         raise AssetRegistryError(f"asset [{i}] 'home_drawer' is not a drawer name")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import unicodedata
 from collections.abc import Collection
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal, TypeAlias
@@ -36,6 +37,17 @@ UNKNOWN_ACTOR = "unknown"
 # (the same session, its holders) without naming them again.
 ERASED_ACTOR = "erased"
 ACTOR_PATTERN = rf"^(?:{UNKNOWN_ACTOR}|{ERASED_ACTOR}|{PSEUDONYM_BODY})$"
+
+
+def unprintable(text: str) -> bool:
+    """``text`` holds a control (C0, C1), format (bidi overrides, zero-width), private-use,
+    surrogate or unassigned character, or a line/paragraph separator: what would rearrange or
+    hide text on the terminal of whoever reads it (``cabinetctl status``, ``audit tail``)."""
+    for c in text:
+        category = unicodedata.category(c)
+        if category[0] == "C" or category in ("Zl", "Zp"):
+            return True
+    return False
 
 
 def erase_actors(actors: list[str], erased: Collection[str]) -> int:

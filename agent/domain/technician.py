@@ -34,14 +34,6 @@ class TechnicianRefused(ValueError):
     """The engine cannot do that now (busy, bad reason, nothing to close); says why."""
 
 
-def _unprintable(c: str) -> bool:
-    """A control (C0 and C1), format (bidi overrides, zero-width), private-use, surrogate or
-    unassigned character, or a line/paragraph separator: what would let a reason rearrange or
-    hide text on the terminal of whoever reads ``technician status`` or ``audit tail``."""
-    category = unicodedata.category(c)
-    return category[0] == "C" or category in ("Zl", "Zp")
-
-
 def _ascii_digits(text: str) -> str:
     """``text`` with every decimal digit of any script (fullwidth, Arabic-Indic, ...) and
     fullwidth letters as their ASCII forms: a badge number typed in them is still one."""
@@ -54,7 +46,7 @@ def check_reason(reason: object) -> str:
     if not isinstance(reason, str):
         raise TechnicianRefused("a reason is required (1-200 characters)")
     text = reason.strip()
-    if not _REASON_RE.fullmatch(text) or any(_unprintable(c) for c in text):
+    if not _REASON_RE.fullmatch(text) or ev.unprintable(text):
         raise TechnicianRefused("the reason must be 1-200 characters without control characters")
     folded = _ascii_digits(text)
     if any(any(c.isdigit() for c in m.group()) for m in _LONG_NUMBER_RE.finditer(folded)):
