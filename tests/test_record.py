@@ -12,6 +12,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -554,6 +555,30 @@ def test_a_consumer_restarted_between_anchors_still_reports_a_changed_chain(
     # Redelivered, the anchor is a duplicate: judged once, reported once.
     assert recorder.record(*_message(message)).status == "duplicate"
     assert len(q.anchor_problems(db)) == (1 if want else 0)
+
+
+def test_an_anchor_of_a_new_epoch_is_judged_whatever_its_seq(
+    connect: Callable[[], RecordDb], keys: BackendKeys
+) -> None:
+    """The cabinet's whole state directory wiped (database and sequence files): a new epoch
+    whose seq starts at 1 again. Its first anchor is judged against the old head at once
+    (the chain went back), not ignored as a late redelivery until its seq passes the old
+    one; an anchor of the old epoch arriving after it is the late one."""
+    old = CabinetStream(keys, "crib-07")
+    honest = _chain(6, "honest")
+    old.seq = 40  # a cabinet that has sent events for a while
+    db = connect()
+    recorder = _recorder(db, keys)
+    first = recorder.record(*_message(_anchor(old, honest, 1, 3)))
+    assert (first.status, first.anchor_problems) == ("recorded", [])
+    late = _anchor(old, honest, 3, 5)  # sent before the wipe, delivered after it
+
+    wiped = CabinetStream(keys, "crib-07", start=old.start + timedelta(days=1))
+    outcome = recorder.record(*_message(_anchor(wiped, _chain(6, "new"), 1, 2)))
+    want = "audit chain truncated: head went back from record 3 to 2"
+    assert (outcome.status, outcome.anchor_problems) == ("recorded", [want])
+    assert [r["problem"] for r in q.anchor_problems(db)] == [want]
+    assert recorder.record(*_message(late)).anchor_problems == []
 
 
 def _message(m: Message) -> tuple[str, bytes]:

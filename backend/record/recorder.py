@@ -333,11 +333,15 @@ class Recorder:
             (*key, iso(ev.time)),
         )
         lock = self.db.dialect.lock_row  # the cabinet's row stays ours until commit
-        sql = "SELECT anchor_seq, head_seq, head_hash FROM audit_anchor_head WHERE site_id = ? "
+        sql = (
+            "SELECT anchor_seq, head_seq, head_hash, event_id, time FROM audit_anchor_head "
+            "WHERE site_id = ? "
+        )
         row = tx.one(sql + "AND cabinet_id = ?" + lock, key)
         assert row is not None
         anchor_seq, head_seq, head_hash = int(row[0]), int(row[1]), str(row[2])
-        if ev.seq <= anchor_seq:
+        later = self._later(tx, a, anchor_seq, str(row[3] or ""), row[4])
+        if not later:
             return []
         prev = None if anchor_seq == 0 else (head_seq, head_hash)
         head, problems = judge(prev, ev.model_dump(mode="json"))
@@ -354,6 +358,23 @@ class Recorder:
             )
             logger.error("%s/%s: %s", a.site, a.cabinet, problem)
         return problems
+
+    def _later(
+        self, tx: Tx, a: Admitted, anchor_seq: int, head_event: str, head_time: object
+    ) -> bool:
+        """This anchor comes after the one that set the head. In the same epoch, by seq. Of
+        another epoch (a database replaced: its seq started again, docs/store.md), by time:
+        else a cabinet whose whole state directory was wiped would have its anchors ignored
+        until its new seq passed the old one -- its chain's truncation reported months
+        late, if ever -- and an anchor of the old epoch delivered late would be judged
+        against the new chain."""
+        if head_event:
+            row = tx.one("SELECT epoch FROM event_log WHERE event_id = ?", (head_event,))
+            if row is not None and str(row[0] or "") != a.epoch:
+                if isinstance(head_time, datetime):  # PostgreSQL: timestamptz
+                    return a.event.time > head_time
+                return iso(a.event.time) > str(head_time)
+        return a.event.seq > anchor_seq
 
     def _track_seq(self, tx: Tx, a: Admitted, outcome: Outcome) -> None:
         key = (a.site, a.cabinet, a.epoch)
