@@ -27,7 +27,7 @@ from agent.domain import events as ev
 from agent.domain.engine import CabinetEngine, EngineOutput
 from agent.domain.now import Now
 from agent.engine_runner import AppStats, EngineCall, EngineRunner, Inputs
-from agent.hub import BadgeClient, CabinetHardware
+from agent.hub import BadgeClient, BadgeView, CabinetHardware
 from agent.lifecycle import describe_error
 from agent.mqtt.config import check_tls_files
 from agent.privacy.config import CabinetPrivacy, load_cabinet_privacy
@@ -43,6 +43,7 @@ from drivers.registry import make_reader
 from drivers.types import (
     BadgeReaderDriver,
     Clock,
+    DoorEdge,
     DoorState,
     ReaderDriver,
     ReaderHealth,
@@ -112,12 +113,18 @@ class CabinetApp:
             self.badge_readers = hardware.badge_readers(
                 cfg.badge_readers,
                 BadgeClient(
-                    self.inputs, self.listed_prefixes, self._pseudonymize_with, self._door_open
+                    self.inputs,
+                    self.listed_prefixes,
+                    self._pseudonymize_with,
+                    self._door_open,
+                    withdraw=self._withdraw_unlock,
                 ),
             )
         if cfg.door is not None:
             door_reader = next(r for r in self.readers if r.reader_id == cfg.door.reader)
-            self.door = Door(cfg.door, door_reader.set_gpo, self.inputs)
+            self.door = Door(
+                cfg.door, door_reader.set_gpo, _DoorWatch(self.inputs, self._door_opened)
+            )
             self.inputs.door = self.door
         self.store: Store | None = None
         self.publisher: Publisher | None = None
@@ -405,6 +412,25 @@ class CabinetApp:
     def _door_open(self) -> bool:
         return self.door is not None and self.door.state == DoorState.OPEN
 
+    def _door_opened(self) -> None:
+        """Tell the banks this cabinet stands behind that its door opened (agent/hub.py)."""
+        for view in self.badge_readers:
+            if isinstance(view, BadgeView):
+                view.door_opened(self.cabinet_id)
+
+    def _withdraw_unlock(self, actors: frozenset[str]) -> None:
+        """Another door of a bank opened for ``actors``: queued for the engine, not awaited
+        (the other cabinet's door edge must not wait for this engine)."""
+        done: asyncio.Future[list[ev.Event]] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            self.inputs.queue.put_nowait(
+                EngineCall(lambda engine, now: engine.withdraw_unlock(actors, now), done)
+            )
+        except asyncio.QueueFull:
+            # The unlock lapses at the end of its window anyway.
+            logger.warning("engine input queue full: a bank unlock is not withdrawn early")
+
     def listed_prefixes(self) -> frozenset[str]:
         """The pseudonym prefixes (site keys) the allow-list in force uses."""
         engine = self.runner.engine
@@ -430,3 +456,16 @@ class CabinetApp:
 
 class _Stop(Exception):
     """Unwinds the task group after an orderly stop."""
+
+
+class _DoorWatch:
+    """The door's sink: its edges go to the engine; an opening is also told to the banks."""
+
+    def __init__(self, inputs: Inputs, opened: Callable[[], None]) -> None:
+        self._inputs = inputs
+        self._opened = opened
+
+    async def door_edge(self, edge: DoorEdge) -> None:
+        await self._inputs.door_edge(edge)
+        if edge.state == DoorState.OPEN:
+            self._opened()

@@ -44,6 +44,15 @@ class BadgeClient:
     listed: Callable[[], frozenset[str]]  # prefixes its allow-list uses (key rotation)
     pseudonymize: PseudonymizeWith
     door_open: Callable[[], bool] = lambda: False  # its door is open now (sensor says so)
+    # Another door of the bank opened for these people: an unlock they alone were granted here
+    # and have not used lapses (CabinetEngine.withdraw_unlock). Must not block.
+    withdraw: Callable[[frozenset[str]], None] = lambda actors: None
+    cabinet_id: str = ""
+
+
+# A card shown at a bank counts for the door opened after it for at most this long (no unlock
+# window is longer: technician_unlock_s ≤ 3600).
+BANK_CARD_S = 3600.0
 
 
 class BadgeBank:
@@ -52,6 +61,10 @@ class BadgeBank:
     def __init__(self, cfg: BadgeReaderConfig, clock: Clock) -> None:
         self.clients: list[BadgeClient] = []
         self.skipped_reads = 0  # cards shown while every door of the bank stood open
+        self.withdrawals = 0  # unlocks withdrawn from other doors once one door opened
+        self._clock = clock
+        # pseudonym → monotonic time of its last card at this bank (memory only)
+        self._recent: dict[str, float] = {}
         self.driver = BadgeReader(cfg, self, self._pseudonymize, clock=clock)
 
     @property
@@ -76,8 +89,25 @@ class BadgeBank:
         if not closed:
             self.skipped_reads += 1
             logger.info("badge presented at %s: every door of its bank is open", read.reader_id)
+        elif len(self.clients) > 1:
+            now = self._clock.monotonic()
+            self._recent = {p: t for p, t in self._recent.items() if now - t <= BANK_CARD_S}
+            self._recent[read.pseudonym] = now
         for client in closed:
             await client.sink.badge_read(read)
+
+    def door_opened(self, cabinet_id: str) -> None:
+        """A door of the bank opened: the people whose card at the bank unlocked it opened
+        *one* cabinet; the others withdraw an unlock only they were granted (else a second
+        person could open a neighbour within the window, under the first one's name)."""
+        if len(self.clients) < 2 or not self._recent:
+            return
+        now = self._clock.monotonic()
+        actors = frozenset(p for p, t in self._recent.items() if now - t <= BANK_CARD_S)
+        for client in self.clients:
+            if client.cabinet_id != cabinet_id:
+                self.withdrawals += 1
+                client.withdraw(actors)
 
     async def badge_reader_health(self, health: ReaderHealth) -> None:
         for client in self.clients:
@@ -107,6 +137,10 @@ class BadgeView:
 
     async def run(self) -> None:
         raise RuntimeError(f"badge reader {self.reader_id} is shared: run its BadgeBank")
+
+    def door_opened(self, cabinet_id: str) -> None:
+        """This cabinet's door opened (see ``BadgeBank.door_opened``)."""
+        self._bank.door_opened(cabinet_id)
 
 
 class _Tagged:
@@ -188,6 +222,10 @@ class CabinetHardware:
         views: list[BadgeReaderDriver] = []
         for bc in configs:
             bank = self._hub.banks[bc.id]
-            bank.clients.append(replace(client, sink=_Tagged(self.cabinet_id, client.sink)))
+            bank.clients.append(
+                replace(
+                    client, sink=_Tagged(self.cabinet_id, client.sink), cabinet_id=self.cabinet_id
+                )
+            )
             views.append(BadgeView(bank))
         return views

@@ -302,6 +302,24 @@ class CabinetEngine:
         self._pass.health(health, now.mono)
         return self._end(out)
 
+    def withdraw_unlock(self, actors: Collection[str], now: Now) -> EngineOutput:
+        """Another door of this cabinet's bank opened for ``actors`` (a card shown at a badge
+        reader in front of several cabinets): an unlock granted here to them alone and not used
+        yet lapses now, so one card opens one door. An unlock anyone else was granted, a
+        technician session, an open door: unchanged."""
+        out = self._begin(now)
+        if (
+            self.phase is Phase.UNLOCKED
+            and self._tech is None
+            and self._pending
+            and set(self._pending) <= set(actors)
+        ):
+            self._pending = []
+            self.phase = Phase.IDLE
+            self._dirty = True
+            out.commands.append(Relock())
+        return self._end(out)
+
     def on_badge(self, badge: BadgeRead, now: Now) -> EngineOutput:
         """A (pseudonymized) badge was presented."""
         out = self._begin(now)
