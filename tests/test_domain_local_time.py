@@ -213,7 +213,20 @@ def test_start_of_the_local_day() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["Europe/Pariss", "Mars/Olympus", "../../etc/passwd", "/etc/localtime", "", "Europe/"]
+    "name",
+    [
+        "Europe/Pariss",
+        "Mars/Olympus",
+        "../../etc/passwd",
+        "/etc/localtime",
+        "",
+        "Europe/",
+        "localtime",
+        "posixrules",
+        "Factory",
+        "right/Europe/Paris",
+        "posix/Europe/Paris",
+    ],
 )
 def test_unknown_zones_are_refused_with_a_reason(name: str) -> None:
     with pytest.raises(TimeZoneError, match="time zone"):

@@ -18,6 +18,9 @@ _TIME_OF_DAY_RE = re.compile(TIME_OF_DAY_PATTERN)
 _ZONE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]{0,30}(?:/[A-Za-z0-9_+-]{1,30}){0,2}$")
 
 
+_NOT_A_SITE = frozenset({"localtime", "posixrules", "Factory"})
+
+
 class TimeZoneError(ValueError):
     """Not a usable IANA time zone name."""
 
@@ -31,6 +34,10 @@ def zone(name: str) -> tzinfo:
     """
     if name == "UTC":
         return UTC
+    if name in _NOT_A_SITE or name.startswith(("posix/", "right/")):
+        # Files of the zone database that are not a place: "localtime" silently follows the
+        # host's /etc/localtime, "right/…" counts leap seconds the rest of the agent does not.
+        raise TimeZoneError(f"{name!r} is not a place's time zone (e.g. 'Europe/Paris')")
     if not _ZONE_NAME_RE.fullmatch(name) or ".." in name:
         raise TimeZoneError(f"{name!r} is not an IANA time zone name (e.g. 'Europe/Paris')")
     try:
