@@ -40,6 +40,10 @@ TOPIC = f"cabinets/v1/{SITE}/{CABINET}/cmd"
 # ---- bodies, valid or invalid by construction ---------------------------------------------------
 
 _TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+# What a registry may show people (agent.domain.events.unprintable refuses the rest).
+_PRINTABLE = st.text(
+    st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")), max_size=12
+)
 _HEX = "0123456789abcdef"
 _EPC = st.integers(1, 64).flatmap(lambda n: st.text(_HEX, min_size=2 * n, max_size=2 * n))
 _DRAWER = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,10}", fullmatch=True)
@@ -52,7 +56,7 @@ def _asset(epc: str) -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries(
         {"epc": st.just(epc), "asset_id": st.text(_HEX + "ABC-", min_size=1, max_size=20)},
         optional={
-            "name": _TEXT,
+            "name": _PRINTABLE,
             "home_drawer": _DRAWER,
             "calibration_due": _DATE.map(lambda d: d.isoformat()),
             "serial": _TEXT,  # fields the cabinet does not know are carried along unread
@@ -79,6 +83,8 @@ _BAD_ASSET_EDITS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("numeric date", lambda a: a.update(calibration_due=20260101)),
     ("drawer with a space", lambda a: a.update(home_drawer="top drawer")),
     ("name not text", lambda a: a.update(name=["x"])),
+    ("terminal control in name", lambda a: a.update(name="x\x1b[2J")),
+    ("bidi override in asset_id", lambda a: a.update(asset_id="TW-\u202e1000")),
 ]
 
 
