@@ -52,6 +52,13 @@ _MAX_READS_PER_WAKEUP = 64
 PACKET_HEADER_ROOM = 80 * 1024
 # One socket read takes at most this much: paho asks for the whole remaining length at once.
 READ_CHUNK = 256 * 1024
+# paho reads a packet as recv(1) for its type, recv(1) per length byte, then recv(rest): three
+# system calls per 4-byte PUBACK. Reads smaller than this are served from one buffered recv.
+READ_BUFFER = 16 * 1024
+# paho writes each queued packet with its own send(); up to this many bytes of queued packets
+# go out in one.
+WRITE_COALESCE = 64 * 1024
+_DISCONNECT = 0xE0
 # Bytes of an oversize PUBLISH discarded per wake-up before the loop gets a turn.
 DISCARD_PER_CALL = 4 * 1024 * 1024
 _PUBLISH = 0x30
@@ -139,6 +146,66 @@ class _BoundedClient(mqtt.Client):
         self.refusal: str | None = None  # why the connection was ended from here
         self.eof = False  # the far end closed the connection (a read returned nothing)
         self.read_error: OSError | None = None
+        self._rbuf = b""  # read from the socket, not yet handed to paho
+        self._rpos = 0
+
+    def buffered(self) -> bool:
+        """Bytes already read from the socket wait here: the kernel will not report them."""
+        return self._rpos < len(self._rbuf)
+
+    def _raw_recv(self, bufsize: int) -> bytes:
+        """At most ``bufsize`` bytes: from the read buffer, else from the socket.
+
+        A small read fills the buffer with one ``recv`` of READ_BUFFER bytes, so a burst of
+        PUBACKs costs one system call instead of three per packet. Never more than the caller
+        asked for is handed on, so the bounds of ``_bounded_recv`` hold as before.
+        """
+        if self._rpos < len(self._rbuf):
+            end = self._rpos + bufsize
+            data = self._rbuf[self._rpos : end]
+            self._rpos = min(end, len(self._rbuf))
+            if self._rpos >= len(self._rbuf):
+                self._rbuf, self._rpos = b"", 0
+            return data
+        if bufsize >= READ_BUFFER:
+            return super()._sock_recv(bufsize)
+        data = super()._sock_recv(READ_BUFFER)
+        if len(data) > bufsize:
+            self._rbuf, self._rpos = data, bufsize
+            return data[:bufsize]
+        return data
+
+    def _packet_write(self) -> MQTTErrorCode:
+        self._coalesce_out()
+        return super()._packet_write()
+
+    def _coalesce_out(self) -> None:
+        """Join the packets paho queued into one, so they leave in one ``send()``.
+
+        paho writes its queue packet by packet: a window of publishes queued in one loop
+        iteration cost a system call each. Only packets whose completion paho does not act on
+        are joined: a QoS 0 PUBLISH (paho reports it published once written) and a DISCONNECT
+        (paho closes the socket once written) stay packets of their own. QoS 1 publishes are
+        done at their PUBACK, not when written, so joining changes nothing about delivery.
+        """
+        queue = self._out_packet
+        if len(queue) < 2:
+            return
+        parts: list[bytes] = []
+        size = 0
+        while queue and size < WRITE_COALESCE:
+            head = queue[0]
+            kind = head["command"] & 0xF0
+            if kind == _DISCONNECT or (kind == _PUBLISH and head["qos"] == 0):
+                break
+            queue.popleft()
+            data = bytes(head["packet"][head["pos"] :])
+            parts.append(data)
+            size += len(data)
+        if len(parts) == 1:
+            queue.appendleft(_plain_packet(parts[0]))
+        elif parts:
+            queue.appendleft(_plain_packet(b"".join(parts)))
 
     def _sock_recv(self, bufsize: int) -> bytes:
         try:
@@ -155,7 +222,7 @@ class _BoundedClient(mqtt.Client):
     def _bounded_recv(self, bufsize: int) -> bytes:
         packet = self._in_packet
         if not packet["have_remaining"] or packet["remaining_length"] <= self.max_packet:
-            return super()._sock_recv(min(bufsize, READ_CHUNK))
+            return self._raw_recv(min(bufsize, READ_CHUNK))
         if self.oversize is None:
             if packet["command"] & 0xF0 != _PUBLISH:
                 self.refusal = (
@@ -166,18 +233,31 @@ class _BoundedClient(mqtt.Client):
             self.oversize = int(packet["remaining_length"])
         kept = len(packet["packet"])
         if kept < PACKET_HEADER_ROOM and packet["to_process"] > 1:
-            return super()._sock_recv(min(bufsize, PACKET_HEADER_ROOM - kept))
+            return self._raw_recv(min(bufsize, PACKET_HEADER_ROOM - kept))
         budget = DISCARD_PER_CALL
         while packet["to_process"] > 1:
             if budget <= 0:
                 raise BlockingIOError  # the socket stays readable: the loop calls again
-            data = super()._sock_recv(min(packet["to_process"] - 1, READ_CHUNK, budget))
+            data = self._raw_recv(min(packet["to_process"] - 1, READ_CHUNK, budget))
             if not data:
                 return data
             packet["to_process"] -= len(data)
             budget -= len(data)
         # The last byte goes to paho, which then handles the (truncated) packet normally.
-        return super()._sock_recv(1)
+        return self._raw_recv(1)
+
+
+def _plain_packet(data: bytes) -> Any:
+    """A queued write paho has nothing to do for once sent (command 0: no packet type)."""
+    return {
+        "command": 0,
+        "mid": 0,
+        "qos": 0,
+        "pos": 0,
+        "to_process": len(data),
+        "packet": data,
+        "info": None,
+    }
 
 
 class _ClosingSSLSocket(ssl.SSLSocket):
@@ -476,7 +556,9 @@ class MqttSession:
                 # Normally on_disconnect has already said why; this covers the rest.
                 self._finish(self._client.refusal or self._lost_reason(), self._lost_kind())
                 return
-            # TLS may hold decrypted bytes the kernel no longer reports as readable.
+            # Our read buffer, or TLS, may hold bytes the kernel no longer reports as readable.
+            if self._client.buffered():
+                continue
             pending = getattr(sock, "pending", None)
             if pending is None or pending() == 0:
                 return

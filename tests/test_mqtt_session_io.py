@@ -1,0 +1,71 @@
+"""System calls per packet on a real broker connection (``agent/mqtt/session.py``).
+
+paho reads a packet with three ``recv()`` (type, length, rest) and writes each queued packet
+with its own ``send()``; the session reads through a buffer and joins queued packets, so a
+window of publishes and their PUBACKs costs a few system calls, not a few per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent.mqtt.config import MqttConfig
+from agent.mqtt.session import MqttSession
+from tests.mqtt_fixtures import Mosquitto
+
+N = 20
+TOPIC = "cabinets/v1/site/cab/events"
+
+
+@pytest.fixture(name="syscalls")
+def syscalls_fixture(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts paho's socket primitives (each one is one system call)."""
+    counts = {"send": 0, "recv": 0}
+    send, recv = mqtt.Client._sock_send, mqtt.Client._sock_recv
+
+    def counting_send(self: mqtt.Client, buf: bytes) -> int:
+        counts["send"] += 1
+        return send(self, buf)
+
+    def counting_recv(self: mqtt.Client, bufsize: int) -> bytes:
+        counts["recv"] += 1
+        return recv(self, bufsize)
+
+    monkeypatch.setattr(mqtt.Client, "_sock_send", counting_send)
+    monkeypatch.setattr(mqtt.Client, "_sock_recv", counting_recv)
+    return counts
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_a_window_of_publishes_costs_fewer_syscalls_than_messages(
+    mosquitto: Mosquitto, syscalls: dict[str, int], protocol: str
+) -> None:
+    cfg = MqttConfig(host="127.0.0.1", port=mosquitto.port, protocol=protocol)
+    session = MqttSession(cfg, "io-test", will=None, tls_context=None)
+    async with asyncio.timeout(10):
+        await session.connect()
+    try:
+        before = dict(syscalls)
+        # Queued in one loop iteration, as the publisher fills its window.
+        futs: list[asyncio.Future[Any]] = [
+            session.publish(TOPIC, b"x" * 300 + bytes([i])) for i in range(N)
+        ]
+        async with asyncio.timeout(10):
+            codes = await asyncio.gather(*futs)
+        # Taken (v5 says 0x10, no matching subscribers: a success code).
+        assert all(code < 0x80 for code in codes), codes
+        sends = syscalls["send"] - before["send"]
+        recvs = syscalls["recv"] - before["recv"]
+        # One send for the whole window (paho alone: one per publish).
+        assert sends < N, sends
+        # At most one read that returns data and one that finds the socket drained per
+        # wake-up, however the PUBACKs arrive (paho alone: three reads per PUBACK, plus one).
+        assert recvs < 3 * N, recvs
+        assert session.acks == N
+    finally:
+        await session.disconnect(2.0)
+        assert session.closed.done()
