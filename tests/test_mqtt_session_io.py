@@ -2,7 +2,8 @@
 
 paho reads a packet with three ``recv()`` (type, length, rest) and writes each queued packet
 with its own ``send()``; the session reads through a buffer and joins queued packets, so a
-window of publishes and their PUBACKs costs a few system calls, not a few per message.
+window of publishes and their PUBACKs costs a few system calls, not a few per message; a
+plain PUBACK is decoded without paho's per-packet ``Properties`` and ``ReasonCode`` objects.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.properties import Properties
 
 from agent.mqtt.config import MqttConfig
 from agent.mqtt.session import MqttSession
@@ -24,8 +26,13 @@ TOPIC = "cabinets/v1/site/cab/events"
 @pytest.fixture(name="syscalls")
 def syscalls_fixture(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts paho's socket primitives (each one is one system call)."""
-    counts = {"send": 0, "recv": 0}
+    counts = {"send": 0, "recv": 0, "properties": 0}
     send, recv = mqtt.Client._sock_send, mqtt.Client._sock_recv
+    properties_init = Properties.__init__
+
+    def counting_properties(self: Properties, packet_type: int) -> None:
+        counts["properties"] += 1
+        properties_init(self, packet_type)
 
     def counting_send(self: mqtt.Client, buf: bytes) -> int:
         counts["send"] += 1
@@ -37,6 +44,7 @@ def syscalls_fixture(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
     monkeypatch.setattr(mqtt.Client, "_sock_send", counting_send)
     monkeypatch.setattr(mqtt.Client, "_sock_recv", counting_recv)
+    monkeypatch.setattr(Properties, "__init__", counting_properties)
     return counts
 
 
@@ -65,6 +73,9 @@ async def test_a_window_of_publishes_costs_fewer_syscalls_than_messages(
         # At most one read that returns data and one that finds the socket drained per
         # wake-up, however the PUBACKs arrive (paho alone: three reads per PUBACK, plus one).
         assert recvs < 3 * N, recvs
+        # A PUBACK without properties is decoded without paho's per-packet objects (paho
+        # alone: a Properties object per PUBACK).
+        assert syscalls["properties"] - before["properties"] < N
         assert session.acks == N
     finally:
         await session.disconnect(2.0)
