@@ -113,7 +113,8 @@ def main(argv: list[str]) -> int:
     rows: list[tuple[str, Argon2Params | None]] = [("p1 HMAC-SHA256 (baseline)", None)]
     rows.append((_name(chosen), chosen))
     for extra in (
-        Argon2Params(12288, 3, 1),  # about as costly per byte of memory, less memory
+        Argon2Params(19456, 2, 1),  # OWASP's first choice, the default before issue 14
+        Argon2Params(7168, 5, 1),  # OWASP: the same defence as 19 MiB t=2
         Argon2Params(65536, 3, 1),  # RFC 9106's second recommendation
     ):
         if extra != chosen:

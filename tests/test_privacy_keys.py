@@ -89,7 +89,7 @@ def test_repr_shows_no_key_material(tmp_path: Path) -> None:
     assert "site_key" not in text
     assert text == (
         "BackendKeys(hpke_kid='hpke1', signing_kid='sig1', site_kid='s1', "
-        "site_argon2=Argon2Params(memory_kib=19456, iterations=2, lanes=1), site_tpm=False)"
+        "site_argon2=Argon2Params(memory_kib=7168, iterations=6, lanes=1), site_tpm=False)"
     )
     assert keys.site.key.hex() not in repr(keys.site)
     assert isinstance(keys, BackendKeys)

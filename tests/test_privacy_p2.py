@@ -113,11 +113,27 @@ def test_p2_key_file_round_trip(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     text = path.read_text()
     assert 'scheme = "p2"' in text
-    assert "[argon2id]\nmemory_kib = 19456\niterations = 2\nlanes = 1\n" in text
+    assert "[argon2id]\nmemory_kib = 7168\niterations = 6\nlanes = 1\n" in text
     site = load_site_key(path)
     assert site == SiteKey("s2", KEY, P2_DEFAULT)
     assert (site.scheme, site.prefix) == ("p2", "p2.s2")
     assert Pseudonymizer.from_key_file("hangar-3", path).badge("12ab").startswith("p2.s2.")
+
+
+def test_a_site_key_written_with_the_former_default_keeps_its_parameters(tmp_path: Path) -> None:
+    """Changing ``P2_DEFAULT`` (19 MiB t=2 -> 7 MiB t=6, issue 14) changes no site's pseudonyms:
+    a key file states its parameters and the agent derives with those, so an upgraded cabinet
+    keeps matching its allow-lists until the site chooses to make a new key."""
+    former = Argon2Params(memory_kib=19456, iterations=2, lanes=1)
+    assert former != P2_DEFAULT
+    path = tmp_path / "site.key"
+    write_site_key(path, "s1", KEY, former)
+    assert "[argon2id]\nmemory_kib = 19456\niterations = 2\nlanes = 1\n" in path.read_text()
+    site = load_site_key(path)
+    assert site.argon2 == former
+    pseudo = Pseudonymizer.from_key_file("hangar-3", path)
+    assert pseudo.badge("12AB") == Pseudonymizer("hangar-3", "s1", KEY, former).badge("12AB")
+    assert pseudo.badge("12AB") != Pseudonymizer("hangar-3", "s1", KEY, P2_DEFAULT).badge("12AB")
 
 
 def test_a_key_file_without_scheme_is_p1(tmp_path: Path) -> None:

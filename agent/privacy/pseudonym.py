@@ -1,7 +1,7 @@
 """Badge pseudonyms: the raw card number dies in ``Pseudonymizer.badge()``.
 
 Three schemes, named by the pseudonym's first part: ``p2`` (Argon2id keyed by the site key: each
-guess costs tens of milliseconds and ~19 MiB even to whoever holds the key), ``p3`` (p2 whose
+guess costs tens of milliseconds and ~7 MiB even to whoever holds the key), ``p3`` (p2 whose
 secret input is an HMAC computed by a TPM that holds the key: a copied disk holds no key at all;
 ``agent.privacy.tpm``) and ``p1`` (HMAC-SHA256, the legacy scheme kept for sites that migrate).
 Derivations, key file format and threat model: ``docs/privacy.md``.
@@ -148,9 +148,10 @@ class Argon2Params:
         )
 
 
-# RFC 9106 / OWASP's 19 MiB, 2 passes, 1 lane: ~33 ms on the development machine
-# (docs/privacy.md, bench/pseudonym.py), within the 50 ms a badge may take.
-P2_DEFAULT: Final = Argon2Params(memory_kib=19456, iterations=2, lanes=1)
+# 7 MiB, 6 passes, 1 lane: one pass more than OWASP's m=7 MiB t=5 (listed as the same defence as
+# its 19 MiB t=2), so a guess costs about the core time of 19 MiB t=2 (0.9x, bench/pseudonym.py)
+# with a third of the memory, for 1 GB boards (docs/decisions.md "Small boards").
+P2_DEFAULT: Final = Argon2Params(memory_kib=7168, iterations=6, lanes=1)
 
 
 @dataclass(frozen=True, slots=True)
