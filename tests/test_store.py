@@ -161,6 +161,42 @@ async def test_peek_ack_semantics(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_a_large_append_keeps_every_row_intact_across_insert_chunks(
+    tmp_path: Path,
+) -> None:
+    """Rows go to SQLite in multi-row INSERTs of a bounded size: 300 rows in one append (three
+    statements) come back in order, each with its own id, kind, priority, time and bytes."""
+    store = await Store.open(cfg(tmp_path))
+    try:
+        rows = [
+            OutboxRow(
+                seq=r.seq,
+                event_id=r.event_id,
+                priority=r.seq % 3,
+                kind=f"kind.{r.seq}",
+                created_at=T0 + timedelta(microseconds=r.seq),
+                envelope=r.envelope + r.seq.to_bytes(4, "big"),
+            )
+            for r in next_rows(store, 300, size=40)
+        ]
+        await store.append_events(rows)
+        got = await store.peek(400)
+        assert [g.seq for g in got] == list(range(1, 301))
+        for want, g in zip(rows, got, strict=True):
+            assert (g.event_id, g.priority, g.kind, g.envelope) == (
+                want.event_id,
+                want.priority,
+                want.kind,
+                want.envelope,
+            )
+            assert g.created_at == want.created_at
+        stats = await store.stats()
+        assert (stats.depth, stats.bytes) == (300, sum(len(r.envelope) for r in rows))
+        assert store.next_seq_nowait() == 301
+    finally:
+        await store.close()
+
+
 async def test_dead_lettering_after_n_failures(tmp_path: Path) -> None:
     alerts: list[StoreAlert] = []
     store = await Store.open(cfg(tmp_path, dead_letter_after=3), on_alert=alerts.append)

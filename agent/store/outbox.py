@@ -22,6 +22,9 @@ from agent.store.types import (
 )
 
 _DROPPED_KEY = "dropped.p"
+# Rows per INSERT statement: 7 parameters each stays under SQLite's oldest default limit of 999
+# host parameters per statement.
+_INSERT_CHUNK = 128
 
 
 class Outbox:
@@ -70,11 +73,14 @@ class Outbox:
         expected = self.next_seq()
         if rows[0].seq != expected:
             raise SeqConflictError(expected, rows[0].seq)
-        self.conn.executemany(
-            "INSERT INTO outbox (seq, event_id, priority, kind, created_us, size, envelope) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
+        # One statement per chunk, not one step per row: CPython's sqlite3 releases and retakes
+        # the GIL around every step, and each retake can wait out a whole switch interval
+        # behind the thread that seals the next events (docs/performance.md, "A small board").
+        for at in range(0, len(rows), _INSERT_CHUNK):
+            chunk = rows[at : at + _INSERT_CHUNK]
+            params: list[object] = []
+            for r in chunk:
+                params += (
                     r.seq,
                     r.event_id.bytes,
                     r.priority,
@@ -83,9 +89,11 @@ class Outbox:
                     len(r.envelope),
                     r.envelope,
                 )
-                for r in rows
-            ],
-        )
+            self.conn.execute(
+                "INSERT INTO outbox (seq, event_id, priority, kind, created_us, size, envelope) "
+                "VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                params,
+            )
         self.set_next_seq(rows[-1].seq + 1)
         self.enforce_bytes()
 
