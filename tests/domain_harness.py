@@ -2,6 +2,8 @@
 
 Readers behave like the real ones: while a scan runs, every 100 ms of simulated time each healthy
 reader reports the tags its connected antennas see (each with probability ``read_p``, seeded).
+As the drivers do, a healthy reader reports ``INVENTORYING`` once a ``StartScan`` took effect
+and ``ONLINE`` after a ``StopScan`` (``hold_start``: the start has not reached the readers yet).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class Tag:
 
 @dataclass
 class ReaderSim:
-    state: ReaderState = ReaderState.INVENTORYING
+    state: ReaderState = ReaderState.ONLINE  # connected, idle: a StartScan makes it read
     session: int = 1
     antennas: frozenset[int] | None = None
     dead: set[int] = field(default_factory=set)  # unplugged, and the reader cannot tell
@@ -132,6 +134,9 @@ class Cabinet:
     states: list[bytes] = field(default_factory=list)
     readers: dict[str, ReaderSim] = field(default_factory=dict)
     scanning: bool = False
+    # A StartScan does not reach the readers until ``start_readers()`` (a slow commit before
+    # the command, a starved loop, a reader slow to start).
+    hold_start: bool = False
     scan_steps: int = 0
     ticks: int = 0  # 100 ms steps since T0: exact times, no float drift
     t0: datetime = T0  # the wall time at tick 0
@@ -184,6 +189,11 @@ class Cabinet:
         if antennas is not None:
             sim.antennas = frozenset(antennas)
         self._apply(self.engine.on_health(self._health(rid), self.now))
+
+    def start_readers(self) -> None:
+        """The held StartScan reaches the readers: the healthy ones start reading."""
+        self.hold_start = False
+        self._inventory(True)
 
     def advance(self, seconds: float) -> None:
         """Let simulated time pass in 100 ms steps; readers report while a scan runs."""
@@ -266,7 +276,9 @@ class Cabinet:
         for e, tag in self.tags.items():
             rid, ant = DRAWER_ANTENNA[tag.drawer]
             sim = self.readers[rid]
-            if not sim.healthy or (sim.antennas is not None and ant not in sim.antennas):
+            if sim.state is not ReaderState.INVENTORYING:
+                continue
+            if sim.antennas is not None and ant not in sim.antennas:
                 continue
             if ant in sim.dead:
                 continue
@@ -283,12 +295,23 @@ class Cabinet:
         for cmd in out.commands:
             if isinstance(cmd, StartScan):
                 self.scanning = True
+                if not self.hold_start:
+                    self._inventory(True)
             elif isinstance(cmd, StopScan):
                 self.scanning = False
+                self._inventory(False)
         if out.baseline is not None:
             self.baselines.append(out.baseline)
         if out.session_state is not None:
             self.states.append(out.session_state)
+
+    def _inventory(self, on: bool) -> None:
+        """Healthy readers start (or stop) reading and say so, as the drivers do."""
+        want = ReaderState.INVENTORYING if on else ReaderState.ONLINE
+        for rid, sim in sorted(self.readers.items()):
+            if sim.healthy and sim.state is not want:
+                sim.state = want
+                self._apply(self.engine.on_health(self._health(rid), self.now))
 
 
 def describe(e: ev.Event) -> str:

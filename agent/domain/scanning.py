@@ -1,9 +1,13 @@
 """One scan pass at a time: when it may start counting, and when it is over.
 
-A pass counts only once every reader (and each of its antennas the engine uses) is healthy. It
-ends when no new EPC has shown up for ``stable_ms`` (between ``scan_min_ms`` and ``scan_max_ms``),
-and only after every reader that reports liveness was heard from since: a reader whose socket
-stays open but which sends nothing makes the pass incomplete, not empty (docs/domain.md).
+A pass counts only once every reader (and each of its antennas the engine uses) is healthy and
+says it is inventorying: its timers run on the agent's clock, so they may only run while the
+readers read. Time before that (a StartScan still behind a slow commit, a starved loop, a reader
+slow to start its ROSpec) is not "no new EPC": counted, it let a pass end empty, before the reader
+had read a thing. It ends when no new EPC has shown up for ``stable_ms`` (between ``scan_min_ms``
+and ``scan_max_ms``), and only after every reader that reports liveness was heard from since: a
+reader whose socket stays open but which sends nothing makes the pass incomplete, not empty
+(docs/domain.md).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from agent.domain.config import Antenna, CabinetDomainConfig
 from agent.domain.inventory import ScanAccumulator, ScanResult
-from drivers.types import ReaderHealth, TagRead
+from drivers.types import ReaderHealth, ReaderState, TagRead
 
 
 class ScanPass:
@@ -32,7 +36,8 @@ class ScanPass:
             ports.setdefault(reader, set()).add(port)
         self._ports = {r: frozenset(p) for r, p in sorted(ports.items())}
         self._scan: ScanAccumulator | None = None
-        self._waiting = False  # the pass waits for every reader to be healthy before it counts
+        # The pass waits for every reader to be healthy and inventorying before it counts.
+        self._waiting = False
         self._alive: dict[str, float] = {}  # reader → monotonic time it was last heard from
         self._end_candidate: float | None = None  # when the pass first met its end conditions
 
@@ -50,10 +55,18 @@ class ScanPass:
                 return False
         return True
 
+    def inventorying(self) -> bool:
+        """Every reader ready and reading tags (not merely online: a paused reader, or one
+        whose start has not taken effect yet, reads nothing, and its silence means nothing)."""
+        return self.ready() and all(
+            (h := self._health.get(r)) is not None and h.state is ReaderState.INVENTORYING
+            for r in self._ports
+        )
+
     def start(self, now: float) -> None:
         """A new pass (replacing any running one)."""
         self._scan = ScanAccumulator(self.config, self._antennas, self._health, now)
-        self._waiting = not self.ready()
+        self._waiting = not self.inventorying()
         self._end_candidate = None
 
     def stop(self) -> None:
@@ -73,10 +86,22 @@ class ScanPass:
         if self._scan is None:
             return
         self._scan.health(health)
-        if self._waiting and self.ready():
-            # Start counting only now: a pass begun with a reader down could never be complete.
+        if self._waiting and self.inventorying():
+            # Start counting only now: a pass begun with a reader down could never be complete,
+            # and one begun before the readers read would time the readers' silence.
             self._waiting = False
+            self._end_candidate = None
             self._scan = ScanAccumulator(self.config, self._antennas, self._health, now)
+        elif (
+            not self._waiting
+            and health.reader_id in self._ports
+            and health.healthy
+            and health.state is not ReaderState.INVENTORYING
+            and self._scan.complete
+        ):
+            # A reader stopped reading (a stop that reached it after this pass's start): the
+            # pass counts again, from the start, once every reader reads.
+            self._waiting = True
 
     def finished(self, now: float) -> ScanResult | None:
         """The result of the running pass once it is over at ``now`` (the pass then ends)."""
@@ -96,7 +121,8 @@ class ScanPass:
         silent = [
             r
             for r in self._ports
-            if r in self._alive
+            if not self._waiting
+            and r in self._alive
             and self._alive[r] < self._end_candidate
             and (h := self._health.get(r)) is not None
             and h.healthy
@@ -105,6 +131,12 @@ class ScanPass:
             return None  # wait for word from every reader that it is still alive
         for reader in silent:
             scan.fail(f"{reader} silent")
+        if self._waiting:
+            # scan_max_ms without every reader reading: nothing this pass saw can be trusted.
+            for reader in self._ports:
+                h = self._health.get(reader)
+                if h is not None and h.healthy and h.state is not ReaderState.INVENTORYING:
+                    scan.fail(f"{reader} not inventorying")
         self._end_candidate = None
         self._waiting = False
         result = scan.result(now)
