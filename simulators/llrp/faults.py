@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import struct
 from dataclasses import dataclass
@@ -48,6 +49,20 @@ class Faults:
         self.flap_up_s: float | None = (
             None  # flap mode: every session ends this long after it began
         )
+        # Slow start: while set and not released, a START/ENABLE_ROSPEC waits (unanswered).
+        self.start_gate: asyncio.Event | None = None
+
+    def hold_starts(self) -> None:
+        """A reader slow to start reading: every START_ROSPEC / ENABLE_ROSPEC is received (and
+        counted) at once but acted on and answered only after ``release_starts()``; the rest
+        of the reader (keepalives, events) goes on meanwhile."""
+        self.start_gate = asyncio.Event()
+
+    def release_starts(self) -> None:
+        """Act on the held starts (and on later ones at once)."""
+        gate, self.start_gate = self.start_gate, None
+        if gate is not None:
+            gate.set()
 
     def _state(self, target: Target) -> FaultState:
         conn = self._server.current
@@ -104,6 +119,7 @@ class Faults:
         """Disarm everything (pending, on the current connection, flap mode)."""
         self.pending = FaultState()
         self.flap_up_s = None
+        self.release_starts()
         conn = self._server.current
         if conn is not None:
             conn.faults = FaultState()

@@ -31,6 +31,7 @@ _OUT_QUEUE_MAX = 4096
 _HELD_MAX = 10000
 _ESTABLISHED_MAX = 10000
 _STOP_TIMEOUT_S = 5.0
+_STARTS = frozenset({"START_ROSPEC", "ENABLE_ROSPEC"})  # what the slow-start fault holds
 
 
 @dataclass
@@ -461,12 +462,25 @@ class Connection:
                 await asyncio.gather(*self._aux, return_exceptions=True)
                 self.server.session_ended(self)
 
+    async def _held(self, gate: asyncio.Event, msg: Message) -> None:
+        await gate.wait()
+        if not self.closing:
+            self.server.reader.dispatch(self, msg)
+            self.server.notify()
+
     async def _handle(self, frame: Frame) -> None:
         server, reader = self.server, self.server.reader
         msg = reader.decode(self, frame)
         if msg is None:
             return
         server.record(msg)
+        gate = server.faults.start_gate
+        if gate is not None and msg.name in _STARTS:
+            # The slow-start fault: acted on once released; the rest is read meanwhile.
+            task = asyncio.create_task(self._held(gate, msg), name=f"llrp-sim-held-{self.conn_id}")
+            self._aux.add(task)
+            task.add_done_callback(self._aux.discard)
+            return
         reader.dispatch(self, msg)
         server.notify()
         # Yield between messages so a flood of requests cannot starve the inventory loop.
