@@ -207,6 +207,11 @@ def _canonical_outage(story: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     )
     window = story[off + 1 : end]
     kinds = {s[0] for s in window}
+    if kinds == {"reader.online"} and window == [ONLINE]:
+        # The cable went before the agent saw the module inventorying: the pass had not begun
+        # to count, so it was not cut; it counted once the module read again (docs/domain.md,
+        # "Scan pass"). Told as the pass the outage did cut.
+        return [*story[: off + 1], ("inventory.incomplete", "background"), ONLINE, *story[end:]]
     if kinds != {"reader.online", "inventory.incomplete"}:
         return story  # not the expected shape: compare raw so the difference shows
     if window.count(ONLINE) != 1 or any(
