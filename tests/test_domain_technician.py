@@ -7,6 +7,7 @@ import pytest
 from agent.domain import events as ev
 from agent.domain.assets import Asset, AssetRegistry, AssetRegistryError
 from agent.domain.engine import Phase, Relock, StartScan, StopScan, TechnicianRefused, Unlock
+from agent.domain.technician import DOOR_TEST_MAX_S, DOOR_TEST_REASON
 from tests.domain_harness import ALICE, BOB, NAMES, SUPER, Cabinet, Tag, epc
 
 TECH = "uid:1000"
@@ -20,7 +21,11 @@ def brief(c: Cabinet, start: int = 0) -> list[str]:
     out = []
     for e in c.events[start:]:
         d = e.model_dump()
-        who = d.get("technician") or ",".join(NAMES.get(a, a) for a in d.get("actors") or [])
+        who = (
+            d.get("technician")
+            or d.get("actor")
+            or ",".join(NAMES.get(a, a) for a in d.get("actors") or [])
+        )
         who = NAMES.get(who, who)
         tail = ""
         if "epc" in d:
@@ -164,12 +169,17 @@ def test_a_supervisor_badge_opens_a_technician_session_when_asked_for() -> None:
     c.advance(1.0)
     c.open()
     c.advance(2.0)
-    c.badge(BOB)  # someone else badges while the technician works: listed, not charged
+    c.badge(BOB)  # someone else badges while the technician works: refused
     del c.tags[epc(0)]
     c.close()
+    c.advance(0.5)
+    mark = len(c.commands)
+    c.badge(SUPER)  # the technician badges again during the closing scan: the door unlocks
+    assert c.commands[mark:] == [Unlock(c.engine.config.unlock_pulse_s)]
     c.settle()
     assert brief(c, start) == [
         "technician.opened super",
+        "access.denied bob",
         "item.removed 000 super",
         "technician.closed scanned complete +0 -1 super",
     ]
@@ -178,7 +188,7 @@ def test_a_supervisor_badge_opens_a_technician_session_when_asked_for() -> None:
     assert opened.via == "badge"
     assert isinstance(closed, ev.TechnicianClosed)
     assert closed.technician == SUPER
-    assert closed.actors == [BOB]
+    assert closed.actors == []  # nobody else was let in; the technician is not a holder
 
 
 def test_a_user_badge_during_the_supervisor_wait_opens_a_plain_session() -> None:
@@ -429,3 +439,184 @@ def test_a_door_held_open_by_a_technician_alerts_on_its_own_longer_limit() -> No
     c.close()
     c.settle()
     assert c.events[-1].type == "technician.closed"
+
+
+def _denials(c: Cabinet, start: int) -> list[tuple[str, str]]:
+    return [
+        (NAMES.get(e.actor, e.actor), e.reason)
+        for e in c.events[start:]
+        if isinstance(e, ev.AccessDenied)
+    ]
+
+
+def test_a_badge_during_a_technician_session_is_refused_and_checks_out_nothing() -> None:
+    """The door is the technician's from the unlock to the closing scan: anyone else's badge
+    is refused (else what they take is an ``item.removed`` of the technician, and nobody is
+    charged with it). Not counted towards a lock-out: the badge is valid."""
+    c = Cabinet(tags=stock("top", "bottom"))
+    start = len(c.events)
+    c._apply(c.engine.open_technician(TECH, "swap drawer 2", c.now))
+    c.advance(2.0)
+    mark = len(c.commands)
+    c.badge(ALICE)  # in the technician's unlock window
+    assert c.commands[mark:] == []  # no unlock of her own, the window is not shortened
+    c.advance(100.0)  # relock_after_s (10 s) is long past, technician_unlock_s (120 s) is not
+    assert c.engine.phase is Phase.UNLOCKED
+    c.open()
+    c.badge(BOB)  # while the technician works
+    del c.tags[epc(0)]
+    c.close()
+    c.advance(0.5)
+    mark = len(c.commands)
+    c.badge(ALICE)  # during the closing scan: no unlock either
+    assert c.commands[mark:] == []
+    c.settle()
+    assert brief(c, start) == [
+        "technician.opened uid:1000",
+        "access.denied alice",
+        "access.denied bob",
+        "access.denied alice",  # three denials: lockout_denials is 3, yet no lock-out
+        "item.removed 000 uid:1000",
+        "technician.closed scanned complete +0 -1 uid:1000",
+    ]
+    assert _denials(c, start) == [
+        ("alice", "technician session"),
+        ("bob", "technician session"),
+        ("alice", "technician session"),
+    ]
+    closed = c.events[-1]
+    assert isinstance(closed, ev.TechnicianClosed)
+    assert closed.actors == []
+    # Once the session is over, her badge opens an ordinary session that charges her.
+    mark = len(c.events)
+    c.cycle(ALICE, take=[epc(1)])
+    assert brief(c, mark) == [
+        "session.opened alice",
+        "item.checked_out 001 alice",
+        "session.closed out=1 in=0 used=0 +0 alice",
+    ]
+
+
+def test_a_badge_during_a_door_test_is_refused_and_the_engine_relocks_after() -> None:
+    c = Cabinet(tags=stock("top"))
+    start = len(c.events)
+    c._apply(c.engine.begin_door_test(TECH, c.now))
+    test = c.engine.door_test
+    assert test is not None
+    mark = len(c.commands)
+    c.badge(ALICE)
+    c.advance(0.5)
+    c.badge(SUPER)
+    c.badge(BOB)  # three: no lock-out
+    assert c.commands[mark:] == []  # no Unlock: the lock is the test's
+    assert c.engine.phase is Phase.IDLE
+    assert test.refused == 3
+    # Nothing else takes the door either.
+    for refused in (
+        lambda: c.engine.open_technician(TECH, "swap", c.now),
+        lambda: c.engine.await_supervisor(TECH, "swap", 30.0, c.now),
+        lambda: c.engine.rebaseline(TECH, "count", c.now),
+        lambda: c.engine.begin_door_test(TECH, c.now),
+    ):
+        with pytest.raises(TechnicianRefused, match="a door test is running"):
+            refused()
+    c._apply(c.engine.door_test_release(c.now))
+    c._apply(c.engine.end_door_test(c.now))
+    assert c.engine.door_test is None
+    assert c.commands[-1] == Relock()  # the engine's view of the lock: engaged, as it is
+    assert _denials(c, start) == [
+        ("alice", "door test"),
+        ("super", "door test"),
+        ("bob", "door test"),
+    ]
+    assert [e.type for e in c.events[start:]] == ["access.denied"] * 3
+    c.badge(ALICE)  # the door is the engine's again
+    assert c.commands[-1] == Unlock(c.engine.config.unlock_pulse_s)
+    assert c.engine.phase is Phase.UNLOCKED
+
+
+def test_a_door_opened_while_the_door_test_released_it_is_the_testers() -> None:
+    """Not a forced door (nobody is paged at 2 a.m. for a test they ran): a technician session
+    in the tester's name, whose closing scan books what moved to them."""
+    c = Cabinet(tags=stock("top", "bottom"))
+    start = len(c.events)
+    c._apply(c.engine.begin_door_test(TECH, c.now))
+    test = c.engine.door_test
+    assert test is not None
+    c._apply(c.engine.door_test_release(c.now))
+    c.open()
+    c.badge(ALICE)  # still the test's door
+    mark = len(c.commands)
+    c._apply(c.engine.end_door_test(c.now))
+    assert c.commands[mark:] == []  # the door is open: the engine relocks once it is shut
+    assert c.engine.phase is Phase.OPEN
+    c.badge(BOB)  # now a technician session's door
+    del c.tags[epc(1)]
+    c.close()
+    c.settle()
+    assert brief(c, start) == [
+        "technician.opened uid:1000",
+        "access.denied alice",
+        "access.denied bob",
+        "item.removed 001 uid:1000",
+        "technician.closed scanned complete +0 -1 uid:1000",
+    ]
+    assert _denials(c, start) == [("alice", "door test"), ("bob", "technician session")]
+    opened = c.events[start]
+    assert isinstance(opened, ev.TechnicianOpened)
+    assert (opened.via, opened.reason) == ("cli", DOOR_TEST_REASON)
+    assert test.session_id == opened.session_id
+    assert not test.forced
+    assert c.commands[-1] == Relock()
+
+
+def test_a_door_opened_during_a_door_test_with_the_lock_engaged_is_forced() -> None:
+    """Before the test releases the lock, an opening is what it always is: the lock did not
+    hold, and the backend hears of it."""
+    c = Cabinet(tags=stock("top"))
+    start = len(c.events)
+    c._apply(c.engine.begin_door_test(TECH, c.now))
+    test = c.engine.door_test
+    assert test is not None
+    c.open()
+    assert [e.type for e in c.events[start:]] == ["door.forced", "session.opened"]
+    assert test.forced
+    assert test.session_id is None
+    c._apply(c.engine.end_door_test(c.now))
+    c.close()
+    c.settle()
+    assert c.events[-1].type == "session.closed"
+
+
+def test_a_door_test_whose_caller_vanished_lapses_and_relocks() -> None:
+    from tests.domain_harness import domain_config
+
+    c = Cabinet(config=domain_config(background_period_s=60), tags=stock("top"))
+    c.advance(55.0)
+    c._apply(c.engine.begin_door_test(TECH, c.now))
+    assert c.engine.next_deadline() == pytest.approx(c.now.mono + DOOR_TEST_MAX_S)
+    mark = len(c.commands)
+    c.advance(DOOR_TEST_MAX_S - 0.1)
+    assert c.engine.door_test is not None
+    assert StartScan() not in c.commands[mark:]  # no background inventory under the test
+    c.advance(0.1)
+    assert c.engine.door_test is None
+    assert c.commands[mark:][:2] == [Relock(), StartScan()]  # relocked; the inventory is due
+    with pytest.raises(TechnicianRefused, match="no door test"):
+        c.engine.door_test_release(c.now)
+    c._apply(c.engine.end_door_test(c.now))  # the caller comes back late: nothing to do
+
+
+def test_a_door_test_needs_an_idle_cabinet() -> None:
+    c = Cabinet(tags=stock("top"))
+    c.badge(ALICE)
+    with pytest.raises(
+        TechnicianRefused, match="cannot test the door now: the cabinet is unlocked"
+    ):
+        c.engine.begin_door_test(TECH, c.now)
+    c.advance(1.0)
+    c.open()
+    with pytest.raises(TechnicianRefused, match="with the door open"):
+        c.engine.begin_door_test(TECH, c.now)
+    with pytest.raises(TechnicianRefused, match="technician id"):
+        Cabinet().engine.begin_door_test("root", c.now)

@@ -27,6 +27,7 @@ back.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from collections.abc import Collection, Mapping, Sequence
@@ -59,9 +60,12 @@ from agent.domain.scanning import ScanPass
 from agent.domain.session import Session
 from agent.domain.stamp import Stamper
 from agent.domain.technician import (
+    DOOR_TEST_MAX_S,
+    DOOR_TEST_REASON,
     MAX_BADGE_WAIT_S,
     TECHNICIAN_RE,
     BadgeWait,
+    DoorTest,
     Rebaseline,
     RebaselineState,
     Technician,
@@ -165,6 +169,8 @@ class CabinetEngine:
         self._tech: Technician | None = None
         self._tech_wait: BadgeWait | None = None
         self._rebase: Rebaseline | None = None
+        # A door test in progress (not persisted: a restart ends it, and start() relocks).
+        self._test: DoorTest | None = None
         self.rebaseline_state: RebaselineState | None = None
         self.rebaselines = 0  # re-baselines requested so far (cabinetctl waits for its own)
         self.rebaseline_result: ev.InventoryRebaselined | None = None
@@ -242,6 +248,7 @@ class CabinetEngine:
             self._readers.next_deadline(),
             self._holdings.next_deadline(),
             None if self._tech_wait is None else self._tech_wait.until_mono,
+            None if self._test is None else self._test.until_mono,
         ]
         if self.phase is Phase.UNLOCKED:
             due.append(self._unlock_deadline)
@@ -268,6 +275,7 @@ class CabinetEngine:
         if (
             self.phase is Phase.IDLE
             and not self.door_open
+            and self._test is None
             and (self._verify or self.config.background_period_s > 0)
         ):
             due.append(self._bg_next)
@@ -328,6 +336,13 @@ class CabinetEngine:
             # Not a pseudonym (a driver bug, maybe a raw id): it must never reach an event.
             actor = ev.UNKNOWN_ACTOR
         outcome = self.access.badge(badge.reader_id, actor, now)
+        busy = self._door_taken(actor) if outcome.granted else None
+        if busy is not None:
+            # The door is someone else's for now: refused, said why, not counted towards a
+            # lock-out (the badge is valid); the person badges again once it is free.
+            outcome = dataclasses.replace(outcome, granted=False, reason=busy, grace=None)
+            if self._test is not None:
+                self._test.refused += 1
         out.events.extend(outcome.events(actor, badge.reader_id, self._stamp, now))
         if outcome.lockout is not None:
             self._dirty = True
@@ -345,6 +360,16 @@ class CabinetEngine:
             if phase is not Phase.IDLE:
                 self._abort_background(out)
             self._open_technician(actor, "badge", wait.reason, now, out)
+            return self._end(out)
+        if self._tech is not None:
+            # Its own technician (a supervisor who opened it with their badge), badging again:
+            # the window starts over, or (during the closing scan) the door unlocks again.
+            if phase is Phase.UNLOCKED:
+                self._release_for_technician(now, out)
+            elif phase in _SESSION_SCANS:
+                assert self._session is not None
+                self._session.unlocked_after_close = True
+                self._unlock(now, out, enter=False)
             return self._end(out)
         if phase in (Phase.IDLE, *_BACKGROUND_SCANS):
             if phase is not Phase.IDLE:
@@ -493,11 +518,56 @@ class CabinetEngine:
                 f"cannot re-baseline now: the cabinet is {self.phase}"
                 f"{' with the door open' if self.door_open else ''}; try again when it is idle"
             )
+        if self._test is not None:
+            raise TechnicianRefused("cannot re-baseline now: a door test is running")
         self._rebase = Rebaseline(technician, text)
         self.rebaseline_state = "running"
         self.rebaselines += 1
         self._bg_attempts = 0
         self._start_pass(Phase.BACKGROUND, now, out, first=True)
+        return self._end(out)
+
+    @property
+    def door_test(self) -> DoorTest | None:
+        """The door test in progress (``begin_door_test`` … ``end_door_test``)."""
+        return self._test
+
+    def begin_door_test(self, technician: str, now: Now) -> EngineOutput:
+        """``cabinetctl door test`` takes the door: until ``end_door_test`` (or
+        DOOR_TEST_MAX_S) no badge is granted (``access.denied``, reason ``door test``) and no
+        technician session, re-baseline or background inventory starts, so nothing the
+        engine does moves the lock under the test, nor the test under a session. Raises
+        TechnicianRefused unless the cabinet is idle with its door closed."""
+        out = self._begin(now)
+        if not TECHNICIAN_RE.fullmatch(technician):
+            raise TechnicianRefused("not a technician id")
+        if self.phase is not Phase.IDLE or self.door_open:
+            raise TechnicianRefused(
+                f"cannot test the door now: the cabinet is {self.phase}"
+                f"{' with the door open' if self.door_open else ''}; try when idle"
+            )
+        if self._test is not None:
+            raise TechnicianRefused("cannot test the door now: a door test is running")
+        self._test = DoorTest(technician, now.mono + DOOR_TEST_MAX_S)
+        return self._end(out)
+
+    def door_test_release(self, now: Now) -> EngineOutput:
+        """The door test is about to release the lock: from now on until it ends, the door
+        opening is the tester's (a technician session in their name), not forced."""
+        out = self._begin(now)
+        if self._test is None:
+            raise TechnicianRefused("no door test is running (it lapsed?): the lock stays engaged")
+        self._test.released = True
+        return self._end(out)
+
+    def end_door_test(self, now: Now) -> EngineOutput:
+        """The door test is over: the door is the engine's again. Idle, it relocks (whatever
+        the test's last step achieved: the engine's fail-secure relock takes over)."""
+        out = self._begin(now)
+        if self._test is not None:
+            self._test = None
+            if self.phase is Phase.IDLE:
+                out.commands.append(Relock())
         return self._end(out)
 
     def _require_idle(self, what: str) -> None:
@@ -508,18 +578,40 @@ class CabinetEngine:
             )
         if self._rebase is not None:
             raise TechnicianRefused(f"cannot {what} now: a re-baseline is running")
+        if self._test is not None:
+            raise TechnicianRefused(f"cannot {what} now: a door test is running")
+
+    def _door_taken(self, actor: str) -> ev.DenyReason | None:
+        """Why a valid badge cannot have the door now, or None: a door test holds it, or a
+        technician session (from its unlock to its closing scan) that is not this person's.
+        A technician session books what moves as removals and restocks: anyone else let in
+        would take items out unattributed."""
+        if self._test is not None:
+            return "door test"
+        if self._tech is not None and actor != self._tech.who:
+            return "technician session"
+        return None
 
     def _open_technician(
         self, who: str, via: ev.TechnicianVia, reason: str, now: Now, out: EngineOutput
     ) -> None:
-        tech = Technician(self._ids(now.wall), who, via, reason, now.mono)
-        self._tech = tech
+        self._start_technician(who, via, reason, now, out)
         self._pending = []
+        self._release_for_technician(now, out)
+        self.phase = Phase.UNLOCKED
+
+    def _release_for_technician(self, now: Now, out: EngineOutput) -> None:
         # Time to reach the door (a terminal, a laptop): the lock stays released that long.
         window = self.config.technician_unlock_s
         out.commands.append(Unlock(window))
         self._unlock_deadline = now.mono + window
-        self.phase = Phase.UNLOCKED
+        self._dirty = True
+
+    def _start_technician(
+        self, who: str, via: ev.TechnicianVia, reason: str, now: Now, out: EngineOutput
+    ) -> Technician:
+        tech = Technician(self._ids(now.wall), who, via, reason, now.mono)
+        self._tech = tech
         self._dirty = True
         out.events.append(
             ev.TechnicianOpened(
@@ -531,6 +623,7 @@ class CabinetEngine:
                 door_id=self.config.door_id,
             )
         )
+        return tech
 
     def _end_technician(
         self,
@@ -698,6 +791,13 @@ class CabinetEngine:
             self._abort_background(out)
             phase = Phase.IDLE
         tech = self._tech if phase is Phase.UNLOCKED else None
+        test = self._test
+        if phase is Phase.IDLE and test is not None and test.released:
+            # The door test released the lock and the door opened: the tester's doing (on site
+            # by their word), not a break-in. What moves until it is shut and scanned is booked
+            # to them, as in a technician session; the test reports the opening.
+            tech = self._start_technician(test.who, "cli", DOOR_TEST_REASON, now, out)
+            test.session_id = tech.session_id
         if tech is not None:
             # A technician's opening: not forced, no session.opened (technician.opened said it).
             self._session = Session(
@@ -719,6 +819,9 @@ class CabinetEngine:
             # A technician session is UNLOCKED until its door opens: none can be pending here
             # (defensive: a stale one must never relabel this forced opening).
             self._tech = None
+            if test is not None:
+                # Opened during a door test with the lock engaged: the lock did not hold.
+                test.forced = True
         self._pending = []
         session_id = self._ids(now.wall)
         self._session = Session(
@@ -797,9 +900,14 @@ class CabinetEngine:
             self._left_open(now, out)
         elif self._pass.running:
             self._maybe_end_pass(now, out)
+        if self._test is not None and now.mono >= self._test.until_mono:
+            self._test = None  # its caller is gone: the door is the engine's again
+            if self.phase is Phase.IDLE:
+                out.commands.append(Relock())
         if (
             self.phase is Phase.IDLE
             and not self.door_open
+            and self._test is None
             and (self._verify or self.config.background_period_s > 0)
             and now.mono >= self._bg_next
         ):

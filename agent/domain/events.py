@@ -89,7 +89,15 @@ TechnicianId = Annotated[
         "or the supervisor's badge pseudonym ('erased' once the backend erased them)",
     ),
 ]
-DenyReason = Literal["unknown badge", "role", "allow-list expired", "no allow-list", "locked out"]
+DenyReason = Literal[
+    "unknown badge",
+    "role",
+    "allow-list expired",
+    "no allow-list",
+    "locked out",
+    "technician session",  # the door is a technician session's (from its unlock to its scan)
+    "door test",  # cabinetctl door test holds the door
+]
 ScanPurpose = Literal["session", "background"]
 
 

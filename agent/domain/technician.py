@@ -28,6 +28,11 @@ _LONG_NUMBER_RE = re.compile(r"[0-9A-Fa-f]{8,}")
 MAX_REASON = 200
 # How long a ``technician open --badge`` waits for a supervisor's badge, at most.
 MAX_BADGE_WAIT_S = 300.0
+# A door test holds the door at most this long (its steps take seconds): a cabinetctl or a
+# control handler that dies mid-test cannot keep badges out for longer.
+DOOR_TEST_MAX_S = 30.0
+# The reason of the technician session a door opened during a door test starts.
+DOOR_TEST_REASON = "door test: the door was opened while the test released the lock"
 
 
 class TechnicianRefused(ValueError):
@@ -134,6 +139,20 @@ class BadgeWait:
         if not TECHNICIAN_RE.fullmatch(by):
             raise ValueError("requested_by")
         return cls(check_reason(s["reason"]), by, mono + float(s["remaining_s"]))
+
+
+@dataclass
+class DoorTest:
+    """``cabinetctl door test``: until it ends the door is the test's (no badge is granted, no
+    technician session or inventory starts). Once it has released the lock, the door opening
+    is the tester's: a technician session in their name, not a forced door."""
+
+    who: str  # "uid:<n>" of the caller
+    until_mono: float  # it lapses then, whatever became of its caller
+    released: bool = False  # the test has released (or is releasing) the lock
+    refused: int = 0  # badges refused while it ran
+    session_id: UUID | None = None  # the technician session an opening during it started
+    forced: bool = False  # the door opened while the lock was engaged: reported as forced
 
 
 @dataclass
