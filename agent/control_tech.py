@@ -13,16 +13,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from agent.audit_policy import AuditTrail
 from agent.control.protocol import BUSY, INVALID_ARGS, CommandError
 from agent.control.server import ControlServer, RequestContext
 from agent.domain import events as ev
-from agent.domain.engine import CabinetEngine, EngineOutput, Phase, TechnicianRefused
+from agent.domain.engine import CabinetEngine, EngineOutput, TechnicianRefused
 from agent.domain.now import Now
-from agent.domain.technician import MAX_BADGE_WAIT_S, check_reason, uid_technician
+from agent.domain.technician import MAX_BADGE_WAIT_S, DoorTest, check_reason, uid_technician
 from drivers.door import Door, DoorCommandError
 from drivers.errors import CabinetError
 from drivers.types import DoorState
@@ -34,6 +34,9 @@ REFUSED = "refused"  # the engine cannot do it now (busy, nothing to close)
 NO_BADGE = "no_badge"  # no supervisor badge within the wait
 NOT_STARTED = "not_started"
 DOOR_TEST_PULSE_S = 1.0
+# After the relock, the door test waits this long before it reads the sensor again: a door the
+# release let spring open has said so by then (and it is still the test's opening).
+DOOR_TEST_SETTLE_S = 1.0
 REBASELINE_MAX_S = 300.0
 
 
@@ -115,6 +118,7 @@ def register_technician_handlers(server: ControlServer, app: TechnicianAgent) ->
         return {
             "phase": str(engine.phase),
             "awaiting_supervisor": engine.awaiting_supervisor,
+            "door_test": engine.door_test is not None,
             "session": None
             if tech is None
             else {
@@ -161,19 +165,45 @@ def register_technician_handlers(server: ControlServer, app: TechnicianAgent) ->
         if door is None:
             raise CommandError("no_door", "no [door] section in the config: nothing to test")
         engine = _engine(app)
-        if engine.phase is not Phase.IDLE or engine.door_open:
-            raise CommandError(
-                BUSY, f"cannot test the door now: the cabinet is {engine.phase}; try when idle"
-            )
-        steps = await _door_steps(door)
+        who = uid_technician(ctx.peer.uid)
+        # The test runs through the engine: it holds the door (no badge granted, no session
+        # or inventory started) from here to end_door_test, so the lock is the test's alone.
+        try:
+            await _call(app, lambda e, now: e.begin_door_test(who, now))
+        except CommandError as err:
+            raise CommandError(BUSY, err.message) from None
+        test = engine.door_test
+        assert test is not None
+
+        async def release() -> None:
+            await _call(app, lambda e, now: e.door_test_release(now))
+
+        try:
+            steps = await _door_steps(door, before_release=release, settle_s=DOOR_TEST_SETTLE_S)
+        finally:
+            # Else it lapses by itself (DOOR_TEST_MAX_S), and the engine relocks then.
+            with contextlib.suppress(CommandError):
+                await _call(app, lambda e, now: e.end_door_test(now))
+        _door_opened(steps, test)
         ok = all(s["ok"] for s in steps)
-        seq = await _audit(
-            app,
-            ctx,
-            "door.test",
-            {**_caller(ctx), "door_id": door.door_id, "ok": ok, "failed": _failed(steps)},
-        )
-        return {"door_id": door.door_id, "ok": ok, "steps": steps, "audit_seq": seq}
+        details = {
+            **_caller(ctx),
+            "door_id": door.door_id,
+            "ok": ok,
+            "failed": _failed(steps),
+            "badges_refused": test.refused,
+        }
+        if test.session_id is not None:
+            details["session_id"] = str(test.session_id)
+        seq = await _audit(app, ctx, "door.test", details)
+        return {
+            "door_id": door.door_id,
+            "ok": ok,
+            "steps": steps,
+            "badges_refused": test.refused,
+            "session_id": None if test.session_id is None else str(test.session_id),
+            "audit_seq": seq,
+        }
 
     server.register("technician.open", technician_open, timeout_s=MAX_BADGE_WAIT_S + 30.0)
     server.register("technician.close", technician_close)
@@ -182,8 +212,15 @@ def register_technician_handlers(server: ControlServer, app: TechnicianAgent) ->
     server.register("door.test", door_test, timeout_s=60.0)
 
 
-async def _door_steps(door: Door) -> list[dict[str, Any]]:
-    """Sensor, lock, unlock, relock, sensor: one verdict per step; every step runs."""
+async def _door_steps(
+    door: Door,
+    *,
+    before_release: Callable[[], Awaitable[None]] | None = None,
+    settle_s: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Sensor, lock, unlock, relock, sensor (``settle_s`` after the relock): one verdict per
+    step; every step runs. ``before_release`` tells the engine the lock is about to be
+    released (a CommandError from it fails the unlock step without moving the lock)."""
     steps: list[dict[str, Any]] = []
 
     def sensor(name: str) -> None:
@@ -196,6 +233,12 @@ async def _door_steps(door: Door) -> list[dict[str, Any]]:
             )
 
     async def move(name: str, *, release: bool) -> None:
+        if release and before_release is not None:
+            try:
+                await before_release()
+            except CommandError as err:
+                steps.append(_step(name, ok=False, detail=f"not released: {err.message}"))
+                return
         try:
             if release:
                 await door.unlock(DOOR_TEST_PULSE_S)
@@ -219,8 +262,27 @@ async def _door_steps(door: Door) -> list[dict[str, Any]]:
     await move("lock", release=False)
     await move("unlock", release=True)
     await move("relock", release=False)
+    if settle_s > 0:
+        await asyncio.sleep(settle_s)
     sensor("sensor after")
     return steps
+
+
+def _door_opened(steps: list[dict[str, Any]], test: DoorTest) -> None:
+    """The last step says so when the door opened during the test (the sensor may read closed
+    again by then): the technician session it started, or the forced door."""
+    last = steps[-1]
+    if test.session_id is not None:
+        last.update(
+            ok=False,
+            detail=f"the door was opened during the test: technician session {test.session_id} "
+            "is in your name; shut the door, its scan books what moved",
+        )
+    elif test.forced:
+        last.update(
+            ok=False,
+            detail="the door opened while the lock was engaged: reported as forced (door.forced)",
+        )
 
 
 def _step(name: str, *, ok: bool, detail: str) -> dict[str, Any]:

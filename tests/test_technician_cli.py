@@ -1,14 +1,24 @@
 """cabinetctl's technician commands against a running daemon (real LLRP simulator, door on its
-GPI/GPO): ``technician open|close|status``, ``inventory rebaseline``, ``door test``."""
+GPI/GPO): ``technician open|close|status``, ``inventory rebaseline``, ``door test``; with a
+badge reader and the backend's documents (tests/scenario_harness.py), a door test that holds
+the door against badges and an opening during it."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from agent.domain.technician import DOOR_TEST_REASON
+from simulators.cabinet import Scenario, bundled_scenarios, load_scenario
 from simulators.llrp import LlrpSimulator
+from tests.daemon_rig import ctl as rig_ctl
+from tests.mqtt_fixtures import Mosquitto
+from tests.scenario_harness import TIMEOUT_S, Rig, cabinet_rig
 from tests.test_cli_daemon import ROOT, TAGS, WAIT_S, _events, _until_event, ctl, daemon
 from tests.test_cli_daemon import sockdir as sockdir  # the fixture
 
@@ -210,3 +220,133 @@ async def test_an_interrupted_badge_wait_is_forgotten(tmp_path: Path, sockdir: P
         async with asyncio.timeout(WAIT_S):  # far less than the 300 s the wait asked for
             while await _awaiting_supervisor(sock):
                 await asyncio.sleep(0.2)
+
+
+def _cabinet() -> Scenario:
+    """The bundled technician scenario's cabinet, people and items, without its steps."""
+    path = next(p for p in bundled_scenarios() if p.stem == "technician-session-badge-refused")
+    return load_scenario(path).model_copy(update={"steps": [], "expect": []})
+
+
+async def _door_test(rig: Rig) -> asyncio.Task[tuple[int, str, str]]:
+    sock = str(rig.control_socket)
+    return asyncio.create_task(
+        rig_ctl("door", "test", "--yes-i-am-on-site", "--json", "--socket", sock)
+    )
+
+
+def _denied(rig: Rig, name: str, reason: str) -> Callable[[], bool]:
+    who = rig.pseudonym(name)
+    return lambda: any(
+        e["type"] == "access.denied" and e["actor"] == who and e["reason"] == reason
+        for e in rig.sink.log.since_mark()
+    )
+
+
+async def test_a_badge_during_the_door_test_is_refused_and_the_lock_stays_the_tests(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """The door test runs through the engine: while it holds the door, Alice's badge gets no
+    unlock (the test's relock would take it back, and the engine would think the door
+    unlocked); ``access.denied``, reason ``door test``; the test passes; then her badge
+    works as usual."""
+    scenario = _cabinet()
+    async with cabinet_rig(scenario, tmp_path, mosquitto) as rig:
+        rig.sink.log.mark(await rig.mark())
+        writes = len(rig.llrp.gpo_history)
+        gate = rig.llrp.hold_gpo_writes()
+        test = await _door_test(rig)
+        try:
+            # The test's first lock write is in flight: the test holds the door now.
+            await rig.llrp.wait_until(lambda: rig.llrp.gpo_held == 1, TIMEOUT_S)
+            alice = scenario.person("alice")
+            await rig.badge_read(lambda: rig.badge.present(alice.badge))
+            await rig.sink.log.wait_for(_denied(rig, "alice", "door test"), TIMEOUT_S)
+            assert len(rig.llrp.gpo_history) == writes, "nothing moved the lock meanwhile"
+            assert not test.done()
+        finally:
+            gate.set()
+        rc, out, err = await test
+        assert rc == 0, err
+        result = json.loads(out)
+        assert [s["ok"] for s in result["steps"]] == [True] * 5, result["steps"]
+        assert (result["badges_refused"], result["session_id"]) == (1, None)
+        moves = [w[:2] for w in rig.llrp.gpo_history[writes:]]
+        # lock, unlock, relock; then the engine's own relock: its view and the lock agree.
+        assert moves == [(1, False), (1, True), (1, False), (1, False)]
+        assert rig.door.locked
+        status = await rig_ctl(
+            "technician", "status", "--json", "--socket", str(rig.control_socket)
+        )
+        assert json.loads(status[1])["door_test"] is False
+        assert [e["type"] for e in rig.sink.log.since_mark()] == ["access.denied"]
+        # The audit says why, and the test's record counts the refusal without naming anyone.
+        rc, out, err = await rig_ctl(
+            "audit", "tail", "-n", "50", "--json", "--socket", str(rig.control_socket)
+        )
+        assert rc == 0, err
+        records = json.loads(out)["records"]
+        denied = [r for r in records if r["action"] == "access.denied"]
+        assert denied[-1]["details"]["reason"] == "door test"
+        tested = [r for r in records if r["action"] == "door.test"][-1]
+        assert (tested["details"]["ok"], tested["details"]["badges_refused"]) == (True, 1)
+        assert rig.pseudonym("alice") not in json.dumps(tested)
+        assert rig.pseudonym("alice") not in rig.agent.log_text()
+        # The door is the engine's again: her badge unlocks it.
+        await rig.badge_read(lambda: rig.badge.present(alice.badge))
+        await rig.llrp.wait_until(lambda: not rig.door.locked, TIMEOUT_S)
+        rig.assert_no_pii()
+
+
+async def test_a_door_opened_while_the_door_test_released_the_lock_is_the_testers(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """The technician pulls the door while the test has the lock released: no forced door (no
+    alert at 2 a.m. for a test they ran), the test reports the opening, and the door cycle
+    is a technician session in their name: what they take out is their ``item.removed``."""
+    scenario = _cabinet()
+    async with cabinet_rig(scenario, tmp_path, mosquitto) as rig:
+        log = rig.sink.log
+        log.mark(await rig.mark())
+        gates: list[asyncio.Event] = []
+
+        def released(port: int, high: bool) -> None:
+            if high and not gates:  # the test's release: its relock is held in flight
+                gates.append(rig.llrp.hold_gpo_writes())
+
+        rig.llrp.gpo_listeners.append(released)
+        test = await _door_test(rig)
+        try:
+            await rig.llrp.wait_until(lambda: rig.llrp.gpo_held == 1, TIMEOUT_S)
+            await rig.door.open()  # the lock is released: it opens without force
+            await log.wait_count("technician.opened", 1, TIMEOUT_S)
+        finally:
+            if gates:
+                gates[0].set()
+            rig.llrp.gpo_listeners.remove(released)
+        rc, out, err = await test
+        assert rc == 69, err  # the test failed: the door opened
+        result = json.loads(out)
+        last = result["steps"][-1]
+        assert (last["step"], last["ok"]) == ("sensor after", False)
+        assert "technician session" in last["detail"]
+        rig.llrp.remove_tag(scenario.item("wrench").epc)
+        bob = scenario.person("bob")
+        await rig.badge_read(lambda: rig.badge.present(bob.badge))
+        await log.wait_for(_denied(rig, "bob", "technician session"), TIMEOUT_S)
+        await rig.door.close()
+        await log.wait_count("technician.closed", 1, TIMEOUT_S)
+        events = log.since_mark()
+        assert [e["type"] for e in events] == [
+            "technician.opened",
+            "access.denied",
+            "item.removed",
+            "technician.closed",
+        ], events
+        opened, closed = events[0], events[-1]
+        assert opened["technician"] == f"uid:{os.getuid()}"
+        assert opened["reason"] == DOOR_TEST_REASON
+        assert opened["session_id"] == result["session_id"] == closed["session_id"]
+        assert events[2]["technician"] == opened["technician"]
+        assert (closed["removed"], closed["actors"]) == (1, [])
+        await rig.llrp.wait_until(lambda: rig.door.locked, TIMEOUT_S)

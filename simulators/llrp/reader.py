@@ -5,6 +5,7 @@ host drives inventories and owns sockets, tasks and time (``server``, ``simulato
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -140,6 +141,11 @@ class ReaderModel:
         self.gpo: dict[int, bool] = dict.fromkeys(range(1, personality.num_gpos + 1), False)
         self.gpo_history: list[GpoWrite] = []
         self.gpo_listeners: list[Callable[[int, bool], None]] = []
+        # A test's hand on the lock's wire: while this gate is closed, a SET_READER_CONFIG that
+        # writes a GPO is neither applied nor answered (a slow reader); both happen once it opens.
+        self.gpo_gate: asyncio.Event | None = None
+        self.gpo_held = 0  # such requests waiting now
+        self._held: set[asyncio.Task[None]] = set()
 
     # -- frames in -----------------------------------------------------------------------------
 
@@ -300,6 +306,15 @@ class ReaderModel:
 
     def dispatch(self, session: Session, msg: Message) -> None:
         """Answer one decoded request (or not: some have no response)."""
+        gate = self.gpo_gate
+        if (
+            gate is not None
+            and not gate.is_set()
+            and msg.name == "SET_READER_CONFIG"
+            and msg.params.get("GPOWriteData")
+        ):
+            self._hold(gate, session, msg)
+            return
         handler = _HANDLERS.get(msg.name)
         if handler is None:
             self.send_error(
@@ -324,6 +339,20 @@ class ReaderModel:
             return
         if result is not None:
             session.send(response, {"LLRPStatus": status(), **result}, msg.msg_id)
+
+    def _hold(self, gate: asyncio.Event, session: Session, msg: Message) -> None:
+        self.gpo_held += 1
+
+        async def when_open() -> None:
+            try:
+                await gate.wait()
+            finally:
+                self.gpo_held -= 1
+            self.dispatch(session, msg)
+
+        task = asyncio.get_running_loop().create_task(when_open(), name="llrp-sim:gpo-held")
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
 
     # Handlers return the response's parameters (without LLRPStatus), or None for no response.
 

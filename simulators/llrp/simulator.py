@@ -113,6 +113,8 @@ class LlrpSimulator:
     async def stop(self) -> None:
         """Close the listener and every connection; stop inventory; await every task."""
         await self.server.stop()
+        if self.reader.gpo_gate is not None:
+            self.reader.gpo_gate.set()  # held writes go to their closed session: dropped
         for fut, _ in self._waiters:
             if not fut.done():
                 fut.cancel()
@@ -220,6 +222,18 @@ class LlrpSimulator:
     @property
     def gpo_listeners(self) -> list[Callable[[int, bool], None]]:
         return self.reader.gpo_listeners
+
+    def hold_gpo_writes(self) -> asyncio.Event:
+        """From now on a GPO write (the lock) is neither applied nor answered until the
+        returned event is set: it is in flight as long as the test needs (``gpo_held``)."""
+        gate = asyncio.Event()
+        self.reader.gpo_gate = gate
+        return gate
+
+    @property
+    def gpo_held(self) -> int:
+        """GPO writes waiting for the gate of ``hold_gpo_writes``."""
+        return self.reader.gpo_held
 
     @property
     def _current(self) -> Connection | None:
