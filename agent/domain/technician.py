@@ -6,7 +6,9 @@ the local account, ``uid:<n>``, the control socket's SO_PEERCRED names) or, afte
 ``cabinetctl technician open --badge``, by the next supervisor badge (the technician is its
 pseudonym). It unlocks the door like a badge; the door opening during it is not forced; it ends
 with the closing scan of that door cycle, where what appeared is ``item.restocked`` and what
-left is ``item.removed``. Pure: the engine owns the state machine, this module the value types.
+left is ``item.removed``; until then anyone else's badge is refused. ``cabinetctl door test``
+holds the door the same way while it runs. Pure: the engine owns the state machine, this
+module the value types.
 """
 
 from __future__ import annotations
