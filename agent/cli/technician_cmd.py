@@ -71,6 +71,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         )
     elif result["awaiting_supervisor"]:
         print("waiting for a supervisor badge to open a technician session")
+    elif result.get("door_test"):
+        print(f"a door test holds the door (cabinet {result['phase']})")
     else:
         print(f"no technician session (cabinet {result['phase']})")
     return EX_OK
