@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from agent.control.config import ControlConfig
 from agent.domain.config import CabinetDomainConfig
 from agent.domain.localtime import zone
-from agent.metrics import MetricsConfig
+from agent.metrics_config import MetricsConfig
 from agent.mqtt.config import MqttConfig
 from agent.privacy.config import PrivacyConfig
 from agent.store.config import StoreConfig

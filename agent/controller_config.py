@@ -27,7 +27,7 @@ from agent.config import (
 )
 from agent.control.config import ControlConfig
 from agent.domain.config import CabinetDomainConfig
-from agent.metrics import MetricsConfig
+from agent.metrics_config import MetricsConfig
 from agent.mqtt.config import MqttConfig
 from agent.privacy.config import PrivacyConfig
 from agent.store.config import StoreConfig

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
 
@@ -34,11 +34,14 @@ from agent.lifecycle import (
     exit_code_for,
 )
 from agent.logging_setup import setup_logging
-from agent.metrics import Metrics, MetricsServer
 from agent.privacy.config import PrivacyConfig
 from agent.sdnotify import Notifier, WatchdogGate, run_watchdog
 from drivers.errors import CabinetError
 from drivers.types import ReaderDriver
+
+if TYPE_CHECKING:
+    from agent.metrics import Metrics
+    from agent.store.types import OutboxStats
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,12 @@ class Daemon:
         self.app.on_fatal.append(self.fatal)
         self.notifier = notifier or Notifier.from_env()
         self._gate = gate
-        self.metrics = Metrics()
+        # prometheus-client and the HTTP server under it are imported only when metrics are on.
+        self.metrics: Metrics | None = None
+        if cfg.metrics.enabled:
+            from agent.metrics import Metrics
+
+            self.metrics = Metrics()
         self.stop_event = self.app.stop_event
         self.reloads = 0
         self._outbox_depth = 0  # last sampled by the metrics loop
@@ -95,7 +103,6 @@ class Daemon:
             control = ControlServer(self.cfg.control, audit=self._audit_cli)
             register_handlers(control, self.app, reloads=lambda: self.reloads)
             register_technician_handlers(control, self.app)
-        metrics_server = MetricsServer(self.cfg.metrics, self.metrics.registry)
 
         def _on_ready() -> None:
             gate.register(f"{prefix}engine", app.runner.engine_alive, kind="time")
@@ -114,8 +121,11 @@ class Daemon:
                 app_task = self._spawn(tg, app.run(), "app")
                 if control is not None:
                     self._spawn(tg, control.serve(self.stop_event), "control-socket")
-                if self.cfg.metrics.enabled:
-                    self._spawn(tg, metrics_server.serve(self.stop_event), "metrics")
+                if self.metrics is not None:
+                    from agent.metrics import MetricsServer
+
+                    server = MetricsServer(self.cfg.metrics, self.metrics.registry)
+                    self._spawn(tg, server.serve(self.stop_event), "metrics")
                 if not self.unit:
                     self._spawn(
                         tg, run_watchdog(self.notifier, gate, self.stop_event), "sd-watchdog"
@@ -320,97 +330,34 @@ class Daemon:
         return line
 
     async def _metrics_loop(self) -> None:
-        """Refresh from the parts' own counters (cheaper to sample than to push)."""
+        """Refresh the status line, and the metrics when they are on, from the parts' own
+        counters (cheaper to sample than to push)."""
         app = self.app
-        seen_reads: dict[tuple[str, int], int] = {}
-        seen_events: dict[str, int] = {}
-        seen_sessions: dict[str, int] = {}
-        seen_dropped: dict[int, int] = {}
-        seen_cycles: dict[str, int] = {}
-        seen = {"mqtt_reconnects": 0, "acked": 0, "takeovers": 0}
-        seen_commands = {"accepted": 0, "rejected": 0, "dropped": 0}
+        sampler = None if self.metrics is None else _MetricsSampler(self.metrics)
         while True:
             await asyncio.sleep(METRICS_REFRESH_S)
-            for key, total in list(app.stats.reads_by_antenna.items()):
-                delta = total - seen_reads.get(key, 0)
-                if delta:
-                    self.metrics.tag_reads(key[0], key[1], delta)
-                    seen_reads[key] = total
-            for kind, total in list(app.stats.events_by_type.items()):
-                delta = total - seen_events.get(kind, 0)
-                if delta:
-                    self.metrics.event(kind, delta)
-                    seen_events[kind] = total
-            for outcome, total in list(app.stats.door_cycles.items()):
-                delta = total - seen_cycles.get(outcome, 0)
-                if delta:
-                    self.metrics.door_cycles_total.labels(outcome).inc(delta)
-                    seen_cycles[outcome] = total
-            for reader in app.readers:
-                health = reader.health
-                self.metrics.reader_state(reader.reader_id, health.state)
-                # A healthy session newer than the last healthy one seen is a reconnect
-                # (session numbers count attempts, so failed attempts in between don't count).
-                if health.healthy:
-                    before = seen_sessions.get(reader.reader_id)
-                    if before is not None and health.session > before:
-                        self.metrics.reader_reconnect(reader.reader_id)
-                    seen_sessions[reader.reader_id] = health.session
-            self._clock_metrics()
-            pub = app.publisher
-            if pub is not None:
-                stats = pub.stats
-                if stats.reconnects > seen["mqtt_reconnects"]:
-                    self.metrics.mqtt_reconnects_total.inc(
-                        stats.reconnects - seen["mqtt_reconnects"]
-                    )
-                    seen["mqtt_reconnects"] = stats.reconnects
-                # Sampled: the publisher keeps only its latest round trip.
-                if stats.acked > seen["acked"] and stats.last_publish_latency_s is not None:
-                    self.metrics.published(stats.last_publish_latency_s)
-                    seen["acked"] = stats.acked
-                self.metrics.broker(stats.connected, stats.unreachable_for())
-                self.metrics.broker_link(
-                    str(stats.state),
-                    stats.not_acknowledging_for(),
-                    stats.commands == "subscribed",
-                )
-                if stats.takeovers_total > seen["takeovers"]:
-                    self.metrics.mqtt_takeovers_total.inc(stats.takeovers_total - seen["takeovers"])
-                    seen["takeovers"] = stats.takeovers_total
-                for outcome, total in (
-                    ("accepted", stats.commands_accepted),
-                    ("rejected", stats.commands_rejected),
-                    ("dropped", stats.commands_dropped),
-                ):
-                    if total > seen_commands[outcome]:
-                        self.metrics.mqtt_commands_total.labels(outcome).inc(
-                            total - seen_commands[outcome]
-                        )
-                        seen_commands[outcome] = total
+            if sampler is not None:
+                sampler.parts(app)
+                self._clock_metrics(sampler.metrics)
             if app.store is not None:
                 try:
                     st = await app.store.stats()
                 except CabinetError as err:
                     logger.warning("metrics: outbox stats unavailable: %s", err)
                     continue
-                self.metrics.outbox(st.depth, st.bytes, st.oldest_age_s or 0.0)
                 self._outbox_depth = st.depth
-                for priority, total in st.dropped.items():
-                    delta = total - seen_dropped.get(priority, 0)
-                    if delta > 0:
-                        self.metrics.dropped(f"overflow-priority-{priority}", delta)
-                        seen_dropped[priority] = total
+                if sampler is not None:
+                    sampler.outbox(st)
             self.notifier.status(self._status_line())
 
-    def _clock_metrics(self) -> None:
+    def _clock_metrics(self, metrics: Metrics) -> None:
         """The agent's time for /metrics: a fleet alerts on a cabinet untrusted for long."""
         clock = self.app.time.snapshot()
         now = datetime.fromisoformat(clock["time"])
         since, wall = clock["since"], clock["wall"]
         untrusted_for = 0.0 if since is None else (now - datetime.fromisoformat(since))
         offset = 0.0 if wall is None else (datetime.fromisoformat(wall) - now).total_seconds()
-        self.metrics.clock(
+        metrics.clock(
             bool(clock["trusted"]),
             bool(clock["provisional"]),
             untrusted_for if isinstance(untrusted_for, float) else untrusted_for.total_seconds(),
@@ -495,3 +442,84 @@ async def run_until_signalled(daemon: Runnable) -> None:
                 loop.remove_signal_handler(sig)
         if stop_started:
             logger.info("stopped in %.2fs", time.monotonic() - stop_started[0])
+
+
+class _MetricsSampler:
+    """What the metrics have seen of the parts' counters so far: each refresh adds the
+    difference."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.reads: dict[tuple[str, int], int] = {}
+        self.events: dict[str, int] = {}
+        self.sessions: dict[str, int] = {}
+        self.dropped: dict[int, int] = {}
+        self.cycles: dict[str, int] = {}
+        self.seen = {"mqtt_reconnects": 0, "acked": 0, "takeovers": 0}
+        self.commands = {"accepted": 0, "rejected": 0, "dropped": 0}
+
+    def parts(self, app: CabinetApp) -> None:
+        """Readers, engine and publisher."""
+        metrics = self.metrics
+        for key, total in list(app.stats.reads_by_antenna.items()):
+            delta = total - self.reads.get(key, 0)
+            if delta:
+                metrics.tag_reads(key[0], key[1], delta)
+                self.reads[key] = total
+        for kind, total in list(app.stats.events_by_type.items()):
+            delta = total - self.events.get(kind, 0)
+            if delta:
+                metrics.event(kind, delta)
+                self.events[kind] = total
+        for outcome, total in list(app.stats.door_cycles.items()):
+            delta = total - self.cycles.get(outcome, 0)
+            if delta:
+                metrics.door_cycles_total.labels(outcome).inc(delta)
+                self.cycles[outcome] = total
+        for reader in app.readers:
+            health = reader.health
+            metrics.reader_state(reader.reader_id, health.state)
+            # A healthy session newer than the last healthy one seen is a reconnect
+            # (session numbers count attempts, so failed attempts in between don't count).
+            if health.healthy:
+                before = self.sessions.get(reader.reader_id)
+                if before is not None and health.session > before:
+                    metrics.reader_reconnect(reader.reader_id)
+                self.sessions[reader.reader_id] = health.session
+        pub = app.publisher
+        if pub is None:
+            return
+        seen = self.seen
+        stats = pub.stats
+        if stats.reconnects > seen["mqtt_reconnects"]:
+            metrics.mqtt_reconnects_total.inc(stats.reconnects - seen["mqtt_reconnects"])
+            seen["mqtt_reconnects"] = stats.reconnects
+        # Sampled: the publisher keeps only its latest round trip.
+        if stats.acked > seen["acked"] and stats.last_publish_latency_s is not None:
+            metrics.published(stats.last_publish_latency_s)
+            seen["acked"] = stats.acked
+        metrics.broker(stats.connected, stats.unreachable_for())
+        metrics.broker_link(
+            str(stats.state),
+            stats.not_acknowledging_for(),
+            stats.commands == "subscribed",
+        )
+        if stats.takeovers_total > seen["takeovers"]:
+            metrics.mqtt_takeovers_total.inc(stats.takeovers_total - seen["takeovers"])
+            seen["takeovers"] = stats.takeovers_total
+        for outcome, total in (
+            ("accepted", stats.commands_accepted),
+            ("rejected", stats.commands_rejected),
+            ("dropped", stats.commands_dropped),
+        ):
+            if total > self.commands[outcome]:
+                metrics.mqtt_commands_total.labels(outcome).inc(total - self.commands[outcome])
+                self.commands[outcome] = total
+
+    def outbox(self, st: OutboxStats) -> None:
+        self.metrics.outbox(st.depth, st.bytes, st.oldest_age_s or 0.0)
+        for priority, total in st.dropped.items():
+            delta = total - self.dropped.get(priority, 0)
+            if delta > 0:
+                self.metrics.dropped(f"overflow-priority-{priority}", delta)
+                self.dropped[priority] = total

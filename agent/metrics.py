@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 from socketserver import ThreadingMixIn
-from typing import Any, Literal
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
@@ -26,17 +26,17 @@ from prometheus_client import (
     generate_latest,
     make_wsgi_app,
 )
-from pydantic import Field
 
 from agent import __version__
+from agent.metrics_config import MetricsConfig
 from agent.mqtt.states import BrokerState
-from drivers.config import StrictModel
 from drivers.errors import TransientError
 from drivers.types import ReaderState
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PORT = 9780
+__all__ = ["Metrics", "MetricsConfig", "MetricsServer", "MetricsServerError"]
+
 _STOP_TIMEOUT_S = 10.0
 
 # MQTT publish round trips: LAN ~ms, cellular backhaul ~s; beyond a minute is an outage.
@@ -55,14 +55,6 @@ PUBLISH_LATENCY_BUCKETS = (
     30.0,
     60.0,
 )
-
-
-class MetricsConfig(StrictModel):
-    enabled: bool = True
-    host: Literal["127.0.0.1", "::1"] = Field(
-        "127.0.0.1", description="loopback only: scrape through a local agent or a tunnel"
-    )
-    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="0 picks a free port (tests)")
 
 
 class MetricsServerError(TransientError):
