@@ -28,7 +28,7 @@ from agent.privacy.pseudonym import (
     load_cabinet_site_key,
 )
 from agent.privacy.signed import DocumentVerifier
-from agent.privacy.tpm import DEFAULT_TCTI, TpmError, TpmHmacKey, check_tcti
+from agent.privacy.tcti import DEFAULT_TCTI, check_tcti
 from drivers.config import StrictModel
 
 __all__ = ["CabinetPrivacy", "PrivacyConfig", "load_cabinet_privacy", "open_site_key"]
@@ -161,6 +161,9 @@ def open_site_key(
 def _open_tpm_key(
     path: Path, key: TpmSiteKey, tcti: str, site_id: str, live: tuple[Pseudonymizer, ...]
 ) -> Pseudonymizer:
+    # Only a site key held in a TPM loads the TPM code (and, through it, tpm2-pytss).
+    from agent.privacy.tpm import TpmError, TpmHmacKey
+
     if key.site_id != site_id:
         raise KeyFileError(
             f"{path}: the TPM key was made for site {key.site_id!r}, this cabinet is in {site_id!r}"

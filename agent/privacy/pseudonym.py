@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
@@ -34,8 +34,10 @@ from agent.privacy.keyfile import (
     write_key_file,
     write_key_text,
 )
-from agent.privacy.tpm import TpmKeyBlob
 from drivers.errors import CabinetError
+
+if TYPE_CHECKING:
+    from agent.privacy.tpm import TpmKeyBlob
 
 logger = logging.getLogger(__name__)
 
@@ -635,6 +637,8 @@ def _tpm_site_key(path: Path, data: Mapping[str, Any]) -> TpmSiteKey:
     if not isinstance(site, str) or _SITE_RE.fullmatch(site) is None:
         raise KeyFileError(f"{path}: site must be the site id the key was made for")
     try:
+        from agent.privacy.tpm import TpmKeyBlob  # a TPM key file: the TPM code is needed now
+
         blob = TpmKeyBlob.from_table(data.get("tpm"))
     except ValueError as err:
         raise KeyFileError(f"{path}: {err}") from None

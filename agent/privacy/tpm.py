@@ -20,13 +20,13 @@ import binascii
 import hashlib
 import logging
 import os
-import re
 import secrets
 import threading
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Final
 
+from agent.privacy.tcti import DEFAULT_TCTI, TCTI_PATTERN, check_tcti
 from drivers.errors import CabinetError
 
 logger = logging.getLogger(__name__)
@@ -46,17 +46,11 @@ __all__ = [
     "wrap_hmac_key",
 ]
 
-# The kernel's resource manager: it flushes what a process leaves loaded and lets several
-# programs share the TPM. /dev/tpm0 (no resource manager) works too, for one program at a time.
-DEFAULT_TCTI: Final = "device:/dev/tpmrm0"
-# "<tcti name>[:<its configuration>]" as tpm2-tools take it (TCTILdr).
-TCTI_PATTERN: Final = r"[a-z0-9_-]{1,32}(:[\x21-\x7e]{1,200})?"
 HMAC_KEY_LEN: Final = 32
 # A second caller waits this long for a TPM command still running in another thread; the
 # kernel's TPM driver bounds each command (its own timeouts: seconds, not minutes).
 _LOCK_TIMEOUT_S: Final = 10.0
 MAX_BLOB: Final = 1024
-_TCTI_RE: Final = re.compile(TCTI_PATTERN)
 
 
 class TpmError(CabinetError):
@@ -119,13 +113,6 @@ class TpmDuplicate:
             _blob(fields, "duplicate"),
             _blob(fields, "seed"),
         )
-
-
-def check_tcti(tcti: str) -> str:
-    """``tcti`` if it has the shape ``name[:conf]``; ValueError otherwise."""
-    if not isinstance(tcti, str) or _TCTI_RE.fullmatch(tcti) is None:
-        raise ValueError(f"TPM TCTI must match {TCTI_PATTERN} (e.g. {DEFAULT_TCTI})")
-    return tcti
 
 
 def storage_parent(tcti: str) -> bytes:
