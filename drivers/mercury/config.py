@@ -8,7 +8,6 @@ from pydantic import Field, field_validator, model_validator
 
 from drivers.config import ReaderConfigBase
 from drivers.errors import PermanentError
-from drivers.mercury.codec import REGIONS
 from drivers.serialio import SerialTarget
 from drivers.tid import DEFAULT_TID_WORDS, MAX_TID_WORDS, MIN_TID_WORDS
 
@@ -92,4 +91,7 @@ class MercuryReaderConfig(ReaderConfigBase):
 
     @property
     def region_code(self) -> int:
+        # The codec is the reader's: validating a config (every daemon does) needs none of it.
+        from drivers.mercury.codec import REGIONS
+
         return REGIONS[self.region]
