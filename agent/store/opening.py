@@ -11,21 +11,17 @@ import logging
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.store import db as dbmod
 from agent.store.dbfile import DatabaseFile
 from agent.store.location import StoreLocationError
-from agent.store.quarantine import (
-    SalvagedState,
-    put_back_prefix,
-    quarantine,
-    quarantine_wal,
-    salvage_next_seq,
-    salvage_state,
-)
 from agent.store.salvage import Salvage, SalvagedRow, WalScan, check_wal, salvage, wal_header_valid
 from agent.store.seqfile import SeqFile, SeqFileError, SeqState, new_epoch
 from agent.store.types import AlertKind, StoreAlert
+
+if TYPE_CHECKING:
+    from agent.store.quarantine import SalvagedState
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +104,8 @@ def open_files(file: DatabaseFile, seqfile: SeqFile) -> Opening:
     if sound and wal_header_valid(wal) is False:
         # SQLite would silently ignore (and later overwrite) a WAL whose header it cannot
         # read, and with it every commit that lived there: keep it and say so.
+        from agent.store.quarantine import quarantine_wal  # only a damaged store needs it
+
         moved = quarantine_wal(path)
         opening.stale = True
         opening.alerts.append(
@@ -121,6 +119,8 @@ def open_files(file: DatabaseFile, seqfile: SeqFile) -> Opening:
         # A damaged frame in the middle: SQLite's recovery stops there and silently drops
         # every later commit (events that may have left, the counter that numbered them).
         # Keep the WAL, salvage its readable rows, let SQLite recover the valid prefix.
+        from agent.store.quarantine import put_back_prefix, quarantine_wal
+
         found = salvage(path, wal)
         moved = quarantine_wal(path)
         kept = put_back_prefix(moved, wal, scan.valid_bytes)
@@ -128,6 +128,8 @@ def open_files(file: DatabaseFile, seqfile: SeqFile) -> Opening:
     if not existed and (wal.exists() or path.with_name(path.name + "-shm").exists()):
         # The database file is gone or empty but its WAL is not: never let SQLite replay
         # an orphan WAL onto a new file. Move it aside and read what rows it holds.
+        from agent.store.quarantine import quarantine
+
         moved = quarantine(path)
         opening.orphan = salvage(None, moved.with_name(moved.name + "-wal"))
     try:
@@ -138,6 +140,8 @@ def open_files(file: DatabaseFile, seqfile: SeqFile) -> Opening:
             dbmod.SQLITE_NOTADB,
         ):
             raise
+        from agent.store.quarantine import quarantine, salvage_next_seq, salvage_state
+
         moved = quarantine(path)
         opening.corrupt = (str(err), moved)
         opening.salvage = salvage(moved, moved.with_name(moved.name + "-wal"))
