@@ -54,8 +54,9 @@ def test_the_daemon_imports_no_cli_backend_or_simulator_code() -> None:
 
 # What a daemon configured without them must never load (docs/performance.md, "A small board"):
 # the metrics endpoint (prometheus-client and the HTTP server under it), the TPM code, a Mercury
-# reader's codec and driver, a damaged store's quarantine.
+# reader's codec and driver, a damaged store's quarantine, X.509 parsing (SPKI pins over TLS).
 OPTIONAL = {
+    "spki pins": ("cryptography.x509",),
     "metrics": ("agent.metrics", "prometheus_client", "wsgiref.simple_server", "http.server"),
     "tpm": ("agent.privacy.tpm", "tpm2_pytss"),
     "mercury": ("drivers.mercury.codec", "drivers.mercury.reader"),

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -331,6 +329,10 @@ def build_tls_context(tls: TlsConfig) -> ssl.SSLContext:
 
 def spki_sha256_of_der(cert_der: bytes) -> str:
     """Hex SHA-256 of the SubjectPublicKeyInfo of a DER certificate."""
+    # Only a TLS connection with spki_pins gets here: no X.509 code in the other daemons.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     cert = x509.load_der_x509_certificate(cert_der)
     spki = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
