@@ -12,7 +12,8 @@ modules it imports itself (exclusive). The daemon is sampled once ``READY=1`` ha
 LLRP reader and the badge reader are connected and the publisher has met the broker (the
 sample is taken in the process, at a signal, so imports made later, while stopping, are
 counted apart). ``--compare DIR`` measures the daemon of another checkout (e.g. ``git
-worktree add /tmp/before main``) in the same run, on the same cabinet.
+worktree add /tmp/before main``) in the same run, on the same cabinet; ``--no-metrics`` turns
+the daemon's ``[metrics]`` off.
 
 Rows group modules by top-level package; ``agent`` and ``drivers`` by subpackage. "anon" is
 private memory (Python objects, heap, the .so files' data), "file" mapped files (shared
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.board import cabinet  # noqa: E402
+from simulators.cabinet import to_toml  # noqa: E402
 
 STEP_TIMEOUT_S = 60.0
 KIB = 1024
@@ -276,6 +279,10 @@ async def measure(args: argparse.Namespace) -> int:
                     state = work / f"state-{label.split()[0]}-{r}"
                     state.mkdir()
                     cfg = cab.config(state, mqtt_port=cab.broker.port)
+                    if args.no_metrics:
+                        doc = tomllib.loads(cfg.read_text())
+                        doc["metrics"] = {"enabled": False}
+                        cfg.write_text(to_toml(doc))
                     cache = work / f"pycache-{label.split()[0]}"
                     daemons[label].append(await run_daemon(cfg, state, tree, cache))
                 print(
@@ -328,10 +335,9 @@ async def measure(args: argparse.Namespace) -> int:
         label: median_rows([by_group(s) for s in samples]) for label, samples in daemons.items()
     }
     labels = list(tables)
-    last = tables[labels[-1]]
-    order = sorted(
+    order = sorted(  # largest first, in whichever column it is largest
         {g for t in tables.values() for g in t},
-        key=lambda g: -(last.get(g, [0.0, 0.0])[0] + last.get(g, [0.0, 0.0])[1]),
+        key=lambda g: -max(sum(t.get(g, [0.0, 0.0])[:2]) for t in tables.values()),
     )
     head = " | ".join(f"anon / file MiB, ms, modules ({lb})" for lb in labels)
     print(f"## Per package, exclusive (median of {args.rounds} daemons)\n")
@@ -372,6 +378,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--top", type=int, default=30, help="rows shown; the rest summed")
     parser.add_argument("--compare", metavar="DIR", help="another checkout measured alongside")
+    parser.add_argument("--no-metrics", action="store_true", help="the daemon with [metrics] off")
     parser.add_argument("--modules", action="store_true", help="list every module, largest first")
     args = parser.parse_args()
     started = time.monotonic()
