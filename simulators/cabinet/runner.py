@@ -339,7 +339,14 @@ class ScenarioRunner:
         await self._op_wait_event(Step(step.index, step.text, "wait_event", ("session.closed",)))
 
     async def _op_wait_scanning(self, step: Step) -> None:
-        await self.llrp.wait_until(self._inventorying, self.timeout_s)
+        # A ROSpec active is not enough: the agent counts a pass only once the reader's answer
+        # to its start has arrived, and a fault armed between the simulator activating the
+        # ROSpec and sending that answer would stop the start, not the scan. The first report
+        # of the new scan follows the answer on the same connection.
+        sent = self.llrp.stats.reports_sent
+        await self.llrp.wait_until(
+            lambda: self._inventorying() and self.llrp.stats.reports_sent > sent, self.timeout_s
+        )
 
     async def _op_reader_fail(self, step: Step) -> None:
         self.llrp.faults.reboot(down_s=float(step.args[0]))
