@@ -531,6 +531,12 @@ class EngineRunner:
                 self._committing = False
         for cmd in out.commands:
             await self.execute(cmd)
+        if any(isinstance(cmd, StartScan) for cmd in out.commands) and self.engine is not None:
+            # The pass counts from here, not from the engine's decision: the commit before the
+            # start may have been slow, and a shared reader inventorying for another cabinet
+            # routes this cabinet's reads only from now (docs/domain.md, "Scan pass").
+            started = self.clock.reading()
+            await self._apply(self.engine.on_scan_started(started), started)
 
     async def _accepted(
         self, submit: Callable[[], asyncio.Future[CommitResult]]

@@ -3,7 +3,10 @@
 Readers behave like the real ones: while a scan runs, every 100 ms of simulated time each healthy
 reader reports the tags its connected antennas see (each with probability ``read_p``, seeded).
 As the drivers do, a healthy reader reports ``INVENTORYING`` once a ``StartScan`` took effect
-and ``ONLINE`` after a ``StopScan`` (``hold_start``: the start has not reached the readers yet).
+and ``ONLINE`` after a ``StopScan`` (``hold_start``: the start has not reached the readers yet);
+as the runner does, the engine is told ``on_scan_started`` once the start was carried out, and
+reads for this cabinet flow only from then (``shared``: the readers also serve another cabinet
+that keeps them inventorying, so only this cabinet's start routes its reads).
 """
 
 from __future__ import annotations
@@ -137,6 +140,8 @@ class Cabinet:
     # A StartScan does not reach the readers until ``start_readers()`` (a slow commit before
     # the command, a starved loop, a reader slow to start).
     hold_start: bool = False
+    shared: bool = False  # the readers inventory for another cabinet too: no StopScan stops them
+    started: bool = False  # this cabinet's StartScan was carried out: its reads flow
     scan_steps: int = 0
     ticks: int = 0  # 100 ms steps since T0: exact times, no float drift
     t0: datetime = T0  # the wall time at tick 0
@@ -193,14 +198,14 @@ class Cabinet:
     def start_readers(self) -> None:
         """The held StartScan reaches the readers: the healthy ones start reading."""
         self.hold_start = False
-        self._inventory(True)
+        self._start()
 
     def advance(self, seconds: float) -> None:
         """Let simulated time pass in 100 ms steps; readers report while a scan runs."""
         steps = round(seconds / STEP_S)
         for _ in range(steps):
             self._step(1)
-            if self.scanning:
+            if self.scanning and self.started:
                 self.scan_steps += 1
                 reads = self._read_round()
                 if reads:
@@ -235,7 +240,7 @@ class Cabinet:
         """kill -9 and start again from the last persisted state."""
         state = self.states[-1] if self.states else self.engine.to_bytes()
         self._step(round(downtime_s / STEP_S))
-        self.scanning = False
+        self.scanning = self.started = False
         self.engine = CabinetEngine.from_bytes(
             state,
             self.config,
@@ -292,18 +297,25 @@ class Cabinet:
     def _apply(self, out: EngineOutput) -> None:
         self.events.extend(out.events)
         self.commands.extend(out.commands)
-        for cmd in out.commands:
-            if isinstance(cmd, StartScan):
-                self.scanning = True
-                if not self.hold_start:
-                    self._inventory(True)
-            elif isinstance(cmd, StopScan):
-                self.scanning = False
-                self._inventory(False)
         if out.baseline is not None:
             self.baselines.append(out.baseline)
         if out.session_state is not None:
             self.states.append(out.session_state)
+        for cmd in out.commands:
+            if isinstance(cmd, StartScan):
+                self.scanning = True
+                if not self.hold_start:
+                    self._start()
+            elif isinstance(cmd, StopScan):
+                self.scanning = self.started = False
+                if not self.shared:
+                    self._inventory(False)
+
+    def _start(self) -> None:
+        """The StartScan is carried out: the readers start, and the engine is told."""
+        self.started = True
+        self._inventory(True)
+        self._apply(self.engine.on_scan_started(self.now))
 
     def _inventory(self, on: bool) -> None:
         """Healthy readers start (or stop) reading and say so, as the drivers do."""

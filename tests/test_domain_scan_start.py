@@ -103,7 +103,8 @@ def test_readers_that_never_start_reading_make_the_pass_incomplete() -> None:
     # (then the verification inventory, which cannot read either)
     assert cab.brief(start)[:3] == [
         "session.opened badge alice",
-        "inventory.incomplete session #1 give-up dock-1 not inventorying;dock-2 not inventorying",
+        "inventory.incomplete session #1 give-up scan not started;dock-1 not inventorying;"
+        "dock-2 not inventorying",
         "session.closed incomplete out=0 in=0 alice",
     ]
     assert not [t for t in cab.types(start) if t.startswith("item.")], cab.brief(start)
@@ -160,4 +161,36 @@ def test_reads_taken_before_the_end_but_processed_after_it_still_count() -> None
     assert cab.brief(start) == [
         "session.opened badge alice",
         "session.closed complete out=0 in=0 alice",
+    ]
+
+
+def test_a_shared_reader_inventorying_for_another_cabinet_counts_only_from_our_start() -> None:
+    """A reader shared with another cabinet says INVENTORYING all along (that cabinet scans),
+    but reads for this cabinet flow only once its own StartScan was carried out (the driver
+    routes by antenna port to the cabinets that scan): a slow commit before that start is not
+    "no new EPC" either."""
+    cab = _cabinet()
+    cab.shared = True
+    for rid in sorted(cab.readers):
+        cab.set_reader(rid, ReaderState.INVENTORYING)  # the other cabinet's scan
+    cab.badge(ALICE)
+    cab.advance(1.0)
+    cab.open()
+    cab.advance(2.0)
+    del cab.tags[WRENCH], cab.tags[DRILL]
+    cab.close()
+    _until_idle(cab)
+    start = len(cab.events)
+    cab.badge(BOB)
+    cab.advance(1.0)
+    cab.open()
+    cab.advance(2.0)
+    cab.tags[WRENCH] = Tag("top")
+    cab.tags[DRILL] = Tag("bottom")
+    _close_with_late_start(cab, late_s=2.5)
+    assert cab.brief(start) == [
+        "session.opened badge bob",
+        "item.returned 001 top bob",
+        "item.returned 002 bottom bob",
+        "session.closed complete out=0 in=2 bob",
     ]

@@ -293,6 +293,17 @@ class CabinetEngine:
         self._pass.alive(reader_id, heard_mono)
         return self._end(self._begin(now))
 
+    def on_scan_started(self, now: Now) -> EngineOutput:
+        """The runner carried out the StartScan of the running scan (the readers were told;
+        reads for this cabinet flow from those that inventory): the pass may count from now.
+
+        A shared reader inventorying for another cabinet reports INVENTORYING all along, yet
+        routes this cabinet's reads only from this point; time before it is not "no new EPC".
+        """
+        out = self._begin(now)
+        self._pass.started(now.mono)
+        return self._end(out)
+
     def on_tags(self, reads: Sequence[TagRead], now: Now) -> EngineOutput:
         """Tag reads from any reader; counted only while a scan pass runs."""
         out = self._begin(now)
@@ -982,7 +993,7 @@ class CabinetEngine:
             self._first_pass = None
             out.commands.append(StartScan())
         self.phase = phase
-        self._pass.start(now.mono)
+        self._pass.start(now.mono, new_scan=first)
         self._dirty = True
 
     def _stop_pass(self, out: EngineOutput) -> None:

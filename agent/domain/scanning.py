@@ -1,10 +1,13 @@
 """One scan pass at a time: when it may start counting, and when it is over.
 
-A pass counts only once every reader (and each of its antennas the engine uses) is healthy and
-says it is inventorying: its timers run on the agent's clock, so they may only run while the
-readers read. Time before that (a StartScan still behind a slow commit, a starved loop, a reader
-slow to start its ROSpec) is not "no new EPC": counted, it let a pass end empty, before the reader
-had read a thing. It ends when no new EPC has shown up for ``stable_ms`` (between ``scan_min_ms``
+A pass counts only once the scan's StartScan has been carried out (the runner says so:
+``started``) and every reader (and each of its antennas the engine uses) is healthy and says it
+is inventorying: its timers run on the agent's clock, so they may only run while the readers
+read for this cabinet. Time before that (a StartScan still behind a slow commit, a starved loop,
+a reader slow to start its ROSpec) is not "no new EPC": counted, it let a pass end empty, before
+the reader had read a thing. Both conditions are needed: a reader shared with another cabinet
+inventories for that cabinet's scan, yet reads for this one flow only once this cabinet's start
+was carried out; a reader of our own reads only once it has acted on the start, after. It ends when no new EPC has shown up for ``stable_ms`` (between ``scan_min_ms``
 and ``scan_max_ms``), and only after every reader that reports liveness was heard from since: a
 reader whose socket stays open but which sends nothing makes the pass incomplete, not empty
 (docs/domain.md).
@@ -36,7 +39,9 @@ class ScanPass:
             ports.setdefault(reader, set()).add(port)
         self._ports = {r: frozenset(p) for r, p in sorted(ports.items())}
         self._scan: ScanAccumulator | None = None
-        # The pass waits for every reader to be healthy and inventorying before it counts.
+        # The scan's StartScan was carried out (kept across the passes of one scan).
+        self._started = False
+        # The pass waits for its start, and every reader healthy and inventorying, to count.
         self._waiting = False
         self._alive: dict[str, float] = {}  # reader → monotonic time it was last heard from
         self._end_candidate: float | None = None  # when the pass first met its end conditions
@@ -63,14 +68,26 @@ class ScanPass:
             for r in self._ports
         )
 
-    def start(self, now: float) -> None:
-        """A new pass (replacing any running one)."""
+    def start(self, now: float, *, new_scan: bool) -> None:
+        """A new pass (replacing any running one); ``new_scan``: of a scan whose StartScan is
+        still to be carried out (the passes after a scan's first one keep its start)."""
+        if new_scan:
+            self._started = False
         self._scan = ScanAccumulator(self.config, self._antennas, self._health, now)
-        self._waiting = not self.inventorying()
+        self._waiting = not (self._started and self.inventorying())
         self._end_candidate = None
 
     def stop(self) -> None:
         self._scan = None
+        self._started = False
+
+    def started(self, now: float) -> None:
+        """The scan's StartScan was carried out at ``now``: reads for this cabinet flow from
+        the readers that inventory (a shared one may have been inventorying all along)."""
+        if self._scan is None:
+            return
+        self._started = True
+        self._count_if_ready(now)
 
     def alive(self, reader_id: str, heard: float) -> None:
         """The reader was heard from at monotonic ``heard``."""
@@ -86,12 +103,8 @@ class ScanPass:
         if self._scan is None:
             return
         self._scan.health(health)
-        if self._waiting and self.inventorying():
-            # Start counting only now: a pass begun with a reader down could never be complete,
-            # and one begun before the readers read would time the readers' silence.
-            self._waiting = False
-            self._end_candidate = None
-            self._scan = ScanAccumulator(self.config, self._antennas, self._health, now)
+        if self._waiting:
+            self._count_if_ready(now)
         elif (
             not self._waiting
             and health.reader_id in self._ports
@@ -102,6 +115,14 @@ class ScanPass:
             # A reader stopped reading (a stop that reached it after this pass's start): the
             # pass counts again, from the start, once every reader reads.
             self._waiting = True
+
+    def _count_if_ready(self, now: float) -> None:
+        """Start counting now if the pass waits and may: a pass begun with a reader down could
+        never be complete, and one begun before the readers read would time their silence."""
+        if self._waiting and self._started and self.inventorying():
+            self._waiting = False
+            self._end_candidate = None
+            self._scan = ScanAccumulator(self.config, self._antennas, self._health, now)
 
     def finished(self, now: float) -> ScanResult | None:
         """The result of the running pass once it is over at ``now`` (the pass then ends)."""
@@ -133,6 +154,8 @@ class ScanPass:
             scan.fail(f"{reader} silent")
         if self._waiting:
             # scan_max_ms without every reader reading: nothing this pass saw can be trusted.
+            if not self._started:
+                scan.fail("scan not started")
             for reader in self._ports:
                 h = self._health.get(reader)
                 if h is not None and h.healthy and h.state is not ReaderState.INVENTORYING:
