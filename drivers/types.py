@@ -120,10 +120,11 @@ class ReaderDriver(Protocol):
 
     @property
     def last_frame(self) -> float:
-        """Monotonic time the last frames from the reader were fully handled (0.0: never).
+        """Monotonic time the reader was last heard from (0.0: never).
 
-        Stamped only after their reads reached the sink: the engine's liveness barrier relies
-        on "heard at T" implying "every read before T is already delivered"."""
+        Stamped only after the reads it covers reached the sink: the engine's liveness barrier
+        relies on "heard at T" implying "every read received before T is already delivered"
+        (a backlog larger than one read of the link is stamped only once all of it is)."""
 
     async def run(self) -> None:
         """Connect, keep connected (reconnecting with backoff) until cancelled; returns after a

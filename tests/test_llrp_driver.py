@@ -500,3 +500,61 @@ async def test_a_pending_connect_longer_than_the_watchdog_window_is_not_a_stall(
     finally:
         filler.close()
         srv.close()
+
+
+class GatedSink(RecordingSink):
+    """Blocks the driver in its first delivery after ``close()`` until ``open()``; notes the
+    driver's "heard" stamp at every delivery."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reader: LlrpReader | None = None
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.blocked = asyncio.Event()
+        self.stamps: list[float] = []  # reader.last_frame as each delivery began
+
+    async def tag_reads(self, reads: Sequence[TagRead]) -> None:
+        assert self.reader is not None
+        self.stamps.append(self.reader.last_frame)
+        if not self.gate.is_set():
+            self.blocked.set()
+            async with asyncio.timeout(HEAL_BOUND_S):
+                await self.gate.wait()
+        await super().tag_reads(reads)
+
+
+async def test_heard_is_stamped_only_once_a_backlog_larger_than_a_read_is_delivered() -> None:
+    """The liveness barrier takes "heard at T" to mean "every read received before T is
+    delivered". A backlog of reports larger than one 64 KiB read (a stalled consumer, here a
+    sink that blocks) must not be stamped as heard after its first chunk."""
+    async with LlrpSimulator(
+        personality="impinj", antennas=4, host="127.0.0.1", port=0, seed=3
+    ) as sim:
+        sim.add_random_tags(n=300, antennas=[1, 2, 3, 4], seed=11)
+        sink = GatedSink()
+        reader = LlrpReader(_cfg(sim.port), sink)
+        sink.reader = reader
+        async with running(reader):
+            await reader.start_inventory()
+            await sink.until(lambda: len(sink.reads) > 0)
+            sink.gate.clear()
+            async with asyncio.timeout(HEAL_BOUND_S):
+                await sink.blocked.wait()
+            # A backlog of more than one read (64 KiB) but less than the stream's pause
+            # threshold (128 KiB: beyond it the rest waits in the kernel) reaches the driver.
+            sent = sim.stats.bytes_out
+            await sim.wait_until(lambda: sim.stats.bytes_out - sent >= 80 * 1024)
+            sim.faults.silence()
+            # Everything written reaches the driver's socket buffer (same loop, loopback).
+            await asyncio.sleep(0.2)
+            received_by = reader._clock.monotonic()
+            first = len(sink.stamps)
+            sink.gate.set()
+            # Silenced: only the backlog can stamp the reader heard after received_by.
+            async with asyncio.timeout(KEEPALIVE_S * 2):
+                while reader.last_frame <= received_by:
+                    await asyncio.sleep(0.01)
+            assert len(sink.stamps) > first + 1, "the backlog was not larger than one report"
+            late = [s for s in sink.stamps[first:] if s > received_by]
+            assert not late, f"{len(late)} deliveries of the backlog came after the stamp"

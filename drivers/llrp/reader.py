@@ -265,6 +265,7 @@ class LlrpReader:
                     with sv.bounded(wait):
                         async with asyncio.timeout(wait):
                             data = await reader.read(READ_CHUNK)
+                    received = self._clock.monotonic()
                 except TimeoutError:
                     raise TransientError(late if remaining <= watchdog_s else silent) from None
                 if not data:
@@ -279,9 +280,13 @@ class LlrpReader:
                     await asyncio.sleep(0)
                 self._reconcile()
                 await self._publish_state(sess)
-                # Set only after the batch's reads reached the sink: the engine's liveness
-                # barrier relies on "heard at T" implying "every read before T is delivered".
-                self.last_frame = self._clock.monotonic()
+                # The engine's liveness barrier takes "heard at T" to mean "every read received
+                # before T is delivered": stamped after this chunk's reads reached the sink, with
+                # the time it was taken, and only if it held all the stream had then (a short
+                # read empties the stream's buffer) and ended on a frame boundary. A backlog
+                # larger than one read is stamped once its last chunk is delivered.
+                if len(data) < READ_CHUNK and not sess.framer.buffered:
+                    self.last_frame = received
                 if writer.transport.get_write_buffer_size() > 0:
                     with sv.bounded(watchdog_s):
                         async with asyncio.timeout(watchdog_s):
