@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from agent.privacy.envelope import EnvelopeError, EnvelopeHeader, Opener
-from agent.privacy.pseudonym import Argon2Params, Pseudonymizer, load_site_key
+from agent.privacy.pseudonym import P2_DEFAULT, Argon2Params, Pseudonymizer, load_site_key
 from agent.privacy.signed import ALLOW_LIST, ASSET_REGISTRY, DocumentVerifier
 from backend.consumer import EventDecoder, SeqTracker
 from backend.keys import load_backend_keys
@@ -150,7 +150,10 @@ def test_site_key_for_a_rotation_and_both_pseudonyms_of_a_badge(tmp_path: Path) 
     assert "s2 (p2)" in proc.stdout
     assert new_key.stat().st_mode & 0o077 == 0
     site = load_site_key(new_key)
-    assert (site.kid, site.argon2) == ("s2", Argon2Params(8192, 2, 1))
+    assert (site.kid, site.argon2) == (
+        "s2",
+        Argon2Params(8192, P2_DEFAULT.iterations, P2_DEFAULT.lanes),
+    )
     assert _cli("site-key", str(new_key), "--kid", "s3").returncode != 0, "never overwrites"
     bad = _cli("site-key", str(tmp_path / "x.key"), "--kid", "s3", "--memory-kib", "19")
     assert bad.returncode != 0
