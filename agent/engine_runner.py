@@ -69,6 +69,10 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 INPUT_QUEUE = 4096
+# Tag reads waiting for the engine, across every reader: a reader with more to deliver waits
+# (and so stops reading its socket or serial port: backpressure, not loss). ~200 bytes a read
+# as TagReads, so ~0.4 MiB; a report is 100 reads by default (report_every_n_tags).
+MAX_QUEUED_READS = 2048
 TICK_S = 0.1
 SEAL_INLINE_MAX = 8  # up to this many events are sealed on the loop (~80 µs each)
 # Commands follow the durable commit of their events when the store keeps up; the engine never
@@ -152,12 +156,68 @@ EngineInput = (
 )
 
 
+class InputQueue(asyncio.Queue[EngineInput]):
+    """The engine's inputs in arrival order, bounded by items and, for tag reads, by reads.
+
+    A report can carry hundreds of reads, so a bound by items alone let ~13,500 TagReads pile
+    up while the engine loop was busy (a 5,000-tag scan during a backlog drain). ``put_reads``
+    waits while ``max_reads`` reads are queued; the reader's task then stops reading its
+    connection and the reads wait in the kernel's socket buffer and in the reader, as bytes.
+    One batch is always admitted into an empty queue, however large.
+    """
+
+    def __init__(self, maxsize: int = INPUT_QUEUE, max_reads: int = MAX_QUEUED_READS) -> None:
+        super().__init__(maxsize)
+        self.max_reads = max_reads
+        self.reads = 0  # tag reads queued now
+        self.reads_peak = 0
+        self.read_waits = 0  # batches that waited for room (the engine was behind)
+        self._room: deque[asyncio.Future[None]] = deque()
+
+    async def put_reads(self, reads: tuple[TagRead, ...]) -> None:
+        """Queue a batch of tag reads once there is room for them."""
+        if self.reads and self.reads + len(reads) > self.max_reads:
+            self.read_waits += 1
+            while self.reads and self.reads + len(reads) > self.max_reads:
+                room = asyncio.get_running_loop().create_future()
+                self._room.append(room)
+                try:
+                    await room
+                except BaseException:
+                    if not room.cancelled() and room.done():
+                        self._wake_one()  # woken, then cancelled: pass the room on
+                    with contextlib.suppress(ValueError):
+                        self._room.remove(room)
+                    raise
+        await self.put(reads)
+
+    def _put(self, item: EngineInput) -> None:
+        super()._put(item)
+        if isinstance(item, tuple):
+            self.reads += len(item)
+            self.reads_peak = max(self.reads_peak, self.reads)
+
+    def _get(self) -> EngineInput:
+        item = super()._get()
+        if isinstance(item, tuple):
+            self.reads -= len(item)
+            self._wake_one()
+        return item
+
+    def _wake_one(self) -> None:
+        while self._room:
+            room = self._room.popleft()
+            if not room.done():
+                room.set_result(None)
+                return
+
+
 class Inputs:
     """The sink every driver delivers into: a ReaderSink, BadgeSink and DoorSink at once."""
 
-    def __init__(self, stats: AppStats) -> None:
+    def __init__(self, stats: AppStats, *, max_reads: int = MAX_QUEUED_READS) -> None:
         self.stats = stats
-        self.queue: asyncio.Queue[EngineInput] = asyncio.Queue(INPUT_QUEUE)
+        self.queue = InputQueue(INPUT_QUEUE, max_reads)
         self.door: Door | None = None  # GPI edges go to it (set once the door is built)
         self.badge_health: dict[str, ReaderHealth] = {}
         # Observers (cabinetctl readers scan): called on the loop, must not block.
@@ -170,7 +230,7 @@ class Inputs:
             stats[key] = stats.get(key, 0) + r.seen_count
         for tap in self.tag_taps:
             tap(reads)
-        await self.queue.put(tuple(reads))
+        await self.queue.put_reads(tuple(reads))
 
     async def reader_health(self, health: ReaderHealth) -> None:
         await self.queue.put(health)

@@ -164,6 +164,13 @@ class LlrpSimulator:
         return self.server.connections
 
     @property
+    def unsent_frames(self) -> int:
+        """Messages queued for the connected client and not yet written to its socket: they
+        pile up while the client does not read (TCP backpressure)."""
+        conn = self.server.current
+        return 0 if conn is None else conn.queue.qsize()
+
+    @property
     def cycle_s(self) -> float:
         return self.server.cycle_s
 

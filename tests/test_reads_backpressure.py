@@ -1,0 +1,84 @@
+"""The hand-off from the readers to the engine is bounded in reads, not only in reports.
+
+A reader that delivers faster than the engine consumes waits once ``max_reads`` reads are
+queued; its task then stops reading the socket and the reads wait in the kernel and in the
+reader (LLRP is TCP: backpressure, not loss). Real LLRP simulator, real driver, real socket,
+the daemon's own ``Inputs``; the test plays a busy engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from agent.engine_runner import AppStats, Inputs
+from drivers.llrp.reader import LlrpReader
+from drivers.types import ReaderState, TagRead
+from simulators.llrp import LlrpSimulator
+from tests.test_llrp_driver import HEAL_BOUND_S, _cfg, keepalive_round_trip, running
+
+MAX_READS = 1500
+
+
+async def test_a_reader_faster_than_the_engine_waits_and_loses_no_read() -> None:
+    async with LlrpSimulator(
+        personality="impinj", antennas=4, host="127.0.0.1", port=0, seed=3, cycle_s=0.02
+    ) as sim:
+        sim.add_random_tags(n=1000, antennas=[1, 2, 3, 4], seed=11)
+        inputs = Inputs(AppStats(), max_reads=MAX_READS)
+        handed: list[int] = []  # reads the driver handed to Inputs (tapped before queueing)
+
+        def tap(reads: Sequence[TagRead]) -> None:
+            handed.append(len(reads))
+
+        inputs.tag_taps.append(tap)
+        reader = LlrpReader(_cfg(sim.port), inputs)
+        async with running(reader):
+            await reader.start_inventory()
+            # The engine is busy: nothing is consumed. The reads waiting for it stay bounded,
+            # so the reader stops reading and the simulator's reports back up behind TCP.
+            await sim.wait_until(lambda: sim.unsent_frames >= 20, timeout=HEAL_BOUND_S)
+            # At most MAX_READS queued (or one batch alone, however large), plus the batch the
+            # reader waits to hand over.
+            report = max(handed)
+            assert sum(handed) <= max(MAX_READS, report) + report
+            assert inputs.queue.reads <= max(MAX_READS, report)
+            assert inputs.queue.read_waits >= 1
+
+            # The engine catches up: everything the simulator reported arrives, in order per
+            # reader, once each.
+            consumed: list[TagRead] = []
+            in_flight_max = 0
+            got = asyncio.Event()
+
+            async def engine() -> None:
+                nonlocal in_flight_max
+                while True:
+                    item = await inputs.queue.get()
+                    if isinstance(item, tuple):
+                        in_flight_max = max(in_flight_max, sum(handed) - len(consumed))
+                        consumed.extend(item)
+                        got.set()
+
+            task = asyncio.create_task(engine(), name="busy-engine")
+            try:
+                await reader.stop_inventory()
+                async with asyncio.timeout(HEAL_BOUND_S):
+                    while reader.health.state is not ReaderState.ONLINE:
+                        got.clear()
+                        await got.wait()
+                # Every frame the simulator sent before this keepalive has reached Inputs.
+                await keepalive_round_trip(sim)
+                async with asyncio.timeout(HEAL_BOUND_S):
+                    while len(consumed) < sum(handed) or not inputs.queue.empty():
+                        got.clear()
+                        await got.wait()
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        assert sim.connections.total == 1  # never dropped for not reading
+        assert len(consumed) == sum(handed) == sim.stats.tags_reported
+        report = max(handed)
+        assert in_flight_max <= max(MAX_READS, report) + report
+        assert inputs.queue.reads_peak <= max(MAX_READS, report)
+        assert {r.epc for r in consumed} == {t.epc for t in sim.tags}
