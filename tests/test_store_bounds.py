@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,8 +25,10 @@ from agent.store import (
     StoreClosedError,
     StoreConfig,
 )
+from agent.store.db import CACHE_KIB, open_database
+from agent.store.types import BaselineEntry
 from simulators.tmpfs import tmpfs
-from tests.store_helpers import T0, FakeClock, next_rows
+from tests.store_helpers import T0, FakeClock, next_rows, rows_from
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -354,5 +357,52 @@ async def test_full_filesystem_holds_writes_alerts_and_resumes(tiny_fs: Path) ->
         await asyncio.wait_for(held, 30)
         seqs = [r.seq for r in await store.peek(1000)]
         assert seqs == list(range(1, submitted[-1].seq + 1))
+    finally:
+        await store.close()
+
+
+# -- what the connection keeps in memory ------------------------------------------------------
+
+
+def test_acks_of_any_batch_size_share_one_prepared_statement(tmp_path: Path) -> None:
+    """The connection caches every distinct statement it prepared (up to 128): an ``IN (?, …)``
+    per batch length piled up ~4 MiB of statements during a backlog drain."""
+    db = open_database(tmp_path / "s.db", cfg(tmp_path / "s.db"))
+    try:
+        db.outbox.insert_rows(rows_from(1, 600))
+        shapes: set[str] = set()
+        # Traced with the values bound: the statement's shape is its text without them.
+        db.conn.set_trace_callback(lambda sql: shapes.add(re.sub(r"\d+", "N", sql)))
+        seq, deleted = 1, 0
+        for size in range(1, 31):
+            deleted += db.outbox.ack(list(range(seq, seq + size)))
+            seq += size
+        db.conn.set_trace_callback(None)
+        assert deleted == seq - 1  # every row acknowledged was deleted
+        assert db.outbox.ack([]) == 0
+        assert db.outbox.ack([1, 2, 10_000]) == 0  # gone already, or never there
+        assert shapes == {"DELETE FROM outbox WHERE seq = N"}
+    finally:
+        db.conn.close()
+
+
+async def test_the_page_cache_is_bounded(tmp_path: Path) -> None:
+    store = await Store.open(cfg(tmp_path / "s.db"))
+    try:
+        assert (await store.diagnostics())["cache_size"] == -CACHE_KIB
+    finally:
+        await store.close()
+
+
+async def test_a_loaded_baseline_shares_one_string_per_drawer(tmp_path: Path) -> None:
+    """The engine keeps the loaded baseline's drawer names as long as it stands."""
+    store = await Store.open(cfg(tmp_path / "s.db"))
+    try:
+        drawers = ("top", "drawer-2")
+        baseline = {f"e2{i:022x}": BaselineEntry("".join(drawers[i % 2]), T0) for i in range(200)}
+        await store.commit_cycle([], baseline, None)
+        loaded = await store.load_baseline()
+        assert loaded == baseline
+        assert len({id(e.location) for e in loaded.values()}) == len(drawers)
     finally:
         await store.close()

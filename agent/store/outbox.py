@@ -197,12 +197,11 @@ class Outbox:
         return len(victims)
 
     def ack(self, seqs: Sequence[int]) -> int:
-        deleted = 0
-        for i in range(0, len(seqs), 500):
-            chunk = seqs[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            cur = self.conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)  # noqa: S608 -- placeholders only
-            deleted += cur.rowcount
+        # One statement whatever the batch size: an ``IN (?, …)`` of the batch's length was a
+        # new prepared statement per length, and the connection's statement cache kept up to
+        # 128 of them (~4 MiB during a backlog drain).
+        cur = self.conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+        deleted = max(cur.rowcount, 0)
         if deleted:
             self.over_cap = False
         return deleted
