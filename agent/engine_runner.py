@@ -400,7 +400,11 @@ class EngineRunner:
         queue = self.inputs.queue
         last_tick = self.clock.monotonic()
         heard: dict[str, float] = {}
+        item: EngineInput | None = None
         while True:
+            # Let go of the last input before waiting: a report of a whole 5,000-tag scan
+            # (~1 MiB of TagReads) would otherwise live on until the next input.
+            item = None
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a racing cancel.
                 # Asleep until an input or the engine's next timer: nothing polls while idle.
@@ -427,6 +431,7 @@ class EngineRunner:
                     continue  # ticked above if due; the wait is re-armed from the new timers
                 case tuple():
                     out = engine.on_tags(item, now)
+                    item = None  # counted: not kept while the output is committed
                 case ReaderHealth():
                     out = engine.on_health(item, now)
                     if item.healthy and self._lock_pending and item.reader_id == self.door_reader:

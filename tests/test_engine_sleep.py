@@ -5,6 +5,7 @@ counts waiting for an input as alive, never a queued input left untaken."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -13,8 +14,8 @@ from agent.domain import events as ev
 from agent.domain.engine import CabinetEngine, Phase, Relock
 from agent.domain.localtime import zone
 from agent.domain.now import Now
-from agent.engine_runner import NUDGE, EngineRunner
-from drivers.types import ReaderState
+from agent.engine_runner import NUDGE, STOP_ENGINE, AppStats, EngineRunner, Inputs
+from drivers.types import ReaderState, TagRead
 from tests.domain_harness import ALICE, T0, Cabinet, Tag, domain_config, epc
 
 
@@ -163,3 +164,36 @@ def test_waiting_for_an_input_is_alive_but_an_untaken_input_is_not() -> None:
     assert _runner(parked=True, queued=False).engine_alive() >= before
     assert _runner(parked=True, queued=True).engine_alive() == 12.5
     assert _runner(parked=False, queued=False).engine_alive() == 12.5
+
+
+async def test_the_engine_loop_lets_go_of_the_reads_it_counted_while_it_waits() -> None:
+    """A report can carry a whole scan: the loop must not keep it alive until the next input."""
+    cab = Cabinet(tags={epc(i): Tag("top") for i in range(3)})
+    runner = object.__new__(EngineRunner)
+    runner.engine = cab.engine
+    runner.inputs = Inputs(AppStats())
+    runner.store = SimpleNamespace(disk_full=False)  # type: ignore[assignment]
+    runner.clock = SimpleNamespace(  # type: ignore[assignment]
+        monotonic=lambda: cab.now.mono, reading=lambda: cab.now
+    )
+    runner.readers = []
+    runner._parked = False
+    runner._committing = False
+    runner.engine_progress = 0.0
+    batch = tuple(
+        TagRead("dock-1", epc(i), 1, -50.0, T0) for i in range(3)
+    )  # counted only while a scan runs; the loop takes it all the same
+    before = sys.getrefcount(batch)
+    task = asyncio.create_task(runner.run(), name="engine-under-test")
+    try:
+        await runner.inputs.queue.put(batch)
+        async with asyncio.timeout(5):
+            while not (runner._parked and runner.inputs.queue.empty()):
+                await asyncio.sleep(0)
+        assert sys.getrefcount(batch) == before
+        await runner.inputs.queue.put(STOP_ENGINE)
+        async with asyncio.timeout(5):
+            await task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

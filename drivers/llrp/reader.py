@@ -68,7 +68,12 @@ _S = LLRPReaderState
 _TID_ANSWERS = (MSG_ADD_ACCESSSPEC_RESPONSE, MSG_ENABLE_ACCESSSPEC_RESPONSE, MSG_ERROR_MESSAGE)
 _GPO_ANSWERS = (MSG_SET_READER_CONFIG_RESPONSE, MSG_ERROR_MESSAGE)
 
-__all__ = ["CLOSE_WAIT_S", "LlrpReader", "LlrpStats"]
+__all__ = ["CLOSE_WAIT_S", "DELIVER_CHUNK", "LlrpReader", "LlrpStats"]
+
+# A report can carry a whole scan (thousands of tags): its reads are built and handed to the
+# sink this many at a time, so a sink that makes us wait (the engine is behind) holds at most
+# one chunk of TagReads here, never the whole report.
+DELIVER_CHUNK = 512
 
 
 class LlrpReader:
@@ -452,17 +457,24 @@ class LlrpReader:
         if isinstance(tags, dict):
             tags = [tags]
         now = self._clock.now()
-        reads: list[TagRead] = []
-        for tag in tags:
-            read = tag_read_from_dict(self.reader_id, tag, now, self.tids)
-            if read is not None:
-                reads.append(read)
-        await self._deliver(reads)
+        self.stats.reports += 1
+        for i in range(0, len(tags), DELIVER_CHUNK):
+            reads: list[TagRead] = []
+            for tag in tags[i : i + DELIVER_CHUNK]:
+                read = tag_read_from_dict(self.reader_id, tag, now, self.tids)
+                if read is not None:
+                    reads.append(read)
+            await self._deliver(reads)
 
     async def _on_raw_report(self, tags: list[RawTag]) -> None:
-        await self._deliver(tag_reads_from_raw(self.reader_id, tags, self._clock.now(), self.tids))
+        now = self._clock.now()
+        self.stats.reports += 1
+        for i in range(0, len(tags), DELIVER_CHUNK):
+            chunk = tags[i : i + DELIVER_CHUNK]
+            await self._deliver(tag_reads_from_raw(self.reader_id, chunk, now, self.tids))
 
     async def _deliver(self, reads: list[TagRead]) -> None:
+        """Hand one chunk of a report to the sink (which may make us wait: backpressure)."""
         reason = self.tids.refusal_to_log() if self.tids is not None else None
         if reason is not None:
             assert self.tids is not None
@@ -473,7 +485,6 @@ class LlrpReader:
                 reason,
                 self.tids.refused,
             )
-        self.stats.reports += 1
         self.stats.tags += len(reads)
         if reads:
             await self._sink.tag_reads(reads)
