@@ -364,24 +364,30 @@ async def test_full_filesystem_holds_writes_alerts_and_resumes(tiny_fs: Path) ->
 # -- what the connection keeps in memory ------------------------------------------------------
 
 
-def test_acks_of_any_batch_size_share_one_prepared_statement(tmp_path: Path) -> None:
-    """The connection caches every distinct statement it prepared (up to 128): an ``IN (?, …)``
-    per batch length piled up ~4 MiB of statements during a backlog drain."""
+def test_acks_prepare_few_statements_and_delete_a_batch_in_one(tmp_path: Path) -> None:
+    """The connection caches every distinct statement it prepared (up to 128): a statement
+    per batch length piled up ~4 MiB during a backlog drain. And each statement in a job's
+    savepoint journals the pages it touches again: one per row cost ~5 MiB for 256 rows."""
     db = open_database(tmp_path / "s.db", cfg(tmp_path / "s.db"))
     try:
-        db.outbox.insert_rows(rows_from(1, 600))
-        shapes: set[str] = set()
-        # Traced with the values bound: the statement's shape is its text without them.
-        db.conn.set_trace_callback(lambda sql: shapes.add(re.sub(r"\d+", "N", sql)))
+        db.outbox.insert_rows(rows_from(1, 4000))
+        traced: list[str] = []
+        # Traced with the values bound: a statement's shape is its text without them.
+        db.conn.set_trace_callback(traced.append)
         seq, deleted = 1, 0
-        for size in range(1, 31):
+        shapes: set[str] = set()
+        for size in (*range(1, 41), 100, 256, 511, 512, 513, 1000):
+            traced.clear()
             deleted += db.outbox.ack(list(range(seq, seq + size)))
+            assert len(set(traced)) == -(-size // 512)  # one DELETE per 512 rows
+            shapes |= {re.sub(r"\d+", "N", sql) for sql in traced}
             seq += size
         db.conn.set_trace_callback(None)
         assert deleted == seq - 1  # every row acknowledged was deleted
         assert db.outbox.ack([]) == 0
         assert db.outbox.ack([1, 2, 10_000]) == 0  # gone already, or never there
-        assert shapes == {"DELETE FROM outbox WHERE seq = N"}
+        assert db.outbox.ack([seq, seq, seq + 1]) == 2
+        assert len(shapes) == 10  # IN lists of 1, 2, 4, … 512
     finally:
         db.conn.close()
 
