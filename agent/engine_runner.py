@@ -16,7 +16,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Final, TypeVar, assert_never
@@ -173,12 +173,29 @@ class InputQueue(asyncio.Queue[EngineInput]):
         self.reads_peak = 0
         self.read_waits = 0  # batches that waited for room (the engine was behind)
         self._room: deque[asyncio.Future[None]] = deque()
+        self._open = 0  # >0: the engine waits on a device, reads are taken without room
+
+    @contextlib.contextmanager
+    def reads_unbounded(self) -> Iterator[None]:
+        """Take reads without waiting for room while the engine waits on a device: a lock's
+        GPO write is confirmed on its reader's connection, behind the reports the reader could
+        not hand over (the engine would wait for the reader, the reader for the engine)."""
+        self._open += 1
+        while self._room:
+            self._wake_one()
+        try:
+            yield
+        finally:
+            self._open -= 1
+
+    def _full_for(self, n: int) -> bool:
+        return not self._open and self.reads > 0 and self.reads + n > self.max_reads
 
     async def put_reads(self, reads: tuple[TagRead, ...]) -> None:
         """Queue a batch of tag reads once there is room for them."""
-        if self.reads and self.reads + len(reads) > self.max_reads:
+        if self._full_for(len(reads)):
             self.read_waits += 1
-            while self.reads and self.reads + len(reads) > self.max_reads:
+            while self._full_for(len(reads)):
                 room = asyncio.get_running_loop().create_future()
                 self._room.append(room)
                 try:
@@ -727,25 +744,29 @@ class EngineRunner:
     async def execute(self, cmd: Command) -> None:
         """Carry out one engine command; a failure is counted and logged, never raised."""
         try:
-            match cmd:
-                case Unlock(pulse_s=pulse_s):
-                    if self.door is None:
-                        logger.warning("unlock requested but no door is configured")
-                    else:
-                        await self.door.unlock(pulse_s)
-                case Relock():
-                    await self._relock()
-                case StartScan():
-                    for reader in self.readers:
-                        await reader.start_inventory()
-                case StopScan():
-                    for reader in self.readers:
-                        await reader.stop_inventory()
-                case _:
-                    assert_never(cmd)
+            with self.inputs.queue.reads_unbounded():
+                await self._execute(cmd)
         except (CabinetError, OSError) as err:
             self.stats.commands_failed += 1
             logger.error("command %s failed: %s", type(cmd).__name__, err)
+
+    async def _execute(self, cmd: Command) -> None:
+        match cmd:
+            case Unlock(pulse_s=pulse_s):
+                if self.door is None:
+                    logger.warning("unlock requested but no door is configured")
+                else:
+                    await self.door.unlock(pulse_s)
+            case Relock():
+                await self._relock()
+            case StartScan():
+                for reader in self.readers:
+                    await reader.start_inventory()
+            case StopScan():
+                for reader in self.readers:
+                    await reader.stop_inventory()
+            case _:
+                assert_never(cmd)
 
     async def _relock(self) -> None:
         if self.door is None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from agent.engine_runner import AppStats, Inputs
+from agent.domain.commands import Unlock
+from agent.engine_runner import AppStats, EngineRunner, Inputs
+from drivers.door import Door, DoorConfig
 from drivers.llrp.reader import DELIVER_CHUNK, LlrpReader
 from drivers.types import ReaderState, TagRead
 from simulators.llrp import LlrpSimulator
@@ -82,3 +84,35 @@ async def test_a_reader_faster_than_the_engine_waits_and_loses_no_read() -> None
         assert in_flight_max <= MAX_READS + DELIVER_CHUNK
         assert inputs.queue.reads_peak <= MAX_READS
         assert {r.epc for r in consumed} == {t.epc for t in sim.tags}
+
+
+async def test_a_lock_command_goes_through_while_the_reader_waits_for_the_engine() -> None:
+    """The engine waits on the lock's GPO write, confirmed on the reader's connection behind
+    reports the reader could not hand over: reads must flow meanwhile, or each would wait for
+    the other until the door's command timeout (an unlock lost)."""
+    async with LlrpSimulator(
+        personality="impinj", antennas=4, host="127.0.0.1", port=0, seed=3, cycle_s=0.02
+    ) as sim:
+        sim.add_random_tags(n=1000, antennas=[1, 2, 3, 4], seed=11)
+        inputs = Inputs(AppStats(), max_reads=MAX_READS)
+        reader = LlrpReader(_cfg(sim.port), inputs)
+        door = Door(
+            DoorConfig(reader="dock-1", sensor_gpi=1, lock_gpo=2, command_timeout_s=10.0),
+            reader.set_gpo,
+        )
+        # Only what execute() touches: the door, the inputs and the stats.
+        runner = object.__new__(EngineRunner)
+        runner.door = door
+        runner.inputs = inputs
+        runner.stats = inputs.stats
+        async with running(reader):
+            await reader.start_inventory()
+            # Nothing consumed: the reader waits for room, its reports back up behind TCP.
+            await sim.wait_until(lambda: sim.unsent_frames >= 20, timeout=HEAL_BOUND_S)
+            try:
+                await runner.execute(Unlock(pulse_s=60.0))
+                assert runner.stats.commands_failed == 0
+                assert door.locked is False
+                assert sim.gpo_state[2] is True
+            finally:
+                await door.close()
