@@ -156,6 +156,19 @@ EngineInput = (
 )
 
 
+class _DeviceWaits:
+    """Engines executing a command (one engine per cabinet). While any does, no input queue
+    makes a reader wait: a reader shared by several cabinets, waiting for room in one cabinet's
+    queue, would hold up the GPO write another cabinet's lock waits for."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.waiting: set[InputQueue] = set()  # queues with a reader waiting for room
+
+
+_DEVICE_WAITS = _DeviceWaits()
+
+
 class InputQueue(asyncio.Queue[EngineInput]):
     """The engine's inputs in arrival order, bounded by items and, for tag reads, by reads.
 
@@ -173,23 +186,23 @@ class InputQueue(asyncio.Queue[EngineInput]):
         self.reads_peak = 0
         self.read_waits = 0  # batches that waited for room (the engine was behind)
         self._room: deque[asyncio.Future[None]] = deque()
-        self._open = 0  # >0: the engine waits on a device, reads are taken without room
 
     @contextlib.contextmanager
     def reads_unbounded(self) -> Iterator[None]:
-        """Take reads without waiting for room while the engine waits on a device: a lock's
-        GPO write is confirmed on its reader's connection, behind the reports the reader could
-        not hand over (the engine would wait for the reader, the reader for the engine)."""
-        self._open += 1
-        while self._room:
-            self._wake_one()
+        """Take reads without waiting for room, in every cabinet's queue, while this engine
+        waits on a device: a lock's GPO write is confirmed on its reader's connection, behind
+        the reports that reader could not hand over (the engine would wait for the reader,
+        the reader for the engine)."""
+        _DEVICE_WAITS.open += 1
+        for queue in list(_DEVICE_WAITS.waiting):
+            queue._wake_all()
         try:
             yield
         finally:
-            self._open -= 1
+            _DEVICE_WAITS.open -= 1
 
     def _full_for(self, n: int) -> bool:
-        return not self._open and self.reads > 0 and self.reads + n > self.max_reads
+        return not _DEVICE_WAITS.open and self.reads > 0 and self.reads + n > self.max_reads
 
     async def put_reads(self, reads: tuple[TagRead, ...]) -> None:
         """Queue a batch of tag reads once there is room for them."""
@@ -198,6 +211,7 @@ class InputQueue(asyncio.Queue[EngineInput]):
             while self._full_for(len(reads)):
                 room = asyncio.get_running_loop().create_future()
                 self._room.append(room)
+                _DEVICE_WAITS.waiting.add(self)
                 try:
                     await room
                 except BaseException:
@@ -206,6 +220,9 @@ class InputQueue(asyncio.Queue[EngineInput]):
                     with contextlib.suppress(ValueError):
                         self._room.remove(room)
                     raise
+                finally:
+                    if not self._room:
+                        _DEVICE_WAITS.waiting.discard(self)
         await self.put(reads)
 
     def _put(self, item: EngineInput) -> None:
@@ -227,6 +244,10 @@ class InputQueue(asyncio.Queue[EngineInput]):
             if not room.done():
                 room.set_result(None)
                 return
+
+    def _wake_all(self) -> None:
+        while self._room:
+            self._wake_one()
 
 
 class Inputs:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from agent.domain.commands import Unlock
 from agent.engine_runner import AppStats, EngineRunner, Inputs
@@ -116,3 +117,34 @@ async def test_a_lock_command_goes_through_while_the_reader_waits_for_the_engine
                 assert sim.gpo_state[2] is True
             finally:
                 await door.close()
+
+
+async def test_a_command_lets_reads_through_in_every_cabinets_queue() -> None:
+    """A reader shared by two cabinets waits for room in cabinet B's queue while cabinet A's
+    engine waits on that reader for its lock: B's queue must take the reads meanwhile."""
+    a, b = Inputs(AppStats(), max_reads=10), Inputs(AppStats(), max_reads=10)
+    read = TagRead("dock-1", "e2" + "0" * 22, 1, -50.0, datetime(2026, 1, 1, tzinfo=UTC))
+    await b.queue.put_reads((read,) * 10)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        tasks.append(asyncio.create_task(b.queue.put_reads((read,) * 5), name="shared-reader"))
+        async with asyncio.timeout(HEAL_BOUND_S):
+            while not b.queue.read_waits:
+                await asyncio.sleep(0)
+        with a.queue.reads_unbounded():
+            async with asyncio.timeout(HEAL_BOUND_S):
+                await tasks[0]
+        assert b.queue.reads == 15
+        # Closed again: the bound holds, and room made by the engine lets the reader on.
+        tasks.append(asyncio.create_task(b.queue.put_reads((read,)), name="shared-reader"))
+        async with asyncio.timeout(HEAL_BOUND_S):
+            while b.queue.read_waits < 2:
+                await asyncio.sleep(0)
+        assert not tasks[1].done()
+        b.queue.get_nowait()
+        async with asyncio.timeout(HEAL_BOUND_S):
+            await tasks[1]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
