@@ -412,3 +412,28 @@ async def test_a_loaded_baseline_shares_one_string_per_drawer(tmp_path: Path) ->
         assert len({id(e.location) for e in loaded.values()}) == len(drawers)
     finally:
         await store.close()
+
+
+def test_appends_of_any_size_prepare_few_statements(tmp_path: Path) -> None:
+    """A group commit's rows go in as multi-row INSERTs: one statement per row count would
+    leave up to 128 prepared statements (~9 MiB) in the connection's cache."""
+    db = open_database(tmp_path / "s.db", cfg(tmp_path / "s.db"))
+    try:
+        shapes: set[str] = set()
+        traced: list[str] = []
+        db.conn.set_trace_callback(traced.append)
+        seq = 1
+        for size in (*range(1, 130), 300):
+            traced.clear()
+            db.outbox.insert_rows(rows_from(seq, size))
+            # Traced again for each trigger run: the distinct texts are the statements.
+            inserts = {sql for sql in traced if sql.startswith("INSERT INTO outbox")}
+            assert 1 <= len(inserts) <= max(8, size // 128 + 7)
+            shapes |= {sql.count("(") for sql in inserts}  # rows per statement (+ 1)
+            seq += size
+        db.conn.set_trace_callback(None)
+        assert db.outbox.next_seq() == seq
+        assert int(db.conn.execute("SELECT count(*) FROM outbox").fetchone()[0]) == seq - 1
+        assert shapes == {1 + (1 << k) for k in range(8)}  # 1, 2, 4, … 128 rows
+    finally:
+        db.conn.close()
