@@ -16,7 +16,8 @@ stopped, and owns what used to be written four times:
   drains must not hold up shutdown) and re-raises ``CancelledError``.
 - **the watchdog's progress** (``last_progress``): the loop turned (``beat()``), or it sits in a
   bounded wait (``bounded()``: a connect, a backoff, a read with a deadline) and is alive until
-  that wait's deadline. A part stopped for a permanent error is not stuck: it stays "alive", so
+  that wait's deadline, or it waits for its consumer to take its results (``handing_over()``:
+  backpressure; the consumer is watched on its own). A part stopped for a permanent error is not stuck: it stays "alive", so
   the systemd watchdog never turns a configuration problem into a restart loop.
 """
 
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import enum
 import itertools
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -118,6 +120,22 @@ class Progress:
             del self._deadlines[token]
             self.beat()
 
+    @contextlib.contextmanager
+    def handing_over(self) -> Iterator[None]:
+        """Handing results to a consumer that may make the loop wait (backpressure: the engine's
+        reads budget). Alive meanwhile: the wait is the consumer's, and the consumer is under
+        the watchdog itself (the engine is alive while it waits for the store on a full disk;
+        a reader counted stuck behind it would get the agent restarted and the held writes
+        lost)."""
+        token = next(self._tokens)
+        self.beat()
+        self._deadlines[token] = math.inf
+        try:
+            yield
+        finally:
+            del self._deadlines[token]
+            self.beat()
+
     def retire(self) -> None:
         """The loop ended for good, on purpose (a permanent error, reported): not a stall."""
         self._retired = True
@@ -178,6 +196,9 @@ class Supervisor:
 
     def bounded(self, seconds: float) -> contextlib.AbstractContextManager[None]:
         return self.progress.bounded(seconds)
+
+    def handing_over(self) -> contextlib.AbstractContextManager[None]:
+        return self.progress.handing_over()
 
     # -- what the part tells ---------------------------------------------------------------
 

@@ -9,6 +9,7 @@ the daemon's own ``Inputs``; the test plays a busy engine.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -148,3 +149,28 @@ async def test_a_command_lets_reads_through_in_every_cabinets_queue() -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_reader_waiting_for_the_engine_is_not_stalled_for_the_watchdog() -> None:
+    """A reader waiting for room is waiting on the engine, which has its own watchdog probe
+    (alive, e.g., while it waits for the store on a full disk). Counting that wait as the
+    reader's stall withheld the systemd watchdog after 20 s: systemd restarted the agent and the
+    writes a full disk held in memory were lost."""
+    async with LlrpSimulator(
+        personality="impinj", antennas=4, host="127.0.0.1", port=0, seed=3, cycle_s=0.02
+    ) as sim:
+        sim.add_random_tags(n=1000, antennas=[1, 2, 3, 4], seed=11)
+        inputs = Inputs(AppStats(), max_reads=MAX_READS)
+        reader = LlrpReader(_cfg(sim.port), inputs)
+        async with running(reader):
+            await reader.start_inventory()
+            # Nothing consumed: the reader waits for room, its reports back up behind TCP.
+            await sim.wait_until(lambda: sim.unsent_frames >= 20, timeout=HEAL_BOUND_S)
+            assert inputs.queue.read_waits >= 1
+            waiting_since = time.monotonic()
+            assert reader.last_progress >= waiting_since
+            # The engine catches up: the reader's own loop turns again.
+            inputs.queue.get_nowait()
+            async with asyncio.timeout(HEAL_BOUND_S):
+                while reader.last_progress < waiting_since:
+                    await asyncio.sleep(0.01)

@@ -487,7 +487,9 @@ class LlrpReader:
             )
         self.stats.tags += len(reads)
         if reads:
-            await self._sink.tag_reads(reads)
+            # The engine's reads budget may make us wait (backpressure): its wait, not our stall.
+            with self._sv.handing_over():
+                await self._sink.tag_reads(reads)
 
     async def _on_event(self, sess: LlrpSession, body: Mapping[str, Any]) -> None:
         data = body.get("ReaderEventNotificationData") or {}
