@@ -134,6 +134,37 @@ def test_a_reader_that_stops_reading_mid_pass_makes_the_pass_start_over() -> Non
     ]
 
 
+def test_a_reader_flapping_between_reading_and_not_cannot_keep_the_pass_running() -> None:
+    """Each stop mid-pass makes the pass count again from the start, but within the pass's
+    scan_max_ms from when it first counted: a reader that stopped and restarted reading every
+    1.5 s (shorter than scan_min_ms) kept the cabinet scanning for ever, the door cycle never
+    closed. Cut short, the pass is incomplete (what it saw was not a whole pass)."""
+    cab = _cabinet(confirm_pass=False, max_rescans=0)
+    start = len(cab.events)
+    cab.badge(ALICE)
+    cab.advance(1.0)
+    cab.open()
+    cab.advance(2.0)
+    cab.close()
+    reading = True
+    for i in range(600):  # 60 s, six times scan_max_ms
+        cab.advance(0.1)
+        _alive(cab)
+        if i % 15 == 14:
+            reading = not reading
+            cab.set_reader("dock-2", ReaderState.INVENTORYING if reading else ReaderState.ONLINE)
+        if cab.engine.phase.value == "idle" and not cab.scanning:
+            break
+    else:
+        raise AssertionError(f"engine stuck in {cab.engine.phase}: {cab.brief(start)}")
+    brief = cab.brief(start)
+    assert brief[0] == "session.opened badge alice"
+    assert brief[1].startswith("inventory.incomplete session #1 give-up "), brief
+    assert "dock-2 stopped reading" in brief[1] or "dock-2 not inventorying" in brief[1], brief
+    assert brief[2] == "session.closed incomplete out=0 in=0 alice", brief
+    assert not [t for t in cab.types(start) if t.startswith("item.")], brief
+
+
 def test_reads_taken_before_the_end_but_processed_after_it_still_count() -> None:
     """The liveness barrier (not new here; this passes without the change above too): the loop
     stalls, the pass meets its end conditions at the first tick after the stall, and what the

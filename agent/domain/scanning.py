@@ -45,6 +45,11 @@ class ScanPass:
         self._waiting = False
         self._alive: dict[str, float] = {}  # reader → monotonic time it was last heard from
         self._end_candidate: float | None = None  # when the pass first met its end conditions
+        # When the pass must be over: scan_max_ms from the moment it first counted. A reader
+        # that stops reading mid-pass makes it count again from the start, but not for longer:
+        # one that flapped between reading and not made the pass (and the door cycle) endless.
+        self._deadline: float | None = None
+        self._stopped: set[str] = set()  # readers that stopped reading during this pass
 
     @property
     def running(self) -> bool:
@@ -76,10 +81,14 @@ class ScanPass:
         self._scan = ScanAccumulator(self.config, self._antennas, self._health, now)
         self._waiting = not (self._started and self.inventorying())
         self._end_candidate = None
+        self._stopped.clear()
+        self._deadline = None if self._waiting else now + self.config.scan_max_ms / 1000
 
     def stop(self) -> None:
         self._scan = None
         self._started = False
+        self._deadline = None
+        self._stopped.clear()
 
     def started(self, now: float) -> None:
         """The scan's StartScan was carried out at ``now``: reads for this cabinet flow from
@@ -113,8 +122,9 @@ class ScanPass:
             and self._scan.complete
         ):
             # A reader stopped reading (a stop that reached it after this pass's start): the
-            # pass counts again, from the start, once every reader reads.
+            # pass counts again, from the start, once every reader reads (within its deadline).
             self._waiting = True
+            self._stopped.add(health.reader_id)
 
     def _count_if_ready(self, now: float) -> None:
         """Start counting now if the pass waits and may: a pass begun with a reader down could
@@ -123,6 +133,8 @@ class ScanPass:
             self._waiting = False
             self._end_candidate = None
             self._scan = ScanAccumulator(self.config, self._antennas, self._health, now)
+            if self._deadline is None:
+                self._deadline = now + self.config.scan_max_ms / 1000
 
     def finished(self, now: float) -> ScanResult | None:
         """The result of the running pass once it is over at ``now`` (the pass then ends)."""
@@ -131,9 +143,11 @@ class ScanPass:
         cfg = self.config
         elapsed_ms = (now - scan.started) * 1000
         quiet_ms = (now - scan.last_new) * 1000
-        if elapsed_ms < cfg.scan_max_ms and (
-            self._waiting or elapsed_ms < cfg.scan_min_ms or quiet_ms < cfg.stable_ms
-        ):
+        deadline = self._deadline
+        if deadline is None:  # never counted: scan_max_ms waiting for the readers to read
+            deadline = scan.started + cfg.scan_max_ms / 1000
+        over = now >= deadline
+        if not over and (self._waiting or elapsed_ms < cfg.scan_min_ms or quiet_ms < cfg.stable_ms):
             return None
         if self._end_candidate is None:
             self._end_candidate = now
@@ -148,7 +162,7 @@ class ScanPass:
             and (h := self._health.get(r)) is not None
             and h.healthy
         ]
-        if silent and elapsed_ms < cfg.scan_max_ms:
+        if silent and not over:
             return None  # wait for word from every reader that it is still alive
         for reader in silent:
             scan.fail(f"{reader} silent")
@@ -160,8 +174,15 @@ class ScanPass:
                 h = self._health.get(reader)
                 if h is not None and h.healthy and h.state is not ReaderState.INVENTORYING:
                     scan.fail(f"{reader} not inventorying")
+        elif self._stopped and (elapsed_ms < cfg.scan_min_ms or quiet_ms < cfg.stable_ms):
+            # Cut short: it counted again after a reader stopped reading, and the deadline came
+            # before this count could end on its own terms (what it saw is not a whole pass).
+            for reader in sorted(self._stopped):
+                scan.fail(f"{reader} stopped reading")
         self._end_candidate = None
         self._waiting = False
+        self._deadline = None
+        self._stopped.clear()
         result = scan.result(now)
         self._scan = None
         return result
