@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -293,3 +295,64 @@ async def test_a_full_hold_makes_the_engine_wait_and_loses_nothing(
         await until(lambda: len(marker_denials(rig)) >= before + shown)
         assert agent.log_text().count(" ready:") == 1, "the agent never restarted"
     delivered_once(rig)
+
+
+async def test_a_reader_held_back_by_an_engine_waiting_for_the_disk_keeps_the_watchdog_fed(
+    tmp_path: Path, mosquitto: Mosquitto, small_disk: Path
+) -> None:
+    """The engine waits for the disk once its hold is full (alive: restarting would lose the
+    held writes). A reader inventorying meanwhile fills the engine's reads budget and waits for
+    it: that wait is the engine's, so the watchdog stays fed (it was withheld after 20 s as
+    the reader's stall, and systemd's restart lost every write the full disk held)."""
+    scenario = load_scenario(next(p for p in SCENARIOS if p.stem == "plain-checkout"))
+    db = small_disk / "state.db"
+    filler = small_disk / "filler"
+    extra = store_config(db, mosquitto.port)["store"] | {"max_pending_writes": 10}
+    notify = NotifyListener(tmp_path / "notify.sock")
+    notify.start()
+
+    def with_systemd(rig: Rig) -> None:
+        rig.agent.env.update(notify.env(2_000_000))
+
+    try:
+        async with cabinet_rig(
+            scenario,
+            tmp_path,
+            mosquitto,
+            agent_extra={"store": extra},
+            before_start=with_systemd,
+        ) as rig:
+            agent = rig.agent
+            # From now on a scan outlasts the test: the reader inventories all along.
+            text = agent.config.read_text()
+            text = re.sub(r"(?m)^scan_min_ms = .*$", "scan_min_ms = 600000", text)
+            text = re.sub(r"(?m)^scan_max_ms = .*$", "scan_max_ms = 600000", text)
+            agent.config.write_text(text)
+            assert agent.proc is not None
+            agent.proc.send_signal(signal.SIGHUP)
+            await agent.wait_log("reload applied")
+            rig.llrp.add_random_tags(n=800, antennas=[1, 2], seed=5)
+            alice = scenario.person("alice")
+            await rig.badge_read(lambda: rig.badge.present(alice.badge))
+            await rig.llrp.wait_until(lambda: not rig.door.locked, TIMEOUT_S)
+            await rig.door.open()
+            await rig.door.close()
+            await until(lambda: rig.llrp.stats.reports_sent > 0)
+            fill(filler)
+            async with asyncio.timeout(TIMEOUT_S):
+                while "store alert store.hold_full:" not in agent.log_text():
+                    await show_marker(rig, 1)
+            # The engine waits for the disk; the reader's reports back up behind TCP.
+            await rig.llrp.wait_until(lambda: rig.llrp.unsent_frames >= 20, TIMEOUT_S)
+            held_at = time.monotonic()
+            # Pings go on past the watchdog's window (WATCHDOG_WINDOW_S, 20 s).
+            await until(
+                lambda: any(t > held_at + 20.0 + 3.0 for t in notify.ping_times()),
+                timeout=60.0,
+            )
+            assert "watchdog withheld" not in agent.log_text(), agent.log_tail()
+            filler.unlink()
+            await agent.wait_log("store.disk_full_cleared")
+            assert agent.log_text().count(" ready:") == 1, "the agent never restarted"
+    finally:
+        await notify.close()
