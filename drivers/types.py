@@ -124,7 +124,8 @@ class ReaderDriver(Protocol):
 
         Stamped only after the reads it covers reached the sink: the engine's liveness barrier
         relies on "heard at T" implying "every read received before T is already delivered"
-        (a backlog larger than one read of the link is stamped only once all of it is)."""
+        (a backlog larger than one read of the link is stamped only once all of it is; a frame
+        split across reads, once it is whole)."""
 
     async def run(self) -> None:
         """Connect, keep connected (reconnecting with backoff) until cancelled; returns after a

@@ -558,3 +558,32 @@ async def test_heard_is_stamped_only_once_a_backlog_larger_than_a_read_is_delive
             assert len(sink.stamps) > first + 1, "the backlog was not larger than one report"
             late = [s for s in sink.stamps[first:] if s > received_by]
             assert not late, f"{len(late)} deliveries of the backlog came after the stamp"
+
+
+async def test_a_stream_whose_reads_all_end_mid_frame_still_stamps_the_reader_heard() -> None:
+    """On a real network a busy report stream seldom ends a TCP segment on an LLRP frame
+    boundary. With every read ending mid-frame (the simulator writes each frame's first half
+    with the previous frame's second half) the reader must still be stamped heard — a frame
+    later than it arrived, never before its reads reached the sink — or every scan pass would
+    end incomplete ("silent") while the reader streams."""
+    async with LlrpSimulator(
+        personality="impinj", antennas=4, host="127.0.0.1", port=0, seed=5
+    ) as sim:
+        sim.add_random_tags(n=40, antennas=[1, 2, 3, 4], seed=13)
+        sink = RecordingSink()
+        reader = LlrpReader(_cfg(sim.port), sink)
+        async with running(reader):
+            await reader.start_inventory()
+            await sink.until(lambda: len(sink.reads) > 0)
+            sim.faults.straddle()
+            # Frames the simulator sends from here on arrive split across reads.
+            await sim.wait_until(lambda: sim.stats.frames_out > 0)
+            sent = sim.stats.frames_out
+            await sim.wait_until(lambda: sim.stats.frames_out >= sent + 3)
+            since = reader._clock.monotonic()
+            before = len(sink.reads)
+            async with asyncio.timeout(HEAL_BOUND_S):
+                while reader.last_frame <= since:
+                    await asyncio.sleep(0.01)
+            assert len(sink.reads) > before, "the straddled stream delivered no reads"
+            assert reader.health.state is ReaderState.INVENTORYING

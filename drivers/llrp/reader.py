@@ -24,6 +24,7 @@ from drivers.backoff import Backoff
 from drivers.errors import PermanentError, ProtocolError, ReaderBusyError, TransientError
 from drivers.llrp.config import LlrpReaderConfig
 from drivers.llrp.framing import FramingError, encode_get_gpi_state, encode_gpo_write
+from drivers.llrp.heard import HeardMarks, kernel_pending
 from drivers.llrp.reports import (
     RawTag,
     TidCheck,
@@ -246,6 +247,8 @@ class LlrpReader:
         sess = LlrpSession(reader, writer, config, cfg.max_frame_bytes)
         self._session = sess
         watchdog_s = 3 * cfg.keepalive_s
+        heard = HeardMarks()
+        sock = writer.get_extra_info("socket")
         ready_deadline = loop.time() + cfg.inventory_deadline_s
         first_event_deadline = loop.time() + cfg.connect_timeout_s
         try:
@@ -275,6 +278,13 @@ class LlrpReader:
                     raise TransientError(late if remaining <= watchdog_s else silent) from None
                 if not data:
                     raise TransientError("reader closed the connection")
+                # A short read emptied the stream's buffer; with nothing more in the kernel it
+                # took all the reader had sent by ``received``.
+                heard.read(
+                    len(data),
+                    received,
+                    took_all=len(data) < READ_CHUNK and kernel_pending(sock) == 0,
+                )
                 try:
                     frames = sess.framer.feed(data)
                 except FramingError as err:
@@ -286,12 +296,13 @@ class LlrpReader:
                 self._reconcile()
                 await self._publish_state(sess)
                 # The engine's liveness barrier takes "heard at T" to mean "every read received
-                # before T is delivered": stamped after this chunk's reads reached the sink, with
-                # the time it was taken, and only if it held all the stream had then (a short
-                # read empties the stream's buffer) and ended on a frame boundary. A backlog
-                # larger than one read is stamped once its last chunk is delivered.
-                if len(data) < READ_CHUNK and not sess.framer.buffered:
-                    self.last_frame = received
+                # before T is delivered": stamped after the reads reached the sink, with the time
+                # of the latest read that took all the stream had and whose bytes all went out
+                # as frames (drivers/llrp/heard.py). A backlog larger than one read is stamped
+                # once its last chunk is delivered; a frame split across reads, once it is whole.
+                stamp = heard.delivered(sess.framer.buffered)
+                if stamp is not None:
+                    self.last_frame = stamp
                 if writer.transport.get_write_buffer_size() > 0:
                     with sv.bounded(watchdog_s):
                         async with asyncio.timeout(watchdog_s):

@@ -361,6 +361,8 @@ class ScenarioRunner:
             faults.drop_mid_frame()
         elif kind == "garbage":
             faults.garbage()
+        elif kind == "straddle":
+            faults.straddle()
         else:
             faults.clear()
 

@@ -214,7 +214,7 @@ _TECHNICIAN_OPS = ("open", "open_by_badge", "close")
 
 
 # LLRP simulator fault switches on the agent's current connection.
-_READER_FAULTS = ("silence", "drop_mid_frame", "garbage", "clear")
+_READER_FAULTS = ("silence", "drop_mid_frame", "garbage", "straddle", "clear")
 
 
 class Scenario(_Model):

@@ -25,6 +25,7 @@ class FaultState:
     drop_mid_frame: bool = False
     garbage: GarbageKind | None = None
     trickle_s: float | None = None
+    straddle: bool = False
     busy_status: int | None = None
 
 
@@ -90,6 +91,13 @@ class Faults:
         if delay_s < 0:
             raise ValueError("delay_s must be >= 0")
         self._state(target).trickle_s = delay_s
+
+    def straddle(self, on: bool = True, *, target: Target = "current") -> None:
+        """Write every frame's first half together with the previous frame's second half, so
+        that every write (and so every read of a prompt client) ends mid-frame — a busy report
+        stream over a real network, where TCP segments do not follow LLRP frames. Off: the held
+        half goes out with the next frame."""
+        self._state(target).straddle = on
 
     def busy_next_connect(
         self,

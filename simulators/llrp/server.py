@@ -316,6 +316,7 @@ class Connection:
         self.queue: asyncio.Queue[bytes | _Close | _Garbage] = asyncio.Queue(_OUT_QUEUE_MAX)
         self.framer = FrameReader(server.max_message_len)
         self.closing = False
+        self._straddled = b""  # the second half of a frame held back (fault straddle)
         self.events_held = server.reader.config.hold_events
         self.held: deque[tuple[str, dict[str, Any]]] = deque(maxlen=_HELD_MAX)
         self._next_id = 0
@@ -385,6 +386,11 @@ class Connection:
 
     async def _write(self, data: bytes) -> None:
         delay = self.faults.trickle_s
+        if self.faults.straddle:
+            cut = max(1, len(data) // 2)
+            data, self._straddled = self._straddled + data[:cut], data[cut:]
+        elif self._straddled:
+            data, self._straddled = self._straddled + data, b""
         if delay is None:
             self.writer.write(data)
             await self.writer.drain()
