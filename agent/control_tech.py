@@ -180,6 +180,18 @@ def register_technician_handlers(server: ControlServer, app: TechnicianAgent) ->
 
         try:
             steps = await _door_steps(door, before_release=release, settle_s=DOOR_TEST_SETTLE_S)
+        except asyncio.CancelledError:
+            # The daemon is stopping, or the request ran out of time, mid-test: the lock may
+            # have moved, so the trail says a test began and did not finish.
+            interrupted = {
+                **_caller(ctx),
+                "door_id": door.door_id,
+                "ok": False,
+                "failed": ["interrupted"],
+                "badges_refused": test.refused,
+            }
+            await _audit(app, ctx, "door.test", interrupted)
+            raise
         finally:
             # Else it lapses by itself (DOOR_TEST_MAX_S), and the engine relocks then.
             with contextlib.suppress(CommandError):

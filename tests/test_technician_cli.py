@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -350,3 +351,34 @@ async def test_a_door_opened_while_the_door_test_released_the_lock_is_the_tester
         assert events[2]["technician"] == opened["technician"]
         assert (closed["removed"], closed["actors"]) == (1, [])
         await rig.llrp.wait_until(lambda: rig.door.locked, TIMEOUT_S)
+
+
+async def test_a_door_test_cut_short_by_a_stopping_daemon_is_in_the_audit_trail(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """SIGTERM while the door test's first lock write is in flight: the daemon stops cleanly,
+    and the audit trail records a door test that began and did not finish (the lock may have
+    moved) instead of nothing."""
+    scenario = _cabinet()
+    async with cabinet_rig(scenario, tmp_path, mosquitto) as rig:
+        gate = rig.llrp.hold_gpo_writes()
+        test = await _door_test(rig)
+        try:
+            await rig.llrp.wait_until(lambda: rig.llrp.gpo_held == 1, TIMEOUT_S)
+            assert await rig.agent.stop() == 0
+        finally:
+            gate.set()
+        rc, _out, _err = await test
+        assert rc != 0  # the daemon went away under the CLI
+        db = sqlite3.connect(f"file:{tmp_path / 'agent' / 'state.db'}?mode=ro", uri=True)
+        try:
+            rows = db.execute(
+                "SELECT actor, details FROM audit WHERE action = 'door.test'"
+            ).fetchall()
+        finally:
+            db.close()
+        assert len(rows) == 1, rows
+        actor, details = rows[0]
+        assert actor.startswith("cli:uid=")
+        record = json.loads(details)
+        assert (record["ok"], record["failed"]) == (False, ["interrupted"]), record
