@@ -149,6 +149,7 @@ class ScanPass:
         over = now >= deadline
         if not over and (self._waiting or elapsed_ms < cfg.scan_min_ms or quiet_ms < cfg.stable_ms):
             return None
+        ended_by_limit = self._end_candidate is None and over
         if self._end_candidate is None:
             self._end_candidate = now
         # Only readers that look healthy are waited for: an unhealthy one already made the
@@ -165,7 +166,12 @@ class ScanPass:
         if silent and not over:
             return None  # wait for word from every reader that it is still alive
         for reader in silent:
-            scan.fail(f"{reader} silent")
+            if ended_by_limit and now - self._alive[reader] < cfg.stable_ms / 1000:
+                # The pass met no end of its own before scan_max_ms, so no reader could be heard
+                # after its end; one heard within the last stable_ms is not silent.
+                scan.fail(f"{reader} not heard after the pass ended at scan_max_ms")
+            else:
+                scan.fail(f"{reader} silent")
         if self._waiting:
             # scan_max_ms without every reader reading: nothing this pass saw can be trusted.
             if not self._started:
