@@ -18,6 +18,8 @@ import contextlib
 import logging
 import termios
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
@@ -63,14 +65,35 @@ class SerialTarget:
         return cls(spec, default_baud)
 
 
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Bytes taken from the device in one read.
+
+    ``taken`` is the connection clock's time just before that read. ``whole`` says the read
+    was short, so it emptied what the device had: every byte received before ``taken`` is in
+    this chunk or an earlier one.
+    """
+
+    data: bytes
+    taken: float
+    whole: bool
+
+
 class SerialConnection:
     """An open serial device: ``await read()`` returns bytes, ``await write(b)`` sends."""
 
-    def __init__(self, port: serial.SerialBase, name: str) -> None:
+    def __init__(
+        self,
+        port: serial.SerialBase,
+        name: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._port = port
         self._name = name
+        self._clock = clock
         self._loop = asyncio.get_running_loop()
-        self._chunks: asyncio.Queue[bytes | BaseException] = asyncio.Queue(maxsize=_MAX_CHUNKS)
+        self._chunks: asyncio.Queue[Chunk | BaseException] = asyncio.Queue(maxsize=_MAX_CHUNKS)
         self._stop = threading.Event()
         self._fd = _pollable_fd(port)
         self._thread: threading.Thread | None = None
@@ -86,8 +109,16 @@ class SerialConnection:
             self._thread.start()
 
     @classmethod
-    async def open(cls, target: SerialTarget, timeout_s: float = 5.0) -> SerialConnection:
-        """Open the device (in a thread: opening a socket:// URL blocks on connect)."""
+    async def open(
+        cls,
+        target: SerialTarget,
+        timeout_s: float = 5.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> SerialConnection:
+        """Open the device (in a thread: opening a socket:// URL blocks on connect).
+
+        ``clock`` (monotonic, safe to call from a thread) times each chunk's read."""
 
         def _open() -> serial.SerialBase:
             return serial.serial_for_url(
@@ -104,10 +135,15 @@ class SerialConnection:
             # opening it, unwrapped; a device that vanishes in between (a pty whose other side
             # closed, a USB reader pulled) fails there with EIO.
             raise TransientError(f"cannot open {target.url}: {err}") from None
-        return cls(port, target.url)
+        return cls(port, target.url, clock=clock)
 
     async def read(self) -> bytes:
         """The next chunk of bytes. Raises TransientError when the device goes away."""
+        return (await self.read_chunk()).data
+
+    async def read_chunk(self) -> Chunk:
+        """The next chunk with the time it was read. Raises TransientError when the device
+        goes away."""
         item = await self._chunks.get()
         self._resume()
         if isinstance(item, BaseException):
@@ -128,6 +164,7 @@ class SerialConnection:
 
     def _readable(self) -> None:
         """The fd is readable: take what is there (never blocks: the port's timeout is 0)."""
+        taken = self._clock()
         try:
             data = self._port.read(_READ_CHUNK)
         except (serial.SerialException, OSError, TypeError, AttributeError) as err:
@@ -137,13 +174,13 @@ class SerialConnection:
             self._chunks.put_nowait(err)  # there is room: reading pauses one chunk early
             return
         if data:
-            self._chunks.put_nowait(bytes(data))
+            self._chunks.put_nowait(Chunk(bytes(data), taken, len(data) < _READ_CHUNK))
             if self._chunks.qsize() >= _MAX_CHUNKS - 1:
                 self._pause()  # the consumer is behind: the kernel buffers (backpressure)
 
     # -- the thread reader (ports without an fd) -----------------------------------------------
 
-    def _hand_over(self, item: bytes | BaseException) -> bool:
+    def _hand_over(self, item: Chunk | BaseException) -> bool:
         """Queue ``item`` on the loop, blocking this thread while the queue is full."""
         while not self._stop.is_set():
             try:
@@ -162,14 +199,16 @@ class SerialConnection:
 
     def _pump(self) -> None:
         while not self._stop.is_set():
+            taken = self._clock()
             try:
+                # Returns at _READ_CHUNK bytes or at the timeout: short, it took all there was.
                 data = self._port.read(_READ_CHUNK)
             except (serial.SerialException, OSError, TypeError, AttributeError) as err:
                 # pyserial raises TypeError/AttributeError when the port vanishes mid-read.
                 if not self._stop.is_set():
                     self._hand_over(err)
                 return
-            if data and not self._hand_over(bytes(data)):
+            if data and not self._hand_over(Chunk(bytes(data), taken, len(data) < _READ_CHUNK)):
                 return
 
     # -- both ----------------------------------------------------------------------------------

@@ -543,3 +543,63 @@ async def test_an_antenna_pulled_while_connected_is_noticed() -> None:
         await sink.wait_for(lambda: driver.health.state == ReaderState.INVENTORYING)
         assert driver.health.antennas_connected == frozenset({1, 3, 4})
         assert driver.health.session == 1
+
+
+class GatedSink(RecordingSink):
+    """Blocks the driver in its first delivery after ``gate.clear()`` until ``gate.set()``;
+    notes the driver's "heard" stamp as each delivery begins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.driver: MercuryReader | None = None
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.blocked = asyncio.Event()
+        self.stamps: list[float] = []
+
+    async def tag_reads(self, reads: Sequence[TagRead]) -> None:
+        assert self.driver is not None
+        self.stamps.append(self.driver.last_frame)
+        if not self.gate.is_set():
+            self.blocked.set()
+            async with asyncio.timeout(WAIT_S):
+                await self.gate.wait()
+        await super().tag_reads(reads)
+
+
+async def test_heard_is_stamped_only_once_a_backlog_is_delivered() -> None:
+    """The liveness barrier takes "heard at T" to mean "every read received before T is
+    delivered". Chunks that arrived while the driver was busy delivering (a stalled consumer,
+    here a sink that blocks) must not count as heard once the first of them is handled."""
+    async with MercurySimulator("pty", antennas=1, seed=29) as sim:
+        sim.add_random_tags(20)
+        sink = GatedSink()
+        driver = MercuryReader(make_cfg(sim), sink)
+        sink.driver = driver
+        task = asyncio.create_task(driver.run(), name="test-mercury-driver")
+        try:
+            await driver.start_inventory()
+            await sink.wait_for(lambda: len(sink.reads) > 0)
+            sink.gate.clear()
+            async with asyncio.timeout(WAIT_S):
+                await sink.blocked.wait()
+            # Several of the module's writes (one per search cycle) queue up behind the block.
+            sent = sim.records_sent
+            await sim.wait_until(lambda: sim.records_sent - sent >= 80, within_s=WAIT_S)
+            sim.faults.silence(1.0)
+            # Everything written reaches the driver's connection (same loop, a pty).
+            await asyncio.sleep(0.2)
+            received_by = driver._clock.monotonic()
+            first = len(sink.stamps)
+            sink.gate.set()
+            # Silenced: only the backlog, then the module's next writes, can stamp it heard.
+            async with asyncio.timeout(WAIT_S):
+                while driver.last_frame <= received_by:
+                    await asyncio.sleep(0.01)
+            assert len(sink.stamps) > first + 1, "the backlog was not larger than one chunk"
+            late = [s for s in sink.stamps[first:] if s > received_by]
+            assert not late, f"{len(late)} deliveries of the backlog came after the stamp"
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task

@@ -79,7 +79,7 @@ class MercuryReader:
         self._pending: dict[int, asyncio.Future[Response]] = {}
         self._cmd_lock = asyncio.Lock()
         self._last_rx = 0.0
-        self.last_frame = 0.0  # monotonic time the last frame was fully handled
+        self.last_frame = 0.0  # monotonic time up to which every received read is delivered
         self._delivering = False
         self._gpio_outputs: set[int] = set()
         self._antennas_connected: frozenset[int] | None = None
@@ -213,7 +213,9 @@ class MercuryReader:
 
     async def _run_session(self) -> None:
         with self._sv.bounded(self._cfg.connect_timeout_s):
-            conn = await SerialConnection.open(self._target, timeout_s=self._cfg.connect_timeout_s)
+            conn = await SerialConnection.open(
+                self._target, timeout_s=self._cfg.connect_timeout_s, clock=self._clock.monotonic
+            )
         self._decoder = ResponseDecoder()
         self._last_rx = self._clock.monotonic()
         self._gpio_outputs.clear()
@@ -393,8 +395,8 @@ class MercuryReader:
     async def _rx_loop(self, conn: SerialConnection) -> None:
         decoder = self._decoder
         while True:
-            chunk = await conn.read()
-            frames = decoder.feed(chunk)
+            chunk = await conn.read_chunk()
+            frames = decoder.feed(chunk.data)
             if not frames:
                 continue
             self._last_rx = self._clock.monotonic()
@@ -416,9 +418,13 @@ class MercuryReader:
                 finally:
                     self._delivering = False
                     self._last_rx = self._clock.monotonic()
-            # Set only after the frames' reads reached the sink: the engine's liveness barrier
-            # relies on "heard at T" implying "every read before T is already delivered".
-            self.last_frame = self._clock.monotonic()
+            # The engine's liveness barrier takes "heard at T" to mean "every read received
+            # before T is delivered": stamped after this chunk's reads reached the sink, with
+            # the time it was read, and only if that read took all the device had (a short
+            # read) and the chunk ended on a frame boundary. Bytes that arrived meanwhile wait
+            # in later chunks; a backlog is stamped once its last chunk is delivered.
+            if chunk.whole and not decoder.buffered:
+                self.last_frame = chunk.taken
 
     def _on_stream(self, frame: Response, reads: list[TagRead]) -> None:
         try:
