@@ -603,3 +603,37 @@ async def test_heard_is_stamped_only_once_a_backlog_is_delivered() -> None:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+
+
+async def test_heard_is_stamped_while_every_read_ends_mid_frame() -> None:
+    """A serial line read as its bytes arrive seldom ends a read on a frame boundary: a frame
+    split across reads delays the "heard" stamp by that frame, never withholds it (here every
+    write of the module ends one byte short of a frame). Stamped only when a read ends on a
+    boundary, the reader went unstamped for seconds while it streamed."""
+    async with MercurySimulator("pty", antennas=1, seed=31) as sim:
+        sim.add_random_tags(5)
+        sink = GatedSink()
+        driver = MercuryReader(make_cfg(sim), sink)
+        sink.driver = driver
+        task = asyncio.create_task(driver.run(), name="test-mercury-driver")
+        try:
+            await driver.start_inventory()
+            await sink.wait_for(lambda: len(sink.reads) > 0)
+            session = driver.health.session
+            sim.faults.straddle_writes()
+            # Every write from now on ends mid-frame (the one before it may not have).
+            sent = sim.records_sent
+            await sim.wait_until(lambda: sim.records_sent > sent, within_s=WAIT_S)
+            first = len(sink.stamps)
+            await sink.wait_for(lambda: len(sink.stamps) >= first + 20)
+            # Each delivery sees the stamp of the reads before it: it moves on nearly each time.
+            moved = len(set(sink.stamps[first : first + 20]))
+            assert moved >= 10, f"the stamp moved {moved - 1} times in 20 deliveries"
+            assert (driver.health.state, driver.health.session) == (
+                ReaderState.INVENTORYING,
+                session,
+            )
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task

@@ -22,9 +22,9 @@ from sllurp.llrp_errors import ReaderConfigurationError
 
 from drivers.backoff import Backoff
 from drivers.errors import PermanentError, ProtocolError, ReaderBusyError, TransientError
+from drivers.heard import HeardMarks, kernel_pending
 from drivers.llrp.config import LlrpReaderConfig
 from drivers.llrp.framing import FramingError, encode_get_gpi_state, encode_gpo_write
-from drivers.llrp.heard import HeardMarks, kernel_pending
 from drivers.llrp.reports import (
     RawTag,
     TidCheck,
@@ -298,7 +298,7 @@ class LlrpReader:
                 # The engine's liveness barrier takes "heard at T" to mean "every read received
                 # before T is delivered": stamped after the reads reached the sink, with the time
                 # of the latest read that took all the stream had and whose bytes all went out
-                # as frames (drivers/llrp/heard.py). A backlog larger than one read is stamped
+                # as frames (drivers/heard.py). A backlog larger than one read is stamped
                 # once its last chunk is delivered; a frame split across reads, once it is whole.
                 stamp = heard.delivered(sess.framer.buffered)
                 if stamp is not None:

@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from drivers.backoff import Backoff
 from drivers.errors import PermanentError, TransientError
+from drivers.heard import HeardMarks
 from drivers.mercury import codec
 from drivers.mercury.codec import (
     Command,
@@ -394,8 +395,10 @@ class MercuryReader:
 
     async def _rx_loop(self, conn: SerialConnection) -> None:
         decoder = self._decoder
+        heard = HeardMarks()
         while True:
             chunk = await conn.read_chunk()
+            heard.read(len(chunk.data), chunk.taken, took_all=chunk.whole)
             frames = decoder.feed(chunk.data)
             if not frames:
                 continue
@@ -420,11 +423,12 @@ class MercuryReader:
                     self._last_rx = self._clock.monotonic()
             # The engine's liveness barrier takes "heard at T" to mean "every read received
             # before T is delivered": stamped after this chunk's reads reached the sink, with
-            # the time it was read, and only if that read took all the device had (a short
-            # read) and the chunk ended on a frame boundary. Bytes that arrived meanwhile wait
-            # in later chunks; a backlog is stamped once its last chunk is delivered.
-            if chunk.whole and not decoder.buffered:
-                self.last_frame = chunk.taken
+            # the time of the latest read that took all the device had (a short read) whose
+            # bytes all went out as frames (drivers/heard.py). Bytes that arrived meanwhile
+            # wait in later chunks; a backlog is stamped once its last chunk is delivered.
+            stamp = heard.delivered(decoder.buffered)
+            if stamp is not None:
+                self.last_frame = stamp
 
     def _on_stream(self, frame: Response, reads: list[TagRead]) -> None:
         try:

@@ -45,6 +45,7 @@ class Faults:
     silent_until: float = 0.0
     trickle_delay_s: float = 0.0
     trickle_until: float | None = None
+    straddle: bool = False  # every write ends mid-frame: its last byte goes with the next
 
     def garbage(self, n: int = 64, *, seconds: float = 0.0) -> None:
         """Send ``n`` random bytes now; with ``seconds``, replace all output by garbage."""
@@ -65,7 +66,14 @@ class Faults:
         self.trickle_delay_s = delay_s
         self.trickle_until = None if seconds is None else time.monotonic() + seconds
 
+    def straddle_writes(self, on: bool = True) -> None:
+        """Hold back the last byte of every write until the next one, so that every read of a
+        prompt host ends mid-frame (a serial line read as its bytes arrive). Off: the held
+        byte goes out with the next write."""
+        self.straddle = on
+
     def clear(self) -> None:
+        self.straddle = False
         self.garbage_until = self.silent_until = 0.0
         self.trickle_delay_s = 0.0
         self.trickle_until = None
@@ -137,6 +145,7 @@ class MercurySimulator:
         self._pty_path: Path | None = None
         self._scanner = wire.CommandScanner()
         self._started = False
+        self._held = b""  # the byte a straddled write held back
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -385,6 +394,7 @@ class MercurySimulator:
             old.close()
         self.connections += 1
         self._scanner = wire.CommandScanner()
+        self._held = b""
         self._spawn(self._reader_loop(link), "mercury-sim-reader", link=True)
         self._notify()
 
@@ -455,6 +465,11 @@ class MercurySimulator:
                 continue
             if self.faults.garbling:
                 data = bytes(self._rng.getrandbits(8) for _ in range(len(data)))
+            data, self._held = self._held + data, b""
+            if self.faults.straddle:
+                data, self._held = data[:-1], data[-1:]
+                if not data:
+                    continue
             delay = self.faults.trickling
             try:
                 if delay:

@@ -6,8 +6,9 @@ delivered" (docs/domain.md, "Scan pass"). A read of the stream is a *mark* when 
 stream held at that moment: it was short (the stream's buffer emptied) and the kernel held
 nothing more for the socket. A mark's time becomes the reader's stamp once every byte up to the
 mark's end has gone out as complete frames, so a frame split across reads (a TCP segment ending
-mid-frame, which on a real network is most reads of a busy report stream) only delays the stamp
-by that frame instead of withholding it for as long as reads keep ending mid-frame.
+mid-frame, which on a real network is most reads of a busy report stream; a serial line read
+as its bytes arrive) only delays the stamp by that frame instead of withholding it for as long
+as reads keep ending mid-frame. Used by the LLRP and the Mercury drivers.
 """
 
 from __future__ import annotations
