@@ -34,6 +34,28 @@ def _cabinet(**overrides: object) -> Cabinet:
     return cab
 
 
+def _badge_and_open(cab: Cabinet, who: str) -> None:
+    """The person badges, the door opens two seconds into the unlock window."""
+    cab.badge(who)
+    cab.advance(1.0)
+    cab.open()
+    cab.advance(2.0)
+
+
+def _alice_took_both_bob_brings_them_back(cab: Cabinet) -> int:
+    """Alice's cycle takes the wrench and the drill; Bob has the door open with both back in
+    their drawers. The index of Bob's first event."""
+    _badge_and_open(cab, ALICE)
+    del cab.tags[WRENCH], cab.tags[DRILL]
+    cab.close()
+    _until_idle(cab)
+    start = len(cab.events)
+    _badge_and_open(cab, BOB)
+    cab.tags[WRENCH] = Tag("top")
+    cab.tags[DRILL] = Tag("bottom")
+    return start
+
+
 def _close_with_late_start(cab: Cabinet, late_s: float) -> None:
     """Close the door; the readers start reading only ``late_s`` later, heard from meanwhile
     (keepalives, the answer to an earlier request) every 100 ms."""
@@ -48,20 +70,7 @@ def _close_with_late_start(cab: Cabinet, late_s: float) -> None:
 
 def test_returns_are_found_when_the_readers_start_after_the_settle_window() -> None:
     cab = _cabinet()
-    cab.badge(ALICE)
-    cab.advance(1.0)
-    cab.open()
-    cab.advance(2.0)
-    del cab.tags[WRENCH], cab.tags[DRILL]
-    cab.close()
-    _until_idle(cab)
-    start = len(cab.events)
-    cab.badge(BOB)
-    cab.advance(1.0)
-    cab.open()
-    cab.advance(2.0)
-    cab.tags[WRENCH] = Tag("top")
-    cab.tags[DRILL] = Tag("bottom")
+    start = _alice_took_both_bob_brings_them_back(cab)
     # Longer than scan_min_ms (2 s) and stable_ms (1 s): counted, this silence ended the first
     # pass empty, and the returned tools, absent from it, were never steady in every pass.
     _close_with_late_start(cab, late_s=2.5)
@@ -76,10 +85,7 @@ def test_returns_are_found_when_the_readers_start_after_the_settle_window() -> N
 def test_a_late_start_checks_nothing_out_without_a_confirmation_pass() -> None:
     cab = _cabinet(confirm_pass=False)
     start = len(cab.events)
-    cab.badge(ALICE)
-    cab.advance(1.0)
-    cab.open()
-    cab.advance(2.0)
+    _badge_and_open(cab, ALICE)
     del cab.tags[WRENCH]
     _close_with_late_start(cab, late_s=2.5)
     # Before: the empty pass checked out every tool in the cabinet.
@@ -93,10 +99,7 @@ def test_a_late_start_checks_nothing_out_without_a_confirmation_pass() -> None:
 def test_readers_that_never_start_reading_make_the_pass_incomplete() -> None:
     cab = _cabinet(confirm_pass=False, max_rescans=0)
     start = len(cab.events)
-    cab.badge(ALICE)
-    cab.advance(1.0)
-    cab.open()
-    cab.advance(2.0)
+    _badge_and_open(cab, ALICE)
     cab.hold_start = True
     cab.close()
     _until_idle(cab)  # scan_max_ms (10 s) passes, the readers heard from all along
@@ -113,10 +116,7 @@ def test_readers_that_never_start_reading_make_the_pass_incomplete() -> None:
 def test_a_reader_that_stops_reading_mid_pass_makes_the_pass_start_over() -> None:
     cab = _cabinet(confirm_pass=False)
     start = len(cab.events)
-    cab.badge(ALICE)
-    cab.advance(1.0)
-    cab.open()
-    cab.advance(2.0)
+    _badge_and_open(cab, ALICE)
     cab.close()
     cab.advance(0.5)
     # A stop that reached dock-2 after the pass began (its ONLINE comes in late): for 3 s it
@@ -141,10 +141,7 @@ def test_a_reader_flapping_between_reading_and_not_cannot_keep_the_pass_running(
     closed. Cut short, the pass is incomplete (what it saw was not a whole pass)."""
     cab = _cabinet(confirm_pass=False, max_rescans=0)
     start = len(cab.events)
-    cab.badge(ALICE)
-    cab.advance(1.0)
-    cab.open()
-    cab.advance(2.0)
+    _badge_and_open(cab, ALICE)
     cab.close()
     reading = True
     for i in range(600):  # 60 s, six times scan_max_ms
@@ -175,10 +172,7 @@ def test_reads_taken_before_the_end_but_processed_after_it_still_count() -> None
     reads, so they belong to the pass: the caliper, first read in the stall, is not gone."""
     cab = _cabinet(confirm_pass=False)
     start = len(cab.events)
-    cab.badge(ALICE)
-    cab.advance(1.0)
-    cab.open()
-    cab.advance(2.0)
+    _badge_and_open(cab, ALICE)
     late = cab.ticks + 10
     cab.tags[CALIPER] = Tag("side", answers=lambda tick: tick >= late)
     cab.close()
@@ -207,20 +201,7 @@ def test_a_shared_reader_inventorying_for_another_cabinet_counts_only_from_our_s
     cab.shared = True
     for rid in sorted(cab.readers):
         cab.set_reader(rid, ReaderState.INVENTORYING)  # the other cabinet's scan
-    cab.badge(ALICE)
-    cab.advance(1.0)
-    cab.open()
-    cab.advance(2.0)
-    del cab.tags[WRENCH], cab.tags[DRILL]
-    cab.close()
-    _until_idle(cab)
-    start = len(cab.events)
-    cab.badge(BOB)
-    cab.advance(1.0)
-    cab.open()
-    cab.advance(2.0)
-    cab.tags[WRENCH] = Tag("top")
-    cab.tags[DRILL] = Tag("bottom")
+    start = _alice_took_both_bob_brings_them_back(cab)
     _close_with_late_start(cab, late_s=2.5)
     assert cab.brief(start) == [
         "session.opened badge bob",
