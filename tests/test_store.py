@@ -26,7 +26,10 @@ from agent.store import (
     StoreClosedError,
     StoreConfig,
     StoreLockedError,
+    schema,
 )
+from agent.store.outbox import Outbox
+from agent.store.salvage import SalvagedRow
 from agent.store.schema import LATEST, MIGRATIONS
 from agent.store.worker import Worker
 from tests.pii import assert_no_raw_ids, find_raw_ids
@@ -452,6 +455,28 @@ async def test_migrates_an_older_schema_in_place(tmp_path: Path) -> None:
         versions = [v for (v,) in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
         assert versions == list(range(1, LATEST + 1))
         assert conn.execute("SELECT sum(size) FROM outbox").fetchone()[0] == 20
+    finally:
+        conn.close()
+
+
+def test_the_byte_total_counts_salvaged_rows_once(tmp_path: Path) -> None:
+    """Salvaged rows go in with INSERT OR IGNORE: the running total (no per-row trigger since
+    schema 4) counts those that went in, not those already there."""
+    conn = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    try:
+        schema.migrate(conn)
+        outbox = Outbox(conn, cfg(tmp_path))
+        conn.execute("BEGIN IMMEDIATE")
+        outbox.insert_rows(rows_from(1, 3, size=100))
+        salvaged = [
+            SalvagedRow(r.seq, r.event_id, 0, r.kind, 0, r.envelope, 1, False)
+            for r in rows_from(2, 4, size=40)  # seqs 2 and 3 are there already
+        ]
+        outbox.insert_salvaged(salvaged)
+        conn.execute("COMMIT")
+        (held,) = conn.execute("SELECT sum(size) FROM outbox").fetchone()
+        assert held == 3 * 100 + 2 * 40
+        assert outbox.total_bytes() == held
     finally:
         conn.close()
 

@@ -80,13 +80,14 @@ class Outbox:
         # Chunks of a power of two rows (100 = 64 + 32 + 4): the connection caches every
         # statement it prepared, and one per row count held ~9 MiB once commits of every size
         # up to 128 had been seen; at most eight shapes now.
-        at = 0
+        at = added = 0
         while at < len(rows):
             size = min(_INSERT_CHUNK, 1 << ((len(rows) - at).bit_length() - 1))
             chunk = rows[at : at + size]
             at += size
             params: list[object] = []
             for r in chunk:
+                added += len(r.envelope)
                 params += (
                     r.seq,
                     r.event_id.bytes,
@@ -101,6 +102,8 @@ class Outbox:
                 "VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
                 params,
             )
+        # The running total, once per call rather than a trigger per row (schema migration 4).
+        self._meta_add("outbox_bytes", added)
         self.set_next_seq(rows[-1].seq + 1)
         self.enforce_bytes()
 
@@ -123,6 +126,12 @@ class Outbox:
                 )
                 for r in rows
             ],
+        )
+        # Some rows may have been ignored (already there): count what the table holds. A
+        # salvage is rare and one-off, so the scan is no cost that matters.
+        self.conn.execute(
+            "UPDATE meta SET value = (SELECT coalesce(sum(size), 0) FROM outbox) "
+            "WHERE key = 'outbox_bytes'"
         )
 
     def enforce_bytes(self) -> None:
