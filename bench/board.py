@@ -423,6 +423,44 @@ c.disconnect(); c.loop_stop()
 """
 
 
+# The floor under the daemon's memory: the standard library it cannot run without and the
+# chosen dependencies (pydantic, cryptography, paho-mqtt, sllurp, pyserial) imported, and one
+# Argon2id derivation with the daemon's default parameters (a badge read), with none of the
+# agent's code and no data. Prints VmRSS after the imports and VmHWM after the derivation (KiB).
+FLOOR = """
+import asyncio, json, logging, socket, sqlite3, ssl, sys, uuid
+import paho.mqtt.client, serial, pydantic
+from sllurp.llrp import LLRPMessage
+from cryptography.hazmat.primitives import hashes, hpke, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+rss = status("VmRSS")
+memory_kib, iterations = int(sys.argv[1]), int(sys.argv[2])
+Argon2id(salt=bytes(16), length=32, iterations=iterations, lanes=1,
+         memory_cost=memory_kib).derive(b"badge")
+print(rss, status("VmHWM"))
+"""
+
+
+def floor_mib() -> tuple[float, float]:
+    """(VmRSS after the imports, VmHWM after one badge read's Argon2id), MiB."""
+    from agent.privacy.pseudonym import P2_DEFAULT
+
+    out = subprocess.run(
+        [sys.executable, "-c", FLOOR, str(P2_DEFAULT.memory_kib), str(P2_DEFAULT.iterations)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
+    return int(out[0]) / 1024, int(out[1]) / 1024
+
+
 def start_bare_idle(port: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-c", BARE_IDLE, str(port)],
@@ -693,6 +731,14 @@ async def phase_drain(args: argparse.Namespace, work: Path, res: Results) -> Non
         f"VmHWM {hwm:.1f} MiB (VmRSS max {peak_rss:.1f}, end {rss:.1f}: "
         f"anon {anon:.1f}, files {files:.1f})",
         f"bare paho VmHWM {bare['vmhwm_kb'] / 1024:.1f} MiB",
+        "≤ 45 MB",
+    )
+    floor_rss, floor_hwm = await asyncio.to_thread(floor_mib)
+    res.add(
+        "floor: the libraries alone (stdlib + chosen deps, no agent code) + one badge Argon2id",
+        f"VmHWM {floor_hwm:.1f} MiB = {floor_hwm * 1.048576:.1f} MB "
+        f"(VmRSS {floor_rss:.1f} MiB after the imports)",
+        "",
         "≤ 45 MB",
     )
 
