@@ -21,7 +21,9 @@ agent's timers are the production defaults (LLRP keepalive 2 s, MQTT keepalive 3
 4. drain: a fresh agent on a store holding a ``--tags`` baseline and a ``--backlog`` sealed
    backlog, broker up, replay unthrottled: its drain rate next to a bare paho QoS 1 publisher
    sending the same payloads with the same window (20), and the agent's VmRSS/VmHWM while it
-   drains (a door cycle over all ``--tags`` tags runs meanwhile).
+   drains (a door cycle over all ``--tags`` tags runs meanwhile); beside it the floor: the
+   VmHWM of a process holding only the libraries the daemon runs on, after one badge read's
+   Argon2id (no agent code, no data).
 5. throughput ratios (``bench/pipeline.py``'s children, ``--events`` events): seal + commit
    vs seal alone, and the Publisher's drain vs bare paho — on all cores and pinned to one
    (``taskset -c 0``, the contender only; mosquitto stays free).
