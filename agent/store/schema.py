@@ -102,7 +102,7 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # per statement. A quarter of the store thread's CPU per 100-row commit, which on a
             # two-core board is taken from the thread sealing the next events
             # (docs/performance.md, "A small board"). Deletes and size updates keep theirs.
-            "DROP TRIGGER outbox_bytes_insert",
+            "DROP TRIGGER IF EXISTS outbox_bytes_insert",
         ),
     ),
 )
