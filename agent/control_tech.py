@@ -22,7 +22,13 @@ from agent.control.server import ControlServer, RequestContext
 from agent.domain import events as ev
 from agent.domain.engine import CabinetEngine, EngineOutput, TechnicianRefused
 from agent.domain.now import Now
-from agent.domain.technician import MAX_BADGE_WAIT_S, DoorTest, check_reason, uid_technician
+from agent.domain.technician import (
+    DOOR_TEST_REQUEST_S,
+    MAX_BADGE_WAIT_S,
+    DoorTest,
+    check_reason,
+    uid_technician,
+)
 from drivers.door import Door, DoorCommandError
 from drivers.errors import CabinetError
 from drivers.types import DoorState
@@ -221,7 +227,7 @@ def register_technician_handlers(server: ControlServer, app: TechnicianAgent) ->
     server.register("technician.close", technician_close)
     server.register("technician.status", technician_status)
     server.register("inventory.rebaseline", inventory_rebaseline, timeout_s=REBASELINE_MAX_S + 30)
-    server.register("door.test", door_test, timeout_s=60.0)
+    server.register("door.test", door_test, timeout_s=DOOR_TEST_REQUEST_S)
 
 
 async def _door_steps(

@@ -7,7 +7,7 @@ import pytest
 from agent.domain import events as ev
 from agent.domain.assets import Asset, AssetRegistry, AssetRegistryError
 from agent.domain.engine import Phase, Relock, StartScan, StopScan, TechnicianRefused, Unlock
-from agent.domain.technician import DOOR_TEST_MAX_S, DOOR_TEST_REASON
+from agent.domain.technician import DOOR_TEST_MAX_S, DOOR_TEST_REASON, DOOR_TEST_REQUEST_S
 from tests.domain_harness import ALICE, BOB, NAMES, SUPER, Cabinet, Tag, epc
 
 TECH = "uid:1000"
@@ -605,6 +605,20 @@ def test_a_door_test_whose_caller_vanished_lapses_and_relocks() -> None:
     with pytest.raises(TechnicianRefused, match="no door test"):
         c.engine.door_test_release(c.now)
     c._apply(c.engine.end_door_test(c.now))  # the caller comes back late: nothing to do
+
+
+def test_a_door_test_holds_the_door_for_as_long_as_its_request_may_run() -> None:
+    """The control socket lets a door test run DOOR_TEST_REQUEST_S (slow lock writes, up to
+    door.command_timeout_s each): until the request ends, no badge may unlock the door."""
+    c = Cabinet(tags=stock("top"))
+    start = len(c.events)
+    c._apply(c.engine.begin_door_test(TECH, c.now))
+    mark = len(c.commands)
+    c.advance(DOOR_TEST_REQUEST_S - 0.5)
+    assert c.engine.door_test is not None
+    c.badge(ALICE)
+    assert _denials(c, start) == [("alice", "door test")]
+    assert not [cmd for cmd in c.commands[mark:] if isinstance(cmd, Unlock)]
 
 
 def test_a_door_test_needs_an_idle_cabinet() -> None:

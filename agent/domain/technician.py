@@ -30,9 +30,14 @@ _LONG_NUMBER_RE = re.compile(r"[0-9A-Fa-f]{8,}")
 MAX_REASON = 200
 # How long a ``technician open --badge`` waits for a supervisor's badge, at most.
 MAX_BADGE_WAIT_S = 300.0
-# A door test holds the door at most this long (its steps take seconds): a cabinetctl or a
-# control handler that dies mid-test cannot keep badges out for longer.
-DOOR_TEST_MAX_S = 30.0
+# How long the control socket lets a ``door.test`` request run (its steps take seconds; each
+# lock write is bounded by ``door.command_timeout_s``, at most 60 s).
+DOOR_TEST_REQUEST_S = 60.0
+# A door test holds the door at most this long: a cabinetctl or a control handler that dies
+# mid-test cannot keep badges out for longer. It outlives the request, whose end (done,
+# failed or cut off by its time limit) ends the hold: a hold that lapsed first would let a
+# badge unlock the door while the test still moves the lock.
+DOOR_TEST_MAX_S = DOOR_TEST_REQUEST_S + 15.0
 # The reason of the technician session a door opened during a door test starts.
 DOOR_TEST_REASON = "door test: the door was opened while the test released the lock"
 
