@@ -84,8 +84,13 @@ class MqttConfig(StrictModel):
         50.0, ge=0, le=1_000_000, description="backlog messages per second (0 = unthrottled)"
     )
     replay_burst: int = Field(20, ge=1, le=100_000, description="token bucket depth")
+    # New rows are sent the moment they are committed (Publisher.notify), a refused row as soon
+    # as its failure is recorded; this is only the safety net for what nothing announces.
     poll_interval_s: float = Field(
-        1.0, gt=0, le=60, description="look for new outbox rows at least this often"
+        30.0,
+        gt=0,
+        le=3600,
+        description="caught up, read the whole outbox again this often (safety net)",
     )
     backoff: BackoffConfig = BackoffConfig()
     failure_backoff: BackoffConfig = Field(

@@ -55,6 +55,9 @@ COMMAND_KINDS = (ALLOW_LIST, ASSET_REGISTRY, ERASURE)
 PREFETCH = 256
 MAX_UNCOMMITTED_ACKS = 4096
 ACK_RETRY_S = 1.0
+# A full window waits for a PUBACK; the session's ack timeout ends a connection whose PUBACKs
+# stop, so this only bounds the wait for the watchdog.
+SLOT_WAIT_S = 1.0
 SHUTDOWN_FLUSH_S = 3.0
 
 
@@ -136,8 +139,11 @@ class Publisher:
         self.stats = PublisherStats()
         self._tls = build_tls_context(cfg.tls) if cfg.tls is not None else None
         self._bucket = TokenBucket(cfg.replay_rate, cfg.replay_burst)
-        self._wake = asyncio.Event()
-        self._progress = asyncio.Event()  # a slot freed up or an ack committed
+        self._wake = asyncio.Event()  # new rows committed: look for them now
+        # Anything that can change the drain's work: a slot freed up, an ack or a failure
+        # committed, new rows. The drain waits on it when it has nothing to do.
+        self._progress = asyncio.Event()
+        self._rescan = False  # a refused row is deliverable again: read from the start
         self._window = cfg.inflight_window
         # seq -> (PUBACK future, monotonic send time); the future identifies the attempt.
         self._inflight: dict[int, tuple[asyncio.Future[int], float]] = {}
@@ -177,8 +183,9 @@ class Publisher:
     # ------------------------------------------------------------------ public API
 
     def notify(self) -> None:
-        """New rows were committed to the outbox: look now rather than at the next poll."""
+        """New rows were committed to the outbox: send them now (the drain waits for this)."""
         self._wake.set()
+        self._progress.set()
 
     def stop(self) -> None:
         """Ask ``run()`` to finish: flush acks, publish offline status, disconnect."""
@@ -189,8 +196,8 @@ class Publisher:
         """Watchdog probe: when the loop last turned, or now while it sits in a bounded wait.
 
         Every wait of the connection loop and the drain is bounded (connect timeout, backoff,
-        poll interval); while one lasts the publisher is doing its job, however long the broker
-        stays away. A loop stuck on an unbounded await (a store call that never returns) stops
+        the safety-net rescan); while one lasts the publisher is doing its job, however long
+        the broker stays away. A loop stuck on an unbounded await (a store call that never returns) stops
         turning, and the watchdog is withheld.
         """
         return self._alive.last_progress
@@ -392,7 +399,10 @@ class Publisher:
         """Live rows (seq > backlog_mark) first, unthrottled; then the backlog at replay_rate.
 
         The next backlog batch is read from the store while the current one is being sent,
-        so a slow commit on the database thread does not idle the in-flight window.
+        so a slow commit on the database thread does not idle the in-flight window. Caught up,
+        the drain reads nothing until something can change its work: new rows (``notify``),
+        an ack or a refusal, the isolation releasing a row, or the safety-net rescan
+        (``poll_interval_s``).
         """
         mark = self.stats.backlog_mark
         live: deque[OutboxRow] = deque()
@@ -401,7 +411,10 @@ class Publisher:
         backlog_cursor: int | None = None
         backlog_done = False
         prefetch: asyncio.Task[list[OutboxRow]] | None = None
-        last_live_check = 0.0
+        self._rescan = False
+        self._wake.set()  # rows above the mark committed before this connection was up
+        clock = asyncio.get_running_loop().time  # the clock the drain's waits run on
+        rescan_at = clock() + self._cfg.poll_interval_s
         try:
             while True:
                 self._alive.beat()
@@ -418,12 +431,8 @@ class Publisher:
                     backlog_cursor = None
                     backlog_done = False
                     mark = max(mark, live_cursor)
-                now = time.monotonic()
-                if not live and (
-                    self._wake.is_set() or now - last_live_check >= self._cfg.poll_interval_s
-                ):
+                if not live and self._wake.is_set():
                     self._wake.clear()
-                    last_live_check = now
                     rows = await self._outbox.peek(
                         PREFETCH, exclude=self._busy(), after_seq=live_cursor
                     )
@@ -455,22 +464,33 @@ class Publisher:
                     continue
                 if not backlog_done:
                     continue
-                # Caught up. Re-scan from the start now and then: a row refused earlier in this
-                # session, or one below the cursors (a restored database), must not be stranded.
-                # Rows set aside by the isolation go again once nothing else is left.
-                if self._inflight or not self._isolation.nothing_else_to_send():
-                    await self._sleep_or_wake(self._cfg.poll_interval_s)
-                if self._rescan_due():
+                # Caught up. Read from the start again when a row below the cursors may be
+                # deliverable: one refused earlier (recorded, not dead-lettered), rows the
+                # isolation set aside once nothing else is left, and -- the safety net -- every
+                # poll_interval_s, for what no signal announces (a row below the cursors after
+                # a restored database, one revived from the dead letters, a commit whose
+                # notify() never came).
+                if self._isolation.nothing_else_to_send():
+                    self._rescan = True
+                now = clock()
+                if not self._inflight and (self._rescan or now >= rescan_at):
+                    self._rescan = False
+                    rescan_at = now + self._cfg.poll_interval_s
+                    self._wake.set()  # and above the live cursor, for the same reasons
                     backlog_cursor = None
                     backlog_done = False
                     mark = max(mark, live_cursor)
+                    continue
+                if self._wake.is_set() or self._rewind:
+                    continue  # announced while this task awaited the store
+                # Nothing to do until new rows, an ack or refusal, or the rescan is due. With
+                # publishes in flight the session's ack timeout bounds the wait (it ends the
+                # connection, and this task with it).
+                await self._wait_for_work(SLOT_WAIT_S if self._inflight else rescan_at - now)
         finally:
             if prefetch is not None:
                 prefetch.cancel()
                 await asyncio.wait([prefetch])
-
-    def _rescan_due(self) -> bool:
-        return not self._inflight
 
     def _busy(self) -> set[int]:
         return (
@@ -491,10 +511,8 @@ class Publisher:
             window = self._isolation.window(self._window)
             if len(self._inflight) < window and len(self._uncommitted) < MAX_UNCOMMITTED_ACKS:
                 return
-            self._progress.clear()
             # Bounded: a connection whose PUBACKs stop is aborted by the session (ack timeout).
-            with self._alive.bounded(self._cfg.poll_interval_s):
-                await _wait_event(self._progress, self._cfg.poll_interval_s)
+            await self._wait_for_work(SLOT_WAIT_S)
 
     def _send(self, session: MqttSession, row: OutboxRow) -> None:
         fut = session.publish(self.events_topic, row.envelope, confirm=True)
@@ -587,6 +605,9 @@ class Publisher:
                     self.stats.isolating = self._isolation.active
                 elif self._isolation.active:
                     self._rewind = True
+                else:
+                    self._rescan = True  # deliverable again, below the drain's cursors
+                self._progress.set()
 
     async def _final_flush(self) -> None:
         """Commit what the broker already acknowledged, so a restart re-sends less (bounded)."""
@@ -623,6 +644,12 @@ class Publisher:
     async def _sleep_unless_stopping(self, delay: float) -> None:
         with self._alive.bounded(delay):
             await _wait_event(self._stopping, delay)
+
+    async def _wait_for_work(self, delay: float) -> None:
+        """Until something can change the drain's work (``_progress``), at most ``delay``."""
+        self._progress.clear()
+        with self._alive.bounded(delay):
+            await _wait_event(self._progress, delay)
 
     async def _sleep_or_wake(self, delay: float) -> None:
         if self._wake.is_set():

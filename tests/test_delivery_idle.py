@@ -1,0 +1,168 @@
+"""An idle publisher reads nothing: it waits for what can change its work (issue 14).
+
+The scenarios run on a loop whose clock the test moves forward (``JumpingLoop``): minutes of
+idle pass in a moment, and every timer of the drain sees them. The store, the broker and the
+sockets are real; the database reads are counted where they reach the database thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from agent.mqtt.config import MqttConfig
+from agent.mqtt.publisher import Publisher
+from agent.store import Store
+from agent.store.handoff import Job
+from backend.keys import BackendKeys
+from tests.delivery_helpers import (
+    CABINET,
+    SITE,
+    append_sealed,
+    backend,
+    mqtt_cfg,
+    open_store,
+    running,
+    sealer_for,
+    until,
+)
+from tests.mqtt_fixtures import Mosquitto
+
+IDLE_S = 25.0  # shorter than the default safety-net rescan (30 s)
+
+
+class JumpingLoop(asyncio.SelectorEventLoop):
+    """The loop's clock is real time plus what the test jumped: timers and timeouts see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jumped = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.jumped
+
+    async def jump(self, seconds: float, step_s: float = 0.5) -> None:
+        """Move the clock forward in steps, letting the timers due at each step run."""
+        while seconds > 0:
+            self.jumped += min(step_s, seconds)
+            seconds -= step_s
+            # Real time too: a read on the database thread comes back meanwhile.
+            await asyncio.sleep(0.02)
+
+
+def run_jumping(scenario: Callable[[JumpingLoop], Awaitable[None]]) -> None:
+    with asyncio.Runner(loop_factory=JumpingLoop) as runner:
+        loop = runner.get_loop()
+        assert isinstance(loop, JumpingLoop)
+        runner.run(scenario(loop))  # type: ignore[arg-type]
+
+
+class ReadCounter:
+    """Counts the reads that reach the store's database thread."""
+
+    def __init__(self, store: Store) -> None:
+        self.reads = 0
+        worker = store._worker
+        submit = worker.submit
+
+        def counting(job: Job) -> None:
+            if not job.write:
+                self.reads += 1
+            submit(job)
+
+        worker.submit = counting  # type: ignore[method-assign]
+
+
+def default_cfg(port: int, **kw: Any) -> MqttConfig:
+    """The test broker's settings with the production ``poll_interval_s``."""
+    cfg = mqtt_cfg(port, **kw)
+    if "poll_interval_s" not in kw:
+        cfg = cfg.model_copy(
+            update={"poll_interval_s": MqttConfig.model_fields["poll_interval_s"].default}
+        )
+    return cfg
+
+
+def keys_for(tmp_path: Path) -> BackendKeys:
+    return backend(tmp_path / "backend")
+
+
+def test_a_caught_up_publisher_reads_nothing_yet_sends_a_new_event_at_once(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    sealer = sealer_for(keys_for(tmp_path))
+
+    async def scenario(loop: JumpingLoop) -> None:
+        async with open_store(tmp_path / "state.db") as store:
+            counter = ReadCounter(store)
+            await append_sealed(store, sealer, 3)
+            pub = Publisher(default_cfg(mosquitto.port), SITE, CABINET, store)
+            async with running(pub):
+                assert await until(lambda: pub.stats.acked == 3), pub.stats
+                # A live event proves the drain is past its catch-up reads.
+                await append_sealed(store, sealer, 1)
+                pub.notify()
+                assert await until(lambda: pub.stats.acked == 4), pub.stats
+                before = counter.reads
+                await loop.jump(IDLE_S)
+                idle_reads = counter.reads - before
+                # Then a commit goes out without any timer having to fire.
+                await append_sealed(store, sealer, 1)
+                pub.notify()
+                assert await until(lambda: pub.stats.acked == 5, 10), pub.stats
+                assert idle_reads == 0, f"{idle_reads} outbox reads in {IDLE_S:g} s of idle"
+                # One read found the new row: the live look after notify().
+                assert counter.reads - before == 1
+            assert (await store.stats()).depth == 0
+
+    run_jumping(scenario)
+
+
+def test_a_refused_event_is_retried_without_waiting_for_the_rescan(tmp_path: Path) -> None:
+    sealer = sealer_for(keys_for(tmp_path))
+    # The broker refuses events (PUBACK 0x87); each refusal must bring the next attempt after
+    # the failure backoff (50-200 ms here), not after the next rescan (a minute away).
+    acl = f"topic read #\ntopic write cabinets/v1/{SITE}/{CABINET}/status\n"
+    broker = Mosquitto(tmp_path / "broker", acl=acl)
+    broker.start()
+
+    async def scenario(loop: JumpingLoop) -> None:
+        async with open_store(tmp_path / "state.db", dead_letter_after=3) as store:
+            await append_sealed(store, sealer, 2)
+            pub = Publisher(default_cfg(broker.port, poll_interval_s=60), SITE, CABINET, store)
+            async with running(pub):
+                assert await until(lambda: pub.stats.dead_lettered == 2, 30), pub.stats
+            assert pub.stats.failed == 2 * 3
+            stats = await store.stats()
+            assert (stats.depth, stats.dead) == (0, 2), stats
+
+    try:
+        run_jumping(scenario)
+    finally:
+        broker.stop()
+
+
+def test_the_safety_net_rescan_finds_a_row_nothing_announced(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    sealer = sealer_for(keys_for(tmp_path))
+
+    async def scenario(loop: JumpingLoop) -> None:
+        async with open_store(tmp_path / "state.db", dead_letter_after=1) as store:
+            (parked,) = await append_sealed(store, sealer, 1)
+            assert await store.mark_failed(parked.seq, "refused before")  # dead-lettered
+            pub = Publisher(default_cfg(mosquitto.port), SITE, CABINET, store)
+            async with running(pub):
+                await append_sealed(store, sealer, 1)
+                pub.notify()
+                assert await until(lambda: pub.stats.acked == 1), pub.stats
+                # Deliverable again below the drain's cursors, and nothing says so.
+                assert await store.revive_dead() == 1
+                interval = pub._cfg.poll_interval_s
+                await loop.jump(interval + 1)
+                assert await until(lambda: pub.stats.acked == 2, 10), pub.stats
+            assert (await store.stats()).depth == 0
+
+    run_jumping(scenario)
