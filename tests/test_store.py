@@ -9,6 +9,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -593,5 +594,59 @@ async def test_oversized_values_are_refused(tmp_path: Path) -> None:
         with pytest.raises(TypeError):
             await store.save_session("not bytes")  # type: ignore[arg-type]
         assert await store.next_seq() == 1
+    finally:
+        await store.close()
+
+
+async def test_stats_read_the_outbox_again_only_after_a_write_committed(tmp_path: Path) -> None:
+    """Status and metrics ask for the outbox every few seconds: with nothing committed since
+    the last look the answer comes without a database read, and after any change (commit, ack,
+    dead-lettering, revival, the database thread's own age pruning) it is the true one."""
+    clock = FakeClock()
+    dropped = asyncio.Event()
+
+    def on_alert(alert: StoreAlert) -> None:
+        if alert.kind is AlertKind.AGE_DROPPED:
+            dropped.set()
+
+    store = await Store.open(
+        cfg(tmp_path, dead_letter_after=1, max_age_days=30, housekeeping_interval_s=1),
+        on_alert=on_alert,
+        clock=clock,
+    )
+    reads: list[bool] = []
+    submit = store._worker.submit
+
+    def counting(job: Any) -> None:
+        if not job.write:
+            reads.append(True)
+        submit(job)
+
+    store._worker.submit = counting  # type: ignore[method-assign]
+
+    async def stats() -> tuple[int, int, int]:
+        """(depth, bytes, dead), and a second look reads nothing."""
+        st = await store.stats()
+        before = len(reads)
+        again = await store.stats()
+        assert len(reads) == before, "nothing changed, yet the outbox was read again"
+        assert (again.depth, again.bytes, again.dead) == (st.depth, st.bytes, st.dead)
+        return st.depth, st.bytes, st.dead
+
+    try:
+        assert await stats() == (0, 0, 0)
+        await store.append_events(next_rows(store, 3, priority=2, created_at=T0))
+        assert await stats() == (3, 3 * 64, 0)
+        assert await store.ack([1]) == 1
+        assert await stats() == (2, 2 * 64, 0)
+        assert await store.mark_failed(2, "refused") is True
+        assert await stats() == (1, 2 * 64, 1)
+        assert await store.revive_dead() == 1
+        assert await stats() == (2, 2 * 64, 0)
+        # The database thread prunes by age on its own timer; the alert says it has.
+        clock.advance(timedelta(days=31))
+        async with asyncio.timeout(30):
+            await dropped.wait()
+        assert await stats() == (0, 0, 0)
     finally:
         await store.close()

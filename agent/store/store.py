@@ -17,6 +17,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
@@ -101,6 +102,7 @@ class Store:
         """False when the database was recovered from damage or loss: its baseline (and door
         session) may be older or partial, and must be re-verified by an inventory before use."""
         self.recent_alerts: deque[StoreAlert] = deque(maxlen=100)
+        self._summary: _Summary | None = None  # the outbox as last read, see stats()
 
     @classmethod
     async def open(
@@ -365,12 +367,32 @@ class Store:
             self._room_waiters.discard(waiter)
 
     async def stats(self) -> OutboxStats:
-        summary, dropped, next_seq = await self._submit(
-            lambda d: (d.outbox.summary(), d.outbox.dropped_counts(), d.outbox.next_seq()),
-            write=False,
-            ordered=False,
-        )
-        depth, nbytes, oldest_us, dead = summary
+        """The outbox now. Its rows change only by a committed write transaction (events,
+        acks, failure marks, revivals, housekeeping's drops), which the database thread
+        counts: the rows are read again only when one has committed since the last read, so
+        status and metrics of an idle agent cost the database nothing."""
+        worker = self._worker
+        summary = self._summary
+        if (
+            summary is None
+            or summary.transactions != worker.transactions
+            or self._closed
+            or worker.failed is not None
+        ):
+
+            def job(d: dbmod.Database) -> _Summary:
+                # On the database thread, between transactions: the count matches the rows.
+                return _Summary(
+                    worker.transactions,
+                    d.outbox.summary(),
+                    d.outbox.dropped_counts(),
+                    d.outbox.next_seq(),
+                )
+
+            summary = await self._submit(job, write=False, ordered=False)
+            self._summary = summary
+        depth, nbytes, oldest_us, dead = summary.summary
+        dropped, next_seq = dict(summary.dropped), summary.next_seq
         now = self._worker_clock_now()
         oldest = None if oldest_us is None else from_us(oldest_us)
         return OutboxStats(
@@ -633,6 +655,16 @@ class Store:
                 self._on_alert(alert)
             except Exception:  # a faulty alert consumer must not break the store
                 logger.exception("store alert callback failed")
+
+
+@dataclass(frozen=True, slots=True)
+class _Summary:
+    """What ``Store.stats`` read of the outbox, and after which write transaction."""
+
+    transactions: int
+    summary: tuple[int, int, int | None, int]
+    dropped: Mapping[int, int]
+    next_seq: int
 
 
 class Sequencer:
