@@ -80,3 +80,45 @@ async def test_a_window_of_publishes_costs_fewer_syscalls_than_messages(
     finally:
         await session.disconnect(2.0)
         assert session.closed.done()
+
+
+async def test_an_idle_session_wakes_for_its_keepalive_not_every_second(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """loop_misc runs when the keepalive (or an ack timeout) is due, yet the PINGREQs go out
+    and are answered, one keepalive after another."""
+    misc_calls = 0
+    pongs = 0
+    answered = asyncio.Event()
+    loop_misc, handle_pingresp = mqtt.Client.loop_misc, mqtt.Client._handle_pingresp
+
+    def counting_misc(self: mqtt.Client) -> mqtt.MQTTErrorCode:
+        nonlocal misc_calls
+        misc_calls += 1
+        return loop_misc(self)
+
+    def counting_pingresp(self: mqtt.Client) -> mqtt.MQTTErrorCode:
+        nonlocal pongs
+        pongs += 1
+        answered.set()
+        return handle_pingresp(self)
+
+    monkeypatch.setattr(mqtt.Client, "loop_misc", counting_misc)
+    monkeypatch.setattr(mqtt.Client, "_handle_pingresp", counting_pingresp)
+    cfg = MqttConfig(host="127.0.0.1", port=mosquitto.port, keepalive_s=5)
+    session = MqttSession(cfg, "idle-test", will=None, tls_context=None)
+    async with asyncio.timeout(10):
+        await session.connect()
+    try:
+        for n in (1, 2):
+            async with asyncio.timeout(20):
+                while pongs < n:
+                    answered.clear()
+                    await answered.wait()
+            # One look a second after the connect, then one per keepalive (each sends the
+            # PINGREQ); a timer every second would have looked about five times per ping.
+            assert misc_calls <= n + 1, (n, misc_calls)
+        assert not session.closed.done()
+    finally:
+        await session.disconnect(2.0)
+        assert session.closed.done()

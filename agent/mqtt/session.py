@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 # PUBACK reason codes >= 0x80 are refusals (MQTT v5 §2.4).
 FAILURE_THRESHOLD = 0x80
-MISC_PERIOD_S = 1.0
+MISC_PERIOD_S = 1.0  # the first loop_misc after the connect (and with a paho we cannot read)
+MISC_MIN_S = 0.05  # never sooner than this after the last (a deadline just missed)
 _MAX_READS_PER_WAKEUP = 64
 # Room for everything in an inbound packet but a command's payload: fixed header (5), topic
 # (2 + up to 65,535), packet id (2) and MQTT v5 properties. The packet limit we advertise and
@@ -416,6 +417,7 @@ class MqttSession:
         self.echoes = 0  # our own publishes delivered back (MQTT 3.1.1 confirmation)
         self._subscribing: dict[int, tuple[list[str], asyncio.Future[SubscribeResult]]] = {}
         self._misc_handle: asyncio.TimerHandle | None = None
+        self._misc_at: float | None = None  # time.monotonic() the next loop_misc runs
         self._ack_timeout_s = float(cfg.keepalive_s)
 
     # ------------------------------------------------------------------ lifecycle
@@ -540,7 +542,10 @@ class MqttSession:
             self.abort(f"publish refused locally ({mqtt.error_string(info.rc)})")
             raise ConnectionLost(f"publish refused locally: {mqtt.error_string(info.rc)}")
         fut: asyncio.Future[int] = self._loop.create_future()
-        self._pending[info.mid] = _Pending(fut, time.monotonic(), digest)
+        sent = time.monotonic()
+        self._pending[info.mid] = _Pending(fut, sent, digest)
+        if self._misc_at is not None and sent + self._ack_timeout_s < self._misc_at:
+            self._schedule_misc()  # this publish's ack timeout comes first
         if digest is not None:
             self._by_digest[digest] = info.mid
         return fut
@@ -579,7 +584,7 @@ class MqttSession:
         self._loop.add_reader(sock, self._readable)
         if self._want_write:
             self._schedule_flush()
-        self._misc_handle = self._loop.call_later(MISC_PERIOD_S, self._misc)
+        self._schedule_misc(MISC_PERIOD_S)
 
     def _readable(self) -> None:
         sock = self._sock
@@ -655,7 +660,41 @@ class MqttSession:
                     )
                 self.abort(why, EndKind.NO_ACK)
                 return
-        self._misc_handle = self._loop.call_later(MISC_PERIOD_S, self._misc)
+        self._schedule_misc()
+
+    def _schedule_misc(self, delay: float | None = None) -> None:
+        """Run ``loop_misc`` when something can be due, not every second: paho's keepalive (a
+        PINGREQ after ``keepalive_s`` without traffic, the end of an unanswered one) or the ack
+        timeout of the oldest publish. Traffic only moves those later, and a publish whose ack
+        timeout comes sooner reschedules (``publish``)."""
+        if self._misc_handle is not None:
+            self._misc_handle.cancel()
+        now = time.monotonic()
+        if delay is None:
+            delay = max(MISC_MIN_S, self._misc_due() - now)
+        self._misc_at = now + delay
+        self._misc_handle = self._loop.call_later(delay, self._misc)
+
+    def _misc_due(self) -> float:
+        """time.monotonic() when ``loop_misc`` next has something to do."""
+        now = time.monotonic()
+        keepalive = float(self._cfg.keepalive_s)
+        client = self._client
+        # paho's own bookkeeping, on its clock (time.monotonic); the names differ by version.
+        heard = getattr(client, "_last_bytes_received", getattr(client, "_last_msg_in", None))
+        said = getattr(client, "_last_msg_out", None)
+        ping = getattr(client, "_ping_t", None)
+        number = int | float
+        if not (
+            isinstance(heard, number) and isinstance(said, number) and isinstance(ping, number)
+        ):
+            return now + MISC_PERIOD_S  # a paho we cannot read: look every second
+        due = min(heard, said) + keepalive
+        if ping > 0:
+            due = min(due, ping + keepalive)
+        if self._pending:
+            due = min(due, min(p.sent for p in self._pending.values()) + self._ack_timeout_s)
+        return min(due, now + keepalive)
 
     def _close_socket(self) -> None:
         sock = self._client.socket()
@@ -680,6 +719,7 @@ class MqttSession:
         if self._misc_handle is not None:
             self._misc_handle.cancel()
             self._misc_handle = None
+            self._misc_at = None
         if not self._connack.done():
             self._connack.set_exception(ConnectionLost(reason))
             self._connack.exception()  # retrieved: nobody may be waiting any more
