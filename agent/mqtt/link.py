@@ -322,6 +322,12 @@ class LinkWatch:
         st.takeover_evidence = None
         self._quick_closes = 0
 
+    def takeover_check_in(self, connack_at: float | None) -> float | None:
+        """Seconds until ``takeover_check`` can end the takeover episode (None: no episode)."""
+        if self.stats.taken_over_since_mono is None or connack_at is None:
+            return None
+        return max(0.0, connack_at + self.stable_s() - time.monotonic())
+
     def stable_s(self) -> float:
         """How long a session must last to show that no clone is fighting for it: longer than
         the clone's longest reconnect delay (it has our config) plus a connect."""

@@ -343,9 +343,11 @@ class Publisher:
         waiters: list[asyncio.Future[Any]] = [session.closed, stop]
         try:
             while True:
-                # Bounded, to notice a session that has lasted long enough to end a takeover.
+                # During a takeover episode, wake when this session has lasted long enough to
+                # end it; otherwise only the session's end or a stop can matter here.
+                check_in = self._link.takeover_check_in(session.connack_at)
                 done, _ = await asyncio.wait(
-                    waiters, timeout=STABLE_MIN_S / 2, return_when=asyncio.FIRST_COMPLETED
+                    waiters, timeout=check_in, return_when=asyncio.FIRST_COMPLETED
                 )
                 if done:
                     break
