@@ -26,6 +26,9 @@ class TagRead:
     # The tag's TID (lower-case hex, whole 16-bit words) when the reader read it with this
     # inventory (LLRP AccessSpec, Mercury embedded read; drivers/tid.py); None: not read.
     tid: str | None = None
+    # ``first_seen`` is the reader's own clock (LLRP FirstSeenTimestampUTC), not the time the
+    # driver handled the report: presence rounds are then counted on it (docs/domain.md).
+    reader_clock: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,6 +141,11 @@ class Cabinet:
     # the command, a starved loop, a reader slow to start).
     hold_start: bool = False
     shared: bool = False  # the readers inventory for another cabinet too: no StopScan stops them
+    # The readers stamp their reads with their own clock (``TagRead.reader_clock``): the wall
+    # time of the tick they read in, plus ``clock_skew`` for that reader (a wrong or jumping
+    # clock). False: reads carry no reader time, as from a reader without timestamps.
+    reader_clock: bool = False
+    clock_skew: dict[str, timedelta] = field(default_factory=dict)
     started: bool = False  # this cabinet's StartScan was carried out: its reads flow
     scan_steps: int = 0
     ticks: int = 0  # 100 ms steps since T0: exact times, no float drift
@@ -291,7 +296,11 @@ class Cabinet:
                 continue
             if self.read_p < 1.0 and self.rng.random() >= self.read_p:
                 continue
-            reads.append(TagRead(rid, e, ant, tag.rssi, self.now.wall))
+            if self.reader_clock:
+                at = self.now.wall + self.clock_skew.get(rid, timedelta(0))
+                reads.append(TagRead(rid, e, ant, tag.rssi, at, reader_clock=True))
+            else:
+                reads.append(TagRead(rid, e, ant, tag.rssi, self.now.wall))
         return reads
 
     def _apply(self, out: EngineOutput) -> None:

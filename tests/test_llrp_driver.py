@@ -395,6 +395,27 @@ async def test_absurd_timestamps_in_a_report_do_not_crash_the_driver() -> None:
     await reader._on_report(body)
     assert [r.epc for r in sink.reads] == ["3000abcdef00000000000003", "3000abcdef00000000000004"]
     assert all(r.first_seen.year >= 2026 for r in sink.reads)  # our clock, not the reader's
+    assert not any(r.reader_clock for r in sink.reads)
+
+
+async def test_a_plausible_first_seen_timestamp_is_the_readers_clock() -> None:
+    sink = RecordingSink()
+    reader = LlrpReader(_cfg(1), sink)
+    at = datetime(2025, 3, 1, 12, 0, 0, 250000, tzinfo=UTC)
+    body = {
+        "TagReportData": [
+            {
+                "EPC": b"3000abcdef00000000000005",
+                "AntennaID": 1,
+                "FirstSeenTimestampUTC": int(at.timestamp()) * 1_000_000 + 250000,
+            },
+            {"EPC": b"3000abcdef00000000000006", "AntennaID": 1},
+        ]
+    }
+    await reader._on_report(body)
+    first, second = sink.reads
+    assert (first.first_seen, first.reader_clock) == (at, True)
+    assert not second.reader_clock  # no timestamp: our clock
 
 
 async def test_a_reader_that_drops_every_session_is_reconnected_ever_more_slowly() -> None:

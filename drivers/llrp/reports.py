@@ -189,11 +189,11 @@ def tag_reads_from_raw(
         if t.antenna is None or t.antenna <= 0:
             continue
         us = t.first_seen_utc_us
-        first = (
-            _EPOCH + timedelta(microseconds=us)
-            if us is not None and _OLDEST_PLAUSIBLE_US <= us <= hi_us
-            else now
-        )
+        theirs = False
+        first = now
+        if us is not None and _OLDEST_PLAUSIBLE_US <= us <= hi_us:
+            first = _EPOCH + timedelta(microseconds=us)
+            theirs = True
         count = t.seen_count
         tid = (
             tids.tid(t.read, t.read_problem)
@@ -209,6 +209,7 @@ def tag_reads_from_raw(
                 first,
                 count if count else 1,
                 tid,
+                theirs,
             )
         )
     return reads
@@ -236,11 +237,13 @@ def tag_read_from_dict(
     first_seen = now
     # A reader without a set clock reports uptime; keep our clock then. Bounds are checked on
     # the integer first: a hostile value (2**63) would overflow datetime arithmetic.
+    theirs = False
     if (
         isinstance(first_us, int)
         and _OLDEST_PLAUSIBLE_US <= first_us <= int(now.timestamp() * 1_000_000) + _DAY_US
     ):
         first_seen = _EPOCH + timedelta(microseconds=first_us)
+        theirs = True
     return TagRead(
         reader_id=reader_id,
         epc=epc_hex,
@@ -249,6 +252,7 @@ def tag_read_from_dict(
         first_seen=first_seen,
         seen_count=int(count) if isinstance(count, int) and count > 0 else 1,
         tid=_tid_from_dict(tag, tids) if tids is not None else None,
+        reader_clock=theirs,
     )
 
 
