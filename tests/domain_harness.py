@@ -105,6 +105,9 @@ class Tag:
     rssi: float = -50.0
     # None: answers every round (with the cabinet's read_p); else whether it answers at a tick
     answers: Callable[[int], bool] | None = None
+    # None: read by its drawer's antenna; else the (reader, antenna) that reads it at a tick
+    # (a tag at the edge of two readers' fields)
+    antenna: Callable[[int], tuple[str, int]] | None = None
 
 
 @dataclass
@@ -284,7 +287,9 @@ class Cabinet:
     def _read_round(self) -> list[TagRead]:
         reads = []
         for e, tag in self.tags.items():
-            rid, ant = DRAWER_ANTENNA[tag.drawer]
+            rid, ant = (
+                DRAWER_ANTENNA[tag.drawer] if tag.antenna is None else tag.antenna(self.ticks)
+            )
             sim = self.readers[rid]
             if sim.state is not ReaderState.INVENTORYING:
                 continue

@@ -1,17 +1,30 @@
-"""Presence rounds count on the time the reader read, not on when the agent handles the reads
-(docs/domain.md, "What counts as inventory"). Drives the pure engine with the fake-clock cabinet
-harness: a stalled loop hands the engine seconds of reads at one moment."""
+"""A tag is steady if it was read in enough of the pass's rounds, counted on the agent's clock,
+or of the rounds of a reader that read it, counted on that reader's clock (docs/domain.md,
+"What counts as inventory"): a stalled loop hands the engine seconds of reads at one moment,
+and a reader's rounds may only ever add steadiness, never take it away. Drives the pure engine
+with the fake-clock cabinet harness."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from drivers.types import TagRead
-from tests.domain_harness import BOB, Cabinet, Tag, domain_config, epc
+from agent.domain.inventory import ScanAccumulator
+from drivers.types import ReaderHealth, ReaderState, TagRead
+from tests.domain_harness import (
+    BOB,
+    DRAWER_ANTENNA,
+    READER_PORTS,
+    T0,
+    Cabinet,
+    Tag,
+    domain_config,
+    epc,
+)
 
-WRENCH, DRILL, CALIPER, NEIGHBOUR = epc(1), epc(2), epc(3), epc(4)
+WRENCH, DRILL, CALIPER, NEIGHBOUR, SPANNER = epc(1), epc(2), epc(3), epc(4), epc(5)
 
 
 def _alive(cab: Cabinet) -> None:
@@ -28,12 +41,12 @@ def _until_idle(cab: Cabinet, limit_s: float = 60.0) -> None:
     raise AssertionError(f"engine stuck in {cab.engine.phase}: {cab.brief()}")
 
 
-def _cabinet(*, reader_clock: bool, **overrides: object) -> Cabinet:
-    cab = Cabinet(
-        config=domain_config(**overrides),
-        tags={WRENCH: Tag("top"), DRILL: Tag("bottom")},
-        reader_clock=reader_clock,
-    )
+def _cabinet(*, reader_clock: bool, side: bool = False, **overrides: object) -> Cabinet:
+    """Wrench and drill read by dock-1; ``side``: a spanner read by dock-2 too."""
+    tags = {WRENCH: Tag("top"), DRILL: Tag("bottom")}
+    if side:
+        tags[SPANNER] = Tag("side")
+    cab = Cabinet(config=domain_config(**overrides), tags=tags, reader_clock=reader_clock)
     _alive(cab)
     return cab
 
@@ -48,12 +61,12 @@ def _open_session(cab: Cabinet) -> int:
     return start
 
 
-def _stalled_return(cab: Cabinet) -> None:
-    """The caliper is put back in the top drawer; it is first read once the loop has stalled,
-    1 s into the pass. For 3 s nothing is processed while the readers read; then all of it at
+def _stalled_return(cab: Cabinet, drawer: str = "top") -> None:
+    """The caliper is put back in ``drawer``; it is first read once the loop has stalled, 1 s
+    into the pass. For 3 s nothing is processed while the readers read; then all of it at
     once."""
     late = cab.ticks + 11
-    cab.tags[CALIPER] = Tag("top", answers=lambda tick: tick >= late)
+    cab.tags[CALIPER] = Tag(drawer, answers=lambda tick: tick >= late)
     cab.close()
     cab.advance(1.0)
     _alive(cab)
@@ -131,3 +144,131 @@ def test_a_reader_clock_that_jumps_counts_rounds_as_a_right_one(case: str) -> No
         "item.returned 003 top bob",
         "session.closed complete out=0 in=1 bob",
     ]
+
+
+def test_a_tag_read_alternately_by_two_readers_stays_steady() -> None:
+    """The caliper lies at the edge of dock-1's and dock-2's fields: dock-1 reads it in the
+    pass's first, third, ... second, dock-2 in the others. In the pass's rounds it was read in
+    every one; on either reader's own it was read in half of them. Taken against its readers'
+    rounds alone it never joined: a returned item looked absent. (A 6 s pass, and no second
+    one: the alternation keeps to the first pass's rounds.)"""
+    cab = _cabinet(reader_clock=True, side=True, confirm_pass=False, scan_min_ms=6000)
+    start = _open_session(cab)
+    first = cab.ticks + 1  # the pass's first reads: its rounds and both readers' start here
+
+    def edge(tick: int) -> tuple[str, int]:
+        return DRAWER_ANTENNA["top" if (tick - first) // 10 % 2 == 0 else "side"]
+
+    cab.tags[CALIPER] = Tag("top", antenna=edge)
+    cab.close()
+    _until_idle(cab)
+    assert cab.brief(start) == [
+        "session.opened badge bob",
+        "item.returned 003 top bob",  # read as strongly in either drawer: ties go by name
+        "session.closed complete out=0 in=1 bob",
+    ]
+
+
+def test_two_readers_with_far_apart_clocks_each_count_their_own_rounds() -> None:
+    """dock-2's clock is 20 years behind dock-1's: only differences within one reader's reads
+    count. The caliper, put back in dock-2's drawer and first read during a stall, joins on
+    dock-2's rounds; a neighbour's tag dock-1 read in two of the pass's rounds does not."""
+    cab = _cabinet(reader_clock=True, side=True)
+    cab.clock_skew["dock-2"] = timedelta(days=-20 * 365)
+    start = _open_session(cab)
+    closed = cab.ticks
+    cab.tags[NEIGHBOUR] = Tag("bottom", answers=lambda tick: tick in (closed + 1, closed + 25))
+    _stalled_return(cab, "side")
+    assert cab.brief(start) == [
+        "session.opened badge bob",
+        "item.returned 003 side bob",
+        "session.closed complete out=0 in=1 bob",
+    ]
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# How far dock-1's clock is off, by the tick (since the door closed), None: its reads carry no
+# time of its own: wrong clocks that must not change what the pass's rounds decide.
+CLOCKS: dict[str, Callable[[int], timedelta | None]] = {
+    "right": lambda t: timedelta(0),
+    # Stands still from the door's close: every read looks made at one moment.
+    "stands still": lambda t: -timedelta(milliseconds=100 * t),
+    # Runs a tenth as fast: the pass looks a tenth as long.
+    "runs slow": lambda t: -timedelta(milliseconds=90 * t),
+    # Runs ten times as fast: each 100 ms looks a round long.
+    "runs fast": lambda t: timedelta(milliseconds=900 * t),
+    # Reset to 1970 (a battery-less RTC) 1.5 s into the pass, set right 2 s later.
+    "to 1970 and back": lambda t: (EPOCH - T0) if 15 <= t < 35 else timedelta(0),
+    # The same as the LLRP driver passes it on: a 1970 timestamp is not the reader's time.
+    "to 1970 and back, dropped": lambda t: None if 15 <= t < 35 else timedelta(0),
+    # Stepped back and forth by less than a round each tick (reads a little out of order).
+    "wobbles": lambda t: -timedelta(milliseconds=900) if t % 2 else timedelta(0),
+}
+
+
+@pytest.mark.parametrize("case", list(CLOCKS))
+def test_a_wrong_reader_clock_neither_makes_nor_unmakes_steadiness(case: str) -> None:
+    """dock-1's clock is wrong in its own way; the pass (6 s) comes out as with a right one.
+    The caliper is read five times a second (every other report): steady in the pass's rounds,
+    whatever dock-1's clock says (running fast, it is in half of dock-1's rounds only). A
+    neighbour's tag is read twice, in the pass's first round and 4 s into it: steady in no
+    honest count of rounds (a clock that stands still or runs slow puts both reads in one of
+    dock-1's few rounds)."""
+    skew = CLOCKS[case]
+    cab = _cabinet(reader_clock=True, confirm_pass=False, scan_min_ms=6000)
+    start = _open_session(cab)
+    closed = cab.ticks
+    cab.tags[CALIPER] = Tag("top", answers=lambda tick: tick % 2 == 0)
+    cab.tags[NEIGHBOUR] = Tag("bottom", answers=lambda tick: tick in (closed + 1, closed + 40))
+    cab.close()
+    for _ in range(round(60 / 0.1)):
+        off = skew(cab.ticks + 1 - closed)  # for the next tick's reads
+        cab.reader_clock = off is not None
+        cab.clock_skew["dock-1"] = off or timedelta(0)
+        cab.advance(0.1)
+        _alive(cab)
+        if cab.engine.phase.value == "idle" and not cab.scanning:
+            break
+    assert cab.brief(start) == [
+        "session.opened badge bob",
+        "item.returned 003 top bob",
+        "session.closed complete out=0 in=1 bob",
+    ]
+
+
+def test_a_tag_read_in_one_round_only_is_not_steady_on_a_quiet_reader() -> None:
+    """Two neighbours' tags answer in one moment of the pass (read twice, 100 ms apart): one
+    in dock-1's field (it reads the cabinet's tags all along), one in dock-2's, which reads
+    nothing else. On dock-2's own rounds (one, with reads) the second was read in all of them;
+    the pass's rounds are what it must meet, and it was read in one of six. (One pass: no
+    second one to refute them.)"""
+    cab = _cabinet(reader_clock=True, confirm_pass=False, scan_min_ms=6000)
+    start = _open_session(cab)
+    flicker = cab.ticks + 12
+    cab.tags[NEIGHBOUR] = Tag("bottom", answers=lambda tick: tick in (flicker, flicker + 1))
+    cab.tags[SPANNER] = Tag("side", answers=lambda tick: tick in (flicker, flicker + 1))
+    cab.close()
+    _until_idle(cab)
+    assert cab.brief(start) == [
+        "session.opened badge bob",
+        "session.closed complete out=0 in=0 bob",
+    ]
+
+
+@pytest.mark.parametrize(
+    "at", [datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC)], ids=str
+)
+def test_a_reader_time_at_the_end_of_datetime_is_counted_not_a_crash(at: datetime) -> None:
+    """A reader stamps its reads with the last (or first) representable time, then a right
+    one: the pass counts them (a round on its clock is never computed as a sum past the end of
+    datetime) and its rounds decide as before."""
+    config = domain_config(presence_round_ms=1000)
+    health = {r: ReaderHealth(r, ReaderState.INVENTORYING, T0, session=1) for r in READER_PORTS}
+    acc = ScanAccumulator(config, config.antenna_map(), health, started=0.0)
+    for k in range(30):
+        stamp = at if k < 5 else T0 + timedelta(seconds=k / 10)
+        acc.add([TagRead("dock-1", "aa", 1, -50.0, stamp, reader_clock=True)], 1.0 + k / 10)
+    result = acc.result(4.05)
+    assert result.present == {"aa": "top"}
+    assert result.steady == {"aa"}

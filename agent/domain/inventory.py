@@ -112,45 +112,21 @@ def diff(baseline: Mapping[str, str], scan: Mapping[str, str]) -> Diff:
     )
 
 
-class _Rounds:
-    """The read rounds of one reader in a pass (``ScanAccumulator.add``), on the agent's
-    clock: a read's round is counted from the time the agent handled the reader's first read of
-    the pass (seconds, monotonic)."""
+class _ReaderRounds:
+    """The read rounds of one reader in a pass on its own clock (``TagRead.first_seen`` when
+    ``reader_clock``), counted from its time of its first read of the pass: a clock that is
+    wrong by any amount counts the same. A jump back (more than a round: reads may come a
+    little out of order) starts them over from a new origin, after the rounds already counted
+    (``base``); one ahead only skips rounds (only rounds with reads count)."""
 
-    __slots__ = ("active", "last", "origin", "round_s")
-
-    def __init__(self, origin: float, round_s: float) -> None:
-        self.origin = origin
-        self.round_s = round_s
-        self.last = -1  # the latest round in which the reader reported a read
-        self.active = 0  # rounds in which it reported any read of a configured antenna
-
-    def round_of(self, now: float) -> int:
-        """The round of reads handled at ``now`` (counted active)."""
-        r = max(self.last, int((now - self.origin) // self.round_s))
-        if r > self.last:
-            self.active += 1
-            self.last = r
-        return r
-
-    def current(self, now: float) -> int:
-        """The round the reader is in at the agent's ``now``."""
-        return max(self.last, int((now - self.origin) // self.round_s))
-
-
-class _ReaderRounds(_Rounds):
-    """The read rounds of a reader that stamps its reads with its own clock: counted from
-    its time of its first read of the pass. A jump back of its clock (more than a round: reads
-    may come a little out of order) starts them over from a new origin, after the rounds
-    already counted (``base``); one ahead only skips rounds (only rounds with reads count)."""
-
-    __slots__ = ("agent_at_latest", "base", "hi", "latest", "lo", "step", "when")
+    __slots__ = ("active", "agent_at_latest", "base", "hi", "last", "latest", "lo", "step", "when")
 
     def __init__(self, origin: datetime, now: float, step: timedelta) -> None:
-        super().__init__(0.0, step.total_seconds())
-        self.when = origin  # the origin on the reader's clock
         self.step = step
+        self.when = origin  # the origin on the reader's clock
         self.base = 0
+        self.last = -1  # the latest round in which the reader reported a read
+        self.active = 0  # rounds in which it reported any read of a configured antenna
         self.latest = origin  # the reader's latest time seen ...
         self.agent_at_latest = now  # ... and the agent's time when it was counted
         self.lo = self.hi = origin  # the reader's times of round ``last``: [lo, hi)
@@ -158,7 +134,7 @@ class _ReaderRounds(_Rounds):
     def read_at(self, at: datetime, now: float) -> int:
         """The round of a read the reader made at ``at`` (counted active)."""
         step = self.step
-        if at < self.latest - step:
+        if self.latest - at > step:
             self.base = self.last + 1  # its clock went back
             self.when = self.latest = at
             self.agent_at_latest = now
@@ -166,20 +142,24 @@ class _ReaderRounds(_Rounds):
             self.latest = at
             self.agent_at_latest = now
         # A read reported a little out of order counts in the latest round: rounds only
-        # move forward.
+        # move forward. Differences of two datetimes never overflow; sums near the end of
+        # time may (a hostile timestamp): then every read takes this slow path.
         r = max(self.last, self.base + (at - self.when) // step)
         if r > self.last:
             self.active += 1
             self.last = r
-        self.lo = self.when + (r - self.base) * step
-        self.hi = self.lo + step
+        try:
+            self.lo = self.when + (r - self.base) * step
+            self.hi = self.lo + step
+        except OverflowError:
+            self.lo = self.hi = at
         return r
 
     def current(self, now: float) -> int:
         """Its latest time, moved on by the agent's time since (a reader that went quiet is
         past its last active round)."""
-        at = self.latest + timedelta(seconds=max(0.0, now - self.agent_at_latest))
-        return max(self.last, self.base + (at - self.when) // self.step)
+        since = timedelta(seconds=max(0.0, now - self.agent_at_latest))
+        return max(self.last, self.base + ((self.latest - self.when) + since) // self.step)
 
 
 class _TagStats:
@@ -191,19 +171,23 @@ class _TagStats:
         "last_round",
         "more",
         "rounds",
-        "source",
+        "their_last",
+        "their_rounds",
+        "theirs",
         "with_rssi",
     )
 
     def __init__(self) -> None:
         self.count = 0
         self.by_drawer: dict[str, list[float]] = {}  # drawer → [reads, rssi sum]
-        # Read rounds with at least one qualifying read, on the clock that read it first
-        # (``source``); ``more``: [rounds, last round] on any other reader's.
-        self.source: _Rounds | None = None
-        self.rounds = 0
+        self.rounds = 0  # the pass's read rounds with at least one qualifying read
         self.last_round = -1
-        self.more: dict[_Rounds, list[int]] | None = None
+        # The same on the clock of the first reader that stamped a qualifying read of it
+        # with its own time (``theirs``); ``more``: [rounds, last round] on any other's.
+        self.theirs: _ReaderRounds | None = None
+        self.their_rounds = 0
+        self.their_last = -1
+        self.more: dict[_ReaderRounds, list[int]] | None = None
         # Qualifying reports that carried an RSSI, one observation each (a report of n reads
         # carries their *peak*: counting it n times would inflate the mean) ...
         self.with_rssi = 0
@@ -225,35 +209,32 @@ class _TagStats:
         spread = max(math.sqrt(var), _MIN_SPREAD_DB)
         return mean - 2.0 * spread / math.sqrt(k) >= margin
 
-    def read_in(self, source: _Rounds, round_no: int) -> None:
-        """A qualifying read in ``round_no`` of ``source``'s rounds."""
-        if self.source is source or self.source is None:
-            self.source = source
-            if round_no > self.last_round:
-                self.rounds += 1
-                self.last_round = round_no
-            return
+    def read_on(self, theirs: _ReaderRounds, round_no: int) -> None:
+        """A qualifying read in ``round_no`` of the rounds of ``theirs``, not the tag's first
+        reader with its own clock."""
         if self.more is None:
             self.more = {}
-        cell = self.more.get(source)
+        cell = self.more.get(theirs)
         if cell is None:
-            self.more[source] = [1, round_no]
+            self.more[theirs] = [1, round_no]
         elif round_no > cell[1]:
             cell[0] += 1
             cell[1] = round_no
 
-    def steady_rounds(self, min_ratio: float, whole: Mapping[_Rounds, tuple[int, int]]) -> bool:
-        """Read in at least ``min_ratio`` of its reader's active rounds (``whole``: each
-        reader's rounds known complete, and its current round), on any reader that read it."""
-        cells: list[tuple[_Rounds | None, int, int]] = [(self.source, self.rounds, self.last_round)]
+    def steady_on_theirs(
+        self, min_ratio: float, whole: Mapping[_ReaderRounds, tuple[int, int]]
+    ) -> bool:
+        """Read in at least ``min_ratio`` of the rounds of a reader in ``whole`` (each its
+        rounds known complete, and its current round) on that reader's own clock."""
+        cells = [(self.theirs, self.their_rounds, self.their_last)]
         if self.more:
             cells += [(src, c[0], c[1]) for src, c in self.more.items()]
         for src, rounds, last in cells:
-            if src is None:
-                continue
-            complete, current = whole[src]
-            if rounds >= min_ratio * (complete + (1 if last >= current else 0)):
-                return True
+            counted = whole.get(src) if src is not None else None
+            if counted is not None:
+                complete, current = counted
+                if rounds >= min_ratio * (complete + (1 if last >= current else 0)):
+                    return True
         return False
 
 
@@ -336,16 +317,16 @@ class ScanAccumulator:
     """Collects the TagReads and reader health of one scan pass.
 
     A tag is present after ``min_reads`` reads at or above its antenna's RSSI floor (a read
-    without RSSI counts, at the floor). It is also *steady* if it was read in at least
-    ``presence_min_ratio`` of its reader's read rounds in the pass (``presence_round_ms`` each;
-    only rounds in which that reader reported anything count) with a mean RSSI at least
-    ``presence_margin_db`` above the floor. Rounds are counted on the time the reader read
-    (``TagRead.first_seen`` when ``reader_clock``), from its first read of the pass, so reads
-    the agent handles late (a stalled loop) fall in the rounds they were made in. A reader's
-    clock that goes back (more than a round: reads may be reported a little out of order)
-    starts its rounds over from a new origin; one that jumps ahead only skips rounds, and only
-    rounds with reads count. Reads without the reader's time are counted on the agent's, when
-    it handles them (``now``), each batch in one round.
+    without RSSI counts, at the floor). It is also *steady* if its mean RSSI is at least
+    ``presence_margin_db`` above the floor and it was read in at least ``presence_min_ratio``
+    of the pass's read rounds (``presence_round_ms`` each, counted from the pass's first read
+    on the agent's clock, when it handles the reads: ``now``; only rounds in which the readers
+    reported anything count) *or* of the rounds of a reader that read it, on that reader's own
+    clock (``TagRead.first_seen`` when ``reader_clock``). A stalled loop squeezes seconds of
+    reads into one of the pass's rounds; on the reader's clock they fall in the rounds they
+    were made in. A reader's rounds may only add steadiness: they count only if there are at
+    least as many of them as of the pass's (its clock cannot squeeze reads the agent saw
+    apart: a clock that stands still, runs slow, or a reader that read little in the pass).
     The pass is complete only if every configured reader was healthy, on the same connection
     and with every configured antenna connected, all along.
     """
@@ -362,10 +343,11 @@ class ScanAccumulator:
         self._round_s = config.presence_round_ms / 1000
         self._min_ratio = config.presence_min_ratio
         self._margin = config.presence_margin_db
+        self._first_read: float | None = None  # rounds count from the pass's first read
+        self._active_rounds = 0  # rounds in which any configured antenna reported a read
+        self._last_active = -1
+        # Read rounds on the clock of each reader that stamps its reads with it.
         self._step = timedelta(milliseconds=config.presence_round_ms)
-        # Read rounds per reader: on the agent's clock, and on the reader's own for the reads
-        # that carry its time (a reader whose timestamps come and go has both).
-        self._agent_rounds: dict[str, _Rounds] = {}
         self._reader_rounds: dict[str, _ReaderRounds] = {}
         self._heard: set[str] = set()
         self._antennas = {a: (drawer, config.rssi_floor(*a)) for a, drawer in antennas.items()}
@@ -410,47 +392,40 @@ class ScanAccumulator:
         antennas = self._antennas
         tags = self._tags
         min_reads = self._min_reads
-        agent_rounds = self._agent_rounds
         reader_rounds = self._reader_rounds
-        # On the agent's clock a batch is one round: counted once per reader.
-        batch: dict[str, tuple[_Rounds, int]] = {}
-        t_rid: str | None = None  # the reader of ``theirs`` (reads with its time) ...
-        theirs: _ReaderRounds | None = None
-        a_rid: str | None = None  # ... and of ``ours`` (reads on the agent's clock)
-        ours: tuple[_Rounds, int] | None = None
-        source: _Rounds
+        round_no = -1
+        t_rid: str | None = None  # the reader of ``clock`` (the last read with its time)
+        clock: _ReaderRounds | None = None
         for read in reads:
             rid = read.reader_id
             ant = antennas.get((rid, read.antenna))
             if ant is None:
                 self.ignored += 1
                 continue
+            if round_no < 0:
+                if self._first_read is None:
+                    self._first_read = now
+                round_no = int((now - self._first_read) // self._round_s)
+                if round_no > self._last_active:
+                    self._active_rounds += 1
+                    self._last_active = round_no
+            theirs: _ReaderRounds | None = None
             if read.reader_clock:
                 at = read.first_seen
                 if rid != t_rid:
                     t_rid = rid
-                    theirs = reader_rounds.get(rid)
-                if theirs is None:
-                    theirs = reader_rounds[rid] = _ReaderRounds(at, now, self._step)
-                    round_no = theirs.read_at(at, now)
-                elif theirs.lo <= at < theirs.hi:  # most reads: in the latest round
-                    round_no = theirs.last
-                    if at > theirs.latest:
-                        theirs.latest = at
-                        theirs.agent_at_latest = now
+                    clock = reader_rounds.get(rid)
+                if clock is None:
+                    clock = reader_rounds[rid] = _ReaderRounds(at, now, self._step)
+                    their_no = clock.read_at(at, now)
+                elif clock.lo <= at < clock.hi:  # most reads: in the latest round
+                    their_no = clock.last
+                    if at > clock.latest:
+                        clock.latest = at
+                        clock.agent_at_latest = now
                 else:
-                    round_no = theirs.read_at(at, now)
-                source = theirs
-            else:
-                if rid != a_rid or ours is None:
-                    a_rid = rid
-                    ours = batch.get(rid)
-                    if ours is None:
-                        rounds = agent_rounds.get(rid)
-                        if rounds is None:
-                            rounds = agent_rounds[rid] = _Rounds(now, self._round_s)
-                        ours = batch[rid] = (rounds, rounds.round_of(now))
-                source, round_no = ours
+                    their_no = clock.read_at(at, now)
+                theirs = clock
             drawer, floor = ant
             self._heard.add(drawer)
             rssi = read.peak_rssi_dbm
@@ -474,12 +449,20 @@ class ScanAccumulator:
                 self.last_new = now
             before = stats.count
             stats.count = before + n
-            if stats.source is source:
-                if round_no > stats.last_round:
-                    stats.rounds += 1
-                    stats.last_round = round_no
-            else:
-                stats.read_in(source, round_no)
+            if round_no > stats.last_round:
+                stats.rounds += 1
+                stats.last_round = round_no
+            if theirs is not None:
+                if stats.theirs is theirs:
+                    if their_no > stats.their_last:
+                        stats.their_rounds += 1
+                        stats.their_last = their_no
+                elif stats.theirs is None:
+                    stats.theirs = theirs
+                    stats.their_rounds = 1
+                    stats.their_last = their_no
+                else:
+                    stats.read_on(theirs, their_no)
             if measured:
                 stats.with_rssi += 1
                 stats.excess += rssi - floor
@@ -526,17 +509,31 @@ class ScanAccumulator:
         present: dict[str, str] = {}
         stats: dict[str, Mapping[str, Sequence[float]]] = {}
         steady: set[str] = set()
-        # Each reader's rounds in which it reported anything (a stalled loop or a slow start
-        # is nobody's absence); its current, partial round counts only for a tag read in it.
-        whole: dict[_Rounds, tuple[int, int]] = {}
-        for source in (*self._agent_rounds.values(), *self._reader_rounds.values()):
-            current = source.current(now)
-            whole[source] = (source.active - (1 if source.last >= current else 0), current)
+        # Rounds in which the readers reported anything (a stalled loop or a slow start is
+        # nobody's absence); the current, partial round counts only for a tag read in it.
+        current = 0 if self._first_read is None else int((now - self._first_read) // self._round_s)
+        whole = self._active_rounds - (1 if self._last_active >= current else 0)
+        # The same on the clocks of the readers whose rounds may add steadiness: as many as the
+        # pass's at least. The agent's clock squeezes reads together (a stalled loop) and
+        # pulls them apart by a report across a round's edge at most; a reader's that shows
+        # fewer squeezes them more than the agent did (a clock that stands still or runs
+        # slow), or the reader read in fewer rounds than the readers together (a quiet reader,
+        # one neighbour's tag read once): a tag read a few times must not pass on them.
+        counted: dict[_ReaderRounds, tuple[int, int]] = {}
+        for clock in self._reader_rounds.values():
+            if clock.active >= self._active_rounds:
+                its = clock.current(now)
+                counted[clock] = (clock.active - (1 if clock.last >= its else 0), its)
+        min_ratio = self._min_ratio
         for epc, s in self._tags.items():
             if s.count >= min_reads:
                 present[epc] = _strongest(s.by_drawer)
                 stats[epc] = s.by_drawer  # handed over, not copied: the pass is over
-                if s.steady_rounds(self._min_ratio, whole) and s.clearly_above(self._margin):
+                rounds = whole + (1 if s.last_round >= current else 0)
+                if (
+                    s.rounds >= min_ratio * rounds
+                    or (counted and s.theirs is not None and s.steady_on_theirs(min_ratio, counted))
+                ) and s.clearly_above(self._margin):
                     steady.add(epc)
         return ScanResult(
             present=MappingProxyType(dict(sorted(present.items()))),
