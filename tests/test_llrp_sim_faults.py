@@ -180,6 +180,39 @@ async def test_faults_clear(sim: LlrpSimulator) -> None:
         assert status(await client.request("GET_READER_CAPABILITIES", {"RequestedData": 1})) == 0
 
 
+async def test_a_reader_slow_to_stop_with_reports_lagging_reads_on_then_answers(
+    sim: LlrpSimulator,
+) -> None:
+    """hold_stops + hold_reports: the DISABLE_ROSPEC is received but not acted on, the reader
+    reads on into held reports while it answers other requests; released, the held reports
+    go out in order, then (the stop released) the stop's answer after them."""
+    sim.add_tag(SimTag(epc=EPC1, antenna=1))
+    async with await connected(sim) as client:
+        assert status(await client.request("ADD_ROSPEC", {"ROSpec": rospec(trigger=1, n=1)})) == 0
+        assert status(await client.request("ENABLE_ROSPEC", {"ROSpecID": 1})) == 0
+        await client.expect("RO_ACCESS_REPORT")
+        sim.faults.hold_reports()
+        sim.faults.hold_stops()
+        sent = sim.stats.reports_sent
+        disable = client.send("DISABLE_ROSPEC", {"ROSpecID": 1})
+        await sim.wait_until(lambda: sim.received_counts.get("DISABLE_ROSPEC", 0) == 1)
+        await sim.wait_until(lambda: len(sim.reader.reports_held or ()) >= 3)  # it reads on
+        assert status(await client.request("GET_READER_CAPABILITIES", {"RequestedData": 1})) == 0
+        assert sim.stats.reports_sent == sent  # none went out while held
+        assert "DISABLE_ROSPEC_RESPONSE" not in [name for name, _ in client.sllurp]
+        seen = len(client.sllurp)
+        sim.faults.release_reports()
+        sim.faults.release_stops()
+        answer = await client.expect("DISABLE_ROSPEC_RESPONSE")
+        assert answer.msg_id == disable
+        assert status(answer) == 0
+        after = [name for name, _ in client.sllurp[seen:]]
+        reports = [i for i, name in enumerate(after) if name == "RO_ACCESS_REPORT"]
+        assert len(reports) >= 3, after
+        assert reports[-1] < after.index("DISABLE_ROSPEC_RESPONSE"), after
+        assert sim.reader.reports_held is None
+
+
 async def test_cli_serves_until_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

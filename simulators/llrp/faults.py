@@ -52,6 +52,8 @@ class Faults:
         )
         # Slow start: while set and not released, a START/ENABLE_ROSPEC waits (unanswered).
         self.start_gate: asyncio.Event | None = None
+        # Slow stop: while set and not released, a STOP/DISABLE_ROSPEC waits (unanswered).
+        self.stop_gate: asyncio.Event | None = None
 
     def hold_starts(self) -> None:
         """A reader slow to start reading: every START_ROSPEC / ENABLE_ROSPEC is received (and
@@ -64,6 +66,29 @@ class Faults:
         gate, self.start_gate = self.start_gate, None
         if gate is not None:
             gate.set()
+
+    def hold_stops(self) -> None:
+        """A reader slow to stop reading: every STOP_ROSPEC / DISABLE_ROSPEC is received (and
+        counted) at once but acted on and answered only after ``release_stops()``; the reader
+        reads on meanwhile (keepalives, events and reports go on)."""
+        self.stop_gate = asyncio.Event()
+
+    def release_stops(self) -> None:
+        """Act on the held stops (and on later ones at once)."""
+        gate, self.stop_gate = self.stop_gate, None
+        if gate is not None:
+            gate.set()
+
+    def hold_reports(self) -> None:
+        """Reports lag the reader's events: every RO_ACCESS_REPORT (a ROSpec's end-of-spec one
+        too) waits, in order, until ``release_reports()``, while GPI and other events go out at
+        once (a door opened and closed within one report period)."""
+        if self._server.reader.reports_held is None:
+            self._server.reader.reports_held = []
+
+    def release_reports(self) -> None:
+        """Send the held reports, in order (and later ones at once)."""
+        self._server.reader.release_reports()
 
     def _state(self, target: Target) -> FaultState:
         conn = self._server.current
@@ -128,6 +153,8 @@ class Faults:
         self.pending = FaultState()
         self.flap_up_s = None
         self.release_starts()
+        self.release_stops()
+        self.release_reports()
         conn = self._server.current
         if conn is not None:
             conn.faults = FaultState()

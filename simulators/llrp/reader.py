@@ -145,6 +145,8 @@ class ReaderModel:
         # writes a GPO is neither applied nor answered (a slow reader); both happen once it opens.
         self.gpo_gate: asyncio.Event | None = None
         self.gpo_held = 0  # such requests waiting now
+        # Fault hold_reports: RO_ACCESS_REPORTs waiting (in order) to be sent; None: not held.
+        self.reports_held: list[dict[str, Any]] | None = None
         self._held: set[asyncio.Task[None]] = set()
 
     # -- frames in -----------------------------------------------------------------------------
@@ -233,6 +235,9 @@ class ReaderModel:
 
     def deliver(self, name: str, params: dict[str, Any], force: bool = False) -> None:
         """Send a report or event now, hold it (EventsAndReports), or drop it with no client."""
+        if name == "RO_ACCESS_REPORT" and self.reports_held is not None:
+            self.reports_held.append(params)  # fault hold_reports: sent once released
+            return
         session = self.host.session
         if session is None:
             if name == "RO_ACCESS_REPORT":
@@ -243,6 +248,12 @@ class ReaderModel:
             return
         if session.send(name, params):
             self.count_sent(name, params)
+
+    def release_reports(self) -> None:
+        """Fault hold_reports ends: the held reports go out, in order."""
+        held, self.reports_held = self.reports_held, None
+        for params in held or ():
+            self.deliver("RO_ACCESS_REPORT", params)
 
     def count_sent(self, name: str, params: Mapping[str, Any]) -> None:
         if name == "RO_ACCESS_REPORT":

@@ -32,6 +32,7 @@ _HELD_MAX = 10000
 _ESTABLISHED_MAX = 10000
 _STOP_TIMEOUT_S = 5.0
 _STARTS = frozenset({"START_ROSPEC", "ENABLE_ROSPEC"})  # what the slow-start fault holds
+_STOPS = frozenset({"STOP_ROSPEC", "DISABLE_ROSPEC"})  # what the slow-stop fault holds
 
 
 @dataclass
@@ -480,9 +481,12 @@ class Connection:
         if msg is None:
             return
         server.record(msg)
-        gate = server.faults.start_gate
-        if gate is not None and msg.name in _STARTS:
-            # The slow-start fault: acted on once released; the rest is read meanwhile.
+        gate = server.faults.start_gate if msg.name in _STARTS else None
+        if gate is None and msg.name in _STOPS:
+            gate = server.faults.stop_gate
+        if gate is not None:
+            # The slow-start (slow-stop) fault: acted on once released; the rest is read
+            # meanwhile.
             task = asyncio.create_task(self._held(gate, msg), name=f"llrp-sim-held-{self.conn_id}")
             self._aux.add(task)
             task.add_done_callback(self._aux.discard)
