@@ -3,7 +3,9 @@
 Readers behave like the real ones: while a scan runs, every 100 ms of simulated time each healthy
 reader reports the tags its connected antennas see (each with probability ``read_p``, seeded).
 As the drivers do, a healthy reader reports ``INVENTORYING`` once a ``StartScan`` took effect
-and ``ONLINE`` after a ``StopScan`` (``hold_start``: the start has not reached the readers yet);
+and ``ONLINE`` after a ``StopScan`` (``hold_start``: the start has not reached the readers yet;
+``hold_stop``: the readers have not confirmed the stop yet, so the engine still hears them say
+``INVENTORYING``);
 as the runner does, the engine is told ``on_scan_started`` once the start was carried out, and
 reads for this cabinet flow only from then (``shared``: the readers also serve another cabinet
 that keeps them inventorying, so only this cabinet's start routes its reads).
@@ -143,6 +145,11 @@ class Cabinet:
     # A StartScan does not reach the readers until ``start_readers()`` (a slow commit before
     # the command, a starved loop, a reader slow to start).
     hold_start: bool = False
+    # A StopScan's effect (each reader's ONLINE) does not reach the engine until
+    # ``stop_readers()``: a door cycle quicker than the readers' stop (the driver says ONLINE only
+    # once it has handled what the reader sent after the stop; the reads on the wire come first).
+    hold_stop: bool = False
+    stop_pending: bool = False
     shared: bool = False  # the readers inventory for another cabinet too: no StopScan stops them
     # The readers stamp their reads with their own clock (``TagRead.reader_clock``): the wall
     # time of the tick they read in, plus ``clock_skew`` for that reader (a wrong or jumping
@@ -207,6 +214,14 @@ class Cabinet:
         """The held StartScan reaches the readers: the healthy ones start reading."""
         self.hold_start = False
         self._start()
+
+    def stop_readers(self) -> None:
+        """The held stop reaches the engine: each reader says ONLINE, and one whose scan was
+        started again meanwhile starts reading again (INVENTORYING), as the drivers do."""
+        self.hold_stop = self.stop_pending = False
+        self._inventory(False)
+        if self.started:
+            self._inventory(True)
 
     def advance(self, seconds: float) -> None:
         """Let simulated time pass in 100 ms steps; readers report while a scan runs."""
@@ -322,7 +337,9 @@ class Cabinet:
                     self._start()
             elif isinstance(cmd, StopScan):
                 self.scanning = self.started = False
-                if not self.shared:
+                if self.hold_stop:
+                    self.stop_pending = True
+                elif not self.shared:
                     self._inventory(False)
 
     def _start(self) -> None:

@@ -209,3 +209,33 @@ def test_a_shared_reader_inventorying_for_another_cabinet_counts_only_from_our_s
         "item.returned 002 bottom bob",
         "session.closed complete out=0 in=2 bob",
     ]
+
+
+def test_a_door_cycle_quicker_than_the_readers_stop_never_counts_the_last_cycles_reads() -> None:
+    """Alice's session ends (StopScan); before the readers confirm the stop (their ONLINE),
+    Bob opens, takes the wrench and closes. The new pass counts at once (the engine still hears
+    INVENTORYING), and the readers' last reports of Alice's read cycle, still on the wire, come
+    in after it began: the wrench in them. The stop's ONLINE follows them (a driver says it
+    once it has handled what the reader sent after the stop), and the pass counts again from
+    the readers' new INVENTORYING: the wrench is checked out, not kept present by old reads."""
+    cab = _cabinet()
+    _badge_and_open(cab, ALICE)
+    cab.close()
+    cab.hold_stop = True
+    _until_idle(cab)
+    assert cab.stop_pending
+    on_the_wire = cab._read_round() + cab._read_round()  # read before the stop took effect
+    assert WRENCH in {r.epc for r in on_the_wire}
+    start = len(cab.events)
+    _badge_and_open(cab, BOB)
+    del cab.tags[WRENCH]
+    cab.close()
+    assert all(h.state is ReaderState.INVENTORYING for h in map(cab._health, cab.readers))
+    cab._apply(cab.engine.on_tags(on_the_wire, cab.now))
+    cab.stop_readers()
+    _until_idle(cab)
+    assert cab.brief(start) == [
+        "session.opened badge bob",
+        "item.checked_out 001 top bob",
+        "session.closed complete out=1 in=0 bob",
+    ]

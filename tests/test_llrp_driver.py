@@ -160,6 +160,49 @@ async def test_stop_and_start_inventory_on_command() -> None:
         assert reader.health.state == ReaderState.INVENTORYING
 
 
+async def test_a_scan_that_follows_at_once_gets_the_old_report_before_it_starts() -> None:
+    """A quick door cycle: the pass ends (stop) and the next begins (start) at once, and the
+    shelf changed in between. The reader's end-of-ROSpec report, sent before it confirms the
+    stop, holds what it read for the old pass, and reaches the sink after the stop. What the
+    engine relies on to keep it out of the new pass (docs/domain.md, "Scan pass"): between the
+    last of those reads and the new read cycle the driver says the reader is not inventorying
+    (ONLINE), and it says INVENTORYING again only once the new cycle runs; every read after
+    that is of the shelf as it is now."""
+    async with sim_and_reader(n_tags=10) as (sim, reader, sink):
+        timeline: list[ReaderState | str] = []
+        deliver, report = sink.tag_reads, sink.reader_health
+
+        async def reads(batch: Sequence[TagRead]) -> None:
+            timeline.extend(r.epc for r in batch)
+            await deliver(batch)
+
+        async def health(h: ReaderHealth) -> None:
+            timeline.append(h.state)
+            await report(h)
+
+        sink.tag_reads, sink.reader_health = reads, health  # type: ignore[method-assign]
+        await reader.start_inventory()
+        await sink.until(lambda: len(sink.epcs()) == 10)
+        old = sink.epcs()
+        mark = len(timeline)
+        await reader.stop_inventory()
+        for epc in old:  # everything leaves the shelf, a new tag arrives
+            sim.remove_tag(epc)
+        new = "e2801160600002084a5f3c12"
+        sim.add_tag(SimTag(epc=new, antenna=1, rssi_mean=-50.0))
+        await reader.start_inventory()
+        await sink.until(lambda: new in timeline[mark:])
+        after = timeline[mark:]
+        assert ReaderState.ONLINE in after, after
+        online = after.index(ReaderState.ONLINE)
+        assert ReaderState.INVENTORYING in after[online:], after
+        resumed = after.index(ReaderState.INVENTORYING, online)
+        # The old cycle's last report came after the stop (the case is real)...
+        assert old & set(after[:resumed]), after
+        # ...every old read before the stop's ONLINE or in the pause, none once reading again.
+        assert not old & set(after[resumed:]), after
+
+
 async def test_online_without_inventory_reads_nothing() -> None:
     async with sim_and_reader(n_tags=5) as (sim, reader, sink):
         await sink.until(lambda: reader.health.state == ReaderState.ONLINE)

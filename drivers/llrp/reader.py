@@ -562,6 +562,10 @@ class LlrpReader:
             logger.warning("reader %s: inventory change failed: %s", self.reader_id, err)
 
     async def _publish_state(self, sess: LlrpSession) -> None:
+        """Said at the end of every batch of frames: a stop sent (PAUSING) is ONLINE at the
+        first batch handled after it, after that batch's reads, and INVENTORYING comes back
+        only with the answer to the next start. A scan pass relies on it to count again from
+        the new read cycle (docs/domain.md, "Scan pass": a door cycle quicker than the stop)."""
         if not sess.configured:
             return
         state = (
