@@ -35,6 +35,7 @@ from tests.delivery_helpers import (
     mqtt_cfg,
     open_store,
     running,
+    sealed_rows,
     sealer_for,
     until,
 )
@@ -129,5 +130,12 @@ async def _trickle(
 ) -> None:
     while True:
         await asyncio.sleep(0.5)
-        rows.extend(await append_sealed(store, sealer, 1))
+        # Recorded before the append is awaited: the write is handed to the database thread
+        # when append_events is called, so a cancel that lands while its commit is awaited
+        # (the test ending the trickle) cancels the wait, not the write. Recorded after, that
+        # row went to the broker unrecorded: an "unexpected event", and an acked count that
+        # never equals len(rows) (seen once under load).
+        new = sealed_rows(sealer, store.next_seq_nowait(), 1)
+        rows.extend(new)
+        await store.append_events(new)
         notify()
