@@ -16,7 +16,8 @@ import pytest
 from paho.mqtt.properties import Properties
 
 from agent.mqtt.config import MqttConfig
-from agent.mqtt.session import MqttSession
+from agent.mqtt.session import EndKind, MqttSession
+from simulators.fakebroker import FakeBroker
 from tests.mqtt_fixtures import Mosquitto
 
 N = 20
@@ -122,3 +123,23 @@ async def test_an_idle_session_wakes_for_its_keepalive_not_every_second(
     finally:
         await session.disconnect(2.0)
         assert session.closed.done()
+
+
+async def test_a_broker_gone_silent_while_idle_is_noticed_within_two_keepalives() -> None:
+    """Nothing in flight, no traffic: the only thing that can notice a broker (or a link) that
+    went silent is paho's keepalive, which loop_misc runs only when due. The PINGREQ goes out
+    one keepalive after the last traffic and its missing answer ends the connection one more
+    keepalive later, as paho alone would (a timer that slipped would leave it up)."""
+    keepalive = 5
+    async with FakeBroker(ack_publishes=False) as broker:  # CONNACK, then no PINGRESP
+        cfg = MqttConfig(host="127.0.0.1", port=broker.port, keepalive_s=keepalive)
+        session = MqttSession(cfg, "silent-test", will=None, tls_context=None)
+        async with asyncio.timeout(10):
+            await session.connect()
+        try:
+            # Bounded at three keepalives: two is paho's own detection time.
+            async with asyncio.timeout(3 * keepalive):
+                await asyncio.shield(session.closed)
+            assert session.end_kind is EndKind.KEEPALIVE, (session.end_kind, session.closed)
+        finally:
+            await session.disconnect(2.0)
