@@ -272,3 +272,37 @@ def test_a_reader_time_at_the_end_of_datetime_is_counted_not_a_crash(at: datetim
     result = acc.result(4.05)
     assert result.present == {"aa": "top"}
     assert result.steady == {"aa"}
+
+
+# dock-2's clock for its k-th report (0.1 s apart on the agent's clock) of a tag going by:
+# hostile or broken ways to spread 0.8 s of reads over many of its own rounds.
+QUIET_READER_CLOCKS: dict[str, Callable[[int], datetime]] = {
+    # Runs ten times as fast: each report looks a round after the last.
+    "runs fast": lambda k: T0 + timedelta(seconds=k),
+    # Goes back by more than a round before every report (each starts a new origin).
+    "jumps back every report": lambda k: T0 - timedelta(seconds=2 * k),
+}
+
+
+@pytest.mark.parametrize("case", list(QUIET_READER_CLOCKS))
+def test_a_tag_going_by_a_quiet_reader_is_not_steady_on_its_wrong_clock(case: str) -> None:
+    """dock-1 reads the cabinet's wrench all along a 6 s pass (six rounds, on any clock).
+    dock-2, whose own field is empty (its drawer's items are out), reads a tag carried past
+    the cabinet for 0.8 s: in one of the pass's rounds. Its clock runs fast, or goes back
+    before each report: on it, the 0.8 s look like eight rounds, as many as the pass's, and
+    the passer-by is in every one. Its rounds must not make it steady: a reader cannot have
+    read in more rounds than the agent's time since the pass began holds, and a tag that
+    joins on them is an ``item.returned`` now and a false check-out once it is gone."""
+    clock = QUIET_READER_CLOCKS[case]
+    config = domain_config(presence_round_ms=1000)
+    health = {r: ReaderHealth(r, ReaderState.INVENTORYING, T0, session=1) for r in READER_PORTS}
+    acc = ScanAccumulator(config, config.antenna_map(), health, started=0.0)
+    for k in range(60):
+        now = k / 10
+        reads = [TagRead("dock-1", "aa", 1, -50.0, T0 + timedelta(seconds=now), reader_clock=True)]
+        if 20 <= k < 28:
+            reads.append(TagRead("dock-2", "bb", 1, -50.0, clock(k - 20), reader_clock=True))
+        acc.add(reads, now)
+    result = acc.result(6.0)
+    assert result.present == {"aa": "top", "bb": "side"}
+    assert result.steady == {"aa"}

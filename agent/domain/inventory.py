@@ -119,10 +119,22 @@ class _ReaderRounds:
     little out of order) starts them over from a new origin, after the rounds already counted
     (``base``); one ahead only skips rounds (only rounds with reads count)."""
 
-    __slots__ = ("active", "agent_at_latest", "base", "hi", "last", "latest", "lo", "step", "when")
+    __slots__ = (
+        "active",
+        "agent_at_latest",
+        "base",
+        "handled",
+        "hi",
+        "last",
+        "latest",
+        "lo",
+        "step",
+        "when",
+    )
 
     def __init__(self, origin: datetime, now: float, step: timedelta) -> None:
         self.step = step
+        self.handled = now  # the agent's time of the latest batch with its reads
         self.when = origin  # the origin on the reader's clock
         self.base = 0
         self.last = -1  # the latest round in which the reader reported a read
@@ -326,7 +338,9 @@ class ScanAccumulator:
     reads into one of the pass's rounds; on the reader's clock they fall in the rounds they
     were made in. A reader's rounds may only add steadiness: they count only if there are at
     least as many of them as of the pass's (its clock cannot squeeze reads the agent saw
-    apart: a clock that stands still, runs slow, or a reader that read little in the pass).
+    apart: a clock that stands still, runs slow, or a reader that read little in the pass),
+    and no more of them than the agent's time since the pass began holds (a clock that runs
+    fast or keeps going back).
     The pass is complete only if every configured reader was healthy, on the same connection
     and with every configured antenna connected, all along.
     """
@@ -415,6 +429,8 @@ class ScanAccumulator:
                 if rid != t_rid:
                     t_rid = rid
                     clock = reader_rounds.get(rid)
+                    if clock is not None:
+                        clock.handled = now
                 if clock is None:
                     clock = reader_rounds[rid] = _ReaderRounds(at, now, self._step)
                     their_no = clock.read_at(at, now)
@@ -519,9 +535,17 @@ class ScanAccumulator:
         # fewer squeezes them more than the agent did (a clock that stands still or runs
         # slow), or the reader read in fewer rounds than the readers together (a quiet reader,
         # one neighbour's tag read once): a tag read a few times must not pass on them.
+        # Nor more of them than the agent's time since the pass began holds (a round of slack
+        # for a read made just before it): reads are made before the agent handles them, so
+        # a reader's rounds up to its latest batch fit in that time, however the loop stalled.
+        # More is a clock that runs fast or goes back (each jump a new origin), and on such
+        # rounds a tag going by for a moment would be steady.
         counted: dict[_ReaderRounds, tuple[int, int]] = {}
         for clock in self._reader_rounds.values():
-            if clock.active >= self._active_rounds:
+            if (
+                clock.active >= self._active_rounds
+                and clock.last <= (clock.handled - self.started) / self._round_s + 1
+            ):
                 its = clock.current(now)
                 counted[clock] = (clock.active - (1 if clock.last >= its else 0), its)
         min_ratio = self._min_ratio
