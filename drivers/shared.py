@@ -6,7 +6,9 @@ the cabinets each get a :class:`ReaderPort`, a ``ReaderDriver`` that sees only i
 ports. Reads are routed by antenna port to the cabinet that owns it, and only while that cabinet
 is scanning, so a cabinet sees what a reader of its own would show it. Health and GPI edges go
 to every cabinet (each door picks its own sensor port). The reader inventories while any cabinet
-wants it to: one cabinet's end of scan never cuts another's scan short.
+wants it to: one cabinet's end of scan never cuts another's scan short. A cabinet whose scan
+starts while another one's runs has the reader restarted: its pass counts reads of a read cycle
+begun for it, never a report of the running one made before its door closed.
 """
 
 from __future__ import annotations
@@ -84,9 +86,21 @@ class SharedReader:
 
     # -- scan demand ------------------------------------------------------------------------
 
-    async def demand_changed(self) -> None:
+    async def demand_changed(self, joined: ReaderPort | None = None) -> None:
+        """Start or stop the reader for what the ports want; ``joined``: the port whose scan
+        just started."""
         want = any(p.wants_inventory for p in self._ports)
         if want:
+            if joined is not None and any(
+                p.wants_inventory for p in self._ports if p is not joined
+            ):
+                # A cabinet joining a read cycle run for another one is given a new cycle:
+                # reports of the running one may still hold reads made before its door closed
+                # (a tool taken a moment ago), and would reach its pass once its reads are
+                # routed. Restarted, the driver says ONLINE after every report of the old
+                # cycle and INVENTORYING only with the new one, as for a reader of its own
+                # (docs/domain.md, "Scan pass"); the other cabinet's pass counts afresh too.
+                await self.driver.stop_inventory()
             # Always passed on: the driver's start is idempotent, and a cabinet starting its
             # scan must not depend on what the driver last heard from another cabinet.
             await self.driver.start_inventory()
@@ -128,8 +142,9 @@ class ReaderPort:
         raise RuntimeError(f"reader {self.reader_id} is shared: run the SharedReader, not a port")
 
     async def start_inventory(self) -> None:
+        joined = not self.wants_inventory
         self.wants_inventory = True
-        await self._shared.demand_changed()
+        await self._shared.demand_changed(self if joined else None)
 
     async def stop_inventory(self) -> None:
         self.wants_inventory = False

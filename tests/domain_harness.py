@@ -8,7 +8,9 @@ and ``ONLINE`` after a ``StopScan`` (``hold_start``: the start has not reached t
 ``INVENTORYING``);
 as the runner does, the engine is told ``on_scan_started`` once the start was carried out, and
 reads for this cabinet flow only from then (``shared``: the readers also serve another cabinet
-that keeps them inventorying, so only this cabinet's start routes its reads).
+that keeps them inventorying, so only this cabinet's start routes its reads; as
+``drivers/shared.py`` does, that start restarts a reader the other cabinet keeps reading: ONLINE,
+held like any stop by ``hold_stop``, then INVENTORYING).
 """
 
 from __future__ import annotations
@@ -151,6 +153,9 @@ class Cabinet:
     hold_stop: bool = False
     stop_pending: bool = False
     shared: bool = False  # the readers inventory for another cabinet too: no StopScan stops them
+    # ... and this cabinet's start restarts a reader that already reads for the other one
+    # (drivers/shared.py); False: it joins the running read cycle (as before that restart).
+    restart_shared: bool = True
     # The readers stamp their reads with their own clock (``TagRead.reader_clock``): the wall
     # time of the tick they read in, plus ``clock_skew`` for that reader (a wrong or jumping
     # clock). False: reads carry no reader time, as from a reader without timestamps.
@@ -343,8 +348,15 @@ class Cabinet:
                     self._inventory(False)
 
     def _start(self) -> None:
-        """The StartScan is carried out: the readers start, and the engine is told."""
+        """The StartScan is carried out: the readers start, and the engine is told. A shared
+        reader already reading for the other cabinet is restarted (stopped, then started)."""
         self.started = True
+        reading = any(s.state is ReaderState.INVENTORYING for s in self.readers.values())
+        if self.shared and self.restart_shared and reading:
+            if self.hold_stop:
+                self.stop_pending = True  # the stop's ONLINE, then INVENTORYING, come later
+            else:
+                self._inventory(False)
         self._inventory(True)
         self._apply(self.engine.on_scan_started(self.now))
 

@@ -4,19 +4,37 @@ simulator over a real socket, its antenna ports split between two ports of the S
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
 
 from drivers.llrp.reader import LlrpReader
 from drivers.shared import ReaderPort, SharedReader
-from drivers.types import ReaderState
+from drivers.types import ReaderHealth, ReaderState, TagRead
 from simulators.llrp import LlrpSimulator, SimTag
+from simulators.llrp.codec import epc_hex
 from tests.test_llrp_driver import HEAL_BOUND_S, RecordingSink, _cfg, keepalive_round_trip
 
 TAG_A = "e2801160600002000000a001"  # on antenna 1: cabinet A's
 TAG_B = "e2801160600002000000a002"  # on antenna 3: cabinet B's
+STOPS = ("DISABLE_ROSPEC", "STOP_ROSPEC")
+
+
+class OrderedSink(RecordingSink):
+    """Also keeps reads and health in the order they came (``log``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[TagRead | ReaderHealth] = []
+
+    async def tag_reads(self, reads: Sequence[TagRead]) -> None:
+        self.log.extend(reads)
+        await super().tag_reads(reads)
+
+    async def reader_health(self, health: ReaderHealth) -> None:
+        self.log.append(health)
+        await super().reader_health(health)
 
 
 @asynccontextmanager
@@ -24,15 +42,15 @@ async def shared_reader() -> AsyncIterator[
     tuple[
         LlrpSimulator,
         SharedReader,
-        tuple[ReaderPort, RecordingSink],
-        tuple[ReaderPort, RecordingSink],
+        tuple[ReaderPort, OrderedSink],
+        tuple[ReaderPort, OrderedSink],
     ]
 ]:
     async with LlrpSimulator(antennas=4, seed=3) as sim:
         sim.add_tag(SimTag(epc=TAG_A, antenna=1, rssi_mean=-50.0))
         sim.add_tag(SimTag(epc=TAG_B, antenna=3, rssi_mean=-50.0))
         shared = SharedReader(lambda sink: LlrpReader(_cfg(sim.port, gpi_ports=[1, 2]), sink))
-        sink_a, sink_b = RecordingSink(), RecordingSink()
+        sink_a, sink_b = OrderedSink(), OrderedSink()
         port_a = shared.port("crib-a", [1, 2], sink_a)
         port_b = shared.port("crib-b", [3, 4], sink_b)
         task = asyncio.create_task(shared.run(), name="shared-reader-under-test")
@@ -79,6 +97,65 @@ async def test_one_cabinet_ending_its_scan_does_not_end_the_others() -> None:
         # A's stop is the last one: now the reader stops.
         await a.stop_inventory()
         await sink_a.until(lambda: a.health.state == ReaderState.ONLINE, HEAL_BOUND_S)
+
+
+async def test_a_cabinet_joining_a_running_read_cycle_counts_from_a_new_one() -> None:
+    """A keeps the reader inventorying; B's door is open meanwhile (its tag read, routed to
+    nobody), the tag is taken, the door closed and B's scan starts within one report period:
+    the report that holds those reads lags (held) and reaches B once its reads are routed.
+    B's start restarts the reader, so B hears ONLINE before that report is handed over and
+    INVENTORYING only with the new read cycle, in which the tag is no longer read: a pass of
+    B that counts from its INVENTORYING never counts it (docs/domain.md, "Scan pass"). Joined
+    to the running cycle instead, B heard INVENTORYING all along and got the stale reads."""
+    async with shared_reader() as (sim, _shared, (a, sink_a), (b, sink_b)):
+        await a.start_inventory()
+        await sink_a.until(lambda: a.health.state == ReaderState.INVENTORYING)
+        await sink_a.until(lambda: TAG_A in sink_a.epcs())
+        sim.faults.hold_reports()
+        sim.faults.hold_stops()  # the reader acts on a stop only after those reports
+        await sim.wait_until(
+            lambda: any(
+                epc_hex(t) == TAG_B
+                for r in sim.reader.reports_held or ()
+                for t in r["TagReportData"]
+            ),
+            HEAL_BOUND_S,
+        )
+        sim.remove_tag(TAG_B)
+        stops = sum(sim.received_counts.get(n, 0) for n in STOPS)
+        mark = len(sink_b.log)
+        await b.start_inventory()
+        # The restart's stop reached the reader (held: it reads on, its reports still lag).
+        await sim.wait_until(
+            lambda: sum(sim.received_counts.get(n, 0) for n in STOPS) > stops, HEAL_BOUND_S
+        )
+        await sink_b.until(lambda: b.health.state == ReaderState.ONLINE)
+        sim.faults.release_reports()
+        await keepalive_round_trip(sim)  # every held report handed over
+        sim.faults.release_stops()
+
+        def states() -> list[ReaderState]:
+            return [e.state for e in sink_b.log[mark:] if isinstance(e, ReaderHealth)]
+
+        await sink_b.until(lambda: states()[-1:] == [ReaderState.INVENTORYING])
+        await sink_a.until(lambda: a.health.state == ReaderState.INVENTORYING)
+        seen_a = len(sink_a.reads)
+        await sink_a.until(lambda: len(sink_a.reads) > seen_a)  # the new cycle reads
+        await keepalive_round_trip(sim)
+        log = sink_b.log[mark:]
+        assert states() == [ReaderState.ONLINE, ReaderState.INVENTORYING], log
+        fresh = log.index(
+            next(
+                e
+                for e in log
+                if isinstance(e, ReaderHealth) and e.state == ReaderState.INVENTORYING
+            )
+        )
+        stale = [e for e in log[:fresh] if isinstance(e, TagRead) and e.epc == TAG_B]
+        assert stale, log  # the lagging report did reach B: before its new read cycle
+        assert not [e for e in log[fresh:] if isinstance(e, TagRead) and e.epc == TAG_B], log
+        # A's own cycle was restarted too: it heard the stop and the new start.
+        assert a.health.state == ReaderState.INVENTORYING
 
 
 async def test_gpi_edges_reach_every_cabinet_of_the_reader() -> None:
