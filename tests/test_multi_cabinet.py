@@ -59,7 +59,13 @@ BOTH = ("crib-a", "crib-b")
 TIMERS = {"unlock_pulse_s": 120.0, "relock_after_s": 120.0}
 
 
-def _cabinet(cabinet_id: str, gpio: int, ports: list[int], item: dict[str, str]) -> Scenario:
+def _cabinet(
+    cabinet_id: str,
+    gpio: int,
+    ports: list[int],
+    item: dict[str, str],
+    domain: dict[str, Any] | None = None,
+) -> Scenario:
     return Scenario.model_validate(
         {
             "name": cabinet_id,
@@ -71,7 +77,7 @@ def _cabinet(cabinet_id: str, gpio: int, ports: list[int], item: dict[str, str])
                 badge_reader_id=BANK,
             ),
             "drawers": {"top": [ports[0]], "bottom": [ports[1]]},
-            "domain": TIMERS,
+            "domain": {**TIMERS, **(domain or {})},
             "people": [ALICE, BOB],
             "items": [{**item, "home_drawer": "top", "drawer": "top"}],
             "steps": ["open"],
@@ -170,12 +176,17 @@ def _free_port() -> int:
 
 
 def _config(
-    tmp: Path, llrp: LlrpSimulator, badge: BadgeSimulator, broker: Mosquitto, arts: dict[str, Any]
+    tmp: Path,
+    llrp: LlrpSimulator,
+    badge: BadgeSimulator,
+    broker: Mosquitto,
+    arts: dict[str, Any],
+    pair: tuple[Scenario, Scenario] = (CAB_A, CAB_B),
 ) -> dict[str, Any]:
     """The multi-cabinet file: the reader and the badge reader once, two [[cabinets]]."""
     agent_dir = tmp / "agent"
     one = agent_config(
-        CAB_A,
+        pair[0],
         arts["crib-a"],
         llrp_port=llrp.port,
         badge_url=badge.url,
@@ -185,7 +196,7 @@ def _config(
     )
     reader = {**one["readers"][0], "antennas": [1, 2, 3, 4], "gpi_ports": [1, 2]}
     cabinets = []
-    for scen in (CAB_A, CAB_B):
+    for scen in pair:
         lay = scen.cabinet
         cabinets.append(
             {
@@ -199,7 +210,7 @@ def _config(
         )
     socket_dir = Path(one["control"]["socket_path"]).parent
     return {
-        "cabinet": {"site_id": CAB_A.cabinet.site_id},
+        "cabinet": {"site_id": pair[0].cabinet.site_id},
         "logging": {"level": "INFO"},
         "readers": [reader],
         "badge_readers": one["badge_readers"],
@@ -214,7 +225,10 @@ def _config(
 
 @contextlib.asynccontextmanager
 async def bank_rig(
-    tmp: Path, broker: Mosquitto, env: dict[str, str] | None = None
+    tmp: Path,
+    broker: Mosquitto,
+    env: dict[str, str] | None = None,
+    pair: tuple[Scenario, Scenario] = (CAB_A, CAB_B),
 ) -> AsyncIterator[Bank]:
     keys: BackendKeys = generate_backend_keys(tmp / "keys")
     agent_dir = tmp / "agent"
@@ -224,9 +238,9 @@ async def bank_rig(
         LlrpSimulator(antennas=4, seed=7) as llrp,
         BadgeSimulator(transport="tcp") as badge,
     ):
-        doors = {s.cabinet.cabinet_id: wire_door(s, llrp) for s in (CAB_A, CAB_B)}
+        doors = {s.cabinet.cabinet_id: wire_door(s, llrp) for s in pair}
         arts = {}
-        for scen in (CAB_A, CAB_B):
+        for scen in pair:
             for item in scen.items:
                 llrp.add_tag(tag_for(scen, item.epc, "top", item))
             arts[scen.cabinet.cabinet_id] = build_artefacts(
@@ -237,7 +251,7 @@ async def bank_rig(
                 extra_people=[INSTALLER, MARKER],
             )
         config = agent_dir / "agent.toml"
-        cfg = _config(tmp, llrp, badge, broker, arts)
+        cfg = _config(tmp, llrp, badge, broker, arts, pair)
         config.write_text(to_toml(cfg))
         for art in arts.values():
             publish_retained(broker.port, cmd_topic(art, "allow-list"), art.allow_list)
