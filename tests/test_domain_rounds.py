@@ -16,6 +16,7 @@ from drivers.types import ReaderHealth, ReaderState, TagRead
 from tests.domain_harness import (
     BOB,
     DRAWER_ANTENNA,
+    DRAWERS,
     READER_PORTS,
     T0,
     Cabinet,
@@ -306,3 +307,82 @@ def test_a_tag_going_by_a_quiet_reader_is_not_steady_on_its_wrong_clock(case: st
     result = acc.result(6.0)
     assert result.present == {"aa": "top", "bb": "side"}
     assert result.steady == {"aa"}
+
+
+# dock-3's clock for a read it made ``t`` seconds into the pass: right, or stepped back an
+# hour 3 s in (a new origin, mid-pass, for a reader that is not the first to stamp the tag).
+THIRD_READER_CLOCKS: dict[str, Callable[[float], datetime]] = {
+    "right": lambda t: T0 + timedelta(seconds=t),
+    "back an hour mid-pass": lambda t: T0 + timedelta(seconds=t, hours=-1 if t >= 3 else 0),
+}
+
+
+@pytest.mark.parametrize("case", list(THIRD_READER_CLOCKS))
+def test_a_tag_steady_on_the_third_reader_that_stamped_it_only(case: str) -> None:
+    """Three readers stamp their reads with their own clocks; the loop stalls from 1 s to 4 s
+    into a 6 s pass (the reads made then are all handled at 4 s). The caliper is put back 1 s
+    in: dock-1, then dock-3, then dock-2 read it once at that moment; from then on dock-3 reads
+    it in every report, dock-2 once more 3 s in. In the pass's rounds (three: before, at the
+    end of and after the stall) it is in two, too few; on dock-1's in one of six; dock-2's (two
+    rounds) are too few to count. On dock-3's own, the rounds it made every read in, it is in
+    all, through dock-3's clock going back (its rounds carry on after the ones counted): it is
+    steady there, and only there, whichever order the readers first read it in."""
+    clock = THIRD_READER_CLOCKS[case]
+    config = domain_config(presence_round_ms=1000, drawers={**DRAWERS, "back": ["dock-3:1"]})
+    antennas = config.antenna_map()
+    health = {
+        r: ReaderHealth(r, ReaderState.INVENTORYING, T0, session=1) for r, _ in sorted(antennas)
+    }
+    acc = ScanAccumulator(config, antennas, health, started=0.0)
+
+    def stamped(reader: str, tag: str, port: int, at: datetime) -> TagRead:
+        return TagRead(reader, tag, port, -50.0, at, reader_clock=True)
+
+    for k in range(60):
+        t = k / 10  # when the readers made the reads; handled at the stall's end if in it
+        reads = [stamped("dock-1", "aa", 1, T0 + timedelta(seconds=t))]
+        if k == 10:
+            reads.append(stamped("dock-1", "cc", 1, T0 + timedelta(seconds=t)))
+        if k >= 10:
+            reads.append(stamped("dock-3", "cc", 1, clock(t)))
+        if k in (10, 30):
+            reads.append(stamped("dock-2", "cc", 1, T0 + timedelta(seconds=t)))
+        acc.add(reads, 4.0 if 1.0 <= t < 4.0 else t)
+    result = acc.result(6.0)
+    assert result.present == {"aa": "top", "cc": "back"}
+    assert result.steady == {"aa", "cc"}
+
+
+def test_a_tag_read_by_two_later_readers_counts_their_rounds_apart() -> None:
+    """Three readers read all along a 6 s pass with their own clocks (the loop stalls from 1 s
+    to 4 s, as above). A neighbour's tag is read by dock-1 once 1 s in, then by dock-2 in its
+    rounds 1 and 2 and by dock-3 in its rounds 3 and 4: two of six on either, not steady (the
+    ratio here is 0.6); in the pass's rounds, one of three. Counted as one reader's, the four
+    rounds would make it steady."""
+    config = domain_config(
+        presence_round_ms=1000,
+        presence_min_ratio=0.6,
+        drawers={**DRAWERS, "back": ["dock-3:1"]},
+    )
+    antennas = config.antenna_map()
+    health = {
+        r: ReaderHealth(r, ReaderState.INVENTORYING, T0, session=1) for r, _ in sorted(antennas)
+    }
+    acc = ScanAccumulator(config, antennas, health, started=0.0)
+    for k in range(60):
+        t = k / 10
+        at = T0 + timedelta(seconds=t)
+        reads = [
+            TagRead(reader, tag, 1, -50.0, at, reader_clock=True)
+            for reader, tag in (("dock-1", "aa"), ("dock-2", "bb"), ("dock-3", "ee"))
+        ]
+        if k == 10:
+            reads.append(TagRead("dock-1", "dd", 1, -50.0, at, reader_clock=True))
+        if 10 <= k < 30:
+            reads.append(TagRead("dock-2", "dd", 1, -50.0, at, reader_clock=True))
+        if 30 <= k < 50:
+            reads.append(TagRead("dock-3", "dd", 1, -50.0, at, reader_clock=True))
+        acc.add(reads, 4.0 if 1.0 <= t < 4.0 else t)
+    result = acc.result(6.0)
+    assert result.present == {"aa": "top", "bb": "side", "dd": "side", "ee": "back"}
+    assert result.steady == {"aa", "bb", "ee"}

@@ -174,6 +174,22 @@ class _ReaderRounds:
         return max(self.last, self.base + ((self.latest - self.when) + since) // self.step)
 
 
+class _TheirRounds:
+    """A tag's read rounds on the clock of a reader other than the first that stamped a
+    qualifying read of it with its own time: a link of a chain, one per such reader (at most
+    one per configured reader, so a short walk). Not slots of every tag, nor a dict: a tag read
+    by one reader pays nothing for it, one at the edge of two readers' fields 64 bytes (a dict
+    and a list: ~300; docs/performance.md, cabinet engine)."""
+
+    __slots__ = ("clock", "last", "next", "rounds")
+
+    def __init__(self, clock: _ReaderRounds, round_no: int, next_: _TheirRounds | None) -> None:
+        self.clock = clock
+        self.rounds = 1
+        self.last = round_no
+        self.next = next_
+
+
 class _TagStats:
     __slots__ = (
         "by_drawer",
@@ -195,11 +211,11 @@ class _TagStats:
         self.rounds = 0  # the pass's read rounds with at least one qualifying read
         self.last_round = -1
         # The same on the clock of the first reader that stamped a qualifying read of it
-        # with its own time (``theirs``); ``more``: [rounds, last round] on any other's.
+        # with its own time (``theirs``); ``more``: the same on each other's, a chain.
         self.theirs: _ReaderRounds | None = None
         self.their_rounds = 0
         self.their_last = -1
-        self.more: dict[_ReaderRounds, list[int]] | None = None
+        self.more: _TheirRounds | None = None
         # Qualifying reports that carried an RSSI, one observation each (a report of n reads
         # carries their *peak*: counting it n times would inflate the mean) ...
         self.with_rssi = 0
@@ -221,32 +237,26 @@ class _TagStats:
         spread = max(math.sqrt(var), _MIN_SPREAD_DB)
         return mean - 2.0 * spread / math.sqrt(k) >= margin
 
-    def read_on(self, theirs: _ReaderRounds, round_no: int) -> None:
-        """A qualifying read in ``round_no`` of the rounds of ``theirs``, not the tag's first
-        reader with its own clock."""
-        if self.more is None:
-            self.more = {}
-        cell = self.more.get(theirs)
-        if cell is None:
-            self.more[theirs] = [1, round_no]
-        elif round_no > cell[1]:
-            cell[0] += 1
-            cell[1] = round_no
-
     def steady_on_theirs(
         self, min_ratio: float, whole: Mapping[_ReaderRounds, tuple[int, int]]
     ) -> bool:
         """Read in at least ``min_ratio`` of the rounds of a reader in ``whole`` (each its
         rounds known complete, and its current round) on that reader's own clock."""
-        cells = [(self.theirs, self.their_rounds, self.their_last)]
-        if self.more:
-            cells += [(src, c[0], c[1]) for src, c in self.more.items()]
-        for src, rounds, last in cells:
-            counted = whole.get(src) if src is not None else None
+        if self.theirs is not None:
+            counted = whole.get(self.theirs)
             if counted is not None:
                 complete, current = counted
-                if rounds >= min_ratio * (complete + (1 if last >= current else 0)):
+                extra = 1 if self.their_last >= current else 0
+                if self.their_rounds >= min_ratio * (complete + extra):
                     return True
+        cell = self.more
+        while cell is not None:
+            counted = whole.get(cell.clock)
+            if counted is not None:
+                complete, current = counted
+                if cell.rounds >= min_ratio * (complete + (1 if cell.last >= current else 0)):
+                    return True
+            cell = cell.next
         return False
 
 
@@ -477,8 +487,15 @@ class ScanAccumulator:
                     stats.theirs = theirs
                     stats.their_rounds = 1
                     stats.their_last = their_no
-                else:
-                    stats.read_on(theirs, their_no)
+                else:  # first stamped by another reader: this one's cell in ``more``
+                    more = stats.more
+                    while more is not None and more.clock is not theirs:
+                        more = more.next
+                    if more is None:
+                        stats.more = _TheirRounds(theirs, their_no, stats.more)
+                    elif their_no > more.last:
+                        more.rounds += 1
+                        more.last = their_no
             if measured:
                 stats.with_rssi += 1
                 stats.excess += rssi - floor
