@@ -248,6 +248,21 @@ class Cabinet:
             self.advance(STEP_S)
             waited += STEP_S
 
+    def alive(self) -> None:
+        """Every reader says it is alive now (the runner's liveness barrier)."""
+        for rid in sorted(self.readers):
+            self._apply(self.engine.on_alive(rid, self.now.mono, self.now))
+
+    def until_idle(self, limit_s: float = 60.0) -> None:
+        """Advance in 100 ms steps, every reader alive at each, until the engine is idle with
+        no scan running (bounded)."""
+        for _ in range(round(limit_s / STEP_S)):
+            self.advance(STEP_S)
+            self.alive()
+            if self.engine.phase is Phase.IDLE and not self.scanning:
+                return
+        raise AssertionError(f"engine stuck in {self.engine.phase}: {self.brief()}")
+
     def cycle(
         self, who: str | None, take: Iterable[str] = (), put: dict[str, str] | None = None
     ) -> None:

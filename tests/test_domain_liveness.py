@@ -12,14 +12,9 @@ def _cabinet() -> Cabinet:
     )
 
 
-def _alive_all(cab: Cabinet) -> None:
-    for rid in sorted(cab.readers):
-        cab._apply(cab.engine.on_alive(rid, cab.now.mono, cab.now))
-
-
 def test_silent_reader_blocks_the_pass_then_makes_it_incomplete() -> None:
     cab = _cabinet()
-    _alive_all(cab)  # both readers have proven they report liveness
+    cab.alive()  # both readers have proven they report liveness
     start = len(cab.events)
     cab.badge(ALICE)
     cab.advance(1.0)
@@ -41,7 +36,7 @@ def test_silent_reader_blocks_the_pass_then_makes_it_incomplete() -> None:
 
 def test_readers_heard_after_the_pass_end_let_it_complete() -> None:
     cab = _cabinet()
-    _alive_all(cab)
+    cab.alive()
     start = len(cab.events)
     cab.badge(ALICE)
     cab.advance(1.0)
@@ -51,7 +46,7 @@ def test_readers_heard_after_the_pass_end_let_it_complete() -> None:
     cab.close()
     for _ in range(300):
         cab.advance(0.1)
-        _alive_all(cab)
+        cab.alive()
         if cab.engine.phase.value == "idle" and not cab.scanning:
             break
     types = cab.types(start)

@@ -28,27 +28,13 @@ from tests.domain_harness import (
 WRENCH, DRILL, CALIPER, NEIGHBOUR, SPANNER = epc(1), epc(2), epc(3), epc(4), epc(5)
 
 
-def _alive(cab: Cabinet) -> None:
-    for rid in sorted(cab.readers):
-        cab._apply(cab.engine.on_alive(rid, cab.now.mono, cab.now))
-
-
-def _until_idle(cab: Cabinet, limit_s: float = 60.0) -> None:
-    for _ in range(round(limit_s / 0.1)):
-        cab.advance(0.1)
-        _alive(cab)
-        if cab.engine.phase.value == "idle" and not cab.scanning:
-            return
-    raise AssertionError(f"engine stuck in {cab.engine.phase}: {cab.brief()}")
-
-
 def _cabinet(*, reader_clock: bool, side: bool = False, **overrides: object) -> Cabinet:
     """Wrench and drill read by dock-1; ``side``: a spanner read by dock-2 too."""
     tags = {WRENCH: Tag("top"), DRILL: Tag("bottom")}
     if side:
         tags[SPANNER] = Tag("side")
     cab = Cabinet(config=domain_config(**overrides), tags=tags, reader_clock=reader_clock)
-    _alive(cab)
+    cab.alive()
     return cab
 
 
@@ -70,14 +56,14 @@ def _stalled_return(cab: Cabinet, drawer: str = "top") -> None:
     cab.tags[CALIPER] = Tag(drawer, answers=lambda tick: tick >= late)
     cab.close()
     cab.advance(1.0)
-    _alive(cab)
+    cab.alive()
     stalled: list[TagRead] = []
     for _ in range(30):
         cab._step(1)
         stalled.extend(cab._read_round())
     cab._apply(cab.engine.on_tags(stalled, cab.now))
-    _alive(cab)
-    _until_idle(cab)
+    cab.alive()
+    cab.until_idle()
 
 
 def test_a_tag_first_read_in_a_stall_is_steady_on_the_readers_time() -> None:
@@ -114,12 +100,12 @@ def _jumping_clock(cab: Cabinet, after_s: float, *jumps: timedelta) -> None:
     cab.tags[NEIGHBOUR] = Tag("bottom", answers=lambda tick: tick in (closed + 1, closed + 40))
     cab.close()
     cab.advance(after_s)
-    _alive(cab)
+    cab.alive()
     for jump in jumps:
         cab.clock_skew["dock-1"] = jump
         cab.advance(0.2)
-        _alive(cab)
-    _until_idle(cab)
+        cab.alive()
+    cab.until_idle()
 
 
 JUMPS = {
@@ -162,7 +148,7 @@ def test_a_tag_read_alternately_by_two_readers_stays_steady() -> None:
 
     cab.tags[CALIPER] = Tag("top", antenna=edge)
     cab.close()
-    _until_idle(cab)
+    cab.until_idle()
     assert cab.brief(start) == [
         "session.opened badge bob",
         "item.returned 003 top bob",  # read as strongly in either drawer: ties go by name
@@ -228,7 +214,7 @@ def test_a_wrong_reader_clock_neither_makes_nor_unmakes_steadiness(case: str) ->
         cab.reader_clock = off is not None
         cab.clock_skew["dock-1"] = off or timedelta(0)
         cab.advance(0.1)
-        _alive(cab)
+        cab.alive()
         if cab.engine.phase.value == "idle" and not cab.scanning:
             break
     assert cab.brief(start) == [
@@ -250,7 +236,7 @@ def test_a_tag_read_in_one_round_only_is_not_steady_on_a_quiet_reader() -> None:
     cab.tags[NEIGHBOUR] = Tag("bottom", answers=lambda tick: tick in (flicker, flicker + 1))
     cab.tags[SPANNER] = Tag("side", answers=lambda tick: tick in (flicker, flicker + 1))
     cab.close()
-    _until_idle(cab)
+    cab.until_idle()
     assert cab.brief(start) == [
         "session.opened badge bob",
         "session.closed complete out=0 in=0 bob",

@@ -11,26 +11,12 @@ from tests.domain_harness import ALICE, BOB, Cabinet, Tag, domain_config, epc
 WRENCH, DRILL, CALIPER = epc(1), epc(2), epc(3)
 
 
-def _alive(cab: Cabinet) -> None:
-    for rid in sorted(cab.readers):
-        cab._apply(cab.engine.on_alive(rid, cab.now.mono, cab.now))
-
-
-def _until_idle(cab: Cabinet, limit_s: float = 60.0) -> None:
-    for _ in range(round(limit_s / 0.1)):
-        cab.advance(0.1)
-        _alive(cab)
-        if cab.engine.phase.value == "idle" and not cab.scanning:
-            return
-    raise AssertionError(f"engine stuck in {cab.engine.phase}: {cab.brief()}")
-
-
 def _cabinet(**overrides: object) -> Cabinet:
     cab = Cabinet(
         config=domain_config(**overrides),
         tags={WRENCH: Tag("top"), DRILL: Tag("bottom"), CALIPER: Tag("side")},
     )
-    _alive(cab)  # the readers report liveness, as the real ones do
+    cab.alive()  # the readers report liveness, as the real ones do
     return cab
 
 
@@ -48,7 +34,7 @@ def _alice_took_both_bob_brings_them_back(cab: Cabinet) -> int:
     _badge_and_open(cab, ALICE)
     del cab.tags[WRENCH], cab.tags[DRILL]
     cab.close()
-    _until_idle(cab)
+    cab.until_idle()
     start = len(cab.events)
     _badge_and_open(cab, BOB)
     cab.tags[WRENCH] = Tag("top")
@@ -63,9 +49,9 @@ def _close_with_late_start(cab: Cabinet, late_s: float) -> None:
     cab.close()
     for _ in range(round(late_s / 0.1)):
         cab.advance(0.1)
-        _alive(cab)
+        cab.alive()
     cab.start_readers()
-    _until_idle(cab)
+    cab.until_idle()
 
 
 def test_returns_are_found_when_the_readers_start_after_the_settle_window() -> None:
@@ -102,7 +88,7 @@ def test_readers_that_never_start_reading_make_the_pass_incomplete() -> None:
     _badge_and_open(cab, ALICE)
     cab.hold_start = True
     cab.close()
-    _until_idle(cab)  # scan_max_ms (10 s) passes, the readers heard from all along
+    cab.until_idle()  # scan_max_ms (10 s) passes, the readers heard from all along
     # (then the verification inventory, which cannot read either)
     assert cab.brief(start)[:3] == [
         "session.opened badge alice",
@@ -124,10 +110,10 @@ def test_a_reader_that_stops_reading_mid_pass_makes_the_pass_start_over() -> Non
     cab.set_reader("dock-2", ReaderState.ONLINE)
     for _ in range(30):
         cab.advance(0.1)
-        _alive(cab)
+        cab.alive()
     assert cab.engine.phase.value == "scanning"
     cab.set_reader("dock-2", ReaderState.INVENTORYING)
-    _until_idle(cab)
+    cab.until_idle()
     assert cab.brief(start) == [
         "session.opened badge alice",
         "session.closed complete out=0 in=0 alice",
@@ -146,7 +132,7 @@ def test_a_reader_flapping_between_reading_and_not_cannot_keep_the_pass_running(
     reading = True
     for i in range(600):  # 60 s, six times scan_max_ms
         cab.advance(0.1)
-        _alive(cab)
+        cab.alive()
         if i % 15 == 14:
             reading = not reading
             cab.set_reader("dock-2", ReaderState.INVENTORYING if reading else ReaderState.ONLINE)
@@ -177,15 +163,15 @@ def test_reads_taken_before_the_end_but_processed_after_it_still_count() -> None
     cab.tags[CALIPER] = Tag("side", answers=lambda tick: tick >= late)
     cab.close()
     cab.advance(0.5)
-    _alive(cab)
+    cab.alive()
     stalled = []
     for _ in range(30):  # a 3 s stall: time passes, the reader reads, nothing is processed
         cab._step(1)
         stalled.extend(cab._read_round())
     cab._apply(cab.engine.tick(cab.now))  # end conditions met at the first tick after it
     cab._apply(cab.engine.on_tags(stalled, cab.now))  # the backlog, then the frame's stamp
-    _alive(cab)
-    _until_idle(cab)
+    cab.alive()
+    cab.until_idle()
     assert cab.brief(start) == [
         "session.opened badge alice",
         "session.closed complete out=0 in=0 alice",
@@ -222,7 +208,7 @@ def test_a_door_cycle_quicker_than_the_readers_stop_never_counts_the_last_cycles
     _badge_and_open(cab, ALICE)
     cab.close()
     cab.hold_stop = True
-    _until_idle(cab)
+    cab.until_idle()
     assert cab.stop_pending
     on_the_wire = cab._read_round() + cab._read_round()  # read before the stop took effect
     assert WRENCH in {r.epc for r in on_the_wire}
@@ -233,7 +219,7 @@ def test_a_door_cycle_quicker_than_the_readers_stop_never_counts_the_last_cycles
     assert all(h.state is ReaderState.INVENTORYING for h in map(cab._health, cab.readers))
     cab._apply(cab.engine.on_tags(on_the_wire, cab.now))
     cab.stop_readers()
-    _until_idle(cab)
+    cab.until_idle()
     assert cab.brief(start) == [
         "session.opened badge bob",
         "item.checked_out 001 top bob",
@@ -266,7 +252,7 @@ def _shared_quick_cycle(*, restart: bool) -> tuple[Cabinet, int]:
     if cab.stop_pending:
         cab.stop_readers()
     cab.hold_stop = False
-    _until_idle(cab)
+    cab.until_idle()
     return cab, start
 
 
