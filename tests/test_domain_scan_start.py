@@ -278,3 +278,41 @@ def test_without_the_restart_the_lagging_report_hides_the_check_out() -> None:
         "session.opened badge bob",
         "session.closed complete out=0 in=0 bob",
     ]
+
+
+def test_a_neighbour_restarting_the_shared_reader_over_and_over_never_gives_a_verdict() -> None:
+    """The other cabinet on the shared reader starts a scan every half second (a flapping door
+    sensor: each close is a StartScan, each restarts the reader, drivers/shared.py) all through
+    our session: each restart puts our pass back to counting afresh, none runs scan_min_ms, so
+    every pass is incomplete ("… stopped reading") and the session closes incomplete, with no
+    check-out, not a verdict taken on a pass cut short. Once the neighbour is quiet, the
+    inventory that follows the incomplete session finds the wrench missing."""
+    cab = _cabinet()
+    cab.shared = True
+    for rid in sorted(cab.readers):
+        cab.set_reader(rid, ReaderState.INVENTORYING)  # the other cabinet's scan
+    start = len(cab.events)
+    _badge_and_open(cab, BOB)
+    del cab.tags[WRENCH]
+    cab.close()
+    for step in range(600):
+        cab.advance(0.1)
+        cab.alive()
+        if step % 5 == 0:
+            cab._inventory(False)  # the neighbour's start: the reader is stopped ...
+            cab._inventory(True)  # ... and started again
+        if cab.types(start)[-1:] == ["session.closed"]:
+            break
+    brief = cab.brief(start)
+    assert brief[0] == "session.opened badge bob"
+    assert brief[-1] == "session.closed incomplete out=0 in=0 bob", brief
+    incomplete = brief[1:-1]
+    assert [line.split(" ")[:4] for line in incomplete] == [
+        ["inventory.incomplete", "session", "#1", "retry"],
+        ["inventory.incomplete", "session", "#2", "retry"],
+        ["inventory.incomplete", "session", "#3", "give-up"],
+    ]
+    assert all("dock-1 stopped reading" in line for line in incomplete), incomplete
+    start = len(cab.events)
+    cab.until_idle()
+    assert cab.brief(start) == ["item.missing 001 top", "inventory.snapshot 2"]
