@@ -157,7 +157,13 @@ class CabinetApp:
             on_refused=self._document_refused,
             erase_engine=self.runner.erase,
         )
-        self.clock_watch = ClockWatch(self.time, self.alert_lines, self.docs, self.inputs.queue.put)
+        self.clock_watch = ClockWatch(
+            self.time,
+            self.alert_lines,
+            self.docs,
+            self.inputs.queue.put,
+            mode=cfg.time.clock_watch,
+        )
         self.view = StatusView(
             site_id=self.site_id,
             cabinet_id=self.cabinet_id,

@@ -68,6 +68,13 @@ class TimeSection(StrictModel):
         "(synchronised while that file exists); a synchronised wall clock proves the agent's "
         "time, one taken at boot without it is provisional",
     )
+    clock_watch: Literal["kernel", "poll"] = Field(
+        "kernel",
+        description="how a wall-clock step is noticed: 'kernel' (the kernel says when the clock "
+        "is set: a timerfd cancelled on set; falls back to 'poll' where it cannot) or 'poll' "
+        "(read the wall clock every second: for a clock faked in user space, e.g. libfaketime, "
+        "which no kernel notification sees)",
+    )
 
 
 class AgentConfig(StrictModel):

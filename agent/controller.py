@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.controller_config import ControllerConfig
-from agent.daemon import METRICS_REFRESH_S, WATCHDOG_WINDOW_S, Daemon
+from agent.daemon import STATUS_MIN_INTERVAL_S, WATCHDOG_WINDOW_S, Daemon
 from agent.hub import Hardware
 from agent.lifecycle import FATAL_EXIT_S, ExitGuard, describe, exit_code_for
 from agent.logging_setup import CABINET, cabinet_context
@@ -128,13 +128,21 @@ class Controller:
             self.request_stop()
 
     async def _report(self) -> None:
-        """READY=1 once every cabinet is ready; then the STATUS= line, refreshed."""
+        """READY=1 once every cabinet is ready; then the STATUS= line when a cabinet's changed
+        (at most every STATUS_MIN_INTERVAL_S)."""
+        refreshed = asyncio.Event()
+        for unit in self.units:
+            unit.on_status_refreshed.append(refreshed.set)
         for unit in self.units:
             await unit.app.ready.wait()
         self.notifier.ready(self._status_line())
         while True:
-            await asyncio.sleep(METRICS_REFRESH_S)
-            self.notifier.status(self._status_line())
+            await refreshed.wait()
+            refreshed.clear()
+            line = self._status_line()
+            if line != self.notifier.last_status:
+                self.notifier.status(line)
+            await asyncio.sleep(STATUS_MIN_INTERVAL_S)
 
     def _status_line(self) -> str:
         return "; ".join(f"{u.cabinet}: {u.status_line()}" for u in self.units)

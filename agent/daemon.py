@@ -46,7 +46,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WATCHDOG_WINDOW_S = 20.0
-METRICS_REFRESH_S = 2.0
+# The STATUS= line is sent when it changes, at most this often (a draining outbox, a scan).
+STATUS_MIN_INTERVAL_S = 1.0
+# A scrape waits this long for the outbox's numbers from the database thread, then goes on.
+METRICS_STATS_TIMEOUT_S = 3.0
 
 
 class Daemon:
@@ -86,7 +89,12 @@ class Daemon:
             self.metrics = Metrics()
         self.stop_event = self.app.stop_event
         self.reloads = 0
-        self._outbox_depth = 0  # last sampled by the metrics loop
+        self._outbox_depth = 0  # as the STATUS= line last read it
+        self._status_due = asyncio.Event()  # something the STATUS= line shows may have changed
+        # A cabinet of several: told when its line was refreshed (the controller sends them).
+        self.on_status_refreshed: list[Callable[[], None]] = []
+        self._sampler = None if self.metrics is None else _MetricsSampler(self.metrics)
+        self._sampling = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()  # owned; cancelled with the loop
         self._site_keys_lock = asyncio.Lock()
 
@@ -113,7 +121,12 @@ class Daemon:
             if app.publisher is not None:
                 # Alive while its loop turns (retrying an unreachable broker is its job).
                 gate.register(f"{prefix}publisher", app.publisher.alive_at, kind="time")
+                app.publisher.stats.listeners.append(self.status_changed)
+            if app.store is not None:
+                app.store.on_change.append(self.status_changed)
+            app.runner.on_step.append(self.status_changed)
             self.notifier.ready(self._status_line())
+            self.status_changed()  # the outbox's depth, read once
 
         app.on_ready.append(_on_ready)
         try:
@@ -124,13 +137,15 @@ class Daemon:
                 if self.metrics is not None:
                     from agent.metrics import MetricsServer
 
-                    server = MetricsServer(self.cfg.metrics, self.metrics.registry)
+                    server = MetricsServer(
+                        self.cfg.metrics, self.metrics.registry, self.refresh_metrics
+                    )
                     self._spawn(tg, server.serve(self.stop_event), "metrics")
                 if not self.unit:
                     self._spawn(
                         tg, run_watchdog(self.notifier, gate, self.stop_event), "sd-watchdog"
                     )
-                self._spawn(tg, self._metrics_loop(), "metrics-refresh")
+                self._spawn(tg, self._status_loop(), "status")
                 await self.stop_event.wait()
                 self.notifier.stopping("stopping")
                 await app_task
@@ -329,26 +344,79 @@ class Daemon:
             line = f"{held_line(hold.reason, hold.since, store.pending_writes)}; {line}"
         return line
 
-    async def _metrics_loop(self) -> None:
-        """Refresh the status line, and the metrics when they are on, from the parts' own
-        counters (cheaper to sample than to push)."""
-        app = self.app
-        sampler = None if self.metrics is None else _MetricsSampler(self.metrics)
+    def status_changed(self) -> None:
+        """Something the STATUS= line shows may have changed (cheap: call it freely)."""
+        self._status_due.set()
+
+    async def _status_loop(self) -> None:
+        """Send the STATUS= line when it changes: woken by the parts (an engine step, the broker
+        link's state, a committed write, the store's hold), at most every
+        STATUS_MIN_INTERVAL_S, and when a duration it shows moves on. Nothing wakes it while
+        nothing changes. (In a controller of several cabinets the controller sends it.)"""
+        due = self._status_due
         while True:
-            await asyncio.sleep(METRICS_REFRESH_S)
-            if sampler is not None:
-                sampler.parts(app)
-                self._clock_metrics(sampler.metrics)
-            if app.store is not None:
-                try:
+            async with contextlib.AsyncExitStack() as stack:
+                after = self._status_moves_in()
+                if after is not None:
+                    await stack.enter_async_context(asyncio.timeout(after))
+                with contextlib.suppress(TimeoutError):
+                    await due.wait()
+            due.clear()
+            await self._read_outbox_depth()
+            if self.unit:
+                for listener in self.on_status_refreshed:
+                    listener()
+            else:
+                line = self._status_line()
+                if line != self.notifier.last_status:
+                    self.notifier.status(line)
+            await asyncio.sleep(STATUS_MIN_INTERVAL_S)
+
+    async def _read_outbox_depth(self) -> None:
+        store = self.app.store
+        if store is None or self.app.publisher is None:
+            return
+        try:
+            async with asyncio.timeout(METRICS_STATS_TIMEOUT_S):
+                self._outbox_depth = (await store.stats()).depth
+        except (CabinetError, TimeoutError) as err:
+            logger.warning("status: outbox stats unavailable: %s", describe(err))
+
+    def _status_moves_in(self) -> float | None:
+        """Seconds until a duration the line shows (broker down, not acknowledging) reads
+        differently; None when it shows none."""
+        pub = self.app.publisher
+        if pub is None:
+            return None
+        st = pub.stats
+        state = st.state
+        if state == "taken_over":
+            return None
+        shown = st.not_acknowledging_for() if state == "not_acknowledging" else None
+        if shown is None and not st.connected:
+            shown = st.unreachable_for()
+        return None if shown is None else _duration_moves_in(shown)
+
+    async def refresh_metrics(self) -> None:
+        """Sample the parts into the metrics (run on the loop by each scrape): counters add
+        what grew since the last scrape; the outbox's numbers come from ``Store.stats()``,
+        which reads the database (on its thread) only when a write committed since."""
+        sampler = self._sampler
+        if sampler is None:
+            return
+        async with self._sampling:  # concurrent scrapes: one sample at a time
+            app = self.app
+            sampler.parts(app)
+            self._clock_metrics(sampler.metrics)
+            if app.store is None:
+                return
+            try:
+                async with asyncio.timeout(METRICS_STATS_TIMEOUT_S):
                     st = await app.store.stats()
-                except CabinetError as err:
-                    logger.warning("metrics: outbox stats unavailable: %s", err)
-                    continue
-                self._outbox_depth = st.depth
-                if sampler is not None:
-                    sampler.outbox(st)
-            self.notifier.status(self._status_line())
+            except (CabinetError, TimeoutError) as err:
+                logger.warning("metrics: outbox stats unavailable: %s", describe(err))
+                return
+            sampler.outbox(st)
 
     def _clock_metrics(self, metrics: Metrics) -> None:
         """The agent's time for /metrics: a fleet alerts on a cabinet untrusted for long."""
@@ -384,6 +452,12 @@ def _duration(seconds: float) -> str:
     if s < 7200:
         return f"{s // 60} min"
     return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def _duration_moves_in(seconds: float) -> float:
+    """When ``_duration(seconds)`` next reads differently."""
+    step = 1.0 if seconds < 120 else 60.0
+    return max(STATUS_MIN_INTERVAL_S, step - seconds % step)
 
 
 def _changed_fields(old: BaseModel, new: BaseModel) -> list[str]:

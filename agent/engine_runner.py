@@ -343,6 +343,9 @@ class EngineRunner:
         self.committed = asyncio.Condition()
         # Told the events of each durable commit, on the loop (must not block).
         self.on_committed: list[Callable[[Sequence[ev.Event]], None]] = []
+        # Told (on the loop, must not block) after each engine step: its phase, the readers'
+        # health it took in, may have changed (the STATUS= line listens).
+        self.on_step: list[Callable[[], None]] = []
         self._lock_pending = False
         self._committing = False
         self._parked = False  # the engine loop waits for an input
@@ -601,6 +604,8 @@ class EngineRunner:
         events follow in order once space returns (docs/store.md, "Disk full"). The events
         are recorded (log, audit, listeners) and published only once durable (run_commits).
         """
+        for listener in self.on_step:
+            listener()
         store = self.store
         assert store is not None
         rows = await self._seal(out.events, now)

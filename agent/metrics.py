@@ -10,8 +10,10 @@ reasons: bounded sets from config and code, never tag EPCs or badge pseudonyms.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
+from collections.abc import Awaitable, Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -38,6 +40,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["Metrics", "MetricsConfig", "MetricsServer", "MetricsServerError"]
 
 _STOP_TIMEOUT_S = 10.0
+# A scrape waits this long for the loop to sample the parts; then it serves the last sample.
+SCRAPE_REFRESH_TIMEOUT_S = 5.0
 
 # MQTT publish round trips: LAN ~ms, cellular backhaul ~s; beyond a minute is an outage.
 PUBLISH_LATENCY_BUCKETS = (
@@ -243,12 +247,22 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class MetricsServer:
-    """The HTTP endpoint on loopback, started and stopped from asyncio."""
+Refresh = Callable[[], Awaitable[None]]
 
-    def __init__(self, cfg: MetricsConfig, registry: CollectorRegistry) -> None:
+
+class MetricsServer:
+    """The HTTP endpoint on loopback, started and stopped from asyncio.
+
+    ``refresh`` (optional) samples the parts into the registry; each scrape runs it on the event
+    loop first, so the numbers are those of the scrape and nothing samples between scrapes.
+    """
+
+    def __init__(
+        self, cfg: MetricsConfig, registry: CollectorRegistry, refresh: Refresh | None = None
+    ) -> None:
         self.cfg = cfg
         self.registry = registry
+        self.refresh = refresh
         self._httpd: _ScrapeServer | None = None
         self.started = asyncio.Event()  # serve() made its start attempt (bound, off or failed)
 
@@ -263,11 +277,14 @@ class MetricsServer:
             return
         family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
         server = type("_ScrapeServerFamily", (_ScrapeServer,), {"address_family": family})
+        app = make_wsgi_app(self.registry)
+        if self.refresh is not None:
+            app = _refreshed(app, self.refresh, asyncio.get_running_loop())
         try:
             httpd: _ScrapeServer = make_server(
                 self.cfg.host,
                 self.cfg.port,
-                make_wsgi_app(self.registry),
+                app,
                 server_class=server,
                 handler_class=_QuietHandler,
             )
@@ -302,6 +319,31 @@ class MetricsServer:
             await stop_event.wait()
         finally:
             await self.stop()
+
+
+def _refreshed(app: Any, refresh: Refresh, loop: asyncio.AbstractEventLoop) -> Any:
+    """The WSGI app, run after ``refresh`` on the loop (the scrape's thread waits, bounded)."""
+
+    def scrape(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        try:
+            asyncio.run_coroutine_threadsafe(_call(refresh), loop).result(SCRAPE_REFRESH_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            logger.warning(
+                "metrics: the parts were not sampled within %g s; serving the last sample",
+                SCRAPE_REFRESH_TIMEOUT_S,
+            )
+        except RuntimeError:
+            pass  # the loop is closed: the process is ending, the last sample stands
+        except Exception:  # a broken sampler must not break the endpoint
+            logger.exception("metrics: sampling the parts failed; serving the last sample")
+        result: Iterable[bytes] = app(environ, start_response)
+        return result
+
+    return scrape
+
+
+async def _call(refresh: Refresh) -> None:
+    await refresh()
 
 
 class _ScrapeServer(ThreadingMixIn, WSGIServer):

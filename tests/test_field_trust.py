@@ -43,6 +43,9 @@ from tests.scenario_harness import TIMEOUT_S, Rig, cabinet_rig
 from tests.test_scenarios import SCENARIOS
 
 BOOT_WALL = datetime(1970, 1, 1, 0, 5, tzinfo=UTC)
+# libfaketime moves the clock the agent reads, not the kernel's: no clock-set notification
+# comes, so these agents read the wall clock every second (docs/decisions.md, "Small boards").
+POLL_CLOCK = {"time": {"clock_watch": "poll"}}
 
 
 def _libfaketime() -> str:
@@ -125,7 +128,7 @@ async def test_a_board_without_rtc_keeps_its_documents_its_version_floor_and_rep
     _set_wall(clock_file, None)
     env = _faketime_env(clock_file)
 
-    async with cabinet_rig(scenario, tmp_path, mosquitto) as rig:
+    async with cabinet_rig(scenario, tmp_path, mosquitto, agent_extra=POLL_CLOCK) as rig:
         # Provisioned at real time: allow-list v1 (from the rig), then v2 from the backend.
         v2 = _signed_allow_list(rig, 2)
         rig.publish_document("allow-list", v2)
@@ -302,7 +305,11 @@ async def test_a_wall_clock_glitch_forward_and_back_locks_nobody_out_and_loses_n
             tmp_path,
             mosquitto,
             before_start=under_faketime,
-            agent_extra={"mqtt": {"port": proxy.port}, "store": {"housekeeping_interval_s": 1}},
+            agent_extra={
+                "mqtt": {"port": proxy.port},
+                "store": {"housekeeping_interval_s": 1},
+                **POLL_CLOCK,
+            },
         ) as rig,
     ):
         agent = rig.agent
@@ -418,7 +425,7 @@ async def test_a_1970_boot_refuses_documents_from_the_far_future_and_keeps_its_t
     )
     clock_file = tmp_path / "faketime"
     env = _faketime_env(clock_file)
-    async with cabinet_rig(scenario, tmp_path, mosquitto) as rig:
+    async with cabinet_rig(scenario, tmp_path, mosquitto, agent_extra=POLL_CLOCK) as rig:
         assert await rig.agent.stop() == 0
         # A reboot: the saved floor no longer continues on this boot's monotonic clock.
         store = await Store.open(StoreConfig(path=tmp_path / "agent" / "state.db"))
@@ -521,7 +528,11 @@ async def test_a_reboot_into_a_wrong_forward_clock_is_provisional_and_destroys_n
             tmp_path,
             mosquitto,
             before_start=under_faketime,
-            agent_extra={"mqtt": {"port": proxy.port}, "store": {"housekeeping_interval_s": 1}},
+            agent_extra={
+                "mqtt": {"port": proxy.port},
+                "store": {"housekeeping_interval_s": 1},
+                **POLL_CLOCK,
+            },
         ) as rig,
     ):
         agent = rig.agent

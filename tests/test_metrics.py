@@ -197,3 +197,36 @@ def test_metrics_config_section() -> None:
     assert cfg.metrics.enabled is True
     with pytest.raises(ValueError):
         MetricsConfig(host="0.0.0.0")  # type: ignore[arg-type]
+
+
+async def test_each_scrape_samples_the_parts_on_the_loop_first() -> None:
+    """Metrics at scrape time: the refresh runs on the event loop before each scrape is
+    rendered, so each scrape sees what happened up to it (and nothing samples in between)."""
+    metrics = Metrics()
+    loop = asyncio.get_running_loop()
+    part = {"reads": 0, "depth": 0}
+    seen = {"reads": 0}
+    threads: list[bool] = []
+
+    async def refresh() -> None:
+        threads.append(asyncio.get_running_loop() is loop)
+        await asyncio.sleep(0)  # it may await (Store.stats() does)
+        metrics.tag_reads("r1", 1, part["reads"] - seen["reads"])
+        seen["reads"] = part["reads"]
+        metrics.outbox(part["depth"], 0, 0.0)
+
+    server = MetricsServer(MetricsConfig(port=0), metrics.registry, refresh)
+    await server.start()
+    try:
+        assert server.port
+        part.update(reads=5, depth=3)
+        first = _samples((await _http_get(server.port))[2])
+        part.update(reads=12, depth=0)
+        second = _samples((await _http_get(server.port))[2])
+    finally:
+        await server.stop()
+    key = ("cabinet_tag_reads_total", (("antenna", "1"), ("reader", "r1")))
+    assert (first[key], second[key]) == (5, 12)  # counted once each: deltas, not totals
+    assert first[("cabinet_outbox_depth", ())] == 3
+    assert second[("cabinet_outbox_depth", ())] == 0
+    assert threads == [True, True]

@@ -146,6 +146,8 @@ async def test_audit_records_past_retention_leave_every_file_the_agent_has(
         agent_extra={
             "store": {"audit_retention_days": RETENTION_DAYS},
             "control": {"rate_per_s": 1000, "rate_burst": 1000},
+            # libfaketime moves the agent's clock, not the kernel's: no clock-set notification.
+            "time": {"clock_watch": "poll"},
         },
     ) as rig:
         mallory = rig.pseudonym("mallory")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import socket
 from pathlib import Path
@@ -68,3 +69,36 @@ async def test_daemon_reports_ready_watchdog_and_stopping(tmp_path: Path) -> Non
             assert rc == 0, agent.text()
     finally:
         listener.close()
+
+
+async def test_status_is_sent_when_it_changes_not_on_a_timer(tmp_path: Path) -> None:
+    provision(tmp_path)
+    cfg = tmp_path / "agent.toml"
+    listener = _NotifyListener(tmp_path / "notify.sock")
+    try:
+        sim = LlrpSimulator(personality="impinj", antennas=4, port=0, seed=9)
+        await sim.start()
+        try:
+            cfg.write_text(config_text(tmp_path, sim.port))
+            env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"}
+            async with AgentProcess(cfg, tmp_path / "agent.log", env=env) as agent:
+                await listener.wait_for("READY", "1")
+                await listener.wait_for("STATUS", "1/1 readers online, engine idle")
+                # Four pings a second apart: long enough for the former 2 s refresh to have
+                # repeated the line.
+                seen = len(listener.messages)
+                await listener.wait_for("WATCHDOG", "1", count=_count(listener, "WATCHDOG") + 4)
+                await sim.stop()  # the reader goes away: the line changes at once
+                await listener.wait_for("STATUS", "0/1 readers online, engine idle")
+                lines = [m["STATUS"] for m in listener.messages[seen - 1 :] if "STATUS" in m]
+                assert all(a != b for a, b in itertools.pairwise(lines)), lines
+                agent.signal(signal.SIGTERM)
+                assert await agent.stop() == 0, agent.text()
+        finally:
+            await sim.stop()
+    finally:
+        listener.close()
+
+
+def _count(listener: _NotifyListener, key: str) -> int:
+    return sum(1 for m in listener.messages if key in m)

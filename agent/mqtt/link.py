@@ -84,6 +84,16 @@ class PublisherStats:
     commands: CommandsState = CommandsState.NOT_YET
     commands_refused: dict[str, str] = field(default_factory=dict)  # topic -> broker's reason
     commands_refusals: int = 0  # SUBACKs that refused a cmd topic
+    # Called when the link's state as shown (STATUS=, state) changes: wherever it is set.
+    listeners: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _SHOWN and self.__dict__.get(name, value) != value:
+            object.__setattr__(self, name, value)
+            for listener in self.__dict__.get("listeners", ()):
+                listener()
+            return
+        object.__setattr__(self, name, value)
 
     def unreachable_for(self, now_mono: float | None = None) -> float | None:
         """Seconds the broker has been unreachable, or None while it is not."""
@@ -107,6 +117,18 @@ class PublisherStats:
         if self.not_acknowledging_since_mono is not None:
             return BrokerState.NOT_ACKNOWLEDGING
         return BrokerState.CONNECTED if self.connected else BrokerState.CONNECTING
+
+
+# What the status line and the link's state are made of (the durations are read when shown).
+_SHOWN = frozenset(
+    {
+        "connected",
+        "unreachable_since_mono",
+        "not_acknowledging_since_mono",
+        "taken_over_since_mono",
+        "commands",
+    }
+)
 
 
 def _age(since_mono: float | None, now_mono: float | None) -> float | None:

@@ -103,6 +103,10 @@ class Store:
         session) may be older or partial, and must be re-verified by an inventory before use."""
         self.recent_alerts: deque[StoreAlert] = deque(maxlen=100)
         self._summary: _Summary | None = None  # the outbox as last read, see stats()
+        # Called on the loop after a write transaction committed and when the hold changes:
+        # what stats() and hold say may differ now (the STATUS= line listens).
+        self.on_change: list[Callable[[], None]] = []
+        worker.on_commit = self._changed
 
     @classmethod
     async def open(
@@ -639,6 +643,14 @@ class Store:
         self._hold = hold
         if hold is not None:
             self._wake(self._hold_waiters)
+        self._changed()
+
+    def _changed(self) -> None:
+        for listener in self.on_change:
+            try:
+                listener()
+            except Exception:  # a faulty listener must not break the store
+                logger.exception("store change listener failed")
 
     @staticmethod
     def _wake(waiters: set[asyncio.Future[None]]) -> None:

@@ -96,6 +96,8 @@ class Worker(threading.Thread):
         self.heals = 0
         self.failed: BaseException | None = None
         self.transactions = 0
+        # Called on the loop after each committed write transaction (the outbox may differ).
+        self.on_commit: Callable[[], None] | None = None
         self.file = DatabaseFile(cfg)
         self._seqfile = SeqFile(seq_path(Path(cfg.path)))
         self.mark = Watermark(cfg, self._seqfile)
@@ -424,6 +426,8 @@ class Worker(threading.Thread):
                 self._mailbox.post(job.fail(failure))
             raise Fatal(str(err)) from err
         self.transactions += 1
+        if self.on_commit is not None:
+            self._mailbox.post(self.on_commit)  # in this transaction's one wake-up of the loop
         if self.db.scrub_pending:
             # Before anyone hears "done": the deleted personal data leaves the WAL too.
             self.db.scrub()
