@@ -65,6 +65,7 @@ class ClockWatch:
         self.kernel_watching = False  # the kernel tells us when the clock is set (while running)
         self.clock_sets = 0  # times it did
         self._woken = asyncio.Event()
+        docs.on_deferred.append(self.wake)
 
     async def run(self, store: Store) -> None:
         signal = self._open_signal()
@@ -85,6 +86,10 @@ class ClockWatch:
             self.kernel_watching = False
             if signal is not None:
                 signal.close()
+
+    def wake(self) -> None:
+        """Look now (and choose the next look's time again): a document waits for its time."""
+        self._woken.set()
 
     def _open_signal(self) -> ClockSetSignal | None:
         if self.mode == "poll":

@@ -148,6 +148,8 @@ class Documents:
         self.audit = audit
         self._apply = apply
         self._on_refused = on_refused
+        # Told when a document is deferred until its time (the clock watch then looks often).
+        self.on_deferred: list[Callable[[], None]] = []
         self._store: Store | None = None
         self.documents: dict[str, SignedDocument] = {}
         self.floors: dict[str, VersionFloor] = {}
@@ -487,6 +489,8 @@ class Documents:
         old = self.deferred.get(kind)
         if old is None or doc.version >= old.version:
             self.deferred[kind] = Deferred(raw, doc.version, doc.issued_at)
+            for listener in self.on_deferred:
+                listener()
 
     def _refused(self, kind: str, reason: str, detail: str) -> None:
         detail = detail[:300]

@@ -52,6 +52,7 @@ class Synced:
 @dataclass
 class NoDocs:
     deferred: dict[str, Any] = field(default_factory=dict)
+    on_deferred: list[Any] = field(default_factory=list)
 
     def deferred_due(self) -> list[str]:
         return []
