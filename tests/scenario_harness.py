@@ -367,7 +367,8 @@ async def cabinet_rig(
             extra=agent_extra,
         )
         # The time source is the test's, not this machine's NTP state (Rig.time_synced).
-        cfg.setdefault("time", {}).setdefault("sync_source", f"file:{agent_dir / 'time-synced'}")
+        # A copy: the caller's section (agent_extra) may be shared between tests.
+        cfg["time"] = {"sync_source": f"file:{agent_dir / 'time-synced'}", **cfg.get("time", {})}
         (agent_dir / "time-synced").touch()
         if reader:
             cfg["readers"][0].update(reader)  # the LLRP reader's section
