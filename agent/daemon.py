@@ -355,11 +355,10 @@ class Daemon:
         nothing changes. (In a controller of several cabinets the controller sends it.)"""
         due = self._status_due
         while True:
-            async with contextlib.AsyncExitStack() as stack:
-                after = self._status_moves_in()
-                if after is not None:
-                    await stack.enter_async_context(asyncio.timeout(after))
-                with contextlib.suppress(TimeoutError):
+            # The suppress outside the timeout: the timeout turns its cancellation into a
+            # TimeoutError only on leaving its own block.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._status_moves_in()):
                     await due.wait()
             due.clear()
             await self._read_outbox_depth()

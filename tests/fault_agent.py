@@ -8,7 +8,7 @@ parts that no real input can provoke on purpose:
 - ``stuck-pool-thread``: ... after leaving one of the publisher's worker threads blocked forever.
 - ``stuck-default-thread``: ... after leaving a thread of the loop's default executor blocked
   forever (what ``asyncio.to_thread`` uses).
-- ``unwind-hangs``: the metrics refresh task ignores cancellation, so the task tree never
+- ``unwind-hangs``: the STATUS line task ignores cancellation, so the task tree never
   finishes unwinding.
 - ``outbox-hangs``: once the file ``$CABINET_TEST_FLAG`` exists, every outbox read the
   publisher makes waits forever (a wedged store under a live event loop).
@@ -59,14 +59,14 @@ def install(faults: set[str]) -> None:
 
     if "unwind-hangs" in faults:
 
-        async def metrics_loop(self: Daemon) -> None:
+        async def status_loop(self: Daemon) -> None:
             while True:
                 try:
                     await asyncio.sleep(3600)
                 except asyncio.CancelledError:
                     continue  # the bug: cancellation swallowed, the task never ends
 
-        Daemon._metrics_loop = metrics_loop  # type: ignore[method-assign]
+        Daemon._status_loop = status_loop  # type: ignore[method-assign]
 
     if "outbox-hangs" in faults:
         flag = Path(os.environ["CABINET_TEST_FLAG"])

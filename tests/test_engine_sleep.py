@@ -180,6 +180,7 @@ async def test_the_engine_loop_lets_go_of_the_reads_it_counted_while_it_waits() 
     runner._parked = False
     runner._committing = False
     runner.engine_progress = 0.0
+    runner.on_step = []
     batch = tuple(
         TagRead("dock-1", epc(i), 1, -50.0, T0) for i in range(3)
     )  # counted only while a scan runs; the loop takes it all the same
