@@ -100,6 +100,8 @@ class SharedReader:
                 # routed. Restarted, the driver says ONLINE after every report of the old
                 # cycle and INVENTORYING only with the new one, as for a reader of its own
                 # (docs/domain.md, "Scan pass"); the other cabinet's pass counts afresh too.
+                # A reader whose answer to a start is still awaited is restarted too, once it
+                # answers: the driver keeps a stop asked meanwhile for the cycle it begins.
                 await self.driver.stop_inventory()
             # Always passed on: the driver's start is idempotent, and a cabinet starting its
             # scan must not depend on what the driver last heard from another cabinet.

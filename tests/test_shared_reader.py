@@ -73,10 +73,12 @@ async def test_reads_go_to_the_cabinet_owning_the_antenna_and_health_to_both() -
         assert {r.antenna for r in sink_b.reads} <= {3, 4}
         assert sink_a.epcs() == {TAG_A}
         assert sink_b.epcs() == {TAG_B}
+        # B joined while the reader's answer to A's start may still have been awaited: the
+        # restart it asked for may still be under way.
+        await sink_a.until(lambda: a.health.state == ReaderState.INVENTORYING)
         # One connection, whose health both cabinets hear.
         assert sim.server.connections.total == 1
         assert [h.state for h in sink_a.health] == [h.state for h in sink_b.health]
-        assert sink_a.health[-1].state == ReaderState.INVENTORYING
 
 
 async def test_one_cabinet_ending_its_scan_does_not_end_the_others() -> None:
@@ -156,6 +158,82 @@ async def test_a_cabinet_joining_a_running_read_cycle_counts_from_a_new_one() ->
         assert not [e for e in log[fresh:] if isinstance(e, TagRead) and e.epc == TAG_B], log
         # A's own cycle was restarted too: it heard the stop and the new start.
         assert a.health.state == ReaderState.INVENTORYING
+
+
+async def test_a_cabinet_joining_while_the_readers_start_is_awaited_counts_from_a_new_cycle() -> (
+    None
+):
+    """B's scan starts while the reader has not yet answered A's start: the stop-then-start
+    B's start asks for cannot act on a reader that is not inventorying yet, so the driver
+    remembers it and, once the reader answers the start, stops it, waits for the stop's
+    confirmation and starts it again. The cycle begun for A before B's start (its reads, here
+    of a tag taken meanwhile) reaches B while B hears ONLINE; B's INVENTORYING comes only with
+    the new cycle. Without it B heard INVENTORYING with A's cycle and counted its reads."""
+    async with shared_reader() as (sim, _shared, (a, sink_a), (b, sink_b)):
+        sim.faults.hold_starts()
+        enables = sim.received_counts.get("ENABLE_ROSPEC", 0)
+        await a.start_inventory()
+        await sim.wait_until(
+            lambda: sim.received_counts.get("ENABLE_ROSPEC", 0) > enables, HEAL_BOUND_S
+        )
+        stops = sum(sim.received_counts.get(n, 0) for n in STOPS)
+        mark = len(sink_b.log)
+        await b.start_inventory()
+        assert b.health.state == ReaderState.ONLINE  # the start is still awaited
+        sim.faults.hold_stops()  # the old cycle reads on until the test has seen its reads
+        sim.faults.release_starts()
+
+        def states() -> list[ReaderState]:
+            return [e.state for e in sink_b.log[mark:] if isinstance(e, ReaderHealth)]
+
+        await sink_b.until(lambda: TAG_B in sink_b.epcs())  # the old cycle's reads reach B
+        sim.remove_tag(TAG_B)
+        # Every report of TAG_B handed over, and the owed stop (written with the answer to the
+        # start, before those reports were read) received by the reader.
+        await keepalive_round_trip(sim)
+        assert sum(sim.received_counts.get(n, 0) for n in STOPS) > stops
+        assert states() == [], sink_b.log[mark:]  # B heard no INVENTORYING of the old cycle
+        sim.faults.release_stops()
+
+        await sink_b.until(lambda: states()[-1:] == [ReaderState.INVENTORYING])
+        await sink_a.until(lambda: a.health.state == ReaderState.INVENTORYING)
+        seen_a = len(sink_a.reads)
+        await sink_a.until(lambda: len(sink_a.reads) > seen_a)  # the new cycle reads
+        await keepalive_round_trip(sim)
+        log = sink_b.log[mark:]
+        assert states() == [ReaderState.INVENTORYING], log
+        assert sim.received_counts.get("ENABLE_ROSPEC", 0) == enables + 2  # A's, the restart's
+        fresh = log.index(
+            next(
+                e
+                for e in log
+                if isinstance(e, ReaderHealth) and e.state == ReaderState.INVENTORYING
+            )
+        )
+        assert [e for e in log[:fresh] if isinstance(e, TagRead) and e.epc == TAG_B], log
+        assert not [e for e in log[fresh:] if isinstance(e, TagRead) and e.epc == TAG_B], log
+
+
+async def test_repeated_starts_while_the_readers_start_is_awaited_do_not_restart_it() -> None:
+    """Starts alone are idempotent, in flight too: only a stop-then-start restarts."""
+    async with shared_reader() as (sim, shared, (a, sink_a), (b, _sink_b)):
+        sim.faults.hold_starts()
+        enables = sim.received_counts.get("ENABLE_ROSPEC", 0)
+        stops = sum(sim.received_counts.get(n, 0) for n in STOPS)
+        await a.start_inventory()
+        await sim.wait_until(
+            lambda: sim.received_counts.get("ENABLE_ROSPEC", 0) > enables, HEAL_BOUND_S
+        )
+        await a.start_inventory()
+        await shared.driver.start_inventory()
+        sim.faults.release_starts()
+        await sink_a.until(lambda: a.health.state == ReaderState.INVENTORYING)
+        # A stop would have been written with the start's answer, before this keepalive.
+        await keepalive_round_trip(sim)
+        assert sum(sim.received_counts.get(n, 0) for n in STOPS) == stops
+        assert sim.received_counts.get("ENABLE_ROSPEC", 0) == enables + 1
+        assert a.health.state == ReaderState.INVENTORYING
+        assert not b.wants_inventory
 
 
 async def test_gpi_edges_reach_every_cabinet_of_the_reader() -> None:

@@ -68,6 +68,8 @@ logger = logging.getLogger(__name__)
 _S = LLRPReaderState
 _TID_ANSWERS = (MSG_ADD_ACCESSSPEC_RESPONSE, MSG_ENABLE_ACCESSSPEC_RESPONSE, MSG_ERROR_MESSAGE)
 _GPO_ANSWERS = (MSG_SET_READER_CONFIG_RESPONSE, MSG_ERROR_MESSAGE)
+# A start sent and not yet answered: sllurp acts on a stop only once it is INVENTORYING.
+_STARTING = (_S.STATE_SENT_ADD_ROSPEC, _S.STATE_SENT_ENABLE_ROSPEC, _S.STATE_SENT_START_ROSPEC)
 
 __all__ = ["CLOSE_WAIT_S", "DELIVER_CHUNK", "LlrpReader", "LlrpStats"]
 
@@ -189,8 +191,17 @@ class LlrpReader:
         self._reconcile()
 
     async def stop_inventory(self) -> None:
-        """Stop reading tags; the connection stays up."""
+        """Stop reading tags; the connection stays up.
+
+        A stop while a start is in flight is owed to the read cycle that start begins: once the
+        reader inventories it is stopped (and, if a start came meanwhile, started again after
+        the stop is confirmed), so a stop then start always gives a new read cycle, even one
+        that arrives before the reader answered the previous start. A start alone never stops
+        the reader (starts are idempotent)."""
         self._want_inventory = False
+        sess = self._session
+        if sess is not None and sess.client.state in _STARTING:
+            sess.stop_owed = True
         self._reconcile()
 
     async def set_gpo(self, port: int, high: bool) -> None:
@@ -556,7 +567,11 @@ class LlrpReader:
                 sess.client.startInventory()
             elif self._want_inventory and state == _S.STATE_PAUSED:
                 sess.client.resume()
-            elif not self._want_inventory and state == _S.STATE_INVENTORYING:
+            elif state == _S.STATE_INVENTORYING and (not self._want_inventory or sess.stop_owed):
+                # A stop owed to this cycle (asked while its start was in flight) is carried
+                # out now: the health says ONLINE at the end of this batch and INVENTORYING
+                # only with the answer to the start sent after the stop is confirmed.
+                sess.stop_owed = False
                 sess.client.pause()
         except Exception as err:  # noqa: BLE001 - sllurp raises on odd states; session heals
             logger.warning("reader %s: inventory change failed: %s", self.reader_id, err)

@@ -102,6 +102,8 @@ class LlrpSession:
         self.pending_gpo: dict[int, asyncio.Future[None]] = {}
         self.gpi_query_id: int | None = None
         self.ready_by = 0.0  # loop time by which a requested inventory change must settle
+        # A stop asked while a start was in flight: carried out once the reader inventories.
+        self.stop_owed = False
         self.stale_ids: set[int] = set()  # our requests whose answer came too late: drop them
         self.antennas_connected: frozenset[int] | None = None
         self.tid_requests: dict[int, str] = {}  # msg id → "add" / "enable" (the TID AccessSpec)
