@@ -203,6 +203,61 @@ async def test_a_scan_that_follows_at_once_gets_the_old_report_before_it_starts(
         assert not old & set(after[resumed:]), after
 
 
+async def test_a_stop_and_start_while_the_start_is_awaited_restart_the_reader_once_it_answers() -> (
+    None
+):
+    """A stop then a start while the reader has not answered the first start (a reader shared
+    between cabinets, restarted for a cabinet joining: drivers/shared.py). sllurp can stop only
+    a reader that inventories, so the driver keeps the stop for the cycle that start begins:
+    once the reader answers, it is stopped, and started again after the stop is confirmed. The
+    old cycle's reads come while the driver says ONLINE; INVENTORYING comes only with the new
+    cycle, in which the shelf is read as it is now."""
+    async with sim_and_reader(n_tags=10) as (sim, reader, sink):
+        await sink.until(lambda: reader.health.state == ReaderState.ONLINE)
+        timeline: list[ReaderState | str] = []
+        deliver, report = sink.tag_reads, sink.reader_health
+
+        async def reads(batch: Sequence[TagRead]) -> None:
+            timeline.extend(r.epc for r in batch)
+            await deliver(batch)
+
+        async def health(h: ReaderHealth) -> None:
+            timeline.append(h.state)
+            await report(h)
+
+        sink.tag_reads, sink.reader_health = reads, health  # type: ignore[method-assign]
+        sim.faults.hold_starts()
+        enables = sim.received_counts.get("ENABLE_ROSPEC", 0)
+        await reader.start_inventory()
+        await sim.wait_until(
+            lambda: sim.received_counts.get("ENABLE_ROSPEC", 0) > enables, HEAL_BOUND_S
+        )
+        await reader.stop_inventory()
+        await reader.start_inventory()
+        sim.faults.hold_stops()  # the old cycle reads on until the test has seen its reads
+        sim.faults.release_starts()
+        await sink.until(lambda: len(sink.epcs()) == 10)
+        old = sink.epcs()
+        for epc in old:  # everything leaves the shelf, a new tag arrives
+            sim.remove_tag(epc)
+        new = "e2801160600002084a5f3c12"
+        sim.add_tag(SimTag(epc=new, antenna=1, rssi_mean=-50.0))
+        await keepalive_round_trip(sim)  # the stop, written with the start's answer, arrived
+        assert sim.received_counts.get("DISABLE_ROSPEC", 0) == 1
+        assert ReaderState.INVENTORYING not in timeline, timeline
+        sim.faults.release_stops()
+        await sink.until(
+            lambda: (
+                ReaderState.INVENTORYING in timeline
+                and new in timeline[timeline.index(ReaderState.INVENTORYING) :]
+            )
+        )
+        resumed = timeline.index(ReaderState.INVENTORYING)
+        assert old & set(timeline[:resumed]), timeline
+        assert not old & set(timeline[resumed:]), timeline
+        assert sim.received_counts.get("ENABLE_ROSPEC", 0) == enables + 2
+
+
 async def test_online_without_inventory_reads_nothing() -> None:
     async with sim_and_reader(n_tags=5) as (sim, reader, sink):
         await sink.until(lambda: reader.health.state == ReaderState.ONLINE)
