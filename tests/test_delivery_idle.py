@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.mqtt.config import MqttConfig
-from agent.mqtt.publisher import Publisher
+from agent.mqtt.publisher import HELD_RETRY_MAX_S, Publisher
 from agent.store import Store
 from agent.store.handoff import Job
+from agent.store.seqfile import SeqFile, SeqState, seq_path
 from backend.keys import BackendKeys
 from tests.delivery_helpers import (
     CABINET,
@@ -31,6 +32,7 @@ from tests.delivery_helpers import (
 from tests.mqtt_fixtures import Mosquitto
 
 IDLE_S = 25.0  # shorter than the default safety-net rescan (30 s)
+HELD_WHILE_BROKEN_S = 10.0  # with the wait after the repair, still short of the rescan
 
 
 class JumpingLoop(asyncio.SelectorEventLoop):
@@ -163,6 +165,54 @@ def test_the_safety_net_rescan_finds_a_row_nothing_announced(
                 interval = pub._cfg.poll_interval_s
                 await loop.jump(interval + 1)
                 assert await until(lambda: pub.stats.acked == 2, 10), pub.stats
+            assert (await store.stats()).depth == 0
+
+    run_jumping(scenario)
+
+
+def test_rows_held_back_by_the_sidecar_go_once_it_works_again(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Rows the store holds back (its sequence sidecar cannot be written) are read again with a
+    bounded backoff, not after the next rescan; they never go before the sidecar records them,
+    and once they are out nothing more is read."""
+    sealer = sealer_for(keys_for(tmp_path))
+    path = tmp_path / "state.db"
+    sidecar, aside = seq_path(path), tmp_path / "seq-aside"
+
+    async def scenario(loop: JumpingLoop) -> None:
+        async with open_store(path, seq_reserve_block=2) as store:
+            counter = ReadCounter(store)
+            pub = Publisher(default_cfg(mosquitto.port), SITE, CABINET, store)
+            async with running(pub):
+                await append_sealed(store, sealer, 1)
+                pub.notify()
+                assert await until(lambda: pub.stats.acked == 1), pub.stats
+                # The sidecar records seq 1 and reserves up to 3. Now it cannot be written:
+                # a directory where the file was (the write fails with EISDIR).
+                sidecar.rename(aside)
+                sidecar.mkdir()
+                await append_sealed(store, sealer, 5)  # seqs 2..6
+                pub.notify()
+                assert await until(lambda: pub.stats.acked == 3), pub.stats  # up to `reserved`
+                held = store.held_reads
+                assert held >= 1
+                # Seconds pass: the drain reads again and again, and each read holds 4..6 back.
+                await loop.jump(HELD_WHILE_BROKEN_S)
+                assert await until(lambda: store.held_reads >= held + 2, 10), store.held_reads
+                assert pub.stats.published == 3, pub.stats
+                # The sidecar works again; no commit, no notify(): the next read sends them,
+                # within one backoff step and long before the 30 s rescan.
+                sidecar.rmdir()
+                aside.rename(sidecar)
+                await loop.jump(HELD_RETRY_MAX_S + 1)
+                assert await until(lambda: pub.stats.acked == 6, 3), pub.stats
+                assert SeqFile(sidecar).read() == SeqState(store.epoch, 6, 8)
+                # Nothing is held any more: an idle drain reads nothing again, for longer than
+                # the longest backoff step (and, since the last read, shorter than the rescan).
+                before = counter.reads
+                await loop.jump(2 * HELD_RETRY_MAX_S)
+                assert counter.reads == before, (counter.reads - before, pub.stats)
             assert (await store.stats()).depth == 0
 
     run_jumping(scenario)

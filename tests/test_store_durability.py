@@ -190,7 +190,11 @@ async def test_rows_beyond_the_reservation_wait_while_the_sidecar_cannot_be_writ
         with monkeypatch.context() as m:
             m.setattr(SeqFile, "write", broken)
             assert [r.seq for r in await store.peek(10, after_seq=3)] == [4, 5, 6, 7, 8]
+            assert store.held_reads == 1  # the reader must look again: nothing announces it
+            await store.peek(5, after_seq=3)  # the write fails, but nothing is held back
+            assert store.held_reads == 1
         assert [r.seq for r in await store.peek(10, after_seq=3)] == list(range(4, 11))
+        assert store.held_reads == 1
         assert SeqFile(seq_path(path)).read() == SeqState(store.epoch, 10, 15)
     finally:
         await store.close()

@@ -59,6 +59,10 @@ ACK_RETRY_S = 1.0
 # stop, so this only bounds the wait for the watchdog.
 SLOT_WAIT_S = 1.0
 SHUTDOWN_FLUSH_S = 3.0
+# Rows held back by the store (its sequence sidecar cannot be written): nothing announces when
+# they can go, so the drain reads again after 1 s, doubling to HELD_RETRY_MAX_S while they stay.
+HELD_RETRY_S = 1.0
+HELD_RETRY_MAX_S = 5.0
 
 
 class Outbox(Protocol):
@@ -73,6 +77,12 @@ class Outbox(Protocol):
     async def mark_failed(self, seq: int, reason: str) -> bool: ...
 
     async def stats(self) -> OutboxStats: ...
+
+    @property
+    def held_reads(self) -> int:
+        """Delivery reads that held deliverable rows back (the store's sequence sidecar could not
+        be written); growing, the drain must read again: no signal says when they can go."""
+        ...
 
 
 class TokenBucket:
@@ -155,6 +165,7 @@ class Publisher:
         self._to_fail: list[tuple[int, str]] = []
         self._ack_ready = asyncio.Event()
         self._failure_backoff = Backoff(cfg.failure_backoff.initial_s, cfg.failure_backoff.max_s)
+        self._held_backoff = Backoff(HELD_RETRY_S, HELD_RETRY_MAX_S)
         self._pause_until = 0.0
         # Owned worker threads (connect + TLS handshake, signature checks), shut down by run().
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mqtt-worker")
@@ -403,7 +414,8 @@ class Publisher:
         The next backlog batch is read from the store while the current one is being sent,
         so a slow commit on the database thread does not idle the in-flight window. Caught up,
         the drain reads nothing until something can change its work: new rows (``notify``),
-        an ack or a refusal, the isolation releasing a row, or the safety-net rescan
+        an ack or a refusal, the isolation releasing a row, rows the store held back (read again
+        after 1 s, backing off to ``HELD_RETRY_MAX_S``), or the safety-net rescan
         (``poll_interval_s``).
         """
         mark = self.stats.backlog_mark
@@ -417,6 +429,8 @@ class Publisher:
         self._wake.set()  # rows above the mark committed before this connection was up
         clock = asyncio.get_running_loop().time  # the clock the drain's waits run on
         rescan_at = clock() + self._cfg.poll_interval_s
+        held_seen = self._outbox.held_reads
+        held_at: float | None = None  # when to read again for rows the store held back
         try:
             while True:
                 self._alive.beat()
@@ -475,8 +489,21 @@ class Publisher:
                 if self._isolation.nothing_else_to_send():
                     self._rescan = True
                 now = clock()
-                if not self._inflight and (self._rescan or now >= rescan_at):
+                # A read since the last look held rows back (the store could not record them in
+                # its sequence sidecar): read again soon, later each time they stay held. Once
+                # a whole pass holds nothing back, nothing more is read for them.
+                held = self._outbox.held_reads
+                if held != held_seen:
+                    held_seen = held
+                    if held_at is None:
+                        held_at = now + self._held_backoff.next_delay_growing()
+                elif held_at is None:
+                    self._held_backoff.reset()
+                if not self._inflight and (
+                    self._rescan or now >= rescan_at or (held_at is not None and now >= held_at)
+                ):
                     self._rescan = False
+                    held_at = None
                     rescan_at = now + self._cfg.poll_interval_s
                     self._wake.set()  # and above the live cursor, for the same reasons
                     backlog_cursor = None
@@ -485,10 +512,11 @@ class Publisher:
                     continue
                 if self._wake.is_set() or self._rewind:
                     continue  # announced while this task awaited the store
-                # Nothing to do until new rows, an ack or refusal, or the rescan is due. With
+                # Nothing to do until new rows, an ack or refusal, or a read again is due. With
                 # publishes in flight the session's ack timeout bounds the wait (it ends the
                 # connection, and this task with it).
-                await self._wait_for_work(SLOT_WAIT_S if self._inflight else rescan_at - now)
+                due = rescan_at if held_at is None else min(rescan_at, held_at)
+                await self._wait_for_work(SLOT_WAIT_S if self._inflight else due - now)
         finally:
             if prefetch is not None:
                 prefetch.cancel()

@@ -280,7 +280,8 @@ class Store:
 
         This is the delivery read: it returns only rows whose commit is durable (with
         ``synchronous=NORMAL`` it makes pending commits durable first), and it reserves their
-        seqs in the sequence sidecar before returning them (docs/store.md).
+        seqs in the sequence sidecar before returning them (docs/store.md); rows it cannot
+        reserve are left out, and the read counts in ``held_reads``.
         """
         if limit < 1:
             raise ValueError("limit must be >= 1")
@@ -296,6 +297,13 @@ class Store:
     def durable_seq(self) -> int:
         """The durable watermark: every committed seq up to this survives a power cut."""
         return self._worker.durable_seq
+
+    @property
+    def held_reads(self) -> int:
+        """Delivery reads (``peek``) that held rows back because the sequence sidecar could not
+        be written, since open. Nothing announces when it works again: while this grows, the
+        reader must read again (the next ``peek`` retries the write)."""
+        return self._worker.held_reads
 
     async def ack(self, seqs: Sequence[int]) -> int:
         """Delete delivered rows; returns how many were still there."""

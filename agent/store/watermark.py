@@ -26,6 +26,8 @@ class Watermark:
         self.seqfile = seqfile
         self.state = SeqState(bytes(8), 0, 0)
         self._write_failed = False
+        # Delivery reads that held rows back (ever): the publisher retries while it grows.
+        self.held_reads = 0
         self.committed = 0
         self.durable = 0
         self.sync_at: float | None = None
@@ -61,7 +63,8 @@ class Watermark:
         of them (one small in-place write per delivery read that hands out new rows), and
         ``reserved`` moves a block ahead when it is reached. So a database found behind the
         floor at the next start -- a lost or damaged WAL, a restored copy -- is always detected.
-        If the write fails, rows above ``reserved`` are held back until it works; below it they
+        If the write fails, rows above ``reserved`` are held back until it works (each such read
+        counts in ``held_reads``; the next delivery read tries the write again); below it they
         go (the floor is then only as fine as the block).
         """
         top = max((r.seq for r in rows), default=0)
@@ -84,7 +87,10 @@ class Watermark:
                     state.reserved,
                 )
             self._write_failed = True
-            return [r for r in rows if r.seq <= state.reserved]
+            allowed = [r for r in rows if r.seq <= state.reserved]
+            if len(allowed) < len(rows):
+                self.held_reads += 1
+            return allowed
         self._write_failed = False
         self.state = grown
         return rows

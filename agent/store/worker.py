@@ -137,6 +137,10 @@ class Worker(threading.Thread):
         return self.mark.durable
 
     @property
+    def held_reads(self) -> int:
+        return self.mark.held_reads
+
+    @property
     def db(self) -> dbmod.Database | None:
         """The open database (None before the open and after the close)."""
         return self.file.db
