@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.mqtt.config import MqttConfig
-from agent.mqtt.publisher import HELD_RETRY_MAX_S, Publisher
+from agent.mqtt.publisher import HELD_RETRY_MAX_S, PREFETCH, Publisher
 from agent.store import Store
 from agent.store.handoff import Job
 from agent.store.seqfile import SeqFile, SeqState, seq_path
@@ -213,6 +213,29 @@ def test_rows_held_back_by_the_sidecar_go_once_it_works_again(
                 before = counter.reads
                 await loop.jump(2 * HELD_RETRY_MAX_S)
                 assert counter.reads == before, (counter.reads - before, pub.stats)
+            assert (await store.stats()).depth == 0
+
+    run_jumping(scenario)
+
+
+def test_more_new_rows_than_one_read_takes_all_go_at_once(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """A commit of more rows than one live read takes (PREFETCH): the rest are read as soon as
+    the first ones went, not at the safety-net rescan (30 s) or the next commit."""
+    sealer = sealer_for(keys_for(tmp_path))
+    many = PREFETCH + 44
+
+    async def scenario(loop: JumpingLoop) -> None:
+        async with open_store(tmp_path / "state.db") as store:
+            await append_sealed(store, sealer, 1)
+            pub = Publisher(default_cfg(mosquitto.port), SITE, CABINET, store)
+            async with running(pub):
+                assert await until(lambda: pub.stats.acked == 1), pub.stats
+                await append_sealed(store, sealer, many)  # one commit, after the catch-up
+                pub.notify()
+                # Real seconds on an unjumped clock: far short of the 30 s rescan.
+                assert await until(lambda: pub.stats.acked == 1 + many, 15), pub.stats
             assert (await store.stats()).depth == 0
 
     run_jumping(scenario)

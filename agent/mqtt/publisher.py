@@ -455,6 +455,8 @@ class Publisher:
                     if rows:
                         live.extend(rows)
                         live_cursor = rows[-1].seq
+                    if len(rows) >= PREFETCH:
+                        self._wake.set()  # more may follow: read again once these went
                 if live:
                     self._send(session, live.popleft())
                     continue
