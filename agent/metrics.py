@@ -325,9 +325,15 @@ def _refreshed(app: Any, refresh: Refresh, loop: asyncio.AbstractEventLoop) -> A
     """The WSGI app, run after ``refresh`` on the loop (the scrape's thread waits, bounded)."""
 
     def scrape(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        sample: concurrent.futures.Future[None] | None = None
         try:
-            asyncio.run_coroutine_threadsafe(_call(refresh), loop).result(SCRAPE_REFRESH_TIMEOUT_S)
+            sample = asyncio.run_coroutine_threadsafe(_call(refresh), loop)
+            sample.result(SCRAPE_REFRESH_TIMEOUT_S)
         except concurrent.futures.TimeoutError:
+            # Not left running behind the scrape: scrapes of a wedged outbox read would queue
+            # one sample each behind the sampling lock.
+            if sample is not None:
+                sample.cancel()
             logger.warning(
                 "metrics: the parts were not sampled within %g s; serving the last sample",
                 SCRAPE_REFRESH_TIMEOUT_S,

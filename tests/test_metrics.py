@@ -230,3 +230,37 @@ async def test_each_scrape_samples_the_parts_on_the_loop_first() -> None:
     assert first[("cabinet_outbox_depth", ())] == 3
     assert second[("cabinet_outbox_depth", ())] == 0
     assert threads == [True, True]
+
+
+async def test_a_scrape_that_stops_waiting_cancels_its_sample(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scrape serves the last sample when the parts were not sampled in time; the sample it
+    asked for is then cancelled, not left running behind it (scrapes of a wedged outbox read
+    would otherwise queue one sample each behind the sampling lock)."""
+    import agent.metrics
+
+    monkeypatch.setattr(agent.metrics, "SCRAPE_REFRESH_TIMEOUT_S", 0.05)
+    metrics = Metrics()
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def refresh() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # an outbox read that never answers
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    server = MetricsServer(MetricsConfig(port=0), metrics.registry, refresh)
+    await server.start()
+    try:
+        assert server.port
+        status, _, _ = await _http_get(server.port)
+        assert started.is_set()
+        assert status == 200  # served, with the last sample
+        async with asyncio.timeout(10):
+            await cancelled.wait()
+    finally:
+        await server.stop()
