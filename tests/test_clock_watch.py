@@ -23,6 +23,7 @@ from agent.clock_watch import ClockWatch
 from agent.documents import Documents
 from agent.store.store import Store
 from agent.trusted_time import ClockStep, TrustedClock
+from agent.trusted_time.sync import _Timex
 
 REAL = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 HOUR = 3600.0
@@ -72,26 +73,6 @@ class Kv:
         self.kv[key] = value
 
 
-class _Timeval(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
-
-
-class _Timex(ctypes.Structure):
-    _fields_ = [
-        ("modes", ctypes.c_uint),
-        ("offset", ctypes.c_long),
-        ("freq", ctypes.c_long),
-        ("maxerror", ctypes.c_long),
-        ("esterror", ctypes.c_long),
-        ("status", ctypes.c_int),
-        ("constant", ctypes.c_long),
-        ("precision", ctypes.c_long),
-        ("tolerance", ctypes.c_long),
-        ("time", _Timeval),
-        ("rest", ctypes.c_int * 32),
-    ]
-
-
 _ADJ_SETOFFSET = 0x0100
 _ADJ_NANO = 0x2000
 
@@ -100,7 +81,7 @@ def nudge_kernel_clock() -> None:
     """Set the kernel's wall clock 1 ns on and 1 ns back: a clock set, by nothing in all."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     for sec, nsec in ((0, 1), (-1, 999_999_999)):
-        timex = _Timex(modes=_ADJ_SETOFFSET | _ADJ_NANO, time=_Timeval(sec, nsec))
+        timex = _Timex(modes=_ADJ_SETOFFSET | _ADJ_NANO, time_sec=sec, time_usec=nsec)
         if libc.adjtimex(ctypes.byref(timex)) < 0:
             err = ctypes.get_errno()
             raise AssertionError(
