@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from simulators.cabinet import find_scenario, load_scenario
-from simulators.llrp.codec import epc_hex
 from tests.mqtt_fixtures import Mosquitto
 from tests.scenario_harness import TIMEOUT_S, cabinet_rig
 
@@ -53,14 +52,7 @@ async def test_reports_of_the_last_read_cycle_after_a_quick_reopen_do_not_hide_a
         # The agent saw the door open and asked the reader to stop: held, the reader reads on.
         await llrp.wait_until(lambda: stops() > before, TIMEOUT_S)
         # Its next report (held, lagging) carries the drill, read before she takes it.
-        await llrp.wait_until(
-            lambda: any(
-                epc_hex(t) == drill
-                for r in llrp.reader.reports_held or ()
-                for t in r["TagReportData"]
-            ),
-            TIMEOUT_S,
-        )
+        await llrp.wait_until(lambda: llrp.faults.holds_report_of(drill), TIMEOUT_S)
         llrp.remove_tag(drill)
         await rig.door.close()
         llrp.faults.release_reports()  # after the door's closing, on the same connection

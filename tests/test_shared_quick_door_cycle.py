@@ -17,7 +17,6 @@ from pathlib import Path
 
 from simulators.cabinet import describe_events, match_events
 from simulators.cabinet.scenario import Expected
-from simulators.llrp.codec import epc_hex
 from tests.mqtt_fixtures import Mosquitto
 from tests.scenario_harness import TIMEOUT_S
 from tests.test_multi_cabinet import ALICE, BOB, BOTH, CAB_B, _cabinet, _expect, bank_rig
@@ -55,14 +54,7 @@ async def test_a_report_of_another_cabinets_read_cycle_never_hides_a_check_out(
 
         llrp.faults.hold_reports()
         llrp.faults.hold_stops()  # a stop is acted on after the reports before it, as LLRP orders
-        await llrp.wait_until(
-            lambda: any(
-                epc_hex(t) == drill
-                for r in llrp.reader.reports_held or ()
-                for t in r["TagReportData"]
-            ),
-            TIMEOUT_S,
-        )
+        await llrp.wait_until(lambda: llrp.faults.holds_report_of(drill), TIMEOUT_S)
         llrp.remove_tag(drill)
         await b.close()
         # crib-b's Relock, then its StartScan: its reads are routed from now.

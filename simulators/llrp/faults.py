@@ -8,7 +8,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from simulators.llrp.codec import HEADER, ConnectionAttemptStatus
+from simulators.llrp.codec import HEADER, ConnectionAttemptStatus, epc_hex
 
 if TYPE_CHECKING:
     from simulators.llrp.server import ReaderServer
@@ -85,6 +85,14 @@ class Faults:
         once (a door opened and closed within one report period)."""
         if self._server.reader.reports_held is None:
             self._server.reader.reports_held = []
+
+    def holds_report_of(self, epc: str) -> bool:
+        """A report held by ``hold_reports()`` carries this tag (EPC in hex)."""
+        return any(
+            epc_hex(t) == epc
+            for report in self._server.reader.reports_held or ()
+            for t in report["TagReportData"]
+        )
 
     def release_reports(self) -> None:
         """Send the held reports, in order (and later ones at once)."""
